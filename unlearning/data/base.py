@@ -1,0 +1,160 @@
+"""An in-memory multi-task dataset addressed by stable instance ids and supervision cells.
+
+A *cell* is ``(instance_id, task)``. Erasing a cell removes that supervision;
+an instance whose every cell is erased is dropped (its image is deleted too),
+so partial-task erasure keeps the image for the other tasks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+Cell = tuple[str, str]
+
+
+@dataclass
+class Batch:
+    """A batch: images (B,3,H,W); per task, targets and a (B,) bool mask of supervised cells."""
+
+    index: torch.Tensor
+    images: torch.Tensor
+    targets: dict[str, torch.Tensor]
+    has: dict[str, torch.Tensor]
+
+    def to(self, device) -> "Batch":
+        return Batch(
+            self.index.to(device),
+            self.images.to(device),
+            {k: v.to(device) for k, v in self.targets.items()},
+            {k: v.to(device) for k, v in self.has.items()},
+        )
+
+
+class MultiTaskDataset(torch.utils.data.Dataset):
+    """Images, per-task targets, instance ids and a (N,K) mask of the cells still supervised."""
+
+    def __init__(
+        self,
+        name: str,
+        tasks: Sequence[str],
+        images: torch.Tensor,
+        targets: dict[str, torch.Tensor],
+        instance_ids: Sequence[str],
+        num_classes: int | None = None,
+        available: torch.Tensor | None = None,
+    ):
+        if len(set(instance_ids)) != len(instance_ids):
+            raise ValueError("instance ids must be unique")
+        for task in tasks:
+            if task not in targets:
+                raise ValueError(f"dataset {name!r} lacks targets for task {task!r}")
+            if len(targets[task]) != len(images):
+                raise ValueError(f"task {task!r} has {len(targets[task])} targets for {len(images)} images")
+        self.name = name
+        self.tasks = list(tasks)
+        self.images = images
+        self.targets = {t: targets[t] for t in self.tasks}
+        self.instance_ids = list(instance_ids)
+        self.num_classes = num_classes
+        self.available = (
+            available.clone() if available is not None else torch.ones(len(images), len(self.tasks), dtype=torch.bool)
+        )
+        self._position = {iid: i for i, iid in enumerate(self.instance_ids)}
+
+    def __len__(self) -> int:
+        return len(self.instance_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "index": i,
+            "instance_id": self.instance_ids[i],
+            "image": self.images[i],
+            "targets": {t: self.targets[t][i] for t in self.tasks},
+            "has": {t: bool(self.available[i, k]) for k, t in enumerate(self.tasks)},
+        }
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[-2:])
+
+    def index_of(self, instance_id: str) -> int:
+        """Position of ``instance_id``; KeyError naming it when it is not (or no longer) here."""
+        try:
+            return self._position[instance_id]
+        except KeyError:
+            raise KeyError(f"unknown instance {instance_id!r} in dataset {self.name!r}") from None
+
+    def batch(self, indices: Sequence[int] | torch.Tensor) -> Batch:
+        """Stacked tensors for the given positions (no DataLoader needed for in-memory data)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Batch(
+            idx,
+            self.images[idx],
+            {t: self.targets[t][idx] for t in self.tasks},
+            {t: self.available[idx, k] for k, t in enumerate(self.tasks)},
+        )
+
+    def cells(self) -> list[Cell]:
+        """Every supervised cell, in instance order."""
+        return [
+            (iid, t) for i, iid in enumerate(self.instance_ids) for k, t in enumerate(self.tasks) if self.available[i, k]
+        ]
+
+    def has_cell(self, cell: Cell) -> bool:
+        iid, task = cell
+        if task not in self.tasks or iid not in self._position:
+            return False
+        return bool(self.available[self._position[iid], self.tasks.index(task)])
+
+    def check_cells(self, cells: Iterable[Cell]) -> list[Cell]:
+        """Validate cells against this dataset: a clear error for an unknown task,
+        an unknown instance or a cell that is already erased."""
+        cells = list(cells)
+        for iid, task in cells:
+            if task not in self.tasks:
+                raise ValueError(f"unknown task {task!r} for dataset {self.name!r}; tasks: {self.tasks}")
+            if iid not in self._position:
+                raise KeyError(f"unknown instance {iid!r} in dataset {self.name!r}")
+            if not self.available[self._position[iid], self.tasks.index(task)]:
+                raise ValueError(f"cell ({iid!r}, {task!r}) is already erased")
+        return cells
+
+    def without(self, cells: Iterable[Cell], strict: bool = False) -> "MultiTaskDataset":
+        """A copy with ``cells`` erased; instances left with no supervised cell are dropped.
+
+        With ``strict`` the cells are validated first (see :meth:`check_cells`);
+        otherwise cells already erased or of unknown instances are ignored, which
+        is what applying stored tombstones needs.
+        """
+        cells = self.check_cells(cells) if strict else list(cells)
+        available = self.available.clone()
+        for iid, task in cells:
+            if iid in self._position and task in self.tasks:
+                available[self._position[iid], self.tasks.index(task)] = False
+        keep = available.any(1).nonzero().flatten()
+        return MultiTaskDataset(
+            self.name,
+            self.tasks,
+            self.images[keep],
+            {t: v[keep] for t, v in self.targets.items()},
+            [self.instance_ids[i] for i in keep.tolist()],
+            self.num_classes,
+            available[keep],
+        )
+
+    def subset(self, indices: Sequence[int]) -> "MultiTaskDataset":
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return MultiTaskDataset(
+            self.name,
+            self.tasks,
+            self.images[idx],
+            {t: v[idx] for t, v in self.targets.items()},
+            [self.instance_ids[i] for i in idx.tolist()],
+            self.num_classes,
+            self.available[idx],
+        )
+
+    def select(self, instance_ids: Iterable[str]) -> "MultiTaskDataset":
+        return self.subset([self.index_of(i) for i in instance_ids])

@@ -1,0 +1,62 @@
+"""What every unlearning method receives and returns.
+
+One signature: ``method(model, data, config) -> (unlearned_model, log)``.
+``model`` is the deployed model (the method may modify a copy, never the
+caller's), ``data`` an :class:`UnlearnData`, ``config`` a plain dict of the
+method's hyper-parameters (missing keys take the method's documented defaults),
+``log`` a JSON-serialisable dict (steps, losses, what was skipped and why).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..data.base import Cell, MultiTaskDataset
+
+
+@dataclass
+class UnlearnData:
+    """Everything a method may read.
+
+    ``train``: the training data the deployed model reflects (earlier erasures
+    already removed). ``forget_cells``: the cells to erase now (validated).
+    ``retain``: ``train`` without the forget cells (what the gold standard is
+    retrained on). ``heldout``: data the model never saw, used only for
+    reference levels (e.g. the bounded forget signal's tau). ``cache``: a dict
+    for what depends only on the model version (task subspaces, original
+    per-sample losses); the caller may keep it between jobs on one version.
+    """
+
+    train: MultiTaskDataset
+    forget_cells: list[Cell]
+    retain: MultiTaskDataset
+    heldout: MultiTaskDataset | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    cache: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[float], None] | None = None  # called with a fraction in [0, 1]
+
+    @property
+    def forget_instances(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for iid, _ in self.forget_cells:
+            seen.setdefault(iid, None)
+        return list(seen)
+
+    @property
+    def forget_tasks(self) -> list[str]:
+        return [t for t in self.train.tasks if any(t == task for _, task in self.forget_cells)]
+
+    def forget_batch(self):
+        """The forgotten instances as one batch, with ``has`` marking exactly the forget cells."""
+        idx = [self.train.index_of(i) for i in self.forget_instances]
+        batch = self.train.batch(idx)
+        cells = set(self.forget_cells)
+        for k, t in enumerate(self.train.tasks):
+            batch.has[t] = torch.tensor([(iid, t) in cells for iid in self.forget_instances], dtype=torch.bool)
+        return batch
+
+
+Method = Callable[[torch.nn.Module, UnlearnData, dict], tuple[torch.nn.Module, dict]]

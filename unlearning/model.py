@@ -1,0 +1,145 @@
+"""The multi-task network: a shared convolutional encoder and one decoder head per task.
+
+Hard parameter sharing, plain torch (no torchvision). GroupNorm rather than
+BatchNorm: running statistics would leak the forgotten data and couple
+instances outside the gradient path. Checkpoints are safetensors plus a JSON
+config; nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .tasks import get_task
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class ModelConfig:
+    """Architecture: the tasks with their output channels, encoder width and depth."""
+
+    tasks: dict[str, int]
+    in_channels: int = 3
+    width: int = 32
+    depth: int = 3
+    head_width: int = 32
+
+    @classmethod
+    def for_dataset(cls, dataset, width: int = 32, depth: int = 3, head_width: int = 32) -> "ModelConfig":
+        tasks = {t: get_task(t).out_channels(dataset.num_classes) for t in dataset.tasks}
+        return cls(tasks=tasks, width=width, depth=depth, head_width=head_width)
+
+
+def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.GroupNorm(min(8, cout), cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Encoder(nn.Module):
+    """``depth`` stages; each halves the resolution (but the first) and doubles the width."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        stages = []
+        cin = cfg.in_channels
+        for d in range(cfg.depth):
+            cout = cfg.width * 2 ** d
+            stages.append(nn.Sequential(_block(cin, cout, 1 if d == 0 else 2), _block(cout, cout, 1)))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        self.out_channels = cin
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+class Head(nn.Module):
+    def __init__(self, cin: int, width: int, cout: int):
+        super().__init__()
+        self.conv = _block(cin, width, 1)
+        self.refine = _block(width, width, 1)
+        self.out = nn.Conv2d(width, cout, 1)
+
+    def forward(self, z, size):
+        x = self.conv(z)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return self.out(self.refine(x))
+
+
+class MultiTaskNet(nn.Module):
+    """Shared encoder + per-task heads. ``forward`` returns activated predictions per task."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.heads = nn.ModuleDict(
+            {t: Head(self.encoder.out_channels, cfg.head_width, c) for t, c in cfg.tasks.items()}
+        )
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.config.tasks)
+
+    def forward(self, x: torch.Tensor, tasks=None) -> dict[str, torch.Tensor]:
+        z = self.encoder(x)
+        return self.decode(z, x.shape[-2:], tasks)
+
+    def decode(self, z, size, tasks=None) -> dict[str, torch.Tensor]:
+        tasks = self.tasks if tasks is None else tasks
+        return {t: get_task(t).activate(self.heads[t](z, size)) for t in tasks}
+
+    def shared_parameters(self):
+        return list(self.encoder.parameters())
+
+    def head_parameters(self, task: str):
+        return list(self.heads[task].parameters())
+
+
+def save_model(model: MultiTaskNet, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory``; returns the weights path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_FILE
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(weights))
+    (directory / CONFIG_FILE).write_text(json.dumps({"model": asdict(model.config), **(extra or {})}, indent=2))
+    return weights
+
+
+def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> MultiTaskNet:
+    """Load a checkpoint written by :func:`save_model`. A clear error when the
+    weights do not match the configuration (mismatched checkpoint)."""
+    directory = Path(directory)
+    cfg = json.loads((directory / CONFIG_FILE).read_text())["model"]
+    model = MultiTaskNet(ModelConfig(**cfg))
+    state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
+    load_state(model, state)
+    return model.to(map_location)
+
+
+def load_state(model: MultiTaskNet, state: dict[str, torch.Tensor]) -> None:
+    """Strictly load ``state`` into ``model``, naming missing, unexpected or mis-shaped tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            "checkpoint does not match the model configuration: "
+            f"missing={missing[:5]} unexpected={unexpected[:5]} wrong shapes={shapes[:5]}"
+        )
+    model.load_state_dict(state)

@@ -1,0 +1,58 @@
+"""The description of a task: its head, its loss, its metrics and their directions.
+
+Everything else (training, unlearning, evaluation, UIS) reads this description;
+a task is defined once, in one file.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Task:
+    """One dense prediction task.
+
+    Subclasses set ``name`` and ``metrics`` (metric name -> direction, +1 when
+    higher is better, -1 otherwise) and implement the loss and metric hooks.
+    Targets follow the common preprocessed formats: segmentation labels are
+    long with -1 = ignore; depth is (1,H,W) with 0 = invalid; normals are
+    (3,H,W) unit vectors with an all-zero vector = invalid.
+    """
+
+    name: str = ""
+    metrics: dict[str, int] = {}
+
+    def out_channels(self, num_classes: int | None) -> int:
+        raise NotImplementedError
+
+    def activate(self, raw: torch.Tensor) -> torch.Tensor:
+        """Map the head's raw output to a prediction in target space."""
+        return raw
+
+    def pixel_loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel loss (B,H,W) and validity mask (B,H,W) for an activated prediction."""
+        raise NotImplementedError
+
+    def sample_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over each sample's valid pixels, shape (B,). Samples without
+        any valid pixel get 0."""
+        loss, valid = self.pixel_loss(pred, target)
+        valid = valid.to(loss.dtype)
+        return (loss * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1.0)
+
+    # Metrics accumulate over a set of samples, then finalize to numbers.
+    def metric_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def update_metrics(self, state: dict[str, Any], pred: torch.Tensor, target: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finalize_metrics(self, state: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def compute_metrics(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Metrics of one batch treated as the whole set."""
+        state = self.metric_state()
+        self.update_metrics(state, pred, target)
+        return self.finalize_metrics(state)

@@ -1,0 +1,48 @@
+"""Semantic segmentation: cross-entropy (ignore -1); mIoU and pixel accuracy."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Task
+
+IGNORE = -1
+
+
+class Segmentation(Task):
+    name = "segmentation"
+    metrics = {"miou": +1, "pixel_acc": +1}
+
+    def out_channels(self, num_classes: int | None) -> int:
+        if not num_classes:
+            raise ValueError("segmentation needs num_classes")
+        return num_classes
+
+    def pixel_loss(self, pred, target):
+        valid = target != IGNORE
+        loss = F.cross_entropy(pred, target.clamp_min(0), reduction="none")
+        return loss, valid
+
+    def metric_state(self):
+        return {"confusion": None}
+
+    def update_metrics(self, state, pred, target):
+        num_classes = pred.shape[1]
+        if state["confusion"] is None:
+            state["confusion"] = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        label = pred.argmax(1)
+        valid = target != IGNORE
+        idx = target[valid].long().cpu() * num_classes + label[valid].long().cpu()
+        state["confusion"] += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+
+    def finalize_metrics(self, state):
+        conf = state["confusion"].double()
+        tp = conf.diag()
+        total = conf.sum()
+        union = conf.sum(0) + conf.sum(1) - tp
+        present = conf.sum(1) > 0  # classes that occur in the ground truth of the set
+        iou = tp[present] / union[present]
+        return {
+            "miou": float(iou.mean()) if present.any() else 0.0,
+            "pixel_acc": float(tp.sum() / total) if total > 0 else 0.0,
+        }

@@ -1,0 +1,40 @@
+"""The one settings object of the service, read once from the environment (prefix ``UNLEARND_``)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UNLEARND_", env_file=".env", extra="ignore")
+
+    # Embedded default: SQLite, a local model store, an in-process worker.
+    database_url: str = "sqlite:///var/unlearnd.db"
+    store_dir: Path = Path("var/models")
+    broker_url: str | None = None  # e.g. redis://127.0.0.1:6379/0; None = in-process worker
+    result_backend: str | None = None
+
+    model_name: str = "indoor-mtl"
+    dataset: str = "indoor"
+    n_train: int = 160
+    n_test: int = 48
+    image_height: int = 48
+    image_width: int = 64
+    train_epochs: int = 30
+    seed: int = 0
+
+    method: str = "interference_aware"
+    device: str = "auto"  # auto = CUDA when present
+    job_time_limit_s: int = 3600
+    stale_after_s: int = 600  # the sweeper re-enqueues work untouched for this long
+    relay_interval_s: float = 1.0
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

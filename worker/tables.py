@@ -1,0 +1,153 @@
+"""The compliance record's schema. Alembic migrations (``migrations/``) are the only
+way it changes in a database; keep the two in step."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Model(Base):
+    """A served model: its name and the dataset (spec) it was trained on."""
+
+    __tablename__ = "models"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    dataset: Mapped[dict] = mapped_column(JSON)  # DatasetSpec as a dict
+    tasks: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeletionRequest(Base):
+    __tablename__ = "deletion_requests"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
+    instance_id: Mapped[str] = mapped_column(String(200), index=True)
+    tasks: Mapped[list] = mapped_column(JSON)  # the resolved task names
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    subject_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # received -> queued -> running -> completed | failed; rejected never reaches the worker
+    status: Mapped[str] = mapped_column(String(20), index=True, default="received")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
+    base_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    produced_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Job(Base):
+    """One unlearning run on one model: coalesces the queued requests it claimed."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
+    kind: Mapped[str] = mapped_column(String(20), default="deletion")  # deletion | reapply
+    status: Mapped[str] = mapped_column(String(20), index=True, default="running")  # running|completed|failed
+    method: Mapped[str] = mapped_column(String(50))
+    base_version: Mapped[int] = mapped_column(Integer)
+    produced_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    params: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_name", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    parent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # the job that produced it; unique, so a job that runs twice publishes one version
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), unique=True, nullable=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    artifact_uri: Mapped[str] = mapped_column(Text)
+    deletions: Mapped[list] = mapped_column(JSON, default=list)  # request ids applied in this step
+    erased_cells: Mapped[list] = mapped_column(JSON, default=list)  # every cell erased in its lineage
+    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Alias(Base):
+    __tablename__ = "aliases"
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(50), primary_key=True)  # "serving"
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class AliasHistory(Base):
+    __tablename__ = "alias_history"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(100), index=True)
+    alias: Mapped[str] = mapped_column(String(50))
+    from_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    to_version: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(50))  # publish | rollback | initial
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Append-only, hash-chained: hash = sha256(prev_hash + canonical JSON of the event)."""
+
+    __tablename__ = "audit_events"
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(50), index=True)
+    model_name: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    instance_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class Tombstone(Base):
+    """An erased cell of a dataset: it never re-enters training or unlearning retain data."""
+
+    __tablename__ = "tombstones"
+    __table_args__ = (UniqueConstraint("dataset_key", "instance_id", "task"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dataset_key: Mapped[str] = mapped_column(String(200), index=True)
+    instance_id: Mapped[str] = mapped_column(String(200))
+    task: Mapped[str] = mapped_column(String(50))
+    request_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class OutboxMessage(Base):
+    """Written in the same transaction as the change it announces; a relay publishes it after commit."""
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(50))  # e.g. "run_model_jobs"
+    payload: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
