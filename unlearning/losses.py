@@ -1,0 +1,41 @@
+"""Per-cell losses of a multi-task model: the one place training, unlearning and evaluation get them."""
+from __future__ import annotations
+
+import torch
+
+from .data.base import Batch
+from .tasks import get_task
+
+
+def cell_losses(model, batch: Batch, tasks=None) -> dict[str, torch.Tensor]:
+    """Per-sample loss (B,) of every task in ``tasks`` (default: the model's), whether or not
+    the cell is supervised; callers mask with ``batch.has``."""
+    tasks = model.tasks if tasks is None else list(tasks)
+    preds = model(batch.images, tasks)
+    return {t: get_task(t).sample_loss(preds[t], batch.targets[t]) for t in tasks}
+
+
+def supervised_loss(losses: dict[str, torch.Tensor], has: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over tasks of the mean loss over supervised cells (a task with none adds 0)."""
+    total = None
+    for t, loss in losses.items():
+        mask = has[t].to(loss.dtype)
+        term = (loss * mask).sum() / mask.sum().clamp_min(1.0)
+        total = term if total is None else total + term
+    return total
+
+
+@torch.no_grad()
+def per_sample_losses(model, dataset, indices=None, batch_size: int = 64, device=None) -> dict[str, torch.Tensor]:
+    """Per-sample losses (N,) per task on ``dataset`` (NaN where the cell is not supervised)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    out: dict[str, list[torch.Tensor]] = {t: [] for t in dataset.tasks}
+    for start in range(0, len(indices), batch_size):
+        batch = dataset.batch(indices[start : start + batch_size]).to(device)
+        for t, loss in cell_losses(model, batch, dataset.tasks).items():
+            out[t].append(torch.where(batch.has[t], loss, torch.full_like(loss, float("nan"))).cpu())
+    model.train(was_training)
+    return {t: torch.cat(v) if v else torch.zeros(0) for t, v in out.items()}
