@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     stale_after_s: int = 600  # the sweeper re-enqueues work untouched for this long
     relay_interval_s: float = 1.0
 
+    background: bool = True  # the API process runs the outbox relay (and, without a broker, the in-process worker)
     host: str = "127.0.0.1"
     port: int = 8000
 
