@@ -36,6 +36,8 @@ class Segmentation(Task):
         state["confusion"] += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
 
     def finalize_metrics(self, state):
+        if state["confusion"] is None:  # no batch seen: zeros, as depth and normals do
+            return {"miou": 0.0, "pixel_acc": 0.0}
         conf = state["confusion"].double()
         tp = conf.diag()
         total = conf.sum()

@@ -1,0 +1,128 @@
+"""Every task's metrics and loss against values computed by hand on tiny tensors."""
+import math
+
+import pytest
+import torch
+
+from unlearning.tasks import IGNORE, TASKS, get_task
+
+
+def seg_logits(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Logits (1,C,H,W) whose argmax is ``labels`` (H,W)."""
+    return torch.nn.functional.one_hot(labels, num_classes).permute(2, 0, 1).float().unsqueeze(0) * 5.0
+
+
+# --- segmentation --------------------------------------------------------------------
+
+SEG_TARGET = torch.tensor([[[0, 0, 1], [1, IGNORE, 0]]])
+SEG_PRED = torch.tensor([[0, 1, 1], [2, 0, 0]])
+
+
+def test_segmentation_miou_and_pixel_accuracy_by_hand():
+    # 5 valid pixels (one ignored); correct: (0,0), (0,2), (1,2) -> pixel acc 3/5.
+    # Confusion (rows GT, cols pred): gt0 -> [2,1,0], gt1 -> [0,1,1], gt2 -> [0,0,0].
+    # IoU0 = 2 / (3 + 2 - 2) = 2/3, IoU1 = 1 / (2 + 2 - 1) = 1/3; class 2 is absent from the
+    # ground truth (only predicted) so it is left out of the mean: mIoU = 1/2 (it would be 1/3
+    # if it counted as IoU 0). Its false positive still lowers IoU1 through gt1's row.
+    m = get_task("segmentation").compute_metrics(seg_logits(SEG_PRED, 3), SEG_TARGET)
+    assert m["pixel_acc"] == pytest.approx(0.6)
+    assert m["miou"] == pytest.approx(0.5)
+
+
+def test_segmentation_metrics_accumulate_over_batches_like_one_set():
+    task = get_task("segmentation")
+    state = task.metric_state()
+    # the same pixels, split into two "images" of one row each
+    task.update_metrics(state, seg_logits(SEG_PRED[:1], 3), SEG_TARGET[:, :1])
+    task.update_metrics(state, seg_logits(SEG_PRED[1:], 3), SEG_TARGET[:, 1:])
+    m = task.finalize_metrics(state)
+    assert m["pixel_acc"] == pytest.approx(0.6)
+    assert m["miou"] == pytest.approx(0.5)
+
+
+def test_segmentation_loss_ignores_the_ignore_pixel():
+    task = get_task("segmentation")
+    logits = torch.zeros(1, 3, 2, 3)
+    logits[0, 1, 1, 1] = 20.0  # the ignored pixel: a huge loss if it were counted
+    loss = task.sample_loss(logits, SEG_TARGET)
+    assert loss.shape == (1,)
+    assert float(loss[0]) == pytest.approx(math.log(3.0), rel=1e-5)  # uniform logits on valid pixels
+
+
+def test_segmentation_empty_set_gives_zeros_not_a_crash():
+    task = get_task("segmentation")
+    assert task.finalize_metrics(task.metric_state()) == {"miou": 0.0, "pixel_acc": 0.0}
+
+
+# --- depth ---------------------------------------------------------------------------
+
+DEPTH_TARGET = torch.tensor([[[[1.0, 2.0, 0.0], [4.0, 0.5, 1.0]]]])  # 0 = invalid
+DEPTH_PRED = torch.tensor([[[[1.1, 3.0, 5.0], [4.0, 0.6, 0.7]]]])
+
+
+def test_depth_abs_rel_delta_by_hand():
+    # valid pairs (t, p): (1,1.1) (2,3) (4,4) (0.5,0.6) (1,0.7)
+    # abs: .1 1 0 .1 .3 -> 1.5/5 ; rel: .1 .5 0 .2 .3 -> 1.1/5
+    # max ratio: 1.1 1.5 1 1.2 1.43 -> three below 1.25 -> 3/5
+    m = get_task("depth").compute_metrics(DEPTH_PRED, DEPTH_TARGET)
+    assert m["abs_err"] == pytest.approx(0.3)
+    assert m["rel_err"] == pytest.approx(0.22)
+    assert m["delta1"] == pytest.approx(0.6)
+
+
+def test_depth_loss_is_l1_over_valid_pixels():
+    loss = get_task("depth").sample_loss(DEPTH_PRED, DEPTH_TARGET)
+    assert float(loss[0]) == pytest.approx(0.3)  # the invalid pixel's error of 5 is left out
+
+
+# --- normals -------------------------------------------------------------------------
+
+
+def tilted(deg: float, scale: float = 1.0) -> torch.Tensor:
+    a = math.radians(deg)
+    return torch.tensor([math.sin(a), 0.0, math.cos(a)]) * scale
+
+
+def normal_case():
+    target = torch.zeros(1, 3, 1, 5)
+    pred = torch.zeros(1, 3, 1, 5)
+    for j, (deg, scale) in enumerate([(0, 1.0), (10, 1.0), (20, 1.0), (45, 3.0)]):
+        target[0, :, 0, j] = torch.tensor([0.0, 0.0, 1.0])
+        pred[0, :, 0, j] = tilted(deg, scale)  # the 45 degree one is not unit length on purpose
+    pred[0, :, 0, 4] = torch.tensor([1.0, 0.0, 0.0])  # 90 degrees, but its target is invalid (zero)
+    return pred, target
+
+
+def test_normal_angles_by_hand():
+    pred, target = normal_case()
+    m = get_task("normal").compute_metrics(pred, target)
+    # valid angles 0, 10, 20, 45
+    assert m["mean_angle"] == pytest.approx(18.75, abs=1e-4)
+    assert m["median_angle"] == pytest.approx(15.0, abs=1e-4)  # true median of an even count
+    assert m["a11"] == pytest.approx(0.5)
+    assert m["a22"] == pytest.approx(0.75)
+    assert m["a30"] == pytest.approx(0.75)
+
+
+def test_normal_loss_is_one_minus_cosine_over_valid_pixels():
+    pred, target = normal_case()
+    task = get_task("normal")
+    loss = task.sample_loss(task.activate(pred), target)
+    expected = sum(1 - math.cos(math.radians(d)) for d in (0, 10, 20, 45)) / 4
+    assert float(loss[0]) == pytest.approx(expected, abs=1e-6)
+
+
+# --- the registry --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_finalized_metrics_match_the_declared_directions(name):
+    task = get_task(name)
+    assert set(task.metrics.values()) <= {-1, +1}
+    if name == "segmentation":
+        pred, target = seg_logits(SEG_PRED, 3), SEG_TARGET
+    elif name == "depth":
+        pred, target = DEPTH_PRED, DEPTH_TARGET
+    else:
+        pred, target = normal_case()
+    assert set(task.compute_metrics(pred, target)) == set(task.metrics)
