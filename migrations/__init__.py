@@ -1,0 +1,1 @@
+"""Alembic migrations of the compliance record (see ``worker.migrate``)."""

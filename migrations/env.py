@@ -1,0 +1,85 @@
+"""Alembic environment for the compliance record.
+
+The URL is, in order: ``config.attributes["url"]`` (set by
+``worker.migrate.upgrade_database``), the config's ``sqlalchemy.url``, or
+``Settings().database_url``. On PostgreSQL an advisory lock serialises
+concurrent upgrades (the API and a worker may both migrate at start-up);
+SQLite gets batch mode so later ALTERs work there too.
+"""
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import text
+
+from worker.db import make_engine
+from worker.tables import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+# Any constant: the key of the advisory lock that serialises upgrades.
+MIGRATION_LOCK_KEY = 727_001
+
+
+def database_url() -> str:
+    url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
+    if url:
+        return url
+    from worker.settings import get_settings
+
+    return get_settings().database_url
+
+
+def _configure(connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+
+
+def run_migrations_offline() -> None:
+    url = database_url()
+    context.configure(
+        url=url,
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=url.startswith("sqlite"),
+        dialect_opts={"paramstyle": "named"},
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:  # a caller handed us its connection (tests, compare_metadata)
+        _configure(connection)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = make_engine(database_url())
+    try:
+        with engine.connect() as connection:
+            if connection.dialect.name == "postgresql":
+                # Session-level lock, held across the migration transaction; released below.
+                connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                connection.commit()
+            try:
+                _configure(connection)
+                with context.begin_transaction():
+                    context.run_migrations()
+                connection.commit()
+            finally:
+                if connection.dialect.name == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                    connection.commit()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

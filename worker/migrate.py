@@ -1,0 +1,48 @@
+"""Run the Alembic migrations programmatically (``unlearnd migrate``, ``serve`` at
+start-up, tests) and tell whether a database is at the head revision (``/readyz``)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic config for ``migrations/`` without reading alembic.ini (no
+    logging reconfiguration, no '%' interpolation of the URL)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url:
+        cfg.attributes["url"] = url
+    return cfg
+
+
+def head_revision() -> str:
+    """The head revision of ``migrations/``."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def upgrade_database(url: str, revision: str = "head") -> str:
+    """Migrate the database at ``url`` to ``revision`` (default: head); returns the head revision."""
+    log.info("migrating database to %s", revision)
+    command.upgrade(alembic_config(url), revision)
+    return head_revision()
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The revision recorded in the database (None when never migrated)."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def is_up_to_date(connection: Connection) -> bool:
+    """True when the database is at the head revision of ``migrations/``."""
+    return current_revision(connection) == head_revision()
