@@ -1,0 +1,190 @@
+"""A model store on a local (or mounted) file system:
+
+    {root}/{model}/v{version}/model.safetensors   weights (safetensors; never pickled)
+    {root}/{model}/v{version}/config.json         architecture, so unlearning.model.load_model works on the folder
+    {root}/{model}/v{version}/manifest.json       the Manifest, with the weights' sha256
+
+A version is written into a temporary folder beside its final place and
+renamed into it, so a reader never sees half a version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from unlearning.model import WEIGHTS_FILE, ModelConfig, MultiTaskNet, load_state, save_model
+
+from .base import IntegrityError, Manifest, ModelStore, StoreError
+
+MANIFEST_FILE = "manifest.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class LocalModelStore(ModelStore):
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _model_dir(self, model_name: str) -> Path:
+        if not _NAME.match(model_name):  # the name becomes a path: no separators, no '..'
+            raise StoreError(f"invalid model name {model_name!r}")
+        return self.root / model_name
+
+    def _dir(self, model_name: str, version: int) -> Path:
+        if int(version) < 1:
+            raise StoreError(f"invalid version {version!r}")
+        return self._model_dir(model_name) / f"v{int(version)}"
+
+    def uri(self, model_name: str, version: int) -> str:
+        return self._dir(model_name, version).resolve().as_uri()
+
+    def exists(self, model_name: str, version: int) -> bool:
+        d = self._dir(model_name, version)
+        return (d / MANIFEST_FILE).is_file() and (d / WEIGHTS_FILE).is_file()
+
+    def versions(self, model_name: str) -> list[int]:
+        d = self._model_dir(model_name)
+        if not d.is_dir():
+            return []
+        found = []
+        for child in d.iterdir():
+            m = re.fullmatch(r"v(\d+)", child.name)
+            if m and (child / MANIFEST_FILE).is_file():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def manifest(self, model_name: str, version: int) -> Manifest:
+        path = self._dir(model_name, version) / MANIFEST_FILE
+        if not path.is_file():
+            raise StoreError(f"no version {version} of model {model_name!r} in {self.root}")
+        return Manifest.from_dict(json.loads(path.read_text()))
+
+    def put_version(
+        self,
+        model: MultiTaskNet,
+        *,
+        model_name: str,
+        version: int,
+        parent: int | None,
+        dataset: dict,
+        deletions: list[str] | None = None,
+        deleted_cells: list | None = None,
+        erased_cells: list | None = None,
+        metrics: dict | None = None,
+        job_id: str | None = None,
+        train_config: dict | None = None,
+        note: str | None = None,
+    ) -> Manifest:
+        final = self._dir(model_name, version)
+        if self.exists(model_name, version):
+            return self._same_or_conflict(model_name, version, job_id, model)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-v{version}-{uuid.uuid4().hex}"
+        try:
+            weights = save_model(model, tmp)
+            data = weights.read_bytes()
+            manifest = Manifest(
+                model=model_name,
+                version=int(version),
+                parent=parent,
+                sha256=sha256_bytes(data),
+                created_at=datetime.now(timezone.utc).isoformat(),
+                model_config=asdict(model.config),
+                dataset=dict(dataset),
+                deletions=list(deletions or []),
+                deleted_cells=[list(c) for c in (deleted_cells or [])],
+                erased_cells=[list(c) for c in (erased_cells or [])],
+                metrics=json.loads(json.dumps(metrics or {}, default=float)),
+                job_id=job_id,
+                train_config=train_config,
+                note=note,
+            )
+            # no sort_keys: the order of model_config["tasks"] is the model's head order
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            try:
+                os.rename(tmp, final)  # atomic; fails when another writer got there first
+            except OSError:
+                if self.exists(model_name, version):
+                    return self._same_or_conflict(model_name, version, job_id, model)
+                raise
+            _fsync_dir(final.parent)
+            return manifest
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _same_or_conflict(self, model_name: str, version: int, job_id: str | None, model: MultiTaskNet) -> Manifest:
+        """An existing version: the same job (or, without a job, the same weights) is a no-op."""
+        existing = self.manifest(model_name, version)
+        if job_id is not None:
+            if existing.job_id == job_id:
+                return existing
+            raise StoreError(
+                f"version {version} of {model_name!r} already exists from job {existing.job_id!r}, not {job_id!r}"
+            )
+        if existing.job_id is None and existing.sha256 == _state_sha(model):
+            return existing
+        raise StoreError(f"version {version} of {model_name!r} already exists with different content")
+
+    def _read_verified(self, model_name: str, version: int) -> tuple[bytes, Manifest]:
+        manifest = self.manifest(model_name, version)
+        path = self._dir(model_name, version) / WEIGHTS_FILE
+        data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
+        digest = sha256_bytes(data)
+        if digest != manifest.sha256:
+            raise IntegrityError(
+                f"{model_name} v{version}: weights sha256 {digest} does not match the manifest's {manifest.sha256}"
+            )
+        return data, manifest
+
+    def verify(self, model_name: str, version: int) -> bool:
+        try:
+            self._read_verified(model_name, version)
+        except IntegrityError:
+            return False
+        return True
+
+    def load(self, model_name: str, version: int, device: str | torch.device = "cpu") -> tuple[MultiTaskNet, Manifest]:
+        data, manifest = self._read_verified(model_name, version)
+        model = MultiTaskNet(ModelConfig(**manifest.model_config))
+        load_state(model, load_safetensors(data))
+        model.eval()
+        return model.to(device), manifest
+
+
+def _state_sha(model: MultiTaskNet) -> str:
+    """The sha256 :func:`save_model` would produce for ``model`` (for the no-job idempotency check)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return sha256_bytes(save_model(model, d).read_bytes())
