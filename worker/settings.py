@@ -23,9 +23,11 @@ class Settings(BaseSettings):
     image_height: int = 48
     image_width: int = 64
     train_epochs: int = 30
+    model_width: int = 32  # encoder base width and head width of a first model (tests use a tiny one)
     seed: int = 0
 
     method: str = "interference_aware"
+    method_config: dict = {}  # the method's hyper-parameters over its defaults, JSON in UNLEARND_METHOD_CONFIG
     device: str = "auto"  # auto = CUDA when present
     job_time_limit_s: int = 3600
     stale_after_s: int = 600  # the sweeper re-enqueues work untouched for this long
