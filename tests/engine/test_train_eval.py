@@ -1,0 +1,210 @@
+"""Training (seeded, supervised cells only) and evaluation of an unlearning job, on tiny random data."""
+import copy
+import json
+
+import pytest
+import torch
+
+from unlearning.data.base import MultiTaskDataset
+from unlearning.evaluate import EvalContext, evaluate_unlearning, retained_sample, task_metrics
+from unlearning.losses import cell_losses, per_sample_losses, supervised_loss
+from unlearning.metrics import mia_auc
+from unlearning.model import load_model
+from unlearning.train import TrainConfig, build_model, main, resolve_device, train_model
+
+TASKS = ["segmentation", "depth", "normal"]
+TINY = dict(width=8, depth=2, head_width=8, batch_size=4, lr=5e-3)
+
+
+def random_dataset(n: int, seed: int, prefix: str = "i", h: int = 8, w: int = 8, classes: int = 3) -> MultiTaskDataset:
+    """Random images and targets with the formats' invalid markers (-1 label, 0 depth, zero normal)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, h, w, generator=g)
+    seg = torch.randint(0, classes, (n, h, w), generator=g)
+    seg[:, 0, 0] = -1
+    depth = torch.rand(n, 1, h, w, generator=g) * 3 + 0.5
+    depth[:, :, 0, 1] = 0.0
+    normal = torch.nn.functional.normalize(torch.randn(n, 3, h, w, generator=g), dim=1)
+    normal[:, :, 1, 0] = 0.0
+    ids = [f"{prefix}{k}" for k in range(n)]
+    return MultiTaskDataset("random", TASKS, images, {"segmentation": seg, "depth": depth, "normal": normal}, ids, classes)
+
+
+def mean_train_loss(model, data) -> float:
+    losses = per_sample_losses(model, data)
+    return sum(float(v.nanmean()) for v in losses.values())
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model trained to memorise 8 random instances, with its held-out set."""
+    train, test = random_dataset(8, 0), random_dataset(12, 1, prefix="t")
+    cfg = TrainConfig(epochs=60, seed=0, **TINY)
+    model = train_model(train, cfg, progress=False, device="cpu")
+    return train, test, cfg, model
+
+
+# --- training ------------------------------------------------------------------------
+
+
+def test_training_reduces_the_loss_and_memorises(trained):
+    train, test, cfg, model = trained
+    initial = build_model(train, cfg)  # the same seeded initialisation train_model started from
+    before, after = mean_train_loss(initial, train), mean_train_loss(model, train)
+    assert after < 0.6 * before
+    # random targets: what is learned is memorised, so the loss attack tells members apart
+    members, nonmembers = per_sample_losses(model, train), per_sample_losses(model, test)
+    assert mia_auc(members, nonmembers) > 0.9
+
+
+def test_training_is_deterministic_per_seed_on_cpu():
+    data = random_dataset(6, 3)
+    cfg = TrainConfig(epochs=2, seed=7, **TINY)
+    a = train_model(data, cfg, progress=False, device="cpu").state_dict()
+    b = train_model(data, cfg, progress=False, device="cpu").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = train_model(data, TrainConfig(epochs=2, seed=8, **TINY), progress=False, device="cpu").state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_on_progress_reports_fractions_up_to_one():
+    seen = []
+    train_model(random_dataset(5, 4), TrainConfig(epochs=2, **TINY), progress=False, device="cpu", on_progress=seen.append)
+    assert len(seen) == 2 * 2  # 5 instances, batches of 4: two steps per epoch
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)
+
+
+def test_erased_cells_give_their_head_no_gradient():
+    data = random_dataset(2, 5)
+    model = build_model(data, TrainConfig(**TINY))
+    batch = data.batch([0, 1])
+    batch.has["depth"] = torch.tensor([False, False])
+    supervised_loss(cell_losses(model, batch), batch.has).backward()
+    for p in model.head_parameters("depth"):
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+    assert any(torch.count_nonzero(p.grad) > 0 for p in model.head_parameters("normal"))
+
+    # a mixed batch: the erased cell of instance 1 adds nothing, so the depth head's gradient
+    # is that of instance 0 alone (GroupNorm keeps samples independent)
+    def depth_head_grad(indices, has_depth):
+        model.zero_grad()
+        b = data.batch(indices)
+        b.has["depth"] = torch.tensor(has_depth)
+        supervised_loss(cell_losses(model, b), b.has).backward()
+        return [p.grad.clone() for p in model.head_parameters("depth")]
+
+    mixed = depth_head_grad([0, 1], [True, False])
+    alone = depth_head_grad([0], [True])
+    assert all(torch.allclose(m, a, atol=1e-6) for m, a in zip(mixed, alone))
+
+
+def test_train_model_leaves_the_head_of_a_fully_erased_task_untouched():
+    data = random_dataset(6, 6)
+    erased = data.without([(iid, "depth") for iid in data.instance_ids])
+    cfg = TrainConfig(epochs=2, **TINY)
+    start = build_model(erased, cfg)
+    head = [p.detach().clone() for p in start.head_parameters("depth")]
+    model = train_model(erased, cfg, model=start, progress=False, device="cpu")
+    assert all(torch.equal(h, p) for h, p in zip(head, model.head_parameters("depth")))
+    assert not all(torch.equal(a, b) for a, b in zip(build_model(erased, cfg).shared_parameters(), model.shared_parameters()))
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError):
+            resolve_device("cuda")
+
+
+def test_cli_writes_a_checkpoint_with_dataset_and_recipe(tmp_path, monkeypatch, capsys):
+    import unlearning.data
+
+    specs = []
+
+    def fake_load_splits(spec):
+        specs.append(spec)
+        return random_dataset(4, 8), random_dataset(3, 9, prefix="t")
+
+    monkeypatch.setattr(unlearning.data, "load_splits", fake_load_splits)
+    out = tmp_path / "ckpt"
+    args = ["--dataset", "indoor", "--n-train", "4", "--epochs", "1", "--model-width", "8", "--model-depth", "2"]
+    assert main(args + ["--head-width", "8", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert specs == [{"name": "indoor", "n_train": 4}]
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == {"name": "indoor", "n_train": 4}
+    assert config["train"]["epochs"] == 1 and config["train"]["width"] == 8
+    assert load_model(out).tasks == TASKS
+    assert set(json.loads(capsys.readouterr().out)["test"]) == set(TASKS)
+
+
+# --- evaluation ----------------------------------------------------------------------
+
+
+def test_task_metrics_skip_erased_cells(trained):
+    train, _, _, model = trained
+    erased = train.without([("i0", "depth")])
+    m = task_metrics(model, erased)
+    rest = task_metrics(model, train.subset(range(1, len(train))))
+    assert m["depth"] == rest["depth"]  # instance 0's depth no longer counts
+    assert m["segmentation"] == task_metrics(model, train)["segmentation"]  # its other cells still do
+    assert m["depth"] != task_metrics(model, erased, only_supervised=False)["depth"]
+    assert set(task_metrics(model, erased.select(["i0"]))) == {"segmentation", "normal"}
+
+
+def test_retained_sample_is_seeded_and_excludes_forgotten(trained):
+    train = trained[0]
+    a = retained_sample(train, ["i1", "i2"], size=4, seed=0)
+    assert a == retained_sample(train, ["i1", "i2"], size=4, seed=0)
+    assert len(a) == 4 and not {"i1", "i2"} & set(a)
+    assert len(retained_sample(train, ["i1"], size=100)) == len(train) - 1
+
+
+def test_evaluate_unchanged_model_has_zero_uis_and_the_same_auc(trained):
+    train, test, _, model = trained
+    forget = [("i0", "depth"), ("i3", "segmentation"), ("i3", "depth"), ("i3", "normal")]
+    report = evaluate_unlearning(model, model, train, forget, test, retrained=model, retained_sample_size=4)
+    assert report["uis"] == 0.0 and report["uis_task"] == 0.0 and report["uis_inst"] == 0.0
+    assert report["mia_auc"] == report["mia_auc_original"] == report["mia_auc_retrain"]
+    assert report["forget_gap"] == 0.0 and report["uis_retrain"] == 0.0
+    assert report["mode"] == "partial"
+    keys = {(g["level"], g["task"], g["set"]) for g in report["groups"]}
+    # i0 keeps segmentation and normal; i3 is forgotten in full: task-level groups for those two only
+    assert {k for k in keys if k[0] == "task"} == {("task", "segmentation", "forgotten"), ("task", "normal", "forgotten")}
+    assert {k for k in keys if k[0] == "inst"} == {("inst", t, s) for t in TASKS for s in ("retained", "test")}
+    sizes = {(g["level"], g["task"], g["set"]): g["n"] for g in report["groups"]}
+    assert sizes[("task", "normal", "forgotten")] == 1 and sizes[("inst", "depth", "retained")] == 4
+    json.dumps(report)  # plain JSON for the worker and the benchmark
+
+
+def test_evaluate_full_mode_and_missing_retrain(trained):
+    train, test, _, model = trained
+    report = evaluate_unlearning(model, model, train, [("i2", t) for t in TASKS], test)
+    assert report["mode"] == "full" and report["uis_task"] == 0.0
+    assert all(g["level"] == "inst" for g in report["groups"])
+    assert report["mia_auc_retrain"] is None and report["forget_gap"] is None
+    # one forgotten instance per task: the original's AUC is the mean of its ranks per task
+    losses = per_sample_losses(model, train, [train.index_of("i2")])
+    heldout = per_sample_losses(model, test)
+    ranks = [mia_auc(losses[t], heldout[t]) for t in TASKS]
+    assert report["mia_auc_original"] == pytest.approx(sum(ranks) / 3)
+
+
+def test_evaluate_degrading_one_head_shows_in_its_groups_only(trained):
+    train, test, _, model = trained
+    damaged = copy.deepcopy(model)
+    with torch.no_grad():
+        damaged.heads["depth"].out.bias += 2.0  # every depth prediction far too large
+    context = EvalContext(model, train, test, retained_sample_size=4)
+    report = evaluate_unlearning(model, damaged, train, [("i1", "segmentation")], test, context=context)
+    d = {(g["level"], g["task"], g["set"]): g["degradation"] for g in report["groups"]}
+    assert all(v == 0.0 for (_, t, _), v in d.items() if t != "depth")
+    assert all(v > 0.0 for (_, t, _), v in d.items() if t == "depth")
+    task_level = [v for k, v in d.items() if k[0] == "task"]
+    assert report["uis_task"] == pytest.approx(sum(task_level) / len(task_level))
+    assert report["uis"] == pytest.approx(sum(d.values()) / len(d))
+    # the context is reused and refuses another original model
+    again = evaluate_unlearning(model, damaged, train, [("i1", "segmentation")], test, context=context)
+    assert again["uis"] == report["uis"]
+    with pytest.raises(ValueError):
+        evaluate_unlearning(damaged, damaged, train, [("i1", "segmentation")], test, context=context)

@@ -1,0 +1,283 @@
+"""Evaluate an unlearned model: per-task metrics on the UIS groups, UIS, MIA AUC, forget gap.
+
+Groups (design §3, generalised to several requests at once):
+
+- task-level: for each task k, the forgotten instances that keep task k
+  (their cell (i, k) is supervised and not forgotten); empty in full-task mode;
+- instance-level: for each task k, a deterministic sample of up to N retained
+  training instances (never a forgotten one) and the test set.
+
+What depends only on the model version (the original model's metrics on the
+test set and on the retained sample, its per-sample losses on held-out data)
+is cached in an :class:`EvalContext` that a worker can keep between jobs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+from .data.base import Cell, MultiTaskDataset
+from .losses import per_sample_losses
+from .metrics import GroupKey, group_degradations, mia_auc, uis
+from .metrics import forget_gap as forget_gap_metric
+from .tasks import get_task
+
+
+@torch.no_grad()
+def task_metrics(
+    model,
+    dataset: MultiTaskDataset,
+    tasks: Sequence[str] | None = None,
+    only_supervised: bool = True,
+    device=None,
+    batch_size: int = 64,
+) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` of ``model`` on ``dataset``.
+
+    With ``only_supervised`` (the default) a task is measured only on the
+    cells still supervised (erased cells are not ground truth any more);
+    otherwise on every instance's stored target. A task with no cell to
+    measure is left out of the result rather than reported as a fake 0.
+    """
+    tasks = list(dataset.tasks if tasks is None else tasks)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    states = {t: get_task(t).metric_state() for t in tasks}
+    counts = {t: 0 for t in tasks}
+    try:
+        for start in range(0, len(dataset), batch_size):
+            batch = dataset.batch(range(start, min(start + batch_size, len(dataset)))).to(device)
+            if only_supervised:
+                needed = [t for t in tasks if bool(batch.has[t].any())]
+            else:
+                needed = tasks
+            if not needed:
+                continue
+            preds = model(batch.images, needed)
+            for t in needed:
+                rows = batch.has[t] if only_supervised else torch.ones_like(batch.has[t])
+                get_task(t).update_metrics(states[t], preds[t][rows], batch.targets[t][rows])
+                counts[t] += int(rows.sum())
+    finally:
+        model.train(was_training)
+    return {t: get_task(t).finalize_metrics(states[t]) for t in tasks if counts[t] > 0}
+
+
+def retained_sample(
+    train: MultiTaskDataset, exclude: Iterable[str] = (), size: int = 64, seed: int = 0
+) -> list[str]:
+    """Up to ``size`` instance ids of ``train``, never one of ``exclude``.
+
+    The order comes from a seeded permutation of all of ``train``, and the
+    excluded ids are skipped, so the sample changes only where a request hits
+    it: the original model's metrics on it can be cached per model version.
+    """
+    exclude = set(exclude)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids = [train.instance_ids[i] for i in order if train.instance_ids[i] not in exclude]
+    return ids[:size]
+
+
+class EvalContext:
+    """The original model's numbers for one model version, computed lazily and once.
+
+    ``original``: the deployed model; ``train``: the data it reflects; ``test``:
+    held-out data (MIA non-members, test-set groups). Keep it between jobs on
+    the same version; build a new one for a new version.
+    """
+
+    def __init__(
+        self,
+        original,
+        train: MultiTaskDataset,
+        test: MultiTaskDataset,
+        retained_sample_size: int = 64,
+        seed: int = 0,
+        device=None,
+        batch_size: int = 64,
+    ):
+        self.original = original
+        self.train = train
+        self.test = test
+        self.retained_sample_size = retained_sample_size
+        self.seed = seed
+        self.device = device
+        self.batch_size = batch_size
+        self._metrics: dict[tuple, dict[str, dict[str, float]]] = {}
+        self._test_losses: dict[str, torch.Tensor] | None = None
+
+    def sample_ids(self, forget_instances: Iterable[str] = ()) -> list[str]:
+        """The retained training sample for a request that forgets ``forget_instances``."""
+        return retained_sample(self.train, forget_instances, self.retained_sample_size, self.seed)
+
+    def original_metrics(self, set_name: str, ids: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+        """The original model's :func:`task_metrics` on the test set (``ids`` None) or on
+        the training instances ``ids``; cached by the set's content."""
+        key = (set_name, tuple(ids) if ids is not None else None)
+        if key not in self._metrics:
+            data = self.test if ids is None else self.train.select(ids)
+            self._metrics[key] = task_metrics(self.original, data, device=self.device, batch_size=self.batch_size)
+        return self._metrics[key]
+
+    def test_losses(self) -> dict[str, torch.Tensor]:
+        """The original model's per-sample losses on the test set (NaN where not supervised)."""
+        if self._test_losses is None:
+            self._test_losses = per_sample_losses(self.original, self.test, batch_size=self.batch_size, device=self.device)
+        return self._test_losses
+
+    def check(self, original, train: MultiTaskDataset, test: MultiTaskDataset) -> None:
+        """Refuse to reuse cached numbers of another model or other data."""
+        if original is not self.original:
+            raise ValueError("evaluation context was built for another original model")
+        if train.instance_ids != self.train.instance_ids or not torch.equal(train.available, self.train.available):
+            raise ValueError("evaluation context was built for other training data")
+        if test.instance_ids != self.test.instance_ids:
+            raise ValueError("evaluation context was built for another test set")
+
+
+def _forget_cell_losses(model, train: MultiTaskDataset, forget_cells: Sequence[Cell], device, batch_size) -> dict[str, torch.Tensor]:
+    """Per forgotten task, the model's losses on the forgotten cells of that task."""
+    instances = list(dict.fromkeys(iid for iid, _ in forget_cells))
+    losses = per_sample_losses(model, train, [train.index_of(i) for i in instances], batch_size, device)
+    row = {iid: r for r, iid in enumerate(instances)}
+    out: dict[str, list[float]] = {}
+    for iid, task in forget_cells:
+        out.setdefault(task, []).append(float(losses[task][row[iid]]))
+    return {t: torch.tensor(v, dtype=torch.float64) for t, v in out.items()}
+
+
+def _nan_to_none(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def evaluate_unlearning(
+    original,
+    unlearned,
+    train: MultiTaskDataset,
+    forget_cells: Sequence[Cell],
+    test: MultiTaskDataset,
+    retrained=None,
+    context: EvalContext | None = None,
+    retained_sample_size: int = 64,
+    seed: int = 0,
+    device=None,
+    batch_size: int = 64,
+) -> dict:
+    """UIS, MIA AUC, forget gap and per-group per-task metrics of an unlearning job.
+
+    ``train`` is the data ``original`` reflects (the forget cells still in it),
+    ``forget_cells`` the cells erased now, ``test`` held-out data. ``retrained``
+    (the gold standard, benchmarks only) adds ``mia_auc_retrain``,
+    ``forget_gap`` and ``uis_retrain``; without it they are None. ``context``
+    reuses the original model's cached numbers (its own sample size and seed
+    then apply).
+
+    Returns plain JSON-able values: ``uis``, ``uis_task``, ``uis_inst``,
+    ``mia_auc`` (unlearned), ``mia_auc_original``, ``mia_auc_retrain``,
+    ``forget_gap``, ``uis_retrain``, ``mode`` (full/partial), ``forget_tasks``,
+    ``n_forget_cells``, ``n_forget_instances``, ``forget_loss`` (mean loss on
+    the forgotten cells per task and model) and ``groups``: one entry per UIS
+    group with its level, task, set, size, each model's metrics and d_g.
+    An AUC that cannot be computed (no held-out cell of a forgotten task) is None.
+    """
+    if context is None:
+        context = EvalContext(original, train, test, retained_sample_size, seed, device, batch_size)
+    else:
+        context.check(original, train, test)
+    forget_cells = train.check_cells(forget_cells)
+    if not forget_cells:
+        raise ValueError("no forget cells to evaluate")
+    forgotten = set(forget_cells)
+    forget_instances = list(dict.fromkeys(iid for iid, _ in forget_cells))
+    forget_tasks = [t for t in train.tasks if any(task == t for _, task in forget_cells)]
+
+    models = {"original": original, "unlearned": unlearned}
+    if retrained is not None:
+        models["retrained"] = retrained
+
+    # Group sets: name -> (level, dataset view, ids for caching the original's metrics).
+    metrics: dict[str, dict[GroupKey, dict[str, float]]] = {name: {} for name in models}
+    sizes: dict[GroupKey, int] = {}
+
+    # Task-level: for each task, the forgotten instances that keep it. Measured on a copy of
+    # train in which only those cells remain supervised.
+    keep = torch.zeros_like(train.available)
+    for iid in forget_instances:
+        i = train.index_of(iid)
+        for k, t in enumerate(train.tasks):
+            keep[i, k] = bool(train.available[i, k]) and (iid, t) not in forgotten
+    if keep.any():
+        rows = keep.any(1).nonzero().flatten().tolist()
+        kept = MultiTaskDataset(
+            train.name, train.tasks, train.images[rows], {t: v[rows] for t, v in train.targets.items()},
+            [train.instance_ids[r] for r in rows], train.num_classes, keep[rows],
+        )
+        for name, model in models.items():
+            for task, m in task_metrics(model, kept, device=device, batch_size=batch_size).items():
+                metrics[name][("task", task, "forgotten")] = m
+        for k, t in enumerate(train.tasks):
+            if keep[:, k].any():
+                sizes[("task", t, "forgotten")] = int(keep[:, k].sum())
+
+    # Instance-level: retained training sample and test set, every task.
+    sample = context.sample_ids(forget_instances)
+    sample_data = train.select(sample)
+    for set_name, data, ids in (("retained", sample_data, sample), ("test", test, None)):
+        for name, model in models.items():
+            if name == "original":
+                per_task = context.original_metrics(set_name, ids)
+            else:
+                per_task = task_metrics(model, data, device=device, batch_size=batch_size)
+            for task, m in per_task.items():
+                metrics[name][("inst", task, set_name)] = m
+        for k, t in enumerate(data.tasks):
+            n = int(data.available[:, k].sum())
+            if n:
+                sizes[("inst", t, set_name)] = n
+
+    scores = uis(metrics["original"], metrics["unlearned"])
+    degradation = group_degradations(metrics["original"], metrics["unlearned"])
+    uis_retrain = uis(metrics["original"], metrics["retrained"])["uis"] if retrained is not None else None
+
+    # Forgetting: members are the forgotten cells, non-members the same task's test losses.
+    member = {name: _forget_cell_losses(m, train, forget_cells, device, batch_size) for name, m in models.items()}
+    heldout = {"original": context.test_losses()}
+    for name in ("unlearned", "retrained"):
+        if name in models:
+            heldout[name] = per_sample_losses(models[name], test, batch_size=batch_size, device=device)
+    auc = {name: _nan_to_none(mia_auc(member[name], heldout[name])) for name in models}
+    gap = (
+        _nan_to_none(forget_gap_metric(member["unlearned"], member["retrained"])) if retrained is not None else None
+    )
+
+    groups = []
+    for key in metrics["original"]:
+        level, task, set_name = key
+        entry = {"level": level, "task": task, "set": set_name, "n": sizes.get(key, 0)}
+        entry.update({name: metrics[name][key] for name in models})
+        entry["degradation"] = degradation[key]
+        groups.append(entry)
+
+    return {
+        **scores,
+        "mia_auc": auc["unlearned"],
+        "mia_auc_original": auc["original"],
+        "mia_auc_retrain": auc.get("retrained"),
+        "forget_gap": gap,
+        "uis_retrain": uis_retrain,
+        "mode": "partial" if any(keep.any(1).tolist()) else "full",
+        "forget_tasks": forget_tasks,
+        "n_forget_cells": len(forget_cells),
+        "n_forget_instances": len(forget_instances),
+        "retained_sample_size": len(sample),
+        "forget_loss": {
+            name: {t: float(v.mean()) for t, v in losses.items()} for name, losses in member.items()
+        },
+        "groups": groups,
+    }
+
+
+__all__ = ["task_metrics", "retained_sample", "EvalContext", "evaluate_unlearning"]
