@@ -1,0 +1,108 @@
+"""The first version of the served model: trained once, stored as version 1, registered.
+
+``ensure_model`` is idempotent: a model that is already registered is left as
+it is; a version 1 already in the store (an earlier start that died before
+registering it) is registered rather than trained again.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+from sqlalchemy.exc import IntegrityError
+
+from model_store import ModelStore
+
+from .audit import append_event
+from .datasets import dataset_spec, erased_cells, get_splits
+from .db import transaction
+from .settings import Settings
+from .tables import Alias, AliasHistory, Model, ModelVersion
+
+log = logging.getLogger(__name__)
+
+
+def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -> int:
+    """Make sure ``settings.model_name`` is registered with a serving version; returns that version.
+
+    Trains a model on the dataset the settings describe (minus any cell already
+    tombstoned for that dataset) when neither the record nor the store has one.
+    """
+    name = settings.model_name
+    with transaction(settings.database_url) as session:
+        if session.get(Model, name) is not None:
+            alias = session.get(Alias, (name, "serving"))
+            return alias.version if alias else 1
+        spec = dataset_spec(settings)
+        erased = sorted(erased_cells(session, spec))
+
+    if store.exists(name, 1):
+        manifest = store.manifest(name, 1)
+        spec = manifest.dataset
+        train, _ = get_splits(spec)
+        log.info("registering the stored version 1 of %s", name)
+    else:
+        from unlearning.train import TrainConfig, train_model
+
+        train, _ = get_splits(spec)
+        train = train.without(erased)
+        cfg = TrainConfig(
+            epochs=settings.train_epochs,
+            seed=settings.seed,
+            width=settings.model_width,
+            head_width=settings.model_width,
+        )
+        log.info("training %s on %s (%d instances, %d epochs)", name, spec["name"], len(train), cfg.epochs)
+        model = train_model(train, cfg, device=settings.device, progress=progress).cpu()
+        manifest = store.put_version(
+            model,
+            model_name=name,
+            version=1,
+            parent=None,
+            dataset=spec,
+            erased_cells=[list(c) for c in erased],
+            train_config=asdict(cfg),
+            note="initial training",
+        )
+
+    try:
+        with transaction(settings.database_url) as session:
+            if session.get(Model, name) is not None:  # another process registered it meanwhile
+                return session.get(Alias, (name, "serving")).version
+            session.add(Model(name=name, dataset=manifest.dataset, tasks=list(train.tasks)))
+            session.flush()
+            session.add(
+                ModelVersion(
+                    model_name=name,
+                    version=1,
+                    parent_version=None,
+                    job_id=None,
+                    sha256=manifest.sha256,
+                    artifact_uri=store.uri(name, 1),
+                    deletions=[],
+                    erased_cells=manifest.erased_cells,
+                    metrics=manifest.metrics or None,
+                    note=manifest.note,
+                )
+            )
+            session.add(Alias(model_name=name, alias="serving", version=1))
+            session.add(AliasHistory(model_name=name, alias="serving", from_version=None, to_version=1, reason="initial"))
+            append_event(
+                session,
+                "model.registered",
+                model_name=name,
+                payload={
+                    "version": 1,
+                    "sha256": manifest.sha256,
+                    "dataset": manifest.dataset,
+                    "tasks": list(train.tasks),
+                    "model_config": manifest.model_config,
+                    "train_config": manifest.train_config,
+                },
+            )
+    except IntegrityError:  # lost a registration race: the winner's rows stand
+        with transaction(settings.database_url) as session:
+            if session.get(Model, name) is None:
+                raise
+    return 1
+

@@ -1,0 +1,564 @@
+"""Unlearning jobs: claim the queued work of one model, run the engine, publish a version.
+
+Plain functions; the Celery task (``worker.tasks``) and the in-process worker
+(``worker.background``) both call :func:`process_model`. The steps:
+
+1. :func:`claim_job` (one short transaction, the model row locked): at most one
+   active job per model. A queued job (a reapply written by a rollback, or a
+   job the sweeper reset) is taken first; otherwise every queued deletion
+   request of the model is coalesced into one new job.
+2. :func:`run_job` (no transaction open while the engine runs): load the base
+   version from the store, build the data (original splits minus every
+   tombstoned cell), run the method, write the artifact FIRST under a version
+   number fixed on the job row, so a rerun of the job finds it.
+3. :func:`publish_version` (one transaction): version row (``job_id`` is
+   unique: a job that runs twice publishes one version), alias move, requests
+   completed, tombstones, audit events.
+
+Delivery is at least once, so every step can run again and still do the
+right thing once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import func, select
+
+from model_store import Manifest, ModelStore
+from unlearning.data import dataset_key
+
+from .audit import append_event
+from .datasets import erased_cells, get_splits
+from .db import transaction
+from .settings import Settings
+from .tables import Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, Tombstone, utcnow
+
+log = logging.getLogger(__name__)
+
+# What the engine may reuse between jobs on one model version (tau, task subspaces,
+# the original model's evaluation): (model, version) -> dict. Bounded, per process.
+ENGINE_CACHE: "OrderedDict[tuple[str, int], dict]" = OrderedDict()
+ENGINE_CACHE_SIZE = 4
+
+_process_locks: dict[str, threading.Lock] = {}
+_process_locks_guard = threading.Lock()
+
+
+@dataclass
+class JobOutcome:
+    """What :func:`process_model` did: ``idle`` (nothing queued), ``busy`` (another job
+    of the model is active), ``completed`` or ``failed``."""
+
+    status: str
+    model_name: str
+    job_id: str | None = None
+    version: int | None = None
+    error: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, {})}
+
+
+class JobFailed(RuntimeError):
+    """A job that cannot succeed as specified (bad cells, missing base version)."""
+
+
+def aware(dt: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; they were written as UTC."""
+    if dt is not None and dt.tzinfo is None:
+        return dt.replace(tzinfo=timezone.utc)
+    return dt
+
+
+def engine_cache(model_name: str, version: int) -> dict:
+    key = (model_name, version)
+    cache = ENGINE_CACHE.pop(key, None)
+    if cache is None:
+        cache = {}
+    ENGINE_CACHE[key] = cache
+    while len(ENGINE_CACHE) > ENGINE_CACHE_SIZE:
+        ENGINE_CACHE.popitem(last=False)
+    return cache
+
+
+def _process_lock(model_name: str) -> threading.Lock:
+    with _process_locks_guard:
+        return _process_locks.setdefault(model_name, threading.Lock())
+
+
+def _cells(raw) -> list[tuple[str, str]]:
+    return [(str(i), str(t)) for i, t in raw or []]
+
+
+def _jsonable(value) -> Any:
+    return json.loads(json.dumps(value, default=float))
+
+
+# --------------------------------------------------------------------------- claim
+
+
+def claim_job(settings: Settings, model_name: str) -> tuple[str, str | None]:
+    """Claim the next job of ``model_name``: ``("claimed", job_id)``, ``("busy", None)``
+    or ``("idle", None)``. One transaction; the model row is locked with
+    ``FOR NO KEY UPDATE SKIP LOCKED`` (a busy claimer skips rather than waits;
+    NO KEY leaves the API free to insert requests referencing the model)."""
+    is_sqlite = settings.database_url.startswith("sqlite")
+    lock = _process_lock(model_name) if is_sqlite else None
+    if lock is not None and not lock.acquire(blocking=False):
+        return "busy", None
+    try:
+        return _claim(settings, model_name)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(settings: Settings, model_name: str) -> tuple[str, str | None]:
+    now = utcnow()
+    with transaction(settings.database_url) as session:
+        model = session.execute(
+            select(Model).where(Model.name == model_name).with_for_update(skip_locked=True, key_share=True)
+        ).scalar_one_or_none()
+        if model is None:
+            known = session.execute(select(Model.name).where(Model.name == model_name)).scalar_one_or_none()
+            return ("busy", None) if known else ("idle", None)
+
+        # One active job per model. A running job whose heartbeat went stale (its worker
+        # died) still counts: the sweeper resets it to queued, and then it is claimed here.
+        running = session.execute(
+            select(Job.id).where(Job.model_name == model_name, Job.status == "running").limit(1)
+        ).first()
+        if running is not None:
+            return "busy", None
+
+        queued_job = session.execute(
+            select(Job).where(Job.model_name == model_name, Job.status == "queued").order_by(Job.created_at).limit(1)
+        ).scalar_one_or_none()
+        if queued_job is not None:
+            _start(queued_job, now)
+            for req in session.execute(
+                select(DeletionRequest).where(
+                    DeletionRequest.job_id == queued_job.id, DeletionRequest.status.in_(("queued", "running"))
+                )
+            ).scalars():
+                req.status = "running"
+                req.progress = 0.0
+            append_event(
+                session,
+                "job.started",
+                model_name=model_name,
+                payload={"job_id": queued_job.id, "kind": queued_job.kind, "attempt": queued_job.attempts,
+                         "base_version": queued_job.base_version},
+            )
+            return "claimed", queued_job.id
+
+        requests = list(
+            session.execute(
+                select(DeletionRequest)
+                .where(
+                    DeletionRequest.model_name == model_name,
+                    DeletionRequest.status == "queued",
+                    DeletionRequest.job_id.is_(None),
+                )
+                .order_by(DeletionRequest.created_at)
+                .with_for_update(skip_locked=True)
+            ).scalars()
+        )
+        if not requests:
+            return "idle", None
+
+        tombstoned = erased_cells(session, model.dataset)
+        claimed, cells = [], []
+        for req in requests:
+            req_cells = [(req.instance_id, t) for t in req.tasks]
+            gone = [c for c in req_cells if c in tombstoned]
+            if gone:
+                # Erased by another request after this one was accepted: nothing left to do for it.
+                req.status = "rejected"
+                req.error = f"cells already erased by another request: {[list(c) for c in gone]}"
+                append_event(
+                    session,
+                    "deletion.rejected",
+                    model_name=model_name,
+                    request_id=req.id,
+                    instance_id=req.instance_id,
+                    payload={"reason": req.error, "erased_by": sorted({tombstoned[c] for c in gone})},
+                )
+                continue
+            claimed.append(req)
+            cells.extend(c for c in req_cells if c not in cells)
+        if not claimed:
+            return "idle", None
+
+        serving = session.get(Alias, (model_name, "serving"))
+        if serving is None:
+            raise JobFailed(f"model {model_name!r} has no serving version")
+        job = Job(
+            model_name=model_name,
+            kind="deletion",
+            status="running",
+            method=settings.method,
+            base_version=serving.version,
+            params={"cells": [list(c) for c in cells], "request_ids": [r.id for r in claimed]},
+        )
+        _start(job, now)
+        session.add(job)
+        session.flush()
+        for req in claimed:
+            req.status = "running"
+            req.job_id = job.id
+            req.base_version = serving.version
+            req.progress = 0.0
+        append_event(
+            session,
+            "job.started",
+            model_name=model_name,
+            payload={"job_id": job.id, "kind": "deletion", "request_ids": [r.id for r in claimed],
+                     "cells": [list(c) for c in cells], "base_version": serving.version, "method": job.method},
+        )
+        return "claimed", job.id
+
+
+def _start(job: Job, now: datetime) -> None:
+    job.status = "running"
+    job.attempts = (job.attempts or 0) + 1
+    job.started_at = now
+    job.heartbeat_at = now
+    job.progress = 0.0
+    job.error = None
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class JobData:
+    """The data of one job: what the base model reflects, what to forget, held-out data."""
+
+    train: Any  # MultiTaskDataset: the original training split minus every erased cell but the forget cells
+    test: Any
+    forget_cells: list[tuple[str, str]]
+    erased_before: list[tuple[str, str]]  # cells erased in the base version's lineage or tombstoned
+
+
+def job_data(settings: Settings, spec: dict, base_manifest: Manifest, cells: list[tuple[str, str]]) -> JobData:
+    """Build the data of a job: the dataset's original splits minus every tombstoned
+    cell and every cell erased in the base version's lineage, except the cells
+    this job forgets (a reapply forgets cells that are tombstoned already)."""
+    train_full, test = get_splits(spec)
+    with transaction(settings.database_url) as session:
+        tombstoned = set(erased_cells(session, spec))
+    lineage = {tuple(c) for c in base_manifest.erased_cells}
+    forget = list(dict.fromkeys(cells))
+    erased_before = sorted((tombstoned | lineage) - set(forget))
+    train = train_full.without(erased_before)
+    train.check_cells(forget)  # a clear error for an unknown instance or task (the API validates first)
+    return JobData(train=train, test=test, forget_cells=forget, erased_before=erased_before)
+
+
+class _Heartbeat:
+    """Writes the job's progress and heartbeat every ``interval`` seconds while the engine runs,
+    so the sweeper leaves a long-running job alone and clients see it move."""
+
+    def __init__(self, settings: Settings, job_id: str, interval: float):
+        self.settings, self.job_id, self.interval = settings, job_id, interval
+        self.fraction = 0.0
+        self._written = -1.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def progress(self, fraction: float) -> None:
+        self.fraction = max(self.fraction, min(1.0, float(fraction)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.write()
+            except Exception:  # a missed heartbeat is not a failed job
+                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+
+    def write(self) -> None:
+        fraction = round(0.95 * self.fraction, 4)  # the last 5% is publishing
+        with transaction(self.settings.database_url) as session:
+            job = session.get(Job, self.job_id)
+            if job is None or job.status != "running":
+                return
+            job.heartbeat_at = utcnow()
+            if fraction != self._written:
+                job.progress = fraction
+                for req in session.execute(
+                    select(DeletionRequest).where(DeletionRequest.job_id == self.job_id,
+                                                  DeletionRequest.status == "running")
+                ).scalars():
+                    req.progress = fraction
+        self._written = fraction
+
+
+def _target_version(settings: Settings, store: ModelStore, job_id: str) -> int:
+    """The version number this job publishes, fixed on the job row the first time it is
+    asked for, so a rerun writes (and finds) the same artifact."""
+    with transaction(settings.database_url) as session:
+        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
+        params = dict(job.params or {})
+        if "target_version" in params:
+            return int(params["target_version"])
+        in_db = session.execute(
+            select(func.max(ModelVersion.version)).where(ModelVersion.model_name == job.model_name)
+        ).scalar() or 0
+        # another unfinished job may have reserved a number (a failed one that stored its
+        # artifact is covered by the store's latest version)
+        planned = session.execute(
+            select(Job.params).where(Job.model_name == job.model_name, Job.id != job_id,
+                                     Job.status.in_(("queued", "running")))
+        )
+        in_jobs = max((int(p.get("target_version", 0)) for (p,) in planned if p), default=0)
+        version = max(in_db, in_jobs, store.latest_version(job.model_name) or 0) + 1
+        params["target_version"] = version
+        job.params = params
+        return version
+
+
+def run_job(settings: Settings, store: ModelStore, job_id: str) -> JobOutcome:
+    """Run a claimed job to its end: compute (unless its artifact exists), store, publish.
+    Failures are recorded (job and requests failed, audit ``job.failed``) and returned."""
+    with transaction(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        model_name, base_version, kind = job.model_name, job.base_version, job.kind
+        cells = _cells((job.params or {}).get("cells"))
+        request_ids = list((job.params or {}).get("request_ids") or [])
+        method = job.method
+        spec = session.get(Model, model_name).dataset
+        done = session.execute(select(ModelVersion).where(ModelVersion.job_id == job_id)).scalar_one_or_none()
+        if done is not None:  # published by an earlier run: nothing left to do
+            return JobOutcome("completed", model_name, job_id, done.version, metrics=done.metrics or {})
+
+    started = time.monotonic()
+    try:
+        version = _target_version(settings, store, job_id)
+        if store.exists(model_name, version) and store.manifest(model_name, version).job_id == job_id:
+            manifest = store.manifest(model_name, version)  # an earlier run stored it, then died
+            log.info("job %s: artifact v%d already stored, publishing it", job_id, version)
+        else:
+            manifest = _compute(settings, store, job_id, model_name, base_version, version, spec, cells,
+                                request_ids, method, kind)
+        result = publish_version(settings, store, job_id, manifest, seconds=time.monotonic() - started)
+        log.info("job %s published %s v%d", job_id, model_name, result.version)
+        return result
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, then reported
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("job %s failed: %s\n%s", job_id, error, traceback.format_exc())
+        mark_failed(settings, job_id, error)
+        return JobOutcome("failed", model_name, job_id, error=error)
+
+
+def _compute(settings, store, job_id, model_name, base_version, version, spec, cells, request_ids, method, kind):
+    from unlearning.job import run_unlearning_job
+    from unlearning.train import resolve_device
+
+    device = resolve_device(settings.device)
+    model, base_manifest = store.load(model_name, base_version, device=device)
+    data = job_data(settings, spec, base_manifest, cells)
+    interval = max(0.5, min(10.0, settings.stale_after_s / 4))
+    with _Heartbeat(settings, job_id, interval) as beat:
+        result = run_unlearning_job(
+            model,
+            data.train,
+            data.test,
+            data.forget_cells,
+            method=method,
+            config=dict(settings.method_config),
+            device=device,
+            seed=settings.seed,
+            cache=engine_cache(model_name, base_version),
+            progress=beat.progress,
+        )
+        beat.progress(1.0)
+    lineage = {tuple(c) for c in base_manifest.erased_cells} | set(data.forget_cells)
+    metrics = _jsonable(dict(result.metrics))
+    metrics.setdefault("seconds", round(float(getattr(result, "seconds", 0.0) or 0.0), 3))
+    return store.put_version(
+        result.model.cpu(),
+        model_name=model_name,
+        version=version,
+        parent=base_version,
+        dataset=spec,
+        deletions=request_ids,
+        deleted_cells=[list(c) for c in data.forget_cells],
+        erased_cells=[list(c) for c in sorted(lineage)],
+        metrics=metrics,
+        job_id=job_id,
+        train_config=base_manifest.train_config,
+        note=f"{kind} job {job_id} with {method}",
+    )
+
+
+# --------------------------------------------------------------------------- publish
+
+
+def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest: Manifest,
+                    seconds: float | None = None) -> JobOutcome:
+    """Record a stored artifact as the job's version, in one transaction: the version row,
+    the serving alias, the requests, the tombstones, the audit events. A job whose
+    version row exists already has had all of this done: calling again is a no-op."""
+    with transaction(settings.database_url) as session:
+        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
+        existing = session.execute(select(ModelVersion).where(ModelVersion.job_id == job_id)).scalar_one_or_none()
+        if existing is not None:
+            return JobOutcome("completed", job.model_name, job_id, existing.version, metrics=existing.metrics or {})
+        if manifest.job_id != job_id:
+            raise JobFailed(f"artifact v{manifest.version} belongs to job {manifest.job_id}, not {job_id}")
+
+        model_name, version, metrics = job.model_name, manifest.version, manifest.metrics or {}
+        now = utcnow()
+        session.add(
+            ModelVersion(
+                model_name=model_name,
+                version=version,
+                parent_version=manifest.parent,
+                job_id=job_id,
+                sha256=manifest.sha256,
+                artifact_uri=store.uri(model_name, version),
+                deletions=list(manifest.deletions),
+                erased_cells=list(manifest.erased_cells),
+                metrics=metrics,
+                note=manifest.note,
+            )
+        )
+        alias = session.execute(
+            select(Alias).where(Alias.model_name == model_name, Alias.alias == "serving").with_for_update()
+        ).scalar_one_or_none()
+        previous = alias.version if alias else None
+        if alias is None:
+            session.add(Alias(model_name=model_name, alias="serving", version=version))
+        else:
+            alias.version = version
+        session.add(AliasHistory(model_name=model_name, alias="serving", from_version=previous, to_version=version,
+                                 reason="publish"))
+
+        requests = list(
+            session.execute(
+                select(DeletionRequest).where(DeletionRequest.id.in_(list(manifest.deletions)))
+            ).scalars()
+        ) if manifest.deletions else []
+        by_cell = {(r.instance_id, t): r.id for r in requests for t in r.tasks}
+        key = dataset_key(manifest.dataset)
+        have = {(i, t) for i, t in session.execute(
+            select(Tombstone.instance_id, Tombstone.task).where(Tombstone.dataset_key == key)
+        )}
+        for iid, task in manifest.deleted_cells:
+            if (iid, task) not in have:
+                session.add(Tombstone(dataset_key=key, instance_id=iid, task=task,
+                                      request_id=by_cell.get((iid, task), job_id)))
+
+        job.status = "completed"
+        job.produced_version = version
+        job.metrics = metrics
+        job.progress = 1.0
+        job.finished_at = now
+        job.heartbeat_at = now
+        job.error = None
+        session.flush()
+        append_event(
+            session,
+            "job.completed",
+            model_name=model_name,
+            payload={"job_id": job_id, "kind": job.kind, "method": job.method, "base_version": job.base_version,
+                     "version": version, "sha256": manifest.sha256, "request_ids": list(manifest.deletions),
+                     "cells": manifest.deleted_cells, "metrics": metrics, "seconds": seconds},
+        )
+        for req in requests:
+            req_cells = [[req.instance_id, t] for t in req.tasks]
+            if job.kind == "deletion" and req.job_id == job_id:
+                req.status = "completed"
+                req.progress = 1.0
+                req.produced_version = version
+                req.metrics = metrics
+                req.completed_at = now
+                req.error = None
+                kind = "deletion.completed"
+            else:  # a reapply after a rollback: the request was completed before, its erasure is applied again
+                kind = "deletion.reapplied"
+            append_event(
+                session,
+                kind,
+                model_name=model_name,
+                request_id=req.id,
+                instance_id=req.instance_id,
+                payload={"job_id": job_id, "version": version, "base_version": job.base_version,
+                         "cells": req_cells, "method": job.method, "sha256": manifest.sha256, "metrics": metrics},
+            )
+        return JobOutcome("completed", model_name, job_id, version, metrics=metrics)
+
+
+def mark_failed(settings: Settings, job_id: str, error: str) -> None:
+    """Record a failed job: the job and its unfinished requests failed, with the error."""
+    with transaction(settings.database_url) as session:
+        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
+        if job.status == "completed":
+            return
+        now = utcnow()
+        job.status = "failed"
+        job.error = error
+        job.finished_at = now
+        requests = list(session.execute(
+            select(DeletionRequest).where(DeletionRequest.job_id == job_id,
+                                          DeletionRequest.status.in_(("queued", "running")))
+        ).scalars())
+        append_event(session, "job.failed", model_name=job.model_name,
+                     payload={"job_id": job_id, "kind": job.kind, "error": error,
+                              "request_ids": [r.id for r in requests]})
+        for req in requests:
+            req.status = "failed"
+            req.error = error
+            append_event(session, "deletion.failed", model_name=job.model_name, request_id=req.id,
+                         instance_id=req.instance_id, payload={"job_id": job_id, "error": error})
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def process_model(settings: Settings, store: ModelStore, model_name: str) -> JobOutcome:
+    """Run the next job of ``model_name`` if there is one and no other is active.
+
+    Returns ``busy`` when another job of the model holds it (the caller retries
+    later), ``idle`` when nothing is queued, else the job's outcome. Idempotent:
+    a duplicate delivery finds nothing queued, or the same job's version.
+    """
+    try:
+        status, job_id = claim_job(settings, model_name)
+    except JobFailed as exc:
+        return JobOutcome("failed", model_name, error=str(exc))
+    if status != "claimed":
+        return JobOutcome(status, model_name)
+    return run_job(settings, store, job_id)
+
+
+def drain_model(settings: Settings, store: ModelStore, model_name: str, max_jobs: int = 100) -> list[JobOutcome]:
+    """Run jobs of ``model_name`` until it is idle or busy (what one delivery does: requests
+    that arrived while a job ran are picked up without waiting for another message)."""
+    outcomes = []
+    for _ in range(max_jobs):
+        outcome = process_model(settings, store, model_name)
+        if outcome.status in ("idle", "busy"):
+            if not outcomes:
+                outcomes.append(outcome)
+            break
+        outcomes.append(outcome)
+    return outcomes
