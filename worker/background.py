@@ -1,0 +1,138 @@
+"""Background threads of the API process: the outbox relay, the sweeper and, without a
+broker, the in-process worker.
+
+``start_background(settings)`` starts them and returns ``stop()``; the API's
+lifespan calls both. With ``settings.broker_url`` set the relay publishes to
+Celery (``worker.celery_app``); otherwise to :class:`InProcessWorker`, a
+thread that runs ``worker.jobs`` itself (the embedded default: one process,
+SQLite, a local store).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable
+
+from model_store import ModelStore, store_for
+
+from .jobs import drain_model
+from .outbox import Publish, relay_once, sweep_once
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class InProcessWorker:
+    """A single thread that runs the jobs of the models announced to it, one at a time.
+
+    ``publish`` is its outbox entry point. A model announced several times
+    while waiting is run once; a busy model is tried again after ``retry_s``.
+    """
+
+    def __init__(self, settings: Settings, store: ModelStore, retry_s: float = 2.0):
+        self.settings, self.store, self.retry_s = settings, store, retry_s
+        self._queue: "queue.Queue[str | None]" = queue.Queue()
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="unlearnd-inprocess-worker", daemon=True)
+
+    def start(self) -> "InProcessWorker":
+        self._thread.start()
+        return self
+
+    def publish(self, topic: str, payload: dict) -> None:
+        if topic != "process_model":
+            raise ValueError(f"unknown outbox topic {topic!r}")
+        self.announce(payload["model_name"])
+
+    def announce(self, model_name: str) -> None:
+        with self._lock:
+            if model_name in self._pending:
+                return
+            self._pending.add(model_name)
+        self._queue.put(model_name)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work. A job under way is not interrupted mid-write: the thread is a
+        daemon, and a job cut off by the process ending is re-run by the sweeper later."""
+        self._stopping.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            model_name = self._queue.get()
+            if model_name is None:
+                break
+            with self._lock:
+                self._pending.discard(model_name)
+            try:
+                outcomes = drain_model(self.settings, self.store, model_name)
+            except Exception:  # the database hiccuped: try again shortly
+                log.exception("in-process worker: processing %s failed", model_name)
+                outcomes = []
+                self._retry_later(model_name)
+                continue
+            if outcomes and outcomes[0].status == "busy":
+                self._retry_later(model_name)
+
+    def _retry_later(self, model_name: str) -> None:
+        if not self._stopping.is_set():
+            timer = threading.Timer(self.retry_s, self.announce, args=[model_name])
+            timer.daemon = True
+            timer.start()
+
+
+class _Every(threading.Thread):
+    """Calls ``fn`` now and then every ``interval`` seconds until stopped; errors are logged."""
+
+    def __init__(self, name: str, interval: float, fn: Callable[[], object], stopping: threading.Event):
+        super().__init__(name=name, daemon=True)
+        self.interval, self.fn, self.stopping = interval, fn, stopping
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.fn()
+            except Exception:
+                log.exception("%s failed", self.name)
+            self.stopping.wait(self.interval)
+
+
+def publisher_for(settings: Settings, store: ModelStore) -> tuple[Publish, InProcessWorker | None]:
+    """Where the outbox goes: Celery when a broker is configured, else a new in-process worker."""
+    if settings.broker_url:
+        from .celery_app import create_celery, publisher
+
+        return publisher(create_celery(settings)), None
+    worker = InProcessWorker(settings, store)
+    return worker.publish, worker
+
+
+def start_background(settings: Settings) -> Callable[[], None]:
+    """Start the relay and the sweeper (and the in-process worker without a broker); returns ``stop()``."""
+    store = store_for(settings.store_dir)
+    publish, worker = publisher_for(settings, store)
+    if worker is not None:
+        worker.start()
+    stopping = threading.Event()
+    threads = [
+        _Every("unlearnd-outbox-relay", settings.relay_interval_s, lambda: relay_once(settings, publish), stopping),
+        _Every("unlearnd-sweeper", max(1.0, settings.stale_after_s / 4), lambda: sweep_once(settings, publish),
+               stopping),
+    ]
+    for t in threads:
+        t.start()
+    log.info("background started: relay every %ss, sweeper every %ss, %s", settings.relay_interval_s,
+             threads[1].interval, "publishing to Celery" if settings.broker_url else "in-process worker")
+
+    def stop() -> None:
+        stopping.set()
+        for t in threads:
+            t.join(timeout=10)
+        if worker is not None:
+            worker.stop()
+
+    return stop

@@ -1,0 +1,61 @@
+"""The Celery application, configured from :class:`worker.settings.Settings`.
+
+Long jobs the Celery way: late acknowledgement (a task whose worker dies is
+delivered again), prefetch of one (a worker holds one job, not a queue of
+them), rejected-on-worker-lost, explicit soft and hard time limits. Tasks are
+idempotent (``worker.jobs``), so a second delivery does the work once.
+
+Relay and sweeper: the API process runs them in threads (``worker.background``).
+For deployments whose API runs with ``UNLEARND_BACKGROUND=false``, the beat
+schedule below runs them as tasks instead: ``celery -A worker.celery_app beat``.
+
+    celery -A worker.celery_app worker --pool solo -c 1 --loglevel info
+"""
+from __future__ import annotations
+
+from celery import Celery
+
+from .settings import Settings, get_settings
+
+PROCESS_MODEL_TASK = "unlearnd.process_model"
+RELAY_TASK = "unlearnd.relay_outbox"
+SWEEP_TASK = "unlearnd.sweep"
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("unlearnd", broker=settings.broker_url or "memory://", backend=settings.result_backend)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.job_time_limit_s,
+        task_time_limit=settings.job_time_limit_s + 60,  # a minute to record the failure after the soft limit
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=settings.result_backend is None,
+        broker_connection_retry_on_startup=True,
+        # Redis redelivers an unacknowledged task after the visibility timeout: longer than a job may run.
+        broker_transport_options={"visibility_timeout": settings.job_time_limit_s + 600},
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "relay-outbox": {"task": RELAY_TASK, "schedule": max(settings.relay_interval_s, 1.0)},
+            "sweep": {"task": SWEEP_TASK, "schedule": max(settings.stale_after_s / 4, 5.0)},
+        },
+    )
+    app.conf.include = ["worker.tasks"]
+    return app
+
+
+def publisher(app: Celery):
+    """An outbox ``publish(topic, payload)`` that sends the matching Celery task."""
+
+    def publish(topic: str, payload: dict) -> None:
+        if topic != "process_model":
+            raise ValueError(f"unknown outbox topic {topic!r}")
+        app.send_task(PROCESS_MODEL_TASK, args=[payload["model_name"]])
+
+    return publish
+
+
+app = create_celery(get_settings())

@@ -1,0 +1,143 @@
+"""The outbox relay and the sweeper: how work reaches a worker, at least once.
+
+The API writes an outbox row in the same transaction as the request it
+announces; :func:`relay_once` publishes rows after that commit and marks them
+published only once the publish went through (a crash in between publishes
+again: jobs are idempotent). :func:`sweep_once` re-announces work that went
+quiet: requests queued for too long, jobs whose worker stopped heartbeating.
+
+``publish(topic, payload)`` is whatever delivers a message: a Celery
+``send_task`` or the in-process worker's queue (``worker.background``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+from typing import Callable
+
+from sqlalchemy import or_, select
+
+from .audit import append_event
+from .db import transaction
+from .settings import Settings
+from .tables import DeletionRequest, Job, OutboxMessage, utcnow
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, dict], None]
+
+PROCESS_MODEL_TOPIC = "process_model"
+
+
+def relay_once(settings: Settings, publish: Publish, batch: int = 100) -> int:
+    """Publish up to ``batch`` unpublished outbox rows; returns how many were published.
+
+    Rows are locked ``FOR UPDATE SKIP LOCKED`` so relays in several processes
+    share the work without publishing a row twice at the same time. Identical
+    messages in one batch (many requests for one model) are published once.
+    """
+    published = 0
+    with transaction(settings.database_url) as session:
+        rows = list(
+            session.execute(
+                select(OutboxMessage)
+                .where(OutboxMessage.published_at.is_(None))
+                .order_by(OutboxMessage.id)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            ).scalars()
+        )
+        sent: dict[str, bool] = {}
+        for row in rows:
+            key = json.dumps([row.topic, row.payload], sort_keys=True)
+            row.attempts = (row.attempts or 0) + 1
+            if key not in sent:
+                try:
+                    publish(row.topic, dict(row.payload))
+                    sent[key] = True
+                except Exception:  # the broker is down: leave the row for the next pass
+                    log.warning("outbox: publishing %s %s failed", row.topic, row.payload, exc_info=True)
+                    sent[key] = False
+            if sent[key]:
+                row.published_at = utcnow()
+                published += 1
+    return published
+
+
+def sweep_once(settings: Settings, publish: Publish) -> dict:
+    """Re-announce stale work; returns ``{"requests": n, "jobs": n, "models": [...]}``.
+
+    - requests ``queued`` (and not part of a job) untouched for ``stale_after_s``;
+    - jobs ``running`` whose heartbeat is older than ``stale_after_s`` (their worker
+      died): reset to ``queued`` with their requests, so the next claim runs them again
+      (a rerun that finds its stored artifact just publishes it);
+    - jobs ``queued`` untouched for ``stale_after_s`` (their message was lost).
+
+    The announcements go through the outbox in the same transaction, then are relayed.
+    """
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.stale_after_s)
+    models: set[str] = set()
+    n_requests = n_jobs = 0
+    with transaction(settings.database_url) as session:
+        stale_requests = list(
+            session.execute(
+                select(DeletionRequest)
+                .where(
+                    DeletionRequest.status == "queued",
+                    DeletionRequest.job_id.is_(None),
+                    DeletionRequest.updated_at < cutoff,
+                )
+                .with_for_update(skip_locked=True)
+            ).scalars()
+        )
+        for req in stale_requests:
+            req.updated_at = now  # announced again now; the next sweep waits another period
+            models.add(req.model_name)
+        n_requests = len(stale_requests)
+
+        stale_jobs = list(
+            session.execute(
+                select(Job)
+                .where(
+                    or_(
+                        (Job.status == "running")
+                        & or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None) & (Job.created_at < cutoff)),
+                        (Job.status == "queued")
+                        & or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None) & (Job.created_at < cutoff)),
+                    )
+                )
+                .with_for_update(skip_locked=True)
+            ).scalars()
+        )
+        for job in stale_jobs:
+            if job.status == "running":
+                requests = list(
+                    session.execute(
+                        select(DeletionRequest).where(DeletionRequest.job_id == job.id,
+                                                      DeletionRequest.status == "running")
+                    ).scalars()
+                )
+                for req in requests:
+                    req.status = "queued"
+                    req.progress = 0.0
+                append_event(
+                    session,
+                    "job.requeued",
+                    model_name=job.model_name,
+                    payload={"job_id": job.id, "last_heartbeat": job.heartbeat_at, "attempts": job.attempts,
+                             "request_ids": [r.id for r in requests]},
+                )
+                job.status = "queued"
+                job.progress = 0.0
+            job.heartbeat_at = now
+            models.add(job.model_name)
+        n_jobs = len(stale_jobs)
+
+        for model_name in sorted(models):
+            session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": model_name}, created_at=now))
+    if models:
+        log.info("sweeper: re-enqueued %d requests and %d jobs of %s", n_requests, n_jobs, sorted(models))
+        relay_once(settings, publish)
+    return {"requests": n_requests, "jobs": n_jobs, "models": sorted(models)}
