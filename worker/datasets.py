@@ -1,0 +1,58 @@
+"""The datasets models were trained on, as the service sees them: cached splits
+and the cells erased so far (tombstones)."""
+from __future__ import annotations
+
+import json
+import threading
+from functools import lru_cache
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from unlearning.data import MultiTaskDataset, dataset_key, load_splits
+
+from .settings import Settings
+from .tables import Tombstone
+
+_lock = threading.Lock()
+
+
+def dataset_spec(settings: Settings) -> dict:
+    """The dataset spec the settings describe (the one a first model is trained on).
+
+    Settings have no data root yet, so only the synthetic datasets are fully described.
+    """
+    if settings.dataset in ("indoor", "street"):
+        return {
+            "name": settings.dataset,
+            "n_train": settings.n_train,
+            "n_test": settings.n_test,
+            "height": settings.image_height,
+            "width": settings.image_width,
+            "seed": settings.seed,
+        }
+    return {"name": settings.dataset}
+
+
+@lru_cache(maxsize=8)
+def _load(spec_json: str) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+    return load_splits(json.loads(spec_json))
+
+
+def get_splits(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+    """``(train, test)`` for ``spec``, loaded once per process. The datasets are the
+    original ones (no erasure applied): callers apply tombstones with ``without``
+    and must not modify the returned objects."""
+    key = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    with _lock:  # one load per spec even when two requests race for it
+        return _load(key)
+
+
+def erased_cells(session: Session, spec: dict) -> dict[tuple[str, str], str]:
+    """Every tombstoned cell of ``spec``'s dataset -> the request that erased it."""
+    rows = session.execute(
+        select(Tombstone.instance_id, Tombstone.task, Tombstone.request_id).where(
+            Tombstone.dataset_key == dataset_key(spec)
+        )
+    )
+    return {(iid, task): rid for iid, task, rid in rows}

@@ -1,0 +1,136 @@
+"""Read-side queries of the record: deletion requests and audit events, filtered,
+with opaque keyset cursors (stable under concurrent inserts, no OFFSET scans)."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Generic, TypeVar
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from .errors import Invalid
+from .tables import AuditEvent, DeletionRequest
+
+T = TypeVar("T")
+MAX_LIMIT = 500
+
+
+@dataclass
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: str | None  # None on the last page
+
+
+def encode_cursor(*values) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(values), separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, n: int) -> list:
+    """The values packed into ``cursor``; :class:`Invalid` (422) for anything we did not write."""
+    try:
+        values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        values = None
+    if not isinstance(values, list) or len(values) != n:
+        raise Invalid("malformed cursor; pass back the next_cursor of a previous page", cursor=cursor)
+    return values
+
+
+def utc(at: datetime | None) -> datetime | None:
+    """A naive datetime is read as UTC."""
+    if at is not None and at.tzinfo is None:
+        return at.replace(tzinfo=timezone.utc)
+    return at
+
+
+def _check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise Invalid(f"limit must be between 1 and {MAX_LIMIT}", limit=limit)
+    return limit
+
+
+def list_requests(
+    session: Session,
+    *,
+    instance_id: str | None = None,
+    status: str | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page[DeletionRequest]:
+    """Deletion requests, newest first (``created_at``, then ``id``); ``since`` inclusive, ``until`` exclusive."""
+    limit = _check_limit(limit)
+    q = select(DeletionRequest)
+    if instance_id is not None:
+        q = q.where(DeletionRequest.instance_id == instance_id)
+    if status is not None:
+        q = q.where(DeletionRequest.status == status)
+    if model is not None:
+        q = q.where(DeletionRequest.model_name == model)
+    if since is not None:
+        q = q.where(DeletionRequest.created_at >= utc(since))
+    if until is not None:
+        q = q.where(DeletionRequest.created_at < utc(until))
+    if cursor is not None:
+        at, rid = decode_cursor(cursor, 2)
+        try:
+            at = utc(datetime.fromisoformat(at))
+        except (TypeError, ValueError):
+            raise Invalid("malformed cursor; pass back the next_cursor of a previous page", cursor=cursor) from None
+        q = q.where(
+            or_(
+                DeletionRequest.created_at < at,
+                and_(DeletionRequest.created_at == at, DeletionRequest.id < rid),
+            )
+        )
+    rows = session.execute(
+        q.order_by(DeletionRequest.created_at.desc(), DeletionRequest.id.desc()).limit(limit + 1)
+    ).scalars().all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(utc(rows[-1].created_at).isoformat(), rows[-1].id) if more else None
+    return Page(rows, next_cursor)
+
+
+def list_events(
+    session: Session,
+    *,
+    kind: str | None = None,
+    instance_id: str | None = None,
+    request_id: str | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+) -> Page[AuditEvent]:
+    """Audit events in chain order (``seq`` ascending); ``since`` inclusive, ``until`` exclusive."""
+    limit = _check_limit(limit)
+    q = select(AuditEvent)
+    if kind is not None:
+        q = q.where(AuditEvent.kind == kind)
+    if instance_id is not None:
+        q = q.where(AuditEvent.instance_id == instance_id)
+    if request_id is not None:
+        q = q.where(AuditEvent.request_id == request_id)
+    if model is not None:
+        q = q.where(AuditEvent.model_name == model)
+    if since is not None:
+        q = q.where(AuditEvent.at >= utc(since))
+    if until is not None:
+        q = q.where(AuditEvent.at < utc(until))
+    if cursor is not None:
+        (after,) = decode_cursor(cursor, 1)
+        if not isinstance(after, int):
+            raise Invalid("malformed cursor; pass back the next_cursor of a previous page", cursor=cursor)
+        q = q.where(AuditEvent.seq > after)
+    rows = session.execute(q.order_by(AuditEvent.seq).limit(limit + 1)).scalars().all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, encode_cursor(rows[-1].seq) if more else None)

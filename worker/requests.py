@@ -1,0 +1,301 @@
+"""The rules of a deletion request: what may be submitted, what a replay returns,
+when a certificate may be issued. Plain functions on a Session, called inside
+the caller's transaction; refusals are :mod:`worker.errors` exceptions and
+leave nothing written."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Literal, Sequence
+
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from unlearning.data import dataset_key
+
+from .audit import append_event
+from .datasets import erased_cells, get_splits
+from .errors import Conflict, Invalid, NotFound
+from .settings import Settings
+from .tables import AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, new_id, utcnow
+
+#: statuses of a request the worker has yet to finish; its cells are "pending"
+PENDING_STATUSES = ("received", "queued", "running")
+#: the outbox topic that asks a worker to process a model's queued work
+PROCESS_MODEL_TOPIC = "process_model"
+#: the audit event a worker writes when a request completes (the certificate points at it)
+COMPLETED_EVENT = "deletion.completed"
+
+
+@dataclass
+class Submission:
+    """The stored request and whether this call replayed an earlier one (same Idempotency-Key)."""
+
+    request: DeletionRequest
+    replayed: bool
+
+
+def request_fingerprint(model: str, instance_id: str, tasks: Sequence[str] | str, reason, subject_ref) -> str:
+    """sha256 of the request as submitted (defaults applied, task list sorted): what an Idempotency-Key binds."""
+    body = {
+        "model": model,
+        "instance_id": instance_id,
+        "tasks": tasks if isinstance(tasks, str) else sorted(set(tasks)),
+        "reason": reason,
+        "subject_ref": subject_ref,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def get_model(session: Session, name: str) -> Model:
+    model = session.get(Model, name)
+    if model is None:
+        known = session.execute(select(Model.name).order_by(Model.name)).scalars().all()
+        raise NotFound(f"no model named {name!r}", model=name, known_models=known)
+    return model
+
+
+def pending_cells(session: Session, model_name: str, instance_id: str) -> dict[tuple[str, str], str]:
+    """Cells of ``instance_id`` named by unfinished requests on ``model_name`` -> the request id."""
+    rows = session.execute(
+        select(DeletionRequest.id, DeletionRequest.tasks).where(
+            DeletionRequest.model_name == model_name,
+            DeletionRequest.instance_id == instance_id,
+            DeletionRequest.status.in_(PENDING_STATUSES),
+        )
+    )
+    return {(instance_id, task): rid for rid, tasks in rows for task in tasks}
+
+
+def _lock_model_submissions(session: Session, model_name: str) -> None:
+    """Serialise submissions per model so two racing requests cannot both claim a cell.
+    An advisory lock, not a row lock on ``models``: workers may hold that one for long."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"unlearnd-submit:{model_name}"})
+
+
+def resolve_cells(
+    session: Session, model: Model, instance_id: str, tasks: Sequence[str] | Literal["all"]
+) -> list[tuple[str, str]]:
+    """Validate a request against the model's dataset and the record; the cells it will erase.
+
+    An explicit task list must name tasks of the model (422), an instance of its
+    training data (422), and cells neither erased (tombstoned) nor pending in an
+    unfinished request (409 naming them). ``"all"`` means every cell of the
+    instance not yet erased or pending, so a full erasure after a partial one
+    is accepted; it is refused (409) only when nothing is left.
+    """
+    train, _ = get_splits(model.dataset)
+    model_tasks = [t for t in model.tasks if t in train.tasks]
+    if tasks != "all":
+        unknown = [t for t in tasks if t not in model_tasks]
+        if unknown:
+            raise Invalid(
+                f"unknown task(s) {unknown} for model {model.name!r}; its tasks are {model_tasks}",
+                unknown_tasks=unknown,
+                tasks=model_tasks,
+            )
+    try:
+        train.index_of(instance_id)
+    except KeyError:
+        raise Invalid(
+            f"instance {instance_id!r} is not in the training data of model {model.name!r}",
+            instance_id=instance_id,
+            model=model.name,
+        ) from None
+
+    wanted = [(instance_id, t) for t in (model_tasks if tasks == "all" else tasks)]
+    erased = erased_cells(session, model.dataset)
+    pending = pending_cells(session, model.name, instance_id)
+    if tasks == "all":
+        cells = [c for c in wanted if c not in erased and c not in pending]
+        if cells:
+            return cells
+    else:
+        cells = wanted
+        if not any(c in erased or c in pending for c in wanted):
+            return cells
+    clash = [
+        {"instance_id": iid, "task": t, "state": "erased", "request_id": erased[(iid, t)]}
+        if (iid, t) in erased
+        else {"instance_id": iid, "task": t, "state": "pending", "request_id": pending[(iid, t)]}
+        for iid, t in wanted
+        if (iid, t) in erased or (iid, t) in pending
+    ]
+    named = ", ".join(f"{c['task']} ({c['state']} by request {c['request_id']})" for c in clash)
+    raise Conflict(f"instance {instance_id!r}: cells already erased or pending: {named}", cells=clash)
+
+
+def submit_deletion(
+    session: Session,
+    settings: Settings,
+    *,
+    instance_id: str,
+    tasks: Sequence[str] | Literal["all"] = "all",
+    model: str | None = None,
+    reason: str | None = None,
+    subject_ref: str | None = None,
+    idempotency_key: str | None = None,
+) -> Submission:
+    """Accept a deletion request: validate it, then write the request (``queued``),
+    its ``deletion.received`` audit event and a ``process_model`` outbox row in the
+    caller's transaction. Nothing is enqueued here: the relay publishes the outbox
+    row after commit.
+
+    With an ``idempotency_key`` already used for the same body, the stored request
+    is returned (``replayed=True``) without any check or write; used for a
+    different body, :class:`Invalid` (422).
+    """
+    model_name = model or settings.model_name
+    if tasks != "all":
+        tasks = list(dict.fromkeys(tasks))  # drop repeats, keep order
+        if not tasks:
+            raise Invalid('tasks must name at least one task, or be "all"', tasks=tasks)
+    fingerprint = request_fingerprint(model_name, instance_id, tasks, reason, subject_ref)
+
+    if idempotency_key is not None:
+        earlier = _by_idempotency_key(session, idempotency_key, fingerprint)
+        if earlier is not None:
+            return Submission(earlier, replayed=True)
+
+    model_row = get_model(session, model_name)
+    _lock_model_submissions(session, model_name)
+    cells = resolve_cells(session, model_row, instance_id, tasks)
+
+    request = DeletionRequest(
+        id=new_id(),
+        model_name=model_name,
+        instance_id=instance_id,
+        tasks=[t for _, t in cells],
+        reason=reason,
+        subject_ref=subject_ref,
+        status="queued",
+        progress=0.0,
+        idempotency_key=idempotency_key,
+        request_hash=fingerprint,
+        created_at=utcnow(),
+        updated_at=utcnow(),
+    )
+    try:
+        with session.begin_nested():  # a racing twin with the same key loses here, not at commit
+            session.add(request)
+            session.flush()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        earlier = _by_idempotency_key(session, idempotency_key, fingerprint)
+        if earlier is None:
+            raise
+        return Submission(earlier, replayed=True)
+    # The audit log is append-only and cannot be erased: the free-text reason stays out of it.
+    append_event(
+        session,
+        "deletion.received",
+        model_name=model_name,
+        request_id=request.id,
+        instance_id=instance_id,
+        payload={"tasks": request.tasks, "requested_tasks": tasks, "subject_ref": subject_ref},
+    )
+    session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": model_name}, created_at=utcnow()))
+    session.flush()
+    return Submission(request, replayed=False)
+
+
+def _by_idempotency_key(session: Session, key: str, fingerprint: str) -> DeletionRequest | None:
+    earlier = session.execute(
+        select(DeletionRequest).where(DeletionRequest.idempotency_key == key)
+    ).scalar_one_or_none()
+    if earlier is not None and earlier.request_hash != fingerprint:
+        raise Invalid(
+            "this Idempotency-Key was already used with a different request body",
+            idempotency_key=key,
+            request_id=earlier.id,
+        )
+    return earlier
+
+
+def get_request(session: Session, request_id: str) -> DeletionRequest:
+    request = session.get(DeletionRequest, request_id)
+    if request is None:
+        raise NotFound(f"no deletion request {request_id!r}", request_id=request_id)
+    return request
+
+
+def deletion_certificate(session: Session, request_id: str) -> dict:
+    """The certificate of a completed request: what was removed from which model, how,
+    the versions before and after, the forgetting/interference metrics, and where
+    the audit chain records it. Includes ``certificate_sha256``: the sha256 of the
+    canonical JSON (sorted keys, no spaces) of every other field. 409 before completion."""
+    request = get_request(session, request_id)
+    if request.status != "completed":
+        raise Conflict(
+            f"request {request_id!r} is {request.status}; a certificate is issued only once it is completed",
+            request_id=request_id,
+            request_status=request.status,
+        )
+    job = session.get(Job, request.job_id) if request.job_id else None
+    version = None
+    if request.produced_version is not None:
+        version = session.execute(
+            select(ModelVersion).where(
+                ModelVersion.model_name == request.model_name, ModelVersion.version == request.produced_version
+            )
+        ).scalar_one_or_none()
+    metrics = request.metrics or (job.metrics if job else None) or (version.metrics if version else None) or {}
+
+    events = select(AuditEvent).where(AuditEvent.request_id == request.id)
+    completion = session.execute(
+        events.where(AuditEvent.kind == COMPLETED_EVENT).order_by(AuditEvent.seq.desc()).limit(1)
+    ).scalar_one_or_none() or session.execute(events.order_by(AuditEvent.seq.desc()).limit(1)).scalar_one_or_none()
+    head = session.execute(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1)).scalar_one_or_none()
+    model = session.get(Model, request.model_name)
+
+    body = {
+        "request_id": request.id,
+        "subject_ref": request.subject_ref,
+        "model": request.model_name,
+        "dataset_key": dataset_key(model.dataset) if model else None,
+        "removed": {
+            "instance_id": request.instance_id,
+            "tasks": list(request.tasks),
+            "cells": [[request.instance_id, t] for t in request.tasks],
+        },
+        "method": job.method if job else metrics.get("method"),
+        "job_id": request.job_id,
+        "version_before": request.base_version if request.base_version is not None else (job.base_version if job else None),
+        "version_after": request.produced_version,
+        "version_after_sha256": version.sha256 if version else None,
+        "uis": metrics.get("uis"),
+        "uis_task": metrics.get("uis_task"),
+        "uis_inst": metrics.get("uis_inst"),
+        "mia_auc": metrics.get("mia_auc"),
+        "mia_auc_original": metrics.get("mia_auc_original"),
+        "received_at": _iso(request.created_at),
+        "completed_at": _iso(request.completed_at),
+        "audit": {
+            "completion_event": {"seq": completion.seq, "kind": completion.kind, "hash": completion.hash}
+            if completion
+            else None,
+            "chain_head": {"seq": head.seq, "hash": head.hash} if head else None,
+        },
+        "issued_at": _iso(utcnow()),
+    }
+    body["certificate_sha256"] = certificate_hash(body)
+    return body
+
+
+def certificate_hash(body: dict) -> str:
+    """sha256 of a certificate's canonical JSON, without its own ``certificate_sha256`` field."""
+    rest = {k: v for k, v in body.items() if k != "certificate_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def _iso(at: datetime | None) -> str | None:
+    if at is None:
+        return None
+    if at.tzinfo is None:  # SQLite hands back naive datetimes; they were written as UTC
+        at = at.replace(tzinfo=timezone.utc)
+    return at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")

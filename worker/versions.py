@@ -1,0 +1,220 @@
+"""The rules of model versions: lineage, the serving alias and rollback.
+
+A rollback may not bring erased data back into service: the target version
+must contain every erasure recorded since (every tombstone of the model's
+dataset must be among the target's ``erased_cells``). Otherwise it is refused,
+or, when asked to, a ``reapply`` job re-erases those cells on top of the target
+and publishes a new version."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from unlearning.data import dataset_key
+
+from .audit import append_event
+from .errors import Conflict, NotFound
+from .requests import PROCESS_MODEL_TOPIC, get_model
+from .settings import Settings
+from .tables import Alias, AliasHistory, Job, Model, ModelVersion, OutboxMessage, Tombstone, new_id, utcnow
+
+SERVING = "serving"
+ACTIVE_JOB_STATUSES = ("queued", "running")
+
+
+@dataclass
+class ModelSummary:
+    model: Model
+    serving_version: int | None
+    versions: int
+    latest_version: int | None
+
+
+@dataclass
+class RollbackOutcome:
+    """``noop``: already serving; ``moved``: the alias now points at the target;
+    ``reapply``: a job was queued that will publish a new version."""
+
+    action: Literal["noop", "moved", "reapply"]
+    model_name: str
+    from_version: int | None
+    to_version: int
+    job: Job | None = None
+
+
+def as_cell(value) -> tuple[str, str]:
+    """A cell as stored in JSON: ``[instance, task]`` or ``{"instance_id", "task"}``."""
+    if isinstance(value, dict):
+        return value["instance_id"], value["task"]
+    iid, task = value
+    return iid, task
+
+
+def serving_version(session: Session, model_name: str, lock: bool = False) -> int | None:
+    q = select(Alias).where(Alias.model_name == model_name, Alias.alias == SERVING)
+    alias = session.execute(q.with_for_update() if lock else q).scalar_one_or_none()
+    return alias.version if alias else None
+
+
+def list_models(session: Session) -> list[ModelSummary]:
+    stats = {
+        name: (n, latest)
+        for name, n, latest in session.execute(
+            select(ModelVersion.model_name, func.count(), func.max(ModelVersion.version)).group_by(
+                ModelVersion.model_name
+            )
+        )
+    }
+    serving = dict(
+        session.execute(select(Alias.model_name, Alias.version).where(Alias.alias == SERVING)).tuples().all()
+    )
+    return [
+        ModelSummary(m, serving.get(m.name), *stats.get(m.name, (0, None)))
+        for m in session.execute(select(Model).order_by(Model.name)).scalars()
+    ]
+
+
+def list_versions(session: Session, model_name: str) -> list[ModelVersion]:
+    get_model(session, model_name)
+    return list(
+        session.execute(
+            select(ModelVersion).where(ModelVersion.model_name == model_name).order_by(ModelVersion.version)
+        ).scalars()
+    )
+
+
+def get_version(session: Session, model_name: str, version: int) -> ModelVersion:
+    get_model(session, model_name)
+    row = session.execute(
+        select(ModelVersion).where(ModelVersion.model_name == model_name, ModelVersion.version == version)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"model {model_name!r} has no version {version}", model=model_name, version=version)
+    return row
+
+
+def ancestors(session: Session, row: ModelVersion) -> list[ModelVersion]:
+    """The parents of ``row``, nearest first, up to the first version."""
+    by_version = {
+        v.version: v
+        for v in session.execute(select(ModelVersion).where(ModelVersion.model_name == row.model_name)).scalars()
+    }
+    chain, seen, parent = [], {row.version}, row.parent_version
+    while parent is not None and parent in by_version and parent not in seen:  # guard against a cycle
+        seen.add(parent)
+        chain.append(by_version[parent])
+        parent = by_version[parent].parent_version
+    return chain
+
+
+def missing_erasures(session: Session, model: Model, target: ModelVersion) -> list[dict]:
+    """Erasures recorded for the model's dataset that ``target`` does not contain,
+    grouped by request: ``[{"request_id", "instance_id", "tasks"}]``."""
+    have = {as_cell(c) for c in (target.erased_cells or [])}
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for t in session.execute(
+        select(Tombstone).where(Tombstone.dataset_key == dataset_key(model.dataset)).order_by(Tombstone.id)
+    ).scalars():
+        if (t.instance_id, t.task) not in have:
+            grouped.setdefault((t.request_id, t.instance_id), []).append(t.task)
+    return [{"request_id": rid, "instance_id": iid, "tasks": tasks} for (rid, iid), tasks in grouped.items()]
+
+
+def rollback(
+    session: Session, settings: Settings, model_name: str, version: int, reapply_erasures: bool = False
+) -> RollbackOutcome:
+    """Point the serving alias of ``model_name`` at ``version``, in the caller's transaction.
+
+    - already serving: no-op;
+    - the target contains every erasure recorded since: move the alias, write
+      AliasHistory (reason ``rollback``) and a ``model.rollback`` audit event;
+    - erasures are missing: :class:`Conflict` naming them, unless
+      ``reapply_erasures``: then a ``reapply`` job (status ``queued``, based on the
+      target, ``params = {"cells": [[instance, task], ...], "request_ids": [...]}``),
+      a ``model.rollback_requested`` audit event and a ``process_model`` outbox row.
+      The alias moves when that job publishes its version.
+    """
+    model = get_model(session, model_name)
+    target = get_version(session, model_name, version)
+    current = serving_version(session, model_name, lock=True)
+    if current == version:
+        return RollbackOutcome("noop", model_name, current, version)
+
+    missing = missing_erasures(session, model, target)
+    if missing and not reapply_erasures:
+        named = "; ".join(f"{m['instance_id']} {m['tasks']} (request {m['request_id']})" for m in missing)
+        raise Conflict(
+            f"version {version} of {model_name!r} still contains data erased since: {named}. "
+            "Pass reapply_erasures=true to erase it again on top of that version.",
+            model=model_name,
+            version=version,
+            erasures=missing,
+        )
+    if missing:
+        active = session.execute(
+            select(Job.id).where(
+                Job.model_name == model_name, Job.kind == "reapply", Job.status.in_(ACTIVE_JOB_STATUSES)
+            )
+        ).scalars().first()
+        if active:
+            raise Conflict(
+                f"a reapply job for {model_name!r} is already under way: {active}", model=model_name, job_id=active
+            )
+        cells = [[m["instance_id"], t] for m in missing for t in m["tasks"]]
+        request_ids = list(dict.fromkeys(m["request_id"] for m in missing))
+        job = Job(
+            id=new_id(),
+            model_name=model_name,
+            kind="reapply",
+            status="queued",
+            method=settings.method,
+            base_version=version,
+            progress=0.0,
+            attempts=0,
+            params={"cells": cells, "request_ids": request_ids},
+            created_at=utcnow(),
+        )
+        session.add(job)
+        session.flush()
+        append_event(
+            session,
+            "model.rollback_requested",
+            model_name=model_name,
+            payload={
+                "from_version": current,
+                "to_version": version,
+                "job_id": job.id,
+                "reapply_cells": cells,
+                "request_ids": request_ids,
+            },
+        )
+        session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": model_name}, created_at=utcnow()))
+        session.flush()
+        return RollbackOutcome("reapply", model_name, current, version, job)
+
+    alias = session.get(Alias, (model_name, SERVING))
+    if alias is None:
+        session.add(Alias(model_name=model_name, alias=SERVING, version=version, updated_at=utcnow()))
+    else:
+        alias.version = version
+        alias.updated_at = utcnow()
+    session.add(
+        AliasHistory(
+            model_name=model_name, alias=SERVING, from_version=current, to_version=version, reason="rollback", at=utcnow()
+        )
+    )
+    append_event(
+        session, "model.rollback", model_name=model_name, payload={"from_version": current, "to_version": version}
+    )
+    session.flush()
+    return RollbackOutcome("moved", model_name, current, version)
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id!r}", job_id=job_id)
+    return job
