@@ -1,0 +1,1 @@
+"""The HTTP side of the service: thin FastAPI routes over the rules in ``worker``."""

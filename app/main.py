@@ -1,0 +1,69 @@
+"""The API process: ``create_app(settings)`` builds the FastAPI app.
+
+Run with ``unlearnd serve`` (which migrates first) or
+``uvicorn app.main:create_app --factory``.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from worker.db import engine_for
+from worker.settings import Settings, get_settings
+from sqlalchemy.orm import sessionmaker
+
+from .metrics import HttpMetricsMiddleware, build_registry
+from .problems import install_problem_handlers
+from .routes import audit, deletions, health, jobs, models
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Deletion requests for multi-task vision models: accept a request,
+unlearn it in the background, prove it (audit chain, certificates), manage
+versions. Errors are RFC 9457 problem documents (`application/problem+json`)."""
+
+
+def _start_background(settings: Settings):
+    try:
+        from worker.background import start_background
+    except ImportError as exc:
+        log.error(
+            "background work is on (settings.background) but worker.background is not importable (%s): "
+            "no outbox relay and no in-process worker run in this process",
+            exc,
+        )
+        return None
+    return start_background(settings)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API over the database at ``settings.database_url`` (default: the environment's settings).
+
+    With ``settings.background`` the outbox relay (and, without a broker, an
+    in-process worker) runs in this process between startup and shutdown.
+    Migrations are not run here: ``unlearnd serve`` / ``worker.migrate`` do that.
+    """
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stop = _start_background(settings) if settings.background else None
+        try:
+            yield
+        finally:
+            if stop is not None:
+                stop()
+
+    app = FastAPI(title="unlearnd", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs")
+    app.state.settings = settings
+    app.state.engine = engine_for(settings.database_url)
+    app.state.sessions = sessionmaker(app.state.engine, expire_on_commit=False)
+    app.state.registry, http_metrics = build_registry(app.state.sessions)
+
+    install_problem_handlers(app)
+    app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
+    for module in (deletions, audit, models, jobs, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,188 @@
+"""Prometheus metrics.
+
+HTTP counts and latency are this process's own (route templates, not raw paths,
+so ids do not explode the label space). Everything about the work itself is
+read from the database at scrape time by :class:`RecordCollector`, so the
+numbers are right whichever process (API, Celery worker) did the work.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timezone
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion
+
+log = logging.getLogger(__name__)
+
+REQUEST_STATUSES = ("received", "queued", "running", "completed", "failed", "rejected")
+JOB_STATUSES = ("queued", "running", "completed", "failed")
+JOB_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class RecordCollector(Collector):
+    """Counts and gauges computed from the compliance record on every scrape."""
+
+    def __init__(self, sessions: sessionmaker[Session]):
+        self.sessions = sessions
+
+    def collect(self):
+        up = GaugeMetricFamily("unlearnd_record_up", "1 when the database answered this scrape")
+        try:
+            with self.sessions() as session, session.begin():
+                families = list(self._families(session))
+        except Exception:  # a scrape must not fail because the database is down
+            log.warning("metrics: reading the record failed", exc_info=True)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _families(self, session: Session):
+        by_status = dict(
+            session.execute(select(DeletionRequest.status, func.count()).group_by(DeletionRequest.status)).tuples()
+        )
+        requests = GaugeMetricFamily("unlearnd_deletion_requests", "Deletion requests by status", labels=["status"])
+        for status in sorted(set(REQUEST_STATUSES) | set(by_status)):
+            requests.add_metric([status], by_status.get(status, 0))
+        yield requests
+        received = CounterMetricFamily("unlearnd_deletion_requests_received", "Deletion requests accepted, ever")
+        received.add_metric([], sum(by_status.values()))
+        yield received
+
+        jobs_by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples())
+        jobs = GaugeMetricFamily("unlearnd_jobs", "Unlearning jobs by status", labels=["status"])
+        for status in sorted(set(JOB_STATUSES) | set(jobs_by_status)):
+            jobs.add_metric([status], jobs_by_status.get(status, 0))
+        yield jobs
+
+        models = session.execute(select(Model.name).order_by(Model.name)).scalars().all()
+        queued = dict(
+            session.execute(
+                select(DeletionRequest.model_name, func.count())
+                .where(DeletionRequest.status == "queued")
+                .group_by(DeletionRequest.model_name)
+            ).tuples()
+        )
+        depth = GaugeMetricFamily("unlearnd_queue_depth", "Deletion requests queued, per model", labels=["model"])
+        for name in sorted(set(models) | set(queued)):
+            depth.add_metric([name], queued.get(name, 0))
+        yield depth
+
+        yield self._job_durations(session)
+
+        serving = {
+            (v.model_name): v
+            for v in session.execute(
+                select(ModelVersion).join(
+                    Alias,
+                    (Alias.model_name == ModelVersion.model_name)
+                    & (Alias.version == ModelVersion.version)
+                    & (Alias.alias == "serving"),
+                )
+            ).scalars()
+        }
+        version = GaugeMetricFamily("unlearnd_model_serving_version", "Version the serving alias points at", labels=["model"])
+        gauges = {
+            key: GaugeMetricFamily(f"unlearnd_model_{key}", help_, labels=["model"])
+            for key, help_ in (
+                ("uis", "UIS (%) of the serving version's last unlearning step"),
+                ("uis_task", "Task-level UIS (%) of the serving version"),
+                ("uis_inst", "Instance-level UIS (%) of the serving version"),
+                ("mia_auc", "Membership-inference AUC on the forgotten cells, serving version"),
+                ("mia_auc_original", "The same attack against the version before unlearning"),
+            )
+        }
+        for name, v in sorted(serving.items()):
+            version.add_metric([name], v.version)
+            for key, family in gauges.items():
+                value = (v.metrics or {}).get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    family.add_metric([name], float(value))
+        yield version
+        yield from gauges.values()
+
+    def _job_durations(self, session: Session) -> HistogramMetricFamily:
+        rows = session.execute(
+            select(Job.kind, Job.started_at, Job.finished_at).where(
+                Job.started_at.is_not(None), Job.finished_at.is_not(None)
+            )
+        ).all()
+        per_kind: dict[str, list[float]] = {}
+        for kind, started, finished in rows:
+            started, finished = _aware(started), _aware(finished)
+            per_kind.setdefault(kind, []).append(max(0.0, (finished - started).total_seconds()))
+        family = HistogramMetricFamily(
+            "unlearnd_job_duration_seconds", "Duration of finished jobs (started to finished)", labels=["kind"]
+        )
+        for kind, durations in sorted(per_kind.items()):
+            buckets = [(str(b), sum(d <= b for d in durations)) for b in JOB_DURATION_BUCKETS]
+            buckets.append(("+Inf", len(durations)))
+            family.add_metric([kind], buckets, sum(durations))
+        return family
+
+
+def _aware(at):
+    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at
+
+
+class HttpMetrics:
+    """Per-app registry (so several apps in one process, as in tests, do not collide)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter(
+            "unlearnd_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "unlearnd_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+
+class HttpMetricsMiddleware:
+    """Counts requests and observes latency by route template (``/deletions/{request_id}``);
+    paths that match no route count as ``<unmatched>``."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "<unmatched>"
+            self.metrics.requests.labels(scope["method"], template, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - start)
+
+
+def build_registry(sessions: sessionmaker[Session]) -> tuple[CollectorRegistry, HttpMetrics]:
+    registry = CollectorRegistry()
+    registry.register(RecordCollector(sessions))
+    return registry, HttpMetrics(registry)

@@ -1,0 +1,72 @@
+"""Every error as an RFC 9457 problem document (``application/problem+json``):
+``type``, ``title``, ``status``, ``detail``, ``instance`` and extras that name
+what was wrong. Covers the rule functions' refusals, FastAPI's validation
+errors, unknown routes and unexpected failures."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+#: problem types are URIs under this base (documentation pages, one per slug)
+TYPE_BASE = "https://unlearnd.dev/problems/"
+
+
+def problem(
+    request: Request, status: int, title: str, detail: str, slug: str, headers: dict | None = None, **extras
+) -> JSONResponse:
+    body = {
+        "type": TYPE_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        **jsonable_encoder(extras),
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    return problem(request, exc.status, exc.title, exc.detail, exc.slug, **exc.extras)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()
+    ]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return problem(request, 400, "Malformed JSON", "the request body is not valid JSON", "malformed-json", errors=errors)
+    detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+    return problem(request, 422, "Validation failed", detail, "validation-error", errors=errors)
+
+
+_HTTP_SLUGS = {404: ("Not found", "not-found"), 405: ("Method not allowed", "method-not-allowed")}
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    title, slug = _HTTP_SLUGS.get(exc.status_code, ("HTTP error", f"http-{exc.status_code}"))
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no route matches {request.method} {request.url.path}"
+    return problem(request, exc.status_code, title, detail, slug, headers=getattr(exc, "headers", None))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(request, 500, "Internal error", "the server failed to handle this request", "internal-error")
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,1 @@
+"""One router per resource; handlers validate and delegate to ``worker``'s rule functions."""

@@ -1,0 +1,55 @@
+"""The audit log: queries and chain verification."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from worker.audit import verify_chain
+from worker.queries import list_events
+
+from ..deps import SessionDep
+from ..schemas import AuditEventOut, AuditPage, ChainReport
+
+router = APIRouter(prefix="/audit", tags=["audit"])
+
+
+@router.get("/events", response_model=AuditPage)
+def read_events(
+    session: SessionDep,
+    kind: str | None = None,
+    instance_id: str | None = None,
+    request_id: str | None = None,
+    model: str | None = None,
+    since: Annotated[datetime | None, Query(description="at or after (naive = UTC)")] = None,
+    until: Annotated[datetime | None, Query(description="before (naive = UTC)")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> AuditPage:
+    """Audit events in chain order (``seq`` ascending), filtered; pages follow ``next_cursor``."""
+    with session.begin():
+        page = list_events(
+            session,
+            kind=kind,
+            instance_id=instance_id,
+            request_id=request_id,
+            model=model,
+            since=since,
+            until=until,
+            limit=limit,
+            cursor=cursor,
+        )
+        return AuditPage(
+            items=[AuditEventOut.model_validate(e, from_attributes=True) for e in page.items],
+            next_cursor=page.next_cursor,
+        )
+
+
+@router.get("/verify", response_model=ChainReport)
+def verify(session: SessionDep) -> ChainReport:
+    """Recompute the hash chain. Always 200 when the check ran: read ``ok``; on a
+    broken chain ``first_bad_seq`` names the first event that does not verify and
+    ``reason`` says why (changed contents, broken link, gap)."""
+    with session.begin():
+        return ChainReport(**verify_chain(session))

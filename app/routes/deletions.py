@@ -1,0 +1,81 @@
+"""Deletion requests: submit, inspect, list, certify."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import JSONResponse
+
+from worker.queries import list_requests
+from worker.requests import deletion_certificate, get_request, submit_deletion
+
+from ..deps import SessionDep, SettingsDep
+from ..schemas import DeletionAccepted, DeletionCreate, DeletionOut, DeletionPage, deletion_accepted, deletion_out
+
+router = APIRouter(prefix="/deletions", tags=["deletions"])
+
+
+@router.post("", status_code=202, response_model=DeletionAccepted)
+def create_deletion(
+    body: DeletionCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
+) -> DeletionAccepted:
+    """Accept a deletion request (202, ``Location`` = the request's URL).
+
+    Unknown model: 404. Unknown task or instance: 422. Cells already erased or
+    pending in another request: 409 naming them. Same ``Idempotency-Key`` and
+    body: the first answer again; same key, other body: 422.
+    """
+    with session.begin():
+        submission = submit_deletion(session, settings, **body.model_dump(), idempotency_key=idempotency_key)
+    response.headers["Location"] = f"/deletions/{submission.request.id}"
+    if submission.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return deletion_accepted(submission.request)
+
+
+@router.get("", response_model=DeletionPage)
+def list_deletions(
+    session: SessionDep,
+    instance_id: str | None = None,
+    status: str | None = None,
+    model: str | None = None,
+    since: Annotated[datetime | None, Query(description="created at or after (naive = UTC)")] = None,
+    until: Annotated[datetime | None, Query(description="created before (naive = UTC)")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> DeletionPage:
+    """Deletion requests, newest first, filtered; pages follow ``next_cursor``."""
+    with session.begin():
+        page = list_requests(
+            session,
+            instance_id=instance_id,
+            status=status,
+            model=model,
+            since=since,
+            until=until,
+            limit=limit,
+            cursor=cursor,
+        )
+        return DeletionPage(items=[deletion_out(r) for r in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{request_id}", response_model=DeletionOut)
+def read_deletion(request_id: str, session: SessionDep) -> DeletionOut:
+    with session.begin():
+        return deletion_out(get_request(session, request_id))
+
+
+@router.get("/{request_id}/certificate")
+def read_certificate(request_id: str, session: SessionDep) -> JSONResponse:
+    """The deletion certificate of a completed request (409 before that).
+
+    ``certificate_sha256`` is the sha256 of the canonical JSON (sorted keys,
+    separators ``,`` and ``:``) of every other field of the body.
+    """
+    with session.begin():
+        return JSONResponse(deletion_certificate(session, request_id))

@@ -1,0 +1,51 @@
+"""Liveness, readiness and the Prometheus endpoint."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from worker.migrate import current_revision, head_revision
+
+from ..problems import problem
+from ..schemas import Health
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """The process is up (no dependency is checked)."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"description": "database unreachable or not migrated"}})
+def readyz(request: Request):
+    """Ready when the database answers and is at the head migration; 503 problem otherwise."""
+    engine = request.app.state.engine
+    head = head_revision()
+    try:
+        with engine.connect() as connection:
+            revision = current_revision(connection)
+    except Exception as exc:
+        log.warning("readyz: database unreachable: %s", exc)
+        return problem(request, 503, "Not ready", "the database is unreachable", "not-ready", reason="database")
+    if revision != head:
+        return problem(
+            request,
+            503,
+            "Not ready",
+            f"the database is at revision {revision}, not {head}; run `unlearnd migrate`",
+            "not-ready",
+            reason="migrations",
+            revision=revision,
+            head=head,
+        )
+    return Health(status="ready", revision=revision)
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,75 @@
+"""Models and their versions: list, inspect with lineage, roll back."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from unlearning.data import dataset_key
+from worker.versions import ancestors, get_version, list_models, list_versions, rollback, serving_version
+
+from ..deps import SessionDep, SettingsDep
+from ..schemas import ModelOut, RollbackIn, RollbackOut, VersionDetail, VersionOut, job_out, version_out
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.get("", response_model=list[ModelOut])
+def read_models(session: SessionDep) -> list[ModelOut]:
+    with session.begin():
+        return [
+            ModelOut(
+                name=s.model.name,
+                dataset=s.model.dataset,
+                dataset_key=dataset_key(s.model.dataset),
+                tasks=s.model.tasks,
+                serving_version=s.serving_version,
+                latest_version=s.latest_version,
+                versions=s.versions,
+                created_at=s.model.created_at,
+            )
+            for s in list_models(session)
+        ]
+
+
+@router.get("/{name}/versions", response_model=list[VersionOut])
+def read_versions(name: str, session: SessionDep) -> list[VersionOut]:
+    with session.begin():
+        rows = list_versions(session, name)
+        serving = serving_version(session, name)
+        return [version_out(v, serving) for v in rows]
+
+
+@router.get("/{name}/versions/{version}", response_model=VersionDetail)
+def read_version(name: str, version: int, session: SessionDep) -> VersionDetail:
+    """One version with its lineage: parent, deletions applied, erased cells, metrics, artifact, ancestors."""
+    with session.begin():
+        row = get_version(session, name, version)
+        serving = serving_version(session, name)
+        return VersionDetail(
+            **version_out(row, serving).model_dump(),
+            ancestors=[version_out(a, serving) for a in ancestors(session, row)],
+        )
+
+
+@router.post(
+    "/{name}/rollback",
+    response_model=RollbackOut,
+    responses={202: {"model": RollbackOut, "description": "a reapply job was queued; it publishes a new version"}},
+)
+def post_rollback(name: str, body: RollbackIn, session: SessionDep, settings: SettingsDep) -> JSONResponse:
+    """Serve an earlier version. 200 when the alias moved (or already pointed there);
+    409 naming the erasures the target still contains, unless ``reapply_erasures``:
+    then 202 with the queued reapply job."""
+    with session.begin():
+        outcome = rollback(session, settings, name, body.version, body.reapply_erasures)
+        out = RollbackOut(
+            action=outcome.action,
+            model=outcome.model_name,
+            from_version=outcome.from_version,
+            to_version=outcome.to_version,
+            serving_version=serving_version(session, name),
+            job=job_out(outcome.job) if outcome.job else None,
+        )
+    status = 202 if outcome.action == "reapply" else 200
+    headers = {"Location": f"/jobs/{outcome.job.id}"} if outcome.job else None
+    return JSONResponse(out.model_dump(mode="json"), status_code=status, headers=headers)

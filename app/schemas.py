@@ -1,0 +1,248 @@
+"""The HTTP contract: request bodies and response documents."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _utc(at: datetime) -> datetime:
+    # SQLite hands back naive datetimes; they were written as UTC
+    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
+RequestStatus = Literal["received", "queued", "running", "completed", "failed", "rejected"]
+
+
+class DeletionCreate(BaseModel):
+    """A request to erase an instance from a model: every task (``"all"``) or the tasks named."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instance_id: str = Field(min_length=1, max_length=200)
+    tasks: list[Annotated[str, Field(min_length=1, max_length=50)]] | Literal["all"] = Field(
+        "all", description='task names, or "all" for every task not yet erased or pending'
+    )
+    model: str | None = Field(None, min_length=1, max_length=100, description="default: the service's model")
+    reason: str | None = Field(None, max_length=2000)
+    subject_ref: str | None = Field(None, max_length=200, description="the requester's reference (ticket, subject id)")
+
+
+class Links(BaseModel):
+    self: str
+    certificate: str
+
+
+class DeletionAccepted(BaseModel):
+    """The answer to an accepted request; replayed byte for byte for the same Idempotency-Key."""
+
+    id: str
+    status: Literal["queued"] = "queued"
+    model: str
+    instance_id: str
+    tasks: list[str]
+    reason: str | None
+    subject_ref: str | None
+    created_at: UTCDateTime
+    links: Links
+
+
+class DeletionOut(BaseModel):
+    id: str
+    status: RequestStatus | str
+    model: str
+    instance_id: str
+    tasks: list[str]
+    reason: str | None
+    subject_ref: str | None
+    progress: float
+    job_id: str | None
+    base_version: int | None
+    produced_version: int | None
+    metrics: dict[str, Any] | None
+    error: str | None
+    created_at: UTCDateTime
+    updated_at: UTCDateTime
+    completed_at: UTCDateTime | None
+    links: Links
+
+
+class DeletionPage(BaseModel):
+    items: list[DeletionOut]
+    next_cursor: str | None
+
+
+class AuditEventOut(BaseModel):
+    seq: int
+    at: UTCDateTime
+    kind: str
+    model_name: str | None
+    request_id: str | None
+    instance_id: str | None
+    payload: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEventOut]
+    next_cursor: str | None
+
+
+class ChainReport(BaseModel):
+    ok: bool
+    events: int = Field(description="events read (up to and including the first bad one)")
+    first_bad_seq: int | None
+    reason: str | None
+
+
+class ModelOut(BaseModel):
+    name: str
+    dataset: dict[str, Any]
+    dataset_key: str
+    tasks: list[str]
+    serving_version: int | None
+    latest_version: int | None
+    versions: int
+    created_at: UTCDateTime
+
+
+class VersionOut(BaseModel):
+    model: str
+    version: int
+    parent_version: int | None
+    job_id: str | None
+    sha256: str
+    artifact_uri: str
+    deletions: list[Any] = Field(description="ids of the requests applied in this step")
+    erased_cells: list[Any] = Field(description="every cell erased in this version's lineage")
+    metrics: dict[str, Any] | None
+    note: str | None
+    serving: bool
+    created_at: UTCDateTime
+
+
+class VersionDetail(VersionOut):
+    ancestors: list[VersionOut] = Field(description="parent first, back to the first version")
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+    reapply_erasures: bool = Field(
+        False, description="when the target lacks erasures recorded since, erase them again on top of it (a new version)"
+    )
+
+
+class JobOut(BaseModel):
+    id: str
+    model: str
+    kind: str
+    status: str
+    method: str
+    base_version: int
+    produced_version: int | None
+    progress: float
+    attempts: int
+    error: str | None
+    metrics: dict[str, Any] | None
+    params: dict[str, Any] | None
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    heartbeat_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+
+
+class RollbackOut(BaseModel):
+    action: Literal["noop", "moved", "reapply"]
+    model: str
+    from_version: int | None
+    to_version: int
+    serving_version: int | None
+    job: JobOut | None = None
+
+
+class Health(BaseModel):
+    status: str
+    revision: str | None = None
+
+
+def links_for(request_id: str) -> Links:
+    return Links(self=f"/deletions/{request_id}", certificate=f"/deletions/{request_id}/certificate")
+
+
+def deletion_out(r) -> DeletionOut:
+    return DeletionOut(
+        id=r.id,
+        status=r.status,
+        model=r.model_name,
+        instance_id=r.instance_id,
+        tasks=r.tasks,
+        reason=r.reason,
+        subject_ref=r.subject_ref,
+        progress=r.progress,
+        job_id=r.job_id,
+        base_version=r.base_version,
+        produced_version=r.produced_version,
+        metrics=r.metrics,
+        error=r.error,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+        completed_at=r.completed_at,
+        links=links_for(r.id),
+    )
+
+
+def deletion_accepted(r) -> DeletionAccepted:
+    """Built from fields that never change, so a replay is identical to the first answer."""
+    return DeletionAccepted(
+        id=r.id,
+        model=r.model_name,
+        instance_id=r.instance_id,
+        tasks=r.tasks,
+        reason=r.reason,
+        subject_ref=r.subject_ref,
+        created_at=r.created_at,
+        links=links_for(r.id),
+    )
+
+
+def version_out(v, serving: int | None) -> VersionOut:
+    return VersionOut(
+        model=v.model_name,
+        version=v.version,
+        parent_version=v.parent_version,
+        job_id=v.job_id,
+        sha256=v.sha256,
+        artifact_uri=v.artifact_uri,
+        deletions=v.deletions or [],
+        erased_cells=v.erased_cells or [],
+        metrics=v.metrics,
+        note=v.note,
+        serving=v.version == serving,
+        created_at=v.created_at,
+    )
+
+
+def job_out(j) -> JobOut:
+    return JobOut(
+        id=j.id,
+        model=j.model_name,
+        kind=j.kind,
+        status=j.status,
+        method=j.method,
+        base_version=j.base_version,
+        produced_version=j.produced_version,
+        progress=j.progress,
+        attempts=j.attempts,
+        error=j.error,
+        metrics=j.metrics,
+        params=j.params,
+        created_at=j.created_at,
+        started_at=j.started_at,
+        heartbeat_at=j.heartbeat_at,
+        finished_at=j.finished_at,
+    )
