@@ -1,0 +1,138 @@
+"""``unlearnd``: run the service, a worker, migrations, training or the benchmark.
+
+Configuration comes from ``UNLEARND_*`` environment variables (see README);
+with none set, ``unlearnd serve`` runs everything in one process: SQLite under
+``var/``, model versions under ``var/models``, an in-process worker.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EPILOG = """examples:
+  unlearnd serve                      # migrate, train the first model if needed, serve on 127.0.0.1:8000
+  unlearnd serve --port 9000
+  UNLEARND_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1/unlearnd \\
+  UNLEARND_BROKER_URL=redis://127.0.0.1:6379/0 unlearnd worker
+  unlearnd migrate
+  unlearnd train --dataset indoor --epochs 30 --out runs/indoor
+  unlearnd bench --help
+"""
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args) -> int:
+    """Migrate the database, make sure the model has a first version, serve the API."""
+    import uvicorn
+
+    from model_store import store_for
+    from worker.bootstrap import ensure_model
+    from worker.migrate import upgrade_database
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    upgrade_database(settings.database_url)
+    version = ensure_model(settings, store_for(settings.store_dir), progress=not args.no_progress)
+    logging.getLogger("unlearnd").info(
+        "model %s serving version %s; API on http://%s:%s (docs at /docs)", settings.model_name, version, host, port
+    )
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    """Run a Celery worker (needs UNLEARND_BROKER_URL)."""
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    if not settings.broker_url:
+        print("unlearnd worker needs a broker: set UNLEARND_BROKER_URL (e.g. redis://127.0.0.1:6379/0).\n"
+              "Without one, `unlearnd serve` runs jobs in-process.", file=sys.stderr)
+        return 2
+    from worker.celery_app import app
+
+    argv = ["worker", "--loglevel", args.loglevel, "--prefetch-multiplier", "1", "--concurrency", str(args.concurrency)]
+    app.worker_main(argv + list(args.celery_args))
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    """Migrate the database at UNLEARND_DATABASE_URL to the newest schema."""
+    from worker.migrate import upgrade_database
+    from worker.settings import get_settings
+
+    head = upgrade_database(get_settings().database_url)
+    print(f"database at revision {head}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from unlearning.train import main as train_main
+
+    return train_main(list(args.rest)) or 0
+
+
+def cmd_bench(args) -> int:
+    try:
+        from unlearning.bench import main as bench_main
+    except ImportError as exc:
+        print(f"the benchmark is not available: {exc}", file=sys.stderr)
+        return 2
+    return bench_main(list(args.rest)) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unlearnd",
+        description="Deletion requests for multi-task vision models: interference-aware unlearning behind a "
+        "compliance API. Configure with UNLEARND_* environment variables.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="migrate, train the first model if needed, serve the API",
+                       description=cmd_serve.__doc__)
+    p.add_argument("--host", help="bind address (default: UNLEARND_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: UNLEARND_PORT or 8000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while training the first model")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker (needs UNLEARND_BROKER_URL)",
+                       description=cmd_worker.__doc__ + " Arguments after -- go to Celery.")
+    p.add_argument("--loglevel", default="info")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1: one GPU, one job)")
+    p.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra celery worker arguments")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("migrate", help="migrate the database to the newest schema", description=cmd_migrate.__doc__)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("train", help="train a model (python -m unlearning.train)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="run the unlearning benchmark (unlearning.bench)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    _logging()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
