@@ -198,7 +198,7 @@ def evaluate_unlearning(
     if retrained is not None:
         models["retrained"] = retrained
 
-    # Group sets: name -> (level, dataset view, ids for caching the original's metrics).
+    # model name -> group (level, task, set) -> that model's metrics on the group
     metrics: dict[str, dict[GroupKey, dict[str, float]]] = {name: {} for name in models}
     sizes: dict[GroupKey, int] = {}
 
@@ -268,7 +268,7 @@ def evaluate_unlearning(
         "mia_auc_retrain": auc.get("retrained"),
         "forget_gap": gap,
         "uis_retrain": uis_retrain,
-        "mode": "partial" if any(keep.any(1).tolist()) else "full",
+        "mode": "partial" if bool(keep.any()) else "full",
         "forget_tasks": forget_tasks,
         "n_forget_cells": len(forget_cells),
         "n_forget_instances": len(forget_instances),

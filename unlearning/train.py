@@ -69,8 +69,8 @@ def train_model(
     progress: bool = True,
     on_progress: Callable[[float], None] | None = None,
 ) -> MultiTaskNet:
-    """Train ``model`` (a fresh one from :func:`build_model` when None) on ``dataset``'s
-    supervised cells and return it, in eval mode, on the training device.
+    """Train ``model`` in place (a fresh one from :func:`build_model` when None) on
+    ``dataset``'s supervised cells and return it, in eval mode, on the training device.
 
     Only cells with ``available`` True contribute (an erased cell of a kept
     instance gives its task head no gradient). Deterministic for a seed on
