@@ -50,7 +50,7 @@ class RecordCollector(Collector):
 
     def _families(self, session: Session):
         by_status = dict(
-            session.execute(select(DeletionRequest.status, func.count()).group_by(DeletionRequest.status)).tuples()
+            session.execute(select(DeletionRequest.status, func.count()).group_by(DeletionRequest.status)).all()
         )
         requests = GaugeMetricFamily("unlearnd_deletion_requests", "Deletion requests by status", labels=["status"])
         for status in sorted(set(REQUEST_STATUSES) | set(by_status)):
@@ -60,7 +60,7 @@ class RecordCollector(Collector):
         received.add_metric([], sum(by_status.values()))
         yield received
 
-        jobs_by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples())
+        jobs_by_status = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
         jobs = GaugeMetricFamily("unlearnd_jobs", "Unlearning jobs by status", labels=["status"])
         for status in sorted(set(JOB_STATUSES) | set(jobs_by_status)):
             jobs.add_metric([status], jobs_by_status.get(status, 0))
@@ -72,7 +72,7 @@ class RecordCollector(Collector):
                 select(DeletionRequest.model_name, func.count())
                 .where(DeletionRequest.status == "queued")
                 .group_by(DeletionRequest.model_name)
-            ).tuples()
+            ).all()
         )
         depth = GaugeMetricFamily("unlearnd_queue_depth", "Deletion requests queued, per model", labels=["model"])
         for name in sorted(set(models) | set(queued)):

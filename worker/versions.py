@@ -69,7 +69,7 @@ def list_models(session: Session) -> list[ModelSummary]:
         )
     }
     serving = dict(
-        session.execute(select(Alias.model_name, Alias.version).where(Alias.alias == SERVING)).tuples().all()
+        session.execute(select(Alias.model_name, Alias.version).where(Alias.alias == SERVING)).all()
     )
     return [
         ModelSummary(m, serving.get(m.name), *stats.get(m.name, (0, None)))

@@ -1,0 +1,185 @@
+"""API tests against a real PostgreSQL: one fresh database per test session
+(``unlearnd_test_<pid>``), migrated with ``upgrade_database`` and dropped at the
+end; every table truncated before each test. No training: a model row, version 1
+and the serving alias are written directly (fake sha/uri); accepting requests
+needs only the dataset's instance ids and tasks."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, text
+
+from app.main import create_app
+from worker import datasets
+from worker.datasets import dataset_spec, get_splits
+from worker.db import engine_for, transaction
+from worker.migrate import upgrade_database
+from worker.settings import Settings
+from worker.tables import Alias, AliasHistory, Base, Model, ModelVersion, utcnow
+
+PG_SERVER = os.environ.get("UNLEARND_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+MODEL = "test-mtl"
+
+
+def _admin() -> psycopg.Connection:
+    return psycopg.connect(PG_SERVER.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True)
+
+
+def create_database(name: str) -> str:
+    with _admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{PG_SERVER}/{name}"
+
+
+def drop_database(name: str) -> None:
+    url = f"{PG_SERVER}/{name}"
+    engine_for(url).dispose()
+    with _admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    name = f"unlearnd_test_{os.getpid()}"
+    url = create_database(name)
+    upgrade_database(url)
+    yield url
+    drop_database(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_dataset_until_the_renderer_lands():
+    """The synthetic renderer (unlearning.data.synthetic) is written by others; until it is
+    importable, stand in a tiny dataset with the same spec so these API tests can run."""
+    if importlib.util.find_spec("unlearning.data.synthetic") is not None:
+        yield
+        return
+    import torch
+
+    from unlearning.data import MultiTaskDataset
+
+    def fake_load_splits(spec):
+        def split(prefix, n):
+            h, w = spec["height"], spec["width"]
+            return MultiTaskDataset(
+                spec["name"],
+                ["segmentation", "depth", "normal"],
+                torch.zeros(n, 3, h, w),
+                {
+                    "segmentation": torch.zeros(n, h, w, dtype=torch.long),
+                    "depth": torch.ones(n, 1, h, w),
+                    "normal": torch.zeros(n, 3, h, w),
+                },
+                [f"{prefix}-{i:04d}" for i in range(n)],
+            )
+
+        return split("train", spec["n_train"]), split("test", spec["n_test"])
+
+    real = datasets.load_splits
+    datasets.load_splits = fake_load_splits
+    datasets._load.cache_clear()
+    yield
+    datasets.load_splits = real
+    datasets._load.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url, tmp_path_factory) -> Settings:
+    return Settings(
+        database_url=database_url,
+        store_dir=tmp_path_factory.mktemp("models"),
+        background=False,
+        broker_url=None,
+        model_name=MODEL,
+        dataset="indoor",
+        n_train=24,
+        n_test=8,
+        image_height=32,
+        image_width=32,
+        seed=0,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _clean(request):
+    """Empty every table before each test (only when the test uses the database)."""
+    if "database_url" not in request.fixturenames:
+        yield
+        return
+    url = request.getfixturevalue("database_url")
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with engine_for(url).begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    yield
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+@dataclass
+class Registered:
+    name: str
+    spec: dict
+    tasks: list[str]
+    train_ids: list[str]
+    test_ids: list[str]
+
+
+def register_model(settings: Settings, name: str = MODEL, erased_cells=()) -> Registered:
+    """A model row, version 1 (fake artifact) and the serving alias, written directly."""
+    spec = dataset_spec(settings)
+    train, test = get_splits(spec)
+    with transaction(settings.database_url) as session:
+        session.add(Model(name=name, dataset=spec, tasks=list(train.tasks), created_at=utcnow()))
+        session.flush()
+        session.add(
+            ModelVersion(
+                model_name=name,
+                version=1,
+                parent_version=None,
+                sha256="0" * 63 + "1",
+                artifact_uri=f"file:///fake/{name}/v1",
+                deletions=[],
+                erased_cells=[list(c) for c in erased_cells],
+                metrics={"note": "initial"},
+                created_at=utcnow(),
+            )
+        )
+        session.add(Alias(model_name=name, alias="serving", version=1, updated_at=utcnow()))
+        session.add(AliasHistory(model_name=name, alias="serving", from_version=None, to_version=1, reason="initial"))
+    return Registered(name, spec, list(train.tasks), list(train.instance_ids), list(test.instance_ids))
+
+
+@pytest.fixture
+def model(settings) -> Registered:
+    return register_model(settings)
+
+
+def count(settings: Settings, table) -> int:
+    with transaction(settings.database_url) as session:
+        return session.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+def counts(settings: Settings) -> dict[str, int]:
+    """Rows per table: what 'nothing stored' is checked against."""
+    return {t.name: count(settings, t) for t in Base.metadata.sorted_tables}
+
+
+def assert_problem(response, status: int, slug: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status
+    assert {"type", "title", "detail", "instance"} <= set(body)
+    if slug:
+        assert body["type"].endswith("/" + slug), body["type"]
+    return body

@@ -1,0 +1,123 @@
+"""Models, versions, lineage, rollback rules and jobs."""
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from unlearning.data import dataset_key
+from worker.db import transaction
+from worker.tables import Alias, AliasHistory, AuditEvent, Job, ModelVersion, OutboxMessage, Tombstone, utcnow
+
+from .conftest import assert_problem, counts
+
+
+def _history(settings, model, erased_by):
+    """v1 (nothing erased) -> v2 (erases a's depth) -> v3 (also b's cells), v3 serving, tombstones for both."""
+    a, b = model.train_ids[0], model.train_ids[1]
+    key = dataset_key(model.spec)
+    with transaction(settings.database_url) as s:
+        s.add(ModelVersion(model_name=model.name, version=2, parent_version=1, sha256="2" * 64,
+                           artifact_uri="file:///fake/v2", deletions=[erased_by[0]], erased_cells=[[a, "depth"]],
+                           metrics={"uis": 3.0, "mia_auc": 0.55}))
+        s.add(ModelVersion(model_name=model.name, version=3, parent_version=2, sha256="3" * 64,
+                           artifact_uri="file:///fake/v3", deletions=[erased_by[1]],
+                           erased_cells=[[a, "depth"], [b, "depth"], [b, "normal"]],
+                           metrics={"uis": 2.5, "uis_task": 0.0, "uis_inst": 2.5, "mia_auc": 0.5,
+                                    "mia_auc_original": 0.9}))
+        s.add(Tombstone(dataset_key=key, instance_id=a, task="depth", request_id=erased_by[0]))
+        s.add(Tombstone(dataset_key=key, instance_id=b, task="depth", request_id=erased_by[1]))
+        s.add(Tombstone(dataset_key=key, instance_id=b, task="normal", request_id=erased_by[1]))
+        s.get(Alias, (model.name, "serving")).version = 3
+    return a, b
+
+
+def _serving(settings, name):
+    with transaction(settings.database_url) as s:
+        return s.get(Alias, (name, "serving")).version
+
+
+def test_models_versions_and_lineage(client, settings, model):
+    a, b = _history(settings, model, ["r-a", "r-b"])
+    (m,) = client.get("/models").json()
+    assert (m["name"], m["serving_version"], m["latest_version"], m["versions"]) == (model.name, 3, 3, 3)
+    assert m["dataset_key"] == dataset_key(model.spec) and m["tasks"] == model.tasks
+
+    versions = client.get(f"/models/{model.name}/versions").json()
+    assert [(v["version"], v["parent_version"], v["serving"]) for v in versions] == [
+        (1, None, False), (2, 1, False), (3, 2, True)]
+
+    v3 = client.get(f"/models/{model.name}/versions/3").json()
+    assert v3["deletions"] == ["r-b"] and v3["erased_cells"] == [[a, "depth"], [b, "depth"], [b, "normal"]]
+    assert v3["sha256"] == "3" * 64 and v3["artifact_uri"] == "file:///fake/v3" and v3["metrics"]["uis"] == 2.5
+    assert [v["version"] for v in v3["ancestors"]] == [2, 1]
+    assert_problem(client.get(f"/models/{model.name}/versions/9"), 404)
+    assert_problem(client.get("/models/nope/versions"), 404)
+
+
+def test_rollback_refused_while_the_target_holds_erased_data(client, settings, model):
+    a, b = _history(settings, model, ["r-a", "r-b"])
+    before = counts(settings)
+    body = assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 1}), 409)
+    assert body["erasures"] == [
+        {"request_id": "r-a", "instance_id": a, "tasks": ["depth"]},
+        {"request_id": "r-b", "instance_id": b, "tasks": ["depth", "normal"]},
+    ]
+    assert "r-a" in body["detail"] and b in body["detail"]
+    assert counts(settings) == before and _serving(settings, model.name) == 3
+
+    body = assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 2}), 409)
+    assert body["erasures"] == [{"request_id": "r-b", "instance_id": b, "tasks": ["depth", "normal"]}]
+
+
+def test_rollback_with_reapply_queues_a_job(client, settings, model):
+    a, b = _history(settings, model, ["r-a", "r-b"])
+    r = client.post(f"/models/{model.name}/rollback", json={"version": 1, "reapply_erasures": True})
+    assert r.status_code == 202, r.text
+    out = r.json()
+    job = out["job"]
+    assert (out["action"], out["serving_version"]) == ("reapply", 3)  # the alias moves when the job publishes
+    assert (job["kind"], job["status"], job["base_version"], job["method"]) == (
+        "reapply", "queued", 1, settings.method)
+    assert job["params"] == {"cells": [[a, "depth"], [b, "depth"], [b, "normal"]], "request_ids": ["r-a", "r-b"]}
+    assert r.headers["location"] == f"/jobs/{job['id']}"
+    with transaction(settings.database_url) as s:
+        (msg,) = s.execute(select(OutboxMessage)).scalars().all()
+        event = s.execute(select(AuditEvent).order_by(AuditEvent.seq.desc())).scalars().first()
+        assert s.get(Job, job["id"]).status == "queued"
+    assert (msg.topic, msg.payload) == ("process_model", {"model_name": model.name})
+    assert (event.kind, event.payload["job_id"], event.payload["to_version"]) == (
+        "model.rollback_requested", job["id"], 1)
+
+    assert client.get(f"/jobs/{job['id']}").json()["status"] == "queued"
+    assert_problem(client.get("/jobs/nope"), 404)
+    # a second reapply while the first is under way is refused
+    again = client.post(f"/models/{model.name}/rollback", json={"version": 2, "reapply_erasures": True})
+    assert assert_problem(again, 409)["job_id"] == job["id"]
+
+
+def test_safe_rollback_moves_the_alias_and_records_it(client, settings, model):
+    _history(settings, model, ["r-a", "r-b"])
+    with transaction(settings.database_url) as s:  # v4: a bad publish on top of v3, same erasures
+        s.add(ModelVersion(model_name=model.name, version=4, parent_version=3, sha256="4" * 64,
+                           artifact_uri="file:///fake/v4", deletions=[],
+                           erased_cells=s.execute(select(ModelVersion.erased_cells).where(
+                               ModelVersion.version == 3)).scalar_one()))
+        s.get(Alias, (model.name, "serving")).version = 4
+    r = client.post(f"/models/{model.name}/rollback", json={"version": 3})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"action": "moved", "model": model.name, "from_version": 4, "to_version": 3,
+                        "serving_version": 3, "job": None}
+    assert _serving(settings, model.name) == 3
+    with transaction(settings.database_url) as s:
+        hist = s.execute(select(AliasHistory).order_by(AliasHistory.id.desc())).scalars().first()
+        event = s.execute(select(AuditEvent).order_by(AuditEvent.seq.desc())).scalars().first()
+    assert (hist.from_version, hist.to_version, hist.reason) == (4, 3, "rollback")
+    assert (event.kind, event.payload) == ("model.rollback", {"from_version": 4, "to_version": 3})
+
+    before = counts(settings)
+    noop = client.post(f"/models/{model.name}/rollback", json={"version": 3})
+    assert noop.status_code == 200 and noop.json()["action"] == "noop"
+    assert counts(settings) == before
+
+    assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 7}), 404)
+    assert_problem(client.post("/models/nope/rollback", json={"version": 1}), 404)
+    assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": "x"}), 422, "validation-error")
