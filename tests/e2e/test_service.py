@@ -1,0 +1,260 @@
+"""The service end to end: HTTP API -> PostgreSQL + outbox -> relay -> Redis -> Celery
+worker process -> engine -> model store -> record, on a tiny model."""
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from .conftest import wait_for
+
+pytestmark = pytest.mark.service
+
+JOB_TIMEOUT = 150
+
+
+def _instances(settings) -> list[str]:
+    from worker.datasets import dataset_spec, get_splits
+
+    return get_splits(dataset_spec(settings))[0].instance_ids
+
+
+def _post(client, instance_id: str, tasks="all"):
+    key = str(uuid.uuid4())
+    r = client.post("/deletions", json={"instance_id": instance_id, "tasks": tasks, "reason": "e2e"},
+                    headers={"Idempotency-Key": key})
+    assert r.status_code == 202, r.text
+    return r.json(), key
+
+
+def _wait_done(client, request_id: str) -> dict:
+    def done():
+        body = client.get(f"/deletions/{request_id}").json()
+        return body if body["status"] in ("completed", "failed", "rejected") else None
+
+    body = wait_for(done, JOB_TIMEOUT, 0.5, what=f"request {request_id} to finish")
+    assert body["status"] == "completed", body
+    return body
+
+
+def _session(settings):
+    from worker.db import transaction
+
+    return transaction(settings.database_url)
+
+
+def test_deletion_becomes_a_new_version_with_metrics_audit_and_certificate(client, settings, store):
+    instance = _instances(settings)[0]
+    accepted, key = _post(client, instance)
+    # the same Idempotency-Key and body replay the first answer, not a second request
+    again = client.post("/deletions", json={"instance_id": instance, "tasks": "all", "reason": "e2e"},
+                        headers={"Idempotency-Key": key})
+    assert again.status_code == 202 and again.json()["id"] == accepted["id"]
+
+    done = _wait_done(client, accepted["id"])
+    version = done["produced_version"]
+    assert version >= 2 and done["base_version"] == version - 1
+    assert done["progress"] == 1.0
+    for key_ in ("uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original"):
+        assert isinstance(done["metrics"][key_], float), key_
+    assert 0.0 <= done["metrics"]["mia_auc"] <= 1.0
+
+    # the stored artifact: manifest lists the request and its cells, weights verify
+    manifest = store.manifest(settings.model_name, version)
+    assert manifest.deletions == [accepted["id"]]
+    assert sorted(map(tuple, manifest.deleted_cells)) == sorted((instance, t) for t in accepted["tasks"])
+    assert {tuple(c) for c in manifest.deleted_cells} <= {tuple(c) for c in manifest.erased_cells}
+    assert manifest.parent == version - 1 and manifest.job_id == done["job_id"]
+    assert manifest.metrics["uis"] == pytest.approx(done["metrics"]["uis"])
+    assert store.verify(settings.model_name, version)
+
+    # the API serves the version, now serving, with the same metrics and hash
+    v = client.get(f"/models/{settings.model_name}/versions/{version}").json()
+    assert v["serving"] is True and v["sha256"] == manifest.sha256 and v["deletions"] == [accepted["id"]]
+    assert v["metrics"]["mia_auc"] == pytest.approx(done["metrics"]["mia_auc"])
+    assert [a["version"] for a in v["ancestors"]][-1] == 1
+
+    # audit: the request's events in order, and the chain verifies
+    events = client.get("/audit/events", params={"request_id": accepted["id"]}).json()["items"]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "deletion.received" and kinds[-1] == "deletion.completed", kinds
+    assert events[-1]["payload"]["version"] == version
+    by_instance = [e["kind"] for e in client.get("/audit/events", params={"instance_id": instance}).json()["items"]]
+    assert "deletion.completed" in by_instance
+    job_events = client.get("/audit/events", params={"kind": "job.completed"}).json()["items"]
+    assert any(e["payload"]["job_id"] == done["job_id"] and e["payload"]["version"] == version for e in job_events)
+    chain = client.get("/audit/verify").json()
+    assert chain["ok"] is True and chain["events"] >= 4
+
+    cert = client.get(f"/deletions/{accepted['id']}/certificate")
+    assert cert.status_code == 200, cert.text
+    assert str(version) in cert.text and accepted["id"] in cert.text
+
+
+def test_tombstoned_cells_never_reenter_retain_data(client, settings, store):
+    from worker.datasets import dataset_spec, erased_cells
+    from worker.jobs import job_data
+
+    ids = _instances(settings)
+    full, partial = ids[1], ids[2]
+    first = _wait_done(client, _post(client, full)[0]["id"])
+    second_req, _ = _post(client, partial, ["depth"])
+    second = _wait_done(client, second_req["id"])
+    assert second["produced_version"] == first["produced_version"] + 1
+
+    spec = dataset_spec(settings)
+    with _session(settings) as session:
+        tomb = erased_cells(session, spec)
+    assert tomb[(partial, "depth")] == second_req["id"]
+    assert all((full, t) in tomb for t in first["tasks"])
+
+    # the data the next job would run on: no erased cell, and a fully erased instance is gone
+    latest = store.manifest(settings.model_name, second["produced_version"])
+    assert {(partial, "depth"), *((full, t) for t in first["tasks"])} <= {tuple(c) for c in latest.erased_cells}
+    nxt = ids[3]
+    data = job_data(settings, spec, latest, [(nxt, "segmentation")])
+    train_cells = set(data.train.cells())
+    assert not (set(tomb) & train_cells)
+    assert full not in data.train.instance_ids
+    assert partial in data.train.instance_ids and (partial, "segmentation") in train_cells
+    retain = set(data.train.without(data.forget_cells).cells())
+    assert (nxt, "segmentation") not in retain and not (set(tomb) & retain)
+
+    # and the API refuses to erase an erased cell again
+    r = client.post("/deletions", json={"instance_id": partial, "tasks": ["depth"]})
+    assert r.status_code == 409, r.text
+
+
+def test_a_job_that_runs_twice_publishes_one_version(client, settings, store):
+    """Claim a job in this process (no outbox row: the Celery worker never hears of it),
+    store its artifact, 'crash' before publishing, then run it twice and publish twice."""
+    from worker import jobs
+    from worker.tables import AuditEvent, DeletionRequest, Job, ModelVersion
+
+    instance = _instances(settings)[4]
+    with _session(settings) as session:
+        req = DeletionRequest(model_name=settings.model_name, instance_id=instance, tasks=["normal"],
+                              status="queued")
+        session.add(req)
+        session.flush()
+        request_id = req.id
+    status, job_id = jobs.claim_job(settings, settings.model_name)
+    assert status == "claimed"
+    assert jobs.claim_job(settings, settings.model_name) == ("busy", None)  # one active job per model
+
+    with _session(settings) as session:
+        job = session.get(Job, job_id)
+        base, cells = job.base_version, job.params["cells"]
+        versions_before = session.execute(select(func.count()).select_from(ModelVersion)).scalar()
+    assert cells == [[instance, "normal"]]
+    target = jobs._target_version(settings, store, job_id)
+    assert jobs._target_version(settings, store, job_id) == target  # fixed on the job row
+    stored = jobs._compute(settings, store, job_id, settings.model_name, base, target,
+                           store.manifest(settings.model_name, base).dataset, [(instance, "normal")],
+                           [request_id], job.method, "deletion")
+    assert store.exists(settings.model_name, target) and stored.job_id == job_id
+
+    first = jobs.run_job(settings, store, job_id)  # finds the artifact: publishes it, no second computation
+    second = jobs.run_job(settings, store, job_id)
+    third = jobs.publish_version(settings, store, job_id, stored)
+    assert first.status == second.status == third.status == "completed"
+    assert first.version == second.version == third.version == target
+
+    with _session(settings) as session:
+        rows = session.execute(select(ModelVersion).where(ModelVersion.job_id == job_id)).scalars().all()
+        total = session.execute(select(func.count()).select_from(ModelVersion)).scalar()
+        req = session.get(DeletionRequest, request_id)
+        completed_events = session.execute(
+            select(func.count()).select_from(AuditEvent).where(AuditEvent.kind == "job.completed",
+                                                                AuditEvent.payload["job_id"].as_string() == job_id)
+        ).scalar()
+    assert len(rows) == 1 and rows[0].sha256 == stored.sha256 and rows[0].version == target
+    assert total == versions_before + 1
+    assert req.status == "completed" and req.produced_version == target
+    served = client.get(f"/models/{settings.model_name}/versions").json()
+    assert [v["version"] for v in served if v["serving"]] == [target]
+    assert completed_events == 1
+    # a delivery for the model now finds nothing to do
+    assert jobs.process_model(settings, store, settings.model_name).status == "idle"
+
+
+def test_sweeper_reenqueues_a_job_whose_worker_died(client, settings, store):
+    """A job left 'running' by a dead worker (stale heartbeat) goes back to the queue; the
+    real Celery worker then runs it to completion."""
+    from worker import jobs
+    from worker.celery_app import create_celery, publisher
+    from worker.outbox import sweep_once
+    from worker.tables import DeletionRequest, Job
+
+    instance = _instances(settings)[5]
+    with _session(settings) as session:
+        req = DeletionRequest(model_name=settings.model_name, instance_id=instance, tasks=["segmentation"],
+                              status="queued")
+        session.add(req)
+        session.flush()
+        request_id = req.id
+    status, job_id = jobs.claim_job(settings, settings.model_name)
+    assert status == "claimed"
+    publish = publisher(create_celery(settings))
+
+    # fresh heartbeat: the sweeper leaves it alone
+    assert sweep_once(settings, publish)["jobs"] == 0
+    with _session(settings) as session:
+        old = session.get(Job, job_id).heartbeat_at - timedelta(seconds=settings.stale_after_s + 5)
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=old))
+    swept = sweep_once(settings, publish)
+    assert swept["jobs"] == 1 and swept["models"] == [settings.model_name]
+
+    done = _wait_done(client, request_id)
+    assert done["job_id"] == job_id
+    with _session(settings) as session:
+        job = session.get(Job, job_id)
+        assert job.status == "completed" and job.attempts == 2
+    requeued = client.get("/audit/events", params={"kind": "job.requeued"}).json()["items"]
+    assert any(e["payload"]["job_id"] == job_id for e in requeued)
+
+
+def test_sweeper_reannounces_a_request_whose_message_was_lost(client, settings):
+    from worker.celery_app import create_celery, publisher
+    from worker.outbox import sweep_once
+    from worker.tables import DeletionRequest, utcnow
+
+    instance = _instances(settings)[6]
+    with _session(settings) as session:  # queued long ago, never announced
+        old = utcnow() - timedelta(seconds=settings.stale_after_s + 60)
+        req = DeletionRequest(model_name=settings.model_name, instance_id=instance, tasks=["depth"],
+                              status="queued", created_at=old, updated_at=old)
+        session.add(req)
+        session.flush()
+        request_id = req.id
+    swept = sweep_once(settings, publisher(create_celery(settings)))
+    assert swept["requests"] == 1
+    assert _wait_done(client, request_id)["produced_version"] >= 2
+
+
+def test_metrics_count_the_work(client, settings):
+    text = client.get("/metrics").text
+
+    def value(name: str, labels: str = "") -> float:
+        m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
+        assert m, f"{name}{labels} not in /metrics"
+        return float(m.group(1))
+
+    with _session(settings) as session:
+        from worker.tables import DeletionRequest, Job
+
+        completed = session.execute(
+            select(func.count()).select_from(DeletionRequest).where(DeletionRequest.status == "completed")
+        ).scalar()
+        jobs_done = session.execute(select(func.count()).select_from(Job).where(Job.status == "completed")).scalar()
+    assert completed >= 5
+    assert value("unlearnd_deletion_requests", '{status="completed"}') == completed
+    assert value("unlearnd_jobs", '{status="completed"}') == jobs_done
+    model = f'{{model="{settings.model_name}"}}'
+    assert value("unlearnd_queue_depth", model) == 0
+    assert value("unlearnd_model_serving_version", model) >= 6
+    assert 0.0 <= value("unlearnd_model_mia_auc", model) <= 1.0
+    assert value("unlearnd_model_uis", model) >= 0.0
