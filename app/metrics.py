@@ -14,6 +14,7 @@ from datetime import timezone
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -126,7 +127,7 @@ class RecordCollector(Collector):
             "unlearnd_job_duration_seconds", "Duration of finished jobs (started to finished)", labels=["kind"]
         )
         for kind, durations in sorted(per_kind.items()):
-            buckets = [(str(b), sum(d <= b for d in durations)) for b in JOB_DURATION_BUCKETS]
+            buckets = [(floatToGoString(b), sum(d <= b for d in durations)) for b in JOB_DURATION_BUCKETS]
             buckets.append(("+Inf", len(durations)))
             family.add_metric([kind], buckets, sum(durations))
         return family

@@ -1,0 +1,110 @@
+"""/metrics, /healthz, /readyz and the problem documents of the framework itself."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
+
+from app.main import create_app
+from worker.db import transaction
+from worker.tables import Alias, DeletionRequest, Job, ModelVersion, utcnow
+
+from .conftest import assert_problem, create_database, drop_database
+
+
+def _samples(client) -> dict:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_read_the_record(client, settings, model):
+    ids = [
+        client.post("/deletions", json={"instance_id": model.train_ids[i], "tasks": ["depth"]}).json()["id"]
+        for i in range(4)
+    ]
+    client.post("/deletions", json={"instance_id": "nobody"})  # a 422 counts as HTTP traffic only
+    now = utcnow()
+    with transaction(settings.database_url) as s:
+        s.execute(update(DeletionRequest).where(DeletionRequest.id == ids[0]).values(status="running"))
+        s.execute(update(DeletionRequest).where(DeletionRequest.id == ids[1]).values(status="completed"))
+        for seconds, status in ((3, "completed"), (40, "completed"), (400, "failed")):
+            s.add(Job(model_name=model.name, kind="deletion", status=status, method="m", base_version=1,
+                      started_at=now - timedelta(seconds=seconds), finished_at=now))
+        s.add(Job(model_name=model.name, kind="deletion", status="running", method="m", base_version=1,
+                  started_at=now))
+        s.add(ModelVersion(model_name=model.name, version=2, parent_version=1, sha256="2" * 64, artifact_uri="x",
+                           deletions=[ids[1]], erased_cells=[], metrics={"uis": 1.75, "uis_task": 0.0,
+                                                                          "uis_inst": 1.75, "mia_auc": 0.51,
+                                                                          "mia_auc_original": 0.8}))
+        s.get(Alias, (model.name, "serving")).version = 2
+
+    m = _samples(client)
+    assert m[("unlearnd_record_up", ())] == 1
+    assert m[("unlearnd_deletion_requests", (("status", "queued"),))] == 2
+    assert m[("unlearnd_deletion_requests", (("status", "running"),))] == 1
+    assert m[("unlearnd_deletion_requests", (("status", "completed"),))] == 1
+    assert m[("unlearnd_deletion_requests", (("status", "failed"),))] == 0
+    assert m[("unlearnd_deletion_requests_received_total", ())] == 4
+    assert m[("unlearnd_queue_depth", (("model", model.name),))] == 2
+    assert m[("unlearnd_jobs", (("status", "completed"),))] == 2
+    assert m[("unlearnd_jobs", (("status", "running"),))] == 1
+    assert m[("unlearnd_jobs", (("status", "failed"),))] == 1
+    kind = ("kind", "deletion")
+    assert m[("unlearnd_job_duration_seconds_count", (kind,))] == 3
+    assert m[("unlearnd_job_duration_seconds_sum", (kind,))] == 443
+    assert m[("unlearnd_job_duration_seconds_bucket", (kind, ("le", "5.0")))] == 1
+    assert m[("unlearnd_job_duration_seconds_bucket", (kind, ("le", "60.0")))] == 2
+    assert m[("unlearnd_job_duration_seconds_bucket", (kind, ("le", "+Inf")))] == 3
+    label = (("model", model.name),)
+    assert m[("unlearnd_model_serving_version", label)] == 2
+    assert m[("unlearnd_model_uis", label)] == 1.75
+    assert m[("unlearnd_model_mia_auc", label)] == 0.51
+    assert m[("unlearnd_model_mia_auc_original", label)] == 0.8
+    http = "unlearnd_http_requests_total"
+    assert m[(http, (("method", "POST"), ("route", "/deletions"), ("status", "202")))] == 4
+    assert m[(http, (("method", "POST"), ("route", "/deletions"), ("status", "422")))] == 1
+    assert m[("unlearnd_http_request_duration_seconds_count", (("method", "POST"), ("route", "/deletions")))] == 5
+
+    client.get(f"/deletions/{ids[0]}")
+    m = _samples(client)
+    assert m[(http, (("method", "GET"), ("route", "/deletions/{request_id}"), ("status", "200")))] == 1
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json() == {"status": "ready", "revision": "0001"}
+
+
+def test_not_ready_when_unmigrated_or_unreachable(settings):
+    name = f"unlearnd_test_{os.getpid()}_empty"
+    url = create_database(name)
+    try:
+        with TestClient(create_app(settings.model_copy(update={"database_url": url}))) as c:
+            body = assert_problem(c.get("/readyz"), 503, "not-ready")
+            assert (body["reason"], body["revision"], body["head"]) == ("migrations", None, "0001")
+            assert c.get("/healthz").status_code == 200
+    finally:
+        drop_database(name)
+    gone = settings.model_copy(update={"database_url": "postgresql+psycopg://postgres@127.0.0.1:5432/unlearnd_test_absent"})
+    with TestClient(create_app(gone)) as c:
+        assert assert_problem(c.get("/readyz"), 503)["reason"] == "database"
+        assert _samples(c)[("unlearnd_record_up", ())] == 0  # a scrape still answers
+
+
+def test_framework_errors_are_problems(client):
+    body = assert_problem(client.get("/no/such/route"), 404, "not-found")
+    assert body["instance"] == "/no/such/route"
+    assert_problem(client.delete("/deletions"), 405, "method-not-allowed")
+    body = assert_problem(client.get("/deletions", params={"since": "yesterday"}), 422, "validation-error")
+    assert body["errors"][0]["loc"] == ["query", "since"]
+    assert client.get("/docs").status_code == 200
+    assert "/deletions" in client.get("/openapi.json").json()["paths"]
