@@ -1,0 +1,70 @@
+"""Synthetic multi-task datasets from the procedural renderer (``indoor``, ``street``).
+
+Spec keys (all but ``name`` optional)::
+
+    {"name": "indoor" | "street", "n_train": 160, "n_test": 48,
+     "height": 48, "width": 64, "seed": 0,
+     "noise": {"depth_sigma": ..., ...} | "clean"}
+
+``noise`` overrides fields of :class:`~unlearning.data.renderer.NoiseOptions`
+(unset fields keep their non-zero defaults); ``"clean"`` turns every noise
+source off. Unknown keys are an error, since a mistyped option would otherwise
+silently change a benchmark.
+
+Images are float32 (3,H,W) in [0, 1] (not standardised). Targets follow the
+task contracts: segmentation long (H,W) with -1 = ignore, depth float32
+(1,H,W) with 0 = invalid, normal float32 (3,H,W) unit with all-zero = invalid.
+Train scene ``i`` is rendered from seed ``(seed, 0, i)`` and test scene ``i``
+from ``(seed, 1, i)``, so the splits never share a scene and growing
+``n_train`` keeps the first scenes as they were.
+"""
+from __future__ import annotations
+
+from .base import MultiTaskDataset
+from .renderer import FLAVOUR_CLASSES, FLAVOUR_TASKS, NoiseOptions, render_batch
+
+SPEC_KEYS = {"name", "n_train", "n_test", "height", "width", "seed", "noise"}
+_TRAIN, _TEST = 0, 1
+
+
+def noise_options(spec: dict) -> NoiseOptions | None:
+    """The noise a spec asks for: defaults, overrides from ``spec["noise"]``, or None for ``"clean"``."""
+    noise = spec.get("noise")
+    if noise is None:
+        return NoiseOptions()
+    if noise == "clean":
+        return None
+    if not isinstance(noise, dict):
+        raise ValueError(f"spec 'noise' must be a dict of NoiseOptions fields or 'clean', got {noise!r}")
+    defaults = NoiseOptions()
+    return NoiseOptions.from_dict({**{k: getattr(defaults, k) for k in defaults.__dataclass_fields__}, **noise})
+
+
+def load_synthetic(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+    """Render the train and test splits a spec describes; same spec, identical tensors."""
+    name = spec.get("name")
+    if name not in FLAVOUR_TASKS:
+        raise ValueError(f"unknown synthetic dataset {name!r}; known: {sorted(FLAVOUR_TASKS)}")
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in {name!r} dataset spec; known: {sorted(SPEC_KEYS)}")
+    sizes = {k: int(spec.get(k, default)) for k, default in
+             (("n_train", 160), ("n_test", 48), ("height", 48), ("width", 64), ("seed", 0))}
+    if sizes["n_train"] < 0 or sizes["n_test"] < 0 or sizes["seed"] < 0:
+        raise ValueError(f"n_train, n_test and seed must be non-negative, got {sizes}")
+    noise = noise_options(spec)
+    tasks = FLAVOUR_TASKS[name]
+
+    def split(split_id: int, n: int, prefix: str) -> MultiTaskDataset:
+        seeds = [(sizes["seed"], split_id, i) for i in range(n)]
+        data = render_batch(name, seeds, sizes["height"], sizes["width"], noise)
+        return MultiTaskDataset(
+            name,
+            tasks,
+            data["image"],
+            {t: data[t] for t in tasks},
+            [f"{prefix}-{i:05d}" for i in range(n)],
+            num_classes=len(FLAVOUR_CLASSES[name]),
+        )
+
+    return split(_TRAIN, sizes["n_train"], name), split(_TEST, sizes["n_test"], f"{name}-test")
