@@ -7,6 +7,7 @@ locally and fail under CI (``CI`` set), where ``.ci/run`` starts both.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -114,7 +115,9 @@ def service_env(pg_url, redis_url, tmp_path_factory) -> dict[str, str]:
 def settings(service_env):
     from worker.settings import Settings
 
-    return Settings(**{k[len("UNLEARND_"):].lower(): v for k, v in service_env.items()})
+    values = {k[len("UNLEARND_"):].lower(): v for k, v in service_env.items()}
+    values["method_config"] = json.loads(values["method_config"])  # the environment's JSON, parsed
+    return Settings(_env_file=None, **values)
 
 
 @pytest.fixture(scope="session")

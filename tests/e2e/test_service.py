@@ -46,7 +46,7 @@ def _session(settings):
     return transaction(settings.database_url)
 
 
-def test_deletion_becomes_a_new_version_with_metrics_audit_and_certificate(client, settings, store):
+def test_deletion_becomes_a_new_version_with_metrics_audit_and_certificate(client, settings, store, celery_worker):
     instance = _instances(settings)[0]
     accepted, key = _post(client, instance)
     # the same Idempotency-Key and body replay the first answer, not a second request
@@ -56,6 +56,8 @@ def test_deletion_becomes_a_new_version_with_metrics_audit_and_certificate(clien
 
     done = _wait_done(client, accepted["id"])
     version = done["produced_version"]
+    # the Celery worker process ran it (the API process only relayed the outbox)
+    assert f"job {done['job_id']} published" in celery_worker.log.read_text()
     assert version >= 2 and done["base_version"] == version - 1
     assert done["progress"] == 1.0
     for key_ in ("uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original"):
