@@ -187,7 +187,7 @@ def evaluate_unlearning(
         context = EvalContext(original, train, test, retained_sample_size, seed, device, batch_size)
     else:
         context.check(original, train, test)
-    forget_cells = train.check_cells(forget_cells)
+    forget_cells = list(dict.fromkeys(train.check_cells(forget_cells)))  # a cell requested twice is one member
     if not forget_cells:
         raise ValueError("no forget cells to evaluate")
     forgotten = set(forget_cells)

@@ -179,8 +179,10 @@ def test_evaluate_unchanged_model_has_zero_uis_and_the_same_auc(trained):
 
 def test_evaluate_full_mode_and_missing_retrain(trained):
     train, test, _, model = trained
-    report = evaluate_unlearning(model, model, train, [("i2", t) for t in TASKS], test)
+    cells = [("i2", t) for t in TASKS] + [("i2", "depth")]  # a repeated request counts once
+    report = evaluate_unlearning(model, model, train, cells, test)
     assert report["mode"] == "full" and report["uis_task"] == 0.0
+    assert report["n_forget_cells"] == 3 and report["n_forget_instances"] == 1
     assert all(g["level"] == "inst" for g in report["groups"])
     assert report["mia_auc_retrain"] is None and report["forget_gap"] is None
     # one forgotten instance per task: the original's AUC is the mean of its ranks per task
