@@ -9,10 +9,10 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.orm import sessionmaker
 
 from worker.db import engine_for
 from worker.settings import Settings, get_settings
-from sqlalchemy.orm import sessionmaker
 
 from .metrics import HttpMetricsMiddleware, build_registry
 from .problems import install_problem_handlers

@@ -163,6 +163,10 @@ def submit_deletion(
 
     model_row = get_model(session, model_name)
     _lock_model_submissions(session, model_name)
+    if idempotency_key is not None:  # a twin may have committed while we waited for the lock
+        earlier = _by_idempotency_key(session, idempotency_key, fingerprint)
+        if earlier is not None:
+            return Submission(earlier, replayed=True)
     cells = resolve_cells(session, model_row, instance_id, tasks)
 
     request = DeletionRequest(
