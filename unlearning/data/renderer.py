@@ -658,9 +658,11 @@ def _texture(scene: Scene, index: torch.Tensor, local: torch.Tensor) -> torch.Te
     kind = m.kind[index]
     checker = (torch.floor(q).sum(-1) % 2).abs()
     stripes = (0.5 + 2.0 * torch.sin(2 * math.pi * (q * m.axis[index]).sum(-1))).clamp(0, 1)
-    noise = 0.65 * _value_noise(scene.noise_table, q) + 0.35 * _value_noise(scene.noise_table, 2.7 * q + 5.0)
-    blend = torch.where(kind == CHECKER, checker, torch.where(kind == STRIPES, stripes,
-                                                              torch.where(kind == VALUE_NOISE, noise, 0.0)))
+    blend = torch.where(kind == CHECKER, checker, torch.where(kind == STRIPES, stripes, 0.0))
+    noisy = (kind == VALUE_NOISE).nonzero().squeeze(1)  # the costliest texture: only where used
+    if len(noisy):
+        qn = q[noisy]
+        blend[noisy] = 0.65 * _value_noise(scene.noise_table, qn) + 0.35 * _value_noise(scene.noise_table, 2.7 * qn + 5.0)
     return m.color_a[index] * (1 - blend[:, None]) + m.color_b[index] * blend[:, None]
 
 
