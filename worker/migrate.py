@@ -3,12 +3,13 @@ start-up, tests) and tell whether a database is at the head revision (``/readyz`
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
+@lru_cache
 def head_revision() -> str:
     """The head revision of ``migrations/``."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -39,8 +41,11 @@ def upgrade_database(url: str, revision: str = "head") -> str:
 
 
 def current_revision(connection: Connection) -> str | None:
-    """The revision recorded in the database (None when never migrated)."""
-    return MigrationContext.configure(connection).get_current_revision()
+    """The revision recorded in the database (None when never migrated). Read directly,
+    not through a MigrationContext, which logs on every call (``/readyz`` is polled)."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 def is_up_to_date(connection: Connection) -> bool:
