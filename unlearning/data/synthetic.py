@@ -36,8 +36,7 @@ def noise_options(spec: dict) -> NoiseOptions | None:
         return None
     if not isinstance(noise, dict):
         raise ValueError(f"spec 'noise' must be a dict of NoiseOptions fields or 'clean', got {noise!r}")
-    defaults = NoiseOptions()
-    return NoiseOptions.from_dict({**{k: getattr(defaults, k) for k in defaults.__dataclass_fields__}, **noise})
+    return NoiseOptions.from_dict(noise)  # fields not given keep their defaults
 
 
 def load_synthetic(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
