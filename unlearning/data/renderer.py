@@ -363,7 +363,8 @@ class Scene:
 @dataclass(eq=False)
 class Render:
     """One rendered view. ``normal`` is always computed (street datasets simply do not
-    use it); ``primitive`` is the global index of the primitive hit per pixel (-1: none)."""
+    use it) and, like depth, invalid (zero) beyond the sensor range; ``primitive`` is the
+    global index of the primitive hit per pixel (-1: none), whatever the range."""
 
     image: torch.Tensor  # (3,H,W) float32 in [0,1]
     segmentation: torch.Tensor  # (H,W) long
@@ -711,7 +712,8 @@ def _geometry(scene: Scene):
     labels = torch.where(hit, scene.labels[index.clamp(max=len(scene.labels) - 1)], scene.no_hit_label)
     valid_depth = hit & (t <= MAX_DEPTH[scene.flavour])
     depth = torch.where(valid_depth, t, 0.0)
-    normal_cam = torch.where(hit[:, None], cam.direction_to_camera_frame(normal), 0.0)
+    # Real normal maps are derived from the depth sensor: no depth, no normal.
+    normal_cam = torch.where(valid_depth[:, None], cam.direction_to_camera_frame(normal), 0.0)
     primitive = torch.where(hit, index, -1)
     h, w = cam.height, cam.width
     return (image.T.reshape(3, h, w), labels.reshape(h, w), depth.reshape(1, h, w),
