@@ -2,10 +2,10 @@
 (``unlearnd_test_<pid>``), migrated with ``upgrade_database`` and dropped at the
 end; every table truncated before each test. No training: a model row, version 1
 and the serving alias are written directly (fake sha/uri); accepting requests
-needs only the dataset's instance ids and tasks."""
+needs only the dataset's instance ids and tasks, from the real synthetic loader at
+24 + 8 images of 32x32."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 
 from app.main import create_app
-from worker import datasets
 from worker.datasets import dataset_spec, get_splits
 from worker.db import engine_for, transaction
 from worker.migrate import upgrade_database
@@ -51,42 +50,6 @@ def database_url():
     upgrade_database(url)
     yield url
     drop_database(name)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _tiny_dataset_until_the_renderer_lands():
-    """The synthetic renderer (unlearning.data.synthetic) is written by others; until it is
-    importable, stand in a tiny dataset with the same spec so these API tests can run."""
-    if importlib.util.find_spec("unlearning.data.synthetic") is not None:
-        yield
-        return
-    import torch
-
-    from unlearning.data import MultiTaskDataset
-
-    def fake_load_splits(spec):
-        def split(prefix, n):
-            h, w = spec["height"], spec["width"]
-            return MultiTaskDataset(
-                spec["name"],
-                ["segmentation", "depth", "normal"],
-                torch.zeros(n, 3, h, w),
-                {
-                    "segmentation": torch.zeros(n, h, w, dtype=torch.long),
-                    "depth": torch.ones(n, 1, h, w),
-                    "normal": torch.zeros(n, 3, h, w),
-                },
-                [f"{prefix}-{i:04d}" for i in range(n)],
-            )
-
-        return split("train", spec["n_train"]), split("test", spec["n_test"])
-
-    real = datasets.load_splits
-    datasets.load_splits = fake_load_splits
-    datasets._load.cache_clear()
-    yield
-    datasets.load_splits = real
-    datasets._load.cache_clear()
 
 
 @pytest.fixture(scope="session")
