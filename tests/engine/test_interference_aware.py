@@ -1,0 +1,145 @@
+"""interference_aware on a tiny memorised model: forgetting, protected heads, projection geometry."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unlearning.data.base import MultiTaskDataset
+from unlearning.losses import per_sample_losses
+from unlearning.methods import UnlearnData, get_method
+from unlearning.methods.interference_aware import DEFAULTS, prepare
+from unlearning.metrics import mia_auc
+from unlearning.projection import energy_basis, forget_projector, orth, task_subspaces
+from unlearning.train import TrainConfig, train_model
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+TASKS = ["segmentation", "depth", "normal"]
+
+
+def random_dataset(n: int, seed: int, size=(8, 8), classes: int = 3, prefix: str = "i") -> MultiTaskDataset:
+    """Random images with random targets: a model can only memorise them, so seen
+    instances have clearly lower losses than unseen ones."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    images = torch.rand(n, 3, h, w, generator=g)
+    targets = {
+        "segmentation": torch.randint(0, classes, (n, h, w), generator=g),
+        "depth": 0.5 + torch.rand(n, 1, h, w, generator=g),
+        "normal": torch.nn.functional.normalize(torch.randn(n, 3, h, w, generator=g), dim=1),
+    }
+    return MultiTaskDataset("tiny", TASKS, images, targets, [f"{prefix}{j}" for j in range(n)], num_classes=classes)
+
+
+@pytest.fixture(scope="module")
+def memorised():
+    torch.manual_seed(0)
+    train = random_dataset(16, 0)
+    test = random_dataset(16, 1, prefix="t")
+    cfg = TrainConfig(epochs=80, batch_size=8, lr=5e-3, width=8, depth=2, head_width=8, seed=0)
+    model = train_model(train, cfg, progress=False)
+    return model, train, test
+
+
+def _mia(model, train, test, cells):
+    ids = list(dict.fromkeys(i for i, _ in cells))
+    tasks = sorted({t for _, t in cells})
+    members = per_sample_losses(model, train, [train.index_of(i) for i in ids])
+    heldout = per_sample_losses(model, test)
+    return mia_auc({t: members[t] for t in tasks}, {t: heldout[t] for t in tasks})
+
+
+def _data(train, test, cells, **kw):
+    return UnlearnData(train, cells, train.without(cells), heldout=test, **kw)
+
+
+def test_forgetting_lowers_membership_signal(memorised):
+    model, train, test = memorised
+    cells = [(i, t) for i in train.instance_ids[:4] for t in TASKS]
+    before = _mia(model, train, test, cells)
+    assert before > 0.9, "the tiny model should have memorised its training data"
+    unlearned, log = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 40, "lr": 0.5})
+    after = _mia(unlearned, train, test, cells)
+    assert after < before - 0.25
+    assert abs(after - 0.5) < 0.3
+    # the caller's model is untouched
+    assert _mia(model, train, test, cells) == before
+    # the bounded signal stopped near tau: no cell is pushed far beyond it
+    for t, losses in log["final_forget_losses"].items():
+        assert max(losses) < 2.0 * log["tau"][t]
+
+
+def test_partial_mode_keeps_protected_heads_bit_identical(memorised):
+    model, train, test = memorised
+    cells = [(i, "depth") for i in train.instance_ids[:3]]
+    unlearned, log = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 10})
+    before, after = model.state_dict(), unlearned.state_dict()
+    for name in before:
+        if name.startswith("heads.segmentation.") or name.startswith("heads.normal."):
+            assert torch.equal(before[name], after[name]), name
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("heads.depth."))
+    assert log["protected_tasks"] == ["segmentation", "normal"]
+
+
+def test_repair_option_may_move_protected_heads(memorised):
+    model, train, test = memorised
+    cells = [(i, "depth") for i in train.instance_ids[:3]]
+    cfg = {"steps": 3, "repair_steps": 3, "repair_protected_heads": True}
+    unlearned, _ = get_method("interference_aware")(model, _data(train, test, cells), cfg)
+    before, after = model.state_dict(), unlearned.state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("heads.segmentation."))
+
+
+def test_empty_forget_set_is_refused(memorised):
+    model, train, test = memorised
+    with pytest.raises(ValueError, match="forget"):
+        get_method("interference_aware")(model, _data(train, test, []), {})
+
+
+def test_energy_basis_is_orthonormal_and_keeps_energy():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 40, generator=g, dtype=torch.float64) * torch.tensor([5, 3, 1, 0.1, 0.05, 0.01], dtype=torch.float64)[:, None]
+    gram = a @ a.T
+    u = energy_basis(gram, 0.9)
+    assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-10)
+    vals = torch.linalg.eigvalsh(gram).flip(0)
+    kept = float(((u.T @ gram @ u).trace()) / gram.trace())
+    assert kept >= 0.9 and u.shape[1] < 6
+    assert float(vals[: u.shape[1] - 1].sum() / vals.sum()) < 0.9  # the smallest rank that reaches 0.9
+
+
+def test_task_subspaces_and_projector_geometry(memorised):
+    model, train, _ = memorised
+    spaces = task_subspaces(model, train, energy=0.8, n_samples=8)
+    assert spaces, "one entry per shared conv"
+    for layer, per_task in spaces.items():
+        for t, u in per_task.items():
+            assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-8), (layer, t)
+        q = forget_projector(per_task, ["depth"], ["segmentation", "normal"])
+        if q.shape[1]:
+            assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=torch.float64), atol=1e-8)
+            u_p = orth(torch.cat([per_task["segmentation"], per_task["normal"]], 1))
+            assert float((u_p.T @ q).abs().max()) < 1e-8, layer
+        # full mode: nothing protected, Q spans the forget tasks' subspaces
+        q_full = forget_projector(per_task, TASKS, [])
+        u_f = torch.cat([per_task[t] for t in TASKS], 1)
+        assert torch.allclose(q_full @ (q_full.T @ u_f), u_f, atol=1e-8)
+
+
+def test_projector_on_constructed_subspaces():
+    e = torch.eye(4, dtype=torch.float64)
+    spaces = {"a": e[:, :2], "b": e[:, 1:3]}
+    q = forget_projector(spaces, ["a"], ["b"])
+    assert q.shape == (4, 1)
+    assert torch.allclose(q.abs().flatten(), e[:, 0])
+
+
+def test_prepare_fills_the_cache_once(memorised):
+    model, train, test = memorised
+    cells = [(train.instance_ids[0], "depth")]
+    data = _data(train, test, cells)
+    prepare(model, data, DEFAULTS)
+    keys = set(data.cache)
+    assert any(k[0] == "tau" for k in keys) and any(k[0] == "task_subspaces" for k in keys)
+    prepare(model, data, DEFAULTS)
+    assert set(data.cache) == keys

@@ -1,0 +1,94 @@
+"""run_unlearning_job: input validation with clear errors, and the metric keys it returns."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unlearning.job import JobInputError, JobResult, run_unlearning_job
+from unlearning.train import TrainConfig, train_model
+
+from test_interference_aware import random_dataset
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    train = random_dataset(12, 0)
+    test = random_dataset(8, 1, prefix="t")
+    model = train_model(train, TrainConfig(epochs=20, batch_size=6, width=8, depth=2, head_width=8), progress=False)
+    return model, train, test
+
+
+def test_job_returns_the_metric_keys(setup):
+    model, train, test = setup
+    seen = []
+    cache: dict = {}
+    cells = [("i0", "depth"), ("i1", "depth")]
+    result = run_unlearning_job(model, train, test, cells, config={"steps": 5}, cache=cache, progress=seen.append)
+    assert isinstance(result, JobResult)
+    for key in ("uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original", "per_task", "method", "seconds", "forget_cells"):
+        assert key in result.metrics, key
+    assert result.metrics["method"] == "interference_aware"
+    assert result.metrics["forget_cells"] == [["i0", "depth"], ["i1", "depth"]]
+    assert set(result.metrics["per_task"]["test"]) == set(train.tasks)
+    assert result.metrics["uis_task"] >= 0 and result.metrics["mode"] == "partial"
+    assert result.seconds > 0 and result.log["method"] == "interference_aware"
+    assert seen and seen[-1] == 1.0 and all(0 <= f <= 1 for f in seen)
+    assert result.model is not model
+    # the per-version cache is filled and reused: a second job on the same version has nothing to compute
+    assert "eval_context" in cache and cache["engine"]
+    again = run_unlearning_job(model, train, test, [("i2", "segmentation")], config={"steps": 2}, cache=cache)
+    assert again.metrics["cache_seconds"] < result.metrics["cache_seconds"] + 1e-9
+
+
+def test_full_task_job_with_a_baseline(setup):
+    model, train, test = setup
+    result = run_unlearning_job(model, train, test, [("i3", t) for t in train.tasks], method="finetune", config={"steps": 2})
+    assert result.metrics["method"] == "finetune" and result.metrics["mode"] == "full"
+    assert result.metrics["uis_task"] == 0
+
+
+@pytest.mark.parametrize(
+    "cells, message",
+    [
+        ([], "forget set is empty"),
+        ([("i0", "albedo")], "unknown task 'albedo'"),
+        ([("nobody", "depth")], "unknown instance 'nobody'"),
+        (["i0"], "pair"),
+    ],
+)
+def test_bad_cells_are_refused(setup, cells, message):
+    model, train, test = setup
+    with pytest.raises(JobInputError, match=message):
+        run_unlearning_job(model, train, test, cells)
+
+
+def test_already_erased_cell_is_refused(setup):
+    model, train, test = setup
+    erased = train.without([("i4", "depth")])
+    with pytest.raises(JobInputError, match="already erased"):
+        run_unlearning_job(model, erased, test, [("i4", "depth")])
+    # an instance erased from every task is gone from the data: unknown
+    gone = train.without([("i5", t) for t in train.tasks])
+    with pytest.raises(JobInputError, match="unknown instance 'i5'"):
+        run_unlearning_job(model, gone, test, [("i5", "depth")])
+
+
+def test_mismatched_checkpoint_is_refused(setup):
+    _, train, test = setup
+    two_tasks = random_dataset(6, 2)
+    two_tasks.tasks = ["segmentation", "depth"]
+    other = train_model(two_tasks, TrainConfig(epochs=1, width=8, depth=2, head_width=8), progress=False)
+    with pytest.raises(JobInputError, match="checkpoint does not match"):
+        run_unlearning_job(other, train, test, [("i0", "depth")])
+    wrong_classes = random_dataset(6, 3, classes=5)
+    other = train_model(wrong_classes, TrainConfig(epochs=1, width=8, depth=2, head_width=8), progress=False)
+    with pytest.raises(JobInputError, match="output channels"):
+        run_unlearning_job(other, train, test, [("i0", "depth")])
+
+
+def test_unknown_method_is_refused(setup):
+    model, train, test = setup
+    with pytest.raises(KeyError, match="unknown unlearning method"):
+        run_unlearning_job(model, train, test, [("i0", "depth")], method="magic")

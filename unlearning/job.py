@@ -1,0 +1,214 @@
+"""The one entry point the service worker calls: validate, unlearn, evaluate.
+
+    result = run_unlearning_job(model, train, test, forget_cells, cache=cache_for_this_version)
+
+``train`` is the training data the model reflects (earlier erasures already
+removed), ``test`` held-out data (reference levels, membership-inference
+non-members, test-set metrics). There is no retrained model in the service, so
+the evaluation reports UIS and MIA AUC against the original model, not a
+forget gap.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .data.base import Cell, MultiTaskDataset
+from .evaluate import EvalContext, evaluate_unlearning
+from .methods import METHOD_NAMES, UnlearnData, get_method, method_defaults
+from .tasks import get_task
+
+
+class JobInputError(ValueError):
+    """A job that cannot run as asked: bad cells, an empty forget set, a mismatched checkpoint."""
+
+
+@dataclass
+class JobResult:
+    """The unlearned model, its metrics (JSON-able), the method's log and the job's wall time."""
+
+    model: torch.nn.Module
+    metrics: dict[str, Any]
+    log: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable) -> list[Cell]:
+    """The forget cells as a de-duplicated list of ``(instance_id, task)`` tuples.
+
+    :class:`JobInputError` (a ValueError) for an empty set, a malformed cell, an
+    unknown task, an unknown instance or a cell that is already erased.
+    """
+    cells: list[Cell] = []
+    for cell in forget_cells or []:
+        if not isinstance(cell, (tuple, list)) or len(cell) != 2:
+            raise JobInputError(f"a forget cell is an (instance_id, task) pair, got {cell!r}")
+        cells.append((str(cell[0]), str(cell[1])))
+    cells = list(dict.fromkeys(cells))
+    if not cells:
+        raise JobInputError("the forget set is empty: no (instance_id, task) cell to erase")
+    try:
+        return train.check_cells(cells)
+    except KeyError as exc:  # unknown instance
+        raise JobInputError(exc.args[0] if exc.args else str(exc)) from None
+    except ValueError as exc:  # unknown task, already erased
+        raise JobInputError(str(exc)) from None
+
+
+def check_model_matches(model, train: MultiTaskDataset, test: MultiTaskDataset | None = None) -> None:
+    """:class:`JobInputError` when the checkpoint's tasks or output channels do not match the data."""
+    model_tasks = list(getattr(model, "tasks", []))
+    if sorted(model_tasks) != sorted(train.tasks):
+        raise JobInputError(
+            f"checkpoint does not match the dataset: model tasks {model_tasks}, dataset {train.name!r} tasks {train.tasks}"
+        )
+    for t in train.tasks:
+        want = get_task(t).out_channels(train.num_classes)
+        have = model.config.tasks.get(t)
+        if have != want:
+            raise JobInputError(
+                f"checkpoint does not match the dataset: head {t!r} has {have} output channels, dataset needs {want}"
+            )
+    if test is not None and list(test.tasks) != list(train.tasks):
+        raise JobInputError(f"test tasks {test.tasks} differ from training tasks {train.tasks}")
+    if test is not None and train.image_size != test.image_size:
+        raise JobInputError(f"train images {train.image_size} and test images {test.image_size} differ in size")
+
+
+def _eval_context(cache: dict, model, train, test, device) -> EvalContext:
+    """The cached :class:`EvalContext` of this model version, or a new one.
+
+    The caller keeps ``cache`` per model version, so a context built for the
+    same training and test data holds this version's numbers even when the
+    model was loaded again (a new object): it is re-pointed at ``model``.
+    """
+    ctx = cache.get("eval_context")
+    if (
+        isinstance(ctx, EvalContext)
+        and ctx.train.instance_ids == train.instance_ids
+        and torch.equal(ctx.train.available, train.available)
+        and ctx.test.instance_ids == test.instance_ids
+    ):
+        ctx.original = model
+        ctx.device = device
+        return ctx
+    ctx = EvalContext(model, train, test, device=device)
+    cache["eval_context"] = ctx
+    return ctx
+
+
+def _per_task(evaluation: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """``{set: {task: metrics}}`` of the unlearned model (sets: test, retained, forgotten)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for g in evaluation.get("groups", []):
+        out.setdefault(g["set"], {})[g["task"]] = g["unlearned"]
+    return out
+
+
+def run_unlearning_job(
+    model,
+    train: MultiTaskDataset,
+    test: MultiTaskDataset,
+    forget_cells: Iterable,
+    method: str = "interference_aware",
+    config: dict | None = None,
+    device=None,
+    seed: int = 0,
+    cache: dict | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> JobResult:
+    """Erase ``forget_cells`` from ``model`` with ``method`` and evaluate the result.
+
+    Validation (before any work): the forget set is non-empty, every cell names
+    a task of ``train`` and an instance still in it, and is not already erased;
+    the model's heads match ``train``'s tasks and channels. Errors are
+    :class:`JobInputError` (a ValueError) naming the culprit; an unknown method
+    is a KeyError naming the known ones.
+
+    ``cache`` is a dict the caller keeps per model version. It holds what
+    depends only on the version and the data it reflects: under ``"engine"``
+    the method's reference levels τ, task subspaces and representation
+    features (``data.cache``), under ``"eval_context"`` the original model's
+    metrics on the test set and retained sample and its held-out losses. A
+    method with a ``prepare`` hook fills its part first; the time that takes
+    (0 when the cache is warm) is ``metrics["cache_seconds"]``.
+
+    Timing: ``seconds`` (and ``metrics["seconds"]``) is the whole call's wall
+    time, validation, cache filling, unlearning and evaluation included;
+    ``metrics["unlearn_seconds"]`` is the method alone, ``eval_seconds`` the
+    evaluation alone.
+
+    ``config`` is passed to the method (missing keys take its defaults);
+    ``progress`` receives a fraction in [0, 1] (the method covers 0-0.9).
+    """
+    start = time.perf_counter()
+    if method not in METHOD_NAMES:
+        get_method(method)  # raises KeyError naming the known methods
+    cells = validate_forget_cells(train, forget_cells)
+    check_model_matches(model, train, test)
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    cache = {} if cache is None else cache
+    engine_cache = cache.setdefault("engine", {})
+
+    def report(fraction: float) -> None:
+        if progress is not None:
+            progress(max(0.0, min(1.0, float(fraction))))
+
+    data = UnlearnData(
+        train=train,
+        forget_cells=cells,
+        retain=train.without(cells),
+        heldout=test,
+        device=device,
+        seed=int(seed),
+        cache=engine_cache,
+        progress=lambda f: report(0.9 * f),
+    )
+    model = model.to(device)
+    cfg = dict(config or {})
+
+    t_cache = time.perf_counter()
+    module = importlib.import_module(f"{__package__}.methods.{method}")
+    if hasattr(module, "prepare"):
+        module.prepare(model, data, {**method_defaults(method), **cfg})
+    cache_seconds = time.perf_counter() - t_cache
+
+    t_unlearn = time.perf_counter()
+    unlearned, log = get_method(method)(model, data, cfg)
+    unlearn_seconds = time.perf_counter() - t_unlearn
+    report(0.9)
+
+    t_eval = time.perf_counter()
+    context = _eval_context(cache, model, train, test, device)
+    evaluation = evaluate_unlearning(model, unlearned, train, cells, test, context=context, seed=int(seed), device=device)
+    eval_seconds = time.perf_counter() - t_eval
+    seconds = time.perf_counter() - start
+    report(1.0)
+
+    metrics = {
+        "uis": evaluation["uis"],
+        "uis_task": evaluation["uis_task"],
+        "uis_inst": evaluation["uis_inst"],
+        "mia_auc": evaluation["mia_auc"],
+        "mia_auc_original": evaluation["mia_auc_original"],
+        "per_task": _per_task(evaluation),
+        "mode": evaluation["mode"],
+        "forget_tasks": evaluation["forget_tasks"],
+        "forget_loss": evaluation["forget_loss"],
+        "method": method,
+        "seconds": round(seconds, 4),
+        "unlearn_seconds": round(unlearn_seconds, 4),
+        "eval_seconds": round(eval_seconds, 4),
+        "cache_seconds": round(cache_seconds, 4),
+        "forget_cells": [list(c) for c in cells],
+    }
+    return JobResult(model=unlearned, metrics=metrics, log=log, seconds=seconds)
+
+
+__all__ = ["JobResult", "JobInputError", "run_unlearning_job", "validate_forget_cells", "check_model_matches"]
