@@ -129,6 +129,7 @@ def rollback(
     """Point the serving alias of ``model_name`` at ``version``, in the caller's transaction.
 
     - already serving: no-op;
+    - a job of the model queued or running: :class:`Conflict` (it would move the alias back);
     - the target contains every erasure recorded since: move the alias, write
       AliasHistory (reason ``rollback``) and a ``model.rollback`` audit event;
     - erasures are missing: :class:`Conflict` naming them, unless
@@ -153,16 +154,17 @@ def rollback(
             version=version,
             erasures=missing,
         )
+    # A job under way would publish on top of its own base and move the alias back off the target.
+    active = session.execute(
+        select(Job.id).where(Job.model_name == model_name, Job.status.in_(ACTIVE_JOB_STATUSES))
+    ).scalars().first()
+    if active:
+        raise Conflict(
+            f"job {active} of {model_name!r} is under way; roll back once it has finished",
+            model=model_name,
+            job_id=active,
+        )
     if missing:
-        active = session.execute(
-            select(Job.id).where(
-                Job.model_name == model_name, Job.kind == "reapply", Job.status.in_(ACTIVE_JOB_STATUSES)
-            )
-        ).scalars().first()
-        if active:
-            raise Conflict(
-                f"a reapply job for {model_name!r} is already under way: {active}", model=model_name, job_id=active
-            )
         cells = [[m["instance_id"], t] for m in missing for t in m["tasks"]]
         request_ids = list(dict.fromkeys(m["request_id"] for m in missing))
         job = Job(

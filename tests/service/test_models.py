@@ -89,7 +89,7 @@ def test_rollback_with_reapply_queues_a_job(client, settings, model):
 
     assert client.get(f"/jobs/{job['id']}").json()["status"] == "queued"
     assert_problem(client.get("/jobs/nope"), 404)
-    # a second reapply while the first is under way is refused
+    # any rollback while that job is under way is refused
     again = client.post(f"/models/{model.name}/rollback", json={"version": 2, "reapply_erasures": True})
     assert assert_problem(again, 409)["job_id"] == job["id"]
 
@@ -102,6 +102,14 @@ def test_safe_rollback_moves_the_alias_and_records_it(client, settings, model):
                            erased_cells=s.execute(select(ModelVersion.erased_cells).where(
                                ModelVersion.version == 3)).scalar_one()))
         s.get(Alias, (model.name, "serving")).version = 4
+    with transaction(settings.database_url) as s:  # a deletion job under way on v4 would re-point the alias
+        s.add(Job(id="j-busy", model_name=model.name, kind="deletion", status="running", method="m", base_version=4))
+    before = counts(settings)
+    busy = assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 3}), 409)
+    assert busy["job_id"] == "j-busy" and counts(settings) == before and _serving(settings, model.name) == 4
+    with transaction(settings.database_url) as s:
+        s.get(Job, "j-busy").status = "completed"
+
     r = client.post(f"/models/{model.name}/rollback", json={"version": 3})
     assert r.status_code == 200, r.text
     assert r.json() == {"action": "moved", "model": model.name, "from_version": 4, "to_version": 3,
