@@ -55,8 +55,8 @@ from .base import UnlearnData
 PROTECTS_HEADS = True
 
 DEFAULTS = {
-    "steps": 60,  # step budget of the forget phase
-    "lr": 0.05,  # step length in parameter space (L2) per update
+    "steps": 120,  # step budget (forget steps plus settling steps)
+    "lr": 0.05,  # SGD learning rate η
     "retain_weight": 1.0,  # λ
     "distill_weight": 1.0,  # distillation to the original model's outputs on retain references
     "n_nearest": 2,  # nearest retained instances per forgotten instance
@@ -67,6 +67,12 @@ DEFAULTS = {
     "subspace_samples": 32,  # instances per task sampled for the subspaces
     "project": True,  # task-aware projection on shared layers
     "orthogonalize": True,  # instance-level gradient orthogonalization
+    "normalize": False,  # normalised gradient descent (step length lr) instead of plain SGD
+    "sum_cells": True,  # L_f sums over cells (design §2.1): each cell's pull does not shrink with |C_f|
+    "momentum": 0.0,
+    "max_norm": 1.0,  # clip of the update's norm (plain SGD)
+    "max_step": 3.0,  # cap on the step length, in units of lr
+    "settle_steps": 30,  # retain-only steps (with the per-cell forget signal re-armed) once all cells reached tau
     "repair_steps": 0,  # retain-only steps after the forget phase
     "repair_protected_heads": False,  # let repair steps train protected heads (breaks bit-identity)
 }
@@ -278,15 +284,37 @@ def unlearn(model, data: UnlearnData, config: dict | None):
             out.append((float(loss.detach()), _grads(loss, grad_params)))
         return out
 
-    def apply(update: list[torch.Tensor | None], grad_params):
-        norm = torch.sqrt(sum((u.double() ** 2).sum() for u in update if u is not None))
-        if float(norm) == 0.0 or not torch.isfinite(norm):
+    momentum: dict = {}
+
+    def apply(update: list[torch.Tensor | None], grad_params, scale_by: list[torch.Tensor | None] | None = None):
+        """θ ← θ - η u / ‖s‖ with s the forget part (the step length is set by the forget
+        direction; the retain correction rides along at its relative size), the
+        step capped at ``max_step`` × η."""
+        def norm_of(vs):
+            return torch.sqrt(sum((v.double() ** 2).sum() for v in vs if v is not None))
+
+        total = norm_of(update)
+        ref = norm_of(scale_by) if scale_by is not None else total
+        if float(total) == 0.0 or not torch.isfinite(total):
             return 0.0
+        if cfg["normalize"]:
+            ref = max(float(ref), float(total) / float(cfg["max_step"]), 1e-12)
+        else:
+            # plain SGD, the update's norm clipped to max_norm (a memorised model's loss
+            # surface is steep near its training points)
+            ref = max(1.0, float(total) / float(cfg["max_norm"]))
         with torch.no_grad():
             for p, u in zip(grad_params, update):
-                if u is not None:
-                    p.sub_(lr * u / norm.to(u.dtype))
-        return float(norm)
+                if u is None:
+                    continue
+                step = u / ref
+                if cfg["momentum"] > 0:
+                    buf = momentum.get(p)
+                    buf = step.clone() if buf is None else buf.mul_(cfg["momentum"]).add_(step)
+                    momentum[p] = buf
+                    step = buf
+                p.sub_(lr * step)
+        return float(total) / ref
 
     def forget_cell_losses():
         losses = cell_losses(student, forget, forget_tasks)
@@ -294,6 +322,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
 
     # --- forget phase
     reached = False
+    settled = 0
     for step in range(int(cfg["steps"])):
         losses = forget_cell_losses()
         active_terms = []
@@ -303,10 +332,17 @@ def unlearn(model, data: UnlearnData, config: dict | None):
             n_active += int(active.sum())
             active_terms.append((torch.clamp(losses[t], max=tau[t]) * active.to(losses[t].dtype)).sum())
         if n_active == 0:
+            # Every cell reached tau: retain-only (settling) steps; a cell that drops
+            # below tau again gets its forget gradient back on the next step.
             reached = True
-            break
-        l_f = -sum(active_terms) / max(n_cells, 1)
-        g_f = _grads(l_f, params)
+            settled += 1
+            if settled > int(cfg["settle_steps"]):
+                break
+            l_f = torch.zeros(())
+            g_f = [None] * len(params)
+        else:
+            l_f = -sum(active_terms) / max(n_cells, 1) * (n_cells if cfg["sum_cells"] else 1)
+            g_f = _grads(l_f, params)
         # task-aware projection of the forget gradient on shared layers
         proj_cache = {}
         for j, name in enumerate(train_names):
@@ -337,7 +373,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
                     term = lam * g[j] / len(r_out)
                     u = term if u is None else u + term
             update.append(u)
-        norm = apply(update, params)
+        norm = apply(update, params, g_f if n_active else None)
         steps_done += 1
         if step % 5 == 0:
             history.append(

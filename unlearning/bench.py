@@ -1,0 +1,437 @@
+"""The unlearning benchmark: every method against the retrained gold standard.
+
+    python -m unlearning.bench --suite smoke --out benchmarks/smoke.json
+
+For each benchmark (``indoor``: segmentation, depth, normals; ``street``:
+segmentation, depth) the original model is trained once (cached under
+``--cache-dir``, keyed by dataset spec and recipe). Then for each setting
+
+- ``full``: ``n_forget`` ∈ {1, 8} instances erased from every task,
+- ``partial``: 8 instances erased from one task, each task in turn,
+
+and each seed (the seed picks the forgotten instances and seeds the methods),
+the gold standard is retrained from scratch on the retain cells with the
+original recipe (cached by key), every method runs on the original model, and
+:func:`unlearning.evaluate.evaluate_unlearning` scores it.
+
+Timing. ``seconds`` is the wall time of the method's ``unlearn`` call. What a
+model version caches (interference_aware's τ, task subspaces and
+representation features; the original model's evaluation numbers) is computed
+once per benchmark before any timed run and reported as ``prepare_seconds``
+in the config; evaluation is never counted. ``retrain_seconds`` is the gold
+standard's training time (measured when it was trained, kept in its cache
+manifest). The ``retrain`` method's row *is* the gold standard (the same
+recipe and seed give the same model), so its ``seconds`` are ``retrain_seconds``.
+
+Writes the JSON results, a markdown summary (``.md``) and a plot (``.png``)
+next to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import load_splits
+from .evaluate import EvalContext, evaluate_unlearning
+from .losses import per_sample_losses
+from .methods import METHOD_NAMES, UnlearnData, get_method
+from .metrics import forget_gap, mia_auc
+from .model import load_model, save_model
+from .train import TrainConfig, resolve_device, train_model
+
+DEFAULT_METHOD = "interference_aware"
+
+SUITES: dict[str, dict] = {
+    # Sized for 2 shared CPU cores (one torch thread) in under 20 minutes: small
+    # images, 80 training scenes and a long enough schedule that the original
+    # model memorises them (membership inference on it is clearly above chance).
+    "smoke": {
+        "benchmarks": {
+            "indoor": {"name": "indoor", "n_train": 80, "n_test": 48, "height": 24, "width": 32, "seed": 0},
+            "street": {"name": "street", "n_train": 80, "n_test": 48, "height": 24, "width": 32, "seed": 0},
+        },
+        "train": {"epochs": 60, "batch_size": 16, "lr": 4e-3, "width": 16, "depth": 3, "head_width": 16, "seed": 0},
+        "seeds": [0, 1],
+        "n_forget_full": [1, 8],
+        "n_forget_partial": 8,
+        "retained_sample_size": 64,
+        "threads": 1,
+        "device": "cpu",
+    },
+    # GPU-sized, NYUv2-like scale (795 train / 654 test scenes at 288x384, a long
+    # schedule so that the original memorises). Implemented, not run on CPU.
+    "full": {
+        "benchmarks": {
+            "indoor": {"name": "indoor", "n_train": 795, "n_test": 654, "height": 288, "width": 384, "seed": 0},
+            "street": {"name": "street", "n_train": 795, "n_test": 500, "height": 256, "width": 512, "seed": 0},
+        },
+        "train": {"epochs": 200, "batch_size": 8, "lr": 1e-3, "width": 32, "depth": 4, "head_width": 32, "seed": 0},
+        "seeds": [0, 1, 2],
+        "n_forget_full": [1, 8],
+        "n_forget_partial": 8,
+        "retained_sample_size": 128,
+        "threads": None,
+        "device": "auto",
+    },
+}
+
+
+# ----------------------------------------------------------------------------- settings and caching
+
+
+def settings(train, suite: dict, seeds: list[int]) -> list[dict]:
+    """Every (setting, forget tasks, n_forget, seed) with its forget cells.
+
+    The seed draws a permutation of the training instances; a setting with
+    ``n`` instances takes the first ``n`` (so the 1-instance set is inside the
+    8-instance set of the same seed)."""
+    out = []
+    for seed in seeds:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(10_007 + int(seed))).tolist()
+        ids = [train.instance_ids[i] for i in order]
+        for n in suite["n_forget_full"]:
+            chosen = ids[:n]
+            out.append({"setting": "full", "forget_tasks": list(train.tasks), "n_forget": n, "seed": seed,
+                        "cells": [(i, t) for i in chosen for t in train.tasks]})
+        n = suite["n_forget_partial"]
+        for task in train.tasks:
+            out.append({"setting": "partial", "forget_tasks": [task], "n_forget": n, "seed": seed,
+                        "cells": [(i, task) for i in ids[:n]]})
+    return out
+
+
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_training(cache_dir: Path, dataset, recipe: TrainConfig, key_payload: dict, device) -> tuple[torch.nn.Module, float]:
+    """Train on ``dataset`` with ``recipe`` or load the model cached under the key; returns
+    ``(model, training seconds)`` (the seconds measured when it was trained)."""
+    directory = cache_dir / _key({**key_payload, "recipe": asdict(recipe)})
+    meta_path = directory / "bench.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return load_model(directory, map_location=device).eval(), float(meta["seconds"])
+    start = time.perf_counter()
+    model = train_model(dataset, recipe, device=device, progress=False)
+    seconds = time.perf_counter() - start
+    save_model(model, directory, extra={"train": asdict(recipe)})
+    meta_path.write_text(json.dumps({"seconds": seconds, "key": key_payload}, default=str))
+    return model.eval(), seconds
+
+
+@torch.no_grad()
+def _cell_losses(model, train, cells, device) -> dict[str, torch.Tensor]:
+    instances = list(dict.fromkeys(i for i, _ in cells))
+    losses = per_sample_losses(model, train, [train.index_of(i) for i in instances], device=device)
+    row = {iid: r for r, iid in enumerate(instances)}
+    out: dict[str, list[float]] = {}
+    for iid, task in cells:
+        out.setdefault(task, []).append(float(losses[task][row[iid]]))
+    return {t: torch.tensor(v, dtype=torch.float64) for t, v in out.items()}
+
+
+def _num(x):
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else round(x, 6)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cache_dir: Path, device=None,
+              benchmarks: list[str] | None = None, method_configs: dict | None = None, progress: bool = True) -> dict:
+    """Run a suite and return the results document (see the module docstring)."""
+    suite = SUITES[suite_name]
+    seeds = list(suite["seeds"] if seeds is None else seeds)
+    device = resolve_device(device or suite["device"])
+    if suite.get("threads") and device.type == "cpu":
+        # Several torch threads on a shared CPU oversubscribe it and run many times slower.
+        torch.set_num_threads(int(suite["threads"]))
+    recipe = TrainConfig(**suite["train"])
+    method_configs = method_configs or {}
+    names = [b for b in suite["benchmarks"] if benchmarks is None or b in benchmarks]
+    results, prepare_seconds, original_seconds = [], {}, {}
+
+    loaded = {b: load_splits(suite["benchmarks"][b]) for b in names}
+    plan = [(b, s) for b in names for s in settings(loaded[b][0], suite, seeds)]
+    bar = tqdm(total=len(plan) * len(methods), desc=f"bench {suite_name}", disable=not progress)
+    current = None
+    for bench, st in plan:
+        spec = suite["benchmarks"][bench]
+        train, test = loaded[bench]
+        if current != bench:
+            current = bench
+            bar.set_postfix_str(f"{bench}: original model")
+            original, original_seconds[bench] = cached_training(cache_dir, train, recipe, {"spec": spec, "cells": "all"}, device)
+            # Per-model-version state, computed once and not counted in any job's seconds.
+            t0 = time.perf_counter()
+            context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"], device=device)
+            context.original_metrics("test")
+            context.test_losses()
+            engine_cache: dict = {}
+            if DEFAULT_METHOD in methods:
+                from .methods import interference_aware
+
+                warm = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=device, cache=engine_cache)
+                interference_aware.prepare(original, warm, {**interference_aware.DEFAULTS, **method_configs.get(DEFAULT_METHOD, {})})
+            prepare_seconds[bench] = round(time.perf_counter() - t0, 3)
+
+        cells = st["cells"]
+        retain = train.without(cells)
+        bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: retrain")
+        gold, retrain_seconds = cached_training(
+            cache_dir, retain, recipe, {"spec": spec, "forget": sorted(map(list, cells))}, device
+        )
+        gold_members = _cell_losses(gold, train, cells, device)
+        gold_test = per_sample_losses(gold, test, device=device)
+        mia_retrain = mia_auc(gold_members, {t: gold_test[t] for t in gold_members})
+        gold_mean = {t: [float(v.mean())] for t, v in gold_members.items()}
+
+        for method in methods:
+            bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: {method}")
+            data = UnlearnData(train, cells, retain, heldout=test, device=device, seed=int(st["seed"]), cache=engine_cache)
+            if method == "retrain":
+                unlearned, seconds = gold, retrain_seconds
+            else:
+                cfg = dict(method_configs.get(method, {}))
+                start = time.perf_counter()
+                unlearned, _ = get_method(method)(original, data, cfg)
+                seconds = time.perf_counter() - start
+            ev = evaluate_unlearning(original, unlearned, train, cells, test, context=context, device=device)
+            mean_u = {t: [v] for t, v in ev["forget_loss"]["unlearned"].items()}
+            results.append({
+                "benchmark": bench,
+                "setting": st["setting"],
+                "forget_tasks": st["forget_tasks"],
+                "n_forget": st["n_forget"],
+                "seed": st["seed"],
+                "method": method,
+                "uis": _num(ev["uis"]),
+                "uis_task": _num(ev["uis_task"]),
+                "uis_inst": _num(ev["uis_inst"]),
+                "mia_auc": _num(ev["mia_auc"]),
+                "mia_auc_original": _num(ev["mia_auc_original"]),
+                "mia_auc_retrain": _num(mia_retrain),
+                "forget_gap": _num(forget_gap(mean_u, gold_mean)),
+                "seconds": round(seconds, 4),
+                "retrain_seconds": round(retrain_seconds, 4),
+            })
+            bar.update(1)
+    bar.close()
+    return {
+        "suite": suite_name,
+        "config": {
+            **{k: v for k, v in suite.items() if k != "seeds"},
+            "seeds": seeds,
+            "methods": methods,
+            "method_configs": method_configs,
+            "prepare_seconds": prepare_seconds,
+            "original_seconds": {b: round(s, 3) for b, s in original_seconds.items()},
+            "torch": torch.__version__,
+        },
+        "device": _device_name(device),
+        "results": results,
+    }
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def aggregate(results: list[dict]) -> dict:
+    """``{(benchmark, setting, n_forget): {method: means}}``: means over seeds (and, in
+    partial mode, over the forgotten task). ``mia_err`` is the mean over runs of
+    ``|mia_auc - mia_auc_retrain|``; ``speedup`` is ``retrain_seconds / seconds``."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["benchmark"], r["setting"], r["n_forget"]), {}).setdefault(r["method"], []).append(r)
+    out = {}
+    for key, by_method in groups.items():
+        out[key] = {}
+        for m, rows in by_method.items():
+            out[key][m] = {
+                "runs": len(rows),
+                **{f: _mean([r[f] for r in rows]) for f in
+                   ("uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original", "mia_auc_retrain", "forget_gap",
+                    "seconds", "retrain_seconds")},
+                "mia_err": _mean([abs(r["mia_auc"] - r["mia_auc_retrain"]) for r in rows
+                                  if r["mia_auc"] is not None and r["mia_auc_retrain"] is not None]),
+                "speedup": _mean([r["retrain_seconds"] / r["seconds"] for r in rows if r["seconds"]]),
+            }
+    return out
+
+
+def headline(results: list[dict], ours: str = DEFAULT_METHOD) -> list[dict]:
+    """Per benchmark and setting (all of its runs pooled): our UIS against the strongest
+    baseline, the baseline with the lowest mean UIS among those whose forgetting is at
+    least as good (mean ``|mia_auc - mia_auc_retrain|`` no larger than ours). ``retrain``
+    is the gold standard, not a baseline. Also the lowest-UIS baseline regardless of
+    forgetting, for reference."""
+    pooled: dict = {}
+    for r in results:
+        pooled.setdefault((r["benchmark"], r["setting"]), []).append(r)
+    rows = []
+    for (bench, setting), runs in sorted(pooled.items()):
+        agg = aggregate([{**r, "n_forget": 0} for r in runs])[(bench, setting, 0)]
+        if ours not in agg:
+            continue
+        me = agg[ours]
+        baselines = {m: v for m, v in agg.items() if m not in (ours, "retrain")}
+        eligible = {m: v for m, v in baselines.items() if v["mia_err"] <= me["mia_err"] + 1e-9}
+        strongest = min(eligible, key=lambda m: eligible[m]["uis"]) if eligible else None
+        lowest = min(baselines, key=lambda m: baselines[m]["uis"]) if baselines else None
+
+        def reduction(m):
+            if m is None or not baselines[m]["uis"]:
+                return None
+            return 100.0 * (1.0 - me["uis"] / baselines[m]["uis"])
+
+        eight = [r for r in runs if r["n_forget"] == 8 and r["method"] == ours]
+        rows.append({
+            "benchmark": bench, "setting": setting, "uis": me["uis"], "mia_err": me["mia_err"],
+            "strongest": strongest, "strongest_uis": eligible[strongest]["uis"] if strongest else None,
+            "reduction": reduction(strongest),
+            "lowest_uis_baseline": lowest, "lowest_uis": baselines[lowest]["uis"] if lowest else None,
+            "reduction_vs_lowest": reduction(lowest),
+            "mia8": _mean([r["mia_auc"] for r in eight]), "mia8_retrain": _mean([r["mia_auc_retrain"] for r in eight]),
+            "mia8_original": _mean([r["mia_auc_original"] for r in eight]),
+            "speedup": me["speedup"],
+        })
+    return rows
+
+
+def _f(x, nd=2):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def markdown(doc: dict) -> str:
+    """The summary: headline per benchmark and setting, then every method's means."""
+    res = doc["results"]
+    lines = [f"# Unlearning benchmark: `{doc['suite']}` suite", "",
+             f"Command: `{doc.get('command', '')}`  ", f"Device: {doc['device']}  ",
+             f"Wall time: {_f(doc.get('wall_seconds', float('nan')), 0)} s  ",
+             f"Seeds: {doc['config']['seeds']}; runs: {len(res)}", "",
+             "## Headline (interference_aware vs the strongest baseline)", "",
+             "Strongest baseline: lowest mean UIS among baselines whose mean |mia_auc − mia_auc_retrain| is no "
+             "larger than interference_aware's (retrain is the gold standard, not a baseline). All runs of the "
+             "setting pooled (full: 1 and 8 instances; partial: every task). MIA columns: forget sets of 8, means over seeds.", "",
+             "| benchmark | setting | UIS (ours) | |ΔMIA| (ours) | strongest baseline | its UIS | UIS reduction | "
+             "lowest-UIS baseline (any forgetting) | its UIS | reduction | MIA ours (n=8) | MIA retrain (n=8) | MIA original (n=8) | speed-up vs retrain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for h in headline(res):
+        lines.append(
+            f"| {h['benchmark']} | {h['setting']} | {_f(h['uis'])} | {_f(h['mia_err'], 3)} | {h['strongest'] or 'none'} | "
+            f"{_f(h['strongest_uis'])} | {_f(h['reduction'], 1)}% | {h['lowest_uis_baseline']} | {_f(h['lowest_uis'])} | "
+            f"{_f(h['reduction_vs_lowest'], 1)}% | {_f(h['mia8'], 3)} | {_f(h['mia8_retrain'], 3)} | {_f(h['mia8_original'], 3)} | "
+            f"{_f(h['speedup'], 1)}× |")
+    lines += ["", "## Every method (means over seeds; partial: also over the forgotten task)", ""]
+    for (bench, setting, n), by_method in sorted(aggregate(res).items()):
+        lines += [f"### {bench} · {setting} · {n} instance(s)", "",
+                  "| method | UIS | UIS task | UIS inst | MIA | MIA retrain | MIA original | |ΔMIA| | forget gap | seconds | speed-up |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m, v in sorted(by_method.items(), key=lambda kv: kv[1]["uis"]):
+            lines.append(
+                f"| {m} | {_f(v['uis'])} | {_f(v['uis_task'])} | {_f(v['uis_inst'])} | {_f(v['mia_auc'], 3)} | "
+                f"{_f(v['mia_auc_retrain'], 3)} | {_f(v['mia_auc_original'], 3)} | {_f(v['mia_err'], 3)} | "
+                f"{_f(v['forget_gap'], 3)} | {_f(v['seconds'], 2)} | {_f(v['speedup'], 1)}× |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    """UIS against forgetting error per method, one panel per benchmark and setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = doc["results"]
+    keys = sorted({(r["benchmark"], r["setting"]) for r in res})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.0), squeeze=False)
+    methods = sorted({r["method"] for r in res})
+    cmap = plt.get_cmap("tab20")
+    for ax, (bench, setting) in zip(axes[0], keys):
+        agg = aggregate([{**r, "n_forget": 0} for r in res if r["benchmark"] == bench and r["setting"] == setting])
+        agg = agg[(bench, setting, 0)]
+        for j, m in enumerate(methods):
+            if m not in agg:
+                continue
+            v = agg[m]
+            star = m == DEFAULT_METHOD
+            ax.scatter(v["mia_err"], v["uis"], s=120 if star else 40, marker="*" if star else "o", color=cmap(j % 20),
+                       label=m, edgecolors="black" if star else "none", zorder=3 if star else 2)
+        ax.set_xlabel("|MIA AUC − retrained|  (lower: closer to retrain)")
+        ax.set_ylabel("UIS %  (lower: less interference)")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_title(f"{bench} · {setting}")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a benchmark suite and write JSON, markdown and PNG results."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m unlearning.bench", description=main.__doc__)
+    p.add_argument("--suite", choices=sorted(SUITES), default="smoke")
+    p.add_argument("--out", required=True, help="results JSON path (.md and .png are written next to it)")
+    p.add_argument("--methods", nargs="+", default=None, help=f"default: all ({', '.join(METHOD_NAMES)})")
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--benchmarks", nargs="+", default=None, help="default: all of the suite's")
+    p.add_argument("--cache-dir", default=".cache/bench", help="trained originals and gold standards, keyed by config")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the suite's)")
+    p.add_argument("--method-config", default=None, help="JSON file {method: {hyper-parameter: value}}")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    methods = args.methods or list(METHOD_NAMES)
+    for m in methods:
+        get_method(m)
+    configs = json.loads(Path(args.method_config).read_text()) if args.method_config else {}
+    cache_dir = Path(args.cache_dir) / args.suite
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs, not args.no_progress)
+    doc["command"] = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
+    doc["wall_seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(doc))
+    plot(doc, out.with_suffix(".png"))
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
