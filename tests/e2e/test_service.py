@@ -262,3 +262,32 @@ def test_metrics_count_the_work(client, settings):
     assert value("unlearnd_model_serving_version", model) >= 6
     assert 0.0 <= value("unlearnd_model_mia_auc", model) <= 1.0
     assert value("unlearnd_model_uis", model) >= 0.0
+
+
+def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store):
+    """The API never lets an unknown instance through; if one reaches a job anyway, the job
+    and its request fail with the error, nothing is published, and the model is free again."""
+    from worker import jobs
+    from worker.tables import DeletionRequest, ModelVersion
+
+    with _session(settings) as session:
+        req = DeletionRequest(model_name=settings.model_name, instance_id="no-such-instance", tasks=["depth"],
+                              status="queued")
+        session.add(req)
+        session.flush()
+        request_id = req.id
+        versions_before = session.execute(select(func.count()).select_from(ModelVersion)).scalar()
+    status, job_id = jobs.claim_job(settings, settings.model_name)
+    assert status == "claimed"
+    outcome = jobs.run_job(settings, store, job_id)
+    assert outcome.status == "failed" and "no-such-instance" in outcome.error
+
+    body = client.get(f"/deletions/{request_id}").json()
+    assert body["status"] == "failed" and "no-such-instance" in body["error"]
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "failed"
+    failed = client.get("/audit/events", params={"kind": "job.failed"}).json()["items"]
+    assert any(e["payload"]["job_id"] == job_id for e in failed)
+    with _session(settings) as session:
+        assert session.execute(select(func.count()).select_from(ModelVersion)).scalar() == versions_before
+    assert jobs.process_model(settings, store, settings.model_name).status == "idle"
+    assert client.get("/audit/verify").json()["ok"] is True
