@@ -32,7 +32,7 @@ TINY = {
     "UNLEARND_IMAGE_WIDTH": "32",
     "UNLEARND_TRAIN_EPOCHS": "4",
     "UNLEARND_MODEL_WIDTH": "8",
-    "UNLEARND_METHOD_CONFIG": '{"steps": 5, "subspace_samples": 8}',
+    "UNLEARND_METHOD_CONFIG": '{"steps": 5, "settle_steps": 2, "subspace_samples": 8}',
     "UNLEARND_DEVICE": "cpu",
     "UNLEARND_RELAY_INTERVAL_S": "0.2",
 }
