@@ -23,6 +23,8 @@ BASELINES = [m for m in METHOD_NAMES if m not in ("interference_aware", "retrain
 TASKS = ["segmentation", "depth", "normal"]
 SIZE = 16
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")  # tiny convs: threads only contend
+
 
 def blocky(gen, n, channels, cells=4):
     """Random piecewise-constant maps (cells x cells blocks), so the tiny net can memorise them."""
@@ -53,17 +55,8 @@ def train_memorised(dataset, steps=300):
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions on a shared 2-core machine: extra threads only contend (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def world(one_thread):
+def world(torch_single_thread):
     train = random_dataset(24, seed=1, prefix="tr")
     heldout = random_dataset(8, seed=2, prefix="ho")
     model = train_memorised(train)
@@ -96,19 +89,14 @@ def test_memorised(world):
     assert float(tr) < 0.6 * float(ho)
 
 
-# SSD selects weights with I_f > alpha * I_d. I_d averages over the whole training
-# set, forgotten instances included, so with 2 of 24 forgotten I_f / I_d <= 12:
-# the tiny fixture needs a lower alpha than a realistic training set.
-TEST_CONFIG = {"ssd": {"alpha": 5.0}}
-
-
 # Methods without a forget signal (they forget only by drifting on the retain data)
 # raise the forget cells' loss by less; they must still raise it.
 MARGIN = {"finetune": 1.0, "l1_sparse": 1.0}
 
 
 def run(method, model, data):
-    return get_method(method)(model, data, TEST_CONFIG.get(method, {}))
+    """The method with its DEFAULTS (the swept values)."""
+    return get_method(method)(model, data, {})
 
 
 def raised(method, model, out, data):

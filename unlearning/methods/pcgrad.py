@@ -19,9 +19,10 @@ from . import loops
 
 PROTECTS_HEADS = False
 
+# Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
 DEFAULTS = {
     "steps": 20,
-    "lr": 1e-3,
+    "lr": 1e-4,
     "forget_weight": 1.0,  # w
     "optimizer": "adam",
     "batch_size": 16,

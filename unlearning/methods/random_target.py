@@ -15,6 +15,7 @@ from . import loops
 
 PROTECTS_HEADS = False
 
+# Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
 DEFAULTS = {
     "steps": 20,
     "lr": 1e-3,

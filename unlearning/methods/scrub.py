@@ -29,10 +29,11 @@ from . import loops
 
 PROTECTS_HEADS = False
 
+# Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
 DEFAULTS = {
     "rounds": 15,
     "max_rounds": 5,
-    "lr": 5e-4,
+    "lr": 1e-3,
     "distill_weight": 1.0,  # alpha, on the retain divergence
     "task_weight": 1.0,  # gamma, on the retain task loss
     "temperature": 4.0,

@@ -28,9 +28,10 @@ from . import loops
 
 PROTECTS_HEADS = True
 
+# Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
 DEFAULTS = {
-    "alpha": 10.0,  # selection weighting: dampen where I_f > alpha * I_d
-    "lambda": 1.0,  # dampening constant: beta = min(lambda * I_d / I_f, 1)
+    "alpha": 1.0,  # selection weighting: dampen where I_f > alpha * I_d
+    "lambda": 0.8,  # dampening constant: beta = min(lambda * I_d / I_f, 1)
     "fisher_samples": 256,  # at most this many training instances for I_d
 }
 
@@ -55,7 +56,8 @@ def fisher_diagonal(model, batches, tasks_of, progress=None) -> dict[str, torch.
 
 def train_importance(model, data, n_samples: int) -> dict[str, torch.Tensor]:
     """``I_d`` over (a seeded subset of) ``data.train``, cached per training set and size."""
-    key = ("ssd_train_importance", data.train.name, len(data.train), int(n_samples), int(data.seed))
+    train = data.train
+    key = ("ssd_train_importance", train.name, len(train), int(train.available.sum()), int(n_samples), int(data.seed))
     if key in data.cache:
         return data.cache[key]
     n = len(data.train)
