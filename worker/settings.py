@@ -18,12 +18,14 @@ class Settings(BaseSettings):
 
     model_name: str = "indoor-mtl"
     dataset: str = "indoor"
-    n_train: int = 160
+    n_train: int = 128
     n_test: int = 48
     image_height: int = 48
     image_width: int = 64
-    train_epochs: int = 30
-    model_width: int = 32  # encoder base width and head width of a first model (tests use a tiny one)
+    # ~1 minute on 2 CPU cores and long enough that the model memorises its training data
+    # (membership AUC 0.83-0.97 per task), so the audit's MIA numbers mean something.
+    train_epochs: int = 60
+    model_width: int = 16  # encoder base width and head width of a first model (tests use a tinier one)
     seed: int = 0
 
     method: str = "interference_aware"
