@@ -81,6 +81,55 @@ def test_partial_mode_keeps_protected_heads_bit_identical(memorised):
     assert log["protected_tasks"] == ["segmentation", "normal"]
 
 
+def test_partial_mode_heads_only_keeps_protected_predictions_identical(memorised):
+    model, train, test = memorised
+    cells = [(i, "depth") for i in train.instance_ids[:3]]
+    unlearned, _ = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 10})
+    before, after = model.state_dict(), unlearned.state_dict()
+    for name in before:
+        if not name.startswith("heads.depth."):
+            assert torch.equal(before[name], after[name]), name
+    with torch.no_grad():
+        x = test.batch(range(4)).images
+        a, b = model.eval()(x, ["segmentation", "normal"]), unlearned.eval()(x, ["segmentation", "normal"])
+    for t in ("segmentation", "normal"):
+        assert torch.equal(a[t], b[t])
+
+
+def test_two_sided_band_pulls_overshooting_cells_back(memorised):
+    model, train, test = memorised
+    cells = [(i, t) for i in train.instance_ids[:2] for t in TASKS]
+    # a level far below the cells' current loss: every cell is "above the band" and descends;
+    # one-sided, the same run takes retain-only steps
+    tau = {t: 1e-6 for t in TASKS}
+    data = _data(train, test, cells)
+    cfg = {"tau": tau, "steps": 20, "settle_steps": 100}
+    _, one = get_method("interference_aware")(model, data, {**cfg, "two_sided": False})
+    _, two = get_method("interference_aware")(model, data, {**cfg, "two_sided": True})
+    assert two["tau_history"] == []  # a given tau is never re-estimated
+    total = lambda log: sum(sum(v) for v in log["final_forget_losses"].values())
+    assert total(two) < total(one)
+
+
+def test_shadow_calibration_is_cached_and_sets_quantiles(memorised):
+    from unlearning.methods.interference_aware import shadow_auc
+
+    model, train, test = memorised
+    cells = [(train.instance_ids[0], t) for t in TASKS]
+    recipe = {"epochs": 5, "batch_size": 8, "lr": 5e-3, "width": 8, "depth": 2, "head_width": 8, "seed": 0}
+    cfg = {**DEFAULTS, "shadow_recipe": recipe, "shadow_full": 3, "shadow_partial": 3, "shadow_models": 2}
+    data = _data(train, test, cells)
+    first = shadow_auc(model, data, cfg)
+    n = len(data.cache)
+    assert shadow_auc(model, data, cfg)["full"] == first["full"] and len(data.cache) == n
+    for mode in ("full", "partial"):
+        assert set(first[mode]) == set(TASKS)
+    _, log = get_method("interference_aware")(model, data, {"shadow_recipe": recipe, "shadow_full": 3, "shadow_partial": 3,
+                                                            "shadow_models": 2, "steps": 2})
+    for t in TASKS:
+        assert abs(log["tau_quantiles"][t] - min(0.95, max(0.05, 1 - first["full"][t]))) < 1e-12
+
+
 def test_repair_option_may_move_protected_heads(memorised):
     model, train, test = memorised
     cells = [(i, "depth") for i in train.instance_ids[:3]]

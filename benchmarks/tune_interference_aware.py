@@ -1,0 +1,53 @@
+"""Dev loop for interference_aware: run named config variants on a subset of the
+smoke suite (default: indoor, seed 0 -- the tuning split) and print per setting
+the UIS and the MIA AUC against the retrained model's.
+
+    python benchmarks/tune_interference_aware.py --variants '{"default": {}}' \
+        --out benchmarks/tune_interference_aware.json
+
+Appends every variant's result to the --out JSON (a tuning record).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from unlearning.bench import aggregate, run_suite
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", required=True, help='JSON {name: config}')
+    p.add_argument("--benchmarks", nargs="+", default=["indoor"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--out", default="benchmarks/tune_interference_aware.json")
+    args = p.parse_args()
+    variants = json.loads(args.variants)
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.exists() else {"records": []}
+    record = doc["records"] if isinstance(doc, dict) else doc
+    for name, cfg in variants.items():
+        t0 = time.perf_counter()
+        doc = run_suite("smoke", ["interference_aware"], args.seeds, Path(".cache/bench/smoke"),
+                        benchmarks=args.benchmarks, method_configs={"interference_aware": cfg}, progress=False)
+        wall = time.perf_counter() - t0
+        rows = {}
+        for (b, s, n), by in sorted(aggregate(doc["results"]).items()):
+            v = by["interference_aware"]
+            rows[f"{b}/{s}/{n}"] = {"uis": round(v["uis"], 3), "mia": round(v["mia_auc"], 3),
+                                    "mia_retrain": round(v["mia_auc_retrain"], 3), "mia_err": round(v["mia_err"], 3),
+                                    "seconds": round(v["seconds"], 2)}
+        per_run = [{k: r[k] for k in ("benchmark", "setting", "forget_tasks", "n_forget", "seed", "uis", "mia_auc", "mia_auc_retrain")}
+                   for r in doc["results"]]
+        record.append({"variant": name, "config": cfg, "benchmarks": args.benchmarks, "seeds": args.seeds,
+                       "wall_seconds": round(wall, 1), "summary": rows, "runs": per_run})
+        print(f"== {name} {cfg} ({wall:.0f} s)")
+        for k, v in rows.items():
+            print(f"   {k:24s} UIS {v['uis']:7.2f}  MIA {v['mia']:.3f} (retrain {v['mia_retrain']:.3f}, err {v['mia_err']:.3f})  {v['seconds']:.1f}s")
+        out.write_text(json.dumps({**(doc if isinstance(doc, dict) else {}), "records": record}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
