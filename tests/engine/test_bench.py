@@ -1,0 +1,78 @@
+"""The benchmark CLI end to end on a tiny suite, and the headline rule on constructed results."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unlearning import bench
+
+RESULT_KEYS = {
+    "benchmark", "setting", "forget_tasks", "n_forget", "seed", "method", "uis", "uis_task", "uis_inst",
+    "mia_auc", "mia_auc_original", "mia_auc_retrain", "forget_gap", "seconds", "retrain_seconds",
+}
+
+
+@pytest.fixture
+def tiny_suite(monkeypatch):
+    suite = {
+        "benchmarks": {"indoor": {"name": "indoor", "n_train": 14, "n_test": 8, "height": 16, "width": 16, "seed": 0}},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 4e-3, "width": 8, "depth": 2, "head_width": 8, "seed": 0},
+        "seeds": [0],
+        "n_forget_full": [1],
+        "n_forget_partial": 2,
+        "retained_sample_size": 8,
+        "threads": 1,
+        "device": "cpu",
+    }
+    monkeypatch.setitem(bench.SUITES, "tiny", suite)
+    return suite
+
+
+def test_bench_cli_writes_the_result_contract(tiny_suite, tmp_path, torch_single_thread):
+    out = tmp_path / "results.json"
+    methods = ["interference_aware", "gradient_ascent", "retrain"]
+    code = bench.main(["--suite", "tiny", "--out", str(out), "--methods", *methods, "--cache-dir", str(tmp_path / "cache"),
+                       "--no-progress", "--no-shadow", "--method-config", str(_config(tmp_path))])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["suite"] == "tiny"
+    # indoor: one full setting (1 instance) + one partial setting per task (3), one seed, three methods
+    assert len(doc["results"]) == (1 + 3) * len(methods)
+    for r in doc["results"]:
+        assert RESULT_KEYS <= set(r)
+        assert r["seconds"] >= r["unlearn_seconds"] > 0
+        assert r["setting"] in ("full", "partial")
+        if r["setting"] == "partial":
+            assert len(r["forget_tasks"]) == 1 and r["n_forget"] == 2
+    gold = [r for r in doc["results"] if r["method"] == "retrain"]
+    assert all(r["mia_auc"] == r["mia_auc_retrain"] for r in gold)
+    assert out.with_suffix(".md").read_text().startswith("# Unlearning benchmark")
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def _config(tmp_path):
+    path = tmp_path / "methods.json"
+    path.write_text(json.dumps({"interference_aware": {"steps": 4}, "gradient_ascent": {"steps": 2}}))
+    return path
+
+
+def _run(method, uis, mia, mia_retrain=0.5, n=8):
+    return {"benchmark": "b", "setting": "full", "forget_tasks": ["t"], "n_forget": n, "seed": 0, "method": method,
+            "uis": uis, "uis_task": 0.0, "uis_inst": uis, "mia_auc": mia, "mia_auc_original": 0.9,
+            "mia_auc_retrain": mia_retrain, "forget_gap": 0.0, "seconds": 1.0, "retrain_seconds": 10.0}
+
+
+def test_headline_picks_the_lowest_uis_among_baselines_that_forget_as_well():
+    results = [
+        _run("interference_aware", uis=2.0, mia=0.55),  # |ΔMIA| 0.05
+        _run("finetune", uis=0.5, mia=0.85),  # lower UIS but forgets worse: not eligible
+        _run("salun", uis=8.0, mia=0.52),  # eligible
+        _run("scrub", uis=5.0, mia=0.46),  # eligible and lower UIS than salun
+        _run("retrain", uis=1.0, mia=0.5),  # the gold standard, never a baseline
+    ]
+    (row,) = bench.headline(results)
+    assert row["strongest"] == "scrub"
+    assert row["reduction"] == pytest.approx(100 * (1 - 2.0 / 5.0))
+    assert row["lowest_uis_baseline"] == "finetune"
+    assert row["speedup"] == pytest.approx(10.0)
