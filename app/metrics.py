@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timezone
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -19,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion
+from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion, as_utc
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ class RecordCollector(Collector):
         ).all()
         per_kind: dict[str, list[float]] = {}
         for kind, started, finished in rows:
-            started, finished = _aware(started), _aware(finished)
+            started, finished = as_utc(started), as_utc(finished)
             per_kind.setdefault(kind, []).append(max(0.0, (finished - started).total_seconds()))
         family = HistogramMetricFamily(
             "unlearnd_job_duration_seconds", "Duration of finished jobs (started to finished)", labels=["kind"]
@@ -131,10 +130,6 @@ class RecordCollector(Collector):
             buckets.append(("+Inf", len(durations)))
             family.add_metric([kind], buckets, sum(durations))
         return family
-
-
-def _aware(at):
-    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at
 
 
 class HttpMetrics:

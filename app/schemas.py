@@ -1,18 +1,15 @@
 """The HTTP contract: request bodies and response documents."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-
-def _utc(at: datetime) -> datetime:
-    # SQLite hands back naive datetimes; they were written as UTC
-    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+from worker.tables import as_utc
 
 
-UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
+UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
 RequestStatus = Literal["received", "queued", "running", "completed", "failed", "rejected"]
 
 

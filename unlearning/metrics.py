@@ -6,7 +6,7 @@ and values. :mod:`unlearning.evaluate` runs the models and feeds these.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .tables import AuditEvent, utcnow
+from .tables import AuditEvent, as_utc, utcnow
 
 GENESIS = "0" * 64
 
 
 def _canonical_time(at: datetime) -> str:
-    if at.tzinfo is None:  # SQLite returns naive datetimes; they were written as UTC
-        at = at.replace(tzinfo=timezone.utc)
-    return at.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return as_utc(at).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def event_hash(prev_hash: str, seq: int, at: datetime, kind: str, model_name, request_id, instance_id, payload) -> str:

@@ -27,7 +27,7 @@ import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -70,13 +70,6 @@ class JobOutcome:
 
 class JobFailed(RuntimeError):
     """A job that cannot succeed as specified (bad cells, missing base version)."""
-
-
-def aware(dt: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; they were written as UTC."""
-    if dt is not None and dt.tzinfo is None:
-        return dt.replace(tzinfo=timezone.utc)
-    return dt
 
 
 def engine_cache(model_name: str, version: int) -> dict:

@@ -6,14 +6,14 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Generic, TypeVar
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from .errors import Invalid
-from .tables import AuditEvent, DeletionRequest
+from .tables import AuditEvent, DeletionRequest, as_utc
 
 T = TypeVar("T")
 MAX_LIMIT = 500
@@ -42,9 +42,7 @@ def decode_cursor(cursor: str, n: int) -> list:
 
 def utc(at: datetime | None) -> datetime | None:
     """A naive datetime is read as UTC."""
-    if at is not None and at.tzinfo is None:
-        return at.replace(tzinfo=timezone.utc)
-    return at
+    return None if at is None else as_utc(at)
 
 
 def _check_limit(limit: int) -> int:

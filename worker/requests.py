@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Literal, Sequence
 
 from sqlalchemy import select, text
@@ -20,7 +20,7 @@ from .audit import append_event
 from .datasets import erased_cells, get_splits
 from .errors import Conflict, Invalid, NotFound
 from .settings import Settings
-from .tables import AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, new_id, utcnow
+from .tables import AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, as_utc, new_id, utcnow
 
 #: statuses of a request the worker has yet to finish; its cells are "pending"
 PENDING_STATUSES = ("received", "queued", "running")
@@ -300,6 +300,4 @@ def certificate_hash(body: dict) -> str:
 def _iso(at: datetime | None) -> str | None:
     if at is None:
         return None
-    if at.tzinfo is None:  # SQLite hands back naive datetimes; they were written as UTC
-        at = at.replace(tzinfo=timezone.utc)
-    return at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return as_utc(at).isoformat().replace("+00:00", "Z")

@@ -13,6 +13,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(at: datetime) -> datetime:
+    """``at`` as an aware UTC datetime. SQLite hands back naive datetimes; they were written as UTC."""
+    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
