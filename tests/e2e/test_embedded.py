@@ -8,7 +8,7 @@ import sys
 import httpx
 import pytest
 
-from .conftest import ROOT, TINY, _child_env, free_port, stop_process, wait_for
+from .conftest import TINY, _child_env, free_port, stop_process, wait_for
 
 
 @pytest.fixture

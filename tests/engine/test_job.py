@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from unlearning.job import JobInputError, JobResult, run_unlearning_job
 from unlearning.train import TrainConfig, train_model

@@ -7,7 +7,6 @@ tasks' heads bit-identical in a partial-task request.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 
 import pytest

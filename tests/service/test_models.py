@@ -5,7 +5,7 @@ from sqlalchemy import select
 
 from unlearning.data import dataset_key
 from worker.db import transaction
-from worker.tables import Alias, AliasHistory, AuditEvent, Job, ModelVersion, OutboxMessage, Tombstone, utcnow
+from worker.tables import Alias, AliasHistory, AuditEvent, Job, ModelVersion, OutboxMessage, Tombstone
 
 from .conftest import assert_problem, counts
 
