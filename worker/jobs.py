@@ -366,6 +366,10 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
     from unlearning.train import resolve_device
 
     device = resolve_device(settings.device)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     model, base_manifest = store.load(model_name, base_version, device=device)
     data = job_data(settings, spec, base_manifest, cells)
     interval = max(0.5, min(10.0, settings.stale_after_s / 4))

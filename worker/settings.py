@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     method: str = "interference_aware"
     method_config: dict = {}  # the method's hyper-parameters over its defaults, JSON in UNLEARND_METHOD_CONFIG
     device: str = "auto"  # auto = CUDA when present
+    # CPU threads torch may use in a job; None = torch's default. On a small shared CPU
+    # (API, relay and worker in one process) oversubscribed threads slow jobs down many times.
+    torch_threads: int | None = None
     job_time_limit_s: int = 3600
     stale_after_s: int = 600  # the sweeper re-enqueues work untouched for this long
     relay_interval_s: float = 1.0

@@ -34,6 +34,7 @@ TINY = {
     "UNLEARND_MODEL_WIDTH": "8",
     "UNLEARND_METHOD_CONFIG": '{"steps": 5, "settle_steps": 2, "subspace_samples": 8}',
     "UNLEARND_DEVICE": "cpu",
+    "UNLEARND_TORCH_THREADS": "1",  # worker, serve and pytest share two cores
     "UNLEARND_RELAY_INTERVAL_S": "0.2",
 }
 
