@@ -37,12 +37,5 @@ def unlearn(model, data, config):
     history = loops.run_update_loop(
         params, cfg["steps"], fill_grads, loops.make_optimizer(params, cfg), data, cfg["grad_clip"]
     )
-    log = {
-        "method": "finetune",
-        "config": cfg,
-        "steps": cfg["steps"],
-        "forget_loss_before": before,
-        "forget_loss_after": loops.forget_loss_value(student, data),
-        "history": history,
-    }
+    log = loops.method_log("finetune", cfg, cfg["steps"], before, student, data, history=history)
     return student, log

@@ -41,12 +41,5 @@ def unlearn(model, data, config):
         return {"retain_loss": lr_, "l1_norm": l1, "gamma": gamma}
 
     history = loops.run_update_loop(params, steps, fill_grads, loops.make_optimizer(params, cfg), data, cfg["grad_clip"])
-    log = {
-        "method": "l1_sparse",
-        "config": cfg,
-        "steps": steps,
-        "forget_loss_before": before,
-        "forget_loss_after": loops.forget_loss_value(student, data),
-        "history": history,
-    }
+    log = loops.method_log("l1_sparse", cfg, steps, before, student, data, history=history)
     return student, log

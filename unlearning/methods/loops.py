@@ -180,3 +180,16 @@ def forget_loss_value(model, data: UnlearnData) -> float:
     """:func:`forget_loss` on the whole forget batch, as a number (logged before and after)."""
     batch = data.forget_batch().to(data.device)
     return float(forget_loss(model, batch, data.forget_tasks))
+
+
+def method_log(method: str, cfg: dict, steps: int, before: float, student, data: UnlearnData, **extra) -> dict:
+    """The log every baseline returns: its name, config and step count, the forget loss
+    before and after (see :func:`forget_loss_value`), and method-specific ``extra``."""
+    return {
+        "method": method,
+        "config": cfg,
+        "steps": steps,
+        **extra,
+        "forget_loss_before": before,
+        "forget_loss_after": forget_loss_value(student, data),
+    }

@@ -72,13 +72,14 @@ def unlearn(model, data, config):
     history = loops.run_update_loop(
         params, cfg["steps"], fill_grads, loops.make_optimizer(params, cfg), data, cfg["grad_clip"]
     )
-    log = {
-        "method": "pcgrad",
-        "config": cfg,
-        "steps": cfg["steps"],
-        "conflicting_steps": conflicts,
-        "forget_loss_before": before,
-        "forget_loss_after": loops.forget_loss_value(student, data),
-        "history": history,
-    }
+    log = loops.method_log(
+        "pcgrad",
+        cfg,
+        cfg["steps"],
+        before,
+        student,
+        data,
+        conflicting_steps=conflicts,
+        history=history,
+    )
     return student, log

@@ -79,14 +79,15 @@ def unlearn(model, data, config):
     for p in student.parameters():  # grads of frozen weights from the last backward
         p.grad = None
     n_salient = sum(int(m.sum()) for m in masks.values())
-    log = {
-        "method": "salun",
-        "config": cfg,
-        "steps": cfg["steps"],
-        "salient_weights": n_salient,
-        "total_weights": sum(m.numel() for m in masks.values()),
-        "forget_loss_before": before,
-        "forget_loss_after": loops.forget_loss_value(student, data),
-        "history": history,
-    }
+    log = loops.method_log(
+        "salun",
+        cfg,
+        cfg["steps"],
+        before,
+        student,
+        data,
+        salient_weights=n_salient,
+        total_weights=sum(m.numel() for m in masks.values()),
+        history=history,
+    )
     return student, log

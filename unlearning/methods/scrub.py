@@ -100,13 +100,14 @@ def unlearn(model, data, config):
     history = loops.run_update_loop(
         params, len(schedule), fill_grads, loops.make_optimizer(params, cfg), data, cfg["grad_clip"]
     )
-    log = {
-        "method": "scrub",
-        "config": cfg,
-        "steps": len(schedule),
-        "max_steps": schedule.count("max"),
-        "forget_loss_before": before,
-        "forget_loss_after": loops.forget_loss_value(student, data),
-        "history": history,
-    }
+    log = loops.method_log(
+        "scrub",
+        cfg,
+        len(schedule),
+        before,
+        student,
+        data,
+        max_steps=schedule.count("max"),
+        history=history,
+    )
     return student, log

@@ -90,13 +90,14 @@ def unlearn(model, data, config):
     singles = [loops.take(forget, torch.tensor([i])) for i in range(len(forget.index))]
     i_forget = fisher_diagonal(student, singles, lambda b: [t for t in tasks if bool(b.has[t][0])], data.progress)
     dampened = dampen(student, i_forget, i_train, float(cfg["alpha"]), float(cfg["lambda"]))
-    log = {
-        "method": "ssd",
-        "config": cfg,
-        "steps": 0,
-        "dampened_weights": dampened,
-        "total_weights": sum(p.numel() for p in student.parameters()),
-        "forget_loss_before": before,
-        "forget_loss_after": loops.forget_loss_value(student, data),
-    }
+    log = loops.method_log(
+        "ssd",
+        cfg,
+        0,
+        before,
+        student,
+        data,
+        dampened_weights=dampened,
+        total_weights=sum(p.numel() for p in student.parameters()),
+    )
     return student, log
