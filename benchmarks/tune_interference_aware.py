@@ -28,10 +28,12 @@ def main() -> None:
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {"records": []}
     record = doc["records"] if isinstance(doc, dict) else doc
+    caches: dict = {}  # per-model-version state (shadows, subspaces) computed once for every variant
     for name, cfg in variants.items():
         t0 = time.perf_counter()
         doc = run_suite("smoke", ["interference_aware"], args.seeds, Path(".cache/bench/smoke"),
-                        benchmarks=args.benchmarks, method_configs={"interference_aware": cfg}, progress=False)
+                        benchmarks=args.benchmarks, method_configs={"interference_aware": cfg}, progress=False,
+                        engine_caches=caches, independent_retrain=False)
         wall = time.perf_counter() - t0
         rows = {}
         for (b, s, n), by in sorted(aggregate(doc["results"]).items()):

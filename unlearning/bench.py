@@ -43,7 +43,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -58,6 +58,10 @@ from .model import load_model, save_model
 from .train import TrainConfig, resolve_device, train_model
 
 DEFAULT_METHOD = "interference_aware"
+# Not a method: the gold standard's recipe with another initialisation seed. How far
+# two retrained models disagree on the forget cells is the noise floor of every
+# comparison with ``mia_auc_retrain``.
+INDEPENDENT_RETRAIN = "retrain_independent"
 
 SUITES: dict[str, dict] = {
     # Sized for 2 shared CPU cores (one torch thread) in under 20 minutes: small
@@ -161,8 +165,12 @@ def _num(x):
 
 def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cache_dir: Path, device=None,
               benchmarks: list[str] | None = None, method_configs: dict | None = None, progress: bool = True,
-              shadow: bool = True) -> dict:
-    """Run a suite and return the results document (see the module docstring)."""
+              shadow: bool = True, engine_caches: dict | None = None, independent_retrain: bool = True) -> dict:
+    """Run a suite and return the results document (see the module docstring).
+
+    ``engine_caches`` (benchmark name -> dict) lets a caller that runs several
+    suites on the same original models (a tuning loop) keep what the methods
+    cache per model version between runs."""
     suite = SUITES[suite_name]
     seeds = list(suite["seeds"] if seeds is None else seeds)
     device = resolve_device(device or suite["device"])
@@ -176,11 +184,12 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
         # with the deployed model's recipe (the service keeps it in the model's manifest).
         method_configs[DEFAULT_METHOD] = {"shadow_recipe": asdict(recipe), **method_configs.get(DEFAULT_METHOD, {})}
     names = [b for b in suite["benchmarks"] if benchmarks is None or b in benchmarks]
+    run_methods = list(methods) + ([INDEPENDENT_RETRAIN] if independent_retrain else [])
     results, prepare_seconds, original_seconds = [], {}, {}
 
     loaded = {b: load_splits(suite["benchmarks"][b]) for b in names}
     plan = [(b, s) for b in names for s in settings(loaded[b][0], suite, seeds)]
-    bar = tqdm(total=len(plan) * len(methods), desc=f"bench {suite_name}", disable=not progress)
+    bar = tqdm(total=len(plan) * len(run_methods), desc=f"bench {suite_name}", disable=not progress)
     current = None
     for bench, st in plan:
         spec = suite["benchmarks"][bench]
@@ -194,7 +203,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
             context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"], device=device)
             context.original_metrics("test")
             context.test_losses()
-            engine_cache: dict = {}
+            engine_cache: dict = {} if engine_caches is None else engine_caches.setdefault(bench, {})
             if DEFAULT_METHOD in methods:
                 from .methods import interference_aware
 
@@ -213,11 +222,15 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
         mia_retrain = mia_auc(gold_members, {t: gold_test[t] for t in gold_members})
         gold_mean = {t: [float(v.mean())] for t, v in gold_members.items()}
 
-        for method in methods:
+        for method in run_methods:
             bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: {method}")
             data = UnlearnData(train, cells, retain, heldout=test, device=device, seed=int(st["seed"]), cache=engine_cache)
             if method == "retrain":
                 unlearned, unlearn_seconds = gold, retrain_seconds
+            elif method == INDEPENDENT_RETRAIN:
+                unlearned, unlearn_seconds = cached_training(
+                    cache_dir, retain, replace(recipe, seed=recipe.seed + 1), {"spec": spec, "forget": sorted(map(list, cells))}, device
+                )
             else:
                 cfg = dict(method_configs.get(method, {}))
                 start = time.perf_counter()
@@ -318,7 +331,9 @@ def headline(results: list[dict], ours: str = DEFAULT_METHOD) -> list[dict]:
         if ours not in agg:
             continue
         me = agg[ours]
-        baselines = {m: v for m, v in agg.items() if m not in (ours, "retrain")}
+        baselines = {m: v for m, v in agg.items() if m not in (ours, "retrain", INDEPENDENT_RETRAIN)}
+        independent = agg.get(INDEPENDENT_RETRAIN)
+        eight_independent = [r for r in runs if r["n_forget"] == 8 and r["method"] == INDEPENDENT_RETRAIN]
         eligible = {m: v for m, v in baselines.items() if v["mia_err"] <= me["mia_err"] + 1e-9}
         strongest = min(eligible, key=lambda m: eligible[m]["uis"]) if eligible else None
         lowest = min(baselines, key=lambda m: baselines[m]["uis"]) if baselines else None
@@ -340,6 +355,8 @@ def headline(results: list[dict], ours: str = DEFAULT_METHOD) -> list[dict]:
             "closest_mia_err": baselines[closest]["mia_err"] if closest else None, "reduction_vs_closest": reduction(closest),
             "mia8": _mean([r["mia_auc"] for r in eight]), "mia8_retrain": _mean([r["mia_auc_retrain"] for r in eight]),
             "mia8_original": _mean([r["mia_auc_original"] for r in eight]),
+            "independent_mia_err": independent["mia_err"] if independent else None,
+            "mia8_independent": _mean([r["mia_auc"] for r in eight_independent]) if eight_independent else None,
             "speedup": me["speedup"],
         })
     return rows
@@ -360,17 +377,21 @@ def markdown(doc: dict) -> str:
              "Strongest baseline: lowest mean UIS among baselines whose mean |mia_auc − mia_auc_retrain| is no "
              "larger than interference_aware's (retrain is the gold standard, not a baseline); `none` when no baseline forgets as well. "
              "Best-forgetting baseline: the one with the lowest mean |ΔMIA| (for reference when the strongest is `none`). All runs of the "
-             "setting pooled (full: 1 and 8 instances; partial: every task). MIA columns: forget sets of 8, means over seeds.", "",
-             "| benchmark | setting | UIS (ours) | |ΔMIA| (ours) | strongest baseline | its UIS | UIS reduction | "
+             "setting pooled (full: 1 and 8 instances; partial: every task). MIA columns: forget sets of 8, means over seeds. "
+             f"`{INDEPENDENT_RETRAIN}`: the gold standard's recipe with another initialisation seed; its |ΔMIA| is how far two "
+             "retrained models disagree (the noise floor of every |ΔMIA|).", "",
+             "| benchmark | setting | UIS (ours) | |ΔMIA| (ours) | |ΔMIA| independent retrain | strongest baseline | its UIS | UIS reduction | "
              "lowest-UIS baseline (any forgetting) | its UIS | reduction | best-forgetting baseline | its |ΔMIA| | its UIS | reduction | "
-             "MIA ours (n=8) | MIA retrain (n=8) | MIA original (n=8) | speed-up vs retrain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "MIA ours (n=8) | MIA retrain (n=8) | MIA independent retrain (n=8) | MIA original (n=8) | speed-up vs retrain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for h in headline(res):
         lines.append(
-            f"| {h['benchmark']} | {h['setting']} | {_f(h['uis'])} | {_f(h['mia_err'], 3)} | {h['strongest'] or 'none'} | "
+            f"| {h['benchmark']} | {h['setting']} | {_f(h['uis'])} | {_f(h['mia_err'], 3)} | {_f(h['independent_mia_err'], 3)} | "
+            f"{h['strongest'] or 'none'} | "
             f"{_f(h['strongest_uis'])} | {_f(h['reduction'], 1)}% | {h['lowest_uis_baseline']} | {_f(h['lowest_uis'])} | "
             f"{_f(h['reduction_vs_lowest'], 1)}% | {h['closest_baseline']} | {_f(h['closest_mia_err'], 3)} | {_f(h['closest_uis'])} | "
-            f"{_f(h['reduction_vs_closest'], 1)}% | {_f(h['mia8'], 3)} | {_f(h['mia8_retrain'], 3)} | {_f(h['mia8_original'], 3)} | "
+            f"{_f(h['reduction_vs_closest'], 1)}% | {_f(h['mia8'], 3)} | {_f(h['mia8_retrain'], 3)} | "
+            f"{_f(h['mia8_independent'], 3)} | {_f(h['mia8_original'], 3)} | "
             f"{_f(h['speedup'], 1)}× |")
     lines += ["", "## Every method (means over seeds; partial: also over the forgotten task)", ""]
     for (bench, setting, n), by_method in sorted(aggregate(res).items()):
@@ -436,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the suite's)")
     p.add_argument("--method-config", default=None, help="JSON file {method: {hyper-parameter: value}}")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-independent-retrain", action="store_true",
+                   help=f"skip the {INDEPENDENT_RETRAIN} reference (a second gold standard with another seed)")
     p.add_argument("--no-shadow", action="store_true",
                    help="do not give interference_aware the training recipe (no shadow calibration of its tau)")
     args = p.parse_args(argv)
@@ -448,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs, not args.no_progress,
-                    shadow=not args.no_shadow)
+                    shadow=not args.no_shadow, independent_retrain=not args.no_independent_retrain)
     doc["command"] = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
     doc["wall_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)

@@ -38,7 +38,8 @@ def test_bench_cli_writes_the_result_contract(tiny_suite, tmp_path, torch_single
     doc = json.loads(out.read_text())
     assert doc["suite"] == "tiny"
     # indoor: one full setting (1 instance) + one partial setting per task (3), one seed, three methods
-    assert len(doc["results"]) == (1 + 3) * len(methods)
+    # and the independent retrain (the gold standard's recipe with another seed)
+    assert len(doc["results"]) == (1 + 3) * (len(methods) + 1)
     for r in doc["results"]:
         assert RESULT_KEYS <= set(r)
         assert r["seconds"] >= r["unlearn_seconds"] > 0
@@ -47,6 +48,10 @@ def test_bench_cli_writes_the_result_contract(tiny_suite, tmp_path, torch_single
             assert len(r["forget_tasks"]) == 1 and r["n_forget"] == 2
     gold = [r for r in doc["results"] if r["method"] == "retrain"]
     assert all(r["mia_auc"] == r["mia_auc_retrain"] for r in gold)
+    independent = [r for r in doc["results"] if r["method"] == bench.INDEPENDENT_RETRAIN]
+    assert len(independent) == 4
+    # another initialisation: not the gold standard's numbers, and no UIS-free copy of it
+    assert any(r["mia_auc"] != r["mia_auc_retrain"] or r["forget_gap"] != 0 for r in independent)
     assert out.with_suffix(".md").read_text().startswith("# Unlearning benchmark")
     assert out.with_suffix(".png").stat().st_size > 0
 
@@ -70,9 +75,11 @@ def test_headline_picks_the_lowest_uis_among_baselines_that_forget_as_well():
         _run("salun", uis=8.0, mia=0.52),  # eligible
         _run("scrub", uis=5.0, mia=0.46),  # eligible and lower UIS than salun
         _run("retrain", uis=1.0, mia=0.5),  # the gold standard, never a baseline
+        _run(bench.INDEPENDENT_RETRAIN, uis=0.1, mia=0.53),  # a reference, never a baseline
     ]
     (row,) = bench.headline(results)
     assert row["strongest"] == "scrub"
     assert row["reduction"] == pytest.approx(100 * (1 - 2.0 / 5.0))
     assert row["lowest_uis_baseline"] == "finetune"
+    assert row["independent_mia_err"] == pytest.approx(0.03)
     assert row["speedup"] == pytest.approx(10.0)
