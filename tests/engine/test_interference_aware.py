@@ -53,12 +53,13 @@ def _data(train, test, cells, **kw):
     return UnlearnData(train, cells, train.without(cells), heldout=test, **kw)
 
 
-def test_forgetting_lowers_membership_signal(memorised):
+@pytest.mark.parametrize("optimizer", [{}, {"optimizer": "sgd", "lr": 0.05}], ids=["adam", "sgd"])
+def test_forgetting_lowers_membership_signal(memorised, optimizer):
     model, train, test = memorised
     cells = [(i, t) for i in train.instance_ids[:4] for t in TASKS]
     before = _mia(model, train, test, cells)
     assert before > 0.9, "the tiny model should have memorised its training data"
-    unlearned, log = get_method("interference_aware")(model, _data(train, test, cells), {})
+    unlearned, log = get_method("interference_aware")(model, _data(train, test, cells), optimizer)
     after = _mia(unlearned, train, test, cells)
     assert after < before - 0.25
     assert abs(after - 0.5) < 0.3
@@ -84,7 +85,8 @@ def test_partial_mode_keeps_protected_heads_bit_identical(memorised):
 def test_partial_mode_heads_only_keeps_protected_predictions_identical(memorised):
     model, train, test = memorised
     cells = [(i, "depth") for i in train.instance_ids[:3]]
-    unlearned, _ = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 10})
+    cfg = {"steps": 10, "heads_only_partial": True}
+    unlearned, _ = get_method("interference_aware")(model, _data(train, test, cells), cfg)
     before, after = model.state_dict(), unlearned.state_dict()
     for name in before:
         if not name.startswith("heads.depth."):
@@ -189,6 +191,58 @@ def test_prepare_fills_the_cache_once(memorised):
     data = _data(train, test, cells)
     prepare(model, data, DEFAULTS)
     keys = set(data.cache)
-    assert any(k[0] == "tau" for k in keys) and any(k[0] == "task_subspaces" for k in keys)
-    prepare(model, data, DEFAULTS)
+    assert any(k[0] == "tau" for k in keys) and any(k[0] == "features" for k in keys)
+    assert not any(k[0] == "task_subspaces" for k in keys), "projection is off by default: no subspaces"
+    prepare(model, data, {**DEFAULTS, "project": True})
+    keys = set(data.cache)
+    assert any(k[0] == "task_subspaces" for k in keys)
+    prepare(model, data, {**DEFAULTS, "project": True})
     assert set(data.cache) == keys
+
+
+def test_preconditioned_forget_step_stays_in_the_projected_subspace(memorised):
+    """The surgery acts on the step actually taken: Adam's preconditioner is applied
+    before the projection, so a shared conv moves only within range(Q)."""
+    from unlearning.methods.interference_aware import forget_projector
+    from unlearning.projection import cached_subspaces, shared_convs
+
+    model, train, test = memorised
+    cells = [(i, "depth") for i in train.instance_ids[:3]]
+    data = _data(train, test, cells)
+    # no retain step (λ = 0): the whole step is the projected, orthogonalised forget step
+    cfg = {"steps": 1, "project": True, "energy": 0.5, "retain_weight": 0.0, "tau_refresh": 0}
+    unlearned, log = get_method("interference_aware")(model, data, cfg)
+    spaces = cached_subspaces(model, train, data.cache, 0.5, DEFAULTS["subspace_samples"])
+    before, after = model.state_dict(), unlearned.state_dict()
+    checked = 0
+    for name in shared_convs(model):
+        q = forget_projector(spaces[name], ["depth"], ["segmentation", "normal"])
+        delta = (after[name + ".weight"] - before[name + ".weight"]).double().reshape(q.shape[0], -1)
+        if q.shape[1] == 0:
+            assert torch.count_nonzero(delta) == 0, name
+            continue
+        assert float(delta.norm()) > 0, name
+        outside = delta - q @ (q.T @ delta)
+        assert float(outside.norm()) < 1e-4 * float(delta.norm()), name  # float32 weights
+        checked += 1
+    assert checked, "at least one shared conv has room for the forget step"
+
+
+def test_stepper_preconditions_the_parts_not_their_sum():
+    """Where the forget and retain gradients cancel, the preconditioned forget part stays
+    at Adam's unit scale instead of blowing up."""
+    from unlearning.methods.interference_aware import Stepper
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    g_f = torch.tensor([1.0, 1e-3, 0.5])
+    g_r = torch.tensor([-1.0, 2.0, 0.0])  # cancels g_f in the first coordinate
+    stepper = Stepper({**DEFAULTS})
+    (pf,), (pr,) = stepper.precondition([p], [g_f], [g_r])
+    assert float(pf.abs().max()) <= 1.0 + 1e-6 and float(pr.abs().max()) <= 1.0 + 1e-6
+    assert pf[0] == pytest.approx(1 / 2 ** 0.5, rel=1e-4)  # 1 / sqrt(1² + 1²), not 1 / |1 - 1|
+    assert pf[2] == pytest.approx(1.0, rel=1e-4)
+    stepper.step([p], [pf + pr])
+    # first Adam step: momentum bias-corrected, θ moves by lr × the preconditioned update
+    assert torch.allclose(p.detach(), -DEFAULTS["lr"] * (pf + pr), atol=1e-9)
+    with pytest.raises(ValueError, match="optimizer"):
+        Stepper({**DEFAULTS, "optimizer": "rmsprop"})
