@@ -83,3 +83,19 @@ def test_headline_picks_the_lowest_uis_among_baselines_that_forget_as_well():
     assert row["lowest_uis_baseline"] == "finetune"
     assert row["independent_mia_err"] == pytest.approx(0.03)
     assert row["speedup"] == pytest.approx(10.0)
+
+
+def test_settings_draw_nested_forget_sets_and_may_restrict_partial_tasks(tiny_suite):
+    from unlearning.data import load_splits
+
+    train, _ = load_splits(tiny_suite["benchmarks"]["indoor"])
+    suite = {**tiny_suite, "n_forget_full": [1, 3], "n_forget_partial": 2}
+    every = bench.settings(train, suite, [0, 1])
+    assert [(s["setting"], s["n_forget"], s["seed"]) for s in every[:5]] == [
+        ("full", 1, 0), ("full", 3, 0), ("partial", 2, 0), ("partial", 2, 0), ("partial", 2, 0)]
+    one, three = every[0]["cells"], every[1]["cells"]
+    assert set(one) < set(three) and len(three) == 3 * len(train.tasks)
+    assert every[0]["cells"] != every[5]["cells"], "another seed draws other instances"
+    only_depth = bench.settings(train, {**suite, "partial_tasks": ["depth"]}, [0])
+    assert [s["forget_tasks"] for s in only_depth if s["setting"] == "partial"] == [["depth"]]
+    assert all(t == "depth" for s in only_depth if s["setting"] == "partial" for _, t in s["cells"])
