@@ -1,11 +1,14 @@
-"""Dev loop for interference_aware: run named config variants on a subset of the
-smoke suite (default: indoor, seed 0 -- the tuning split) and print per setting
-the UIS and the MIA AUC against the retrained model's.
+"""Dev loop for interference_aware: run named config variants on a subset of a
+suite (default: smoke, indoor, seed 0 -- the first round's tuning split; the
+second round used seeds 2 and 3 of both benchmarks) and print per setting the
+UIS, the MIA AUC against the retrained model's and the speed-up.
 
     python benchmarks/tune_interference_aware.py --variants '{"default": {}}' \
         --out benchmarks/tune_interference_aware.json
 
-Appends every variant's result to the --out JSON (a tuning record).
+Appends every variant's result to the --out JSON (a tuning record). Trained
+models come from the bench cache (``.cache/bench/<suite>``); what the method
+caches per model version is kept across the variants of one call.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ def main() -> None:
     p.add_argument("--benchmarks", nargs="+", default=["indoor"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", default="benchmarks/tune_interference_aware.json")
+    p.add_argument("--suite", default="smoke")
+    p.add_argument("--no-shadow", action="store_true", help="as the service runs the method: no shadow calibration")
     args = p.parse_args()
     variants = json.loads(args.variants)
     out = Path(args.out)
@@ -31,23 +36,25 @@ def main() -> None:
     caches: dict = {}  # per-model-version state (shadows, subspaces) computed once for every variant
     for name, cfg in variants.items():
         t0 = time.perf_counter()
-        doc = run_suite("smoke", ["interference_aware"], args.seeds, Path(".cache/bench/smoke"),
+        doc = run_suite(args.suite, ["interference_aware"], args.seeds, Path(".cache/bench") / args.suite,
                         benchmarks=args.benchmarks, method_configs={"interference_aware": cfg}, progress=False,
-                        engine_caches=caches, independent_retrain=False)
+                        shadow=not args.no_shadow, engine_caches=caches, independent_retrain=False)
         wall = time.perf_counter() - t0
         rows = {}
         for (b, s, n), by in sorted(aggregate(doc["results"]).items()):
             v = by["interference_aware"]
             rows[f"{b}/{s}/{n}"] = {"uis": round(v["uis"], 3), "mia": round(v["mia_auc"], 3),
                                     "mia_retrain": round(v["mia_auc_retrain"], 3), "mia_err": round(v["mia_err"], 3),
-                                    "seconds": round(v["seconds"], 2)}
+                                    "seconds": round(v["seconds"], 2), "speedup": round(v["speedup"], 1)}
         per_run = [{k: r[k] for k in ("benchmark", "setting", "forget_tasks", "n_forget", "seed", "uis", "mia_auc", "mia_auc_retrain")}
                    for r in doc["results"]]
-        record.append({"variant": name, "config": cfg, "benchmarks": args.benchmarks, "seeds": args.seeds,
+        record.append({"variant": name, "config": cfg, "suite": args.suite, "shadow": not args.no_shadow,
+                       "benchmarks": args.benchmarks, "seeds": args.seeds,
                        "wall_seconds": round(wall, 1), "summary": rows, "runs": per_run})
         print(f"== {name} {cfg} ({wall:.0f} s)")
         for k, v in rows.items():
-            print(f"   {k:24s} UIS {v['uis']:7.2f}  MIA {v['mia']:.3f} (retrain {v['mia_retrain']:.3f}, err {v['mia_err']:.3f})  {v['seconds']:.1f}s")
+            print(f"   {k:24s} UIS {v['uis']:7.2f}  MIA {v['mia']:.3f} (retrain {v['mia_retrain']:.3f}, err {v['mia_err']:.3f})  "
+                  f"{v['seconds']:.1f}s ({v['speedup']:.1f}x)")
         out.write_text(json.dumps({**(doc if isinstance(doc, dict) else {}), "records": record}, indent=1) + "\n")
 
 
