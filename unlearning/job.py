@@ -109,6 +109,17 @@ def _per_task(evaluation: dict) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
+def check_config(method: str, config: dict | None) -> None:
+    """Refuse hyper-parameters the method does not have (a typo would otherwise be
+    ignored silently and the job run with the default). ``train`` (the training
+    recipe, read by ``retrain``) is accepted for every method."""
+    known = set(method_defaults(method)) | {"train"}
+    unknown = sorted(set(config or {}) - known)
+    if unknown:
+        raise JobInputError(f"method {method!r} has no parameter {', '.join(map(repr, unknown))}; "
+                            f"its parameters: {sorted(known)}")
+
+
 def run_unlearning_job(
     model,
     train: MultiTaskDataset,
@@ -150,6 +161,7 @@ def run_unlearning_job(
         get_method(method)  # raises KeyError naming the known methods
     cells = validate_forget_cells(train, forget_cells)
     check_model_matches(model, train, test)
+    check_config(method, config)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)

@@ -91,3 +91,9 @@ def test_unknown_method_is_refused(setup):
     model, train, test = setup
     with pytest.raises(KeyError, match="unknown unlearning method"):
         run_unlearning_job(model, train, test, [("i0", "depth")], method="magic")
+
+
+def test_unknown_config_key_is_refused(setup):
+    model, train, test = setup
+    with pytest.raises(JobInputError, match="no parameter 'stpes'"):
+        run_unlearning_job(model, train, test, [("i0", "depth")], config={"stpes": 5})
