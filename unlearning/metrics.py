@@ -111,6 +111,18 @@ def _auc_counts(members: torch.Tensor, nonmembers: torch.Tensor) -> torch.Tensor
     return (above.double() + 0.5 * ties.double()) / n
 
 
+def member_scores(member_losses, nonmember_losses) -> torch.Tensor:
+    """Each member's contribution to :func:`mia_auc` (one task): ``P(non-member loss >
+    its loss) + ½ P(tie)``, in member order (NaN for a NaN member loss; non-member
+    NaNs are dropped). The AUC of a set of members is the mean of their scores."""
+    members = torch.as_tensor(member_losses, dtype=torch.float64).flatten().cpu()
+    nonmembers = _finite_losses(nonmember_losses)
+    if nonmembers.numel() == 0:
+        return torch.full_like(members, float("nan"))
+    out = _auc_counts(members.nan_to_num(0.0), nonmembers)
+    return torch.where(torch.isnan(members), torch.full_like(out, float("nan")), out)
+
+
 def mia_auc(member_losses, nonmember_losses) -> float:
     """AUC of the loss-threshold membership attack "lower loss => member".
 

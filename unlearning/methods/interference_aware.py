@@ -12,15 +12,19 @@ Each step combines:
    with ``tau_refresh`` it is re-read every that many steps on the *current*
    model's held-out losses (forward passes only), since the membership attack
    compares a forgotten cell with held-out data under the unlearned model.
-   **Which quantile**: when the caller passes the deployed model's training
-   recipe (``shadow_recipe``; the benchmark does, the service keeps it in the
-   model manifest), it is calibrated per model version with
-   ``shadow_models`` shadow models (:func:`shadow_calibration`): each is trained
-   with that recipe without ``shadow_full`` fixed random instances and without
-   one task of ``shadow_partial`` others; the attack AUC ``a_k`` of those
-   cells against held-out data under the shadow is what a retrained model is
-   expected to show, so the level is the ``1 - a_k`` quantile (separately for
-   full and partial erasure). Without a recipe, ``tau_quantile`` (full) and
+   **Which quantile** (:func:`reference_quantiles`): when the caller passes the
+   deployed model's training recipe (``shadow_recipe``; the benchmark does),
+   every training cell gets an *out-of-fold score* once per model version
+   (:func:`shadow_scores`): ``shadow_folds`` folds of the instances, shadow
+   models trained with that recipe that never saw a fold's instances (full
+   erasure) or one task of each (partial erasure), and the score of a cell is
+   its attack-AUC contribution against the held-out data under its shadow.
+   The mean score of a request's cells is the AUC a retrained model is
+   expected to show on exactly these cells; with ``calibrate_per: "cell"``
+   (default) each cell goes to its own ``1 - score`` quantile, with
+   ``"request"`` every cell of task ``k`` to the ``1 - mean`` quantile (same
+   expected AUC, higher UIS: cells a retrained model keeps easy are pushed
+   too). Without a recipe, ``tau_quantile`` (full) and
    ``tau_quantile_partial`` are used.
 2. **Retain signal.** ``L_r`` on three retain references: the forgotten
    instances' own retained cells (partial mode), their nearest retained
@@ -60,7 +64,11 @@ overshot (indoor full·8: MIA AUC 0.389 against the retrained model's 0.455);
 the ramp, the band and the two-sided pull land the cells at ``τ`` (0.454). A
 fixed median ``τ`` cannot be right for every data set (street's retrained
 models keep an MIA AUC of ~0.7) nor for partial erasure (the image stays in
-training through its other tasks), hence the shadow calibration.
+training through its other tasks), hence the shadow calibration. Third round:
+one expected AUC per task (3 shadows, each missing 12 random instances) missed
+what a retrained model shows on a *particular* request by 0.05-0.09 on
+average; out-of-fold scores of the request's own cells predict it within about
+0.02-0.04 (see benchmarks/README.md).
 
 Second round (tuning split: forget draws of seeds 2 and 3, both benchmarks;
 the reported seeds are 0 and 1): the step is Adam-preconditioned instead of
@@ -114,11 +122,10 @@ DEFAULTS = {
     "tau_quantile_partial": 0.55,  # the same for partial-mode cells (None: tau_quantile)
     "band": 0.1,  # a cell is done inside [τ_k, τ_k (1 + band)]
     "ramp": 0.25,  # forget weight min(1, gap / (ramp τ_k)): the pull fades as a cell nears τ_k (0: constant)
-    "shadow_recipe": None,  # training recipe (TrainConfig fields) of the deployed model: calibrate τ with a shadow model
-    "shadow_full": 12,  # shadow calibration: training instances the shadow never sees
-    "shadow_partial": 24,  # ... and instances of which it misses one task (task j mod T for the j-th)
+    "shadow_recipe": None,  # training recipe (TrainConfig fields) of the deployed model: calibrate τ with shadow models
+    "shadow_folds": 4,  # shadow calibration: folds of the training instances ((1 + T) shadows per fold)
     "shadow_seed": 0,
-    "shadow_models": 3,  # shadows (disjoint draws by seed); their AUCs are averaged
+    "calibrate_per": "cell",  # "cell": each cell to its own out-of-fold score; "request": one level per task at their mean
     "tau_refresh": 10,  # every this many steps, re-estimate τ_k on the *current* model's held-out losses (0: never)
     "two_sided": True,  # a cell above τ_k (1 + band) is pulled back down (weight -min(1, excess / (ramp τ_k)))
     "tau": None,  # optional {task: level} overriding the held-out estimate
@@ -137,67 +144,80 @@ DEFAULTS = {
 # ----------------------------------------------------------------------------- cached per model version
 
 
-def reference_levels(model, data: UnlearnData, quantile: float) -> dict[str, float]:
-    """τ_k per task: the ``quantile`` of the original model's per-sample held-out loss (cached)."""
-    key = ("tau", float(quantile), len(data.heldout) if data.heldout is not None else 0)
+def heldout_losses(model, data: UnlearnData) -> dict[str, torch.Tensor]:
+    """The original model's per-sample held-out losses per task, NaNs dropped (cached)."""
+    key = ("heldout_losses", len(data.heldout) if data.heldout is not None else 0)
     if key not in data.cache:
         if data.heldout is None or len(data.heldout) == 0:
             raise ValueError("interference_aware needs held-out data for the reference levels tau (or config['tau'])")
         losses = per_sample_losses(model, data.heldout, device=data.device)
-        levels = {}
-        for t, v in losses.items():
-            v = v[~torch.isnan(v)]
-            levels[t] = float(v.double().quantile(quantile)) if v.numel() else float("nan")
-        data.cache[key] = levels
+        data.cache[key] = {t: v[~torch.isnan(v)].double() for t, v in losses.items()}
     return data.cache[key]
 
 
-def shadow_calibration(model, data: UnlearnData, recipe: dict, n_full: int, n_partial: int, seed: int) -> dict:
-    """Expected membership-attack AUC of an erased cell under a model retrained without it,
-    per task, for full erasure (``"full"``) and for partial erasure (``"partial"``: the
-    image stays in training through its other tasks). Estimated once per model version
-    (cached) with one *shadow* model trained with the deployed model's recipe on the
-    training data minus ``n_full`` fixed random instances and minus one task of
-    ``n_partial`` others: the AUC of those cells' shadow losses against the held-out
-    losses under the shadow. Independent of any request."""
+def levels(losses: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
+    """τ: the given quantiles (one per forget row) of one task's held-out losses."""
+    losses = losses[~torch.isnan(losses)].double()
+    if losses.numel() == 0:
+        return torch.full(quantiles.shape, float("nan"))
+    return losses.quantile(quantiles.double()).float()
+
+
+def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int) -> dict:
+    """Out-of-fold membership scores: for every training cell, the attack AUC it shows
+    under a *shadow* model that never saw it, i.e. where a model retrained without it
+    would put it among the held-out data (LiRA's per-example "OUT" models, reduced to
+    one model per cell).
+
+    The training instances are split into ``folds`` seeded folds. For full erasure
+    (``"full"``) one shadow per fold is trained with the deployed model's ``recipe``
+    without that fold's instances; for partial erasure (``"partial"``: the image stays
+    in training through its other tasks) ``T`` shadows per fold each miss one task of
+    every instance in the fold (task ``(j + r) mod T`` of the fold's ``j``-th instance
+    in rotation ``r``), so every (instance, task) cell is missed by exactly one shadow.
+    A cell's score is ``P(held-out loss > its loss) + ½ P(tie)`` under its shadow, so
+    the mean score of a set of cells is the AUC the loss attack would show on them.
+
+    Computed once per model version and cached (``(1 + T) × folds`` trainings);
+    independent of any request. Returns ``{"full": {(id, task): score}, "partial":
+    {...}, "folds", "shadows", "seconds"}``."""
     import json
 
-    key = ("shadow", json.dumps(recipe, sort_keys=True, default=str), int(n_full), int(n_partial), int(seed), len(data.train))
-    if key in data.cache:
-        return data.cache[key]
-    from ..metrics import mia_auc
+    from ..metrics import member_scores
     from ..train import TrainConfig, train_model
 
+    key = ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), int(folds), int(seed), len(data.train))
+    if key in data.cache:
+        return data.cache[key]
+    if data.heldout is None or len(data.heldout) == 0:
+        raise ValueError("interference_aware: shadow calibration needs held-out data")
+    t0 = time.perf_counter()
     train, tasks = data.train, list(data.train.tasks)
+    k = max(1, min(int(folds), len(train)))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(7_919 + int(seed))).tolist()
     ids = [train.instance_ids[i] for i in order]
-    full_ids = ids[:n_full]
-    part = [(ids[n_full + j], tasks[j % len(tasks)]) for j in range(min(n_partial, len(ids) - n_full))]
-    cells = [(i, t) for i in full_ids for t in tasks] + part
-    shadow = train_model(train.without(cells), TrainConfig(**recipe), device=data.device, progress=False).eval()
-    held = per_sample_losses(shadow, data.heldout, device=data.device)
-    lf = per_sample_losses(shadow, train, [train.index_of(i) for i in full_ids], device=data.device)
-    lp = per_sample_losses(shadow, train, [train.index_of(i) for i, _ in part], device=data.device)
-    out = {"full": {}, "partial": {}, "n_full": len(full_ids), "n_partial": len(part)}
-    for t in tasks:
-        out["full"][t] = mia_auc(lf[t], held[t])
-        rows = [r for r, (_, task) in enumerate(part) if task == t]
-        out["partial"][t] = mia_auc(lp[t][rows], held[t]) if rows else float("nan")
+    plan = []  # (mode, cells the shadow never sees)
+    for f in range(k):
+        fold = ids[f::k]
+        plan.append(("full", [(i, t) for i in fold for t in tasks]))
+        for r in range(len(tasks)):
+            plan.append(("partial", [(i, tasks[(j + r) % len(tasks)]) for j, i in enumerate(fold)]))
+    out = {"full": {}, "partial": {}}
+    for mode, cells in plan:
+        cells = [c for c in cells if train.has_cell(c)]
+        if not cells:
+            continue
+        shadow = train_model(train.without(cells), TrainConfig(**recipe), device=data.device, progress=False).eval()
+        held = per_sample_losses(shadow, data.heldout, device=data.device)
+        rows = list(dict.fromkeys(i for i, _ in cells))
+        seen = per_sample_losses(shadow, train, [train.index_of(i) for i in rows], device=data.device)
+        for t in tasks:
+            mine = [iid for iid, task in cells if task == t]
+            if mine:
+                scores = member_scores(seen[t][[rows.index(i) for i in mine]], held[t])
+                out[mode].update({(iid, t): float(v) for iid, v in zip(mine, scores)})
+    out.update({"folds": k, "shadows": len(plan), "seconds": round(time.perf_counter() - t0, 3)})
     data.cache[key] = out
-    return out
-
-
-def shadow_auc(model, data: UnlearnData, cfg: dict) -> dict:
-    """The mean of ``shadow_models`` :func:`shadow_calibration` estimates (seeds ``shadow_seed + j``)."""
-    runs = [shadow_calibration(model, data, cfg["shadow_recipe"], cfg["shadow_full"], cfg["shadow_partial"], cfg["shadow_seed"] + j)
-            for j in range(int(cfg["shadow_models"]))]
-    out = {}
-    for mode in ("full", "partial"):
-        out[mode] = {}
-        for t in runs[0][mode]:
-            v = [r[mode][t] for r in runs if r[mode][t] == r[mode][t]]
-            out[mode][t] = sum(v) / len(v) if v else float("nan")
-    out["per_shadow"] = runs
     return out
 
 
@@ -238,14 +258,55 @@ def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
     cfg = dict(DEFAULTS)
     cfg.update(config or {})
     if not cfg["tau"]:
-        reference_levels(model, data, cfg["tau_quantile"])
+        heldout_losses(model, data)
         if cfg["shadow_recipe"]:
-            shadow_auc(model, data, cfg)
-            heldout_quantiles(model, data, {})
+            shadow_scores(model, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"])
     if cfg["project"]:
         cached_subspaces(model, data.train, data.cache, cfg["energy"], cfg["subspace_samples"], device=data.device)
     if cfg["n_nearest"] > 0:
         representation(model, data)
+
+
+def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, forget_tasks: list[str],
+                        partial: bool) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Which quantile of the held-out losses each forget cell is taken to (per task, one
+    value per forget row), and the calibration behind it (None without shadows).
+
+    A cell at quantile ``q`` of the held-out losses contributes ``1 - q`` to the attack's
+    AUC. With ``shadow_recipe`` each cell's out-of-fold score ``s`` (:func:`shadow_scores`)
+    says where a model that never saw it puts it: ``calibrate_per: "cell"`` takes each
+    cell to ``1 - s``; ``"request"`` takes every cell of task k to ``1 - mean(s)`` over
+    the request's cells of task k (the AUC the retrained model is expected to show on
+    this request, reached with equal effort on every cell). Without shadows, the fixed
+    ``tau_quantile`` (full erasure) or ``tau_quantile_partial`` (partial erasure)."""
+    rows = forget.images.shape[0]
+    fixed = cfg["tau_quantile_partial"] if partial and cfg["tau_quantile_partial"] is not None else cfg["tau_quantile"]
+    if not cfg["shadow_recipe"]:
+        return {t: torch.full((rows,), float(fixed), dtype=torch.float64) for t in forget_tasks}, None
+    per = cfg["calibrate_per"]
+    if per not in ("request", "cell"):
+        raise ValueError(f"interference_aware: unknown calibrate_per {per!r}; known: 'request', 'cell'")
+    mode = "partial" if partial else "full"
+    table = shadow_scores(original, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"])[mode]
+    ids = data.forget_instances
+    quantiles, scores, expected = {}, {}, {}
+    for t in forget_tasks:
+        s = torch.tensor([table.get((i, t), float("nan")) for i in ids], dtype=torch.float64)
+        mine = s[forget.has[t].cpu() & ~torch.isnan(s)]
+        if mine.numel() == 0:  # no score (an instance the calibration did not see): the fixed quantile
+            quantiles[t] = torch.full((rows,), float(fixed), dtype=torch.float64)
+            continue
+        expected[t] = round(float(mine.mean()), 6)
+        if per == "request":
+            quantiles[t] = torch.full((rows,), min(0.95, max(0.05, 1.0 - float(mine.mean()))), dtype=torch.float64)
+        else:
+            quantiles[t] = (1.0 - s).nan_to_num(1.0 - float(mine.mean())).clamp(0.02, 0.98)
+        scores[t] = [None if v != v else round(float(v), 6) for v in s.tolist()]
+    return quantiles, {"mode": mode, "per": per, "scores": scores, "expected_auc": expected}
+
+
+def _rounded(values: dict) -> dict:
+    return {t: [round(float(x), 6) for x in v.flatten().tolist()] for t, v in values.items()}
 
 
 # ----------------------------------------------------------------------------- losses
@@ -418,23 +479,20 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     protected = [t for t in tasks if t not in forget_tasks]
     gen = torch.Generator().manual_seed(int(data.seed) * 1_000_003 + 11)
 
-    # --- per-model-version quantities (cached)
+    # --- forget batch: has marks exactly the forget cells
+    forget = data.forget_batch().to(device)
+    n_cells = int(sum(int(forget.has[t].sum()) for t in forget_tasks))
+
+    # --- reference levels τ: per task, one per forget row (cached per model version)
     calibration = None
     if cfg["tau"]:
-        tau = dict(cfg["tau"])
         tau_quant = None
-    elif cfg["shadow_recipe"]:
-        calibration = shadow_auc(original, data, cfg)
-        auc = calibration["partial" if protected else "full"]
-        # a cell at quantile q of the held-out losses has attack AUC 1 - q
-        tau_quant = {t: min(0.95, max(0.05, 1.0 - auc[t])) if auc[t] == auc[t] else cfg["tau_quantile"] for t in forget_tasks}
-        tau = heldout_quantiles(original, data, tau_quant)
+        tau = {t: torch.full((forget.images.shape[0],), float(cfg["tau"][t])) for t in forget_tasks}
     else:
-        tau_quant = cfg["tau_quantile"]
-        if protected and cfg["tau_quantile_partial"] is not None:
-            tau_quant = cfg["tau_quantile_partial"]
-        tau = dict(reference_levels(original, data, tau_quant))
-        tau_quant = {t: tau_quant for t in forget_tasks}
+        tau_quant, calibration = reference_quantiles(original, data, cfg, forget, forget_tasks, partial=bool(protected))
+        held = heldout_losses(original, data)
+        tau = {t: levels(held[t], tau_quant[t]) for t in forget_tasks}
+    tau = {t: v.to(device) for t, v in tau.items()}
     projectors: dict[str, torch.Tensor] = {}
     if cfg["project"]:
         subspaces = cached_subspaces(original, data.train, data.cache, cfg["energy"], cfg["subspace_samples"], device=device)
@@ -457,10 +515,6 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         if prefix in norm_of:
             return projectors.get(norm_of[prefix])
         return None
-
-    # --- forget batch: has marks exactly the forget cells
-    forget = data.forget_batch().to(device)
-    n_cells = int(sum(int(forget.has[t].sum()) for t in forget_tasks))
 
     # --- retain references
     refs: list[RetainReference] = []
@@ -521,10 +575,9 @@ def unlearn(model, data: UnlearnData, config: dict | None):
                 held = per_sample_losses(student, data.heldout, device=device)
             student.train()
             for t in forget_tasks:
-                v = held[t][~torch.isnan(held[t])]
-                if v.numel():
-                    tau[t] = float(v.double().quantile(tau_quant[t]))
-            tau_history.append({"step": step, **{t: round(tau[t], 6) for t in forget_tasks}})
+                if (~torch.isnan(held[t])).any():
+                    tau[t] = levels(held[t], tau_quant[t]).to(device)
+            tau_history.append({"step": step, **_rounded(tau)})
         # 1. the calibrated, bounded forget signal
         losses = cell_losses(student, forget, forget_tasks)
         active_terms = []
@@ -612,10 +665,10 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     log = {
         "method": "interference_aware",
         "config": {k: v for k, v in cfg.items()},
-        "tau": tau,
+        "tau": _rounded(tau),  # per task, one level per forgotten instance (in request order)
         "tau_history": tau_history,
-        "tau_quantiles": tau_quant,
-        "shadow_calibration": calibration,
+        "tau_quantiles": _rounded(tau_quant) if tau_quant is not None else None,
+        "calibration": calibration,
         "forget_tasks": forget_tasks,
         "protected_tasks": protected,
         "frozen_parameters": sorted(frozen) if not cfg["repair_protected_heads"] else [],

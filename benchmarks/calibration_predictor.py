@@ -1,0 +1,98 @@
+"""How well does interference_aware's shadow calibration predict what a retrained
+model shows on a particular request?
+
+For each benchmark of a suite it computes the out-of-fold scores of every
+training cell (``interference_aware.shadow_scores``, the method's defaults:
+4 folds, seed 0) and, for the forget sets that ``--seeds`` draw (full erasure
+of 8 instances, partial erasure of each task), compares the gold standard's
+MIA AUC on that set with
+
+- ``per_request``: the mean out-of-fold score of the set's cells (what the
+  method now aims at),
+- ``per_task``: one constant per task and mode, the mean score over every
+  training cell (what one expected AUC per task can do at best),
+- ``independent``: a second gold standard (the recipe with the next seed) --
+  how far two retrained models disagree, the floor of any prediction.
+
+    python benchmarks/calibration_predictor.py --seeds 0 1 2 3 --out benchmarks/tune_round3/predictor.json
+
+Trained models come from (and go to) the bench cache ``.cache/bench/<suite>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from unlearning.bench import SUITES, _cell_losses, cached_training, settings
+from unlearning.data import load_splits
+from unlearning.losses import per_sample_losses
+from unlearning.methods import UnlearnData
+from unlearning.methods.interference_aware import DEFAULTS, shadow_scores
+from unlearning.metrics import mia_auc
+from unlearning.train import TrainConfig
+
+
+def _auc(model, train, test, cells) -> float:
+    members = _cell_losses(model, train, cells, torch.device("cpu"))
+    held = per_sample_losses(model, test)
+    return mia_auc(members, {t: held[t] for t in members})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--suite", default="smoke")
+    p.add_argument("--benchmarks", nargs="+", default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    suite = SUITES[args.suite]
+    recipe = TrainConfig(**suite["train"])
+    cache = Path(".cache/bench") / args.suite
+    rows, summary = [], {}
+    for bench in args.benchmarks or list(suite["benchmarks"]):
+        spec = suite["benchmarks"][bench]
+        train, test = load_splits(spec)
+        original, _ = cached_training(cache, train, recipe, {"spec": spec, "cells": "all"}, torch.device("cpu"))
+        data = UnlearnData(train, [train.cells()[0]], train, heldout=test)
+        t0 = time.perf_counter()
+        scores = shadow_scores(original, data, asdict(recipe), DEFAULTS["shadow_folds"], DEFAULTS["shadow_seed"])
+        print(f"{bench}: {scores['shadows']} shadows in {time.perf_counter() - t0:.0f} s", flush=True)
+        const = {mode: {t: sum(v for (_, task), v in scores[mode].items() if task == t)
+                        / max(1, sum(1 for _, task in scores[mode] if task == t)) for t in train.tasks}
+                 for mode in ("full", "partial")}
+        for st in settings(train, suite, args.seeds):
+            if st["setting"] == "full" and st["n_forget"] != 8:
+                continue
+            cells, mode = st["cells"], st["setting"]
+            key = {"spec": spec, "forget": sorted(map(list, cells))}
+            gold, _ = cached_training(cache, train.without(cells), recipe, key, torch.device("cpu"))
+            other, _ = cached_training(cache, train.without(cells), replace(recipe, seed=recipe.seed + 1), key,
+                                       torch.device("cpu"))
+            row = {"benchmark": bench, "setting": mode, "forget_tasks": st["forget_tasks"], "seed": st["seed"],
+                   "retrain": _auc(gold, train, test, cells),
+                   "per_request": sum(scores[mode][c] for c in cells) / len(cells),
+                   "per_task": sum(const[mode][t] for _, t in cells) / len(cells),
+                   "independent": _auc(other, train, test, cells)}
+            rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+            print(rows[-1], flush=True)
+        for mode in ("full", "partial"):
+            mine = [r for r in rows if r["benchmark"] == bench and r["setting"] == mode]
+            summary[f"{bench}/{mode}"] = {
+                f"mean_abs_err_{k}": round(sum(abs(r[k] - r["retrain"]) for r in mine) / len(mine), 4)
+                for k in ("per_request", "per_task", "independent")} | {"sets": len(mine)}
+    print(json.dumps(summary, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "command": f"python benchmarks/calibration_predictor.py --suite {args.suite} --seeds {' '.join(map(str, args.seeds))} "
+                   f"--out {args.out}" + (f" --benchmarks {' '.join(args.benchmarks)}" if args.benchmarks else ""),
+        "suite": args.suite, "folds": DEFAULTS["shadow_folds"], "summary": summary, "sets": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
