@@ -220,6 +220,10 @@ def run_unlearning_job(
         "cache_seconds": round(cache_seconds, 4),
         "forget_cells": [list(c) for c in cells],
     }
+    calibration = log.get("calibration") if isinstance(log, dict) else None
+    if calibration and calibration.get("expected_mia_auc") is not None:
+        # the MIA AUC a model retrained without these cells is expected to show (shadow calibration)
+        metrics["mia_auc_expected"] = calibration["expected_mia_auc"]
     return JobResult(model=unlearned, metrics=metrics, log=log, seconds=seconds)
 
 

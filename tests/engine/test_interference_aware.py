@@ -124,8 +124,9 @@ def test_shadow_scores_cover_every_cell_once_and_are_cached(memorised):
     assert shadow_scores(model, data, recipe, folds=2, seed=0) is first and len(data.cache) == n
     assert first["shadows"] == 2 * (1 + len(TASKS))
     for mode in ("full", "partial"):
-        assert set(first[mode]) == set(train.cells())
-        assert all(0.0 <= v <= 1.0 for v in first[mode].values())
+        cells = {(i, t) for i, by_task in first[mode].items() for t in by_task}
+        assert cells == set(train.cells())
+        assert all(0.0 <= v <= 1.0 for by_task in first[mode].values() for v in by_task.values())
 
 
 @pytest.mark.parametrize("per", ["request", "cell"])
@@ -140,11 +141,12 @@ def test_shadow_scores_set_each_cells_quantile(memorised, per):
     table = shadow_scores(model, data, recipe, folds=2, seed=0)["partial"]
     _, log = get_method("interference_aware")(model, data, {"shadow_recipe": recipe, "shadow_folds": 2,
                                                             "calibrate_per": per, "steps": 2})
-    scores = torch.tensor([table[(i, "depth")] for i in ids], dtype=torch.float64)
+    scores = torch.tensor([table[i]["depth"] for i in ids], dtype=torch.float64)
     want = (1 - scores).clamp(0.02, 0.98) if per == "cell" else (1 - scores.mean()).clamp(0.05, 0.95).expand(3)
     assert torch.allclose(torch.tensor(log["tau_quantiles"]["depth"], dtype=torch.float64), want, atol=1e-6)
     assert log["calibration"]["mode"] == "partial"
     assert abs(log["calibration"]["expected_auc"]["depth"] - float(scores.mean())) < 1e-6
+    assert abs(log["calibration"]["expected_mia_auc"] - float(scores.mean())) < 1e-6
     with pytest.raises(ValueError, match="calibrate_per"):
         get_method("interference_aware")(model, data, {"shadow_recipe": recipe, "shadow_folds": 2, "calibrate_per": "x"})
 
@@ -263,3 +265,22 @@ def test_stepper_preconditions_the_parts_not_their_sum():
     assert torch.allclose(p.detach(), -DEFAULTS["lr"] * (pf + pr), atol=1e-9)
     with pytest.raises(ValueError, match="optimizer"):
         Stepper({**DEFAULTS, "optimizer": "rmsprop"})
+
+
+def test_given_shadow_scores_are_used_without_training(memorised):
+    """A caller that kept the scores (the service, per lineage) passes them back: no
+    recipe needed, each cell goes to its given score; a cell without one gets the
+    mean of the request's scored cells, or the fixed quantile when none is scored."""
+    model, train, test = memorised
+    ids = train.instance_ids[:2]
+    cells = [(i, t) for i in ids for t in TASKS]
+    given = {"full": {ids[0]: {t: 0.25 for t in TASKS}}, "partial": {}}
+    _, log = get_method("interference_aware")(model, _data(train, test, cells),
+                                              {"shadow_scores": given, "steps": 2, "tau_quantile": 0.5})
+    for t in TASKS:
+        assert log["tau_quantiles"][t] == [0.75, 0.75]
+    assert log["calibration"]["expected_mia_auc"] == 0.25
+    assert log["config"]["shadow_scores"] == "<3 cells>"  # the table is not copied into the log
+    _, log = get_method("interference_aware")(model, _data(train, test, cells),
+                                              {"shadow_scores": {"full": {}}, "steps": 2, "tau_quantile": 0.5})
+    assert log["tau_quantiles"]["depth"] == [0.5, 0.5] and log["calibration"]["expected_mia_auc"] is None

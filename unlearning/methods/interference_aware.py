@@ -125,6 +125,7 @@ DEFAULTS = {
     "shadow_recipe": None,  # training recipe (TrainConfig fields) of the deployed model: calibrate τ with shadow models
     "shadow_folds": 4,  # shadow calibration: folds of the training instances ((1 + T) shadows per fold)
     "shadow_seed": 0,
+    "shadow_scores": None,  # shadow_scores() computed earlier (JSON form): used instead of training shadows
     "calibrate_per": "cell",  # "cell": each cell to its own out-of-fold score; "request": one level per task at their mean
     "tau_refresh": 10,  # every this many steps, re-estimate τ_k on the *current* model's held-out losses (0: never)
     "two_sided": True,  # a cell above τ_k (1 + band) is pulled back down (weight -min(1, excess / (ramp τ_k)))
@@ -179,14 +180,16 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int)
     the mean score of a set of cells is the AUC the loss attack would show on them.
 
     Computed once per model version and cached (``(1 + T) × folds`` trainings);
-    independent of any request. Returns ``{"full": {(id, task): score}, "partial":
-    {...}, "folds", "shadows", "seconds"}``."""
+    independent of any request, so a caller may keep the result and pass it back as
+    ``config["shadow_scores"]`` (the service keeps one per model lineage). Returns
+    plain JSON: ``{"full": {id: {task: score}}, "partial": {...}, "folds", "shadows",
+    "seconds"}``."""
     import json
 
     from ..metrics import member_scores
     from ..train import TrainConfig, train_model
 
-    key = ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), int(folds), int(seed), len(data.train))
+    key = ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), int(folds), int(seed))
     if key in data.cache:
         return data.cache[key]
     if data.heldout is None or len(data.heldout) == 0:
@@ -215,7 +218,8 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int)
             mine = [iid for iid, task in cells if task == t]
             if mine:
                 scores = member_scores(seen[t][[rows.index(i) for i in mine]], held[t])
-                out[mode].update({(iid, t): float(v) for iid, v in zip(mine, scores)})
+                for iid, v in zip(mine, scores):
+                    out[mode].setdefault(iid, {})[t] = float(v)
     out.update({"folds": k, "shadows": len(plan), "seconds": round(time.perf_counter() - t0, 3)})
     data.cache[key] = out
     return out
@@ -259,7 +263,7 @@ def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
     cfg.update(config or {})
     if not cfg["tau"]:
         heldout_losses(model, data)
-        if cfg["shadow_recipe"]:
+        if cfg["shadow_recipe"] and not cfg["shadow_scores"]:
             shadow_scores(model, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"])
     if cfg["project"]:
         cached_subspaces(model, data.train, data.cache, cfg["energy"], cfg["subspace_samples"], device=data.device)
@@ -273,36 +277,44 @@ def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, f
     value per forget row), and the calibration behind it (None without shadows).
 
     A cell at quantile ``q`` of the held-out losses contributes ``1 - q`` to the attack's
-    AUC. With ``shadow_recipe`` each cell's out-of-fold score ``s`` (:func:`shadow_scores`)
-    says where a model that never saw it puts it: ``calibrate_per: "cell"`` takes each
+    AUC. With ``shadow_recipe`` (or ``shadow_scores``) each cell's out-of-fold score ``s``
+    (:func:`shadow_scores`) says where a model that never saw it puts it (a cell without
+    a score gets the mean of the request's other cells of its task, or the fixed
+    quantile when none has one): ``calibrate_per: "cell"`` takes each
     cell to ``1 - s``; ``"request"`` takes every cell of task k to ``1 - mean(s)`` over
     the request's cells of task k (the AUC the retrained model is expected to show on
     this request, reached with equal effort on every cell). Without shadows, the fixed
     ``tau_quantile`` (full erasure) or ``tau_quantile_partial`` (partial erasure)."""
     rows = forget.images.shape[0]
     fixed = cfg["tau_quantile_partial"] if partial and cfg["tau_quantile_partial"] is not None else cfg["tau_quantile"]
-    if not cfg["shadow_recipe"]:
+    if not (cfg["shadow_recipe"] or cfg["shadow_scores"]):
         return {t: torch.full((rows,), float(fixed), dtype=torch.float64) for t in forget_tasks}, None
     per = cfg["calibrate_per"]
     if per not in ("request", "cell"):
         raise ValueError(f"interference_aware: unknown calibrate_per {per!r}; known: 'request', 'cell'")
     mode = "partial" if partial else "full"
-    table = shadow_scores(original, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"])[mode]
+    scores = cfg["shadow_scores"] or shadow_scores(original, data, cfg["shadow_recipe"], cfg["shadow_folds"],
+                                                   cfg["shadow_seed"])
+    table = scores.get(mode) or {}
     ids = data.forget_instances
-    quantiles, scores, expected = {}, {}, {}
+    quantiles, cell_scores, expected, every = {}, {}, {}, []
     for t in forget_tasks:
-        s = torch.tensor([table.get((i, t), float("nan")) for i in ids], dtype=torch.float64)
+        s = torch.tensor([float((table.get(i) or {}).get(t, float("nan"))) for i in ids], dtype=torch.float64)
         mine = s[forget.has[t].cpu() & ~torch.isnan(s)]
         if mine.numel() == 0:  # no score (an instance the calibration did not see): the fixed quantile
             quantiles[t] = torch.full((rows,), float(fixed), dtype=torch.float64)
             continue
         expected[t] = round(float(mine.mean()), 6)
+        every += mine.tolist()
         if per == "request":
             quantiles[t] = torch.full((rows,), min(0.95, max(0.05, 1.0 - float(mine.mean()))), dtype=torch.float64)
         else:
             quantiles[t] = (1.0 - s).nan_to_num(1.0 - float(mine.mean())).clamp(0.02, 0.98)
-        scores[t] = [None if v != v else round(float(v), 6) for v in s.tolist()]
-    return quantiles, {"mode": mode, "per": per, "scores": scores, "expected_auc": expected}
+        cell_scores[t] = [None if v != v else round(float(v), 6) for v in s.tolist()]
+    # the attack's AUC is the mean over member cells: what a retrained model should show on this request
+    overall = round(sum(every) / len(every), 6) if every else None
+    return quantiles, {"mode": mode, "per": per, "scores": cell_scores, "expected_auc": expected,
+                       "expected_mia_auc": overall}
 
 
 def _rounded(values: dict) -> dict:
@@ -664,7 +676,8 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     student.eval()
     log = {
         "method": "interference_aware",
-        "config": {k: v for k, v in cfg.items()},
+        "config": {k: (f"<{sum(len(v) for v in (cfg['shadow_scores'].get('full') or {}).values())} cells>"
+                       if k == "shadow_scores" and v else v) for k, v in cfg.items()},
         "tau": _rounded(tau),  # per task, one level per forgotten instance (in request order)
         "tau_history": tau_history,
         "tau_quantiles": _rounded(tau_quant) if tau_quant is not None else None,
