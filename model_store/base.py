@@ -100,6 +100,16 @@ class ModelStore(ABC):
     def uri(self, model_name: str, version: int) -> str:
         """Where a version lives, for the compliance record."""
 
+    @abstractmethod
+    def calibration(self, model_name: str) -> dict | None:
+        """The model's stored calibration (JSON; see :meth:`put_calibration`), or None."""
+
+    @abstractmethod
+    def put_calibration(self, model_name: str, payload: dict) -> dict:
+        """Store what is computed once per model lineage (the unlearning method's shadow
+        scores of the first version's training cells). Written once, atomically: when one
+        is stored already, that one is kept and returned."""
+
     def open_version(self, model_name: str, version: int, device: str | torch.device = "cpu") -> MultiTaskNet:
         """The model of a version (see :meth:`load`)."""
         return self.load(model_name, version, device)[0]

@@ -27,6 +27,7 @@ from unlearning.model import WEIGHTS_FILE, ModelConfig, MultiTaskNet, load_state
 from .base import IntegrityError, Manifest, ModelStore, StoreError
 
 MANIFEST_FILE = "manifest.json"
+CALIBRATION_FILE = "calibration.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -142,6 +143,31 @@ class LocalModelStore(ModelStore):
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def calibration(self, model_name: str) -> dict | None:
+        path = self._model_dir(model_name) / CALIBRATION_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def put_calibration(self, model_name: str, payload: dict) -> dict:
+        directory = self._model_dir(model_name)
+        directory.mkdir(parents=True, exist_ok=True)
+        final = directory / CALIBRATION_FILE
+        if final.is_file():
+            return json.loads(final.read_text())
+        tmp = directory / f".tmp-calibration-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, final)  # atomic and fails if another writer got there first: the first one stands
+            except FileExistsError:
+                pass
+            _fsync_dir(directory)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return json.loads(final.read_text())
 
     def _same_or_conflict(self, model_name: str, version: int, job_id: str | None, model: MultiTaskNet) -> Manifest:
         """An existing version: the same job (or, without a job, the same weights) is a no-op."""

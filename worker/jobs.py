@@ -36,6 +36,7 @@ from model_store import Manifest, ModelStore
 from unlearning.data import dataset_key
 
 from .audit import append_event
+from .calibration import lineage_calibration, method_config
 from .datasets import erased_cells, get_splits
 from .db import transaction
 from .settings import Settings
@@ -374,13 +375,14 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
     data = job_data(settings, spec, base_manifest, cells)
     interval = max(0.5, min(10.0, settings.stale_after_s / 4))
     with _Heartbeat(settings, job_id, interval) as beat:
+        calibration = lineage_calibration(settings, store, model_name, device) if method == settings.method else None
         result = run_unlearning_job(
             model,
             data.train,
             data.test,
             data.forget_cells,
             method=method,
-            config=dict(settings.method_config),
+            config=method_config(settings, calibration),
             device=device,
             seed=settings.seed,
             cache=engine_cache(model_name, base_version),
@@ -390,6 +392,7 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
     lineage = {tuple(c) for c in base_manifest.erased_cells} | set(data.forget_cells)
     metrics = _jsonable(dict(result.metrics))
     metrics.setdefault("seconds", round(float(getattr(result, "seconds", 0.0) or 0.0), 3))
+    metrics["calibration"] = "shadow_scores" if calibration is not None else "fixed_quantile"
     return store.put_version(
         result.model.cpu(),
         model_name=model_name,

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
 
     method: str = "interference_aware"
     method_config: dict = {}  # the method's hyper-parameters over its defaults, JSON in UNLEARND_METHOD_CONFIG
+    # interference_aware: calibrate where forgotten cells should land with shadow models, once per
+    # model (stored next to its versions; (1 + tasks) x 4 trainings of the first version's recipe)
+    calibrate_shadows: bool = False
     device: str = "auto"  # auto = CUDA when present
     # CPU threads torch may use in a job; None = torch's default. On a small shared CPU
     # (API, relay and worker in one process) oversubscribed threads slow jobs down many times.

@@ -32,7 +32,8 @@ TINY = {
     "UNLEARND_IMAGE_WIDTH": "32",
     "UNLEARND_TRAIN_EPOCHS": "4",
     "UNLEARND_MODEL_WIDTH": "8",
-    "UNLEARND_METHOD_CONFIG": '{"steps": 5, "settle_steps": 2, "subspace_samples": 8}',
+    "UNLEARND_METHOD_CONFIG": '{"steps": 5, "settle_steps": 2, "subspace_samples": 8, "shadow_folds": 2}',
+    "UNLEARND_CALIBRATE_SHADOWS": "true",  # the first job trains 8 tiny shadow models, later jobs reuse them
     "UNLEARND_DEVICE": "cpu",
     "UNLEARND_TORCH_THREADS": "1",  # worker, serve and pytest share two cores
     "UNLEARND_RELAY_INTERVAL_S": "0.2",

@@ -63,6 +63,12 @@ def test_deletion_becomes_a_new_version_with_metrics_audit_and_certificate(clien
     for key_ in ("uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original"):
         assert isinstance(done["metrics"][key_], float), key_
     assert 0.0 <= done["metrics"]["mia_auc"] <= 1.0
+    # calibrated once for the lineage (the first version's recipe), kept in the store
+    calibration = store.calibration(settings.model_name)
+    assert calibration["recipe"] == store.manifest(settings.model_name, 1).train_config
+    assert done["metrics"]["calibration"] == "shadow_scores"
+    expected = [calibration["full"][instance][t] for t in accepted["tasks"]]
+    assert done["metrics"]["mia_auc_expected"] == pytest.approx(sum(expected) / len(expected), abs=1e-6)
 
     # the stored artifact: manifest lists the request and its cells, weights verify
     manifest = store.manifest(settings.model_name, version)

@@ -1,0 +1,77 @@
+"""Shadow calibration once per model lineage: computed from the first version, kept in
+the model store, passed to every job (no database needed)."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from model_store import LocalModelStore
+from unlearning.job import run_unlearning_job
+from unlearning.train import TrainConfig, train_model
+from worker.calibration import lineage_calibration, method_config
+from worker.datasets import dataset_spec, get_splits
+from worker.settings import Settings
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    settings = Settings(_env_file=None, database_url="sqlite://", store_dir=tmp_path / "models", background=False,
+                        model_name="cal-mtl", dataset="indoor", n_train=12, n_test=8, image_height=16,
+                        image_width=16, seed=0, method_config={"steps": 3, "shadow_folds": 2})
+    store = LocalModelStore(settings.store_dir)
+    spec = dataset_spec(settings)
+    train, test = get_splits(spec)
+    recipe = TrainConfig(epochs=2, batch_size=6, width=8, depth=2, head_width=8, seed=0)
+    model = train_model(train, recipe, progress=False)
+    store.put_version(model, model_name="cal-mtl", version=1, parent=None, dataset=spec, train_config=asdict(recipe))
+    yield settings, store, model, train, test
+    torch.set_num_threads(threads)
+
+
+def test_off_by_default(tiny):
+    settings, store, *_ = tiny
+    assert lineage_calibration(settings.model_copy(update={"calibrate_shadows": False}), store, "cal-mtl") is None
+    assert store.calibration("cal-mtl") is None
+
+
+def test_computed_once_from_the_first_version_and_stored(tiny):
+    settings, store, _, train, _ = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    first = lineage_calibration(on, store, "cal-mtl")
+    assert first["shadows"] == 2 * (1 + len(train.tasks)) and first["recipe"]["epochs"] == 2
+    for mode in ("full", "partial"):
+        assert {(i, t) for i, by in first[mode].items() for t in by} == set(train.cells())
+    assert store.calibration("cal-mtl") == first
+    assert lineage_calibration(on, store, "cal-mtl") == first
+
+
+def test_jobs_use_the_stored_scores(tiny):
+    """What is stored is what a job uses (a made-up table here, so a recomputation would show)."""
+    settings, store, model, train, test = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    made_up = {"recipe": {"epochs": 2}, "full": {i: {t: 0.25 for t in train.tasks} for i in train.instance_ids},
+               "partial": {i: {t: 0.75 for t in train.tasks} for i in train.instance_ids}}
+    store.put_calibration("cal-mtl", made_up)
+    calibration = lineage_calibration(on, store, "cal-mtl")
+    assert calibration == made_up
+    cells = [(train.instance_ids[0], t) for t in train.tasks]
+    full = run_unlearning_job(model, train, test, cells, config=method_config(on, calibration))
+    assert full.metrics["mia_auc_expected"] == 0.25
+    assert full.log["tau_quantiles"]["depth"] == [0.75]
+    part = run_unlearning_job(model, train, test, [(train.instance_ids[1], "depth")],
+                              config=method_config(on, calibration))
+    assert part.metrics["mia_auc_expected"] == 0.75
+    # without calibration the job has no expectation to report
+    plain = run_unlearning_job(model, train, test, cells, config=method_config(on, None))
+    assert "mia_auc_expected" not in plain.metrics
+
+
+def test_the_stored_calibration_is_written_once(tiny):
+    _, store, *_ = tiny
+    assert store.put_calibration("cal-mtl", {"a": 1}) == {"a": 1}
+    assert store.put_calibration("cal-mtl", {"a": 2}) == {"a": 1}
+    assert store.calibration("cal-mtl") == {"a": 1}

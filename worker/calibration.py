@@ -1,0 +1,76 @@
+"""Shadow calibration once per model lineage (opt-in: ``UNLEARND_CALIBRATE_SHADOWS``).
+
+interference_aware takes each forgotten cell to where a model retrained without it
+would put it among held-out data. Without calibration that is a fixed quantile of
+the held-out losses, which over-forgets partial erasures at scale (a retrained
+model still sees the image through its other tasks; benchmarks/README.md). With
+calibration every training cell of the first version gets an out-of-fold score
+from shadow models trained with the first version's recipe
+(``interference_aware.shadow_scores``: ``(1 + T) x shadow_folds`` trainings). That
+is paid once per model, not per job: the scores are kept in the model store
+(``calibration.json`` next to the versions) and passed to every later job of the
+lineage. Later versions' training sets are the first one's minus erased cells, so
+the scores of the cells still there stay valid; an erased cell is never asked for
+again.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from model_store import ModelStore
+
+from .datasets import get_splits
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+ROOT_VERSION = 1
+
+
+def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, device=None) -> dict | None:
+    """The model's stored shadow scores, computed and stored first if missing; None when
+    calibration is off or the method does not use it."""
+    if not settings.calibrate_shadows or settings.method != "interference_aware":
+        return None
+    stored = store.calibration(model_name)
+    if stored is not None:
+        return stored
+    from unlearning.methods import UnlearnData
+    from unlearning.methods.interference_aware import DEFAULTS, shadow_scores
+
+    model, manifest = store.load(model_name, ROOT_VERSION, device=device or "cpu")
+    if not manifest.train_config:
+        raise ValueError(f"{model_name} v{ROOT_VERSION} has no train_config in its manifest: "
+                         "shadow calibration needs the recipe it was trained with")
+    cfg = {**DEFAULTS, **settings.method_config}
+    train, test = get_splits(manifest.dataset)
+    train = train.without([tuple(c) for c in manifest.erased_cells])
+    data = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=next(model.parameters()).device)
+    started = time.monotonic()
+    log.info("calibrating %s: %d shadow models on v%d's recipe (once per model)", model_name,
+             (1 + len(train.tasks)) * int(cfg["shadow_folds"]), ROOT_VERSION)
+    scores = shadow_scores(model, data, manifest.train_config, cfg["shadow_folds"], cfg["shadow_seed"])
+    payload = {
+        "kind": "interference_aware.shadow_scores",
+        "version": ROOT_VERSION,
+        "sha256": manifest.sha256,
+        "recipe": manifest.train_config,
+        "folds": scores["folds"],
+        "seed": int(cfg["shadow_seed"]),
+        "shadows": scores["shadows"],
+        "seconds": round(time.monotonic() - started, 3),
+        "full": scores["full"],
+        "partial": scores["partial"],
+    }
+    return store.put_calibration(model_name, payload)
+
+
+def method_config(settings: Settings, calibration: dict | None) -> dict:
+    """The configuration a job passes to the method: the settings' ``method_config`` and,
+    when the lineage is calibrated, its recipe and scores."""
+    config = dict(settings.method_config)
+    if calibration is not None:
+        config["shadow_recipe"] = calibration["recipe"]
+        config["shadow_scores"] = {"full": calibration["full"], "partial": calibration["partial"]}
+    return config
