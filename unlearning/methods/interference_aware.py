@@ -65,10 +65,14 @@ the ramp, the band and the two-sided pull land the cells at ``τ`` (0.454). A
 fixed median ``τ`` cannot be right for every data set (street's retrained
 models keep an MIA AUC of ~0.7) nor for partial erasure (the image stays in
 training through its other tasks), hence the shadow calibration. Third round:
-one expected AUC per task (3 shadows, each missing 12 random instances) missed
-what a retrained model shows on a *particular* request by 0.05-0.09 on
-average; out-of-fold scores of the request's own cells predict it within about
-0.02-0.04 (see benchmarks/README.md).
+one expected AUC per task and mode (the earlier calibration: 3 shadows, each
+missing 12 random instances) cannot follow what a retrained model shows on a
+*particular* request: even the best such constant (the mean out-of-fold score
+over all cells) misses it by 0.06-0.08 on average, the mean out-of-fold score
+of the request's own cells by 0.03-0.05, about as far as two retrained models
+with different seeds disagree (0.03-0.08; benchmarks/tune_round3/predictor.json).
+Taking each cell to its own score (``calibrate_per: "cell"``) rather than all
+to the request's mean also lowered UIS (see benchmarks/README.md).
 
 Second round (tuning split: forget draws of seeds 2 and 3, both benchmarks;
 the reported seeds are 0 and 1): the step is Adam-preconditioned instead of
