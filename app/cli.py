@@ -16,6 +16,7 @@ EPILOG = """examples:
   UNLEARND_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1/unlearnd \\
   UNLEARND_BROKER_URL=redis://127.0.0.1:6379/0 unlearnd worker
   unlearnd migrate
+  unlearnd calibrate                  # shadow calibration of the served model (see UNLEARND_CALIBRATE_SHADOWS)
   unlearnd train --dataset indoor --epochs 30 --out runs/indoor
   unlearnd bench --help
 """
@@ -72,6 +73,30 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    """Compute and store the served model's shadow calibration now: what
+    UNLEARND_CALIBRATE_SHADOWS otherwise makes the model's first job do, inside that
+    job's time limit ((1 + tasks) x 4 trainings of the first version's recipe)."""
+    from model_store import store_for
+    from unlearning.train import resolve_device
+    from worker.calibration import lineage_calibration
+    from worker.settings import get_settings
+
+    settings = get_settings().model_copy(update={"calibrate_shadows": True})
+    store = store_for(settings.store_dir)
+    if settings.method != "interference_aware":
+        print(f"method {settings.method!r} takes no calibration", file=sys.stderr)
+        return 2
+    if not store.exists(settings.model_name, 1):
+        print(f"no version 1 of {settings.model_name!r} in {settings.store_dir}: "
+              "`unlearnd serve` trains it on first start", file=sys.stderr)
+        return 2
+    calibration = lineage_calibration(settings, store, settings.model_name, resolve_device(settings.device))
+    print(f"{settings.model_name}: calibration of v{calibration['version']} with {calibration['shadows']} shadow models "
+          f"({calibration['seconds']} s) stored in {settings.store_dir}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from unlearning.train import main as train_main
 
@@ -113,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="migrate the database to the newest schema", description=cmd_migrate.__doc__)
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("calibrate", help="compute and store the model's shadow calibration now",
+                       description=cmd_calibrate.__doc__)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("train", help="train a model (python -m unlearning.train)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

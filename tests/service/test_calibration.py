@@ -75,3 +75,24 @@ def test_the_stored_calibration_is_written_once(tiny):
     assert store.put_calibration("cal-mtl", {"a": 1}) == {"a": 1}
     assert store.put_calibration("cal-mtl", {"a": 2}) == {"a": 1}
     assert store.calibration("cal-mtl") == {"a": 1}
+
+
+def test_cli_calibrates_the_served_model(tiny, monkeypatch, capsys):
+    from app.cli import main
+    from worker.settings import get_settings
+
+    settings, store, *_ = tiny
+    for key, value in {"STORE_DIR": str(settings.store_dir), "MODEL_NAME": "cal-mtl", "DEVICE": "cpu",
+                       "METHOD_CONFIG": '{"shadow_folds": 2}'}.items():
+        monkeypatch.setenv(f"UNLEARND_{key}", value)
+    get_settings.cache_clear()
+    try:
+        assert main(["calibrate"]) == 0
+        assert store.calibration("cal-mtl")["shadows"] == 8
+        assert "8 shadow models" in capsys.readouterr().out
+        monkeypatch.setenv("UNLEARND_MODEL_NAME", "no-such-model")
+        get_settings.cache_clear()
+        assert main(["calibrate"]) == 2
+        assert "no version 1 of 'no-such-model'" in capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
