@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -37,6 +39,11 @@ from unlearning.metrics import mia_auc
 from unlearning.train import TrainConfig
 
 
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
 def _auc(model, train, test, cells) -> float:
     members = _cell_losses(model, train, cells, torch.device("cpu"))
     held = per_sample_losses(model, test)
@@ -49,6 +56,9 @@ def main() -> None:
     p.add_argument("--benchmarks", nargs="+", default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--out", required=True)
+    p.add_argument("--folds", type=int, default=DEFAULTS["shadow_folds"])
+    p.add_argument("--modes", nargs="+", default=["full", "partial"], choices=["full", "partial"])
+    p.add_argument("--no-independent", action="store_true", help="skip the second gold standard (a training per set)")
     args = p.parse_args()
     torch.set_num_threads(1)
     suite = SUITES[args.suite]
@@ -61,37 +71,36 @@ def main() -> None:
         original, _ = cached_training(cache, train, recipe, {"spec": spec, "cells": "all"}, torch.device("cpu"))
         data = UnlearnData(train, [train.cells()[0]], train, heldout=test)
         t0 = time.perf_counter()
-        scores = shadow_scores(original, data, asdict(recipe), DEFAULTS["shadow_folds"], DEFAULTS["shadow_seed"])
+        scores = shadow_scores(original, data, asdict(recipe), args.folds, DEFAULTS["shadow_seed"], tuple(args.modes))
         print(f"{bench}: {scores['shadows']} shadows in {time.perf_counter() - t0:.0f} s", flush=True)
-        const = {mode: {t: sum(v for (_, task), v in scores[mode].items() if task == t)
-                        / max(1, sum(1 for _, task in scores[mode] if task == t)) for t in train.tasks}
-                 for mode in ("full", "partial")}
+        const = {mode: {t: mean(by[t] for by in scores[mode].values() if t in by) for t in train.tasks}
+                 for mode in args.modes}
         for st in settings(train, suite, args.seeds):
-            if st["setting"] == "full" and st["n_forget"] != 8:
+            if (st["setting"] == "full" and st["n_forget"] != 8) or st["setting"] not in args.modes:
                 continue
             cells, mode = st["cells"], st["setting"]
             key = {"spec": spec, "forget": sorted(map(list, cells))}
             gold, _ = cached_training(cache, train.without(cells), recipe, key, torch.device("cpu"))
-            other, _ = cached_training(cache, train.without(cells), replace(recipe, seed=recipe.seed + 1), key,
-                                       torch.device("cpu"))
+            other = None if args.no_independent else cached_training(
+                cache, train.without(cells), replace(recipe, seed=recipe.seed + 1), key, torch.device("cpu"))[0]
             row = {"benchmark": bench, "setting": mode, "forget_tasks": st["forget_tasks"], "seed": st["seed"],
                    "retrain": _auc(gold, train, test, cells),
-                   "per_request": sum(scores[mode][c] for c in cells) / len(cells),
+                   "per_request": mean(scores[mode][i][t] for i, t in cells),
                    "per_task": sum(const[mode][t] for _, t in cells) / len(cells),
-                   "independent": _auc(other, train, test, cells)}
+                   "independent": None if other is None else _auc(other, train, test, cells)}
             rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
             print(rows[-1], flush=True)
-        for mode in ("full", "partial"):
+        for mode in args.modes:
             mine = [r for r in rows if r["benchmark"] == bench and r["setting"] == mode]
             summary[f"{bench}/{mode}"] = {
                 f"mean_abs_err_{k}": round(sum(abs(r[k] - r["retrain"]) for r in mine) / len(mine), 4)
-                for k in ("per_request", "per_task", "independent")} | {"sets": len(mine)}
+                for k in ("per_request", "per_task", "independent") if mine and mine[0][k] is not None} | {"sets": len(mine)}
     print(json.dumps(summary, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "command": f"python benchmarks/calibration_predictor.py --suite {args.suite} --seeds {' '.join(map(str, args.seeds))} "
-                   f"--out {args.out}" + (f" --benchmarks {' '.join(args.benchmarks)}" if args.benchmarks else ""),
-        "suite": args.suite, "folds": DEFAULTS["shadow_folds"], "summary": summary, "sets": rows}, indent=1) + "\n")
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "suite": args.suite, "folds": args.folds, "modes": args.modes, "shadows": scores["shadows"],
+        "shadow_seconds": scores["seconds"], "summary": summary, "sets": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -168,7 +168,8 @@ def levels(losses: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     return losses.quantile(quantiles.double()).float()
 
 
-def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int) -> dict:
+def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
+                  modes: tuple[str, ...] = ("full", "partial")) -> dict:
     """Out-of-fold membership scores: for every training cell, the attack AUC it shows
     under a *shadow* model that never saw it, i.e. where a model retrained without it
     would put it among the held-out data (LiRA's per-example "OUT" models, reduced to
@@ -187,13 +188,13 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int)
     independent of any request, so a caller may keep the result and pass it back as
     ``config["shadow_scores"]`` (the service keeps one per model lineage). Returns
     plain JSON: ``{"full": {id: {task: score}}, "partial": {...}, "folds", "shadows",
-    "seconds"}``."""
+    "seconds"}``. ``modes`` may leave one mode out (its table is then empty)."""
     import json
 
     from ..metrics import member_scores
     from ..train import TrainConfig, train_model
 
-    key = ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), int(folds), int(seed))
+    key = ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), int(folds), int(seed), tuple(modes))
     if key in data.cache:
         return data.cache[key]
     if data.heldout is None or len(data.heldout) == 0:
@@ -206,9 +207,11 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int)
     plan = []  # (mode, cells the shadow never sees)
     for f in range(k):
         fold = ids[f::k]
-        plan.append(("full", [(i, t) for i in fold for t in tasks]))
-        for r in range(len(tasks)):
-            plan.append(("partial", [(i, tasks[(j + r) % len(tasks)]) for j, i in enumerate(fold)]))
+        if "full" in modes:
+            plan.append(("full", [(i, t) for i in fold for t in tasks]))
+        if "partial" in modes:
+            for r in range(len(tasks)):
+                plan.append(("partial", [(i, tasks[(j + r) % len(tasks)]) for j, i in enumerate(fold)]))
     out = {"full": {}, "partial": {}}
     for mode, cells in plan:
         cells = [c for c in cells if train.has_cell(c)]
