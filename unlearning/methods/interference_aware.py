@@ -15,7 +15,8 @@ Each step combines:
    **Which quantile** (:func:`reference_quantiles`): when the caller passes the
    deployed model's training recipe (``shadow_recipe``; the benchmark does),
    every training cell gets an *out-of-fold score* once per model version
-   (:func:`shadow_scores`): ``shadow_folds`` folds of the instances, shadow
+   (:func:`shadow_scores`; a caller that kept them passes ``shadow_scores``,
+   as the service does once per model lineage): ``shadow_folds`` folds of the instances, shadow
    models trained with that recipe that never saw a fold's instances (full
    erasure) or one task of each (partial erasure), and the score of a cell is
    its attack-AUC contribution against the held-out data under its shadow.
