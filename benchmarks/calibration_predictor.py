@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--folds", type=int, default=DEFAULTS["shadow_folds"])
     p.add_argument("--modes", nargs="+", default=["full", "partial"], choices=["full", "partial"])
+    p.add_argument("--repeats", type=int, default=1,
+                   help="average the scores of this many fold splits (shadow seeds 0..R-1; the method uses one)")
     p.add_argument("--no-independent", action="store_true", help="skip the second gold standard (a training per set)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -71,7 +73,11 @@ def main() -> None:
         original, _ = cached_training(cache, train, recipe, {"spec": spec, "cells": "all"}, torch.device("cpu"))
         data = UnlearnData(train, [train.cells()[0]], train, heldout=test)
         t0 = time.perf_counter()
-        scores = shadow_scores(original, data, asdict(recipe), args.folds, DEFAULTS["shadow_seed"], tuple(args.modes))
+        runs = [shadow_scores(original, data, asdict(recipe), args.folds, DEFAULTS["shadow_seed"] + r, tuple(args.modes))
+                for r in range(args.repeats)]
+        scores = {mode: {i: {t: mean(run[mode][i][t] for run in runs) for t in by} for i, by in runs[0][mode].items()}
+                  for mode in ("full", "partial")}
+        scores.update(shadows=sum(run["shadows"] for run in runs), seconds=round(sum(run["seconds"] for run in runs), 3))
         print(f"{bench}: {scores['shadows']} shadows in {time.perf_counter() - t0:.0f} s", flush=True)
         const = {mode: {t: mean(by[t] for by in scores[mode].values() if t in by) for t in train.tasks}
                  for mode in args.modes}
@@ -99,7 +105,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "suite": args.suite, "folds": args.folds, "modes": args.modes, "shadows": scores["shadows"],
+        "suite": args.suite, "folds": args.folds, "repeats": args.repeats, "modes": args.modes, "shadows": scores["shadows"],
         "shadow_seconds": scores["seconds"], "summary": summary, "sets": rows}, indent=1) + "\n")
 
 
