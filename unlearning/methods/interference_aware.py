@@ -233,19 +233,6 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
     return out
 
 
-def heldout_quantiles(model, data: UnlearnData, quantiles: dict[str, float]) -> dict[str, float]:
-    """τ_k = quantile ``quantiles[k]`` of the original model's held-out losses of task k (losses cached)."""
-    key = ("heldout_losses", len(data.heldout))
-    if key not in data.cache:
-        data.cache[key] = per_sample_losses(model, data.heldout, device=data.device)
-    out = {}
-    for t, q in quantiles.items():
-        v = data.cache[key][t]
-        v = v[~torch.isnan(v)]
-        out[t] = float(v.double().quantile(q)) if v.numel() else float("nan")
-    return out
-
-
 @torch.no_grad()
 def representation(model, data: UnlearnData, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Pooled, L2-normalised encoder features of every training instance under the original model (cached)."""
