@@ -81,14 +81,14 @@ SUITES: dict[str, dict] = {
         "device": "cpu",
     },
     # The speed-up at NYUv2's instance count on CPU: full's 795 training scenes and a
-    # 200-epoch schedule, smoke's image size and model, one seed, one full (8 instances)
+    # 200-epoch schedule, smoke's image size and model, two seeds, one full (8 instances)
     # and one partial (depth) setting.
     "scale": {
         "benchmarks": {
             "indoor": {"name": "indoor", "n_train": 795, "n_test": 96, "height": 24, "width": 32, "seed": 0},
         },
         "train": {"epochs": 200, "batch_size": 16, "lr": 4e-3, "width": 16, "depth": 3, "head_width": 16, "seed": 0},
-        "seeds": [0],
+        "seeds": [0, 1],
         "n_forget_full": [8],
         "n_forget_partial": 8,
         "partial_tasks": ["depth"],
@@ -158,6 +158,25 @@ def cached_training(cache_dir: Path, dataset, recipe: TrainConfig, key_payload: 
     return model.eval(), seconds
 
 
+_SPLITS: dict[str, tuple] = {}
+
+
+def _pretrain(cache_dir: str, spec: dict, recipe: dict, cells: list, threads: int | None, device: str) -> float:
+    """In a worker process: train (or find cached) the model ``recipe`` makes on the
+    benchmark's training data without ``cells``, as :func:`run_suite` would; returns
+    its training seconds. The data is rendered once per worker and spec."""
+    if threads:
+        torch.set_num_threads(int(threads))
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _SPLITS:
+        _SPLITS[key] = load_splits(spec)
+    train = _SPLITS[key][0]
+    cells = [tuple(c) for c in cells]
+    _, seconds = cached_training(Path(cache_dir), train.without(cells), TrainConfig(**recipe),
+                                 {"spec": spec, "forget": sorted(map(list, cells))}, torch.device(device))
+    return seconds
+
+
 @torch.no_grad()
 def _cell_losses(model, train, cells, device) -> dict[str, torch.Tensor]:
     instances = list(dict.fromkeys(i for i, _ in cells))
@@ -181,12 +200,17 @@ def _num(x):
 
 def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cache_dir: Path, device=None,
               benchmarks: list[str] | None = None, method_configs: dict | None = None, progress: bool = True,
-              shadow: bool = True, engine_caches: dict | None = None, independent_retrain: bool = True) -> dict:
+              shadow: bool = True, engine_caches: dict | None = None, independent_retrain: bool = True,
+              workers: int = 0) -> dict:
     """Run a suite and return the results document (see the module docstring).
 
     ``engine_caches`` (benchmark name -> dict) lets a caller that runs several
     suites on the same original models (a tuning loop) keep what the methods
-    cache per model version between runs."""
+    cache per model version between runs. ``workers`` > 0 trains the gold
+    standards (and independent retrains) ahead, in that many worker processes
+    (the suite's thread count each), while this process trains the originals,
+    prepares the per-version state and runs the methods; the results are the
+    same models (training is seeded), only the wall time changes."""
     suite = SUITES[suite_name]
     seeds = list(suite["seeds"] if seeds is None else seeds)
     device = resolve_device(device or suite["device"])
@@ -201,13 +225,52 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
         method_configs[DEFAULT_METHOD] = {"shadow_recipe": asdict(recipe), **method_configs.get(DEFAULT_METHOD, {})}
     names = [b for b in suite["benchmarks"] if benchmarks is None or b in benchmarks]
     run_methods = list(methods) + ([INDEPENDENT_RETRAIN] if independent_retrain else [])
-    results, prepare_seconds, original_seconds = [], {}, {}
 
     loaded = {b: load_splits(suite["benchmarks"][b]) for b in names}
     plan = [(b, s) for b in names for s in settings(loaded[b][0], suite, seeds)]
+    pretrained: dict = {}
+    pool = None
+    if workers > 0:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a forked child would inherit torch's thread pools
+        pool = ProcessPoolExecutor(max_workers=int(workers), mp_context=multiprocessing.get_context("spawn"))
+        for k, (bench, st) in enumerate(plan):
+            recipes = [("gold", recipe)] + ([("independent", replace(recipe, seed=recipe.seed + 1))] if independent_retrain else [])
+            for kind, r in recipes:
+                pretrained[(k, kind)] = pool.submit(_pretrain, str(cache_dir), suite["benchmarks"][bench], asdict(r),
+                                                    st["cells"], suite.get("threads"), str(device))
+    try:
+        results, prepare_seconds, original_seconds = _run_plan(
+            plan, suite, names, loaded, recipe, methods, run_methods, method_configs, cache_dir, device, progress,
+            suite_name, engine_caches, pretrained)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return {
+        "suite": suite_name,
+        "config": {
+            **{k: v for k, v in suite.items() if k != "seeds"},
+            "seeds": seeds,
+            "methods": methods,
+            "method_configs": method_configs,
+            "prepare_seconds": prepare_seconds,
+            "original_seconds": {b: round(s, 3) for b, s in original_seconds.items()},
+            "workers": int(workers),
+            "torch": torch.__version__,
+        },
+        "device": _device_name(device),
+        "results": results,
+    }
+
+
+def _run_plan(plan, suite, names, loaded, recipe, methods, run_methods, method_configs, cache_dir, device, progress,
+              suite_name, engine_caches, pretrained):
+    results, prepare_seconds, original_seconds = [], {}, {}
     bar = tqdm(total=len(plan) * len(run_methods), desc=f"bench {suite_name}", disable=not progress)
     current = None
-    for bench, st in plan:
+    for k, (bench, st) in enumerate(plan):
         spec = suite["benchmarks"][bench]
         train, test = loaded[bench]
         if current != bench:
@@ -230,6 +293,8 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
         cells = st["cells"]
         retain = train.without(cells)
         bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: retrain")
+        if (k, "gold") in pretrained:
+            pretrained[(k, "gold")].result()  # trained by a worker: cached_training loads it
         gold, retrain_seconds = cached_training(
             cache_dir, retain, recipe, {"spec": spec, "forget": sorted(map(list, cells))}, device
         )
@@ -244,6 +309,8 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
             if method == "retrain":
                 unlearned, unlearn_seconds = gold, retrain_seconds
             elif method == INDEPENDENT_RETRAIN:
+                if (k, "independent") in pretrained:
+                    pretrained[(k, "independent")].result()
                 unlearned, unlearn_seconds = cached_training(
                     cache_dir, retain, replace(recipe, seed=recipe.seed + 1), {"spec": spec, "forget": sorted(map(list, cells))}, device
                 )
@@ -279,20 +346,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
             })
             bar.update(1)
     bar.close()
-    return {
-        "suite": suite_name,
-        "config": {
-            **{k: v for k, v in suite.items() if k != "seeds"},
-            "seeds": seeds,
-            "methods": methods,
-            "method_configs": method_configs,
-            "prepare_seconds": prepare_seconds,
-            "original_seconds": {b: round(s, 3) for b, s in original_seconds.items()},
-            "torch": torch.__version__,
-        },
-        "device": _device_name(device),
-        "results": results,
-    }
+    return results, prepare_seconds, original_seconds
 
 
 def _device_name(device) -> str:
@@ -477,7 +531,12 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"skip the {INDEPENDENT_RETRAIN} reference (a second gold standard with another seed)")
     p.add_argument("--no-shadow", action="store_true",
                    help="do not give interference_aware the training recipe (no shadow calibration of its tau)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="train the gold standards ahead in this many extra processes (default 0: in this one); "
+                        "on CPU each takes one core at the suite's thread count")
     args = p.parse_args(argv)
+    if args.workers < 0:
+        p.error("--workers must be 0 or more")
 
     methods = args.methods or list(METHOD_NAMES)
     for m in methods:
@@ -487,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs, not args.no_progress,
-                    shadow=not args.no_shadow, independent_retrain=not args.no_independent_retrain)
+                    shadow=not args.no_shadow, independent_retrain=not args.no_independent_retrain, workers=args.workers)
     doc["command"] = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
     doc["wall_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)

@@ -99,3 +99,17 @@ def test_settings_draw_nested_forget_sets_and_may_restrict_partial_tasks(tiny_su
     only_depth = bench.settings(train, {**suite, "partial_tasks": ["depth"]}, [0])
     assert [s["forget_tasks"] for s in only_depth if s["setting"] == "partial"] == [["depth"]]
     assert all(t == "depth" for s in only_depth if s["setting"] == "partial" for _, t in s["cells"])
+
+
+def test_workers_train_the_same_gold_standards_ahead(tiny_suite, tmp_path, torch_single_thread):
+    """--workers moves the gold standards' training into other processes: same models, same numbers."""
+    methods = ["gradient_ascent", "retrain"]
+    configs = {"gradient_ascent": {"steps": 2}}
+    inline = bench.run_suite("tiny", methods, None, tmp_path / "a", method_configs=configs, progress=False, shadow=False)
+    ahead = bench.run_suite("tiny", methods, None, tmp_path / "b", method_configs=configs, progress=False, shadow=False,
+                            workers=1)
+    assert (inline["config"]["workers"], ahead["config"]["workers"]) == (0, 1)
+    fields = ("benchmark", "setting", "forget_tasks", "seed", "method", "uis", "mia_auc", "mia_auc_retrain", "forget_gap")
+    assert [{f: r[f] for f in fields} for r in ahead["results"]] == [{f: r[f] for f in fields} for r in inline["results"]]
+    # the original, and every gold standard and independent retrain, cached once
+    assert len(list((tmp_path / "b").glob("*/bench.json"))) == 1 + 2 * 4  # original + (gold, independent) x 4 settings
