@@ -25,12 +25,12 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, _cell_losses, cached_training, settings
+from unlearning.bench import SUITES, _cell_losses, cached_retrain, cached_training, independent_recipe, settings
 from unlearning.data import load_splits
 from unlearning.losses import per_sample_losses
 from unlearning.methods import UnlearnData
@@ -85,10 +85,9 @@ def main() -> None:
             if (st["setting"] == "full" and st["n_forget"] != 8) or st["setting"] not in args.modes:
                 continue
             cells, mode = st["cells"], st["setting"]
-            key = {"spec": spec, "forget": sorted(map(list, cells))}
-            gold, _ = cached_training(cache, train.without(cells), recipe, key, torch.device("cpu"))
-            other = None if args.no_independent else cached_training(
-                cache, train.without(cells), replace(recipe, seed=recipe.seed + 1), key, torch.device("cpu"))[0]
+            gold, _ = cached_retrain(cache, train, spec, cells, recipe, torch.device("cpu"))
+            other = None if args.no_independent else cached_retrain(
+                cache, train, spec, cells, independent_recipe(recipe), torch.device("cpu"))[0]
             row = {"benchmark": bench, "setting": mode, "forget_tasks": st["forget_tasks"], "seed": st["seed"],
                    "retrain": _auc(gold, train, test, cells),
                    "per_request": mean(scores[mode][i][t] for i, t in cells),

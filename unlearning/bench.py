@@ -158,6 +158,20 @@ def cached_training(cache_dir: Path, dataset, recipe: TrainConfig, key_payload: 
     return model.eval(), seconds
 
 
+def independent_recipe(recipe: TrainConfig) -> TrainConfig:
+    """The gold standard's recipe with the next initialisation seed (``retrain_independent``)."""
+    return replace(recipe, seed=recipe.seed + 1)
+
+
+def cached_retrain(cache_dir: Path, train, spec: dict, cells, recipe: TrainConfig, device,
+                   retain=None) -> tuple[torch.nn.Module, float]:
+    """:func:`cached_training` of ``recipe`` on ``train`` without ``cells`` (``retain``
+    when the caller has it), keyed by the benchmark spec and the cells: the gold
+    standard, or with :func:`independent_recipe` the independent retrain."""
+    retain = train.without(cells) if retain is None else retain
+    return cached_training(cache_dir, retain, recipe, {"spec": spec, "forget": sorted(map(list, cells))}, device)
+
+
 _SPLITS: dict[str, tuple] = {}
 
 
@@ -171,9 +185,8 @@ def _pretrain(cache_dir: str, spec: dict, recipe: dict, cells: list, threads: in
     if key not in _SPLITS:
         _SPLITS[key] = load_splits(spec)
     train = _SPLITS[key][0]
-    cells = [tuple(c) for c in cells]
-    _, seconds = cached_training(Path(cache_dir), train.without(cells), TrainConfig(**recipe),
-                                 {"spec": spec, "forget": sorted(map(list, cells))}, torch.device(device))
+    _, seconds = cached_retrain(Path(cache_dir), train, spec, [tuple(c) for c in cells], TrainConfig(**recipe),
+                                torch.device(device))
     return seconds
 
 
@@ -237,7 +250,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
         # spawn: a forked child would inherit torch's thread pools
         pool = ProcessPoolExecutor(max_workers=int(workers), mp_context=multiprocessing.get_context("spawn"))
         for k, (bench, st) in enumerate(plan):
-            recipes = [("gold", recipe)] + ([("independent", replace(recipe, seed=recipe.seed + 1))] if independent_retrain else [])
+            recipes = [("gold", recipe)] + ([("independent", independent_recipe(recipe))] if independent_retrain else [])
             for kind, r in recipes:
                 pretrained[(k, kind)] = pool.submit(_pretrain, str(cache_dir), suite["benchmarks"][bench], asdict(r),
                                                     st["cells"], suite.get("threads"), str(device))
@@ -295,9 +308,7 @@ def _run_plan(plan, suite, names, loaded, recipe, methods, run_methods, method_c
         bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: retrain")
         if (k, "gold") in pretrained:
             pretrained[(k, "gold")].result()  # trained by a worker: cached_training loads it
-        gold, retrain_seconds = cached_training(
-            cache_dir, retain, recipe, {"spec": spec, "forget": sorted(map(list, cells))}, device
-        )
+        gold, retrain_seconds = cached_retrain(cache_dir, train, spec, cells, recipe, device, retain=retain)
         gold_members = _cell_losses(gold, train, cells, device)
         gold_test = per_sample_losses(gold, test, device=device)
         mia_retrain = mia_auc(gold_members, {t: gold_test[t] for t in gold_members})
@@ -311,9 +322,8 @@ def _run_plan(plan, suite, names, loaded, recipe, methods, run_methods, method_c
             elif method == INDEPENDENT_RETRAIN:
                 if (k, "independent") in pretrained:
                     pretrained[(k, "independent")].result()
-                unlearned, unlearn_seconds = cached_training(
-                    cache_dir, retain, replace(recipe, seed=recipe.seed + 1), {"spec": spec, "forget": sorted(map(list, cells))}, device
-                )
+                unlearned, unlearn_seconds = cached_retrain(cache_dir, train, spec, cells, independent_recipe(recipe),
+                                                            device, retain=retain)
             else:
                 cfg = dict(method_configs.get(method, {}))
                 start = time.perf_counter()
