@@ -255,9 +255,82 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 pretrained[(k, kind)] = pool.submit(_pretrain, str(cache_dir), suite["benchmarks"][bench], asdict(r),
                                                     st["cells"], suite.get("threads"), str(device))
     try:
-        results, prepare_seconds, original_seconds = _run_plan(
-            plan, suite, names, loaded, recipe, methods, run_methods, method_configs, cache_dir, device, progress,
-            suite_name, engine_caches, pretrained)
+        results, prepare_seconds, original_seconds = [], {}, {}
+        bar = tqdm(total=len(plan) * len(run_methods), desc=f"bench {suite_name}", disable=not progress)
+        current = None
+        for k, (bench, st) in enumerate(plan):
+            spec = suite["benchmarks"][bench]
+            train, test = loaded[bench]
+            if current != bench:
+                current = bench
+                bar.set_postfix_str(f"{bench}: original model")
+                original, original_seconds[bench] = cached_training(cache_dir, train, recipe, {"spec": spec, "cells": "all"}, device)
+                # Per-model-version state, computed once and not counted in any job's seconds.
+                t0 = time.perf_counter()
+                context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"], device=device)
+                context.original_metrics("test")
+                context.test_losses()
+                engine_cache: dict = {} if engine_caches is None else engine_caches.setdefault(bench, {})
+                if DEFAULT_METHOD in methods:
+                    from .methods import interference_aware
+
+                    warm = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=device, cache=engine_cache)
+                    interference_aware.prepare(original, warm, {**interference_aware.DEFAULTS, **method_configs.get(DEFAULT_METHOD, {})})
+                prepare_seconds[bench] = round(time.perf_counter() - t0, 3)
+
+            cells = st["cells"]
+            retain = train.without(cells)
+            bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: retrain")
+            if (k, "gold") in pretrained:
+                pretrained[(k, "gold")].result()  # trained by a worker: cached_training loads it
+            gold, retrain_seconds = cached_retrain(cache_dir, train, spec, cells, recipe, device, retain=retain)
+            gold_members = _cell_losses(gold, train, cells, device)
+            gold_test = per_sample_losses(gold, test, device=device)
+            mia_retrain = mia_auc(gold_members, {t: gold_test[t] for t in gold_members})
+            gold_mean = {t: [float(v.mean())] for t, v in gold_members.items()}
+
+            for method in run_methods:
+                bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: {method}")
+                data = UnlearnData(train, cells, retain, heldout=test, device=device, seed=int(st["seed"]), cache=engine_cache)
+                if method == "retrain":
+                    unlearned, unlearn_seconds = gold, retrain_seconds
+                elif method == INDEPENDENT_RETRAIN:
+                    if (k, "independent") in pretrained:
+                        pretrained[(k, "independent")].result()
+                    unlearned, unlearn_seconds = cached_retrain(cache_dir, train, spec, cells, independent_recipe(recipe),
+                                                                device, retain=retain)
+                else:
+                    cfg = dict(method_configs.get(method, {}))
+                    start = time.perf_counter()
+                    unlearned, _ = get_method(method)(original, data, cfg)
+                    unlearn_seconds = time.perf_counter() - start
+                # A job evaluates what it produced (UIS, MIA AUC), so that is counted too.
+                start = time.perf_counter()
+                ev = evaluate_unlearning(original, unlearned, train, cells, test, context=context, device=device)
+                eval_seconds = time.perf_counter() - start
+                seconds = unlearn_seconds + eval_seconds
+                mean_u = {t: [v] for t, v in ev["forget_loss"]["unlearned"].items()}
+                results.append({
+                    "benchmark": bench,
+                    "setting": st["setting"],
+                    "forget_tasks": st["forget_tasks"],
+                    "n_forget": st["n_forget"],
+                    "seed": st["seed"],
+                    "method": method,
+                    "uis": _num(ev["uis"]),
+                    "uis_task": _num(ev["uis_task"]),
+                    "uis_inst": _num(ev["uis_inst"]),
+                    "mia_auc": _num(ev["mia_auc"]),
+                    "mia_auc_original": _num(ev["mia_auc_original"]),
+                    "mia_auc_retrain": _num(mia_retrain),
+                    "forget_gap": _num(forget_gap(mean_u, gold_mean)),
+                    "seconds": round(seconds, 4),
+                    "unlearn_seconds": round(unlearn_seconds, 4),
+                    "eval_seconds": round(eval_seconds, 4),
+                    "retrain_seconds": round(retrain_seconds, 4),
+                })
+                bar.update(1)
+        bar.close()
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -278,85 +351,6 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
     }
 
 
-def _run_plan(plan, suite, names, loaded, recipe, methods, run_methods, method_configs, cache_dir, device, progress,
-              suite_name, engine_caches, pretrained):
-    results, prepare_seconds, original_seconds = [], {}, {}
-    bar = tqdm(total=len(plan) * len(run_methods), desc=f"bench {suite_name}", disable=not progress)
-    current = None
-    for k, (bench, st) in enumerate(plan):
-        spec = suite["benchmarks"][bench]
-        train, test = loaded[bench]
-        if current != bench:
-            current = bench
-            bar.set_postfix_str(f"{bench}: original model")
-            original, original_seconds[bench] = cached_training(cache_dir, train, recipe, {"spec": spec, "cells": "all"}, device)
-            # Per-model-version state, computed once and not counted in any job's seconds.
-            t0 = time.perf_counter()
-            context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"], device=device)
-            context.original_metrics("test")
-            context.test_losses()
-            engine_cache: dict = {} if engine_caches is None else engine_caches.setdefault(bench, {})
-            if DEFAULT_METHOD in methods:
-                from .methods import interference_aware
-
-                warm = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=device, cache=engine_cache)
-                interference_aware.prepare(original, warm, {**interference_aware.DEFAULTS, **method_configs.get(DEFAULT_METHOD, {})})
-            prepare_seconds[bench] = round(time.perf_counter() - t0, 3)
-
-        cells = st["cells"]
-        retain = train.without(cells)
-        bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: retrain")
-        if (k, "gold") in pretrained:
-            pretrained[(k, "gold")].result()  # trained by a worker: cached_training loads it
-        gold, retrain_seconds = cached_retrain(cache_dir, train, spec, cells, recipe, device, retain=retain)
-        gold_members = _cell_losses(gold, train, cells, device)
-        gold_test = per_sample_losses(gold, test, device=device)
-        mia_retrain = mia_auc(gold_members, {t: gold_test[t] for t in gold_members})
-        gold_mean = {t: [float(v.mean())] for t, v in gold_members.items()}
-
-        for method in run_methods:
-            bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: {method}")
-            data = UnlearnData(train, cells, retain, heldout=test, device=device, seed=int(st["seed"]), cache=engine_cache)
-            if method == "retrain":
-                unlearned, unlearn_seconds = gold, retrain_seconds
-            elif method == INDEPENDENT_RETRAIN:
-                if (k, "independent") in pretrained:
-                    pretrained[(k, "independent")].result()
-                unlearned, unlearn_seconds = cached_retrain(cache_dir, train, spec, cells, independent_recipe(recipe),
-                                                            device, retain=retain)
-            else:
-                cfg = dict(method_configs.get(method, {}))
-                start = time.perf_counter()
-                unlearned, _ = get_method(method)(original, data, cfg)
-                unlearn_seconds = time.perf_counter() - start
-            # A job evaluates what it produced (UIS, MIA AUC), so that is counted too.
-            start = time.perf_counter()
-            ev = evaluate_unlearning(original, unlearned, train, cells, test, context=context, device=device)
-            eval_seconds = time.perf_counter() - start
-            seconds = unlearn_seconds + eval_seconds
-            mean_u = {t: [v] for t, v in ev["forget_loss"]["unlearned"].items()}
-            results.append({
-                "benchmark": bench,
-                "setting": st["setting"],
-                "forget_tasks": st["forget_tasks"],
-                "n_forget": st["n_forget"],
-                "seed": st["seed"],
-                "method": method,
-                "uis": _num(ev["uis"]),
-                "uis_task": _num(ev["uis_task"]),
-                "uis_inst": _num(ev["uis_inst"]),
-                "mia_auc": _num(ev["mia_auc"]),
-                "mia_auc_original": _num(ev["mia_auc_original"]),
-                "mia_auc_retrain": _num(mia_retrain),
-                "forget_gap": _num(forget_gap(mean_u, gold_mean)),
-                "seconds": round(seconds, 4),
-                "unlearn_seconds": round(unlearn_seconds, 4),
-                "eval_seconds": round(eval_seconds, 4),
-                "retrain_seconds": round(retrain_seconds, 4),
-            })
-            bar.update(1)
-    bar.close()
-    return results, prepare_seconds, original_seconds
 
 
 def _device_name(device) -> str:
