@@ -351,12 +351,25 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
     }
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _device_name(device) -> str:
+    """Where the figures were measured. On CPU the trained models themselves depend on
+    the kernels torch picks for the instruction set (AVX2, AVX512, ...): the same
+    seeds give other models, and other UIS and MIA figures, on another CPU."""
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
+    return (f"cpu: {platform.machine()}, {_cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} torch thread(s)")
 
 
 # ----------------------------------------------------------------------------- summary

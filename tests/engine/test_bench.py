@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from unlearning import bench
 
@@ -37,6 +38,8 @@ def test_bench_cli_writes_the_result_contract(tiny_suite, tmp_path, torch_single
     assert code == 0
     doc = json.loads(out.read_text())
     assert doc["suite"] == "tiny"
+    # on CPU the instruction set decides which models the seeds give: the results name it
+    assert doc["device"].startswith("cpu: ") and torch.backends.cpu.get_cpu_capability() in doc["device"]
     # indoor: one full setting (1 instance) + one partial setting per task (3), one seed, three methods
     # and the independent retrain (the gold standard's recipe with another seed)
     assert len(doc["results"]) == (1 + 3) * (len(methods) + 1)
