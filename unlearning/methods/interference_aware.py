@@ -78,8 +78,9 @@ to the request's mean also lowered UIS (see benchmarks/README.md).
 Fifth round: ``ramp`` 0.5 instead of 0.25 (the forget pull starts to fade
 further from ``τ``, so the cells overshoot less and the repair has less to
 undo): full·8 UIS 0.62 -> 0.47 (indoor) and 0.18 -> 0.13 (street) on the
-tuning split, 1.50 -> 1.26 at 795 scenes, partial mode and MIA AUC unchanged
-(benchmarks/tune_round5/tuning_split_dynamics.json).
+tuning split (benchmarks/tune_round5/tuning_split_dynamics.json), 1.50 ->
+1.26 at 795 scenes (tune_round4/scale_dynamics.json); partial mode unchanged,
+the MIA AUCs within 0.011.
 
 Second round (tuning split: forget draws of seeds 2 and 3, both benchmarks;
 the reported seeds are 0 and 1): the step is Adam-preconditioned instead of
