@@ -280,7 +280,8 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
 
             cells = st["cells"]
             retain = train.without(cells)
-            bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: retrain")
+            label = f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}"
+            bar.set_postfix_str(f"{label}: retrain")
             if (k, "gold") in pretrained:
                 pretrained[(k, "gold")].result()  # trained by a worker: cached_training loads it
             gold, retrain_seconds = cached_retrain(cache_dir, train, spec, cells, recipe, device, retain=retain)
@@ -290,7 +291,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
             gold_mean = {t: [float(v.mean())] for t, v in gold_members.items()}
 
             for method in run_methods:
-                bar.set_postfix_str(f"{bench} {st['setting']} {st['forget_tasks'] if st['setting'] == 'partial' else st['n_forget']} s{st['seed']}: {method}")
+                bar.set_postfix_str(f"{label}: {method}")
                 data = UnlearnData(train, cells, retain, heldout=test, device=device, seed=int(st["seed"]), cache=engine_cache)
                 if method == "retrain":
                     unlearned, unlearn_seconds = gold, retrain_seconds
