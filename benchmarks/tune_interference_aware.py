@@ -6,7 +6,10 @@ UIS, the MIA AUC against the retrained model's and the speed-up.
     python benchmarks/tune_interference_aware.py --variants '{"default": {}}' \
         --out benchmarks/tune_interference_aware.json
 
-Appends every variant's result to the --out JSON (a tuning record). Trained
+Appends every variant's result, with the device it ran on, to the --out JSON's
+``records`` (a tuning record). Files written before that fix also hold, at their
+top level, the suite document of the last variant run into them (``suite``,
+``config``, ``device``, ``results``); only ``records`` is the record. Trained
 models come from the bench cache (``.cache/bench/<suite>``); what the method
 caches per model version is kept across the variants of one call.
 """
@@ -31,31 +34,34 @@ def main() -> None:
     args = p.parse_args()
     variants = json.loads(args.variants)
     out = Path(args.out)
-    doc = json.loads(out.read_text()) if out.exists() else {"records": []}
-    record = doc["records"] if isinstance(doc, dict) else doc
+    # the tuning record: {"records": [...]}, each record with the device it was measured on
+    record_doc = json.loads(out.read_text()) if out.exists() else {"records": []}
+    if isinstance(record_doc, list):
+        record_doc = {"records": record_doc}
+    record = record_doc["records"]
     caches: dict = {}  # per-model-version state (shadows, subspaces) computed once for every variant
     for name, cfg in variants.items():
         t0 = time.perf_counter()
-        doc = run_suite(args.suite, ["interference_aware"], args.seeds, Path(".cache/bench") / args.suite,
+        run = run_suite(args.suite, ["interference_aware"], args.seeds, Path(".cache/bench") / args.suite,
                         benchmarks=args.benchmarks, method_configs={"interference_aware": cfg}, progress=False,
                         shadow=not args.no_shadow, engine_caches=caches, independent_retrain=False)
         wall = time.perf_counter() - t0
         rows = {}
-        for (b, s, n), by in sorted(aggregate(doc["results"]).items()):
+        for (b, s, n), by in sorted(aggregate(run["results"]).items()):
             v = by["interference_aware"]
             rows[f"{b}/{s}/{n}"] = {"uis": round(v["uis"], 3), "mia": round(v["mia_auc"], 3),
                                     "mia_retrain": round(v["mia_auc_retrain"], 3), "mia_err": round(v["mia_err"], 3),
                                     "seconds": round(v["seconds"], 2), "speedup": round(v["speedup"], 1)}
         per_run = [{k: r[k] for k in ("benchmark", "setting", "forget_tasks", "n_forget", "seed", "uis", "mia_auc", "mia_auc_retrain")}
-                   for r in doc["results"]]
+                   for r in run["results"]]
         record.append({"variant": name, "config": cfg, "suite": args.suite, "shadow": not args.no_shadow,
-                       "benchmarks": args.benchmarks, "seeds": args.seeds,
+                       "benchmarks": args.benchmarks, "seeds": args.seeds, "device": run["device"],
                        "wall_seconds": round(wall, 1), "summary": rows, "runs": per_run})
         print(f"== {name} {cfg} ({wall:.0f} s)")
         for k, v in rows.items():
             print(f"   {k:24s} UIS {v['uis']:7.2f}  MIA {v['mia']:.3f} (retrain {v['mia_retrain']:.3f}, err {v['mia_err']:.3f})  "
                   f"{v['seconds']:.1f}s ({v['speedup']:.1f}x)")
-        out.write_text(json.dumps({**(doc if isinstance(doc, dict) else {}), "records": record}, indent=1) + "\n")
+        out.write_text(json.dumps(record_doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":
