@@ -116,3 +116,26 @@ def test_workers_train_the_same_gold_standards_ahead(tiny_suite, tmp_path, torch
     assert [{f: r[f] for f in fields} for r in ahead["results"]] == [{f: r[f] for f in fields} for r in inline["results"]]
     # the original, and every gold standard and independent retrain, cached once
     assert len(list((tmp_path / "b").glob("*/bench.json"))) == 1 + 2 * 4  # original + (gold, independent) x 4 settings
+
+
+def test_seed_spread_of_the_mia_difference_on_constructed_runs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "seed_spread.py"
+    spec = importlib.util.spec_from_file_location("seed_spread", path)
+    seed_spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed_spread)
+    results = [
+        {**_run("interference_aware", uis=1.0, mia=0.60), "seed": 0},  # d = +0.10
+        {**_run("interference_aware", uis=1.0, mia=0.44), "seed": 1},  # d = -0.06
+        {**_run("interference_aware", uis=1.0, mia=0.90, n=1), "seed": 0},  # one instance: not counted
+        {**_run("finetune", uis=1.0, mia=0.90), "seed": 0},  # not one of the compared methods
+    ]
+    (row,) = seed_spread.spread(results)
+    assert (row["method"], row["runs"]) == ("interference_aware", 2)
+    assert row["mean_d"] == pytest.approx(0.02)
+    assert row["se_d"] == pytest.approx(0.08)  # sd of (+0.10, -0.06) is 0.08 * sqrt(2); over sqrt(2) runs
+    assert row["mean_abs_d"] == pytest.approx(0.08)
+    (only_seed_1,) = seed_spread.spread(results, seeds=[1])
+    assert only_seed_1["mean_d"] == pytest.approx(-0.06)
