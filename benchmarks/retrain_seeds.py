@@ -32,6 +32,8 @@ from unlearning.losses import per_sample_losses
 from unlearning.metrics import mia_auc
 from unlearning.train import TrainConfig
 
+from seed_spread import mean_se  # noqa: E402  this folder's script (run as python benchmarks/retrain_seeds.py)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -76,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         for offset in args.offsets:
             summary.setdefault(key, {}).setdefault(f"seed+{offset} - gold", []).append(
                 row[f"mia_seed+{offset}"] - row["mia_seed+0"])
-    summary = {k: {name: {"runs": len(d), "mean": round(sum(d) / len(d), 4),
-                          "se": round((sum((x - sum(d) / len(d)) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5, 4)
-                          if len(d) > 1 else None}
-                   for name, d in v.items()} for k, v in summary.items()}
+    for differences in summary.values():
+        for name, d in differences.items():
+            mean, se = mean_se(d)
+            differences[name] = {"runs": len(d), "mean": round(mean, 4), "se": None if se is None else round(se, 4)}
     doc = {"suite": args.suite, "seeds": args.seeds, "offsets": args.offsets, "device": _device_name(device),
            "command": "python benchmarks/retrain_seeds.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
            "summary": summary, "rows": rows}

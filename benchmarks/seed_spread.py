@@ -17,6 +17,13 @@ from pathlib import Path
 METHODS = ("interference_aware", "retrain_independent")
 
 
+def mean_se(d: list[float]) -> tuple[float, float | None]:
+    """The mean of ``d`` and its standard error (None for a single value)."""
+    n = len(d)
+    mean = sum(d) / n
+    return mean, (math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else None)
+
+
 def spread(results: list[dict], seeds: list[int] | None = None, n_forget: int = 8) -> list[dict]:
     groups: dict = {}
     for r in results:
@@ -27,12 +34,10 @@ def spread(results: list[dict], seeds: list[int] | None = None, n_forget: int = 
         groups.setdefault((r["benchmark"], r["setting"], r["method"]), []).append(r["mia_auc"] - r["mia_auc_retrain"])
     rows = []
     for (bench, setting, method), d in sorted(groups.items()):
-        n = len(d)
-        mean = sum(d) / n
-        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n) if n > 1 else None
-        rows.append({"benchmark": bench, "setting": setting, "method": method, "runs": n,
+        mean, se = mean_se(d)
+        rows.append({"benchmark": bench, "setting": setting, "method": method, "runs": len(d),
                      "mean_d": round(mean, 4), "se_d": None if se is None else round(se, 4),
-                     "abs_mean_d": round(abs(mean), 4), "mean_abs_d": round(sum(abs(x) for x in d) / n, 4)})
+                     "abs_mean_d": round(abs(mean), 4), "mean_abs_d": round(sum(abs(x) for x in d) / len(d), 4)})
     return rows
 
 
