@@ -5,7 +5,9 @@ runs, its standard error, and the mean ``|d|``. ``|mean d|`` is the quantity
 issue 2's 0.03 target names (AUCs averaged over seeds); the independent retrain's
 row is how far a second gold standard lands by chance.
 
-    python benchmarks/seed_spread.py benchmarks/mia_seeds/smoke_8seeds.json [--seeds 0 1] [--json OUT]
+    python benchmarks/seed_spread.py benchmarks/mia_seeds/smoke_8seeds.json [MORE.json ...] [--seeds 0 1] [--json OUT]
+
+Several results files are pooled (their runs must be distinct forget sets).
 """
 from __future__ import annotations
 
@@ -43,19 +45,20 @@ def spread(results: list[dict], seeds: list[int] | None = None, n_forget: int = 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", help="a results JSON of python -m unlearning.bench")
+    p.add_argument("results", nargs="+", help="results JSON(s) of python -m unlearning.bench, pooled")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="only these seeds (default: all)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
-    doc = json.loads(Path(args.results).read_text())
-    rows = spread(doc["results"], args.seeds)
+    docs = [json.loads(Path(f).read_text()) for f in args.results]
+    rows = spread([r for doc in docs for r in doc["results"]], args.seeds)
     print("| benchmark | setting | method | runs | mean d | SE | \\|mean d\\| | mean \\|d\\| |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['benchmark']} | {r['setting']} | {r['method']} | {r['runs']} | {r['mean_d']:+.3f} | {'-' if r['se_d'] is None else format(r['se_d'], '.3f')} "
               f"| {r['abs_mean_d']:.3f} | {r['mean_abs_d']:.3f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"source": args.results, "seeds": args.seeds, "device": doc.get("device"),
+        Path(args.json).write_text(json.dumps({"source": args.results if len(args.results) > 1 else args.results[0], "seeds": args.seeds,
+                                               "device": sorted({str(doc.get("device")) for doc in docs}),
                                                "rows": rows}, indent=1) + "\n")
     return 0
 
