@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, _cell_losses, cached_retrain, cached_training, independent_recipe, settings
+from unlearning.bench import SUITES, cached_retrain, cached_training, independent_recipe, settings
 from unlearning.data import load_splits
-from unlearning.losses import per_sample_losses
+from unlearning.evaluate import membership_auc
 from unlearning.methods import UnlearnData
 from unlearning.methods.interference_aware import DEFAULTS, shadow_scores
-from unlearning.metrics import mia_auc
 from unlearning.train import TrainConfig
 
 
@@ -45,9 +44,7 @@ def mean(values) -> float:
 
 
 def _auc(model, train, test, cells) -> float:
-    members = _cell_losses(model, train, cells, torch.device("cpu"))
-    held = per_sample_losses(model, test)
-    return mia_auc(members, {t: held[t] for t in members})
+    return membership_auc(model, train, cells, test, torch.device("cpu"))[0]
 
 
 def main() -> None:

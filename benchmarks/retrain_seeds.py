@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, _cell_losses, _device_name, _pretrain, cached_retrain, settings
+from unlearning.bench import SUITES, _device_name, _pretrain, cached_retrain, settings
 from unlearning.data import load_splits
-from unlearning.losses import per_sample_losses
-from unlearning.metrics import mia_auc
+from unlearning.evaluate import membership_auc
 from unlearning.train import TrainConfig
 
 from seed_spread import mean_se  # noqa: E402  this folder's script (run as python benchmarks/retrain_seeds.py)
@@ -68,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"benchmark": bench, "setting": st["setting"], "forget_tasks": st["forget_tasks"], "seed": st["seed"]}
         for offset, r in recipes.items():
             model, _ = cached_retrain(cache_dir, train, spec, st["cells"], r, device)
-            members = _cell_losses(model, train, st["cells"], device)
-            held = per_sample_losses(model, test, device=device)
-            row[f"mia_seed+{offset}"] = round(float(mia_auc(members, {t: held[t] for t in members})), 6)
+            row[f"mia_seed+{offset}"] = round(float(membership_auc(model, train, st["cells"], test, device)[0]), 6)
         rows.append(row)
     summary = {}
     for row in rows:

@@ -50,10 +50,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import load_splits
-from .evaluate import EvalContext, evaluate_unlearning
-from .losses import per_sample_losses
+from .evaluate import EvalContext, evaluate_unlearning, membership_auc
 from .methods import METHOD_NAMES, UnlearnData, get_method
-from .metrics import forget_gap, mia_auc
+from .metrics import forget_gap
 from .model import load_model, save_model
 from .train import TrainConfig, resolve_device, train_model
 
@@ -190,17 +189,6 @@ def _pretrain(cache_dir: str, spec: dict, recipe: dict, cells: list, threads: in
     return seconds
 
 
-@torch.no_grad()
-def _cell_losses(model, train, cells, device) -> dict[str, torch.Tensor]:
-    instances = list(dict.fromkeys(i for i, _ in cells))
-    losses = per_sample_losses(model, train, [train.index_of(i) for i in instances], device=device)
-    row = {iid: r for r, iid in enumerate(instances)}
-    out: dict[str, list[float]] = {}
-    for iid, task in cells:
-        out.setdefault(task, []).append(float(losses[task][row[iid]]))
-    return {t: torch.tensor(v, dtype=torch.float64) for t, v in out.items()}
-
-
 def _num(x):
     if x is None:
         return None
@@ -285,9 +273,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
             if (k, "gold") in pretrained:
                 pretrained[(k, "gold")].result()  # trained by a worker: cached_training loads it
             gold, retrain_seconds = cached_retrain(cache_dir, train, spec, cells, recipe, device, retain=retain)
-            gold_members = _cell_losses(gold, train, cells, device)
-            gold_test = per_sample_losses(gold, test, device=device)
-            mia_retrain = mia_auc(gold_members, {t: gold_test[t] for t in gold_members})
+            mia_retrain, gold_members = membership_auc(gold, train, cells, test, device)
             gold_mean = {t: [float(v.mean())] for t, v in gold_members.items()}
 
             for method in run_methods:

@@ -138,7 +138,8 @@ class EvalContext:
             raise ValueError("evaluation context was built for another test set")
 
 
-def _forget_cell_losses(model, train: MultiTaskDataset, forget_cells: Sequence[Cell], device, batch_size) -> dict[str, torch.Tensor]:
+def forget_cell_losses(model, train: MultiTaskDataset, forget_cells: Sequence[Cell], device=None,
+                       batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Per forgotten task, the model's losses on the forgotten cells of that task."""
     instances = list(dict.fromkeys(iid for iid, _ in forget_cells))
     losses = per_sample_losses(model, train, [train.index_of(i) for i in instances], batch_size, device)
@@ -147,6 +148,15 @@ def _forget_cell_losses(model, train: MultiTaskDataset, forget_cells: Sequence[C
     for iid, task in forget_cells:
         out.setdefault(task, []).append(float(losses[task][row[iid]]))
     return {t: torch.tensor(v, dtype=torch.float64) for t, v in out.items()}
+
+
+def membership_auc(model, train: MultiTaskDataset, forget_cells: Sequence[Cell], test: MultiTaskDataset, device=None,
+                   batch_size: int = 64) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss-threshold attack's AUC on the forgotten cells against the same tasks'
+    test losses under ``model``, and the forgotten cells' losses (per task)."""
+    members = forget_cell_losses(model, train, forget_cells, device, batch_size)
+    held = per_sample_losses(model, test, batch_size=batch_size, device=device)
+    return mia_auc(members, held), members
 
 
 def _nan_to_none(x: float | None) -> float | None:
@@ -243,7 +253,7 @@ def evaluate_unlearning(
     uis_retrain = uis(metrics["original"], metrics["retrained"])["uis"] if retrained is not None else None
 
     # Forgetting: members are the forgotten cells, non-members the same task's test losses.
-    member = {name: _forget_cell_losses(m, train, forget_cells, device, batch_size) for name, m in models.items()}
+    member = {name: forget_cell_losses(m, train, forget_cells, device, batch_size) for name, m in models.items()}
     heldout = {"original": context.test_losses()}
     for name in ("unlearned", "retrained"):
         if name in models:
@@ -280,4 +290,4 @@ def evaluate_unlearning(
     }
 
 
-__all__ = ["task_metrics", "retained_sample", "EvalContext", "evaluate_unlearning"]
+__all__ = ["task_metrics", "retained_sample", "EvalContext", "evaluate_unlearning", "forget_cell_losses", "membership_auc"]
