@@ -284,3 +284,52 @@ def test_given_shadow_scores_are_used_without_training(memorised):
     _, log = get_method("interference_aware")(model, _data(train, test, cells),
                                               {"shadow_scores": {"full": {}}, "steps": 2, "tau_quantile": 0.5})
     assert log["tau_quantiles"]["depth"] == [0.5, 0.5] and log["calibration"]["expected_mia_auc"] is None
+
+
+def test_tau_refresh_scores_a_fixed_subset_of_a_large_heldout_set(memorised, monkeypatch):
+    from unlearning.methods import interference_aware
+
+    model, train, test = memorised
+    cells = [(i, t) for i in train.instance_ids[:2] for t in TASKS]
+    scored = []
+    real = interference_aware.per_sample_losses
+
+    def spy(m, dataset, indices=None, **kw):
+        if dataset is test:
+            scored.append(len(dataset) if indices is None else len(indices))
+        return real(m, dataset, indices, **kw)
+
+    monkeypatch.setattr(interference_aware, "per_sample_losses", spy)
+    cfg = {"steps": 7, "tau_refresh": 2, "settle_steps": 100}
+    data = _data(train, test, cells)
+    _, log = get_method("interference_aware")(model, data, {**cfg, "tau_refresh_sample": 6})
+    # once per model version: the whole set (tau's starting levels) and the subset under
+    # the original model; then 6 instances at each of the refreshes (steps 2, 4, 6)
+    assert scored == [16, 6, 6, 6, 6]
+    assert [h["step"] for h in log["tau_history"]] == [2, 4, 6]
+    scored.clear()
+    get_method("interference_aware")(model, _data(train, test, cells), {**cfg, "tau_refresh_sample": 6})
+    assert scored == [16, 6, 6, 6, 6]  # a new cache: the same subset is drawn again
+    scored.clear()
+    get_method("interference_aware")(model, _data(train, test, cells), {**cfg, "tau_refresh_sample": None})
+    assert scored == [16, 16, 16, 16]  # all of it at every refresh; no subset when it is the whole set
+    idx, _ = interference_aware.refresh_subset(model, data, 6)
+    assert len(set(idx)) == 6 and all(0 <= j < 16 for j in idx)
+
+
+def test_refreshed_levels_scale_the_full_sets_level_by_the_subsets_shift():
+    from unlearning.methods.interference_aware import levels, refreshed_levels
+
+    full = torch.linspace(0.1, 2.0, 40)
+    before = full[::4]  # the subset's losses under the original model
+    q = torch.tensor([0.3, 0.5, 0.8])
+    tau0 = levels(full, q)
+    assert torch.allclose(refreshed_levels(tau0, q, before, before), tau0)
+    # every held-out loss up by 25% under the current model: the levels follow exactly
+    assert torch.allclose(refreshed_levels(tau0, q, 1.25 * before, before), 1.25 * tau0)
+    # NaN cells (unsupervised) are ignored, as by levels()
+    with_nan = torch.cat([before, torch.tensor([float("nan")])])
+    assert torch.allclose(refreshed_levels(tau0, q, 2 * with_nan, with_nan), 2 * tau0)
+    # an original quantile of zero cannot be scaled: the subset's own level is used
+    zeros = torch.zeros(10)
+    assert torch.allclose(refreshed_levels(tau0, q, zeros + 0.5, zeros), torch.full((3,), 0.5))

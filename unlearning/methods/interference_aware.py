@@ -11,7 +11,9 @@ Each step combines:
    ``τ_k`` is a quantile of task ``k``'s per-sample loss on held-out data;
    with ``tau_refresh`` it is re-read every that many steps on the *current*
    model's held-out losses (forward passes only), since the membership attack
-   compares a forgotten cell with held-out data under the unlearned model.
+   compares a forgotten cell with held-out data under the unlearned model
+   (on a fixed subset of ``tau_refresh_sample`` held-out instances when there
+   are more, scaled to the full set: :func:`refresh_subset`).
    **Which quantile** (:func:`reference_quantiles`): when the caller passes the
    deployed model's training recipe (``shadow_recipe``; the benchmark does),
    every training cell gets an *out-of-fold score* once per model version
@@ -140,6 +142,8 @@ DEFAULTS = {
     "shadow_scores": None,  # shadow_scores() computed earlier (JSON form): used instead of training shadows
     "calibrate_per": "cell",  # "cell": each cell to its own out-of-fold score; "request": one level per task at their mean
     "tau_refresh": 10,  # every this many steps, re-estimate τ_k on the *current* model's held-out losses (0: never)
+    "tau_refresh_sample": 128,  # held-out instances scored per refresh: a fixed seeded subset when there are more (None: all)
+    "tau_refresh_scaled": True,  # on a subset: scale the full set's τ by the subset's shift (False: the subset's own quantile)
     "two_sided": True,  # a cell above τ_k (1 + band) is pulled back down (weight -min(1, excess / (ramp τ_k)))
     "tau": None,  # optional {task: level} overriding the held-out estimate
     "project": False,  # task-aware projection on shared layers (off: it raised partial-mode UIS, see the docstring)
@@ -166,6 +170,37 @@ def heldout_losses(model, data: UnlearnData) -> dict[str, torch.Tensor]:
         losses = per_sample_losses(model, data.heldout, device=data.device)
         data.cache[key] = {t: v[~torch.isnan(v)].double() for t, v in losses.items()}
     return data.cache[key]
+
+
+def refresh_subset(model, data: UnlearnData, size: int | None) -> tuple[list[int], dict[str, torch.Tensor]] | None:
+    """The held-out instances a τ refresh scores, with the original model's per-sample
+    losses on them (cached per model version); None when that is the whole held-out set.
+
+    A refresh scores the *current* model on held-out data. Over every held-out
+    instance it would cost ``len(heldout)`` forward passes per refresh, so a job
+    would grow with the held-out set (at the ``full`` suite's 654 test scenes the
+    refreshes would be about a third of a job's compute). A fixed seeded subset of
+    ``size`` instances keeps that bounded; :func:`refreshed_levels` reads the shift
+    of the quantiles on it as a ratio to the original model's, so the subset's
+    sampling noise largely cancels."""
+    n = len(data.heldout) if data.heldout is not None else 0
+    if size is None or n <= int(size):
+        return None
+    key = ("refresh_subset", n, int(size))
+    if key not in data.cache:
+        idx = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(20_011))[: int(size)].tolist())
+        data.cache[key] = (idx, per_sample_losses(model, data.heldout, indices=idx, device=data.device))
+    return data.cache[key]
+
+
+def refreshed_levels(tau0: torch.Tensor, quantiles: torch.Tensor, now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """τ after a refresh on a held-out subset: the full set's level under the original
+    model, ``tau0``, times the ratio of the subset's quantiles under the current model
+    (``now``) and the original (``before``), per-sample losses of the same instances.
+    Where the original's quantile is not positive, the subset's own quantile."""
+    q_now, q_before = levels(now, quantiles), levels(before, quantiles)
+    scaled = tau0 * q_now / q_before
+    return torch.where(q_before > 0, scaled, q_now)
 
 
 def levels(losses: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
@@ -265,6 +300,8 @@ def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
     cfg.update(config or {})
     if not cfg["tau"]:
         heldout_losses(model, data)
+        if cfg["tau_refresh"]:
+            refresh_subset(model, data, cfg["tau_refresh_sample"])
         if cfg["shadow_recipe"] and not cfg["shadow_scores"]:
             shadow_scores(model, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"])
     if cfg["project"]:
@@ -580,17 +617,23 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     reached = False
     settled = 0
     refresh = int(cfg["tau_refresh"]) if not cfg["tau"] else 0
+    subset = refresh_subset(original, data, cfg["tau_refresh_sample"]) if refresh else None
+    tau0 = {t: v.clone() for t, v in tau.items()}
     tau_history = []
     for step in range(int(cfg["steps"])):
         if refresh and step % refresh == 0 and step > 0:
             # the attacker compares a forgotten cell with held-out data under *this* model
             student.eval()
             with torch.no_grad():
-                held = per_sample_losses(student, data.heldout, device=device)
+                held = per_sample_losses(student, data.heldout, indices=None if subset is None else subset[0],
+                                         device=device)
             student.train()
             for t in forget_tasks:
                 if (~torch.isnan(held[t])).any():
-                    tau[t] = levels(held[t], tau_quant[t]).to(device)
+                    if subset is None or not cfg["tau_refresh_scaled"]:
+                        tau[t] = levels(held[t], tau_quant[t]).to(device)
+                    else:
+                        tau[t] = refreshed_levels(tau0[t].cpu(), tau_quant[t], held[t], subset[1][t]).to(device)
             tau_history.append({"step": step, **_rounded(tau)})
         # 1. the calibrated, bounded forget signal
         losses = cell_losses(student, forget, forget_tasks)
