@@ -6,6 +6,9 @@ UIS, the MIA AUC against the retrained model's and the speed-up.
     python benchmarks/tune_interference_aware.py --variants '{"default": {}}' \
         --out benchmarks/tune_interference_aware.json
 
+``--n-test N`` renders N held-out scenes per benchmark instead of the suite's
+(the ``full`` suite has 654), at the suite's image size.
+
 Appends every variant's result, with the device it ran on, to the --out JSON's
 ``records`` (a tuning record). Files written before that fix also hold, at their
 top level, the suite document of the last variant run into them (``suite``,
@@ -16,11 +19,12 @@ caches per model version is kept across the variants of one call.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
 
-from unlearning.bench import aggregate, run_suite
+from unlearning.bench import SUITES, aggregate, run_suite
 
 
 def main() -> None:
@@ -31,7 +35,16 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/tune_interference_aware.json")
     p.add_argument("--suite", default="smoke")
     p.add_argument("--no-shadow", action="store_true", help="as the service runs the method: no shadow calibration")
+    p.add_argument("--n-test", type=int, default=None,
+                   help="render this many held-out scenes per benchmark instead of the suite's (the training set is the "
+                        "same; the cache keys name the spec, so the models are trained again under new keys)")
     args = p.parse_args()
+    suite_name = args.suite
+    if args.n_test is not None:
+        suite_name = f"{args.suite}@n_test={args.n_test}"
+        SUITES[suite_name] = copy.deepcopy(SUITES[args.suite])
+        for spec in SUITES[suite_name]["benchmarks"].values():
+            spec["n_test"] = args.n_test
     variants = json.loads(args.variants)
     out = Path(args.out)
     # the tuning record: {"records": [...]}, each record with the device it was measured on
@@ -42,7 +55,7 @@ def main() -> None:
     caches: dict = {}  # per-model-version state (shadows, subspaces) computed once for every variant
     for name, cfg in variants.items():
         t0 = time.perf_counter()
-        run = run_suite(args.suite, ["interference_aware"], args.seeds, Path(".cache/bench") / args.suite,
+        run = run_suite(suite_name, ["interference_aware"], args.seeds, Path(".cache/bench") / args.suite,
                         benchmarks=args.benchmarks, method_configs={"interference_aware": cfg}, progress=False,
                         shadow=not args.no_shadow, engine_caches=caches, independent_retrain=False)
         wall = time.perf_counter() - t0
@@ -54,7 +67,7 @@ def main() -> None:
                                     "seconds": round(v["seconds"], 2), "speedup": round(v["speedup"], 1)}
         per_run = [{k: r[k] for k in ("benchmark", "setting", "forget_tasks", "n_forget", "seed", "uis", "mia_auc", "mia_auc_retrain")}
                    for r in run["results"]]
-        record.append({"variant": name, "config": cfg, "suite": args.suite, "shadow": not args.no_shadow,
+        record.append({"variant": name, "config": cfg, "suite": suite_name, "shadow": not args.no_shadow,
                        "benchmarks": args.benchmarks, "seeds": args.seeds, "device": run["device"],
                        "wall_seconds": round(wall, 1), "summary": rows, "runs": per_run})
         print(f"== {name} {cfg} ({wall:.0f} s)")

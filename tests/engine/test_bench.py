@@ -139,3 +139,34 @@ def test_seed_spread_of_the_mia_difference_on_constructed_runs():
     assert row["mean_abs_d"] == pytest.approx(0.08)
     (only_seed_1,) = seed_spread.spread(results, seeds=[1])
     assert only_seed_1["mean_d"] == pytest.approx(-0.06)
+
+
+def test_compare_variants_pairs_runs_on_the_same_forget_sets():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_variants.py"
+    spec = importlib.util.spec_from_file_location("compare_variants", path)
+    compare_variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_variants)
+
+    def run(seed, n, uis, mia, retrain=0.5):
+        return {"benchmark": "indoor", "setting": "full", "forget_tasks": ["depth"], "n_forget": n, "seed": seed,
+                "uis": uis, "mia_auc": mia, "mia_auc_retrain": retrain}
+
+    records = [
+        {"variant": "default", "runs": [run(0, 8, 1.0, 0.52), run(1, 8, 2.0, 0.46), run(0, 1, 0.5, 1.0)]},
+        {"variant": "other", "runs": [run(0, 8, 1.5, 0.50), run(1, 8, 1.0, 0.50), run(2, 8, 9.0, 0.9)]},  # seed 2: unpaired
+    ]
+    table = compare_variants.compare(records, "default")
+    other = table["other"]["indoor/full"]
+    assert other["runs"] == 2
+    assert other["uis"] == pytest.approx(1.25)
+    assert other["mia_err_n8"] == pytest.approx(0.0)
+    assert other["abs_delta_uis_vs_reference"] == pytest.approx(0.75)
+    assert other["abs_delta_mia_vs_reference_n8"] == pytest.approx(0.03)
+    assert other["max_abs_delta_mia_vs_reference_n8"] == pytest.approx(0.04)
+    ref = table["default"]["indoor/full"]
+    assert ref["runs"] == 3 and ref["mean_d_n8"] == pytest.approx(-0.01) and ref["mia_err_n8"] == pytest.approx(0.03)
+    with pytest.raises(SystemExit, match="reference"):
+        compare_variants.compare(records, "missing")
