@@ -170,3 +170,27 @@ def test_compare_variants_pairs_runs_on_the_same_forget_sets():
     assert ref["runs"] == 3 and ref["mean_d_n8"] == pytest.approx(-0.01) and ref["mia_err_n8"] == pytest.approx(0.03)
     with pytest.raises(SystemExit, match="reference"):
         compare_variants.compare(records, "missing")
+
+
+def test_job_ledger_counts_forward_samples_by_phase():
+    import importlib.util
+    from pathlib import Path
+
+    from unlearning.model import ModelConfig, MultiTaskNet
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "job_ledger.py"
+    spec = importlib.util.spec_from_file_location("job_ledger", path)
+    job_ledger = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job_ledger)
+    model = MultiTaskNet(ModelConfig(tasks={"depth": 1}, width=4, depth=2, head_width=4))
+    x = torch.rand(3, 3, 8, 8)
+    with job_ledger.Ledger() as ledger:
+        ledger.phase = "job"
+        model(x)  # gradient on inside a job: a training pass
+        with torch.no_grad():
+            model(x[:2])  # gradient-free inside a job (a teacher's outputs)
+        ledger.phase = "evaluation"
+        model(x[:1])  # outside the job, gradient or not, it is the phase's
+    assert dict(ledger.counts) == {"job_training": 3, "job": 2, "evaluation": 1}
+    model(x)  # the hook is gone after the block
+    assert sum(ledger.counts.values()) == 6
