@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, cached_retrain, cached_training, independent_recipe, settings
+from unlearning.bench import SUITES, cached_original, cached_retrain, independent_recipe, settings
 from unlearning.data import load_splits
 from unlearning.evaluate import membership_auc
 from unlearning.methods import UnlearnData
@@ -67,7 +67,7 @@ def main() -> None:
     for bench in args.benchmarks or list(suite["benchmarks"]):
         spec = suite["benchmarks"][bench]
         train, test = load_splits(spec)
-        original, _ = cached_training(cache, train, recipe, {"spec": spec, "cells": "all"}, torch.device("cpu"))
+        original, _ = cached_original(cache, train, spec, recipe, torch.device("cpu"))
         data = UnlearnData(train, [train.cells()[0]], train, heldout=test)
         t0 = time.perf_counter()
         runs = [shadow_scores(original, data, asdict(recipe), args.folds, DEFAULTS["shadow_seed"] + r, tuple(args.modes))

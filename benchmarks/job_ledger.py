@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, _device_name, cached_training, settings
+from unlearning.bench import SUITES, _device_name, cached_original, settings
 from unlearning.data import load_splits
 from unlearning.evaluate import EvalContext, evaluate_unlearning
 from unlearning.methods import UnlearnData, get_method, interference_aware
@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {**base_spec, "n_test": n_test}
         train, test = load_splits(spec)
         # keyed by the suite's own spec: the training split does not depend on n_test
-        original, _ = cached_training(Path(args.cache_dir) / args.suite, train, recipe,
-                                      {"spec": base_spec, "cells": "all"}, device)
+        original, _ = cached_original(Path(args.cache_dir) / args.suite, train, base_spec, recipe, device)
         context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"], device=device)
         context.original_metrics("test")
         context.test_losses()

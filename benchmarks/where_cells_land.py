@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, _device_name, cached_training, settings
+from unlearning.bench import SUITES, _device_name, cached_original, settings
 from unlearning.data import load_splits
 from unlearning.losses import per_sample_losses
 from unlearning.methods import UnlearnData, get_method
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = TrainConfig(**suite["train"])
     spec = suite["benchmarks"][args.benchmark]
     train, test = load_splits(spec)
-    original, _ = cached_training(Path(args.cache_dir) / args.suite, train, recipe, {"spec": spec, "cells": "all"}, device)
+    original, _ = cached_original(Path(args.cache_dir) / args.suite, train, spec, recipe, device)
     cache: dict = {}  # the shadow calibration, computed once for every forget set
     cells_out = []
     for st in settings(train, suite, args.seeds):
