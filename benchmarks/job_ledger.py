@@ -33,12 +33,11 @@ from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, _device_name, cached_original, settings
+from unlearning.bench import SUITES, _device_name, cached_original, settings, suite_runtime
 from unlearning.data import load_splits
 from unlearning.evaluate import EvalContext, evaluate_unlearning
 from unlearning.methods import UnlearnData, get_method, interference_aware
 from unlearning.model import MultiTaskNet
-from unlearning.train import TrainConfig
 
 
 class Ledger:
@@ -73,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     suite = SUITES[args.suite]
-    torch.set_num_threads(int(suite.get("threads") or torch.get_num_threads()))
-    device = torch.device("cpu")
-    recipe = TrainConfig(**suite["train"])
+    device, recipe = suite_runtime(suite, "cpu")
     base_spec = suite["benchmarks"][args.benchmark]
     variants = json.loads(args.variants)
     rows = []

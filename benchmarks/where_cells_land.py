@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, _device_name, cached_original, settings
+from unlearning.bench import SUITES, _device_name, cached_original, settings, suite_runtime
 from unlearning.data import load_splits
 from unlearning.losses import per_sample_losses
 from unlearning.methods import UnlearnData, get_method
-from unlearning.train import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     suite = SUITES[args.suite]
-    torch.set_num_threads(int(suite.get("threads") or torch.get_num_threads()))
-    device = torch.device("cpu")
-    recipe = TrainConfig(**suite["train"])
+    device, recipe = suite_runtime(suite, "cpu")
     spec = suite["benchmarks"][args.benchmark]
     train, test = load_splits(spec)
     original, _ = cached_original(Path(args.cache_dir) / args.suite, train, spec, recipe, device)

@@ -157,6 +157,16 @@ def cached_training(cache_dir: Path, dataset, recipe: TrainConfig, key_payload: 
     return model.eval(), seconds
 
 
+def suite_runtime(suite: dict, device=None) -> tuple[torch.device, TrainConfig]:
+    """The device a suite runs on (``device``, else the suite's) and its training
+    recipe; on CPU, sets torch's thread count to the suite's ``threads``."""
+    device = resolve_device(device or suite["device"])
+    if suite.get("threads") and device.type == "cpu":
+        # Several torch threads on a shared CPU oversubscribe it and run many times slower.
+        torch.set_num_threads(int(suite["threads"]))
+    return device, TrainConfig(**suite["train"])
+
+
 def cached_original(cache_dir: Path, train, spec: dict, recipe: TrainConfig, device) -> tuple[torch.nn.Module, float]:
     """:func:`cached_training` of the benchmark's original model: ``recipe`` on all of
     ``train`` (the training split of ``spec``), under the key every script shares."""
@@ -220,11 +230,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
     same models (training is seeded), only the wall time changes."""
     suite = SUITES[suite_name]
     seeds = list(suite["seeds"] if seeds is None else seeds)
-    device = resolve_device(device or suite["device"])
-    if suite.get("threads") and device.type == "cpu":
-        # Several torch threads on a shared CPU oversubscribe it and run many times slower.
-        torch.set_num_threads(int(suite["threads"]))
-    recipe = TrainConfig(**suite["train"])
+    device, recipe = suite_runtime(suite, device)
     method_configs = dict(method_configs or {})
     if shadow and DEFAULT_METHOD in methods:
         # interference_aware may calibrate its reference levels with a shadow model trained

@@ -308,8 +308,10 @@ def test_tau_refresh_scores_a_fixed_subset_of_a_large_heldout_set(memorised, mon
     assert scored == [16, 6, 6, 6, 6]
     assert [h["step"] for h in log["tau_history"]] == [2, 4, 6]
     scored.clear()
-    get_method("interference_aware")(model, _data(train, test, cells), {**cfg, "tau_refresh_sample": 6})
-    assert scored == [16, 6, 6, 6, 6]  # a new cache: the same subset is drawn again
+    again = _data(train, test, cells)
+    get_method("interference_aware")(model, again, {**cfg, "tau_refresh_sample": 6})
+    assert scored == [16, 6, 6, 6, 6]  # a new cache: the subset is scored again under the original model
+    assert interference_aware.refresh_subset(model, again, 6)[0] == interference_aware.refresh_subset(model, data, 6)[0]
     scored.clear()
     get_method("interference_aware")(model, _data(train, test, cells), {**cfg, "tau_refresh_sample": None})
     assert scored == [16, 16, 16, 16]  # all of it at every refresh; no subset when it is the whole set
