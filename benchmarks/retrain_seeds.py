@@ -24,12 +24,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
-from unlearning.bench import SUITES, _device_name, _pretrain, cached_retrain, settings
+from unlearning.bench import SUITES, _device_name, _pretrain, cached_retrain, settings, suite_runtime
 from unlearning.data import load_splits
 from unlearning.evaluate import membership_auc
-from unlearning.train import TrainConfig
 
 from seed_spread import mean_se  # noqa: E402  this folder's script (run as python benchmarks/retrain_seeds.py)
 
@@ -45,12 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     suite = SUITES[args.suite]
-    device = torch.device("cpu")
-    threads = suite.get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
+    device, recipe = suite_runtime(suite, "cpu")
+    threads = suite.get("threads")  # the workers' thread count too
     cache_dir = Path(args.cache_dir) / args.suite
-    recipe = TrainConfig(**suite["train"])
     recipes = {0: recipe, **{o: replace(recipe, seed=recipe.seed + o) for o in args.offsets}}
     plan = []
     for bench, spec in suite["benchmarks"].items():
