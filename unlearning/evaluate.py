@@ -25,7 +25,6 @@ from .metrics import forget_gap as forget_gap_metric
 from .tasks import get_task
 
 
-@torch.no_grad()
 def task_metrics(
     model,
     dataset: MultiTaskDataset,
@@ -41,12 +40,27 @@ def task_metrics(
     otherwise on every instance's stored target. A task with no cell to
     measure is left out of the result rather than reported as a fake 0.
     """
+    return _measure(model, dataset, tasks, only_supervised, device, batch_size, with_losses=False)[0]
+
+
+def metrics_and_losses(
+    model, dataset: MultiTaskDataset, device=None, batch_size: int = 64
+) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """:func:`task_metrics` and :func:`~unlearning.losses.per_sample_losses` of ``model`` on
+    ``dataset`` from one forward pass over it (a job scores the test set for both: its
+    UIS groups and the membership attack's non-members)."""
+    return _measure(model, dataset, None, True, device, batch_size, with_losses=True)
+
+
+@torch.no_grad()
+def _measure(model, dataset, tasks, only_supervised, device, batch_size, with_losses):
     tasks = list(dataset.tasks if tasks is None else tasks)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     states = {t: get_task(t).metric_state() for t in tasks}
     counts = {t: 0 for t in tasks}
+    losses: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
     try:
         for start in range(0, len(dataset), batch_size):
             batch = dataset.batch(range(start, min(start + batch_size, len(dataset)))).to(device)
@@ -54,16 +68,24 @@ def task_metrics(
                 needed = [t for t in tasks if bool(batch.has[t].any())]
             else:
                 needed = tasks
-            if not needed:
-                continue
-            preds = model(batch.images, needed)
-            for t in needed:
+            preds = model(batch.images, needed) if needed else {}
+            for t in tasks:
+                if with_losses:
+                    # NaN where the cell is not supervised, as per_sample_losses gives it
+                    nan = torch.full(batch.has[t].shape, float("nan"))
+                    if t in preds:
+                        loss = get_task(t).sample_loss(preds[t], batch.targets[t])
+                        nan = torch.where(batch.has[t], loss, nan.to(loss)).cpu()
+                    losses[t].append(nan)
+                if t not in preds:
+                    continue
                 rows = batch.has[t] if only_supervised else torch.ones_like(batch.has[t])
                 get_task(t).update_metrics(states[t], preds[t][rows], batch.targets[t][rows])
                 counts[t] += int(rows.sum())
     finally:
         model.train(was_training)
-    return {t: get_task(t).finalize_metrics(states[t]) for t in tasks if counts[t] > 0}
+    metrics = {t: get_task(t).finalize_metrics(states[t]) for t in tasks if counts[t] > 0}
+    return metrics, ({t: torch.cat(v) if v else torch.zeros(0) for t, v in losses.items()} if with_losses else None)
 
 
 def retained_sample(
@@ -118,15 +140,23 @@ class EvalContext:
         the training instances ``ids``; cached by the set's content."""
         key = (set_name, tuple(ids) if ids is not None else None)
         if key not in self._metrics:
-            data = self.test if ids is None else self.train.select(ids)
-            self._metrics[key] = task_metrics(self.original, data, device=self.device, batch_size=self.batch_size)
+            if ids is None:
+                self._score_test()
+            else:
+                self._metrics[key] = task_metrics(self.original, self.train.select(ids), device=self.device,
+                                                  batch_size=self.batch_size)
         return self._metrics[key]
 
     def test_losses(self) -> dict[str, torch.Tensor]:
         """The original model's per-sample losses on the test set (NaN where not supervised)."""
         if self._test_losses is None:
-            self._test_losses = per_sample_losses(self.original, self.test, batch_size=self.batch_size, device=self.device)
+            self._score_test()
         return self._test_losses
+
+    def _score_test(self) -> None:
+        # the test set's metrics and per-sample losses come from one pass over it
+        metrics, self._test_losses = metrics_and_losses(self.original, self.test, self.device, self.batch_size)
+        self._metrics.setdefault(("test", None), metrics)
 
     def check(self, original, train: MultiTaskDataset, test: MultiTaskDataset) -> None:
         """Refuse to reuse cached numbers of another model or other data."""
@@ -235,10 +265,13 @@ def evaluate_unlearning(
     # Instance-level: retained training sample and test set, every task.
     sample = context.sample_ids(forget_instances)
     sample_data = train.select(sample)
+    heldout = {"original": context.test_losses()}  # the attack's non-members, per model
     for set_name, data, ids in (("retained", sample_data, sample), ("test", test, None)):
         for name, model in models.items():
             if name == "original":
                 per_task = context.original_metrics(set_name, ids)
+            elif set_name == "test":
+                per_task, heldout[name] = metrics_and_losses(model, test, device, batch_size)
             else:
                 per_task = task_metrics(model, data, device=device, batch_size=batch_size)
             for task, m in per_task.items():
@@ -254,10 +287,6 @@ def evaluate_unlearning(
 
     # Forgetting: members are the forgotten cells, non-members the same task's test losses.
     member = {name: forget_cell_losses(m, train, forget_cells, device, batch_size) for name, m in models.items()}
-    heldout = {"original": context.test_losses()}
-    for name in ("unlearned", "retrained"):
-        if name in models:
-            heldout[name] = per_sample_losses(models[name], test, batch_size=batch_size, device=device)
     auc = {name: _nan_to_none(mia_auc(member[name], heldout[name])) for name in models}
     gap = (
         _nan_to_none(forget_gap_metric(member["unlearned"], member["retrained"])) if retrained is not None else None
@@ -290,4 +319,4 @@ def evaluate_unlearning(
     }
 
 
-__all__ = ["task_metrics", "retained_sample", "EvalContext", "evaluate_unlearning", "forget_cell_losses", "membership_auc"]
+__all__ = ["task_metrics", "metrics_and_losses", "retained_sample", "EvalContext", "evaluate_unlearning", "forget_cell_losses", "membership_auc"]

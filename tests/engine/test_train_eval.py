@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unlearning.data.base import MultiTaskDataset
-from unlearning.evaluate import EvalContext, evaluate_unlearning, retained_sample, task_metrics
+from unlearning.evaluate import EvalContext, evaluate_unlearning, metrics_and_losses, retained_sample, task_metrics
 from unlearning.losses import cell_losses, per_sample_losses, supervised_loss
 from unlearning.metrics import mia_auc
 from unlearning.model import load_model
@@ -150,6 +150,23 @@ def test_task_metrics_skip_erased_cells(trained):
     assert m["segmentation"] == task_metrics(model, train)["segmentation"]  # its other cells still do
     assert m["depth"] != task_metrics(model, erased, only_supervised=False)["depth"]
     assert set(task_metrics(model, erased.select(["i0"]))) == {"segmentation", "normal"}
+
+
+def test_metrics_and_losses_equal_the_two_separate_passes(trained):
+    """A job scores the test set once for its metrics and its attack's non-members; the one
+    pass must give exactly what task_metrics and per_sample_losses give, erased cells included."""
+    train, test, _, model = trained
+    erased = train.without([("i0", "depth"), ("i3", "normal"), ("i3", "segmentation")])
+    for data in (test, erased, erased.select(["i3"]), erased.select(["i0", "i3"])):
+        metrics, losses = metrics_and_losses(model, data, batch_size=3)
+        assert metrics == task_metrics(model, data, batch_size=3)
+        separate = per_sample_losses(model, data, batch_size=3)
+        assert set(losses) == set(separate)
+        for t in separate:
+            assert torch.equal(losses[t].isnan(), separate[t].isnan())
+            assert torch.equal(losses[t].nan_to_num(-1.0), separate[t].nan_to_num(-1.0))
+    assert losses["depth"][0].isnan() and not losses["segmentation"][0].isnan()  # i0 keeps its other cells
+    assert losses["normal"][1].isnan() and losses["segmentation"][1].isnan()
 
 
 def test_retained_sample_is_seeded_and_excludes_forgotten(trained):
