@@ -41,12 +41,17 @@ from unlearning.model import MultiTaskNet
 
 
 class Ledger:
-    """Counts per-sample forward passes of every :class:`MultiTaskNet`, by phase."""
+    """Counts per-sample forward passes of every :class:`MultiTaskNet`, by phase.
+
+    Inside the block, a pass with gradient in phase ``"job"`` counts as ``job_training``;
+    interference_aware's τ refreshes (its calls of ``per_sample_losses`` while a job runs:
+    the only uncached ones) as ``job_tau_refresh``; any other pass as its phase."""
 
     def __init__(self):
         self.counts: Counter = Counter()
         self.phase = "other"
         self._handle = None
+        self._real = None
 
     def __enter__(self):
         def hook(module, inputs, _output):
@@ -54,11 +59,29 @@ class Ledger:
                 grad = torch.is_grad_enabled() and self.phase == "job"
                 self.counts["job_training" if grad else self.phase] += int(inputs[0].shape[0])
 
+        real = self._real = interference_aware.per_sample_losses
+
+        def refresh_spy(*a, **kw):
+            before = self.phase
+            if before == "job":
+                self.phase = "job_tau_refresh"
+            try:
+                return real(*a, **kw)
+            finally:
+                self.phase = before
+
+        interference_aware.per_sample_losses = refresh_spy
         self._handle = torch.nn.modules.module.register_module_forward_hook(hook)
         return self
 
     def __exit__(self, *exc):
         self._handle.remove()
+        interference_aware.per_sample_losses = self._real
+
+    def forward_equivalents(self) -> int:
+        """``3 × training + the rest`` of what the job did (phase ``other`` excluded)."""
+        c = self.counts
+        return 3 * c["job_training"] + c["job"] + c["job_tau_refresh"] + c["evaluation"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,28 +116,16 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 retain = train.without(st["cells"])
                 data = UnlearnData(train, st["cells"], retain, heldout=test, device=device, seed=int(st["seed"]), cache=cache)
-                real = interference_aware.per_sample_losses
                 with Ledger() as ledger:
-                    def refresh_spy(model, dataset, *a, **kw):
-                        before, ledger.phase = ledger.phase, "job_tau_refresh"
-                        try:
-                            return real(model, dataset, *a, **kw)
-                        finally:
-                            ledger.phase = before
-
-                    interference_aware.per_sample_losses = refresh_spy
-                    try:
-                        ledger.phase = "job"
-                        t0 = time.perf_counter()
-                        unlearned, log = get_method("interference_aware")(original, data, cfg)
-                        t1 = time.perf_counter()
-                        ledger.phase = "evaluation"
-                        evaluate_unlearning(original, unlearned, train, st["cells"], test, context=context, device=device)
-                        t2 = time.perf_counter()
-                    finally:
-                        interference_aware.per_sample_losses = real
+                    ledger.phase = "job"
+                    t0 = time.perf_counter()
+                    unlearned, log = get_method("interference_aware")(original, data, cfg)
+                    t1 = time.perf_counter()
+                    ledger.phase = "evaluation"
+                    evaluate_unlearning(original, unlearned, train, st["cells"], test, context=context, device=device)
+                    t2 = time.perf_counter()
                 c = ledger.counts
-                job_eq = 3 * c["job_training"] + c["job"] + c["job_tau_refresh"] + c["evaluation"]
+                job_eq = ledger.forward_equivalents()
                 retrain_eq = 3 * recipe.epochs * len(retain)
                 row = {"variant": name, "config": cfg, "n_test": n_test, "setting": st["setting"],
                        "forget_tasks": st["forget_tasks"], "seed": st["seed"], "steps": log["steps"],

@@ -118,14 +118,24 @@ def test_workers_train_the_same_gold_standards_ahead(tiny_suite, tmp_path, torch
     assert len(list((tmp_path / "b").glob("*/bench.json"))) == 1 + 2 * 4  # original + (gold, independent) x 4 settings
 
 
-def test_seed_spread_of_the_mia_difference_on_constructed_runs():
+def _load_script(name):
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "seed_spread.py"
-    spec = importlib.util.spec_from_file_location("seed_spread", path)
-    seed_spread = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seed_spread)
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(folder))  # the scripts import each other as the command line runs them
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_seed_spread_of_the_mia_difference_on_constructed_runs():
+    seed_spread = _load_script("seed_spread")
     results = [
         {**_run("interference_aware", uis=1.0, mia=0.60), "seed": 0},  # d = +0.10
         {**_run("interference_aware", uis=1.0, mia=0.44), "seed": 1},  # d = -0.06
@@ -142,13 +152,7 @@ def test_seed_spread_of_the_mia_difference_on_constructed_runs():
 
 
 def test_compare_variants_pairs_runs_on_the_same_forget_sets():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_variants.py"
-    spec = importlib.util.spec_from_file_location("compare_variants", path)
-    compare_variants = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_variants)
+    compare_variants = _load_script("compare_variants")
 
     def run(seed, n, uis, mia, retrain=0.5):
         return {"benchmark": "indoor", "setting": "full", "forget_tasks": ["depth"], "n_forget": n, "seed": seed,
@@ -173,24 +177,81 @@ def test_compare_variants_pairs_runs_on_the_same_forget_sets():
 
 
 def test_job_ledger_counts_forward_samples_by_phase():
-    import importlib.util
-    from pathlib import Path
-
     from unlearning.model import ModelConfig, MultiTaskNet
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "job_ledger.py"
-    spec = importlib.util.spec_from_file_location("job_ledger", path)
-    job_ledger = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job_ledger)
+    job_ledger = _load_script("job_ledger")
+    from unlearning.methods import interference_aware
+
     model = MultiTaskNet(ModelConfig(tasks={"depth": 1}, width=4, depth=2, head_width=4))
     x = torch.rand(3, 3, 8, 8)
+    real = interference_aware.per_sample_losses
     with job_ledger.Ledger() as ledger:
         ledger.phase = "job"
         model(x)  # gradient on inside a job: a training pass
         with torch.no_grad():
             model(x[:2])  # gradient-free inside a job (a teacher's outputs)
+        # the method scoring held-out data inside a job: a τ refresh
+        interference_aware.per_sample_losses(model, _ledger_data(4))
         ledger.phase = "evaluation"
         model(x[:1])  # outside the job, gradient or not, it is the phase's
-    assert dict(ledger.counts) == {"job_training": 3, "job": 2, "evaluation": 1}
-    model(x)  # the hook is gone after the block
-    assert sum(ledger.counts.values()) == 6
+    assert dict(ledger.counts) == {"job_training": 3, "job": 2, "job_tau_refresh": 4, "evaluation": 1}
+    assert ledger.forward_equivalents() == 3 * 3 + 2 + 4 + 1
+    model(x)  # the hook and the spy are gone after the block
+    assert interference_aware.per_sample_losses is real
+    assert sum(ledger.counts.values()) == 10
+
+
+def _ledger_data(n):
+    from unlearning.data.base import MultiTaskDataset
+
+    return MultiTaskDataset("t", ["depth"], torch.rand(n, 3, 8, 8), {"depth": torch.rand(n, 1, 8, 8) + 0.5},
+                            [f"h{k}" for k in range(n)], 0)
+
+
+def test_step_budget_snapshots_the_trained_model_with_the_counts_so_far():
+    from unlearning.model import ModelConfig, MultiTaskNet
+
+    step_budget = _load_script("step_budget")
+    model = MultiTaskNet(ModelConfig(tasks={"depth": 1}, width=4, depth=2, head_width=4)).train()
+    teacher = MultiTaskNet(ModelConfig(tasks={"depth": 1}, width=4, depth=2, head_width=4)).eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.rand(3, 3, 8, 8)
+    states = []
+    with step_budget.Ledger() as ledger, step_budget.Checkpoints(ledger, every=2) as checkpoints:
+        ledger.phase = "job"
+        for _ in range(5):
+            with torch.no_grad():
+                teacher(x[:1])  # a gradient-free pass is not the trained model
+            loss = model(x)["depth"].square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+            checkpoints.progress(0.0)
+    assert [c["steps"] for c in checkpoints.taken] == [2, 4]
+    assert checkpoints.student is model
+    for snap in checkpoints.taken:
+        after = states[snap["steps"] - 1]
+        assert all(torch.equal(snap["state"][k], after[k]) for k in after)
+        assert snap["counts"] == {"job_training": 3 * snap["steps"], "job": snap["steps"]}
+    first, second = (c["state"] for c in checkpoints.taken)  # copies, not views of the live model
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_step_budget_summary_takes_an_early_stopped_run_at_its_final_model():
+    step_budget = _load_script("step_budget")
+
+    def cp(steps, uis, mia, eq):
+        return {"steps": steps, "uis": uis, "mia_auc": mia, "job_forward_equivalents": eq}
+
+    runs = [
+        {"benchmark": "b", "setting": "full", "mia_auc_retrain": 0.5, "steps_run": 20,
+         "checkpoints": [cp(10, 4.0, 0.60, 1000), cp(20, 2.0, 0.55, 2000)]},
+        {"benchmark": "b", "setting": "full", "mia_auc_retrain": 0.6, "steps_run": 13,  # stopped at step 13
+         "checkpoints": [cp(10, 6.0, 0.70, 1100), cp(13, 1.0, 0.62, 1400)]},
+    ]
+    rows = step_budget.summarise(runs, every=10)
+    assert [r["steps"] for r in rows] == [10, 20]
+    assert rows[0]["uis"] == 5.0 and rows[0]["mia_err"] == pytest.approx(0.1) and rows[0]["job_forward_equivalents"] == 1050
+    assert rows[1]["uis"] == 1.5 and rows[1]["mia_err"] == pytest.approx(0.035) and rows[1]["job_forward_equivalents"] == 1700
+    assert rows[1]["ratio_full_scale_retrain"] == round(step_budget.full_scale_retrain_equivalents() / 1700, 1)
