@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_shadow:
         cfg = {"shadow_recipe": asdict(recipe), **cfg}
     full_eq = full_scale_retrain_equivalents()
-    runs = []
+    runs: list[dict] = []
     for bench in args.benchmarks:
         spec = dict(suite["benchmarks"][bench])
         if args.n_test is not None:
@@ -144,20 +144,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{bench} {st['setting']:7s} {'/'.join(st['forget_tasks']):30s} seed {st['seed']}: "
                   f"MIA retrain {mia_retrain:.3f}; " +
                   " ".join(f"{r['steps']}:{r['uis']:.2f}/{r['mia_auc']:.3f}" for r in rows), flush=True)
+            write(args, argv, cfg, device, recipe, runs)  # after every run: a long sweep stopped early keeps what it did
     summary = summarise(runs, args.every)
     for row in summary:
         print(f"{row['benchmark']} {row['setting']:7s} steps {row['steps']:4d}: UIS {row['uis']:6.2f}  "
               f"|dMIA| {row['mia_err']:.3f}  {row['job_forward_equivalents']:7d} fwd-eq  "
               f"ratio {row['ratio_full_scale_retrain']:.1f}x")
+    write(args, argv, cfg, device, recipe, runs)
+    return 0
+
+
+def write(args, argv, cfg, device, recipe, runs: list[dict]) -> None:
     doc = {"suite": args.suite, "benchmarks": args.benchmarks, "seeds": args.seeds, "n_test": args.n_test,
-           "every": args.every,
-           "config": cfg, "device": _device_name(device), "recipe": asdict(recipe),
-           "full_scale_retrain_forward_equivalents": full_eq,
+           "every": args.every, "config": cfg, "device": _device_name(device), "recipe": asdict(recipe),
+           "full_scale_retrain_forward_equivalents": full_scale_retrain_equivalents(),
            "command": "python benchmarks/step_budget.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
-           "summary": summary, "runs": runs}
+           "summary": summarise(runs, args.every), "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    return 0
 
 
 def summarise(runs: list[dict], every: int) -> list[dict]:
