@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .data.base import Cell, MultiTaskDataset
-from .losses import per_sample_losses
+from .losses import per_sample_losses, supervised_or_nan
 from .metrics import GroupKey, group_degradations, mia_auc, uis
 from .metrics import forget_gap as forget_gap_metric
 from .tasks import get_task
@@ -70,13 +70,10 @@ def _measure(model, dataset, tasks, only_supervised, device, batch_size, with_lo
                 needed = tasks
             preds = model(batch.images, needed) if needed else {}
             for t in tasks:
-                if with_losses:
-                    # NaN where the cell is not supervised, as per_sample_losses gives it
-                    nan = torch.full(batch.has[t].shape, float("nan"))
-                    if t in preds:
-                        loss = get_task(t).sample_loss(preds[t], batch.targets[t])
-                        nan = torch.where(batch.has[t], loss, nan.to(loss)).cpu()
-                    losses[t].append(nan)
+                if with_losses:  # as per_sample_losses gives them: NaN where the cell is not supervised
+                    losses[t].append(supervised_or_nan(get_task(t).sample_loss(preds[t], batch.targets[t]),
+                                                       batch.has[t]).cpu()
+                                     if t in preds else torch.full(batch.has[t].shape, float("nan")))
                 if t not in preds:
                     continue
                 rows = batch.has[t] if only_supervised else torch.ones_like(batch.has[t])

@@ -25,6 +25,11 @@ def supervised_loss(losses: dict[str, torch.Tensor], has: dict[str, torch.Tensor
     return total
 
 
+def supervised_or_nan(loss: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``loss`` where the cell is supervised, NaN where it is not (erased or absent)."""
+    return torch.where(has, loss, torch.full_like(loss, float("nan")))
+
+
 @torch.no_grad()
 def per_sample_losses(model, dataset, indices=None, batch_size: int = 64, device=None) -> dict[str, torch.Tensor]:
     """Per-sample losses (N,) per task on ``dataset`` (NaN where the cell is not supervised)."""
@@ -36,6 +41,6 @@ def per_sample_losses(model, dataset, indices=None, batch_size: int = 64, device
     for start in range(0, len(indices), batch_size):
         batch = dataset.batch(indices[start : start + batch_size]).to(device)
         for t, loss in cell_losses(model, batch, dataset.tasks).items():
-            out[t].append(torch.where(batch.has[t], loss, torch.full_like(loss, float("nan"))).cpu())
+            out[t].append(supervised_or_nan(loss, batch.has[t]).cpu())
     model.train(was_training)
     return {t: torch.cat(v) if v else torch.zeros(0) for t, v in out.items()}

@@ -618,7 +618,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     settled = 0
     refresh = int(cfg["tau_refresh"]) if not cfg["tau"] else 0
     subset = refresh_subset(original, data, cfg["tau_refresh_sample"]) if refresh else None
-    tau0 = {t: v.clone() for t, v in tau.items()}
+    tau0 = dict(tau)  # the levels before any refresh (a refresh rebinds tau[t], never changes it in place)
     tau_history = []
     for step in range(int(cfg["steps"])):
         if refresh and step % refresh == 0 and step > 0:
