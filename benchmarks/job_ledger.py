@@ -79,9 +79,38 @@ class Ledger:
         interference_aware.per_sample_losses = self._real
 
     def forward_equivalents(self) -> int:
-        """``3 × training + the rest`` of what the job did (phase ``other`` excluded)."""
-        c = self.counts
-        return 3 * c["job_training"] + c["job"] + c["job_tau_refresh"] + c["evaluation"]
+        """:func:`forward_equivalents` of the counts so far."""
+        return forward_equivalents(self.counts)
+
+
+def forward_equivalents(counts: dict) -> int:
+    """``3 × training + the rest`` of a job's per-sample forward counts (phase ``other``
+    excluded): a backward pass is taken to cost two forward passes."""
+    return (3 * counts.get("job_training", 0) + counts.get("job", 0) + counts.get("job_tau_refresh", 0)
+            + counts.get("evaluation", 0))
+
+
+def version_state(suite: dict, bench: str, n_test: int | None, cache_dir: Path, recipe, device):
+    """What a benchmark's model version gives every job: ``(train, test, original,
+    context)`` with ``n_test`` held-out scenes (None: the suite's), the original model
+    (trained if not cached; keyed by the suite's own spec, since the training split does
+    not depend on ``n_test``) and its :class:`EvalContext`, filled as the bench fills it
+    before any timed job."""
+    base = suite["benchmarks"][bench]
+    train, test = load_splits(base if n_test is None else {**base, "n_test": n_test})
+    original, _ = cached_original(cache_dir, train, base, recipe, device)
+    context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"], device=device)
+    context.original_metrics("test")
+    context.test_losses()
+    return train, test, original, context
+
+
+def prepared_cache(original, train, test, cfg: dict) -> dict:
+    """interference_aware's per-version state for ``cfg`` (held-out losses, refresh subset,
+    shadows, features), computed before any job as the bench does."""
+    cache: dict = {}
+    interference_aware.prepare(original, UnlearnData(train, [train.cells()[0]], train, heldout=test, cache=cache), cfg)
+    return cache
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,21 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     suite = SUITES[args.suite]
     device, recipe = suite_runtime(suite, "cpu")
-    base_spec = suite["benchmarks"][args.benchmark]
     variants = json.loads(args.variants)
     rows = []
-    for n_test in args.n_test or [base_spec["n_test"]]:
-        spec = {**base_spec, "n_test": n_test}
-        train, test = load_splits(spec)
-        # keyed by the suite's own spec: the training split does not depend on n_test
-        original, _ = cached_original(Path(args.cache_dir) / args.suite, train, base_spec, recipe, device)
-        context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"], device=device)
-        context.original_metrics("test")
-        context.test_losses()
+    for n_test in args.n_test or [suite["benchmarks"][args.benchmark]["n_test"]]:
+        train, test, original, context = version_state(suite, args.benchmark, n_test, Path(args.cache_dir) / args.suite,
+                                                       recipe, device)
         for name, cfg in variants.items():
-            cache: dict = {}
-            interference_aware.prepare(original, UnlearnData(train, [train.cells()[0]], train, heldout=test, cache=cache),
-                                       cfg)
+            cache = prepared_cache(original, train, test, cfg)
             for st in settings(train, suite, args.seeds):
                 if st["n_forget"] != 8:
                     continue

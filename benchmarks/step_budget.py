@@ -30,11 +30,10 @@ from pathlib import Path
 
 import torch
 
-from job_ledger import Ledger
-from unlearning.bench import SUITES, _device_name, cached_original, cached_retrain, settings, suite_runtime
-from unlearning.data import load_splits
-from unlearning.evaluate import EvalContext, evaluate_unlearning, membership_auc
-from unlearning.methods import UnlearnData, get_method, interference_aware
+from job_ledger import Ledger, forward_equivalents, prepared_cache, version_state
+from unlearning.bench import SUITES, _device_name, cached_retrain, settings, suite_runtime
+from unlearning.evaluate import evaluate_unlearning, membership_auc
+from unlearning.methods import UnlearnData, get_method
 from unlearning.model import MultiTaskNet
 
 
@@ -96,18 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     full_eq = full_scale_retrain_equivalents()
     runs: list[dict] = []
     for bench in args.benchmarks:
-        spec = dict(suite["benchmarks"][bench])
-        if args.n_test is not None:
-            spec["n_test"] = args.n_test
-        train, test = load_splits(spec)
-        # the original model is keyed by the suite's own spec: the training split does not depend on n_test
-        original, _ = cached_original(cache_dir, train, suite["benchmarks"][bench], recipe, device)
-        context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"], device=device)
-        context.original_metrics("test")
-        context.test_losses()
-        cache: dict = {}
-        interference_aware.prepare(original, UnlearnData(train, [train.cells()[0]], train, heldout=test, cache=cache),
-                                   {**interference_aware.DEFAULTS, **cfg})
+        train, test, original, context = version_state(suite, bench, args.n_test, cache_dir, recipe, device)
+        base = suite["benchmarks"][bench]
+        spec = base if args.n_test is None else {**base, "n_test": args.n_test}  # the gold standards' key
+        cache = prepared_cache(original, train, test, cfg)
         for st in settings(train, suite, args.seeds):
             if st["n_forget"] != 8:
                 continue
@@ -131,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     ev = evaluate_unlearning(original, model.eval(), train, st["cells"], test, context=context,
                                              device=device)
                     counts = {**snap["counts"], "evaluation": ledger.counts["evaluation"] - before}
-                    eq = 3 * counts.get("job_training", 0) + counts.get("job", 0) + counts.get("job_tau_refresh", 0) \
-                        + counts["evaluation"]
+                    eq = forward_equivalents(counts)
                     rows.append({"steps": snap["steps"], "uis": round(ev["uis"], 4), "uis_task": round(ev["uis_task"], 4),
                                  "uis_inst": round(ev["uis_inst"], 4), "mia_auc": round(ev["mia_auc"], 4),
                                  "forward_samples": counts, "job_forward_equivalents": eq,
