@@ -335,3 +335,63 @@ def test_refreshed_levels_scale_the_full_sets_level_by_the_subsets_shift():
     # an original quantile of zero cannot be scaled: the subset's own level is used
     zeros = torch.zeros(10)
     assert torch.allclose(refreshed_levels(tau0, q, zeros + 0.5, zeros), torch.full((3,), 0.5))
+
+
+def test_forget_weights_on_hand_computed_cells():
+    """τ 1, band 0.1, ramp 0.5: the pull fades over [0.5, 1], is 0 in [1, 1.1] and pushes
+    back (negative) above 1.1; rows that are not forget cells weigh nothing."""
+    from unlearning.methods.interference_aware import forget_weights
+
+    loss = torch.tensor([0.2, 0.75, 1.05, 1.2, 1.5, 0.1])
+    tau = torch.ones(6)
+    has = torch.tensor([True, True, True, True, True, False])
+    w, active = forget_weights(loss, tau, has, band=0.1, ramp=0.5, two_sided=True)
+    assert torch.allclose(w, torch.tensor([1.0, 0.5, 0.0, -0.2, -0.8, 0.0]))
+    assert active == 4
+    w, active = forget_weights(loss, tau, has, band=0.1, ramp=0.5, two_sided=False)
+    assert torch.allclose(w, torch.tensor([1.0, 0.5, 0.0, 0.0, 0.0, 0.0])) and active == 2
+    w, active = forget_weights(loss, tau, has, band=0.1, ramp=0.0, two_sided=True)
+    assert torch.allclose(w, torch.tensor([1.0, 1.0, 0.0, -1.0, -1.0, 0.0])) and active == 4
+    # levels per cell: the ramp is relative to each cell's own τ
+    w, _ = forget_weights(torch.tensor([1.5, 3.0, 4.6]), torch.tensor([2.0, 4.0, 4.0]), torch.ones(3, dtype=torch.bool),
+                          0.1, 0.5, True)
+    assert torch.allclose(w, torch.tensor([0.5, 0.5, -0.1]))  # 0.5 / 1, 1 / 2, -(4.6 - 4.4) / 2
+
+
+def test_orthogonalization_removes_exactly_the_conflicts():
+    """One projection leaves the step orthogonal to the references it conflicted with and
+    untouched when none conflicts; a reference made to conflict by that projection (here
+    r2, correlated with r1) is caught only with ``iterate``, after which no reference's
+    loss rises to first order."""
+    from unlearning.methods.interference_aware import _orthogonalize
+
+    g = torch.tensor([1.0, 0.0, 0.0])
+    r1 = torch.tensor([-1.0, 1.0, 0.0])  # conflicts: g·r1 = -1
+    r2 = torch.tensor([0.2, -1.0, 0.3])  # agrees with g (0.2), not with g minus its r1 part
+    same, n = _orthogonalize(g, [r2, None])
+    assert n == 0 and same is g
+
+    once, n = _orthogonalize(g, [r1, r2])
+    assert n == 1
+    assert torch.allclose(once, torch.tensor([0.5, 0.5, 0.0]))  # g - (g·r1) r1 / |r1|²
+    assert float(once @ r1) == pytest.approx(0.0, abs=1e-6)
+    assert float(once @ r2) == pytest.approx(0.1 - 0.5)  # the new conflict
+
+    it, n = _orthogonalize(g, [r1, r2], iterate=True)
+    assert n == 2
+    assert float(it @ r1) == pytest.approx(0.0, abs=1e-6) and float(it @ r2) == pytest.approx(0.0, abs=1e-6)
+    normal = torch.linalg.cross(r1, r2)  # what is left of g: its part along r1 × r2
+    assert torch.allclose(it, (g @ normal) / (normal @ normal) * normal, atol=1e-6)
+    # a matrix-shaped gradient keeps its shape
+    g2 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    out, n = _orthogonalize(g2, [torch.tensor([[-1.0, 1.0], [0.0, 0.0]])], iterate=True)
+    assert n == 1 and out.shape == (2, 2) and torch.allclose(out, torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
+
+
+def test_unknown_orthogonalize_value_is_refused(memorised):
+    model, train, test = memorised
+    cells = [(train.instance_ids[0], t) for t in TASKS]
+    with pytest.raises(ValueError, match="orthogonalize"):
+        get_method("interference_aware")(model, _data(train, test, cells), {"steps": 1, "orthogonalize": "twice"})
+    _, log = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 3, "orthogonalize": "iterate"})
+    assert log["steps"] == 3
