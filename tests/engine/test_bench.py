@@ -255,3 +255,21 @@ def test_step_budget_summary_takes_an_early_stopped_run_at_its_final_model():
     assert rows[0]["uis"] == 5.0 and rows[0]["mia_err"] == pytest.approx(0.1) and rows[0]["job_forward_equivalents"] == 1050
     assert rows[1]["uis"] == 1.5 and rows[1]["mia_err"] == pytest.approx(0.035) and rows[1]["job_forward_equivalents"] == 1700
     assert rows[1]["ratio_full_scale_retrain"] == round(step_budget.full_scale_retrain_equivalents() / 1700, 1)
+
+
+def test_conflict_counter_counts_projections_that_leave_a_conflict():
+    conflicts = _load_script("orthogonalization_conflicts")
+    from unlearning.methods import interference_aware
+
+    real = interference_aware._orthogonalize
+    g = torch.tensor([1.0, 0.0, 0.0])
+    r1, r2 = torch.tensor([-1.0, 1.0, 0.0]), torch.tensor([0.2, -1.0, 0.3])  # r2 conflicts once r1 is removed
+    with conflicts.ConflictCounter() as counter:
+        interference_aware._orthogonalize(g, [r2])  # no conflict: no projection
+        interference_aware._orthogonalize(g, [r1, r2])  # one projection, leaves r2 conflicting
+        interference_aware._orthogonalize(g, [r1, r2], iterate=True)  # leaves none
+    assert interference_aware._orthogonalize is real
+    c = counter.counts
+    assert (c["calls"], c["projections"], c["left_a_conflict"]) == (3, 2, 1)
+    cos = -0.4 / (0.5 ** 0.5 * float(r2.norm()))  # (0.5, 0.5, 0) · r2 over the norms
+    assert c["worst_cosine"] == pytest.approx(cos, abs=1e-4)

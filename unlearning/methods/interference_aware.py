@@ -49,9 +49,9 @@ Each step combines:
    gradients it conflicts with (negative inner product), so to first order it
    raises none of *those* references' losses. A reference it did not conflict
    with can conflict with the projected step when the references are
-   correlated (2-4% of the projections of smoke jobs); ``orthogonalize:
+   correlated (1.5-6% of the projections of smoke jobs); ``orthogonalize:
    "iterate"`` adds such references to the span and projects again until none
-   conflicts. For projected layers the references are
+   conflicts (measured no better, so off: benchmarks/README.md, sixth round). For projected layers the references are
    projected by ``Q Qᵀ`` first, so the result stays in ``range(Q)``.
 5. **Update** ``θ ← θ - η (P g_f' + λ P g_r)`` (:class:`Stepper`): Adam's
    diagonal preconditioner ``P`` and momentum, with ``P`` applied to the forget
