@@ -395,3 +395,30 @@ def test_unknown_orthogonalize_value_is_refused(memorised):
         get_method("interference_aware")(model, _data(train, test, cells), {"steps": 1, "orthogonalize": "twice"})
     _, log = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 3, "orthogonalize": "iterate"})
     assert log["steps"] == 3
+
+
+def test_distill_loss_on_hand_computed_predictions():
+    """Per task, the mean over supervised samples of the per-pixel distance to the teacher
+    (segmentation: KL(teacher ‖ student) of the class distributions; normals: 1 − cosine;
+    depth: absolute difference), summed over tasks."""
+    from math import log
+
+    from unlearning.methods.interference_aware import distill_loss
+
+    has = {t: torch.tensor([True, False]) for t in TASKS}  # the second sample is not supervised
+    seg_t = torch.zeros(2, 2, 2, 2)  # uniform teacher over two classes
+    seg_s = torch.zeros(2, 2, 2, 2)
+    seg_s[:, 0] = log(3.0)  # student: (0.75, 0.25) at every pixel
+    depth_t, depth_s = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    depth_s[1] = 100.0  # unsupervised: must not count
+    normal_t = torch.zeros(2, 3, 2, 2)
+    normal_t[:, 2] = 1.0
+    normal_s = torch.zeros(2, 3, 2, 2)
+    normal_s[:, 0] = 1.0  # orthogonal to the teacher: distance 1
+    kl = 0.5 * log(0.5 / 0.75) + 0.5 * log(0.5 / 0.25)
+    pred = {"segmentation": seg_s, "depth": depth_s, "normal": normal_s}
+    teacher = {"segmentation": seg_t, "depth": depth_t, "normal": normal_t}
+    assert float(distill_loss(pred, teacher, has)) == pytest.approx(kl + 1.0 + 1.0, rel=1e-5)
+    assert float(distill_loss({"depth": depth_t}, {"depth": depth_t}, has)) == 0.0
+    none = {t: torch.tensor([False, False]) for t in TASKS}
+    assert float(distill_loss(pred, teacher, none)) == 0.0  # no supervised cell: no term
