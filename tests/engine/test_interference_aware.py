@@ -422,3 +422,27 @@ def test_distill_loss_on_hand_computed_predictions():
     assert float(distill_loss({"depth": depth_t}, {"depth": depth_t}, has)) == 0.0
     none = {t: torch.tensor([False, False]) for t in TASKS}
     assert float(distill_loss(pred, teacher, none)) == 0.0  # no supervised cell: no term
+
+
+def test_nearest_retained_ranks_by_feature_similarity():
+    from unlearning.methods.interference_aware import nearest_retained
+
+    angle = {"f0": 0.0, "f1": 1.5, "a": 0.1, "b": 0.3, "c": 1.4, "d": 3.0}
+    feats = {i: torch.tensor([torch.cos(torch.tensor(v)), torch.sin(torch.tensor(v))]) for i, v in angle.items()}
+    candidates = ["a", "b", "c", "d"]
+    assert nearest_retained(feats, ["f0"], candidates, 2) == ["a", "b"]
+    # per forgotten instance in order, by rank; shared neighbours once
+    assert nearest_retained(feats, ["f0", "f1"], candidates, 2) == ["a", "b", "c"]
+    assert nearest_retained(feats, ["f1"], candidates, 9) == ["c", "b", "a", "d"]  # k capped at the candidates
+    assert nearest_retained(feats, ["f0"], [], 2) == [] and nearest_retained(feats, ["f0"], candidates, 0) == []
+
+
+def test_nearest_references_exclude_the_forgotten_instances(memorised):
+    """In partial mode the forgotten instances stay in the retain set (their other tasks);
+    they are their own reference there, never their own nearest neighbours."""
+    model, train, test = memorised
+    ids = train.instance_ids[:3]
+    cells = [(i, "depth") for i in ids]
+    _, log = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 1, "n_nearest": 2})
+    assert log["retain_references"] == ["own_retained_cells", "nearest", "random"]
+    assert 2 <= len(log["nearest_retained"]) <= 6 and not set(log["nearest_retained"]) & set(ids)

@@ -295,6 +295,19 @@ def representation(model, data: UnlearnData, batch_size: int = 64) -> dict[str, 
     return data.cache[key]
 
 
+def nearest_retained(features: dict[str, torch.Tensor], forget_ids: list[str], candidates: list[str],
+                     k: int) -> list[str]:
+    """The ``k`` candidates most similar (inner product of the L2-normalised features of
+    :func:`representation`) to each forgotten instance, in forget order and by rank,
+    each once."""
+    if not candidates or k <= 0:
+        return []
+    bank = torch.stack([features[i] for i in candidates])
+    query = torch.stack([features[i] for i in forget_ids])
+    top = (query @ bank.T).topk(min(k, len(candidates)), dim=1).indices.flatten()
+    return [candidates[j] for j in dict.fromkeys(int(j) for j in top)]
+
+
 def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
     """Fill ``data.cache`` with what depends only on the model version: τ, the task
     subspaces and the representation features. :func:`unlearn` calls it too; a
@@ -621,16 +634,13 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         own = [data.retain.index_of(i) for i in f_ids if i in data.retain._position]
         if own:
             refs.append(RetainReference("own_retained_cells", data.retain.batch(own).to(device), teacher, tasks))
+    nearest: list[str] = []
     if cfg["n_nearest"] > 0:
-        feats = representation(original, data)
-        retain_ids = [i for i in data.retain.instance_ids if i not in set(f_ids)]
-        if retain_ids:
-            bank = torch.stack([feats[i] for i in retain_ids])
-            query = torch.stack([feats[i] for i in f_ids])
-            sim = query @ bank.T
-            k = min(int(cfg["n_nearest"]), len(retain_ids))
-            chosen = list(dict.fromkeys(int(j) for j in sim.topk(k, dim=1).indices.flatten()))
-            idx = [data.retain.index_of(retain_ids[j]) for j in chosen]
+        forgotten = set(f_ids)
+        nearest = nearest_retained(representation(original, data), f_ids,
+                                   [i for i in data.retain.instance_ids if i not in forgotten], int(cfg["n_nearest"]))
+        if nearest:
+            idx = [data.retain.index_of(i) for i in nearest]
             refs.append(RetainReference("nearest", data.retain.batch(idx).to(device), teacher, tasks))
     n_random = min(int(cfg["random_batch"]), len(data.retain))
 
@@ -770,6 +780,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         "frozen_parameters": sorted(frozen) if not cfg["repair_protected_heads"] else [],
         "projector_ranks": {n: int(q.shape[1]) for n, q in projectors.items()},
         "retain_references": [r.name for r in refs] + (["random"] if n_random > 0 else []),
+        "nearest_retained": nearest,  # the instances of the "nearest" reference
         "steps": steps_done,
         "all_cells_reached_tau": reached,
         "conflicts_removed": conflicts_removed,
