@@ -113,6 +113,26 @@ def prepared_cache(original, train, test, cfg: dict) -> dict:
     return cache
 
 
+def job_arguments(p: argparse.ArgumentParser, seeds: list[int]) -> argparse.ArgumentParser:
+    """The arguments of the scripts that run interference_aware jobs of a suite as the
+    bench does (step_budget.py, orthogonalization_conflicts.py)."""
+    p.add_argument("--suite", default="smoke", choices=sorted(SUITES))
+    p.add_argument("--benchmarks", nargs="+", default=["indoor"])
+    p.add_argument("--seeds", nargs="+", type=int, default=seeds)
+    p.add_argument("--config", default="{}", help="JSON interference_aware config (over its DEFAULTS)")
+    p.add_argument("--no-shadow", action="store_true", help="as the service runs the method: no shadow calibration")
+    p.add_argument("--cache-dir", default=".cache/bench", help="the bench cache (models are trained if absent)")
+    p.add_argument("--out", required=True)
+    return p
+
+
+def job_config(args: argparse.Namespace, recipe) -> dict:
+    """``--config`` with the suite's recipe as ``shadow_recipe`` unless ``--no-shadow``, as
+    the bench runs the method."""
+    cfg = json.loads(args.config)
+    return cfg if args.no_shadow else {"shadow_recipe": asdict(recipe), **cfg}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", default="smoke", choices=sorted(SUITES))

@@ -18,10 +18,9 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-from job_ledger import prepared_cache, version_state
+from job_ledger import job_arguments, job_config, prepared_cache, version_state
 from unlearning.bench import SUITES, _device_name, settings, suite_runtime
 from unlearning.methods import UnlearnData, get_method, interference_aware
 
@@ -56,20 +55,10 @@ class ConflictCounter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default="smoke", choices=sorted(SUITES))
-    p.add_argument("--benchmarks", nargs="+", default=["indoor"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[2])
-    p.add_argument("--config", default="{}", help="JSON interference_aware config (over its DEFAULTS)")
-    p.add_argument("--no-shadow", action="store_true", help="as the service runs the method: no shadow calibration")
-    p.add_argument("--cache-dir", default=".cache/bench", help="the bench cache (the original model is trained if absent)")
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+    args = job_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), seeds=[2]).parse_args(argv)
     suite = SUITES[args.suite]
     device, recipe = suite_runtime(suite, "cpu")
-    cfg = json.loads(args.config)
-    if not args.no_shadow:
-        cfg = {"shadow_recipe": asdict(recipe), **cfg}
+    cfg = job_config(args, recipe)
     rows = []
     for bench in args.benchmarks:
         train, test, original, _ = version_state(suite, bench, None, Path(args.cache_dir) / args.suite, recipe, device)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from job_ledger import Ledger, forward_equivalents, prepared_cache, version_state
+from job_ledger import Ledger, forward_equivalents, job_arguments, job_config, prepared_cache, version_state
 from unlearning.bench import SUITES, _device_name, cached_retrain, settings, suite_runtime
 from unlearning.evaluate import evaluate_unlearning, membership_auc
 from unlearning.methods import UnlearnData, get_method
@@ -75,23 +75,14 @@ class Checkpoints:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", default="smoke", choices=sorted(SUITES))
-    p.add_argument("--benchmarks", nargs="+", default=["indoor"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[4])
+    p = job_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), seeds=[4])
     p.add_argument("--n-test", type=int, default=None, help="held-out scenes per benchmark (default: the suite's)")
     p.add_argument("--every", type=int, default=10, help="steps between checkpoints")
-    p.add_argument("--config", default="{}", help="JSON interference_aware config (over its DEFAULTS)")
-    p.add_argument("--no-shadow", action="store_true", help="as the service runs the method: no shadow calibration")
-    p.add_argument("--cache-dir", default=".cache/bench", help="the bench cache (models are trained if absent)")
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     suite = SUITES[args.suite]
     device, recipe = suite_runtime(suite, "cpu")
     cache_dir = Path(args.cache_dir) / args.suite
-    cfg = json.loads(args.config)
-    if not args.no_shadow:
-        cfg = {"shadow_recipe": asdict(recipe), **cfg}
+    cfg = job_config(args, recipe)
     full_eq = full_scale_retrain_equivalents()
     runs: list[dict] = []
     for bench in args.benchmarks:
