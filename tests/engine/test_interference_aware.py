@@ -388,11 +388,20 @@ def test_orthogonalization_removes_exactly_the_conflicts():
     assert n == 1 and out.shape == (2, 2) and torch.allclose(out, torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
 
 
-def test_unknown_orthogonalize_value_is_refused(memorised):
+def test_unknown_orthogonalize_value_is_refused(memorised, monkeypatch):
+    from unlearning.methods import interference_aware
+
     model, train, test = memorised
     cells = [(train.instance_ids[0], t) for t in TASKS]
-    with pytest.raises(ValueError, match="orthogonalize"):
-        get_method("interference_aware")(model, _data(train, test, cells), {"steps": 1, "orthogonalize": "twice"})
+
+    def no_shadows(*a, **kw):
+        raise AssertionError("a configuration error must be raised before the calibration trains shadows")
+
+    monkeypatch.setattr(interference_aware, "shadow_scores", no_shadows)
+    for bad in ({"orthogonalize": "twice"}, {"optimizer": "rmsprop"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            get_method("interference_aware")(model, _data(train, test, cells),
+                                             {"steps": 1, "shadow_recipe": {"epochs": 1}, **bad})
     _, log = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 3, "orthogonalize": "iterate"})
     assert log["steps"] == 3
 

@@ -577,6 +577,10 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     cfg.update(config or {})
     if not data.forget_cells:
         raise ValueError("interference_aware: the forget set (forget_cells) is empty")
+    # configuration errors before any work (the calibration may train shadow models)
+    stepper = Stepper(cfg)
+    if cfg["orthogonalize"] not in (True, False, "iterate"):
+        raise ValueError(f"interference_aware: unknown orthogonalize {cfg['orthogonalize']!r}; known: true, false, 'iterate'")
     t0 = time.perf_counter()
     device = data.device
     original = copy.deepcopy(model).to(device).eval()
@@ -656,9 +660,6 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     conflicts_removed = 0
     steps_done = 0
     total_budget = int(cfg["steps"]) + int(cfg["repair_steps"])
-    stepper = Stepper(cfg)
-    if cfg["orthogonalize"] not in (True, False, "iterate"):
-        raise ValueError(f"interference_aware: unknown orthogonalize {cfg['orthogonalize']!r}; known: true, false, 'iterate'")
 
     def retain_grads(grad_params):
         ref_list = list(refs)
