@@ -123,8 +123,6 @@ from ..data.base import Batch
 from ..losses import cell_losses, per_sample_losses
 from ..projection import cached_subspaces, forget_projector, project_rows, shared_convs, shared_norms
 from .base import UnlearnData
-from . import loops
-from .ssd import fisher_diagonal, train_importance
 
 PROTECTS_HEADS = True
 
@@ -161,8 +159,6 @@ DEFAULTS = {
     "settle_steps": 30,  # retain-only steps (with the per-cell forget signal re-armed) once all cells reached tau
     "repair_steps": 0,  # retain-only steps after the forget phase
     "repair_protected_heads": False,  # let repair steps train protected heads (breaks bit-identity)
-    "forget_mask": None,  # alpha: the forget step moves only weights with I_f > alpha I_d (SSD's selection; None: all)
-    "mask_samples": 256,  # training instances for I_d (cached per model version)
 }
 
 
@@ -329,19 +325,6 @@ def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
         cached_subspaces(model, data.train, data.cache, cfg["energy"], cfg["subspace_samples"], device=data.device)
     if cfg["n_nearest"] > 0:
         representation(model, data)
-    if cfg["forget_mask"] is not None:
-        train_importance(model, data, int(cfg["mask_samples"]))
-
-
-def forget_masks(student, data: UnlearnData, forget: Batch, forget_tasks: list[str], alpha: float,
-                 n_samples: int) -> dict[str, torch.Tensor]:
-    """Per parameter, the weights far more important to the forget cells than to the
-    training data (SSD's selection ``I_f > alpha I_d``, diagonal empirical Fisher over
-    per-sample gradients; ``I_d`` cached per model version)."""
-    i_train = train_importance(student, data, n_samples)
-    singles = [loops.take(forget, torch.tensor([i])) for i in range(forget.images.shape[0])]
-    i_forget = fisher_diagonal(student, singles, lambda b: [t for t in forget_tasks if bool(b.has[t][0])])
-    return {n: (i_forget[n] > alpha * i_train[n]).to(i_forget[n].dtype) for n in i_forget}
 
 
 def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, forget_tasks: list[str],
@@ -639,11 +622,6 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     train_names = [n for n in named if n not in frozen]
     params = [named[n] for n in train_names]
 
-    mask_of: list[torch.Tensor | None] = [None] * len(params)
-    if cfg["forget_mask"] is not None:
-        masks = forget_masks(student, data, forget, forget_tasks, float(cfg["forget_mask"]), int(cfg["mask_samples"]))
-        mask_of = [masks[n] for n in train_names]
-
     def projector_of(name: str) -> torch.Tensor | None:
         prefix = name.rsplit(".", 1)[0]
         if prefix in projectors:
@@ -736,7 +714,6 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         else:
             l_f = -sum(active_terms) / max(n_cells, 1) * (n_cells if cfg["sum_cells"] else 1)
             g_f = _grads(l_f, params)
-            g_f = [g if g is None or m is None else g * m for g, m in zip(g_f, mask_of)]
         # 2. the retain signal
         r_out = retain_grads(params)
         g_f, g_r = stepper.precondition(params, g_f, _mean_retain(r_out, len(params), lam))
@@ -756,8 +733,6 @@ def unlearn(model, data: UnlearnData, config: dict | None):
                 rs = [g[j] for _, g in r_out]
                 if j in proj_cache:
                     rs = [project_rows(x, proj_cache[j]) if x is not None else None for x in rs]
-                if mask_of[j] is not None:  # g_f is zero off the mask: orthogonal to r iff to r on the mask
-                    rs = [x * mask_of[j] if x is not None else None for x in rs]
                 g_f[j], c = _orthogonalize(g_f[j], rs, iterate=cfg["orthogonalize"] == "iterate")
                 conflicts_removed += c
         # 5. the update
@@ -810,9 +785,6 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         "steps": steps_done,
         "all_cells_reached_tau": reached,
         "conflicts_removed": conflicts_removed,
-        # share of the trainable weights the forget step may move (forget_mask)
-        "forget_mask_share": (round(sum(float(m.sum()) for m in mask_of if m is not None) / sum(p.numel() for p in params), 6)
-                              if cfg["forget_mask"] is not None else None),
         "final_forget_losses": final_losses,
         "history": history,
         "seconds": round(time.perf_counter() - t0, 4),
