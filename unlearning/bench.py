@@ -32,6 +32,13 @@ per model version; ``--no-shadow`` withholds it.
 
 Writes the JSON results, a markdown summary (``.md``) and a plot (``.png``)
 next to ``--out``.
+
+A suite too long for one sitting (``full`` on a time-limited GPU) runs in pieces
+(``--benchmarks``, ``--seeds``, ``--methods``) that share ``--cache-dir``;
+
+    python -m unlearning.bench --merge piece1.json piece2.json ... --out benchmarks/full.json
+
+pools their results into one document, table and plot (:func:`merge`).
 """
 from __future__ import annotations
 
@@ -459,6 +466,9 @@ def markdown(doc: dict) -> str:
              f"Command: `{doc.get('command', '')}`  ", f"Device: {doc['device']}  ",
              f"Wall time: {_f(doc.get('wall_seconds', float('nan')), 0)} s  ",
              f"Seeds: {doc['config']['seeds']}; runs: {len(res)}", "",
+             *(["Pieces (their wall times add up to the one above):", "",
+                *[f"- `{p['source']}`: `{p['command']}`, {_f(p['wall_seconds'], 0)} s" for p in doc["config"]["pieces"]],
+                ""] if doc["config"].get("pieces") else []),
              "## Headline (interference_aware vs the strongest baseline)", "",
              "Strongest baseline: lowest mean UIS among baselines whose mean |mia_auc − mia_auc_retrain| is no "
              "larger than interference_aware's (retrain is the gold standard, not a baseline); `none` when no baseline forgets as well. "
@@ -527,6 +537,73 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- pieces of one suite
+
+# config entries that describe a piece rather than the suite
+_PIECE_KEYS = ("seeds", "methods", "method_configs", "prepare_seconds", "original_seconds", "workers")
+RUN_KEY = ("benchmark", "setting", "forget_tasks", "n_forget", "seed", "method")
+
+
+def merge(docs: list[dict], sources: list[str]) -> dict:
+    """One results document from the documents of pieces of one suite run.
+
+    The pieces must be of the same suite, with the same suite definition, torch
+    version, device and hyper-parameters of every method they share (a table that
+    mixed them would compare runs that are not comparable), and no run (benchmark,
+    setting, forget tasks, size, seed, method) may appear twice. Each piece's
+    command, wall time, seeds, methods and per-benchmark ``prepare_seconds`` /
+    ``original_seconds`` are kept under ``config.pieces``; the top-level ones are the
+    first piece's per benchmark (a later piece found the original in the cache)."""
+    if not docs:
+        raise ValueError("merge: no results documents given")
+    first, name0 = docs[0], sources[0]
+    shared = {k: v for k, v in first["config"].items() if k not in _PIECE_KEYS}
+    configs: dict[str, tuple[str, dict]] = {}
+    seen: dict[tuple, str] = {}
+    results, pieces = [], []
+    for doc, name in zip(docs, sources):
+        for key in ("suite", "device"):
+            if doc[key] != first[key]:
+                raise ValueError(f"merge: {name} has {key} {doc[key]!r}, {name0} has {first[key]!r}; "
+                                 f"pieces of one table must share it (run the piece again)")
+        mine = {k: v for k, v in doc["config"].items() if k not in _PIECE_KEYS}
+        if mine != shared:
+            diff = sorted(k for k in set(mine) | set(shared) if mine.get(k) != shared.get(k))
+            raise ValueError(f"merge: {name} and {name0} differ in the suite's configuration: {diff}")
+        for method, cfg in (doc["config"].get("method_configs") or {}).items():
+            if method in configs and configs[method][1] != cfg:
+                raise ValueError(f"merge: {name} and {configs[method][0]} ran {method} with other hyper-parameters")
+            configs.setdefault(method, (name, cfg))
+        for r in doc["results"]:
+            key = tuple(tuple(r[k]) if isinstance(r[k], list) else r[k] for k in RUN_KEY)
+            if key in seen:
+                raise ValueError(f"merge: the run {dict(zip(RUN_KEY, key))} is in {seen[key]} and in {name}")
+            seen[key] = name
+            results.append(r)
+        pieces.append({"source": name, "command": doc.get("command"), "wall_seconds": doc.get("wall_seconds"),
+                       **{k: doc["config"].get(k) for k in _PIECE_KEYS}})
+    config = {**shared,
+              "seeds": sorted({r["seed"] for r in results}),
+              "methods": list(dict.fromkeys(m for p in pieces for m in (p["methods"] or []))),
+              "method_configs": {m: c for m, (_, c) in configs.items()},
+              "prepare_seconds": {}, "original_seconds": {}, "pieces": pieces}
+    for piece in pieces:
+        for k in ("prepare_seconds", "original_seconds"):
+            for bench_name, value in (piece[k] or {}).items():
+                config[k].setdefault(bench_name, value)
+    walls = [p["wall_seconds"] for p in pieces]
+    return {"suite": first["suite"], "config": config, "device": first["device"], "results": results,
+            "wall_seconds": round(sum(walls), 1) if all(w is not None for w in walls) else None}
+
+
+def write_results(doc: dict, out: Path) -> None:
+    """The JSON document, its markdown summary and its plot next to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(doc))
+    plot(doc, out.with_suffix(".png"))
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -550,9 +627,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0,
                    help="train the gold standards ahead in this many extra processes (default 0: in this one); "
                         "on CPU each takes one core at the suite's thread count")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: pool the results of these pieces of one suite (see --benchmarks, --seeds, --methods)")
     args = p.parse_args(argv)
     if args.workers < 0:
         p.error("--workers must be 0 or more")
+    if args.merge:
+        ran = [f"--{k.replace('_', '-')}" for k in ("methods", "seeds", "benchmarks", "method_config", "device")
+               if getattr(args, k) is not None] + [f"--{k.replace('_', '-')}" for k in ("no_shadow", "no_independent_retrain")
+                                                   if getattr(args, k)] + (["--workers"] if args.workers else [])
+        if ran:
+            p.error(f"--merge runs nothing; it does not take {', '.join(ran)}")
+        try:
+            docs = [json.loads(Path(f).read_text()) for f in args.merge]
+            doc = merge(docs, list(args.merge))
+        except (OSError, ValueError, KeyError) as exc:
+            p.error(str(exc))
+        doc["command"] = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
+        write_results(doc, Path(args.out))
+        print(markdown(doc))
+        return 0
 
     methods = args.methods or list(METHOD_NAMES)
     for m in methods:
@@ -565,11 +659,7 @@ def main(argv: list[str] | None = None) -> int:
                     shadow=not args.no_shadow, independent_retrain=not args.no_independent_retrain, workers=args.workers)
     doc["command"] = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
     doc["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(doc))
-    plot(doc, out.with_suffix(".png"))
+    write_results(doc, Path(args.out))
     print(markdown(doc))
     return 0
 

@@ -273,3 +273,63 @@ def test_conflict_counter_counts_projections_that_leave_a_conflict():
     assert (c["calls"], c["projections"], c["left_a_conflict"]) == (3, 2, 1)
     cos = -0.4 / (0.5 ** 0.5 * float(r2.norm()))  # (0.5, 0.5, 0) · r2 over the norms
     assert c["worst_cosine"] == pytest.approx(cos, abs=1e-4)
+
+
+def test_pieces_of_a_suite_merge_into_one_table(tiny_suite, tmp_path, torch_single_thread):
+    """A suite run in pieces (here: one seed each) sharing a cache pools into one document."""
+    common = ["--suite", "tiny", "--methods", "gradient_ascent", "retrain", "--cache-dir", str(tmp_path / "cache"),
+              "--no-progress", "--no-shadow", "--no-independent-retrain", "--method-config", str(_config(tmp_path))]
+    pieces = []
+    for seed in (0, 1):
+        pieces.append(tmp_path / f"seed{seed}.json")
+        assert bench.main([*common, "--seeds", str(seed), "--out", str(pieces[-1])]) == 0
+    docs = [json.loads(p.read_text()) for p in pieces]
+    out = tmp_path / "merged.json"
+    assert bench.main(["--merge", *map(str, pieces), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert merged["results"] == docs[0]["results"] + docs[1]["results"]
+    assert merged["config"]["seeds"] == [0, 1]
+    assert merged["config"]["methods"] == ["gradient_ascent", "retrain"]
+    assert [p["source"] for p in merged["config"]["pieces"]] == list(map(str, pieces))
+    assert merged["wall_seconds"] == round(docs[0]["wall_seconds"] + docs[1]["wall_seconds"], 1)
+    assert merged["command"].startswith("python -m unlearning.bench --merge")
+    table = out.with_suffix(".md").read_text()
+    assert docs[1]["command"] in table and "Seeds: [0, 1]" in table
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def _doc(**changes):
+    doc = {"suite": "s", "device": "cpu: x", "wall_seconds": 1.0, "command": "c",
+           "config": {"train": {"epochs": 2}, "torch": "2", "seeds": [0], "methods": ["m"],
+                      "method_configs": {"m": {"steps": 4}}, "prepare_seconds": {}, "original_seconds": {}},
+           "results": [_run("m", 1.0, 0.5)]}
+    for key, value in changes.items():
+        if key in doc["config"]:
+            doc["config"] = {**doc["config"], key: value}
+        else:
+            doc[key] = value
+    return doc
+
+
+@pytest.mark.parametrize("other, message", [
+    (_doc(), "is in a.json and in b.json"),
+    (_doc(device="cuda: H100"), "device"),
+    (_doc(suite="other"), "suite"),
+    (_doc(train={"epochs": 3}), "['train']"),
+    (_doc(method_configs={"m": {"steps": 5}}, results=[_run("m", 1.0, 0.5, n=1)]), "other hyper-parameters"),
+], ids=["duplicate run", "device", "suite", "suite definition", "method config"])
+def test_merge_refuses_pieces_that_do_not_belong_to_one_table(other, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        bench.merge([_doc(), other], ["a.json", "b.json"])
+
+
+def test_merge_on_the_command_line_runs_nothing_and_names_the_problem(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_doc()))
+    b.write_text(json.dumps(_doc(device="cuda: H100")))
+    with pytest.raises(SystemExit):
+        bench.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m.json")])
+    assert "device" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
+    with pytest.raises(SystemExit):
+        bench.main(["--merge", str(a), "--seeds", "1", "--out", str(tmp_path / "m.json")])
+    assert "--seeds" in capsys.readouterr().err
