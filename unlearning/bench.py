@@ -18,7 +18,8 @@ Timing. ``seconds`` is what a job does: the method's ``unlearn`` call
 (``unlearn_seconds``) plus the evaluation of its result (``eval_seconds``: UIS
 and MIA AUC, as the service's jobs do). What a model version caches
 (interference_aware's τ, its shadow calibration, task subspaces and
-representation features; the original model's evaluation numbers) is computed
+representation features; ssd's importance ``I_d`` over the training data; the
+original model's evaluation numbers) is computed
 once per benchmark before any timed run and reported as ``prepare_seconds``
 in the config. ``retrain_seconds`` is the gold standard's training time
 (measured when it was trained, kept in its cache manifest). The ``retrain``
@@ -58,7 +59,7 @@ from tqdm.auto import tqdm
 
 from .data import load_splits
 from .evaluate import EvalContext, evaluate_unlearning, membership_auc
-from .methods import METHOD_NAMES, UnlearnData, get_method
+from .methods import METHOD_NAMES, UnlearnData, get_method, method_defaults, method_prepare
 from .metrics import forget_gap
 from .model import load_model, save_model
 from .train import TrainConfig, resolve_device, train_model
@@ -278,11 +279,11 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 context.original_metrics("test")
                 context.test_losses()
                 engine_cache: dict = {} if engine_caches is None else engine_caches.setdefault(bench, {})
-                if DEFAULT_METHOD in methods:
-                    from .methods import interference_aware
-
-                    warm = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=device, cache=engine_cache)
-                    interference_aware.prepare(original, warm, {**interference_aware.DEFAULTS, **method_configs.get(DEFAULT_METHOD, {})})
+                warm = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=device, cache=engine_cache)
+                for method in methods:
+                    prepare = method_prepare(method)
+                    if prepare is not None:
+                        prepare(original, warm, {**method_defaults(method), **method_configs.get(method, {})})
                 prepare_seconds[bench] = round(time.perf_counter() - t0, 3)
 
             cells = st["cells"]

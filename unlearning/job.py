@@ -10,7 +10,6 @@ forget gap.
 """
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -19,7 +18,7 @@ import torch
 
 from .data.base import Cell, MultiTaskDataset
 from .evaluate import EvalContext, evaluate_unlearning
-from .methods import METHOD_NAMES, UnlearnData, get_method, method_defaults
+from .methods import METHOD_NAMES, UnlearnData, get_method, method_defaults, method_prepare
 from .tasks import get_task
 
 
@@ -186,9 +185,9 @@ def run_unlearning_job(
     cfg = dict(config or {})
 
     t_cache = time.perf_counter()
-    module = importlib.import_module(f"{__package__}.methods.{method}")
-    if hasattr(module, "prepare"):
-        module.prepare(model, data, {**method_defaults(method), **cfg})
+    prepare = method_prepare(method)
+    if prepare is not None:
+        prepare(model, data, {**method_defaults(method), **cfg})
     cache_seconds = time.perf_counter() - t_cache
 
     t_unlearn = time.perf_counter()

@@ -192,6 +192,37 @@ def test_ssd_dampening_rule():
     assert torch.allclose(net.weight, torch.tensor([[2.0, 0.1, 2.0]]))
 
 
+def test_ssd_training_importance_is_prepared_once_per_version(world, monkeypatch):
+    """``I_d`` depends only on the model version: ``prepare`` computes it on a copy (the
+    caller's model and its gradients are untouched), requests with other seeds reuse it, and a
+    request gives the same model whether or not it was prepared."""
+    from unlearning.methods import method_prepare, ssd
+
+    _, _, model = world
+    alone, _ = get_method("ssd")(model, request(world, FULL, seed=3), {})
+    cache: dict = {}
+    before = state_copy(model)
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    method_prepare("ssd")(model, UnlearnData(world[0], FULL, world[0], heldout=world[1], cache=cache), {})
+    assert [k[0] for k in cache] == ["ssd_train_importance"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    calls, fisher = [], ssd.fisher_diagonal
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fisher(*args, **kwargs)
+
+    monkeypatch.setattr(ssd, "fisher_diagonal", counted)
+    outs = []
+    for seed in (3, 4):
+        data = request(world, FULL, seed=seed)
+        data.cache = cache
+        outs.append(get_method("ssd")(model, data, {})[0])
+    assert len(calls) == 2  # the forget cells' importance per request; I_d never again
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), outs[0].state_dict().values()))
+
+
 def test_random_targets_come_from_retained_cells(world):
     from unlearning.methods.loops import with_donor_targets
 

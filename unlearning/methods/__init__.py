@@ -38,4 +38,12 @@ def method_defaults(name: str) -> dict:
     return dict(getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), "DEFAULTS", {}))
 
 
-__all__ = ["UnlearnData", "Method", "METHOD_NAMES", "get_method", "method_defaults"]
+def method_prepare(name: str):
+    """The method's ``prepare(model, data, config)`` hook, or None: it fills ``data.cache``
+    with what depends only on the model version, so a caller that keeps the cache per
+    version (the service, the benchmark) computes it once and outside any job's time."""
+    get_method(name)
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), "prepare", None)
+
+
+__all__ = ["UnlearnData", "Method", "METHOD_NAMES", "get_method", "method_defaults", "method_prepare"]

@@ -34,6 +34,7 @@ DEFAULTS = {
     "lambda": 0.8,  # dampening constant: beta = min(lambda * I_d / I_f, 1)
     "fisher_samples": 256,  # at most this many training instances for I_d
 }
+_SUBSET_SEED = 4  # loops.generator's seed for data.seed 0 and salt 4
 
 
 def fisher_diagonal(model, batches, tasks_of, progress=None) -> dict[str, torch.Tensor]:
@@ -54,18 +55,32 @@ def fisher_diagonal(model, batches, tasks_of, progress=None) -> dict[str, torch.
     return {n: v / max(len(batches), 1) for n, v in importance.items()}
 
 
-def train_importance(model, data, n_samples: int) -> dict[str, torch.Tensor]:
-    """``I_d`` over (a seeded subset of) ``data.train``, cached per training set and size."""
+def _importance_key(data, n_samples: int) -> tuple:
     train = data.train
-    key = ("ssd_train_importance", train.name, len(train), int(train.available.sum()), int(n_samples), int(data.seed))
+    return ("ssd_train_importance", train.name, len(train), int(train.available.sum()), int(n_samples))
+
+
+def train_importance(model, data, n_samples: int) -> dict[str, torch.Tensor]:
+    """``I_d`` over (a fixed seeded subset of) ``data.train``, cached per training set and
+    size: it depends only on the model version, not on the request (the subset is the one
+    every request drew at seed 0 before it was cached per version)."""
+    key = _importance_key(data, n_samples)
     if key in data.cache:
         return data.cache[key]
     n = len(data.train)
-    rows = torch.randperm(n, generator=loops.generator(data, 4))[: min(n, int(n_samples))].sort().values
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(_SUBSET_SEED))[: min(n, int(n_samples))].sort().values
     batches = (data.train.batch([int(i)]).to(data.device) for i in rows)
     importance = fisher_diagonal(model, batches, lambda b: [t for t in data.train.tasks if bool(b.has[t][0])])
     data.cache[key] = importance
     return importance
+
+
+def prepare(model, data, config: dict | None = None) -> None:
+    """``I_d`` into ``data.cache`` (what depends only on the model version), computed on a
+    working copy in training mode, as :func:`unlearn` computes it."""
+    n_samples = loops.merged_config(DEFAULTS, config)["fisher_samples"]
+    if _importance_key(data, n_samples) not in data.cache:
+        train_importance(loops.working_copy(model, data).requires_grad_(True), data, n_samples)
 
 
 @torch.no_grad()
