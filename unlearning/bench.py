@@ -541,7 +541,7 @@ def plot(doc: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- pieces of one suite
 
 # config entries that describe a piece rather than the suite
-_PIECE_KEYS = ("seeds", "methods", "method_configs", "prepare_seconds", "original_seconds", "workers")
+_PIECE_KEYS = ("seeds", "methods", "method_configs", "prepare_seconds", "original_seconds", "workers", "pieces")
 RUN_KEY = ("benchmark", "setting", "forget_tasks", "n_forget", "seed", "method")
 
 
@@ -554,7 +554,9 @@ def merge(docs: list[dict], sources: list[str]) -> dict:
     setting, forget tasks, size, seed, method) may appear twice. Each piece's
     command, wall time, seeds, methods and per-benchmark ``prepare_seconds`` /
     ``original_seconds`` are kept under ``config.pieces``; the top-level ones are the
-    first piece's per benchmark (a later piece found the original in the cache)."""
+    first piece's per benchmark (a later piece found the original in the cache). A
+    document that is itself a merge contributes its pieces, so a table can grow as
+    pieces arrive."""
     if not docs:
         raise ValueError("merge: no results documents given")
     first, name0 = docs[0], sources[0]
@@ -581,8 +583,11 @@ def merge(docs: list[dict], sources: list[str]) -> dict:
                 raise ValueError(f"merge: the run {dict(zip(RUN_KEY, key))} is in {seen[key]} and in {name}")
             seen[key] = name
             results.append(r)
-        pieces.append({"source": name, "command": doc.get("command"), "wall_seconds": doc.get("wall_seconds"),
-                       **{k: doc["config"].get(k) for k in _PIECE_KEYS}})
+        if doc["config"].get("pieces"):  # an earlier merge: its pieces, so results can be pooled as they arrive
+            pieces += doc["config"]["pieces"]
+        else:
+            pieces.append({"source": name, "command": doc.get("command"), "wall_seconds": doc.get("wall_seconds"),
+                           **{k: doc["config"].get(k) for k in _PIECE_KEYS if k != "pieces"}})
     config = {**shared,
               "seeds": sorted({r["seed"] for r in results}),
               "methods": list(dict.fromkeys(m for p in pieces for m in (p["methods"] or []))),

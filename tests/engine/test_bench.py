@@ -293,6 +293,11 @@ def test_pieces_of_a_suite_merge_into_one_table(tiny_suite, tmp_path, torch_sing
     assert [p["source"] for p in merged["config"]["pieces"]] == list(map(str, pieces))
     assert merged["wall_seconds"] == round(docs[0]["wall_seconds"] + docs[1]["wall_seconds"], 1)
     assert merged["command"].startswith("python -m unlearning.bench --merge")
+    # a merge merges again: the first piece alone, then the second added to it, gives the same document
+    bench.main(["--merge", str(pieces[0]), "--out", str(tmp_path / "first.json")])
+    assert bench.main(["--merge", str(tmp_path / "first.json"), str(pieces[1]), "--out", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert {k: v for k, v in again.items() if k != "command"} == {k: v for k, v in merged.items() if k != "command"}
     table = out.with_suffix(".md").read_text()
     assert docs[1]["command"] in table and "Seeds: [0, 1]" in table
     assert out.with_suffix(".png").stat().st_size > 0
