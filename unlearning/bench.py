@@ -565,6 +565,9 @@ def merge(docs: list[dict], sources: list[str]) -> dict:
     seen: dict[tuple, str] = {}
     results, pieces = [], []
     for doc, name in zip(docs, sources):
+        missing = [k for k in ("suite", "device", "config", "results") if k not in doc]
+        if missing:
+            raise ValueError(f"merge: {name} is not a results document of unlearning.bench (no {missing})")
         for key in ("suite", "device"):
             if doc[key] != first[key]:
                 raise ValueError(f"merge: {name} has {key} {doc[key]!r}, {name0} has {first[key]!r}; "
@@ -639,36 +642,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 0:
         p.error("--workers must be 0 or more")
     if args.merge:
-        ran = [f"--{k.replace('_', '-')}" for k in ("methods", "seeds", "benchmarks", "method_config", "device")
-               if getattr(args, k) is not None] + [f"--{k.replace('_', '-')}" for k in ("no_shadow", "no_independent_retrain")
-                                                   if getattr(args, k)] + (["--workers"] if args.workers else [])
-        if ran:
-            p.error(f"--merge runs nothing; it does not take {', '.join(ran)}")
+        run_options = {"--methods": args.methods, "--seeds": args.seeds, "--benchmarks": args.benchmarks,
+                       "--method-config": args.method_config, "--device": args.device, "--no-shadow": args.no_shadow,
+                       "--no-independent-retrain": args.no_independent_retrain, "--workers": args.workers}
+        given = [flag for flag, value in run_options.items() if value not in (None, False, 0)]
+        if given:
+            p.error(f"--merge runs nothing; it does not take {', '.join(given)}")
         try:
-            docs = [json.loads(Path(f).read_text()) for f in args.merge]
-            doc = merge(docs, list(args.merge))
+            doc = merge([json.loads(Path(f).read_text()) for f in args.merge], list(args.merge))
         except (OSError, ValueError, KeyError) as exc:
             p.error(str(exc))
-        doc["command"] = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
-        write_results(doc, Path(args.out))
-        print(markdown(doc))
-        return 0
-
-    methods = args.methods or list(METHOD_NAMES)
-    for m in methods:
-        get_method(m)
-    configs = json.loads(Path(args.method_config).read_text()) if args.method_config else {}
-    cache_dir = Path(args.cache_dir) / args.suite
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs, not args.no_progress,
-                    shadow=not args.no_shadow, independent_retrain=not args.no_independent_retrain, workers=args.workers)
+    else:
+        methods = args.methods or list(METHOD_NAMES)
+        for m in methods:
+            get_method(m)
+        configs = json.loads(Path(args.method_config).read_text()) if args.method_config else {}
+        cache_dir = Path(args.cache_dir) / args.suite
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs,
+                        not args.no_progress, shadow=not args.no_shadow,
+                        independent_retrain=not args.no_independent_retrain, workers=args.workers)
+        doc["wall_seconds"] = round(time.perf_counter() - start, 1)
     doc["command"] = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
-    doc["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_results(doc, Path(args.out))
     print(markdown(doc))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

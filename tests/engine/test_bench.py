@@ -338,3 +338,7 @@ def test_merge_on_the_command_line_runs_nothing_and_names_the_problem(tmp_path, 
     with pytest.raises(SystemExit):
         bench.main(["--merge", str(a), "--seeds", "1", "--out", str(tmp_path / "m.json")])
     assert "--seeds" in capsys.readouterr().err
+    b.write_text(json.dumps({"runs": []}))
+    with pytest.raises(SystemExit):
+        bench.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m.json")])
+    assert f"{b} is not a results document" in capsys.readouterr().err
