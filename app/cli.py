@@ -1,4 +1,4 @@
-"""``unlearnd``: run the service, a worker, migrations, training or the benchmark.
+"""``unlearnd``: run the service, a worker, migrations, training, unlearning or the benchmark.
 
 Configuration comes from ``UNLEARND_*`` environment variables (see README);
 with none set, ``unlearnd serve`` runs everything in one process: SQLite under
@@ -18,6 +18,7 @@ EPILOG = """examples:
   unlearnd migrate
   unlearnd calibrate                  # shadow calibration of the served model (see UNLEARND_CALIBRATE_SHADOWS)
   unlearnd train --dataset indoor --epochs 30 --out runs/indoor
+  unlearnd unlearn --checkpoint runs/indoor --instance indoor-00007 --tasks depth --out runs/indoor-2
   unlearnd bench --help
 """
 
@@ -103,6 +104,12 @@ def cmd_train(args) -> int:
     return train_main(list(args.rest)) or 0
 
 
+def cmd_unlearn(args) -> int:
+    from unlearning.unlearn import main as unlearn_main
+
+    return unlearn_main(list(args.rest)) or 0
+
+
 def cmd_bench(args) -> int:
     try:
         from unlearning.bench import main as bench_main
@@ -147,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("unlearn", help="erase cells from a checkpoint into a new one, without the service "
+                       "(python -m unlearning.unlearn)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_unlearn)
+
     p = sub.add_parser("bench", help="run the unlearning benchmark (unlearning.bench)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
@@ -156,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] in ("train", "bench"):  # everything after the command belongs to the delegate
-        args = argparse.Namespace(func=cmd_train if argv[0] == "train" else cmd_bench, rest=argv[1:])
+    delegates = {"train": cmd_train, "unlearn": cmd_unlearn, "bench": cmd_bench}
+    if argv and argv[0] in delegates:  # everything after the command belongs to the delegate
+        args = argparse.Namespace(func=delegates[argv[0]], rest=argv[1:])
     else:
         args = parser.parse_args(argv)
     if not getattr(args, "func", None):

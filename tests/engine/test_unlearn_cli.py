@@ -1,0 +1,131 @@
+"""``python -m unlearning.unlearn`` / ``unlearnd unlearn``: the engine erasing cells from a
+checkpoint without the service, on a tiny checkpoint of real rendered scenes."""
+import hashlib
+import json
+
+import pytest
+import torch
+
+from app.cli import main as unlearnd
+from unlearning.model import load_model
+from unlearning.train import main as train_main
+from unlearning.unlearn import main
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+FAST = '{"steps": 12, "tau_refresh": 0}'
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of `python -m unlearning.train` on 12 indoor scenes of 16×24 pixels."""
+    out = tmp_path_factory.mktemp("ckpt") / "v1"
+    args = ["--dataset", "indoor", "--n-train", "12", "--n-test", "8", "--height", "16", "--width", "24",
+            "--epochs", "4", "--model-width", "8", "--model-depth", "2", "--head-width", "8"]
+    assert train_main(args + ["--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    return out
+
+
+def run(args, capsys) -> tuple[int, dict | None, str]:
+    rc = main(args + ["--no-progress", "--device", "cpu"])
+    captured = capsys.readouterr()
+    return rc, (json.loads(captured.out) if rc == 0 else None), captured.err
+
+
+def test_a_full_then_a_partial_erasure_chain_new_checkpoints(checkpoint, tmp_path, capsys):
+    source_sha = sha(checkpoint / "model.safetensors")
+    v2, v3 = tmp_path / "v2", tmp_path / "v3"
+
+    rc, summary, _ = run(["--checkpoint", str(checkpoint), "--instance", "indoor-00003", "--config", FAST,
+                          "--out", str(v2)], capsys)
+    assert rc == 0
+    assert summary["metrics"]["mode"] == "full"
+    assert sorted(map(tuple, summary["erased"])) == [("indoor-00003", t) for t in ("depth", "normal", "segmentation")]
+    assert sha(checkpoint / "model.safetensors") == source_sha  # the source version is never touched
+    manifest2 = json.loads((v2 / "config.json").read_text())
+    source_manifest = json.loads((checkpoint / "config.json").read_text())
+    assert manifest2["dataset"] == source_manifest["dataset"] and manifest2["train"] == source_manifest["train"]
+    assert manifest2["lineage"][0]["parent_sha256"] == source_sha
+    assert manifest2["lineage"][0]["metrics"]["mia_auc_original"] == summary["metrics"]["mia_auc_original"]
+
+    # partial-task on the new version: only depth of another instance; the earlier erasure is carried
+    rc, summary, _ = run(["--checkpoint", str(v2), "--instance", "indoor-00005", "--tasks", "depth",
+                          "--config", FAST, "--out", str(v3)], capsys)
+    assert rc == 0
+    assert summary["metrics"]["mode"] == "partial" and summary["metrics"]["forget_tasks"] == ["depth"]
+    manifest3 = json.loads((v3 / "config.json").read_text())
+    assert sorted(map(tuple, manifest3["erased"])) == sorted(
+        [("indoor-00003", t) for t in ("segmentation", "depth", "normal")] + [("indoor-00005", "depth")])
+    assert [e["parent_sha256"] for e in manifest3["lineage"]] == [source_sha, sha(v2 / "model.safetensors")]
+
+    # interference_aware promises the heads of the tasks it does not forget: bit for bit
+    before, after = load_model(v2).state_dict(), load_model(v3).state_dict()
+    protected = [n for n in after if n.startswith(("heads.segmentation.", "heads.normal."))]
+    assert protected
+    for name in protected:
+        assert torch.equal(after[name], before[name]), name
+    assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("heads.depth."))
+
+    # a cell erased earlier in the lineage is refused, naming it, and nothing is written
+    rc, _, err = run(["--checkpoint", str(v3), "--cell", "indoor-00005:depth", "--out", str(tmp_path / "v4")], capsys)
+    assert rc == 2 and "already erased" in err and "indoor-00005" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v2", "v3"]
+
+
+def test_unlearnd_unlearn_delegates_with_every_argument(checkpoint, tmp_path, capsys):
+    out, config = tmp_path / "v2", tmp_path / "finetune.json"
+    config.write_text('{"steps": 3}')  # --config also takes a file
+    rc = unlearnd(["unlearn", "--checkpoint", str(checkpoint), "--cell", "indoor-00001:normal", "--method",
+                   "finetune", "--config", str(config), "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["erased"] == [["indoor-00001", "normal"]]
+    entry = json.loads((out / "config.json").read_text())["lineage"][0]
+    assert entry["method"] == "finetune" and entry["config"] == {"steps": 3}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--instance", "nobody"], "unknown instance 'nobody'"),
+    (["--instance", "indoor-00001", "--tasks", "albedo"], "unknown task 'albedo'"),
+    (["--tasks", "depth"], "--tasks selects tasks of the --instance arguments"),
+    ([], "the forget set is empty"),
+    (["--cell", "indoor-00001"], "--cell takes INSTANCE:TASK"),
+    (["--instance", "indoor-00001", "--method", "magic"], "unknown method 'magic'"),
+    (["--instance", "indoor-00001", "--config", '{"stepz": 3}'], "has no parameter 'stepz'"),
+    (["--instance", "indoor-00001", "--config", "{steps: 3}"], "--config is neither a JSON object"),
+    (["--instance", "indoor-00001", "--method", "finetune", "--calibrate"], "calibration is interference_aware's"),
+])
+def test_bad_requests_exit_2_naming_the_problem_and_write_nothing(checkpoint, tmp_path, capsys, args, message):
+    rc, _, err = run(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")] + args, capsys)
+    assert rc == 2
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_output_is_never_the_source_or_a_directory_with_files(checkpoint, tmp_path, capsys):
+    source_sha = sha(checkpoint / "model.safetensors")
+    rc, _, err = run(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--out", str(checkpoint)], capsys)
+    assert rc == 2 and "never replaces one" in err
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    rc, _, err = run(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--out", str(taken)], capsys)
+    assert rc == 2 and "already exists" in err
+    assert (taken / "notes.txt").read_text() == "keep me" and sha(checkpoint / "model.safetensors") == source_sha
+    rc, _, err = run(["--checkpoint", str(tmp_path / "missing"), "--instance", "indoor-00001",
+                      "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "is not a checkpoint" in err
+
+
+def test_a_checkpoint_without_a_dataset_spec_is_refused(checkpoint, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    manifest = json.loads((checkpoint / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({"model": manifest["model"]}))
+    rc, _, err = run(["--checkpoint", str(bare), "--instance", "indoor-00001", "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "has no 'dataset' spec" in err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,231 @@
+"""Erase training cells from a checkpoint, without the service: the engine alone.
+
+    python -m unlearning.unlearn --checkpoint runs/indoor --instance indoor-00007 --out runs/indoor-erased
+    python -m unlearning.unlearn --checkpoint runs/indoor-erased --instance indoor-00012 --tasks depth \\
+        --out runs/indoor-erased-2            # partial-task: only the depth cell of indoor-00012
+
+The checkpoint is a directory written by ``python -m unlearning.train`` (or by this
+command): ``model.safetensors`` plus ``config.json``, whose ``dataset`` spec names the
+training data and whose ``erased`` list (absent: none) the cells its lineage already
+erased. The job is :func:`unlearning.job.run_unlearning_job`, as the service's worker
+runs it: the forget cells are validated first (unknown instance or task, a cell erased
+earlier, an empty set: an error naming it, nothing written), then the method runs on the
+training data minus every earlier erasure, and the result is evaluated (UIS, MIA AUC
+against the source checkpoint).
+
+The output is a new checkpoint directory (never the source, never a directory that
+already holds files), written to a temporary sibling and renamed into place, so a
+failed job leaves nothing behind. Its ``config.json`` carries the dataset spec and the
+training recipe over, ``erased`` = the source's plus this job's cells, and appends one
+entry to ``lineage``: the source directory and its weights' SHA-256, the method, its
+configuration, the seed and the job's metrics. The metrics are printed as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .model import CONFIG_FILE, WEIGHTS_FILE
+
+METRIC_KEYS = ("mode", "forget_tasks", "uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original",
+               "mia_auc_expected", "seconds", "unlearn_seconds", "eval_seconds")
+
+
+class UnlearnCliError(ValueError):
+    """A request this command refuses before any work (the message names what is wrong)."""
+
+
+def parse_cell(text: str) -> tuple[str, str]:
+    """``INSTANCE:TASK`` (split at the last colon) as a cell."""
+    iid, sep, task = text.rpartition(":")
+    if not sep or not iid or not task:
+        raise UnlearnCliError(f"--cell takes INSTANCE:TASK, got {text!r}")
+    return iid, task
+
+
+def forget_cells(tasks: list[str], instances: list[str], only_tasks: list[str] | None,
+                 cells: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Every instance of ``instances`` with each of ``only_tasks`` (all of ``tasks`` when
+    None), then ``cells``, without repeats. Unknown tasks and instances are left to the
+    job's validation, which names them."""
+    if only_tasks and not instances:
+        raise UnlearnCliError("--tasks selects tasks of the --instance arguments; none was given")
+    out = [(iid, t) for iid in instances for t in (only_tasks or tasks)]
+    out += [(str(c[0]), str(c[1])) for c in cells]
+    return list(dict.fromkeys(out))
+
+
+def method_config(text: str | None) -> dict:
+    """``--config``: a JSON object, inline or the path of a file holding one."""
+    if not text:
+        return {}
+    path = Path(text)
+    try:
+        value = json.loads(path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UnlearnCliError(f"--config is neither a JSON object nor a file holding one: {exc}") from None
+    if not isinstance(value, dict):
+        raise UnlearnCliError(f"--config must be a JSON object of hyper-parameters, got {type(value).__name__}")
+    return value
+
+
+def read_checkpoint(directory: Path) -> dict:
+    """The checkpoint's ``config.json``, after checking the directory holds a checkpoint
+    with a dataset spec (the cells are validated against that data)."""
+    if not (directory / WEIGHTS_FILE).is_file() or not (directory / CONFIG_FILE).is_file():
+        raise UnlearnCliError(f"{directory} is not a checkpoint: it needs {WEIGHTS_FILE} and {CONFIG_FILE}")
+    try:
+        manifest = json.loads((directory / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise UnlearnCliError(f"{directory / CONFIG_FILE} is not JSON: {exc}") from None
+    if not isinstance(manifest.get("dataset"), dict):
+        raise UnlearnCliError(f"{directory / CONFIG_FILE} has no 'dataset' spec, so the training data it reflects is "
+                              "unknown (checkpoints of `python -m unlearning.train` carry one)")
+    return manifest
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[str, str]] | None = None, *,
+                       instances: list[str] | None = None, only_tasks: list[str] | None = None,
+                       method: str = "interference_aware", config: dict | None = None, seed: int = 0,
+                       device: str = "auto", calibrate: bool = False, progress: bool = True) -> dict:
+    """Erase cells from the checkpoint ``source`` into the new checkpoint ``out``; returns
+    the summary the CLI prints (``checkpoint``, ``erased`` and the job's ``metrics``).
+
+    Cells are ``cells`` plus every instance of ``instances`` with each task of
+    ``only_tasks`` (all tasks when None). ``calibrate``: interference_aware's τ from
+    shadow models trained with the checkpoint's recipe (its ``train`` entry).
+    ``retrain`` repeats the checkpoint's recipe. :class:`UnlearnCliError` or
+    :class:`unlearning.job.JobInputError` (both ValueErrors) before any work for a request
+    that cannot run."""
+    from .data import load_splits
+    from .job import JobInputError, run_unlearning_job
+    from .methods import METHOD_NAMES
+    from .model import load_model, save_model
+    from .train import resolve_device
+
+    source, out = Path(source), Path(out)
+    manifest = read_checkpoint(source)
+    if method not in METHOD_NAMES:
+        raise UnlearnCliError(f"unknown method {method!r}; methods: {', '.join(METHOD_NAMES)}")
+    if out.resolve() == source.resolve():
+        raise UnlearnCliError("--out is the source checkpoint: a job writes a new version and never replaces one")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UnlearnCliError(f"{out} already exists and is not an empty directory")
+    config = dict(config or {})
+    if calibrate:
+        if method != "interference_aware":
+            raise UnlearnCliError(f"calibration is interference_aware's; method {method!r} has none")
+        if not isinstance(manifest.get("train"), dict):
+            raise UnlearnCliError(f"{source / CONFIG_FILE} has no 'train' recipe to train shadow models with")
+        config.setdefault("shadow_recipe", manifest["train"])
+    if method == "retrain" and isinstance(manifest.get("train"), dict):
+        config.setdefault("train", manifest["train"])  # the gold standard: the same recipe on the retained cells
+
+    try:
+        dev = resolve_device(device)
+        train, test = load_splits(manifest["dataset"])
+    except (RuntimeError, KeyError, OSError, ValueError) as exc:  # no CUDA; unknown dataset or bad spec; no data files
+        raise UnlearnCliError(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)) from None
+    erased = [tuple(c) for c in manifest.get("erased", [])]
+    requested = forget_cells(train.tasks, list(instances or []), only_tasks, list(cells or []))
+    again = sorted(set(requested) & set(erased))
+    if again:
+        raise JobInputError(f"already erased in the lineage of {source}: {[list(c) for c in again]}")
+    try:
+        model = load_model(source, map_location=dev)
+    except ValueError as exc:  # weights that do not match the configuration
+        raise UnlearnCliError(f"{source}: {exc}") from None
+
+    bar = tqdm(total=100, desc=f"unlearn ({method})", disable=not progress, leave=False, unit="%")
+
+    def report(fraction: float) -> None:
+        bar.update(max(0, round(100 * fraction) - bar.n))
+
+    try:
+        result = run_unlearning_job(model, train.without(erased), test, requested, method=method, config=config,
+                                    device=dev, seed=seed, progress=report)
+    finally:
+        bar.close()
+
+    metrics = {k: result.metrics[k] for k in METRIC_KEYS if k in result.metrics}
+    lineage = list(manifest.get("lineage", []))
+    lineage.append({
+        "parent": str(source.resolve()),
+        "parent_sha256": sha256(source / WEIGHTS_FILE),
+        "cells": [list(c) for c in requested],
+        "method": method,
+        "config": config,
+        "seed": seed,
+        "metrics": metrics,
+    })
+    extra = {k: v for k, v in manifest.items() if k not in ("model", "erased", "lineage")}
+    extra.update(erased=[list(c) for c in sorted(set(erased) | set(requested))], lineage=lineage)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_model(result.model, staging, extra=extra)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"checkpoint": str(out), "erased": [list(c) for c in requested], "metrics": metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: erase an instance (all tasks, or --tasks) or single cells from a checkpoint into a new one."""
+    from .methods import METHOD_NAMES
+
+    p = argparse.ArgumentParser(prog="python -m unlearning.unlearn", description=__doc__.split("\n\n")[0],
+                                epilog="Errors (unknown instance, task or method, a cell erased earlier, an "
+                                "existing --out) exit with status 2 and write nothing.")
+    p.add_argument("--checkpoint", required=True, help="source checkpoint directory (model.safetensors + config.json)")
+    p.add_argument("--out", required=True, help="new checkpoint directory (must not exist or be empty)")
+    p.add_argument("--instance", action="append", default=[], metavar="ID",
+                   help="a training instance to erase (repeatable); all its tasks unless --tasks")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="partial-task erasure: only these tasks of each --instance")
+    p.add_argument("--cell", action="append", default=[], metavar="ID:TASK", help="one (instance, task) cell (repeatable)")
+    p.add_argument("--method", default="interference_aware", help=f"one of {', '.join(METHOD_NAMES)}")
+    p.add_argument("--config", help="the method's hyper-parameters: a JSON object or a file holding one")
+    p.add_argument("--calibrate", action="store_true",
+                   help="interference_aware: calibrate the target levels with shadow models trained with the "
+                        "checkpoint's recipe (slow: (1 + tasks) x 4 trainings)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the method's sampling and the evaluation's retained sample")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:n]")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    from .job import JobInputError
+
+    try:
+        summary = unlearn_checkpoint(args.checkpoint, args.out, [parse_cell(c) for c in args.cell],
+                                     instances=args.instance,
+                                     only_tasks=args.tasks, method=args.method, config=method_config(args.config),
+                                     seed=args.seed, device=args.device, calibrate=args.calibrate,
+                                     progress=not args.no_progress)
+    except (UnlearnCliError, JobInputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
