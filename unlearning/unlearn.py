@@ -7,7 +7,8 @@
 The checkpoint is a directory written by ``python -m unlearning.train`` (or by this
 command): ``model.safetensors`` plus ``config.json``, whose ``dataset`` spec names the
 training data and whose ``erased`` list (absent: none) the cells its lineage already
-erased. The job is :func:`unlearning.job.run_unlearning_job`, as the service's worker
+erased; or a version folder of the service's model store, whose ``manifest.json`` holds
+the same (see :func:`read_checkpoint`). The job is :func:`unlearning.job.run_unlearning_job`, as the service's worker
 runs it: the forget cells are validated first (unknown instance or task, a cell erased
 earlier, an empty set: an error naming it, nothing written), then the method runs on the
 training data minus every earlier erasure, and the result is evaluated (UIS, MIA AUC
@@ -76,19 +77,42 @@ def method_config(text: str | None) -> dict:
     return value
 
 
+STORE_MANIFEST = "manifest.json"  # a version folder of the service's model store (model_store.local)
+
+
 def read_checkpoint(directory: Path) -> dict:
     """The checkpoint's ``config.json``, after checking the directory holds a checkpoint
-    with a dataset spec (the cells are validated against that data)."""
+    with a dataset spec (the cells are validated against that data).
+
+    A version folder of the service's model store keeps the dataset spec, the recipe
+    and the lineage's erased cells in its ``manifest.json`` instead; they are read from
+    there (as ``dataset``, ``train`` and ``erased``) after checking the weights' sha256.
+    The service's tombstones (cells erased outside this version's lineage, e.g. before
+    a rollback) live in its database and are not seen here."""
     if not (directory / WEIGHTS_FILE).is_file() or not (directory / CONFIG_FILE).is_file():
         raise UnlearnCliError(f"{directory} is not a checkpoint: it needs {WEIGHTS_FILE} and {CONFIG_FILE}")
-    try:
-        manifest = json.loads((directory / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise UnlearnCliError(f"{directory / CONFIG_FILE} is not JSON: {exc}") from None
+    manifest = _json(directory / CONFIG_FILE)
+    if "dataset" not in manifest and (directory / STORE_MANIFEST).is_file():
+        store = _json(directory / STORE_MANIFEST)
+        if store.get("sha256") and store["sha256"] != sha256(directory / WEIGHTS_FILE):
+            raise UnlearnCliError(f"{directory / WEIGHTS_FILE} does not match the sha256 in its {STORE_MANIFEST}")
+        manifest.update(dataset=store.get("dataset"), erased=store.get("erased_cells") or [])
+        if store.get("train_config"):
+            manifest["train"] = store["train_config"]
     if not isinstance(manifest.get("dataset"), dict):
         raise UnlearnCliError(f"{directory / CONFIG_FILE} has no 'dataset' spec, so the training data it reflects is "
                               "unknown (checkpoints of `python -m unlearning.train` carry one)")
     return manifest
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UnlearnCliError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UnlearnCliError(f"{path} is not a JSON object")
+    return value
 
 
 def sha256(path: Path) -> str:

@@ -129,3 +129,27 @@ def test_a_checkpoint_without_a_dataset_spec_is_refused(checkpoint, tmp_path, ca
     rc, _, err = run(["--checkpoint", str(bare), "--instance", "indoor-00001", "--out", str(tmp_path / "out")], capsys)
     assert rc == 2 and "has no 'dataset' spec" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_version_folder_of_the_service_store_is_read_through_its_manifest(checkpoint, tmp_path, capsys):
+    from model_store.local import LocalModelStore
+
+    manifest = json.loads((checkpoint / "config.json").read_text())
+    store = LocalModelStore(tmp_path / "models")
+    store.put_version(load_model(checkpoint), model_name="indoor", version=1, parent=None, dataset=manifest["dataset"],
+                      erased_cells=[["indoor-00002", "depth"]], train_config=manifest["train"])
+    folder = tmp_path / "models" / "indoor" / "v1"
+
+    rc, _, err = run(["--checkpoint", str(folder), "--cell", "indoor-00002:depth", "--out", str(tmp_path / "x")], capsys)
+    assert rc == 2 and "already erased" in err  # the lineage's erasures come from manifest.json
+    rc, summary, _ = run(["--checkpoint", str(folder), "--cell", "indoor-00002:normal", "--config", FAST,
+                          "--out", str(tmp_path / "v2")], capsys)
+    assert rc == 0 and summary["metrics"]["mode"] == "partial"
+    written = json.loads((tmp_path / "v2" / "config.json").read_text())
+    assert written["dataset"] == manifest["dataset"] and written["train"] == manifest["train"]
+    assert sorted(written["erased"]) == [["indoor-00002", "depth"], ["indoor-00002", "normal"]]
+
+    (folder / "model.safetensors").write_bytes((tmp_path / "v2" / "model.safetensors").read_bytes())
+    rc, _, err = run(["--checkpoint", str(folder), "--cell", "indoor-00003:normal", "--out", str(tmp_path / "v3")],
+                     capsys)
+    assert rc == 2 and "does not match the sha256" in err
