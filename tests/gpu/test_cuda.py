@@ -1,0 +1,101 @@
+"""The engine on CUDA: the device paths CPU-only CI cannot run.
+
+Skipped without a GPU. On a machine with one, ``python -m pytest tests/gpu`` trains a tiny
+model on rendered scenes on the device, runs every method through the job the worker
+calls, the ``unlearn`` CLI and a tiny benchmark there, and checks that the results stay on
+the device, are finite and keep the promises the CPU tests check (the caller's model
+untouched; protected heads bit-identical in a partial request).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+
+import pytest
+import torch
+
+from unlearning import bench
+from unlearning.data import load_splits
+from unlearning.job import run_unlearning_job
+from unlearning.losses import per_sample_losses
+from unlearning.methods import METHOD_NAMES
+from unlearning.train import TrainConfig, build_model, train_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SPEC = {"name": "indoor", "n_train": 16, "n_test": 8, "height": 16, "width": 24, "seed": 0}
+RECIPE = dict(epochs=6, batch_size=8, lr=4e-3, width=8, depth=2, head_width=8, seed=0)
+# a few steps each: the point is the device, not the quality
+FAST = {"interference_aware": {"steps": 6}, "retrain": {"train": dict(RECIPE, epochs=2)}, "finetune": {"steps": 4},
+        "gradient_ascent": {"steps": 2}, "neggrad_plus": {"steps": 3}, "random_target": {"steps": 3},
+        "scrub": {"rounds": 2, "max_rounds": 1}, "salun": {"steps": 3}, "ssd": {"fisher_samples": 8},
+        "l1_sparse": {"steps": 3}, "pcgrad": {"steps": 3}}
+
+
+@pytest.fixture(scope="module")
+def world():
+    train, test = load_splits(SPEC)
+    model = train_model(train, TrainConfig(**RECIPE), device="cuda", progress=False)
+    return train, test, model
+
+
+def mean_loss(model, data) -> float:
+    return sum(float(v.nanmean()) for v in per_sample_losses(model, data, device="cuda").values())
+
+
+def test_training_on_cuda_fits_the_data(world):
+    train, _, model = world
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    torch.manual_seed(0)
+    untrained = build_model(train, TrainConfig(**RECIPE)).to("cuda")
+    assert mean_loss(model, train) < mean_loss(untrained, train)
+
+
+def test_every_method_runs_as_a_job_on_cuda(world):
+    assert sorted(FAST) == sorted(METHOD_NAMES)
+    train, test, model = world
+    before = copy.deepcopy(model.state_dict())
+    full = [("indoor-00003", t) for t in train.tasks]
+    partial = [("indoor-00005", "depth"), ("indoor-00009", "depth")]
+    for method in METHOD_NAMES:
+        for cells in (full, partial):
+            result = run_unlearning_job(model, train, test, cells, method=method, config=FAST[method], device="cuda")
+            assert all(p.device.type == "cuda" for p in result.model.parameters()), method
+            for key in ("uis", "mia_auc", "mia_auc_original"):
+                assert math.isfinite(result.metrics[key]), (method, key)
+            if cells is partial and importlib.import_module(f"unlearning.methods.{method}").PROTECTS_HEADS:
+                after = result.model.state_dict()
+                kept = [n for n in after if n.startswith(("heads.segmentation.", "heads.normal."))]
+                assert kept and all(torch.equal(after[n], before[n]) for n in kept), method
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model untouched
+
+
+def test_unlearn_cli_on_cuda(world, tmp_path, capsys):
+    from unlearning.train import main as train_main
+    from unlearning.unlearn import main as unlearn_main
+
+    args = ["--dataset", "indoor", "--n-train", "12", "--n-test", "8", "--height", "16", "--width", "24",
+            "--epochs", "3", "--model-width", "8", "--model-depth", "2", "--head-width", "8"]
+    assert train_main(args + ["--out", str(tmp_path / "v1"), "--no-progress", "--device", "cuda"]) == 0
+    capsys.readouterr()
+    assert unlearn_main(["--checkpoint", str(tmp_path / "v1"), "--instance", "indoor-00002", "--config",
+                         '{"steps": 6}', "--out", str(tmp_path / "v2"), "--no-progress", "--device", "cuda"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["mode"] == "full"
+
+
+def test_a_tiny_benchmark_on_cuda(tmp_path, monkeypatch):
+    suite = {"benchmarks": {"indoor": dict(SPEC, n_train=14)}, "train": dict(RECIPE, epochs=2), "seeds": [0],
+             "n_forget_full": [1], "n_forget_partial": 2, "retained_sample_size": 8, "threads": 1, "device": "cuda"}
+    monkeypatch.setitem(bench.SUITES, "tiny-cuda", suite)
+    config = tmp_path / "methods.json"
+    config.write_text(json.dumps({"interference_aware": {"steps": 4}}))
+    out = tmp_path / "results.json"
+    assert bench.main(["--suite", "tiny-cuda", "--out", str(out), "--methods", "interference_aware", "retrain",
+                       "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--no-shadow",
+                       "--method-config", str(config)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["device"].startswith("cuda")
+    assert {r["method"] for r in doc["results"]} >= {"interference_aware", "retrain"}
+    assert all(math.isfinite(r["uis"]) and math.isfinite(r["mia_auc"]) for r in doc["results"])
