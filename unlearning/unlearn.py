@@ -170,6 +170,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     again = sorted(set(requested) & set(erased))
     if again:
         raise JobInputError(f"already erased in the lineage of {source}: {[list(c) for c in again]}")
+    parent_sha256 = sha256(source / WEIGHTS_FILE)  # what is loaded next, recorded in the lineage
     try:
         model = load_model(source, map_location=dev)
     except ValueError as exc:  # weights that do not match the configuration
@@ -190,7 +191,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     lineage = list(manifest.get("lineage", []))
     lineage.append({
         "parent": str(source.resolve()),
-        "parent_sha256": sha256(source / WEIGHTS_FILE),
+        "parent_sha256": parent_sha256,
         "cells": [list(c) for c in requested],
         "method": method,
         "config": config,
