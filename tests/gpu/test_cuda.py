@@ -72,7 +72,7 @@ def test_every_method_runs_as_a_job_on_cuda(world):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model untouched
 
 
-def test_unlearn_cli_on_cuda(world, tmp_path, capsys):
+def test_unlearn_cli_on_cuda(tmp_path, capsys):
     from unlearning.train import main as train_main
     from unlearning.unlearn import main as unlearn_main
 
