@@ -80,9 +80,10 @@ def method_config(text: str | None) -> dict:
 STORE_MANIFEST = "manifest.json"  # a version folder of the service's model store (model_store.local)
 
 
-def read_checkpoint(directory: Path) -> dict:
-    """The checkpoint's ``config.json``, after checking the directory holds a checkpoint
-    with a dataset spec (the cells are validated against that data).
+def read_checkpoint(directory: Path) -> tuple[dict, str]:
+    """The checkpoint's ``config.json`` and its weights' sha256, after checking the
+    directory holds a checkpoint with a dataset spec (the cells are validated against
+    that data).
 
     A version folder of the service's model store keeps the dataset spec, the recipe
     and the lineage's erased cells in its ``manifest.json`` instead; they are read from
@@ -92,9 +93,10 @@ def read_checkpoint(directory: Path) -> dict:
     if not (directory / WEIGHTS_FILE).is_file() or not (directory / CONFIG_FILE).is_file():
         raise UnlearnCliError(f"{directory} is not a checkpoint: it needs {WEIGHTS_FILE} and {CONFIG_FILE}")
     manifest = _json(directory / CONFIG_FILE)
+    weights_sha256 = sha256(directory / WEIGHTS_FILE)
     if "dataset" not in manifest and (directory / STORE_MANIFEST).is_file():
         store = _json(directory / STORE_MANIFEST)
-        if store.get("sha256") and store["sha256"] != sha256(directory / WEIGHTS_FILE):
+        if store.get("sha256") and store["sha256"] != weights_sha256:
             raise UnlearnCliError(f"{directory / WEIGHTS_FILE} does not match the sha256 in its {STORE_MANIFEST}")
         manifest.update(dataset=store.get("dataset"), erased=store.get("erased_cells") or [])
         if store.get("train_config"):
@@ -102,7 +104,7 @@ def read_checkpoint(directory: Path) -> dict:
     if not isinstance(manifest.get("dataset"), dict):
         raise UnlearnCliError(f"{directory / CONFIG_FILE} has no 'dataset' spec, so the training data it reflects is "
                               "unknown (checkpoints of `python -m unlearning.train` carry one)")
-    return manifest
+    return manifest, weights_sha256
 
 
 def _json(path: Path) -> dict:
@@ -143,7 +145,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     from .train import resolve_device
 
     source, out = Path(source), Path(out)
-    manifest = read_checkpoint(source)
+    manifest, parent_sha256 = read_checkpoint(source)  # the hash of what is loaded below, kept in the lineage
     if method not in METHOD_NAMES:
         raise UnlearnCliError(f"unknown method {method!r}; methods: {', '.join(METHOD_NAMES)}")
     if out.resolve() == source.resolve():
@@ -170,7 +172,6 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     again = sorted(set(requested) & set(erased))
     if again:
         raise JobInputError(f"already erased in the lineage of {source}: {[list(c) for c in again]}")
-    parent_sha256 = sha256(source / WEIGHTS_FILE)  # what is loaded next, recorded in the lineage
     try:
         model = load_model(source, map_location=dev)
     except ValueError as exc:  # weights that do not match the configuration
