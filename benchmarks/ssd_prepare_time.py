@@ -14,7 +14,7 @@ from pathlib import Path
 
 from job_ledger import version_state
 from unlearning.bench import SUITES, _device_name, suite_runtime
-from unlearning.methods import UnlearnData, get_method, method_prepare
+from unlearning.methods import UnlearnData, get_method, prepare_method
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             data = UnlearnData(train, cells, train.without(cells), heldout=test, device=device, seed=0, cache={})
             t0 = time.perf_counter()
-            method_prepare("ssd")(original, data, {})
+            prepare_method("ssd", original, data, {})
             t1 = time.perf_counter()
             get_method("ssd")(original, data, {})
             t2 = time.perf_counter()

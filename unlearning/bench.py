@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from .data import load_splits
 from .evaluate import EvalContext, evaluate_unlearning, membership_auc
-from .methods import METHOD_NAMES, UnlearnData, get_method, method_defaults, method_prepare
+from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method
 from .metrics import forget_gap
 from .model import load_model, save_model
 from .train import TrainConfig, resolve_device, train_model
@@ -281,9 +281,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 engine_cache: dict = {} if engine_caches is None else engine_caches.setdefault(bench, {})
                 warm = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=device, cache=engine_cache)
                 for method in methods:
-                    prepare = method_prepare(method)
-                    if prepare is not None:
-                        prepare(original, warm, {**method_defaults(method), **method_configs.get(method, {})})
+                    prepare_method(method, original, warm, method_configs.get(method, {}))
                 prepare_seconds[bench] = round(time.perf_counter() - t0, 3)
 
             cells = st["cells"]
@@ -668,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     write_results(doc, Path(args.out))
     print(markdown(doc))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ import torch
 
 from .data.base import Cell, MultiTaskDataset
 from .evaluate import EvalContext, evaluate_unlearning
-from .methods import METHOD_NAMES, UnlearnData, get_method, method_defaults, method_prepare
+from .methods import METHOD_NAMES, UnlearnData, get_method, method_defaults, prepare_method
 from .tasks import get_task
 
 
@@ -185,9 +185,7 @@ def run_unlearning_job(
     cfg = dict(config or {})
 
     t_cache = time.perf_counter()
-    prepare = method_prepare(method)
-    if prepare is not None:
-        prepare(model, data, {**method_defaults(method), **cfg})
+    prepare_method(method, model, data, cfg)
     cache_seconds = time.perf_counter() - t_cache
 
     t_unlearn = time.perf_counter()

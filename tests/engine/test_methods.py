@@ -196,14 +196,14 @@ def test_ssd_training_importance_is_prepared_once_per_version(world, monkeypatch
     """``I_d`` depends only on the model version: ``prepare`` computes it on a copy (the
     caller's model and its gradients are untouched), requests with other seeds reuse it, and a
     request gives the same model whether or not it was prepared."""
-    from unlearning.methods import method_prepare, ssd
+    from unlearning.methods import prepare_method, ssd
 
     _, _, model = world
     alone, _ = get_method("ssd")(model, request(world, FULL, seed=3), {})
     cache: dict = {}
     before = state_copy(model)
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    method_prepare("ssd")(model, UnlearnData(world[0], FULL, world[0], heldout=world[1], cache=cache), {})
+    assert prepare_method("ssd", model, UnlearnData(world[0], FULL, world[0], heldout=world[1], cache=cache), {})
     assert [k[0] for k in cache] == ["ssd_train_importance"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))

@@ -26,24 +26,32 @@ _MODULES = {
 METHOD_NAMES = list(_MODULES)
 
 
-def get_method(name: str) -> Method:
-    """The ``unlearn`` function of method ``name``; a clear error names the known ones."""
+def _module(name: str):
     if name not in _MODULES:
         raise KeyError(f"unknown unlearning method {name!r}; known methods: {METHOD_NAMES}")
-    return importlib.import_module(f"{__name__}.{_MODULES[name]}").unlearn
+    return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+
+
+def get_method(name: str) -> Method:
+    """The ``unlearn`` function of method ``name``; a clear error names the known ones."""
+    return _module(name).unlearn
 
 
 def method_defaults(name: str) -> dict:
-    get_method(name)
-    return dict(getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), "DEFAULTS", {}))
+    return dict(getattr(_module(name), "DEFAULTS", {}))
 
 
-def method_prepare(name: str):
-    """The method's ``prepare(model, data, config)`` hook, or None: it fills ``data.cache``
-    with what depends only on the model version, so a caller that keeps the cache per
-    version (the service, the benchmark) computes it once and outside any job's time."""
-    get_method(name)
-    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), "prepare", None)
+def prepare_method(name: str, model, data: UnlearnData, config: dict | None = None) -> bool:
+    """Run the method's ``prepare(model, data, config)`` hook, if it has one (returns
+    whether it did). The hook fills ``data.cache`` with what depends only on the model
+    version, so a caller that keeps the cache per version (the service, the benchmark)
+    computes it once and outside any job's time; like ``unlearn``, it merges the
+    method's ``DEFAULTS`` under ``config`` itself."""
+    hook = getattr(_module(name), "prepare", None)
+    if hook is None:
+        return False
+    hook(model, data, config)
+    return True
 
 
-__all__ = ["UnlearnData", "Method", "METHOD_NAMES", "get_method", "method_defaults", "method_prepare"]
+__all__ = ["UnlearnData", "Method", "METHOD_NAMES", "get_method", "method_defaults", "prepare_method"]
