@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .data.base import Cell, MultiTaskDataset
-from .losses import per_sample_losses, supervised_or_nan
+from .losses import measured, per_sample_losses, supervised_or_nan
 from .metrics import GroupKey, group_degradations, mia_auc, uis
 from .metrics import forget_gap as forget_gap_metric
 from .tasks import get_task
@@ -64,19 +64,20 @@ def _measure(model, dataset, tasks, only_supervised, device, batch_size, with_lo
     try:
         for start in range(0, len(dataset), batch_size):
             batch = dataset.batch(range(start, min(start + batch_size, len(dataset)))).to(device)
-            if only_supervised:
-                needed = [t for t in tasks if bool(batch.has[t].any())]
-            else:
-                needed = tasks
+            # the cells measured: supervised (or, without only_supervised, every stored
+            # target) and with a labelled pixel; losses NaN elsewhere, as per_sample_losses
+            rows_of = {t: measured(batch, t) if only_supervised else get_task(t).labelled(batch.targets[t])
+                       for t in tasks}
+            needed = [t for t in tasks if bool(rows_of[t].any())]
             preds = model(batch.images, needed) if needed else {}
             for t in tasks:
-                if with_losses:  # as per_sample_losses gives them: NaN where the cell is not supervised
+                if with_losses:
                     losses[t].append(supervised_or_nan(get_task(t).sample_loss(preds[t], batch.targets[t]),
-                                                       batch.has[t]).cpu()
+                                                       measured(batch, t)).cpu()
                                      if t in preds else torch.full(batch.has[t].shape, float("nan")))
                 if t not in preds:
                     continue
-                rows = batch.has[t] if only_supervised else torch.ones_like(batch.has[t])
+                rows = rows_of[t]
                 get_task(t).update_metrics(states[t], preds[t][rows], batch.targets[t][rows])
                 counts[t] += int(rows.sum())
     finally:

@@ -25,6 +25,14 @@ def supervised_loss(losses: dict[str, torch.Tensor], has: dict[str, torch.Tensor
     return total
 
 
+def measured(batch: Batch, task: str) -> torch.Tensor:
+    """(B,) bool: the cells of ``task`` in ``batch`` that have a loss to measure, i.e. that
+    are supervised and carry at least one labelled pixel. A supervised cell whose every
+    pixel is invalid (depth 0, label -1) adds nothing to training; measured, its loss
+    would be a fake 0 that the membership attack reads as the most member-like of all."""
+    return batch.has[task] & get_task(task).labelled(batch.targets[task])
+
+
 def supervised_or_nan(loss: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
     """Per-sample ``loss`` where the cell is supervised, NaN where it is not (erased or absent)."""
     return torch.where(has, loss, torch.full_like(loss, float("nan")))
@@ -32,7 +40,8 @@ def supervised_or_nan(loss: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def per_sample_losses(model, dataset, indices=None, batch_size: int = 64, device=None) -> dict[str, torch.Tensor]:
-    """Per-sample losses (N,) per task on ``dataset`` (NaN where the cell is not supervised)."""
+    """Per-sample losses (N,) per task on ``dataset`` (NaN where the cell is not supervised
+    or has no labelled pixel: :func:`measured`)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -41,6 +50,6 @@ def per_sample_losses(model, dataset, indices=None, batch_size: int = 64, device
     for start in range(0, len(indices), batch_size):
         batch = dataset.batch(indices[start : start + batch_size]).to(device)
         for t, loss in cell_losses(model, batch, dataset.tasks).items():
-            out[t].append(supervised_or_nan(loss, batch.has[t]).cpu())
+            out[t].append(supervised_or_nan(loss, measured(batch, t)).cpu())
     model.train(was_training)
     return {t: torch.cat(v) if v else torch.zeros(0) for t, v in out.items()}

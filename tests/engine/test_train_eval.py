@@ -227,3 +227,32 @@ def test_evaluate_degrading_one_head_shows_in_its_groups_only(trained):
     assert again["uis"] == report["uis"]
     with pytest.raises(ValueError):
         evaluate_unlearning(damaged, damaged, train, [("i1", "segmentation")], test, context=context)
+
+
+def test_a_cell_without_a_labelled_pixel_is_not_measured(trained):
+    """A supervised cell whose every pixel is invalid (depth 0, label -1) has no loss: its
+    per-sample loss is NaN like an erased cell's, the membership attack and the metrics
+    skip it, and an unlearning method's forget batch leaves it out."""
+    from unlearning.evaluate import membership_auc
+    from unlearning.methods.base import UnlearnData
+
+    train, test, _, model = trained
+    blank = copy.deepcopy(train)
+    blank.targets["depth"][2].zero_()
+    blank.targets["segmentation"][2].fill_(-1)
+    losses = per_sample_losses(model, blank)
+    assert losses["depth"][2].isnan() and losses["segmentation"][2].isnan() and not losses["normal"][2].isnan()
+    assert torch.equal(losses["depth"][3:], per_sample_losses(model, train)["depth"][3:])
+    # the attack on a set with the blank cell equals the attack without it (not a fake certain member)
+    with_blank, _ = membership_auc(model, blank, [("i2", "depth"), ("i5", "depth")], test)
+    without, _ = membership_auc(model, blank, [("i5", "depth")], test)
+    assert with_blank == without
+    # metrics: a task whose only cells are blank is left out, not reported as zeros
+    assert set(task_metrics(model, blank.select(["i2"]))) == {"normal"}
+    metrics, both = metrics_and_losses(model, blank)
+    assert metrics == task_metrics(model, blank) and both["depth"][2].isnan()
+    # the forget batch marks only cells with a label
+    data = UnlearnData(train=blank, retain=blank.without([("i2", t) for t in TASKS]),
+                       forget_cells=[("i2", t) for t in TASKS])
+    batch = data.forget_batch()
+    assert [bool(batch.has[t][0]) for t in TASKS] == [False, False, True]

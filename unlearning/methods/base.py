@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..data.base import Cell, MultiTaskDataset
+from ..tasks import get_task
 
 
 @dataclass
@@ -50,12 +51,15 @@ class UnlearnData:
         return [t for t in self.train.tasks if any(t == task for _, task in self.forget_cells)]
 
     def forget_batch(self):
-        """The forgotten instances as one batch, with ``has`` marking exactly the forget cells."""
+        """The forgotten instances as one batch, with ``has`` marking exactly the forget cells
+        that carry a labelled pixel (a cell without one never gave the model a gradient:
+        there is nothing to forget, and its loss would be a fake 0 no method could raise)."""
         idx = [self.train.index_of(i) for i in self.forget_instances]
         batch = self.train.batch(idx)
         cells = set(self.forget_cells)
         for k, t in enumerate(self.train.tasks):
-            batch.has[t] = torch.tensor([(iid, t) in cells for iid in self.forget_instances], dtype=torch.bool)
+            asked = torch.tensor([(iid, t) in cells for iid in self.forget_instances], dtype=torch.bool)
+            batch.has[t] = asked & get_task(t).labelled(batch.targets[t])
         return batch
 
 

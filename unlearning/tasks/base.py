@@ -30,13 +30,24 @@ class Task:
         """Map the head's raw output to a prediction in target space."""
         return raw
 
+    def valid(self, target: torch.Tensor) -> torch.Tensor:
+        """The pixels that carry a label, (B,H,W) bool (read off the target alone)."""
+        raise NotImplementedError
+
+    def labelled(self, target: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the samples with at least one labelled pixel. A sample without
+        any has no loss to measure: :func:`unlearning.losses.per_sample_losses` gives
+        it NaN, as for a cell that is not supervised, and the metrics skip it."""
+        return self.valid(target).flatten(1).any(1)
+
     def pixel_loss(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel loss (B,H,W) and validity mask (B,H,W) for an activated prediction."""
         raise NotImplementedError
 
     def sample_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss over each sample's valid pixels, shape (B,). Samples without
-        any valid pixel get 0."""
+        any valid pixel get 0 (training sums it harmlessly; measurements mask such
+        samples out with :meth:`labelled`)."""
         loss, valid = self.pixel_loss(pred, target)
         valid = valid.to(loss.dtype)
         return (loss * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1.0)

@@ -18,15 +18,17 @@ class Depth(Task):
         # Depth is positive; softplus keeps gradients alive near zero.
         return F.softplus(raw)
 
+    def valid(self, target):
+        return target[:, 0] > 0
+
     def pixel_loss(self, pred, target):
-        valid = target[:, 0] > 0
-        return (pred[:, 0] - target[:, 0]).abs(), valid
+        return (pred[:, 0] - target[:, 0]).abs(), self.valid(target)
 
     def metric_state(self):
         return {"abs": 0.0, "rel": 0.0, "delta": 0.0, "n": 0.0}
 
     def update_metrics(self, state, pred, target):
-        valid = target[:, 0] > 0
+        valid = self.valid(target)
         p = pred[:, 0][valid].double()
         t = target[:, 0][valid].double()
         state["abs"] += float((p - t).abs().sum())

@@ -19,15 +19,17 @@ class Normal(Task):
     def activate(self, raw):
         return F.normalize(raw, dim=1, eps=1e-6)
 
+    def valid(self, target):
+        return target.abs().sum(1) > 0
+
     def pixel_loss(self, pred, target):
-        valid = target.abs().sum(1) > 0
-        return 1.0 - (pred * target).sum(1), valid
+        return 1.0 - (pred * target).sum(1), self.valid(target)
 
     def metric_state(self):
         return {"angles": []}
 
     def update_metrics(self, state, pred, target):
-        valid = target.abs().sum(1) > 0
+        valid = self.valid(target)
         cos = (F.normalize(pred.double(), dim=1) * target.double()).sum(1)[valid].clamp(-1.0, 1.0)
         state["angles"].append(torch.rad2deg(torch.acos(cos)).float().cpu())
 

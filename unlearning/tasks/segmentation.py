@@ -18,8 +18,11 @@ class Segmentation(Task):
             raise ValueError("segmentation needs num_classes")
         return num_classes
 
+    def valid(self, target):
+        return target != IGNORE
+
     def pixel_loss(self, pred, target):
-        valid = target != IGNORE
+        valid = self.valid(target)
         loss = F.cross_entropy(pred, target.clamp_min(0), reduction="none")
         return loss, valid
 
@@ -31,7 +34,7 @@ class Segmentation(Task):
         if state["confusion"] is None:
             state["confusion"] = torch.zeros(num_classes, num_classes, dtype=torch.long)
         label = pred.argmax(1)
-        valid = target != IGNORE
+        valid = self.valid(target)
         idx = target[valid].long().cpu() * num_classes + label[valid].long().cpu()
         state["confusion"] += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
 
