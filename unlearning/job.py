@@ -59,7 +59,7 @@ def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable) -> li
 
 
 def check_model_matches(model, train: MultiTaskDataset, test: MultiTaskDataset | None = None) -> None:
-    """:class:`JobInputError` when the checkpoint's tasks or output channels do not match the data."""
+    """:class:`JobInputError` when the checkpoint's tasks, output or input channels do not match the data."""
     model_tasks = list(getattr(model, "tasks", []))
     if sorted(model_tasks) != sorted(train.tasks):
         raise JobInputError(
@@ -72,6 +72,11 @@ def check_model_matches(model, train: MultiTaskDataset, test: MultiTaskDataset |
             raise JobInputError(
                 f"checkpoint does not match the dataset: head {t!r} has {have} output channels, dataset needs {want}"
             )
+    in_channels = getattr(model.config, "in_channels", None)
+    for name, data in (("training", train), ("test", test)):
+        if data is not None and in_channels is not None and data.images.shape[1] != in_channels:
+            raise JobInputError(f"checkpoint does not match the dataset: the model takes {in_channels}-channel images, "
+                                f"the {name} images of {data.name!r} have {data.images.shape[1]}")
     if test is not None and list(test.tasks) != list(train.tasks):
         raise JobInputError(f"test tasks {test.tasks} differ from training tasks {train.tasks}")
     if test is not None and train.image_size != test.image_size:
@@ -195,7 +200,7 @@ def run_unlearning_job(
 
     t_eval = time.perf_counter()
     context = _eval_context(cache, model, train, test, device)
-    evaluation = evaluate_unlearning(model, unlearned, train, cells, test, context=context, seed=int(seed), device=device)
+    evaluation = evaluate_unlearning(model, unlearned, train, cells, test, context=context, device=device)
     eval_seconds = time.perf_counter() - t_eval
     seconds = time.perf_counter() - start
     report(1.0)

@@ -121,14 +121,52 @@ def save_model(model: MultiTaskNet, directory: str | Path, extra: dict | None = 
 
 
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> MultiTaskNet:
-    """Load a checkpoint written by :func:`save_model`. A clear error when the
-    weights do not match the configuration (mismatched checkpoint)."""
+    """Load a checkpoint written by :func:`save_model`. ``FileNotFoundError`` when a file
+    is missing; ``ValueError`` naming the file for everything else that is wrong with it:
+    a config that is not JSON or lacks a valid ``model`` section, weights that are not a
+    safetensors file, weights that do not match the configuration (mismatched checkpoint)."""
     directory = Path(directory)
-    cfg = json.loads((directory / CONFIG_FILE).read_text())["model"]
-    model = MultiTaskNet(ModelConfig(**cfg))
-    state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
+    model = MultiTaskNet(read_model_config(directory / CONFIG_FILE))
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"no weights file {weights}")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from None
     load_state(model, state)
     return model.to(map_location)
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ``model`` section of a checkpoint's ``config.json``, checked field by field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint config {path}")
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    cfg = doc.get("model") if isinstance(doc, dict) else None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} has no 'model' section (the architecture save_model writes)")
+    known = set(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(cfg) - known)
+    if unknown or "tasks" not in cfg:
+        raise ValueError(f"{path}: 'model' has unknown fields {unknown} or lacks 'tasks'; fields: {sorted(known)}")
+    tasks = cfg["tasks"]
+    if not isinstance(tasks, dict) or not tasks or not all(
+            isinstance(t, str) and type(c) is int and c > 0 for t, c in tasks.items()):
+        raise ValueError(f"{path}: 'model.tasks' must map task names to positive channel counts, got {tasks!r}")
+    for task in tasks:
+        try:
+            get_task(task)
+        except KeyError as exc:
+            raise ValueError(f"{path}: {exc.args[0]}") from None
+    for name in known - {"tasks"}:
+        if name in cfg and not (type(cfg[name]) is int and cfg[name] > 0):
+            raise ValueError(f"{path}: 'model.{name}' must be a positive integer, got {cfg[name]!r}")
+    return ModelConfig(**cfg)
 
 
 def load_state(model: MultiTaskNet, state: dict[str, torch.Tensor]) -> None:

@@ -174,7 +174,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
         raise JobInputError(f"already erased in the lineage of {source}: {[list(c) for c in again]}")
     try:
         model = load_model(source, map_location=dev)
-    except ValueError as exc:  # weights that do not match the configuration
+    except (ValueError, OSError) as exc:  # a missing, damaged or mismatched checkpoint (the message names the file)
         raise UnlearnCliError(f"{source}: {exc}") from None
 
     bar = tqdm(total=100, desc=f"unlearn ({method})", disable=not progress, leave=False, unit="%")
@@ -233,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate", action="store_true",
                    help="interference_aware: calibrate the target levels with shadow models trained with the "
                         "checkpoint's recipe (slow: (1 + tasks) x 4 trainings)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the method's sampling and the evaluation's retained sample")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the method's sampling (the evaluation's retained sample is the model version's: "
+                        "drawn with seed 0 for every job, so the original model's numbers on it are computed once)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:n]")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

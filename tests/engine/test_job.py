@@ -87,6 +87,17 @@ def test_mismatched_checkpoint_is_refused(setup):
         run_unlearning_job(other, train, test, [("i0", "depth")])
 
 
+def test_a_checkpoint_for_other_image_channels_is_refused(setup):
+    from unlearning.model import ModelConfig, MultiTaskNet
+
+    _, train, test = setup
+    cfg = ModelConfig.for_dataset(train, width=8, depth=2, head_width=8)
+    cfg.in_channels = 1  # e.g. a model for gray images
+    other = MultiTaskNet(cfg)
+    with pytest.raises(JobInputError, match="takes 1-channel images, the training images of 'tiny' have 3"):
+        run_unlearning_job(other, train, test, [("i0", "depth")])
+
+
 def test_unknown_method_is_refused(setup):
     model, train, test = setup
     with pytest.raises(KeyError, match="unknown unlearning method"):

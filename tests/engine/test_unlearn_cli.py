@@ -131,6 +131,29 @@ def test_a_checkpoint_without_a_dataset_spec_is_refused(checkpoint, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: m.pop("model"), "has no 'model' section"),
+    (lambda m: m["model"].update(colour=3), "unknown fields ['colour']"),
+    (lambda m: m["model"].update(width=0), "'model.width' must be a positive integer"),
+    (lambda m: m["model"]["tasks"].update(albedo=3), "unknown task 'albedo'"),
+    ("weights", "is not a readable safetensors file"),
+])
+def test_a_damaged_checkpoint_exits_2_naming_the_file(checkpoint, tmp_path, capsys, damage, message):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    manifest = json.loads((checkpoint / "config.json").read_text())
+    weights = (checkpoint / "model.safetensors").read_bytes()
+    if damage == "weights":
+        weights = b"\xff" * 64
+    else:
+        damage(manifest)
+    (bad / "model.safetensors").write_bytes(weights)
+    (bad / "config.json").write_text(json.dumps(manifest))
+    rc, _, err = run(["--checkpoint", str(bad), "--instance", "indoor-00001", "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2 and message in err and str(bad) in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_version_folder_of_the_service_store_is_read_through_its_manifest(checkpoint, tmp_path, capsys):
     from model_store.local import LocalModelStore
 
