@@ -19,11 +19,23 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
-        def _pragmas(conn, _):
-            cur = conn.cursor()
+        def _connect(dbapi_connection, _):
+            # sqlite3's legacy transaction control BEGINs only before INSERT/UPDATE/DELETE,
+            # so a SAVEPOINT issued first runs outside any transaction and its RELEASE
+            # commits on its own. SQLAlchemy emits BEGIN instead (its documented recipe).
+            dbapi_connection.isolation_level = None
+            cur = dbapi_connection.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):
+            # IMMEDIATE takes the write lock up front: transactions that read then write
+            # (the pending-cell check, the audit chain's next seq) run one after another,
+            # waiting up to ``timeout`` seconds, instead of failing or racing at write time.
+            # PostgreSQL gets the same ordering from its row and advisory locks.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

@@ -1,0 +1,75 @@
+"""Inputs and races that used to end in a 500 or a half-written record, on both
+databases: PostgreSQL (the conftest's database) and the embedded SQLite."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+from fastapi.testclient import TestClient
+
+import worker.requests
+from app.main import create_app
+from worker.migrate import upgrade_database
+
+from .conftest import assert_problem, counts, register_model
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def backend(request, settings, tmp_path):
+    """(settings, registered model, client) over PostgreSQL or a fresh SQLite file.
+    Server errors come back as responses (problem documents), not raised."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'unlearnd.db'}"
+        upgrade_database(url)
+        settings = settings.model_copy(update={"database_url": url})
+    model = register_model(settings)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield settings, model, client
+
+
+def _submit_concurrently(client, bodies) -> Counter:
+    codes: list[int] = []
+
+    def post(body):
+        codes.append(client.post("/deletions", json=body).status_code)
+
+    threads = [threading.Thread(target=post, args=(b,)) for b in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return Counter(codes)
+
+
+# --------------------------------------------------------------------------- atomic submission
+
+
+def test_a_failed_submission_leaves_nothing_stored(backend, monkeypatch):
+    # On SQLite the request row used to be committed by the savepoint's RELEASE alone.
+    settings, model, client = backend
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("failure after the request row was flushed")
+
+    monkeypatch.setattr(worker.requests, "append_event", fail)
+    r = client.post("/deletions", json={"instance_id": model.train_ids[0]}, headers={"Idempotency-Key": "k"})
+    assert_problem(r, 500, "internal-error")
+    stored = counts(settings)
+    assert (stored["deletion_requests"], stored["audit_events"], stored["outbox"]) == (0, 0, 0)
+
+
+def test_concurrent_submissions_each_store_request_event_and_outbox_row(backend):
+    settings, model, client = backend
+    codes = _submit_concurrently(client, [{"instance_id": i} for i in model.train_ids[:12]])
+    assert codes == Counter({202: 12})
+    stored = counts(settings)
+    assert (stored["deletion_requests"], stored["audit_events"], stored["outbox"]) == (12, 12, 12)
+    assert client.get("/audit/verify").json()["ok"] is True
+
+
+def test_concurrent_submissions_for_one_cell_accept_one(backend):
+    settings, model, client = backend
+    codes = _submit_concurrently(client, [{"instance_id": model.train_ids[0], "tasks": ["depth"]}] * 8)
+    assert codes == Counter({202: 1, 409: 7})
+    assert counts(settings)["deletion_requests"] == 1
