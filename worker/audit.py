@@ -3,6 +3,11 @@
 Each event's hash is ``sha256(prev_hash || canonical JSON of its fields)``; the
 first event chains to ``GENESIS``. :func:`verify_chain` recomputes every hash,
 so a changed, deleted or reordered row breaks the chain at a known ``seq``.
+
+The chain's head (last ``seq`` and ``hash``) is also kept in a one-row table,
+``audit_chain_head``, written in the same transaction as each event. It is
+what appends serialise on, and it anchors the end of the log: events deleted
+from the tail leave a head that no remaining event matches.
 """
 from __future__ import annotations
 
@@ -10,12 +15,24 @@ import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import BigInteger, Integer, String, select, text
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from .tables import AuditEvent, as_utc, utcnow
+from .tables import AuditEvent, Base, as_utc, utcnow
 
 GENESIS = "0" * 64
+HEAD_ID = 1
+# Any constant: the key of the PostgreSQL advisory lock that serialises appends.
+APPEND_LOCK_KEY = 727_002
+
+
+class AuditChainHead(Base):
+    """The last event of the chain (one row, ``id`` 1); see the module doc."""
+
+    __tablename__ = "audit_chain_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    hash: Mapped[str] = mapped_column(String(64))
 
 
 def _canonical_time(at: datetime) -> str:
@@ -51,13 +68,16 @@ def append_event(
 ) -> AuditEvent:
     """Append one event in the caller's transaction.
 
-    The chain's head row is locked (``FOR UPDATE`` on PostgreSQL) so concurrent
-    writers serialise; on SQLite the database lock does the same.
+    Appends serialise on a transaction-scoped advisory lock (PostgreSQL; held
+    to the caller's commit), so a second writer reads the head only once the
+    first has committed: locking the last event row instead hands a waiting
+    writer a stale head and a duplicate ``seq``. On SQLite the database write
+    lock serialises them. The head row moves with the event.
     """
     payload = json.loads(json.dumps(payload or {}, default=str))
-    head = session.execute(
-        select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1).with_for_update()
-    ).scalar_one_or_none()
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": APPEND_LOCK_KEY})
+    head = session.get(AuditChainHead, HEAD_ID, populate_existing=True)
     prev = head.hash if head else GENESIS
     seq = (head.seq + 1) if head else 1
     now = utcnow()
@@ -74,12 +94,17 @@ def append_event(
         hash=event_hash(prev, seq, at, kind, model_name, request_id, instance_id, payload),
     )
     session.add(event)
+    if head is None:
+        session.add(AuditChainHead(id=HEAD_ID, seq=seq, hash=event.hash))
+    else:
+        head.seq, head.hash = seq, event.hash
     session.flush()
     return event
 
 
 def verify_chain(session: Session) -> dict:
-    """Recompute the chain. Returns ``{"ok": bool, "events": n, "first_bad_seq": seq|None, "reason": str|None}``."""
+    """Recompute the chain and check that it ends at the recorded head.
+    Returns ``{"ok": bool, "events": n, "first_bad_seq": seq|None, "reason": str|None}``."""
     prev = GENESIS
     expected_seq = 1
     n = 0
@@ -94,4 +119,12 @@ def verify_chain(session: Session) -> dict:
             return {"ok": False, "events": n, "first_bad_seq": ev.seq, "reason": "hash does not match contents"}
         prev = ev.hash
         expected_seq += 1
+    head = session.get(AuditChainHead, HEAD_ID)
+    head_seq, head_hash = (head.seq, head.hash) if head else (0, GENESIS)
+    if (head_seq, head_hash) != (expected_seq - 1, prev):
+        # the first seq the head vouches for that is not there (or the last one, when the head
+        # itself was changed or removed)
+        bad = expected_seq if head_seq >= expected_seq else max(expected_seq - 1, 1)
+        return {"ok": False, "events": n, "first_bad_seq": bad,
+                "reason": f"the log ends at seq {expected_seq - 1} but its recorded head is seq {head_seq}"}
     return {"ok": True, "events": n, "first_bad_seq": None, "reason": None}

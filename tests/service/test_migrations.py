@@ -17,4 +17,4 @@ def test_migrated_schema_matches_the_orm(database_url):
 
 
 def test_upgrade_is_idempotent(database_url):
-    assert upgrade_database(database_url) == head_revision() == "0001"
+    assert upgrade_database(database_url) == head_revision() == "0002"

@@ -1,0 +1,37 @@
+"""The audit chain's head: one row (last seq and hash), written with every event, so
+concurrent appends serialise on it and ``verify`` notices events cut from the end.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-30
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0002"
+down_revision: Union[str, Sequence[str], None] = "0001"
+branch_labels: Union[str, Sequence[str], None] = None
+depends_on: Union[str, Sequence[str], None] = None
+
+
+def upgrade() -> None:
+    head = op.create_table("audit_chain_head",
+    sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+    sa.Column("hash", sa.String(length=64), nullable=False),
+    sa.PrimaryKeyConstraint("id")
+    )
+    # an existing log: its last event becomes the head
+    last = op.get_bind().execute(
+        sa.text("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+    ).first()
+    if last is not None:
+        op.bulk_insert(head, [{"id": 1, "seq": last.seq, "hash": last.hash}])
+
+
+def downgrade() -> None:
+    op.drop_table("audit_chain_head")
