@@ -380,9 +380,21 @@ def _device_name(device) -> str:
 # ----------------------------------------------------------------------------- summary
 
 
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
 def _mean(xs):
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
+    """The mean; NaN when any value is missing or NaN. A diverged run has UIS NaN
+    (:func:`unlearning.metrics.relative_degradation`): averaged over its other runs
+    only, a method that diverges on some seeds would look as good as its good runs."""
+    xs = list(xs)
+    return float("nan") if not xs or any(_missing(x) for x in xs) else sum(xs) / len(xs)
+
+
+def _rank(x) -> float:
+    """Sort key: a missing or NaN figure ranks last."""
+    return math.inf if _missing(x) else x
 
 
 def aggregate(results: list[dict]) -> dict:
@@ -401,8 +413,8 @@ def aggregate(results: list[dict]) -> dict:
                 **{f: _mean([r[f] for r in rows]) for f in
                    ("uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original", "mia_auc_retrain", "forget_gap",
                     "seconds", "retrain_seconds")},
-                "mia_err": _mean([abs(r["mia_auc"] - r["mia_auc_retrain"]) for r in rows
-                                  if r["mia_auc"] is not None and r["mia_auc_retrain"] is not None]),
+                "mia_err": _mean([None if _missing(r["mia_auc"]) or _missing(r["mia_auc_retrain"])
+                                  else abs(r["mia_auc"] - r["mia_auc_retrain"]) for r in rows]),
                 "speedup": _mean([r["retrain_seconds"] / r["seconds"] for r in rows if r["seconds"]]),
             }
     return out
@@ -427,9 +439,11 @@ def headline(results: list[dict], ours: str = DEFAULT_METHOD) -> list[dict]:
         independent = agg.get(INDEPENDENT_RETRAIN)
         eight_independent = [r for r in runs if r["n_forget"] == 8 and r["method"] == INDEPENDENT_RETRAIN]
         eligible = {m: v for m, v in baselines.items() if v["mia_err"] <= me["mia_err"] + 1e-9}
+        eligible = {m: v for m, v in eligible.items() if not _missing(v["uis"])}
         strongest = min(eligible, key=lambda m: eligible[m]["uis"]) if eligible else None
-        lowest = min(baselines, key=lambda m: baselines[m]["uis"]) if baselines else None
-        closest = min(baselines, key=lambda m: (baselines[m]["mia_err"], baselines[m]["uis"])) if baselines else None
+        lowest = min(baselines, key=lambda m: _rank(baselines[m]["uis"])) if baselines else None
+        closest = (min(baselines, key=lambda m: (_rank(baselines[m]["mia_err"]), _rank(baselines[m]["uis"])))
+                   if baselines else None)
 
         def reduction(m):
             if m is None or not baselines[m]["uis"]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -86,6 +87,23 @@ def test_headline_picks_the_lowest_uis_among_baselines_that_forget_as_well():
     assert row["lowest_uis_baseline"] == "finetune"
     assert row["independent_mia_err"] == pytest.approx(0.03)
     assert row["speedup"] == pytest.approx(10.0)
+
+
+def test_a_diverged_run_is_never_averaged_away():
+    """UIS is NaN for a diverged model; a method with such a run gets NaN means (shown as
+    "–") and is never the strongest or the lowest-UIS baseline on its good runs alone."""
+    results = [{**_run(method, uis=u, mia=mia), "seed": seed} for method, u, mia, seed in [
+        ("interference_aware", 2.0, 0.55, 0), ("interference_aware", 2.0, 0.55, 1),
+        ("gradient_ascent", 1.0, 0.5, 0), ("gradient_ascent", float("nan"), 0.5, 1),
+        ("scrub", 5.0, 0.5, 0), ("scrub", 5.0, 0.5, 1)]]
+    means = bench.aggregate(results)[("b", "full", 8)]
+    assert math.isnan(means["gradient_ascent"]["uis"]) and means["gradient_ascent"]["runs"] == 2
+    assert means["scrub"]["uis"] == 5.0
+    (row,) = bench.headline(results)
+    assert row["strongest"] == "scrub" and row["lowest_uis_baseline"] == "scrub"
+    assert row["closest_baseline"] == "scrub"  # forgets as well as gradient_ascent, which has a NaN UIS
+    assert "| gradient_ascent | – |" in bench.markdown({"suite": "t", "device": "cpu", "config": {"seeds": [0, 1]},
+                                                       "results": results})
 
 
 def test_settings_draw_nested_forget_sets_and_may_restrict_partial_tasks(tiny_suite):
