@@ -388,7 +388,7 @@ def test_orthogonalization_removes_exactly_the_conflicts():
     assert n == 1 and out.shape == (2, 2) and torch.allclose(out, torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
 
 
-def test_unknown_orthogonalize_value_is_refused(memorised, monkeypatch):
+def test_bad_configuration_is_refused_before_any_work(memorised, monkeypatch):
     from unlearning.methods import interference_aware
 
     model, train, test = memorised
@@ -398,7 +398,8 @@ def test_unknown_orthogonalize_value_is_refused(memorised, monkeypatch):
         raise AssertionError("a configuration error must be raised before the calibration trains shadows")
 
     monkeypatch.setattr(interference_aware, "shadow_scores", no_shadows)
-    for bad in ({"orthogonalize": "twice"}, {"optimizer": "rmsprop"}):
+    for bad in ({"orthogonalize": "twice"}, {"optimizer": "rmsprop"}, {"betas": 0.9},
+                {"tau": {"segmentation": 1.0}}, {"tau": {t: -1.0 for t in TASKS}}, {"tau": 0.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             get_method("interference_aware")(model, _data(train, test, cells),
                                              {"steps": 1, "shadow_recipe": {"epochs": 1}, **bad})

@@ -327,6 +327,18 @@ def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
         representation(model, data)
 
 
+def check_fixed_levels(tau, forget_tasks: list[str]) -> None:
+    """``config["tau"]`` must give every forgotten task a positive, finite level."""
+    if not isinstance(tau, dict):
+        raise ValueError(f"interference_aware: 'tau' must be a {{task: level}} mapping, got {tau!r}")
+    missing = [t for t in forget_tasks if t not in tau]
+    invalid = {t: v for t, v in tau.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
+    if missing or invalid:
+        raise ValueError(f"interference_aware: 'tau' must give every forgotten task a positive level; "
+                         f"missing: {missing}, invalid: {invalid}")
+
+
 def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, forget_tasks: list[str],
                         partial: bool) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Which quantile of the held-out losses each forget cell is taken to (per task, one
@@ -507,7 +519,11 @@ class Stepper:
         if self.kind not in ("adam", "sgd"):
             raise ValueError(f"interference_aware: unknown optimizer {self.kind!r}; known: 'adam', 'sgd'")
         self.lr = float(cfg["lr"])
-        self.beta1, self.beta2 = (float(b) for b in cfg["betas"])
+        betas = cfg["betas"]
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"interference_aware: 'betas' must be two numbers in [0, 1), got {betas!r}")
+        self.beta1, self.beta2 = (float(b) for b in betas)
         self.max_norm = float(cfg["max_norm"])
         self.t = 0
         self.v: dict[int, torch.Tensor] = {}
@@ -581,6 +597,8 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     stepper = Stepper(cfg)
     if cfg["orthogonalize"] not in (True, False, "iterate"):
         raise ValueError(f"interference_aware: unknown orthogonalize {cfg['orthogonalize']!r}; known: true, false, 'iterate'")
+    if cfg["tau"]:
+        check_fixed_levels(cfg["tau"], data.forget_tasks)
     t0 = time.perf_counter()
     device = data.device
     original = copy.deepcopy(model).to(device).eval()
