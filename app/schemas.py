@@ -10,6 +10,8 @@ from worker.tables import as_utc
 
 
 UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
+#: version numbers are stored in 32-bit integer columns; a larger number names no version
+MAX_VERSION = 2**31 - 1
 RequestStatus = Literal["received", "queued", "running", "completed", "failed", "rejected"]
 
 
@@ -128,7 +130,7 @@ class VersionDetail(VersionOut):
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION, strict=True)  # strict: true is not version 1
     reapply_erasures: bool = Field(
         False, description="when the target lacks erasures recorded since, erase them again on top of it (a new version)"
     )

@@ -1,14 +1,16 @@
 """Models and their versions: list, inspect with lineage, roll back."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 
 from unlearning.data import dataset_key
 from worker.versions import ancestors, get_version, list_models, list_versions, rollback, serving_version
 
 from ..deps import SessionDep, SettingsDep
-from ..schemas import ModelOut, RollbackIn, RollbackOut, VersionDetail, VersionOut, job_out, version_out
+from ..schemas import MAX_VERSION, ModelOut, RollbackIn, RollbackOut, VersionDetail, VersionOut, job_out, version_out
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -40,7 +42,9 @@ def read_versions(name: str, session: SessionDep) -> list[VersionOut]:
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionDetail)
-def read_version(name: str, version: int, session: SessionDep) -> VersionDetail:
+def read_version(
+    name: str, version: Annotated[int, Path(ge=1, le=MAX_VERSION)], session: SessionDep
+) -> VersionDetail:
     """One version with its lineage: parent, deletions applied, erased cells, metrics, artifact, ancestors."""
     with session.begin():
         row = get_version(session, name, version)

@@ -73,3 +73,27 @@ def test_concurrent_submissions_for_one_cell_accept_one(backend):
     codes = _submit_concurrently(client, [{"instance_id": model.train_ids[0], "tasks": ["depth"]}] * 8)
     assert codes == Counter({202: 1, 409: 7})
     assert counts(settings)["deletion_requests"] == 1
+
+
+# --------------------------------------------------------------------------- version numbers
+
+
+@pytest.mark.parametrize("version", [0, 2**31, 10**30])
+def test_a_version_number_out_of_range_is_a_validation_error(backend, version):
+    _, model, client = backend
+    body = assert_problem(client.get(f"/models/{model.name}/versions/{version}"), 422, "validation-error")
+    assert body["errors"][0]["loc"] == ["path", "version"]
+    body = assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": version}), 422,
+                          "validation-error")
+    assert body["errors"][0]["loc"] == ["body", "version"]
+
+
+def test_the_largest_version_number_is_looked_up(backend):
+    _, model, client = backend
+    assert_problem(client.get(f"/models/{model.name}/versions/{2**31 - 1}"), 404, "not-found")
+    assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 2**31 - 1}), 404, "not-found")
+
+
+def test_rollback_refuses_a_boolean_for_a_version(backend):
+    _, model, client = backend
+    assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": True}), 422, "validation-error")
