@@ -356,6 +356,10 @@ def test_forget_weights_on_hand_computed_cells():
     w, _ = forget_weights(torch.tensor([1.5, 3.0, 4.6]), torch.tensor([2.0, 4.0, 4.0]), torch.ones(3, dtype=torch.bool),
                           0.1, 0.5, True)
     assert torch.allclose(w, torch.tensor([0.5, 0.5, -0.1]))  # 0.5 / 1, 1 / 2, -(4.6 - 4.4) / 2
+    # a level of 0 and a row without a level give 0/0 and NaN inside the ramp: never in w
+    w, active = forget_weights(torch.tensor([0.0, 0.3, 0.2]), torch.tensor([0.0, 0.0, float("nan")]),
+                               torch.tensor([True, True, False]), 0.1, 0.5, True)
+    assert torch.equal(w, torch.tensor([0.0, -1.0, 0.0])) and active == 1
 
 
 def test_orthogonalization_removes_exactly_the_conflicts():

@@ -433,7 +433,10 @@ def forget_weights(loss: torch.Tensor, tau: torch.Tensor, has: torch.Tensor, ban
     else:
         w_up = torch.ones_like(loss)
         w_dn = torch.ones_like(loss)
-    w = w_up * below.to(loss.dtype) - w_dn * above.to(loss.dtype)
+    # where, not a product with the masks: a row outside them may hold NaN (a level τ = 0
+    # gives 0/0 for a loss of 0; a row without a level), and NaN * 0 is NaN
+    zero = torch.zeros_like(loss)
+    w = torch.where(below, w_up, zero) - torch.where(above, w_dn, zero)
     return w, int(below.sum()) + int(above.sum())
 
 
