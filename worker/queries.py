@@ -29,6 +29,10 @@ def encode_cursor(*values) -> str:
     return base64.urlsafe_b64encode(json.dumps(list(values), separators=(",", ":")).encode()).decode().rstrip("=")
 
 
+def _malformed(cursor: str) -> Invalid:
+    return Invalid("malformed cursor; pass back the next_cursor of a previous page", cursor=cursor)
+
+
 def decode_cursor(cursor: str, n: int) -> list:
     """The values packed into ``cursor``; :class:`Invalid` (422) for anything we did not write."""
     try:
@@ -36,8 +40,28 @@ def decode_cursor(cursor: str, n: int) -> list:
     except (binascii.Error, ValueError, UnicodeDecodeError):
         values = None
     if not isinstance(values, list) or len(values) != n:
-        raise Invalid("malformed cursor; pass back the next_cursor of a previous page", cursor=cursor)
+        raise _malformed(cursor)
     return values
+
+
+def decode_request_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) of the last request of the previous page. A cursor that decodes
+    to other types is refused here (422) rather than by the database (a 500)."""
+    at, rid = decode_cursor(cursor, 2)
+    if not isinstance(at, str) or not isinstance(rid, str) or "\x00" in rid:
+        raise _malformed(cursor)
+    try:
+        return as_utc(datetime.fromisoformat(at)), rid
+    except (ValueError, OverflowError):
+        raise _malformed(cursor) from None
+
+
+def decode_event_cursor(cursor: str) -> int:
+    """The seq of the last event of the previous page: an int the BIGINT column can hold."""
+    (after,) = decode_cursor(cursor, 1)
+    if type(after) is not int or not 0 <= after < 2**63:  # type(): a bool is an int too
+        raise _malformed(cursor)
+    return after
 
 
 def utc(at: datetime | None) -> datetime | None:
@@ -76,11 +100,7 @@ def list_requests(
     if until is not None:
         q = q.where(DeletionRequest.created_at < utc(until))
     if cursor is not None:
-        at, rid = decode_cursor(cursor, 2)
-        try:
-            at = utc(datetime.fromisoformat(at))
-        except (TypeError, ValueError):
-            raise Invalid("malformed cursor; pass back the next_cursor of a previous page", cursor=cursor) from None
+        at, rid = decode_request_cursor(cursor)
         q = q.where(
             or_(
                 DeletionRequest.created_at < at,
@@ -124,10 +144,7 @@ def list_events(
     if until is not None:
         q = q.where(AuditEvent.at < utc(until))
     if cursor is not None:
-        (after,) = decode_cursor(cursor, 1)
-        if not isinstance(after, int):
-            raise Invalid("malformed cursor; pass back the next_cursor of a previous page", cursor=cursor)
-        q = q.where(AuditEvent.seq > after)
+        q = q.where(AuditEvent.seq > decode_event_cursor(cursor))
     rows = session.execute(q.order_by(AuditEvent.seq).limit(limit + 1)).scalars().all()
     more = len(rows) > limit
     rows = rows[:limit]

@@ -2,6 +2,8 @@
 databases: PostgreSQL (the conftest's database) and the embedded SQLite."""
 from __future__ import annotations
 
+import base64
+import json
 import threading
 from collections import Counter
 
@@ -97,3 +99,48 @@ def test_the_largest_version_number_is_looked_up(backend):
 def test_rollback_refuses_a_boolean_for_a_version(backend):
     _, model, client = backend
     assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": True}), 422, "validation-error")
+
+
+# --------------------------------------------------------------------------- cursors
+
+
+def _cursor(*values) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(values)).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("values", [
+    ("2024-01-01T00:00:00+00:00", 5),
+    ("2024-01-01T00:00:00+00:00", [1]),
+    ("2024-01-01T00:00:00+00:00", None),
+    ("2024-01-01T00:00:00+00:00", "a\x00b"),
+    (5, "some-id"),
+    ("not a time", "some-id"),
+    ("9999-12-31T23:59:59-01:00", "some-id"),
+])
+def test_a_request_cursor_of_the_wrong_types_is_malformed(backend, values):
+    _, _, client = backend
+    body = assert_problem(client.get("/deletions", params={"cursor": _cursor(*values)}), 422)
+    assert body["detail"].startswith("malformed cursor")
+
+
+@pytest.mark.parametrize("value", [2**63, 10**30, -1, -(10**20), True, 1.5, "3"])
+def test_an_audit_cursor_of_the_wrong_type_or_range_is_malformed(backend, value):
+    _, _, client = backend
+    body = assert_problem(client.get("/audit/events", params={"cursor": _cursor(value)}), 422)
+    assert body["detail"].startswith("malformed cursor")
+
+
+def test_cursors_written_by_the_service_still_page(backend):
+    _, model, client = backend
+    for i in range(3):
+        client.post("/deletions", json={"instance_id": model.train_ids[i]})
+    seen, cursor = [], None
+    while True:
+        page = client.get("/deletions", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+        seen += [r["id"] for r in page["items"]]
+        if not (cursor := page["next_cursor"]):
+            break
+    assert len(set(seen)) == 3
+    events = client.get("/audit/events", params={"limit": 2}).json()
+    rest = client.get("/audit/events", params={"limit": 2, "cursor": events["next_cursor"]}).json()
+    assert [e["seq"] for e in events["items"] + rest["items"]] == [1, 2, 3]
