@@ -1,7 +1,7 @@
 """Every error as an RFC 9457 problem document (``application/problem+json``):
 ``type``, ``title``, ``status``, ``detail``, ``instance`` and extras that name
 what was wrong. Covers the rule functions' refusals, FastAPI's validation
-errors, unknown routes and unexpected failures."""
+errors, values the database refuses, unknown routes and unexpected failures."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.errors import ServiceError
@@ -60,6 +61,15 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return problem(request, exc.status_code, title, detail, slug, headers=getattr(exc, "headers", None))
 
 
+async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+    # The database refused a value that validation let through (a NUL character, a number
+    # out of range): the client's input, so a 422; the statement stays in the log only.
+    log.warning("database refused a value on %s %s: %s", request.method, request.url.path, exc.orig)
+    return problem(
+        request, 422, "Invalid request", "a value in this request cannot be stored or compared", "invalid-request"
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem(request, 500, "Internal error", "the server failed to handle this request", "internal-error")
@@ -69,4 +79,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -9,6 +9,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from worker.tables import as_utc
 
 
+def _without_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (\\x00)")
+    return value
+
+
+#: a string the record can store: PostgreSQL text cannot hold NUL, so it is refused here (422)
+Text = Annotated[str, AfterValidator(_without_nul)]
 UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
 #: version numbers are stored in 32-bit integer columns; a larger number names no version
 MAX_VERSION = 2**31 - 1
@@ -20,13 +28,13 @@ class DeletionCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    instance_id: str = Field(min_length=1, max_length=200)
-    tasks: list[Annotated[str, Field(min_length=1, max_length=50)]] | Literal["all"] = Field(
+    instance_id: Text = Field(min_length=1, max_length=200)
+    tasks: list[Annotated[Text, Field(min_length=1, max_length=50)]] | Literal["all"] = Field(
         "all", description='task names, or "all" for every task not yet erased or pending'
     )
-    model: str | None = Field(None, min_length=1, max_length=100, description="default: the service's model")
-    reason: str | None = Field(None, max_length=2000)
-    subject_ref: str | None = Field(None, max_length=200, description="the requester's reference (ticket, subject id)")
+    model: Text | None = Field(None, min_length=1, max_length=100, description="default: the service's model")
+    reason: Text | None = Field(None, max_length=2000)
+    subject_ref: Text | None = Field(None, max_length=200, description="the requester's reference (ticket, subject id)")
 
 
 class Links(BaseModel):

@@ -10,7 +10,7 @@ from worker.audit import verify_chain
 from worker.queries import list_events
 
 from ..deps import SessionDep
-from ..schemas import AuditEventOut, AuditPage, ChainReport
+from ..schemas import AuditEventOut, AuditPage, ChainReport, Text
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
@@ -18,14 +18,14 @@ router = APIRouter(prefix="/audit", tags=["audit"])
 @router.get("/events", response_model=AuditPage)
 def read_events(
     session: SessionDep,
-    kind: str | None = None,
-    instance_id: str | None = None,
-    request_id: str | None = None,
-    model: str | None = None,
+    kind: Text | None = None,
+    instance_id: Text | None = None,
+    request_id: Text | None = None,
+    model: Text | None = None,
     since: Annotated[datetime | None, Query(description="at or after (naive = UTC)")] = None,
     until: Annotated[datetime | None, Query(description="before (naive = UTC)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> AuditPage:
     """Audit events in chain order (``seq`` ascending), filtered; pages follow ``next_cursor``."""
     with session.begin():

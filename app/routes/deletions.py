@@ -11,7 +11,15 @@ from worker.queries import list_requests
 from worker.requests import deletion_certificate, get_request, submit_deletion
 
 from ..deps import SessionDep, SettingsDep
-from ..schemas import DeletionAccepted, DeletionCreate, DeletionOut, DeletionPage, deletion_accepted, deletion_out
+from ..schemas import (
+    DeletionAccepted,
+    DeletionCreate,
+    DeletionOut,
+    DeletionPage,
+    Text,
+    deletion_accepted,
+    deletion_out,
+)
 
 router = APIRouter(prefix="/deletions", tags=["deletions"])
 
@@ -22,7 +30,7 @@ def create_deletion(
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
+    idempotency_key: Annotated[Text | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
 ) -> DeletionAccepted:
     """Accept a deletion request (202, ``Location`` = the request's URL).
 
@@ -41,13 +49,13 @@ def create_deletion(
 @router.get("", response_model=DeletionPage)
 def list_deletions(
     session: SessionDep,
-    instance_id: str | None = None,
-    status: str | None = None,
-    model: str | None = None,
+    instance_id: Text | None = None,
+    status: Text | None = None,
+    model: Text | None = None,
     since: Annotated[datetime | None, Query(description="created at or after (naive = UTC)")] = None,
     until: Annotated[datetime | None, Query(description="created before (naive = UTC)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> DeletionPage:
     """Deletion requests, newest first, filtered; pages follow ``next_cursor``."""
     with session.begin():
@@ -65,13 +73,13 @@ def list_deletions(
 
 
 @router.get("/{request_id}", response_model=DeletionOut)
-def read_deletion(request_id: str, session: SessionDep) -> DeletionOut:
+def read_deletion(request_id: Text, session: SessionDep) -> DeletionOut:
     with session.begin():
         return deletion_out(get_request(session, request_id))
 
 
 @router.get("/{request_id}/certificate")
-def read_certificate(request_id: str, session: SessionDep) -> JSONResponse:
+def read_certificate(request_id: Text, session: SessionDep) -> JSONResponse:
     """The deletion certificate of a completed request (409 before that).
 
     ``certificate_sha256`` is the sha256 of the canonical JSON (sorted keys,

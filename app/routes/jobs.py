@@ -6,12 +6,12 @@ from fastapi import APIRouter
 from worker.versions import get_job
 
 from ..deps import SessionDep
-from ..schemas import JobOut, job_out
+from ..schemas import JobOut, Text, job_out
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def read_job(job_id: str, session: SessionDep) -> JobOut:
+def read_job(job_id: Text, session: SessionDep) -> JobOut:
     with session.begin():
         return job_out(get_job(session, job_id))

@@ -10,7 +10,17 @@ from unlearning.data import dataset_key
 from worker.versions import ancestors, get_version, list_models, list_versions, rollback, serving_version
 
 from ..deps import SessionDep, SettingsDep
-from ..schemas import MAX_VERSION, ModelOut, RollbackIn, RollbackOut, VersionDetail, VersionOut, job_out, version_out
+from ..schemas import (
+    MAX_VERSION,
+    ModelOut,
+    RollbackIn,
+    RollbackOut,
+    Text,
+    VersionDetail,
+    VersionOut,
+    job_out,
+    version_out,
+)
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -34,7 +44,7 @@ def read_models(session: SessionDep) -> list[ModelOut]:
 
 
 @router.get("/{name}/versions", response_model=list[VersionOut])
-def read_versions(name: str, session: SessionDep) -> list[VersionOut]:
+def read_versions(name: Text, session: SessionDep) -> list[VersionOut]:
     with session.begin():
         rows = list_versions(session, name)
         serving = serving_version(session, name)
@@ -43,7 +53,7 @@ def read_versions(name: str, session: SessionDep) -> list[VersionOut]:
 
 @router.get("/{name}/versions/{version}", response_model=VersionDetail)
 def read_version(
-    name: str, version: Annotated[int, Path(ge=1, le=MAX_VERSION)], session: SessionDep
+    name: Text, version: Annotated[int, Path(ge=1, le=MAX_VERSION)], session: SessionDep
 ) -> VersionDetail:
     """One version with its lineage: parent, deletions applied, erased cells, metrics, artifact, ancestors."""
     with session.begin():
@@ -60,7 +70,7 @@ def read_version(
     response_model=RollbackOut,
     responses={202: {"model": RollbackOut, "description": "a reapply job was queued; it publishes a new version"}},
 )
-def post_rollback(name: str, body: RollbackIn, session: SessionDep, settings: SettingsDep) -> JSONResponse:
+def post_rollback(name: Text, body: RollbackIn, session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """Serve an earlier version. 200 when the alias moved (or already pointed there);
     409 naming the erasures the target still contains, unless ``reapply_erasures``:
     then 202 with the queued reapply job."""

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import DataError
 
 import worker.requests
 from app.main import create_app
@@ -144,3 +145,62 @@ def test_cursors_written_by_the_service_still_page(backend):
     events = client.get("/audit/events", params={"limit": 2}).json()
     rest = client.get("/audit/events", params={"limit": 2, "cursor": events["next_cursor"]}).json()
     assert [e["seq"] for e in events["items"] + rest["items"]] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- NUL characters
+
+
+@pytest.mark.parametrize("field", ["instance_id", "model", "reason", "subject_ref"])
+def test_a_nul_character_in_the_body_is_a_validation_error(backend, field):
+    settings, model, client = backend
+    body = {"instance_id": model.train_ids[0], field: "a\x00b"}
+    problem = assert_problem(client.post("/deletions", json=body), 422, "validation-error")
+    assert problem["errors"][0]["loc"] == ["body", field]
+    assert "NUL" in problem["detail"]
+    assert counts(settings)["deletion_requests"] == 0
+
+
+def test_a_nul_character_in_a_task_name_is_a_validation_error(backend):
+    _, model, client = backend
+    r = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["de\x00pth"]})
+    problem = assert_problem(r, 422, "validation-error")
+    assert problem["errors"][0]["loc"][:2] == ["body", "tasks"] and "NUL" in problem["detail"]
+
+
+@pytest.mark.parametrize("path", [
+    "/deletions/a%00b", "/deletions/a%00b/certificate", "/jobs/a%00b",
+    "/models/a%00b/versions", "/models/a%00b/versions/1",
+])
+def test_a_nul_character_in_a_path_is_a_validation_error(backend, path):
+    _, _, client = backend
+    problem = assert_problem(client.get(path), 422, "validation-error")
+    assert problem["errors"][0]["loc"][0] == "path"
+
+
+def test_a_nul_character_in_a_rollback_path_is_a_validation_error(backend):
+    _, _, client = backend
+    assert_problem(client.post("/models/a%00b/rollback", json={"version": 1}), 422, "validation-error")
+
+
+@pytest.mark.parametrize("url,param", [
+    ("/deletions", "instance_id"), ("/deletions", "status"), ("/deletions", "model"), ("/deletions", "cursor"),
+    ("/audit/events", "kind"), ("/audit/events", "instance_id"), ("/audit/events", "request_id"),
+    ("/audit/events", "model"), ("/audit/events", "cursor"),
+])
+def test_a_nul_character_in_a_query_parameter_is_a_validation_error(backend, url, param):
+    _, _, client = backend
+    problem = assert_problem(client.get(url, params={param: "a\x00b"}), 422, "validation-error")
+    assert problem["errors"][0]["loc"] == ["query", param]
+
+
+def test_a_value_the_database_refuses_is_a_422_without_the_statement(backend, monkeypatch):
+    _, _, client = backend
+    import app.routes.jobs
+
+    def refused(session, job_id):
+        raise DataError("SELECT secret FROM jobs WHERE id = %(id)s", {"id": job_id}, Exception("text cannot hold NUL"))
+
+    monkeypatch.setattr(app.routes.jobs, "get_job", refused)
+    r = client.get("/jobs/some-job")
+    assert_problem(r, 422, "invalid-request")
+    assert "SELECT" not in r.text and "secret" not in r.text
