@@ -93,6 +93,11 @@ class ModelStore(ABC):
         """Recompute the weights' sha256 and compare it with the manifest."""
 
     @abstractmethod
+    def discard(self, model_name: str, version: int) -> None:
+        """Remove a version that failed :meth:`verify` (so it can be written again). Only
+        for an artifact no version row points at: a published version never changes."""
+
+    @abstractmethod
     def versions(self, model_name: str) -> list[int]:
         """The stored version numbers of a model, ascending."""
 

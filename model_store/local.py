@@ -5,7 +5,9 @@
     {root}/{model}/v{version}/manifest.json       the Manifest, with the weights' sha256
 
 A version is written into a temporary folder beside its final place and
-renamed into it, so a reader never sees half a version.
+renamed into it, so a reader never sees half a version. A writer killed before
+the rename leaves its ``.tmp-*`` folder behind; :meth:`LocalModelStore.versions`
+removes those older than ``STALE_TMP_S``.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -29,6 +32,8 @@ from .base import IntegrityError, Manifest, ModelStore, StoreError
 MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+TMP_PREFIX = ".tmp-"
+STALE_TMP_S = 3600.0  # far longer than any write takes: a temporary folder this old is a dead writer's
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -73,12 +78,32 @@ class LocalModelStore(ModelStore):
         d = self._model_dir(model_name)
         if not d.is_dir():
             return []
+        self.remove_stale_tmp(model_name)
         found = []
         for child in d.iterdir():
             m = re.fullmatch(r"v(\d+)", child.name)
             if m and (child / MANIFEST_FILE).is_file():
                 found.append(int(m.group(1)))
         return sorted(found)
+
+    def remove_stale_tmp(self, model_name: str, older_than_s: float = STALE_TMP_S) -> list[str]:
+        """Remove the temporary files and folders of writes that died (older than
+        ``older_than_s``); returns their names."""
+        d = self._model_dir(model_name)
+        cutoff = time.time() - older_than_s
+        removed = []
+        for child in d.iterdir() if d.is_dir() else ():
+            try:
+                if not child.name.startswith(TMP_PREFIX) or child.lstat().st_mtime >= cutoff:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            except FileNotFoundError:  # another process removed it first
+                continue
+            removed.append(child.name)
+        return removed
 
     def manifest(self, model_name: str, version: int) -> Manifest:
         path = self._dir(model_name, version) / MANIFEST_FILE
@@ -106,7 +131,7 @@ class LocalModelStore(ModelStore):
         if self.exists(model_name, version):
             return self._same_or_conflict(model_name, version, job_id, model)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-v{version}-{uuid.uuid4().hex}"
+        tmp = final.parent / f"{TMP_PREFIX}v{version}-{uuid.uuid4().hex}"
         try:
             weights = save_model(model, tmp)
             data = weights.read_bytes()
@@ -154,7 +179,7 @@ class LocalModelStore(ModelStore):
         final = directory / CALIBRATION_FILE
         if final.is_file():
             return json.loads(final.read_text())
-        tmp = directory / f".tmp-calibration-{uuid.uuid4().hex}"
+        tmp = directory / f"{TMP_PREFIX}calibration-{uuid.uuid4().hex}"
         try:
             with open(tmp, "w") as fh:
                 json.dump(payload, fh)
@@ -199,6 +224,15 @@ class LocalModelStore(ModelStore):
         except IntegrityError:
             return False
         return True
+
+    def discard(self, model_name: str, version: int) -> None:
+        final = self._dir(model_name, version)
+        if not final.exists():
+            return
+        doomed = final.parent / f"{TMP_PREFIX}discarded-v{int(version)}-{uuid.uuid4().hex}"
+        os.rename(final, doomed)  # atomic: readers see the version or nothing
+        _fsync_dir(final.parent)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def load(self, model_name: str, version: int, device: str | torch.device = "cpu") -> tuple[MultiTaskNet, Manifest]:
         data, manifest = self._read_verified(model_name, version)
