@@ -16,7 +16,10 @@ Plain functions; the Celery task (``worker.tasks``) and the in-process worker
    completed, tombstones, audit events.
 
 Delivery is at least once, so every step can run again and still do the
-right thing once.
+right thing once. Each claim of a job is one attempt (``jobs.attempts``); a
+run acts on the record (heartbeat, publish, fail) only while the job is
+running under its own attempt, so a worker the sweeper gave up on cannot
+fail or publish over the rerun that replaced it.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from model_store import Manifest, ModelStore
 from unlearning.data import dataset_key
@@ -39,8 +44,10 @@ from .audit import append_event
 from .calibration import lineage_calibration, method_config
 from .datasets import erased_cells, get_splits
 from .db import transaction
+from .requests import PROCESS_MODEL_TOPIC
 from .settings import Settings
-from .tables import Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, Tombstone, utcnow
+from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
+                     utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,9 @@ _process_locks_guard = threading.Lock()
 @dataclass
 class JobOutcome:
     """What :func:`process_model` did: ``idle`` (nothing queued), ``busy`` (another job
-    of the model is active), ``completed`` or ``failed``."""
+    of the model is active), ``completed``, ``failed``, ``requeued`` (put back in the
+    queue to run again: a database error, or a base that stopped serving) or
+    ``superseded`` (the sweeper gave this attempt up and another one owns the job)."""
 
     status: str
     model_name: str
@@ -71,6 +80,25 @@ class JobOutcome:
 
 class JobFailed(RuntimeError):
     """A job that cannot succeed as specified (bad cells, missing base version)."""
+
+
+class StaleAttempt(RuntimeError):
+    """This run's attempt no longer owns the job (requeued and claimed again, or finished)."""
+
+
+# Errors of the database connection or of a transaction the database aborted (deadlock,
+# serialisation): the job is put back in the queue, not failed.
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+
+
+@dataclass
+class Claim:
+    """What :func:`claim_next` got: ``claimed`` (``job_id`` and the ``attempt`` this claim
+    is), ``busy`` or ``idle``."""
+
+    status: str
+    job_id: str | None = None
+    attempt: int | None = None
 
 
 def engine_cache(model_name: str, version: int) -> dict:
@@ -102,13 +130,20 @@ def _jsonable(value) -> Any:
 
 def claim_job(settings: Settings, model_name: str) -> tuple[str, str | None]:
     """Claim the next job of ``model_name``: ``("claimed", job_id)``, ``("busy", None)``
-    or ``("idle", None)``. One transaction; the model row is locked with
+    or ``("idle", None)`` (see :func:`claim_next`, which also gives the attempt)."""
+    claim = claim_next(settings, model_name)
+    return claim.status, claim.job_id
+
+
+def claim_next(settings: Settings, model_name: str) -> Claim:
+    """Claim the next job of ``model_name``. One transaction; the model row is locked with
     ``FOR NO KEY UPDATE SKIP LOCKED`` (a busy claimer skips rather than waits;
-    NO KEY leaves the API free to insert requests referencing the model)."""
+    NO KEY leaves the API free to insert requests referencing the model; a rollback
+    takes the same lock)."""
     is_sqlite = settings.database_url.startswith("sqlite")
     lock = _process_lock(model_name) if is_sqlite else None
     if lock is not None and not lock.acquire(blocking=False):
-        return "busy", None
+        return Claim("busy")
     try:
         return _claim(settings, model_name)
     finally:
@@ -116,7 +151,7 @@ def claim_job(settings: Settings, model_name: str) -> tuple[str, str | None]:
             lock.release()
 
 
-def _claim(settings: Settings, model_name: str) -> tuple[str, str | None]:
+def _claim(settings: Settings, model_name: str) -> Claim:
     now = utcnow()
     with transaction(settings.database_url) as session:
         model = session.execute(
@@ -124,7 +159,7 @@ def _claim(settings: Settings, model_name: str) -> tuple[str, str | None]:
         ).scalar_one_or_none()
         if model is None:
             known = session.execute(select(Model.name).where(Model.name == model_name)).scalar_one_or_none()
-            return ("busy", None) if known else ("idle", None)
+            return Claim("busy") if known else Claim("idle")
 
         # One active job per model. A running job whose heartbeat went stale (its worker
         # died) still counts: the sweeper resets it to queued, and then it is claimed here.
@@ -132,11 +167,19 @@ def _claim(settings: Settings, model_name: str) -> tuple[str, str | None]:
             select(Job.id).where(Job.model_name == model_name, Job.status == "running").limit(1)
         ).first()
         if running is not None:
-            return "busy", None
+            return Claim("busy")
 
-        queued_job = session.execute(
-            select(Job).where(Job.model_name == model_name, Job.status == "queued").order_by(Job.created_at).limit(1)
-        ).scalar_one_or_none()
+        queued_job = None
+        for candidate in session.execute(
+            select(Job).where(Job.model_name == model_name, Job.status == "queued").order_by(Job.created_at)
+        ).scalars():
+            if (candidate.attempts or 0) >= settings.max_job_attempts:
+                # a poison job (its worker dies, or it keeps being put back): not again
+                fail_job(session, candidate, f"gave up after {candidate.attempts} attempts; the last one did not "
+                                             "finish (worker killed, out of memory, time limit, database errors?)")
+                continue
+            queued_job = candidate
+            break
         if queued_job is not None:
             _start(queued_job, now)
             for req in session.execute(
@@ -153,7 +196,7 @@ def _claim(settings: Settings, model_name: str) -> tuple[str, str | None]:
                 payload={"job_id": queued_job.id, "kind": queued_job.kind, "attempt": queued_job.attempts,
                          "base_version": queued_job.base_version},
             )
-            return "claimed", queued_job.id
+            return Claim("claimed", queued_job.id, queued_job.attempts)
 
         requests = list(
             session.execute(
@@ -168,7 +211,7 @@ def _claim(settings: Settings, model_name: str) -> tuple[str, str | None]:
             ).scalars()
         )
         if not requests:
-            return "idle", None
+            return Claim("idle")
 
         tombstoned = erased_cells(session, model.dataset)
         claimed, cells = [], []
@@ -191,7 +234,7 @@ def _claim(settings: Settings, model_name: str) -> tuple[str, str | None]:
             claimed.append(req)
             cells.extend(c for c in req_cells if c not in cells)
         if not claimed:
-            return "idle", None
+            return Claim("idle")
 
         serving = session.get(Alias, (model_name, "serving"))
         if serving is None:
@@ -219,7 +262,7 @@ def _claim(settings: Settings, model_name: str) -> tuple[str, str | None]:
             payload={"job_id": job.id, "kind": "deletion", "request_ids": [r.id for r in claimed],
                      "cells": [list(c) for c in cells], "base_version": serving.version, "method": job.method},
         )
-        return "claimed", job.id
+        return Claim("claimed", job.id, job.attempts)
 
 
 def _start(job: Job, now: datetime) -> None:
@@ -263,8 +306,8 @@ class _Heartbeat:
     """Writes the job's progress and heartbeat every ``interval`` seconds while the engine runs,
     so the sweeper leaves a long-running job alone and clients see it move."""
 
-    def __init__(self, settings: Settings, job_id: str, interval: float):
-        self.settings, self.job_id, self.interval = settings, job_id, interval
+    def __init__(self, settings: Settings, job_id: str, attempt: int, interval: float):
+        self.settings, self.job_id, self.attempt, self.interval = settings, job_id, attempt, interval
         self.fraction = 0.0
         self._written = -1.0
         self._stop = threading.Event()
@@ -292,8 +335,8 @@ class _Heartbeat:
         fraction = round(0.95 * self.fraction, 4)  # the last 5% is publishing
         with transaction(self.settings.database_url) as session:
             job = session.get(Job, self.job_id)
-            if job is None or job.status != "running":
-                return
+            if job is None or job.status != "running" or job.attempts != self.attempt:
+                return  # not this attempt's job any more: a live rerun's heartbeat is its own
             job.heartbeat_at = utcnow()
             if fraction != self._written:
                 job.progress = fraction
@@ -329,9 +372,14 @@ def _target_version(settings: Settings, store: ModelStore, job_id: str) -> int:
         return version
 
 
-def run_job(settings: Settings, store: ModelStore, job_id: str) -> JobOutcome:
+def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | None = None) -> JobOutcome:
     """Run a claimed job to its end: compute (unless its artifact exists), store, publish.
-    Failures are recorded (job and requests failed, audit ``job.failed``) and returned."""
+
+    ``attempt`` is the claim this run belongs to (:func:`claim_next`); None takes the
+    job's current one. Failures are recorded (job and requests failed, audit
+    ``job.failed``) and returned; a database error puts the job back in the queue
+    instead (a rerun publishes what this run stored); a run whose attempt was
+    superseded records nothing."""
     with transaction(settings.database_url) as session:
         job = session.get(Job, job_id)
         model_name, base_version, kind = job.model_name, job.base_version, job.kind
@@ -342,27 +390,75 @@ def run_job(settings: Settings, store: ModelStore, job_id: str) -> JobOutcome:
         done = session.execute(select(ModelVersion).where(ModelVersion.job_id == job_id)).scalar_one_or_none()
         if done is not None:  # published by an earlier run: nothing left to do
             return JobOutcome("completed", model_name, job_id, done.version, metrics=done.metrics or {})
+        attempt = job.attempts if attempt is None else attempt
+        if job.status != "running" or job.attempts != attempt:
+            return JobOutcome("superseded", model_name, job_id, error=f"attempt {attempt} no longer owns the job")
 
     started = time.monotonic()
     try:
         version = _target_version(settings, store, job_id)
-        if store.exists(model_name, version) and store.manifest(model_name, version).job_id == job_id:
-            manifest = store.manifest(model_name, version)  # an earlier run stored it, then died
-            log.info("job %s: artifact v%d already stored, publishing it", job_id, version)
-        else:
+        manifest = _stored_artifact(settings, store, job_id, model_name, base_version, version)
+        if manifest is None:
             manifest = _compute(settings, store, job_id, model_name, base_version, version, spec, cells,
-                                request_ids, method, kind)
-        result = publish_version(settings, store, job_id, manifest, seconds=time.monotonic() - started)
-        log.info("job %s published %s v%d", job_id, model_name, result.version)
+                                request_ids, method, kind, attempt=attempt)
+        result = publish_version(settings, store, job_id, manifest, seconds=time.monotonic() - started,
+                                 attempt=attempt)
+        if result.status == "completed":
+            log.info("job %s published %s v%d", job_id, model_name, result.version)
         return result
+    except StaleAttempt as exc:
+        log.warning("job %s: attempt %d was superseded (%s); recording nothing", job_id, attempt, exc)
+        return JobOutcome("superseded", model_name, job_id, error=str(exc))
+    except TRANSIENT_DB_ERRORS as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("job %s: database error, putting it back in the queue: %s", job_id, error)
+        try:
+            requeue(settings, job_id, attempt, f"database error: {error}")
+        except Exception:  # noqa: BLE001 - the database is still away: the sweeper requeues the job later
+            log.warning("job %s: requeue failed; the sweeper will requeue it", job_id, exc_info=True)
+        return JobOutcome("requeued", model_name, job_id, error=error)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, then reported
         error = f"{type(exc).__name__}: {exc}"
         log.error("job %s failed: %s\n%s", job_id, error, traceback.format_exc())
-        mark_failed(settings, job_id, error)
+        if not mark_failed(settings, job_id, error, attempt=attempt):
+            return JobOutcome("superseded", model_name, job_id, error=error)
         return JobOutcome("failed", model_name, job_id, error=error)
 
 
-def _compute(settings, store, job_id, model_name, base_version, version, spec, cells, request_ids, method, kind):
+def _stored_artifact(settings, store, job_id, model_name, base_version, version) -> Manifest | None:
+    """The artifact an earlier run of this job stored and died before publishing, or None.
+    One whose weights do not match its manifest is discarded (and computed again)."""
+    if not (store.exists(model_name, version) and store.manifest(model_name, version).job_id == job_id):
+        return None
+    _check_base(settings, store, model_name, base_version)
+    if not store.verify(model_name, version):
+        log.warning("job %s: stored artifact v%d does not match its manifest; discarding it", job_id, version)
+        store.discard(model_name, version)
+        return None
+    log.info("job %s: artifact v%d already stored, publishing it", job_id, version)
+    return store.manifest(model_name, version)
+
+
+def _check_base(settings: Settings, store: ModelStore, model_name: str, base_version: int,
+                base_manifest: Manifest | None = None) -> None:
+    """The base version in the store is the one the record holds (same weights' sha256):
+    a checkpoint replaced behind the service's back (say, by pre-erasure weights) must not
+    become the base of a new version."""
+    sha = (base_manifest or store.manifest(model_name, base_version)).sha256
+    with transaction(settings.database_url) as session:
+        recorded = session.execute(
+            select(ModelVersion.sha256).where(ModelVersion.model_name == model_name,
+                                              ModelVersion.version == base_version)
+        ).scalar_one_or_none()
+    if recorded is None:
+        raise JobFailed(f"base version {base_version} of {model_name!r} is not in the record")
+    if recorded != sha:
+        raise JobFailed(f"base version {base_version} of {model_name!r} in the store (sha256 {sha}) is not the "
+                        f"one the record holds (sha256 {recorded})")
+
+
+def _compute(settings, store, job_id, model_name, base_version, version, spec, cells, request_ids, method, kind,
+             attempt=None):
     from unlearning.job import run_unlearning_job
     from unlearning.train import resolve_device
 
@@ -371,10 +467,14 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    model, base_manifest = store.load(model_name, base_version, device=device)
+    model, base_manifest = store.load(model_name, base_version, device=device)  # weights checked against it
+    _check_base(settings, store, model_name, base_version, base_manifest)
     data = job_data(settings, spec, base_manifest, cells)
     interval = max(0.5, min(10.0, settings.stale_after_s / 4))
-    with _Heartbeat(settings, job_id, interval) as beat:
+    if attempt is None:
+        with transaction(settings.database_url) as session:
+            attempt = session.get(Job, job_id).attempts
+    with _Heartbeat(settings, job_id, attempt, interval) as beat:
         calibration = lineage_calibration(settings, store, model_name, device) if method == settings.method else None
         result = run_unlearning_job(
             model,
@@ -413,10 +513,19 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
 
 
 def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest: Manifest,
-                    seconds: float | None = None) -> JobOutcome:
+                    seconds: float | None = None, attempt: int | None = None) -> JobOutcome:
     """Record a stored artifact as the job's version, in one transaction: the version row,
     the serving alias, the requests, the tombstones, the audit events. A job whose
-    version row exists already has had all of this done: calling again is a no-op."""
+    version row exists already has had all of this done: calling again is a no-op.
+
+    Only a running job publishes, and only under its current attempt when ``attempt``
+    is given (else :class:`StaleAttempt`). Erased data stays out of service: when the
+    artifact's lineage misses a tombstoned cell of the dataset (an erasure published
+    after the job was claimed), or a deletion job's base is no longer the serving
+    version (the alias moved under it), nothing is published: a deletion job is
+    rebased (put back in the queue on the serving version; its artifact stays
+    unpublished in the store) and returns ``requeued``; a reapply fails
+    (:class:`JobFailed`: roll back again)."""
     with transaction(settings.database_url) as session:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
         existing = session.execute(select(ModelVersion).where(ModelVersion.job_id == job_id)).scalar_one_or_none()
@@ -424,8 +533,37 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
             return JobOutcome("completed", job.model_name, job_id, existing.version, metrics=existing.metrics or {})
         if manifest.job_id != job_id:
             raise JobFailed(f"artifact v{manifest.version} belongs to job {manifest.job_id}, not {job_id}")
+        if job.status != "running" or (attempt is not None and job.attempts != attempt):
+            raise StaleAttempt(f"job {job_id} is {job.status} at attempt {job.attempts}, not running attempt {attempt}")
 
         model_name, version, metrics = job.model_name, manifest.version, manifest.metrics or {}
+        alias = session.execute(
+            select(Alias).where(Alias.model_name == model_name, Alias.alias == "serving").with_for_update()
+        ).scalar_one_or_none()
+        previous = alias.version if alias else None
+        key = dataset_key(manifest.dataset)
+        have = {(i, t) for i, t in session.execute(  # read under the alias lock: every earlier publish is in
+            select(Tombstone.instance_id, Tombstone.task).where(Tombstone.dataset_key == key)
+        )}
+        unsafe = _unsafe_to_serve(job, previous, manifest, have)
+        if unsafe is not None:
+            if job.kind != "deletion":
+                raise JobFailed(f"not published: {unsafe}; roll back again")
+            _put_back(session, job, "job.rebased", reason=f"not published: {unsafe}", from_base=job.base_version,
+                      to_base=previous, unpublished_version=version)
+            # the new base may itself lack erasures (a rollback's target): the rerun re-erases them too
+            new_base = session.execute(select(ModelVersion.erased_cells).where(
+                ModelVersion.model_name == model_name, ModelVersion.version == previous)).scalar_one_or_none()
+            params = dict(job.params or {})
+            cells = [list(c) for c in params.get("cells") or []]
+            missing = have - {tuple(c) for c in new_base or []}
+            params["cells"] = cells + [list(c) for c in sorted(missing) if list(c) not in cells]
+            params.pop("target_version", None)  # the rebased run computes a new version
+            job.params = params
+            job.base_version = previous
+            log.warning("job %s: %s; rebased on v%s", job_id, unsafe, previous)
+            return JobOutcome("requeued", model_name, job_id, error=f"rebased: {unsafe}")
+
         now = utcnow()
         session.add(
             ModelVersion(
@@ -441,10 +579,6 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
                 note=manifest.note,
             )
         )
-        alias = session.execute(
-            select(Alias).where(Alias.model_name == model_name, Alias.alias == "serving").with_for_update()
-        ).scalar_one_or_none()
-        previous = alias.version if alias else None
         if alias is None:
             session.add(Alias(model_name=model_name, alias="serving", version=version))
         else:
@@ -458,10 +592,6 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
             ).scalars()
         ) if manifest.deletions else []
         by_cell = {(r.instance_id, t): r.id for r in requests for t in r.tasks}
-        key = dataset_key(manifest.dataset)
-        have = {(i, t) for i, t in session.execute(
-            select(Tombstone.instance_id, Tombstone.task).where(Tombstone.dataset_key == key)
-        )}
         for iid, task in manifest.deleted_cells:
             if (iid, task) not in have:
                 session.add(Tombstone(dataset_key=key, instance_id=iid, task=task,
@@ -507,28 +637,81 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
         return JobOutcome("completed", model_name, job_id, version, metrics=metrics)
 
 
-def mark_failed(settings: Settings, job_id: str, error: str) -> None:
-    """Record a failed job: the job and its unfinished requests failed, with the error."""
+def _unsafe_to_serve(job: Job, serving: int | None, manifest: Manifest, tombstoned: set) -> str | None:
+    """Why ``manifest`` must not become the serving version, or None."""
+    missing = tombstoned - {tuple(c) for c in manifest.erased_cells}
+    if missing:
+        return f"v{manifest.version} still contains cells erased since the job was claimed: " \
+               f"{[list(c) for c in sorted(missing)]}"
+    if job.kind == "deletion" and serving != job.base_version:
+        return f"its base v{job.base_version} is no longer serving (v{serving} is)"
+    return None
+
+
+def _put_back(session: Session, job: Job, event: str, **details) -> None:
+    """Put a running job back in the queue with its running requests, and announce it."""
+    requests = list(session.execute(
+        select(DeletionRequest).where(DeletionRequest.job_id == job.id, DeletionRequest.status == "running")
+    ).scalars())
+    for req in requests:
+        req.status = "queued"
+        req.progress = 0.0
+        if details.get("to_base") is not None:
+            req.base_version = details["to_base"]
+    job.status = "queued"
+    job.progress = 0.0
+    job.heartbeat_at = utcnow()
+    append_event(session, event, model_name=job.model_name,
+                 payload={"job_id": job.id, "attempts": job.attempts, "request_ids": [r.id for r in requests],
+                          **details})
+    session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": job.model_name}, created_at=utcnow()))
+
+
+def requeue(settings: Settings, job_id: str, attempt: int, reason: str) -> bool:
+    """Put the job back in the queue if it is still running under ``attempt`` (a rerun
+    publishes the artifact this attempt stored, if any). Returns whether it did."""
+    with transaction(settings.database_url) as session:
+        job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
+        if job.status != "running" or job.attempts != attempt:
+            return False
+        _put_back(session, job, "job.requeued", reason=reason)
+        return True
+
+
+def mark_failed(settings: Settings, job_id: str, error: str, attempt: int | None = None) -> bool:
+    """Record a failed job: the job and its unfinished requests failed, with the error.
+    With ``attempt``, only while the job is running under that attempt (a worker the
+    sweeper gave up on does not fail the rerun that replaced it). Returns whether it did."""
     with transaction(settings.database_url) as session:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
         if job.status == "completed":
-            return
-        now = utcnow()
-        job.status = "failed"
-        job.error = error
-        job.finished_at = now
-        requests = list(session.execute(
-            select(DeletionRequest).where(DeletionRequest.job_id == job_id,
-                                          DeletionRequest.status.in_(("queued", "running")))
-        ).scalars())
-        append_event(session, "job.failed", model_name=job.model_name,
-                     payload={"job_id": job_id, "kind": job.kind, "error": error,
-                              "request_ids": [r.id for r in requests]})
-        for req in requests:
-            req.status = "failed"
-            req.error = error
-            append_event(session, "deletion.failed", model_name=job.model_name, request_id=req.id,
-                         instance_id=req.instance_id, payload={"job_id": job_id, "error": error})
+            return False
+        if attempt is not None and (job.status != "running" or job.attempts != attempt):
+            log.warning("job %s: attempt %d no longer owns it (%s, attempt %d); not failing it",
+                        job_id, attempt, job.status, job.attempts)
+            return False
+        fail_job(session, job, error)
+        return True
+
+
+def fail_job(session: Session, job: Job, error: str) -> None:
+    """Fail ``job`` and its unfinished requests in the caller's transaction, with audit events."""
+    now = utcnow()
+    job.status = "failed"
+    job.error = error
+    job.finished_at = now
+    requests = list(session.execute(
+        select(DeletionRequest).where(DeletionRequest.job_id == job.id,
+                                      DeletionRequest.status.in_(("queued", "running")))
+    ).scalars())
+    append_event(session, "job.failed", model_name=job.model_name,
+                 payload={"job_id": job.id, "kind": job.kind, "error": error, "attempts": job.attempts,
+                          "request_ids": [r.id for r in requests]})
+    for req in requests:
+        req.status = "failed"
+        req.error = error
+        append_event(session, "deletion.failed", model_name=job.model_name, request_id=req.id,
+                     instance_id=req.instance_id, payload={"job_id": job.id, "error": error})
 
 
 # --------------------------------------------------------------------------- entry point
@@ -542,12 +725,12 @@ def process_model(settings: Settings, store: ModelStore, model_name: str) -> Job
     a duplicate delivery finds nothing queued, or the same job's version.
     """
     try:
-        status, job_id = claim_job(settings, model_name)
+        claim = claim_next(settings, model_name)
     except JobFailed as exc:
         return JobOutcome("failed", model_name, error=str(exc))
-    if status != "claimed":
-        return JobOutcome(status, model_name)
-    return run_job(settings, store, job_id)
+    if claim.status != "claimed":
+        return JobOutcome(claim.status, model_name)
+    return run_job(settings, store, claim.job_id, claim.attempt)
 
 
 def drain_model(settings: Settings, store: ModelStore, model_name: str, max_jobs: int = 100) -> list[JobOutcome]:

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = None
     job_time_limit_s: int = 3600
     stale_after_s: int = 600  # the sweeper re-enqueues work untouched for this long
+    max_job_attempts: int = 3  # claims of one job before it is failed (its worker keeps dying: a poison job)
     relay_interval_s: float = 1.0
 
     background: bool = True  # the API process runs the outbox relay (and, without a broker, the in-process worker)

@@ -139,6 +139,9 @@ def rollback(
       The alias moves when that job publishes its version.
     """
     model = get_model(session, model_name)
+    # The lock a claim takes (worker.jobs): a claim and a rollback of one model do not interleave,
+    # so the active-job check below sees every job claimed before it, and no claim slips in after.
+    session.execute(select(Model).where(Model.name == model_name).with_for_update(key_share=True))
     target = get_version(session, model_name, version)
     current = serving_version(session, model_name, lock=True)
     if current == version:

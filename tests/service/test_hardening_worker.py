@@ -3,17 +3,32 @@ attempt fencing, rollback against a claim, poison jobs, checkpoints that do not 
 the record, stale temporary folders."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import threading
 import time
 import uuid
+from dataclasses import asdict
+from datetime import timedelta
 
+import pytest
+import torch
 from alembic import command
 from sqlalchemy import delete, select, text
 
+from model_store import LocalModelStore
+from unlearning.train import TrainConfig, train_model
+from worker import jobs
 from worker.audit import AuditChainHead, append_event, verify_chain
+from worker.bootstrap import ensure_model
+from worker.datasets import dataset_spec, get_splits
 from worker.db import engine_for, transaction
 from worker.migrate import alembic_config, upgrade_database
-from worker.tables import AuditEvent
+from worker.outbox import sweep_once
+from worker.requests import submit_deletion
+from worker.settings import Settings
+from worker.tables import Alias, AuditEvent, DeletionRequest, Job, ModelVersion, Tombstone, utcnow
 
 from .conftest import create_database, drop_database
 
@@ -111,3 +126,324 @@ def test_chain_head_migration_downgrades_and_backfills():
             assert append_event(session, "c").seq == 3
     finally:
         drop_database(name)
+
+
+# --------------------------------------------------------------------------- jobs on a tiny trained model
+
+TINY = "tiny-mtl"
+
+
+@pytest.fixture(scope="module")
+def tiny_v1(tmp_path_factory):
+    """Version 1 of a tiny model, trained once per module into a template store."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("tiny-store")
+    s = _tiny_settings(Settings(_env_file=None), root)
+    spec = dataset_spec(s)
+    train, _ = get_splits(spec)
+    recipe = TrainConfig(epochs=2, batch_size=6, width=8, depth=2, head_width=8, seed=0)
+    model = train_model(train, recipe, progress=False)
+    LocalModelStore(root).put_version(model, model_name=TINY, version=1, parent=None, dataset=spec,
+                                      train_config=asdict(recipe), note="initial training")
+    yield root
+    torch.set_num_threads(threads)
+
+
+def _tiny_settings(base: Settings, store_dir) -> Settings:
+    return base.model_copy(update=dict(
+        store_dir=store_dir, model_name=TINY, dataset="indoor", n_train=12, n_test=8, image_height=16,
+        image_width=16, seed=0, device="cpu", method_config={"steps": 2}, stale_after_s=60, max_job_attempts=3))
+
+
+@pytest.fixture
+def tiny(settings, tiny_v1, tmp_path):
+    """Settings, store and train instance ids of a registered tiny model (PostgreSQL)."""
+    s = _tiny_settings(settings, tmp_path / "models")
+    shutil.copytree(tiny_v1, s.store_dir)
+    store = LocalModelStore(s.store_dir)
+    ensure_model(s, store, progress=False)  # registers the stored version 1
+    train, _ = get_splits(dataset_spec(s))
+    return s, store, list(train.instance_ids)
+
+
+def _submit(s: Settings, instance_id: str, tasks=("depth",)) -> str:
+    with transaction(s.database_url) as session:
+        return submit_deletion(session, s, instance_id=instance_id, tasks=list(tasks)).request.id
+
+
+def _make_stale(s: Settings, job_id: str) -> None:
+    with transaction(s.database_url) as session:
+        session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=s.stale_after_s + 60)
+
+
+def _serving(s: Settings) -> ModelVersion:
+    with transaction(s.database_url) as session:
+        version = session.get(Alias, (TINY, "serving")).version
+        return session.execute(select(ModelVersion).where(ModelVersion.model_name == TINY,
+                                                          ModelVersion.version == version)).scalar_one()
+
+
+def _tombstones(s: Settings) -> set[tuple[str, str]]:
+    with transaction(s.database_url) as session:
+        return {(t.instance_id, t.task) for t in session.execute(select(Tombstone)).scalars()}
+
+
+def _assert_serving_erases_every_tombstone(s: Settings) -> None:
+    serving = _serving(s)
+    assert _tombstones(s) <= {tuple(c) for c in serving.erased_cells}, (serving.version, serving.erased_cells)
+
+
+def _kinds(s: Settings) -> list[str]:
+    with transaction(s.database_url) as session:
+        return [e.kind for e in session.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars()]
+
+
+# --------------------------------------------------------------------------- C: attempt fencing
+
+
+@pytest.mark.parametrize("worker1_ends", ["failing", "publishing"])
+def test_a_superseded_attempt_neither_fails_nor_publishes_over_the_rerun(tiny, monkeypatch, worker1_ends):
+    """Worker 1 goes quiet mid-job; the sweeper requeues the job, worker 2 claims it
+    (attempt 2). Worker 1 then comes back: whatever it does, the record is worker 2's."""
+    s, store, ids = tiny
+    request_id = _submit(s, ids[0])
+    first = jobs.claim_next(s, TINY)
+    real_compute = jobs._compute
+    second = {}
+
+    def worker1_compute(*args, **kwargs):
+        _make_stale(s, first.job_id)
+        assert sweep_once(s, lambda topic, payload: None)["jobs"] == 1
+        second["claim"] = jobs.claim_next(s, TINY)
+        if worker1_ends == "failing":
+            raise RuntimeError("worker 1: CUDA out of memory")
+        return real_compute(*args, **kwargs)  # stores the artifact, then tries to publish it
+
+    monkeypatch.setattr(jobs, "_compute", worker1_compute)
+    assert jobs.run_job(s, store, first.job_id, first.attempt).status == "superseded"
+    monkeypatch.setattr(jobs, "_compute", real_compute)
+
+    claim = second["claim"]
+    assert (claim.status, claim.job_id, claim.attempt) == ("claimed", first.job_id, 2)
+    with transaction(s.database_url) as session:
+        job, req = session.get(Job, first.job_id), session.get(DeletionRequest, request_id)
+        assert (job.status, job.attempts, req.status) == ("running", 2, "running")
+        assert session.execute(select(ModelVersion).where(ModelVersion.job_id == job.id)).first() is None
+        beat = job.heartbeat_at
+    jobs._Heartbeat(s, first.job_id, first.attempt, 1.0).write()  # worker 1's heartbeat thread: ignored
+    with transaction(s.database_url) as session:
+        assert session.get(Job, first.job_id).heartbeat_at == beat
+    _submit(s, ids[1])
+    assert jobs.claim_next(s, TINY).status == "busy"  # the model is still worker 2's
+
+    done = jobs.run_job(s, store, claim.job_id, claim.attempt)
+    assert (done.status, done.version) == ("completed", 2)
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    assert _tombstones(s) == {(ids[0], "depth"), (ids[1], "depth")}
+    _assert_serving_erases_every_tombstone(s)
+    assert "job.failed" not in _kinds(s)
+
+
+# --------------------------------------------------------------------------- D: rollback against a claim
+
+
+def test_a_claim_cannot_slip_into_a_rollback(tiny, monkeypatch):
+    """A claim while a rollback-with-reapply is being written waits its turn (busy), so the
+    rollback's active-job check is not bypassed and every erasure ends up served."""
+    import worker.versions as versions
+
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    assert [o.version for o in jobs.drain_model(s, store, TINY)] == [2]
+    _submit(s, ids[1])  # queued, not yet claimed
+    during = []
+    real_append = versions.append_event
+
+    def append_and_claim(session, kind, **kw):
+        if kind == "model.rollback_requested":
+            during.append(jobs.claim_next(s, TINY).status)  # another worker, another connection
+        return real_append(session, kind, **kw)
+
+    monkeypatch.setattr(versions, "append_event", append_and_claim)
+    with transaction(s.database_url) as session:
+        assert versions.rollback(session, s, TINY, 1, reapply_erasures=True).action == "reapply"
+    assert during == ["busy"]
+
+    outcomes = jobs.drain_model(s, store, TINY)
+    assert [o.status for o in outcomes] == ["completed", "completed"]
+    assert _tombstones(s) == {(ids[0], "depth"), (ids[1], "depth")}
+    _assert_serving_erases_every_tombstone(s)
+
+
+def test_publish_rebases_a_deletion_whose_base_stopped_serving(tiny):
+    """Defence in depth: the alias moved under a running deletion job (to a version that
+    still holds an erased cell). Its artifact is not published; the job reruns on the
+    serving version and erases both cells."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    jobs.drain_model(s, store, TINY)  # v2 erases ids[0]
+    _submit(s, ids[1])
+    claim = jobs.claim_next(s, TINY)  # based on v2
+    with transaction(s.database_url) as session:  # a racing rollback to v1, behind the rules' back
+        session.get(Alias, (TINY, "serving")).version = 1
+
+    outcome = jobs.run_job(s, store, claim.job_id, claim.attempt)
+    assert outcome.status == "requeued" and "no longer serving" in outcome.error
+    assert _serving(s).version == 1  # nothing published
+    assert "job.rebased" in _kinds(s)
+
+    rerun = jobs.drain_model(s, store, TINY)
+    assert [(o.status, o.job_id) for o in rerun] == [("completed", claim.job_id)]
+    served = _serving(s)
+    assert served.parent_version == 1
+    assert {tuple(c) for c in served.erased_cells} == {(ids[0], "depth"), (ids[1], "depth")}
+    _assert_serving_erases_every_tombstone(s)
+
+
+def test_publish_refuses_a_reapply_missing_an_erasure(tiny):
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    jobs.drain_model(s, store, TINY)  # v2 erases ids[0]
+    with transaction(s.database_url) as session:  # a reapply on v1 that misses that erasure (a raced rollback's)
+        session.add(Job(model_name=TINY, kind="reapply", status="queued", method=s.method, base_version=1,
+                        params={"cells": [[ids[2], "depth"]], "request_ids": []}))
+    outcome = jobs.drain_model(s, store, TINY)[0]
+    assert outcome.status == "failed" and "still contains cells erased" in outcome.error
+    assert _serving(s).version == 2
+
+
+# --------------------------------------------------------------------------- A: a database error at publish
+
+
+def test_a_database_error_at_publish_requeues_and_the_rerun_publishes(tiny, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    s, store, ids = tiny
+    request_id = _submit(s, ids[0])
+    real_publish = jobs.publish_version
+
+    def lost_connection(*args, **kwargs):
+        raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(jobs, "publish_version", lost_connection)
+    first = jobs.process_model(s, store, TINY)
+    assert first.status == "requeued"
+    with transaction(s.database_url) as session:
+        assert session.get(Job, first.job_id).status == "queued"
+        assert session.get(DeletionRequest, request_id).status == "queued"
+    monkeypatch.setattr(jobs, "publish_version", real_publish)
+    monkeypatch.setattr(jobs, "_compute", lambda *a, **k: pytest.fail("the stored artifact is computed again"))
+
+    again = jobs.process_model(s, store, TINY)
+    assert (again.status, again.job_id, again.version) == ("completed", first.job_id, 2)
+    with transaction(s.database_url) as session:
+        assert session.get(DeletionRequest, request_id).status == "completed"
+    assert "job.failed" not in _kinds(s)
+
+
+# --------------------------------------------------------------------------- E: a poison job
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(tiny, monkeypatch):
+    s, store, ids = tiny
+    request_id = _submit(s, ids[0])
+
+    class Killed(BaseException):  # the worker process dies in the job (OOM killer, hard time limit)
+        pass
+
+    def die(*args, **kwargs):
+        raise Killed()
+
+    monkeypatch.setattr(jobs, "_compute", die)
+    for _ in range(s.max_job_attempts):
+        with pytest.raises(Killed):
+            jobs.drain_model(s, store, TINY)
+        with transaction(s.database_url) as session:
+            job_id = session.execute(select(Job.id)).scalar_one()
+        _make_stale(s, job_id)
+        assert sweep_once(s, lambda topic, payload: None)["jobs"] == 1
+
+    later = _submit(s, ids[1])
+    monkeypatch.undo()
+    outcomes = jobs.drain_model(s, store, TINY)  # gives the poison job up, then serves the next request
+    assert [o.status for o in outcomes] == ["completed"]
+    with transaction(s.database_url) as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.attempts) == ("failed", s.max_job_attempts)
+        assert f"gave up after {s.max_job_attempts} attempts" in job.error
+        assert session.get(DeletionRequest, request_id).status == "failed"
+        assert session.get(DeletionRequest, later).status == "completed"
+        failed = session.execute(select(AuditEvent).where(AuditEvent.kind == "job.failed")).scalar_one()
+        assert failed.payload["job_id"] == job_id
+        assert verify_chain(session)["ok"] is True
+
+
+# --------------------------------------------------------------------------- F, G: checkpoints against the record
+
+
+def test_a_base_checkpoint_that_is_not_the_recorded_one_is_refused(tiny):
+    """Version 2 swapped in the store for the pre-erasure weights, its manifest made to
+    match them: the store's own check passes, the record's sha256 does not."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    jobs.drain_model(s, store, TINY)
+    v1, v2 = store.root / TINY / "v1", store.root / TINY / "v2"
+    (v2 / "model.safetensors").write_bytes((v1 / "model.safetensors").read_bytes())
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    manifest["sha256"] = store.manifest(TINY, 1).sha256
+    (v2 / "manifest.json").write_text(json.dumps(manifest))
+    assert store.verify(TINY, 2)
+
+    _submit(s, ids[1])
+    outcome = jobs.drain_model(s, store, TINY)[0]
+    assert outcome.status == "failed" and "is not the one the record holds" in outcome.error
+    assert _serving(s).version == 2 and store.versions(TINY) == [1, 2]
+
+
+def test_a_rerun_recomputes_a_stored_artifact_whose_weights_are_damaged(tiny, monkeypatch):
+    s, store, ids = tiny
+    _submit(s, ids[0])
+
+    class Crash(BaseException):
+        pass
+
+    def crash(*args, **kwargs):
+        raise Crash()
+
+    monkeypatch.setattr(jobs, "publish_version", crash)  # stored, then died before publishing
+    with pytest.raises(Crash):
+        jobs.drain_model(s, store, TINY)
+    monkeypatch.undo()
+    weights = store.root / TINY / "v2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100] + b"\0" * 100)
+    with transaction(s.database_url) as session:
+        job_id = session.execute(select(Job.id)).scalar_one()
+    _make_stale(s, job_id)
+    sweep_once(s, lambda topic, payload: None)
+
+    outcome = jobs.drain_model(s, store, TINY)[0]
+    assert (outcome.status, outcome.version) == ("completed", 2)
+    assert store.verify(TINY, 2)
+    assert _serving(s).sha256 == store.manifest(TINY, 2).sha256
+
+
+# --------------------------------------------------------------------------- H: a dead writer's temporary folders
+
+
+def test_stale_temporary_folders_are_removed(tmp_path):
+    store = LocalModelStore(tmp_path)
+    model_dir = tmp_path / "m"
+    (model_dir / "v1").mkdir(parents=True)
+    (model_dir / "v1" / "manifest.json").write_text("{}")
+    old, fresh = model_dir / ".tmp-v2-dead", model_dir / ".tmp-v2-writing"
+    for d in (old, fresh):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    (model_dir / ".tmp-calibration-dead").write_text("{")
+    hours_ago = time.time() - 2 * 3600
+    for p in (old, model_dir / ".tmp-calibration-dead"):
+        os.utime(p, (hours_ago, hours_ago))
+
+    assert store.versions("m") == [1]
+    assert sorted(p.name for p in model_dir.iterdir()) == [".tmp-v2-writing", "v1"]
