@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Sequence
@@ -272,11 +273,11 @@ def deletion_certificate(session: Session, request_id: str) -> dict:
         "version_before": request.base_version if request.base_version is not None else (job.base_version if job else None),
         "version_after": request.produced_version,
         "version_after_sha256": version.sha256 if version else None,
-        "uis": metrics.get("uis"),
-        "uis_task": metrics.get("uis_task"),
-        "uis_inst": metrics.get("uis_inst"),
-        "mia_auc": metrics.get("mia_auc"),
-        "mia_auc_original": metrics.get("mia_auc_original"),
+        "uis": _finite(metrics.get("uis")),
+        "uis_task": _finite(metrics.get("uis_task")),
+        "uis_inst": _finite(metrics.get("uis_inst")),
+        "mia_auc": _finite(metrics.get("mia_auc")),
+        "mia_auc_original": _finite(metrics.get("mia_auc_original")),
         "received_at": _iso(request.created_at),
         "completed_at": _iso(request.completed_at),
         "audit": {
@@ -292,9 +293,22 @@ def deletion_certificate(session: Session, request_id: str) -> dict:
 
 
 def certificate_hash(body: dict) -> str:
-    """sha256 of a certificate's canonical JSON, without its own ``certificate_sha256`` field."""
+    """sha256 of a certificate's canonical JSON, without its own ``certificate_sha256`` field.
+    Strict JSON (no NaN): what is hashed is what a client receives and can hash again."""
     rest = {k: v for k, v in body.items() if k != "certificate_sha256"}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _finite(value):
+    """A metric as JSON can carry it: NaN and infinities (a degenerate evaluation) become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _iso(at: datetime | None) -> str | None:

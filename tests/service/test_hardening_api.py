@@ -3,6 +3,7 @@ databases: PostgreSQL (the conftest's database) and the embedded SQLite."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 from collections import Counter
@@ -13,7 +14,9 @@ from sqlalchemy.exc import DataError
 
 import worker.requests
 from app.main import create_app
+from worker.db import transaction
 from worker.migrate import upgrade_database
+from worker.tables import DeletionRequest, utcnow
 
 from .conftest import assert_problem, counts, register_model
 
@@ -204,3 +207,30 @@ def test_a_value_the_database_refuses_is_a_422_without_the_statement(backend, mo
     r = client.get("/jobs/some-job")
     assert_problem(r, 422, "invalid-request")
     assert "SELECT" not in r.text and "secret" not in r.text
+
+
+# --------------------------------------------------------------------------- non-finite metrics
+
+
+def test_non_finite_metrics_are_served_as_null(settings, tmp_path):
+    # SQLite only: PostgreSQL's json type refuses NaN, so such metrics cannot be stored there.
+    url = f"sqlite:///{tmp_path / 'unlearnd.db'}"
+    upgrade_database(url)
+    lite = settings.model_copy(update={"database_url": url})
+    model = register_model(lite)
+    with TestClient(create_app(lite)) as client:
+        rid = client.post("/deletions", json={"instance_id": model.train_ids[0]}).json()["id"]
+        with transaction(url) as session:
+            request = session.get(DeletionRequest, rid)
+            request.status, request.produced_version, request.completed_at = "completed", 1, utcnow()
+            request.metrics = {"uis": float("inf"), "mia_auc": float("nan"), "mia_auc_original": 0.61,
+                               "uis_task": {"depth": float("-inf")}}
+        assert client.get(f"/deletions/{rid}").json()["metrics"] == {
+            "uis": None, "mia_auc": None, "mia_auc_original": 0.61, "uis_task": {"depth": None}}
+        r = client.get(f"/deletions/{rid}/certificate")
+        assert r.status_code == 200, r.text
+        cert = r.json()
+        assert (cert["uis"], cert["mia_auc"], cert["mia_auc_original"], cert["uis_task"]) == (None, None, 0.61, {"depth": None})
+        rest = {k: v for k, v in cert.items() if k != "certificate_sha256"}
+        canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"))
+        assert cert["certificate_sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
