@@ -51,9 +51,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 _HTTP_SLUGS = {404: ("Not found", "not-found"), 405: ("Method not allowed", "method-not-allowed")}
+#: FastAPI's 400 when decoding the body failed outside the JSON parser's own errors
+#: (bytes that are not UTF-8, arrays nested past the recursion limit)
+_UNPARSABLE_BODY = "There was an error parsing the body"
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:
+        return problem(
+            request, 400, "Malformed JSON", "the request body is not valid JSON (UTF-8, nested too deep)",
+            "malformed-json",
+        )
     title, slug = _HTTP_SLUGS.get(exc.status_code, ("HTTP error", f"http-{exc.status_code}"))
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and detail == "Not Found":

@@ -234,3 +234,14 @@ def test_non_finite_metrics_are_served_as_null(settings, tmp_path):
         rest = {k: v for k, v in cert.items() if k != "certificate_sha256"}
         canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"))
         assert cert["certificate_sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- unparsable bodies
+
+
+@pytest.mark.parametrize("content", [b'{"instance_id": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000])
+def test_a_body_that_cannot_be_decoded_is_malformed_json(backend, content):
+    settings, _, client = backend
+    r = client.post("/deletions", content=content, headers={"content-type": "application/json"})
+    assert_problem(r, 400, "malformed-json")
+    assert counts(settings)["deletion_requests"] == 0
