@@ -1,7 +1,6 @@
 """Deletion requests: submit, inspect, list, certify."""
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
@@ -16,6 +15,7 @@ from ..schemas import (
     DeletionCreate,
     DeletionOut,
     DeletionPage,
+    QueryDateTime,
     Text,
     deletion_accepted,
     deletion_out,
@@ -52,8 +52,8 @@ def list_deletions(
     instance_id: Text | None = None,
     status: Text | None = None,
     model: Text | None = None,
-    since: Annotated[datetime | None, Query(description="created at or after (naive = UTC)")] = None,
-    until: Annotated[datetime | None, Query(description="created before (naive = UTC)")] = None,
+    since: Annotated[QueryDateTime | None, Query(description="created at or after (naive = UTC)")] = None,
+    until: Annotated[QueryDateTime | None, Query(description="created before (naive = UTC)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> DeletionPage:

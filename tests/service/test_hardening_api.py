@@ -245,3 +245,21 @@ def test_a_body_that_cannot_be_decoded_is_malformed_json(backend, content):
     r = client.post("/deletions", content=content, headers={"content-type": "application/json"})
     assert_problem(r, 400, "malformed-json")
     assert counts(settings)["deletion_requests"] == 0
+
+
+# --------------------------------------------------------------------------- time filters
+
+
+@pytest.mark.parametrize("url", ["/deletions", "/audit/events"])
+@pytest.mark.parametrize("param,value", [("since", "9999-12-31T23:59:59-01:00"), ("until", "0001-01-01T00:00:00+01:00")])
+def test_a_time_filter_past_the_utc_range_is_a_validation_error(backend, url, param, value):
+    _, _, client = backend
+    problem = assert_problem(client.get(url, params={param: value}), 422, "validation-error")
+    assert problem["errors"][0]["loc"] == ["query", param]
+
+
+def test_a_time_filter_with_an_offset_is_read_in_utc(backend):
+    _, model, client = backend
+    client.post("/deletions", json={"instance_id": model.train_ids[0]})
+    assert len(client.get("/deletions", params={"since": "2000-01-01T00:00:00-05:00"}).json()["items"]) == 1
+    assert len(client.get("/audit/events", params={"until": "2000-01-01T00:00:00+09:00"}).json()["items"]) == 0
