@@ -11,7 +11,6 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
-import worker.audit  # noqa: F401  (its AuditChainHead is part of the schema)
 from worker.db import make_engine
 from worker.tables import Base
 

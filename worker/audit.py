@@ -15,24 +15,15 @@ import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Integer, String, select, text
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
 
-from .tables import AuditEvent, Base, as_utc, utcnow
+from .tables import AuditChainHead, AuditEvent, as_utc, utcnow
 
 GENESIS = "0" * 64
 HEAD_ID = 1
 # Any constant: the key of the PostgreSQL advisory lock that serialises appends.
 APPEND_LOCK_KEY = 727_002
-
-
-class AuditChainHead(Base):
-    """The last event of the chain (one row, ``id`` 1); see the module doc."""
-
-    __tablename__ = "audit_chain_head"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
-    hash: Mapped[str] = mapped_column(String(64))
 
 
 def _canonical_time(at: datetime) -> str:

@@ -133,6 +133,16 @@ class AuditEvent(Base):
     hash: Mapped[str] = mapped_column(String(64), unique=True)
 
 
+class AuditChainHead(Base):
+    """The chain's last event (one row, ``id`` 1), written in the same transaction as each
+    event: appends serialise on it, and it anchors the end of the log (worker.audit)."""
+
+    __tablename__ = "audit_chain_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
 class Tombstone(Base):
     """An erased cell of a dataset: it never re-enters training or unlearning retain data."""
 

@@ -20,7 +20,7 @@ from sqlalchemy import delete, select, text
 from model_store import LocalModelStore
 from unlearning.train import TrainConfig, train_model
 from worker import jobs
-from worker.audit import AuditChainHead, append_event, verify_chain
+from worker.audit import append_event, verify_chain
 from worker.bootstrap import ensure_model
 from worker.datasets import dataset_spec, get_splits
 from worker.db import engine_for, transaction
@@ -28,7 +28,7 @@ from worker.migrate import alembic_config, upgrade_database
 from worker.outbox import sweep_once
 from worker.requests import submit_deletion
 from worker.settings import Settings
-from worker.tables import Alias, AuditEvent, DeletionRequest, Job, ModelVersion, Tombstone, utcnow
+from worker.tables import Alias, AuditChainHead, AuditEvent, DeletionRequest, Job, ModelVersion, Tombstone, utcnow
 
 from .conftest import create_database, drop_database
 
