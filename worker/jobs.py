@@ -122,7 +122,10 @@ def _cells(raw) -> list[tuple[str, str]]:
 
 
 def _jsonable(value) -> Any:
-    return json.loads(json.dumps(value, default=float))
+    """``value`` as plain JSON for the record: tensors and numpy numbers as floats; NaN and
+    infinities (a degenerate evaluation, e.g. an attack with no measurable forgotten cell)
+    as None, since PostgreSQL's JSON has no NaN and the metrics would not be stored."""
+    return json.loads(json.dumps(value, default=float), parse_constant=lambda _: None)
 
 
 # --------------------------------------------------------------------------- claim

@@ -447,3 +447,19 @@ def test_stale_temporary_folders_are_removed(tmp_path):
 
     assert store.versions("m") == [1]
     assert sorted(p.name for p in model_dir.iterdir()) == [".tmp-v2-writing", "v1"]
+
+
+def test_metrics_are_recorded_as_strict_json():
+    """PostgreSQL's JSON has no NaN: a degenerate metric (an attack with no measurable
+    forgotten cell gives NaN) is recorded as null, other numbers as floats."""
+    import json
+
+    import numpy as np
+    import torch
+
+    metrics = {"mia_auc": float("nan"), "uis": np.float32(0.25), "gap": torch.tensor(0.5),
+               "per_task": {"depth": {"abs_err": float("inf")}}, "list": [float("-inf"), 1]}
+    out = jobs._jsonable(metrics)
+    assert out == {"mia_auc": None, "uis": 0.25, "gap": 0.5, "per_task": {"depth": {"abs_err": None}},
+                   "list": [None, 1]}
+    json.dumps(out, allow_nan=False)
