@@ -16,6 +16,7 @@ from ..schemas import (
     DeletionOut,
     DeletionPage,
     QueryDateTime,
+    RequestStatus,
     Text,
     deletion_accepted,
     deletion_out,
@@ -50,7 +51,7 @@ def create_deletion(
 def list_deletions(
     session: SessionDep,
     instance_id: Text | None = None,
-    status: Text | None = None,
+    status: RequestStatus | None = None,
     model: Text | None = None,
     since: Annotated[QueryDateTime | None, Query(description="created at or after (naive = UTC)")] = None,
     until: Annotated[QueryDateTime | None, Query(description="created before (naive = UTC)")] = None,

@@ -263,3 +263,16 @@ def test_a_time_filter_with_an_offset_is_read_in_utc(backend):
     client.post("/deletions", json={"instance_id": model.train_ids[0]})
     assert len(client.get("/deletions", params={"since": "2000-01-01T00:00:00-05:00"}).json()["items"]) == 1
     assert len(client.get("/audit/events", params={"until": "2000-01-01T00:00:00+09:00"}).json()["items"]) == 0
+
+
+# --------------------------------------------------------------------------- status filter
+
+
+def test_an_unknown_status_filter_names_the_statuses(backend):
+    _, model, client = backend
+    problem = assert_problem(client.get("/deletions", params={"status": "bogus"}), 422, "validation-error")
+    assert problem["errors"][0]["loc"] == ["query", "status"]
+    assert all(s in problem["detail"] for s in ("received", "queued", "running", "completed", "failed", "rejected"))
+    client.post("/deletions", json={"instance_id": model.train_ids[0]})
+    assert len(client.get("/deletions", params={"status": "queued"}).json()["items"]) == 1
+    assert client.get("/deletions", params={"status": "completed"}).json()["items"] == []
