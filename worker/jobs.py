@@ -306,8 +306,9 @@ def job_data(settings: Settings, spec: dict, base_manifest: Manifest, cells: lis
 
 
 class _Heartbeat:
-    """Writes the job's progress and heartbeat every ``interval`` seconds while the engine runs,
-    so the sweeper leaves a long-running job alone and clients see it move."""
+    """Writes the job's progress and heartbeat every ``interval`` seconds while the job loads
+    its base version and data and while the engine runs, so the sweeper leaves a
+    long-running job alone and clients see it move."""
 
     def __init__(self, settings: Settings, job_id: str, attempt: int, interval: float):
         self.settings, self.job_id, self.attempt, self.interval = settings, job_id, attempt, interval
@@ -470,14 +471,16 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    model, base_manifest = store.load(model_name, base_version, device=device)  # weights checked against it
-    _check_base(settings, store, model_name, base_version, base_manifest)
-    data = job_data(settings, spec, base_manifest, cells)
     interval = max(0.5, min(10.0, settings.stale_after_s / 4))
     if attempt is None:
         with transaction(settings.database_url) as session:
             attempt = session.get(Job, job_id).attempts
+    # The heartbeat covers loading too: rendering or reading a large dataset the first
+    # time may take longer than STALE_AFTER_S, and the sweeper must not requeue a live job.
     with _Heartbeat(settings, job_id, attempt, interval) as beat:
+        model, base_manifest = store.load(model_name, base_version, device=device)  # weights checked against it
+        _check_base(settings, store, model_name, base_version, base_manifest)
+        data = job_data(settings, spec, base_manifest, cells)
         calibration = lineage_calibration(settings, store, model_name, device) if method == settings.method else None
         result = run_unlearning_job(
             model,

@@ -248,6 +248,30 @@ def test_a_superseded_attempt_neither_fails_nor_publishes_over_the_rerun(tiny, m
 # --------------------------------------------------------------------------- D: rollback against a claim
 
 
+def test_the_heartbeat_covers_loading_the_data(tiny, monkeypatch):
+    """Loading the base version and the data comes before the engine; when it takes long
+    (a large dataset rendered or read the first time) the heartbeat must already run, or
+    the sweeper would requeue a live job."""
+    s, store, ids = tiny
+    s = s.model_copy(update=dict(stale_after_s=2))  # a heartbeat every 0.5 s
+    _submit(s, ids[0])
+    claim = jobs.claim_next(s, TINY)
+    with transaction(s.database_url) as session:
+        claimed_at = session.get(Job, claim.job_id).heartbeat_at
+    seen = []
+    real_job_data = jobs.job_data
+
+    def slow_job_data(*args, **kwargs):
+        time.sleep(1.6)
+        with transaction(s.database_url) as session:
+            seen.append(session.get(Job, claim.job_id).heartbeat_at)
+        return real_job_data(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "job_data", slow_job_data)
+    assert jobs.run_job(s, store, claim.job_id, claim.attempt).status == "completed"
+    assert seen and seen[0] > claimed_at
+
+
 def test_a_claim_cannot_slip_into_a_rollback(tiny, monkeypatch):
     """A claim while a rollback-with-reapply is being written waits its turn (busy), so the
     rollback's active-job check is not bypassed and every erasure ends up served."""
