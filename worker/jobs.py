@@ -750,4 +750,6 @@ def drain_model(settings: Settings, store: ModelStore, model_name: str, max_jobs
                 outcomes.append(outcome)
             break
         outcomes.append(outcome)
+        if outcome.status == "failed" and outcome.job_id is None:
+            break  # the claim itself failed (no serving version): claiming again fails the same way
     return outcomes

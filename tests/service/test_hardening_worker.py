@@ -272,6 +272,17 @@ def test_the_heartbeat_covers_loading_the_data(tiny, monkeypatch):
     assert seen and seen[0] > claimed_at
 
 
+def test_a_claim_that_fails_is_not_retried_in_a_tight_loop(tiny):
+    s, store, ids = tiny
+    request_id = _submit(s, ids[0])
+    with transaction(s.database_url) as session:
+        session.delete(session.get(Alias, (TINY, "serving")))
+    outcomes = jobs.drain_model(s, store, TINY)
+    assert [o.status for o in outcomes] == ["failed"] and "serving" in outcomes[0].error
+    with transaction(s.database_url) as session:
+        assert session.get(DeletionRequest, request_id).status == "queued"  # nothing lost; it runs once fixed
+
+
 def test_a_claim_cannot_slip_into_a_rollback(tiny, monkeypatch):
     """A claim while a rollback-with-reapply is being written waits its turn (busy), so the
     rollback's active-job check is not bypassed and every erasure ends up served."""
