@@ -130,6 +130,19 @@ def test_strict_erasure_names_the_bad_cell(indoor):
     assert again.instance_ids == once.instance_ids and torch.equal(again.available, once.available)
 
 
+@pytest.mark.parametrize("bad", [-2, 6])
+def test_segmentation_labels_outside_the_classes_are_refused(indoor, bad):
+    from unlearning.data.base import MultiTaskDataset
+
+    train = indoor[0]
+    targets = {t: v.clone() for t, v in train.targets.items()}
+    assert train.num_classes == 6
+    targets["segmentation"][0, 0, 0] = bad
+    with pytest.raises(ValueError, match=rf"labels span \[{min(bad, -1)}, {max(bad, 5)}\]; they must be -1 \(ignore\) "
+                                         r"or a class in \[0, 5\]"):
+        MultiTaskDataset("bad", train.tasks, train.images, targets, train.instance_ids, train.num_classes)
+
+
 # --------------------------------------------------------------------------- .npy format
 
 H, W = 6, 8

@@ -52,6 +52,15 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 raise ValueError(f"dataset {name!r} lacks targets for task {task!r}")
             if len(targets[task]) != len(images):
                 raise ValueError(f"task {task!r} has {len(targets[task])} targets for {len(images)} images")
+        # checked where data enters (no ``available`` mask yet); subsets and erasures
+        # of a checked dataset (which pass theirs) need no second pass over the labels
+        if available is None and "segmentation" in tasks and num_classes and len(images):
+            labels = targets["segmentation"]
+            low, high = int(labels.min()), int(labels.max())
+            if low < -1 or high >= num_classes:
+                # caught here, not as CUDA's device-side assert in the loss
+                raise ValueError(f"dataset {name!r}: segmentation labels span [{low}, {high}]; they must be "
+                                 f"-1 (ignore) or a class in [0, {num_classes - 1}]")
         self.name = name
         self.tasks = list(tasks)
         self.images = images
