@@ -97,6 +97,13 @@ class Registered:
     test_ids: list[str]
 
 
+def on_sqlite(settings: Settings, directory) -> Settings:
+    """``settings`` over a fresh, migrated SQLite file in ``directory`` (the embedded default)."""
+    url = f"sqlite:///{directory / 'unlearnd.db'}"
+    upgrade_database(url)
+    return settings.model_copy(update={"database_url": url})
+
+
 def register_model(settings: Settings, name: str = MODEL, erased_cells=()) -> Registered:
     """A model row, version 1 (fake artifact) and the serving alias, written directly."""
     spec = dataset_spec(settings)

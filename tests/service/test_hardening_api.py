@@ -15,10 +15,9 @@ from sqlalchemy.exc import DataError
 import worker.requests
 from app.main import create_app
 from worker.db import transaction
-from worker.migrate import upgrade_database
 from worker.tables import DeletionRequest, utcnow
 
-from .conftest import assert_problem, counts, register_model
+from .conftest import assert_problem, counts, on_sqlite, register_model
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -26,9 +25,7 @@ def backend(request, settings, tmp_path):
     """(settings, registered model, client) over PostgreSQL or a fresh SQLite file.
     Server errors come back as responses (problem documents), not raised."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'unlearnd.db'}"
-        upgrade_database(url)
-        settings = settings.model_copy(update={"database_url": url})
+        settings = on_sqlite(settings, tmp_path)
     model = register_model(settings)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield settings, model, client
@@ -214,13 +211,11 @@ def test_a_value_the_database_refuses_is_a_422_without_the_statement(backend, mo
 
 def test_non_finite_metrics_are_served_as_null(settings, tmp_path):
     # SQLite only: PostgreSQL's json type refuses NaN, so such metrics cannot be stored there.
-    url = f"sqlite:///{tmp_path / 'unlearnd.db'}"
-    upgrade_database(url)
-    lite = settings.model_copy(update={"database_url": url})
+    lite = on_sqlite(settings, tmp_path)
     model = register_model(lite)
     with TestClient(create_app(lite)) as client:
         rid = client.post("/deletions", json={"instance_id": model.train_ids[0]}).json()["id"]
-        with transaction(url) as session:
+        with transaction(lite.database_url) as session:
             request = session.get(DeletionRequest, rid)
             request.status, request.produced_version, request.completed_at = "completed", 1, utcnow()
             request.metrics = {"uis": float("inf"), "mia_auc": float("nan"), "mia_auc_original": 0.61,

@@ -4,15 +4,12 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from worker.migrate import upgrade_database
 
-from .conftest import register_model
+from .conftest import on_sqlite, register_model
 
 
 def test_the_app_works_on_sqlite(settings, tmp_path):
-    url = f"sqlite:///{tmp_path / 'unlearnd.db'}"
-    upgrade_database(url)
-    lite = settings.model_copy(update={"database_url": url})
+    lite = on_sqlite(settings, tmp_path)
     model = register_model(lite)
     with TestClient(create_app(lite)) as c:
         assert c.get("/readyz").status_code == 200
