@@ -7,6 +7,7 @@ tasks' heads bit-identical in a partial-task request.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
@@ -136,6 +137,20 @@ def test_partial_request_forgets_only_forget_cells(world, method):
                 assert torch.equal(p0, p1), f"{method} moved the protected {task} head"
         moved = any(not torch.equal(a, b) for a, b in zip(model.head_parameters("depth"), out.head_parameters("depth")))
         assert moved, f"{method} did not touch the forget task's head"
+
+
+@pytest.mark.parametrize("method", BASELINES + ["interference_aware"])
+def test_a_forget_cell_without_a_labelled_pixel_is_skipped_not_fatal(world, method):
+    """A forget cell whose every pixel is invalid has nothing to forget (the forget batch
+    leaves it out); a request with one beside a real cell still runs and forgets that one."""
+    train, heldout, model = world
+    blank = copy.deepcopy(train)
+    blank.targets["depth"][5] = 0.0  # tr5: depth dropped out everywhere
+    data = UnlearnData(train=blank, forget_cells=PARTIAL, retain=blank.without(PARTIAL), heldout=heldout)
+    assert data.forget_batch().has["depth"].tolist() == [False, True]
+    config = {"steps": 20, "tau_refresh": 0} if method == "interference_aware" else {}
+    out, _ = get_method(method)(model, data, config)
+    assert raised(method, model, out, data)
 
 
 def test_methods_that_protect_heads():

@@ -38,21 +38,25 @@ _SUBSET_SEED = 4  # loops.generator's seed for data.seed 0 and salt 4
 
 
 def fisher_diagonal(model, batches, tasks_of, progress=None) -> dict[str, torch.Tensor]:
-    """Mean over single-sample batches of the squared gradient of their supervised loss."""
+    """Mean over single-sample batches of the squared gradient of their supervised loss
+    (a batch with no task to measure, ``tasks_of`` empty, is left out of the mean)."""
     importance = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     batches = list(batches)
+    used = 0
     for i, batch in enumerate(batches):
         model.zero_grad(set_to_none=True)
         tasks = tasks_of(batch)
-        loss = supervised_loss(cell_losses(model, batch, tasks), {t: batch.has[t] for t in tasks})
-        loss.backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                importance[n] += p.grad.detach() ** 2
+        if tasks:
+            used += 1
+            loss = supervised_loss(cell_losses(model, batch, tasks), {t: batch.has[t] for t in tasks})
+            loss.backward()
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    importance[n] += p.grad.detach() ** 2
         if progress is not None:
             progress((i + 1) / len(batches))
     model.zero_grad(set_to_none=True)
-    return {n: v / max(len(batches), 1) for n, v in importance.items()}
+    return {n: v / max(used, 1) for n, v in importance.items()}
 
 
 def _importance_key(data, n_samples: int) -> tuple:
