@@ -438,8 +438,8 @@ def headline(results: list[dict], ours: str = DEFAULT_METHOD) -> list[dict]:
         baselines = {m: v for m, v in agg.items() if m not in (ours, "retrain", INDEPENDENT_RETRAIN)}
         independent = agg.get(INDEPENDENT_RETRAIN)
         eight_independent = [r for r in runs if r["n_forget"] == 8 and r["method"] == INDEPENDENT_RETRAIN]
-        eligible = {m: v for m, v in baselines.items() if v["mia_err"] <= me["mia_err"] + 1e-9}
-        eligible = {m: v for m, v in eligible.items() if not _missing(v["uis"])}
+        eligible = {m: v for m, v in baselines.items()
+                    if v["mia_err"] <= me["mia_err"] + 1e-9 and not _missing(v["uis"])}
         strongest = min(eligible, key=lambda m: eligible[m]["uis"]) if eligible else None
         lowest = min(baselines, key=lambda m: _rank(baselines[m]["uis"])) if baselines else None
         closest = (min(baselines, key=lambda m: (_rank(baselines[m]["mia_err"]), _rank(baselines[m]["uis"])))

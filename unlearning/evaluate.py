@@ -64,16 +64,17 @@ def _measure(model, dataset, tasks, only_supervised, device, batch_size, with_lo
     try:
         for start in range(0, len(dataset), batch_size):
             batch = dataset.batch(range(start, min(start + batch_size, len(dataset)))).to(device)
-            # the cells measured: supervised (or, without only_supervised, every stored
-            # target) and with a labelled pixel; losses NaN elsewhere, as per_sample_losses
-            rows_of = {t: measured(batch, t) if only_supervised else get_task(t).labelled(batch.targets[t])
-                       for t in tasks}
+            # the cells with a loss to measure (supervised, a labelled pixel): losses are NaN
+            # elsewhere, as per_sample_losses gives them; metrics read those cells, or,
+            # without only_supervised, every stored target with a labelled pixel
+            sup = {t: measured(batch, t) for t in tasks}
+            rows_of = sup if only_supervised else {t: get_task(t).labelled(batch.targets[t]) for t in tasks}
             needed = [t for t in tasks if bool(rows_of[t].any())]
             preds = model(batch.images, needed) if needed else {}
             for t in tasks:
                 if with_losses:
                     losses[t].append(supervised_or_nan(get_task(t).sample_loss(preds[t], batch.targets[t]),
-                                                       measured(batch, t)).cpu()
+                                                       sup[t]).cpu()
                                      if t in preds else torch.full(batch.has[t].shape, float("nan")))
                 if t not in preds:
                     continue
