@@ -5,9 +5,9 @@ first event chains to ``GENESIS``. :func:`verify_chain` recomputes every hash,
 so a changed, deleted or reordered row breaks the chain at a known ``seq``.
 
 The chain's head (last ``seq`` and ``hash``) is also kept in a one-row table,
-``audit_chain_head``, written in the same transaction as each event. It is
-what appends serialise on, and it anchors the end of the log: events deleted
-from the tail leave a head that no remaining event matches.
+``audit_chain_head``, written in the same transaction as each event. It
+anchors the end of the log: events deleted from the tail leave a head that no
+remaining event matches. (Appends serialise on a lock: see :func:`append_event`.)
 """
 from __future__ import annotations
 

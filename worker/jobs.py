@@ -44,7 +44,7 @@ from .audit import append_event
 from .calibration import lineage_calibration, method_config
 from .datasets import erased_cells, get_splits
 from .db import transaction
-from .requests import PROCESS_MODEL_TOPIC
+from .requests import PROCESS_MODEL_TOPIC, finite_json
 from .settings import Settings
 from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
                      utcnow)
@@ -124,8 +124,9 @@ def _cells(raw) -> list[tuple[str, str]]:
 def _jsonable(value) -> Any:
     """``value`` as plain JSON for the record: tensors and numpy numbers as floats; NaN and
     infinities (a degenerate evaluation, e.g. an attack with no measurable forgotten cell)
-    as None, since PostgreSQL's JSON has no NaN and the metrics would not be stored."""
-    return json.loads(json.dumps(value, default=float), parse_constant=lambda _: None)
+    as None (:func:`finite_json`), since PostgreSQL's JSON has no NaN and the metrics
+    would not be stored."""
+    return finite_json(json.loads(json.dumps(value, default=float)))
 
 
 # --------------------------------------------------------------------------- claim
@@ -432,7 +433,8 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
 def _stored_artifact(settings, store, job_id, model_name, base_version, version) -> Manifest | None:
     """The artifact an earlier run of this job stored and died before publishing, or None.
     One whose weights do not match its manifest is discarded (and computed again)."""
-    if not (store.exists(model_name, version) and store.manifest(model_name, version).job_id == job_id):
+    manifest = store.manifest(model_name, version) if store.exists(model_name, version) else None
+    if manifest is None or manifest.job_id != job_id:
         return None
     _check_base(settings, store, model_name, base_version)
     if not store.verify(model_name, version):
@@ -440,7 +442,7 @@ def _stored_artifact(settings, store, job_id, model_name, base_version, version)
         store.discard(model_name, version)
         return None
     log.info("job %s: artifact v%d already stored, publishing it", job_id, version)
-    return store.manifest(model_name, version)
+    return manifest
 
 
 def _check_base(settings: Settings, store: ModelStore, model_name: str, base_version: int,

@@ -273,11 +273,11 @@ def deletion_certificate(session: Session, request_id: str) -> dict:
         "version_before": request.base_version if request.base_version is not None else (job.base_version if job else None),
         "version_after": request.produced_version,
         "version_after_sha256": version.sha256 if version else None,
-        "uis": _finite(metrics.get("uis")),
-        "uis_task": _finite(metrics.get("uis_task")),
-        "uis_inst": _finite(metrics.get("uis_inst")),
-        "mia_auc": _finite(metrics.get("mia_auc")),
-        "mia_auc_original": _finite(metrics.get("mia_auc_original")),
+        "uis": finite_json(metrics.get("uis")),
+        "uis_task": finite_json(metrics.get("uis_task")),
+        "uis_inst": finite_json(metrics.get("uis_inst")),
+        "mia_auc": finite_json(metrics.get("mia_auc")),
+        "mia_auc_original": finite_json(metrics.get("mia_auc_original")),
         "received_at": _iso(request.created_at),
         "completed_at": _iso(request.completed_at),
         "audit": {
@@ -300,14 +300,16 @@ def certificate_hash(body: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _finite(value):
-    """A metric as JSON can carry it: NaN and infinities (a degenerate evaluation) become None."""
+def finite_json(value):
+    """``value`` as strict JSON can carry it: NaN and infinities (a degenerate evaluation),
+    also inside dicts and lists, become None. Jobs record their metrics through it, and
+    certificates apply it again for records written before they did."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 

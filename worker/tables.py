@@ -135,7 +135,7 @@ class AuditEvent(Base):
 
 class AuditChainHead(Base):
     """The chain's last event (one row, ``id`` 1), written in the same transaction as each
-    event: appends serialise on it, and it anchors the end of the log (worker.audit)."""
+    event: it anchors the end of the log (worker.audit)."""
 
     __tablename__ = "audit_chain_head"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
