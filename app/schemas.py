@@ -17,7 +17,6 @@ def _without_nul(value: str) -> str:
 
 #: a string the record can store: PostgreSQL text cannot hold NUL, so it is refused here (422)
 Text = Annotated[str, AfterValidator(_without_nul)]
-UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 def _as_utc_in_range(at: datetime) -> datetime:
@@ -27,8 +26,8 @@ def _as_utc_in_range(at: datetime) -> datetime:
         raise ValueError("out of range once converted to UTC") from None
 
 
-#: a time given in a query: naive = UTC; a 422 when UTC cannot represent it
-QueryDateTime = Annotated[datetime, AfterValidator(_as_utc_in_range)]
+#: an aware UTC time (naive = UTC), in responses and queries; a 422 when UTC cannot represent it
+UTCDateTime = Annotated[datetime, AfterValidator(_as_utc_in_range)]
 #: version numbers are stored in 32-bit integer columns; a larger number names no version
 MAX_VERSION = 2**31 - 1
 RequestStatus = Literal["received", "queued", "running", "completed", "failed", "rejected"]

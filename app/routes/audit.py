@@ -9,7 +9,7 @@ from worker.audit import verify_chain
 from worker.queries import list_events
 
 from ..deps import SessionDep
-from ..schemas import AuditEventOut, AuditPage, ChainReport, QueryDateTime, Text
+from ..schemas import AuditEventOut, AuditPage, ChainReport, Text, UTCDateTime
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
@@ -21,8 +21,8 @@ def read_events(
     instance_id: Text | None = None,
     request_id: Text | None = None,
     model: Text | None = None,
-    since: Annotated[QueryDateTime | None, Query(description="at or after (naive = UTC)")] = None,
-    until: Annotated[QueryDateTime | None, Query(description="before (naive = UTC)")] = None,
+    since: Annotated[UTCDateTime | None, Query(description="at or after (naive = UTC)")] = None,
+    until: Annotated[UTCDateTime | None, Query(description="before (naive = UTC)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> AuditPage:

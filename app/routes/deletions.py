@@ -15,9 +15,9 @@ from ..schemas import (
     DeletionCreate,
     DeletionOut,
     DeletionPage,
-    QueryDateTime,
     RequestStatus,
     Text,
+    UTCDateTime,
     deletion_accepted,
     deletion_out,
 )
@@ -53,8 +53,8 @@ def list_deletions(
     instance_id: Text | None = None,
     status: RequestStatus | None = None,
     model: Text | None = None,
-    since: Annotated[QueryDateTime | None, Query(description="created at or after (naive = UTC)")] = None,
-    until: Annotated[QueryDateTime | None, Query(description="created before (naive = UTC)")] = None,
+    since: Annotated[UTCDateTime | None, Query(description="created at or after (naive = UTC)")] = None,
+    until: Annotated[UTCDateTime | None, Query(description="created before (naive = UTC)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> DeletionPage:
