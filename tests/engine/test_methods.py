@@ -239,15 +239,43 @@ def test_ssd_training_importance_is_prepared_once_per_version(world, monkeypatch
 
 
 def test_random_targets_come_from_retained_cells(world):
-    from unlearning.methods.loops import with_donor_targets
+    from unlearning.methods.loops import DonorTargets
 
     train = world[0]
     data = request(world, PARTIAL)
     batch = data.forget_batch()
-    out = with_donor_targets(batch, data.retain, ["depth"], torch.Generator().manual_seed(0))
+    donors = DonorTargets(data.retain, ["depth"], torch.Generator().manual_seed(0))
+    out = donors(batch)
+    assert donors.dropped == []
     pool = data.retain.targets["depth"][data.retain.available[:, 1]]
     for row in out.targets["depth"]:
         assert any(torch.equal(row, cand) for cand in pool)
     own = train.targets["depth"][[train.index_of("tr5"), train.index_of("tr17")]]
     assert not any(torch.equal(a, b) for a, b in zip(out.targets["depth"], own))
     assert torch.equal(out.targets["segmentation"], batch.targets["segmentation"])
+
+
+def test_unlabelled_cells_are_never_donors_and_a_task_without_donors_is_logged(world):
+    """A donor with no labelled pixel would give its forget cell no loss at all; a
+    forget task that has no labelled donor is left out and named in the log."""
+    from unlearning.methods.loops import DonorTargets
+
+    train, heldout, model = world
+    retain = train.without(PARTIAL)
+    retain.targets["depth"][1:] = 0.0  # only the first retained instance keeps a depth label
+    donors = DonorTargets(retain, ["depth"], torch.Generator().manual_seed(0))
+    batch = request(world, PARTIAL).forget_batch()
+    for _ in range(5):
+        for row in donors(batch).targets["depth"]:
+            assert torch.equal(row, retain.targets["depth"][0])
+
+    retain.targets["depth"][:] = 0.0  # no labelled depth left to borrow
+    data = UnlearnData(train=train, forget_cells=PARTIAL, retain=retain, heldout=heldout, seed=0)
+    donors = DonorTargets(retain, ["depth"], torch.Generator().manual_seed(0))
+    assert donors.dropped == ["depth"]
+    assert not donors(data.forget_batch()).has["depth"].any()
+    for name in ("random_target", "salun"):
+        _, log = get_method(name)(model, data, {"steps": 1})
+        assert log["no_donor_tasks"] == ["depth"], name
+
+

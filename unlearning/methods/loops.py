@@ -14,6 +14,7 @@ import torch
 
 from ..data.base import Batch, MultiTaskDataset
 from ..losses import cell_losses, supervised_loss
+from ..tasks import get_task
 from .base import UnlearnData
 
 
@@ -94,21 +95,38 @@ class ForgetBatches:
         return take(self.full, torch.randperm(n, generator=self.gen)[: self.batch_size])
 
 
-def with_donor_targets(batch: Batch, retain: MultiTaskDataset, tasks: Iterable[str], gen: torch.Generator) -> Batch:
+class DonorTargets:
     """The dense analogue of random labels: each forget cell ``(i, k)`` gets the
     task-``k`` target of a random retained cell ``(j, k)`` (another instance: the
-    forget cell itself is not in ``retain``). A forget task with no retained
-    cell to borrow from is dropped from ``has``."""
-    targets = dict(batch.targets)
-    has = dict(batch.has)
-    for t in tasks:
-        pool = retain.available[:, retain.tasks.index(t)].nonzero().flatten()
-        if len(pool) == 0:
+    forget cell itself is not in ``retain``), drawn afresh at every call.
+
+    A donor must carry at least one labelled pixel: an unlabelled target (depth
+    all 0, labels all -1) would give the forget cell no loss at all. A forget task
+    with no such donor is left out of the forget loss (dropped from ``has``) and
+    named in ``dropped``, which the methods put in their log."""
+
+    def __init__(self, retain: MultiTaskDataset, tasks: Iterable[str], gen: torch.Generator):
+        self.retain = retain
+        self.gen = gen
+        self.pools: dict[str, torch.Tensor] = {}
+        self.dropped: list[str] = []
+        for t in tasks:
+            usable = retain.available[:, retain.tasks.index(t)] & get_task(t).labelled(retain.targets[t])
+            pool = usable.nonzero().flatten()
+            if len(pool):
+                self.pools[t] = pool
+            else:
+                self.dropped.append(t)
+
+    def __call__(self, batch: Batch) -> Batch:
+        targets = dict(batch.targets)
+        has = dict(batch.has)
+        for t in self.dropped:
             has[t] = torch.zeros_like(has[t])
-            continue
-        donors = pool[torch.randint(len(pool), (len(batch.index),), generator=gen)]
-        targets[t] = retain.targets[t][donors].to(batch.targets[t].device)
-    return Batch(batch.index, batch.images, targets, has)
+        for t, pool in self.pools.items():
+            donors = pool[torch.randint(len(pool), (len(batch.index),), generator=self.gen)]
+            targets[t] = self.retain.targets[t][donors].to(batch.targets[t].device)
+        return Batch(batch.index, batch.images, targets, has)
 
 
 def forget_loss(model, batch: Batch, tasks: Iterable[str]) -> torch.Tensor:

@@ -32,13 +32,13 @@ def unlearn(model, data, config):
     student = loops.working_copy(model, data)
     tasks = data.forget_tasks
     params = list(student.parameters())
-    gen = loops.generator(data, 3)
+    donors = loops.DonorTargets(data.retain, tasks, loops.generator(data, 3))
     forget = loops.ForgetBatches(data, cfg["forget_batch_size"], loops.generator(data, 1), data.device)
     retain = loops.RetainBatches(data.retain, cfg["batch_size"], loops.generator(data, 2), data.device)
     before = loops.forget_loss_value(student, data)
 
     def fill_grads(step):
-        relabelled = loops.with_donor_targets(forget.next(), data.retain, tasks, gen)
+        relabelled = donors(forget.next())
         lf = loops.forget_loss(student, relabelled, tasks)
         lr_ = loops.retain_loss(student, retain.next())
         (lf + cfg["retain_weight"] * lr_).backward()
@@ -47,5 +47,7 @@ def unlearn(model, data, config):
     history = loops.run_update_loop(
         params, cfg["steps"], fill_grads, loops.make_optimizer(params, cfg), data, cfg["grad_clip"]
     )
-    log = loops.method_log("random_target", cfg, cfg["steps"], before, student, data, history=history)
+    log = loops.method_log(
+        "random_target", cfg, cfg["steps"], before, student, data, no_donor_tasks=donors.dropped, history=history
+    )
     return student, log

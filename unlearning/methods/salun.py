@@ -55,12 +55,12 @@ def unlearn(model, data, config):
     masks = saliency_masks(student, data, float(cfg["gamma"]))
     named = [(n, p) for n, p in student.named_parameters() if masks[n].any()]
     params = [p for _, p in named]
-    gen = loops.generator(data, 3)
+    donors = loops.DonorTargets(data.retain, tasks, loops.generator(data, 3))
     forget = loops.ForgetBatches(data, cfg["forget_batch_size"], loops.generator(data, 1), data.device)
     retain = loops.RetainBatches(data.retain, cfg["batch_size"], loops.generator(data, 2), data.device)
 
     def fill_grads(step):
-        relabelled = loops.with_donor_targets(forget.next(), data.retain, tasks, gen)
+        relabelled = donors(forget.next())
         lf = loops.forget_loss(student, relabelled, tasks)
         lr_ = loops.retain_loss(student, retain.next())
         (lf + cfg["retain_weight"] * lr_).backward()
@@ -88,6 +88,7 @@ def unlearn(model, data, config):
         data,
         salient_weights=n_salient,
         total_weights=sum(m.numel() for m in masks.values()),
+        no_donor_tasks=donors.dropped,
         history=history,
     )
     return student, log
