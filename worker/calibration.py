@@ -9,9 +9,10 @@ from shadow models trained with the first version's recipe
 (``interference_aware.shadow_scores``: ``(1 + T) x shadow_folds`` trainings). That
 is paid once per model, not per job: the scores are kept in the model store
 (``calibration.json`` next to the versions) and passed to every later job of the
-lineage. Later versions' training sets are the first one's minus erased cells, so
-the scores of the cells still there stay valid; an erased cell is never asked for
-again.
+lineage; scores computed for other first-version weights than the store's (a model
+re-created under the same name) are refused. Later versions' training sets are the
+first one's minus erased cells, so the scores of the cells still there stay valid;
+an erased cell is never asked for again.
 """
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         return None
     stored = store.calibration(model_name)
     if stored is not None:
+        root = store.manifest(model_name, ROOT_VERSION).sha256
+        if stored.get("sha256") != root:
+            raise ValueError(
+                f"{model_name}'s stored calibration was computed for v{ROOT_VERSION} with sha256 "
+                f"{stored.get('sha256')}, but v{ROOT_VERSION} in the store has sha256 {root}: its scores "
+                f"belong to other weights; remove {model_name}/calibration.json from the store to calibrate again"
+            )
         return stored
     from unlearning.methods import UnlearnData
     from unlearning.methods.interference_aware import DEFAULTS, shadow_scores

@@ -53,7 +53,7 @@ def test_jobs_use_the_stored_scores(tiny):
     """What is stored is what a job uses (a made-up table here, so a recomputation would show)."""
     settings, store, model, train, test = tiny
     on = settings.model_copy(update={"calibrate_shadows": True})
-    made_up = {"recipe": {"epochs": 2}, "full": {i: {t: 0.25 for t in train.tasks} for i in train.instance_ids},
+    made_up = {"sha256": store.manifest("cal-mtl", 1).sha256, "recipe": {"epochs": 2}, "full": {i: {t: 0.25 for t in train.tasks} for i in train.instance_ids},
                "partial": {i: {t: 0.75 for t in train.tasks} for i in train.instance_ids}}
     store.put_calibration("cal-mtl", made_up)
     calibration = lineage_calibration(on, store, "cal-mtl")
@@ -68,6 +68,17 @@ def test_jobs_use_the_stored_scores(tiny):
     # without calibration the job has no expectation to report
     plain = run_unlearning_job(model, train, test, cells, config=method_config(on, None))
     assert "mia_auc_expected" not in plain.metrics
+
+
+def test_a_calibration_of_other_weights_is_refused(tiny):
+    """A model re-created under the same name (a new v1) must not inherit the scores
+    computed on the old one's weights."""
+    settings, store, *_ = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    stored = store.put_calibration("cal-mtl", {"sha256": "0" * 64, "recipe": {"epochs": 2}, "full": {}, "partial": {}})
+    with pytest.raises(ValueError, match="calibration.json"):
+        lineage_calibration(on, store, "cal-mtl")
+    assert store.calibration("cal-mtl") == stored  # nothing stored is lost
 
 
 def test_the_stored_calibration_is_written_once(tiny):
