@@ -161,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
                     ledger.phase = "job"
                     t0 = time.perf_counter()
                     unlearned, log = get_method("interference_aware")(original, data, cfg)
-                    t1 = time.perf_counter()
                     ledger.phase = "evaluation"
                     evaluate_unlearning(original, unlearned, train, st["cells"], test, context=context, device=device)
                     t2 = time.perf_counter()

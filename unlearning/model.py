@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from .tasks import get_task
 
@@ -126,14 +127,23 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     a config that is not JSON or lacks a valid ``model`` section, weights that are not a
     safetensors file, weights that do not match the configuration (mismatched checkpoint)."""
     directory = Path(directory)
-    model = MultiTaskNet(read_model_config(directory / CONFIG_FILE))
+    config = read_model_config(directory / CONFIG_FILE)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"no weights file {weights}")
+    return model_from_safetensors(config, weights.read_bytes(), weights, map_location)
+
+
+def model_from_safetensors(config: "ModelConfig", data: bytes, source: str | Path,
+                           map_location: str | torch.device = "cpu") -> MultiTaskNet:
+    """The model of ``config`` with the weights in ``data`` (the bytes of a safetensors file,
+    e.g. those just hashed); ``ValueError`` naming ``source`` when they are not a
+    safetensors file or do not match the configuration."""
+    model = MultiTaskNet(config)
     try:
-        state = load_file(str(weights), device=str(map_location))
+        state = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error type for a damaged file
-        raise ValueError(f"{weights} is not a readable safetensors file: {exc}") from None
+        raise ValueError(f"{source} is not a readable safetensors file: {exc}") from None
     load_state(model, state)
     return model.to(map_location)
 
@@ -147,6 +157,12 @@ def read_model_config(path: str | Path) -> ModelConfig:
         doc = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from None
+    return model_config_from(doc, path)
+
+
+def model_config_from(doc, path: str | Path) -> ModelConfig:
+    """The ``model`` section of the parsed ``config.json`` ``doc`` (read from ``path``,
+    which the errors name), checked field by field."""
     cfg = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} has no 'model' section (the architecture save_model writes)")

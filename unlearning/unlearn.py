@@ -80,8 +80,9 @@ def method_config(text: str | None) -> dict:
 STORE_MANIFEST = "manifest.json"  # a version folder of the service's model store (model_store.local)
 
 
-def read_checkpoint(directory: Path) -> tuple[dict, str]:
-    """The checkpoint's ``config.json`` and its weights' sha256, after checking the
+def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
+    """The checkpoint's ``config.json``, its weights' bytes and their sha256 (read once, so
+    the hash kept in the lineage is that of the weights loaded), after checking the
     directory holds a checkpoint with a dataset spec (the cells are validated against
     that data).
 
@@ -93,7 +94,8 @@ def read_checkpoint(directory: Path) -> tuple[dict, str]:
     if not (directory / WEIGHTS_FILE).is_file() or not (directory / CONFIG_FILE).is_file():
         raise UnlearnCliError(f"{directory} is not a checkpoint: it needs {WEIGHTS_FILE} and {CONFIG_FILE}")
     manifest = _json(directory / CONFIG_FILE)
-    weights_sha256 = sha256(directory / WEIGHTS_FILE)
+    weights = (directory / WEIGHTS_FILE).read_bytes()
+    weights_sha256 = hashlib.sha256(weights).hexdigest()
     if "dataset" not in manifest and (directory / STORE_MANIFEST).is_file():
         store = _json(directory / STORE_MANIFEST)
         if store.get("sha256") and store["sha256"] != weights_sha256:
@@ -104,7 +106,7 @@ def read_checkpoint(directory: Path) -> tuple[dict, str]:
     if not isinstance(manifest.get("dataset"), dict):
         raise UnlearnCliError(f"{directory / CONFIG_FILE} has no 'dataset' spec, so the training data it reflects is "
                               "unknown (checkpoints of `python -m unlearning.train` carry one)")
-    return manifest, weights_sha256
+    return manifest, weights, weights_sha256
 
 
 def _json(path: Path) -> dict:
@@ -115,14 +117,6 @@ def _json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise UnlearnCliError(f"{path} is not a JSON object")
     return value
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[str, str]] | None = None, *,
@@ -141,11 +135,11 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     from .data import load_splits
     from .job import JobInputError, run_unlearning_job
     from .methods import METHOD_NAMES
-    from .model import load_model, save_model
+    from .model import model_config_from, model_from_safetensors, save_model
     from .train import resolve_device
 
     source, out = Path(source), Path(out)
-    manifest, parent_sha256 = read_checkpoint(source)  # the hash of what is loaded below, kept in the lineage
+    manifest, weights, parent_sha256 = read_checkpoint(source)  # loaded below; its hash is kept in the lineage
     if method not in METHOD_NAMES:
         raise UnlearnCliError(f"unknown method {method!r}; methods: {', '.join(METHOD_NAMES)}")
     if out.resolve() == source.resolve():
@@ -173,8 +167,9 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     if again:
         raise JobInputError(f"already erased in the lineage of {source}: {[list(c) for c in again]}")
     try:
-        model = load_model(source, map_location=dev)
-    except (ValueError, OSError) as exc:  # a missing, damaged or mismatched checkpoint (the message names the file)
+        model = model_from_safetensors(model_config_from(manifest, source / CONFIG_FILE), weights,
+                                       source / WEIGHTS_FILE, dev)
+    except ValueError as exc:  # a missing, damaged or mismatched checkpoint (the message names the file)
         raise UnlearnCliError(f"{source}: {exc}") from None
 
     bar = tqdm(total=100, desc=f"unlearn ({method})", disable=not progress, leave=False, unit="%")
