@@ -19,18 +19,16 @@ depends_on: Union[str, Sequence[str], None] = None
 
 
 def upgrade() -> None:
-    head = op.create_table("audit_chain_head",
+    op.create_table("audit_chain_head",
     sa.Column("id", sa.Integer(), autoincrement=False, nullable=False),
     sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
     sa.Column("hash", sa.String(length=64), nullable=False),
     sa.PrimaryKeyConstraint("id")
     )
-    # an existing log: its last event becomes the head
-    last = op.get_bind().execute(
-        sa.text("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-    ).first()
-    if last is not None:
-        op.bulk_insert(head, [{"id": 1, "seq": last.seq, "hash": last.hash}])
+    # an existing log: its last event becomes the head (one statement, so `alembic upgrade --sql`
+    # can write it out too)
+    op.execute("INSERT INTO audit_chain_head (id, seq, hash) "
+               "SELECT 1, seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
 
 
 def downgrade() -> None:
