@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 REQUEST_STATUSES = ("received", "queued", "running", "completed", "failed", "rejected")
 JOB_STATUSES = ("queued", "running", "completed", "failed")
 JOB_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+# The method label's values; any other token a client sends counts as OTHER (bounded label space).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -93,14 +95,14 @@ class RecordCollector(Collector):
             ).scalars()
         }
         version = GaugeMetricFamily("unlearnd_model_serving_version", "Version the serving alias points at", labels=["model"])
-        gauges = {
-            key: GaugeMetricFamily(f"unlearnd_model_{key}", help_, labels=["model"])
-            for key, help_ in (
-                ("uis", "UIS (%) of the serving version's last unlearning step"),
-                ("uis_task", "Task-level UIS (%) of the serving version"),
-                ("uis_inst", "Instance-level UIS (%) of the serving version"),
-                ("mia_auc", "Membership-inference AUC on the forgotten cells, serving version"),
-                ("mia_auc_original", "The same attack against the version before unlearning"),
+        gauges = {  # record key -> family; UIS is in percent (the design's definition), hence the suffix
+            key: GaugeMetricFamily(f"unlearnd_model_{name}", help_, labels=["model"])
+            for key, name, help_ in (
+                ("uis", "uis_percent", "UIS (%) of the serving version's last unlearning step"),
+                ("uis_task", "uis_task_percent", "Task-level UIS (%) of the serving version"),
+                ("uis_inst", "uis_inst_percent", "Instance-level UIS (%) of the serving version"),
+                ("mia_auc", "mia_auc", "Membership-inference AUC on the forgotten cells, serving version"),
+                ("mia_auc_original", "mia_auc_original", "The same attack against the version before unlearning"),
             )
         }
         for name, v in sorted(serving.items()):
@@ -174,8 +176,9 @@ class HttpMetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "<unmatched>"
-            self.metrics.requests.labels(scope["method"], template, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"  # clients pick any token
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
 
 
 def build_registry(sessions: sessionmaker[Session]) -> tuple[CollectorRegistry, HttpMetrics]:

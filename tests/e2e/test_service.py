@@ -267,7 +267,7 @@ def test_metrics_count_the_work(client, settings):
     assert value("unlearnd_queue_depth", model) == 0
     assert value("unlearnd_model_serving_version", model) >= 6
     assert 0.0 <= value("unlearnd_model_mia_auc", model) <= 1.0
-    assert value("unlearnd_model_uis", model) >= 0.0
+    assert value("unlearnd_model_uis_percent", model) >= 0.0
 
 
 def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store):

@@ -65,7 +65,7 @@ def test_metrics_read_the_record(client, settings, model):
     assert m[("unlearnd_job_duration_seconds_bucket", (kind, ("le", "+Inf")))] == 3
     label = (("model", model.name),)
     assert m[("unlearnd_model_serving_version", label)] == 2
-    assert m[("unlearnd_model_uis", label)] == 1.75
+    assert m[("unlearnd_model_uis_percent", label)] == 1.75
     assert m[("unlearnd_model_mia_auc", label)] == 0.51
     assert m[("unlearnd_model_mia_auc_original", label)] == 0.8
     http = "unlearnd_http_requests_total"
@@ -74,8 +74,13 @@ def test_metrics_read_the_record(client, settings, model):
     assert m[("unlearnd_http_request_duration_seconds_count", (("method", "POST"), ("route", "/deletions")))] == 5
 
     client.get(f"/deletions/{ids[0]}")
+    for token in ("FOO", "BAR1", "PROPFIND"):  # methods a client makes up share one label value
+        client.request(token, "/healthz")
     m = _samples(client)
     assert m[(http, (("method", "GET"), ("route", "/deletions/{request_id}"), ("status", "200")))] == 1
+    assert m[(http, (("method", "OTHER"), ("route", "/healthz"), ("status", "405")))] == 3
+    assert not any(dict(labels).get("method") in ("FOO", "BAR1", "PROPFIND") for _, labels in m)
+    assert m[("unlearnd_model_uis_task_percent", label)] == 0.0
 
 
 def test_health_and_readiness(client):
