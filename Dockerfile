@@ -1,10 +1,14 @@
 # One image for the API and the worker (docker-compose.yml picks the command).
 #
 # torch: pyproject pins torch==2.13.0. From the default index that wheel is the
-# CUDA build on linux/x86_64, which serves GPU hosts and runs on CPU too. For a
-# smaller CPU-only image, point TORCH_INDEX_URL at a CPU wheel index; a GPU base
-# image that brings its own torch 2.13.0 satisfies the pin as it is.
-FROM python:3.11-slim
+# CUDA build on linux/x86_64, which serves GPU hosts and runs on CPU too.
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+#       a smaller CPU-only image (the same version from a CPU wheel index);
+#   --build-arg BASE_IMAGE=<a GPU image with Python >= 3.11 and torch> --build-arg USE_BASE_TORCH=1
+#       keeps the base image's own torch build (e.g. a vendor build numbered
+#       2.13.0a0+..., which the exact pin would otherwise replace).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -13,12 +17,25 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# The dependencies first, from pyproject.toml alone, so a code change does not reinstall them.
 ARG TORCH_INDEX_URL=
-RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install "torch==2.13.0" --index-url "$TORCH_INDEX_URL"; fi
+ARG USE_BASE_TORCH=
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+ && if [ -n "$USE_BASE_TORCH" ]; then \
+        python -c "import torch; print('keeping the base image torch', torch.__version__)" \
+        && sed -i '/^torch[=<>~ ]/d' /tmp/requirements.txt; \
+    elif [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install "$(grep '^torch==' /tmp/requirements.txt)" --index-url "$TORCH_INDEX_URL"; \
+    fi \
+ && pip install -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
 
 COPY . .
-# Editable, so the Alembic scripts under migrations/ are used from /app as they are.
-RUN pip install -e . \
+# Editable, so the Alembic scripts under migrations/ are used from /app as they are;
+# --no-deps: the dependencies are in place (and the base image's torch stays).
+RUN pip install --no-deps -e . \
  && useradd --create-home --uid 1000 unlearnd \
  && mkdir -p /app/var /data/models \
  && chown -R unlearnd /app/var /data
