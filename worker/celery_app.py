@@ -8,6 +8,10 @@ idempotent (``worker.jobs``), so a second delivery does the work once.
 Relay and sweeper: the API process runs them in threads (``worker.background``).
 For deployments whose API runs with ``UNLEARND_BACKGROUND=false``, the beat
 schedule below runs them as tasks instead: ``celery -A worker.celery_app beat``.
+Each beat task expires after one interval: while every worker is busy with a job,
+the ticks are dropped instead of piling up in the queue (the next tick does the
+same work). They share the job queue, so with a single worker they wait for the
+job to end; a second worker (``unlearnd worker``) keeps the relay going meanwhile.
 
     celery -A worker.celery_app worker --pool solo -c 1 --loglevel info
 """
@@ -39,8 +43,11 @@ def create_celery(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": settings.job_time_limit_s + 600},
         worker_hijack_root_logger=False,
         beat_schedule={
-            "relay-outbox": {"task": RELAY_TASK, "schedule": max(settings.relay_interval_s, 1.0)},
-            "sweep": {"task": SWEEP_TASK, "schedule": max(settings.stale_after_s / 4, 5.0)},
+            name: {"task": task, "schedule": every, "options": {"expires": every}}
+            for name, task, every in (
+                ("relay-outbox", RELAY_TASK, max(settings.relay_interval_s, 1.0)),
+                ("sweep", SWEEP_TASK, max(settings.stale_after_s / 4, 5.0)),
+            )
         },
     )
     app.conf.include = ["worker.tasks"]
