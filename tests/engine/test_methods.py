@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearning.data.base import MultiTaskDataset
+from unlearning.evaluate import membership_auc
 from unlearning.losses import cell_losses, supervised_loss
 from unlearning.methods import METHOD_NAMES, UnlearnData, get_method, method_defaults
 from unlearning.model import ModelConfig, MultiTaskNet
@@ -94,9 +95,25 @@ def test_memorised(world):
 MARGIN = {"finetune": 1.0, "l1_sparse": 1.0}
 
 
+# The swept DEFAULTS are sized for the benchmark. On this tiny random-data model three
+# methods need a longer or larger step to carry a memorised cell past held-out ones
+# (at their defaults the forget loss rises, but the attack's AUC stays at 1.0).
+TINY = {
+    "random_target": {"steps": 100, "lr": 0.01},
+    "salun": {"steps": 100, "lr": 0.01},
+    "pcgrad": {"steps": 60},
+    "scrub": {"steps": 60, "lr": 0.003},
+}
+
+
 def run(method, model, data):
-    """The method with its DEFAULTS (the swept values)."""
-    return get_method(method)(model, data, {})
+    """The method with its DEFAULTS (the swept values), overridden by ``TINY``."""
+    return get_method(method)(model, data, dict(TINY.get(method, {})))
+
+
+def attack_auc(model, data):
+    """The loss-threshold attack's AUC on the forget cells against the held-out cells."""
+    return membership_auc(model, data.train, data.forget_cells, data.heldout)[0]
 
 
 def raised(method, model, out, data):
@@ -119,17 +136,27 @@ def test_full_request_raises_forget_loss_and_leaves_caller_model(world, method):
     for k, v in model.state_dict().items():
         assert torch.equal(v, original[k]), f"{method} modified the caller's {k}"
     assert raised(method, model, out, data)
+    before = attack_auc(model, data)
+    assert before == 1.0  # memorised: every forget cell fits better than every held-out cell
+    assert attack_auc(out, data) <= before - 0.05, f"{method} left the membership signal"
     assert log["forget_loss_after"] > log["forget_loss_before"]
     assert progress and progress[-1] == pytest.approx(1.0)
     assert all(torch.isfinite(p).all() for p in out.parameters())
 
 
 @pytest.mark.parametrize("method", BASELINES)
-def test_partial_request_forgets_only_forget_cells(world, method):
+def test_partial_request_forgets_the_forget_task(world, method):
+    """The forgotten depth cells lose their membership signal. What the request does to
+    the same instances' other tasks is interference (UIS measures it; the baselines make
+    no promise about it), except that a method with PROTECTS_HEADS leaves their heads
+    bit-identical."""
     model = world[2]
     data = request(world, PARTIAL)
     out, _ = run(method, model, data)
     assert raised(method, model, out, data)
+    before = attack_auc(model, data)
+    assert before == 1.0
+    assert attack_auc(out, data) <= before - 0.05, f"{method} left the membership signal"
     module = importlib.import_module(f"unlearning.methods.{method}")
     if module.PROTECTS_HEADS:
         for task in ("segmentation", "normal"):
@@ -159,7 +186,6 @@ def test_methods_that_protect_heads():
 
 
 def test_retrain_forgets_like_a_model_that_never_saw_the_cells(world):
-    pytest.importorskip("unlearning.train")
     model = world[2]
     data = request(world, FULL)
     out, log = get_method("retrain")(model, data, {"train": {"epochs": 25, "lr": 5e-3, "batch_size": 8}})
