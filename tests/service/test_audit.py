@@ -1,6 +1,7 @@
 """GET /audit/events and /audit/verify: queries, then tampering found at the right seq."""
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import text
 
 from worker.db import engine_for
@@ -32,12 +33,24 @@ def test_events_filters_and_cursor(client, model):
     assert_problem(client.get("/audit/events", params={"cursor": "WyJ4Il0"}), 422)  # ["x"]: not a seq
 
 
-def test_verify_ok_then_tampering_names_the_seq(client, settings, model):
+# Every field of an event is under its hash: rewriting any one of them is found.
+REWRITES = {
+    "payload": """payload = '{"tasks": ["normal"]}'""",
+    "kind": "kind = 'deletion.rejected'",
+    "model_name": "model_name = 'another-model'",
+    "request_id": "request_id = NULL",
+    "instance_id": "instance_id = 'someone-else'",
+    "at": "at = at - interval '1 hour'",
+}
+
+
+@pytest.mark.parametrize("field", list(REWRITES))
+def test_verify_ok_then_tampering_names_the_seq(client, settings, model, field):
     _post(client, model, 3)
     assert client.get("/audit/verify").json() == {"ok": True, "events": 3, "first_bad_seq": None, "reason": None}
 
     with engine_for(settings.database_url).begin() as conn:  # rewrite history behind the API's back
-        conn.execute(text("""UPDATE audit_events SET payload = '{"tasks": ["normal"]}' WHERE seq = 2"""))
+        conn.execute(text(f"UPDATE audit_events SET {REWRITES[field]} WHERE seq = 2"))
     r = client.get("/audit/verify")
     assert r.status_code == 200
     assert r.json() == {"ok": False, "events": 2, "first_bad_seq": 2, "reason": "hash does not match contents"}

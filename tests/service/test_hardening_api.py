@@ -254,10 +254,25 @@ def test_a_time_filter_past_the_utc_range_is_a_validation_error(backend, url, pa
 
 
 def test_a_time_filter_with_an_offset_is_read_in_utc(backend):
+    """Bounds a minute either side of the stored time, written in zones hours away: only
+    reading the offset puts them on the right side."""
+    from datetime import datetime, timedelta, timezone
+
     _, model, client = backend
-    client.post("/deletions", json={"instance_id": model.train_ids[0]})
-    assert len(client.get("/deletions", params={"since": "2000-01-01T00:00:00-05:00"}).json()["items"]) == 1
-    assert len(client.get("/audit/events", params={"until": "2000-01-01T00:00:00+09:00"}).json()["items"]) == 0
+    created = client.post("/deletions", json={"instance_id": model.train_ids[0]}).json()["created_at"]
+    at = datetime.fromisoformat(created.replace("Z", "+00:00"))
+    east, west = timezone(timedelta(hours=9)), timezone(timedelta(hours=-5))
+    minute = timedelta(minutes=1)
+
+    def count(url, **bounds):
+        params = {k: v.isoformat() for k, v in bounds.items()}
+        return len(client.get(url, params=params).json()["items"])
+
+    for url in ("/deletions", "/audit/events"):
+        assert count(url, since=(at - minute).astimezone(east)) == 1  # as naive UTC: 9 hours later, none
+        assert count(url, until=(at + minute).astimezone(west)) == 1  # as naive UTC: 5 hours earlier, none
+        assert count(url, since=(at + minute).astimezone(west)) == 0
+        assert count(url, until=(at - minute).astimezone(east)) == 0
 
 
 # --------------------------------------------------------------------------- status filter
