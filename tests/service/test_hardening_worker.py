@@ -261,10 +261,15 @@ def test_the_heartbeat_covers_loading_the_data(tiny, monkeypatch):
     seen = []
     real_job_data = jobs.job_data
 
-    def slow_job_data(*args, **kwargs):
-        time.sleep(1.6)
-        with transaction(s.database_url) as session:
-            seen.append(session.get(Job, claim.job_id).heartbeat_at)
+    def slow_job_data(*args, **kwargs):  # loading takes until a heartbeat lands (10 s at most)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with transaction(s.database_url) as session:
+                beat = session.get(Job, claim.job_id).heartbeat_at
+            if beat > claimed_at:
+                seen.append(beat)
+                break
+            time.sleep(0.1)
         return real_job_data(*args, **kwargs)
 
     monkeypatch.setattr(jobs, "job_data", slow_job_data)
