@@ -588,7 +588,11 @@ def merge(docs: list[dict], sources: list[str]) -> dict:
         if mine != shared:
             diff = sorted(k for k in set(mine) | set(shared) if mine.get(k) != shared.get(k))
             raise ValueError(f"merge: {name} and {name0} differ in the suite's configuration: {diff}")
-        for method, cfg in (doc["config"].get("method_configs") or {}).items():
+        # every method the piece ran, with its overrides ({} = its DEFAULTS: a piece records none then)
+        overrides = doc["config"].get("method_configs") or {}
+        ran = dict.fromkeys([*(doc["config"].get("methods") or []), *(r["method"] for r in doc["results"])])
+        for method in ran:
+            cfg = overrides.get(method, {})
             if method in configs and configs[method][1] != cfg:
                 raise ValueError(f"merge: {name} and {configs[method][0]} ran {method} with other hyper-parameters")
             configs.setdefault(method, (name, cfg))
@@ -606,7 +610,7 @@ def merge(docs: list[dict], sources: list[str]) -> dict:
     config = {**shared,
               "seeds": sorted({r["seed"] for r in results}),
               "methods": list(dict.fromkeys(m for p in pieces for m in (p["methods"] or []))),
-              "method_configs": {m: c for m, (_, c) in configs.items()},
+              "method_configs": {m: c for m, (_, c) in configs.items() if c},
               "prepare_seconds": {}, "original_seconds": {}, "pieces": pieces}
     for piece in pieces:
         for k in ("prepare_seconds", "original_seconds"):

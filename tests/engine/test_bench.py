@@ -340,7 +340,9 @@ def _doc(**changes):
     (_doc(suite="other"), "suite"),
     (_doc(train={"epochs": 3}), "['train']"),
     (_doc(method_configs={"m": {"steps": 5}}, results=[_run("m", 1.0, 0.5, n=1)]), "other hyper-parameters"),
-], ids=["duplicate run", "device", "suite", "suite definition", "method config"])
+    # a piece run with the method's DEFAULTS records no overrides for it (here: no shadow recipe)
+    (_doc(method_configs={}, results=[_run("m", 1.0, 0.5, n=1)]), "other hyper-parameters"),
+], ids=["duplicate run", "device", "suite", "suite definition", "method config", "defaults against overrides"])
 def test_merge_refuses_pieces_that_do_not_belong_to_one_table(other, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         bench.merge([_doc(), other], ["a.json", "b.json"])
