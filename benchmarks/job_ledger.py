@@ -99,8 +99,8 @@ def version_state(suite: dict, bench: str, n_test: int | None, cache_dir: Path, 
     base = suite["benchmarks"][bench]
     train, test = load_splits(base if n_test is None else {**base, "n_test": n_test})
     original, _ = cached_original(cache_dir, train, base, recipe, device)
-    context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"], device=device)
-    context.original_metrics("test")
+    context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"],
+                          device=device).warm()
     context.test_losses()
     return train, test, original, context
 
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     unlearned, log = get_method("interference_aware")(original, data, cfg)
                     ledger.phase = "evaluation"
-                    evaluate_unlearning(original, unlearned, train, st["cells"], test, context=context, device=device)
+                    evaluate_unlearning(original, unlearned, train, st["cells"], test, context=context.per_version(),
+                                        device=device)
                     t2 = time.perf_counter()
                 c = ledger.counts
                 job_eq = ledger.forward_equivalents()

@@ -13,6 +13,7 @@ is cached in an :class:`EvalContext` that a worker can keep between jobs.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterable, Sequence
 
@@ -151,6 +152,24 @@ class EvalContext:
         if self._test_losses is None:
             self._score_test()
         return self._test_losses
+
+    def warm(self) -> "EvalContext":
+        """Compute what depends on the model version alone: the test set's numbers and the
+        metrics on the retained sample of a request that hits none of it. Returns ``self``."""
+        self.original_metrics("test")
+        self.original_metrics("retained", self.sample_ids())
+        return self
+
+    def per_version(self) -> "EvalContext":
+        """A copy holding only the per-version entries (see :meth:`warm`), as a job finds
+        the cache when no earlier job had its request: a request that forgets a sampled
+        instance gets its own sample, and the original model's metrics on it are that
+        job's work. Benchmarks that time or count jobs evaluate each one with such a copy,
+        so a job's figure does not depend on which job ran before it."""
+        clone = copy.copy(self)
+        keep = {("test", None), ("retained", tuple(self.sample_ids()))}
+        clone._metrics = {k: v for k, v in self._metrics.items() if k in keep}
+        return clone
 
     def _score_test(self) -> None:
         # the test set's metrics and per-sample losses come from one pass over it

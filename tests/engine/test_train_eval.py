@@ -229,6 +229,32 @@ def test_evaluate_degrading_one_head_shows_in_its_groups_only(trained):
         evaluate_unlearning(damaged, damaged, train, [("i1", "segmentation")], test, context=context)
 
 
+def test_a_per_version_context_charges_each_job_its_own_retained_sample(trained):
+    """Benchmarks evaluate every job with ``per_version()``: what depends on the version
+    alone is reused, and a request that hits the retained sample pays for the original
+    model's pass over its own sample every time, whichever job ran before it."""
+    train, test, _, model = trained
+    context = EvalContext(model, train, test, retained_sample_size=4).warm()
+    passes = []
+    hook = model.register_forward_hook(lambda m, inputs, out: passes.append(int(inputs[0].shape[0])))
+    try:
+        def original_passes(ctx, cells):
+            passes.clear()
+            report = evaluate_unlearning(model, model, train, cells, test, context=ctx)
+            return sum(passes), report
+
+        hit = [(context.sample_ids()[0], "depth")]  # forgets a sampled instance: a sample of its own
+        miss = [(next(i for i in train.instance_ids if i not in context.sample_ids()), "depth")]
+        first, report = original_passes(context.per_version(), hit)
+        second, again = original_passes(context.per_version(), hit)
+        assert first == second and again == report  # the same work and result, whatever ran before
+        assert original_passes(context.per_version(), miss)[0] == first - 4  # the version's sample is cached
+        assert original_passes(context, hit)[0] == first  # the shared context keeps the hit sample...
+        assert original_passes(context, hit)[0] == first - 4  # ...so a second job would find it
+    finally:
+        hook.remove()
+
+
 def test_a_cell_without_a_labelled_pixel_is_not_measured(trained):
     """A supervised cell whose every pixel is invalid (depth 0, label -1) has no loss: its
     per-sample loss is NaN like an erased cell's, the membership attack and the metrics
