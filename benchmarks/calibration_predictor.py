@@ -50,6 +50,7 @@ def _auc(model, train, test, cells) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--suite", default="smoke")
+    p.add_argument("--cache-dir", default=".cache/bench", help="the bench cache (models are trained if absent)")
     p.add_argument("--benchmarks", nargs="+", default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--out", required=True)
@@ -62,7 +63,7 @@ def main() -> None:
     torch.set_num_threads(1)
     suite = SUITES[args.suite]
     recipe = TrainConfig(**suite["train"])
-    cache = Path(".cache/bench") / args.suite
+    cache = Path(args.cache_dir) / args.suite
     rows, summary = [], {}
     for bench in args.benchmarks or list(suite["benchmarks"]):
         spec = suite["benchmarks"][bench]

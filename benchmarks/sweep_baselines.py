@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -212,7 +214,6 @@ def main(argv=None) -> dict:
             merged = dict(previous[run["seed"]]["methods"])
             merged.update(run["methods"])
             run["methods"] = merged
-        merged_methods = list(args.methods)
         args.methods = [m for m in GRID if m in per_seed[0]["methods"]]
     reference = {m: summarise([r["retrain"][m] for r in per_seed]) for m in ("full", "partial")}
     results = {}
@@ -226,12 +227,11 @@ def main(argv=None) -> dict:
         results[method] = {"defaults_before": method_defaults(method), "rows": rows, "chosen": choose(rows)}
         print(f"== {method}: chosen {results[method]['chosen']}", flush=True)
 
-    command = "python benchmarks/sweep_baselines.py" + (" --quick" if args.quick else "")
-    if args.seeds != [0, 1, 2]:
-        command += " --seeds " + " ".join(map(str, args.seeds))
+    # the command as given (every option: --methods, --workers, --threads, --out ...)
+    command = shlex.join(["python", "benchmarks/sweep_baselines.py", *(sys.argv[1:] if argv is None else argv)])
     if args.merge:
         previous_command = json.loads(Path(args.out).read_text())["command"]
-        command = f"{previous_command} && {command} --merge --methods {' '.join(merged_methods)}"
+        command = f"{previous_command} && {command}"
     out = {
         "command": command,
         "dataset": SPEC,

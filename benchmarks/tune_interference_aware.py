@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", default="benchmarks/tune_interference_aware.json")
     p.add_argument("--suite", default="smoke")
+    p.add_argument("--cache-dir", default=".cache/bench", help="the bench cache (models are trained if absent)")
     p.add_argument("--no-shadow", action="store_true", help="as the service runs the method: no shadow calibration")
     p.add_argument("--n-test", type=int, default=None,
                    help="render this many held-out scenes per benchmark instead of the suite's (the training set is the "
@@ -55,7 +56,7 @@ def main() -> None:
     caches: dict = {}  # per-model-version state (shadows, subspaces) computed once for every variant
     for name, cfg in variants.items():
         t0 = time.perf_counter()
-        run = run_suite(suite_name, ["interference_aware"], args.seeds, Path(".cache/bench") / args.suite,
+        run = run_suite(suite_name, ["interference_aware"], args.seeds, Path(args.cache_dir) / args.suite,
                         benchmarks=args.benchmarks, method_configs={"interference_aware": cfg}, progress=False,
                         shadow=not args.no_shadow, engine_caches=caches, independent_retrain=False)
         wall = time.perf_counter() - t0

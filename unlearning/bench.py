@@ -499,8 +499,8 @@ def markdown(doc: dict) -> str:
         lines.append(
             f"| {h['benchmark']} | {h['setting']} | {_f(h['uis'])} | {_f(h['mia_err'], 3)} | {_f(h['independent_mia_err'], 3)} | "
             f"{h['strongest'] or 'none'} | "
-            f"{_f(h['strongest_uis'])} | {_f(h['reduction'], 1)}% | {h['lowest_uis_baseline']} | {_f(h['lowest_uis'])} | "
-            f"{_f(h['reduction_vs_lowest'], 1)}% | {h['closest_baseline']} | {_f(h['closest_mia_err'], 3)} | {_f(h['closest_uis'])} | "
+            f"{_f(h['strongest_uis'])} | {_f(h['reduction'], 1)}% | {h['lowest_uis_baseline'] or '–'} | {_f(h['lowest_uis'])} | "
+            f"{_f(h['reduction_vs_lowest'], 1)}% | {h['closest_baseline'] or '–'} | {_f(h['closest_mia_err'], 3)} | {_f(h['closest_uis'])} | "
             f"{_f(h['reduction_vs_closest'], 1)}% | {_f(h['mia8'], 3)} | {_f(h['mia8_retrain'], 3)} | "
             f"{_f(h['mia8_independent'], 3)} | {_f(h['mia8_original'], 3)} | "
             f"{_f(h['speedup'], 1)}× |")
