@@ -101,7 +101,6 @@ def version_state(suite: dict, bench: str, n_test: int | None, cache_dir: Path, 
     original, _ = cached_original(cache_dir, train, base, recipe, device)
     context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"],
                           device=device).warm()
-    context.test_losses()
     return train, test, original, context
 
 

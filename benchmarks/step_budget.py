@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                     model = copy.deepcopy(original)
                     model.load_state_dict(snap["state"])
                     before = ledger.counts["evaluation"]
-                    ev = evaluate_unlearning(original, model.eval(), train, st["cells"], test, context=context.per_version(),
-                                             device=device)
+                    ev = evaluate_unlearning(original, model.eval(), train, st["cells"], test,
+                                             context=context.per_version(), device=device)
                     counts = {**snap["counts"], "evaluation": ledger.counts["evaluation"] - before}
                     eq = forward_equivalents(counts)
                     rows.append({"steps": snap["steps"], "uis": round(ev["uis"], 4), "uis_task": round(ev["uis_task"], 4),

@@ -23,9 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors
 
-from unlearning.model import WEIGHTS_FILE, ModelConfig, MultiTaskNet, load_state, save_model
+from unlearning.model import WEIGHTS_FILE, ModelConfig, MultiTaskNet, model_from_safetensors, save_model
 
 from .base import IntegrityError, Manifest, ModelStore, StoreError
 
@@ -236,10 +235,9 @@ class LocalModelStore(ModelStore):
 
     def load(self, model_name: str, version: int, device: str | torch.device = "cpu") -> tuple[MultiTaskNet, Manifest]:
         data, manifest = self._read_verified(model_name, version)
-        model = MultiTaskNet(ModelConfig(**manifest.model_config))
-        load_state(model, load_safetensors(data))
-        model.eval()
-        return model.to(device), manifest
+        model = model_from_safetensors(ModelConfig(**manifest.model_config), data,
+                                       self._dir(model_name, version) / WEIGHTS_FILE, device)
+        return model.eval(), manifest
 
 
 def _state_sha(model: MultiTaskNet) -> str:

@@ -277,7 +277,6 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 t0 = time.perf_counter()
                 context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"],
                                       device=device).warm()
-                context.test_losses()
                 engine_cache: dict = {} if engine_caches is None else engine_caches.setdefault(bench, {})
                 warm = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=device, cache=engine_cache)
                 for method in methods:

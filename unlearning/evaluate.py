@@ -154,8 +154,9 @@ class EvalContext:
         return self._test_losses
 
     def warm(self) -> "EvalContext":
-        """Compute what depends on the model version alone: the test set's numbers and the
-        metrics on the retained sample of a request that hits none of it. Returns ``self``."""
+        """Compute what depends on the model version alone: the test set's metrics and
+        per-sample losses (one pass) and the metrics on the retained sample of a request
+        that hits none of it. Returns ``self``."""
         self.original_metrics("test")
         self.original_metrics("retained", self.sample_ids())
         return self

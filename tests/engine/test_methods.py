@@ -303,5 +303,3 @@ def test_unlabelled_cells_are_never_donors_and_a_task_without_donors_is_logged(w
     for name in ("random_target", "salun"):
         _, log = get_method(name)(model, data, {"steps": 1})
         assert log["no_donor_tasks"] == ["depth"], name
-
-

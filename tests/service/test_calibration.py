@@ -53,7 +53,8 @@ def test_jobs_use_the_stored_scores(tiny):
     """What is stored is what a job uses (a made-up table here, so a recomputation would show)."""
     settings, store, model, train, test = tiny
     on = settings.model_copy(update={"calibrate_shadows": True})
-    made_up = {"sha256": store.manifest("cal-mtl", 1).sha256, "recipe": {"epochs": 2}, "full": {i: {t: 0.25 for t in train.tasks} for i in train.instance_ids},
+    made_up = {"sha256": store.manifest("cal-mtl", 1).sha256, "recipe": {"epochs": 2},
+               "full": {i: {t: 0.25 for t in train.tasks} for i in train.instance_ids},
                "partial": {i: {t: 0.75 for t in train.tasks} for i in train.instance_ids}}
     store.put_calibration("cal-mtl", made_up)
     calibration = lineage_calibration(on, store, "cal-mtl")
