@@ -20,6 +20,7 @@ from unlearning.data.renderer import (
     make_scene,
     render,
     render_batch,
+    render_workers,
     render_scene,
 )
 
@@ -249,3 +250,13 @@ def test_batches_sizes_and_scene_parameters():
     assert make_scene("indoor", 0).camera.fx == pytest.approx(make_scene("indoor", 0, 48, 64).camera.fx)
     with pytest.raises(ValueError, match="flavour"):
         make_scene("forest", 0)
+
+
+def test_worker_processes_render_the_same_tensors():
+    seeds = [(0, 0, i) for i in range(5)]
+    serial = render_batch("indoor", seeds, height=16, width=24)
+    parallel = render_batch("indoor", seeds, height=16, width=24, workers=2)
+    assert serial.keys() == parallel.keys()
+    assert all(torch.equal(serial[k], parallel[k]) for k in serial)
+    # "auto" keeps small renders in this process; large ones get a process per 8 scenes at most
+    assert render_workers(5, 16, 24) == 1 and 1 <= render_workers(795, 288, 384) <= 795 // 8

@@ -15,12 +15,14 @@ __all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "data
 DATASETS = ("indoor", "street", "nyuv2", "cityscapes")
 
 
-def load_splits(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+def load_splits(spec: dict, render_workers: int | str = 1) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+    """The ``(train, test)`` splits of ``spec``. ``render_workers`` (synthetic datasets
+    only): processes that render the scenes, ``"auto"`` by their size; same tensors for any."""
     name = spec.get("name")
     if name in ("indoor", "street"):
         from .synthetic import load_synthetic
 
-        return load_synthetic(spec)
+        return load_synthetic(spec, render_workers)
     if name in ("nyuv2", "cityscapes"):
         from .npy_format import load_npy_splits
 

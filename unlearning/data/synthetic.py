@@ -39,8 +39,9 @@ def noise_options(spec: dict) -> NoiseOptions | None:
     return NoiseOptions.from_dict(noise)  # fields not given keep their defaults
 
 
-def load_synthetic(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
-    """Render the train and test splits a spec describes; same spec, identical tensors."""
+def load_synthetic(spec: dict, render_workers: int | str = 1) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+    """Render the train and test splits a spec describes; same spec, identical tensors
+    (for any ``render_workers``: processes of :func:`~unlearning.data.renderer.render_batch`)."""
     name = spec.get("name")
     if name not in FLAVOUR_TASKS:
         raise ValueError(f"unknown synthetic dataset {name!r}; known: {sorted(FLAVOUR_TASKS)}")
@@ -56,7 +57,7 @@ def load_synthetic(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
 
     def split(split_id: int, n: int, prefix: str) -> MultiTaskDataset:
         seeds = [(sizes["seed"], split_id, i) for i in range(n)]
-        data = render_batch(name, seeds, sizes["height"], sizes["width"], noise)
+        data = render_batch(name, seeds, sizes["height"], sizes["width"], noise, workers=render_workers)
         return MultiTaskDataset(
             name,
             tasks,
