@@ -99,6 +99,17 @@ def test_partial_erasure_keeps_the_image_for_the_other_tasks(indoor):
     assert train.has_cell((iid, "depth"))  # the original is untouched
 
 
+def test_a_dataset_moved_to_a_device_keeps_its_ids_cells_and_tensors(indoor):
+    erased = indoor[0].without([(indoor[0].instance_ids[1], "normal")])
+    assert erased.to("cpu") is erased  # already there
+    moved = erased.to("meta")  # a device without data: what is moved, not where
+    assert moved.images.device.type == "meta" and all(v.device.type == "meta" for v in moved.targets.values())
+    assert moved.instance_ids == erased.instance_ids and moved.num_classes == erased.num_classes
+    assert moved.available.device.type == "meta" and moved.available.shape == erased.available.shape
+    assert erased.images.device.type == "cpu"  # the original stays
+    assert erased.nbytes == sum(t.numel() * t.element_size() for t in (erased.images, *erased.targets.values()))
+
+
 def test_full_erasure_drops_the_instance(indoor):
     train = indoor[0]
     iid = train.instance_ids[1]

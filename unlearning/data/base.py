@@ -95,6 +95,21 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         except KeyError:
             raise KeyError(f"unknown instance {instance_id!r} in dataset {self.name!r}") from None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the images and targets."""
+        return sum(t.numel() * t.element_size() for t in (self.images, *self.targets.values()))
+
+    def to(self, device) -> "MultiTaskDataset":
+        """This dataset with its tensors on ``device`` (the same ids, cells and mask); itself
+        when they are there already."""
+        device = torch.device(device)
+        if self.images.device == device:
+            return self
+        return MultiTaskDataset(self.name, self.tasks, self.images.to(device),
+                                {t: v.to(device) for t, v in self.targets.items()}, self.instance_ids,
+                                num_classes=self.num_classes, available=self.available.to(device))
+
     def batch(self, indices: Sequence[int] | torch.Tensor) -> Batch:
         """Stacked tensors for the given positions (no DataLoader needed for in-memory data)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
