@@ -32,10 +32,11 @@ and calibrates its reference levels with shadow models trained with it once
 per model version; ``--no-shadow`` withholds it.
 
 Writes the JSON results, a markdown summary (``.md``) and a plot (``.png``)
-next to ``--out``.
+next to ``--out``; while it runs, the JSON alone, marked ``"incomplete": true``,
+after every setting, so a run that is cut off keeps the settings it finished.
 
 A suite too long for one sitting (``full`` on a time-limited GPU) runs in pieces
-(``--benchmarks``, ``--seeds``, ``--methods``) that share ``--cache-dir``;
+(``--benchmarks``, ``--seeds``, ``--settings``, ``--methods``) that share ``--cache-dir``;
 
     python -m unlearning.bench --merge piece1.json piece2.json ... --out benchmarks/full.json
 
@@ -53,6 +54,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -145,6 +147,15 @@ def settings(train, suite: dict, seeds: list[int]) -> list[dict]:
     return out
 
 
+class UnknownSettings(ValueError):
+    """``only_settings`` names a setting the suite does not have."""
+
+
+def setting_label(st: dict) -> str:
+    """``full:<n_forget>`` or ``partial:<task>``: how ``--settings`` names a setting."""
+    return f"full:{st['n_forget']}" if st["setting"] == "full" else f"partial:{st['forget_tasks'][0]}"
+
+
 def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -206,7 +217,7 @@ def _pretrain(cache_dir: str, spec: dict, recipe: dict, cells: list, threads: in
         torch.set_num_threads(int(threads))
     key = json.dumps(spec, sort_keys=True)
     if key not in _SPLITS:
-        _SPLITS[key] = load_splits(spec)
+        _SPLITS[key] = load_splits(spec, render_workers="auto")
     train = _SPLITS[key][0]
     _, seconds = cached_retrain(Path(cache_dir), train, spec, [tuple(c) for c in cells], TrainConfig(**recipe),
                                 torch.device(device))
@@ -226,7 +237,8 @@ def _num(x):
 def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cache_dir: Path, device=None,
               benchmarks: list[str] | None = None, method_configs: dict | None = None, progress: bool = True,
               shadow: bool = True, engine_caches: dict | None = None, independent_retrain: bool = True,
-              workers: int = 0) -> dict:
+              workers: int = 0, only_settings: list[str] | None = None,
+              on_update: Callable[[dict], None] | None = None) -> dict:
     """Run a suite and return the results document (see the module docstring).
 
     ``engine_caches`` (benchmark name -> dict) lets a caller that runs several
@@ -235,7 +247,10 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
     standards (and independent retrains) ahead, in that many worker processes
     (the suite's thread count each), while this process trains the originals,
     prepares the per-version state and runs the methods; the results are the
-    same models (training is seeded), only the wall time changes."""
+    same models (training is seeded), only the wall time changes. ``only_settings``
+    (labels of :func:`setting_label`, e.g. ``["full:8", "partial:depth"]``) runs those
+    settings alone. ``on_update`` gets the document so far after every setting, so a
+    run that is cut off keeps what it finished."""
     suite = SUITES[suite_name]
     seeds = list(suite["seeds"] if seeds is None else seeds)
     device, recipe = suite_runtime(suite, device)
@@ -247,8 +262,14 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
     names = [b for b in suite["benchmarks"] if benchmarks is None or b in benchmarks]
     run_methods = list(methods) + ([INDEPENDENT_RETRAIN] if independent_retrain else [])
 
-    loaded = {b: load_splits(suite["benchmarks"][b]) for b in names}
+    loaded = {b: load_splits(suite["benchmarks"][b], render_workers="auto") for b in names}
     plan = [(b, s) for b in names for s in settings(loaded[b][0], suite, seeds)]
+    if only_settings is not None:
+        known = list(dict.fromkeys(setting_label(st) for _, st in plan))
+        unknown = [x for x in only_settings if x not in known]
+        if unknown or not only_settings:
+            raise UnknownSettings(f"unknown settings {unknown} for suite {suite_name!r}; its settings: {known}")
+        plan = [(b, st) for b, st in plan if setting_label(st) in only_settings]
     pretrained: dict = {}
     pool = None
     if workers > 0:
@@ -262,8 +283,13 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
             for kind, r in recipes:
                 pretrained[(k, kind)] = pool.submit(_pretrain, str(cache_dir), suite["benchmarks"][bench], asdict(r),
                                                     st["cells"], suite.get("threads"), str(device))
+    results, prepare_seconds, original_seconds = [], {}, {}
+
+    def document() -> dict:
+        return _suite_document(suite_name, suite, seeds, methods, method_configs, prepare_seconds, original_seconds,
+                               workers, only_settings, device, results)
+
     try:
-        results, prepare_seconds, original_seconds = [], {}, {}
         bar = tqdm(total=len(plan) * len(run_methods), desc=f"bench {suite_name}", disable=not progress)
         current = None
         for k, (bench, st) in enumerate(plan):
@@ -336,10 +362,17 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                     "retrain_seconds": round(retrain_seconds, 4),
                 })
                 bar.update(1)
+            if on_update is not None:
+                on_update(document())
         bar.close()
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    return document()
+
+
+def _suite_document(suite_name: str, suite: dict, seeds, methods, method_configs, prepare_seconds,
+                    original_seconds, workers, only_settings, device, results) -> dict:
     return {
         "suite": suite_name,
         "config": {
@@ -350,6 +383,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
             "prepare_seconds": prepare_seconds,
             "original_seconds": {b: round(s, 3) for b, s in original_seconds.items()},
             "workers": int(workers),
+            "settings": None if only_settings is None else list(only_settings),
             "torch": torch.__version__,
         },
         "device": _device_name(device),
@@ -554,7 +588,8 @@ def plot(doc: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- pieces of one suite
 
 # config entries that describe a piece rather than the suite
-_PIECE_KEYS = ("seeds", "methods", "method_configs", "prepare_seconds", "original_seconds", "workers", "pieces")
+_PIECE_KEYS = ("seeds", "methods", "method_configs", "prepare_seconds", "original_seconds", "workers", "settings",
+               "pieces")
 RUN_KEY = ("benchmark", "setting", "forget_tasks", "n_forget", "seed", "method")
 
 
@@ -653,15 +688,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0,
                    help="train the gold standards ahead in this many extra processes (default 0: in this one); "
                         "on CPU each takes one core at the suite's thread count")
+    p.add_argument("--settings", nargs="+", default=None, metavar="SETTING",
+                   help="run only these settings: full:<n_forget> or partial:<task> (e.g. full:8 partial:depth); "
+                        "default: all of the suite's")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="run nothing: pool the results of these pieces of one suite (see --benchmarks, --seeds, --methods)")
+                   help="run nothing: pool the results of these pieces of one suite "
+                        "(see --benchmarks, --seeds, --settings, --methods)")
     args = p.parse_args(argv)
+    command = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
     if args.workers < 0:
         p.error("--workers must be 0 or more")
     if args.merge:
         run_options = {"--methods": args.methods, "--seeds": args.seeds, "--benchmarks": args.benchmarks,
                        "--method-config": args.method_config, "--device": args.device, "--no-shadow": args.no_shadow,
-                       "--no-independent-retrain": args.no_independent_retrain, "--workers": args.workers}
+                       "--no-independent-retrain": args.no_independent_retrain, "--workers": args.workers,
+                       "--settings": args.settings}
         given = [flag for flag, value in run_options.items() if value not in (None, False, 0)]
         if given:
             p.error(f"--merge runs nothing; it does not take {', '.join(given)}")
@@ -677,11 +718,24 @@ def main(argv: list[str] | None = None) -> int:
         cache_dir = Path(args.cache_dir) / args.suite
         cache_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs,
-                        not args.no_progress, shadow=not args.no_shadow,
-                        independent_retrain=not args.no_independent_retrain, workers=args.workers)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def checkpoint(partial: dict) -> None:
+            # the JSON alone, marked, after every setting: a run cut off keeps what it finished
+            partial = {**partial, "command": command, "incomplete": True,
+                       "wall_seconds": round(time.perf_counter() - start, 1)}
+            out.write_text(json.dumps(partial, indent=1) + "\n")
+
+        try:
+            doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs,
+                            not args.no_progress, shadow=not args.no_shadow,
+                            independent_retrain=not args.no_independent_retrain, workers=args.workers,
+                            only_settings=args.settings, on_update=checkpoint)
+        except UnknownSettings as exc:
+            p.error(str(exc))
         doc["wall_seconds"] = round(time.perf_counter() - start, 1)
-    doc["command"] = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
+    doc["command"] = command
     write_results(doc, Path(args.out))
     print(markdown(doc))
     return 0

@@ -362,3 +362,33 @@ def test_merge_on_the_command_line_runs_nothing_and_names_the_problem(tmp_path, 
     with pytest.raises(SystemExit):
         bench.main(["--merge", str(a), str(b), "--out", str(tmp_path / "m.json")])
     assert f"{b} is not a results document" in capsys.readouterr().err
+
+
+def test_settings_run_alone_and_each_finished_setting_is_written(tiny_suite, tmp_path, torch_single_thread, capsys):
+    common = ["--suite", "tiny", "--methods", "gradient_ascent", "--cache-dir", str(tmp_path / "cache"),
+              "--no-progress", "--no-shadow", "--no-independent-retrain", "--method-config", str(_config(tmp_path))]
+    out = tmp_path / "piece.json"
+    assert bench.main([*common, "--settings", "partial:depth", "full:1", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert sorted(bench.setting_label(r) for r in doc["results"]) == ["full:1", "partial:depth"]
+    assert doc["config"]["settings"] == ["partial:depth", "full:1"] and "incomplete" not in doc
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--settings", "partial:sky", "--out", str(tmp_path / "x.json")])
+    err = capsys.readouterr().err
+    assert "partial:sky" in err and "partial:normal" in err and not (tmp_path / "x.json").exists()
+
+    seen = []
+    cut = tmp_path / "cut.json"
+
+    def cut_off_in_third(partial):
+        seen.append(len(partial["results"]))
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # the run is cut off in its third setting
+
+    # what the CLI's checkpoint writes after each setting
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_suite("tiny", ["gradient_ascent"], None, tmp_path / "cache" / "tiny", independent_retrain=False,
+                        shadow=False, progress=False, method_configs=json.loads(_config(tmp_path).read_text()),
+                        on_update=lambda d: (cut.write_text(json.dumps(d)), cut_off_in_third(d)))
+    assert seen == [1, 2]
+    assert [bench.setting_label(r) for r in json.loads(cut.read_text())["results"]] == ["full:1", "partial:segmentation"]
