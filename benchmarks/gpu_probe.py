@@ -1,0 +1,109 @@
+"""What one device does at a suite's scale, before committing device time to the suite.
+
+Renders a benchmark of the suite (timed), then times the training recipe's steps
+(after a warm-up; batches gathered on the host and copied over, as ``train_model``
+did before it kept the data on the GPU) and the model's forward passes at the
+suite's image size, and writes JSON. From the seconds per training step it says how long one training
+(the original, every gold standard) takes on this device, i.e. which pieces of
+the suite fit a time-limited device.
+
+    python benchmarks/gpu_probe.py --suite full --benchmark indoor --steps 40 --out probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from unlearning import bench
+from unlearning.data import load_splits
+from unlearning.losses import cell_losses, per_sample_losses, supervised_loss
+from unlearning.train import build_model
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(train, recipe, device, steps: int, autocast: bool = False) -> float:
+    """Seconds per training step of ``recipe`` (batch of ``recipe.batch_size``), after 5 warm-up steps."""
+    model = build_model(train, recipe).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        idx = torch.randint(len(train), (recipe.batch_size,), generator=gen)
+        batch = train.batch(idx).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = supervised_loss(cell_losses(model, batch, train.tasks), batch.has)
+        opt.zero_grad(set_to_none=True)
+        loss.float().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+
+    for _ in range(5):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", default="full", choices=sorted(bench.SUITES))
+    p.add_argument("--benchmark", default="indoor")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    suite = bench.SUITES[args.suite]
+    device, recipe = bench.suite_runtime(suite, args.device)
+    spec = suite["benchmarks"][args.benchmark]
+    t0 = time.perf_counter()
+    train, test = load_splits(spec)
+    render_seconds = time.perf_counter() - t0
+
+    step_fp32 = time_steps(train, recipe, device, args.steps)
+    step_bf16 = time_steps(train, recipe, device, args.steps, autocast=True) if device.type == "cuda" else None
+    model = build_model(train, recipe).to(device).eval()
+    per_sample_losses(model, test, range(min(64, len(test))), device=device)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    per_sample_losses(model, test, device=device)
+    _sync(device)
+    forward_per_sample = (time.perf_counter() - t0) / len(test)
+
+    steps_per_training = recipe.epochs * math.ceil(len(train) / recipe.batch_size)
+    out = {
+        "command": "python " + " ".join(sys.argv),
+        "device": bench._device_name(device),
+        "torch": torch.__version__,
+        "suite": args.suite,
+        "benchmark": spec,
+        "recipe": asdict(recipe),
+        "render_seconds": round(render_seconds, 2),
+        "train_step_seconds": round(step_fp32, 5),
+        "train_step_seconds_bf16_autocast": None if step_bf16 is None else round(step_bf16, 5),
+        "forward_seconds_per_sample": round(forward_per_sample, 6),
+        "steps_per_training": steps_per_training,
+        "training_seconds_estimate": round(step_fp32 * steps_per_training, 1),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
