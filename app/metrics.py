@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -115,23 +115,49 @@ class RecordCollector(Collector):
         yield from gauges.values()
 
     def _job_durations(self, session: Session) -> HistogramMetricFamily:
-        rows = session.execute(
-            select(Job.kind, Job.started_at, Job.finished_at).where(
-                Job.started_at.is_not(None), Job.finished_at.is_not(None)
-            )
-        ).all()
-        per_kind: dict[str, list[float]] = {}
-        for kind, started, finished in rows:
-            started, finished = as_utc(started), as_utc(finished)
-            per_kind.setdefault(kind, []).append(max(0.0, (finished - started).total_seconds()))
+        """The histogram of finished jobs' durations, per kind, counted by the database in one
+        grouped query (a scrape does not grow with the history); in Python on a dialect that
+        has no seconds-between-timestamps expression below."""
         family = HistogramMetricFamily(
             "unlearnd_job_duration_seconds", "Duration of finished jobs (started to finished)", labels=["kind"]
         )
+        finished = (Job.started_at.is_not(None), Job.finished_at.is_not(None))
+        seconds = _seconds_between(session.get_bind().dialect.name, Job.started_at, Job.finished_at)
+        if seconds is None:
+            return self._job_durations_in_python(session, family, finished)
+        seconds = case((seconds < 0, 0.0), else_=seconds)  # a clock step back counts as 0, as before
+        rows = session.execute(
+            select(Job.kind, func.count(), func.coalesce(func.sum(seconds), 0.0),
+                   *[func.sum(case((seconds <= b, 1), else_=0)) for b in JOB_DURATION_BUCKETS])
+            .where(*finished).group_by(Job.kind).order_by(Job.kind)
+        ).all()
+        for kind, count, total, *in_bucket in rows:
+            buckets = [(floatToGoString(b), int(n or 0)) for b, n in zip(JOB_DURATION_BUCKETS, in_bucket)]
+            buckets.append(("+Inf", int(count)))
+            family.add_metric([kind], buckets, float(total))
+        return family
+
+    @staticmethod
+    def _job_durations_in_python(session: Session, family: HistogramMetricFamily, finished) -> HistogramMetricFamily:
+        per_kind: dict[str, list[float]] = {}
+        for kind, started, ended in session.execute(select(Job.kind, Job.started_at, Job.finished_at).where(*finished)):
+            per_kind.setdefault(kind, []).append(max(0.0, (as_utc(ended) - as_utc(started)).total_seconds()))
         for kind, durations in sorted(per_kind.items()):
             buckets = [(floatToGoString(b), sum(d <= b for d in durations)) for b in JOB_DURATION_BUCKETS]
             buckets.append(("+Inf", len(durations)))
             family.add_metric([kind], buckets, sum(durations))
         return family
+
+
+def _seconds_between(dialect: str, start, end):
+    """SQL for the seconds from ``start`` to ``end`` (timestamps), or None for a dialect
+    without one here. SQLite keeps timestamps as text: julianday's day fractions, rounded to
+    the millisecond (a double at today's julian day resolves ~50 µs)."""
+    if dialect == "postgresql":
+        return func.extract("epoch", end - start)
+    if dialect == "sqlite":
+        return func.round((func.julianday(end) - func.julianday(start)) * 86400.0, 3)
+    return None
 
 
 class HttpMetrics:

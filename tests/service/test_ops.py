@@ -113,3 +113,41 @@ def test_framework_errors_are_problems(client):
     assert body["errors"][0]["loc"] == ["query", "since"]
     assert client.get("/docs").status_code == 200
     assert "/deletions" in client.get("/openapi.json").json()["paths"]
+
+
+def test_the_database_counts_job_durations_as_python_would(settings, model, tmp_path):
+    """The duration histogram is one grouped query on PostgreSQL and SQLite; it gives what
+    the per-row Python reading gives, fractions of a second and a clock stepped back included."""
+    from app.metrics import RecordCollector
+    from prometheus_client.core import HistogramMetricFamily
+
+    from worker.db import session_factory
+
+    from .conftest import on_sqlite, register_model
+
+    lite = on_sqlite(settings, tmp_path)
+    register_model(lite)
+    now = utcnow()
+    durations = {"deletion": (0.25, 1.0, 1.5, 59.999, 60.0, 3600.5, -2.0), "reapply": (14.75,)}
+    for url in (settings.database_url, lite.database_url):
+        with transaction(url) as s:
+            for kind, values in durations.items():
+                for d in values:
+                    s.add(Job(model_name=model.name, kind=kind, status="completed", method="m", base_version=1,
+                              started_at=now - timedelta(seconds=d), finished_at=now))
+            s.add(Job(model_name=model.name, kind="deletion", status="running", method="m", base_version=1,
+                      started_at=now))
+        collector = RecordCollector(session_factory(url))
+        with collector.sessions() as s:
+            by_sql = collector._job_durations(s)
+            by_python = collector._job_durations_in_python(
+                s, HistogramMetricFamily("x", "x", labels=["kind"]),
+                (Job.started_at.is_not(None), Job.finished_at.is_not(None)))
+        sql = {(x.labels["kind"], x.labels.get("le"), x.name.rsplit("_", 1)[1]): x.value for x in by_sql.samples}
+        py = {(x.labels["kind"], x.labels.get("le"), x.name.rsplit("_", 1)[1]): x.value for x in by_python.samples}
+        assert sql.keys() == py.keys() and sql, url
+        for key, value in py.items():
+            assert abs(sql[key] - value) < 1e-3, (url, key, sql[key], value)
+        assert sql[("deletion", "1.0", "bucket")] == 3  # 0.25, 1.0 and the clock step back (0)
+        assert sql[("deletion", "60.0", "bucket")] == 6 and sql[("deletion", "+Inf", "bucket")] == 7
+        assert sql[("reapply", None, "count")] == 1
