@@ -243,6 +243,14 @@ def test_loader_errors_name_the_path(tmp_path):
     np.save(tmp_path / "train" / "normal" / "0.npy", np.full((H, W, 3), 0.5, np.float32))
     with pytest.raises(ValueError, match=r"normal.0\.npy does not hold unit normals"):
         load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    np.save(tmp_path / "train" / "normal" / "0.npy", np.full((H, W, 3), 3 ** -0.5, np.float32))
+    np.save(tmp_path / "train" / "image" / "2.npy", np.full((H, W, 3), 200.0, np.float32))  # 0-255 stored as float
+    with pytest.raises(ValueError, match=r"image.2\.npy: a float image must hold values in \[0, 1\].*\[200, 200\]"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    np.save(tmp_path / "train" / "image" / "2.npy", np.full((H, W, 3), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"image.2\.npy: a float image"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    np.save(tmp_path / "train" / "image" / "2.npy", np.full((H, W, 3), 0.5, np.float32))
     # A pickled object array is refused, never unpickled.
     np.save(tmp_path / "train" / "normal" / "0.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=r"cannot read .*normal.0\.npy"):

@@ -1,6 +1,6 @@
 """Loader for the common preprocessed NYUv2 / Cityscapes layout of ``.npy`` files::
 
-    {root}/{train,val}/image/<n>.npy    (H,W,3) or (3,H,W); uint8 is scaled to [0, 1]
+    {root}/{train,val}/image/<n>.npy    (H,W,3) or (3,H,W); uint8 is scaled to [0, 1], float must be in it
     {root}/{train,val}/label/<n>.npy    (H,W) (or a singleton channel); float or int, -1 = ignore
     {root}/{train,val}/depth/<n>.npy    (H,W) (or a singleton channel); 0 = invalid
     {root}/{train,val}/normal/<n>.npy   (H,W,3) or (3,H,W) unit vectors; nyuv2 only
@@ -72,8 +72,17 @@ def _label(path: Path, num_classes: int) -> np.ndarray:
 
 def _image(path: Path, size: tuple[int, int]) -> np.ndarray:
     array = _read(path)
-    scale = 1.0 / 255.0 if array.dtype == np.uint8 else 1.0
-    return _channels_first(array, 3, size, path).astype(np.float32) * np.float32(scale)
+    if array.dtype == np.uint8:
+        return _channels_first(array, 3, size, path).astype(np.float32) * np.float32(1.0 / 255.0)
+    image = _channels_first(array, 3, size, path).astype(np.float32)
+    if image.size:
+        low, high = float(image.min()), float(image.max())  # NaN when there is one
+        # Refused, not guessed per file: a file-by-file rescale would treat a dark 0-255
+        # image (max <= 1) unlike its neighbours.
+        if not (np.isfinite(image).all() and low >= -1e-3 and high <= 1.0 + 1e-3):
+            raise ValueError(f"{path}: a float image must hold values in [0, 1], this one spans [{low:.4g}, {high:.4g}] "
+                             "(store 0-255 images as uint8, which is scaled, or divide them by 255 first)")
+    return np.clip(image, 0.0, 1.0)
 
 
 def _depth(path: Path, size: tuple[int, int]) -> np.ndarray:
