@@ -48,6 +48,7 @@ def mean_loss(model, data) -> float:
 def test_training_on_cuda_fits_the_data(world):
     train, _, model = world
     assert all(p.device.type == "cuda" for p in model.parameters())
+    assert train.images.device.type == "cpu"  # train_model trains on a copy on the GPU, not the caller's data
     torch.manual_seed(0)
     untrained = build_model(train, TrainConfig(**RECIPE)).to("cuda")
     assert mean_loss(model, train) < mean_loss(untrained, train)
