@@ -106,7 +106,8 @@ SUITES: dict[str, dict] = {
         "device": "cpu",
     },
     # GPU-sized, NYUv2-like scale (795 train / 654 test scenes at 288x384, a long
-    # schedule so that the original memorises). Too long for a CPU; see "The `full` suite on a GPU" in benchmarks/README.md.
+    # schedule so that the original memorises). Too long for a CPU; what one GPU
+    # session measured of it: "The `full` suite on a GPU" in benchmarks/README.md.
     "full": {
         "benchmarks": {
             "indoor": {"name": "indoor", "n_train": 795, "n_test": 654, "height": 288, "width": 384, "seed": 0},
