@@ -30,7 +30,7 @@ case "${1:-}" in
       exit 1
     fi
     touch "$PIECE_DIR/started"
-    rm -f "$PIECE_DIR/rc"
+    rm -f "$PIECE_DIR/rc" "$PIECE_DIR/piece.json" "$PIECE_DIR/piece.md" "$PIECE_DIR/piece.png"  # an earlier piece's
     PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 setsid nohup bash -c '"${@:2}"; echo $? >"$1/rc"' \
       _ "$PIECE_DIR" "$PYTHON" -m unlearning.bench "$@" --cache-dir "$CACHE_DIR" --out "$PIECE_DIR/piece.json" \
       --workers 0 >"$PIECE_DIR/log" 2>&1 </dev/null &
