@@ -48,6 +48,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -59,7 +60,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import load_splits
+from .data import dataset_tasks, load_splits
 from .evaluate import EvalContext, evaluate_unlearning, membership_auc
 from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method
 from .metrics import forget_gap
@@ -155,6 +156,13 @@ class UnknownSettings(ValueError):
 def setting_label(st: dict) -> str:
     """``full:<n_forget>`` or ``partial:<task>``: how ``--settings`` names a setting."""
     return f"full:{st['n_forget']}" if st["setting"] == "full" else f"partial:{st['forget_tasks'][0]}"
+
+
+def setting_labels(suite: dict, spec: dict) -> list[str]:
+    """The :func:`setting_label` of every setting of ``suite`` on the benchmark ``spec``, from
+    the suite's definition alone (nothing is rendered or loaded)."""
+    return ([f"full:{n}" for n in suite["n_forget_full"]]
+            + [f"partial:{t}" for t in suite.get("partial_tasks", dataset_tasks(spec))])
 
 
 def _key(payload: dict) -> str:
@@ -263,13 +271,18 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
     names = [b for b in suite["benchmarks"] if benchmarks is None or b in benchmarks]
     run_methods = list(methods) + ([INDEPENDENT_RETRAIN] if independent_retrain else [])
 
-    loaded = {b: load_splits(suite["benchmarks"][b], render_workers="auto") for b in names}
-    plan = [(b, s) for b in names for s in settings(loaded[b][0], suite, seeds)]
     if only_settings is not None:
-        known = list(dict.fromkeys(setting_label(st) for _, st in plan))
+        # checked, and the benchmarks without a chosen setting dropped, before anything is rendered
+        labels = {b: setting_labels(suite, suite["benchmarks"][b]) for b in names}
+        known = list(dict.fromkeys(x for b in names for x in labels[b]))
         unknown = [x for x in only_settings if x not in known]
         if unknown or not only_settings:
             raise UnknownSettings(f"unknown settings {unknown} for suite {suite_name!r}; its settings: {known}")
+        names = [b for b in names if set(labels[b]) & set(only_settings)]
+
+    loaded = {b: load_splits(suite["benchmarks"][b], render_workers="auto") for b in names}
+    plan = [(b, s) for b in names for s in settings(loaded[b][0], suite, seeds)]
+    if only_settings is not None:
         plan = [(b, st) for b, st in plan if setting_label(st) in only_settings]
     pretrained: dict = {}
     pool = None
@@ -516,7 +529,9 @@ def markdown(doc: dict) -> str:
              f"Wall time: {_f(doc.get('wall_seconds', float('nan')), 0)} s  ",
              f"Seeds: {doc['config']['seeds']}; runs: {len(res)}", "",
              *(["Pieces (their wall times add up to the one above):", "",
-                *[f"- `{p['source']}`: `{p['command']}`, {_f(p['wall_seconds'], 0)} s" for p in doc["config"]["pieces"]],
+                *[f"- `{p['source']}`: `{p['command']}`, {_f(p['wall_seconds'], 0)} s"
+                  + (" (cut off: only the settings with rows in the table ran)" if p.get("incomplete") else "")
+                  for p in doc["config"]["pieces"]],
                 ""] if doc["config"].get("pieces") else []),
              "## Headline (interference_aware vs the strongest baseline)", "",
              "Strongest baseline: lowest mean UIS among baselines whose mean |mia_auc − mia_auc_retrain| is no "
@@ -643,7 +658,9 @@ def merge(docs: list[dict], sources: list[str]) -> dict:
             pieces += doc["config"]["pieces"]
         else:
             pieces.append({"source": name, "command": doc.get("command"), "wall_seconds": doc.get("wall_seconds"),
-                           **{k: doc["config"].get(k) for k in _PIECE_KEYS if k != "pieces"}})
+                           **{k: doc["config"].get(k) for k in _PIECE_KEYS if k != "pieces"},
+                           # a run cut off (its rows are whole runs; settings without rows did not run)
+                           **({"incomplete": True} if doc.get("incomplete") else {})})
     config = {**shared,
               "seeds": sorted({r["seed"] for r in results}),
               "methods": list(dict.fromkeys(m for p in pieces for m in (p["methods"] or []))),
@@ -723,10 +740,16 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
 
         def checkpoint(partial: dict) -> None:
-            # the JSON alone, marked, after every setting: a run cut off keeps what it finished
+            # the JSON alone, marked, after every setting: a run cut off keeps what it finished.
+            # Written aside and renamed (a kill mid-write leaves the last whole one); the .md and
+            # .png of an earlier run at this path go, so none sits beside it as if it were its own.
             partial = {**partial, "command": command, "incomplete": True,
                        "wall_seconds": round(time.perf_counter() - start, 1)}
-            out.write_text(json.dumps(partial, indent=1) + "\n")
+            aside = out.with_name(out.name + ".partial")
+            aside.write_text(json.dumps(partial, indent=1) + "\n")
+            os.replace(aside, out)
+            for stale in (out.with_suffix(".md"), out.with_suffix(".png")):
+                stale.unlink(missing_ok=True)
 
         try:
             doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs,

@@ -364,7 +364,8 @@ def test_merge_on_the_command_line_runs_nothing_and_names_the_problem(tmp_path, 
     assert f"{b} is not a results document" in capsys.readouterr().err
 
 
-def test_settings_run_alone_and_each_finished_setting_is_written(tiny_suite, tmp_path, torch_single_thread, capsys):
+def test_settings_run_alone_and_each_finished_setting_is_written(tiny_suite, tmp_path, torch_single_thread, capsys,
+                                                                 monkeypatch):
     common = ["--suite", "tiny", "--methods", "gradient_ascent", "--cache-dir", str(tmp_path / "cache"),
               "--no-progress", "--no-shadow", "--no-independent-retrain", "--method-config", str(_config(tmp_path))]
     out = tmp_path / "piece.json"
@@ -372,8 +373,10 @@ def test_settings_run_alone_and_each_finished_setting_is_written(tiny_suite, tmp
     doc = json.loads(out.read_text())
     assert sorted(bench.setting_label(r) for r in doc["results"]) == ["full:1", "partial:depth"]
     assert doc["config"]["settings"] == ["partial:depth", "full:1"] and "incomplete" not in doc
-    with pytest.raises(SystemExit):
-        bench.main([*common, "--settings", "partial:sky", "--out", str(tmp_path / "x.json")])
+    with monkeypatch.context() as m:
+        m.setattr(bench, "load_splits", lambda *a, **k: pytest.fail("rendered before the settings were checked"))
+        with pytest.raises(SystemExit):
+            bench.main([*common, "--settings", "partial:sky", "--out", str(tmp_path / "x.json")])
     err = capsys.readouterr().err
     assert "partial:sky" in err and "partial:normal" in err and not (tmp_path / "x.json").exists()
 
@@ -392,3 +395,33 @@ def test_settings_run_alone_and_each_finished_setting_is_written(tiny_suite, tmp
                         on_update=lambda d: (cut.write_text(json.dumps(d)), cut_off_in_third(d)))
     assert seen == [1, 2]
     assert [bench.setting_label(r) for r in json.loads(cut.read_text())["results"]] == ["full:1", "partial:segmentation"]
+
+    # a cut-off piece merges (its rows are whole runs), and the table says it was cut off
+    cut.write_text(json.dumps({**json.loads(cut.read_text()), "incomplete": True, "command": "cut", "wall_seconds": 1}))
+    normal = tmp_path / "normal.json"
+    assert bench.main([*common, "--settings", "partial:normal", "--out", str(normal)]) == 0
+    assert bench.main(["--merge", str(normal), str(cut), "--out", str(tmp_path / "merged.json")]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert [p.get("incomplete", False) for p in merged["config"]["pieces"]] == [False, True]
+    assert "`cut`, 1 s (cut off" in (tmp_path / "merged.md").read_text()
+
+
+def test_the_cli_checkpoint_is_marked_whole_and_alone(tmp_path, monkeypatch):
+    """What the CLI writes after a setting: marked incomplete, renamed into place (no
+    half-written file), and no table or plot of an earlier run at that path beside it."""
+    out = tmp_path / "r.json"
+    out.with_suffix(".md").write_text("an earlier run's table")
+    out.with_suffix(".png").write_bytes(b"an earlier run's plot")
+
+    def cut_off(*args, on_update=None, **kwargs):
+        on_update({"suite": "smoke", "results": [{"method": "m"}]})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_suite", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--suite", "smoke", "--methods", "gradient_ascent", "--cache-dir", str(tmp_path / "c"),
+                    "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["incomplete"] is True and doc["results"] == [{"method": "m"}]
+    assert doc["command"] == f"python -m unlearning.bench --suite smoke --methods gradient_ascent --cache-dir {tmp_path / 'c'} --out {out}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "r.json"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .base import Batch, Cell, MultiTaskDataset
 
-__all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "dataset_key"]
+__all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "dataset_key", "dataset_tasks"]
 
 DATASETS = ("indoor", "street", "nyuv2", "cityscapes")
 
@@ -27,6 +27,21 @@ def load_splits(spec: dict, render_workers: int | str = 1) -> tuple[MultiTaskDat
         from .npy_format import load_npy_splits
 
         return load_npy_splits(spec)
+    raise KeyError(f"unknown dataset {name!r}; known datasets: {list(DATASETS)}")
+
+
+def dataset_tasks(spec: dict) -> list[str]:
+    """The tasks of the dataset ``spec`` names, without loading it (what ``load_splits(spec)``'s
+    splits will have)."""
+    name = spec.get("name")
+    if name in ("indoor", "street"):
+        from .renderer import FLAVOUR_TASKS
+
+        return list(FLAVOUR_TASKS[name])
+    if name in ("nyuv2", "cityscapes"):
+        from .npy_format import TASKS
+
+        return list(TASKS[name])
     raise KeyError(f"unknown dataset {name!r}; known datasets: {list(DATASETS)}")
 
 
