@@ -250,6 +250,9 @@ def test_loader_errors_name_the_path(tmp_path):
     np.save(tmp_path / "train" / "image" / "2.npy", np.full((H, W, 3), np.nan, np.float32))
     with pytest.raises(ValueError, match=r"image.2\.npy: a float image"):
         load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    np.save(tmp_path / "train" / "image" / "2.npy", np.full((H, W, 3), 200, np.int64))
+    with pytest.raises(ValueError, match=r"image.2\.npy: images must be uint8 \(0-255\) or float in \[0, 1\].*int64"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
     np.save(tmp_path / "train" / "image" / "2.npy", np.full((H, W, 3), 0.5, np.float32))
     # A pickled object array is refused, never unpickled.
     np.save(tmp_path / "train" / "normal" / "0.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)

@@ -260,3 +260,5 @@ def test_worker_processes_render_the_same_tensors():
     assert all(torch.equal(serial[k], parallel[k]) for k in serial)
     # "auto" keeps small renders in this process; large ones get a process per 8 scenes at most
     assert render_workers(5, 16, 24) == 1 and 1 <= render_workers(795, 288, 384) <= 795 // 8
+    empty = render_batch("street", (s for s in ()), height=8, width=8)  # a generator, empty
+    assert empty["image"].shape == (0, 3, 8, 8) and empty["segmentation"].dtype == torch.long

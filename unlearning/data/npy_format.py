@@ -74,6 +74,8 @@ def _image(path: Path, size: tuple[int, int]) -> np.ndarray:
     array = _read(path)
     if array.dtype == np.uint8:
         return _channels_first(array, 3, size, path).astype(np.float32) * np.float32(1.0 / 255.0)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{path}: images must be uint8 (0-255) or float in [0, 1], this one is {array.dtype}")
     image = _channels_first(array, 3, size, path).astype(np.float32)
     if image.size:
         low, high = float(image.min()), float(image.max())  # NaN when there is one

@@ -822,12 +822,12 @@ def render_batch(flavour: str, seeds: Sequence, height: int = 48, width: int = 6
     if flavour not in FLAVOUR_TASKS:
         raise ValueError(f"unknown scene flavour {flavour!r}; known: {sorted(FLAVOUR_TASKS)}")
     keys = ("image",) + FLAVOUR_TASKS[flavour]
+    seeds = list(seeds)  # a generator too
     if not seeds:
         shapes = {"image": (3, height, width), "segmentation": (height, width), "depth": (1, height, width),
                   "normal": (3, height, width)}
         return {k: torch.zeros((0, *shapes[k]), dtype=torch.long if k == "segmentation" else torch.float32)
                 for k in keys}
-    seeds = list(seeds)
     workers = render_workers(len(seeds), height, width) if workers == "auto" else max(1, int(workers))
     if workers == 1 or len(seeds) < 2:
         return _render_serial(flavour, seeds, height, width, noise)
