@@ -115,9 +115,9 @@ class RecordCollector(Collector):
         yield from gauges.values()
 
     def _job_durations(self, session: Session) -> HistogramMetricFamily:
-        """The histogram of finished jobs' durations, per kind, counted by the database in one
-        grouped query (a scrape does not grow with the history); in Python on a dialect that
-        has no seconds-between-timestamps expression below."""
+        """The histogram of finished jobs' durations, per kind, counted by PostgreSQL in one
+        grouped query (a scrape does not grow with the history); row by row in Python on
+        SQLite (the embedded default) and other dialects: see :func:`_seconds_between`."""
         family = HistogramMetricFamily(
             "unlearnd_job_duration_seconds", "Duration of finished jobs (started to finished)", labels=["kind"]
         )
@@ -150,13 +150,11 @@ class RecordCollector(Collector):
 
 
 def _seconds_between(dialect: str, start, end):
-    """SQL for the seconds from ``start`` to ``end`` (timestamps), or None for a dialect
-    without one here. SQLite keeps timestamps as text: julianday's day fractions, rounded to
-    the millisecond (a double at today's julian day resolves ~50 µs)."""
+    """SQL for the exact seconds from ``start`` to ``end`` (timestamps), or None where there is
+    none here. SQLite has none: its date functions round each timestamp to the millisecond,
+    which moves a job across a bucket bound (60.0004 s counted as <= 60)."""
     if dialect == "postgresql":
         return func.extract("epoch", end - start)
-    if dialect == "sqlite":
-        return func.round((func.julianday(end) - func.julianday(start)) * 86400.0, 3)
     return None
 
 
