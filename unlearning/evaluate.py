@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -193,9 +193,16 @@ def forget_cell_losses(model, train: MultiTaskDataset, forget_cells: Sequence[Ce
     instances = list(dict.fromkeys(iid for iid, _ in forget_cells))
     losses = per_sample_losses(model, train, [train.index_of(i) for i in instances], batch_size, device)
     row = {iid: r for r, iid in enumerate(instances)}
+    return losses_of_cells(losses, row.__getitem__, forget_cells)
+
+
+def losses_of_cells(losses: dict[str, torch.Tensor], row_of: Callable[[str], int],
+                    cells: Sequence[Cell]) -> dict[str, torch.Tensor]:
+    """Per task, the losses of ``cells`` read off per-sample ``losses`` (task -> (N,)),
+    whose row of an instance is ``row_of(instance_id)``."""
     out: dict[str, list[float]] = {}
-    for iid, task in forget_cells:
-        out.setdefault(task, []).append(float(losses[task][row[iid]]))
+    for iid, task in cells:
+        out.setdefault(task, []).append(float(losses[task][row_of(iid)]))
     return {t: torch.tensor(v, dtype=torch.float64) for t, v in out.items()}
 
 
