@@ -25,7 +25,7 @@ import torch
 
 from unlearning import bench
 from unlearning.data import load_splits
-from unlearning.evaluate import metrics_and_losses
+from unlearning.evaluate import losses_of_cells, metrics_and_losses
 from unlearning.metrics import mia_auc
 from unlearning.model import load_model
 from unlearning.train import resolve_device
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    directory = Path(args.cache_dir) / args.suite / bench._key({"spec": spec, "cells": "all", "recipe": vars(recipe)})
+    directory = bench.cache_entry(Path(args.cache_dir) / args.suite, recipe, {"spec": spec, **bench.ORIGINAL})
     if not (directory / "bench.json").is_file():
         p.error(f"no cached original for {args.suite}/{args.benchmark} under {directory}; run unlearning.bench first")
     model = load_model(directory, map_location=device).eval()
@@ -65,10 +65,7 @@ def main(argv=None) -> int:
     forget_sets = []
     for st in bench.settings(train, suite, suite["seeds"]):
         if st["n_forget"] == 8:
-            cells: dict[str, list[float]] = {}
-            for iid, task in st["cells"]:
-                cells.setdefault(task, []).append(float(members[task][train.index_of(iid)]))
-            auc = mia_auc({t: torch.tensor(v) for t, v in cells.items()}, held)
+            auc = mia_auc(losses_of_cells(members, train.index_of, st["cells"]), held)
             forget_sets.append({"setting": st["setting"], "forget_tasks": st["forget_tasks"], "seed": st["seed"],
                                 "mia_auc_original": round(auc, 4)})
     out = {

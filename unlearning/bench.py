@@ -169,10 +169,19 @@ def _key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def cache_entry(cache_dir: Path, recipe: TrainConfig, key_payload: dict) -> Path:
+    """The folder :func:`cached_training` keeps the model of ``recipe`` and ``key_payload`` in
+    (a finished entry holds ``bench.json``)."""
+    return cache_dir / _key({**key_payload, "recipe": asdict(recipe)})
+
+
+ORIGINAL = {"cells": "all"}  # the key payload of a benchmark's original model, beside its spec
+
+
 def cached_training(cache_dir: Path, dataset, recipe: TrainConfig, key_payload: dict, device) -> tuple[torch.nn.Module, float]:
     """Train on ``dataset`` with ``recipe`` or load the model cached under the key; returns
     ``(model, training seconds)`` (the seconds measured when it was trained)."""
-    directory = cache_dir / _key({**key_payload, "recipe": asdict(recipe)})
+    directory = cache_entry(cache_dir, recipe, key_payload)
     meta_path = directory / "bench.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -198,7 +207,7 @@ def suite_runtime(suite: dict, device=None) -> tuple[torch.device, TrainConfig]:
 def cached_original(cache_dir: Path, train, spec: dict, recipe: TrainConfig, device) -> tuple[torch.nn.Module, float]:
     """:func:`cached_training` of the benchmark's original model: ``recipe`` on all of
     ``train`` (the training split of ``spec``), under the key every script shares."""
-    return cached_training(cache_dir, train, recipe, {"spec": spec, "cells": "all"}, device)
+    return cached_training(cache_dir, train, recipe, {"spec": spec, **ORIGINAL}, device)
 
 
 def independent_recipe(recipe: TrainConfig) -> TrainConfig:
@@ -299,9 +308,23 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                                                     st["cells"], suite.get("threads"), str(device))
     results, prepare_seconds, original_seconds = [], {}, {}
 
-    def document() -> dict:
-        return _suite_document(suite_name, suite, seeds, methods, method_configs, prepare_seconds, original_seconds,
-                               workers, only_settings, device, results)
+    def document() -> dict:  # the results so far, with the run's configuration
+        return {
+            "suite": suite_name,
+            "config": {
+                **{k: v for k, v in suite.items() if k != "seeds"},
+                "seeds": seeds,
+                "methods": methods,
+                "method_configs": method_configs,
+                "prepare_seconds": prepare_seconds,
+                "original_seconds": {b: round(s, 3) for b, s in original_seconds.items()},
+                "workers": int(workers),
+                "settings": None if only_settings is None else list(only_settings),
+                "torch": torch.__version__,
+            },
+            "device": _device_name(device),
+            "results": results,
+        }
 
     try:
         bar = tqdm(total=len(plan) * len(run_methods), desc=f"bench {suite_name}", disable=not progress)
@@ -383,26 +406,6 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return document()
-
-
-def _suite_document(suite_name: str, suite: dict, seeds, methods, method_configs, prepare_seconds,
-                    original_seconds, workers, only_settings, device, results) -> dict:
-    return {
-        "suite": suite_name,
-        "config": {
-            **{k: v for k, v in suite.items() if k != "seeds"},
-            "seeds": seeds,
-            "methods": methods,
-            "method_configs": method_configs,
-            "prepare_seconds": prepare_seconds,
-            "original_seconds": {b: round(s, 3) for b, s in original_seconds.items()},
-            "workers": int(workers),
-            "settings": None if only_settings is None else list(only_settings),
-            "torch": torch.__version__,
-        },
-        "device": _device_name(device),
-        "results": results,
-    }
 
 
 def _cpu_model() -> str:
