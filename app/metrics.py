@@ -116,15 +116,17 @@ class RecordCollector(Collector):
 
     def _job_durations(self, session: Session) -> HistogramMetricFamily:
         """The histogram of finished jobs' durations, per kind, counted by PostgreSQL in one
-        grouped query (a scrape does not grow with the history); row by row in Python on
-        SQLite (the embedded default) and other dialects: see :func:`_seconds_between`."""
+        grouped query (a scrape does not grow with the history). SQLite (the embedded
+        default) and other dialects are read row by row in Python: SQLite's date functions
+        round each timestamp to the millisecond, which moves a job across a bucket bound
+        (60.0004 s counted as <= 60)."""
         family = HistogramMetricFamily(
             "unlearnd_job_duration_seconds", "Duration of finished jobs (started to finished)", labels=["kind"]
         )
         finished = (Job.started_at.is_not(None), Job.finished_at.is_not(None))
-        seconds = _seconds_between(session.get_bind().dialect.name, Job.started_at, Job.finished_at)
-        if seconds is None:
+        if session.get_bind().dialect.name != "postgresql":
             return self._job_durations_in_python(session, family, finished)
+        seconds = func.extract("epoch", Job.finished_at - Job.started_at)  # exact
         seconds = case((seconds < 0, 0.0), else_=seconds)  # a clock step back counts as 0, as before
         rows = session.execute(
             select(Job.kind, func.count(), func.coalesce(func.sum(seconds), 0.0),
@@ -147,15 +149,6 @@ class RecordCollector(Collector):
             buckets.append(("+Inf", len(durations)))
             family.add_metric([kind], buckets, sum(durations))
         return family
-
-
-def _seconds_between(dialect: str, start, end):
-    """SQL for the exact seconds from ``start`` to ``end`` (timestamps), or None where there is
-    none here. SQLite has none: its date functions round each timestamp to the millisecond,
-    which moves a job across a bucket bound (60.0004 s counted as <= 60)."""
-    if dialect == "postgresql":
-        return func.extract("epoch", end - start)
-    return None
 
 
 class HttpMetrics:
