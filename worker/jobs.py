@@ -557,19 +557,7 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
         if unsafe is not None:
             if job.kind != "deletion":
                 raise JobFailed(f"not published: {unsafe}; roll back again")
-            _put_back(session, job, "job.rebased", reason=f"not published: {unsafe}", from_base=job.base_version,
-                      to_base=previous, unpublished_version=version)
-            # the new base may itself lack erasures (a rollback's target): the rerun re-erases them too
-            new_base = session.execute(select(ModelVersion.erased_cells).where(
-                ModelVersion.model_name == model_name, ModelVersion.version == previous)).scalar_one_or_none()
-            params = dict(job.params or {})
-            cells = [list(c) for c in params.get("cells") or []]
-            missing = have - {tuple(c) for c in new_base or []}
-            params["cells"] = cells + [list(c) for c in sorted(missing) if list(c) not in cells]
-            params.pop("target_version", None)  # the rebased run computes a new version
-            job.params = params
-            job.base_version = previous
-            log.warning("job %s: %s; rebased on v%s", job_id, unsafe, previous)
+            _rebase(session, job, previous, have, unsafe, version)
             return JobOutcome("requeued", model_name, job_id, error=f"rebased: {unsafe}")
 
         now = utcnow()
@@ -654,6 +642,25 @@ def _unsafe_to_serve(job: Job, serving: int | None, manifest: Manifest, tombston
     if job.kind == "deletion" and serving != job.base_version:
         return f"its base v{job.base_version} is no longer serving (v{serving} is)"
     return None
+
+
+def _rebase(session: Session, job: Job, serving: int | None, tombstoned: set, unsafe: str,
+            unpublished_version: int) -> None:
+    """Put a deletion job whose artifact must not be served back in the queue on the
+    ``serving`` version, with every tombstoned cell that version still holds added to its
+    cells (the new base may itself lack erasures: a rollback's target)."""
+    _put_back(session, job, "job.rebased", reason=f"not published: {unsafe}", from_base=job.base_version,
+              to_base=serving, unpublished_version=unpublished_version)
+    new_base = session.execute(select(ModelVersion.erased_cells).where(
+        ModelVersion.model_name == job.model_name, ModelVersion.version == serving)).scalar_one_or_none()
+    params = dict(job.params or {})
+    cells = [list(c) for c in params.get("cells") or []]
+    missing = tombstoned - {tuple(c) for c in new_base or []}
+    params["cells"] = cells + [list(c) for c in sorted(missing) if list(c) not in cells]
+    params.pop("target_version", None)  # the rebased run computes a new version
+    job.params = params
+    job.base_version = serving
+    log.warning("job %s: %s; rebased on v%s", job.id, unsafe, serving)
 
 
 def _put_back(session: Session, job: Job, event: str, **details) -> None:
