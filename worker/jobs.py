@@ -3,7 +3,7 @@
 Plain functions; the Celery task (``worker.tasks``) and the in-process worker
 (``worker.background``) both call :func:`process_model`. The steps:
 
-1. :func:`claim_job` (one short transaction, the model row locked): at most one
+1. :func:`claim_next` (one short transaction, the model row locked): at most one
    active job per model. A queued job (a reapply written by a rollback, or a
    job the sweeper reset) is taken first; otherwise every queued deletion
    request of the model is coalesced into one new job.
@@ -130,13 +130,6 @@ def _jsonable(value) -> Any:
 
 
 # --------------------------------------------------------------------------- claim
-
-
-def claim_job(settings: Settings, model_name: str) -> tuple[str, str | None]:
-    """Claim the next job of ``model_name``: ``("claimed", job_id)``, ``("busy", None)``
-    or ``("idle", None)`` (see :func:`claim_next`, which also gives the attempt)."""
-    claim = claim_next(settings, model_name)
-    return claim.status, claim.job_id
 
 
 def claim_next(settings: Settings, model_name: str) -> Claim:

@@ -151,9 +151,10 @@ def test_a_job_that_runs_twice_publishes_one_version(client, settings, store, mo
         session.add(req)
         session.flush()
         request_id = req.id
-    status, job_id = jobs.claim_job(settings, settings.model_name)
+    claim = jobs.claim_next(settings, settings.model_name)
+    status, job_id = claim.status, claim.job_id
     assert status == "claimed"
-    assert jobs.claim_job(settings, settings.model_name) == ("busy", None)  # one active job per model
+    assert jobs.claim_next(settings, settings.model_name) == jobs.Claim("busy")  # one active job per model
 
     with _session(settings) as session:
         job = session.get(Job, job_id)
@@ -210,7 +211,8 @@ def test_sweeper_reenqueues_a_job_whose_worker_died(client, settings, store):
         session.add(req)
         session.flush()
         request_id = req.id
-    status, job_id = jobs.claim_job(settings, settings.model_name)
+    claim = jobs.claim_next(settings, settings.model_name)
+    status, job_id = claim.status, claim.job_id
     assert status == "claimed"
     publish = publisher(create_celery(settings))
 
@@ -290,7 +292,8 @@ def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store):
         session.flush()
         request_id = req.id
         versions_before = session.execute(select(func.count()).select_from(ModelVersion)).scalar()
-    status, job_id = jobs.claim_job(settings, settings.model_name)
+    claim = jobs.claim_next(settings, settings.model_name)
+    status, job_id = claim.status, claim.job_id
     assert status == "claimed"
     outcome = jobs.run_job(settings, store, job_id)
     assert outcome.status == "failed" and "no-such-instance" in outcome.error
