@@ -129,6 +129,40 @@ def test_shadow_scores_cover_every_cell_once_and_are_cached(memorised):
         assert all(0.0 <= v <= 1.0 for by_task in first[mode].values() for v in by_task.values())
 
 
+def test_shadow_scores_of_some_folds_only(memorised):
+    """``trained_folds``: the shadows of the first n folds only, so only their cells are scored."""
+    from unlearning.methods.interference_aware import shadow_scores
+
+    model, train, test = memorised
+    recipe = {"epochs": 2, "batch_size": 8, "lr": 5e-3, "width": 8, "depth": 2, "head_width": 8, "seed": 0}
+    data = _data(train, test, [(train.instance_ids[0], "depth")])
+    part = shadow_scores(model, data, recipe, folds=4, seed=0, trained_folds=1)
+    assert (part["shadows"], part["folds"], part["trained_folds"]) == (1 + len(TASKS), 4, 1)
+    scored = set(part["full"])
+    assert len(scored) == len(train) // 4  # one fold's instances (the fixture has a multiple of 4)
+    # partial mode: every task of the fold's instances, one per rotation
+    assert {(i, t) for i, by_task in part["partial"].items() for t in by_task} == {
+        c for c in train.cells() if c[0] in scored}
+    assert shadow_scores(model, data, recipe, folds=4, seed=0) is not part  # another cache entry
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="shadow_trained_folds"):
+            shadow_scores(model, data, recipe, folds=4, seed=0, trained_folds=bad)
+
+
+def test_an_unscored_cell_takes_its_tasks_mean_score_over_the_table(memorised):
+    """A request cell outside the folds a partial calibration trained is taken to where an
+    average cell of its task lands, not to the request's other cells."""
+    model, train, test = memorised
+    ids = train.instance_ids
+    given = {"full": {}, "partial": {ids[0]: {"depth": 0.9}, ids[5]: {"depth": 0.6}, ids[6]: {"depth": 0.3}}}
+    cells = [(ids[0], "depth"), (ids[1], "depth")]
+    _, log = get_method("interference_aware")(model, _data(train, test, cells), {"shadow_scores": given, "steps": 2})
+    assert log["tau_quantiles"]["depth"] == pytest.approx([0.1, 0.4])  # 1 - 0.9; 1 - mean(0.9, 0.6, 0.3)
+    assert log["calibration"]["task_mean_scores"] == {"depth": pytest.approx(0.6)}
+    assert log["calibration"]["scores"]["depth"] == [0.9, None]
+    assert log["calibration"]["expected_mia_auc"] == pytest.approx(0.75)
+
+
 @pytest.mark.parametrize("per", ["request", "cell"])
 def test_shadow_scores_set_each_cells_quantile(memorised, per):
     from unlearning.methods.interference_aware import shadow_scores
@@ -270,7 +304,7 @@ def test_stepper_preconditions_the_parts_not_their_sum():
 def test_given_shadow_scores_are_used_without_training(memorised):
     """A caller that kept the scores (the service, per lineage) passes them back: no
     recipe needed, each cell goes to its given score; a cell without one gets the
-    mean of the request's scored cells, or the fixed quantile when none is scored."""
+    mean score of its task over the table, or the fixed quantile when none is scored."""
     model, train, test = memorised
     ids = train.instance_ids[:2]
     cells = [(i, t) for i in ids for t in TASKS]

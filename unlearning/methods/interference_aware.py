@@ -27,8 +27,10 @@ Each step combines:
    (default) each cell goes to its own ``1 - score`` quantile, with
    ``"request"`` every cell of task ``k`` to the ``1 - mean`` quantile (same
    expected AUC, higher UIS: cells a retrained model keeps easy are pushed
-   too). Without a recipe, ``tau_quantile`` (full) and
-   ``tau_quantile_partial`` are used.
+   too). ``shadow_trained_folds`` = n trains the shadows of only the first n
+   folds, for models whose ``(1 + T) × shadow_folds`` trainings cost too much:
+   the other cells are taken to their task's mean score in that mode. Without
+   a recipe, ``tau_quantile`` (full) and ``tau_quantile_partial`` are used.
 2. **Retain signal.** ``L_r`` on three retain references: the forgotten
    instances' own retained cells (partial mode), their nearest retained
    instances in the original model's representation space (pooled encoder
@@ -143,6 +145,7 @@ DEFAULTS = {
     "shadow_recipe": None,  # training recipe (TrainConfig fields) of the deployed model: calibrate τ with shadow models
     "shadow_folds": 4,  # shadow calibration: folds of the training instances ((1 + T) shadows per fold)
     "shadow_seed": 0,
+    "shadow_trained_folds": None,  # train the shadows of only the first n folds (None: all); other cells get their task's mean score
     "shadow_scores": None,  # shadow_scores() computed earlier (JSON form): used instead of training shadows
     "calibrate_per": "cell",  # "cell": each cell to its own out-of-fold score; "request": one level per task at their mean
     "tau_refresh": 10,  # every this many steps, re-estimate τ_k on the *current* model's held-out losses (0: never)
@@ -216,7 +219,7 @@ def levels(losses: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
 
 
 def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
-                  modes: tuple[str, ...] = ("full", "partial")) -> dict:
+                  modes: tuple[str, ...] = ("full", "partial"), trained_folds: int | None = None) -> dict:
     """Out-of-fold membership scores: for every training cell, the attack AUC it shows
     under a *shadow* model that never saw it, i.e. where a model retrained without it
     would put it among the held-out data (LiRA's per-example "OUT" models, reduced to
@@ -234,25 +237,33 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
     Computed once per model version and cached (``(1 + T) × folds`` trainings);
     independent of any request, so a caller may keep the result and pass it back as
     ``config["shadow_scores"]`` (the service keeps one per model lineage). Returns
-    plain JSON: ``{"full": {id: {task: score}}, "partial": {...}, "folds", "shadows",
-    "seconds"}``. ``modes`` may leave one mode out (its table is then empty)."""
+    plain JSON: ``{"full": {id: {task: score}}, "partial": {...}, "folds",
+    "trained_folds", "shadows", "seconds"}``. ``modes`` may leave one mode out (its
+    table is then empty). ``trained_folds`` = n trains the shadows of only the first n
+    folds (``(1 + T) × n`` trainings): only their cells get a score, and
+    :func:`reference_quantiles` gives every other cell its task's mean score in that
+    mode, the AUC a retrained model is expected to show on an average cell (at scale,
+    where ``(1 + T) × folds`` full trainings cost too much)."""
     import json
 
     from ..metrics import member_scores
     from ..train import TrainConfig, train_model
 
-    key = ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), int(folds), int(seed), tuple(modes))
+    k = max(1, min(int(folds), len(data.train)))
+    n = k if trained_folds is None else int(trained_folds)
+    if not 1 <= n <= k:
+        raise ValueError(f"interference_aware: shadow_trained_folds must be between 1 and the {k} folds, got {trained_folds!r}")
+    key = ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), k, int(seed), tuple(modes), n)
     if key in data.cache:
         return data.cache[key]
     if data.heldout is None or len(data.heldout) == 0:
         raise ValueError("interference_aware: shadow calibration needs held-out data")
     t0 = time.perf_counter()
     train, tasks = data.train, list(data.train.tasks)
-    k = max(1, min(int(folds), len(train)))
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(7_919 + int(seed))).tolist()
     ids = [train.instance_ids[i] for i in order]
     plan = []  # (mode, cells the shadow never sees)
-    for f in range(k):
+    for f in range(n):
         fold = ids[f::k]
         if "full" in modes:
             plan.append(("full", [(i, t) for i in fold for t in tasks]))
@@ -274,7 +285,7 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
                 scores = member_scores(seen[t][[rows.index(i) for i in mine]], held[t])
                 for iid, v in zip(mine, scores):
                     out[mode].setdefault(iid, {})[t] = float(v)
-    out.update({"folds": k, "shadows": len(plan), "seconds": round(time.perf_counter() - t0, 3)})
+    out.update({"folds": k, "trained_folds": n, "shadows": len(plan), "seconds": round(time.perf_counter() - t0, 3)})
     data.cache[key] = out
     return out
 
@@ -320,7 +331,8 @@ def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
         if cfg["tau_refresh"]:
             refresh_subset(model, data, cfg["tau_refresh_sample"])
         if cfg["shadow_recipe"] and not cfg["shadow_scores"]:
-            shadow_scores(model, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"])
+            shadow_scores(model, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"],
+                          trained_folds=cfg["shadow_trained_folds"])
     if cfg["project"]:
         cached_subspaces(model, data.train, data.cache, cfg["energy"], cfg["subspace_samples"], device=data.device)
     if cfg["n_nearest"] > 0:
@@ -347,8 +359,9 @@ def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, f
     A cell at quantile ``q`` of the held-out losses contributes ``1 - q`` to the attack's
     AUC. With ``shadow_recipe`` (or ``shadow_scores``) each cell's out-of-fold score ``s``
     (:func:`shadow_scores`) says where a model that never saw it puts it (a cell without
-    a score gets the mean of the request's other cells of its task, or the fixed
-    quantile when none has one): ``calibrate_per: "cell"`` takes each
+    a score, e.g. outside the folds a ``shadow_trained_folds`` calibration trained, gets
+    the mean score of every scored cell of its task in that mode, or the fixed quantile
+    when the task has none): ``calibrate_per: "cell"`` takes each
     cell to ``1 - s``; ``"request"`` takes every cell of task k to ``1 - mean(s)`` over
     the request's cells of task k (the AUC the retrained model is expected to show on
     this request, reached with equal effort on every cell). Without shadows, the fixed
@@ -362,14 +375,20 @@ def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, f
         raise ValueError(f"interference_aware: unknown calibrate_per {per!r}; known: 'request', 'cell'")
     mode = "partial" if partial else "full"
     scores = cfg["shadow_scores"] or shadow_scores(original, data, cfg["shadow_recipe"], cfg["shadow_folds"],
-                                                   cfg["shadow_seed"])
+                                                   cfg["shadow_seed"], trained_folds=cfg["shadow_trained_folds"])
     table = scores.get(mode) or {}
     ids = data.forget_instances
-    quantiles, cell_scores, expected, every = {}, {}, {}, []
+    quantiles, cell_scores, expected, task_means, every = {}, {}, {}, {}, []
     for t in forget_tasks:
-        s = torch.tensor([float((table.get(i) or {}).get(t, float("nan"))) for i in ids], dtype=torch.float64)
-        mine = s[forget.has[t].cpu() & ~torch.isnan(s)]
-        if mine.numel() == 0:  # no score (an instance the calibration did not see): the fixed quantile
+        own = torch.tensor([float((table.get(i) or {}).get(t, float("nan"))) for i in ids], dtype=torch.float64)
+        pool = [v[t] for v in table.values() if t in v]
+        if not pool:  # the calibration scored no cell of this task in this mode: the fixed quantile
+            quantiles[t] = torch.full((rows,), float(fixed), dtype=torch.float64)
+            continue
+        task_means[t] = round(sum(pool) / len(pool), 6)
+        s = own.nan_to_num(task_means[t])
+        mine = s[forget.has[t].cpu()]
+        if mine.numel() == 0:
             quantiles[t] = torch.full((rows,), float(fixed), dtype=torch.float64)
             continue
         expected[t] = round(float(mine.mean()), 6)
@@ -377,12 +396,12 @@ def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, f
         if per == "request":
             quantiles[t] = torch.full((rows,), min(0.95, max(0.05, 1.0 - float(mine.mean()))), dtype=torch.float64)
         else:
-            quantiles[t] = (1.0 - s).nan_to_num(1.0 - float(mine.mean())).clamp(0.02, 0.98)
-        cell_scores[t] = [None if v != v else round(float(v), 6) for v in s.tolist()]
+            quantiles[t] = (1.0 - s).clamp(0.02, 0.98)
+        cell_scores[t] = [None if v != v else round(float(v), 6) for v in own.tolist()]
     # the attack's AUC is the mean over member cells: what a retrained model should show on this request
     overall = round(sum(every) / len(every), 6) if every else None
-    return quantiles, {"mode": mode, "per": per, "scores": cell_scores, "expected_auc": expected,
-                       "expected_mia_auc": overall}
+    return quantiles, {"mode": mode, "per": per, "scores": cell_scores, "task_mean_scores": task_means,
+                       "expected_auc": expected, "expected_mia_auc": overall}
 
 
 def _rounded(values: dict) -> dict:
