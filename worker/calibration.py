@@ -6,7 +6,9 @@ the held-out losses, which over-forgets partial erasures at scale (a retrained
 model still sees the image through its other tasks; benchmarks/README.md). With
 calibration every training cell of the first version gets an out-of-fold score
 from shadow models trained with the first version's recipe
-(``interference_aware.shadow_scores``: ``(1 + T) x shadow_folds`` trainings). That
+(``interference_aware.shadow_scores``: ``(1 + T) x shadow_folds`` trainings, or
+``(1 + T) x shadow_trained_folds`` when the method config sets it; the cells of the
+folds left out then take their task's mean score). That
 is paid once per model, not per job: the scores are kept in the model store
 (``calibration.json`` next to the versions) and passed to every later job of the
 lineage; scores computed for other first-version weights than the store's (a model
@@ -56,15 +58,18 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
     train = train.without([tuple(c) for c in manifest.erased_cells])
     data = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=next(model.parameters()).device)
     started = time.monotonic()
+    trained = cfg["shadow_trained_folds"] or cfg["shadow_folds"]
     log.info("calibrating %s: %d shadow models on v%d's recipe (once per model)", model_name,
-             (1 + len(train.tasks)) * int(cfg["shadow_folds"]), ROOT_VERSION)
-    scores = shadow_scores(model, data, manifest.train_config, cfg["shadow_folds"], cfg["shadow_seed"])
+             (1 + len(train.tasks)) * int(trained), ROOT_VERSION)
+    scores = shadow_scores(model, data, manifest.train_config, cfg["shadow_folds"], cfg["shadow_seed"],
+                           trained_folds=cfg["shadow_trained_folds"])
     payload = {
         "kind": "interference_aware.shadow_scores",
         "version": ROOT_VERSION,
         "sha256": manifest.sha256,
         "recipe": manifest.train_config,
         "folds": scores["folds"],
+        "trained_folds": scores["trained_folds"],
         "seed": int(cfg["shadow_seed"]),
         "shadows": scores["shadows"],
         "seconds": round(time.monotonic() - started, 3),

@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     method: str = "interference_aware"
     method_config: dict = {}  # the method's hyper-parameters over its defaults, JSON in UNLEARND_METHOD_CONFIG
     # interference_aware: calibrate where forgotten cells should land with shadow models, once per
-    # model (stored next to its versions; (1 + tasks) x 4 trainings of the first version's recipe)
+    # model (stored next to its versions; (1 + tasks) x 4 trainings of the first version's recipe;
+    # UNLEARND_METHOD_CONFIG='{"shadow_folds": 8, "shadow_trained_folds": 1}' trains 1 + tasks)
     calibrate_shadows: bool = False
     device: str = "auto"  # auto = CUDA when present
     # CPU threads torch may use in a job; None = torch's default. On a small shared CPU

@@ -49,6 +49,21 @@ def test_computed_once_from_the_first_version_and_stored(tiny):
     assert lineage_calibration(on, store, "cal-mtl") == first
 
 
+def test_a_calibration_of_some_folds_scores_their_cells_and_jobs_fill_in_the_rest(tiny):
+    """``shadow_trained_folds`` in the method config: 1 + T shadows instead of folds x (1 + T);
+    a request for a cell outside the trained fold is taken to its task's mean score."""
+    settings, store, model, train, test = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True,
+                                     "method_config": {"steps": 3, "shadow_folds": 3, "shadow_trained_folds": 1}})
+    stored = lineage_calibration(on, store, "cal-mtl")
+    assert (stored["shadows"], stored["folds"], stored["trained_folds"]) == (1 + len(train.tasks), 3, 1)
+    assert len(stored["full"]) == len(train) // 3
+    outside = next(i for i in train.instance_ids if i not in stored["partial"])
+    job = run_unlearning_job(model, train, test, [(outside, "depth")], config=method_config(on, stored))
+    depth = [by["depth"] for by in stored["partial"].values() if "depth" in by]
+    assert job.metrics["mia_auc_expected"] == pytest.approx(sum(depth) / len(depth), abs=1e-6)
+
+
 def test_jobs_use_the_stored_scores(tiny):
     """What is stored is what a job uses (a made-up table here, so a recomputation would show)."""
     settings, store, model, train, test = tiny
