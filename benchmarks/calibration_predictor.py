@@ -8,13 +8,16 @@ of 8 instances, partial erasure of each task), compares the gold standard's
 MIA AUC on that set with
 
 - ``per_request``: the mean out-of-fold score of the set's cells (what the
-  method now aims at),
+  method now aims at; with ``--trained-folds n`` only the first n folds' shadows
+  are trained, and a cell outside them counts with its task's mean score in that
+  mode, as the method's ``shadow_trained_folds`` does),
 - ``per_task``: one constant per task and mode, the mean score over every
   training cell (what one expected AUC per task can do at best),
 - ``independent``: a second gold standard (the recipe with the next seed) --
   how far two retrained models disagree, the floor of any prediction.
 
     python benchmarks/calibration_predictor.py --seeds 0 1 2 3 --out benchmarks/tune_round3/predictor.json
+    python benchmarks/calibration_predictor.py --seeds 0 1 2 3 --folds 8 --trained-folds 1 --out ...
 
 Trained models come from (and go to) the bench cache ``.cache/bench/<suite>``.
 """
@@ -58,6 +61,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["full", "partial"], choices=["full", "partial"])
     p.add_argument("--repeats", type=int, default=1,
                    help="average the scores of this many fold splits (shadow seeds 0..R-1; the method uses one)")
+    p.add_argument("--trained-folds", type=int, default=None,
+                   help="train the shadows of only the first n folds (the method's shadow_trained_folds)")
     p.add_argument("--no-independent", action="store_true", help="skip the second gold standard (a training per set)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -71,10 +76,11 @@ def main() -> None:
         original, _ = cached_original(cache, train, spec, recipe, torch.device("cpu"))
         data = UnlearnData(train, [train.cells()[0]], train, heldout=test)
         t0 = time.perf_counter()
-        runs = [shadow_scores(original, data, asdict(recipe), args.folds, DEFAULTS["shadow_seed"] + r, tuple(args.modes))
+        runs = [shadow_scores(original, data, asdict(recipe), args.folds, DEFAULTS["shadow_seed"] + r, tuple(args.modes),
+                              trained_folds=args.trained_folds)
                 for r in range(args.repeats)]
-        scores = {mode: {i: {t: mean(run[mode][i][t] for run in runs) for t in by} for i, by in runs[0][mode].items()}
-                  for mode in ("full", "partial")}
+        scores = {mode: {i: {t: mean(run[mode][i][t] for run in runs if i in run[mode]) for t in by}
+                         for run0 in runs for i, by in run0[mode].items()} for mode in ("full", "partial")}
         scores.update(shadows=sum(run["shadows"] for run in runs), seconds=round(sum(run["seconds"] for run in runs), 3))
         print(f"{bench}: {scores['shadows']} shadows in {time.perf_counter() - t0:.0f} s", flush=True)
         const = {mode: {t: mean(by[t] for by in scores[mode].values() if t in by) for t in train.tasks}
@@ -88,7 +94,7 @@ def main() -> None:
                 cache, train, spec, cells, independent_recipe(recipe), torch.device("cpu"))[0]
             row = {"benchmark": bench, "setting": mode, "forget_tasks": st["forget_tasks"], "seed": st["seed"],
                    "retrain": _auc(gold, train, test, cells),
-                   "per_request": mean(scores[mode][i][t] for i, t in cells),
+                   "per_request": mean(scores[mode].get(i, {}).get(t, const[mode][t]) for i, t in cells),
                    "per_task": sum(const[mode][t] for _, t in cells) / len(cells),
                    "independent": None if other is None else _auc(other, train, test, cells)}
             rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
@@ -102,7 +108,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "suite": args.suite, "folds": args.folds, "repeats": args.repeats, "modes": args.modes, "shadows": scores["shadows"],
+        "suite": args.suite, "folds": args.folds, "trained_folds": args.trained_folds, "repeats": args.repeats, "modes": args.modes, "shadows": scores["shadows"],
         "shadow_seconds": scores["seconds"], "summary": summary, "sets": rows}, indent=1) + "\n")
 
 
