@@ -224,6 +224,23 @@ def cached_retrain(cache_dir: Path, train, spec: dict, cells, recipe: TrainConfi
     return cached_training(cache_dir, retain, recipe, {"spec": spec, "forget": sorted(map(list, cells))}, device)
 
 
+def calibrate_shadows(data: UnlearnData, original, config: dict, cache_dir: Path, spec: dict, device) -> dict | None:
+    """interference_aware's shadow calibration for ``config`` (None without ``shadow_recipe``
+    or with given ``shadow_scores``), put in ``data.cache`` where its ``prepare`` finds it.
+    Every shadow is a :func:`cached_retrain` (a shadow is a retrain without a fold's cells):
+    trained once, kept in the cache like the gold standards, so a run that is cut off
+    keeps the shadows it finished and a later one loads them."""
+    from .methods.interference_aware import DEFAULTS as IA_DEFAULTS, shadow_scores
+
+    cfg = {**IA_DEFAULTS, **config}
+    if not cfg["shadow_recipe"] or cfg["shadow_scores"] or cfg["tau"]:
+        return None
+    return shadow_scores(original, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"],
+                         trained_folds=cfg["shadow_trained_folds"],
+                         trainer=lambda cells, recipe: cached_retrain(cache_dir, data.train, spec, cells, recipe,
+                                                                      device)[0])
+
+
 _SPLITS: dict[str, tuple] = {}
 
 
@@ -342,6 +359,8 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                                       device=device).warm()
                 engine_cache: dict = {} if engine_caches is None else engine_caches.setdefault(bench, {})
                 warm = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=device, cache=engine_cache)
+                calibrate_shadows(warm, original, method_configs.get(DEFAULT_METHOD, {}) if DEFAULT_METHOD in methods
+                                  else {}, cache_dir, spec, device)
                 for method in methods:
                     prepare_method(method, original, warm, method_configs.get(method, {}))
                 prepare_seconds[bench] = round(time.perf_counter() - t0, 3)

@@ -136,6 +136,32 @@ def test_workers_train_the_same_gold_standards_ahead(tiny_suite, tmp_path, torch
     assert len(list((tmp_path / "b").glob("*/bench.json"))) == 1 + 2 * 4  # original + (gold, independent) x 4 settings
 
 
+def test_shadow_models_are_kept_in_the_cache_like_gold_standards(tiny_suite, tmp_path, torch_single_thread,
+                                                                   monkeypatch):
+    """interference_aware's shadows are retrains without a fold's cells: trained once into the
+    bench cache, so a later run (the next piece on a GPU) loads them instead of training."""
+    configs = {"interference_aware": {"steps": 2, "shadow_folds": 2, "shadow_trained_folds": 1}}
+    run = lambda caches: bench.run_suite("tiny", ["interference_aware"], None, tmp_path / "cache", method_configs=configs,
+                                         progress=False, independent_retrain=False, only_settings=["full:1"],
+                                         engine_caches=caches)
+    first_caches: dict = {}
+    first = run(first_caches)
+    (scores,) = [v for k, v in first_caches["indoor"].items() if k[0] == "shadow_scores"]
+    assert (scores["folds"], scores["trained_folds"], scores["shadows"]) == (2, 1, 1 + 3)
+    # the original, the gold standard and the 1 + T shadows of the trained fold
+    assert len(list((tmp_path / "cache").glob("*/bench.json"))) == 1 + 1 + 4
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached model was trained again")
+
+    import unlearning.train
+
+    monkeypatch.setattr(bench, "train_model", no_training)
+    monkeypatch.setattr(unlearning.train, "train_model", no_training)  # the engine's own path
+    again = run({})
+    assert [(r["uis"], r["mia_auc"]) for r in again["results"]] == [(r["uis"], r["mia_auc"]) for r in first["results"]]
+
+
 def _load_script(name):
     import importlib.util
     import sys

@@ -219,7 +219,8 @@ def levels(losses: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
 
 
 def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
-                  modes: tuple[str, ...] = ("full", "partial"), trained_folds: int | None = None) -> dict:
+                  modes: tuple[str, ...] = ("full", "partial"), trained_folds: int | None = None,
+                  trainer=None) -> dict:
     """Out-of-fold membership scores: for every training cell, the attack AUC it shows
     under a *shadow* model that never saw it, i.e. where a model retrained without it
     would put it among the held-out data (LiRA's per-example "OUT" models, reduced to
@@ -243,7 +244,10 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
     folds (``(1 + T) × n`` trainings): only their cells get a score, and
     :func:`reference_quantiles` gives every other cell its task's mean score in that
     mode, the AUC a retrained model is expected to show on an average cell (at scale,
-    where ``(1 + T) × folds`` full trainings cost too much)."""
+    where ``(1 + T) × folds`` full trainings cost too much). ``trainer(cells, recipe)``
+    returns the model ``recipe`` (a :class:`TrainConfig`) trains on the training data
+    without ``cells`` (default: :func:`train_model`); the benchmark passes one that
+    keeps every shadow in its cache of trained models."""
     import json
 
     from ..metrics import member_scores
@@ -275,7 +279,11 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
         cells = [c for c in cells if train.has_cell(c)]
         if not cells:
             continue
-        shadow = train_model(train.without(cells), TrainConfig(**recipe), device=data.device, progress=False).eval()
+        if trainer is None:
+            shadow = train_model(train.without(cells), TrainConfig(**recipe), device=data.device, progress=False)
+        else:
+            shadow = trainer(cells, TrainConfig(**recipe))
+        shadow.eval()
         held = per_sample_losses(shadow, data.heldout, device=data.device)
         rows = list(dict.fromkeys(i for i, _ in cells))
         seen = per_sample_losses(shadow, train, [train.index_of(i) for i in rows], device=data.device)
