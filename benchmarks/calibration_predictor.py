@@ -9,8 +9,9 @@ MIA AUC on that set with
 
 - ``per_request``: the mean out-of-fold score of the set's cells (what the
   method now aims at; with ``--trained-folds n`` only the first n folds' shadows
-  are trained, and a cell outside them counts with its task's mean score in that
-  mode, as the method's ``shadow_trained_folds`` does),
+  are trained, as the method's ``shadow_trained_folds`` does, and a cell outside
+  them counts with the score its loss rank predicts, or with ``--extrapolate
+  task_mean`` its task's mean score in that mode),
 - ``per_task``: one constant per task and mode, the mean score over every
   training cell (what one expected AUC per task can do at best),
 - ``independent``: a second gold standard (the recipe with the next seed) --
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, cached_original, cached_retrain, independent_recipe, settings
+from unlearning.bench import SUITES, _device_name, cached_original, cached_retrain, independent_recipe, settings
 from unlearning.data import load_splits
 from unlearning.evaluate import membership_auc
 from unlearning.methods import UnlearnData
@@ -63,6 +64,8 @@ def main() -> None:
                    help="average the scores of this many fold splits (shadow seeds 0..R-1; the method uses one)")
     p.add_argument("--trained-folds", type=int, default=None,
                    help="train the shadows of only the first n folds (the method's shadow_trained_folds)")
+    p.add_argument("--extrapolate", default=DEFAULTS["shadow_extrapolate"], choices=["loss_rank", "task_mean"],
+                   help="with --trained-folds: how the other folds' cells get a score (the method's shadow_extrapolate)")
     p.add_argument("--no-independent", action="store_true", help="skip the second gold standard (a training per set)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -77,14 +80,16 @@ def main() -> None:
         data = UnlearnData(train, [train.cells()[0]], train, heldout=test)
         t0 = time.perf_counter()
         runs = [shadow_scores(original, data, asdict(recipe), args.folds, DEFAULTS["shadow_seed"] + r, tuple(args.modes),
-                              trained_folds=args.trained_folds)
+                              trained_folds=args.trained_folds, extrapolate=args.extrapolate)
                 for r in range(args.repeats)]
         scores = {mode: {i: {t: mean(run[mode][i][t] for run in runs if i in run[mode]) for t in by}
                          for run0 in runs for i, by in run0[mode].items()} for mode in ("full", "partial")}
         scores.update(shadows=sum(run["shadows"] for run in runs), seconds=round(sum(run["seconds"] for run in runs), 3))
         print(f"{bench}: {scores['shadows']} shadows in {time.perf_counter() - t0:.0f} s", flush=True)
-        const = {mode: {t: mean(by[t] for by in scores[mode].values() if t in by) for t in train.tasks}
-                 for mode in args.modes}
+        # the constant per task: over measured cells only (with --trained-folds the table also holds predictions)
+        measured = set(runs[0]["measured_instances"] or train.instance_ids)
+        const = {mode: {t: mean(by[t] for i, by in scores[mode].items() if t in by and i in measured)
+                        for t in train.tasks} for mode in args.modes}
         for st in settings(train, suite, args.seeds):
             if (st["setting"] == "full" and st["n_forget"] != 8) or st["setting"] not in args.modes:
                 continue
@@ -107,8 +112,9 @@ def main() -> None:
     print(json.dumps(summary, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "suite": args.suite, "folds": args.folds, "trained_folds": args.trained_folds, "repeats": args.repeats, "modes": args.modes, "shadows": scores["shadows"],
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": _device_name(torch.device("cpu")),
+        "suite": args.suite, "folds": args.folds, "trained_folds": args.trained_folds,
+        "extrapolate": args.extrapolate if args.trained_folds else None, "repeats": args.repeats, "modes": args.modes, "shadows": scores["shadows"],
         "shadow_seconds": scores["seconds"], "summary": summary, "sets": rows}, indent=1) + "\n")
 
 

@@ -236,7 +236,7 @@ def calibrate_shadows(data: UnlearnData, original, config: dict, cache_dir: Path
     if not cfg["shadow_recipe"] or cfg["shadow_scores"] or cfg["tau"]:
         return None
     return shadow_scores(original, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"],
-                         trained_folds=cfg["shadow_trained_folds"],
+                         trained_folds=cfg["shadow_trained_folds"], extrapolate=cfg["shadow_extrapolate"],
                          trainer=lambda cells, recipe: cached_retrain(cache_dir, data.train, spec, cells, recipe,
                                                                       device)[0])
 

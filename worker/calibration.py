@@ -7,8 +7,9 @@ model still sees the image through its other tasks; benchmarks/README.md). With
 calibration every training cell of the first version gets an out-of-fold score
 from shadow models trained with the first version's recipe
 (``interference_aware.shadow_scores``: ``(1 + T) x shadow_folds`` trainings, or
-``(1 + T) x shadow_trained_folds`` when the method config sets it; the cells of the
-folds left out then take their task's mean score). That
+``(1 + T) x shadow_trained_folds`` when the method config sets it; the scores of the
+folds left out are then predicted from their cells' loss ranks, see
+``shadow_extrapolate``). That
 is paid once per model, not per job: the scores are kept in the model store
 (``calibration.json`` next to the versions) and passed to every later job of the
 lineage; scores computed for other first-version weights than the store's (a model
@@ -62,7 +63,7 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
     log.info("calibrating %s: %d shadow models on v%d's recipe (once per model)", model_name,
              (1 + len(train.tasks)) * int(trained), ROOT_VERSION)
     scores = shadow_scores(model, data, manifest.train_config, cfg["shadow_folds"], cfg["shadow_seed"],
-                           trained_folds=cfg["shadow_trained_folds"])
+                           trained_folds=cfg["shadow_trained_folds"], extrapolate=cfg["shadow_extrapolate"])
     payload = {
         "kind": "interference_aware.shadow_scores",
         "version": ROOT_VERSION,
@@ -70,6 +71,9 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         "recipe": manifest.train_config,
         "folds": scores["folds"],
         "trained_folds": scores["trained_folds"],
+        "measured_instances": scores["measured_instances"],
+        "extrapolate": scores["extrapolate"],
+        "extrapolated": scores["extrapolated"],
         "seed": int(cfg["shadow_seed"]),
         "shadows": scores["shadows"],
         "seconds": round(time.monotonic() - started, 3),

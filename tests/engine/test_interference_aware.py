@@ -136,9 +136,11 @@ def test_shadow_scores_of_some_folds_only(memorised):
     model, train, test = memorised
     recipe = {"epochs": 2, "batch_size": 8, "lr": 5e-3, "width": 8, "depth": 2, "head_width": 8, "seed": 0}
     data = _data(train, test, [(train.instance_ids[0], "depth")])
-    part = shadow_scores(model, data, recipe, folds=4, seed=0, trained_folds=1)
+    part = shadow_scores(model, data, recipe, folds=4, seed=0, trained_folds=1, extrapolate="task_mean")
     assert (part["shadows"], part["folds"], part["trained_folds"]) == (1 + len(TASKS), 4, 1)
+    assert (part["extrapolate"], part["extrapolated"]) == ("task_mean", {})
     scored = set(part["full"])
+    assert part["measured_instances"] == sorted(scored)
     assert len(scored) == len(train) // 4  # one fold's instances (the fixture has a multiple of 4)
     # partial mode: every task of the fold's instances, one per rotation
     assert {(i, t) for i, by_task in part["partial"].items() for t in by_task} == {
@@ -147,6 +149,67 @@ def test_shadow_scores_of_some_folds_only(memorised):
     for bad in (0, 5):
         with pytest.raises(ValueError, match="shadow_trained_folds"):
             shadow_scores(model, data, recipe, folds=4, seed=0, trained_folds=bad)
+    with pytest.raises(ValueError, match="shadow_extrapolate"):
+        shadow_scores(model, data, recipe, folds=4, seed=0, trained_folds=1, extrapolate="nearest")
+
+
+def test_shadow_scores_of_some_folds_predict_the_others_from_loss_ranks(memorised):
+    """``extrapolate="loss_rank"`` (the default): the trained fold's cells keep their measured
+    scores; every other cell gets the fitted line's value at its loss rank under the model."""
+    from unlearning.losses import per_sample_losses
+    from unlearning.methods.interference_aware import loss_ranks, shadow_scores
+
+    model, train, test = memorised
+    recipe = {"epochs": 2, "batch_size": 8, "lr": 5e-3, "width": 8, "depth": 2, "head_width": 8, "seed": 0}
+    data = _data(train, test, [(train.instance_ids[0], "depth")])
+    measured = shadow_scores(model, data, recipe, folds=4, seed=0, trained_folds=1, extrapolate="task_mean")
+    full = shadow_scores(model, data, recipe, folds=4, seed=0, trained_folds=1)
+    assert full["extrapolate"] == "loss_rank" and full["shadows"] == 1 + len(TASKS)
+    assert full["measured_instances"] == measured["measured_instances"] == sorted(measured["full"])
+    own = per_sample_losses(model, train)
+    for mode in ("full", "partial"):
+        assert {(i, t) for i, by_task in full[mode].items() for t in by_task} == set(train.cells())
+        for i, by_task in measured[mode].items():
+            assert full[mode][i] == pytest.approx(by_task)
+        for t in TASKS:
+            fit = full["extrapolated"][mode][t]
+            n_measured = sum(t in by_task for by_task in measured[mode].values())
+            assert (fit["fitted"], fit["predicted"]) == (n_measured, len(train) - n_measured)
+            ranks = loss_ranks(own[t])
+            for row, i in enumerate(train.instance_ids):
+                if t not in measured[mode].get(i, {}):
+                    want = min(1.0, max(0.0, fit["intercept"] + fit["slope"] * float(ranks[row])))
+                    assert full[mode][i][t] == pytest.approx(want, abs=1e-5)
+    # with every fold trained there is nothing to predict
+    every = shadow_scores(model, data, recipe, folds=2, seed=0)
+    assert (every["trained_folds"], every["extrapolate"], every["extrapolated"]) == (2, "task_mean", {})
+    assert every["measured_instances"] is None
+
+
+def test_loss_ranks_are_mid_ranks_of_the_finite_losses():
+    from unlearning.methods.interference_aware import loss_ranks
+
+    r = loss_ranks(torch.tensor([0.3, float("nan"), 0.1, 0.3, 0.2]))
+    # finite: 0.1, 0.2, 0.3, 0.3 -> mid ranks 0.5, 1.5, 3, 3 over 4
+    assert r[[0, 2, 3, 4]].tolist() == pytest.approx([3 / 4, 0.5 / 4, 3 / 4, 1.5 / 4])
+    assert torch.isnan(r[1])
+
+
+def test_extrapolated_scores_fit_a_line_in_the_loss_rank():
+    from unlearning.methods.interference_aware import extrapolated_scores
+
+    ranks = {"depth": {"a": 0.0, "b": 0.5, "c": 1.0, "d": 0.25, "e": 0.9, "f": 2.0},
+             "normal": {"a": 0.1, "b": 0.7}}
+    table = {"a": {"depth": 0.9, "normal": 0.4}, "b": {"depth": 0.6}, "c": {"depth": 0.3}}
+    predicted, fits = extrapolated_scores(table, ranks)
+    # depth: score = 0.9 - 0.6 rank exactly; "f" lies past the data and is clamped at 0
+    assert predicted["d"]["depth"] == pytest.approx(0.75)
+    assert predicted["e"]["depth"] == pytest.approx(0.36)
+    assert predicted["f"]["depth"] == 0.0
+    assert fits["depth"] == {"intercept": pytest.approx(0.9), "slope": pytest.approx(-0.6), "fitted": 3, "predicted": 3}
+    # one scored normals cell: no slope to fit, the unscored cell gets its score
+    assert predicted["b"]["normal"] == pytest.approx(0.4) and fits["normal"]["slope"] == 0.0
+    assert "a" not in predicted and "c" not in predicted
 
 
 def test_an_unscored_cell_takes_its_tasks_mean_score_over_the_table(memorised):

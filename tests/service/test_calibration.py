@@ -49,14 +49,35 @@ def test_computed_once_from_the_first_version_and_stored(tiny):
     assert lineage_calibration(on, store, "cal-mtl") == first
 
 
-def test_a_calibration_of_some_folds_scores_their_cells_and_jobs_fill_in_the_rest(tiny):
+def test_a_calibration_of_some_folds_predicts_the_other_cells_and_stores_the_fits(tiny):
     """``shadow_trained_folds`` in the method config: 1 + T shadows instead of folds x (1 + T);
-    a request for a cell outside the trained fold is taken to its task's mean score."""
+    the other cells' scores are predicted from their loss ranks and stored with the fits."""
     settings, store, model, train, test = tiny
     on = settings.model_copy(update={"calibrate_shadows": True,
                                      "method_config": {"steps": 3, "shadow_folds": 3, "shadow_trained_folds": 1}})
     stored = lineage_calibration(on, store, "cal-mtl")
     assert (stored["shadows"], stored["folds"], stored["trained_folds"]) == (1 + len(train.tasks), 3, 1)
+    assert stored["extrapolate"] == "loss_rank"
+    for mode in ("full", "partial"):
+        assert {(i, t) for i, by in stored[mode].items() for t in by} == set(train.cells())
+        assert {t: (f["fitted"], f["predicted"]) for t, f in stored["extrapolated"][mode].items()} == {
+            t: (len(train) // 3, len(train) - len(train) // 3) for t in train.tasks}
+    assert store.calibration("cal-mtl") == stored
+    # a job on a cell of a fold no shadow left out is taken to its stored, predicted score
+    assert len(stored["measured_instances"]) == len(train) // 3
+    outside = next(i for i in train.instance_ids if i not in stored["measured_instances"])
+    job = run_unlearning_job(model, train, test, [(outside, "depth")], config=method_config(on, stored))
+    assert job.metrics["mia_auc_expected"] == pytest.approx(stored["partial"][outside]["depth"], abs=1e-6)
+
+
+def test_a_calibration_of_some_folds_by_task_mean_leaves_the_rest_to_the_jobs(tiny):
+    """With ``shadow_extrapolate: "task_mean"`` only the trained fold's cells are stored, and
+    a request for a cell outside it is taken to its task's mean score."""
+    settings, store, model, train, test = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True, "method_config": {
+        "steps": 3, "shadow_folds": 3, "shadow_trained_folds": 1, "shadow_extrapolate": "task_mean"}})
+    stored = lineage_calibration(on, store, "cal-mtl")
+    assert (stored["trained_folds"], stored["extrapolate"], stored["extrapolated"]) == (1, "task_mean", {})
     assert len(stored["full"]) == len(train) // 3
     outside = next(i for i in train.instance_ids if i not in stored["partial"])
     job = run_unlearning_job(model, train, test, [(outside, "depth")], config=method_config(on, stored))

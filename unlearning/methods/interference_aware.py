@@ -29,7 +29,10 @@ Each step combines:
    expected AUC, higher UIS: cells a retrained model keeps easy are pushed
    too). ``shadow_trained_folds`` = n trains the shadows of only the first n
    folds, for models whose ``(1 + T) × shadow_folds`` trainings cost too much:
-   the other cells are taken to their task's mean score in that mode. Without
+   the other cells' scores are predicted from the rank of their loss under the
+   calibrated model (``shadow_extrapolate: "loss_rank"``, a line fitted per task
+   and mode on the scored cells: :func:`extrapolated_scores`) or, with
+   ``"task_mean"``, taken as their task's mean score in that mode. Without
    a recipe, ``tau_quantile`` (full) and ``tau_quantile_partial`` are used.
 2. **Retain signal.** ``L_r`` on three retain references: the forgotten
    instances' own retained cells (partial mode), their nearest retained
@@ -145,7 +148,8 @@ DEFAULTS = {
     "shadow_recipe": None,  # training recipe (TrainConfig fields) of the deployed model: calibrate τ with shadow models
     "shadow_folds": 4,  # shadow calibration: folds of the training instances ((1 + T) shadows per fold)
     "shadow_seed": 0,
-    "shadow_trained_folds": None,  # train the shadows of only the first n folds (None: all); other cells get their task's mean score
+    "shadow_trained_folds": None,  # train the shadows of only the first n folds (None: all); the other cells' scores are predicted
+    "shadow_extrapolate": "loss_rank",  # with trained folds: predict other cells' scores from their loss rank ("task_mean": their task's mean)
     "shadow_scores": None,  # shadow_scores() computed earlier (JSON form): used instead of training shadows
     "calibrate_per": "cell",  # "cell": each cell to its own out-of-fold score; "request": one level per task at their mean
     "tau_refresh": 10,  # every this many steps, re-estimate τ_k on the *current* model's held-out losses (0: never)
@@ -218,9 +222,57 @@ def levels(losses: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     return losses.quantile(quantiles.double()).float()
 
 
+def loss_ranks(losses: torch.Tensor) -> torch.Tensor:
+    """Each entry's mid-rank among the finite entries of ``losses``, in [0, 1] (ties share
+    one rank; NaN stays NaN)."""
+    x = losses.double().flatten()
+    finite = x[~torch.isnan(x)]
+    if finite.numel() == 0:
+        return torch.full_like(x, float("nan"))
+    ref, _ = torch.sort(finite)
+    mid = (torch.searchsorted(ref, x.nan_to_num(0.0), right=False)
+           + torch.searchsorted(ref, x.nan_to_num(0.0), right=True)).double() / 2
+    return torch.where(torch.isnan(x), x, mid / finite.numel())
+
+
+def extrapolated_scores(table: dict[str, dict[str, float]], ranks: dict[str, dict[str, float]]) -> tuple[dict, dict]:
+    """Scores for the cells a partial calibration did not score, from how hard the
+    calibrated model finds them: per task, a least-squares line ``score ≈ a + b·rank`` over
+    the scored cells (``rank``: the cell's loss rank among the training cells of its task,
+    :func:`loss_ranks`), clamped to [0, 1]. A cell a model fits badly even after training
+    on it stays far from the training data's losses when it is left out, so the out-of-fold
+    score falls with the rank: on smoke's 4-fold tables (Spearman 0.34-0.93 over the
+    10 (benchmark, mode, task) pairs) a line fitted on one fold's cells predicted the other
+    folds' cells 15-60% closer than their task's mean (benchmarks/README.md).
+
+    ``table`` is ``{id: {task: score}}`` of one mode, ``ranks`` ``{task: {id: rank}}`` of
+    every training cell. Returns the predicted ``{id: {task: score}}`` (only cells absent
+    from ``table``) and the fits ``{task: {"intercept", "slope", "fitted", "predicted"}}``;
+    a task with fewer than two scored cells gets their mean (slope 0)."""
+    predicted: dict[str, dict[str, float]] = {}
+    fits = {}
+    for t, by_id in ranks.items():
+        known = [(r, table[i][t]) for i, r in by_id.items() if t in table.get(i, {})]
+        missing = [(i, r) for i, r in by_id.items() if t not in table.get(i, {})]
+        if not known or not missing:
+            continue
+        r = torch.tensor([k[0] for k in known], dtype=torch.float64)
+        s = torch.tensor([k[1] for k in known], dtype=torch.float64)
+        if len(known) >= 2 and float(r.var()) > 0:
+            slope = float(((r - r.mean()) * (s - s.mean())).sum() / ((r - r.mean()) ** 2).sum())
+        else:
+            slope = 0.0
+        intercept = float(s.mean()) - slope * float(r.mean())
+        for i, rank in missing:
+            predicted.setdefault(i, {})[t] = min(1.0, max(0.0, intercept + slope * rank))
+        fits[t] = {"intercept": round(intercept, 6), "slope": round(slope, 6), "fitted": len(known),
+                   "predicted": len(missing)}
+    return predicted, fits
+
+
 def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
                   modes: tuple[str, ...] = ("full", "partial"), trained_folds: int | None = None,
-                  trainer=None) -> dict:
+                  trainer=None, extrapolate: str = "loss_rank") -> dict:
     """Out-of-fold membership scores: for every training cell, the attack AUC it shows
     under a *shadow* model that never saw it, i.e. where a model retrained without it
     would put it among the held-out data (LiRA's per-example "OUT" models, reduced to
@@ -239,12 +291,18 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
     independent of any request, so a caller may keep the result and pass it back as
     ``config["shadow_scores"]`` (the service keeps one per model lineage). Returns
     plain JSON: ``{"full": {id: {task: score}}, "partial": {...}, "folds",
-    "trained_folds", "shadows", "seconds"}``. ``modes`` may leave one mode out (its
-    table is then empty). ``trained_folds`` = n trains the shadows of only the first n
-    folds (``(1 + T) × n`` trainings): only their cells get a score, and
+    "trained_folds", "measured_instances", "extrapolate", "extrapolated", "shadows",
+    "seconds"}``. ``modes`` may leave one mode out (its table is then empty).
+    ``trained_folds`` = n trains the shadows of only the first n folds (``(1 + T) × n``
+    trainings, for models where ``(1 + T) × folds`` full trainings cost too much): only
+    the cells of their instances (``measured_instances``; None when every fold is
+    trained) are measured.
+    With ``extrapolate="loss_rank"`` every other cell gets the score
+    :func:`extrapolated_scores` predicts from its loss rank under ``model`` (one more
+    forward pass over the training data; ``"extrapolated"`` holds the fits per mode and
+    task); with ``"task_mean"`` the table keeps the measured cells only and
     :func:`reference_quantiles` gives every other cell its task's mean score in that
-    mode, the AUC a retrained model is expected to show on an average cell (at scale,
-    where ``(1 + T) × folds`` full trainings cost too much). ``trainer(cells, recipe)``
+    mode, the AUC a retrained model is expected to show on an average cell. ``trainer(cells, recipe)``
     returns the model ``recipe`` (a :class:`TrainConfig`) trains on the training data
     without ``cells`` (default: :func:`train_model`); the benchmark passes one that
     keeps every shadow in its cache of trained models."""
@@ -257,7 +315,11 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
     n = k if trained_folds is None else int(trained_folds)
     if not 1 <= n <= k:
         raise ValueError(f"interference_aware: shadow_trained_folds must be between 1 and the {k} folds, got {trained_folds!r}")
-    key = ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), k, int(seed), tuple(modes), n)
+    if extrapolate not in ("loss_rank", "task_mean"):
+        raise ValueError(f"interference_aware: unknown shadow_extrapolate {extrapolate!r}; known: 'loss_rank', 'task_mean'")
+    if n == k:
+        extrapolate = "task_mean"  # every cell is measured: nothing to predict
+    key = ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), k, int(seed), tuple(modes), n, extrapolate)
     if key in data.cache:
         return data.cache[key]
     if data.heldout is None or len(data.heldout) == 0:
@@ -293,7 +355,18 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
                 scores = member_scores(seen[t][[rows.index(i) for i in mine]], held[t])
                 for iid, v in zip(mine, scores):
                     out[mode].setdefault(iid, {})[t] = float(v)
-    out.update({"folds": k, "trained_folds": n, "shadows": len(plan), "seconds": round(time.perf_counter() - t0, 3)})
+    fits = {}
+    if extrapolate == "loss_rank":
+        own = per_sample_losses(model, train, device=data.device)
+        ranks = {t: dict(zip(train.instance_ids, loss_ranks(own[t]).tolist())) for t in tasks}
+        ranks = {t: {i: r for i, r in by_id.items() if r == r} for t, by_id in ranks.items()}
+        for mode in modes:
+            predicted, fits[mode] = extrapolated_scores(out[mode], ranks)
+            for i, by_task in predicted.items():
+                out[mode].setdefault(i, {}).update(by_task)
+    measured = None if n == k else sorted({i for f in range(n) for i in ids[f::k]})
+    out.update({"folds": k, "trained_folds": n, "measured_instances": measured, "extrapolate": extrapolate,
+                "extrapolated": fits, "shadows": len(plan), "seconds": round(time.perf_counter() - t0, 3)})
     data.cache[key] = out
     return out
 
@@ -340,7 +413,7 @@ def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
             refresh_subset(model, data, cfg["tau_refresh_sample"])
         if cfg["shadow_recipe"] and not cfg["shadow_scores"]:
             shadow_scores(model, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"],
-                          trained_folds=cfg["shadow_trained_folds"])
+                          trained_folds=cfg["shadow_trained_folds"], extrapolate=cfg["shadow_extrapolate"])
     if cfg["project"]:
         cached_subspaces(model, data.train, data.cache, cfg["energy"], cfg["subspace_samples"], device=data.device)
     if cfg["n_nearest"] > 0:
@@ -367,9 +440,9 @@ def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, f
     A cell at quantile ``q`` of the held-out losses contributes ``1 - q`` to the attack's
     AUC. With ``shadow_recipe`` (or ``shadow_scores``) each cell's out-of-fold score ``s``
     (:func:`shadow_scores`) says where a model that never saw it puts it (a cell without
-    a score, e.g. outside the folds a ``shadow_trained_folds`` calibration trained, gets
-    the mean score of every scored cell of its task in that mode, or the fixed quantile
-    when the task has none): ``calibrate_per: "cell"`` takes each
+    a score, e.g. outside the folds a ``shadow_trained_folds`` calibration trained with
+    ``shadow_extrapolate: "task_mean"``, gets the mean score of every scored cell of its
+    task in that mode, or the fixed quantile when the task has none): ``calibrate_per: "cell"`` takes each
     cell to ``1 - s``; ``"request"`` takes every cell of task k to ``1 - mean(s)`` over
     the request's cells of task k (the AUC the retrained model is expected to show on
     this request, reached with equal effort on every cell). Without shadows, the fixed
@@ -383,7 +456,8 @@ def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, f
         raise ValueError(f"interference_aware: unknown calibrate_per {per!r}; known: 'request', 'cell'")
     mode = "partial" if partial else "full"
     scores = cfg["shadow_scores"] or shadow_scores(original, data, cfg["shadow_recipe"], cfg["shadow_folds"],
-                                                   cfg["shadow_seed"], trained_folds=cfg["shadow_trained_folds"])
+                                                   cfg["shadow_seed"], trained_folds=cfg["shadow_trained_folds"],
+                                                   extrapolate=cfg["shadow_extrapolate"])
     table = scores.get(mode) or {}
     ids = data.forget_instances
     quantiles, cell_scores, expected, task_means, every = {}, {}, {}, {}, []
