@@ -95,14 +95,20 @@ def test_memorised(world):
 MARGIN = {"finetune": 1.0, "l1_sparse": 1.0}
 
 
-# The swept DEFAULTS are sized for the benchmark. On this tiny random-data model three
-# methods need a longer or larger step to carry a memorised cell past held-out ones
-# (at their defaults the forget loss rises, but the attack's AUC stays at 1.0).
+# The swept DEFAULTS are sized for the benchmark. On this tiny random-data model some
+# methods need a longer or larger step (ssd: a wider selection, harder dampening) to carry
+# a memorised cell past held-out ones (at their defaults the forget loss rises, but the
+# attack's AUC stays near 1.0). The tiny model itself differs from CPU to CPU (other float
+# kernels train other weights), so each value leaves a wide margin under the 0.95 bound on
+# the machine it was set on: at the defaults gradient_ascent (5 steps) reached 0.958, ssd 1.0
+# and pcgrad (60 steps) 0.938 on an AMD EPYC with AVX2 while passing on AVX512 machines.
 TINY = {
+    "gradient_ascent": {"steps": 10},
     "random_target": {"steps": 100, "lr": 0.01},
     "salun": {"steps": 100, "lr": 0.01},
-    "pcgrad": {"steps": 60},
+    "pcgrad": {"steps": 100},
     "scrub": {"steps": 60, "lr": 0.003},
+    "ssd": {"alpha": 0.1, "lambda": 0.1},
 }
 
 
