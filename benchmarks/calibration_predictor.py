@@ -20,7 +20,8 @@ MIA AUC on that set with
     python benchmarks/calibration_predictor.py --seeds 0 1 2 3 --out benchmarks/tune_round3/predictor.json
     python benchmarks/calibration_predictor.py --seeds 0 1 2 3 --folds 8 --trained-folds 1 --out ...
 
-Trained models come from (and go to) the bench cache ``.cache/bench/<suite>``.
+Trained models, the shadows included, come from (and go to) the bench cache
+``.cache/bench/<suite>``, so the bench and this script train each shadow once.
 """
 from __future__ import annotations
 
@@ -79,8 +80,11 @@ def main() -> None:
         original, _ = cached_original(cache, train, spec, recipe, torch.device("cpu"))
         data = UnlearnData(train, [train.cells()[0]], train, heldout=test)
         t0 = time.perf_counter()
+        # every shadow is a cached retrain without its fold's cells, shared with the bench's runs
         runs = [shadow_scores(original, data, asdict(recipe), args.folds, DEFAULTS["shadow_seed"] + r, tuple(args.modes),
-                              trained_folds=args.trained_folds, extrapolate=args.extrapolate)
+                              trained_folds=args.trained_folds, extrapolate=args.extrapolate,
+                              trainer=lambda cells, rec: cached_retrain(cache, train, spec, cells, rec,
+                                                                        torch.device("cpu"))[0])
                 for r in range(args.repeats)]
         scores = {mode: {i: {t: mean(run[mode][i][t] for run in runs if i in run[mode]) for t in by}
                          for run0 in runs for i, by in run0[mode].items()} for mode in ("full", "partial")}

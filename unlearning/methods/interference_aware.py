@@ -241,9 +241,11 @@ def extrapolated_scores(table: dict[str, dict[str, float]], ranks: dict[str, dic
     the scored cells (``rank``: the cell's loss rank among the training cells of its task,
     :func:`loss_ranks`), clamped to [0, 1]. A cell a model fits badly even after training
     on it stays far from the training data's losses when it is left out, so the out-of-fold
-    score falls with the rank: on smoke's 4-fold tables (Spearman 0.34-0.93 over the
+    score falls with the rank: on smoke's 4-fold tables (Spearman −0.37 to −0.91 over the
     10 (benchmark, mode, task) pairs) a line fitted on one fold's cells predicted the other
-    folds' cells 15-60% closer than their task's mean (benchmarks/README.md).
+    folds' cells 6-67% closer than their task's mean, per cell
+    (benchmarks/shadow_subset/extrapolation_smoke.json; per request it is mixed:
+    benchmarks/README.md, "A calibration of fewer shadows").
 
     ``table`` is ``{id: {task: score}}`` of one mode, ``ranks`` ``{task: {id: rank}}`` of
     every training cell. Returns the predicted ``{id: {task: score}}`` (only cells absent
@@ -268,6 +270,14 @@ def extrapolated_scores(table: dict[str, dict[str, float]], ranks: dict[str, dic
         fits[t] = {"intercept": round(intercept, 6), "slope": round(slope, 6), "fitted": len(known),
                    "predicted": len(missing)}
     return predicted, fits
+
+
+def shadow_folds(instance_ids: list[str], folds: int, seed: int) -> list[list[str]]:
+    """The seeded split of the training instances into ``folds`` folds that
+    :func:`shadow_scores` trains its shadows on (fold ``f``'s shadows never see fold ``f``)."""
+    order = torch.randperm(len(instance_ids), generator=torch.Generator().manual_seed(7_919 + int(seed))).tolist()
+    ids = [instance_ids[i] for i in order]
+    return [ids[f::folds] for f in range(folds)]
 
 
 def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
@@ -326,11 +336,9 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
         raise ValueError("interference_aware: shadow calibration needs held-out data")
     t0 = time.perf_counter()
     train, tasks = data.train, list(data.train.tasks)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(7_919 + int(seed))).tolist()
-    ids = [train.instance_ids[i] for i in order]
+    split = shadow_folds(train.instance_ids, k, seed)
     plan = []  # (mode, cells the shadow never sees)
-    for f in range(n):
-        fold = ids[f::k]
+    for fold in split[:n]:
         if "full" in modes:
             plan.append(("full", [(i, t) for i in fold for t in tasks]))
         if "partial" in modes:
@@ -364,7 +372,7 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
             predicted, fits[mode] = extrapolated_scores(out[mode], ranks)
             for i, by_task in predicted.items():
                 out[mode].setdefault(i, {}).update(by_task)
-    measured = None if n == k else sorted({i for f in range(n) for i in ids[f::k]})
+    measured = None if n == k else sorted({i for fold in split[:n] for i in fold})
     out.update({"folds": k, "trained_folds": n, "measured_instances": measured, "extrapolate": extrapolate,
                 "extrapolated": fits, "shadows": len(plan), "seconds": round(time.perf_counter() - t0, 3)})
     data.cache[key] = out
