@@ -20,7 +20,7 @@ Per cell, not per request: a request's score is the mean of its cells', whose er
 partly cancel (``calibration_predictor.py --trained-folds`` measures requests
 against their gold standards).
 
-    python benchmarks/shadow_extrapolation.py --suite smoke --folds 4 --out benchmarks/shadow_subset/extrapolation_smoke.json
+    python benchmarks/shadow_extrapolation.py --suite smoke --folds 4 --out benchmarks/shadow_subset/amd_epyc_avx2/extrapolation_smoke.json
 
 Shadows come from (and go to) the bench cache, as the bench's and
 ``calibration_predictor.py``'s do.

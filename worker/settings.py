@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     method_config: dict = {}  # the method's hyper-parameters over its defaults, JSON in UNLEARND_METHOD_CONFIG
     # interference_aware: calibrate where forgotten cells should land with shadow models, once per
     # model (stored next to its versions; (1 + tasks) x 4 trainings of the first version's recipe;
-    # UNLEARND_METHOD_CONFIG='{"shadow_folds": 8, "shadow_trained_folds": 1}' trains 1 + tasks)
+    # '{"shadow_folds": 2}' in UNLEARND_METHOD_CONFIG trains half as many, which at 795 scenes put
+    # partial erasure within 0.03 of retrained models; '{"shadow_folds": 8, "shadow_trained_folds": 1}'
+    # trains 1 + tasks and left it ~0.09 low: benchmarks/README.md, "A calibration of fewer shadows")
     calibrate_shadows: bool = False
     device: str = "auto"  # auto = CUDA when present
     # CPU threads torch may use in a job; None = torch's default. On a small shared CPU

@@ -244,7 +244,7 @@ def extrapolated_scores(table: dict[str, dict[str, float]], ranks: dict[str, dic
     score falls with the rank: on smoke's 4-fold tables (Spearman −0.37 to −0.91 over the
     10 (benchmark, mode, task) pairs) a line fitted on one fold's cells predicted the other
     folds' cells 6-67% closer than their task's mean, per cell
-    (benchmarks/shadow_subset/extrapolation_smoke.json; per request it is mixed:
+    (benchmarks/shadow_subset/amd_epyc_avx2/extrapolation_smoke.json; per request it is mixed:
     benchmarks/README.md, "A calibration of fewer shadows").
 
     ``table`` is ``{id: {task: score}}`` of one mode, ``ranks`` ``{task: {id: rank}}`` of
