@@ -186,6 +186,19 @@ def test_shadow_scores_of_some_folds_predict_the_others_from_loss_ranks(memorise
     assert every["measured_instances"] is None
 
 
+def test_shadow_folds_partition_the_instances_by_seed():
+    """Every instance in exactly one fold, sizes within one, the same split for the same
+    seed (shadow_scores and the benchmark scripts must agree on it), another for another."""
+    from unlearning.methods.interference_aware import shadow_folds
+
+    ids = [f"i{n}" for n in range(23)]
+    folds = shadow_folds(ids, 4, 0)
+    assert sorted(i for fold in folds for i in fold) == sorted(ids)
+    assert sorted(len(f) for f in folds) == [5, 6, 6, 6]
+    assert shadow_folds(ids, 4, 0) == folds
+    assert shadow_folds(ids, 4, 1) != folds
+
+
 def test_loss_ranks_are_mid_ranks_of_the_finite_losses():
     from unlearning.methods.interference_aware import loss_ranks
 
