@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, _device_name, cached_original, cached_retrain, independent_recipe, settings
+from unlearning.bench import (SUITES, _device_name, cached_original, cached_retrain, independent_recipe, settings,
+                              shadow_trainer)
 from unlearning.data import load_splits
 from unlearning.evaluate import membership_auc
 from unlearning.methods import UnlearnData
@@ -80,11 +81,9 @@ def main() -> None:
         original, _ = cached_original(cache, train, spec, recipe, torch.device("cpu"))
         data = UnlearnData(train, [train.cells()[0]], train, heldout=test)
         t0 = time.perf_counter()
-        # every shadow is a cached retrain without its fold's cells, shared with the bench's runs
         runs = [shadow_scores(original, data, asdict(recipe), args.folds, DEFAULTS["shadow_seed"] + r, tuple(args.modes),
                               trained_folds=args.trained_folds, extrapolate=args.extrapolate,
-                              trainer=lambda cells, rec: cached_retrain(cache, train, spec, cells, rec,
-                                                                        torch.device("cpu"))[0])
+                              trainer=shadow_trainer(cache, train, spec, torch.device("cpu")))
                 for r in range(args.repeats)]
         scores = {mode: {i: {t: mean(run[mode][i][t] for run in runs if i in run[mode]) for t in by}
                          for run0 in runs for i, by in run0[mode].items()} for mode in ("full", "partial")}

@@ -36,12 +36,11 @@ from pathlib import Path
 
 import torch
 
-from unlearning.bench import SUITES, _device_name, cached_original, cached_retrain
+from unlearning.bench import SUITES, _device_name, cached_original, shadow_trainer
 from unlearning.data import load_splits
-from unlearning.losses import per_sample_losses
 from unlearning.methods import UnlearnData
 from unlearning.methods.interference_aware import (DEFAULTS, extrapolated_scores, loss_ranks, shadow_folds,
-                                                   shadow_scores)
+                                                   shadow_scores, training_loss_ranks)
 from unlearning.train import TrainConfig
 
 
@@ -101,10 +100,8 @@ def main() -> None:
         original, _ = cached_original(cache, train, spec, recipe, device)
         data = UnlearnData(train, [train.cells()[0]], train, heldout=test)
         table = shadow_scores(original, data, asdict(recipe), args.folds, DEFAULTS["shadow_seed"],
-                              trainer=lambda cells, rec: cached_retrain(cache, train, spec, cells, rec, device)[0])
-        own = per_sample_losses(original.eval(), train, device=device)
-        ranks = {t: {i: r for i, r in zip(train.instance_ids, loss_ranks(own[t]).tolist()) if r == r}
-                 for t in train.tasks}
+                              trainer=shadow_trainer(cache, train, spec, device))
+        ranks = training_loss_ranks(original.eval(), train, device)
         folds = shadow_folds(train.instance_ids, table["folds"], DEFAULTS["shadow_seed"])
         for mode in ("full", "partial"):
             results[f"{bench}/{mode}"] = compare(table[mode], ranks, folds)

@@ -237,8 +237,14 @@ def calibrate_shadows(data: UnlearnData, original, config: dict, cache_dir: Path
         return None
     return shadow_scores(original, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"],
                          trained_folds=cfg["shadow_trained_folds"], extrapolate=cfg["shadow_extrapolate"],
-                         trainer=lambda cells, recipe: cached_retrain(cache_dir, data.train, spec, cells, recipe,
-                                                                      device)[0])
+                         trainer=shadow_trainer(cache_dir, data.train, spec, device))
+
+
+def shadow_trainer(cache_dir: Path, train, spec: dict, device):
+    """The ``trainer`` of interference_aware's ``shadow_scores`` that keeps every shadow in
+    the bench cache: a shadow is a :func:`cached_retrain` without its fold's cells, so the
+    bench and the calibration scripts train each one once."""
+    return lambda cells, recipe: cached_retrain(cache_dir, train, spec, cells, recipe, device)[0]
 
 
 _SPLITS: dict[str, tuple] = {}

@@ -235,6 +235,14 @@ def loss_ranks(losses: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), x, mid / finite.numel())
 
 
+def training_loss_ranks(model, train, device) -> dict[str, dict[str, float]]:
+    """``{task: {id: rank}}``: every measured training cell's :func:`loss_ranks` rank among
+    its task's cells under ``model`` (what :func:`extrapolated_scores` predicts from)."""
+    own = per_sample_losses(model, train, device=device)
+    return {t: {i: r for i, r in zip(train.instance_ids, loss_ranks(own[t]).tolist()) if r == r}
+            for t in train.tasks}
+
+
 def extrapolated_scores(table: dict[str, dict[str, float]], ranks: dict[str, dict[str, float]]) -> tuple[dict, dict]:
     """Scores for the cells a partial calibration did not score, from how hard the
     calibrated model finds them: per task, a least-squares line ``score ≈ a + b·rank`` over
@@ -365,9 +373,7 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
                     out[mode].setdefault(iid, {})[t] = float(v)
     fits = {}
     if extrapolate == "loss_rank":
-        own = per_sample_losses(model, train, device=data.device)
-        ranks = {t: dict(zip(train.instance_ids, loss_ranks(own[t]).tolist())) for t in tasks}
-        ranks = {t: {i: r for i, r in by_id.items() if r == r} for t, by_id in ranks.items()}
+        ranks = training_loss_ranks(model, train, data.device)
         for mode in modes:
             predicted, fits[mode] = extrapolated_scores(out[mode], ranks)
             for i, by_task in predicted.items():
