@@ -181,7 +181,7 @@ class EvalContext:
         """Refuse to reuse cached numbers of another model or other data."""
         if original is not self.original:
             raise ValueError("evaluation context was built for another original model")
-        if train.instance_ids != self.train.instance_ids or not torch.equal(train.available, self.train.available):
+        if not self.train.same_cells(train):
             raise ValueError("evaluation context was built for other training data")
         if test.instance_ids != self.test.instance_ids:
             raise ValueError("evaluation context was built for another test set")

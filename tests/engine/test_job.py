@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from unlearning.job import JobInputError, JobResult, run_unlearning_job
 from unlearning.train import TrainConfig, train_model
@@ -110,3 +111,21 @@ def test_unknown_config_key_is_refused(setup):
     model, train, test = setup
     with pytest.raises(JobInputError, match="no parameter 'stpes'"):
         run_unlearning_job(model, train, test, [("i0", "depth")], config={"stpes": 5})
+
+
+def test_same_cells_compares_instances_order_and_erased_cells(setup):
+    _, train, _ = setup
+    assert train.same_cells(train.without([]))
+    assert not train.same_cells(train.without([("i0", "depth")]))
+    assert train.without([("i0", "depth")]).same_cells(train.without([("i0", "depth")]))
+    assert not train.same_cells(train.subset(list(reversed(range(len(train))))))
+    assert not train.same_cells(train.subset(range(len(train) - 1)))
+
+
+def test_data_stays_where_it_is_on_the_cpu(setup):
+    from unlearning.job import on_device
+
+    _, train, _ = setup
+    cache: dict = {}
+    assert on_device(cache, "train", train, torch.device("cpu")) is train
+    assert cache == {}  # nothing copied, nothing held

@@ -73,6 +73,36 @@ def test_every_method_runs_as_a_job_on_cuda(world):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model untouched
 
 
+def test_a_job_keeps_the_data_on_the_gpu_for_the_next(world):
+    from unlearning.job import on_device
+    from unlearning.methods import UnlearnData
+
+    train, test, model = world
+    cache: dict = {}
+    cells = [("indoor-00005", "depth"), ("indoor-00009", "depth")]
+    result = run_unlearning_job(model, train, test, cells, config=FAST["interference_aware"], device="cuda", cache=cache)
+    assert math.isfinite(result.metrics["mia_auc"])
+    source, placed = cache[("resident", "train")]
+    assert source is train and placed.images.device.type == "cuda" and train.images.device.type == "cpu"
+    assert cache[("resident", "test")][1].images.device.type == "cuda"
+    # the next job on the version (its data loaded again: another object, the same cells) reuses the copy
+    again = train.without([])
+    assert on_device(cache, "train", again, torch.device("cuda")) is placed
+    run_unlearning_job(model, again, test, [("indoor-00003", "segmentation")], config=FAST["interference_aware"],
+                       device="cuda", cache=cache)
+    assert cache[("resident", "train")][1] is placed
+    # the forget batch gathered on the GPU is the one gathered on the host and copied over
+    on_gpu = UnlearnData(placed, cells, placed.without(cells)).forget_batch()
+    on_host = UnlearnData(train, cells, train.without(cells)).forget_batch().to("cuda")
+    assert all(torch.equal(on_gpu.has[t], on_host.has[t]) for t in train.tasks)
+    assert torch.equal(on_gpu.images, on_host.images)
+    # without it the job still runs, on batches copied from the host
+    bare: dict = {}
+    run_unlearning_job(model, train, test, cells, config=FAST["interference_aware"], device="cuda", cache=bare,
+                       keep_data_on_device=False)
+    assert ("resident", "train") not in bare
+
+
 def test_unlearn_cli_on_cuda(tmp_path, capsys):
     from unlearning.train import main as train_main
     from unlearning.unlearn import main as unlearn_main

@@ -100,6 +100,12 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         """Bytes held by the images and targets."""
         return sum(t.numel() * t.element_size() for t in (self.images, *self.targets.values()))
 
+    def same_cells(self, other: "MultiTaskDataset") -> bool:
+        """``other`` holds the same instances, in the same order, with the same supervised
+        cells (wherever either's tensors are)."""
+        return (self.instance_ids == other.instance_ids
+                and torch.equal(self.available.cpu(), other.available.cpu()))
+
     def to(self, device) -> "MultiTaskDataset":
         """This dataset with its tensors on ``device`` (the same ids, cells and mask); itself
         when they are there already."""

@@ -58,7 +58,8 @@ class UnlearnData:
         batch = self.train.batch(idx)
         cells = set(self.forget_cells)
         for k, t in enumerate(self.train.tasks):
-            asked = torch.tensor([(iid, t) in cells for iid in self.forget_instances], dtype=torch.bool)
+            asked = torch.tensor([(iid, t) in cells for iid in self.forget_instances], dtype=torch.bool,
+                                 device=batch.targets[t].device)  # the data may live on the GPU (job.py)
             batch.has[t] = asked & get_task(t).labelled(batch.targets[t])
         return batch
 
