@@ -451,3 +451,32 @@ def test_the_cli_checkpoint_is_marked_whole_and_alone(tmp_path, monkeypatch):
     assert doc["incomplete"] is True and doc["results"] == [{"method": "m"}]
     assert doc["command"] == f"python -m unlearning.bench --suite smoke --methods gradient_ascent --cache-dir {tmp_path / 'c'} --out {out}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "r.json"]
+
+
+def test_job_timing_times_jobs_on_the_cached_original_against_the_recipe(tmp_path, monkeypatch):
+    job_timing = _load_script("job_timing")
+    suite = {"benchmarks": {"indoor": {"name": "indoor", "n_train": 12, "n_test": 8, "height": 12, "width": 16, "seed": 0}},
+             "train": {"epochs": 4, "batch_size": 4, "lr": 4e-3, "width": 4, "depth": 2, "head_width": 4, "seed": 0},
+             "seeds": [0, 1], "n_forget_full": [1], "n_forget_partial": 2, "partial_tasks": ["depth"],
+             "retained_sample_size": 4, "threads": 1, "device": "cpu"}
+    monkeypatch.setitem(bench.SUITES, "tiny", suite)
+    out = tmp_path / "timing.json"
+    assert job_timing.main(["--suite", "tiny", "--cache-dir", str(tmp_path / "cache"), "--settings", "full:1",
+                            "partial:depth", "--config", '{"steps": 2}', "--train-epochs", "2", "12",
+                            "--measure-retrain", "--data", "resident", "host", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["steps"] for r in doc["train_steps"]["runs"]] == [6, 36]  # ceil(12 / 4) steps an epoch
+    runs = doc["train_steps"]["runs"]
+    assert doc["train_steps"]["seconds_per_step"] == pytest.approx((runs[1]["seconds"] - runs[0]["seconds"]) / 30)
+    assert doc["retrain_measured"]["setting"] == "full:1" and doc["retrain_measured"]["seconds"] > 0
+    assert [(r["setting"], r["seed"], r["data"]) for r in doc["jobs"]] == [
+        (s, seed, d) for seed in (0, 1) for s in ("full:1", "partial:depth") for d in ("resident", "host")]
+    assert doc["complete"] is True
+    for r in doc["jobs"]:
+        assert r["seconds"] > 0 and 0 <= r["mia_auc"] <= 1 and r["uis"] >= 0
+        # full:1 trains on 11 instances (3 steps an epoch), partial:depth on all 12 (3 too)
+        assert r["retrain_seconds_estimate"] == pytest.approx(doc["train_steps"]["seconds_per_step"] * 12, abs=0.01)
+        assert r["speed_up_measured"] == round(doc["retrain_measured"]["seconds"] / r["seconds"], 1)
+    with pytest.raises(SystemExit, match="no setting of tiny is named"):
+        job_timing.main(["--suite", "tiny", "--cache-dir", str(tmp_path / "cache"), "--settings", "full:8",
+                         "--out", str(out)])
