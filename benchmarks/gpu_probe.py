@@ -8,6 +8,12 @@ suite's image size, and writes JSON. From the seconds per training step it says 
 the suite fit a time-limited device.
 
     python benchmarks/gpu_probe.py --suite full --benchmark indoor --steps 40 --out probe.json
+
+``--batch-sizes 8 16 32`` also times the steps of each batch size with the data kept on
+the device (as ``train_model`` does now) and, on CUDA, with bf16 autocast, and gives the
+training's seconds at the recipe's epochs for each: what a recipe of larger batches (fewer
+steps) would cost, before anyone checks that it still memorises. ``--height``/``--width``
+render the benchmark at another size.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -31,15 +37,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(train, recipe, device, steps: int, autocast: bool = False) -> float:
-    """Seconds per training step of ``recipe`` (batch of ``recipe.batch_size``), after 5 warm-up steps."""
+def time_steps(train, recipe, device, steps: int, autocast: bool = False, resident: bool = False) -> float:
+    """Seconds per training step of ``recipe`` (batch of ``recipe.batch_size``), after 5 warm-up
+    steps; batches gathered on the host and copied over, or with ``resident`` from the data
+    kept on the device (indexed there, as ``train_model`` does)."""
     model = build_model(train, recipe).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
     gen = torch.Generator().manual_seed(0)
+    source = train.to(device) if resident else train
 
     def step():
         idx = torch.randint(len(train), (recipe.batch_size,), generator=gen)
-        batch = train.batch(idx).to(device)
+        batch = source.batch(idx.to(source.images.device)).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = supervised_loss(cell_losses(model, batch, train.tasks), batch.has)
         opt.zero_grad(set_to_none=True)
@@ -63,14 +72,18 @@ def main(argv=None) -> int:
     p.add_argument("--benchmark", default="indoor")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--device", default="auto")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[], help="also time these, the data on the device")
+    p.add_argument("--height", type=int, default=None, help="render at this height (default: the suite's)")
+    p.add_argument("--width", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
     suite = bench.SUITES[args.suite]
     device, recipe = bench.suite_runtime(suite, args.device)
-    spec = suite["benchmarks"][args.benchmark]
+    spec = dict(suite["benchmarks"][args.benchmark])
+    spec.update({k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None})
     t0 = time.perf_counter()
-    train, test = load_splits(spec)
+    train, test = load_splits(spec, render_workers="auto")
     render_seconds = time.perf_counter() - t0
 
     step_fp32 = time_steps(train, recipe, device, args.steps)
@@ -84,6 +97,16 @@ def main(argv=None) -> int:
     forward_per_sample = (time.perf_counter() - t0) / len(test)
 
     steps_per_training = recipe.epochs * math.ceil(len(train) / recipe.batch_size)
+    by_batch = {}
+    for b in args.batch_sizes:
+        r = replace(recipe, batch_size=b)
+        row = {"steps_per_training": r.epochs * math.ceil(len(train) / b),
+               "step_seconds_resident": time_steps(train, r, device, args.steps, resident=True)}
+        if device.type == "cuda":
+            row["step_seconds_resident_bf16_autocast"] = time_steps(train, r, device, args.steps, autocast=True,
+                                                                    resident=True)
+        row["training_seconds_estimate"] = round(row["step_seconds_resident"] * row["steps_per_training"], 1)
+        by_batch[b] = {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
     out = {
         "command": "python " + " ".join(sys.argv),
         "device": bench._device_name(device),
@@ -97,6 +120,7 @@ def main(argv=None) -> int:
         "forward_seconds_per_sample": round(forward_per_sample, 6),
         "steps_per_training": steps_per_training,
         "training_seconds_estimate": round(step_fp32 * steps_per_training, 1),
+        "by_batch_size": by_batch,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
     with open(args.out, "w") as f:

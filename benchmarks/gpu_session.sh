@@ -1,22 +1,41 @@
 #!/usr/bin/env bash
 # The device checks one GPU session runs (sessions get 15 minutes of device time), as one
-# command on the device machine, from the repository root:
+# command on the device machine, from the repository root (the device tool sets $OUT):
 #
-#   bash benchmarks/gpu_session.sh        # with $OUT set by the device tool
+#   bash benchmarks/gpu_session.sh [tests] [timing] [probe]      # default: all three, in this order
 #
-# 1. tests/gpu: the engine's CUDA paths (training, every method as a job, jobs keeping
-#    their data on the GPU, the unlearn CLI, a tiny benchmark);
-# 2. benchmarks/job_timing.py at the `full` suite's scale on the committed indoor original
-#    (benchmarks/full/cache): the job's wall time against the recipe's, with the data
-#    kept on the GPU and gathered on the host, seeds 0 and 1, full:8 and partial:depth.
-# Writes gpu_tests.log, job_timing_indoor.json and job_timing.log to $OUT. About 5
-# minutes on an H100 by the 2026-11-25 probe's figures (rendering with 16 processes, 8 jobs).
+# tests   tests/gpu: the engine's CUDA paths (training, every method as a job, a job's data
+#         kept on the GPU for the next job, the unlearn CLI, a tiny benchmark);
+# timing  benchmarks/job_timing.py at the `full` suite's scale on the committed indoor
+#         original (benchmarks/full/cache): job against retrain, seed 0, full:8 and
+#         partial:depth, each with the data kept on the GPU and gathered on the host;
+# probe   benchmarks/gpu_probe.py at the suite's size (288x384) and at 144x192: training steps of batch 8, 16, 32
+#         (fp32, bf16 autocast), i.e. what a cheaper `full` recipe would cost.
+# SUITE and CACHE_DIR (default: full, benchmarks/full/cache) let the script be tried on a CPU
+# with `smoke` first. Each stage has its own time limit (120 + 300 + 2 x 60 s: under the 10 minutes a command
+# may run); the results go to $OUT as each stage ends (job_timing after every job).
 set -uo pipefail
 : "${OUT:?set OUT to the folder the results go to}"
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia_smi.txt"
-timeout 150 "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log"
-timeout 400 "$PYTHON" benchmarks/job_timing.py --suite full --benchmark indoor --cache-dir benchmarks/full/cache \
-  --seeds 0 1 --settings full:8 partial:depth --data resident host \
-  --out "$OUT/job_timing_indoor.json" 2>&1 | tail -n 40 | tee "$OUT/job_timing.log"
+SUITE=${SUITE:-full}
+CACHE_DIR=${CACHE_DIR:-benchmarks/full/cache}
+stages=${*:-tests timing probe}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/nvidia_smi.txt"
+for stage in $stages; do
+  case $stage in
+    tests)
+      timeout 120 "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log" ;;
+    timing)
+      timeout 300 "$PYTHON" benchmarks/job_timing.py --suite "$SUITE" --benchmark indoor --cache-dir "$CACHE_DIR" \
+        --seeds 0 --settings full:8 partial:depth --data resident host \
+        --out "$OUT/job_timing_indoor.json" 2>&1 | tail -n 40 | tee "$OUT/job_timing.log" ;;
+    probe)
+      timeout 60 "$PYTHON" benchmarks/gpu_probe.py --suite "$SUITE" --benchmark indoor --steps 30 --batch-sizes 8 16 32 \
+        --out "$OUT/probe_indoor.json" > "$OUT/probe.log" 2>&1
+      timeout 60 "$PYTHON" benchmarks/gpu_probe.py --suite "$SUITE" --benchmark indoor --steps 30 --batch-sizes 8 16 32 \
+        --height 144 --width 192 --out "$OUT/probe_indoor_144x192.json" >> "$OUT/probe.log" 2>&1
+      tail -n 5 "$OUT/probe.log" ;;
+    *) echo "unknown stage $stage (tests, timing, probe)" >&2; exit 2 ;;
+  esac
+done
