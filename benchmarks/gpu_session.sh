@@ -9,11 +9,11 @@
 # timing  benchmarks/job_timing.py at the `full` suite's scale on the committed indoor
 #         original (benchmarks/full/cache): job against retrain, seed 0, full:8 and
 #         partial:depth, each with the data kept on the GPU and gathered on the host;
-# probe   benchmarks/gpu_probe.py at the suite's size (288x384) and at 144x192: training steps of batch 8, 16, 32
-#         (fp32, bf16 autocast), i.e. what a cheaper `full` recipe would cost.
+# probe   benchmarks/gpu_probe.py at the suite's size (288x384) and at 144x192: training
+#         steps of batch 8, 16, 32 (fp32, bf16 autocast): what a cheaper `full` recipe costs.
 # SUITE and CACHE_DIR (default: full, benchmarks/full/cache) let the script be tried on a CPU
-# with `smoke` first. Each stage has its own time limit (120 + 300 + 2 x 60 s: under the 10 minutes a command
-# may run); the results go to $OUT as each stage ends (job_timing after every job).
+# with `smoke` first. Each stage has its own time limit (80 + 300 + 100 + 60 s: under the 10 minutes a
+# command may run); the results go to $OUT as each stage ends (job_timing after every job).
 set -uo pipefail
 : "${OUT:?set OUT to the folder the results go to}"
 PYTHON=${PYTHON:-python3}
@@ -25,13 +25,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 for stage in $stages; do
   case $stage in
     tests)
-      timeout 120 "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log" ;;
+      timeout 80 "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log" ;;
     timing)
       timeout 300 "$PYTHON" benchmarks/job_timing.py --suite "$SUITE" --benchmark indoor --cache-dir "$CACHE_DIR" \
         --seeds 0 --settings full:8 partial:depth --data resident host \
         --out "$OUT/job_timing_indoor.json" 2>&1 | tail -n 40 | tee "$OUT/job_timing.log" ;;
     probe)
-      timeout 60 "$PYTHON" benchmarks/gpu_probe.py --suite "$SUITE" --benchmark indoor --steps 30 --batch-sizes 8 16 32 \
+      timeout 100 "$PYTHON" benchmarks/gpu_probe.py --suite "$SUITE" --benchmark indoor --steps 30 --batch-sizes 8 16 32 \
         --out "$OUT/probe_indoor.json" > "$OUT/probe.log" 2>&1
       timeout 60 "$PYTHON" benchmarks/gpu_probe.py --suite "$SUITE" --benchmark indoor --steps 30 --batch-sizes 8 16 32 \
         --height 144 --width 192 --out "$OUT/probe_indoor_144x192.json" >> "$OUT/probe.log" 2>&1
