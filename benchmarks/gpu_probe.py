@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, replace
 
@@ -108,9 +107,7 @@ def main(argv=None) -> int:
         row["training_seconds_estimate"] = round(row["step_seconds_resident"] * row["steps_per_training"], 1)
         by_batch[b] = {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
     out = {
-        "command": "python " + " ".join(sys.argv),
-        "device": bench._device_name(device),
-        "torch": torch.__version__,
+        **bench.provenance(device),
         "suite": args.suite,
         "benchmark": spec,
         "recipe": asdict(recipe),

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -116,9 +115,7 @@ def main(argv=None) -> int:
 
     config = json.loads(args.config)
     out = {
-        "command": "python " + " ".join(sys.argv),
-        "device": bench._device_name(device),
-        "torch": torch.__version__,
+        **bench.provenance(device),
         "suite": args.suite,
         "benchmark": spec,
         "recipe": asdict(recipe),

@@ -456,6 +456,13 @@ def _device_name(device) -> str:
             f"{torch.get_num_threads()} torch thread(s)")
 
 
+def provenance(device) -> dict:
+    """What a measurement script's JSON starts with: the command that wrote it (as typed,
+    quoted), where it ran (:func:`_device_name`) and the torch version."""
+    return {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "device": _device_name(device),
+            "torch": torch.__version__}
+
+
 # ----------------------------------------------------------------------------- summary
 
 
