@@ -5,15 +5,19 @@ Plain functions; the Celery task (``worker.tasks``) and the in-process worker
 
 1. :func:`claim_next` (one short transaction, the model row locked): at most one
    active job per model. A queued job (a reapply written by a rollback, or a
-   job the sweeper reset) is taken first; otherwise every queued deletion
-   request of the model is coalesced into one new job.
+   job the sweeper reset) is taken first; then, when the serving version still
+   holds cells of its dataset erased through another model trained on the same
+   dataset (tombstones are per dataset), a ``propagate`` job that erases them;
+   otherwise every queued deletion request of the model is coalesced into one
+   new job.
 2. :func:`run_job` (no transaction open while the engine runs): load the base
    version from the store, build the data (original splits minus every
    tombstoned cell), run the method, write the artifact FIRST under a version
    number fixed on the job row, so a rerun of the job finds it.
 3. :func:`publish_version` (one transaction): version row (``job_id`` is
    unique: a job that runs twice publishes one version), alias move, requests
-   completed, tombstones, audit events.
+   completed, tombstones, audit events, and a ``process_model`` announcement for
+   every other model on the dataset when new cells were erased.
 
 Delivery is at least once, so every step can run again and still do the
 right thing once. Each claim of a job is one attempt (``jobs.attempts``); a
@@ -46,6 +50,7 @@ from .datasets import erased_cells, get_splits
 from .db import transaction
 from .requests import PROCESS_MODEL_TOPIC, finite_json
 from .settings import Settings
+from .versions import erasures_behind
 from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
                      utcnow)
 
@@ -195,6 +200,14 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             )
             return Claim("claimed", queued_job.id, queued_job.attempts)
 
+        # Erasures of the dataset that the serving version still holds (another model on
+        # the same dataset erased them): those first, as a job of their own.
+        behind = erasures_behind(session, model)
+        if behind:
+            propagation = _propagation(session, settings, model_name, behind, now)
+            if propagation is not None:
+                return Claim("claimed", propagation.id, propagation.attempts)
+
         requests = list(
             session.execute(
                 select(DeletionRequest)
@@ -236,13 +249,20 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         serving = session.get(Alias, (model_name, "serving"))
         if serving is None:
             raise JobFailed(f"model {model_name!r} has no serving version")
+        request_ids = [r.id for r in claimed]
+        # Erasures the model is behind on whose own propagate job failed: its version could
+        # not be served without them anyway (publish_version), so they are erased here too.
+        for b in behind:
+            cells.extend(c for c in ((b["instance_id"], t) for t in b["tasks"]) if c not in cells)
+            if b["request_id"] not in request_ids:
+                request_ids.append(b["request_id"])
         job = Job(
             model_name=model_name,
             kind="deletion",
             status="running",
             method=settings.method,
             base_version=serving.version,
-            params={"cells": [list(c) for c in cells], "request_ids": [r.id for r in claimed]},
+            params={"cells": [list(c) for c in cells], "request_ids": request_ids},
         )
         _start(job, now)
         session.add(job)
@@ -256,10 +276,66 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             session,
             "job.started",
             model_name=model_name,
-            payload={"job_id": job.id, "kind": "deletion", "request_ids": [r.id for r in claimed],
+            payload={"job_id": job.id, "kind": "deletion", "request_ids": request_ids,
                      "cells": [list(c) for c in cells], "base_version": serving.version, "method": job.method},
         )
         return Claim("claimed", job.id, job.attempts)
+
+
+def failed_propagation(session: Session, model_name: str, base_version: int, cells: list) -> Job | None:
+    """The model's last ``propagate`` job when it failed on the same base and cells."""
+    last = session.execute(
+        select(Job).where(Job.model_name == model_name, Job.kind == "propagate").order_by(Job.created_at.desc())
+    ).scalars().first()
+    if (last is not None and last.status == "failed" and last.base_version == base_version
+            and sorted(map(tuple, (last.params or {}).get("cells") or [])) == sorted(map(tuple, cells))):
+        return last
+    return None
+
+
+def propagation_due(session: Session, model: Model) -> bool:
+    """Whether ``model`` is behind its dataset's erasures with no job under way that will
+    catch up, and its last try at the same cells did not fail (what the sweeper announces)."""
+    behind = erasures_behind(session, model)
+    if not behind:
+        return False
+    if session.execute(select(Job.id).where(Job.model_name == model.name,
+                                            Job.status.in_(("queued", "running"))).limit(1)).first():
+        return False
+    serving = session.get(Alias, (model.name, "serving")).version
+    return failed_propagation(session, model.name, serving,
+                              [[b["instance_id"], t] for b in behind for t in b["tasks"]]) is None
+
+
+def _propagation(session: Session, settings: Settings, model_name: str, behind: list[dict],
+                 now: datetime) -> Job | None:
+    """A running ``propagate`` job on the serving version that erases ``behind``
+    (:func:`worker.versions.erasures_behind`: erasures of the model's dataset, made
+    through another model, that the serving version still holds), with its audit event.
+    None when the model's last propagate job had the same base and cells and failed: it
+    is not tried again in a loop (its failure is in the record and the audit log; a new
+    erasure or version changes the cells or the base)."""
+    serving = session.get(Alias, (model_name, "serving")).version
+    cells = [[b["instance_id"], t] for b in behind for t in b["tasks"]]
+    request_ids = list(dict.fromkeys(b["request_id"] for b in behind))
+    failed = failed_propagation(session, model_name, serving, cells)
+    if failed is not None:
+        log.warning("model %s still holds erased cells %s; its propagate job %s failed: %s",
+                    model_name, cells, failed.id, failed.error)
+        return None
+    job = Job(model_name=model_name, kind="propagate", status="running", method=settings.method,
+              base_version=serving, params={"cells": cells, "request_ids": request_ids})
+    _start(job, now)
+    session.add(job)
+    session.flush()
+    append_event(
+        session,
+        "job.started",
+        model_name=model_name,
+        payload={"job_id": job.id, "kind": "propagate", "request_ids": request_ids, "cells": cells,
+                 "base_version": serving, "method": job.method},
+    )
+    return job
 
 
 def _start(job: Job, now: datetime) -> None:
@@ -522,11 +598,15 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
     Only a running job publishes, and only under its current attempt when ``attempt``
     is given (else :class:`StaleAttempt`). Erased data stays out of service: when the
     artifact's lineage misses a tombstoned cell of the dataset (an erasure published
-    after the job was claimed), or a deletion job's base is no longer the serving
-    version (the alias moved under it), nothing is published: a deletion job is
+    after the job was claimed), or a deletion or propagate job's base is no longer the
+    serving version (the alias moved under it), nothing is published: such a job is
     rebased (put back in the queue on the serving version; its artifact stays
     unpublished in the store) and returns ``requeued``; a reapply fails
-    (:class:`JobFailed`: roll back again)."""
+    (:class:`JobFailed`: roll back again; the sweeper then finds the model behind its
+    dataset's erasures, and its next claim propagates them).
+
+    New tombstones are announced (``process_model``) to every other model whose
+    dataset is this one: the data is erased, so each must follow (``propagate``)."""
     with transaction(settings.database_url) as session:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
         existing = session.execute(select(ModelVersion).where(ModelVersion.job_id == job_id)).scalar_one_or_none()
@@ -548,7 +628,7 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
         )}
         unsafe = _unsafe_to_serve(job, previous, manifest, have)
         if unsafe is not None:
-            if job.kind != "deletion":
+            if job.kind == "reapply":
                 raise JobFailed(f"not published: {unsafe}; roll back again")
             _rebase(session, job, previous, have, unsafe, version)
             return JobOutcome("requeued", model_name, job_id, error=f"rebased: {unsafe}")
@@ -581,10 +661,17 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
             ).scalars()
         ) if manifest.deletions else []
         by_cell = {(r.instance_id, t): r.id for r in requests for t in r.tasks}
-        for iid, task in manifest.deleted_cells:
-            if (iid, task) not in have:
-                session.add(Tombstone(dataset_key=key, instance_id=iid, task=task,
-                                      request_id=by_cell.get((iid, task), job_id)))
+        erased_now = [(iid, task) for iid, task in manifest.deleted_cells if (iid, task) not in have]
+        for iid, task in erased_now:
+            session.add(Tombstone(dataset_key=key, instance_id=iid, task=task,
+                                  request_id=by_cell.get((iid, task), job_id)))
+        if erased_now:
+            # The data is erased, not only this model's copy: every other model trained on
+            # the dataset is told, and its next claim runs a propagate job (erasures_behind).
+            for other in session.execute(select(Model).where(Model.name != model_name).order_by(Model.name)).scalars():
+                if dataset_key(other.dataset) == key:
+                    session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": other.name},
+                                              created_at=now))
 
         job.status = "completed"
         job.produced_version = version
@@ -612,6 +699,8 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
                 req.completed_at = now
                 req.error = None
                 kind = "deletion.completed"
+            elif req.model_name != model_name:  # a request made of another model on the same dataset
+                kind = "deletion.propagated"
             else:  # a reapply after a rollback: the request was completed before, its erasure is applied again
                 kind = "deletion.reapplied"
             append_event(
@@ -632,7 +721,7 @@ def _unsafe_to_serve(job: Job, serving: int | None, manifest: Manifest, tombston
     if missing:
         return f"v{manifest.version} still contains cells erased since the job was claimed: " \
                f"{[list(c) for c in sorted(missing)]}"
-    if job.kind == "deletion" and serving != job.base_version:
+    if job.kind in ("deletion", "propagate") and serving != job.base_version:
         return f"its base v{job.base_version} is no longer serving (v{serving} is)"
     return None
 

@@ -20,8 +20,9 @@ from sqlalchemy import or_, select
 
 from .audit import append_event
 from .db import transaction
+from .jobs import propagation_due
 from .settings import Settings
-from .tables import DeletionRequest, Job, OutboxMessage, utcnow
+from .tables import DeletionRequest, Job, Model, OutboxMessage, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,16 @@ def relay_once(settings: Settings, publish: Publish, batch: int = 100) -> int:
 
 
 def sweep_once(settings: Settings, publish: Publish) -> dict:
-    """Re-announce stale work; returns ``{"requests": n, "jobs": n, "models": [...]}``.
+    """Re-announce stale work; returns ``{"requests": n, "jobs": n, "behind": n, "models": [...]}``.
 
     - requests ``queued`` (and not part of a job) untouched for ``stale_after_s``;
     - jobs ``running`` whose heartbeat is older than ``stale_after_s`` (their worker
       died): reset to ``queued`` with their requests, so the next claim runs them again
       (a rerun that finds its stored artifact just publishes it);
-    - jobs ``queued`` untouched for ``stale_after_s`` (their message was lost).
+    - jobs ``queued`` untouched for ``stale_after_s`` (their message was lost);
+    - models whose serving version still holds cells erased through another model on
+      the same dataset, with no job under way (``worker.jobs.propagation_due``): their
+      next claim runs a ``propagate`` job.
 
     The announcements go through the outbox in the same transaction, then are relayed.
     """
@@ -135,9 +139,16 @@ def sweep_once(settings: Settings, publish: Publish) -> dict:
             models.add(job.model_name)
         n_jobs = len(stale_jobs)
 
+        # models that still serve cells erased through another model on their dataset, with
+        # nothing under way to catch up (a lost announcement, a failed reapply)
+        behind = [m.name for m in session.execute(select(Model).order_by(Model.name)).scalars()
+                  if m.name not in models and propagation_due(session, m)]
+        models.update(behind)
+
         for model_name in sorted(models):
             session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": model_name}, created_at=now))
     if models:
-        log.info("sweeper: re-enqueued %d requests and %d jobs of %s", n_requests, n_jobs, sorted(models))
+        log.info("sweeper: re-enqueued %d requests and %d jobs of %s; behind their dataset's erasures: %s",
+                 n_requests, n_jobs, sorted(models), behind)
         relay_once(settings, publish)
-    return {"requests": n_requests, "jobs": n_jobs, "models": sorted(models)}
+    return {"requests": n_requests, "jobs": n_jobs, "behind": len(behind), "models": sorted(models)}

@@ -126,7 +126,17 @@ def resolve_cells(
         for iid, t in wanted
         if (iid, t) in erased or (iid, t) in pending
     ]
-    named = ", ".join(f"{c['task']} ({c['state']} by request {c['request_id']})" for c in clash)
+    if any(c["state"] == "erased" for c in clash):
+        # erased through another model on the same dataset: this model's propagate job is due
+        from .versions import erasures_behind
+
+        behind = {(b["instance_id"], t) for b in erasures_behind(session, model) for t in b["tasks"]}
+        for c in clash:
+            if c["state"] == "erased":
+                c["propagating"] = (c["instance_id"], c["task"]) in behind
+    named = ", ".join(f"{c['task']} ({c['state']} by request {c['request_id']}"
+                      f"{'; this model still holds it until its propagate job has run' if c.get('propagating') else ''})"
+                      for c in clash)
     raise Conflict(f"instance {instance_id!r}: cells already erased or pending: {named}", cells=clash)
 
 

@@ -65,7 +65,7 @@ class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
-    kind: Mapped[str] = mapped_column(String(20), default="deletion")  # deletion | reapply
+    kind: Mapped[str] = mapped_column(String(20), default="deletion")  # deletion | reapply | propagate
     status: Mapped[str] = mapped_column(String(20), index=True, default="running")  # running|completed|failed
     method: Mapped[str] = mapped_column(String(50))
     base_version: Mapped[int] = mapped_column(Integer)

@@ -123,6 +123,22 @@ def missing_erasures(session: Session, model: Model, target: ModelVersion) -> li
     return [{"request_id": rid, "instance_id": iid, "tasks": tasks} for (rid, iid), tasks in grouped.items()]
 
 
+def erasures_behind(session: Session, model: Model) -> list[dict]:
+    """:func:`missing_erasures` of the model's serving version: erasures of its dataset
+    that the version it serves still contains. Empty for a model whose every erasure
+    went through its own jobs; not empty when another model trained on the same dataset
+    erased cells (tombstones are per dataset: the data is erased, so every model trained
+    on it must follow), or after a reapply that failed. ``worker.jobs`` runs a
+    ``propagate`` job for them; the sweeper announces such models."""
+    serving = serving_version(session, model.name)
+    if serving is None:
+        return []
+    target = session.execute(
+        select(ModelVersion).where(ModelVersion.model_name == model.name, ModelVersion.version == serving)
+    ).scalar_one_or_none()
+    return [] if target is None else missing_erasures(session, model, target)
+
+
 def rollback(
     session: Session, settings: Settings, model_name: str, version: int, reapply_erasures: bool = False
 ) -> RollbackOutcome:

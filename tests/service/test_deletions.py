@@ -83,7 +83,10 @@ def test_tombstoned_cell_is_a_409_naming_it(client, settings, model):
         s.add(Tombstone(dataset_key=dataset_key(model.spec), instance_id=iid, task="depth", request_id="r-old"))
     before = counts(settings)
     body = assert_problem(client.post("/deletions", json={"instance_id": iid, "tasks": ["segmentation", "depth"]}), 409)
-    assert body["cells"] == [{"instance_id": iid, "task": "depth", "state": "erased", "request_id": "r-old"}]
+    # the serving version (v1) still holds it: the dataset's erasure has yet to reach this model
+    assert body["cells"] == [{"instance_id": iid, "task": "depth", "state": "erased", "request_id": "r-old",
+                              "propagating": True}]
+    assert "still holds it until its propagate job has run" in body["detail"]
     assert counts(settings) == before
     # "all" takes what is left: a full erasure after a partial one is accepted
     r = client.post("/deletions", json={"instance_id": iid, "tasks": "all"})

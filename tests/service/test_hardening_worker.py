@@ -28,7 +28,9 @@ from worker.migrate import alembic_config, upgrade_database
 from worker.outbox import sweep_once
 from worker.requests import submit_deletion
 from worker.settings import Settings
-from worker.tables import Alias, AuditChainHead, AuditEvent, DeletionRequest, Job, ModelVersion, Tombstone, utcnow
+from worker.errors import Conflict
+from worker.tables import (Alias, AuditChainHead, AuditEvent, DeletionRequest, Job, ModelVersion, OutboxMessage,
+                           Tombstone, utcnow)
 
 from .conftest import create_database, drop_database
 
@@ -351,6 +353,110 @@ def test_publish_refuses_a_reapply_missing_an_erasure(tiny):
     outcome = jobs.drain_model(s, store, TINY)[0]
     assert outcome.status == "failed" and "still contains cells erased" in outcome.error
     assert _serving(s).version == 2
+
+
+# --------------------------------------------------------------------------- two models on one dataset
+
+TINY_B = "tiny-mtl-b"
+
+
+@pytest.fixture
+def two_models(tiny):
+    """A second model trained on the tiny model's dataset (its version 1, registered under another name)."""
+    s, store, ids = tiny
+    model, manifest = store.load(TINY, 1)
+    store.put_version(model, model_name=TINY_B, version=1, parent=None, dataset=manifest.dataset,
+                      train_config=manifest.train_config, note="initial training")
+    s_b = s.model_copy(update={"model_name": TINY_B})
+    ensure_model(s_b, store, progress=False)
+    return s, s_b, store, ids
+
+
+def _serving_of(s: Settings, name: str) -> ModelVersion:
+    with transaction(s.database_url) as session:
+        version = session.get(Alias, (name, "serving")).version
+        return session.execute(select(ModelVersion).where(ModelVersion.model_name == name,
+                                                          ModelVersion.version == version)).scalar_one()
+
+
+def _tombstone_requests(s: Settings) -> dict[tuple[str, str], str]:
+    with transaction(s.database_url) as session:
+        return {(t.instance_id, t.task): t.request_id for t in session.execute(select(Tombstone)).scalars()}
+
+
+def _conflict(s: Settings, instance_id: str, tasks) -> Conflict:
+    with transaction(s.database_url) as session, pytest.raises(Conflict) as refused:
+        submit_deletion(session, s, instance_id=instance_id, tasks=list(tasks))
+    return refused.value
+
+
+def test_an_erasure_reaches_every_model_trained_on_the_dataset(two_models):
+    """Tombstones are per dataset: an instance erased through one model is erased data, so
+    a second model trained on the same dataset must stop serving it too. Its publish
+    announces the other model, whose next claim runs a propagate job before its own work."""
+    s, s_b, store, ids = two_models
+    rid = _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    with transaction(s.database_url) as session:
+        announced = [m.payload for m in session.execute(select(OutboxMessage)).scalars()]
+    assert {"model_name": TINY_B} in announced
+    # model B still serves the cell until then, and a request for it says so
+    refused = _conflict(s_b, ids[0], ["depth"])
+    assert refused.extras["cells"] == [{"instance_id": ids[0], "task": "depth", "state": "erased",
+                                        "request_id": rid, "propagating": True}]
+    assert "still holds it until its propagate job has run" in refused.detail
+
+    own = _submit(s_b, ids[1])
+    outcomes = jobs.drain_model(s_b, store, TINY_B)
+    assert [o.status for o in outcomes] == ["completed", "completed"]
+    with transaction(s.database_url) as session:
+        first, second = (session.get(Job, o.job_id) for o in outcomes)
+        assert (first.kind, first.base_version, first.params["cells"], first.params["request_ids"]) == (
+            "propagate", 1, [[ids[0], "depth"]], [rid])
+        assert (second.kind, second.base_version) == ("deletion", 2)
+        events = [(e.kind, e.model_name, e.request_id) for e in session.execute(select(AuditEvent)).scalars()]
+    assert ("deletion.propagated", TINY_B, rid) in events and ("deletion.completed", TINY_B, own) in events
+    served = _serving_of(s, TINY_B)
+    assert served.version == 3
+    assert {tuple(c) for c in served.erased_cells} == {(ids[0], "depth"), (ids[1], "depth")}
+    # both models caught up: the sweeper finds none behind, and model A must follow B's erasure
+    assert _tombstones(s) == {(ids[0], "depth"), (ids[1], "depth")}
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    assert {tuple(c) for c in _serving_of(s, TINY).erased_cells} == _tombstones(s)
+    assert sweep_once(s, lambda topic, payload: None)["behind"] == 0
+    # an erased cell the model no longer holds is a plain 409
+    assert _conflict(s_b, ids[0], ["depth"]).extras["cells"][0]["propagating"] is False
+    # running the propagate job again publishes nothing new (a job publishes one version)
+    assert jobs.drain_model(s_b, store, TINY_B)[0].status == "idle"
+
+
+def test_the_sweeper_announces_a_model_behind_its_dataset_but_not_after_a_failed_try(two_models):
+    s, s_b, store, ids = two_models
+    _submit(s, ids[0])
+    jobs.drain_model(s, store, TINY)
+    with transaction(s.database_url) as session:  # the announcement was lost
+        session.execute(delete(OutboxMessage))
+    swept = sweep_once(s, lambda topic, payload: None)
+    assert (swept["behind"], swept["models"]) == (1, [TINY_B])
+
+    claim = jobs.claim_next(s_b, TINY_B)
+    assert claim.status == "claimed"
+    jobs.mark_failed(s_b, claim.job_id, "out of memory (say)", attempt=claim.attempt)
+    # the same cells on the same base failed: neither the sweeper nor a claim tries again in a loop
+    assert sweep_once(s, lambda topic, payload: None)["behind"] == 0
+    assert jobs.claim_next(s_b, TINY_B).status == "idle"
+    # the model's next deletion job erases the cells it is behind on too (no version without them is served)
+    rid_a = _tombstone_requests(s)[(ids[0], "depth")]
+    own = _submit(s_b, ids[1])
+    [outcome] = jobs.drain_model(s_b, store, TINY_B)
+    assert outcome.status == "completed"
+    with transaction(s.database_url) as session:
+        job = session.get(Job, outcome.job_id)
+        assert (job.kind, job.params["request_ids"]) == ("deletion", [own, rid_a])
+        events = [(e.kind, e.request_id) for e in session.execute(
+            select(AuditEvent).where(AuditEvent.model_name == TINY_B)).scalars()]
+    assert ("deletion.completed", own) in events and ("deletion.propagated", rid_a) in events
+    assert {tuple(c) for c in _serving_of(s, TINY_B).erased_cells} == {(ids[0], "depth"), (ids[1], "depth")}
 
 
 # --------------------------------------------------------------------------- A: a database error at publish
