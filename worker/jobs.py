@@ -48,7 +48,7 @@ from .audit import append_event
 from .calibration import lineage_calibration, method_config
 from .datasets import erased_cells, get_splits
 from .db import transaction
-from .requests import PROCESS_MODEL_TOPIC, finite_json
+from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json
 from .settings import Settings
 from .versions import erasures_behind
 from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
@@ -700,7 +700,7 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
                 req.error = None
                 kind = "deletion.completed"
             elif req.model_name != model_name:  # a request made of another model on the same dataset
-                kind = "deletion.propagated"
+                kind = PROPAGATED_EVENT
             else:  # a reapply after a rollback: the request was completed before, its erasure is applied again
                 kind = "deletion.reapplied"
             append_event(

@@ -27,6 +27,9 @@ from .tables import AuditEvent, DeletionRequest, Job, Model, ModelVersion, Outbo
 PENDING_STATUSES = ("received", "queued", "running")
 #: the outbox topic that asks a worker to process a model's queued work
 PROCESS_MODEL_TOPIC = "process_model"
+#: the audit event a worker writes when an erasure made through another model on the same
+#: dataset reaches a model (the certificate lists them)
+PROPAGATED_EVENT = "deletion.propagated"
 #: the audit event a worker writes when a request completes (the certificate points at it)
 COMPLETED_EVENT = "deletion.completed"
 
@@ -242,7 +245,9 @@ def get_request(session: Session, request_id: str) -> DeletionRequest:
 def deletion_certificate(session: Session, request_id: str) -> dict:
     """The certificate of a completed request: what was removed from which model, how,
     the versions before and after, the forgetting/interference metrics, and where
-    the audit chain records it. Includes ``certificate_sha256``: the sha256 of the
+    the audit chain records it; the other models trained on the same dataset that the
+    erasure has reached (``also_erased_from``) and those it has yet to
+    (``propagation_pending``). Includes ``certificate_sha256``: the sha256 of the
     canonical JSON (sorted keys, no spaces) of every other field. 409 before completion."""
     request = get_request(session, request_id)
     if request.status != "completed":
@@ -267,6 +272,23 @@ def deletion_certificate(session: Session, request_id: str) -> dict:
     ).scalar_one_or_none() or session.execute(events.order_by(AuditEvent.seq.desc()).limit(1)).scalar_one_or_none()
     head = session.execute(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1)).scalar_one_or_none()
     model = session.get(Model, request.model_name)
+    # The erasure reached the other models trained on the dataset (worker.jobs: propagate)
+    propagated = [
+        {"model": e.model_name, "version": (e.payload or {}).get("version"),
+         "version_sha256": (e.payload or {}).get("sha256"), "event": {"seq": e.seq, "kind": e.kind, "hash": e.hash}}
+        for e in session.execute(
+            events.where(AuditEvent.kind == PROPAGATED_EVENT).order_by(AuditEvent.seq)
+        ).scalars()
+    ]
+    pending = []
+    if model is not None:
+        from .versions import erasures_behind
+
+        key = dataset_key(model.dataset)
+        for other in session.execute(select(Model).where(Model.name != model.name).order_by(Model.name)).scalars():
+            if dataset_key(other.dataset) == key and any(b["request_id"] == request.id
+                                                         for b in erasures_behind(session, other)):
+                pending.append(other.name)
 
     body = {
         "request_id": request.id,
@@ -296,6 +318,8 @@ def deletion_certificate(session: Session, request_id: str) -> dict:
             else None,
             "chain_head": {"seq": head.seq, "hash": head.hash} if head else None,
         },
+        "also_erased_from": propagated,
+        "propagation_pending": pending,
         "issued_at": _iso(utcnow()),
     }
     body["certificate_sha256"] = certificate_hash(body)

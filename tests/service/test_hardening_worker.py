@@ -26,7 +26,7 @@ from worker.datasets import dataset_spec, get_splits
 from worker.db import engine_for, transaction
 from worker.migrate import alembic_config, upgrade_database
 from worker.outbox import sweep_once
-from worker.requests import submit_deletion
+from worker.requests import deletion_certificate, submit_deletion
 from worker.settings import Settings
 from worker.errors import Conflict
 from worker.tables import (Alias, AuditChainHead, AuditEvent, DeletionRequest, Job, ModelVersion, OutboxMessage,
@@ -405,6 +405,9 @@ def test_an_erasure_reaches_every_model_trained_on_the_dataset(two_models):
     assert refused.extras["cells"] == [{"instance_id": ids[0], "task": "depth", "state": "erased",
                                         "request_id": rid, "propagating": True}]
     assert "still holds it until its propagate job has run" in refused.detail
+    with transaction(s.database_url) as session:
+        cert = deletion_certificate(session, rid)
+    assert (cert["model"], cert["also_erased_from"], cert["propagation_pending"]) == (TINY, [], [TINY_B])
 
     own = _submit(s_b, ids[1])
     outcomes = jobs.drain_model(s_b, store, TINY_B)
@@ -418,6 +421,13 @@ def test_an_erasure_reaches_every_model_trained_on_the_dataset(two_models):
     assert ("deletion.propagated", TINY_B, rid) in events and ("deletion.completed", TINY_B, own) in events
     served = _serving_of(s, TINY_B)
     assert served.version == 3
+    with transaction(s.database_url) as session:
+        cert = deletion_certificate(session, rid)
+        propagated_v2 = session.execute(select(ModelVersion).where(ModelVersion.model_name == TINY_B,
+                                                                   ModelVersion.version == 2)).scalar_one()
+    assert cert["propagation_pending"] == []
+    assert [(c["model"], c["version"], c["version_sha256"], c["event"]["kind"]) for c in cert["also_erased_from"]] == [
+        (TINY_B, 2, propagated_v2.sha256, "deletion.propagated")]
     assert {tuple(c) for c in served.erased_cells} == {(ids[0], "depth"), (ids[1], "depth")}
     # both models caught up: the sweeper finds none behind, and model A must follow B's erasure
     assert _tombstones(s) == {(ids[0], "depth"), (ids[1], "depth")}
