@@ -128,9 +128,8 @@ class MultiTaskDataset(torch.utils.data.Dataset):
 
     def cells(self) -> list[Cell]:
         """Every supervised cell, in instance order."""
-        return [
-            (iid, t) for i, iid in enumerate(self.instance_ids) for k, t in enumerate(self.tasks) if self.available[i, k]
-        ]
+        available = self.available.tolist()  # one copy (from the GPU too), not an element read per cell
+        return [(iid, t) for iid, row in zip(self.instance_ids, available) for t, kept in zip(self.tasks, row) if kept]
 
     def has_cell(self, cell: Cell) -> bool:
         iid, task = cell
