@@ -307,3 +307,38 @@ def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store):
         assert session.execute(select(func.count()).select_from(ModelVersion)).scalar() == versions_before
     assert jobs.process_model(settings, store, settings.model_name).status == "idle"
     assert client.get("/audit/verify").json()["ok"] is True
+
+
+def test_an_erasure_reaches_a_second_model_on_the_dataset(client, settings, store):
+    """Runs last: from here on the second model follows every erasure. A model trained on the
+    same dataset is announced when the first model's job publishes; the real Celery worker
+    then runs its propagate job, and the request's certificate names both versions."""
+    from worker.bootstrap import ensure_model
+    from worker.tables import Tombstone
+
+    second = f"{settings.model_name}-b"
+    model, manifest = store.load(settings.model_name, 1)
+    store.put_version(model, model_name=second, version=1, parent=None, dataset=manifest.dataset,
+                      train_config=manifest.train_config, note="a second model on the same dataset")
+    ensure_model(settings.model_copy(update={"model_name": second}), store, progress=False)
+
+    accepted, _ = _post(client, _instances(settings)[9], ["depth"])
+    done = _wait_done(client, accepted["id"])
+    assert done["model"] == settings.model_name
+
+    def caught_up():
+        m = next(m for m in client.get("/models").json() if m["name"] == second)
+        return m if m["serving_version"] > 1 else None
+
+    caught = wait_for(caught_up, JOB_TIMEOUT, 0.5, what=f"{second} to publish a propagated version")
+    served = client.get(f"/models/{second}/versions/{caught['serving_version']}").json()
+    with _session(settings) as session:
+        tombstoned = {(t.instance_id, t.task) for t in session.execute(select(Tombstone)).scalars()}
+    assert (_instances(settings)[9], "depth") in tombstoned
+    assert tombstoned <= {tuple(c) for c in served["erased_cells"]}  # every erasure so far, not only this one
+    cert = client.get(f"/deletions/{accepted['id']}/certificate").json()
+    assert cert["propagation_pending"] == []
+    assert [(c["model"], c["version"]) for c in cert["also_erased_from"]] == [(second, caught["serving_version"])]
+    propagated = client.get("/audit/events", params={"kind": "deletion.propagated"}).json()["items"]
+    assert any(e["request_id"] == accepted["id"] and e["model_name"] == second for e in propagated)
+    assert client.get("/audit/verify").json()["ok"] is True
