@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy.orm import sessionmaker
 
-from worker.db import engine_for
+from worker.db import engine_for, read_only
 from worker.settings import Settings, get_settings
 
 from .metrics import HttpMetricsMiddleware, build_registry
@@ -60,7 +60,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine_for(settings.database_url)
     app.state.sessions = sessionmaker(app.state.engine, expire_on_commit=False)
-    app.state.registry, http_metrics = build_registry(app.state.sessions)
+    app.state.readers = sessionmaker(read_only(app.state.engine), expire_on_commit=False)  # GET routes, /metrics
+    app.state.registry, http_metrics = build_registry(app.state.readers)
 
     install_problem_handlers(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)

@@ -11,6 +11,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
+#: execution option of an engine whose transactions only read (:func:`read_only`)
+READ_ONLY = "unlearnd_read_only"
+
+
+def read_only(engine: Engine) -> Engine:
+    """``engine`` for transactions that only read (the API's GET routes, the metrics
+    scrape): the same pool; on SQLite they begin DEFERRED instead of taking the write lock."""
+    return engine.execution_options(**{READ_ONLY: True})
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -34,8 +44,10 @@ def make_engine(url: str) -> Engine:
             # IMMEDIATE takes the write lock up front: transactions that read then write
             # (the pending-cell check, the audit chain's next seq) run one after another,
             # waiting up to ``timeout`` seconds, instead of failing or racing at write time.
-            # PostgreSQL gets the same ordering from its row and advisory locks.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # PostgreSQL gets the same ordering from its row and advisory locks. A reader
+            # (:func:`read_only`) begins DEFERRED: under WAL it reads a snapshot and never
+            # waits for the write lock (a job publishing, a request being accepted).
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from worker.audit import verify_chain
 from worker.queries import list_events
 
-from ..deps import SessionDep
+from ..deps import ReadSessionDep
 from ..schemas import AuditEventOut, AuditPage, ChainReport, Text, UTCDateTime
 
 router = APIRouter(prefix="/audit", tags=["audit"])
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/audit", tags=["audit"])
 
 @router.get("/events", response_model=AuditPage)
 def read_events(
-    session: SessionDep,
+    session: ReadSessionDep,
     kind: Text | None = None,
     instance_id: Text | None = None,
     request_id: Text | None = None,
@@ -46,7 +46,7 @@ def read_events(
 
 
 @router.get("/verify", response_model=ChainReport)
-def verify(session: SessionDep) -> ChainReport:
+def verify(session: ReadSessionDep) -> ChainReport:
     """Recompute the hash chain. Always 200 when the check ran: read ``ok``; on a
     broken chain ``first_bad_seq`` names the first event that does not verify and
     ``reason`` says why (changed contents, broken link, gap)."""

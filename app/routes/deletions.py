@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from worker.queries import list_requests
 from worker.requests import deletion_certificate, get_request, submit_deletion
 
-from ..deps import SessionDep, SettingsDep
+from ..deps import ReadSessionDep, SessionDep, SettingsDep
 from ..schemas import (
     DeletionAccepted,
     DeletionCreate,
@@ -49,7 +49,7 @@ def create_deletion(
 
 @router.get("", response_model=DeletionPage)
 def list_deletions(
-    session: SessionDep,
+    session: ReadSessionDep,
     instance_id: Text | None = None,
     status: RequestStatus | None = None,
     model: Text | None = None,
@@ -74,13 +74,13 @@ def list_deletions(
 
 
 @router.get("/{request_id}", response_model=DeletionOut)
-def read_deletion(request_id: Text, session: SessionDep) -> DeletionOut:
+def read_deletion(request_id: Text, session: ReadSessionDep) -> DeletionOut:
     with session.begin():
         return deletion_out(get_request(session, request_id))
 
 
 @router.get("/{request_id}/certificate")
-def read_certificate(request_id: Text, session: SessionDep) -> JSONResponse:
+def read_certificate(request_id: Text, session: ReadSessionDep) -> JSONResponse:
     """The deletion certificate of a completed request (409 before that).
 
     ``certificate_sha256`` is the sha256 of the canonical JSON (sorted keys,

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from unlearning.data import dataset_key
 from worker.versions import ancestors, get_version, list_models, list_versions, rollback, serving_version
 
-from ..deps import SessionDep, SettingsDep
+from ..deps import ReadSessionDep, SessionDep, SettingsDep
 from ..schemas import (
     MAX_VERSION,
     ModelOut,
@@ -26,7 +26,7 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 
 @router.get("", response_model=list[ModelOut])
-def read_models(session: SessionDep) -> list[ModelOut]:
+def read_models(session: ReadSessionDep) -> list[ModelOut]:
     with session.begin():
         return [
             ModelOut(
@@ -44,7 +44,7 @@ def read_models(session: SessionDep) -> list[ModelOut]:
 
 
 @router.get("/{name}/versions", response_model=list[VersionOut])
-def read_versions(name: Text, session: SessionDep) -> list[VersionOut]:
+def read_versions(name: Text, session: ReadSessionDep) -> list[VersionOut]:
     with session.begin():
         rows = list_versions(session, name)
         serving = serving_version(session, name)
@@ -53,7 +53,7 @@ def read_versions(name: Text, session: SessionDep) -> list[VersionOut]:
 
 @router.get("/{name}/versions/{version}", response_model=VersionDetail)
 def read_version(
-    name: Text, version: Annotated[int, Path(ge=1, le=MAX_VERSION)], session: SessionDep
+    name: Text, version: Annotated[int, Path(ge=1, le=MAX_VERSION)], session: ReadSessionDep
 ) -> VersionDetail:
     """One version with its lineage: parent, deletions applied, erased cells, metrics, artifact, ancestors."""
     with session.begin():

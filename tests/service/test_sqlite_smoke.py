@@ -1,9 +1,13 @@
 """The same app over an embedded SQLite database (the default deployment)."""
 from __future__ import annotations
 
+import threading
+
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from app.main import create_app
+from worker.db import transaction
 
 from .conftest import on_sqlite, register_model
 
@@ -28,3 +32,36 @@ def test_the_app_works_on_sqlite(settings, tmp_path):
         assert c.get("/audit/verify").json()["ok"] is True
         assert 'unlearnd_queue_depth{model="test-mtl"} 3.0' in c.get("/metrics").text
         assert c.post(f"/models/{model.name}/rollback", json={"version": 1}).json()["action"] == "noop"
+
+
+def test_reads_do_not_wait_for_the_write_lock_on_sqlite(settings, tmp_path):
+    """SQLite transactions that write begin IMMEDIATE (the write lock up front); the GET
+    routes and the metrics scrape begin DEFERRED, so while a job publishes or a request is
+    accepted they read a snapshot instead of waiting (up to the 30 s busy timeout)."""
+    lite = on_sqlite(settings, tmp_path)
+    model = register_model(lite)
+    with TestClient(create_app(lite)) as c:
+        rid = c.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["depth"]}).json()["id"]
+        held, release = threading.Event(), threading.Event()
+
+        def writer():
+            with transaction(lite.database_url) as session:  # holds the write lock until released
+                session.execute(text("UPDATE deletion_requests SET reason = reason"))
+                held.set()
+                release.wait(60)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            assert held.wait(10)
+            paths = [f"/deletions/{rid}", "/deletions", "/models", f"/models/{model.name}/versions",
+                     f"/models/{model.name}/versions/1", "/audit/events", "/audit/verify", "/metrics"]
+            reads = {path: c.get(path) for path in paths}
+            lock_still_held = thread.is_alive() and not release.is_set()
+        finally:
+            release.set()
+            thread.join()
+    assert lock_still_held
+    assert {path: r.status_code for path, r in reads.items()} == {path: 200 for path in paths}
+    assert reads[f"/deletions/{rid}"].json()["status"] == "queued"
+    assert 'unlearnd_queue_depth{model="test-mtl"} 1.0' in reads["/metrics"].text
