@@ -115,7 +115,9 @@ SUITES: dict[str, dict] = {
             "street": {"name": "street", "n_train": 795, "n_test": 500, "height": 256, "width": 512, "seed": 0},
         },
         "train": {"epochs": 200, "batch_size": 8, "lr": 1e-3, "width": 32, "depth": 4, "head_width": 32, "seed": 0},
-        "seeds": [0, 1, 2],
+        # two seeds, as smoke and scale (the issue asks for at least two): each is 9 gold
+        # standards of ~20,000 steps, so a third would add half again to the GPU time
+        "seeds": [0, 1],
         "n_forget_full": [1, 8],
         "n_forget_partial": 8,
         "retained_sample_size": 128,
