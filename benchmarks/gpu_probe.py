@@ -10,7 +10,8 @@ the suite fit a time-limited device.
     python benchmarks/gpu_probe.py --suite full --benchmark indoor --steps 40 --out probe.json
 
 ``--batch-sizes 8 16 32`` also times the steps of each batch size with the data kept on
-the device (as ``train_model`` does now) and, on CUDA, with bf16 autocast, and gives the
+the device (as ``train_model`` does now) and, on CUDA, with bf16 autocast (also in
+channels-last memory order with cuDNN's benchmarked kernels), and gives the
 training's seconds at the recipe's epochs for each: what a recipe of larger batches (fewer
 steps) would cost, before anyone checks that it still memorises. ``--height``/``--width``
 render the benchmark at another size.
@@ -36,18 +37,27 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(train, recipe, device, steps: int, autocast: bool = False, resident: bool = False) -> float:
+def time_steps(train, recipe, device, steps: int, autocast: bool = False, resident: bool = False,
+               channels_last: bool = False) -> float:
     """Seconds per training step of ``recipe`` (batch of ``recipe.batch_size``), after 5 warm-up
     steps; batches gathered on the host and copied over, or with ``resident`` from the data
-    kept on the device (indexed there, as ``train_model`` does)."""
+    kept on the device (indexed there, as ``train_model`` does). ``channels_last``: the model
+    and the images in NHWC memory order, with cuDNN picking its kernels by benchmark (what
+    convolutions at large image sizes often run fastest with; ``train_model`` does neither)."""
     model = build_model(train, recipe).to(device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
     gen = torch.Generator().manual_seed(0)
     source = train.to(device) if resident else train
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = channels_last
 
     def step():
         idx = torch.randint(len(train), (recipe.batch_size,), generator=gen)
         batch = source.batch(idx.to(source.images.device)).to(device)
+        if channels_last:
+            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = supervised_loss(cell_losses(model, batch, train.tasks), batch.has)
         opt.zero_grad(set_to_none=True)
@@ -55,13 +65,16 @@ def time_steps(train, recipe, device, steps: int, autocast: bool = False, reside
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
 
-    for _ in range(5):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
+    try:
+        for _ in range(5):
+            step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     return (time.perf_counter() - t0) / steps
 
 
@@ -104,6 +117,8 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             row["step_seconds_resident_bf16_autocast"] = time_steps(train, r, device, args.steps, autocast=True,
                                                                     resident=True)
+            row["step_seconds_resident_bf16_channels_last"] = time_steps(train, r, device, args.steps, autocast=True,
+                                                                         resident=True, channels_last=True)
         row["training_seconds_estimate"] = round(row["step_seconds_resident"] * row["steps_per_training"], 1)
         by_batch[b] = {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
     out = {
