@@ -10,7 +10,7 @@
 #         original (benchmarks/full/cache): job against retrain, seed 0, full:8 and
 #         partial:depth, each with the data kept on the GPU and gathered on the host;
 # probe   benchmarks/gpu_probe.py at the suite's size (288x384) and at 144x192: training
-#         steps of batch 8, 16, 32 (fp32, bf16 autocast): what a cheaper `full` recipe costs.
+#         steps of batch 8, 16, 32 (fp32, bf16, bf16 channels-last): what a cheaper `full` recipe costs.
 # SUITE and CACHE_DIR (default: full, benchmarks/full/cache) let the script be tried on a CPU
 # with `smoke` first. Each stage has its own time limit (80 + 300 + 100 + 60 s: under the 10 minutes a
 # command may run); the results go to $OUT as each stage ends (job_timing after every job).
