@@ -18,7 +18,9 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion, as_utc
+from unlearning.data import dataset_key
+from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion, Tombstone, as_utc
+from worker.versions import as_cell
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,23 @@ class RecordCollector(Collector):
                     family.add_metric([name], float(value))
         yield version
         yield from gauges.values()
+
+        # erased data a model still serves (its dataset's tombstones that its serving version
+        # lacks): 0 but while a propagate job is due or under way; alert when it stays above 0
+        behind = GaugeMetricFamily("unlearnd_model_erased_cells_served",
+                                   "Cells erased from the model's dataset that its serving version still holds",
+                                   labels=["model"])
+        erased_by_key: dict[str, set] = {}
+        for m in session.execute(select(Model).order_by(Model.name)).scalars():
+            if m.name not in serving:
+                continue
+            key = dataset_key(m.dataset)
+            if key not in erased_by_key:
+                erased_by_key[key] = {(iid, task) for iid, task in session.execute(
+                    select(Tombstone.instance_id, Tombstone.task).where(Tombstone.dataset_key == key))}
+            held = erased_by_key[key] - {as_cell(c) for c in serving[m.name].erased_cells or []}
+            behind.add_metric([m.name], len(held))
+        yield behind
 
     def _job_durations(self, session: Session) -> HistogramMetricFamily:
         """The histogram of finished jobs' durations, per kind, counted by PostgreSQL in one

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -15,8 +16,10 @@ from datetime import timedelta
 import pytest
 import torch
 from alembic import command
+from fastapi.testclient import TestClient
 from sqlalchemy import delete, select, text
 
+from app.main import create_app
 from model_store import LocalModelStore
 from unlearning.train import TrainConfig, train_model
 from worker import jobs
@@ -384,6 +387,14 @@ def _tombstone_requests(s: Settings) -> dict[tuple[str, str], str]:
         return {(t.instance_id, t.task): t.request_id for t in session.execute(select(Tombstone)).scalars()}
 
 
+def _erased_cells_served(s: Settings) -> dict[str, float]:
+    """The ``unlearnd_model_erased_cells_served`` gauge per model, as /metrics reports it."""
+    with TestClient(create_app(s)) as client:
+        text_ = client.get("/metrics").text
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r'^unlearnd_model_erased_cells_served\{model="([^"]+)"\} (\S+)$', text_, re.M)}
+
+
 def _conflict(s: Settings, instance_id: str, tasks) -> Conflict:
     with transaction(s.database_url) as session, pytest.raises(Conflict) as refused:
         submit_deletion(session, s, instance_id=instance_id, tasks=list(tasks))
@@ -405,6 +416,7 @@ def test_an_erasure_reaches_every_model_trained_on_the_dataset(two_models):
     assert refused.extras["cells"] == [{"instance_id": ids[0], "task": "depth", "state": "erased",
                                         "request_id": rid, "propagating": True}]
     assert "still holds it until its propagate job has run" in refused.detail
+    assert _erased_cells_served(s) == {TINY: 0, TINY_B: 1}
     with transaction(s.database_url) as session:
         cert = deletion_certificate(session, rid)
     assert (cert["model"], cert["also_erased_from"], cert["propagation_pending"]) == (TINY, [], [TINY_B])
@@ -434,6 +446,7 @@ def test_an_erasure_reaches_every_model_trained_on_the_dataset(two_models):
     assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
     assert {tuple(c) for c in _serving_of(s, TINY).erased_cells} == _tombstones(s)
     assert sweep_once(s, lambda topic, payload: None)["behind"] == 0
+    assert _erased_cells_served(s) == {TINY: 0, TINY_B: 0}
     # an erased cell the model no longer holds is a plain 409
     assert _conflict(s_b, ids[0], ["depth"]).extras["cells"][0]["propagating"] is False
     # running the propagate job again publishes nothing new (a job publishes one version)
