@@ -166,7 +166,6 @@ DEFAULTS = {
     "settle_steps": 30,  # retain-only steps (with the per-cell forget signal re-armed) once all cells reached tau
     "repair_steps": 0,  # retain-only steps after the forget phase
     "repair_protected_heads": False,  # let repair steps train protected heads (breaks bit-identity)
-    "sparsify_delta": None,  # EXPERIMENT
 }
 
 
@@ -901,15 +900,6 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         if data.progress is not None:
             data.progress(steps_done / max(total_budget, 1))
 
-    if cfg.get("sparsify_delta"):  # EXPERIMENT: keep only the largest changes of the weights
-        with torch.no_grad():
-            original = dict(model.named_parameters())
-            deltas = {n: p - original[n].to(p.device) for n, p in student.named_parameters()}
-            flat = torch.cat([d.abs().flatten() for d in deltas.values()])
-            k = max(1, int(float(cfg["sparsify_delta"]) * int((flat > 0).sum())))
-            threshold = torch.topk(flat, k).values[-1]
-            for n, p in student.named_parameters():
-                p.copy_(original[n].to(p.device) + deltas[n] * (deltas[n].abs() >= threshold))
     with torch.no_grad():
         final = cell_losses(student, forget, forget_tasks)
     final_losses = {t: [round(float(x), 6) for x in final[t][forget.has[t]]] for t in forget_tasks}
