@@ -602,8 +602,7 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
     serving version (the alias moved under it), nothing is published: such a job is
     rebased (put back in the queue on the serving version; its artifact stays
     unpublished in the store) and returns ``requeued``; a reapply fails
-    (:class:`JobFailed`: roll back again; the sweeper then finds the model behind its
-    dataset's erasures, and its next claim propagates them).
+    (:class:`JobFailed`: roll back again; the alias stays where it was).
 
     New tombstones are announced (``process_model``) to every other model whose
     dataset is this one: the data is erased, so each must follow (``propagate``)."""

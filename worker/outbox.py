@@ -140,7 +140,7 @@ def sweep_once(settings: Settings, publish: Publish) -> dict:
         n_jobs = len(stale_jobs)
 
         # models that still serve cells erased through another model on their dataset, with
-        # nothing under way to catch up (a lost announcement, a failed reapply)
+        # nothing under way to catch up (the announcement was lost, or the worker died first)
         behind = [m.name for m in session.execute(select(Model).order_by(Model.name)).scalars()
                   if m.name not in models and propagation_due(session, m)]
         models.update(behind)

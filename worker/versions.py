@@ -128,8 +128,8 @@ def erasures_behind(session: Session, model: Model) -> list[dict]:
     that the version it serves still contains. Empty for a model whose every erasure
     went through its own jobs; not empty when another model trained on the same dataset
     erased cells (tombstones are per dataset: the data is erased, so every model trained
-    on it must follow), or after a reapply that failed. ``worker.jobs`` runs a
-    ``propagate`` job for them; the sweeper announces such models."""
+    on it must follow). ``worker.jobs`` runs a ``propagate`` job for them; the sweeper
+    announces such models."""
     serving = serving_version(session, model.name)
     if serving is None:
         return []
