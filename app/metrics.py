@@ -18,9 +18,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from unlearning.data import dataset_key
-from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion, Tombstone, as_utc
-from worker.versions import as_cell
+from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion, as_utc
+from worker.versions import erasures_behind
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +120,8 @@ class RecordCollector(Collector):
         behind = GaugeMetricFamily("unlearnd_model_erased_cells_served",
                                    "Cells erased from the model's dataset that its serving version still holds",
                                    labels=["model"])
-        erased_by_key: dict[str, set] = {}
-        for m in session.execute(select(Model).order_by(Model.name)).scalars():
-            if m.name not in serving:
-                continue
-            key = dataset_key(m.dataset)
-            if key not in erased_by_key:
-                erased_by_key[key] = {(iid, task) for iid, task in session.execute(
-                    select(Tombstone.instance_id, Tombstone.task).where(Tombstone.dataset_key == key))}
-            held = erased_by_key[key] - {as_cell(c) for c in serving[m.name].erased_cells or []}
-            behind.add_metric([m.name], len(held))
+        for m in session.execute(select(Model).where(Model.name.in_(list(serving))).order_by(Model.name)).scalars():
+            behind.add_metric([m.name], sum(len(b["tasks"]) for b in erasures_behind(session, m)))
         yield behind
 
     def _job_durations(self, session: Session) -> HistogramMetricFamily:
