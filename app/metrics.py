@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion, as_utc
-from worker.versions import erasures_behind
+from worker.versions import erasure_cells, erasures_behind
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class RecordCollector(Collector):
                                    "Cells erased from the model's dataset that its serving version still holds",
                                    labels=["model"])
         for m in session.execute(select(Model).where(Model.name.in_(list(serving))).order_by(Model.name)).scalars():
-            behind.add_metric([m.name], sum(len(b["tasks"]) for b in erasures_behind(session, m)))
+            behind.add_metric([m.name], len(erasure_cells(erasures_behind(session, m))))
         yield behind
 
     def _job_durations(self, session: Session) -> HistogramMetricFamily:

@@ -50,7 +50,7 @@ from .datasets import erased_cells, get_splits
 from .db import transaction
 from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json
 from .settings import Settings
-from .versions import erasures_behind
+from .versions import erasure_cells, erasures_behind
 from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
                      utcnow)
 
@@ -253,7 +253,7 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         # Erasures the model is behind on whose own propagate job failed: its version could
         # not be served without them anyway (publish_version), so they are erased here too.
         for b in behind:
-            cells.extend(c for c in ((b["instance_id"], t) for t in b["tasks"]) if c not in cells)
+            cells.extend(c for c in map(tuple, erasure_cells([b])) if c not in cells)
             if b["request_id"] not in request_ids:
                 request_ids.append(b["request_id"])
         job = Job(
@@ -304,7 +304,7 @@ def propagation_due(session: Session, model: Model) -> bool:
         return False
     serving = session.get(Alias, (model.name, "serving")).version
     return failed_propagation(session, model.name, serving,
-                              [[b["instance_id"], t] for b in behind for t in b["tasks"]]) is None
+                              erasure_cells(behind)) is None
 
 
 def _propagation(session: Session, settings: Settings, model_name: str, behind: list[dict],
@@ -316,7 +316,7 @@ def _propagation(session: Session, settings: Settings, model_name: str, behind: 
     is not tried again in a loop (its failure is in the record and the audit log; a new
     erasure or version changes the cells or the base)."""
     serving = session.get(Alias, (model_name, "serving")).version
-    cells = [[b["instance_id"], t] for b in behind for t in b["tasks"]]
+    cells = erasure_cells(behind)
     request_ids = list(dict.fromkeys(b["request_id"] for b in behind))
     failed = failed_propagation(session, model_name, serving, cells)
     if failed is not None:

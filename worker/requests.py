@@ -131,9 +131,9 @@ def resolve_cells(
     ]
     if any(c["state"] == "erased" for c in clash):
         # erased through another model on the same dataset: this model's propagate job is due
-        from .versions import erasures_behind
+        from .versions import erasure_cells, erasures_behind
 
-        behind = {(b["instance_id"], t) for b in erasures_behind(session, model) for t in b["tasks"]}
+        behind = set(map(tuple, erasure_cells(erasures_behind(session, model))))
         for c in clash:
             if c["state"] == "erased":
                 c["propagating"] = (c["instance_id"], c["task"]) in behind

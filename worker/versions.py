@@ -123,6 +123,11 @@ def missing_erasures(session: Session, model: Model, target: ModelVersion) -> li
     return [{"request_id": rid, "instance_id": iid, "tasks": tasks} for (rid, iid), tasks in grouped.items()]
 
 
+def erasure_cells(erasures: list[dict]) -> list[list[str]]:
+    """The ``[instance, task]`` cells of :func:`missing_erasures`' (or :func:`erasures_behind`') groups."""
+    return [[e["instance_id"], t] for e in erasures for t in e["tasks"]]
+
+
 def erasures_behind(session: Session, model: Model) -> list[dict]:
     """:func:`missing_erasures` of the model's serving version: erasures of its dataset
     that the version it serves still contains. Empty for a model whose every erasure
@@ -184,7 +189,7 @@ def rollback(
             job_id=active,
         )
     if missing:
-        cells = [[m["instance_id"], t] for m in missing for t in m["tasks"]]
+        cells = erasure_cells(missing)
         request_ids = list(dict.fromkeys(m["request_id"] for m in missing))
         job = Job(
             id=new_id(),
