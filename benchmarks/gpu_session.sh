@@ -7,8 +7,9 @@
 # tests   tests/gpu: the engine's CUDA paths (training, every method as a job, a job's data
 #         kept on the GPU for the next job, the unlearn CLI, a tiny benchmark);
 # timing  benchmarks/job_timing.py at the `full` suite's scale on the committed indoor
-#         original (benchmarks/full/cache): job against retrain, seed 0, full:8 and
-#         partial:depth, each with the data kept on the GPU and gathered on the host;
+#         original (benchmarks/full/cache): job against retrain, seed 0, full:8, with the
+#         data kept on the GPU and gathered on the host, and with the orthogonalization
+#         batched (the default on CUDA) and per tensor (four jobs);
 # probe   benchmarks/gpu_probe.py at the suite's size (288x384) and at 144x192: training
 #         steps of batch 8, 16, 32 (fp32, bf16, bf16 channels-last): what a cheaper `full` recipe costs.
 # SUITE and CACHE_DIR (default: full, benchmarks/full/cache) let the script be tried on a CPU
@@ -28,7 +29,8 @@ for stage in $stages; do
       timeout 80 "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log" ;;
     timing)
       timeout 300 "$PYTHON" benchmarks/job_timing.py --suite "$SUITE" --benchmark indoor --cache-dir "$CACHE_DIR" \
-        --seeds 0 --settings full:8 partial:depth --data resident host \
+        --seeds 0 --settings full:8 --data resident host \
+        --variants '{"default": {}, "per_tensor": {"orthogonalize_impl": "per_tensor"}}' \
         --out "$OUT/job_timing_indoor.json" 2>&1 | tail -n 40 | tee "$OUT/job_timing.log" ;;
     probe)
       timeout 100 "$PYTHON" benchmarks/gpu_probe.py --suite "$SUITE" --benchmark indoor --steps 30 --batch-sizes 8 16 32 \

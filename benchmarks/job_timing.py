@@ -17,7 +17,9 @@ the issue asks for at that scale, ``retrain / job``, on the cached original:
   filled by the first job (``cache_seconds``, reported) and not counted in a job's
   seconds, as in the bench. ``--data`` picks whether the job keeps the training and test
   data on the device (``resident``, the default) or gathers every batch on the host and
-  copies it over (``host``); on a CPU the two are the same path.
+  copies it over (``host``); on a CPU the two are the same path. ``--variants`` runs
+  every job once per named set of config overrides (e.g. the orthogonalization's two
+  implementations).
 
 No gold standard, so no |ΔMIA| against one: each row has the job's ``mia_auc`` and the
 original's ``mia_auc_original``.
@@ -28,6 +30,7 @@ original's ``mia_auc_original``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -82,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="+", default=None, help="e.g. full:8 partial:depth (default: all of the suite's)")
     p.add_argument("--method", default="interference_aware")
     p.add_argument("--config", default="{}", help="the method's config (JSON); default: its defaults")
+    p.add_argument("--variants", default='{"default": {}}',
+                   help='JSON {name: config overrides}: every job runs once per variant (default: one, the config)')
     p.add_argument("--data", nargs="+", choices=["resident", "host"], default=["resident"])
     p.add_argument("--train-epochs", nargs=2, type=int, default=[1, 3], metavar=("A", "B"))
     p.add_argument("--measure-retrain", action="store_true", help="also train the first setting's gold standard")
@@ -114,6 +119,7 @@ def main(argv=None) -> int:
         measured = {"setting": bench.setting_label(st), "seed": st["seed"], "seconds": round(seconds, 3)}
 
     config = json.loads(args.config)
+    variants = json.loads(args.variants)
     out = {
         **bench.provenance(device),
         "suite": args.suite,
@@ -121,6 +127,7 @@ def main(argv=None) -> int:
         "recipe": asdict(recipe),
         "method": args.method,
         "config": config,
+        "variants": variants,
         "render_seconds": round(render_seconds, 2),
         "original_seconds": original_seconds,
         "train_steps": steps,
@@ -138,14 +145,14 @@ def main(argv=None) -> int:
     for st in plan:
         # the gold standard trains on the instances left with a supervised cell
         retrain_estimate = steps["seconds_per_step"] * steps_of(len(train.without(st["cells"])), recipe)
-        for mode in args.data:
-            result = run_unlearning_job(original, train, test, st["cells"], method=args.method, config=config,
-                                        device=device, seed=int(st["seed"]), cache=caches[mode],
-                                        keep_data_on_device=mode == "resident")
+        for (name, overrides), mode in itertools.product(variants.items(), args.data):
+            result = run_unlearning_job(original, train, test, st["cells"], method=args.method,
+                                        config={**config, **overrides}, device=device, seed=int(st["seed"]),
+                                        cache=caches[mode], keep_data_on_device=mode == "resident")
             m = result.metrics
             job = round(m["seconds"] - m["cache_seconds"], 3)
             out["jobs"].append({
-                "setting": bench.setting_label(st), "seed": st["seed"], "data": mode,
+                "setting": bench.setting_label(st), "seed": st["seed"], "variant": name, "data": mode,
                 "seconds": job, "cache_seconds": m["cache_seconds"],
                 "unlearn_seconds": m["unlearn_seconds"], "eval_seconds": m["eval_seconds"],
                 "uis": m["uis"], "mia_auc": m["mia_auc"], "mia_auc_original": m["mia_auc_original"],

@@ -463,14 +463,16 @@ def test_job_timing_times_jobs_on_the_cached_original_against_the_recipe(tmp_pat
     out = tmp_path / "timing.json"
     assert job_timing.main(["--suite", "tiny", "--cache-dir", str(tmp_path / "cache"), "--settings", "full:1",
                             "partial:depth", "--config", '{"steps": 2}', "--train-epochs", "2", "12",
-                            "--measure-retrain", "--data", "resident", "host", "--out", str(out)]) == 0
+                            "--measure-retrain", "--data", "resident", "host", "--out", str(out),
+                            "--variants", '{"default": {}, "batched": {"orthogonalize_impl": "batched"}}']) == 0
     doc = json.loads(out.read_text())
     assert [r["steps"] for r in doc["train_steps"]["runs"]] == [6, 36]  # ceil(12 / 4) steps an epoch
     runs = doc["train_steps"]["runs"]
     assert doc["train_steps"]["seconds_per_step"] == pytest.approx((runs[1]["seconds"] - runs[0]["seconds"]) / 30)
     assert doc["retrain_measured"]["setting"] == "full:1" and doc["retrain_measured"]["seconds"] > 0
-    assert [(r["setting"], r["seed"], r["data"]) for r in doc["jobs"]] == [
-        (s, seed, d) for seed in (0, 1) for s in ("full:1", "partial:depth") for d in ("resident", "host")]
+    assert [(r["setting"], r["seed"], r["variant"], r["data"]) for r in doc["jobs"]] == [
+        (s, seed, v, d) for seed in (0, 1) for s in ("full:1", "partial:depth") for v in ("default", "batched")
+        for d in ("resident", "host")]
     assert doc["complete"] is True
     for r in doc["jobs"]:
         assert r["seconds"] > 0 and 0 <= r["mia_auc"] <= 1 and r["uis"] >= 0

@@ -103,6 +103,23 @@ def test_a_job_keeps_the_data_on_the_gpu_for_the_next(world):
     assert ("resident", "train") not in bare
 
 
+def test_orthogonalization_on_cuda_is_batched_and_equals_the_per_tensor_one(world):
+    from unlearning.methods.interference_aware import _orthogonalize, orthogonalize_all
+
+    train, test, model = world
+    result = run_unlearning_job(model, train, test, [("indoor-00004", t) for t in train.tasks],
+                                config=FAST["interference_aware"], device="cuda")
+    assert result.log["orthogonalize_impl"] == "batched"  # "auto" on CUDA
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(32, 16, 3, 3), (32,), (8, 32, 1, 1)]
+    g = [torch.randn(s, generator=gen) for s in shapes]
+    refs = [[torch.randn(s, generator=gen) - 0.3 * x for s, x in zip(shapes, g)] for _ in range(3)]
+    out, count = orthogonalize_all([x.cuda() for x in g], [[x.cuda() for x in r] for r in refs])
+    want = [_orthogonalize(x, [r[j] for r in refs]) for j, x in enumerate(g)]
+    assert int(count) == sum(n for _, n in want) > 0
+    assert all(torch.allclose(o.cpu(), w, atol=1e-4, rtol=1e-3) for o, (w, _) in zip(out, want))
+
+
 def test_unlearn_cli_on_cuda(tmp_path, capsys):
     from unlearning.train import main as train_main
     from unlearning.unlearn import main as unlearn_main

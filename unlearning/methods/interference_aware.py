@@ -161,6 +161,10 @@ DEFAULTS = {
     "energy": 0.95,  # ε: energy kept by the task subspaces
     "subspace_samples": 32,  # instances per task sampled for the subspaces
     "orthogonalize": True,  # instance-level gradient orthogonalization (one projection; "iterate": until no reference conflicts)
+    # how (one projection): "per_tensor" (a QR per parameter tensor; bit for bit the committed
+    # CPU runs), "batched" (orthogonalize_all: every tensor at once, no device sync; equal up
+    # to rounding), "auto": batched on CUDA, per_tensor elsewhere
+    "orthogonalize_impl": "auto",
     "heads_only_partial": False,  # partial mode: update only the forgotten tasks' heads (shared layers frozen)
     "sum_cells": True,  # L_f sums over cells (design §2.1): each cell's pull does not shrink with |C_f|
     "settle_steps": 30,  # retain-only steps (with the per-cell forget signal re-armed) once all cells reached tau
@@ -614,6 +618,50 @@ def _orthogonalize(g: torch.Tensor, refs: list[torch.Tensor], iterate: bool = Fa
     return out.view_as(g), len(chosen)
 
 
+def orthogonalize_all(g_f: list[torch.Tensor | None], refs: list[list[torch.Tensor | None]]
+                      ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """:func:`_orthogonalize` (one projection) of every parameter tensor at once, without
+    a device sync: the same result up to rounding, for a GPU.
+
+    ``g_f[j]``: the forget gradient of tensor ``j`` (None: none); ``refs[k][j]``: reference
+    ``k``'s gradient of it (None counts as zero: it conflicts with nothing). Per tensor, the
+    references whose inner product with ``g_f[j]`` is negative are removed from it: ``g -
+    R_c (R_cᵀ R_c)⁺ R_cᵀ g``, the projection onto the complement of their span (a
+    pseudo-inverse: collinear references span what one of them spans). All tensors'
+    inner products and Gram matrices come from one segment sum each, the solves are
+    one batched call, and the count of removed references stays a tensor: the per-tensor
+    loop with its QR and its ``float()`` per inner product waits for the GPU 100-200
+    times a step. Returns the new gradients and that count (a 0-dim tensor)."""
+    rows = [j for j, g in enumerate(g_f) if g is not None]
+    if not rows or not refs:
+        return list(g_f), torch.zeros((), dtype=torch.long)
+    first = g_f[rows[0]]
+    sizes = [g_f[j].numel() for j in rows]
+    seg = torch.repeat_interleave(torch.arange(len(rows), device=first.device),
+                                  torch.tensor(sizes, device=first.device))
+    flat = torch.cat([g_f[j].flatten() for j in rows])
+    ref_flat = torch.stack([torch.cat([(r[j] if r[j] is not None else torch.zeros_like(g_f[j])).flatten()
+                                       for j in rows]) for r in refs])  # (K, N)
+    k = ref_flat.shape[0]
+
+    def segment_sum(x: torch.Tensor) -> torch.Tensor:  # (N, C) -> (P, C)
+        return torch.zeros(len(rows), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seg, x)
+
+    dots = segment_sum((ref_flat * flat).T)  # (P, K)
+    pairs = segment_sum(torch.stack([ref_flat[a] * ref_flat[b] for a in range(k) for b in range(k)], 1))
+    gram = pairs.view(len(rows), k, k)
+    chosen = (dots < 0).to(flat.dtype)  # (P, K)
+    # the chosen references' Gram block, and the identity where a reference is not chosen
+    masked = gram * chosen[:, :, None] * chosen[:, None, :] + torch.diag_embed(1 - chosen)
+    coef = (torch.linalg.pinv(masked.double(), hermitian=True) @ (dots * chosen).double()[:, :, None])
+    coef = coef[:, :, 0].to(flat.dtype)  # (P, K); 0 for references not chosen
+    out = flat - (coef[seg] * ref_flat.T).sum(1)
+    new = list(g_f)
+    for j, piece in zip(rows, torch.split(out, sizes)):
+        new[j] = piece.view_as(g_f[j])
+    return new, (dots < 0).sum()
+
+
 def _grads(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
     return list(torch.autograd.grad(loss, params, allow_unused=True))
 
@@ -715,10 +763,17 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     stepper = Stepper(cfg)
     if cfg["orthogonalize"] not in (True, False, "iterate"):
         raise ValueError(f"interference_aware: unknown orthogonalize {cfg['orthogonalize']!r}; known: true, false, 'iterate'")
+    impl = cfg["orthogonalize_impl"]
+    if impl not in ("auto", "batched", "per_tensor"):
+        raise ValueError(f"interference_aware: unknown orthogonalize_impl {impl!r}; known: 'auto', 'batched', 'per_tensor'")
+    if impl == "batched" and cfg["orthogonalize"] == "iterate":
+        raise ValueError("interference_aware: orthogonalize_impl 'batched' does one projection; orthogonalize 'iterate' "
+                         "has only the per_tensor implementation")
     if cfg["tau"]:
         check_fixed_levels(cfg["tau"], data.forget_tasks)
     t0 = time.perf_counter()
     device = data.device
+    batched = cfg["orthogonalize"] is True and (impl == "batched" or (impl == "auto" and device.type == "cuda"))
     original = copy.deepcopy(model).to(device).eval()
     for p in original.parameters():
         p.requires_grad_(False)
@@ -805,7 +860,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         out = []
         for ref in ref_list:
             loss = ref.loss(student, dw)
-            out.append((float(loss.detach()), _grads(loss, grad_params)))
+            out.append((loss.detach(), _grads(loss, grad_params)))  # the loss is read when logged, not every step
         return out
 
     # --- forget phase
@@ -863,14 +918,20 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         # 4. instance-level orthogonalization against each retain reference's gradient,
         #    per parameter tensor (first order: the step then raises no reference's loss)
         if cfg["orthogonalize"] and r_out:
-            for j in range(len(params)):
-                if g_f[j] is None:
-                    continue
-                rs = [g[j] for _, g in r_out]
-                if j in proj_cache:
-                    rs = [project_rows(x, proj_cache[j]) if x is not None else None for x in rs]
-                g_f[j], c = _orthogonalize(g_f[j], rs, iterate=cfg["orthogonalize"] == "iterate")
+            def seen_by_forget_step(j, x):  # a reference's gradient in the space the forget step moves in
+                return project_rows(x, proj_cache[j]) if j in proj_cache and x is not None else x
+
+            if batched:
+                g_f, c = orthogonalize_all(g_f, [[seen_by_forget_step(j, x) for j, x in enumerate(g)]
+                                                 for _, g in r_out])
                 conflicts_removed += c
+            else:
+                for j in range(len(params)):
+                    if g_f[j] is None:
+                        continue
+                    rs = [seen_by_forget_step(j, g[j]) for _, g in r_out]
+                    g_f[j], c = _orthogonalize(g_f[j], rs, iterate=cfg["orthogonalize"] == "iterate")
+                    conflicts_removed += c
         # 5. the update
         update = [f if r is None else (r if f is None else f + r) for f, r in zip(g_f, g_r)]
         norm = stepper.step(params, update)
@@ -881,7 +942,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
                     "step": step,
                     "forget_loss": round(float(-l_f.detach()), 6),
                     "active_cells": n_active,
-                    "retain_loss": round(sum(l for l, _ in r_out) / max(len(r_out), 1), 6),
+                    "retain_loss": round(sum(float(l) for l, _ in r_out) / max(len(r_out), 1), 6),
                     "update_norm": round(norm, 6),
                 }
             )
@@ -920,7 +981,8 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         "nearest_retained": nearest,  # the instances of the "nearest" reference
         "steps": steps_done,
         "all_cells_reached_tau": reached,
-        "conflicts_removed": conflicts_removed,
+        "conflicts_removed": int(conflicts_removed),
+        "orthogonalize_impl": ("batched" if batched else "per_tensor") if cfg["orthogonalize"] else None,
         "final_forget_losses": final_losses,
         "history": history,
         "seconds": round(time.perf_counter() - t0, 4),
