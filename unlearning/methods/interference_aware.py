@@ -118,6 +118,7 @@ representation features are computed once per model version and kept in
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 
@@ -618,6 +619,13 @@ def _orthogonalize(g: torch.Tensor, refs: list[torch.Tensor], iterate: bool = Fa
     return out.view_as(g), len(chosen)
 
 
+@functools.lru_cache(maxsize=8)
+def _segments(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """For flattened tensors of ``sizes`` laid end to end, each element's tensor index;
+    the same every step of a job, so built (and copied to the device) once."""
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+
+
 def orthogonalize_all(g_f: list[torch.Tensor | None], refs: list[list[torch.Tensor | None]]
                       ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """:func:`_orthogonalize` (one projection) of every parameter tensor at once, without
@@ -636,10 +644,8 @@ def orthogonalize_all(g_f: list[torch.Tensor | None], refs: list[list[torch.Tens
     rows = [j for j, g in enumerate(g_f) if g is not None]
     if not rows or not refs:
         return list(g_f), torch.zeros((), dtype=torch.long)
-    first = g_f[rows[0]]
-    sizes = [g_f[j].numel() for j in rows]
-    seg = torch.repeat_interleave(torch.arange(len(rows), device=first.device),
-                                  torch.tensor(sizes, device=first.device))
+    sizes = tuple(g_f[j].numel() for j in rows)
+    seg = _segments(sizes, g_f[rows[0]].device)
     flat = torch.cat([g_f[j].flatten() for j in rows])
     ref_flat = torch.stack([torch.cat([(r[j] if r[j] is not None else torch.zeros_like(g_f[j])).flatten()
                                        for j in rows]) for r in refs])  # (K, N)
