@@ -50,7 +50,7 @@ from .datasets import erased_cells, get_splits
 from .db import transaction
 from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json
 from .settings import Settings
-from .versions import erasure_cells, erasures_behind
+from .versions import erasure_cells, erasures_behind, models_sharing_dataset
 from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
                      utcnow)
 
@@ -667,10 +667,9 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
         if erased_now:
             # The data is erased, not only this model's copy: every other model trained on
             # the dataset is told, and its next claim runs a propagate job (erasures_behind).
-            for other in session.execute(select(Model).where(Model.name != model_name).order_by(Model.name)).scalars():
-                if dataset_key(other.dataset) == key:
-                    session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": other.name},
-                                              created_at=now))
+            for other in models_sharing_dataset(session, model_name, key):
+                session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": other.name},
+                                          created_at=now))
 
         job.status = "completed"
         job.produced_version = version

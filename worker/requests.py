@@ -282,13 +282,10 @@ def deletion_certificate(session: Session, request_id: str) -> dict:
     ]
     pending = []
     if model is not None:
-        from .versions import erasures_behind
+        from .versions import erasures_behind, models_sharing_dataset
 
-        key = dataset_key(model.dataset)
-        for other in session.execute(select(Model).where(Model.name != model.name).order_by(Model.name)).scalars():
-            if dataset_key(other.dataset) == key and any(b["request_id"] == request.id
-                                                         for b in erasures_behind(session, other)):
-                pending.append(other.name)
+        pending = [other.name for other in models_sharing_dataset(session, model.name, dataset_key(model.dataset))
+                   if any(b["request_id"] == request.id for b in erasures_behind(session, other))]
 
     body = {
         "request_id": request.id,

@@ -123,6 +123,12 @@ def missing_erasures(session: Session, model: Model, target: ModelVersion) -> li
     return [{"request_id": rid, "instance_id": iid, "tasks": tasks} for (rid, iid), tasks in grouped.items()]
 
 
+def models_sharing_dataset(session: Session, model_name: str, key: str) -> list[Model]:
+    """The other models (not ``model_name``) trained on the dataset ``key`` names, by name."""
+    return [m for m in session.execute(select(Model).where(Model.name != model_name).order_by(Model.name)).scalars()
+            if dataset_key(m.dataset) == key]
+
+
 def erasure_cells(erasures: list[dict]) -> list[list[str]]:
     """The ``[instance, task]`` cells of :func:`missing_erasures`' (or :func:`erasures_behind`') groups."""
     return [[e["instance_id"], t] for e in erasures for t in e["tasks"]]
