@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, replace
 
@@ -29,7 +28,7 @@ import torch
 from unlearning import bench
 from unlearning.data import load_splits
 from unlearning.losses import cell_losses, per_sample_losses, supervised_loss
-from unlearning.train import build_model
+from unlearning.train import build_model, training_steps
 
 
 def _sync(device):
@@ -108,11 +107,11 @@ def main(argv=None) -> int:
     _sync(device)
     forward_per_sample = (time.perf_counter() - t0) / len(test)
 
-    steps_per_training = recipe.epochs * math.ceil(len(train) / recipe.batch_size)
+    steps_per_training = training_steps(len(train), recipe)
     by_batch = {}
     for b in args.batch_sizes:
         r = replace(recipe, batch_size=b)
-        row = {"steps_per_training": r.epochs * math.ceil(len(train) / b),
+        row = {"steps_per_training": training_steps(len(train), r),
                "step_seconds_resident": time_steps(train, r, device, args.steps, resident=True)}
         if device.type == "cuda":
             row["step_seconds_resident_bf16_autocast"] = time_steps(train, r, device, args.steps, autocast=True,

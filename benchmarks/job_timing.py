@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -42,16 +41,9 @@ import torch
 from unlearning import bench
 from unlearning.data import load_splits
 from unlearning.job import run_unlearning_job
-from unlearning.train import train_model
+from unlearning.train import train_model, training_steps
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def steps_of(n: int, recipe) -> int:
-    return recipe.epochs * math.ceil(n / recipe.batch_size)
+from gpu_probe import _sync  # noqa: E402  this folder's script (run as python benchmarks/job_timing.py)
 
 
 def step_seconds(train, recipe, device, epochs: tuple[int, int], repeat: int = 2) -> dict:
@@ -67,7 +59,7 @@ def step_seconds(train, recipe, device, epochs: tuple[int, int], repeat: int = 2
         return time.perf_counter() - t0
 
     timed(epochs[0])  # warm-up
-    runs = [{"epochs": e, "steps": steps_of(len(train), replace(recipe, epochs=e)),
+    runs = [{"epochs": e, "steps": training_steps(len(train), replace(recipe, epochs=e)),
              "seconds": round(min(timed(e) for _ in range(repeat)), 3)} for e in epochs]
     (a, b) = runs
     per_step = (b["seconds"] - a["seconds"]) / (b["steps"] - a["steps"])
@@ -144,7 +136,7 @@ def main(argv=None) -> int:
     caches = {mode: {} for mode in args.data}
     for st in plan:
         # the gold standard trains on the instances left with a supervised cell
-        retrain_estimate = steps["seconds_per_step"] * steps_of(len(train.without(st["cells"])), recipe)
+        retrain_estimate = steps["seconds_per_step"] * training_steps(len(train.without(st["cells"])), recipe)
         for (name, overrides), mode in itertools.product(variants.items(), args.data):
             result = run_unlearning_job(original, train, test, st["cells"], method=args.method,
                                         config={**config, **overrides}, device=device, seed=int(st["seed"]),

@@ -64,6 +64,12 @@ def build_model(dataset: MultiTaskDataset, cfg: TrainConfig) -> MultiTaskNet:
     return MultiTaskNet(ModelConfig.for_dataset(dataset, width=cfg.width, depth=cfg.depth, head_width=cfg.head_width))
 
 
+def training_steps(n: int, cfg: TrainConfig) -> int:
+    """How many optimiser steps :func:`train_model` takes on ``n`` instances (the last
+    batch of an epoch may be short)."""
+    return cfg.epochs * math.ceil(n / cfg.batch_size)
+
+
 def resident(dataset: MultiTaskDataset, device: torch.device) -> MultiTaskDataset:
     """``dataset`` on a CUDA ``device`` when it takes under a quarter of the free memory, else
     as it is. Gathering every batch on the CPU and copying it over took about 40% of a
@@ -103,8 +109,7 @@ def train_model(
     source = resident(dataset, device)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    total = training_steps(len(dataset), cfg)
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if cfg.cosine else None
     )
