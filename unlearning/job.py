@@ -89,12 +89,14 @@ def _eval_context(cache: dict, model, train, test, device) -> EvalContext:
 
     The caller keeps ``cache`` per model version, so a context built for the
     same training and test data holds this version's numbers even when the
-    model was loaded again (a new object): it is re-pointed at ``model``.
+    model was loaded again (a new object): it is re-pointed at ``model`` and at
+    this job's copies of the data (on the device, when they were kept there).
     """
     ctx = cache.get("eval_context")
     if isinstance(ctx, EvalContext) and ctx.train.same_cells(train) and ctx.test.instance_ids == test.instance_ids:
         ctx.original = model
         ctx.device = device
+        ctx.train, ctx.test = train, test
         return ctx
     ctx = EvalContext(model, train, test, device=device)
     cache["eval_context"] = ctx
@@ -119,6 +121,30 @@ def on_device(cache: dict, name: str, dataset: MultiTaskDataset, device: torch.d
     placed = resident(dataset, device)
     cache[key] = (dataset, placed)
     return placed
+
+
+def release_device_data(cache: dict) -> int:
+    """Drop the device copies of the data that :func:`on_device` keeps in a per-version
+    ``cache`` and point the cached evaluation context back at the host data; the rest
+    of the cache (τ, features, the original model's numbers) stays. Returns how many
+    copies were dropped.
+
+    A worker keeps the caches of several versions, but jobs run on the newest: without
+    this each cached version would hold a copy of the training and test data on the
+    GPU (~6 GB at the ``full`` suite's size). If a job runs on a released version
+    again, :func:`on_device` copies the data over again."""
+    dropped = 0
+    ctx = cache.get("eval_context")
+    for key in [k for k in cache if isinstance(k, tuple) and len(k) == 2 and k[0] == "resident"]:
+        host, placed = cache.pop(key)
+        if placed is not host:
+            dropped += 1
+        if isinstance(ctx, EvalContext):
+            if key[1] == "train" and ctx.train is placed:
+                ctx.train = host
+            if key[1] == "test" and ctx.test is placed:
+                ctx.test = host
+    return dropped
 
 
 def _per_task(evaluation: dict) -> dict[str, dict[str, dict[str, float]]]:

@@ -107,10 +107,18 @@ class Claim:
 
 
 def engine_cache(model_name: str, version: int) -> dict:
+    """The engine's cache of ``version`` (most recently used last). The model's other
+    cached versions give up their device copies of the data (:func:`release_device_data`):
+    at most one version per model holds the training and test data on the GPU."""
+    from unlearning.job import release_device_data
+
     key = (model_name, version)
     cache = ENGINE_CACHE.pop(key, None)
     if cache is None:
         cache = {}
+    for (name, _), other in ENGINE_CACHE.items():
+        if name == model_name:
+            release_device_data(other)
     ENGINE_CACHE[key] = cache
     while len(ENGINE_CACHE) > ENGINE_CACHE_SIZE:
         ENGINE_CACHE.popitem(last=False)

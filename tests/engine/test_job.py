@@ -129,3 +129,24 @@ def test_data_stays_where_it_is_on_the_cpu(setup):
     cache: dict = {}
     assert on_device(cache, "train", train, torch.device("cpu")) is train
     assert cache == {}  # nothing copied, nothing held
+
+
+def test_releasing_a_versions_device_data_keeps_the_rest_of_its_cache(setup):
+    from unlearning.evaluate import EvalContext
+    from unlearning.job import release_device_data
+
+    model, train, test = setup
+    # stand-ins for the copies on_device would have made on a GPU (other objects, same cells)
+    placed_train, placed_test = train.without([]), test.without([])
+    ctx = EvalContext(model, placed_train, placed_test)
+    engine = {("heldout_losses", len(test)): {}}
+    cache = {("resident", "train"): (train, placed_train), ("resident", "test"): (test, placed_test),
+             "eval_context": ctx, "engine": engine}
+    assert release_device_data(cache) == 2
+    assert set(cache) == {"eval_context", "engine"} and cache["engine"] is engine
+    assert ctx.train is train and ctx.test is test  # the context's numbers stay; its data is the host's
+    assert release_device_data(cache) == 0
+    # a CPU job keeps no copies, so there is nothing to release
+    plain: dict = {}
+    run_unlearning_job(model, train, test, [("i0", "depth")], config={"steps": 2}, cache=plain)
+    assert release_device_data(plain) == 0 and plain["eval_context"].train is train

@@ -91,6 +91,13 @@ def test_a_job_keeps_the_data_on_the_gpu_for_the_next(world):
     run_unlearning_job(model, again, test, [("indoor-00003", "segmentation")], config=FAST["interference_aware"],
                        device="cuda", cache=cache)
     assert cache[("resident", "train")][1] is placed
+    # a released version (the worker releases every version but the newest) copies again when it runs a job
+    from unlearning.job import release_device_data
+    assert release_device_data(cache) == 2 and cache["eval_context"].train.images.device.type == "cpu"
+    run_unlearning_job(model, again, test, [("indoor-00003", "segmentation")], config=FAST["interference_aware"],
+                       device="cuda", cache=cache)
+    assert cache[("resident", "train")][1].images.device.type == "cuda"
+    assert cache["eval_context"].train is cache[("resident", "train")][1]
     # the forget batch gathered on the GPU is the one gathered on the host and copied over
     on_gpu = UnlearnData(placed, cells, placed.without(cells)).forget_batch()
     on_host = UnlearnData(train, cells, train.without(cells)).forget_batch().to("cuda")

@@ -632,3 +632,18 @@ def test_metrics_are_recorded_as_strict_json():
     assert out == {"mia_auc": None, "uis": 0.25, "gap": 0.5, "per_task": {"depth": {"abs_err": None}},
                    "list": [None, 1]}
     json.dumps(out, allow_nan=False)
+
+
+def test_a_workers_cached_versions_give_up_their_device_data_to_the_newest(monkeypatch):
+    """Only the version a job runs on keeps its data on the device; other models' caches are left alone."""
+    monkeypatch.setattr(jobs, "ENGINE_CACHE", jobs.OrderedDict())
+    old = jobs.engine_cache("m", 1)
+    other = jobs.engine_cache("n", 1)
+    host, placed = object(), object()
+    old[("resident", "train")] = (host, placed)
+    other[("resident", "train")] = (host, placed)
+    old["engine"] = {"tau": 1}
+    new = jobs.engine_cache("m", 2)
+    assert new == {} and ("resident", "train") not in old and old["engine"] == {"tau": 1}
+    assert ("resident", "train") in other
+    assert jobs.engine_cache("m", 1) is old  # still cached, without the copy
