@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from sqlalchemy.orm import sessionmaker
 
 from worker.db import engine_for, read_only
 from worker.settings import Settings, get_settings
 
+from .guards import BodyLimitMiddleware, known_query_parameters
 from .metrics import HttpMetricsMiddleware, build_registry
 from .problems import install_problem_handlers
 from .routes import audit, deletions, health, jobs, models
@@ -56,7 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if stop is not None:
                 stop()
 
-    app = FastAPI(title="unlearnd", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs")
+    app = FastAPI(title="unlearnd", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs",
+                  dependencies=[Depends(known_query_parameters)])
     app.state.settings = settings
     app.state.engine = engine_for(settings.database_url)
     app.state.sessions = sessionmaker(app.state.engine, expire_on_commit=False)
@@ -64,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry, http_metrics = build_registry(app.state.readers)
 
     install_problem_handlers(app)
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
     for module in (deletions, audit, models, jobs, health):
         app.include_router(module.router)

@@ -4,6 +4,7 @@ what was wrong. Covers the rule functions' refusals, FastAPI's validation
 errors, values the database refuses, unknown routes and unexpected failures."""
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from worker.errors import ServiceError
 
@@ -20,6 +22,19 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 #: problem types are URIs under this base (documentation pages, one per slug)
 TYPE_BASE = "https://unlearnd.dev/problems/"
+
+
+class ProblemResponse(JSONResponse):
+    """A problem document. It echoes parts of the request (a route, a field, a task name),
+    so a string UTF-8 cannot encode (a lone surrogate) is written as a JSON escape."""
+
+    media_type = PROBLEM_JSON
+
+    def render(self, content) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def problem(
@@ -33,7 +48,7 @@ def problem(
         "instance": request.url.path,
         **jsonable_encoder(extras),
     }
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return ProblemResponse(body, status_code=status, headers=headers)
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -46,11 +61,23 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     ]
     if any(e["type"] == "json_invalid" for e in errors):
         return problem(request, 400, "Malformed JSON", "the request body is not valid JSON", "malformed-json", errors=errors)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media and not _is_json(media) and any(e["loc"][:1] == ["body"] for e in errors):
+        # FastAPI reads a body of another declared type as raw bytes (one without a type
+        # as JSON) and reports it as a body of the wrong shape; the mistake is the type
+        return problem(request, 415, "Unsupported media type",
+                       f"the request body must be application/json, got {media or 'no Content-Type'}",
+                       "unsupported-media-type")
     detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
     return problem(request, 422, "Validation failed", detail, "validation-error", errors=errors)
 
 
-_HTTP_SLUGS = {404: ("Not found", "not-found"), 405: ("Method not allowed", "method-not-allowed")}
+def _is_json(media: str) -> bool:
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+_HTTP_SLUGS = {404: ("Not found", "not-found"), 405: ("Method not allowed", "method-not-allowed"),
+               413: ("Request body too large", "body-too-large")}
 #: FastAPI's 400 when decoding the body failed outside the JSON parser's own errors
 #: (bytes that are not UTF-8, arrays nested past the recursion limit)
 _UNPARSABLE_BODY = "There was an error parsing the body"
@@ -66,7 +93,24 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no route matches {request.method} {request.url.path}"
-    return problem(request, exc.status_code, title, detail, slug, headers=getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        allow = _allowed_methods(request) or (headers or {}).get("Allow")
+        if allow:
+            headers = {**(headers or {}), "Allow": allow}
+            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allow}"
+    return problem(request, exc.status_code, title, detail, slug, headers=headers)
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """Every method the API takes on this path (from its OpenAPI paths).
+    Starlette's own Allow header names only the first route that matched the path
+    (``/deletions``: POST, not GET)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(request.url.path):
+            methods |= {m.upper() for m in operations}
+    return ", ".join(sorted(methods)) or None
 
 
 async def _data_error(request: Request, exc: DataError) -> JSONResponse:

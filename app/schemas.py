@@ -1,22 +1,48 @@
 """The HTTP contract: request bodies and response documents."""
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 
-from worker.tables import as_utc
+from worker.tables import as_utc, unstorable
 
 
-def _without_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain the NUL character (\\x00)")
+def _storable(value: str) -> str:
+    reason = unstorable(value)
+    if reason:
+        raise ValueError(reason)
     return value
 
 
-#: a string the record can store: PostgreSQL text cannot hold NUL, so it is refused here (422)
-Text = Annotated[str, AfterValidator(_without_nul)]
+#: a string the record can store (no NUL, no lone surrogate: a 422 here, not a database error)
+Text = Annotated[str, AfterValidator(_storable)]
+
+
+def text(min_length: int | None = None, max_length: int | None = None):
+    """:data:`Text` with length limits on the string itself (its errors count characters)."""
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length), AfterValidator(_storable)]
+
+
+def _task_names(value: Any, handler):
+    """One error for ``tasks`` that says what it takes, not pydantic's union branches."""
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        if isinstance(value, list):
+            why = "; ".join(f"item {e['loc'][1]}: {e['msg']}" for e in exc.errors()
+                            if len(e["loc"]) >= 2 and isinstance(e["loc"][1], int))
+        elif isinstance(value, str):
+            why = f"got the string {value[:50]!r}; a single task is a list of one: [{value[:50]!r}]"
+        else:
+            why = f"got {type(value).__name__ if value is not None else 'null'}"
+        raise PydanticCustomError("tasks", 'must be "all" or a list of task names ({why})', {"why": why}) from None
+
+
+TaskNames = Annotated[list[text(min_length=1, max_length=50)] | Literal["all"], WrapValidator(_task_names)]
 
 
 def _as_utc_in_range(at: datetime) -> datetime:
@@ -26,8 +52,29 @@ def _as_utc_in_range(at: datetime) -> datetime:
         raise ValueError("out of range once converted to UTC") from None
 
 
+def _not_a_number(value: Any) -> Any:
+    # pydantic reads a number (or a string of digits) as Unix time: ?since=-1 would be 1969
+    if isinstance(value, (int, float)) and not isinstance(value, bool) or (
+            isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("must be an ISO 8601 date-time such as 2026-12-06T10:00:00Z, not a number")
+    return value
+
+
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+
 #: an aware UTC time (naive = UTC), in responses and queries; a 422 when UTC cannot represent it
-UTCDateTime = Annotated[datetime, AfterValidator(_as_utc_in_range)]
+UTCDateTime = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(_as_utc_in_range)]
+
+
+def _digits(value: Any) -> Any:
+    # pydantic's lax int reads "1.0", "+1", "01" and "1_0" (as 10) too
+    if isinstance(value, str) and not (value.isascii() and value.isdigit() and value[:1] != "0"):
+        raise ValueError("must be a version number: decimal digits, no sign, no leading zero")
+    return value
+
+
+#: a version number in a path: plain decimal digits
+VersionNumber = Annotated[int, BeforeValidator(_digits)]
 #: version numbers are stored in 32-bit integer columns; a larger number names no version
 MAX_VERSION = 2**31 - 1
 RequestStatus = Literal["received", "queued", "running", "completed", "failed", "rejected"]
@@ -38,13 +85,11 @@ class DeletionCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    instance_id: Text = Field(min_length=1, max_length=200)
-    tasks: list[Annotated[Text, Field(min_length=1, max_length=50)]] | Literal["all"] = Field(
-        "all", description='task names, or "all" for every task not yet erased or pending'
-    )
-    model: Text | None = Field(None, min_length=1, max_length=100, description="default: the service's model")
-    reason: Text | None = Field(None, max_length=2000)
-    subject_ref: Text | None = Field(None, max_length=200, description="the requester's reference (ticket, subject id)")
+    instance_id: text(min_length=1, max_length=200)
+    tasks: TaskNames = Field("all", description='task names, or "all" for every task not yet erased or pending')
+    model: text(min_length=1, max_length=100) | None = Field(None, description="default: the service's model")
+    reason: text(max_length=2000) | None = None
+    subject_ref: text(max_length=200) | None = Field(None, description="the requester's reference (ticket, subject id)")
 
 
 class Links(BaseModel):
@@ -150,7 +195,7 @@ class RollbackIn(BaseModel):
 
     version: int = Field(ge=1, le=MAX_VERSION, strict=True)  # strict: true is not version 1
     reapply_erasures: bool = Field(
-        False, description="when the target lacks erasures recorded since, erase them again on top of it (a new version)"
+        False, strict=True, description="when the target lacks erasures recorded since, erase them again on top of it (a new version)"
     )
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from .errors import Invalid
-from .tables import AuditEvent, DeletionRequest, as_utc
+from .tables import AuditEvent, DeletionRequest, as_utc, unstorable
 
 T = TypeVar("T")
 MAX_LIMIT = 500
@@ -48,7 +48,7 @@ def decode_request_cursor(cursor: str) -> tuple[datetime, str]:
     """The (created_at, id) of the last request of the previous page. A cursor that decodes
     to other types is refused here (422) rather than by the database (a 500)."""
     at, rid = decode_cursor(cursor, 2)
-    if not isinstance(at, str) or not isinstance(rid, str) or "\x00" in rid:
+    if not isinstance(at, str) or not isinstance(rid, str) or unstorable(rid):
         raise _malformed(cursor)
     try:
         return as_utc(datetime.fromisoformat(at)), rid

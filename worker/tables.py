@@ -2,6 +2,7 @@
 way it changes in a database; keep the two in step."""
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime, timezone
 
@@ -16,6 +17,20 @@ def utcnow() -> datetime:
 def as_utc(at: datetime) -> datetime:
     """``at`` as an aware UTC datetime. SQLite hands back naive datetimes; they were written as UTC."""
     return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unstorable(value: str) -> str | None:
+    """Why the record cannot hold ``value`` (None when it can): PostgreSQL text refuses
+    the NUL character, and a lone UTF-16 surrogate (JSON's ``"\\ud800"``) has no UTF-8
+    encoding, so neither database nor a response could carry it."""
+    if "\x00" in value:
+        return "must not contain the NUL character (\\x00)"
+    if _SURROGATE.search(value):
+        return "must not contain a lone surrogate (\\ud800-\\udfff): it has no UTF-8 encoding"
+    return None
 
 
 def new_id() -> str:

@@ -17,6 +17,7 @@ from ..schemas import (
     DeletionPage,
     RequestStatus,
     Text,
+    text,
     UTCDateTime,
     deletion_accepted,
     deletion_out,
@@ -31,7 +32,7 @@ def create_deletion(
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[Text | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
+    idempotency_key: Annotated[text(min_length=1, max_length=200) | None, Header(alias="Idempotency-Key")] = None,
 ) -> DeletionAccepted:
     """Accept a deletion request (202, ``Location`` = the request's URL).
 

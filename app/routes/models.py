@@ -15,6 +15,7 @@ from ..schemas import (
     ModelOut,
     RollbackIn,
     RollbackOut,
+    VersionNumber,
     Text,
     VersionDetail,
     VersionOut,
@@ -53,7 +54,7 @@ def read_versions(name: Text, session: ReadSessionDep) -> list[VersionOut]:
 
 @router.get("/{name}/versions/{version}", response_model=VersionDetail)
 def read_version(
-    name: Text, version: Annotated[int, Path(ge=1, le=MAX_VERSION)], session: ReadSessionDep
+    name: Text, version: Annotated[VersionNumber, Path(ge=1, le=MAX_VERSION)], session: ReadSessionDep
 ) -> VersionDetail:
     """One version with its lineage: parent, deletions applied, erased cells, metrics, artifact, ancestors."""
     with session.begin():

@@ -1,0 +1,75 @@
+"""Limits on what a request may carry, checked before a route runs: the body's size
+and the query parameters a route knows."""
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+#: the largest request body read (the largest valid one, a deletion with every field at
+#: its limit, is under 3 KiB); a larger one is a 413 before it is read in full
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyLimitMiddleware:
+    """Refuse a request body over ``max_bytes`` with a 413 problem: at once when its
+    Content-Length says so, else as soon as the chunks read exceed it."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = StarletteHTTPException(413, f"the request body is larger than {self.max_bytes} bytes")
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self.app(scope, _refusing(too_large), send)
+            return
+        read = 0
+
+        async def counted():
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _refusing(error: Exception):
+    async def receive():
+        raise error
+
+    return receive
+
+
+def known_query_parameters(request: Request) -> None:
+    """A 422 naming a query parameter the route does not take: a misspelt filter
+    (``?instance=`` for ``?instance_id=``) would otherwise be ignored and an audit
+    query answer with every record."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = _query_names(dependant)
+    unknown = [k for k in dict.fromkeys(request.query_params.keys()) if k not in known]
+    if unknown:
+        allowed = ", ".join(sorted(known)) or "none"
+        raise RequestValidationError([
+            {"loc": ("query", k), "msg": f"unknown query parameter; this route takes: {allowed}", "type": "extra_forbidden"}
+            for k in unknown
+        ])
+
+
+def _query_names(dependant) -> set[str]:
+    """The query parameters of a route: its own and its dependencies'."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
