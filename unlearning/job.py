@@ -18,13 +18,41 @@ import torch
 
 from .data.base import Cell, MultiTaskDataset
 from .evaluate import EvalContext, evaluate_unlearning
-from .methods import METHOD_NAMES, UnlearnData, get_method, method_defaults, prepare_method
+from .model import non_finite_tensors
+from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method
+from .methods.params import config_problems
 from .tasks import get_task
 from .train import resident
 
 
 class JobInputError(ValueError):
     """A job that cannot run as asked: bad cells, an empty forget set, a mismatched checkpoint."""
+
+
+class UnlearningDiverged(RuntimeError):
+    """The method left non-finite weights (a step size far too large, say): there is no
+    model to publish, and running the same job again gives the same result."""
+
+
+def check_finite(model, method: str) -> None:
+    """:class:`UnlearningDiverged` naming the parameters with a NaN or an infinity."""
+    state = model.state_dict()
+    bad = non_finite_tensors(state)
+    if bad:
+        raise UnlearningDiverged(f"{method} left non-finite weights in {len(bad)} of {len(state)} tensors "
+                                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing to publish: "
+                                 f"check the configuration (a smaller 'lr'?)")
+
+
+def _job_device(model, device) -> torch.device:
+    from .train import resolve_device
+
+    if device is None:
+        return next(model.parameters()).device
+    try:
+        return resolve_device(device)
+    except RuntimeError as exc:  # an unknown device type, or CUDA asked for where there is none
+        raise JobInputError(f"device {device!r}: {exc}") from None
 
 
 @dataclass
@@ -156,14 +184,14 @@ def _per_task(evaluation: dict) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def check_config(method: str, config: dict | None) -> None:
-    """Refuse hyper-parameters the method does not have (a typo would otherwise be
-    ignored silently and the job run with the default). ``train`` (the training
-    recipe, read by ``retrain``) is accepted for every method."""
-    known = set(method_defaults(method)) | {"train"}
-    unknown = sorted(set(config or {}) - known)
-    if unknown:
-        raise JobInputError(f"method {method!r} has no parameter {', '.join(map(repr, unknown))}; "
-                            f"its parameters: {sorted(known)}")
+    """Refuse a configuration the method cannot run as meant, before any work: names it
+    does not have (a typo would otherwise be ignored and the job run with the default),
+    values of the wrong type or out of range (``steps`` 0 would report an erasure that
+    erased nothing). ``train`` (the training recipe, read by ``retrain``) is accepted
+    for every method. See :mod:`unlearning.methods.params`."""
+    problems = config_problems(method, config)
+    if problems:
+        raise JobInputError("; ".join(problems))
 
 
 def run_unlearning_job(
@@ -183,9 +211,12 @@ def run_unlearning_job(
 
     Validation (before any work): the forget set is non-empty, every cell names
     a task of ``train`` and an instance still in it, and is not already erased;
-    the model's heads match ``train``'s tasks and channels. Errors are
-    :class:`JobInputError` (a ValueError) naming the culprit; an unknown method
-    is a KeyError naming the known ones.
+    the model's heads match ``train``'s tasks and channels; the configuration's
+    names, types and ranges (:mod:`unlearning.methods.params`); the device and seed.
+    Errors are :class:`JobInputError` (a ValueError) naming the culprit; an unknown
+    method is a KeyError naming the known ones. A method that leaves a NaN or an
+    infinity in the weights raises :class:`UnlearningDiverged` instead of returning
+    the model.
 
     ``cache`` is a dict the caller keeps per model version. It holds what
     depends only on the version and the data it reflects: under ``"engine"``
@@ -213,9 +244,9 @@ def run_unlearning_job(
     cells = validate_forget_cells(train, forget_cells)
     check_model_matches(model, train, test)
     check_config(method, config)
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise JobInputError(f"seed must be an integer, got {seed!r}")
+    device = _job_device(model, device)
     cache = {} if cache is None else cache
     engine_cache = cache.setdefault("engine", {})
     if keep_data_on_device:
@@ -244,6 +275,7 @@ def run_unlearning_job(
 
     t_unlearn = time.perf_counter()
     unlearned, log = get_method(method)(model, data, cfg)
+    check_finite(unlearned, method)
     unlearn_seconds = time.perf_counter() - t_unlearn
     report(0.9)
 

@@ -139,13 +139,47 @@ def model_from_safetensors(config: "ModelConfig", data: bytes, source: str | Pat
     """The model of ``config`` with the weights in ``data`` (the bytes of a safetensors file,
     e.g. those just hashed); ``ValueError`` naming ``source`` when they are not a
     safetensors file or do not match the configuration."""
-    model = MultiTaskNet(config)
     try:
         state = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error type for a damaged file
         raise ValueError(f"{source} is not a readable safetensors file: {exc}") from None
+    # the weights are compared with a model without storage first: a config naming a huge
+    # width would otherwise allocate (and randomly initialise) it before the comparison
+    with torch.device("meta"):
+        check_state(MultiTaskNet(config).state_dict(), state, source)
+    model = MultiTaskNet(config)
     load_state(model, state)
     return model.to(map_location)
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold a NaN or an infinity
+    (one read-back for all of them)."""
+    tensors = [(n, t) for n, t in state.items() if t.is_floating_point()]
+    if not tensors:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()
+    return [n for (n, _), ok in zip(tensors, finite) if not ok]
+
+
+def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
+    """``ValueError`` naming what of the weights ``state`` does not fit a model whose own
+    state is ``own``: missing, unexpected or mis-shaped tensors, tensors that are not
+    floating point, non-finite values."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            "checkpoint does not match the model configuration: "
+            f"missing={missing[:5]} unexpected={unexpected[:5]} wrong shapes={shapes[:5]}"
+        )
+    dtypes = [f"{k} ({state[k].dtype})" for k in own if own[k].is_floating_point() and not state[k].is_floating_point()]
+    if dtypes:
+        raise ValueError(f"{source}: weights must be floating point, got {', '.join(dtypes[:5])}")
+    bad = non_finite_tensors(state)
+    if bad:
+        raise ValueError(f"{source}: non-finite weights (NaN or infinity) in {', '.join(bad[:5])}")
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
@@ -157,6 +191,8 @@ def read_model_config(path: str | Path) -> ModelConfig:
         doc = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not a checkpoint config: JSON nested too deep") from None
     return model_config_from(doc, path)
 
 
@@ -186,14 +222,6 @@ def model_config_from(doc, path: str | Path) -> ModelConfig:
 
 
 def load_state(model: MultiTaskNet, state: dict[str, torch.Tensor]) -> None:
-    """Strictly load ``state`` into ``model``, naming missing, unexpected or mis-shaped tensors."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            "checkpoint does not match the model configuration: "
-            f"missing={missing[:5]} unexpected={unexpected[:5]} wrong shapes={shapes[:5]}"
-        )
+    """Strictly load ``state`` into ``model`` (see :func:`check_state` for what is refused)."""
+    check_state(model.state_dict(), state)
     model.load_state_dict(state)

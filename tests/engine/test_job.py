@@ -150,3 +150,66 @@ def test_releasing_a_versions_device_data_keeps_the_rest_of_its_cache(setup):
     plain: dict = {}
     run_unlearning_job(model, train, test, [("i0", "depth")], config={"steps": 2}, cache=plain)
     assert release_device_data(plain) == 0 and plain["eval_context"].train is train
+
+
+@pytest.mark.parametrize("method,config,says", [
+    ("interference_aware", {"steps": "ten"}, "'steps' must be an integer, got 'ten'"),
+    ("interference_aware", {"steps": 0}, "'steps' must be >= 1, got 0"),  # an erasure that erases nothing
+    ("interference_aware", {"project": "no"}, "'project' must be true or false"),  # "no" is a true value
+    ("interference_aware", {"lr": float("nan")}, "'lr' must be a finite number"),
+    ("interference_aware", {"tau_quantile_partial": 5}, "'tau_quantile_partial' must be >= 0 and <= 1"),
+    ("interference_aware", {"shadow_recipe": {"epochz": 1}}, "'shadow_recipe' has no field 'epochz'"),
+    ("finetune", {"steps": 2.5}, "'steps' must be an integer, got 2.5"),
+    ("finetune", {"batch_size": 0, "lr": -1}, "'batch_size' must be >= 1, got 0; finetune parameter 'lr' must be > 0"),
+    ("retrain", {"train": {"epochz": 1}}, "'train' has no field 'epochz'"),
+    ("retrain", {"epochs": 0}, "retrain parameter 'epochs' must be >= 1"),
+    ("retrain", {"train": "garbage"}, "'train' must be a mapping"),
+    ("finetune", ["steps"], "must be a mapping of parameter names to values, got list"),
+])
+def test_a_configuration_value_the_method_cannot_use_is_refused_before_any_work(setup, method, config, says):
+    model, train, test = setup
+    cache: dict = {}
+    with pytest.raises(JobInputError) as err:
+        run_unlearning_job(model, train, test, [("i0", "depth")], method=method, config=config, cache=cache)
+    assert says in str(err.value)
+    assert cache == {}  # nothing was computed
+
+
+def test_documented_configurations_are_accepted(setup):
+    from unlearning.methods.params import config_problems
+
+    assert config_problems("retrain", {"epochs": 1, "train": {"epochs": 2, "grad_clip": None}}) == []  # retrain's docstring
+    assert config_problems("interference_aware", {"orthogonalize": "iterate", "tau_quantile_partial": None,
+                                                  "tau_refresh_sample": None, "betas": [0.9, 0.99]}) == []
+    model, train, test = setup
+    result = run_unlearning_job(model, train, test, [("i0", "depth")], method="retrain", config={"epochs": 1})
+    assert result.log["config"]["train"]["epochs"] == 1
+
+
+def test_a_job_whose_weights_diverge_raises_instead_of_returning_them(setup):
+    from unlearning.job import UnlearningDiverged
+
+    model, train, test = setup
+    with pytest.raises(UnlearningDiverged, match="non-finite weights"):
+        run_unlearning_job(model, train, test, [("i0", "depth")], method="finetune", config={"steps": 3, "lr": 1e30})
+
+
+def test_the_finiteness_check_names_the_tensors(setup):
+    import copy
+
+    from unlearning.job import UnlearningDiverged, check_finite
+
+    model, _, _ = setup
+    check_finite(model, "x")
+    broken = copy.deepcopy(model)
+    name, tensor = next(iter(broken.state_dict().items()))
+    tensor.view(-1)[0] = float("inf")
+    with pytest.raises(UnlearningDiverged, match=f"1 of .* tensors \\({name}\\)"):
+        check_finite(broken, "x")
+
+
+@pytest.mark.parametrize("kwargs,says", [({"device": "tpu"}, "device 'tpu'"), ({"seed": "abc"}, "seed must be an integer")])
+def test_a_bad_device_or_seed_is_a_job_input_error(setup, kwargs, says):
+    model, train, test = setup
+    with pytest.raises(JobInputError, match=says):
+        run_unlearning_job(model, train, test, [("i0", "depth")], config={"steps": 1}, **kwargs)

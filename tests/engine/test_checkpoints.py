@@ -1,0 +1,69 @@
+"""Checkpoints a user may hand in: safetensors + JSON are read, never unpickled, and
+whatever does not fit is refused naming what is wrong, before anything large is built."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from unlearning.model import MultiTaskNet, ModelConfig, load_model, save_model
+
+TASKS = {"segmentation": 13, "depth": 1, "normal": 3}
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = MultiTaskNet(ModelConfig(tasks=TASKS, width=8, depth=2, head_width=8))
+    save_model(model, tmp_path / "ck")
+    return tmp_path / "ck", model
+
+
+def _rewrite(directory, change):
+    state = {k: v.clone() for k, v in load_model(directory).state_dict().items()}
+    change(state)
+    save_file(state, str(directory / "model.safetensors"))
+
+
+def test_a_checkpoint_loads_as_it_was_saved(checkpoint):
+    directory, model = checkpoint
+    loaded = load_model(directory)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_config_naming_a_huge_model_is_refused_without_building_it(checkpoint):
+    directory, _ = checkpoint
+    doc = json.loads((directory / "config.json").read_text())
+    doc["model"]["width"] = 10**6  # ~36 TB of weights: building it first would fail to allocate, not compare
+    (directory / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="does not match the model configuration"):
+        load_model(directory)
+
+
+def test_weights_that_are_not_floating_point_are_refused(checkpoint):
+    directory, _ = checkpoint
+    name = next(iter(load_model(directory).state_dict()))
+    _rewrite(directory, lambda s: s.__setitem__(name, s[name].to(torch.int64)))
+    with pytest.raises(ValueError, match=f"floating point, got {name} \\(torch.int64\\)"):
+        load_model(directory)
+
+
+def test_non_finite_weights_are_refused(checkpoint):
+    directory, _ = checkpoint
+    name = list(load_model(directory).state_dict())[1]
+
+    def poison(state):
+        state[name].view(-1)[0] = float("nan")
+
+    _rewrite(directory, poison)
+    with pytest.raises(ValueError, match=f"non-finite weights \\(NaN or infinity\\) in {name}"):
+        load_model(directory)
+
+
+def test_a_config_nested_too_deep_is_a_clear_error(checkpoint):
+    directory, _ = checkpoint
+    (directory / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deep"):
+        load_model(directory)
