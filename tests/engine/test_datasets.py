@@ -1,4 +1,6 @@
 """Synthetic datasets, the .npy loaders and cell erasure."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -262,3 +264,161 @@ def test_loader_errors_name_the_path(tmp_path):
         load_npy_splits({"name": "nyuv2", "root": tmp_path, "lmit": 2})
     with pytest.raises(ValueError, match="root"):
         load_npy_splits({"name": "cityscapes"})
+
+
+def write_pair(tmp_path, *, normal=True):
+    """A valid train (3 samples) and val (2 samples) folder."""
+    write_split(tmp_path, "train", range(3), normal=normal)
+    write_split(tmp_path, "val", range(2), normal=normal, seed=1)
+
+
+@pytest.mark.parametrize("folder", ["image", "label"])
+def test_ambiguous_numbering_is_refused_naming_both_files(tmp_path, folder):
+    write_pair(tmp_path)
+    other = tmp_path / "train" / folder / "002.npy"
+    other.write_bytes((tmp_path / "train" / folder / "2.npy").read_bytes())
+    # Whichever file won used to depend on directory order.
+    with pytest.raises(ValueError, match=rf"{re.escape(str(other))} and .*{folder}.2\.npy both number sample 2"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+@pytest.mark.parametrize("folder, array, dtype", [
+    ("label", np.full((H, W), "a"), "<U1"),
+    ("label", np.full((H, W), 1 + 1j), "complex128"),
+    ("depth", np.full((H, W), "x"), "<U1"),
+    ("depth", np.full((H, W), 2 + 0j, np.complex64), "complex64"),
+    ("depth", np.ones((H, W), bool), "bool"),
+    ("normal", np.full((H, W, 3), "x"), "<U1"),
+])
+def test_non_numeric_targets_are_refused_naming_file_and_dtype(tmp_path, folder, array, dtype):
+    write_pair(tmp_path)
+    path = tmp_path / "train" / folder / "1.npy"
+    np.save(path, array)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: .* integer or float array, this one is {dtype}"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+def test_bool_labels_are_refused_as_ambiguous(tmp_path):
+    write_pair(tmp_path)
+    path = tmp_path / "train" / "label" / "1.npy"
+    np.save(path, np.ones((H, W), bool))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: a bool label map is ambiguous"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+@pytest.mark.parametrize("value, shown", [(1e19, r"1e\+19"), (1e30, r"1e\+30"), (np.inf, "inf"), (13.0, "13")])
+def test_huge_float_labels_are_refused_before_the_int_cast(tmp_path, value, shown):
+    write_pair(tmp_path)
+    path = tmp_path / "train" / "label" / "1.npy"
+    label = np.zeros((H, W))
+    label[2, 3] = value  # used to wrap to -2**63 and fail later, naming no file
+    np.save(path, label)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} has label {shown} but the dataset has 13 classes"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+@pytest.mark.parametrize("array, shown", [
+    (np.full((H, W), np.iinfo(np.int64).max), str(np.iinfo(np.int64).max)),
+    (np.full((H, W), np.iinfo(np.uint64).max), str(np.iinfo(np.uint64).max)),
+    (np.full((H, W), 255, np.uint8), "255"),
+])
+def test_out_of_range_integer_labels_are_named_exactly(tmp_path, array, shown):
+    write_pair(tmp_path)
+    path = tmp_path / "train" / "label" / "0.npy"
+    np.save(path, array)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} has label {shown} but the dataset has 13 classes"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+def test_fractional_labels_are_refused_and_nan_or_negative_still_mean_ignore(tmp_path):
+    write_pair(tmp_path)
+    path = tmp_path / "train" / "label" / "1.npy"
+    label = np.zeros((H, W), np.float32)
+    label[0, :4] = [np.nan, -np.inf, -3.5, 12.0]
+    np.save(path, label)
+    train = load_npy_splits({"name": "nyuv2", "root": tmp_path})[0]
+    assert train.targets["segmentation"][1, 0, :5].tolist() == [-1, -1, -1, 12, 0]
+    label[3, 3] = 2.5  # used to be rounded silently
+    np.save(path, label)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} has label 2\.5, not a whole number"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+def test_empty_images_are_refused_naming_the_file(tmp_path):
+    write_pair(tmp_path)
+    for split in ("train", "val"):
+        for n in range(3 if split == "train" else 2):
+            np.save(tmp_path / split / "image" / f"{n}.npy", np.zeros((0, W, 3), np.uint8))
+            np.save(tmp_path / split / "label" / f"{n}.npy", np.zeros((0, W), np.float32))
+            np.save(tmp_path / split / "depth" / f"{n}.npy", np.zeros((0, W), np.float32))
+            np.save(tmp_path / split / "normal" / f"{n}.npy", np.zeros((0, W, 3), np.float32))
+    path = tmp_path / "train" / "image" / "0.npy"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is empty \(shape \(0, {W}, 3\)\)"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_classes", 0), ("num_classes", -5), ("num_classes", 2.7), ("num_classes", "abc"), ("num_classes", True),
+    ("limit", 0), ("limit", 1.9), ("limit", True), ("limit", "x"),
+])
+def test_spec_numbers_are_validated_naming_the_key(tmp_path, key, value):
+    write_pair(tmp_path)
+    with pytest.raises(ValueError, match=rf"'{key}' in the 'nyuv2' dataset spec must be a positive integer, "
+                                         rf"got {re.escape(repr(value))}"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path, key: value})
+
+
+def test_spec_root_must_be_a_path_and_valid_spec_numbers_still_load(tmp_path):
+    with pytest.raises(ValueError, match=r"'root' in the 'nyuv2' dataset spec must be a folder path, got 5"):
+        load_npy_splits({"name": "nyuv2", "root": 5})
+    write_pair(tmp_path)
+    train, val = load_npy_splits({"name": "nyuv2", "root": str(tmp_path), "num_classes": np.int64(20),
+                                  "limit": 2})
+    assert train.num_classes == 20 and len(train) == 2 and len(val) == 2
+    assert load_npy_splits({"name": "nyuv2", "root": tmp_path, "num_classes": None, "limit": None})[0].num_classes == 13
+
+
+def test_train_and_val_of_different_sizes_are_refused_at_load(tmp_path):
+    write_split(tmp_path, "train", range(2))
+    for n in range(2):
+        for folder, shape in (("image", (4, W, 3)), ("label", (4, W)), ("depth", (4, W)), ("normal", (4, W, 3))):
+            (tmp_path / "val" / folder).mkdir(parents=True, exist_ok=True)
+            array = np.full(shape, {"normal": 3 ** -0.5, "label": 1.0}.get(folder, 0.5), np.float32)
+            np.save(tmp_path / "val" / folder / f"{n}.npy", array)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'train'))} images are \({H}, {W}\) but "
+                                         rf"{re.escape(str(tmp_path / 'val'))} images are \(4, {W}\)"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+def test_an_odd_first_label_is_named_not_its_image(tmp_path):
+    write_pair(tmp_path)
+    path = tmp_path / "train" / "label" / "0.npy"
+    np.save(path, np.zeros((H + 2, W), np.float32))
+    # The size used to come from this label, so image/0.npy was blamed.
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} has shape \({H + 2}, {W}\) but .*image.0\.npy, "
+                                         rf"of shape \({H}, {W}, 3\), is {H}x{W} pixels"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    np.save(path, np.zeros((H, W), np.float32))
+    later = tmp_path / "train" / "label" / "2.npy"
+    np.save(later, np.zeros((H + 2, W), np.float32))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(later))} has shape \({H + 2}, {W}\) but the split's "
+                                         rf"first label, 0\.npy, is \({H}, {W}\)"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+@pytest.mark.parametrize("folder, array", [
+    ("depth", np.full((H, W), 1e300)),
+    ("normal", np.full((H, W, 3), 1e39)),
+])
+def test_finite_values_beyond_float32_are_refused_not_made_invalid(tmp_path, folder, array):
+    write_pair(tmp_path)
+    path = tmp_path / "train" / folder / "1.npy"
+    np.save(path, array)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: .* holds 1e\+(300|39), beyond the float32 range"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    # Non-finite values are still invalid pixels (0), as documented.
+    array = array.copy()
+    array[...] = np.inf
+    np.save(path, array)
+    train = load_npy_splits({"name": "nyuv2", "root": tmp_path})[0]
+    assert (train.targets[folder][1] == 0).all()

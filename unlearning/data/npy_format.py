@@ -1,17 +1,28 @@
 """Loader for the common preprocessed NYUv2 / Cityscapes layout of ``.npy`` files::
 
     {root}/{train,val}/image/<n>.npy    (H,W,3) or (3,H,W); uint8 is scaled to [0, 1], float must be in it
-    {root}/{train,val}/label/<n>.npy    (H,W) (or a singleton channel); float or int, -1 = ignore
+    {root}/{train,val}/label/<n>.npy    (H,W) (or a singleton channel); float or int class ids, -1 = ignore
     {root}/{train,val}/depth/<n>.npy    (H,W) (or a singleton channel); 0 = invalid
     {root}/{train,val}/normal/<n>.npy   (H,W,3) or (3,H,W) unit vectors; nyuv2 only
 
 Spec: ``{"name": "nyuv2" | "cityscapes", "root": path, "num_classes": 13 | 7,
-"limit": None}``. ``limit`` keeps the first files (numerically) of each split.
-The ``val`` split is returned as the test set. Files are read with
-``allow_pickle=False``: nothing is ever unpickled.
+"limit": None}``. ``num_classes`` (default per dataset) and ``limit`` are
+positive integers; ``limit`` keeps the first files (numerically) of each split.
+The ``val`` split is returned as the test set; both splits must share one
+image size. Files are read with ``allow_pickle=False``: nothing is ever unpickled.
+
+Values: labels are integer or float class ids; a negative or NaN label means
+"ignore" (stored as -1), any other label must be a whole number below
+``num_classes`` (2.5, +inf or 1e30 are refused, not rounded or wrapped). Depth
+that is 0, negative, NaN or infinite marks an invalid pixel, as does a normal
+with a NaN, infinite or all-zero vector. A finite value too large for float32
+(float64 depth of 1e300, say) is refused rather than turned into an invalid
+pixel by the cast. Bool, complex and string arrays are refused everywhere;
+so are empty images and ambiguous numbering (``2.npy`` next to ``002.npy``).
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -31,7 +42,17 @@ _NUMBERED = re.compile(r"^(\d+)\.npy$")
 def _numbered_files(folder: Path) -> dict[int, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"missing folder {folder}")
-    return {int(m.group(1)): p for p in folder.iterdir() if (m := _NUMBERED.match(p.name))}
+    files: dict[int, Path] = {}
+    # Sorted so that the error below names the same pair whatever the directory order.
+    for path in sorted(folder.iterdir()):
+        if m := _NUMBERED.match(path.name):
+            n = int(m.group(1))
+            if n in files:
+                # Which one wins would depend on directory order, and the image, label and
+                # depth of one sample could then come from different files.
+                raise ValueError(f"{files[n]} and {path} both number sample {n}; keep one of them")
+            files[n] = path
+    return files
 
 
 def _read(path: Path) -> np.ndarray:
@@ -39,6 +60,27 @@ def _read(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except Exception as exc:  # a corrupt file or a pickled object array: say which file
         raise ValueError(f"cannot read {path}: {exc}") from exc
+
+
+def _check_numeric(array: np.ndarray, path: Path, what: str) -> None:
+    """Refuse what ``astype`` would convert badly: strings (a bare error naming no file),
+    complex (the imaginary part silently dropped) and bool (True/False are no measurements)."""
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"{path}: {what} must be an integer or float array, this one is {array.dtype}")
+
+
+def _float32(array: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """``array`` as float32; a finite value beyond float32's range is refused, since the cast
+    would make it infinite and so, silently, an invalid pixel."""
+    _check_numeric(array, path, what)
+    with np.errstate(over="ignore"):  # reported below, with the file
+        cast = array.astype(np.float32)
+    if array.dtype.itemsize > 4 and np.issubdtype(array.dtype, np.floating):
+        overflow = np.isfinite(array) & ~np.isfinite(cast)
+        if overflow.any():
+            raise ValueError(f"{path}: {what} holds {array[overflow].flat[0]:.4g}, beyond the float32 range "
+                             f"(|x| <= {np.finfo(np.float32).max:.4g}); check its units")
+    return cast
 
 
 def _channels_first(array: np.ndarray, channels: int, size: tuple[int, int], path: Path) -> np.ndarray:
@@ -54,24 +96,41 @@ def _channels_first(array: np.ndarray, channels: int, size: tuple[int, int], pat
 
 def _label(path: Path, num_classes: int) -> np.ndarray:
     array = _read(path)
+    if array.dtype == np.bool_:
+        raise ValueError(f"{path}: a bool label map is ambiguous (a mask, or classes 0 and 1?); "
+                         "store class ids as integers")
+    _check_numeric(array, path, "a label map")
     if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
         array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
     if array.ndim != 2:
         raise ValueError(f"{path} has shape {array.shape}; a label map is (H,W)")
-    array = array.astype(np.float64)
-    # Negative or non-finite labels mean "ignore" in this format.
-    ignore = ~np.isfinite(array) | (array < 0)
-    labels = np.where(ignore, -1, np.rint(np.where(ignore, 0, array))).astype(np.int64)
-    if labels.max(initial=-1) >= num_classes:
+    if np.issubdtype(array.dtype, np.integer):
+        # Compared as integers: int64 near its limit or uint64 would not survive a float round trip.
+        ignore = array < 0
+        high = int(array.max()) if array.size else -1  # initial=-1 would overflow a uint8
+    else:
+        array = array.astype(np.float64)
+        # Negative (-inf included) or NaN labels mean "ignore" in this format.
+        ignore = np.isnan(array) | (array < 0)
+        kept = array[~ignore]
+        # Checked before the int64 cast, which would round 2.5 and wrap 1e19 to a negative label.
+        fractional = kept[kept != np.floor(kept)]  # +inf is whole here: the range check refuses it
+        if fractional.size:
+            raise ValueError(f"{path} has label {fractional[0]:.6g}, not a whole number; labels are class ids "
+                             "(resize label maps with nearest-neighbour, not interpolation)")
+        high = float(kept.max(initial=-1.0))
+    if high >= num_classes:
+        # A float label here is whole (or +inf): "13", not "13.0"; "1e+30", not 31 digits.
+        shown = str(int(high)) if isinstance(high, int) or high < 2**53 else f"{high:.6g}"
         raise ValueError(
-            f"{path} has label {labels.max()} but the dataset has {num_classes} classes "
-            "(ignore must be stored as -1; set num_classes in the spec if it differs)"
+            f"{path} has label {shown} but the dataset has "
+            f"{num_classes} classes (ignore must be stored as -1; set num_classes in the spec if it differs)"
         )
-    return labels
+    # Every kept label is now a whole number in [0, num_classes): the int64 cast is exact.
+    return np.where(ignore, -1, np.where(ignore, 0, array).astype(np.int64))
 
 
-def _image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    array = _read(path)
+def _image(array: np.ndarray, path: Path, size: tuple[int, int]) -> np.ndarray:
     if array.dtype == np.uint8:
         return _channels_first(array, 3, size, path).astype(np.float32) * np.float32(1.0 / 255.0)
     if not np.issubdtype(array.dtype, np.floating):
@@ -87,13 +146,33 @@ def _image(path: Path, size: tuple[int, int]) -> np.ndarray:
     return np.clip(image, 0.0, 1.0)
 
 
+def _first_size(image: np.ndarray, image_path: Path, label: np.ndarray, label_path: Path) -> tuple[int, int]:
+    """The (H,W) of a split, from its first image and label.
+
+    The label's shape is kept where the image agrees with it. Where a well-formed image
+    disagrees, the label is named: the first image, depth and normals are checked against
+    this size, so taking a bad first label's shape would put the blame on them."""
+    if image.size == 0:
+        # Refused here: an empty split would fail later inside a torch reduction, naming no file.
+        raise ValueError(f"{image_path} is empty (shape {image.shape})")
+    sizes = []
+    if image.ndim == 3 and image.shape[-1] == 3:
+        sizes.append(image.shape[:2])
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[1:] not in sizes:
+        sizes.append(image.shape[1:])
+    if not sizes or label.shape in sizes:
+        return label.shape  # an ill-shaped image is reported by _image against the label's size
+    raise ValueError(f"{label_path} has shape {label.shape} but {image_path}, of shape {image.shape}, is "
+                     + " or ".join(f"{h}x{w}" for h, w in sizes) + " pixels; a label map must match its image")
+
+
 def _depth(path: Path, size: tuple[int, int]) -> np.ndarray:
-    depth = _channels_first(_read(path), 1, size, path).astype(np.float32)
+    depth = _channels_first(_float32(_read(path), path, "depth"), 1, size, path)
     return np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(0.0))
 
 
 def _normal(path: Path, size: tuple[int, int]) -> np.ndarray:
-    normal = _channels_first(_read(path), 3, size, path).astype(np.float32)
+    normal = _channels_first(_float32(_read(path), path, "a normal map"), 3, size, path)
     normal = np.where(np.isfinite(normal).all(0, keepdims=True), normal, np.float32(0.0))
     norm = np.sqrt((normal**2).sum(0))
     valid = norm > 1e-6
@@ -127,12 +206,14 @@ def _load_split(name: str, split_dir: Path, infix: str, num_classes: int, limit:
     images, targets = [], {t: [] for t in tasks}
     size = None
     for n in numbers:
+        image = _read(files["image"][n])
         label = _label(files["label"][n], num_classes)
         if size is None:
-            size = label.shape
+            size, first = _first_size(image, files["image"][n], label, files["label"][n]), n
         elif label.shape != size:
-            raise ValueError(f"{files['label'][n]} has shape {label.shape}; earlier labels are {size}")
-        images.append(_image(files["image"][n], size))
+            raise ValueError(f"{files['label'][n]} has shape {label.shape} but the split's first label, "
+                             f"{files['label'][first].name}, is {size}")
+        images.append(_image(image, files["image"][n], size))
         targets["segmentation"].append(label)
         targets["depth"].append(_depth(files["depth"][n], size))
         if "normal" in tasks:
@@ -147,6 +228,17 @@ def _load_split(name: str, split_dir: Path, infix: str, num_classes: int, limit:
     )
 
 
+def _positive_int(spec: dict, key: str, name: str) -> int | None:
+    """``spec[key]`` as an int, None when absent or None. Checked, not ``int()``-ed: that
+    would turn 2.7 into 2 and True into 1, and a string into an error naming no key."""
+    value = spec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{key!r} in the {name!r} dataset spec must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def load_npy_splits(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
     """(train, val) datasets of a preprocessed NYUv2 or Cityscapes folder; see the module docstring."""
     name = spec.get("name")
@@ -155,15 +247,19 @@ def load_npy_splits(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
     unknown = sorted(set(spec) - SPEC_KEYS)
     if unknown:
         raise ValueError(f"unknown keys {unknown} in {name!r} dataset spec; known: {sorted(SPEC_KEYS)}")
-    if not spec.get("root"):
+    root = spec.get("root")
+    if root is None or (isinstance(root, str) and not root):
         raise ValueError(f"the {name!r} dataset spec needs a 'root' folder")
-    root = Path(spec["root"])
+    if not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"'root' in the {name!r} dataset spec must be a folder path, got {root!r}")
+    root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist")
-    num_classes = int(spec.get("num_classes") or NUM_CLASSES[name])
-    limit = spec.get("limit")
-    if limit is not None and int(limit) < 1:
-        raise ValueError(f"limit must be at least 1, got {limit!r}")
-    limit = None if limit is None else int(limit)
+    num_classes = _positive_int(spec, "num_classes", name) or NUM_CLASSES[name]
+    limit = _positive_int(spec, "limit", name)
     train, val = (_load_split(name, root / folder, infix, num_classes, limit) for folder, infix in SPLITS)
+    # Caught here, not by the first unlearning run after a successful training.
+    if train.images.shape[-2:] != val.images.shape[-2:]:
+        raise ValueError(f"{root / 'train'} images are {tuple(train.images.shape[-2:])} but {root / 'val'} images are "
+                         f"{tuple(val.images.shape[-2:])}; both splits must share one size")
     return train, val
