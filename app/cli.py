@@ -27,6 +27,16 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _method_settings_ok(settings) -> bool:
+    """Print what is wrong with the configured method (every job would fail on it)."""
+    from worker.calibration import method_settings_problems
+
+    problems = method_settings_problems(settings)
+    for problem in problems:
+        print(f"unlearnd: {problem}", file=sys.stderr)
+    return not problems
+
+
 def cmd_serve(args) -> int:
     """Migrate the database, make sure the model has a first version, serve the API."""
     import uvicorn
@@ -37,6 +47,8 @@ def cmd_serve(args) -> int:
     from worker.settings import get_settings
 
     settings = get_settings()
+    if not _method_settings_ok(settings):
+        return 2
     host = args.host or settings.host
     port = args.port or settings.port
     upgrade_database(settings.database_url)
@@ -53,6 +65,8 @@ def cmd_worker(args) -> int:
     from worker.settings import get_settings
 
     settings = get_settings()
+    if not _method_settings_ok(settings):
+        return 2
     if not settings.broker_url:
         print("unlearnd worker needs a broker: set UNLEARND_BROKER_URL (e.g. redis://127.0.0.1:6379/0).\n"
               "Without one, `unlearnd serve` runs jobs in-process.", file=sys.stderr)

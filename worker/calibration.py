@@ -83,6 +83,18 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
     return store.put_calibration(model_name, payload)
 
 
+def method_settings_problems(settings: Settings) -> list[str]:
+    """What is wrong with ``UNLEARND_METHOD`` and ``UNLEARND_METHOD_CONFIG`` (empty when
+    nothing is): checked when the service or a worker starts, since every job would
+    otherwise fail on them."""
+    from unlearning.methods import METHOD_NAMES
+    from unlearning.methods.params import config_problems
+
+    if settings.method not in METHOD_NAMES:
+        return [f"UNLEARND_METHOD: unknown unlearning method {settings.method!r}; known methods: {METHOD_NAMES}"]
+    return [f"UNLEARND_METHOD_CONFIG: {p}" for p in config_problems(settings.method, settings.method_config)]
+
+
 def method_config(settings: Settings, calibration: dict | None) -> dict:
     """The configuration a job passes to the method: the settings' ``method_config`` and,
     when the lineage is calibrated, its recipe and scores."""

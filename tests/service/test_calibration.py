@@ -144,3 +144,28 @@ def test_cli_calibrates_the_served_model(tiny, monkeypatch, capsys):
         assert "no version 1 of 'no-such-model'" in capsys.readouterr().err
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+@pytest.mark.parametrize("env,says", [
+    ({"METHOD_CONFIG": '{"steps": 0}'}, "UNLEARND_METHOD_CONFIG: interference_aware parameter 'steps' must be >= 1"),
+    ({"METHOD_CONFIG": '{"stpes": 5}'}, "has no parameter 'stpes'"),
+    ({"METHOD": "magic"}, "UNLEARND_METHOD: unknown unlearning method 'magic'"),
+])
+def test_the_service_does_not_start_with_a_method_configuration_every_job_would_fail_on(
+        monkeypatch, capsys, tmp_path, command, env, says):
+    from app.cli import main
+    from worker.settings import get_settings
+
+    database = tmp_path / "never.db"
+    monkeypatch.setenv("UNLEARND_DATABASE_URL", f"sqlite:///{database}")
+    monkeypatch.setenv("UNLEARND_BROKER_URL", "redis://127.0.0.1:6379/15")
+    for key, value in env.items():
+        monkeypatch.setenv(f"UNLEARND_{key}", value)
+    get_settings.cache_clear()
+    try:
+        assert main([command]) == 2
+        assert says in capsys.readouterr().err
+        assert not database.exists()  # refused before migrating or training anything
+    finally:
+        get_settings.cache_clear()
