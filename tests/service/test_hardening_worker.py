@@ -570,6 +570,19 @@ def test_a_base_checkpoint_that_is_not_the_recorded_one_is_refused(tiny):
     assert _serving(s).version == 2 and store.versions(TINY) == [1, 2]
 
 
+def test_a_job_that_leaves_non_finite_weights_fails_and_publishes_nothing(tiny):
+    """A step size that blows the weights up: the job fails naming it, the model keeps serving v1."""
+    s, store, ids = tiny
+    s = s.model_copy(update={"method": "finetune", "method_config": {"steps": 3, "lr": 1e30}})
+    request_id = _submit(s, ids[0])
+    outcome = jobs.drain_model(s, store, TINY)[0]
+    assert outcome.status == "failed" and "UnlearningDiverged" in outcome.error and "non-finite weights" in outcome.error
+    assert _serving(s).version == 1 and store.versions(TINY) == [1]
+    with transaction(s.database_url) as session:
+        assert session.get(DeletionRequest, request_id).status == "failed"
+        assert verify_chain(session)["ok"]
+
+
 def test_a_rerun_recomputes_a_stored_artifact_whose_weights_are_damaged(tiny, monkeypatch):
     s, store, ids = tiny
     _submit(s, ids[0])
