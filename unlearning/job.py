@@ -244,6 +244,13 @@ def run_unlearning_job(
     cells = validate_forget_cells(train, forget_cells)
     check_model_matches(model, train, test)
     check_config(method, config)
+    if test is None or len(test) == 0:
+        raise JobInputError("the test set is empty: the audit's membership inference compares the forgotten cells "
+                            "with held-out data, and interference_aware's levels come from it")
+    erased = set(cells)
+    if all(c in erased for c in train.cells()):
+        raise JobInputError(f"erasing these {len(cells)} cells leaves no training data: every cell of "
+                            f"{train.name!r} would be erased, and there is nothing to keep the model's tasks on")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise JobInputError(f"seed must be an integer, got {seed!r}")
     device = _job_device(model, device)

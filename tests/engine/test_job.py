@@ -213,3 +213,12 @@ def test_a_bad_device_or_seed_is_a_job_input_error(setup, kwargs, says):
     model, train, test = setup
     with pytest.raises(JobInputError, match=says):
         run_unlearning_job(model, train, test, [("i0", "depth")], config={"steps": 1}, **kwargs)
+
+
+def test_an_empty_test_set_or_erasing_every_cell_is_a_job_input_error(setup):
+    model, train, test = setup
+    for method in ("interference_aware", "finetune"):  # one answer, whichever method
+        with pytest.raises(JobInputError, match="the test set is empty"):
+            run_unlearning_job(model, train, test.subset([]), [("i0", "depth")], method=method, config={"steps": 1})
+        with pytest.raises(JobInputError, match="leaves no training data"):
+            run_unlearning_job(model, train, test, train.cells(), method=method, config={"steps": 1})
