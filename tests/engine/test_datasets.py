@@ -282,6 +282,16 @@ def test_ambiguous_numbering_is_refused_naming_both_files(tmp_path, folder):
         load_npy_splits({"name": "nyuv2", "root": tmp_path})
 
 
+def refused(tmp_path, relative: str, array: np.ndarray, message: str) -> None:
+    """A valid pair of splits with ``relative`` replaced by ``array``: loading fails with
+    ``message`` (a regex) right after the file's escaped path."""
+    write_pair(tmp_path)
+    path = tmp_path / relative
+    np.save(path, array)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + message):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
 @pytest.mark.parametrize("folder, array, dtype", [
     ("label", np.full((H, W), "a"), "<U1"),
     ("label", np.full((H, W), 1 + 1j), "complex128"),
@@ -291,30 +301,18 @@ def test_ambiguous_numbering_is_refused_naming_both_files(tmp_path, folder):
     ("normal", np.full((H, W, 3), "x"), "<U1"),
 ])
 def test_non_numeric_targets_are_refused_naming_file_and_dtype(tmp_path, folder, array, dtype):
-    write_pair(tmp_path)
-    path = tmp_path / "train" / folder / "1.npy"
-    np.save(path, array)
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: .* integer or float array, this one is {dtype}"):
-        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    refused(tmp_path, f"train/{folder}/1.npy", array, rf": .* integer or float array, this one is {dtype}")
 
 
 def test_bool_labels_are_refused_as_ambiguous(tmp_path):
-    write_pair(tmp_path)
-    path = tmp_path / "train" / "label" / "1.npy"
-    np.save(path, np.ones((H, W), bool))
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: a bool label map is ambiguous"):
-        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    refused(tmp_path, "train/label/1.npy", np.ones((H, W), bool), ": a bool label map is ambiguous")
 
 
 @pytest.mark.parametrize("value, shown", [(1e19, r"1e\+19"), (1e30, r"1e\+30"), (np.inf, "inf"), (13.0, "13")])
 def test_huge_float_labels_are_refused_before_the_int_cast(tmp_path, value, shown):
-    write_pair(tmp_path)
-    path = tmp_path / "train" / "label" / "1.npy"
     label = np.zeros((H, W))
     label[2, 3] = value  # used to wrap to -2**63 and fail later, naming no file
-    np.save(path, label)
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} has label {shown} but the dataset has 13 classes"):
-        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    refused(tmp_path, "train/label/1.npy", label, f" has label {shown} but the dataset has 13 classes")
 
 
 @pytest.mark.parametrize("array, shown", [
@@ -323,11 +321,7 @@ def test_huge_float_labels_are_refused_before_the_int_cast(tmp_path, value, show
     (np.full((H, W), 255, np.uint8), "255"),
 ])
 def test_out_of_range_integer_labels_are_named_exactly(tmp_path, array, shown):
-    write_pair(tmp_path)
-    path = tmp_path / "train" / "label" / "0.npy"
-    np.save(path, array)
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} has label {shown} but the dataset has 13 classes"):
-        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    refused(tmp_path, "train/label/0.npy", array, f" has label {shown} but the dataset has 13 classes")
 
 
 def test_fractional_labels_are_refused_and_nan_or_negative_still_mean_ignore(tmp_path):
