@@ -65,6 +65,7 @@ from .evaluate import EvalContext, evaluate_unlearning, membership_auc
 from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method
 from .metrics import forget_gap
 from .model import load_model, save_model
+from .cli import CliError, check_creatable, cli_device, json_type, read_json, report_cli_error
 from .train import TrainConfig, resident, resolve_device, train_model
 
 DEFAULT_METHOD = "interference_aware"
@@ -763,45 +764,121 @@ def main(argv: list[str] | None = None) -> int:
         given = [flag for flag, value in run_options.items() if value not in (None, False, 0)]
         if given:
             p.error(f"--merge runs nothing; it does not take {', '.join(given)}")
-        try:
-            doc = merge([json.loads(Path(f).read_text()) for f in args.merge], list(args.merge))
-        except (OSError, ValueError, KeyError) as exc:
-            p.error(str(exc))
-    else:
-        methods = args.methods or list(METHOD_NAMES)
-        for m in methods:
-            get_method(m)
-        configs = json.loads(Path(args.method_config).read_text()) if args.method_config else {}
-        cache_dir = Path(args.cache_dir) / args.suite
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-
-        def checkpoint(partial: dict) -> None:
-            # the JSON alone, marked, after every setting: a run cut off keeps what it finished.
-            # Written aside and renamed (a kill mid-write leaves the last whole one); the .md and
-            # .png of an earlier run at this path go, so none sits beside it as if it were its own.
-            partial = {**partial, "command": command, "incomplete": True,
-                       "wall_seconds": round(time.perf_counter() - start, 1)}
-            aside = out.with_name(out.name + ".partial")
-            aside.write_text(json.dumps(partial, indent=1) + "\n")
-            os.replace(aside, out)
-            for stale in (out.with_suffix(".md"), out.with_suffix(".png")):
-                stale.unlink(missing_ok=True)
-
-        try:
-            doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs,
-                            not args.no_progress, shadow=not args.no_shadow,
-                            independent_retrain=not args.no_independent_retrain, workers=args.workers,
-                            only_settings=args.settings, on_update=checkpoint)
-        except UnknownSettings as exc:
-            p.error(str(exc))
-        doc["wall_seconds"] = round(time.perf_counter() - start, 1)
+    # A refused request: `error: <what is wrong>` on stderr and exit status 2 (a SystemExit, as
+    # argparse's own errors), before anything is written.
+    try:
+        doc = _merge_pieces(args) if args.merge else _run(args, command)
+    except CliError as exc:
+        raise SystemExit(report_cli_error(exc)) from None
     doc["command"] = command
     write_results(doc, Path(args.out))
     print(markdown(doc))
     return 0
+
+
+def _results_path(text: str) -> Path:
+    """``--out``: a file path (the .md and .png go next to it) whose folder can be made."""
+    out = Path(text)
+    for path in (out, out.with_suffix(".md"), out.with_suffix(".png")):
+        if path.is_dir():
+            raise CliError(f"--out {out}: {path} is a directory; --out is the results JSON file")
+    check_creatable(out)
+    return out
+
+
+def _merge_pieces(args) -> dict:
+    """``--merge``: the pieces read and pooled (:func:`merge`), every problem a :class:`CliError`."""
+    out = _results_path(args.out)
+    docs = []
+    for name in args.merge:
+        doc = read_json(name, "--merge")
+        if not isinstance(doc, dict):
+            raise CliError(f"--merge {name} is not a results document of unlearning.bench "
+                           f"(it holds {json_type(doc)}, not an object)")
+        docs.append(doc)
+    try:
+        doc = merge(docs, list(args.merge))
+    except ValueError as exc:  # the pieces do not belong to one table (the message names the piece)
+        raise CliError(str(exc)) from None
+    except (KeyError, TypeError, AttributeError) as exc:  # a field of the wrong shape
+        raise CliError(f"--merge: {', '.join(args.merge)}: a piece is not a well-formed results document of "
+                       f"unlearning.bench ({type(exc).__name__}: {exc})") from None
+    if not doc["results"]:
+        raise CliError(f"--merge: the pieces hold no results; nothing is written to {out}")
+    return doc
+
+
+def _method_configs(path: str | None) -> dict:
+    """``--method-config``: a JSON object {method: {hyper-parameter: value}} of known methods
+    and parameters (checked as the service's jobs check theirs)."""
+    if path is None:
+        return {}
+    from .job import check_config
+
+    configs = read_json(path, "--method-config")
+    if not isinstance(configs, dict):
+        raise CliError(f"--method-config {path} must hold a JSON object {{method: {{hyper-parameter: value}}}}, "
+                       f"not {json_type(configs)}")
+    for method, config in configs.items():
+        if method not in METHOD_NAMES:
+            raise CliError(f"--method-config {path}: unknown method {method!r}; methods: {', '.join(METHOD_NAMES)}")
+        if not isinstance(config, dict):
+            raise CliError(f"--method-config {path}: {method!r} must map to a JSON object of hyper-parameters, "
+                           f"not {json_type(config)}")
+        try:
+            check_config(method, config)
+        except ValueError as exc:
+            raise CliError(f"--method-config {path}: {exc}") from None
+    return configs
+
+
+def _run(args, command: str) -> dict:
+    """Run the suite of the command line, its options checked first; returns the results document."""
+    suite = SUITES[args.suite]
+    methods = args.methods or list(METHOD_NAMES)
+    unknown = [m for m in methods if m not in METHOD_NAMES]
+    if unknown:
+        raise CliError(f"--methods: unknown method{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+                       f"methods: {', '.join(METHOD_NAMES)}")
+    for m in methods:
+        get_method(m)
+    if args.benchmarks is not None:
+        unknown = [b for b in args.benchmarks if b not in suite["benchmarks"]]
+        if unknown:
+            raise CliError(f"--benchmarks: suite {args.suite!r} has no benchmark {', '.join(map(repr, unknown))}; "
+                           f"its benchmarks: {', '.join(suite['benchmarks'])}")
+    configs = _method_configs(args.method_config)
+    cli_device(args.device or suite["device"], "--device" if args.device else f"the {args.suite} suite's device")
+    out = _results_path(args.out)
+    cache_dir = Path(args.cache_dir) / args.suite
+    check_creatable(cache_dir, "--cache-dir")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def checkpoint(partial: dict) -> None:
+        # the JSON alone, marked, after every setting: a run cut off keeps what it finished.
+        # Written aside and renamed (a kill mid-write leaves the last whole one); the .md and
+        # .png of an earlier run at this path go, so none sits beside it as if it were its own.
+        partial = {**partial, "command": command, "incomplete": True,
+                   "wall_seconds": round(time.perf_counter() - start, 1)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        aside = out.with_name(out.name + ".partial")
+        aside.write_text(json.dumps(partial, indent=1) + "\n")
+        os.replace(aside, out)
+        for stale in (out.with_suffix(".md"), out.with_suffix(".png")):
+            stale.unlink(missing_ok=True)
+
+    try:
+        doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs,
+                        not args.no_progress, shadow=not args.no_shadow,
+                        independent_retrain=not args.no_independent_retrain, workers=args.workers,
+                        only_settings=args.settings, on_update=checkpoint)
+    except UnknownSettings as exc:
+        raise CliError(str(exc)) from None
+    if not doc["results"]:
+        raise CliError(f"the options select no run of suite {args.suite!r}; nothing is written to {out}")
+    doc["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return doc
 
 
 if __name__ == "__main__":

@@ -8,19 +8,28 @@ default: the original model should fit (memorise) its training data, which is
 what makes membership inference, and hence forgetting, measurable.
 
     python -m unlearning.train --dataset indoor --n-train 160 --epochs 30 --out runs/indoor
+
+The checkpoint directory is new (``--out`` must not exist or be empty; ``--force``
+replaces a checkpoint there), written to a temporary sibling and renamed into place. A
+request that cannot run (an unknown dataset, a missing ``--root``, a setting that would
+not train, an output that cannot be made) is refused before any work: ``error: ...`` on
+stderr, exit status 2, nothing written.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .cli import CliError, check_creatable, cli_device, report_cli_error, write_dir_atomically
 from .data.base import MultiTaskDataset
 from .losses import cell_losses, supervised_loss
 from .model import ModelConfig, MultiTaskNet, save_model
@@ -142,10 +151,84 @@ def train_model(
     return model.eval()
 
 
+# ----------------------------------------------------------------------------- CLI
+
+RENDERED_DATASETS = ("indoor", "street")  # the others are read from --root (see unlearning.data)
+# (option, dataset spec key, argparse destination)
+_RENDER_OPTIONS = (("--n-train", "n_train", "n_train"), ("--n-test", "n_test", "n_test"),
+                   ("--height", "height", "height"), ("--width", "width", "width"),
+                   ("--data-seed", "seed", "data_seed"))
+
+
+def _dataset_spec(args: argparse.Namespace) -> dict:
+    """The dataset spec of the command line, checked; only the keys given go into it, so the
+    loader's defaults stay the loader's."""
+    from .data import DATASETS
+
+    name = args.dataset
+    if name not in DATASETS:
+        raise CliError(f"unknown dataset {name!r}; datasets: {', '.join(DATASETS)}")
+    spec = {"name": name}
+    given = [(option, key, getattr(args, dest)) for option, key, dest in _RENDER_OPTIONS
+             if getattr(args, dest) is not None]
+    if name in RENDERED_DATASETS:
+        if args.root is not None:
+            raise CliError(f"--root is for the datasets read from files (nyuv2, cityscapes); {name!r} is rendered")
+    else:
+        if given:
+            raise CliError(f"{', '.join(o for o, _, _ in given)}: only for the rendered datasets "
+                           f"({', '.join(RENDERED_DATASETS)}); {name!r} is read from --root")
+        if not args.root:
+            raise CliError(f"--dataset {name} needs --root, the folder of its .npy files")
+        if not Path(args.root).is_dir():
+            raise CliError(f"--root {args.root} is not a directory" if Path(args.root).exists()
+                           else f"--root {args.root} does not exist")
+        spec["root"] = args.root
+    for option, key, value in given:
+        least = 0 if key == "seed" else 1
+        if value < least:
+            raise CliError(f"{option} must be at least {least}, got {value}"
+                           + (" (interference_aware unlearns with held-out data)" if key == "n_test" else ""))
+        spec[key] = value
+    return spec
+
+
+def _check_recipe(cfg: TrainConfig) -> None:
+    """:class:`CliError` for a recipe that would not train (or not train anything)."""
+    for option, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--model-width", cfg.width),
+                          ("--model-depth", cfg.depth), ("--head-width", cfg.head_width)):
+        if value < 1:
+            raise CliError(f"{option} must be at least 1, got {value}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise CliError(f"--lr must be a positive number, got {cfg.lr}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise CliError(f"--weight-decay must be 0 or a positive number, got {cfg.weight_decay}")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """``--out`` must be absent, an empty directory or, with ``--force``, a checkpoint to
+    replace (a directory holding nothing but its files), and creatable."""
+    from .model import CONFIG_FILE, WEIGHTS_FILE
+
+    if os.path.lexists(out):
+        if not out.is_dir():
+            raise CliError(f"--out {out} exists and is not a directory")
+        held = sorted(p.name for p in out.iterdir())
+        if held and not force:
+            raise CliError(f"--out {out} already exists and is not an empty directory "
+                           "(--force replaces a checkpoint there)")
+        if held and not set(held) <= {WEIGHTS_FILE, CONFIG_FILE}:
+            raise CliError(f"--force replaces a checkpoint ({WEIGHTS_FILE}, {CONFIG_FILE}) only; "
+                           f"{out} holds {held}")
+    check_creatable(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: train on a named dataset and write a checkpoint (safetensors + config.json)."""
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m unlearning.train", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m unlearning.train", description=main.__doc__,
+                                epilog="Errors (an unknown dataset, a missing --root, a setting that would not "
+                                "train, an existing --out) exit with status 2 and write nothing.")
     p.add_argument("--dataset", required=True, help="indoor | street | nyuv2 | cityscapes")
     p.add_argument("--root", help="data root (nyuv2, cityscapes)")
     p.add_argument("--n-train", type=int)
@@ -161,26 +244,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-width", type=int, default=defaults.width)
     p.add_argument("--model-depth", type=int, default=defaults.depth)
     p.add_argument("--head-width", type=int, default=defaults.head_width)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:n]")
+    p.add_argument("--out", required=True, help="checkpoint directory (must not exist or be empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace the checkpoint at --out (a directory holding "
+                   "only model.safetensors and config.json)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    try:
+        return _train_cli(args)
+    except CliError as exc:
+        return report_cli_error(exc)
 
-    from .data import load_splits
+
+def _train_cli(args: argparse.Namespace) -> int:
+    """:func:`main` after parsing: everything is checked before the data is loaded, the
+    checkpoint is written to a temporary sibling of ``--out`` and renamed into place."""
+    from . import data
     from .evaluate import task_metrics
+    from .model import WEIGHTS_FILE
 
-    # Only the keys given go into the spec, so the loader's defaults stay the loader's.
-    spec = {"name": args.dataset}
-    for key, value in (
-        ("root", args.root),
-        ("n_train", args.n_train),
-        ("n_test", args.n_test),
-        ("height", args.height),
-        ("width", args.width),
-        ("seed", args.data_seed),
-    ):
-        if value is not None:
-            spec[key] = value
+    spec = _dataset_spec(args)
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -191,11 +274,27 @@ def main(argv: list[str] | None = None) -> int:
         depth=args.model_depth,
         head_width=args.head_width,
     )
-    train, test = load_splits(spec)
-    model = train_model(train, cfg, device=args.device, progress=not args.no_progress)
-    path = save_model(model, args.out, extra={"dataset": spec, "train": asdict(cfg)})
+    _check_recipe(cfg)
+    device = cli_device(args.device)
+    out = Path(args.out)
+    _check_out(out, args.force)
+    try:
+        train, test = data.load_splits(spec)
+    except (KeyError, OSError, ValueError) as exc:  # a bad spec, missing or unreadable data files
+        raise CliError(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)) from None
+    for split, dataset in (("training", train), ("test", test)):
+        if len(dataset) == 0:
+            raise CliError(f"the {split} split of {spec['name']!r} is empty"
+                           + (" (interference_aware unlearns with held-out data)" if split == "test" else ""))
+    model = train_model(train, cfg, device=device, progress=not args.no_progress)
+    try:
+        write_dir_atomically(out, lambda staging: save_model(model, staging,
+                                                             extra={"dataset": spec, "train": asdict(cfg)}),
+                             replace=args.force)
+    except OSError as exc:
+        raise CliError(f"cannot write the checkpoint {out}: {exc}") from None
     summary = {
-        "checkpoint": str(path),
+        "checkpoint": str(out / WEIGHTS_FILE),
         "train": task_metrics(model, train),
         "test": task_metrics(model, test),
     }

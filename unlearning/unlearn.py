@@ -26,21 +26,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .model import CONFIG_FILE, WEIGHTS_FILE
+from .cli import CliError, check_creatable, json_type, read_json, report_cli_error, write_dir_atomically
 
 METRIC_KEYS = ("mode", "forget_tasks", "uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original",
                "mia_auc_expected", "seconds", "unlearn_seconds", "eval_seconds")
 
 
-class UnlearnCliError(ValueError):
-    """A request this command refuses before any work (the message names what is wrong)."""
+class UnlearnCliError(CliError):
+    """A request this command refuses before any work (the message names what is wrong).
+    The shared helpers of :mod:`unlearning.train` raise its base, :class:`CliError`."""
 
 
 def parse_cell(text: str) -> tuple[str, str]:
@@ -64,16 +64,25 @@ def forget_cells(tasks: list[str], instances: list[str], only_tasks: list[str] |
 
 
 def method_config(text: str | None) -> dict:
-    """``--config``: a JSON object, inline or the path of a file holding one."""
+    """``--config``: a JSON object, inline or the path of a file holding one. Text that
+    starts with ``{`` or ``[`` is inline JSON; an existing file, or text that looks like a
+    path (it ends with ``.json`` or holds a ``/``), is a file, and a missing one is named
+    as such; anything else is inline JSON."""
     if not text:
         return {}
+    stripped = text.strip()
     path = Path(text)
-    try:
-        value = json.loads(path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UnlearnCliError(f"--config is neither a JSON object nor a file holding one: {exc}") from None
+    if not stripped.startswith(("{", "[")) and (path.exists() or stripped.lower().endswith(".json")
+                                                   or "/" in stripped or "\\" in stripped):
+        value = read_json(path, "--config file")
+    else:
+        try:
+            value = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            why = "nested too deeply to parse" if isinstance(exc, RecursionError) else str(exc)
+            raise UnlearnCliError(f"--config is neither a JSON object nor a file holding one: {why}") from None
     if not isinstance(value, dict):
-        raise UnlearnCliError(f"--config must be a JSON object of hyper-parameters, got {type(value).__name__}")
+        raise UnlearnCliError(f"--config must be a JSON object of hyper-parameters, got {json_type(value)}")
     return value
 
 
@@ -94,9 +103,14 @@ def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
     if not (directory / WEIGHTS_FILE).is_file() or not (directory / CONFIG_FILE).is_file():
         raise UnlearnCliError(f"{directory} is not a checkpoint: it needs {WEIGHTS_FILE} and {CONFIG_FILE}")
     manifest = _json(directory / CONFIG_FILE)
-    weights = (directory / WEIGHTS_FILE).read_bytes()
+    try:
+        weights = (directory / WEIGHTS_FILE).read_bytes()
+    except OSError as exc:
+        raise UnlearnCliError(f"cannot read {directory / WEIGHTS_FILE}: {exc.strerror or exc}") from None
     weights_sha256 = hashlib.sha256(weights).hexdigest()
+    lineage_file = directory / CONFIG_FILE
     if "dataset" not in manifest and (directory / STORE_MANIFEST).is_file():
+        lineage_file = directory / STORE_MANIFEST
         store = _json(directory / STORE_MANIFEST)
         if store.get("sha256") and store["sha256"] != weights_sha256:
             raise UnlearnCliError(f"{directory / WEIGHTS_FILE} does not match the sha256 in its {STORE_MANIFEST}")
@@ -106,14 +120,29 @@ def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
     if not isinstance(manifest.get("dataset"), dict):
         raise UnlearnCliError(f"{directory / CONFIG_FILE} has no 'dataset' spec, so the training data it reflects is "
                               "unknown (checkpoints of `python -m unlearning.train` carry one)")
+    _check_lineage(manifest, lineage_file)
     return manifest, weights, weights_sha256
 
 
+def _check_lineage(manifest: dict, path: Path) -> None:
+    """The checkpoint's ``erased`` (a list of ``[instance_id, task]`` pairs of strings) and
+    ``lineage`` (a list), when present, as this command writes them; :class:`UnlearnCliError`
+    naming ``path`` (where they were read) otherwise, rather than a new checkpoint built on
+    a damaged history."""
+    erased = manifest.get("erased", [])
+    if not isinstance(erased, list) or not all(
+            isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in erased):
+        shown = repr(erased if not isinstance(erased, list) else next(
+            c for c in erased if not (isinstance(c, (list, tuple)) and len(c) == 2
+                                      and all(isinstance(x, str) for x in c))))
+        raise UnlearnCliError(f"{path}: 'erased' must be a list of [instance_id, task] pairs of strings; "
+                              f"found {shown[:200]}")
+    if not isinstance(manifest.get("lineage", []), list):
+        raise UnlearnCliError(f"{path}: 'lineage' must be a list of earlier jobs, got {json_type(manifest['lineage'])}")
+
+
 def _json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UnlearnCliError(f"{path} is not JSON: {exc}") from None
+    value = read_json(path)  # CliError: missing, unreadable, not UTF-8, not JSON, nested too deeply
     if not isinstance(value, dict):
         raise UnlearnCliError(f"{path} is not a JSON object")
     return value
@@ -130,13 +159,14 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     ``only_tasks`` (all tasks when None). ``calibrate``: interference_aware's τ from
     shadow models trained with the checkpoint's recipe (its ``train`` entry).
     ``retrain`` repeats the checkpoint's recipe. :class:`UnlearnCliError` or
-    :class:`unlearning.job.JobInputError` (both ValueErrors) before any work for a request
-    that cannot run."""
+    :class:`unlearning.job.JobInputError` (both ValueErrors; the shared checks raise
+    ``UnlearnCliError``'s base :class:`~unlearning.train.CliError`) before any work for a
+    request that cannot run, the output location included."""
     from .data import load_splits
     from .job import JobInputError, run_unlearning_job
     from .methods import METHOD_NAMES
     from .model import model_config_from, model_from_safetensors, save_model
-    from .train import resolve_device
+    from .cli import cli_device
 
     source, out = Path(source), Path(out)
     manifest, weights, parent_sha256 = read_checkpoint(source)  # loaded below; its hash is kept in the lineage
@@ -146,6 +176,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
         raise UnlearnCliError("--out is the source checkpoint: a job writes a new version and never replaces one")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UnlearnCliError(f"{out} already exists and is not an empty directory")
+    check_creatable(out)  # before the job: a parent that cannot be made fails now, not after the work
     config = dict(config or {})
     if calibrate:
         if method != "interference_aware":
@@ -156,10 +187,10 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     if method == "retrain" and isinstance(manifest.get("train"), dict):
         config.setdefault("train", manifest["train"])  # the gold standard: the same recipe on the retained cells
 
+    dev = cli_device(device)  # CliError: not a device, or no CUDA
     try:
-        dev = resolve_device(device)
         train, test = load_splits(manifest["dataset"])
-    except (RuntimeError, KeyError, OSError, ValueError) as exc:  # no CUDA; unknown dataset or bad spec; no data files
+    except (KeyError, OSError, ValueError) as exc:  # unknown dataset or bad spec; no data files
         raise UnlearnCliError(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)) from None
     erased = [tuple(c) for c in manifest.get("erased", [])]
     requested = forget_cells(train.tasks, list(instances or []), only_tasks, list(cells or []))
@@ -197,16 +228,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     extra = {k: v for k, v in manifest.items() if k not in ("model", "erased", "lineage")}
     extra.update(erased=[list(c) for c in sorted(set(erased) | set(requested))], lineage=lineage)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_model(result.model, staging, extra=extra)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    write_dir_atomically(out, lambda staging: save_model(result.model, staging, extra=extra))  # out: empty or absent
     return {"checkpoint": str(out), "erased": [list(c) for c in requested], "metrics": metrics}
 
 
@@ -235,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from .job import JobInputError
+    from .job import JobInputError, UnlearningDiverged
 
     try:
         summary = unlearn_checkpoint(args.checkpoint, args.out, [parse_cell(c) for c in args.cell],
@@ -243,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
                                      only_tasks=args.tasks, method=args.method, config=method_config(args.config),
                                      seed=args.seed, device=args.device, calibrate=args.calibrate,
                                      progress=not args.no_progress)
-    except (UnlearnCliError, JobInputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (CliError, JobInputError) as exc:  # UnlearnCliError is a CliError
+        return report_cli_error(exc)
+    except UnlearningDiverged as exc:  # the run failed; nothing was written
+        report_cli_error(exc)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -1,0 +1,333 @@
+"""User errors of the command-line entry points (``unlearnd train``, ``unlearnd bench``,
+``unlearnd unlearn``): one line ``error: <what is wrong>`` on stderr, exit status 2, no
+traceback, nothing written (and, where the work is long, nothing run first)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.cli import main as unlearnd
+from unlearning import bench
+from unlearning.train import main as train_main
+from unlearning.unlearn import main as unlearn_main
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+TINY = ["--n-train", "8", "--n-test", "4", "--height", "16", "--width", "16", "--epochs", "1",
+        "--model-width", "4", "--model-depth", "1", "--head-width", "4"]
+FAST = '{"steps": 2, "tau_refresh": 0}'
+NO_PROC = not Path("/proc/self").is_dir()
+
+
+def listing(root: Path) -> list[str]:
+    """Every path under ``root`` (hidden ones included: a staging folder left behind shows)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def refused(capsys, rc: int, message: str) -> str:
+    """Assert a refused request: status 2, one ``error:`` line naming ``message``, no traceback."""
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return err
+
+
+def train(args: list[str]) -> int:
+    return train_main(args + ["--no-progress"])
+
+
+# ----------------------------------------------------------------------------- unlearnd train
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--dataset", "nyuv2"], "--dataset nyuv2 needs --root"),
+    (["--dataset", "nyuv2", "--root", "/nonexistent/nyuv2"], "--root /nonexistent/nyuv2 does not exist"),
+    (["--dataset", "cityscapes", "--root", "/tmp", "--n-train", "3"], "--n-train: only for the rendered datasets"),
+    (["--dataset", "indoor", "--root", "/tmp"], "--root is for the datasets read from files"),
+    (["--dataset", "indoor", *TINY, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--dataset", "indoor", *TINY, "--model-width", "0"], "--model-width must be at least 1, got 0"),
+    (["--dataset", "indoor", *TINY, "--model-depth", "0"], "--model-depth must be at least 1, got 0"),
+    (["--dataset", "indoor", *TINY, "--head-width", "-2"], "--head-width must be at least 1, got -2"),
+    (["--dataset", "indoor", *TINY, "--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--dataset", "indoor", *TINY, "--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--dataset", "indoor", *TINY, "--weight-decay", "-0.1"], "--weight-decay must be 0 or a positive number"),
+    (["--dataset", "indoor", *TINY, "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--dataset", "indoor", *TINY, "--epochs", "-1"], "--epochs must be at least 1, got -1"),
+    (["--dataset", "indoor", *TINY, "--n-train", "0"], "--n-train must be at least 1, got 0"),
+    (["--dataset", "indoor", *TINY, "--n-test", "0"], "--n-test must be at least 1, got 0 (interference_aware"),
+    (["--dataset", "indoor", *TINY, "--height", "0"], "--height must be at least 1, got 0"),
+    (["--dataset", "indoor", *TINY, "--device", "tpu"], "--device 'tpu' is not a device"),
+    pytest.param(["--dataset", "indoor", *TINY, "--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_train_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypatch, args, message):
+    import unlearning.data
+
+    monkeypatch.setattr(unlearning.data, "load_splits", lambda *a, **k: pytest.fail("loaded data for a bad request"))
+    refused(capsys, train(args + ["--out", str(tmp_path / "out")]), message)
+    assert listing(tmp_path) == []
+
+
+def test_train_names_a_data_file_it_cannot_read(tmp_path, capsys):
+    root = tmp_path / "nyuv2"
+    for split in ("train", "val"):
+        for folder in ("image", "label", "depth", "normal"):
+            (root / split / folder).mkdir(parents=True)
+            (root / split / folder / "0.npy").write_bytes(b"not a numpy file")
+    refused(capsys, train(["--dataset", "nyuv2", "--root", str(root), "--out", str(tmp_path / "out")]), "0.npy")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("out, message", [
+    pytest.param("/proc/forbidden/x", "nothing can be written in /proc",
+                 marks=pytest.mark.skipif(NO_PROC, reason="no /proc")),
+    ("{file}/x", "is not a directory"),
+    ("{file}", "exists and is not a directory"),
+])
+def test_train_refuses_an_output_it_cannot_create_before_training(tmp_path, capsys, monkeypatch, out, message):
+    import unlearning.train
+
+    afile = tmp_path / "a-file"
+    afile.write_text("keep me")
+    monkeypatch.setattr(unlearning.train, "train_model", lambda *a, **k: pytest.fail("trained for a bad --out"))
+    refused(capsys, train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", out.format(file=afile)]), message)
+    assert listing(tmp_path) == ["a-file"] and afile.read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "v1"
+    assert train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_refuses_an_existing_checkpoint_unless_forced(checkpoint, tmp_path, capsys):
+    # an unlearned checkpoint: its erased cells and lineage must survive a train pointed at it
+    erased = tmp_path / "erased"
+    assert unlearn_main(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--config", FAST,
+                         "--out", str(erased), "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in erased.iterdir()}
+    assert json.loads(before["config.json"])["erased"] and json.loads(before["config.json"])["lineage"]
+    refused(capsys, train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(erased)]),
+            f"--out {erased} already exists and is not an empty directory (--force replaces")
+    assert {p.name: p.read_bytes() for p in erased.iterdir()} == before
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    refused(capsys, train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(other), "--force"]),
+            "--force replaces a checkpoint")
+    assert listing(other) == ["notes.txt"]
+
+    # --force replaces a checkpoint, in one rename: a fresh one, no lineage, nothing left aside
+    assert train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(erased), "--force"]) == 0
+    config = json.loads((erased / "config.json").read_text())
+    assert "erased" not in config and "lineage" not in config
+    assert listing(tmp_path) == ["erased", "erased/config.json", "erased/model.safetensors", "notes",
+                                 "notes/notes.txt"]
+    # an empty directory is taken as it is
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(empty)]) == 0
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_train_leaves_nothing_half_written(tmp_path, capsys, monkeypatch):
+    import unlearning.train
+
+    def dies_half_way(model, directory, extra=None):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(unlearning.train, "save_model", dies_half_way)
+    refused(capsys, train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(tmp_path / "out")]),
+            "No space left on device")
+    assert listing(tmp_path) == []
+
+
+def test_unlearnd_train_reports_the_error(tmp_path, capsys):
+    refused(capsys, unlearnd(["train", "--dataset", "mnist", "--out", str(tmp_path / "out")]), "unknown dataset")
+    assert listing(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- unlearnd bench
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """The bench must refuse before it renders or trains anything."""
+    monkeypatch.setattr(bench, "load_splits", lambda *a, **k: pytest.fail("rendered data for a bad request"))
+    monkeypatch.setattr(bench, "run_suite", lambda *a, **k: pytest.fail("ran the suite for a bad request"))
+
+
+def bench_refused(capsys, argv: list[str], message: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    return refused(capsys, exit_.value.code, message)
+
+
+@pytest.mark.parametrize("args, files, message", [
+    (["--methods", "finetune", "nope"], {}, "--methods: unknown method 'nope'"),
+    (["--benchmarks", "nope"], {}, "--benchmarks: suite 'smoke' has no benchmark 'nope'"),
+    (["--method-config", "/nonexistent/methods.json"], {}, "--method-config /nonexistent/methods.json does not exist"),
+    (["--method-config", "{dir}/bad.json"], {"bad.json": "{steps: 3"}, "bad.json is not JSON"),
+    (["--method-config", "{dir}/bin.json"], {"bin.json": b"\xff\xfe\x00"}, "is not JSON: it is not UTF-8 text"),
+    (["--method-config", "{dir}/deep.json"], {"deep.json": "[" * 100_000}, "deep.json is nested too deeply"),
+    (["--method-config", "{dir}/list.json"], {"list.json": "[]"}, "must hold a JSON object {method: "),
+    (["--method-config", "{dir}/m.json"], {"m.json": '{"magic": {}}'}, "unknown method 'magic'"),
+    (["--method-config", "{dir}/m.json"], {"m.json": '{"finetune": 3}'}, "'finetune' must map to a JSON object"),
+    (["--method-config", "{dir}/m.json"], {"m.json": '{"finetune": {"stepz": 3}}'}, "has no parameter 'stepz'"),
+    (["--device", "tpu"], {}, "--device 'tpu' is not a device"),
+    (["--out", "{dir}"], {}, "is a directory; --out is the results JSON file"),
+    pytest.param(["--out", "/proc/forbidden/r.json"], {}, "nothing can be written in /proc",
+                 marks=pytest.mark.skipif(NO_PROC, reason="no /proc")),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bench_refuses_bad_arguments_before_running(tmp_path, capsys, no_run, args, files, message):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name, content in files.items():
+        (inputs / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    out = tmp_path / "out" / "r.json"
+    argv = ["--suite", "smoke", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", str(out)]
+    bench_refused(capsys, argv + [a.format(dir=inputs) for a in args], message)
+    assert listing(tmp_path) == sorted(["inputs", *(f"inputs/{n}" for n in files)])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "holds an array, not an object"),
+    ('"results"', "holds a string, not an object"),
+    ("{not json", "is not JSON"),
+    ('{"suite": "smoke", "device": "cpu", "config": [], "results": []}', "a piece is not a well-formed results"),
+    ('{"suite": "smoke", "device": "cpu", "config": {}, "results": []}', "the pieces hold no results"),
+], ids=["array", "string", "not JSON", "config array", "no results"])
+def test_bench_merge_refuses_what_is_not_a_results_document(tmp_path, capsys, content, message):
+    piece = tmp_path / "piece.json"
+    piece.write_text(content)
+    bench_refused(capsys, ["--merge", str(piece), "--out", str(tmp_path / "m.json")], message)
+    assert listing(tmp_path) == ["piece.json"]
+    bench_refused(capsys, ["--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "m.json")],
+                  "--merge " + str(tmp_path / "missing.json") + " does not exist")
+
+
+def test_unlearnd_bench_exits_2(tmp_path, capsys, no_run):
+    with pytest.raises(SystemExit) as exit_:
+        unlearnd(["bench", "--methods", "nope", "--out", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "c")])
+    refused(capsys, exit_.value.code, "unknown method 'nope'")
+    assert listing(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- unlearnd unlearn
+
+
+def run_unlearn(args: list[str]) -> int:
+    return unlearn_main(args + ["--no-progress"])
+
+
+@pytest.fixture
+def no_job(monkeypatch):
+    import unlearning.job
+
+    monkeypatch.setattr(unlearning.job, "run_unlearning_job", lambda *a, **k: pytest.fail("ran the job"))
+
+
+@pytest.mark.parametrize("out, message", [
+    pytest.param("/proc/forbidden/x", "--out /proc/forbidden/x cannot be created: nothing can be written in /proc",
+                 marks=pytest.mark.skipif(NO_PROC, reason="no /proc")),
+    ("{file}/x", "is not a directory"),
+])
+def test_unlearn_checks_the_output_location_before_the_job(checkpoint, tmp_path, capsys, no_job, out, message):
+    afile = tmp_path / "a-file"
+    afile.write_text("keep me")
+    refused(capsys, run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
+                                 "--out", out.format(file=afile)]), message)
+    assert listing(tmp_path) == ["a-file"]
+
+
+@pytest.mark.parametrize("config, files, message", [
+    ("/nonexistent/config.json", {}, "--config file /nonexistent/config.json does not exist"),
+    ("missing.json", {}, "--config file missing.json does not exist"),
+    ("{dir}/bad.json", {"bad.json": "{steps: 3"}, "bad.json is not JSON"),
+    ("{dir}/bin.json", {"bin.json": b"\xff\xfe\x00"}, "is not JSON: it is not UTF-8 text"),
+    ("{dir}/list.json", {"list.json": "[1]"}, "--config must be a JSON object of hyper-parameters, got an array"),
+    ("[" * 100_000, {}, "--config is neither a JSON object nor a file holding one: nested too deeply"),
+    ("steps=3", {}, "--config is neither a JSON object nor a file holding one"),
+    ("{dir}", {}, "is not a file"),
+], ids=["absent", "relative absent", "bad JSON", "binary", "array", "deep", "neither", "directory"])
+def test_unlearn_config_names_a_missing_or_bad_file(checkpoint, tmp_path, capsys, no_job, config, files, message):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name, content in files.items():
+        (inputs / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    refused(capsys, run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
+                                 "--config", config.format(dir=inputs), "--out", str(tmp_path / "out")]), message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unlearn_config_from_a_file_still_works(checkpoint, tmp_path, capsys):
+    (tmp_path / "fast.json").write_text('{"steps": 2}')
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
+                            "--method", "finetune", "--config", "fast.json", "--out", "v2"]) == 0
+    finally:
+        os.chdir(cwd)
+    entry = json.loads((tmp_path / "v2" / "config.json").read_text())["lineage"][0]
+    assert entry["config"] == {"steps": 2}
+
+
+def damaged(checkpoint: Path, where: Path, config: bytes | dict) -> Path:
+    where.mkdir()
+    (where / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    if isinstance(config, dict):
+        config = json.dumps({**json.loads((checkpoint / "config.json").read_text()), **config}).encode()
+    (where / "config.json").write_bytes(config)
+    return where
+
+
+@pytest.mark.parametrize("config, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "config.json is not JSON: it is not UTF-8 text"),
+    (b"[" * 100_000, "config.json is nested too deeply to parse"),
+    ({"erased": "abc"}, "'erased' must be a list of [instance_id, task] pairs of strings; found 'abc'"),
+    ({"erased": [["indoor-00001"]]}, "'erased' must be a list of [instance_id, task] pairs of strings; "
+                                     "found ['indoor-00001']"),
+    ({"erased": [[["x"], "depth"]]}, "found [['x'], 'depth']"),
+    ({"erased": None}, "'erased' must be a list"),
+    ({"lineage": "abc"}, "'lineage' must be a list of earlier jobs, got a string"),
+], ids=["binary", "deep", "erased string", "erased single", "erased nested", "erased null", "lineage string"])
+def test_unlearn_refuses_a_checkpoint_with_a_damaged_config(checkpoint, tmp_path, capsys, no_job, config, message):
+    bad = damaged(checkpoint, tmp_path / "bad", config)
+    err = refused(capsys, run_unlearn(["--checkpoint", str(bad), "--instance", "indoor-00002", "--device", "cpu",
+                                       "--out", str(tmp_path / "out")]), message)
+    assert str(bad / "config.json") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unlearn_refuses_a_device_that_is_not_one(checkpoint, tmp_path, capsys, no_job):
+    refused(capsys, run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "tpu",
+                                 "--out", str(tmp_path / "out")]), "--device 'tpu' is not a device")
+    assert listing(tmp_path) == []
+
+
+def test_unlearn_reports_weights_that_diverge_and_writes_nothing(checkpoint, tmp_path, capsys):
+    rc = run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
+                      "--method", "finetune", "--config", '{"steps": 3, "lr": 1e30}', "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: finetune left non-finite weights") and "Traceback" not in err
+    assert listing(tmp_path) == []
+
+
+def test_unlearn_refuses_a_configuration_value_before_the_job(checkpoint, tmp_path, capsys):
+    refused(capsys, run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
+                                 "--config", '{"steps": 0}', "--out", str(tmp_path / "out")]),
+            "interference_aware parameter 'steps' must be >= 1, got 0")
+    assert listing(tmp_path) == []

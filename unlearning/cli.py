@@ -1,0 +1,135 @@
+"""What the command-line entry points share (``unlearnd train``: :mod:`unlearning.train`,
+``unlearnd unlearn``: :mod:`unlearning.unlearn`, ``unlearnd bench``: :mod:`unlearning.bench`):
+a request a command refuses is one line ``error: <what is wrong>`` on stderr and exit
+status 2, no traceback, and nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+
+USER_ERROR = 2  # the exit status of a refused request (argparse's for a usage error)
+
+
+class CliError(ValueError):
+    """A request a command-line entry point refuses before it writes anything (the
+    message names what is wrong); :func:`report_cli_error` reports it."""
+
+
+def report_cli_error(exc: BaseException | str) -> int:
+    """Print ``error: <message>`` on stderr; returns the exit status of a refused request (2)."""
+    print(f"error: {exc}", file=sys.stderr)
+    return USER_ERROR
+
+
+def cli_device(value: str | None, option: str = "--device") -> torch.device:
+    """:func:`resolve_device` of a command-line value (``auto`` or None, ``cpu``, ``cuda[:n]``);
+    :class:`CliError` for anything else, or a CUDA device this machine does not have."""
+    from .train import resolve_device  # (the training module imports this one)
+
+    if value not in (None, "auto"):
+        try:
+            kind = torch.device(value).type
+        except (RuntimeError, TypeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise CliError(f"{option} {value!r} is not a device: use auto, cpu or cuda[:n]")
+    try:
+        device = resolve_device(value)
+    except RuntimeError as exc:
+        raise CliError(f"{option}: {exc}") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CliError(f"{option} {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def json_type(value: Any) -> str:
+    """What JSON calls the type of a parsed ``value`` (for messages)."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def read_json(path: str | Path, what: str = "") -> Any:
+    """The JSON document in the file ``path``; :class:`CliError` when it is missing or not a
+    file, unreadable, not UTF-8 text, not JSON, or nested too deeply to parse. ``what``
+    (an option, e.g. ``--merge``) prefixes the path in the messages."""
+    path = Path(path)
+    name = f"{what} {path}" if what else str(path)
+    if not path.exists():
+        raise CliError(f"{name} does not exist")
+    if not path.is_file():
+        raise CliError(f"{name} is not a file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CliError(f"{name} is not JSON: it is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{name} is not JSON: {exc}") from None
+    except RecursionError:
+        raise CliError(f"{name} is nested too deeply to parse") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {name}: {exc.strerror or exc}") from None
+
+
+def check_creatable(path: str | Path, option: str = "--out") -> None:
+    """:class:`CliError` unless ``path`` (absent, or to be replaced) can be created: its
+    nearest existing ancestor must be a directory in which an entry can be made. That is
+    tried (an empty directory, removed again), since permission bits do not tell (root,
+    read-only or virtual file systems such as /proc)."""
+    target = Path(os.path.abspath(path))
+    ancestor = target.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CliError(f"{option} {path} cannot be created: {ancestor} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=".unlearnd-probe-", dir=ancestor)
+    except OSError as exc:
+        raise CliError(f"{option} {path} cannot be created: nothing can be written in {ancestor} "
+                       f"({exc.strerror or exc})") from None
+    os.rmdir(probe)
+
+
+_T = TypeVar("_T")
+
+
+def write_dir_atomically(out: str | Path, write: Callable[[Path], _T], replace: bool = False) -> _T:
+    """``write(staging)`` fills a new temporary sibling of the directory ``out``, which is
+    then renamed to ``out``: a failure (or a kill) leaves no half-written ``out`` (the
+    staging folder is removed, or at worst a hidden ``.<name>.*.tmp`` sibling is left).
+    ``out`` may be absent or an empty directory; with ``replace``, an existing ``out`` is
+    swapped out and removed once the new one is in place. Returns what ``write`` returns."""
+    import uuid
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    staging.mkdir()  # (not mkdtemp: the checkpoint gets the umask's permissions, not 0700)
+    old = None
+    try:
+        result = write(staging)
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            out.rmdir()
+        elif os.path.lexists(out):
+            if not replace:
+                raise CliError(f"{out} already exists and is not an empty directory")
+            old = staging.with_name(staging.name[: -len(".tmp")] + ".old")
+            out.rename(old)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not os.path.lexists(out):
+            old.rename(out)  # the replaced one back
+        raise
+    if old is not None:
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    return result
