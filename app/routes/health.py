@@ -6,6 +6,7 @@ import logging
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from worker.db import read_only
 from worker.migrate import current_revision, head_revision
 
 from ..problems import problem
@@ -24,7 +25,7 @@ def healthz() -> Health:
 @router.get("/readyz", response_model=Health, responses={503: {"description": "database unreachable or not migrated"}})
 def readyz(request: Request):
     """Ready when the database answers and is at the head migration; 503 problem otherwise."""
-    engine = request.app.state.engine
+    engine = read_only(request.app.state.engine)  # on SQLite: no wait for the write lock
     head = head_revision()
     try:
         with engine.connect() as connection:

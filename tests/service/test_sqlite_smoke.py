@@ -55,7 +55,7 @@ def test_reads_do_not_wait_for_the_write_lock_on_sqlite(settings, tmp_path):
         try:
             assert held.wait(10)
             paths = [f"/deletions/{rid}", "/deletions", "/models", f"/models/{model.name}/versions",
-                     f"/models/{model.name}/versions/1", "/audit/events", "/audit/verify", "/metrics"]
+                     f"/models/{model.name}/versions/1", "/audit/events", "/audit/verify", "/metrics", "/readyz"]
             reads = {path: c.get(path) for path in paths}
             lock_still_held = thread.is_alive() and not release.is_set()
         finally:
