@@ -522,6 +522,17 @@ def _stored_artifact(settings, store, job_id, model_name, base_version, version)
     return manifest
 
 
+def _job_config(settings: Settings, method: str, calibration: dict | None, base_manifest: Manifest) -> dict:
+    """The method's configuration for a job: the settings' (with the lineage's calibration),
+    and for ``retrain`` the base version's training recipe under the settings' ``train``
+    fields, so the gold standard repeats the recipe that made the model (not TrainConfig's
+    library defaults)."""
+    config = method_config(settings, calibration)
+    if method == "retrain" and base_manifest.train_config:
+        config["train"] = {**base_manifest.train_config, **dict(config.get("train") or {})}
+    return config
+
+
 def _check_base(settings: Settings, store: ModelStore, model_name: str, base_version: int,
                 base_manifest: Manifest | None = None) -> None:
     """The base version in the store is the one the record holds (same weights' sha256):
@@ -567,7 +578,7 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
             data.test,
             data.forget_cells,
             method=method,
-            config=method_config(settings, calibration),
+            config=_job_config(settings, method, calibration, base_manifest),
             device=device,
             seed=settings.seed,
             cache=engine_cache(model_name, base_version),

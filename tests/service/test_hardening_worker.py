@@ -583,6 +583,26 @@ def test_a_job_that_leaves_non_finite_weights_fails_and_publishes_nothing(tiny):
         assert verify_chain(session)["ok"]
 
 
+def test_a_retrain_job_repeats_the_recipe_of_the_model(tiny, monkeypatch):
+    """Not TrainConfig's library defaults: the base version's recipe, under the settings' own fields."""
+    import unlearning.job
+
+    s, store, ids = tiny
+    s = s.model_copy(update={"method": "retrain", "method_config": {"train": {"epochs": 1}}})
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(unlearning.job, "run_unlearning_job", record)
+    _submit(s, ids[0])
+    assert jobs.drain_model(s, store, TINY)[0].status == "failed"
+    recipe = store.manifest(TINY, 1).train_config
+    assert seen["method"] == "retrain" and seen["config"]["train"] == {**recipe, "epochs": 1}
+    assert recipe["width"] == 8 and recipe["epochs"] == 2  # the tiny model's, not the defaults (32, 80)
+
+
 def test_a_rerun_recomputes_a_stored_artifact_whose_weights_are_damaged(tiny, monkeypatch):
     s, store, ids = tiny
     _submit(s, ids[0])
