@@ -384,7 +384,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 pretrained[(k, "gold")].result()  # trained by a worker: cached_training loads it
             gold, retrain_seconds = cached_retrain(cache_dir, train, spec, cells, recipe, device, retain=retain)
             mia_retrain, gold_members = membership_auc(gold, train, cells, test, device)
-            gold_mean = {t: [float(v.mean())] for t, v in gold_members.items()}
+            gold_mean = {t: [float(v.nanmean())] for t, v in gold_members.items()}  # as forget_loss
 
             for method in run_methods:
                 bar.set_postfix_str(f"{label}: {method}")

@@ -1,6 +1,7 @@
 """Training (seeded, supervised cells only) and evaluation of an unlearning job, on tiny random data."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -282,3 +283,8 @@ def test_a_cell_without_a_labelled_pixel_is_not_measured(trained):
                        forget_cells=[("i2", t) for t in TASKS])
     batch = data.forget_batch()
     assert [bool(batch.has[t][0]) for t in TASKS] == [False, False, True]
+    # the evaluation's forget losses (the bench's forget_gap reads them) are over the cells with a label
+    ev = evaluate_unlearning(model, model, blank, [("i2", "depth"), ("i5", "depth")], test)
+    alone = evaluate_unlearning(model, model, blank, [("i5", "depth")], test)
+    assert ev["forget_loss"]["unlearned"]["depth"] == alone["forget_loss"]["unlearned"]["depth"]
+    assert math.isfinite(ev["forget_loss"]["unlearned"]["depth"])

@@ -1,4 +1,12 @@
-"""Semantic segmentation: cross-entropy (ignore -1); mIoU and pixel accuracy."""
+"""Semantic segmentation: cross-entropy (ignore -1); mIoU and pixel accuracy.
+
+mIoU is the mean IoU over the classes that occur in the ground truth of the set
+scored (one confusion matrix over the set; ignore pixels left out). A pixel
+predicted as a class the set does not contain still counts: it is a miss of its
+true class. Code that averages over every class with a non-zero union (MTAN's,
+for instance) also scores such a predicted-only class as IoU 0; on a test set,
+where every class occurs, the two agree; on a few images (a request's forgotten
+instances) this one does not punish the same error twice."""
 from __future__ import annotations
 
 import torch
