@@ -6,13 +6,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
 #: execution option of an engine whose transactions only read (:func:`read_only`)
 READ_ONLY = "unlearnd_read_only"
+
+
+def advisory_lock(session, name: str) -> None:
+    """Serialise the transactions that take the lock ``name`` until each commits
+    (PostgreSQL's transaction-scoped advisory lock; on SQLite writing transactions
+    already run one at a time)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": name})
 
 
 def read_only(engine: Engine) -> Engine:

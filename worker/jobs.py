@@ -47,7 +47,7 @@ from unlearning.data import dataset_key
 from .audit import append_event
 from .calibration import lineage_calibration, method_config
 from .datasets import erased_cells, get_splits
-from .db import transaction
+from .db import advisory_lock, transaction
 from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json
 from .settings import Settings
 from .versions import erasure_cells, erasures_behind, models_sharing_dataset
@@ -441,11 +441,13 @@ def _target_version(settings: Settings, store: ModelStore, job_id: str) -> int:
         in_db = session.execute(
             select(func.max(ModelVersion.version)).where(ModelVersion.model_name == job.model_name)
         ).scalar() or 0
-        # another unfinished job may have reserved a number (a failed one that stored its
-        # artifact is covered by the store's latest version)
+        # another job may have reserved a number: an unfinished one, or one given up on
+        # (failed after too many attempts) whose worker may still be alive and store its
+        # artifact under that number later; the store's latest version covers only those
+        # that already did
         planned = session.execute(
             select(Job.params).where(Job.model_name == job.model_name, Job.id != job_id,
-                                     Job.status.in_(("queued", "running")))
+                                     Job.status != "completed")
         )
         in_jobs = max((int(p.get("target_version", 0)) for (p,) in planned if p), default=0)
         version = max(in_db, in_jobs, store.latest_version(job.model_name) or 0) + 1
@@ -641,7 +643,11 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
         ).scalar_one_or_none()
         previous = alias.version if alias else None
         key = dataset_key(manifest.dataset)
-        have = {(i, t) for i, t in session.execute(  # read under the alias lock: every earlier publish is in
+        # Tombstones are per dataset and the alias lock per model: a publish of another model
+        # on the dataset may be writing some right now. Under this lock every earlier
+        # publish on the dataset is in (and none of the same cells is inserted twice).
+        advisory_lock(session, f"unlearnd-tombstones:{key}")
+        have = {(i, t) for i, t in session.execute(
             select(Tombstone.instance_id, Tombstone.task).where(Tombstone.dataset_key == key)
         )}
         unsafe = _unsafe_to_serve(job, previous, manifest, have)

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Sequence
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from unlearning.data import dataset_key
 
 from .audit import append_event
+from .db import advisory_lock
 from .datasets import erased_cells, get_splits
 from .errors import Conflict, Invalid, NotFound
 from .settings import Settings
@@ -77,8 +78,7 @@ def pending_cells(session: Session, model_name: str, instance_id: str) -> dict[t
 def _lock_model_submissions(session: Session, model_name: str) -> None:
     """Serialise submissions per model so two racing requests cannot both claim a cell.
     An advisory lock, not a row lock on ``models``: workers may hold that one for long."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"unlearnd-submit:{model_name}"})
+    advisory_lock(session, f"unlearnd-submit:{model_name}")
 
 
 def resolve_cells(

@@ -453,6 +453,39 @@ def test_an_erasure_reaches_every_model_trained_on_the_dataset(two_models):
     assert jobs.drain_model(s_b, store, TINY_B)[0].status == "idle"
 
 
+def test_two_models_publishing_the_same_cell_at_once_both_complete(two_models, monkeypatch):
+    """Pending cells are per model, tombstones per dataset: both models accept a request for
+    one cell. Their publishes used to read the tombstones together and insert the same one
+    twice; the second failed on the unique key, its request for good."""
+    s, s_b, store, ids = two_models
+    ra, rb = _submit(s, ids[0]), _submit(s_b, ids[0])
+    claims = jobs.claim_next(s, TINY), jobs.claim_next(s_b, TINY_B)
+    together = threading.Barrier(2)
+    real = jobs._unsafe_to_serve
+
+    def after_reading_tombstones(*args, **kwargs):
+        try:  # the race: both transactions past their read. Now the second waits on the lock,
+            together.wait(timeout=3)  # so this times out and the first goes on alone
+        except threading.BrokenBarrierError:
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "_unsafe_to_serve", after_reading_tombstones)
+    outcomes = {}
+    threads = [threading.Thread(target=lambda st=st, c=c: outcomes.__setitem__(st.model_name, jobs.run_job(
+        st, store, c.job_id, c.attempt))) for st, c in zip((s, s_b), claims)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {name: o.status for name, o in outcomes.items()} == {TINY: "completed", TINY_B: "completed"}, outcomes
+    assert list(_tombstone_requests(s)) == [(ids[0], "depth")]
+    with transaction(s.database_url) as session:
+        assert [session.get(DeletionRequest, r).status for r in (ra, rb)] == ["completed", "completed"]
+    assert (ids[0], "depth") in {tuple(c) for c in _serving_of(s, TINY).erased_cells}
+    assert (ids[0], "depth") in {tuple(c) for c in _serving_of(s_b, TINY_B).erased_cells}
+
+
 def test_the_sweeper_announces_a_model_behind_its_dataset_but_not_after_a_failed_try(two_models):
     s, s_b, store, ids = two_models
     _submit(s, ids[0])
@@ -512,6 +545,22 @@ def test_a_database_error_at_publish_requeues_and_the_rerun_publishes(tiny, monk
 
 
 # --------------------------------------------------------------------------- E: a poison job
+
+
+def test_a_job_given_up_on_keeps_its_version_number_from_the_next_job(tiny):
+    """A job failed for too many attempts may still have a live worker that stores its
+    artifact later; the next job used to get the same number and fail on that artifact."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    first = jobs.claim_next(s, TINY)
+    reserved = jobs._target_version(s, store, first.job_id)
+    with transaction(s.database_url) as session:  # as a claim gives up on a job whose worker keeps dying
+        job = session.get(Job, first.job_id)
+        job.status, job.error = "failed", "gave up after 1 attempts"
+    _submit(s, ids[1])
+    second = jobs.claim_next(s, TINY)
+    assert second.status == "claimed" and second.job_id != first.job_id
+    assert jobs._target_version(s, store, second.job_id) == reserved + 1
 
 
 def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(tiny, monkeypatch):
