@@ -57,7 +57,7 @@ class LocalModelStore(ModelStore):
         self.root = Path(root)
 
     def _model_dir(self, model_name: str) -> Path:
-        if not _NAME.match(model_name):  # the name becomes a path: no separators, no '..'
+        if not _NAME.fullmatch(model_name):  # the name becomes a path: no separators, no '..'
             raise StoreError(f"invalid model name {model_name!r}")
         return self.root / model_name
 

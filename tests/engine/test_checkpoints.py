@@ -67,3 +67,15 @@ def test_a_config_nested_too_deep_is_a_clear_error(checkpoint):
     (directory / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match="nested too deep"):
         load_model(directory)
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "", "name\n", "x" * 101])
+def test_a_model_name_that_is_not_a_plain_folder_name_is_refused_by_the_store(tmp_path, checkpoint, name):
+    from model_store import LocalModelStore
+    from model_store.base import StoreError
+
+    _, model = checkpoint
+    with pytest.raises(StoreError, match="invalid model name"):
+        LocalModelStore(tmp_path / "store").put_version(model, model_name=name, version=1, parent=None,
+                                                        dataset={"name": "indoor"})
+    assert not (tmp_path / "escape").exists()
