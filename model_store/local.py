@@ -128,7 +128,12 @@ class LocalModelStore(ModelStore):
     ) -> Manifest:
         final = self._dir(model_name, version)
         if self.exists(model_name, version):
-            return self._same_or_conflict(model_name, version, job_id, model)
+            existing = self._same_or_conflict(model_name, version, job_id, model)
+            if self.verify(model_name, version):
+                return existing
+            # this job's artifact, stored by another attempt, with weights that no longer
+            # match its manifest: it is replaced, never handed on to be published
+            self.discard(model_name, version)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f"{TMP_PREFIX}v{version}-{uuid.uuid4().hex}"
         try:

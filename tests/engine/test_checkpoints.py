@@ -79,3 +79,20 @@ def test_a_model_name_that_is_not_a_plain_folder_name_is_refused_by_the_store(tm
         LocalModelStore(tmp_path / "store").put_version(model, model_name=name, version=1, parent=None,
                                                         dataset={"name": "indoor"})
     assert not (tmp_path / "escape").exists()
+
+
+def test_a_damaged_copy_of_the_same_jobs_version_is_replaced_not_returned(tmp_path, checkpoint):
+    """Another attempt of the job stored the version; its weights were damaged since. The
+    store used to hand back that manifest, whose sha256 the record would then publish."""
+    from model_store import LocalModelStore
+
+    _, model = checkpoint
+    store = LocalModelStore(tmp_path / "store")
+    first = store.put_version(model, model_name="m", version=2, parent=1, dataset={"name": "indoor"}, job_id="j")
+    weights = tmp_path / "store" / "m" / "v2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+    assert not store.verify("m", 2)
+    again = store.put_version(model, model_name="m", version=2, parent=1, dataset={"name": "indoor"}, job_id="j")
+    assert store.verify("m", 2) and again.sha256 == first.sha256
+    assert store.put_version(model, model_name="m", version=2, parent=1, dataset={"name": "indoor"},
+                             job_id="j").created_at == again.created_at  # an intact copy is returned as it is
