@@ -65,7 +65,8 @@ def _is_number(value: Any) -> bool:
 
 def _value_problem(method: str, name: str, value: Any, default: Any) -> str | None:
     """Why ``value`` cannot be parameter ``name`` of ``method`` (None when it can)."""
-    if any(value is v or (isinstance(value, str) and value == v) for v in ALSO.get((method, name), ())):
+    also = ALSO.get((method, name), ())
+    if (value is None and None in also) or (isinstance(value, str) and value in also):
         return None
     if default is None:
         return None  # free-form (a recipe, scores, levels): the method checks its shape
