@@ -172,6 +172,8 @@ class ModelOut(BaseModel):
 
 
 class VersionOut(BaseModel):
+    """A version in a listing: its cells only counted (they are every cell of its lineage)."""
+
     model: str
     version: int
     parent_version: int | None
@@ -179,7 +181,7 @@ class VersionOut(BaseModel):
     sha256: str
     artifact_uri: str
     deletions: list[Any] = Field(description="ids of the requests applied in this step")
-    erased_cells: list[Any] = Field(description="every cell erased in this version's lineage")
+    erased_cell_count: int = Field(description="how many cells are erased in this version's lineage")
     metrics: dict[str, Any] | None
     note: str | None
     serving: bool
@@ -187,6 +189,7 @@ class VersionOut(BaseModel):
 
 
 class VersionDetail(VersionOut):
+    erased_cells: list[Any] = Field(description="every cell erased in this version's lineage")
     ancestors: list[VersionOut] = Field(description="parent first, back to the first version")
 
 
@@ -272,7 +275,7 @@ def deletion_accepted(r) -> DeletionAccepted:
     )
 
 
-def version_out(v, serving: int | None) -> VersionOut:
+def version_out(v, erased_cell_count: int, serving: int | None) -> VersionOut:
     return VersionOut(
         model=v.model_name,
         version=v.version,
@@ -281,7 +284,7 @@ def version_out(v, serving: int | None) -> VersionOut:
         sha256=v.sha256,
         artifact_uri=v.artifact_uri,
         deletions=v.deletions or [],
-        erased_cells=v.erased_cells or [],
+        erased_cell_count=erased_cell_count,
         metrics=v.metrics,
         note=v.note,
         serving=v.version == serving,

@@ -48,11 +48,12 @@ def get_splits(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
         return _load(key)
 
 
-def erased_cells(session: Session, spec: dict) -> dict[tuple[str, str], str]:
-    """Every tombstoned cell of ``spec``'s dataset -> the request that erased it."""
-    rows = session.execute(
-        select(Tombstone.instance_id, Tombstone.task, Tombstone.request_id).where(
-            Tombstone.dataset_key == dataset_key(spec)
-        )
-    )
-    return {(iid, task): rid for iid, task, rid in rows}
+def erased_cells(session: Session, spec: dict, instance_id: str | None = None) -> dict[tuple[str, str], str]:
+    """Every tombstoned cell of ``spec``'s dataset (of one instance, with ``instance_id``:
+    an index lookup, where the whole dataset's grows with every erasure) -> the request
+    that erased it."""
+    query = select(Tombstone.instance_id, Tombstone.task, Tombstone.request_id).where(
+        Tombstone.dataset_key == dataset_key(spec))
+    if instance_id is not None:
+        query = query.where(Tombstone.instance_id == instance_id)
+    return {(iid, task): rid for iid, task, rid in session.execute(query)}

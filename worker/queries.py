@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, TypeVar
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from .errors import Invalid
@@ -101,12 +101,9 @@ def list_requests(
         q = q.where(DeletionRequest.created_at < utc(until))
     if cursor is not None:
         at, rid = decode_request_cursor(cursor)
-        q = q.where(
-            or_(
-                DeletionRequest.created_at < at,
-                and_(DeletionRequest.created_at == at, DeletionRequest.id < rid),
-            )
-        )
+        # one row comparison, not an OR of two: PostgreSQL can then start the index scan
+        # at the cursor instead of walking (and discarding) every newer row
+        q = q.where(tuple_(DeletionRequest.created_at, DeletionRequest.id) < tuple_(at, rid))
     rows = session.execute(
         q.order_by(DeletionRequest.created_at.desc(), DeletionRequest.id.desc()).limit(limit + 1)
     ).scalars().all()

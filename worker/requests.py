@@ -112,7 +112,7 @@ def resolve_cells(
         ) from None
 
     wanted = [(instance_id, t) for t in (model_tasks if tasks == "all" else tasks)]
-    erased = erased_cells(session, model.dataset)
+    erased = erased_cells(session, model.dataset, instance_id)
     pending = pending_cells(session, model.name, instance_id)
     if tasks == "all":
         cells = [c for c in wanted if c not in erased and c not in pending]
@@ -133,7 +133,7 @@ def resolve_cells(
         # erased through another model on the same dataset: this model's propagate job is due
         from .versions import erasure_cells, erasures_behind
 
-        behind = set(map(tuple, erasure_cells(erasures_behind(session, model))))
+        behind = set(map(tuple, erasure_cells(erasures_behind(session, model, instance_id))))
         for c in clash:
             if c["state"] == "erased":
                 c["propagating"] = (c["instance_id"], c["task"]) in behind

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from unlearning.data import dataset_key
 
@@ -77,13 +77,24 @@ def list_models(session: Session) -> list[ModelSummary]:
     ]
 
 
-def list_versions(session: Session, model_name: str) -> list[ModelVersion]:
+def version_summaries(session: Session, model_name: str,
+                      versions: list[int] | None = None) -> list[tuple[ModelVersion, int]]:
+    """The versions of ``model_name`` (all, or those numbered ``versions``), each with the
+    number of cells erased in its lineage, in version order, without loading those cells:
+    a version holds every cell of its lineage, and over a long history that is megabytes
+    of JSON a version, read for every version of a listing."""
+    query = (select(ModelVersion, func.json_array_length(ModelVersion.erased_cells))
+             .options(defer(ModelVersion.erased_cells, raiseload=True))
+             .where(ModelVersion.model_name == model_name).order_by(ModelVersion.version))
+    if versions is not None:
+        query = query.where(ModelVersion.version.in_(versions))
+    return [(row, int(count or 0)) for row, count in session.execute(query)]
+
+
+def list_versions(session: Session, model_name: str) -> list[tuple[ModelVersion, int]]:
+    """:func:`version_summaries` of every version of ``model_name`` (NotFound for an unknown model)."""
     get_model(session, model_name)
-    return list(
-        session.execute(
-            select(ModelVersion).where(ModelVersion.model_name == model_name).order_by(ModelVersion.version)
-        ).scalars()
-    )
+    return version_summaries(session, model_name)
 
 
 def get_version(session: Session, model_name: str, version: int) -> ModelVersion:
@@ -96,30 +107,34 @@ def get_version(session: Session, model_name: str, version: int) -> ModelVersion
     return row
 
 
-def ancestors(session: Session, row: ModelVersion) -> list[ModelVersion]:
-    """The parents of ``row``, nearest first, up to the first version."""
-    by_version = {
-        v.version: v
-        for v in session.execute(select(ModelVersion).where(ModelVersion.model_name == row.model_name)).scalars()
-    }
+def ancestors(session: Session, row: ModelVersion) -> list[tuple[ModelVersion, int]]:
+    """The parents of ``row``, nearest first, up to the first version, as
+    :func:`version_summaries` (the walk reads only version numbers)."""
+    parent_of = dict(session.execute(select(ModelVersion.version, ModelVersion.parent_version)
+                                     .where(ModelVersion.model_name == row.model_name)).all())
     chain, seen, parent = [], {row.version}, row.parent_version
-    while parent is not None and parent in by_version and parent not in seen:  # guard against a cycle
+    while parent is not None and parent in parent_of and parent not in seen:  # guard against a cycle
         seen.add(parent)
-        chain.append(by_version[parent])
-        parent = by_version[parent].parent_version
-    return chain
+        chain.append(parent)
+        parent = parent_of[parent]
+    summaries = {v.version: (v, n) for v, n in version_summaries(session, row.model_name, chain)} if chain else {}
+    return [summaries[v] for v in chain]
 
 
-def missing_erasures(session: Session, model: Model, target: ModelVersion) -> list[dict]:
-    """Erasures recorded for the model's dataset that ``target`` does not contain,
-    grouped by request: ``[{"request_id", "instance_id", "tasks"}]``."""
+def missing_erasures(session: Session, model: Model, target: ModelVersion,
+                     instance_id: str | None = None) -> list[dict]:
+    """Erasures recorded for the model's dataset (of one instance, with ``instance_id``)
+    that ``target`` does not contain, grouped by request:
+    ``[{"request_id", "instance_id", "tasks"}]``."""
     have = {as_cell(c) for c in (target.erased_cells or [])}
     grouped: dict[tuple[str, str], list[str]] = {}
-    for t in session.execute(
-        select(Tombstone).where(Tombstone.dataset_key == dataset_key(model.dataset)).order_by(Tombstone.id)
-    ).scalars():
-        if (t.instance_id, t.task) not in have:
-            grouped.setdefault((t.request_id, t.instance_id), []).append(t.task)
+    query = (select(Tombstone.request_id, Tombstone.instance_id, Tombstone.task)  # columns: no ORM objects
+             .where(Tombstone.dataset_key == dataset_key(model.dataset)).order_by(Tombstone.id))
+    if instance_id is not None:
+        query = query.where(Tombstone.instance_id == instance_id)
+    for request_id, iid, task in session.execute(query):
+        if (iid, task) not in have:
+            grouped.setdefault((request_id, iid), []).append(task)
     return [{"request_id": rid, "instance_id": iid, "tasks": tasks} for (rid, iid), tasks in grouped.items()]
 
 
@@ -134,9 +149,9 @@ def erasure_cells(erasures: list[dict]) -> list[list[str]]:
     return [[e["instance_id"], t] for e in erasures for t in e["tasks"]]
 
 
-def erasures_behind(session: Session, model: Model) -> list[dict]:
+def erasures_behind(session: Session, model: Model, instance_id: str | None = None) -> list[dict]:
     """:func:`missing_erasures` of the model's serving version: erasures of its dataset
-    that the version it serves still contains. Empty for a model whose every erasure
+    (of one instance, with ``instance_id``) that the version it serves still contains. Empty for a model whose every erasure
     went through its own jobs; not empty when another model trained on the same dataset
     erased cells (tombstones are per dataset: the data is erased, so every model trained
     on it must follow). ``worker.jobs`` runs a ``propagate`` job for them; the sweeper
@@ -147,7 +162,7 @@ def erasures_behind(session: Session, model: Model) -> list[dict]:
     target = session.execute(
         select(ModelVersion).where(ModelVersion.model_name == model.name, ModelVersion.version == serving)
     ).scalar_one_or_none()
-    return [] if target is None else missing_erasures(session, model, target)
+    return [] if target is None else missing_erasures(session, model, target, instance_id)
 
 
 def rollback(

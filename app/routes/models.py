@@ -49,20 +49,23 @@ def read_versions(name: Text, session: ReadSessionDep) -> list[VersionOut]:
     with session.begin():
         rows = list_versions(session, name)
         serving = serving_version(session, name)
-        return [version_out(v, serving) for v in rows]
+        return [version_out(v, n, serving) for v, n in rows]
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionDetail)
 def read_version(
     name: Text, version: Annotated[VersionNumber, Path(ge=1, le=MAX_VERSION)], session: ReadSessionDep
 ) -> VersionDetail:
-    """One version with its lineage: parent, deletions applied, erased cells, metrics, artifact, ancestors."""
+    """One version with its lineage: parent, deletions applied, erased cells, metrics, artifact,
+    ancestors (without their cells: each ancestor's are a subset of this version's)."""
     with session.begin():
         row = get_version(session, name, version)
         serving = serving_version(session, name)
+        cells = row.erased_cells or []
         return VersionDetail(
-            **version_out(row, serving).model_dump(),
-            ancestors=[version_out(a, serving) for a in ancestors(session, row)],
+            **version_out(row, len(cells), serving).model_dump(),
+            erased_cells=cells,
+            ancestors=[version_out(a, n, serving) for a, n in ancestors(session, row)],
         )
 
 

@@ -44,11 +44,14 @@ def test_models_versions_and_lineage(client, settings, model):
     versions = client.get(f"/models/{model.name}/versions").json()
     assert [(v["version"], v["parent_version"], v["serving"]) for v in versions] == [
         (1, None, False), (2, 1, False), (3, 2, True)]
+    # a listing counts a version's cells (every cell of its lineage) rather than listing them
+    assert [v["erased_cell_count"] for v in versions] == [0, 1, 3] and "erased_cells" not in versions[0]
 
     v3 = client.get(f"/models/{model.name}/versions/3").json()
     assert v3["deletions"] == ["r-b"] and v3["erased_cells"] == [[a, "depth"], [b, "depth"], [b, "normal"]]
     assert v3["sha256"] == "3" * 64 and v3["artifact_uri"] == "file:///fake/v3" and v3["metrics"]["uis"] == 2.5
-    assert [v["version"] for v in v3["ancestors"]] == [2, 1]
+    assert [(v["version"], v["erased_cell_count"]) for v in v3["ancestors"]] == [(2, 1), (1, 0)]
+    assert v3["erased_cell_count"] == 3
     assert_problem(client.get(f"/models/{model.name}/versions/9"), 404)
     assert_problem(client.get("/models/nope/versions"), 404)
 
