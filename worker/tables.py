@@ -6,7 +6,7 @@ import re
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -137,12 +137,15 @@ class AuditEvent(Base):
     """Append-only, hash-chained: hash = sha256(prev_hash + canonical JSON of the event)."""
 
     __tablename__ = "audit_events"
+    # each filter of the audit query with seq, the order it pages in (migration 0003)
+    __table_args__ = tuple(Index(f"ix_audit_events_{c}_seq", c, "seq")
+                           for c in ("kind", "instance_id", "request_id", "model_name"))
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    kind: Mapped[str] = mapped_column(String(50), index=True)
+    kind: Mapped[str] = mapped_column(String(50))
     model_name: Mapped[str | None] = mapped_column(String(100), nullable=True)
-    request_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
-    instance_id: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    request_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    instance_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     payload: Mapped[dict] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
