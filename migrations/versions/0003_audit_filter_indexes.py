@@ -1,7 +1,7 @@
 """Audit filters page in seq order: composite (filter, seq) indexes, so a query for a
 rare kind, instance, request or model starts at the cursor and reads only its own
-events (a single-column index, or none for model_name, walked the log by seq and
-discarded the rest; at 273k events a rare filter took 37-85 ms instead of ~0.1).
+events (with a single-column index, or none for model_name, PostgreSQL walked the log
+by seq and discarded the rest; see benchmarks/README.md, "The record at scale").
 
 Revision ID: 0003
 Revises: 0002
