@@ -13,7 +13,11 @@ the ticks are dropped instead of piling up in the queue (the next tick does the
 same work). They share the job queue, so with a single worker they wait for the
 job to end; a second worker (``unlearnd worker``) keeps the relay going meanwhile.
 
-    celery -A worker.celery_app worker --pool solo -c 1 --loglevel info
+    celery -A worker.celery_app worker -c 1 --loglevel info      # what `unlearnd worker` runs
+
+The time limits are enforced by the prefork pool (Celery's default): with ``--pool
+solo`` or ``threads`` Celery ignores them, and a job runs as long as it takes.
+One delivery runs one job (``worker.tasks``), so the limit is a job's.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -503,6 +504,9 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
         return JobOutcome("requeued", model_name, job_id, error=error)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, then reported
         error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, SoftTimeLimitExceeded):
+            error = (f"the job ran past its time limit (UNLEARND_JOB_TIME_LIMIT_S={settings.job_time_limit_s} s) "
+                     "and was stopped; nothing was published")
         log.error("job %s failed: %s\n%s", job_id, error, traceback.format_exc())
         if not mark_failed(settings, job_id, error, attempt=attempt):
             return JobOutcome("superseded", model_name, job_id, error=error)

@@ -652,6 +652,41 @@ def test_a_retrain_job_repeats_the_recipe_of_the_model(tiny, monkeypatch):
     assert recipe["width"] == 8 and recipe["epochs"] == 2  # the tiny model's, not the defaults (32, 80)
 
 
+def test_a_celery_delivery_runs_one_job_and_announces_the_model_again(tiny, monkeypatch):
+    """The task's time limit is one job's: a delivery runs one job, and the next job (a
+    request that arrived meanwhile) gets a delivery, and a time limit, of its own."""
+    from worker import tasks
+
+    s, store, ids = tiny
+    monkeypatch.setattr(tasks, "get_settings", lambda: s)
+    sent = []
+    monkeypatch.setattr(tasks.app, "send_task", lambda name, args: sent.append((name, args)))
+    _submit(s, ids[0])
+    first = tasks.process_model_task.apply(args=[TINY]).get()
+    assert first["status"] == "completed" and sent == [(tasks.PROCESS_MODEL_TASK, [TINY])]
+    assert tasks.process_model_task.apply(args=[TINY]).get()["status"] == "idle"
+    assert len(sent) == 1  # nothing left: no further announcement
+
+
+def test_a_job_stopped_by_its_time_limit_says_so(tiny, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    import unlearning.job
+
+    s, store, ids = tiny
+
+    def too_long(*args, **kwargs):
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(unlearning.job, "run_unlearning_job", too_long)
+    request_id = _submit(s, ids[0])
+    outcome = jobs.drain_model(s, store, TINY)[0]
+    assert outcome.status == "failed"
+    assert f"ran past its time limit (UNLEARND_JOB_TIME_LIMIT_S={s.job_time_limit_s} s)" in outcome.error
+    with transaction(s.database_url) as session:
+        assert "time limit" in session.get(DeletionRequest, request_id).error
+
+
 def test_a_rerun_recomputes_a_stored_artifact_whose_weights_are_damaged(tiny, monkeypatch):
     s, store, ids = tiny
     _submit(s, ids[0])
