@@ -18,7 +18,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion, as_utc
+from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, as_utc, utcnow
 from worker.versions import erasure_cells, erasures_behind
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,18 @@ class RecordCollector(Collector):
         yield depth
 
         yield self._job_durations(session)
+
+        # what the relay has not handed to the broker yet (growing: the broker is away)
+        count, oldest = session.execute(
+            select(func.count(), func.min(OutboxMessage.created_at)).where(OutboxMessage.published_at.is_(None))
+        ).one()
+        backlog = GaugeMetricFamily("unlearnd_outbox_unpublished", "Outbox messages not yet published to the broker")
+        backlog.add_metric([], count)
+        yield backlog
+        age = GaugeMetricFamily("unlearnd_outbox_oldest_unpublished_seconds",
+                                "Age of the oldest unpublished outbox message (0 when none)")
+        age.add_metric([], max(0.0, (utcnow() - as_utc(oldest)).total_seconds()) if oldest is not None else 0.0)
+        yield age
 
         serving = {
             (v.model_name): v

@@ -44,7 +44,12 @@ def create_celery(settings: Settings) -> Celery:
         task_ignore_result=settings.result_backend is None,
         broker_connection_retry_on_startup=True,
         # Redis redelivers an unacknowledged task after the visibility timeout: longer than a job may run.
-        broker_transport_options={"visibility_timeout": settings.job_time_limit_s + 600},
+        # The socket timeouts bound a publish to a broker that stopped answering (kombu's default
+        # is none: the relay waited, inside its transaction, for as long as TCP did).
+        broker_transport_options={"visibility_timeout": settings.job_time_limit_s + 600,
+                                  "socket_timeout": 10, "socket_connect_timeout": 10},
+        broker_connection_timeout=10,
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 1, "interval_max": 3},
         worker_hijack_root_logger=False,
         beat_schedule={
             name: {"task": task, "schedule": every, "options": {"expires": every}}

@@ -58,7 +58,14 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # libpq: give up connecting after 10 s, and notice a peer that vanished mid-query
+    # (keepalives) instead of waiting on a dead connection for as long as TCP does
+    return create_engine(url, pool_pre_ping=True, connect_args=dict(PG_CONNECT_ARGS))
+
+
+#: libpq connection parameters of every PostgreSQL engine (psycopg and psycopg2 take them)
+PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                   "keepalives_count": 3}
 
 
 @lru_cache

@@ -54,6 +54,8 @@ def test_metrics_read_the_record(client, settings, model):
     assert m[("unlearnd_deletion_requests", (("status", "failed"),))] == 0
     assert m[("unlearnd_deletion_requests_received_total", ())] == 4
     assert m[("unlearnd_queue_depth", (("model", model.name),))] == 2
+    assert m[("unlearnd_outbox_unpublished", ())] == 4  # no relay runs here: the broker never got them
+    assert m[("unlearnd_outbox_oldest_unpublished_seconds", ())] >= 0
     assert m[("unlearnd_jobs", (("status", "completed"),))] == 2
     assert m[("unlearnd_jobs", (("status", "running"),))] == 1
     assert m[("unlearnd_jobs", (("status", "failed"),))] == 1
@@ -103,6 +105,10 @@ def test_not_ready_when_unmigrated_or_unreachable(settings):
     with TestClient(create_app(gone)) as c:
         assert assert_problem(c.get("/readyz"), 503)["reason"] == "database"
         assert _samples(c)[("unlearnd_record_up", ())] == 0  # a scrape still answers
+        # the routes that need the record: 503 with Retry-After, not a 500
+        for r in (c.get("/deletions"), c.post("/deletions", json={"instance_id": "indoor-00001"})):
+            assert assert_problem(r, 503, "database-unavailable")["detail"].startswith("the record (database)")
+            assert r.headers["retry-after"] == "5"
 
 
 def test_framework_errors_are_problems(client):
