@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 ENGINE_CACHE: "OrderedDict[tuple[str, int], dict]" = OrderedDict()
 ENGINE_CACHE_SIZE = 4
 
+#: pauses before each try to put a job back in the queue after a database error (~30 s in all)
+REQUEUE_PAUSES_S = (0, 1, 2, 4, 8, 15)
+_pause = time.sleep
+
 _process_locks: dict[str, threading.Lock] = {}
 _process_locks_guard = threading.Lock()
 
@@ -497,10 +501,17 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
     except TRANSIENT_DB_ERRORS as exc:
         error = f"{type(exc).__name__}: {exc}"
         log.warning("job %s: database error, putting it back in the queue: %s", job_id, error)
-        try:
-            requeue(settings, job_id, attempt, f"database error: {error}")
-        except Exception:  # noqa: BLE001 - the database is still away: the sweeper requeues the job later
-            log.warning("job %s: requeue failed; the sweeper will requeue it", job_id, exc_info=True)
+        # A blip is usually over in seconds: try for about half a minute, or the job stays
+        # "running" until the sweeper finds its heartbeat STALE_AFTER_S old (10 minutes).
+        for pause in REQUEUE_PAUSES_S:
+            _pause(pause)
+            try:
+                requeue(settings, job_id, attempt, f"database error: {error}")
+                break
+            except Exception:  # noqa: BLE001 - the database is still away
+                log.debug("job %s: requeue failed", job_id, exc_info=True)
+        else:
+            log.warning("job %s: requeue failed for 30 s; the sweeper will requeue it", job_id)
         return JobOutcome("requeued", model_name, job_id, error=error)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, then reported
         error = f"{type(exc).__name__}: {exc}"

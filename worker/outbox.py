@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import timedelta
 from typing import Callable
 
@@ -57,13 +58,41 @@ def relay_once(settings: Settings, publish: Publish, batch: int = 100) -> int:
                 try:
                     publish(row.topic, dict(row.payload))
                     sent[key] = True
-                except Exception:  # the broker is down: leave the row for the next pass
-                    log.warning("outbox: publishing %s %s failed", row.topic, row.payload, exc_info=True)
-                    sent[key] = False
+                except Exception:  # the broker is down: leave the rows for the next pass
+                    _broker_failed(row)
+                    break  # the rest of the batch would fail the same way, each after its timeout
             if sent[key]:
                 row.published_at = utcnow()
                 published += 1
+    if published:
+        _broker_answered(published)
     return published
+
+
+# Whether the last publish failed, so that an outage is logged when it starts (with the
+# error) and when it ends, not at every pass of the relay (once a second).
+_outage = {"since": None}
+_outage_lock = threading.Lock()
+
+
+def _broker_failed(row) -> None:
+    with _outage_lock:
+        first = _outage["since"] is None
+        if first:
+            _outage["since"] = utcnow()
+    if first:
+        log.warning("outbox: publishing %s %s failed; the relay keeps the messages and retries (logged again "
+                    "when the broker answers)", row.topic, row.payload, exc_info=True)
+    else:
+        log.debug("outbox: the broker is still unreachable")
+
+
+def _broker_answered(published: int) -> None:
+    with _outage_lock:
+        since, _outage["since"] = _outage["since"], None
+    if since is not None:
+        log.warning("outbox: the broker answers again after %.0f s; published %d message(s)",
+                    (utcnow() - since).total_seconds(), published)
 
 
 def sweep_once(settings: Settings, publish: Publish) -> dict:

@@ -764,3 +764,58 @@ def test_a_workers_cached_versions_give_up_their_device_data_to_the_newest(monke
     assert new == {} and ("resident", "train") not in old and old["engine"] == {"tau": 1}
     assert ("resident", "train") in other
     assert jobs.engine_cache("m", 1) is old  # still cached, without the copy
+
+
+def test_the_relay_keeps_messages_through_a_broker_outage_and_logs_it_twice(tiny, caplog):
+    """While the broker is away each pass stops at the first failed publish (the rest would
+    wait out their timeouts too), the messages stay, and the outage is logged when it
+    starts and when it ends, not at every pass."""
+    import logging
+
+    from worker.outbox import relay_once
+
+    s, _, ids = tiny
+    for i in range(3):
+        _submit(s, ids[i])
+    calls = []
+
+    def down(topic, payload):
+        calls.append(payload)
+        raise ConnectionError("broker unreachable")
+
+    with caplog.at_level(logging.WARNING, logger="worker.outbox"):
+        assert [relay_once(s, down) for _ in range(5)] == [0] * 5
+        assert len(calls) == 5  # one try a pass, not one per message
+        with transaction(s.database_url) as session:
+            assert session.execute(select(OutboxMessage).where(OutboxMessage.published_at.is_(None))).all()
+        sent = []
+        assert relay_once(s, lambda topic, payload: sent.append(payload)) == 3
+    # the three requests name one model: one message for the batch
+    assert sent == [{"model_name": TINY}]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "worker.outbox"]
+    assert len(warnings) == 2 and "failed" in warnings[0] and "answers again" in warnings[1]
+
+
+def test_a_requeue_that_meets_the_database_still_away_is_tried_again(tiny, monkeypatch):
+    """The blip outlasts the failed publish: the requeue is retried with back-off instead
+    of leaving the job "running" until the sweeper finds it stale (10 minutes by default)."""
+    from sqlalchemy.exc import OperationalError
+
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    lost = OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+    monkeypatch.setattr(jobs, "publish_version", lambda *a, **k: (_ for _ in ()).throw(lost))
+    real_requeue, tries, pauses = jobs.requeue, [], []
+    monkeypatch.setattr(jobs, "_pause", pauses.append)
+
+    def requeue_after_two_failures(*args, **kwargs):
+        tries.append(1)
+        if len(tries) < 3:
+            raise lost
+        return real_requeue(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "requeue", requeue_after_two_failures)
+    outcome = jobs.process_model(s, store, TINY)
+    assert outcome.status == "requeued" and len(tries) == 3 and pauses == [0, 1, 2]
+    with transaction(s.database_url) as session:
+        assert session.get(Job, outcome.job_id).status == "queued"
