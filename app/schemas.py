@@ -275,7 +275,7 @@ def deletion_accepted(r) -> DeletionAccepted:
     )
 
 
-def version_out(v, erased_cell_count: int, serving: int | None) -> VersionOut:
+def version_out(v, serving: int | None) -> VersionOut:
     return VersionOut(
         model=v.model_name,
         version=v.version,
@@ -284,7 +284,7 @@ def version_out(v, erased_cell_count: int, serving: int | None) -> VersionOut:
         sha256=v.sha256,
         artifact_uri=v.artifact_uri,
         deletions=v.deletions or [],
-        erased_cell_count=erased_cell_count,
+        erased_cell_count=v.erased_cell_count,
         metrics=v.metrics,
         note=v.note,
         serving=v.version == serving,

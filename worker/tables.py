@@ -96,6 +96,10 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+def _count_erased_cells(context) -> int:
+    return len(context.get_current_parameters().get("erased_cells") or [])
+
+
 class ModelVersion(Base):
     __tablename__ = "model_versions"
     __table_args__ = (UniqueConstraint("model_name", "version"),)
@@ -109,6 +113,9 @@ class ModelVersion(Base):
     artifact_uri: Mapped[str] = mapped_column(Text)
     deletions: Mapped[list] = mapped_column(JSON, default=list)  # request ids applied in this step
     erased_cells: Mapped[list] = mapped_column(JSON, default=list)  # every cell erased in its lineage
+    # len(erased_cells), for listings that should not read the cells (megabytes over a long
+    # history); filled on insert from erased_cells (versions are never updated; migration 0004)
+    erased_cell_count: Mapped[int] = mapped_column(Integer, default=_count_erased_cells, server_default="0")
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -77,21 +77,19 @@ def list_models(session: Session) -> list[ModelSummary]:
     ]
 
 
-def version_summaries(session: Session, model_name: str,
-                      versions: list[int] | None = None) -> list[tuple[ModelVersion, int]]:
-    """The versions of ``model_name`` (all, or those numbered ``versions``), each with the
-    number of cells erased in its lineage, in version order, without loading those cells:
-    a version holds every cell of its lineage, and over a long history that is megabytes
-    of JSON a version, read for every version of a listing."""
-    query = (select(ModelVersion, func.json_array_length(ModelVersion.erased_cells))
-             .options(defer(ModelVersion.erased_cells, raiseload=True))
+def version_summaries(session: Session, model_name: str, versions: list[int] | None = None) -> list[ModelVersion]:
+    """The versions of ``model_name`` (all, or those numbered ``versions``) in version
+    order, without their ``erased_cells`` (``erased_cell_count`` says how many): a version
+    holds every cell of its lineage, and over a long history that is megabytes of JSON a
+    version, read for every version of a listing."""
+    query = (select(ModelVersion).options(defer(ModelVersion.erased_cells, raiseload=True))
              .where(ModelVersion.model_name == model_name).order_by(ModelVersion.version))
     if versions is not None:
         query = query.where(ModelVersion.version.in_(versions))
-    return [(row, int(count or 0)) for row, count in session.execute(query)]
+    return list(session.execute(query).scalars())
 
 
-def list_versions(session: Session, model_name: str) -> list[tuple[ModelVersion, int]]:
+def list_versions(session: Session, model_name: str) -> list[ModelVersion]:
     """:func:`version_summaries` of every version of ``model_name`` (NotFound for an unknown model)."""
     get_model(session, model_name)
     return version_summaries(session, model_name)
@@ -107,7 +105,7 @@ def get_version(session: Session, model_name: str, version: int) -> ModelVersion
     return row
 
 
-def ancestors(session: Session, row: ModelVersion) -> list[tuple[ModelVersion, int]]:
+def ancestors(session: Session, row: ModelVersion) -> list[ModelVersion]:
     """The parents of ``row``, nearest first, up to the first version, as
     :func:`version_summaries` (the walk reads only version numbers)."""
     parent_of = dict(session.execute(select(ModelVersion.version, ModelVersion.parent_version)
@@ -117,7 +115,7 @@ def ancestors(session: Session, row: ModelVersion) -> list[tuple[ModelVersion, i
         seen.add(parent)
         chain.append(parent)
         parent = parent_of[parent]
-    summaries = {v.version: (v, n) for v, n in version_summaries(session, row.model_name, chain)} if chain else {}
+    summaries = {v.version: v for v in version_summaries(session, row.model_name, chain)} if chain else {}
     return [summaries[v] for v in chain]
 
 

@@ -49,7 +49,7 @@ def read_versions(name: Text, session: ReadSessionDep) -> list[VersionOut]:
     with session.begin():
         rows = list_versions(session, name)
         serving = serving_version(session, name)
-        return [version_out(v, n, serving) for v, n in rows]
+        return [version_out(v, serving) for v in rows]
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionDetail)
@@ -61,11 +61,10 @@ def read_version(
     with session.begin():
         row = get_version(session, name, version)
         serving = serving_version(session, name)
-        cells = row.erased_cells or []
         return VersionDetail(
-            **version_out(row, len(cells), serving).model_dump(),
-            erased_cells=cells,
-            ancestors=[version_out(a, n, serving) for a, n in ancestors(session, row)],
+            **version_out(row, serving).model_dump(),
+            erased_cells=row.erased_cells or [],
+            ancestors=[version_out(a, serving) for a in ancestors(session, row)],
         )
 
 

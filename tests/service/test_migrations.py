@@ -17,7 +17,7 @@ def test_migrated_schema_matches_the_orm(database_url):
 
 
 def test_upgrade_is_idempotent(database_url):
-    assert upgrade_database(database_url) == head_revision() == "0003"
+    assert upgrade_database(database_url) == head_revision() == "0004"
 
 
 def test_offline_sql_builds_the_same_schema():
@@ -46,5 +46,37 @@ def test_offline_sql_builds_the_same_schema():
             ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
             assert compare_metadata(ctx, Base.metadata) == []
             assert is_up_to_date(conn)
+    finally:
+        drop_database(name)
+
+
+def test_the_erased_cell_count_is_filled_for_existing_versions(tmp_path):
+    """Migration 0004 on a record that has versions: each gets the length of its erased_cells,
+    on PostgreSQL and on SQLite (a batch table rebuild there)."""
+    import uuid
+
+    from alembic import command
+    from sqlalchemy import text
+
+    from worker.migrate import alembic_config
+
+    from .conftest import create_database, drop_database
+
+    name = f"unlearnd_test_0004_{uuid.uuid4().hex[:8]}"
+    urls = [create_database(name), f"sqlite:///{tmp_path / 'record.db'}"]
+    try:
+        for url in urls:
+            command.upgrade(alembic_config(url), "0003")
+            with engine_for(url).begin() as conn:
+                conn.execute(text("INSERT INTO models (name, dataset, tasks, created_at) "
+                                  "VALUES ('m', '{}', '[]', CURRENT_TIMESTAMP)"))
+                for version, cells in ((1, "[]"), (2, '[["a", "depth"], ["b", "depth"]]')):
+                    conn.execute(text("INSERT INTO model_versions (model_name, version, sha256, artifact_uri, "
+                                      "deletions, erased_cells, created_at) VALUES ('m', :v, 'x', 'x', '[]', "
+                                      ":cells, CURRENT_TIMESTAMP)"), {"v": version, "cells": cells})
+            upgrade_database(url)
+            with engine_for(url).connect() as conn:
+                counts = conn.execute(text("SELECT version, erased_cell_count FROM model_versions ORDER BY version"))
+                assert [tuple(r) for r in counts] == [(1, 0), (2, 2)], url
     finally:
         drop_database(name)
