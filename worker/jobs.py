@@ -651,6 +651,16 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
             raise JobFailed(f"artifact v{manifest.version} belongs to job {manifest.job_id}, not {job_id}")
         if job.status != "running" or (attempt is not None and job.attempts != attempt):
             raise StaleAttempt(f"job {job_id} is {job.status} at attempt {job.attempts}, not running attempt {attempt}")
+        # The sha256 covers the weights only: the manifest's own claims, which the record is
+        # about to copy (version, base, dataset), must be this job's.
+        claimed = {"model": manifest.model, "version": manifest.version, "parent": manifest.parent,
+                   "dataset": dataset_key(manifest.dataset)}
+        expected = {"model": job.model_name, "version": (job.params or {}).get("target_version", manifest.version),
+                    "parent": job.base_version, "dataset": dataset_key(session.get(Model, job.model_name).dataset)}
+        wrong = {k: (claimed[k], expected[k]) for k in claimed if claimed[k] != expected[k]}
+        if wrong:
+            raise JobFailed(f"the artifact's manifest does not match job {job_id}: "
+                            + ", ".join(f"{k} {got!r}, expected {want!r}" for k, (got, want) in wrong.items()))
 
         model_name, version, metrics = job.model_name, manifest.version, manifest.metrics or {}
         alias = session.execute(

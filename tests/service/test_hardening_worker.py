@@ -819,3 +819,21 @@ def test_a_requeue_that_meets_the_database_still_away_is_tried_again(tiny, monke
     assert outcome.status == "requeued" and len(tries) == 3 and pauses == [0, 1, 2]
     with transaction(s.database_url) as session:
         assert session.get(Job, outcome.job_id).status == "queued"
+
+
+@pytest.mark.parametrize("field,value", [("parent", 7), ("version", 5), ("dataset", {"name": "street"})])
+def test_publish_refuses_a_manifest_whose_claims_are_not_the_jobs(tiny, field, value):
+    """The sha256 vouches for the weights only; a manifest that names another base, version
+    or dataset than its job is refused, not copied into the record."""
+    from dataclasses import replace
+
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    claim = jobs.claim_next(s, TINY)
+    version = jobs._target_version(s, store, claim.job_id)
+    model, base = store.load(TINY, 1)
+    manifest = store.put_version(model, model_name=TINY, version=version, parent=1, dataset=base.dataset,
+                                 job_id=claim.job_id)
+    with pytest.raises(jobs.JobFailed, match=f"manifest does not match job {claim.job_id}: {field} "):
+        jobs.publish_version(s, store, claim.job_id, replace(manifest, **{field: value}), attempt=claim.attempt)
+    assert _serving(s).version == 1
