@@ -124,13 +124,18 @@ def missing_erasures(session: Session, model: Model, target: ModelVersion,
     """Erasures recorded for the model's dataset (of one instance, with ``instance_id``)
     that ``target`` does not contain, grouped by request:
     ``[{"request_id", "instance_id", "tasks"}]``."""
-    have = {as_cell(c) for c in (target.erased_cells or [])}
     grouped: dict[tuple[str, str], list[str]] = {}
     query = (select(Tombstone.request_id, Tombstone.instance_id, Tombstone.task)  # columns: no ORM objects
              .where(Tombstone.dataset_key == dataset_key(model.dataset)).order_by(Tombstone.id))
     if instance_id is not None:
         query = query.where(Tombstone.instance_id == instance_id)
-    for request_id, iid, task in session.execute(query):
+    if target.tombstone_watermark is not None:
+        # every earlier tombstone is in the target's lineage (publish refuses a version
+        # that misses one): only those written since can be missing
+        query = query.where(Tombstone.id > target.tombstone_watermark)
+    rows = session.execute(query).all()
+    have = {as_cell(c) for c in (target.erased_cells or [])} if rows else set()  # the lineage, read when needed
+    for request_id, iid, task in rows:
         if (iid, task) not in have:
             grouped.setdefault((request_id, iid), []).append(task)
     return [{"request_id": rid, "instance_id": iid, "tasks": tasks} for (rid, iid), tasks in grouped.items()]
@@ -158,7 +163,8 @@ def erasures_behind(session: Session, model: Model, instance_id: str | None = No
     if serving is None:
         return []
     target = session.execute(
-        select(ModelVersion).where(ModelVersion.model_name == model.name, ModelVersion.version == serving)
+        select(ModelVersion).options(defer(ModelVersion.erased_cells))  # loaded only when compared
+        .where(ModelVersion.model_name == model.name, ModelVersion.version == serving)
     ).scalar_one_or_none()
     return [] if target is None else missing_erasures(session, model, target, instance_id)
 

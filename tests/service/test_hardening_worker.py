@@ -837,3 +837,42 @@ def test_publish_refuses_a_manifest_whose_claims_are_not_the_jobs(tiny, field, v
     with pytest.raises(jobs.JobFailed, match=f"manifest does not match job {claim.job_id}: {field} "):
         jobs.publish_version(s, store, claim.job_id, replace(manifest, **{field: value}), attempt=claim.attempt)
     assert _serving(s).version == 1
+
+
+def test_a_published_version_carries_the_tombstone_watermark_and_behind_reads_past_it(two_models):
+    """Every tombstone up to a version's watermark is in its lineage, so the erasures it
+    still holds are read from the later ones only; the answer equals the full comparison."""
+    from sqlalchemy import func
+
+    from worker.tables import Model
+    from worker.versions import erasures_behind
+
+    s, s_b, store, ids = two_models
+    _submit(s, ids[0], tasks=("depth", "normal"))
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+
+    def behind_both_ways(name):
+        with transaction(s.database_url) as session:
+            model = session.get(Model, name)
+            fast = erasures_behind(session, model)
+            version = session.get(Alias, (name, "serving")).version
+            row = session.execute(select(ModelVersion).where(ModelVersion.model_name == name,
+                                                             ModelVersion.version == version)).scalar_one()
+            watermark, row.tombstone_watermark = row.tombstone_watermark, None  # (rolled back below)
+            full = erasures_behind(session, model)
+            session.rollback()
+            return fast, full, watermark
+
+    with transaction(s.database_url) as session:
+        highest = session.execute(select(func.max(Tombstone.id))).scalar()
+    fast, full, watermark = behind_both_ways(TINY)
+    assert watermark == highest and fast == full == []
+    fast, full, watermark = behind_both_ways(TINY_B)  # v1, registered before the erasure: no watermark
+    assert watermark is None and fast == full and {t for e in fast for t in e["tasks"]} == {"depth", "normal"}
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["completed"]  # the propagate job
+    fast, full, watermark = behind_both_ways(TINY_B)
+    assert watermark == highest and fast == full == []
+    _submit(s, ids[1])  # a later erasure through A: B holds it again, read past B's watermark
+    jobs.drain_model(s, store, TINY)
+    fast, full, _ = behind_both_ways(TINY_B)
+    assert fast == full and [(e["instance_id"], e["tasks"]) for e in fast] == [(ids[1], ["depth"])]
