@@ -271,6 +271,29 @@ def record_rows(rec: dict):
             for r in rec["reqs"]])
 
 
+def _derived_version_columns(cur, rec: dict) -> None:
+    """The columns a publish writes next to a version's cells, where the imported tree's
+    schema has them (COPY leaves them at their defaults): ``erased_cell_count`` (migration
+    0004) and ``tombstone_watermark`` (0005: the highest tombstone id up to which every
+    tombstone is in the version's lineage, which is what a publish records)."""
+    cur.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'model_versions'")
+    columns = {name for (name,) in cur.fetchall()}
+    if "erased_cell_count" in columns:
+        cur.execute("UPDATE model_versions SET erased_cell_count = json_array_length(erased_cells)")
+    if "tombstone_watermark" in columns:
+        order = {(iid, t): k for k, (iid, t, _, _) in enumerate(rec["tombstones"], 1)}  # COPY's ids: 1, 2, ...
+        by_id = sorted(order.values())
+        for v in rec["versions"]:
+            have = {order[tuple(c)] for c in rec["cells_in_order"][:v["ncum"]] if tuple(c) in order}
+            watermark = 0
+            for i in by_id:
+                if i not in have:
+                    break
+                watermark = i
+            cur.execute("UPDATE model_versions SET tombstone_watermark = %s WHERE model_name = %s AND version = %s",
+                        (watermark, MODEL, v["version"]))
+
+
 def fill(libpq_url: str, rec: dict) -> None:
     import psycopg
 
@@ -281,6 +304,7 @@ def fill(libpq_url: str, rec: dict) -> None:
                     for row in rows:
                         cp.write_row(row)
             cur.execute("SELECT setval(pg_get_serial_sequence('audit_events', 'seq'), (SELECT max(seq) FROM audit_events))")
+            _derived_version_columns(cur, rec)
         conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE")
