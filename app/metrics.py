@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.tables import Alias, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, as_utc, utcnow
@@ -99,7 +99,7 @@ class RecordCollector(Collector):
         serving = {
             (v.model_name): v
             for v in session.execute(
-                select(ModelVersion).join(
+                select(ModelVersion).options(defer(ModelVersion.erased_cells), defer(ModelVersion.deletions)).join(
                     Alias,
                     (Alias.model_name == ModelVersion.model_name)
                     & (Alias.version == ModelVersion.version)
