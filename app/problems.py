@@ -77,7 +77,7 @@ def _is_json(media: str) -> bool:
 
 
 _HTTP_SLUGS = {404: ("Not found", "not-found"), 405: ("Method not allowed", "method-not-allowed"),
-               413: ("Request body too large", "body-too-large")}
+               413: ("Request body too large", "body-too-large"), 429: ("Too many requests", "too-many-requests")}
 #: FastAPI's 400 when decoding the body failed outside the JSON parser's own errors
 #: (bytes that are not UTF-8, arrays nested past the recursion limit)
 _UNPARSABLE_BODY = "There was an error parsing the body"

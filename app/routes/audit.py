@@ -1,9 +1,11 @@
 """The audit log: queries and chain verification."""
 from __future__ import annotations
 
+import threading
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from starlette.exceptions import HTTPException
 
 from worker.audit import verify_chain
 from worker.queries import list_events
@@ -45,10 +47,23 @@ def read_events(
         )
 
 
-@router.get("/verify", response_model=ChainReport)
+#: one verification at a time per process: it reads the whole log (seconds at a few
+#: hundred thousand events), and calls piling up would hold every worker thread
+_verifying = threading.Lock()
+
+
+@router.get("/verify", response_model=ChainReport,
+            responses={429: {"description": "a verification is already running in this process"}})
 def verify(session: ReadSessionDep) -> ChainReport:
     """Recompute the hash chain. Always 200 when the check ran: read ``ok``; on a
     broken chain ``first_bad_seq`` names the first event that does not verify and
-    ``reason`` says why (changed contents, broken link, gap)."""
-    with session.begin():
-        return ChainReport(**verify_chain(session))
+    ``reason`` says why (changed contents, broken link, gap). While another verification
+    runs in this process: 429 with ``Retry-After`` (its answer would be the same)."""
+    if not _verifying.acquire(blocking=False):
+        raise HTTPException(429, "a verification of the audit chain is already running; ask again when it ends",
+                            headers={"Retry-After": "10"})
+    try:
+        with session.begin():
+            return ChainReport(**verify_chain(session))
+    finally:
+        _verifying.release()

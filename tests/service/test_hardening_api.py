@@ -419,3 +419,19 @@ def test_a_time_filter_is_not_read_as_unix_time(backend, value):
     for url in ("/deletions", "/audit/events"):
         problem = assert_problem(client.get(url, params={"since": value}), 422, "validation-error")
         assert "ISO 8601" in problem["detail"]
+
+
+def test_a_second_chain_verification_while_one_runs_is_429(backend, monkeypatch):
+    """It reads the whole log; calls piling up would hold every worker thread."""
+    import app.routes.audit as audit
+
+    _, _, client = backend
+    assert client.get("/audit/verify").json()["ok"] is True
+    assert audit._verifying.acquire(blocking=False)  # as a verification in progress holds it
+    try:
+        r = client.get("/audit/verify")
+        assert "already running" in assert_problem(r, 429, "too-many-requests")["detail"]
+        assert r.headers["retry-after"] == "10"
+    finally:
+        audit._verifying.release()
+    assert client.get("/audit/verify").json()["ok"] is True
