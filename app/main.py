@@ -57,8 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if stop is not None:
                 stop()
 
-    app = FastAPI(title="unlearnd", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs",
-                  dependencies=[Depends(known_query_parameters)])
+    app = FastAPI(title="unlearnd", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs")
     app.state.settings = settings
     app.state.engine = engine_for(settings.database_url)
     app.state.sessions = sessionmaker(app.state.engine, expire_on_commit=False)
@@ -68,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
-    for module in (deletions, audit, models, jobs, health):
-        app.include_router(module.router)
+    for module in (deletions, audit, models, jobs):
+        app.include_router(module.router, dependencies=[Depends(known_query_parameters)])
+    # probes and scrapers may add query strings of their own (cache busting, ?name[]= filters)
+    app.include_router(health.router)
     return app

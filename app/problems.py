@@ -62,9 +62,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     if any(e["type"] == "json_invalid" for e in errors):
         return problem(request, 400, "Malformed JSON", "the request body is not valid JSON", "malformed-json", errors=errors)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media and not _is_json(media) and any(e["loc"][:1] == ["body"] for e in errors):
-        # FastAPI reads a body of another declared type as raw bytes (one without a type
-        # as JSON) and reports it as a body of the wrong shape; the mistake is the type
+    if not _is_json(media) and any(e["loc"][:1] == ["body"] for e in errors):
+        # FastAPI reads a body of another type, or of none (strict_content_type), as raw
+        # bytes and reports it as a body of the wrong shape; the mistake is the type
         return problem(request, 415, "Unsupported media type",
                        f"the request body must be application/json, got {media or 'no Content-Type'}",
                        "unsupported-media-type")

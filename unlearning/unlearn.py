@@ -163,7 +163,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     ``UnlearnCliError``'s base :class:`~unlearning.train.CliError`) before any work for a
     request that cannot run, the output location included."""
     from .data import load_splits
-    from .job import JobInputError, run_unlearning_job
+    from .job import JobInputError, check_config, run_unlearning_job
     from .methods import METHOD_NAMES
     from .model import model_config_from, model_from_safetensors, save_model
     from .cli import cli_device
@@ -186,6 +186,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
         config.setdefault("shadow_recipe", manifest["train"])
     if method == "retrain" and isinstance(manifest.get("train"), dict):
         config.setdefault("train", manifest["train"])  # the gold standard: the same recipe on the retained cells
+    check_config(method, config)  # JobInputError before the data is rendered or read (the job checks again)
 
     dev = cli_device(device)  # CliError: not a device, or no CUDA
     try:

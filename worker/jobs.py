@@ -683,26 +683,6 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
             return JobOutcome("requeued", model_name, job_id, error=f"rebased: {unsafe}")
 
         now = utcnow()
-        published = ModelVersion(
-            model_name=model_name,
-            version=version,
-            parent_version=manifest.parent,
-            job_id=job_id,
-            sha256=manifest.sha256,
-            artifact_uri=store.uri(model_name, version),
-            deletions=list(manifest.deletions),
-            erased_cells=list(manifest.erased_cells),
-            metrics=metrics,
-            note=manifest.note,
-        )
-        session.add(published)
-        if alias is None:
-            session.add(Alias(model_name=model_name, alias="serving", version=version))
-        else:
-            alias.version = version
-        session.add(AliasHistory(model_name=model_name, alias="serving", from_version=previous, to_version=version,
-                                 reason="publish"))
-
         requests = list(
             session.execute(
                 select(DeletionRequest).where(DeletionRequest.id.in_(list(manifest.deletions)))
@@ -714,10 +694,28 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
             session.add(Tombstone(dataset_key=key, instance_id=iid, task=task,
                                   request_id=by_cell.get((iid, task), job_id)))
         session.flush()
-        # every tombstone of the dataset so far is in this version's lineage (checked above,
-        # under the dataset's lock): later questions of what it still holds start after it
-        published.tombstone_watermark = session.execute(
-            select(func.max(Tombstone.id)).where(Tombstone.dataset_key == key)).scalar()
+        session.add(ModelVersion(
+            model_name=model_name,
+            version=version,
+            parent_version=manifest.parent,
+            job_id=job_id,
+            sha256=manifest.sha256,
+            artifact_uri=store.uri(model_name, version),
+            deletions=list(manifest.deletions),
+            erased_cells=list(manifest.erased_cells),
+            metrics=metrics,
+            note=manifest.note,
+            # every tombstone of the dataset so far is in this version's lineage (checked above,
+            # under the dataset's lock): later questions of what it still holds start after it
+            tombstone_watermark=session.execute(
+                select(func.max(Tombstone.id)).where(Tombstone.dataset_key == key)).scalar(),
+        ))
+        if alias is None:
+            session.add(Alias(model_name=model_name, alias="serving", version=version))
+        else:
+            alias.version = version
+        session.add(AliasHistory(model_name=model_name, alias="serving", from_version=previous, to_version=version,
+                                 reason="publish"))
         if erased_now:
             # The data is erased, not only this model's copy: every other model trained on
             # the dataset is told, and its next claim runs a propagate job (erasures_behind).

@@ -326,7 +326,10 @@ def test_unlearn_reports_weights_that_diverge_and_writes_nothing(checkpoint, tmp
     assert listing(tmp_path) == []
 
 
-def test_unlearn_refuses_a_configuration_value_before_the_job(checkpoint, tmp_path, capsys):
+def test_unlearn_refuses_a_configuration_value_before_the_job(checkpoint, tmp_path, capsys, monkeypatch):
+    import unlearning.data
+
+    monkeypatch.setattr(unlearning.data, "load_splits", lambda *a, **k: pytest.fail("read the data first"))
     refused(capsys, run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
                                  "--config", '{"steps": 0}', "--out", str(tmp_path / "out")]),
             "interference_aware parameter 'steps' must be >= 1, got 0")

@@ -181,6 +181,11 @@ def test_documented_configurations_are_accepted(setup):
     assert config_problems("retrain", {"epochs": 1, "train": {"epochs": 2, "grad_clip": None}}) == []  # retrain's docstring
     assert config_problems("interference_aware", {"orthogonalize": "iterate", "tau_quantile_partial": None,
                                                   "tau_refresh_sample": None, "betas": [0.9, 0.99]}) == []
+    # what the project's own tools write or read: a recipe trained with a negative seed
+    # (unlearnd train --seed -1, UNLEARND_SEED), no clipping, no recipe
+    assert config_problems("retrain", {"train": {"seed": -1}}) == []
+    assert config_problems("interference_aware", {"shadow_recipe": {"seed": -1}, "shadow_seed": -2}) == []
+    assert config_problems("finetune", {"grad_clip": None, "train": None}) == []
     model, train, test = setup
     result = run_unlearning_job(model, train, test, [("i0", "depth")], method="retrain", config={"epochs": 1})
     assert result.log["config"]["train"]["epochs"] == 1

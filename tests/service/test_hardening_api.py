@@ -366,8 +366,24 @@ def test_a_body_of_another_media_type_is_415(backend, content_type):
                              "unsupported-media-type")
     assert content_type in problem["detail"] and "application/json" in problem["detail"]
     assert counts(settings)["deletion_requests"] == 0
-    # JSON under a +json type, or with no Content-Type at all, is read as JSON
+    # JSON under a +json type is read as JSON
     assert client.post("/deletions", content=raw, headers={"content-type": "application/merge-patch+json"}).status_code == 202
+
+
+def test_a_body_without_a_media_type_is_415(backend):
+    settings, model, client = backend
+    raw = json.dumps({"instance_id": model.train_ids[0]}).encode()
+    r = client.post("/deletions", content=raw)
+    assert "content-type" not in {k.lower() for k in r.request.headers}
+    assert "got no Content-Type" in assert_problem(r, 415, "unsupported-media-type")["detail"]
+    assert counts(settings)["deletion_requests"] == 0
+
+
+def test_operations_routes_take_query_strings_of_probes_and_scrapers(backend):
+    _, _, client = backend
+    assert client.get("/healthz", params={"probe": "1"}).status_code == 200
+    assert client.get("/readyz", params={"_": "123"}).status_code == 200
+    assert client.get("/metrics", params={"name[]": "unlearnd_outbox_unpublished"}).status_code == 200
 
 
 def test_method_not_allowed_names_the_allowed_methods(backend):

@@ -23,14 +23,14 @@ SHARED = {"train"}  # the training recipe (TrainConfig fields), read by retrain
 
 #: values a parameter takes besides those of its default's type: (method or "*", name) -> values
 ALSO = {
+    ("*", "grad_clip"): (None,),  # no clipping (the loops and the training recipe read it so)
     ("interference_aware", "orthogonalize"): ("iterate",),
     ("interference_aware", "tau_quantile_partial"): (None,),
     ("interference_aware", "tau_refresh_sample"): (None,),
-    ("retrain", "grad_clip"): (None,),  # the recipe's: no clipping
 }
 
-#: where a number must lie: (method or "*", name) -> (low, high, low_inclusive). Numbers not
-#: listed must be >= 0 (rates, weights, counts and clips are never negative).
+#: where a number must lie: (method or "*", name) -> (low, high, low_inclusive), None for no
+#: bound. Numbers not listed must be >= 0 (rates, weights, counts and clips are never negative).
 RANGES = {
     ("*", "steps"): (1, None, True),
     ("*", "rounds"): (1, None, True),
@@ -47,7 +47,9 @@ RANGES = {
     ("interference_aware", "energy"): (0, 1, False),
     ("neggrad_plus", "alpha"): (0, 1, True),
     ("salun", "gamma"): (0, 1, False),
+    ("*", "shadow_seed"): (None, None, True),  # seeds: any integer (torch takes negative ones)
     # the training recipe (retrain; "train" for any method)
+    ("retrain", "seed"): (None, None, True),
     ("retrain", "epochs"): (1, None, True),
     ("retrain", "width"): (1, None, True),
     ("retrain", "depth"): (1, None, True),
@@ -65,7 +67,7 @@ def _is_number(value: Any) -> bool:
 
 def _value_problem(method: str, name: str, value: Any, default: Any) -> str | None:
     """Why ``value`` cannot be parameter ``name`` of ``method`` (None when it can)."""
-    also = ALSO.get((method, name), ())
+    also = ALSO.get((method, name), ()) + ALSO.get(("*", name), ())
     if (value is None and None in also) or (isinstance(value, str) and value in also):
         return None
     if default is None:
@@ -85,8 +87,10 @@ def _value_problem(method: str, name: str, value: Any, default: Any) -> str | No
         if not _is_number(value) or not math.isfinite(value):
             return f"must be a finite number, got {value!r}"
     low, high, low_inclusive = _range(method, name)
-    if (value < low if low_inclusive else value <= low) or (high is not None and value > high):
-        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    if too_low or (high is not None and value > high):
+        bound = " and ".join(([f"{'>=' if low_inclusive else '>'} {low}"] if low is not None else [])
+                             + ([f"<= {high}"] if high is not None else []))
         return f"must be {bound}, got {value!r}"
     return None
 
@@ -141,7 +145,8 @@ def config_problems(method: str, config: Any) -> list[str]:
                    f"its parameters: {sorted(known)}")
     for name, value in config.items():
         if name == "train":
-            out += _recipe_problems(value, "'train'")
+            if value is not None:  # (None: no recipe given, as retrain reads it)
+                out += _recipe_problems(value, "'train'")
         elif name in recipe_fields:
             out += _recipe_problems({name: value}, None)
         elif (method, name) in RECIPES and value is not None:
