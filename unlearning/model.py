@@ -148,7 +148,7 @@ def model_from_safetensors(config: "ModelConfig", data: bytes, source: str | Pat
     with torch.device("meta"):
         check_state(MultiTaskNet(config).state_dict(), state, source)
     model = MultiTaskNet(config)
-    load_state(model, state)
+    model.load_state_dict(state)  # checked above (load_state would scan the weights again)
     return model.to(map_location)
 
 

@@ -40,7 +40,7 @@ METRIC_KEYS = ("mode", "forget_tasks", "uis", "uis_task", "uis_inst", "mia_auc",
 
 class UnlearnCliError(CliError):
     """A request this command refuses before any work (the message names what is wrong).
-    The shared helpers of :mod:`unlearning.train` raise its base, :class:`CliError`."""
+    The shared helpers of :mod:`unlearning.cli` raise its base, :class:`CliError`."""
 
 
 def parse_cell(text: str) -> tuple[str, str]:
@@ -130,11 +130,10 @@ def _check_lineage(manifest: dict, path: Path) -> None:
     naming ``path`` (where they were read) otherwise, rather than a new checkpoint built on
     a damaged history."""
     erased = manifest.get("erased", [])
-    if not isinstance(erased, list) or not all(
-            isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in erased):
-        shown = repr(erased if not isinstance(erased, list) else next(
-            c for c in erased if not (isinstance(c, (list, tuple)) and len(c) == 2
-                                      and all(isinstance(x, str) for x in c))))
+    bad = [erased] if not isinstance(erased, list) else [
+        c for c in erased if not (isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(x, str) for x in c))]
+    if bad:
+        shown = repr(bad[0])
         raise UnlearnCliError(f"{path}: 'erased' must be a list of [instance_id, task] pairs of strings; "
                               f"found {shown[:200]}")
     if not isinstance(manifest.get("lineage", []), list):
@@ -160,7 +159,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     shadow models trained with the checkpoint's recipe (its ``train`` entry).
     ``retrain`` repeats the checkpoint's recipe. :class:`UnlearnCliError` or
     :class:`unlearning.job.JobInputError` (both ValueErrors; the shared checks raise
-    ``UnlearnCliError``'s base :class:`~unlearning.train.CliError`) before any work for a
+    ``UnlearnCliError``'s base :class:`~unlearning.cli.CliError`) before any work for a
     request that cannot run, the output location included."""
     from .data import load_splits
     from .job import JobInputError, check_config, run_unlearning_job

@@ -154,11 +154,11 @@ def erasure_cells(erasures: list[dict]) -> list[list[str]]:
 
 def erasures_behind(session: Session, model: Model, instance_id: str | None = None) -> list[dict]:
     """:func:`missing_erasures` of the model's serving version: erasures of its dataset
-    (of one instance, with ``instance_id``) that the version it serves still contains. Empty for a model whose every erasure
-    went through its own jobs; not empty when another model trained on the same dataset
-    erased cells (tombstones are per dataset: the data is erased, so every model trained
-    on it must follow). ``worker.jobs`` runs a ``propagate`` job for them; the sweeper
-    announces such models."""
+    (of one instance, with ``instance_id``) that the version it serves still contains.
+    Empty for a model whose every erasure went through its own jobs; not empty when
+    another model trained on the same dataset erased cells (tombstones are per dataset:
+    the data is erased, so every model trained on it must follow). ``worker.jobs`` runs
+    a ``propagate`` job for them; the sweeper announces such models."""
     serving = serving_version(session, model.name)
     if serving is None:
         return []

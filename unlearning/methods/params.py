@@ -107,9 +107,9 @@ def _recipe_problems(recipe: Any, where: str | None) -> list[str]:
     if not isinstance(recipe, dict):
         return [f"{where} must be a mapping of training recipe fields, got {recipe!r}"]
     label = (lambda key: f"{where}[{key!r}]") if where else (lambda key: f"retrain parameter {key!r}")
-    known = {f.name: f for f in fields(TrainConfig)}
+    known = {f.name for f in fields(TrainConfig)}
     out = []
-    unknown = sorted(set(recipe) - set(known))
+    unknown = sorted(set(recipe) - known)
     if unknown:
         out.append(f"{where} has no field {', '.join(map(repr, unknown))}; its fields: {sorted(known)}")
     default = TrainConfig()
