@@ -37,7 +37,7 @@ def decode_cursor(cursor: str, n: int) -> list:
     """The values packed into ``cursor``; :class:`Invalid` (422) for anything we did not write."""
     try:
         values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested '['
         values = None
     if not isinstance(values, list) or len(values) != n:
         raise _malformed(cursor)

@@ -131,6 +131,15 @@ def test_an_audit_cursor_of_the_wrong_type_or_range_is_malformed(backend, value)
     assert body["detail"].startswith("malformed cursor")
 
 
+@pytest.mark.parametrize("route", ["/deletions", "/audit/events"])
+def test_a_cursor_nested_past_the_parser_is_malformed_not_a_500(backend, route):
+    # json.loads raised RecursionError on a few thousand '[', which no handler caught
+    _, _, client = backend
+    cursor = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    body = assert_problem(client.get(route, params={"cursor": cursor}), 422, "invalid-request")
+    assert body["detail"].startswith("malformed cursor")
+
+
 def test_cursors_written_by_the_service_still_page(backend):
     _, model, client = backend
     for i in range(3):
