@@ -17,10 +17,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# The dependencies first, from pyproject.toml alone, so a code change does not reinstall them.
+# The dependencies first, from pyproject.toml alone, so a code change does not reinstall them;
+# at the versions the test suite passed with (constraints.txt, which leaves torch to the pin or the base image).
 ARG TORCH_INDEX_URL=
 ARG USE_BASE_TORCH=
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
  && if [ -n "$USE_BASE_TORCH" ]; then \
@@ -29,7 +30,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     elif [ -n "$TORCH_INDEX_URL" ]; then \
         pip install "$(grep '^torch==' /tmp/requirements.txt)" --index-url "$TORCH_INDEX_URL"; \
     fi \
- && pip install -r /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt -c constraints.txt \
  && rm /tmp/requirements.txt
 
 COPY . .

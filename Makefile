@@ -4,10 +4,11 @@ PY := $(VENV)/bin/python
 
 .PHONY: run test install
 
-# Create the virtualenv when it is missing; (re)install the project when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
+# Create the virtualenv when it is missing; (re)install the project when pyproject.toml or
+# constraints.txt (the tested versions of the dependencies) changes.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -e '.[dev]'
+	$(VENV)/bin/pip install -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
