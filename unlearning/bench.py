@@ -730,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a benchmark suite and write JSON, markdown and PNG results."""
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m unlearning.bench", description=main.__doc__)
-    p.add_argument("--suite", choices=sorted(SUITES), default="smoke")
+    p.add_argument("--suite", choices=sorted(SUITES), default=None, help="default: smoke")
     p.add_argument("--out", required=True, help="results JSON path (.md and .png are written next to it)")
     p.add_argument("--methods", nargs="+", default=None, help=f"default: all ({', '.join(METHOD_NAMES)})")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
@@ -754,19 +754,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(see --benchmarks, --seeds, --settings, --methods)")
     args = p.parse_args(argv)
     command = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
-    if args.workers < 0:
-        p.error("--workers must be 0 or more")
-    if args.merge:
-        run_options = {"--methods": args.methods, "--seeds": args.seeds, "--benchmarks": args.benchmarks,
-                       "--method-config": args.method_config, "--device": args.device, "--no-shadow": args.no_shadow,
-                       "--no-independent-retrain": args.no_independent_retrain, "--workers": args.workers,
-                       "--settings": args.settings}
-        given = [flag for flag, value in run_options.items() if value not in (None, False, 0)]
-        if given:
-            p.error(f"--merge runs nothing; it does not take {', '.join(given)}")
     # A refused request: `error: <what is wrong>` on stderr and exit status 2 (a SystemExit, as
     # argparse's own errors), before anything is written.
     try:
+        _check_options(args)
         doc = _merge_pieces(args) if args.merge else _run(args, command)
     except CliError as exc:
         raise SystemExit(report_cli_error(exc)) from None
@@ -776,9 +767,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_options(args) -> None:
+    """:class:`CliError` for options that do not go together: ``--merge`` with an option of a
+    run (it runs nothing, and pools the pieces of whichever suite they are), a negative
+    ``--workers``, a seed or method named twice (each would run twice, and the document
+    would hold the same run twice: averaged in twice, and refused by ``--merge``)."""
+    if args.workers < 0:
+        raise CliError(f"--workers must be 0 or more, got {args.workers}")
+    if args.merge:
+        run_options = {"--suite": args.suite, "--methods": args.methods, "--seeds": args.seeds,
+                       "--benchmarks": args.benchmarks, "--method-config": args.method_config,
+                       "--device": args.device, "--no-shadow": args.no_shadow,
+                       "--no-independent-retrain": args.no_independent_retrain, "--workers": args.workers,
+                       "--settings": args.settings}
+        given = [flag for flag, value in run_options.items() if value not in (None, False, 0)]
+        if given:
+            raise CliError(f"--merge runs nothing; it does not take {', '.join(given)}")
+    for flag, values in (("--seeds", args.seeds), ("--methods", args.methods)):
+        twice = [v for i, v in enumerate(values or []) if v in (values or [])[:i]]
+        if twice:
+            raise CliError(f"{flag}: {', '.join(map(repr, dict.fromkeys(twice)))} given twice (each would run twice)")
+
+
 def _results_path(text: str) -> Path:
-    """``--out``: a file path (the .md and .png go next to it) whose folder can be made."""
+    """``--out``: a file path (the .md and .png go next to it) whose folder can be made. Its
+    suffix is not theirs: ``--out r.md`` would have the summary written over the results
+    (and, in a run, every checkpoint of them deleted as a stale summary)."""
     out = Path(text)
+    if out.suffix.lower() in (".md", ".png"):
+        raise CliError(f"--out {out}: the summary and the plot are written next to the results JSON as "
+                       f"{out.with_suffix('.md').name} and {out.with_suffix('.png').name}, over the JSON; "
+                       f"--out is the JSON file, e.g. {out.with_suffix('.json')}")
     for path in (out, out.with_suffix(".md"), out.with_suffix(".png")):
         if path.is_dir():
             raise CliError(f"--out {out}: {path} is a directory; --out is the results JSON file")
@@ -834,6 +853,7 @@ def _method_configs(path: str | None) -> dict:
 
 def _run(args, command: str) -> dict:
     """Run the suite of the command line, its options checked first; returns the results document."""
+    args.suite = args.suite or "smoke"
     suite = SUITES[args.suite]
     methods = args.methods or list(METHOD_NAMES)
     unknown = [m for m in methods if m not in METHOD_NAMES]

@@ -188,6 +188,14 @@ def bench_refused(capsys, argv: list[str], message: str) -> str:
     (["--method-config", "{dir}/m.json"], {"m.json": '{"finetune": {"stepz": 3}}'}, "has no parameter 'stepz'"),
     (["--device", "tpu"], {}, "--device 'tpu' is not a device"),
     (["--out", "{dir}"], {}, "is a directory; --out is the results JSON file"),
+    # the summary and plot go next to --out with these suffixes: over the results (and over
+    # every checkpoint of them, deleted as an earlier run's stale summary)
+    (["--out", "{dir}/r.md"], {}, "written next to the results JSON as r.md and r.png, over the JSON"),
+    (["--out", "{dir}/r.png"], {}, "--out is the JSON file, e.g. {dir}/r.json"),
+    # a seed or method twice would run twice: the same run twice in the document
+    (["--seeds", "0", "1", "0"], {}, "--seeds: 0 given twice"),
+    (["--methods", "ssd", "finetune", "ssd"], {}, "--methods: 'ssd' given twice"),
+    (["--workers", "-1"], {}, "--workers must be 0 or more, got -1"),
     pytest.param(["--out", "/proc/forbidden/r.json"], {}, "nothing can be written in /proc",
                  marks=pytest.mark.skipif(NO_PROC, reason="no /proc")),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
@@ -198,8 +206,22 @@ def test_bench_refuses_bad_arguments_before_running(tmp_path, capsys, no_run, ar
         (inputs / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     out = tmp_path / "out" / "r.json"
     argv = ["--suite", "smoke", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", str(out)]
-    bench_refused(capsys, argv + [a.format(dir=inputs) for a in args], message)
+    bench_refused(capsys, argv + [a.format(dir=inputs) for a in args], message.replace("{dir}", str(inputs)))
     assert listing(tmp_path) == sorted(["inputs", *(f"inputs/{n}" for n in files)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "1"], "--merge runs nothing; it does not take --seeds"),
+    (["--suite", "full"], "--merge runs nothing; it does not take --suite"),  # pieces are of their own suite
+    (["--workers", "2", "--no-shadow"], "it does not take --no-shadow, --workers"),
+    (["--out", "{dir}/merged.md"], "--out is the JSON file"),
+], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
+def test_bench_merge_refuses_options_of_a_run_in_one_line(tmp_path, capsys, no_run, args, message):
+    piece = tmp_path / "piece.json"
+    piece.write_text(json.dumps({"suite": "smoke", "device": "cpu", "config": {}, "results": [{"method": "m"}]}))
+    argv = ["--merge", str(piece), "--out", str(tmp_path / "merged.json")]
+    bench_refused(capsys, argv + [a.format(dir=tmp_path) for a in args], message)
+    assert listing(tmp_path) == ["piece.json"]
 
 
 @pytest.mark.parametrize("content, message", [
