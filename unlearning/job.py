@@ -71,6 +71,11 @@ def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable) -> li
     :class:`JobInputError` (a ValueError) for an empty set, a malformed cell, an
     unknown task, an unknown instance or a cell that is already erased.
     """
+    if isinstance(forget_cells, str):  # iterated, it would be its characters
+        raise JobInputError(f"the forget set is a list of (instance_id, task) cells, got the string {forget_cells!r}")
+    if isinstance(forget_cells, tuple) and len(forget_cells) == 2 and all(isinstance(x, str) for x in forget_cells):
+        raise JobInputError(f"the forget set is a list of (instance_id, task) cells, got one cell {forget_cells!r}: "
+                            f"pass [{forget_cells!r}]")
     cells: list[Cell] = []
     for cell in forget_cells or []:
         if not isinstance(cell, (tuple, list)) or len(cell) != 2:

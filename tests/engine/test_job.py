@@ -58,6 +58,10 @@ def test_full_task_job_with_a_baseline(setup):
         ([("i0", "albedo")], "unknown task 'albedo'"),
         ([("nobody", "depth")], "unknown instance 'nobody'"),
         (["i0"], "pair"),
+        # one cell instead of a list of them: iterated, it was its strings ("got 'i0'"), or a
+        # string's characters
+        (("i0", "depth"), r"got one cell \('i0', 'depth'\): pass \[\('i0', 'depth'\)\]"),
+        ("i0", r"a list of \(instance_id, task\) cells, got the string 'i0'"),
     ],
 )
 def test_bad_cells_are_refused(setup, cells, message):
