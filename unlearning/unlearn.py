@@ -162,7 +162,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     ``UnlearnCliError``'s base :class:`~unlearning.cli.CliError`) before any work for a
     request that cannot run, the output location included."""
     from .data import load_splits
-    from .job import JobInputError, check_config, run_unlearning_job
+    from .job import JobInputError, check_config, check_model_matches, run_unlearning_job, validate_forget_cells
     from .methods import METHOD_NAMES
     from .model import model_config_from, model_from_safetensors, save_model
     from .cli import cli_device
@@ -202,6 +202,11 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
                                        source / WEIGHTS_FILE, dev)
     except ValueError as exc:  # a missing, damaged or mismatched checkpoint (the message names the file)
         raise UnlearnCliError(f"{source}: {exc}") from None
+    # the job checks these first too; here they are refused before the progress bar is drawn,
+    # so a refusal is the one `error:` line on stderr (not a line behind a bar at 0%)
+    retained = train.without(erased)
+    validate_forget_cells(retained, requested)
+    check_model_matches(model, retained, test)
 
     bar = tqdm(total=100, desc=f"unlearn ({method})", disable=not progress, leave=False, unit="%")
 
@@ -209,7 +214,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
         bar.update(max(0, round(100 * fraction) - bar.n))
 
     try:
-        result = run_unlearning_job(model, train.without(erased), test, requested, method=method, config=config,
+        result = run_unlearning_job(model, retained, test, requested, method=method, config=config,
                                     device=dev, seed=seed, progress=report)
     finally:
         bar.close()

@@ -274,6 +274,19 @@ def test_unlearn_checks_the_output_location_before_the_job(checkpoint, tmp_path,
     assert listing(tmp_path) == ["a-file"]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--instance", "indoor-00001", "--tasks", "normals"], "unknown task 'normals' for dataset 'indoor'"),
+    (["--instance", "nobody"], "unknown instance 'nobody' in dataset 'indoor'"),
+    (["--cell", "indoor-00001:albedo"], "unknown task 'albedo'"),
+], ids=["task", "instance", "cell"])
+def test_unlearn_refuses_bad_cells_before_its_progress_bar(checkpoint, tmp_path, capsys, no_job, args, message):
+    """With the progress bar on (the default), a refused cell is still the one ``error:`` line
+    on stderr: the bar at 0% used to be drawn first, the error behind it on the same line."""
+    refused(capsys, unlearn_main(["--checkpoint", str(checkpoint), *args, "--device", "cpu",
+                                  "--out", str(tmp_path / "out")]), message)
+    assert listing(tmp_path) == []
+
+
 @pytest.mark.parametrize("config, files, message", [
     ("/nonexistent/config.json", {}, "--config file /nonexistent/config.json does not exist"),
     ("missing.json", {}, "--config file missing.json does not exist"),
