@@ -9,7 +9,8 @@ Spec: ``{"name": "nyuv2" | "cityscapes", "root": path, "num_classes": 13 | 7,
 "limit": None}``. ``num_classes`` (default per dataset) and ``limit`` are
 positive integers; ``limit`` keeps the first files (numerically) of each split.
 The ``val`` split is returned as the test set; both splits must share one
-image size. Files are read with ``allow_pickle=False``: nothing is ever unpickled.
+image size. Instance ids (what an erasure names) are ``<name>-train-<n>`` and
+``<name>-val-<n>`` with the file's number: ``nyuv2-train-7`` for ``train/image/007.npy``. Files are read with ``allow_pickle=False``: nothing is ever unpickled.
 
 Values: labels are integer or float class ids; a negative or NaN label means
 "ignore" (stored as -1), any other label must be a whole number below
