@@ -17,6 +17,7 @@ EPILOG = """examples:
   UNLEARND_BROKER_URL=redis://127.0.0.1:6379/0 unlearnd worker
   unlearnd migrate
   unlearnd calibrate                  # shadow calibration of the served model (see UNLEARND_CALIBRATE_SHADOWS)
+  unlearnd api-key portal --scope deletions   # a token for a privacy portal and its UNLEARND_API_KEYS entry
   unlearnd train --dataset indoor --epochs 30 --out runs/indoor
   unlearnd unlearn --checkpoint runs/indoor --instance indoor-00007 --tasks depth --out runs/indoor-2
   unlearnd bench --help
@@ -51,6 +52,10 @@ def cmd_serve(args) -> int:
         return 2
     host = args.host or settings.host
     port = args.port or settings.port
+    if not settings.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("unlearnd").warning(
+            "serving on %s without API keys: whoever reaches the port can submit deletions and roll back "
+            "models; set UNLEARND_API_KEYS (`unlearnd api-key --help`)", host)
     upgrade_database(settings.database_url)
     version = ensure_model(settings, store_for(settings.store_dir), progress=not args.no_progress)
     logging.getLogger("unlearnd").info(
@@ -112,6 +117,36 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_api_key(args) -> int:
+    """Make an API key: a random token, printed once, and the UNLEARND_API_KEYS entry that
+    holds its sha256 (the service never stores the token). Give the token to the client;
+    add the entry to UNLEARND_API_KEYS of the API process and restart it."""
+    import json
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from app.auth import new_token, token_sha256
+    from worker.settings import ApiKey, KeyName, get_settings
+
+    try:
+        TypeAdapter(KeyName).validate_python(args.name)
+    except ValidationError:
+        print(f"unlearnd: invalid key name {args.name!r}: 1-64 letters, digits and _.@- , "
+              "starting with a letter or digit", file=sys.stderr)
+        return 2
+    token = new_token()
+    entry = {args.name: ApiKey(token_sha256=token_sha256(token), scopes=list(dict.fromkeys(args.scope)))}
+    keys = {**get_settings().api_keys, **entry} if args.merge else entry
+    if args.merge and args.name in get_settings().api_keys:
+        print(f"unlearnd: replacing the key {args.name!r} of UNLEARND_API_KEYS", file=sys.stderr)
+    print(f"token for {args.name!r} (shown once; the client sends Authorization: Bearer <token>):")
+    print(f"  {token}")
+    print("UNLEARND_API_KEYS, every key:" if args.merge else
+          "its entry (UNLEARND_API_KEYS is a JSON object of such entries; --merge prints the whole value):")
+    print("  " + json.dumps({n: k.model_dump() for n, k in keys.items()}, separators=(",", ":")))
+    return 0
+
+
 def cmd_train(args) -> int:
     from unlearning.train import main as train_main
 
@@ -164,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_calibrate.__doc__)
     p.set_defaults(func=cmd_calibrate)
 
+    p = sub.add_parser("api-key", help="make an API key (a token and its UNLEARND_API_KEYS entry)",
+                       description=cmd_api_key.__doc__)
+    p.add_argument("name", help="the key's name, written into the audit log as the actor (letters, digits, _.@-)")
+    p.add_argument("--scope", action="append", required=True, choices=["deletions", "read", "admin"],
+                   help="deletions: submit and read deletion requests; read: models, jobs, audit log; "
+                   "admin: everything, rollback included (repeat for several)")
+    p.add_argument("--merge", action="store_true",
+                   help="print the whole UNLEARND_API_KEYS: the current environment's keys plus this one")
+    p.set_defaults(func=cmd_api_key)
+
     p = sub.add_parser("train", help="train a model (python -m unlearning.train)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
@@ -191,7 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _logging()
-    return args.func(args)
+    from pydantic import ValidationError
+
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        # an UNLEARND_* variable the settings refuse: name it, without a traceback
+        print(f"unlearnd: invalid configuration (UNLEARND_* environment variables or .env): {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

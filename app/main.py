@@ -14,6 +14,7 @@ from sqlalchemy.orm import sessionmaker
 from worker.db import engine_for, read_only
 from worker.settings import Settings, get_settings
 
+from .auth import require_deletions, require_read
 from .guards import BodyLimitMiddleware, known_query_parameters
 from .metrics import HttpMetricsMiddleware, build_registry
 from .problems import install_problem_handlers
@@ -23,7 +24,10 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """Deletion requests for multi-task vision models: accept a request,
 unlearn it in the background, prove it (audit chain, certificates), manage
-versions. Errors are RFC 9457 problem documents (`application/problem+json`)."""
+versions. Errors are RFC 9457 problem documents (`application/problem+json`).
+With API keys configured (`UNLEARND_API_KEYS`), send `Authorization: Bearer <token>`:
+the scope `deletions` submits and reads deletion requests, `read` reads models, jobs and
+the audit log, `admin` does everything, rollback included."""
 
 
 def _start_background(settings: Settings):
@@ -67,8 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
-    for module in (deletions, audit, models, jobs):
-        app.include_router(module.router, dependencies=[Depends(known_query_parameters)])
+    # the API key's scope first (app.auth; models checks per route: reading is `read`, a rollback `admin`)
+    for module, scope in ((deletions, require_deletions), (audit, require_read), (models, None), (jobs, require_read)):
+        checks = [Depends(scope)] if scope else []
+        app.include_router(module.router, dependencies=[*checks, Depends(known_query_parameters)])
     # probes and scrapers may add query strings of their own (cache busting, ?name[]= filters)
     app.include_router(health.router)
     return app

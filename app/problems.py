@@ -52,7 +52,8 @@ def problem(
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    return problem(request, exc.status, exc.title, exc.detail, exc.slug, **exc.extras)
+    return problem(request, exc.status, exc.title, exc.detail, exc.slug, headers=getattr(exc, "headers", None),
+                   **exc.extras)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -153,11 +153,14 @@ def submit_deletion(
     reason: str | None = None,
     subject_ref: str | None = None,
     idempotency_key: str | None = None,
+    actor: str | None = None,
 ) -> Submission:
     """Accept a deletion request: validate it, then write the request (``queued``),
     its ``deletion.received`` audit event and a ``process_model`` outbox row in the
     caller's transaction. Nothing is enqueued here: the relay publishes the outbox
     row after commit.
+
+    ``actor`` (the API key's name, when the API has keys) is written into the audit event.
 
     With an ``idempotency_key`` already used for the same body, the stored request
     is returned (``replayed=True``) without any check or write; used for a
@@ -215,7 +218,8 @@ def submit_deletion(
         model_name=model_name,
         request_id=request.id,
         instance_id=instance_id,
-        payload={"tasks": request.tasks, "requested_tasks": tasks, "subject_ref": subject_ref},
+        payload={"tasks": request.tasks, "requested_tasks": tasks, "subject_ref": subject_ref,
+                 **({"actor": actor} if actor else {})},
     )
     session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": model_name}, created_at=utcnow()))
     session.flush()

@@ -1,10 +1,27 @@
 """The one settings object of the service, read once from the environment (prefix ``UNLEARND_``)."""
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: what an API key may do (app.auth): submit and read deletion requests; read models, versions,
+#: jobs and the audit log; everything, rollback included
+Scope = Literal["deletions", "read", "admin"]
+#: a key's name is written into the audit log as the actor of what it submitted
+KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")]
+
+
+class ApiKey(BaseModel):
+    """One API key: the sha256 (hex) of its bearer token, never the token itself, and its scopes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    token_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    scopes: list[Scope] = Field(min_length=1)
 
 
 class Settings(BaseSettings):
@@ -48,6 +65,31 @@ class Settings(BaseSettings):
     background: bool = True  # the API process runs the outbox relay (and, without a broker, the in-process worker)
     host: str = "127.0.0.1"
     port: int = 8000
+    # API keys, JSON in UNLEARND_API_KEYS: {"name": {"token_sha256": "<hex>", "scopes": [...]}}
+    # (`unlearnd api-key NAME --scope ...` makes one). Empty: no authentication, the embedded default.
+    api_keys: Annotated[dict[KeyName, ApiKey], NoDecode] = {}
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys_json(cls, value):
+        if isinstance(value, str):  # from the environment; blank (compose's ${UNLEARND_API_KEYS:-}) = none
+            if not value.strip():
+                return {}
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"UNLEARND_API_KEYS must be a JSON object of keys ({exc})") from None
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _one_key_per_token(cls, keys: dict[str, ApiKey]) -> dict[str, ApiKey]:
+        seen: dict[str, str] = {}
+        for name, key in keys.items():
+            if key.token_sha256 in seen:  # a caller would be one key or the other, by dict order
+                raise ValueError(f"API keys {seen[key.token_sha256]!r} and {name!r} have the same token")
+            seen[key.token_sha256] = name
+        return keys
 
 
 @lru_cache

@@ -170,7 +170,12 @@ def erasures_behind(session: Session, model: Model, instance_id: str | None = No
 
 
 def rollback(
-    session: Session, settings: Settings, model_name: str, version: int, reapply_erasures: bool = False
+    session: Session,
+    settings: Settings,
+    model_name: str,
+    version: int,
+    reapply_erasures: bool = False,
+    actor: str | None = None,
 ) -> RollbackOutcome:
     """Point the serving alias of ``model_name`` at ``version``, in the caller's transaction.
 
@@ -183,7 +188,10 @@ def rollback(
       target, ``params = {"cells": [[instance, task], ...], "request_ids": [...]}``),
       a ``model.rollback_requested`` audit event and a ``process_model`` outbox row.
       The alias moves when that job publishes its version.
+
+    ``actor`` (the API key's name, when the API has keys) is written into the audit event.
     """
+    who = {"actor": actor} if actor else {}
     model = get_model(session, model_name)
     # The lock a claim takes (worker.jobs): a claim and a rollback of one model do not interleave,
     # so the active-job check below sees every job claimed before it, and no claim slips in after.
@@ -240,6 +248,7 @@ def rollback(
                 "job_id": job.id,
                 "reapply_cells": cells,
                 "request_ids": request_ids,
+                **who,
             },
         )
         session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": model_name}, created_at=utcnow()))
@@ -258,7 +267,8 @@ def rollback(
         )
     )
     append_event(
-        session, "model.rollback", model_name=model_name, payload={"from_version": current, "to_version": version}
+        session, "model.rollback", model_name=model_name,
+        payload={"from_version": current, "to_version": version, **who},
     )
     session.flush()
     return RollbackOutcome("moved", model_name, current, version)

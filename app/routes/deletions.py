@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from worker.queries import list_requests
 from worker.requests import deletion_certificate, get_request, submit_deletion
 
+from ..auth import DeletionsCaller
 from ..deps import ReadSessionDep, SessionDep, SettingsDep
 from ..schemas import (
     DeletionAccepted,
@@ -32,6 +33,7 @@ def create_deletion(
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
+    caller: DeletionsCaller,
     idempotency_key: Annotated[text(min_length=1, max_length=200) | None, Header(alias="Idempotency-Key")] = None,
 ) -> DeletionAccepted:
     """Accept a deletion request (202, ``Location`` = the request's URL).
@@ -41,7 +43,9 @@ def create_deletion(
     body: the first answer again; same key, other body: 422.
     """
     with session.begin():
-        submission = submit_deletion(session, settings, **body.model_dump(), idempotency_key=idempotency_key)
+        submission = submit_deletion(
+            session, settings, **body.model_dump(), idempotency_key=idempotency_key, actor=caller
+        )
     response.headers["Location"] = f"/deletions/{submission.request.id}"
     if submission.replayed:
         response.headers["Idempotent-Replayed"] = "true"

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
 
 from unlearning.data import dataset_key
 from worker.versions import ancestors, get_version, list_models, list_versions, rollback, serving_version
 
+from ..auth import AdminCaller, require_read
 from ..deps import ReadSessionDep, SessionDep, SettingsDep
 from ..schemas import (
     MAX_VERSION,
@@ -24,9 +25,10 @@ from ..schemas import (
 )
 
 router = APIRouter(prefix="/models", tags=["models"])
+READ = [Depends(require_read)]  # API keys: reading takes `read`, a rollback `admin` (app.auth)
 
 
-@router.get("", response_model=list[ModelOut])
+@router.get("", response_model=list[ModelOut], dependencies=READ)
 def read_models(session: ReadSessionDep) -> list[ModelOut]:
     with session.begin():
         return [
@@ -44,7 +46,7 @@ def read_models(session: ReadSessionDep) -> list[ModelOut]:
         ]
 
 
-@router.get("/{name}/versions", response_model=list[VersionOut])
+@router.get("/{name}/versions", response_model=list[VersionOut], dependencies=READ)
 def read_versions(name: Text, session: ReadSessionDep) -> list[VersionOut]:
     with session.begin():
         rows = list_versions(session, name)
@@ -52,7 +54,7 @@ def read_versions(name: Text, session: ReadSessionDep) -> list[VersionOut]:
         return [version_out(v, serving) for v in rows]
 
 
-@router.get("/{name}/versions/{version}", response_model=VersionDetail)
+@router.get("/{name}/versions/{version}", response_model=VersionDetail, dependencies=READ)
 def read_version(
     name: Text, version: Annotated[VersionNumber, Path(ge=1, le=MAX_VERSION)], session: ReadSessionDep
 ) -> VersionDetail:
@@ -73,12 +75,14 @@ def read_version(
     response_model=RollbackOut,
     responses={202: {"model": RollbackOut, "description": "a reapply job was queued; it publishes a new version"}},
 )
-def post_rollback(name: Text, body: RollbackIn, session: SessionDep, settings: SettingsDep) -> JSONResponse:
+def post_rollback(
+    name: Text, body: RollbackIn, session: SessionDep, settings: SettingsDep, caller: AdminCaller
+) -> JSONResponse:
     """Serve an earlier version. 200 when the alias moved (or already pointed there);
     409 naming the erasures the target still contains, unless ``reapply_erasures``:
     then 202 with the queued reapply job."""
     with session.begin():
-        outcome = rollback(session, settings, name, body.version, body.reapply_erasures)
+        outcome = rollback(session, settings, name, body.version, body.reapply_erasures, actor=caller)
         out = RollbackOut(
             action=outcome.action,
             model=outcome.model_name,

@@ -1,0 +1,118 @@
+"""API keys: who may call which route.
+
+Off while ``settings.api_keys`` is empty (the embedded default serves 127.0.0.1
+only). With keys configured (``UNLEARND_API_KEYS``), every route of the API
+needs ``Authorization: Bearer <token>`` of a key that holds the route's scope:
+
+- ``deletions``: submit deletion requests, read them and their certificates
+  (what a privacy portal needs);
+- ``read``: models, versions and lineage, jobs, the audit log and its verification;
+- ``admin``: everything, rollback included.
+
+The probes (``/healthz``, ``/readyz``), the Prometheus scrape (``/metrics``) and
+the API docs stay open. The service stores the sha256 of each token, never the
+token; ``unlearnd api-key`` makes a token and its entry. The name of the key that
+submitted a request or a rollback is written into its audit event (``actor``).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from worker.errors import ServiceError
+from worker.settings import ApiKey, Scope
+
+log = logging.getLogger(__name__)
+
+SCOPES: dict[str, str] = {
+    "deletions": "submit deletion requests, read them and their certificates",
+    "read": "read models, versions, jobs and the audit log",
+    "admin": "everything, rollback included",
+}
+
+_bearer = HTTPBearer(
+    auto_error=False,  # a missing header is our 401 problem document, not FastAPI's 403
+    description="A token made by `unlearnd api-key`; needed when UNLEARND_API_KEYS is set.",
+)
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    title = "Unauthorized"
+    slug = "unauthorized"
+
+    def __init__(self, detail: str, error: str | None = None, **extras):
+        super().__init__(detail, **extras)
+        challenge = 'Bearer realm="unlearnd"' + (f', error="{error}"' if error else "")
+        self.headers = {"WWW-Authenticate": challenge}
+
+
+class Forbidden(ServiceError):
+    status = 403
+    title = "Forbidden"
+    slug = "forbidden"
+
+
+def new_token() -> str:
+    """A random bearer token (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def key_for_token(keys: dict[str, ApiKey], token: str) -> str | None:
+    """The name of the key whose token this is, or None. Every key is compared, in constant time."""
+    digest = token_sha256(token)
+    found = None
+    for name, key in keys.items():
+        if hmac.compare_digest(digest, key.token_sha256):
+            found = name
+    return found
+
+
+def require(scope: Scope):
+    """A dependency that lets a request through when authentication is off or its key holds
+    ``scope`` (or ``admin``), and returns the key's name (None when off)."""
+
+    def caller(request: Request,
+               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str | None:
+        keys: dict[str, ApiKey] = request.app.state.settings.api_keys
+        if not keys:
+            return None
+        if credentials is None:
+            header = request.headers.get("authorization")
+            detail = ("this API needs an API key: send Authorization: Bearer <token>" if not header
+                      else "the Authorization header must be: Bearer <token>")
+            raise Unauthorized(detail)
+        name = key_for_token(keys, credentials.credentials)
+        if name is None:
+            raise Unauthorized("the bearer token is not a key of this service", error="invalid_token")
+        held = keys[name].scopes
+        if scope not in held and "admin" not in held:
+            log.warning("API key %r (scopes %s) refused on %s %s: needs %r",
+                        name, held, request.method, request.url.path, scope)
+            raise Forbidden(f"API key {name!r} may not do this: it needs the scope {scope!r} "
+                            f"({SCOPES[scope]}); it has {', '.join(held)}",
+                            key=name, required_scope=scope, scopes=list(held))
+        return name
+
+    caller.__name__ = f"require_{scope}"
+    return caller
+
+
+# one callable per scope, so a router's dependency and a route's parameter are the same
+# dependency and FastAPI resolves it once per request
+require_deletions = require("deletions")
+require_read = require("read")
+require_admin = require("admin")
+
+DeletionsCaller = Annotated[str | None, Depends(require_deletions)]
+AdminCaller = Annotated[str | None, Depends(require_admin)]

@@ -1,0 +1,193 @@
+"""API keys (app.auth): with UNLEARND_API_KEYS set, every API route needs a bearer token
+whose key holds the route's scope; refusals are problem documents and store nothing; the
+key's name is the actor of the audit events it causes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from app.auth import key_for_token, token_sha256
+from app.cli import main as cli_main
+from app.main import create_app
+from worker.db import transaction
+from worker.settings import ApiKey, Settings, get_settings
+from worker.tables import Alias, AuditEvent, ModelVersion
+
+from .conftest import assert_problem, counts
+
+TOKENS = {"portal": "portal-token", "auditor": "auditor-token", "ops": "ops-token"}
+SCOPES = {"portal": ["deletions"], "auditor": ["read"], "ops": ["admin"]}
+
+
+def _bearer(name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[name]}"}
+
+
+@pytest.fixture
+def keyed(settings):
+    keys = {n: ApiKey(token_sha256=token_sha256(t), scopes=SCOPES[n]) for n, t in TOKENS.items()}
+    with TestClient(create_app(settings.model_copy(update={"api_keys": keys}))) as c:
+        yield c
+
+
+@pytest.fixture
+def environment(monkeypatch):
+    """The process's settings re-read from the environment the test sets (the CLI reads get_settings())."""
+    monkeypatch.delenv("UNLEARND_API_KEYS", raising=False)
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
+
+
+def _last_event(settings) -> AuditEvent:
+    with transaction(settings.database_url) as s:
+        return s.execute(select(AuditEvent).order_by(AuditEvent.seq.desc())).scalars().first()
+
+
+def test_without_a_valid_token_every_api_route_is_a_401_and_stores_nothing(keyed, settings, model):
+    body = {"instance_id": model.train_ids[0], "tasks": ["depth"]}
+    before = counts(settings)
+    routes = [("POST", "/deletions", body), ("GET", "/deletions", None), ("GET", "/deletions/x", None),
+              ("GET", "/deletions/x/certificate", None), ("GET", "/models", None),
+              ("GET", f"/models/{model.name}/versions", None), ("GET", f"/models/{model.name}/versions/1", None),
+              ("POST", f"/models/{model.name}/rollback", {"version": 1}), ("GET", "/jobs/x", None),
+              ("GET", "/audit/events", None), ("GET", "/audit/verify", None)]
+    for method, path, payload in routes:
+        for headers, error in (({}, None), ({"Authorization": "Bearer wrong"}, "invalid_token"),
+                               ({"Authorization": f"Basic {TOKENS['ops']}"}, None),
+                               ({"Authorization": "Bearer"}, None)):
+            r = keyed.request(method, path, json=payload, headers=headers)
+            problem = assert_problem(r, 401, "unauthorized")
+            challenge = r.headers["WWW-Authenticate"]
+            assert challenge.startswith('Bearer realm="unlearnd"'), (path, challenge)
+            assert (f'error="{error}"' in challenge) == (error is not None), (path, headers, challenge)
+            assert "Bearer <token>" in problem["detail"] or "not a key" in problem["detail"]
+    assert counts(settings) == before
+
+
+def test_each_scope_opens_its_routes_only(keyed, settings, model):
+    instance = model.train_ids[0]
+    before = counts(settings)
+    # the auditor reads but cannot submit or roll back; the portal submits but cannot read the audit log
+    refused = [("auditor", "POST", "/deletions", {"instance_id": instance}, "deletions"),
+               ("auditor", "GET", "/deletions", None, "deletions"),
+               ("auditor", "POST", f"/models/{model.name}/rollback", {"version": 1}, "admin"),
+               ("portal", "GET", "/audit/events", None, "read"),
+               ("portal", "GET", "/models", None, "read"),
+               ("portal", "GET", "/jobs/x", None, "read"),
+               ("portal", "POST", f"/models/{model.name}/rollback", {"version": 1}, "admin")]
+    for name, method, path, payload, needed in refused:
+        problem = assert_problem(keyed.request(method, path, json=payload, headers=_bearer(name)), 403, "forbidden")
+        assert (problem["key"], problem["required_scope"], problem["scopes"]) == (name, needed, SCOPES[name])
+        assert repr(needed) in problem["detail"] and repr(name) in problem["detail"]
+    assert counts(settings) == before
+
+    for name in ("auditor", "ops"):
+        assert keyed.get("/models", headers=_bearer(name)).json()[0]["name"] == model.name
+        assert keyed.get(f"/models/{model.name}/versions/1", headers=_bearer(name)).status_code == 200
+        assert keyed.get("/audit/verify", headers=_bearer(name)).json()["ok"] is True
+        assert_problem(keyed.get("/jobs/nope", headers=_bearer(name)), 404)  # let through, then not found
+
+    r = keyed.post("/deletions", json={"instance_id": instance, "tasks": ["depth"]}, headers=_bearer("portal"))
+    assert r.status_code == 202, r.text
+    request_id = r.json()["id"]
+    assert keyed.get(f"/deletions/{request_id}", headers=_bearer("portal")).json()["status"] == "queued"
+    assert_problem(keyed.get(f"/deletions/{request_id}/certificate", headers=_bearer("portal")), 409)
+    assert [d["id"] for d in keyed.get("/deletions", headers=_bearer("ops")).json()["items"]] == [request_id]
+
+
+def test_the_key_that_acted_is_the_audit_events_actor(keyed, settings, model):
+    r = keyed.post("/deletions", json={"instance_id": model.train_ids[1], "tasks": "all"}, headers=_bearer("portal"))
+    assert r.status_code == 202, r.text
+    event = _last_event(settings)
+    assert (event.kind, event.request_id, event.payload["actor"]) == ("deletion.received", r.json()["id"], "portal")
+
+    with transaction(settings.database_url) as s:  # v2 erases nothing more, so rolling back to v1 is safe
+        s.add(ModelVersion(model_name=model.name, version=2, parent_version=1, sha256="2" * 64,
+                           artifact_uri="file:///fake/v2", deletions=[], erased_cells=[], metrics={}))
+        s.get(Alias, (model.name, "serving")).version = 2
+    r = keyed.post(f"/models/{model.name}/rollback", json={"version": 1}, headers=_bearer("ops"))
+    assert r.status_code == 200 and r.json()["action"] == "moved", r.text
+    event = _last_event(settings)
+    assert (event.kind, event.payload) == ("model.rollback", {"from_version": 2, "to_version": 1, "actor": "ops"})
+    assert keyed.get("/audit/verify", headers=_bearer("auditor")).json()["ok"] is True
+
+
+def test_probes_metrics_and_docs_stay_open(keyed):
+    assert keyed.get("/healthz").status_code == 200
+    assert keyed.get("/readyz").status_code == 200
+    assert "unlearnd_http_requests" in keyed.get("/metrics").text
+    schema = keyed.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    # an unknown route is still a 404, whoever asks
+    assert_problem(keyed.get("/nowhere"), 404)
+
+
+def test_without_keys_the_api_is_open_and_events_name_no_actor(client, settings, model):
+    r = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["depth"]})
+    assert r.status_code == 202, r.text
+    assert "actor" not in _last_event(settings).payload
+    assert client.get("/audit/events").status_code == 200
+
+
+def test_a_token_matches_only_its_own_key():
+    keys = {n: ApiKey(token_sha256=token_sha256(t), scopes=SCOPES[n]) for n, t in TOKENS.items()}
+    assert [key_for_token(keys, t) for t in TOKENS.values()] == list(TOKENS)
+    assert key_for_token(keys, "portal-token ") is None and key_for_token(keys, "") is None
+
+
+@pytest.mark.parametrize("raw, named", [
+    ('{"p": {"token_sha256": "abc", "scopes": ["read"]}}', "token_sha256"),
+    ('{"p": {"token_sha256": "%s", "scopes": []}}' % ("a" * 64), "scopes"),
+    ('{"p": {"token_sha256": "%s", "scopes": ["root"]}}' % ("a" * 64), "scopes"),
+    ('{"p": {"token": "x", "token_sha256": "%s", "scopes": ["read"]}}' % ("a" * 64), "token"),
+    ('{"has space": {"token_sha256": "%s", "scopes": ["read"]}}' % ("a" * 64), "has space"),
+    ('{"a": {"token_sha256": "%s", "scopes": ["read"]}, "b": {"token_sha256": "%s", "scopes": ["admin"]}}'
+     % ("a" * 64, "a" * 64), "same token"),
+    ("portal:secret", "JSON object"),
+])
+def test_bad_key_configuration_is_refused_naming_it(monkeypatch, raw, named):
+    monkeypatch.setenv("UNLEARND_API_KEYS", raw)
+    with pytest.raises(ValidationError, match=named):
+        Settings()
+
+
+def test_blank_key_configuration_means_no_keys(monkeypatch):
+    monkeypatch.setenv("UNLEARND_API_KEYS", "  ")
+    assert Settings().api_keys == {}
+
+
+def test_api_key_command_makes_a_token_the_service_accepts(environment, capsys, settings, model):
+    assert cli_main(["api-key", "portal", "--scope", "deletions"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    token, entry = lines[1].strip(), json.loads(lines[3])
+    assert entry["portal"]["scopes"] == ["deletions"] and entry["portal"]["token_sha256"] == token_sha256(token)
+
+    environment.setenv("UNLEARND_API_KEYS", lines[3])
+    get_settings.cache_clear()
+    keyed = settings.model_copy(update={"api_keys": Settings().api_keys})
+    with TestClient(create_app(keyed)) as c:
+        auth = {"Authorization": f"Bearer {token}"}
+        assert c.post("/deletions", json={"instance_id": model.train_ids[0]}, headers=auth).status_code == 202
+        assert_problem(c.get("/audit/events", headers=auth), 403, "forbidden")
+
+    # --merge prints every key: the environment's and the new one
+    assert cli_main(["api-key", "ops", "--scope", "admin", "--scope", "read", "--merge"]) == 0
+    merged = json.loads(capsys.readouterr().out.splitlines()[3])
+    assert sorted(merged) == ["ops", "portal"] and merged["ops"]["scopes"] == ["admin", "read"]
+    assert merged["portal"] == entry["portal"]
+
+
+def test_api_key_command_refuses_bad_names_and_configuration(environment, capsys):
+    assert cli_main(["api-key", "two words", "--scope", "read"]) == 2
+    assert "invalid key name 'two words'" in capsys.readouterr().err
+    environment.setenv("UNLEARND_API_KEYS", '{"x": 1}')
+    assert cli_main(["api-key", "ops", "--scope", "read", "--merge"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unlearnd: invalid configuration") and "api_keys.x" in err
+    with pytest.raises(SystemExit):
+        cli_main(["api-key", "ops", "--scope", "root"])
