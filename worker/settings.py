@@ -35,14 +35,14 @@ class Settings(BaseSettings):
 
     model_name: str = "indoor-mtl"
     dataset: str = "indoor"
-    n_train: int = 128
-    n_test: int = 48
-    image_height: int = 48
-    image_width: int = 64
+    n_train: int = Field(128, gt=0)
+    n_test: int = Field(48, gt=0)
+    image_height: int = Field(48, gt=0)
+    image_width: int = Field(64, gt=0)
     # ~1 minute on 2 CPU cores and long enough that the model memorises its training data
     # (membership AUC 0.83-0.97 per task), so the audit's MIA numbers mean something.
-    train_epochs: int = 60
-    model_width: int = 16  # encoder base width and head width of a first model (tests use a tinier one)
+    train_epochs: int = Field(60, gt=0)
+    model_width: int = Field(16, gt=0)  # encoder base width and head width of a first model (tests use a tinier one)
     seed: int = 0
 
     method: str = "interference_aware"
@@ -56,15 +56,18 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto = CUDA when present
     # CPU threads torch may use in a job; None = torch's default. On a small shared CPU
     # (API, relay and worker in one process) oversubscribed threads slow jobs down many times.
-    torch_threads: int | None = None
-    job_time_limit_s: int = 3600
-    stale_after_s: int = 600  # the sweeper re-enqueues work untouched for this long
-    max_job_attempts: int = 3  # claims of one job before it is failed (its worker keeps dying: a poison job)
-    relay_interval_s: float = 1.0
+    torch_threads: int | None = Field(None, gt=0)
+    # Durations, counts and intervals are positive: at 0 or less the relay looped without a pause,
+    # the sweeper reset every running job at each pass, or a claim failed every queued job
+    # (a rollback's reapply, a job put back) before it ran.
+    job_time_limit_s: int = Field(3600, gt=0)
+    stale_after_s: int = Field(600, gt=0)  # the sweeper re-enqueues work untouched for this long
+    max_job_attempts: int = Field(3, gt=0)  # claims of one job before it is failed (its worker keeps dying: a poison job)
+    relay_interval_s: float = Field(1.0, gt=0, allow_inf_nan=False)
 
     background: bool = True  # the API process runs the outbox relay (and, without a broker, the in-process worker)
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535)
     # API keys, JSON in UNLEARND_API_KEYS: {"name": {"token_sha256": "<hex>", "scopes": [...]}}
     # (`unlearnd api-key NAME --scope ...` makes one). Empty: no authentication, the embedded default.
     api_keys: Annotated[dict[KeyName, ApiKey], NoDecode] = {}

@@ -1,0 +1,56 @@
+"""Settings the service cannot run with are refused when they are read (worker/settings.py),
+not discovered as a relay looping without a pause or every job failing."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.cli import main
+from worker.settings import Settings, get_settings
+
+
+@pytest.mark.parametrize("field, value", [
+    ("relay_interval_s", 0),  # the relay thread looped without a pause (250k passes in 0.5 s)
+    ("relay_interval_s", -1.0),
+    ("relay_interval_s", float("nan")),
+    ("stale_after_s", 0),  # every running job looked stale: the sweeper reset it at each pass
+    ("stale_after_s", -600),
+    ("max_job_attempts", 0),  # a claim failed every queued job ("gave up after 0 attempts")
+    ("job_time_limit_s", 0),
+    ("job_time_limit_s", -5),
+    ("torch_threads", 0),
+    ("n_train", 0),
+    ("n_test", -1),
+    ("image_height", 0),
+    ("image_width", 0),
+    ("train_epochs", 0),
+    ("model_width", 0),
+    ("port", 0),
+    ("port", 65536),
+])
+def test_a_setting_out_of_its_range_is_refused(field, value):
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None, **{field: value})
+    assert [e["loc"] for e in refused.value.errors()] == [(field,)]
+
+
+def test_the_defaults_and_the_smallest_valid_values_are_accepted():
+    Settings(_env_file=None)
+    s = Settings(_env_file=None, relay_interval_s=0.01, stale_after_s=1, max_job_attempts=1, job_time_limit_s=1,
+                 torch_threads=1, n_train=1, n_test=1, image_height=1, image_width=1, train_epochs=1, model_width=1,
+                 port=1, seed=-3)
+    assert (s.relay_interval_s, s.stale_after_s, s.max_job_attempts, s.seed) == (0.01, 1, 1, -3)
+    assert Settings(_env_file=None, port=65535, torch_threads=None).torch_threads is None
+
+
+def test_the_command_names_the_variable_and_keeps_the_database_password_out(monkeypatch, capsys):
+    monkeypatch.setenv("UNLEARND_DATABASE_URL", "postgresql+psycopg://u:pw-s3cret@127.0.0.1:1/x")
+    monkeypatch.setenv("UNLEARND_RELAY_INTERVAL_S", "0")
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate"]) == 2  # refused before anything connects
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "invalid configuration" in err and "relay_interval_s" in err
+    assert "pw-s3cret" not in err
