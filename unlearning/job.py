@@ -10,6 +10,7 @@ forget gap.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -256,7 +257,7 @@ def run_unlearning_job(
     if all(c in erased for c in train.cells()):
         raise JobInputError(f"erasing these {len(cells)} cells leaves no training data: every cell of "
                             f"{train.name!r} would be erased, and there is nothing to keep the model's tasks on")
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):  # numpy's integers are integers too
         raise JobInputError(f"seed must be an integer, got {seed!r}")
     device = _job_device(model, device)
     cache = {} if cache is None else cache

@@ -217,7 +217,9 @@ def test_the_finiteness_check_names_the_tensors(setup):
         check_finite(broken, "x")
 
 
-@pytest.mark.parametrize("kwargs,says", [({"device": "tpu"}, "device 'tpu'"), ({"seed": "abc"}, "seed must be an integer")])
+@pytest.mark.parametrize("kwargs,says", [({"device": "tpu"}, "device 'tpu'"), ({"seed": "abc"}, "seed must be an integer"),
+                                          ({"seed": 1.0}, "seed must be an integer"),
+                                          ({"seed": True}, "seed must be an integer")])
 def test_a_bad_device_or_seed_is_a_job_input_error(setup, kwargs, says):
     model, train, test = setup
     with pytest.raises(JobInputError, match=says):
@@ -231,3 +233,15 @@ def test_an_empty_test_set_or_erasing_every_cell_is_a_job_input_error(setup):
             run_unlearning_job(model, train, test.subset([]), [("i0", "depth")], method=method, config={"steps": 1})
         with pytest.raises(JobInputError, match="leaves no training data"):
             run_unlearning_job(model, train, test, train.cells(), method=method, config={"steps": 1})
+
+
+def test_a_numpy_integer_seed_is_a_seed(setup):
+    """``for seed in np.arange(3)`` gives numpy integers: the same runs as Python's (they were refused as
+    "seed must be an integer, got np.int64(1)")."""
+    np = pytest.importorskip("numpy")
+    model, train, test = setup
+    cells = [("i0", "depth")]
+    plain = run_unlearning_job(model, train, test, cells, method="finetune", config={"steps": 2}, seed=1)
+    numpy_seed = run_unlearning_job(model, train, test, cells, method="finetune", config={"steps": 2}, seed=np.int64(1))
+    assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
+                                                 numpy_seed.model.state_dict().values()))
