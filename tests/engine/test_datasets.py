@@ -84,6 +84,15 @@ def test_noise_options_in_the_spec():
         load_splits({"name": "forest"})
 
 
+@pytest.mark.parametrize("key, value", [("n_train", 2.5), ("n_test", "3"), ("height", 16.7), ("seed", True),
+                                        ("width", None)])
+def test_synthetic_spec_numbers_are_integers_not_truncated(key, value):
+    """A size or seed that is not an integer is refused naming it (it was int()-ed: 2.5 scenes
+    rendered 2, seed True rendered seed 1's scenes), as unknown keys are."""
+    with pytest.raises(ValueError, match=f"'{key}' in the 'indoor' dataset spec must be an integer, got {value!r}"):
+        load_synthetic({"name": "indoor", **SMALL, "n_test": 0, key: value})
+
+
 # --------------------------------------------------------------------------- erasure
 
 

@@ -20,6 +20,8 @@ from ``(seed, 1, i)``, so the splits never share a scene and growing
 """
 from __future__ import annotations
 
+import numbers
+
 from .base import MultiTaskDataset
 from .renderer import FLAVOUR_CLASSES, FLAVOUR_TASKS, NoiseOptions, render_batch
 
@@ -48,8 +50,13 @@ def load_synthetic(spec: dict, render_workers: int | str = 1) -> tuple[MultiTask
     unknown = sorted(set(spec) - SPEC_KEYS)
     if unknown:
         raise ValueError(f"unknown keys {unknown} in {name!r} dataset spec; known: {sorted(SPEC_KEYS)}")
-    sizes = {k: int(spec.get(k, default)) for k, default in
-             (("n_train", 160), ("n_test", 48), ("height", 48), ("width", 64), ("seed", 0))}
+    sizes = {}
+    for key, default in (("n_train", 160), ("n_test", 48), ("height", 48), ("width", 64), ("seed", 0)):
+        value = spec.get(key, default)
+        # checked, not int()-ed: that turned 2.5 into 2, "3" into 3 and True into 1
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"{key!r} in the {name!r} dataset spec must be an integer, got {value!r}")
+        sizes[key] = int(value)
     if sizes["n_train"] < 0 or sizes["n_test"] < 0 or sizes["seed"] < 0:
         raise ValueError(f"n_train, n_test and seed must be non-negative, got {sizes}")
     noise = noise_options(spec)
