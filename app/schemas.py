@@ -120,6 +120,7 @@ class DeletionOut(BaseModel):
     tasks: list[str]
     reason: str | None
     subject_ref: str | None
+    submitted_by: str | None = Field(None, description="the API key that submitted it (null when the API has no keys)")
     progress: float
     job_id: str | None
     base_version: int | None
@@ -249,6 +250,7 @@ def deletion_out(r) -> DeletionOut:
         tasks=r.tasks,
         reason=r.reason,
         subject_ref=r.subject_ref,
+        submitted_by=r.submitted_by or None,
         progress=r.progress,
         job_id=r.job_id,
         base_version=r.base_version,

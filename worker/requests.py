@@ -160,9 +160,10 @@ def submit_deletion(
     caller's transaction. Nothing is enqueued here: the relay publishes the outbox
     row after commit.
 
-    ``actor`` (the API key's name, when the API has keys) is written into the audit event.
+    ``actor`` (the API key's name, when the API has keys) is the request's
+    ``submitted_by`` and is written into the audit event.
 
-    With an ``idempotency_key`` already used for the same body, the stored request
+    With an ``idempotency_key`` this submitter already used for the same body, the stored request
     is returned (``replayed=True``) without any check or write; used for a
     different body, :class:`Invalid` (422).
     """
@@ -174,14 +175,14 @@ def submit_deletion(
     fingerprint = request_fingerprint(model_name, instance_id, tasks, reason, subject_ref)
 
     if idempotency_key is not None:
-        earlier = _by_idempotency_key(session, idempotency_key, fingerprint)
+        earlier = _by_idempotency_key(session, idempotency_key, fingerprint, actor)
         if earlier is not None:
             return Submission(earlier, replayed=True)
 
     model_row = get_model(session, model_name)
     _lock_model_submissions(session, model_name)
     if idempotency_key is not None:  # a twin may have committed while we waited for the lock
-        earlier = _by_idempotency_key(session, idempotency_key, fingerprint)
+        earlier = _by_idempotency_key(session, idempotency_key, fingerprint, actor)
         if earlier is not None:
             return Submission(earlier, replayed=True)
     cells = resolve_cells(session, model_row, instance_id, tasks)
@@ -196,6 +197,7 @@ def submit_deletion(
         status="queued",
         progress=0.0,
         idempotency_key=idempotency_key,
+        submitted_by=actor or "",
         request_hash=fingerprint,
         created_at=utcnow(),
         updated_at=utcnow(),
@@ -207,7 +209,7 @@ def submit_deletion(
     except IntegrityError:
         if idempotency_key is None:
             raise
-        earlier = _by_idempotency_key(session, idempotency_key, fingerprint)
+        earlier = _by_idempotency_key(session, idempotency_key, fingerprint, actor)
         if earlier is None:
             raise
         return Submission(earlier, replayed=True)
@@ -226,9 +228,11 @@ def submit_deletion(
     return Submission(request, replayed=False)
 
 
-def _by_idempotency_key(session: Session, key: str, fingerprint: str) -> DeletionRequest | None:
+def _by_idempotency_key(session: Session, key: str, fingerprint: str, actor: str | None) -> DeletionRequest | None:
+    """The request this submitter sent with ``key`` (keys are unique per API key, not across callers)."""
     earlier = session.execute(
-        select(DeletionRequest).where(DeletionRequest.idempotency_key == key)
+        select(DeletionRequest).where(DeletionRequest.submitted_by == (actor or ""),
+                                      DeletionRequest.idempotency_key == key)
     ).scalar_one_or_none()
     if earlier is not None and earlier.request_hash != fingerprint:
         raise Invalid(

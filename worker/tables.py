@@ -53,6 +53,9 @@ class Model(Base):
 
 class DeletionRequest(Base):
     __tablename__ = "deletion_requests"
+    __table_args__ = (
+        UniqueConstraint("submitted_by", "idempotency_key", name="uq_deletion_requests_submitter_idempotency_key"),
+    )
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
     instance_id: Mapped[str] = mapped_column(String(200), index=True)
@@ -63,7 +66,9 @@ class DeletionRequest(Base):
     status: Mapped[str] = mapped_column(String(20), index=True, default="received")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)  # unique per submitter
+    # the API key that submitted the request; '' when the API has no keys (app.auth)
+    submitted_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True, index=True)
     base_version: Mapped[int | None] = mapped_column(Integer, nullable=True)

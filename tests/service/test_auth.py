@@ -191,3 +191,30 @@ def test_api_key_command_refuses_bad_names_and_configuration(environment, capsys
     assert err.startswith("unlearnd: invalid configuration") and "api_keys.x" in err
     with pytest.raises(SystemExit):
         cli_main(["api-key", "ops", "--scope", "root"])
+
+
+def test_idempotency_keys_belong_to_their_submitter(keyed, settings, model):
+    """Two API keys that both send Idempotency-Key "ticket-4711" get their own requests; each
+    replays its own and never sees (or is refused because of) the other's."""
+    headers = {n: {**_bearer(n), "Idempotency-Key": "ticket-4711"} for n in ("portal", "ops")}
+    portal_body = {"instance_id": model.train_ids[0], "tasks": ["depth"]}
+    ops_body = {"instance_id": model.train_ids[1], "tasks": ["normal"]}
+    first = keyed.post("/deletions", json=portal_body, headers=headers["portal"])
+    other = keyed.post("/deletions", json=ops_body, headers=headers["ops"])
+    assert (first.status_code, other.status_code) == (202, 202), other.text
+    assert first.json()["id"] != other.json()["id"] and "idempotent-replayed" not in other.headers
+    again = keyed.post("/deletions", json=portal_body, headers=headers["portal"])
+    assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+    # the same key with another body is refused for its own submitter only, naming its own request
+    refused = assert_problem(keyed.post("/deletions", json=ops_body, headers=headers["portal"]), 422)
+    assert refused["request_id"] == first.json()["id"]
+    assert counts(settings)["deletion_requests"] == 2
+    seen = {r["id"]: r["submitted_by"] for r in keyed.get("/deletions", headers=_bearer("ops")).json()["items"]}
+    assert seen == {first.json()["id"]: "portal", other.json()["id"]: "ops"}
+
+
+def test_without_keys_requests_have_no_submitter(client, model):
+    r = client.post("/deletions", json={"instance_id": model.train_ids[0]}, headers={"Idempotency-Key": "k"})
+    assert client.get(r.headers["location"]).json()["submitted_by"] is None
+    assert client.post("/deletions", json={"instance_id": model.train_ids[0]},
+                       headers={"Idempotency-Key": "k"}).headers["idempotent-replayed"] == "true"

@@ -17,7 +17,7 @@ def test_migrated_schema_matches_the_orm(database_url):
 
 
 def test_upgrade_is_idempotent(database_url):
-    assert upgrade_database(database_url) == head_revision() == "0005"
+    assert upgrade_database(database_url) == head_revision() == "0006"
 
 
 def test_offline_sql_builds_the_same_schema():
@@ -78,5 +78,52 @@ def test_the_erased_cell_count_is_filled_for_existing_versions(tmp_path):
             with engine_for(url).connect() as conn:
                 counts = conn.execute(text("SELECT version, erased_cell_count FROM model_versions ORDER BY version"))
                 assert [tuple(r) for r in counts] == [(1, 0), (2, 2)], url
+    finally:
+        drop_database(name)
+
+
+def test_idempotency_keys_survive_the_per_submitter_constraint(tmp_path):
+    """Migration 0006 on a record with requests: each keeps its key, with no submitter;
+    a key stays unique per submitter (a second request with it and no submitter is
+    refused) but another submitter may use it; on PostgreSQL and SQLite (a table rebuild)."""
+    import uuid
+
+    import pytest
+    from alembic import command
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    from worker.migrate import alembic_config
+
+    from .conftest import create_database, drop_database
+
+    name = f"unlearnd_test_0006_{uuid.uuid4().hex[:8]}"
+    urls = [create_database(name), f"sqlite:///{tmp_path / 'record.db'}"]
+    insert = text("INSERT INTO deletion_requests (id, model_name, instance_id, tasks, status, progress, "
+                  "idempotency_key, created_at, updated_at{extra}) VALUES (:id, 'm', 'i', '[]', 'queued', 0, "
+                  ":key, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP{values})")
+    try:
+        for url in urls:
+            command.upgrade(alembic_config(url), "0005")
+            with engine_for(url).begin() as conn:
+                conn.execute(text("INSERT INTO models (name, dataset, tasks, created_at) "
+                                  "VALUES ('m', '{}', '[]', CURRENT_TIMESTAMP)"))
+                conn.execute(text(str(insert).format(extra="", values="")), {"id": "r1", "key": "ticket-1"})
+            upgrade_database(url)
+            with engine_for(url).connect() as conn:
+                rows = conn.execute(text("SELECT id, idempotency_key, submitted_by FROM deletion_requests"))
+                assert [tuple(r) for r in rows] == [("r1", "ticket-1", "")], url
+            with_submitter = text(str(insert).format(extra=", submitted_by", values=", :by"))
+            with pytest.raises(IntegrityError), engine_for(url).begin() as conn:
+                conn.execute(with_submitter, {"id": "r2", "key": "ticket-1", "by": ""})
+            with engine_for(url).begin() as conn:
+                conn.execute(with_submitter, {"id": "r3", "key": "ticket-1", "by": "portal"})
+            # back to one key across everyone: possible once no two submitters share a key
+            with engine_for(url).begin() as conn:
+                conn.execute(text("DELETE FROM deletion_requests WHERE id = 'r3'"))
+            command.downgrade(alembic_config(url), "0005")
+            with pytest.raises(IntegrityError), engine_for(url).begin() as conn:
+                conn.execute(text(str(insert).format(extra="", values="")), {"id": "r4", "key": "ticket-1"})
+            assert upgrade_database(url) == "0006"
     finally:
         drop_database(name)
