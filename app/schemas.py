@@ -155,11 +155,19 @@ class AuditPage(BaseModel):
     next_cursor: str | None
 
 
+class ChainHead(BaseModel):
+    seq: int
+    hash: str
+
+
 class ChainReport(BaseModel):
     ok: bool
     events: int = Field(description="events read (up to and including the first bad one)")
     first_bad_seq: int | None
     reason: str | None
+    head: ChainHead | None = Field(
+        None, description="the verified end of the log (when ok and not empty): keep it outside the database and "
+        "pass it back as ?seq=&hash= to check later that nothing up to it was rewritten")
 
 
 class ModelOut(BaseModel):

@@ -93,9 +93,14 @@ def append_event(
     return event
 
 
-def verify_chain(session: Session) -> dict:
-    """Recompute the chain and check that it ends at the recorded head.
-    Returns ``{"ok": bool, "events": n, "first_bad_seq": seq|None, "reason": str|None}``."""
+def verify_chain(session: Session, anchor: tuple[int, str] | None = None) -> dict:
+    """Recompute the chain and check that it ends at the recorded head and, with an
+    ``anchor`` ``(seq, hash)`` kept outside the database (a certificate's chain head, an
+    earlier report's ``head``), that event ``seq`` still has that hash: whoever can
+    write the database can rewrite the log and its head consistently, but not the
+    copies others hold.
+    Returns ``{"ok": bool, "events": n, "first_bad_seq": seq|None, "reason": str|None,
+    "head": {"seq", "hash"}|None}`` (``head``: the verified end of the log, when ok)."""
     prev = GENESIS
     expected_seq = 1
     n = 0
@@ -107,11 +112,15 @@ def verify_chain(session: Session) -> dict:
     for seq, prev_hash, hash_, at, kind, model_name, request_id, instance_id, payload in rows:
         n += 1
         if seq != expected_seq:
-            return {"ok": False, "events": n, "first_bad_seq": seq, "reason": f"gap before seq {seq}"}
+            return {"ok": False, "events": n, "first_bad_seq": seq, "reason": f"gap before seq {seq}", "head": None}
         if prev_hash != prev:
-            return {"ok": False, "events": n, "first_bad_seq": seq, "reason": "prev_hash does not match"}
+            return {"ok": False, "events": n, "first_bad_seq": seq, "reason": "prev_hash does not match", "head": None}
         if event_hash(prev, seq, at, kind, model_name, request_id, instance_id, payload) != hash_:
-            return {"ok": False, "events": n, "first_bad_seq": seq, "reason": "hash does not match contents"}
+            return {"ok": False, "events": n, "first_bad_seq": seq, "reason": "hash does not match contents",
+                    "head": None}
+        if anchor is not None and seq == anchor[0] and hash_ != anchor[1]:
+            return {"ok": False, "events": n, "first_bad_seq": seq, "head": None,
+                    "reason": f"event {seq} does not have the anchored hash: the log was rewritten up to it"}
         prev = hash_
         expected_seq += 1
     rows.close()
@@ -121,6 +130,10 @@ def verify_chain(session: Session) -> dict:
         # the first seq the head vouches for that is not there (or the last one, when the head
         # itself was changed or removed)
         bad = expected_seq if head_seq >= expected_seq else max(expected_seq - 1, 1)
-        return {"ok": False, "events": n, "first_bad_seq": bad,
+        return {"ok": False, "events": n, "first_bad_seq": bad, "head": None,
                 "reason": f"the log ends at seq {expected_seq - 1} but its recorded head is seq {head_seq}"}
-    return {"ok": True, "events": n, "first_bad_seq": None, "reason": None}
+    if anchor is not None and anchor[0] > n:
+        return {"ok": False, "events": n, "first_bad_seq": n + 1, "head": None,
+                "reason": f"the log ends at seq {n}, before the anchored event {anchor[0]}: events were removed"}
+    return {"ok": True, "events": n, "first_bad_seq": None, "reason": None,
+            "head": {"seq": head_seq, "hash": head_hash} if n else None}

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 from starlette.exceptions import HTTPException
 
 from worker.audit import verify_chain
+from worker.errors import Invalid
 from worker.queries import list_events
 
 from ..deps import ReadSessionDep
@@ -54,16 +55,25 @@ _verifying = threading.Lock()
 
 @router.get("/verify", response_model=ChainReport,
             responses={429: {"description": "a verification is already running in this process"}})
-def verify(session: ReadSessionDep) -> ChainReport:
+def verify(
+    session: ReadSessionDep,
+    seq: Annotated[int | None, Query(ge=1, le=2**62, description="an anchor kept outside: this event's seq ...")] = None,
+    hash: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="... and the hash it had")] = None,
+) -> ChainReport:
     """Recompute the hash chain. Always 200 when the check ran: read ``ok``; on a
     broken chain ``first_bad_seq`` names the first event that does not verify and
-    ``reason`` says why (changed contents, broken link, gap). While another verification
+    ``reason`` says why (changed contents, broken link, gap). With ``seq`` and
+    ``hash`` (a certificate's ``audit.chain_head``, an earlier report's ``head``),
+    also that this event still has that hash: a log rewritten together with its head
+    verifies on its own, not against a copy kept elsewhere. While another verification
     runs in this process: 429 with ``Retry-After`` (its answer would be the same)."""
+    if (seq is None) != (hash is None):
+        raise Invalid("an anchor is seq and hash together", seq=seq, hash=hash)
     if not _verifying.acquire(blocking=False):
         raise HTTPException(429, "a verification of the audit chain is already running; ask again when it ends",
                             headers={"Retry-After": "10"})
     try:
         with session.begin():
-            return ChainReport(**verify_chain(session))
+            return ChainReport(**verify_chain(session, anchor=(seq, hash) if seq is not None else None))
     finally:
         _verifying.release()

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from worker.db import engine_for
 
-from .conftest import assert_problem
+from .conftest import assert_problem, tamper
 
 
 def _post(client, model, n):
@@ -47,18 +46,96 @@ REWRITES = {
 @pytest.mark.parametrize("field", list(REWRITES))
 def test_verify_ok_then_tampering_names_the_seq(client, settings, model, field):
     _post(client, model, 3)
-    assert client.get("/audit/verify").json() == {"ok": True, "events": 3, "first_bad_seq": None, "reason": None}
+    report = client.get("/audit/verify").json()
+    assert {k: report[k] for k in ("ok", "events", "first_bad_seq", "reason")} == \
+        {"ok": True, "events": 3, "first_bad_seq": None, "reason": None}
+    assert report["head"]["seq"] == 3
 
-    with engine_for(settings.database_url).begin() as conn:  # rewrite history behind the API's back
+    with tamper(settings.database_url) as conn:  # rewrite history behind the API's back
         conn.execute(text(f"UPDATE audit_events SET {REWRITES[field]} WHERE seq = 2"))
     r = client.get("/audit/verify")
     assert r.status_code == 200
-    assert r.json() == {"ok": False, "events": 2, "first_bad_seq": 2, "reason": "hash does not match contents"}
+    assert r.json() == {"ok": False, "events": 2, "first_bad_seq": 2, "reason": "hash does not match contents",
+                        "head": None}
 
 
 def test_verify_finds_a_deleted_event(client, settings, model):
     _post(client, model, 3)
-    with engine_for(settings.database_url).begin() as conn:
+    with tamper(settings.database_url) as conn:
         conn.execute(text("DELETE FROM audit_events WHERE seq = 2"))
     report = client.get("/audit/verify").json()
     assert (report["ok"], report["first_bad_seq"]) == (False, 3)
+
+
+def _rewrite_history(url: str) -> None:
+    """What whoever can write the database can do: rewrite an event and re-chain every hash
+    after it, and the head, so the log verifies on its own."""
+    from worker.audit import event_hash
+
+    with tamper(url) as conn:
+        conn.execute(text("""UPDATE audit_events SET payload = '{"tasks": ["normal"]}' WHERE seq = 2"""))
+        prev = conn.execute(text("SELECT hash FROM audit_events WHERE seq = 1")).scalar_one()
+        rows = conn.execute(text("SELECT seq, at, kind, model_name, request_id, instance_id, payload "
+                                 "FROM audit_events WHERE seq >= 2 ORDER BY seq")).all()
+        for seq, at, kind, model_name, request_id, instance_id, payload in rows:
+            new = event_hash(prev, seq, at, kind, model_name, request_id, instance_id, payload)
+            conn.execute(text("UPDATE audit_events SET prev_hash = :p, hash = :h WHERE seq = :s"),
+                         {"p": prev, "h": new, "s": seq})
+            prev = new
+        conn.execute(text("UPDATE audit_chain_head SET hash = :h"), {"h": prev})
+
+
+def test_an_anchor_kept_outside_finds_a_consistently_rewritten_log(client, settings, model):
+    _post(client, model, 3)
+    kept = client.get("/audit/verify").json()["head"]  # e.g. a certificate's chain_head, held by the requester
+    assert client.get("/audit/verify", params=kept).json()["ok"] is True
+    _rewrite_history(settings.database_url)
+    assert client.get("/audit/verify").json()["ok"] is True  # on its own, the rewritten log verifies
+    report = client.get("/audit/verify", params=kept).json()
+    assert (report["ok"], report["first_bad_seq"], report["head"]) == (False, 3, None)
+    assert "anchored hash" in report["reason"]
+
+
+def test_an_anchor_past_the_end_means_events_were_removed(client, settings, model):
+    _post(client, model, 2)
+    report = client.get("/audit/verify", params={"seq": 5, "hash": "a" * 64}).json()
+    assert (report["ok"], report["first_bad_seq"]) == (False, 3) and "before the anchored event 5" in report["reason"]
+
+
+@pytest.mark.parametrize("params", [{"seq": 1}, {"hash": "a" * 64}, {"seq": 0, "hash": "a" * 64},
+                                    {"seq": 1, "hash": "XYZ"}, {"seq": "one", "hash": "a" * 64}])
+def test_a_malformed_anchor_is_a_422(client, model, params):
+    assert_problem(client.get("/audit/verify", params=params), 422)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_the_database_refuses_to_change_or_remove_audit_history(settings, model, tmp_path, backend):
+    """Migration 0007: the record itself refuses UPDATE, DELETE (and TRUNCATE on PostgreSQL) of
+    events, removing the chain head and moving it back; appending goes on as before."""
+    from sqlalchemy.exc import DBAPIError
+
+    from worker.audit import append_event, verify_chain
+    from worker.db import engine_for, transaction
+
+    from .conftest import on_sqlite
+
+    url = settings.database_url if backend == "postgresql" else on_sqlite(settings, tmp_path).database_url
+    with transaction(url) as session:
+        for kind in ("a", "b", "c"):
+            append_event(session, kind)
+    refused = {
+        "UPDATE audit_events SET kind = 'x' WHERE seq = 2": "append-only: UPDATE on audit_events",
+        "DELETE FROM audit_events WHERE seq = 3": "append-only: DELETE on audit_events",
+        "DELETE FROM audit_chain_head": "append-only: DELETE on audit_chain_head",
+        "UPDATE audit_chain_head SET seq = 2": "only moves forward",
+    }
+    if backend == "postgresql":
+        refused["TRUNCATE audit_events CASCADE"] = "append-only: TRUNCATE on audit_events"
+        refused["TRUNCATE audit_chain_head"] = "append-only: TRUNCATE on audit_chain_head"
+    for statement, message in refused.items():
+        with pytest.raises(DBAPIError, match=message), engine_for(url).begin() as conn:
+            conn.execute(text(statement))
+    with transaction(url) as session:
+        assert append_event(session, "d").seq == 4
+        report = verify_chain(session)
+    assert (report["ok"], report["events"], report["head"]["seq"]) == (True, 4, 4)

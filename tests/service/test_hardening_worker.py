@@ -35,7 +35,7 @@ from worker.errors import Conflict
 from worker.tables import (Alias, AuditChainHead, AuditEvent, DeletionRequest, Job, ModelVersion, OutboxMessage,
                            Tombstone, utcnow)
 
-from .conftest import create_database, drop_database
+from .conftest import create_database, drop_database, tamper
 
 
 def _wait_for(predicate, what: str, limit_s: float = 30.0) -> None:
@@ -100,13 +100,13 @@ def test_verify_finds_events_cut_from_the_end(settings):
     with transaction(settings.database_url) as session:
         for kind in ("a", "b", "c"):
             append_event(session, kind)
-    with engine_for(settings.database_url).begin() as conn:
+    with tamper(settings.database_url) as conn:
         conn.execute(text("DELETE FROM audit_events WHERE seq = 3"))
     with transaction(settings.database_url) as session:
         report = verify_chain(session)
     assert (report["ok"], report["events"], report["first_bad_seq"]) == (False, 2, 3)
 
-    with engine_for(settings.database_url).begin() as conn:  # the head removed too: still not a clean log
+    with tamper(settings.database_url) as conn:  # the head removed too: still not a clean log
         conn.execute(delete(AuditChainHead))
     with transaction(settings.database_url) as session:
         assert verify_chain(session)["ok"] is False
