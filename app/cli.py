@@ -65,6 +65,14 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def celery_args(extra: list[str]) -> list[str]:
+    """The arguments after ``--`` of ``unlearnd worker -- --pool solo``: argparse keeps the
+    ``--`` in them, and Celery read it as the end of its options (``--pool solo`` then failed
+    as "extra configuration": not enough values to unpack)."""
+    extra = list(extra)
+    return extra[1:] if extra[:1] == ["--"] else extra
+
+
 def cmd_worker(args) -> int:
     """Run a Celery worker (needs UNLEARND_BROKER_URL)."""
     from worker.settings import get_settings
@@ -79,7 +87,7 @@ def cmd_worker(args) -> int:
     from worker.celery_app import app
 
     argv = ["worker", "--loglevel", args.loglevel, "--prefetch-multiplier", "1", "--concurrency", str(args.concurrency)]
-    app.worker_main(argv + list(args.celery_args))
+    app.worker_main(argv + celery_args(args.celery_args))
     return 0
 
 
