@@ -54,9 +54,11 @@ class InProcessWorker:
             self._pending.add(model_name)
         self._queue.put(model_name)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking work. A job under way is not interrupted mid-write: the thread is a
-        daemon, and a job cut off by the process ending is re-run by the sweeper later."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking work. A job under way stops at its engine's next progress report and
+        is put back in the queue (``job.requeued``), so the next start runs it at once; one
+        that is storing or publishing finishes first. Were the thread still running after
+        ``timeout`` (it is a daemon), the job it leaves 'running' is re-run by the sweeper."""
         self._stopping.set()
         self._queue.put(None)
         self._thread.join(timeout)
@@ -69,7 +71,7 @@ class InProcessWorker:
             with self._lock:
                 self._pending.discard(model_name)
             try:
-                outcomes = drain_model(self.settings, self.store, model_name)
+                outcomes = drain_model(self.settings, self.store, model_name, stop=self._stopping)
             except Exception:  # the database hiccuped: try again shortly
                 log.exception("in-process worker: processing %s failed", model_name)
                 outcomes = []

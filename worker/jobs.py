@@ -96,6 +96,11 @@ class StaleAttempt(RuntimeError):
     """This run's attempt no longer owns the job (requeued and claimed again, or finished)."""
 
 
+class JobStopped(RuntimeError):
+    """The worker is stopping (the run's ``stop`` event is set): the job goes back to the
+    queue now rather than stay 'running' until the sweeper finds its heartbeat stale."""
+
+
 # Errors of the database connection or of a transaction the database aborted (deadlock,
 # serialisation): the job is put back in the queue, not failed.
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
@@ -461,14 +466,17 @@ def _target_version(settings: Settings, store: ModelStore, job_id: str) -> int:
         return version
 
 
-def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | None = None) -> JobOutcome:
+def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | None = None,
+            stop: threading.Event | None = None) -> JobOutcome:
     """Run a claimed job to its end: compute (unless its artifact exists), store, publish.
 
     ``attempt`` is the claim this run belongs to (:func:`claim_next`); None takes the
     job's current one. Failures are recorded (job and requests failed, audit
     ``job.failed``) and returned; a database error puts the job back in the queue
     instead (a rerun publishes what this run stored); a run whose attempt was
-    superseded records nothing."""
+    superseded records nothing. When ``stop`` is set (the worker is shutting down),
+    the computation ends at its next progress report and the job is put back in the
+    queue (``job.requeued``, ``requeued``): a rerun starts it again at once."""
     with transaction(settings.database_url) as session:
         job = session.get(Job, job_id)
         model_name, base_version, kind = job.model_name, job.base_version, job.kind
@@ -489,7 +497,7 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
         manifest = _stored_artifact(settings, store, job_id, model_name, base_version, version)
         if manifest is None:
             manifest = _compute(settings, store, job_id, model_name, base_version, version, spec, cells,
-                                request_ids, method, kind, attempt=attempt)
+                                request_ids, method, kind, attempt=attempt, stop=stop)
         result = publish_version(settings, store, job_id, manifest, seconds=time.monotonic() - started,
                                  attempt=attempt)
         if result.status == "completed":
@@ -498,6 +506,13 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
     except StaleAttempt as exc:
         log.warning("job %s: attempt %d was superseded (%s); recording nothing", job_id, attempt, exc)
         return JobOutcome("superseded", model_name, job_id, error=str(exc))
+    except JobStopped as exc:
+        log.warning("job %s: %s; putting it back in the queue", job_id, exc)
+        try:
+            requeue(settings, job_id, attempt, str(exc))
+        except Exception:  # noqa: BLE001 - the sweeper requeues it once its heartbeat is stale
+            log.warning("job %s: could not put it back in the queue; the sweeper will", job_id, exc_info=True)
+        return JobOutcome("requeued", model_name, job_id, error=str(exc))
     except TRANSIENT_DB_ERRORS as exc:
         error = f"{type(exc).__name__}: {exc}"
         log.warning("job %s: database error, putting it back in the queue: %s", job_id, error)
@@ -569,7 +584,7 @@ def _check_base(settings: Settings, store: ModelStore, model_name: str, base_ver
 
 
 def _compute(settings, store, job_id, model_name, base_version, version, spec, cells, request_ids, method, kind,
-             attempt=None):
+             attempt=None, stop=None):
     from unlearning.job import run_unlearning_job
     from unlearning.train import resolve_device
 
@@ -582,13 +597,24 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
     if attempt is None:
         with transaction(settings.database_url) as session:
             attempt = session.get(Job, job_id).attempts
+
+    def check_stop() -> None:
+        if stop is not None and stop.is_set():
+            raise JobStopped("the worker stopped before the job finished")
+
+    def progress(fraction: float) -> None:  # the engine reports progress often: a stop ends the job there
+        check_stop()
+        beat.progress(fraction)
+
     # The heartbeat covers loading too: rendering or reading a large dataset the first
     # time may take longer than STALE_AFTER_S, and the sweeper must not requeue a live job.
     with _Heartbeat(settings, job_id, attempt, interval) as beat:
+        check_stop()
         model, base_manifest = store.load(model_name, base_version, device=device)  # weights checked against it
         _check_base(settings, store, model_name, base_version, base_manifest)
         data = job_data(settings, spec, base_manifest, cells)
         calibration = lineage_calibration(settings, store, model_name, device) if method == settings.method else None
+        check_stop()
         result = run_unlearning_job(
             model,
             data.train,
@@ -599,7 +625,7 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
             device=device,
             seed=settings.seed,
             cache=engine_cache(model_name, base_version),
-            progress=beat.progress,
+            progress=progress,
         )
         beat.progress(1.0)
     lineage = {tuple(c) for c in base_manifest.erased_cells} | set(data.forget_cells)
@@ -864,12 +890,14 @@ def fail_job(session: Session, job: Job, error: str) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-def process_model(settings: Settings, store: ModelStore, model_name: str) -> JobOutcome:
+def process_model(settings: Settings, store: ModelStore, model_name: str,
+                  stop: threading.Event | None = None) -> JobOutcome:
     """Run the next job of ``model_name`` if there is one and no other is active.
 
     Returns ``busy`` when another job of the model holds it (the caller retries
     later), ``idle`` when nothing is queued, else the job's outcome. Idempotent:
     a duplicate delivery finds nothing queued, or the same job's version.
+    ``stop``: see :func:`run_job`.
     """
     try:
         claim = claim_next(settings, model_name)
@@ -877,15 +905,19 @@ def process_model(settings: Settings, store: ModelStore, model_name: str) -> Job
         return JobOutcome("failed", model_name, error=str(exc))
     if claim.status != "claimed":
         return JobOutcome(claim.status, model_name)
-    return run_job(settings, store, claim.job_id, claim.attempt)
+    return run_job(settings, store, claim.job_id, claim.attempt, stop=stop)
 
 
-def drain_model(settings: Settings, store: ModelStore, model_name: str, max_jobs: int = 100) -> list[JobOutcome]:
+def drain_model(settings: Settings, store: ModelStore, model_name: str, max_jobs: int = 100,
+                stop: threading.Event | None = None) -> list[JobOutcome]:
     """Run jobs of ``model_name`` until it is idle or busy (what one delivery does: requests
-    that arrived while a job ran are picked up without waiting for another message)."""
+    that arrived while a job ran are picked up without waiting for another message), or
+    until ``stop`` is set (the job under way is put back in the queue: :func:`run_job`)."""
     outcomes = []
     for _ in range(max_jobs):
-        outcome = process_model(settings, store, model_name)
+        if stop is not None and stop.is_set():
+            break
+        outcome = process_model(settings, store, model_name, stop=stop)
         if outcome.status in ("idle", "busy"):
             if not outcomes:
                 outcomes.append(outcome)

@@ -1,0 +1,92 @@
+"""A worker that is stopped in the middle of a job (Ctrl-C of `unlearnd serve`, whose
+in-process worker runs the jobs) puts the job back in the queue at once: the next
+start runs it, instead of the record showing it 'running' until the sweeper finds
+its heartbeat STALE_AFTER_S old."""
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import select
+
+from worker import jobs
+from worker.audit import verify_chain
+from worker.background import InProcessWorker
+from worker.db import transaction
+from worker.tables import AuditEvent, DeletionRequest, Job, ModelVersion, OutboxMessage
+
+from .test_hardening_worker import TINY, _submit, tiny, tiny_v1  # noqa: F401 - fixtures
+
+
+def _stop_at_first_progress(monkeypatch, stop: threading.Event) -> threading.Event:
+    """Set ``stop`` when the engine first reports progress (the job is computing); returns
+    an event set at the same moment."""
+    computing = threading.Event()
+    real = jobs._Heartbeat.progress
+
+    def progress(self, fraction):
+        computing.set()
+        stop.set()
+        return real(self, fraction)
+
+    monkeypatch.setattr(jobs._Heartbeat, "progress", progress)
+    return computing
+
+
+def _record(s, request_id):
+    with transaction(s.database_url) as session:
+        job = session.execute(select(Job)).scalar_one()
+        return dict(
+            job=(job.status, job.attempts), request=session.get(DeletionRequest, request_id).status,
+            versions=session.execute(select(ModelVersion.version).order_by(ModelVersion.version)).scalars().all(),
+            requeued=[e.payload for e in session.execute(
+                select(AuditEvent).where(AuditEvent.kind == "job.requeued")).scalars()],
+            announced=session.execute(select(OutboxMessage.payload).where(
+                OutboxMessage.published_at.is_(None))).scalars().all(),
+            chain=verify_chain(session)["ok"], job_id=job.id)
+
+
+def test_a_stopped_run_puts_its_job_back_and_the_next_run_completes_it(tiny, monkeypatch):
+    s, store, ids = tiny
+    request_id = _submit(s, ids[0])
+    stop = threading.Event()
+    computing = _stop_at_first_progress(monkeypatch, stop)
+
+    outcomes = jobs.drain_model(s, store, TINY, stop=stop)
+    assert computing.is_set()
+    assert [o.status for o in outcomes] == ["requeued"]  # and the drain did not claim it again
+    after = _record(s, request_id)
+    assert after["job"] == ("queued", 1) and after["request"] == "queued"
+    assert after["versions"] == [1] and store.versions(TINY) == [1]
+    assert [p["reason"] for p in after["requeued"]] == ["the worker stopped before the job finished"]
+    assert {"model_name": TINY} in after["announced"]  # the relay announces it at the next start
+
+    monkeypatch.undo()
+    done = jobs.drain_model(s, store, TINY)
+    assert [(o.status, o.job_id, o.version) for o in done] == [("completed", after["job_id"], 2)]
+    final = _record(s, request_id)
+    assert final["job"] == ("completed", 2) and final["request"] == "completed" and final["chain"]
+
+
+def test_the_in_process_worker_stops_mid_job_and_leaves_it_queued(tiny, monkeypatch):
+    """The in-process worker's stop() (the API's shutdown) ends a long job within its
+    timeout, the thread gone: a thread left running torch at interpreter exit aborted
+    the process ('terminate called without an active exception')."""
+    s, store, ids = tiny
+    s = s.model_copy(update={"method": "retrain", "method_config": {"train": {"epochs": 100000}}})  # hours
+    request_id = _submit(s, ids[0])
+    computing = threading.Event()
+    real = jobs._Heartbeat.progress
+
+    def progress(self, fraction):
+        computing.set()
+        return real(self, fraction)
+
+    monkeypatch.setattr(jobs._Heartbeat, "progress", progress)
+    worker = InProcessWorker(s, store).start()
+    worker.announce(TINY)
+    assert computing.wait(120), "the job never started computing"
+    worker.stop(timeout=60)
+    assert not worker._thread.is_alive()
+    after = _record(s, request_id)
+    assert after["job"] == ("queued", 1) and after["request"] == "queued" and after["versions"] == [1]
+    assert len(after["requeued"]) == 1 and after["chain"]
