@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     result_backend: str | None = None
 
     model_name: str = "indoor-mtl"
-    dataset: str = "indoor"
+    # the first version's dataset: only the synthetic ones are described by settings alone (no data root);
+    # any other name failed with a traceback after the migration, when the first start loaded it
+    dataset: Literal["indoor", "street"] = "indoor"
     n_train: int = Field(128, gt=0)
     n_test: int = Field(48, gt=0)
     image_height: int = Field(48, gt=0)

@@ -27,6 +27,8 @@ from worker.settings import Settings, get_settings
     ("model_width", 0),
     ("port", 0),
     ("port", 65536),
+    ("dataset", "mnist"),  # a traceback (KeyError) after the migration, when serve loaded it
+    ("dataset", "nyuv2"),  # no data root in the settings: it cannot be loaded either
 ])
 def test_a_setting_out_of_its_range_is_refused(field, value):
     with pytest.raises(ValidationError) as refused:
