@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 revision: str = "0006"
 down_revision: Union[str, Sequence[str], None] = "0005"
@@ -30,9 +30,42 @@ def _column() -> sa.Column:
     return sa.Column("submitted_by", sa.String(length=64), nullable=False, server_default="")
 
 
+def _table_at_0005() -> sa.Table:
+    """deletion_requests as 0001 created it (0002-0005 left it alone), for `alembic upgrade
+    --sql` on SQLite: a batch rebuild reflects the table, which offline it cannot."""
+    return sa.Table(
+        "deletion_requests", sa.MetaData(naming_convention=CONVENTION),
+        sa.Column("id", sa.String(length=36), nullable=False),
+        sa.Column("model_name", sa.String(length=100), nullable=False),
+        sa.Column("instance_id", sa.String(length=200), nullable=False),
+        sa.Column("tasks", sa.JSON(), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=True),
+        sa.Column("subject_ref", sa.String(length=200), nullable=True),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("progress", sa.Float(), nullable=False),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("idempotency_key", sa.String(length=200), nullable=True),
+        sa.Column("request_hash", sa.String(length=64), nullable=True),
+        sa.Column("job_id", sa.String(length=36), nullable=True),
+        sa.Column("base_version", sa.Integer(), nullable=True),
+        sa.Column("produced_version", sa.Integer(), nullable=True),
+        sa.Column("metrics", sa.JSON(), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"]),
+        sa.ForeignKeyConstraint(["model_name"], ["models.name"]),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("idempotency_key"),
+        *(sa.Index(f"ix_deletion_requests_{c}", c) for c in
+          ("created_at", "instance_id", "job_id", "model_name", "status")),
+    )
+
+
 def upgrade() -> None:
     if op.get_context().dialect.name == "sqlite":  # a table rebuild
-        with op.batch_alter_table("deletion_requests", naming_convention=CONVENTION) as batch:
+        offline = {"copy_from": _table_at_0005()} if context.is_offline_mode() else {}
+        with op.batch_alter_table("deletion_requests", naming_convention=CONVENTION, **offline) as batch:
             batch.add_column(_column())
             batch.drop_constraint(SQLITE_OLD, type_="unique")
             batch.create_unique_constraint(NEW, ["submitted_by", "idempotency_key"])

@@ -127,3 +127,44 @@ def test_idempotency_keys_survive_the_per_submitter_constraint(tmp_path):
             assert upgrade_database(url) == "0007"
     finally:
         drop_database(name)
+
+
+def _canonical(sql: str | None) -> list[str]:
+    """A CREATE statement's clauses, whitespace and quotes aside; foreign keys in any order
+    (a batch rebuild writes them in whichever order its set gives)."""
+    text = " ".join((sql or "").split()).replace('"', "")
+    end = text.endswith(" )")  # a table's closing parenthesis, apart from its last clause
+    clauses = (text[:-2] if end else text).split(", ")
+    keys = sorted(c for c in clauses if "FOREIGN KEY" in c)
+    return [")"] * end + [c for c in clauses if "FOREIGN KEY" not in c] + keys
+
+
+def test_offline_sql_builds_the_same_schema_on_sqlite(tmp_path):
+    """`alembic upgrade head --sql` for a SQLite record: 0006 rebuilds deletion_requests (a
+    batch operation), which offline cannot reflect; the script it writes builds the same
+    tables, indexes, constraints and triggers as migrating the database online."""
+    import io
+    import sqlite3
+
+    from alembic import command
+
+    from worker.migrate import alembic_config
+
+    online, offline = tmp_path / "online.db", tmp_path / "offline.db"
+    upgrade_database(f"sqlite:///{online}")
+    cfg = alembic_config(f"sqlite:///{offline}")
+    cfg.output_buffer = io.StringIO()
+    command.upgrade(cfg, "head", sql=True)
+    assert not offline.exists()  # offline: nothing ran against the database
+    with sqlite3.connect(offline) as conn:
+        conn.executescript(cfg.output_buffer.getvalue())
+
+    def schema(path):
+        with sqlite3.connect(path) as conn:
+            rows = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master "
+                                "WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name").fetchall()
+            version = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+        return {r[:3]: _canonical(r[3]) for r in rows}, version
+
+    assert schema(offline) == schema(online)
+    assert schema(offline)[1] == [(head_revision(),)]
