@@ -100,7 +100,9 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None) -> dic
     write the database can rewrite the log and its head consistently, but not the
     copies others hold.
     Returns ``{"ok": bool, "events": n, "first_bad_seq": seq|None, "reason": str|None,
-    "head": {"seq", "hash"}|None}`` (``head``: the verified end of the log, when ok)."""
+    "head": {"seq", "hash"}|None}`` (``head``: the verified end of the log, when ok).
+    The events and the head must come from one snapshot: on PostgreSQL, call it in a
+    REPEATABLE READ transaction (as ``GET /audit/verify`` does) while others may append."""
     prev = GENESIS
     expected_seq = 1
     n = 0

@@ -74,6 +74,11 @@ def verify(
                             headers={"Retry-After": "10"})
     try:
         with session.begin():
+            if session.get_bind().dialect.name == "postgresql":
+                # one snapshot for the events and the head read after them: at READ COMMITTED an
+                # append committed in between is a head past the log, a sound log reported broken
+                # (SQLite: a deferred read transaction is one snapshot already)
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             return ChainReport(**verify_chain(session, anchor=(seq, hash) if seq is not None else None))
     finally:
         _verifying.release()

@@ -139,3 +139,32 @@ def test_the_database_refuses_to_change_or_remove_audit_history(settings, model,
         assert append_event(session, "d").seq == 4
         report = verify_chain(session)
     assert (report["ok"], report["events"], report["head"]["seq"]) == (True, 4, 4)
+
+
+def test_an_event_appended_while_verifying_is_not_a_broken_chain(client, settings, model, monkeypatch):
+    """A verification reads every event, then the head (seconds apart at scale); an append
+    committed in between moved the head past the events read: on PostgreSQL at READ COMMITTED
+    a sound log was reported broken ("the log ends at seq 3 but its recorded head is seq 4").
+    The events and the head are read in one snapshot."""
+    from sqlalchemy.orm import Session
+
+    from worker.audit import append_event
+    from worker.db import transaction
+    from worker.tables import AuditChainHead
+
+    _post(client, model, 3)
+    real_get, appended = Session.get, []
+
+    def get(self, entity, ident, **kw):
+        if entity is AuditChainHead and not appended:  # the events are read: another writer commits now
+            appended.append(True)
+            with transaction(settings.database_url) as other:
+                append_event(other, "concurrent")
+        return real_get(self, entity, ident, **kw)
+
+    monkeypatch.setattr(Session, "get", get)
+    report = client.get("/audit/verify").json()
+    assert appended
+    assert (report["ok"], report["events"], report["reason"], report["head"]["seq"]) == (True, 3, None, 3), report
+    again = client.get("/audit/verify", params=report["head"]).json()
+    assert (again["ok"], again["events"], again["head"]["seq"]) == (True, 4, 4)
