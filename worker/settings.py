@@ -24,6 +24,17 @@ class ApiKey(BaseModel):
     scopes: list[Scope] = Field(min_length=1)
 
 
+def _no_repeated_names(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose names are unique: json.loads keeps the last of a repeated name, so
+    an UNLEARND_API_KEYS naming a key twice lost the first entry (its token a 401) silently."""
+    seen: dict[str, object] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise ValueError(f"{name!r} is given twice")
+        seen[name] = value
+    return seen
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNLEARND_", env_file=".env", extra="ignore")
 
@@ -81,7 +92,7 @@ class Settings(BaseSettings):
             if not value.strip():
                 return {}
             try:
-                return json.loads(value)
+                return json.loads(value, object_pairs_hook=_no_repeated_names)
             except ValueError as exc:
                 raise ValueError(f"UNLEARND_API_KEYS must be a JSON object of keys ({exc})") from None
         return value

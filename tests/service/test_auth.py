@@ -149,6 +149,8 @@ def test_a_token_matches_only_its_own_key():
     ('{"a": {"token_sha256": "%s", "scopes": ["read"]}, "b": {"token_sha256": "%s", "scopes": ["admin"]}}'
      % ("a" * 64, "a" * 64), "same token"),
     ("portal:secret", "JSON object"),
+    ('{"p": {"token_sha256": "%s", "scopes": ["read"]}, "p": {"token_sha256": "%s", "scopes": ["admin"]}}'
+     % ("a" * 64, "b" * 64), "'p' is given twice"),
 ])
 def test_bad_key_configuration_is_refused_naming_it(monkeypatch, raw, named):
     monkeypatch.setenv("UNLEARND_API_KEYS", raw)
