@@ -99,9 +99,12 @@ def require(scope: Scope):
         if scope not in held and "admin" not in held:
             log.warning("API key %r (scopes %s) refused on %s %s: needs %r",
                         name, held, request.method, request.url.path, scope)
-            raise Forbidden(f"API key {name!r} may not do this: it needs the scope {scope!r} "
-                            f"({SCOPES[scope]}); it has {', '.join(held)}",
-                            key=name, required_scope=scope, scopes=list(held))
+            refusal = Forbidden(f"API key {name!r} may not do this: it needs the scope {scope!r} "
+                                f"({SCOPES[scope]}); it has {', '.join(held)}",
+                                key=name, required_scope=scope, scopes=list(held))
+            refusal.headers = {"WWW-Authenticate": f'Bearer realm="unlearnd", error="insufficient_scope", '
+                                                   f'scope="{scope}"'}  # RFC 6750, section 3.1
+            raise refusal
         return name
 
     caller.__name__ = f"require_{scope}"

@@ -111,21 +111,25 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None) -> dic
     columns = (AuditEvent.seq, AuditEvent.prev_hash, AuditEvent.hash, AuditEvent.at, AuditEvent.kind,
                AuditEvent.model_name, AuditEvent.request_id, AuditEvent.instance_id, AuditEvent.payload)
     rows = session.execute(select(*columns).order_by(AuditEvent.seq).execution_options(yield_per=2000))
-    for seq, prev_hash, hash_, at, kind, model_name, request_id, instance_id, payload in rows:
-        n += 1
-        if seq != expected_seq:
-            return {"ok": False, "events": n, "first_bad_seq": seq, "reason": f"gap before seq {seq}", "head": None}
-        if prev_hash != prev:
-            return {"ok": False, "events": n, "first_bad_seq": seq, "reason": "prev_hash does not match", "head": None}
-        if event_hash(prev, seq, at, kind, model_name, request_id, instance_id, payload) != hash_:
-            return {"ok": False, "events": n, "first_bad_seq": seq, "reason": "hash does not match contents",
-                    "head": None}
-        if anchor is not None and seq == anchor[0] and hash_ != anchor[1]:
-            return {"ok": False, "events": n, "first_bad_seq": seq, "head": None,
-                    "reason": f"event {seq} does not have the anchored hash: the log was rewritten up to it"}
-        prev = hash_
-        expected_seq += 1
-    rows.close()
+    try:  # an early return closes the server-side cursor too
+        for seq, prev_hash, hash_, at, kind, model_name, request_id, instance_id, payload in rows:
+            n += 1
+            if seq != expected_seq:
+                return {"ok": False, "events": n, "first_bad_seq": seq, "reason": f"gap before seq {seq}",
+                        "head": None}
+            if prev_hash != prev:
+                return {"ok": False, "events": n, "first_bad_seq": seq, "reason": "prev_hash does not match",
+                        "head": None}
+            if event_hash(prev, seq, at, kind, model_name, request_id, instance_id, payload) != hash_:
+                return {"ok": False, "events": n, "first_bad_seq": seq, "reason": "hash does not match contents",
+                        "head": None}
+            if anchor is not None and seq == anchor[0] and hash_ != anchor[1]:
+                return {"ok": False, "events": n, "first_bad_seq": seq, "head": None,
+                        "reason": f"event {seq} does not have the anchored hash: the log was rewritten up to it"}
+            prev = hash_
+            expected_seq += 1
+    finally:
+        rows.close()
     head = session.get(AuditChainHead, HEAD_ID)
     head_seq, head_hash = (head.seq, head.hash) if head else (0, GENESIS)
     if (head_seq, head_hash) != (expected_seq - 1, prev):

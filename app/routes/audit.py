@@ -57,7 +57,7 @@ _verifying = threading.Lock()
             responses={429: {"description": "a verification is already running in this process"}})
 def verify(
     session: ReadSessionDep,
-    seq: Annotated[int | None, Query(ge=1, le=2**62, description="an anchor kept outside: this event's seq ...")] = None,
+    seq: Annotated[int | None, Query(ge=1, le=2**62, description="an anchor kept outside: an event's seq ...")] = None,
     hash: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="... and the hash it had")] = None,
 ) -> ChainReport:
     """Recompute the hash chain. Always 200 when the check ran: read ``ok``; on a

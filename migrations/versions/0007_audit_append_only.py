@@ -23,8 +23,8 @@ down_revision: Union[str, Sequence[str], None] = "0006"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
-# (trigger, table, when): no percent signs or colons, so the text passes through any driver
-# and `alembic upgrade --sql` unchanged
+# no percent signs and no colon before a name (a bind parameter to text()), so the SQL passes
+# through any driver and `alembic upgrade --sql` unchanged
 PG_FUNCTION = """
 CREATE FUNCTION unlearnd_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -81,7 +81,9 @@ def test_each_scope_opens_its_routes_only(keyed, settings, model):
                ("portal", "GET", "/jobs/x", None, "read"),
                ("portal", "POST", f"/models/{model.name}/rollback", {"version": 1}, "admin")]
     for name, method, path, payload, needed in refused:
-        problem = assert_problem(keyed.request(method, path, json=payload, headers=_bearer(name)), 403, "forbidden")
+        r = keyed.request(method, path, json=payload, headers=_bearer(name))
+        problem = assert_problem(r, 403, "forbidden")
+        assert r.headers["WWW-Authenticate"] == f'Bearer realm="unlearnd", error="insufficient_scope", scope="{needed}"'
         assert (problem["key"], problem["required_scope"], problem["scopes"]) == (name, needed, SCOPES[name])
         assert repr(needed) in problem["detail"] and repr(name) in problem["detail"]
     assert counts(settings) == before
