@@ -26,6 +26,30 @@ EPILOG = """examples:
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # seven "setup plugin alembic.autogenerate..." lines at every start; migrate never autogenerates
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
+def _refused_connection(exc) -> bool:
+    """A connection that was never made (psycopg, SQLite), not an error of a statement."""
+    reason = str(getattr(exc, "orig", None) or exc)
+    return reason.startswith("connection failed") or reason.startswith("unable to open database file")
+
+
+def _database_unreachable(exc, url: str) -> str:
+    """One line for a database that refused the connection (it does not exist, the server is
+    down, a wrong password), naming the URL without its password, instead of a traceback."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL fails before it connects
+        shown = "UNLEARND_DATABASE_URL"
+    reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    message = f"unlearnd: cannot connect to the database {shown}: {reason}"
+    if "does not exist" in reason:
+        message += " (the commands migrate a database but do not create it: createdb -h HOST -U USER NAME)"
+    return message
 
 
 def _method_settings_ok(settings) -> bool:
@@ -245,9 +269,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _logging()
     from pydantic import ValidationError
+    from sqlalchemy.exc import OperationalError
 
     try:
         return args.func(args)
+    except OperationalError as exc:
+        if args.func not in (cmd_serve, cmd_migrate, cmd_calibrate) or not _refused_connection(exc):
+            raise
+        from worker.settings import get_settings
+
+        print(_database_unreachable(exc, get_settings().database_url), file=sys.stderr)
+        return 2
     except ValidationError as exc:
         if exc.title != "Settings":
             raise

@@ -29,3 +29,36 @@ def test_worker_hands_the_arguments_after_the_double_dash_to_celery(celery_argv,
     [argv] = celery_argv
     assert argv == ["worker", "--loglevel", "info", "--prefetch-multiplier", "1", "--concurrency", "2", *passed]
 
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+def test_a_database_that_does_not_exist_is_one_line_naming_it_and_createdb(monkeypatch, capsys, command):
+    """`unlearnd serve` against a database not created yet (the README's by-hand steps
+    skipped one): a line naming it and how to create it, not a psycopg traceback."""
+    from tests.service.conftest import PG_SERVER
+
+    monkeypatch.setenv("UNLEARND_DATABASE_URL", PG_SERVER.replace("postgres@", "postgres:pw-s3cret@", 1)
+                       + "/unlearnd_never_created")
+    get_settings.cache_clear()
+    try:
+        assert main([command]) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "pw-s3cret" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("unlearnd:")]
+    assert "cannot connect to the database" in line and "unlearnd_never_created" in line
+    assert "does not exist" in line and "createdb" in line
+
+
+def test_a_database_server_that_is_down_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("UNLEARND_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:1/unlearnd")
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate"]) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "unlearnd: cannot connect to the database postgresql+psycopg://postgres@127.0.0.1:1/unlearnd" in err
+    assert "createdb" not in err
