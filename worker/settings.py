@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     n_test: int = Field(48, gt=0)
     image_height: int = Field(48, gt=0)
     image_width: int = Field(64, gt=0)
-    # ~1 minute on 2 CPU cores and long enough that the model memorises its training data
-    # (membership AUC 0.83-0.97 per task), so the audit's MIA numbers mean something.
+    # 480 steps, 3-4 minutes on 2 shared CPU cores (a first start; README), and long enough that the
+    # model memorises its training data (membership AUC 0.83-0.97 per task), so the audit's MIA
+    # numbers mean something.
     train_epochs: int = Field(60, gt=0)
     model_width: int = Field(16, gt=0)  # encoder base width and head width of a first model (tests use a tinier one)
     seed: int = 0
