@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
+from contextlib import contextmanager
 
+from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
 from model_store import store_for
@@ -15,6 +20,49 @@ from .settings import get_settings
 log = logging.getLogger(__name__)
 
 BUSY_RETRIES = 120  # up to two hours at the 60 s cap; past that the sweeper announces the work again
+
+# SIGTERM to a prefork pool process in the middle of a job (Celery's cold shutdown terminates
+# its pool so; systemd's default KillMode signals every process of the unit) used to end it at
+# once and leave the job 'running' until the sweeper found its heartbeat STALE_AFTER_S old. Now
+# the job ends at the engine's next progress report and goes back in the queue
+# (worker.jobs.run_job), then the process ends as SIGTERM asked; a job that has not stopped
+# within STOP_GRACE_S (storing, or a calibration, which reports no progress) is killed then.
+# Celery's warm shutdown (SIGTERM to the main process alone, Ctrl-C) still lets the job finish;
+# --pool solo runs jobs in the main process, whose SIGTERM is that warm shutdown.
+STOP = threading.Event()
+STOP_GRACE_S = 30.0
+_pool_process = False
+
+
+@worker_process_init.connect
+def _in_a_pool_process(**_) -> None:
+    global _pool_process
+    _pool_process = True
+
+
+def _on_sigterm(signum, frame) -> None:
+    log.warning("SIGTERM in the middle of a job: putting it back in the queue, then exiting")
+    STOP.set()
+    timer = threading.Timer(STOP_GRACE_S, os.kill, args=(os.getpid(), signal.SIGKILL))
+    timer.daemon = True
+    timer.start()
+
+
+@contextmanager
+def _sigterm_stops_the_job():
+    """In a pool process, SIGTERM during the block sets :data:`STOP` instead of ending the
+    process; after the block the process ends as SIGTERM asked (billiard's own handler,
+    installed after ``worker_process_init``, is the one put back and called)."""
+    if not _pool_process:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if STOP.is_set():
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @app.task(
@@ -34,7 +82,8 @@ def process_model_task(self, model_name: str) -> dict:
     are picked up by a delivery of their own (draining every job in one delivery charged
     them all to one time limit)."""
     settings = get_settings()
-    outcome = process_model(settings, store_for(settings.store_dir), model_name)
+    with _sigterm_stops_the_job():
+        outcome = process_model(settings, store_for(settings.store_dir), model_name, stop=STOP)
     if outcome.status == "busy":
         countdown = min(5 * 2 ** min(self.request.retries, 4), 60)
         log.info("model %s is busy; retrying in %ss", model_name, countdown)

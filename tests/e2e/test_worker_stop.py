@@ -1,0 +1,132 @@
+"""`unlearnd worker` (Celery's prefork pool, as deployed) stopped in the middle of a job.
+
+SIGTERM to every process of the worker (systemd's default KillMode; Celery's cold
+shutdown sends it to its pool processes) used to end the pool process at once: the
+job stayed 'running' until the sweeper found its heartbeat STALE_AFTER_S (10 minutes)
+old. Now the job goes back in the queue before the process ends, and the next worker
+runs it at once. Its own database, store and queue, so the session's worker and relay
+never see this model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from .conftest import PG_ADMIN, TINY, _child_env, stop_process, wait_for
+
+pytestmark = pytest.mark.service
+
+QUEUE = f"unlearnd-stop-{os.getpid()}"
+
+
+@pytest.fixture
+def own_service(redis_url, tmp_path):
+    import psycopg
+
+    name = f"unlearnd_e2e_{os.getpid()}_stop"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+    env = {**TINY, "UNLEARND_MODEL_NAME": "e2e-stop", "UNLEARND_DATABASE_URL": url, "UNLEARND_BROKER_URL": redis_url,
+           "UNLEARND_STORE_DIR": str(tmp_path / "store"), "UNLEARND_CALIBRATE_SHADOWS": "false",
+           "UNLEARND_METHOD": "retrain", "UNLEARND_STALE_AFTER_S": "20"}  # a heartbeat (with progress) every 5 s
+    try:
+        yield env
+    finally:
+        import redis
+
+        redis.Redis.from_url(redis_url).delete(QUEUE)
+        from worker.db import engine_for
+
+        engine_for(url).dispose()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _settings(env: dict):
+    from worker.settings import Settings
+
+    values = {k[len("UNLEARND_"):].lower(): v for k, v in env.items()}
+    values["method_config"] = json.loads(values["method_config"])
+    return Settings(_env_file=None, **values)
+
+
+def _worker(env: dict, log):
+    """`unlearnd worker` (prefork, concurrency 1) on this test's queue, in a process group of its own."""
+    cmd = [sys.executable, "-m", "app.cli", "worker", "--", "-Q", QUEUE, "-n", f"stop-{uuid.uuid4().hex[:8]}@%h",
+           "--without-gossip", "--without-mingle"]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                                env=_child_env(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: proc.poll() is not None or log.read_bytes().count(b"ready.") >= 1 + _worker.started, 90,
+             what="the Celery worker")
+    _worker.started += 1
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return proc
+
+
+_worker.started = 0
+
+
+def test_sigterm_to_the_worker_mid_job_puts_the_job_back_for_the_next_worker(own_service, tmp_path):
+    from model_store import LocalModelStore
+    from worker.bootstrap import ensure_model
+    from worker.celery_app import PROCESS_MODEL_TASK, create_celery
+    from worker.datasets import dataset_spec, get_splits
+    from worker.db import transaction
+    from worker.migrate import upgrade_database
+    from worker.requests import submit_deletion
+    from worker.tables import AuditEvent, DeletionRequest, Job
+
+    endless = {**own_service, "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 100000}})}
+    settings = _settings(endless)
+    upgrade_database(settings.database_url)
+    ensure_model(settings, LocalModelStore(settings.store_dir), progress=False)
+    instance = get_splits(dataset_spec(settings))[0].instance_ids[0]
+    with transaction(settings.database_url) as session:
+        request_id = submit_deletion(session, settings, instance_id=instance, tasks=["depth"]).request.id
+    celery = create_celery(settings)
+    log = tmp_path / "worker.log"
+    _worker.started = 0
+
+    def record():
+        with transaction(settings.database_url) as session:
+            job = session.execute(select(Job)).scalar_one_or_none()
+            return (job, session.get(DeletionRequest, request_id),
+                    [e.payload for e in session.execute(select(AuditEvent).where(
+                        AuditEvent.kind == "job.requeued")).scalars()])
+
+    first = _worker(endless, log)
+    try:
+        celery.send_task(PROCESS_MODEL_TASK, args=[settings.model_name], queue=QUEUE)
+        wait_for(lambda: (record()[0] or Job(progress=0)).progress, 120, 0.5, what="the job to be computing")
+        os.killpg(first.pid, signal.SIGTERM)  # every process of the worker, as systemd stops a unit
+        first.wait(60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    job, request, requeued = record()
+    assert (job.status, job.attempts, request.status) == ("queued", 1, "queued"), log.read_text()[-3000:]
+    assert [p["reason"] for p in requeued] == ["the worker stopped before the job finished"]
+
+    # the next worker runs it at once (no sweeper here), with a shorter recipe this time
+    second = _worker({**own_service, "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 2}})}, log)
+    try:
+        celery.send_task(PROCESS_MODEL_TASK, args=[settings.model_name], queue=QUEUE)  # the relay's announcement
+        wait_for(lambda: record()[1].status in ("completed", "failed"), 120, 0.5, what="the rerun")
+    finally:
+        stop_process(second)
+    job, request, _ = record()
+    assert (request.status, request.produced_version, job.status, job.attempts) == ("completed", 2, "completed", 2)
+    from worker.audit import verify_chain
+
+    with transaction(settings.database_url) as session:
+        assert verify_chain(session)["ok"] is True
