@@ -182,13 +182,13 @@ def cmd_api_key(args) -> int:
 def cmd_train(args) -> int:
     from unlearning.train import main as train_main
 
-    return train_main(list(args.rest)) or 0
+    return train_main(list(args.rest), prog="unlearnd train") or 0
 
 
 def cmd_unlearn(args) -> int:
     from unlearning.unlearn import main as unlearn_main
 
-    return unlearn_main(list(args.rest)) or 0
+    return unlearn_main(list(args.rest), prog="unlearnd unlearn") or 0
 
 
 def cmd_bench(args) -> int:
@@ -197,7 +197,7 @@ def cmd_bench(args) -> int:
     except ImportError as exc:
         print(f"the benchmark is not available: {exc}", file=sys.stderr)
         return 2
-    return bench_main(list(args.rest)) or 0
+    return bench_main(list(args.rest), prog="unlearnd bench") or 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -726,10 +726,10 @@ def write_results(doc: dict, out: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m unlearning.bench") -> int:
     """Run a benchmark suite and write JSON, markdown and PNG results."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m unlearning.bench", description=main.__doc__)
+    p = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     p.add_argument("--suite", choices=sorted(SUITES), default=None, help="default: smoke")
     p.add_argument("--out", required=True, help="results JSON path (.md and .png are written next to it)")
     p.add_argument("--methods", nargs="+", default=None, help=f"default: all ({', '.join(METHOD_NAMES)})")

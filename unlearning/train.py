@@ -223,10 +223,10 @@ def _check_out(out: Path, force: bool) -> None:
     check_creatable(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m unlearning.train") -> int:
     """CLI: train on a named dataset and write a checkpoint (safetensors + config.json)."""
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m unlearning.train", description=main.__doc__,
+    p = argparse.ArgumentParser(prog=prog, description=main.__doc__,
                                 epilog="Errors (an unknown dataset, a missing --root, a setting that would not "
                                 "train, an existing --out) exit with status 2 and write nothing.")
     p.add_argument("--dataset", required=True, help="indoor | street | nyuv2 | cityscapes")

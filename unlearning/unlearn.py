@@ -237,11 +237,11 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     return {"checkpoint": str(out), "erased": [list(c) for c in requested], "metrics": metrics}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m unlearning.unlearn") -> int:
     """CLI: erase an instance (all tasks, or --tasks) or single cells from a checkpoint into a new one."""
     from .methods import METHOD_NAMES
 
-    p = argparse.ArgumentParser(prog="python -m unlearning.unlearn", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 epilog="Errors (unknown instance, task or method, a cell erased earlier, an "
                                 "existing --out) exit with status 2 and write nothing.")
     p.add_argument("--checkpoint", required=True, help="source checkpoint directory (model.safetensors + config.json)")

@@ -62,3 +62,18 @@ def test_a_database_server_that_is_down_is_one_line(monkeypatch, capsys):
     assert "Traceback" not in err
     assert "unlearnd: cannot connect to the database postgresql+psycopg://postgres@127.0.0.1:1/unlearnd" in err
     assert "createdb" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "unlearn", "bench"])
+def test_delegated_commands_name_themselves_as_called(command, capsys):
+    """`unlearnd train --help` shows `usage: unlearnd train`, not the module's own name
+    (which `python -m unlearning.train --help` still shows)."""
+    from importlib import import_module
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: unlearnd {command} ")
+    with pytest.raises(SystemExit):
+        import_module(f"unlearning.{command}").main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: python -m unlearning.{command} ")
