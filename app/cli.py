@@ -28,6 +28,9 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # seven "setup plugin alembic.autogenerate..." lines at every start; migrate never autogenerates
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # "Running upgrade 0001 -> 0002, <the migration's whole docstring>" per step (~40 lines on a
+    # first start); worker.migrate logs one line with the revisions instead
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 
 def _refused_connection(exc) -> bool:

@@ -35,8 +35,21 @@ def head_revision() -> str:
 
 def upgrade_database(url: str, revision: str = "head") -> str:
     """Migrate the database at ``url`` to ``revision`` (default: head); returns the head revision."""
-    log.info("migrating database to %s", revision)
-    command.upgrade(alembic_config(url), revision)
+    from .db import engine_for
+
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            before = current_revision(conn)
+        command.upgrade(alembic_config(url), revision)
+        with engine.connect() as conn:
+            after = current_revision(conn)
+    finally:
+        engine.dispose()
+    if after == before:
+        log.info("database at revision %s (up to date)", after)
+    else:
+        log.info("database migrated from revision %s to %s", before or "(empty)", after)
     return head_revision()
 
 

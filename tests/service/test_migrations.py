@@ -168,3 +168,15 @@ def test_offline_sql_builds_the_same_schema_on_sqlite(tmp_path):
 
     assert schema(offline) == schema(online)
     assert schema(offline)[1] == [(head_revision(),)]
+
+
+def test_a_migration_is_one_log_line_naming_the_revisions(tmp_path, caplog):
+    import logging
+
+    url = f"sqlite:///{tmp_path / 'record.db'}"
+    with caplog.at_level(logging.INFO, logger="worker.migrate"):
+        upgrade_database(url)
+        upgrade_database(url)
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.migrate"]
+    assert lines == [f"database migrated from revision (empty) to {head_revision()}",
+                     f"database at revision {head_revision()} (up to date)"]
