@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 EPILOG = """examples:
   unlearnd serve                      # migrate, train the first model if needed, serve on 127.0.0.1:8000
@@ -18,6 +19,8 @@ EPILOG = """examples:
   unlearnd migrate
   unlearnd calibrate                  # shadow calibration of the served model (see UNLEARND_CALIBRATE_SHADOWS)
   unlearnd api-key portal --scope deletions   # a token for a privacy portal and its UNLEARND_API_KEYS entry
+  unlearnd certificate-key --out var/certificate-key.pem   # sign deletion certificates
+  unlearnd verify-certificate cert.json --public-key <base64>
   unlearnd train --dataset indoor --epochs 30 --out runs/indoor
   unlearnd unlearn --checkpoint runs/indoor --instance indoor-00007 --tasks depth --out runs/indoor-2
   unlearnd bench --help
@@ -79,6 +82,14 @@ def cmd_serve(args) -> int:
         return 2
     host = args.host or settings.host
     port = args.port or settings.port
+    if settings.certificate_key_file:
+        from worker.signing import SigningKeyError, load_signer
+
+        try:
+            load_signer(settings.certificate_key_file)
+        except SigningKeyError as exc:
+            print(f"unlearnd: UNLEARND_CERTIFICATE_KEY_FILE: {exc}", file=sys.stderr)
+            return 2
     if not settings.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("unlearnd").warning(
             "serving on %s without API keys: whoever reaches the port can submit deletions and roll back "
@@ -182,6 +193,56 @@ def cmd_api_key(args) -> int:
     return 0
 
 
+def cmd_certificate_key(args) -> int:
+    """Write a new Ed25519 signing key for deletion certificates (PEM, mode 0600) and print
+    its public key. Point UNLEARND_CERTIFICATE_KEY_FILE at the file and restart the API:
+    certificates then carry a signature anyone can check with the public key
+    (GET /certificates/public-key, `unlearnd verify-certificate`)."""
+    from worker.signing import generate_key_file
+
+    try:
+        signer = generate_key_file(args.out)
+    except FileExistsError:
+        print(f"unlearnd: {args.out} exists; a signing key is not overwritten (certificates signed with it "
+              "would no longer verify against a new key)", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"unlearnd: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    info = signer.public_key_info()
+    print(f"signing key written to {args.out} (keep it secret; back it up)")
+    print(f"public key ({info['algorithm']}, key id {info['key_id']}): {info['public_key']}")
+    print(f"UNLEARND_CERTIFICATE_KEY_FILE={Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_verify_certificate(args) -> int:
+    """Check a deletion certificate (a JSON file, or - for standard input) against the
+    service's public key: its certificate_sha256 and its Ed25519 signature. Exit 0 when
+    it verifies, 1 when it does not (saying why), 2 for unreadable input."""
+    import json
+
+    from worker.signing import verify_certificate
+
+    try:
+        text = sys.stdin.read() if args.certificate == "-" else Path(args.certificate).read_text()
+        certificate = json.loads(text)
+    except (OSError, ValueError) as exc:
+        print(f"unlearnd: cannot read a certificate from {args.certificate}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(certificate, dict):
+        print(f"unlearnd: {args.certificate} is not a certificate (a JSON object)", file=sys.stderr)
+        return 2
+    problem = verify_certificate(certificate, args.public_key)
+    if problem:
+        print(f"NOT verified: {problem}")
+        return 1
+    print(f"verified: request {certificate.get('request_id')}, {certificate.get('model')} "
+          f"v{certificate.get('version_before')} -> v{certificate.get('version_after')}, "
+          f"signed by key {certificate['signature']['key_id']}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from unlearning.train import main as train_main
 
@@ -243,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true",
                    help="print the whole UNLEARND_API_KEYS: the current environment's keys plus this one")
     p.set_defaults(func=cmd_api_key)
+
+    p = sub.add_parser("certificate-key", help="write a signing key for deletion certificates",
+                       description=cmd_certificate_key.__doc__)
+    p.add_argument("--out", required=True, help="the key file to create (PEM; not overwritten)")
+    p.set_defaults(func=cmd_certificate_key)
+
+    p = sub.add_parser("verify-certificate", help="check a certificate's sha256 and signature",
+                       description=cmd_verify_certificate.__doc__)
+    p.add_argument("certificate", help="the certificate's JSON file, or - for standard input")
+    p.add_argument("--public-key", required=True, help="the service's public key (base64, as "
+                   "GET /certificates/public-key gives it)")
+    p.set_defaults(func=cmd_verify_certificate)
 
     p = sub.add_parser("train", help="train a model (python -m unlearning.train)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -13,12 +13,13 @@ from sqlalchemy.orm import sessionmaker
 
 from worker.db import engine_for, read_only
 from worker.settings import Settings, get_settings
+from worker.signing import load_signer
 
 from .auth import require_deletions, require_read
 from .guards import BodyLimitMiddleware, known_query_parameters
 from .metrics import HttpMetricsMiddleware, build_registry
 from .problems import install_problem_handlers
-from .routes import audit, deletions, health, jobs, models
+from .routes import audit, certificates, deletions, health, jobs, models
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = sessionmaker(app.state.engine, expire_on_commit=False)
     app.state.readers = sessionmaker(read_only(app.state.engine), expire_on_commit=False)  # GET routes, /metrics
     app.state.registry, http_metrics = build_registry(app.state.readers)
+    # certificates are signed when a key is configured (worker.signing); a bad key file fails here
+    app.state.signer = load_signer(settings.certificate_key_file) if settings.certificate_key_file else None
 
     install_problem_handlers(app)
     app.add_middleware(BodyLimitMiddleware)
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module, scope in ((deletions, require_deletions), (audit, require_read), (models, None), (jobs, require_read)):
         checks = [Depends(scope)] if scope else []
         app.include_router(module.router, dependencies=[*checks, Depends(known_query_parameters)])
+    app.include_router(certificates.router, dependencies=[Depends(known_query_parameters)])  # public, no key
     # probes and scrapers may add query strings of their own (cache busting, ?name[]= filters)
     app.include_router(health.router)
     return app

@@ -155,6 +155,12 @@ class AuditPage(BaseModel):
     next_cursor: str | None
 
 
+class CertificateKey(BaseModel):
+    algorithm: Literal["Ed25519"]
+    key_id: str = Field(description="first 16 hex digits of the sha256 of the raw public key")
+    public_key: str = Field(description="the raw 32-byte public key, base64")
+
+
 class ChainHead(BaseModel):
     seq: int
     hash: str

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # API keys, JSON in UNLEARND_API_KEYS: {"name": {"token_sha256": "<hex>", "scopes": [...]}}
     # (`unlearnd api-key NAME --scope ...` makes one). Empty: no authentication, the embedded default.
     api_keys: Annotated[dict[KeyName, ApiKey], NoDecode] = {}
+    # a PEM Ed25519 private key (`unlearnd certificate-key` writes one): certificates are signed with
+    # it (worker.signing); unset: certificates carry their sha256 only
+    certificate_key_file: Path | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from worker.queries import list_requests
@@ -85,11 +85,15 @@ def read_deletion(request_id: Text, session: ReadSessionDep) -> DeletionOut:
 
 
 @router.get("/{request_id}/certificate")
-def read_certificate(request_id: Text, session: ReadSessionDep) -> JSONResponse:
+def read_certificate(request_id: Text, session: ReadSessionDep, request: Request) -> JSONResponse:
     """The deletion certificate of a completed request (409 before that).
 
     ``certificate_sha256`` is the sha256 of the canonical JSON (sorted keys,
-    separators ``,`` and ``:``) of every other field of the body.
+    separators ``,`` and ``:``) of every other field of the body. With a signing
+    key configured, ``signature`` is the service's Ed25519 signature over the
+    canonical JSON of every other field (``GET /certificates/public-key``).
     """
     with session.begin():
-        return JSONResponse(deletion_certificate(session, request_id))
+        body = deletion_certificate(session, request_id)
+    signer = request.app.state.signer
+    return JSONResponse(signer.sign(body) if signer is not None else body)

@@ -1,0 +1,123 @@
+"""Signed deletion certificates (worker.signing): with UNLEARND_CERTIFICATE_KEY_FILE the
+certificate carries an Ed25519 signature that the public key (GET /certificates/public-key)
+verifies offline, and any change to it, or another key, does not."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.cli import main as cli_main
+from app.main import create_app
+from worker.settings import get_settings
+from worker.signing import SigningKeyError, generate_key_file, load_signer, verify_certificate
+
+from .conftest import assert_problem
+from .test_deletions import _complete
+
+METRICS = {"uis": 1.5, "uis_task": 2.0, "uis_inst": 1.25, "mia_auc": 0.52, "mia_auc_original": 0.81}
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "certificate-key.pem"
+    generate_key_file(path)
+    return path
+
+
+@pytest.fixture
+def signing(settings, key_file):
+    with TestClient(create_app(settings.model_copy(update={"certificate_key_file": key_file}))) as c:
+        yield c
+
+
+def _completed_certificate(client, settings, model, index=4) -> dict:
+    rid = client.post("/deletions", json={"instance_id": model.train_ids[index], "tasks": ["depth"]}).json()["id"]
+    _complete(settings, rid, METRICS)
+    r = client.get(f"/deletions/{rid}/certificate")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_signed_certificate_verifies_with_the_public_key_and_nothing_else(signing, settings, model, key_file):
+    cert = _completed_certificate(signing, settings, model)
+    key = signing.get("/certificates/public-key").json()
+    assert key == load_signer(key_file).public_key_info() and key["algorithm"] == "Ed25519"
+    assert cert["signature"]["key_id"] == key["key_id"]
+    assert verify_certificate(cert, key["public_key"]) is None
+
+    # any field changed (the hash recomputed or not), the signature changed, or another key: refused
+    from worker.requests import certificate_hash
+
+    moved = {**cert, "version_after": 3}
+    assert "certificate_sha256 does not match" in verify_certificate(moved, key["public_key"])
+    rehashed = {**moved, "certificate_sha256": certificate_hash({k: v for k, v in moved.items() if k != "signature"})}
+    assert "signature does not match" in verify_certificate(rehashed, key["public_key"])
+    forged = {**cert, "signature": {**cert["signature"], "value": cert["signature"]["value"][::-1]}}
+    assert verify_certificate(forged, key["public_key"]) is not None
+    other = generate_key_file(key_file.parent / "other.pem").public_key_info()["public_key"]
+    assert "not with this key" in verify_certificate(cert, other)
+    unsigned = {k: v for k, v in cert.items() if k != "signature"}
+    assert "no Ed25519 signature" in verify_certificate(unsigned, key["public_key"])
+
+
+def test_without_a_key_certificates_are_unsigned_and_there_is_no_public_key(client, settings, model):
+    cert = _completed_certificate(client, settings, model)
+    assert "signature" not in cert
+    assert_problem(client.get("/certificates/public-key"), 404, "not-found")
+
+
+def test_a_bad_key_file_is_refused_naming_it(settings, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ec_key = tmp_path / "ec.pem"
+    ec_key.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    cases = {tmp_path / "missing.pem": "cannot read", ec_key: "not an Ed25519 private key"}
+    (tmp_path / "junk.pem").write_text("not a key")
+    cases[tmp_path / "junk.pem"] = "not an unencrypted PEM private key"
+    (tmp_path / "big.pem").write_bytes(b"x" * 20000)
+    cases[tmp_path / "big.pem"] = "20000 bytes"
+    for path, message in cases.items():
+        with pytest.raises(SigningKeyError, match=message):
+            load_signer(path)
+        with pytest.raises(SigningKeyError, match=message):
+            create_app(settings.model_copy(update={"certificate_key_file": path}))
+
+
+@pytest.fixture
+def environment(monkeypatch):
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
+
+
+def test_the_commands_make_a_key_and_check_certificates(environment, signing, settings, model, tmp_path, capsys):
+    out = tmp_path / "new-key.pem"
+    assert cli_main(["certificate-key", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    assert load_signer(out).public_key_info()["public_key"] in printed
+    assert cli_main(["certificate-key", "--out", str(out)]) == 2  # never overwritten
+    assert "is not overwritten" in capsys.readouterr().err
+
+    cert = _completed_certificate(signing, settings, model, index=5)
+    public = signing.get("/certificates/public-key").json()["public_key"]
+    good, bad = tmp_path / "cert.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(cert))
+    bad.write_text(json.dumps({**cert, "instance_id": "someone-else"}))
+    assert cli_main(["verify-certificate", str(good), "--public-key", public]) == 0
+    assert capsys.readouterr().out.startswith(f"verified: request {cert['request_id']}")
+    assert cli_main(["verify-certificate", str(bad), "--public-key", public]) == 1
+    assert capsys.readouterr().out.startswith("NOT verified:")
+    assert cli_main(["verify-certificate", str(tmp_path / "none.json"), "--public-key", public]) == 2
+
+    # serve refuses to start on a key file it cannot use (before migrating or training anything)
+    environment.setenv("UNLEARND_CERTIFICATE_KEY_FILE", str(tmp_path / "missing.pem"))
+    environment.setenv("UNLEARND_DATABASE_URL", f"sqlite:///{tmp_path / 'never.db'}")
+    assert cli_main(["serve"]) == 2
+    assert "UNLEARND_CERTIFICATE_KEY_FILE" in capsys.readouterr().err and not (tmp_path / "never.db").exists()
