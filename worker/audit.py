@@ -93,6 +93,11 @@ def append_event(
     return event
 
 
+def _broken(events: int, first_bad_seq: int, reason: str) -> dict:
+    """:func:`verify_chain`'s report of a chain that does not verify."""
+    return {"ok": False, "events": events, "first_bad_seq": first_bad_seq, "reason": reason, "head": None}
+
+
 def verify_chain(session: Session, anchor: tuple[int, str] | None = None) -> dict:
     """Recompute the chain and check that it ends at the recorded head and, with an
     ``anchor`` ``(seq, hash)`` kept outside the database (a certificate's chain head, an
@@ -115,17 +120,13 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None) -> dic
         for seq, prev_hash, hash_, at, kind, model_name, request_id, instance_id, payload in rows:
             n += 1
             if seq != expected_seq:
-                return {"ok": False, "events": n, "first_bad_seq": seq, "reason": f"gap before seq {seq}",
-                        "head": None}
+                return _broken(n, seq, f"gap before seq {seq}")
             if prev_hash != prev:
-                return {"ok": False, "events": n, "first_bad_seq": seq, "reason": "prev_hash does not match",
-                        "head": None}
+                return _broken(n, seq, "prev_hash does not match")
             if event_hash(prev, seq, at, kind, model_name, request_id, instance_id, payload) != hash_:
-                return {"ok": False, "events": n, "first_bad_seq": seq, "reason": "hash does not match contents",
-                        "head": None}
+                return _broken(n, seq, "hash does not match contents")
             if anchor is not None and seq == anchor[0] and hash_ != anchor[1]:
-                return {"ok": False, "events": n, "first_bad_seq": seq, "head": None,
-                        "reason": f"event {seq} does not have the anchored hash: the log was rewritten up to it"}
+                return _broken(n, seq, f"event {seq} does not have the anchored hash: the log was rewritten up to it")
             prev = hash_
             expected_seq += 1
     finally:
@@ -136,10 +137,8 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None) -> dic
         # the first seq the head vouches for that is not there (or the last one, when the head
         # itself was changed or removed)
         bad = expected_seq if head_seq >= expected_seq else max(expected_seq - 1, 1)
-        return {"ok": False, "events": n, "first_bad_seq": bad, "head": None,
-                "reason": f"the log ends at seq {expected_seq - 1} but its recorded head is seq {head_seq}"}
+        return _broken(n, bad, f"the log ends at seq {expected_seq - 1} but its recorded head is seq {head_seq}")
     if anchor is not None and anchor[0] > n:
-        return {"ok": False, "events": n, "first_bad_seq": n + 1, "head": None,
-                "reason": f"the log ends at seq {n}, before the anchored event {anchor[0]}: events were removed"}
+        return _broken(n, n + 1, f"the log ends at seq {n}, before the anchored event {anchor[0]}: events were removed")
     return {"ok": True, "events": n, "first_bad_seq": None, "reason": None,
             "head": {"seq": head_seq, "hash": head_hash} if n else None}

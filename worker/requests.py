@@ -331,12 +331,15 @@ def deletion_certificate(session: Session, request_id: str) -> dict:
     return body
 
 
+def canonical_json(fields: dict) -> bytes:
+    """The canonical JSON of certificate fields (sorted keys, separators ``,`` and ``:``, ASCII).
+    Strict JSON (no NaN): what is hashed or signed is what a client receives and can check again."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False).encode()
+
+
 def certificate_hash(body: dict) -> str:
-    """sha256 of a certificate's canonical JSON, without its own ``certificate_sha256`` field.
-    Strict JSON (no NaN): what is hashed is what a client receives and can hash again."""
-    rest = {k: v for k, v in body.items() if k != "certificate_sha256"}
-    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """sha256 of a certificate's canonical JSON, without its own ``certificate_sha256`` field."""
+    return hashlib.sha256(canonical_json({k: v for k, v in body.items() if k != "certificate_sha256"})).hexdigest()
 
 
 def finite_json(value):

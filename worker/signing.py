@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,9 @@ class SigningKeyError(ValueError):
 
 def canonical(body: dict) -> bytes:
     """The bytes a signature covers: ``body`` without its ``signature``, as canonical JSON."""
-    unsigned = {k: v for k, v in body.items() if k != "signature"}
-    return json.dumps(unsigned, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+    from .requests import canonical_json
+
+    return canonical_json({k: v for k, v in body.items() if k != "signature"})
 
 
 def _raw(public_key: Ed25519PublicKey) -> bytes:
