@@ -19,7 +19,7 @@ from app.main import create_app
 from worker.datasets import dataset_spec, get_splits
 from worker.db import engine_for, transaction
 from worker.migrate import upgrade_database
-from worker.settings import Settings
+from worker.settings import Settings, get_settings
 from worker.tables import Alias, AliasHistory, Base, Model, ModelVersion, utcnow
 
 PG_SERVER = os.environ.get("UNLEARND_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
@@ -81,6 +81,15 @@ def _clean(request):
     with tamper(url) as conn:  # the audit tables refuse TRUNCATE otherwise
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     yield
+
+
+@pytest.fixture
+def environment(monkeypatch):
+    """``monkeypatch`` for UNLEARND_* variables, with the process's settings (``get_settings()``,
+    cached, which the CLI reads) re-read from them during the test and after it."""
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
 
 
 @contextmanager

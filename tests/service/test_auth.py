@@ -34,15 +34,6 @@ def keyed(settings):
         yield c
 
 
-@pytest.fixture
-def environment(monkeypatch):
-    """The process's settings re-read from the environment the test sets (the CLI reads get_settings())."""
-    monkeypatch.delenv("UNLEARND_API_KEYS", raising=False)
-    get_settings.cache_clear()
-    yield monkeypatch
-    get_settings.cache_clear()
-
-
 def _last_event(settings) -> AuditEvent:
     with transaction(settings.database_url) as s:
         return s.execute(select(AuditEvent).order_by(AuditEvent.seq.desc())).scalars().first()
@@ -166,6 +157,7 @@ def test_blank_key_configuration_means_no_keys(monkeypatch):
 
 
 def test_api_key_command_makes_a_token_the_service_accepts(environment, capsys, settings, model):
+    environment.delenv("UNLEARND_API_KEYS", raising=False)
     assert cli_main(["api-key", "portal", "--scope", "deletions"]) == 0
     lines = capsys.readouterr().out.splitlines()
     token, entry = lines[1].strip(), json.loads(lines[3])
@@ -187,6 +179,7 @@ def test_api_key_command_makes_a_token_the_service_accepts(environment, capsys, 
 
 
 def test_api_key_command_refuses_bad_names_and_configuration(environment, capsys):
+    environment.delenv("UNLEARND_API_KEYS", raising=False)
     assert cli_main(["api-key", "two words", "--scope", "read"]) == 2
     assert "invalid key name 'two words'" in capsys.readouterr().err
     environment.setenv("UNLEARND_API_KEYS", '{"x": 1}')

@@ -12,7 +12,6 @@ from fastapi.testclient import TestClient
 
 from app.cli import main as cli_main
 from app.main import create_app
-from worker.settings import get_settings
 from worker.signing import SigningKeyError, generate_key_file, load_signer, verify_certificate
 
 from .conftest import assert_problem
@@ -87,13 +86,6 @@ def test_a_bad_key_file_is_refused_naming_it(settings, tmp_path):
             load_signer(path)
         with pytest.raises(SigningKeyError, match=message):
             create_app(settings.model_copy(update={"certificate_key_file": path}))
-
-
-@pytest.fixture
-def environment(monkeypatch):
-    get_settings.cache_clear()
-    yield monkeypatch
-    get_settings.cache_clear()
 
 
 def test_the_commands_make_a_key_and_check_certificates(environment, signing, settings, model, tmp_path, capsys):
