@@ -5,7 +5,9 @@ only). With keys configured (``UNLEARND_API_KEYS``), every route of the API
 needs ``Authorization: Bearer <token>`` of a key that holds the route's scope:
 
 - ``deletions``: submit deletion requests, read them and their certificates
-  (what a privacy portal needs);
+  (what a privacy portal needs). A key that holds ``deletions`` but neither
+  ``read`` nor ``admin`` sees only the requests it submitted: another
+  submitter's request is a 404, as an unknown one, and lists leave them out;
 - ``read``: models, versions and lineage, jobs, the audit log and its verification;
 - ``admin``: everything, rollback included.
 
@@ -31,7 +33,7 @@ from worker.settings import ApiKey, Scope
 log = logging.getLogger(__name__)
 
 SCOPES: dict[str, str] = {
-    "deletions": "submit deletion requests, read them and their certificates",
+    "deletions": "submit deletion requests, read them and their certificates (its own only, without read or admin)",
     "read": "read models, versions, jobs and the audit log",
     "admin": "everything, rollback included",
 }
@@ -119,3 +121,17 @@ require_admin = require("admin")
 
 DeletionsCaller = Annotated[str | None, Depends(require_deletions)]
 AdminCaller = Annotated[str | None, Depends(require_admin)]
+
+
+def request_owner(request: Request, caller: DeletionsCaller) -> str | None:
+    """The submitter whose requests this caller may see: None for every submitter (the API
+    has no keys, or the key also holds ``read`` or ``admin``), else the key's own name. A
+    portal's key then reads its own requests and certificates only: the requests of other
+    submitters name other people (``subject_ref``, the instance)."""
+    if caller is None:
+        return None
+    held = request.app.state.settings.api_keys[caller].scopes
+    return None if "read" in held or "admin" in held else caller
+
+
+RequestOwner = Annotated[str | None, Depends(request_owner)]

@@ -83,12 +83,16 @@ def list_requests(
     model: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    submitted_by: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> Page[DeletionRequest]:
-    """Deletion requests, newest first (``created_at``, then ``id``); ``since`` inclusive, ``until`` exclusive."""
+    """Deletion requests, newest first (``created_at``, then ``id``); ``since`` inclusive, ``until`` exclusive;
+    ``submitted_by``: only those that API key submitted."""
     limit = _check_limit(limit)
     q = select(DeletionRequest)
+    if submitted_by is not None:
+        q = q.where(DeletionRequest.submitted_by == submitted_by)
     if instance_id is not None:
         q = q.where(DeletionRequest.instance_id == instance_id)
     if status is not None:

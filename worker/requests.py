@@ -243,21 +243,25 @@ def _by_idempotency_key(session: Session, key: str, fingerprint: str, actor: str
     return earlier
 
 
-def get_request(session: Session, request_id: str) -> DeletionRequest:
+def get_request(session: Session, request_id: str, submitted_by: str | None = None) -> DeletionRequest:
+    """The request ``request_id``; :class:`NotFound` when there is none, or (with
+    ``submitted_by``) when another submitter made it: the same answer, so a caller
+    learns nothing of requests that are not its own."""
     request = session.get(DeletionRequest, request_id)
-    if request is None:
+    if request is None or (submitted_by is not None and request.submitted_by != submitted_by):
         raise NotFound(f"no deletion request {request_id!r}", request_id=request_id)
     return request
 
 
-def deletion_certificate(session: Session, request_id: str) -> dict:
+def deletion_certificate(session: Session, request_id: str, submitted_by: str | None = None) -> dict:
     """The certificate of a completed request: what was removed from which model, how,
     the versions before and after, the forgetting/interference metrics, and where
     the audit chain records it; the other models trained on the same dataset that the
     erasure has reached (``also_erased_from``) and those it has yet to
     (``propagation_pending``). Includes ``certificate_sha256``: the sha256 of the
-    canonical JSON (sorted keys, no spaces) of every other field. 409 before completion."""
-    request = get_request(session, request_id)
+    canonical JSON (sorted keys, no spaces) of every other field. 409 before completion;
+    ``submitted_by``: as :func:`get_request`."""
+    request = get_request(session, request_id, submitted_by)
     if request.status != "completed":
         raise Conflict(
             f"request {request_id!r} is {request.status}; a certificate is issued only once it is completed",

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from worker.queries import list_requests
 from worker.requests import deletion_certificate, get_request, submit_deletion
 
-from ..auth import DeletionsCaller
+from ..auth import DeletionsCaller, RequestOwner
 from ..deps import ReadSessionDep, SessionDep, SettingsDep
 from ..schemas import (
     DeletionAccepted,
@@ -55,6 +55,7 @@ def create_deletion(
 @router.get("", response_model=DeletionPage)
 def list_deletions(
     session: ReadSessionDep,
+    owner: RequestOwner,
     instance_id: Text | None = None,
     status: RequestStatus | None = None,
     model: Text | None = None,
@@ -63,7 +64,8 @@ def list_deletions(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> DeletionPage:
-    """Deletion requests, newest first, filtered; pages follow ``next_cursor``."""
+    """Deletion requests, newest first, filtered; pages follow ``next_cursor``. A key with
+    the ``deletions`` scope alone lists the requests it submitted."""
     with session.begin():
         page = list_requests(
             session,
@@ -72,6 +74,7 @@ def list_deletions(
             model=model,
             since=since,
             until=until,
+            submitted_by=owner,
             limit=limit,
             cursor=cursor,
         )
@@ -79,21 +82,24 @@ def list_deletions(
 
 
 @router.get("/{request_id}", response_model=DeletionOut)
-def read_deletion(request_id: Text, session: ReadSessionDep) -> DeletionOut:
+def read_deletion(request_id: Text, session: ReadSessionDep, owner: RequestOwner) -> DeletionOut:
+    """One request; 404 when there is none or (a key with the ``deletions`` scope alone)
+    another key submitted it."""
     with session.begin():
-        return deletion_out(get_request(session, request_id))
+        return deletion_out(get_request(session, request_id, owner))
 
 
 @router.get("/{request_id}/certificate")
-def read_certificate(request_id: Text, session: ReadSessionDep, request: Request) -> JSONResponse:
+def read_certificate(request_id: Text, session: ReadSessionDep, request: Request, owner: RequestOwner) -> JSONResponse:
     """The deletion certificate of a completed request (409 before that).
 
     ``certificate_sha256`` is the sha256 of the canonical JSON (sorted keys,
     separators ``,`` and ``:``) of every other field of the body. With a signing
     key configured, ``signature`` is the service's Ed25519 signature over the
     canonical JSON of every other field (``GET /certificates/public-key``).
+    404 as for the request itself.
     """
     with session.begin():
-        body = deletion_certificate(session, request_id)
+        body = deletion_certificate(session, request_id, owner)
     signer = request.app.state.signer
     return JSONResponse(signer.sign(body) if signer is not None else body)

@@ -19,8 +19,10 @@ from worker.tables import Alias, AuditEvent, ModelVersion
 
 from .conftest import assert_problem, counts
 
-TOKENS = {"portal": "portal-token", "auditor": "auditor-token", "ops": "ops-token"}
-SCOPES = {"portal": ["deletions"], "auditor": ["read"], "ops": ["admin"]}
+TOKENS = {"portal": "portal-token", "auditor": "auditor-token", "ops": "ops-token", "shop": "shop-token",
+          "dpo": "dpo-token"}
+SCOPES = {"portal": ["deletions"], "auditor": ["read"], "ops": ["admin"], "shop": ["deletions"],
+          "dpo": ["deletions", "read"]}
 
 
 def _bearer(name: str) -> dict[str, str]:
@@ -215,3 +217,29 @@ def test_without_keys_requests_have_no_submitter(client, model):
     assert client.get(r.headers["location"]).json()["submitted_by"] is None
     assert client.post("/deletions", json={"instance_id": model.train_ids[0]},
                        headers={"Idempotency-Key": "k"}).headers["idempotent-replayed"] == "true"
+
+
+def test_a_deletions_key_sees_only_the_requests_it_submitted(keyed, settings, model):
+    """Two portals (keys with the deletions scope alone) each read and list their own
+    requests only: another's is a 404 like an unknown one, and its certificate too. A key
+    that also reads (read or admin) sees every request."""
+    mine = keyed.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["depth"],
+                                          "subject_ref": "ticket-1"}, headers=_bearer("portal")).json()["id"]
+    theirs = keyed.post("/deletions", json={"instance_id": model.train_ids[1], "tasks": ["depth"],
+                                            "subject_ref": "ticket-2"}, headers=_bearer("shop")).json()["id"]
+    for name, own, other in (("portal", mine, theirs), ("shop", theirs, mine)):
+        assert keyed.get(f"/deletions/{own}", headers=_bearer(name)).json()["submitted_by"] == name
+        assert_problem(keyed.get(f"/deletions/{own}/certificate", headers=_bearer(name)), 409)  # still queued
+        unknown = assert_problem(keyed.get("/deletions/nope", headers=_bearer(name)), 404)
+        for path in (f"/deletions/{other}", f"/deletions/{other}/certificate"):
+            hidden = assert_problem(keyed.get(path, headers=_bearer(name)), 404)
+            assert hidden["detail"] == unknown["detail"].replace("'nope'", repr(other))
+            assert "ticket" not in json.dumps(hidden)
+        listed = keyed.get("/deletions", headers=_bearer(name)).json()["items"]
+        assert [r["id"] for r in listed] == [own]
+        # a filter cannot widen what the key sees
+        assert keyed.get("/deletions", params={"instance_id": model.train_ids[1] if name == "portal"
+                                               else model.train_ids[0]}, headers=_bearer(name)).json()["items"] == []
+    for name in ("dpo", "ops"):
+        assert {r["id"] for r in keyed.get("/deletions", headers=_bearer(name)).json()["items"]} == {mine, theirs}
+        assert keyed.get(f"/deletions/{theirs}", headers=_bearer(name)).json()["subject_ref"] == "ticket-2"
