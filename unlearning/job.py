@@ -10,6 +10,7 @@ forget gap.
 """
 from __future__ import annotations
 
+import copy
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,11 @@ def check_finite(model, method: str) -> None:
         raise UnlearningDiverged(f"{method} left non-finite weights in {len(bad)} of {len(state)} tensors "
                                  f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing to publish: "
                                  f"check the configuration (a smaller 'lr'?)")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` are one device ("cuda" is the current CUDA device, "cuda:0" say)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _job_device(model, device) -> torch.device:
@@ -242,7 +248,8 @@ def run_unlearning_job(
 
     On a CUDA ``device`` the training and test data are copied there once and
     kept in ``cache`` (:func:`on_device`) unless ``keep_data_on_device`` is false;
-    the batches are the same either way, only where they are gathered differs.
+    the batches are the same either way, only where they are gathered differs. A
+    model elsewhere than ``device`` is copied there: the caller's model is not moved.
     """
     start = time.perf_counter()
     if method not in METHOD_NAMES:
@@ -279,7 +286,8 @@ def run_unlearning_job(
         cache=engine_cache,
         progress=lambda f: report(0.9 * f),
     )
-    model = model.to(device)
+    if not all(_same_device(p.device, device) for p in model.parameters()):
+        model = copy.deepcopy(model).to(device)  # Module.to moves in place: the caller's model stays put
     cfg = dict(config or {})
 
     t_cache = time.perf_counter()

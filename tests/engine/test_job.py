@@ -245,3 +245,14 @@ def test_a_numpy_integer_seed_is_a_seed(setup):
     numpy_seed = run_unlearning_job(model, train, test, cells, method="finetune", config={"steps": 2}, seed=np.int64(1))
     assert all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
                                                  numpy_seed.model.state_dict().values()))
+
+
+def test_a_model_on_the_jobs_device_is_used_as_it_is_and_one_elsewhere_is_copied():
+    """The job moves a copy, never the caller's model (tests/gpu runs it on CUDA); "cuda" is
+    the device a model on "cuda:0" is on, so the worker's model is not copied for nothing."""
+    from unlearning.job import _same_device
+
+    d = torch.device
+    assert _same_device(d("cuda"), d("cuda:0")) and _same_device(d("cuda:1"), d("cuda"))
+    assert _same_device(d("cpu"), d("cpu"))
+    assert not _same_device(d("cuda:0"), d("cuda:1")) and not _same_device(d("cpu"), d("cuda"))

@@ -154,3 +154,15 @@ def test_a_tiny_benchmark_on_cuda(tmp_path, monkeypatch):
     assert doc["device"].startswith("cuda")
     assert {r["method"] for r in doc["results"]} >= {"interference_aware", "retrain"}
     assert all(math.isfinite(r["uis"]) and math.isfinite(r["mia_auc"]) for r in doc["results"])
+
+
+def test_a_cpu_model_given_a_cuda_job_stays_on_the_cpu(world):
+    """The job runs on a copy on the device: the caller's model is not moved (Module.to is in place)."""
+    train, test, model = world
+    on_cpu = copy.deepcopy(model).cpu()
+    before = copy.deepcopy(on_cpu.state_dict())
+    result = run_unlearning_job(on_cpu, train, test, [("indoor-00006", "depth")],
+                                config=FAST["interference_aware"], device="cuda")
+    assert all(p.device.type == "cuda" for p in result.model.parameters())
+    assert all(p.device.type == "cpu" for p in on_cpu.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in on_cpu.state_dict().items())
