@@ -157,7 +157,11 @@ def cmd_calibrate(args) -> int:
         print(f"no version 1 of {settings.model_name!r} in {settings.store_dir}: "
               "`unlearnd serve` trains it on first start", file=sys.stderr)
         return 2
-    calibration = lineage_calibration(settings, store, settings.model_name, resolve_device(settings.device))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=100, desc="shadow models", unit="%", leave=False) as bar:
+        calibration = lineage_calibration(settings, store, settings.model_name, resolve_device(settings.device),
+                                          progress=lambda f: bar.update(max(0, round(100 * f) - bar.n)))
     print(f"{settings.model_name}: calibration of v{calibration['version']} with {calibration['shadows']} shadow models "
           f"({calibration['seconds']} s) stored in {settings.store_dir}")
     return 0

@@ -21,7 +21,7 @@ import torch
 from .data.base import Cell, MultiTaskDataset
 from .evaluate import EvalContext, evaluate_unlearning
 from .model import non_finite_tensors
-from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method
+from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method, prepare_share
 from .methods.params import config_problems
 from .tasks import get_task
 from .train import resident
@@ -244,7 +244,9 @@ def run_unlearning_job(
     evaluation alone.
 
     ``config`` is passed to the method (missing keys take its defaults);
-    ``progress`` receives a fraction in [0, 1] (the method covers 0-0.9).
+    ``progress`` receives a fraction in [0, 1] (the method covers 0-0.9; with a cache
+    still to fill at length, the shadow calibration's models say, the method's
+    ``prepare`` takes the first part of that, in proportion to its optimiser steps).
 
     On a CUDA ``device`` the training and test data are copied there once and
     kept in ``cache`` (:func:`on_device`) unless ``keep_data_on_device`` is false;
@@ -291,7 +293,10 @@ def run_unlearning_job(
     cfg = dict(config or {})
 
     t_cache = time.perf_counter()
+    share = prepare_share(method, model, data, cfg)  # e.g. shadow models still to train: the bar moves meanwhile
+    data.progress = lambda f: report(0.9 * share * f)
     prepare_method(method, model, data, cfg)
+    data.progress = lambda f: report(0.9 * (share + (1.0 - share) * f))
     cache_seconds = time.perf_counter() - t_cache
 
     t_unlearn = time.perf_counter()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from model_store import ModelStore
 
@@ -32,9 +33,28 @@ log = logging.getLogger(__name__)
 ROOT_VERSION = 1
 
 
-def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, device=None) -> dict | None:
+def calibration_share(settings: Settings, store: ModelStore, model_name: str, n_train: int, n_tasks: int) -> float:
+    """The share of a job's optimiser steps that :func:`lineage_calibration` will take before
+    it: 0 when calibration is off or stored, else the shadows' steps against the method's.
+    The worker gives the calibration that part of the job's progress."""
+    if not settings.calibrate_shadows or settings.method != "interference_aware" or store.calibration(model_name):
+        return 0.0
+    from unlearning.methods.interference_aware import DEFAULTS, shadow_training_steps
+
+    cfg = {**DEFAULTS, **settings.method_config}
+    recipe = store.manifest(model_name, ROOT_VERSION).train_config
+    if not recipe:
+        return 0.0  # lineage_calibration refuses it, naming the missing recipe
+    shadows = shadow_training_steps(n_train, n_tasks, recipe, cfg["shadow_folds"], cfg["shadow_trained_folds"])
+    return shadows / (shadows + int(cfg["steps"]) + int(cfg["repair_steps"]))
+
+
+def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, device=None,
+                        progress: Callable[[float], None] | None = None) -> dict | None:
     """The model's stored shadow scores, computed and stored first if missing; None when
-    calibration is off or the method does not use it."""
+    calibration is off or the method does not use it. ``progress`` receives the fraction
+    of the shadows' training done, after every step (the worker's stop check runs there,
+    so a stopping worker does not train every shadow first)."""
     if not settings.calibrate_shadows or settings.method != "interference_aware":
         return None
     stored = store.calibration(model_name)
@@ -63,7 +83,8 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
     log.info("calibrating %s: %d shadow models on v%d's recipe (once per model)", model_name,
              (1 + len(train.tasks)) * int(trained), ROOT_VERSION)
     scores = shadow_scores(model, data, manifest.train_config, cfg["shadow_folds"], cfg["shadow_seed"],
-                           trained_folds=cfg["shadow_trained_folds"], extrapolate=cfg["shadow_extrapolate"])
+                           trained_folds=cfg["shadow_trained_folds"], extrapolate=cfg["shadow_extrapolate"],
+                           progress=progress)
     payload = {
         "kind": "interference_aware.shadow_scores",
         "version": ROOT_VERSION,

@@ -46,7 +46,7 @@ from model_store import Manifest, ModelStore
 from unlearning.data import dataset_key
 
 from .audit import append_event
-from .calibration import lineage_calibration, method_config
+from .calibration import calibration_share, lineage_calibration, method_config
 from .datasets import erased_cells, get_splits
 from .db import advisory_lock, transaction
 from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json
@@ -613,7 +613,12 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
         model, base_manifest = store.load(model_name, base_version, device=device)  # weights checked against it
         _check_base(settings, store, model_name, base_version, base_manifest)
         data = job_data(settings, spec, base_manifest, cells)
-        calibration = lineage_calibration(settings, store, model_name, device) if method == settings.method else None
+        share = 0.0  # of the bar: shadow models to train first (once per model), in proportion to their steps
+        calibration = None
+        if method == settings.method:
+            share = calibration_share(settings, store, model_name, len(data.train), len(data.train.tasks))
+            calibration = lineage_calibration(settings, store, model_name, device,
+                                              progress=lambda f: progress(share * f))
         check_stop()
         result = run_unlearning_job(
             model,
@@ -625,7 +630,7 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
             device=device,
             seed=settings.seed,
             cache=engine_cache(model_name, base_version),
-            progress=progress,
+            progress=lambda f: progress(share + (1.0 - share) * f),
         )
         beat.progress(1.0)
     lineage = {tuple(c) for c in base_manifest.erased_cells} | set(data.forget_cells)

@@ -606,3 +606,33 @@ def test_nearest_references_exclude_the_forgotten_instances(memorised):
     _, log = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 1, "n_nearest": 2})
     assert log["retain_references"] == ["own_retained_cells", "nearest", "random"]
     assert 2 <= len(log["nearest_retained"]) <= 6 and not set(log["nearest_retained"]) & set(ids)
+
+
+def test_a_job_that_trains_shadow_models_reports_their_progress(memorised):
+    """The shadow calibration (``shadow_recipe``) trains (1 + T) x folds models before the
+    first forget step: the job's progress moves through them (it stayed at 0 until the
+    method's first step), rises monotonically and ends at 1. A second job on the same
+    cache trains nothing and gives the method the whole bar again."""
+    from unlearning.job import run_unlearning_job
+    from unlearning.methods.interference_aware import prepare_share, shadow_training_steps
+
+    model, train, test = memorised
+    recipe = {"epochs": 2, "batch_size": 8, "lr": 5e-3, "width": 8, "depth": 2, "head_width": 8, "seed": 0}
+    config = {"steps": 4, "shadow_recipe": recipe, "shadow_folds": 2}
+    # 2 folds x (1 + 3 tasks) shadows x 2 epochs x 2 batches of 8
+    assert shadow_training_steps(len(train), len(TASKS), recipe, 2) == 2 * 4 * 2 * 2
+    cache: dict = {}
+    seen: list[float] = []
+    run_unlearning_job(model, train, test, [(train.instance_ids[0], "depth")], config=config, cache=cache,
+                       progress=seen.append)
+    share = 32 / (32 + 4 + DEFAULTS["repair_steps"])
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    during_shadows = [f for f in seen if 0 < f < 0.9 * share - 1e-9]
+    assert len(during_shadows) >= 16  # one per shadow training step (a full shadow trains on 8 images: 2 steps)
+    again: list[float] = []
+    data = UnlearnData(train, [(train.instance_ids[1], "depth")], train.without([(train.instance_ids[1], "depth")]),
+                       heldout=test, cache=cache["engine"])
+    assert prepare_share(model, data, config) == 0.0  # cached: nothing left to train
+    run_unlearning_job(model, train, test, [(train.instance_ids[1], "depth")], config=config, cache=cache,
+                       progress=again.append)
+    assert again == sorted(again) and again[0] >= 0.9 / (4 + DEFAULTS["repair_steps"]) - 1e-9  # a method step

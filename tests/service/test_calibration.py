@@ -169,3 +169,33 @@ def test_the_service_does_not_start_with_a_method_configuration_every_job_would_
         assert not database.exists()  # refused before migrating or training anything
     finally:
         get_settings.cache_clear()
+
+
+def test_the_calibration_reports_progress_and_a_stop_ends_it_storing_nothing(tiny):
+    """The shadows' training reports its fraction done after every step (the worker's stop
+    check runs there): it rises to 1, and an exception raised from it (the worker's
+    JobStopped) ends the calibration without storing a partial table."""
+    settings, store, _, train, _ = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    from worker.calibration import calibration_share
+
+    share = calibration_share(on, store, "cal-mtl", len(train), len(train.tasks))
+    # 2 folds x (1 + 3 tasks) shadows x 2 epochs x 2 batches of 6, against 3 steps and the repair steps
+    from unlearning.methods.interference_aware import DEFAULTS
+    assert share == 32 / (32 + 3 + DEFAULTS["repair_steps"])
+
+    class Stop(Exception):
+        pass
+
+    def stop_halfway(fraction: float) -> None:
+        if fraction >= 0.5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        lineage_calibration(on, store, "cal-mtl", progress=stop_halfway)
+    assert store.calibration("cal-mtl") is None
+    seen: list[float] = []
+    lineage_calibration(on, store, "cal-mtl", progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) >= 16
+    assert calibration_share(on, store, "cal-mtl", len(train), len(train.tasks)) == 0.0  # stored: nothing to train
+    assert calibration_share(settings, store, "cal-mtl", len(train), len(train.tasks)) == 0.0  # off

@@ -90,3 +90,38 @@ def test_the_in_process_worker_stops_mid_job_and_leaves_it_queued(tiny, monkeypa
     after = _record(s, request_id)
     assert after["job"] == ("queued", 1) and after["request"] == "queued" and after["versions"] == [1]
     assert len(after["requeued"]) == 1 and after["chain"]
+
+
+def test_a_stop_while_the_first_job_trains_its_shadow_models_requeues_it(tiny, monkeypatch):
+    """With UNLEARND_CALIBRATE_SHADOWS the model's first job trains (1 + T) x folds shadow
+    models before unlearning. They report progress (the bar moved only once the method
+    started) and the stop check runs there: a stop ends the job within one training step,
+    requeued, with no calibration stored; the next run calibrates and completes it."""
+    s, store, ids = tiny
+    s = s.model_copy(update={"calibrate_shadows": True, "method_config": {"steps": 2, "shadow_folds": 2}})
+    request_id = _submit(s, ids[0])
+    stop = threading.Event()
+    reported: list[float] = []
+    real = jobs._Heartbeat.progress
+
+    def progress(self, fraction):
+        reported.append(fraction)
+        if store.calibration(TINY) is None and len(reported) == 3:  # the third shadow step
+            stop.set()
+        return real(self, fraction)
+
+    monkeypatch.setattr(jobs._Heartbeat, "progress", progress)
+    outcomes = jobs.drain_model(s, store, TINY, stop=stop)
+    assert [o.status for o in outcomes] == ["requeued"]
+    assert len(reported) == 3 and 0 < reported[-1] < 0.2  # three of the 8 shadows' ~28 steps, and no further
+    assert store.calibration(TINY) is None
+    after = _record(s, request_id)
+    assert after["job"] == ("queued", 1) and after["versions"] == [1]
+
+    reported.clear()
+    done = jobs.drain_model(s, store, TINY)
+    assert [o.status for o in done] == ["completed"]
+    assert store.calibration(TINY)["shadows"] == 2 * 4
+    # through the shadows' steps (28), then the method's (2 steps, the repair, the evaluation)
+    assert reported == sorted(reported) and len(reported) >= 31 and reported[-1] == 1.0
+    assert _record(s, request_id)["request"] == "completed"

@@ -54,4 +54,13 @@ def prepare_method(name: str, model, data: UnlearnData, config: dict | None = No
     return True
 
 
-__all__ = ["UnlearnData", "Method", "METHOD_NAMES", "get_method", "method_defaults", "prepare_method"]
+def prepare_share(name: str, model, data: UnlearnData, config: dict | None = None) -> float:
+    """The share, in [0, 1), of a job's work that the method's ``prepare`` hook will take on
+    ``data.cache`` (its ``prepare_share(model, data, config)``, if it has one; else 0):
+    a job gives the hook that part of its progress, and the method the rest."""
+    hook = getattr(_module(name), "prepare_share", None)
+    return 0.0 if hook is None else min(max(float(hook(model, data, config)), 0.0), 0.99)
+
+
+__all__ = ["UnlearnData", "Method", "METHOD_NAMES", "get_method", "method_defaults", "prepare_method",
+           "prepare_share"]

@@ -122,6 +122,8 @@ import functools
 import math
 import time
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -293,9 +295,62 @@ def shadow_folds(instance_ids: list[str], folds: int, seed: int) -> list[list[st
     return [ids[f::folds] for f in range(folds)]
 
 
+def shadow_training_steps(n_train: int, n_tasks: int, recipe: dict, folds: int, trained_folds: int | None = None,
+                          modes: tuple[str, ...] = ("full", "partial")) -> int:
+    """About how many optimiser steps :func:`shadow_scores` takes: ``(1 + T) × n`` shadows
+    (fewer modes: fewer), each ``recipe``'s training on the training data (a shadow
+    trains on slightly less: this is an upper bound). What a caller weighs the
+    calibration's share of a job's progress with."""
+    from ..train import TrainConfig, training_steps
+
+    k = max(1, min(int(folds), n_train))
+    n = k if trained_folds is None else max(1, min(int(trained_folds), k))
+    per_fold = ("full" in modes) + (n_tasks if "partial" in modes else 0)
+    return n * per_fold * training_steps(n_train, TrainConfig(**recipe))
+
+
+def prepare_share(model, data: UnlearnData, config: dict | None = None) -> float:
+    """The share of a job's optimiser steps that :func:`prepare` takes on this cache: the
+    shadow calibration's when it is still to be trained (``shadow_recipe`` without
+    ``shadow_scores``, not cached), else 0. :func:`unlearning.job.run_unlearning_job`
+    splits its progress with it, so the bar moves while the shadows train."""
+    cfg = dict(DEFAULTS)
+    cfg.update(config or {})
+    if cfg["tau"] or not cfg["shadow_recipe"] or cfg["shadow_scores"] or _shadow_key(cfg, len(data.train)) in data.cache:
+        return 0.0
+    shadows = shadow_training_steps(len(data.train), len(data.train.tasks), cfg["shadow_recipe"],
+                                    cfg["shadow_folds"], cfg["shadow_trained_folds"])
+    return shadows / (shadows + int(cfg["steps"]) + int(cfg["repair_steps"]))
+
+
+def _shadow_key(cfg: dict, n_train: int, modes: tuple[str, ...] = ("full", "partial")) -> tuple:
+    """The cache key of :func:`shadow_scores` for the method configuration ``cfg``."""
+    k, n, extrapolate = _shadow_plan(n_train, cfg["shadow_folds"], cfg["shadow_trained_folds"], cfg["shadow_extrapolate"])
+    return _scores_key(cfg["shadow_recipe"], k, cfg["shadow_seed"], modes, n, extrapolate)
+
+
+def _shadow_plan(n_train: int, folds: int, trained_folds: int | None, extrapolate: str) -> tuple[int, int, str]:
+    """``(folds, trained folds, extrapolation)`` as :func:`shadow_scores` runs them; ValueError
+    for a number of trained folds or an extrapolation it cannot run."""
+    k = max(1, min(int(folds), n_train))
+    n = k if trained_folds is None else int(trained_folds)
+    if not 1 <= n <= k:
+        raise ValueError(f"interference_aware: shadow_trained_folds must be between 1 and the {k} folds, got {trained_folds!r}")
+    if extrapolate not in ("loss_rank", "task_mean"):
+        raise ValueError(f"interference_aware: unknown shadow_extrapolate {extrapolate!r}; known: 'loss_rank', 'task_mean'")
+    return k, n, "task_mean" if n == k else extrapolate  # every cell measured: nothing to predict
+
+
+def _scores_key(recipe: dict, k: int, seed: int, modes, n: int, extrapolate: str) -> tuple:
+    import json
+
+    return ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), k, int(seed), tuple(modes), n, extrapolate)
+
+
 def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
                   modes: tuple[str, ...] = ("full", "partial"), trained_folds: int | None = None,
-                  trainer=None, extrapolate: str = "loss_rank") -> dict:
+                  trainer=None, extrapolate: str = "loss_rank",
+                  progress: Callable[[float], None] | None = None) -> dict:
     """Out-of-fold membership scores: for every training cell, the attack AUC it shows
     under a *shadow* model that never saw it, i.e. where a model retrained without it
     would put it among the held-out data (LiRA's per-example "OUT" models, reduced to
@@ -328,21 +383,13 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
     mode, the AUC a retrained model is expected to show on an average cell. ``trainer(cells, recipe)``
     returns the model ``recipe`` (a :class:`TrainConfig`) trains on the training data
     without ``cells`` (default: :func:`train_model`); the benchmark passes one that
-    keeps every shadow in its cache of trained models."""
-    import json
-
+    keeps every shadow in its cache of trained models. ``progress`` receives the fraction
+    of the shadows' training done, after every step (after every shadow with ``trainer``)."""
     from ..metrics import member_scores
     from ..train import TrainConfig, train_model
 
-    k = max(1, min(int(folds), len(data.train)))
-    n = k if trained_folds is None else int(trained_folds)
-    if not 1 <= n <= k:
-        raise ValueError(f"interference_aware: shadow_trained_folds must be between 1 and the {k} folds, got {trained_folds!r}")
-    if extrapolate not in ("loss_rank", "task_mean"):
-        raise ValueError(f"interference_aware: unknown shadow_extrapolate {extrapolate!r}; known: 'loss_rank', 'task_mean'")
-    if n == k:
-        extrapolate = "task_mean"  # every cell is measured: nothing to predict
-    key = ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), k, int(seed), tuple(modes), n, extrapolate)
+    k, n, extrapolate = _shadow_plan(len(data.train), folds, trained_folds, extrapolate)
+    key = _scores_key(recipe, k, seed, modes, n, extrapolate)
     if key in data.cache:
         return data.cache[key]
     if data.heldout is None or len(data.heldout) == 0:
@@ -358,14 +405,21 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
             for r in range(len(tasks)):
                 plan.append(("partial", [(i, tasks[(j + r) % len(tasks)]) for j, i in enumerate(fold)]))
     out = {"full": {}, "partial": {}}
-    for mode, cells in plan:
+
+    def shadow_progress(done: int):  # shadow ``done`` is training: the fraction of the plan behind it
+        return None if progress is None else (lambda f: progress((done + f) / len(plan)))
+
+    for done, (mode, cells) in enumerate(plan):
         cells = [c for c in cells if train.has_cell(c)]
         if not cells:
             continue
         if trainer is None:
-            shadow = train_model(train.without(cells), TrainConfig(**recipe), device=data.device, progress=False)
+            shadow = train_model(train.without(cells), TrainConfig(**recipe), device=data.device, progress=False,
+                                 on_progress=shadow_progress(done))
         else:
             shadow = trainer(cells, TrainConfig(**recipe))
+            if progress is not None:
+                progress((done + 1) / len(plan))
         shadow.eval()
         held = per_sample_losses(shadow, data.heldout, device=data.device)
         rows = list(dict.fromkeys(i for i, _ in cells))
@@ -423,16 +477,18 @@ def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
     """Fill ``data.cache`` with what depends only on the model version: τ, the task
     subspaces and the representation features. :func:`unlearn` calls it too; a
     caller that keeps the cache (the service, the benchmark) calls it once per
-    version so the time is not counted per job."""
+    version so the time is not counted per job. ``data.progress`` receives the
+    fraction of the shadow calibration's training done (:func:`prepare_share`)."""
     cfg = dict(DEFAULTS)
     cfg.update(config or {})
     if not cfg["tau"]:
         heldout_losses(model, data)
         if cfg["tau_refresh"]:
             refresh_subset(model, data, cfg["tau_refresh_sample"])
-        if cfg["shadow_recipe"] and not cfg["shadow_scores"]:
+        if cfg["shadow_recipe"] and not cfg["shadow_scores"]:  # the shadows report to data.progress
             shadow_scores(model, data, cfg["shadow_recipe"], cfg["shadow_folds"], cfg["shadow_seed"],
-                          trained_folds=cfg["shadow_trained_folds"], extrapolate=cfg["shadow_extrapolate"])
+                          trained_folds=cfg["shadow_trained_folds"], extrapolate=cfg["shadow_extrapolate"],
+                          progress=data.progress)
     if cfg["project"]:
         cached_subspaces(model, data.train, data.cache, cfg["energy"], cfg["subspace_samples"], device=data.device)
     if cfg["n_nearest"] > 0:
