@@ -89,8 +89,11 @@ class DeletionCreate(BaseModel):
     instance_id: text(min_length=1, max_length=200)
     tasks: TaskNames = Field("all", description='task names, or "all" for every task not yet erased or pending')
     model: text(min_length=1, max_length=100) | None = Field(None, description="default: the service's model")
-    reason: text(max_length=2000) | None = None
-    subject_ref: text(max_length=200) | None = Field(None, description="the requester's reference (ticket, subject id)")
+    reason: text(max_length=2000) | None = Field(
+        None, description="why (kept with the request and in the append-only audit log: no personal data)")
+    subject_ref: text(max_length=200) | None = Field(
+        None, description="the requester's reference, a ticket number say; it is written into the append-only "
+                          "audit log, which nothing can erase: a pseudonymous reference, not a name or an e-mail")
 
 
 class Links(BaseModel):
