@@ -90,7 +90,7 @@ class DeletionCreate(BaseModel):
     tasks: TaskNames = Field("all", description='task names, or "all" for every task not yet erased or pending')
     model: text(min_length=1, max_length=100) | None = Field(None, description="default: the service's model")
     reason: text(max_length=2000) | None = Field(
-        None, description="why (kept with the request and in the append-only audit log: no personal data)")
+        None, description="why (kept with the request in the compliance record: no personal data)")
     subject_ref: text(max_length=200) | None = Field(
         None, description="the requester's reference, a ticket number say; it is written into the append-only "
                           "audit log, which nothing can erase: a pseudonymous reference, not a name or an e-mail")
