@@ -9,6 +9,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       ValidationError, WrapValidator)
 from pydantic_core import PydanticCustomError
 
+from worker.requests import request_metrics
 from worker.tables import as_utc, unstorable
 
 
@@ -272,7 +273,8 @@ def deletion_out(r) -> DeletionOut:
         job_id=r.job_id,
         base_version=r.base_version,
         produced_version=r.produced_version,
-        metrics=r.metrics,
+        # rows written before requests kept their own share held every cell of the job
+        metrics=request_metrics(r.metrics, [[r.instance_id, t] for t in r.tasks]),
         error=r.error,
         created_at=r.created_at,
         updated_at=r.updated_at,

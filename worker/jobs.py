@@ -49,7 +49,7 @@ from .audit import append_event
 from .calibration import calibration_share, lineage_calibration, method_config
 from .datasets import erased_cells, get_splits
 from .db import advisory_lock, transaction
-from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json
+from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json, request_metrics
 from .settings import Settings
 from .versions import erasure_cells, erasures_behind, models_sharing_dataset
 from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
@@ -776,7 +776,7 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
                 req.status = "completed"
                 req.progress = 1.0
                 req.produced_version = version
-                req.metrics = metrics
+                req.metrics = request_metrics(metrics, req_cells)
                 req.completed_at = now
                 req.error = None
                 kind = "deletion.completed"

@@ -82,7 +82,8 @@ def _lock_model_submissions(session: Session, model_name: str) -> None:
 
 
 def resolve_cells(
-    session: Session, model: Model, instance_id: str, tasks: Sequence[str] | Literal["all"]
+    session: Session, model: Model, instance_id: str, tasks: Sequence[str] | Literal["all"],
+    visible_to: str | None = None,
 ) -> list[tuple[str, str]]:
     """Validate a request against the model's dataset and the record; the cells it will erase.
 
@@ -90,7 +91,9 @@ def resolve_cells(
     training data (422), and cells neither erased (tombstoned) nor pending in an
     unfinished request (409 naming them). ``"all"`` means every cell of the
     instance not yet erased or pending, so a full erasure after a partial one
-    is accepted; it is refused (409) only when nothing is left.
+    is accepted; it is refused (409) only when nothing is left. With
+    ``visible_to`` (an API key that sees its own requests only) the 409 names
+    the requests of other submitters as such, without their ids.
     """
     train, _ = get_splits(model.dataset)
     model_tasks = [t for t in model.tasks if t in train.tasks]
@@ -137,7 +140,15 @@ def resolve_cells(
         for c in clash:
             if c["state"] == "erased":
                 c["propagating"] = (c["instance_id"], c["task"]) in behind
-    named = ", ".join(f"{c['task']} ({c['state']} by request {c['request_id']}"
+    if visible_to is not None:
+        ids = {c["request_id"] for c in clash}
+        own = set(session.execute(select(DeletionRequest.id).where(
+            DeletionRequest.id.in_(ids), DeletionRequest.submitted_by == visible_to)).scalars())
+        for c in clash:
+            if c["request_id"] not in own:
+                c["request_id"] = None  # another submitter's: its id would open nothing, but says who asked
+    named = ", ".join(f"{c['task']} ({c['state']} by "
+                      f"{'request ' + c['request_id'] if c['request_id'] else 'a request of another submitter'}"
                       f"{'; this model still holds it until its propagate job has run' if c.get('propagating') else ''})"
                       for c in clash)
     raise Conflict(f"instance {instance_id!r}: cells already erased or pending: {named}", cells=clash)
@@ -154,6 +165,7 @@ def submit_deletion(
     subject_ref: str | None = None,
     idempotency_key: str | None = None,
     actor: str | None = None,
+    visible_to: str | None = None,
 ) -> Submission:
     """Accept a deletion request: validate it, then write the request (``queued``),
     its ``deletion.received`` audit event and a ``process_model`` outbox row in the
@@ -161,7 +173,8 @@ def submit_deletion(
     row after commit.
 
     ``actor`` (the API key's name, when the API has keys) is the request's
-    ``submitted_by`` and is written into the audit event.
+    ``submitted_by`` and is written into the audit event. ``visible_to``: see
+    :func:`resolve_cells` (the submitter whose requests a 409 may name; None: all).
 
     With an ``idempotency_key`` this submitter already used for the same body, the stored request
     is returned (``replayed=True``) without any check or write; used for a
@@ -185,7 +198,7 @@ def submit_deletion(
         earlier = _by_idempotency_key(session, idempotency_key, fingerprint, actor)
         if earlier is not None:
             return Submission(earlier, replayed=True)
-    cells = resolve_cells(session, model_row, instance_id, tasks)
+    cells = resolve_cells(session, model_row, instance_id, tasks, visible_to)
 
     request = DeletionRequest(
         id=new_id(),
@@ -241,6 +254,16 @@ def _by_idempotency_key(session: Session, key: str, fingerprint: str, actor: str
             request_id=earlier.id,
         )
     return earlier
+
+
+def request_metrics(metrics: dict | None, cells: list) -> dict | None:
+    """A request's share of its job's metrics: the job's, with ``forget_cells`` (every cell
+    of the job, which may batch the requests of several submitters) narrowed to the
+    request's own ``cells``."""
+    if not isinstance(metrics, dict) or "forget_cells" not in metrics:
+        return metrics
+    own = {tuple(c) for c in cells}
+    return {**metrics, "forget_cells": [c for c in metrics["forget_cells"] if tuple(c) in own]}
 
 
 def get_request(session: Session, request_id: str, submitted_by: str | None = None) -> DeletionRequest:

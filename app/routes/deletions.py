@@ -34,17 +34,19 @@ def create_deletion(
     session: SessionDep,
     settings: SettingsDep,
     caller: DeletionsCaller,
+    owner: RequestOwner,
     idempotency_key: Annotated[text(min_length=1, max_length=200) | None, Header(alias="Idempotency-Key")] = None,
 ) -> DeletionAccepted:
     """Accept a deletion request (202, ``Location`` = the request's URL).
 
     Unknown model: 404. Unknown task or instance: 422. Cells already erased or
-    pending in another request: 409 naming them. Same ``Idempotency-Key`` and
+    pending in another request: 409 naming them (a key that sees its own requests
+    only is not told the ids of other submitters'). Same ``Idempotency-Key`` and
     body: the first answer again; same key, other body: 422.
     """
     with session.begin():
         submission = submit_deletion(
-            session, settings, **body.model_dump(), idempotency_key=idempotency_key, actor=caller
+            session, settings, **body.model_dump(), idempotency_key=idempotency_key, actor=caller, visible_to=owner
         )
     response.headers["Location"] = f"/deletions/{submission.request.id}"
     if submission.replayed:

@@ -18,6 +18,7 @@ from worker.settings import ApiKey, Settings, get_settings
 from worker.tables import Alias, AuditEvent, ModelVersion
 
 from .conftest import assert_problem, counts
+from .test_hardening_worker import TINY, tiny, tiny_v1  # noqa: F401 - fixtures
 
 TOKENS = {"portal": "portal-token", "auditor": "auditor-token", "ops": "ops-token", "shop": "shop-token",
           "dpo": "dpo-token"}
@@ -243,3 +244,49 @@ def test_a_deletions_key_sees_only_the_requests_it_submitted(keyed, settings, mo
     for name in ("dpo", "ops"):
         assert {r["id"] for r in keyed.get("/deletions", headers=_bearer(name)).json()["items"]} == {mine, theirs}
         assert keyed.get(f"/deletions/{theirs}", headers=_bearer(name)).json()["subject_ref"] == "ticket-2"
+
+
+def _keyed_client(settings):
+    keys = {n: ApiKey(token_sha256=token_sha256(t), scopes=SCOPES[n]) for n, t in TOKENS.items()}
+    return TestClient(create_app(settings.model_copy(update={"api_keys": keys})))
+
+
+def test_a_job_batching_two_portals_requests_shows_each_only_its_own_cells(tiny):
+    """One job erases the requests of two portals together; each request's metrics name its own
+    cells only (they held every cell of the job: the other portal's instance)."""
+    from worker import jobs
+
+    s, store, ids = tiny
+    with _keyed_client(s) as c:
+        mine = c.post("/deletions", json={"instance_id": ids[0], "tasks": ["depth"]}, headers=_bearer("portal"))
+        theirs = c.post("/deletions", json={"instance_id": ids[1], "tasks": ["depth"]}, headers=_bearer("shop"))
+        assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+        for name, r, own in (("portal", mine, ids[0]), ("shop", theirs, ids[1])):
+            got = c.get(f"/deletions/{r.json()['id']}", headers=_bearer(name)).json()
+            assert got["status"] == "completed" and got["metrics"]["forget_cells"] == [[own, "depth"]]
+            listed = c.get("/deletions", headers=_bearer(name)).json()["items"]
+            assert [d["metrics"]["forget_cells"] for d in listed] == [[[own, "depth"]]]
+        assert mine.json()["id"] != theirs.json()["id"]
+        job = c.get(f"/jobs/{got['job_id']}", headers=_bearer("ops")).json()  # the job itself: both
+        assert sorted(map(tuple, job["metrics"]["forget_cells"])) == [(ids[0], "depth"), (ids[1], "depth")]
+
+
+def test_a_conflict_names_only_the_callers_own_requests(keyed, settings, model):
+    """A cell pending in another portal's request is a 409 that says so without that
+    request's id; the caller's own request, and every request for a key that reads, is named."""
+    instance = model.train_ids[0]
+    shop = keyed.post("/deletions", json={"instance_id": instance, "tasks": ["depth"]}, headers=_bearer("shop"))
+    before = counts(settings)
+    refused = assert_problem(keyed.post("/deletions", json={"instance_id": instance, "tasks": ["depth"]},
+                                        headers=_bearer("portal")), 409)
+    assert shop.json()["id"] not in json.dumps(refused)
+    assert refused["cells"] == [{"instance_id": instance, "task": "depth", "state": "pending", "request_id": None}]
+    assert "a request of another submitter" in refused["detail"]
+    own = assert_problem(keyed.post("/deletions", json={"instance_id": instance, "tasks": ["depth"]},
+                                    headers=_bearer("shop")), 409)
+    assert own["cells"][0]["request_id"] == shop.json()["id"]
+    for name in ("dpo", "ops"):
+        seen = assert_problem(keyed.post("/deletions", json={"instance_id": instance, "tasks": ["depth"]},
+                                         headers=_bearer(name)), 409)
+        assert seen["cells"][0]["request_id"] == shop.json()["id"]
+    assert counts(settings) == before
