@@ -48,7 +48,10 @@ def check_finite(model, method: str) -> None:
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Whether ``a`` and ``b`` are one device ("cuda" is the current CUDA device, "cuda:0" say)."""
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+    def index(d: torch.device):
+        return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
+
+    return a.type == b.type and (a.type != "cuda" or index(a) == index(b))
 
 
 def _job_device(model, device) -> torch.device:

@@ -26,7 +26,7 @@ BUSY_RETRIES = 120  # up to two hours at the 60 s cap; past that the sweeper ann
 # once and leave the job 'running' until the sweeper found its heartbeat STALE_AFTER_S old. Now
 # the job ends at the engine's next progress report and goes back in the queue
 # (worker.jobs.run_job), then the process ends as SIGTERM asked; a job that has not stopped
-# within STOP_GRACE_S (storing, or a calibration, which reports no progress) is killed then.
+# within STOP_GRACE_S (storing, say) is killed then.
 # Celery's warm shutdown (SIGTERM to the main process alone, Ctrl-C) still lets the job finish;
 # --pool solo runs jobs in the main process, whose SIGTERM is that warm shutdown.
 STOP = threading.Event()

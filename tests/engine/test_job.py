@@ -247,12 +247,31 @@ def test_a_numpy_integer_seed_is_a_seed(setup):
                                                  numpy_seed.model.state_dict().values()))
 
 
-def test_a_model_on_the_jobs_device_is_used_as_it_is_and_one_elsewhere_is_copied():
-    """The job moves a copy, never the caller's model (tests/gpu runs it on CUDA); "cuda" is
-    the device a model on "cuda:0" is on, so the worker's model is not copied for nothing."""
-    from unlearning.job import _same_device
+def test_a_model_on_the_jobs_device_is_used_as_it_is_and_one_elsewhere_is_copied(setup, monkeypatch):
+    """The job moves a copy, never the caller's model (Module.to is in place; tests/gpu runs
+    it on CUDA); "cuda" is the current CUDA device, so the worker's model (loaded on it) is
+    not copied for nothing."""
+    from unlearning import job
 
     d = torch.device
-    assert _same_device(d("cuda"), d("cuda:0")) and _same_device(d("cuda:1"), d("cuda"))
-    assert _same_device(d("cpu"), d("cpu"))
-    assert not _same_device(d("cuda:0"), d("cuda:1")) and not _same_device(d("cpu"), d("cuda"))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert job._same_device(d("cuda"), d("cuda:1")) and job._same_device(d("cuda:1"), d("cuda"))
+    assert not job._same_device(d("cuda"), d("cuda:0")) and not job._same_device(d("cuda:0"), d("cuda:1"))
+    assert job._same_device(d("cpu"), d("cpu")) and not job._same_device(d("cpu"), d("cuda"))
+    monkeypatch.undo()
+
+    model, train, test = setup
+    moved = []
+    real_to = type(model).to
+
+    def to(self, *args, **kwargs):
+        moved.append(self)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "to", to)
+    monkeypatch.setattr(job, "_same_device", lambda a, b: False)  # as if the model were on another device
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = run_unlearning_job(model, train, test, [("i0", "depth")], method="finetune", config={"steps": 2})
+    assert moved and all(m is not model for m in moved)  # a copy went to the device, the caller's did not
+    assert result.model is not model
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

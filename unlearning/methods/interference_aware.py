@@ -111,7 +111,9 @@ is set, which lets the retain signal of the repair steps (only those) train
 them too. Full-task unlearning trains every head.
 
 Sampling is seeded from ``data.seed``; ``data.progress`` receives the fraction
-of the step budget done. The subspaces, ``τ``, the shadow calibration and the
+of the step budget done (in :func:`prepare`, that of the shadow calibration's
+training, which :func:`unlearning.job.run_unlearning_job` maps to its own part
+of the bar: :func:`prepare_share`). The subspaces, ``τ``, the shadow calibration and the
 representation features are computed once per model version and kept in
 ``data.cache``.
 """
