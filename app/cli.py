@@ -223,7 +223,8 @@ def cmd_certificate_key(args) -> int:
 def cmd_verify_certificate(args) -> int:
     """Check a deletion certificate (a JSON file, or - for standard input) against the
     service's public key: its certificate_sha256 and its Ed25519 signature. Exit 0 when
-    it verifies, 1 when it does not (saying why), 2 for unreadable input."""
+    it verifies, 1 when it does not (saying why), 2 for input that is not a certificate
+    (unreadable, not JSON, an error answer of the API saved in its place)."""
     import json
 
     from worker.signing import verify_certificate
@@ -236,6 +237,12 @@ def cmd_verify_certificate(args) -> int:
         return 2
     if not isinstance(certificate, dict):
         print(f"unlearnd: {args.certificate} is not a certificate (a JSON object)", file=sys.stderr)
+        return 2
+    if "certificate_sha256" not in certificate and {"type", "title", "status"} <= set(certificate):
+        # what the API answered instead (a problem document), saved by a curl without its key, say
+        print(f"unlearnd: {args.certificate} is not a certificate but an error answer of the API: "
+              f"{certificate.get('status')} {certificate.get('title')}: {certificate.get('detail', '')}",
+              file=sys.stderr)
         return 2
     problem = verify_certificate(certificate, args.public_key)
     if problem:

@@ -23,7 +23,7 @@ from worker.versions import erasure_cells, erasures_behind
 
 log = logging.getLogger(__name__)
 
-REQUEST_STATUSES = ("received", "queued", "running", "completed", "failed", "rejected")
+REQUEST_STATUSES = ("queued", "running", "completed", "failed", "rejected")
 JOB_STATUSES = ("queued", "running", "completed", "failed")
 JOB_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 # The method label's values; any other token a client sends counts as OTHER (bounded label space).

@@ -79,7 +79,7 @@ def _digits(value: Any) -> Any:
 VersionNumber = Annotated[int, BeforeValidator(_digits)]
 #: version numbers are stored in 32-bit integer columns; a larger number names no version
 MAX_VERSION = 2**31 - 1
-RequestStatus = Literal["received", "queued", "running", "completed", "failed", "rejected"]
+RequestStatus = Literal["queued", "running", "completed", "failed", "rejected"]
 
 
 class DeletionCreate(BaseModel):

@@ -25,7 +25,7 @@ from .settings import Settings
 from .tables import AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, as_utc, new_id, utcnow
 
 #: statuses of a request the worker has yet to finish; its cells are "pending"
-PENDING_STATUSES = ("received", "queued", "running")
+PENDING_STATUSES = ("queued", "running")
 #: the outbox topic that asks a worker to process a model's queued work
 PROCESS_MODEL_TOPIC = "process_model"
 #: the audit event a worker writes when an erasure made through another model on the same

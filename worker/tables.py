@@ -63,7 +63,7 @@ class DeletionRequest(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     subject_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # received -> queued -> running -> completed | failed; rejected never reaches the worker
-    status: Mapped[str] = mapped_column(String(20), index=True, default="received")
+    status: Mapped[str] = mapped_column(String(20), index=True, default="queued")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)  # unique per submitter

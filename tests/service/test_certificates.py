@@ -107,6 +107,13 @@ def test_the_commands_make_a_key_and_check_certificates(environment, signing, se
     assert cli_main(["verify-certificate", str(bad), "--public-key", public]) == 1
     assert capsys.readouterr().out.startswith("NOT verified:")
     assert cli_main(["verify-certificate", str(tmp_path / "none.json"), "--public-key", public]) == 2
+    # a curl without the API key saves the 401 problem document as cert.json: named as such, not "NOT verified"
+    answer = tmp_path / "answer.json"
+    capsys.readouterr()
+    answer.write_text(signing.get("/deletions/nope/certificate").text)
+    assert cli_main(["verify-certificate", str(answer), "--public-key", public]) == 2
+    err = capsys.readouterr().err
+    assert "not a certificate but an error answer of the API: 404 Not found: no deletion request" in err
 
     # serve refuses to start on a key file it cannot use (before migrating or training anything)
     environment.setenv("UNLEARND_CERTIFICATE_KEY_FILE", str(tmp_path / "missing.pem"))
