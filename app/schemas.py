@@ -241,6 +241,15 @@ class JobOut(BaseModel):
     finished_at: UTCDateTime | None
 
 
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+JobStatus = Literal["queued", "running", "completed", "failed"]
+JobKind = Literal["deletion", "reapply", "propagate"]
+
+
 class RollbackOut(BaseModel):
     action: Literal["noop", "moved", "reapply"]
     model: str

@@ -1,4 +1,4 @@
-"""Read-side queries of the record: deletion requests and audit events, filtered,
+"""Read-side queries of the record: deletion requests, jobs and audit events, filtered,
 with opaque keyset cursors (stable under concurrent inserts, no OFFSET scans)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from .errors import Invalid
-from .tables import AuditEvent, DeletionRequest, as_utc, unstorable
+from .tables import AuditEvent, DeletionRequest, Job, as_utc, unstorable
 
 T = TypeVar("T")
 MAX_LIMIT = 500
@@ -111,6 +111,40 @@ def list_requests(
     rows = session.execute(
         q.order_by(DeletionRequest.created_at.desc(), DeletionRequest.id.desc()).limit(limit + 1)
     ).scalars().all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(utc(rows[-1].created_at).isoformat(), rows[-1].id) if more else None
+    return Page(rows, next_cursor)
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: str | None = None,
+    kind: str | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page[Job]:
+    """Jobs, newest first (``created_at``, then ``id``); ``since`` inclusive, ``until`` exclusive."""
+    limit = _check_limit(limit)
+    q = select(Job)
+    if status is not None:
+        q = q.where(Job.status == status)
+    if kind is not None:
+        q = q.where(Job.kind == kind)
+    if model is not None:
+        q = q.where(Job.model_name == model)
+    if since is not None:
+        q = q.where(Job.created_at >= utc(since))
+    if until is not None:
+        q = q.where(Job.created_at < utc(until))
+    if cursor is not None:
+        at, jid = decode_request_cursor(cursor)  # the same (created_at, id) shape as the requests'
+        q = q.where(tuple_(Job.created_at, Job.id) < tuple_(at, jid))
+    rows = session.execute(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).scalars().all()
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(utc(rows[-1].created_at).isoformat(), rows[-1].id) if more else None

@@ -1,14 +1,36 @@
-"""Unlearning jobs (deletion batches and rollback reapplies)."""
+"""Unlearning jobs (deletion batches, rollback reapplies, propagations): list and inspect."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
+from fastapi import APIRouter, Query
+
+from worker.queries import list_jobs
 from worker.versions import get_job
 
 from ..deps import ReadSessionDep
-from ..schemas import JobOut, Text, job_out
+from ..schemas import JobKind, JobOut, JobPage, JobStatus, Text, UTCDateTime, job_out
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.get("", response_model=JobPage)
+def read_jobs(
+    session: ReadSessionDep,
+    status: JobStatus | None = None,
+    kind: JobKind | None = None,
+    model: Text | None = None,
+    since: Annotated[UTCDateTime | None, Query(description="created at or after (naive = UTC)")] = None,
+    until: Annotated[UTCDateTime | None, Query(description="created before (naive = UTC)")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
+) -> JobPage:
+    """Jobs, newest first, filtered (``?status=failed`` for what needs an operator); pages
+    follow ``next_cursor``."""
+    with session.begin():
+        page = list_jobs(session, status=status, kind=kind, model=model, since=since, until=until, limit=limit,
+                         cursor=cursor)
+        return JobPage(items=[job_out(j) for j in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)

@@ -48,7 +48,7 @@ def test_without_a_valid_token_every_api_route_is_a_401_and_stores_nothing(keyed
     routes = [("POST", "/deletions", body), ("GET", "/deletions", None), ("GET", "/deletions/x", None),
               ("GET", "/deletions/x/certificate", None), ("GET", "/models", None),
               ("GET", f"/models/{model.name}/versions", None), ("GET", f"/models/{model.name}/versions/1", None),
-              ("POST", f"/models/{model.name}/rollback", {"version": 1}), ("GET", "/jobs/x", None),
+              ("POST", f"/models/{model.name}/rollback", {"version": 1}), ("GET", "/jobs/x", None), ("GET", "/jobs", None),
               ("GET", "/audit/events", None), ("GET", "/audit/verify", None)]
     for method, path, payload in routes:
         for headers, error in (({}, None), ({"Authorization": "Bearer wrong"}, "invalid_token"),
@@ -73,6 +73,7 @@ def test_each_scope_opens_its_routes_only(keyed, settings, model):
                ("portal", "GET", "/audit/events", None, "read"),
                ("portal", "GET", "/models", None, "read"),
                ("portal", "GET", "/jobs/x", None, "read"),
+               ("portal", "GET", "/jobs", None, "read"),
                ("portal", "POST", f"/models/{model.name}/rollback", {"version": 1}, "admin")]
     for name, method, path, payload, needed in refused:
         r = keyed.request(method, path, json=payload, headers=_bearer(name))

@@ -132,3 +132,43 @@ def test_safe_rollback_moves_the_alias_and_records_it(client, settings, model):
     assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 7}), 404)
     assert_problem(client.post("/models/nope/rollback", json={"version": 1}), 404)
     assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": "x"}), 422, "validation-error")
+
+
+def test_jobs_are_listed_newest_first_filtered_and_paged(client, settings, model):
+    from datetime import timedelta
+
+    from worker.tables import utcnow
+
+    now = utcnow()
+    with transaction(settings.database_url) as s:
+        for i, (kind, status) in enumerate([("deletion", "completed"), ("deletion", "failed"),
+                                            ("reapply", "queued"), ("propagate", "running")]):
+            s.add(Job(id=f"job-{i}", model_name=model.name, kind=kind, status=status, method="interference_aware",
+                      base_version=1, error="boom" if status == "failed" else None,
+                      created_at=now + timedelta(seconds=i)))
+    everything = client.get("/jobs").json()
+    assert [j["id"] for j in everything["items"]] == ["job-3", "job-2", "job-1", "job-0"]
+    assert everything["next_cursor"] is None
+    failed = client.get("/jobs", params={"status": "failed"}).json()["items"]
+    assert [(j["id"], j["error"]) for j in failed] == [("job-1", "boom")]
+    assert [j["id"] for j in client.get("/jobs", params={"kind": "deletion"}).json()["items"]] == ["job-1", "job-0"]
+    assert client.get("/jobs", params={"model": "other"}).json()["items"] == []
+    since = (now + timedelta(seconds=2)).isoformat()
+    assert [j["id"] for j in client.get("/jobs", params={"since": since}).json()["items"]] == ["job-3", "job-2"]
+
+    seen, cursor = [], None
+    while True:
+        page = client.get("/jobs", params={"limit": 3, **({"cursor": cursor} if cursor else {})}).json()
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ["job-3", "job-2", "job-1", "job-0"]
+
+    before = counts(settings)
+    for params, loc in (({"status": "stuck"}, "status"), ({"kind": "retrain"}, "kind"),
+                        ({"cursor": "not-a-cursor"}, None), ({"limit": 0}, "limit"), ({"state": "failed"}, "state")):
+        problem = assert_problem(client.get("/jobs", params=params), 422)
+        if loc is not None:
+            assert problem["errors"][0]["loc"] == ["query", loc], params
+    assert counts(settings) == before
