@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # (a rollback's reapply, a job put back) before it ran.
     job_time_limit_s: int = Field(3600, gt=0)
     stale_after_s: int = Field(600, gt=0)  # the sweeper re-enqueues work untouched for this long
+    # a warm shutdown of `unlearnd worker` (docker stop: SIGTERM to its main process) lets a running
+    # job go on this long, then puts it back in the queue (docker kills after 10 s)
+    worker_stop_grace_s: float = Field(5.0, ge=0, allow_inf_nan=False)
     max_job_attempts: int = Field(3, gt=0)  # claims of one job before it is failed (its worker keeps dying: a poison job)
     relay_interval_s: float = Field(1.0, gt=0, allow_inf_nan=False)
 

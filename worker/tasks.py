@@ -7,7 +7,7 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_shutting_down
 from sqlalchemy.exc import OperationalError
 
 from model_store import store_for
@@ -27,8 +27,10 @@ BUSY_RETRIES = 120  # up to two hours at the 60 s cap; past that the sweeper ann
 # the job ends at the engine's next progress report and goes back in the queue
 # (worker.jobs.run_job), then the process ends as SIGTERM asked; a job that has not stopped
 # within STOP_GRACE_S (storing, say) is killed then.
-# Celery's warm shutdown (SIGTERM to the main process alone, Ctrl-C) still lets the job finish;
-# --pool solo runs jobs in the main process, whose SIGTERM is that warm shutdown.
+# Celery's warm shutdown (SIGTERM to the main process alone: docker stop, Ctrl-C) lets the job
+# go on for UNLEARND_WORKER_STOP_GRACE_S, then sends its pool processes that SIGTERM (with
+# --pool solo, which runs jobs in the main process, it sets STOP there): docker's 10 s grace
+# period used to end in a SIGKILL mid-job, and the job waited for the sweeper.
 STOP = threading.Event()
 STOP_GRACE_S = 30.0
 _pool_process = False
@@ -36,8 +38,39 @@ _pool_process = False
 
 @worker_process_init.connect
 def _in_a_pool_process(**_) -> None:
+    """A prefork pool process; the solo pool sends this signal too, in the main process,
+    whose SIGTERM stays Celery's warm shutdown (bounded by :func:`_bound_the_warm_shutdown`)."""
+    from billiard.process import current_process
+
     global _pool_process
-    _pool_process = True
+    _pool_process = current_process().name != "MainProcess"
+
+
+@worker_shutting_down.connect
+def _bound_the_warm_shutdown(how=None, **_) -> None:
+    """In the worker's main process, at a warm shutdown: after ``worker_stop_grace_s``, stop
+    the jobs still running (they go back in the queue; the cold shutdown stops them at once)."""
+    if how != "Warm":
+        return
+    grace = get_settings().worker_stop_grace_s
+    timer = threading.Timer(grace, _stop_running_jobs, args=(grace,))
+    timer.daemon = True
+    timer.start()
+
+
+def _stop_running_jobs(grace: float) -> None:
+    from billiard.process import active_children
+    from celery.worker import state
+
+    if not state.active_requests:
+        return  # nothing running: the shutdown ends by itself
+    log.warning("warm shutdown: a job is still running after %g s; putting it back in the queue", grace)
+    STOP.set()  # --pool solo: the job runs in this process
+    for child in active_children():  # prefork: each pool process stops its job (_on_sigterm), then exits
+        try:
+            os.kill(child.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def _on_sigterm(signum, frame) -> None:

@@ -58,10 +58,11 @@ def _settings(env: dict):
     return Settings(_env_file=None, **values)
 
 
-def _worker(env: dict, log):
-    """`unlearnd worker` (prefork, concurrency 1) on this test's queue, in a process group of its own."""
+def _worker(env: dict, log, *extra: str):
+    """`unlearnd worker` (prefork, concurrency 1, unless ``extra`` says otherwise) on this test's
+    queue, in a process group of its own."""
     cmd = [sys.executable, "-m", "app.cli", "worker", "--", "-Q", QUEUE, "-n", f"stop-{uuid.uuid4().hex[:8]}@%h",
-           "--without-gossip", "--without-mingle"]
+           "--without-gossip", "--without-mingle", *extra]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
                                 env=_child_env(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -126,3 +127,51 @@ def test_sigterm_to_the_worker_mid_job_puts_the_job_back_for_the_next_worker(own
 
     with transaction(settings.database_url) as session:
         assert verify_chain(session)["ok"] is True
+
+
+@pytest.mark.parametrize("pool", [(), ("--pool", "solo")], ids=["prefork", "solo"])
+def test_a_warm_shutdown_puts_a_long_job_back_after_the_grace_period(own_service, tmp_path, pool):
+    """SIGTERM to the worker's main process alone (docker stop; Ctrl-C is the same warm
+    shutdown) lets the job go on for UNLEARND_WORKER_STOP_GRACE_S, then puts it back in the
+    queue and the worker exits: before, it waited for the job, and docker's SIGKILL at the end
+    of its 10 s left the job 'running' for the sweeper."""
+    from model_store import LocalModelStore
+    from worker.bootstrap import ensure_model
+    from worker.celery_app import PROCESS_MODEL_TASK, create_celery
+    from worker.datasets import dataset_spec, get_splits
+    from worker.db import transaction
+    from worker.migrate import upgrade_database
+    from worker.requests import submit_deletion
+    from worker.tables import AuditEvent, DeletionRequest, Job
+
+    endless = {**own_service, "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 100000}}),
+               "UNLEARND_WORKER_STOP_GRACE_S": "2"}
+    settings = _settings(endless)
+    upgrade_database(settings.database_url)
+    ensure_model(settings, LocalModelStore(settings.store_dir), progress=False)
+    instance = get_splits(dataset_spec(settings))[0].instance_ids[1]
+    with transaction(settings.database_url) as session:
+        request_id = submit_deletion(session, settings, instance_id=instance, tasks=["depth"]).request.id
+
+    def record():
+        with transaction(settings.database_url) as session:
+            job = session.execute(select(Job)).scalar_one_or_none()
+            return (job, session.get(DeletionRequest, request_id),
+                    session.execute(select(AuditEvent.kind).where(AuditEvent.kind == "job.requeued")).scalars().all())
+
+    log = tmp_path / "worker.log"
+    proc = _worker(endless, log, *pool)
+    try:
+        create_celery(settings).send_task(PROCESS_MODEL_TASK, args=[settings.model_name], queue=QUEUE)
+        wait_for(lambda: record()[0] is not None and record()[0].progress > 0, 120, 0.5,
+                 what="the job to be computing")
+        proc.send_signal(signal.SIGTERM)  # the main process only, as docker stop signals PID 1
+        proc.wait(60)  # the job alone would take hours
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    job, request, requeued = record()
+    text = log.read_text()
+    assert (job.status, request.status, requeued) == ("queued", "queued", ["job.requeued"]), text[-3000:]
+    assert "warm shutdown: a job is still running after 2 s" in text
