@@ -193,10 +193,11 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         for candidate in session.execute(
             select(Job).where(Job.model_name == model_name, Job.status == "queued").order_by(Job.created_at)
         ).scalars():
-            if (candidate.attempts or 0) >= settings.max_job_attempts:
+            if counted_attempts(candidate) >= settings.max_job_attempts:
                 # a poison job (its worker dies, or it keeps being put back): not again
-                fail_job(session, candidate, f"gave up after {candidate.attempts} attempts; the last one did not "
-                                             "finish (worker killed, out of memory, time limit, database errors?)")
+                fail_job(session, candidate, f"gave up after {counted_attempts(candidate)} attempts; the last one "
+                                             "did not finish (worker killed, out of memory, time limit, database "
+                                             "errors?)")
                 continue
             queued_job = candidate
             break
@@ -509,7 +510,7 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
     except JobStopped as exc:
         log.warning("job %s: %s; putting it back in the queue", job_id, exc)
         try:
-            requeue(settings, job_id, attempt, str(exc))
+            requeue(settings, job_id, attempt, str(exc), stopped=True)
         except Exception:  # noqa: BLE001 - the sweeper requeues it once its heartbeat is stale
             log.warning("job %s: could not put it back in the queue; the sweeper will", job_id, exc_info=True)
         return JobOutcome("requeued", model_name, job_id, error=str(exc))
@@ -845,13 +846,25 @@ def _put_back(session: Session, job: Job, event: str, **details) -> None:
     session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": job.model_name}, created_at=utcnow()))
 
 
-def requeue(settings: Settings, job_id: str, attempt: int, reason: str) -> bool:
+def counted_attempts(job: Job) -> int:
+    """The claims of ``job`` that count towards ``MAX_JOB_ATTEMPTS``: every claim but those
+    its worker gave back because it was stopping (a deploy, a restart: not the job's fault)."""
+    return (job.attempts or 0) - int((job.params or {}).get("stops", 0))
+
+
+def requeue(settings: Settings, job_id: str, attempt: int, reason: str, stopped: bool = False) -> bool:
     """Put the job back in the queue if it is still running under ``attempt`` (a rerun
-    publishes the artifact this attempt stored, if any). Returns whether it did."""
+    publishes the artifact this attempt stored, if any). Returns whether it did.
+    ``stopped``: the worker was stopping, so this attempt does not count towards
+    ``MAX_JOB_ATTEMPTS`` (:func:`counted_attempts`)."""
     with transaction(settings.database_url) as session:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
         if job.status != "running" or job.attempts != attempt:
             return False
+        if stopped:
+            params = dict(job.params or {})
+            params["stops"] = int(params.get("stops", 0)) + 1
+            job.params = params
         _put_back(session, job, "job.requeued", reason=reason)
         return True
 

@@ -125,3 +125,24 @@ def test_a_stop_while_the_first_job_trains_its_shadow_models_requeues_it(tiny, m
     # through the shadows' steps (28), then the method's (2 steps, the repair, the evaluation)
     assert reported == sorted(reported) and len(reported) >= 31 and reported[-1] == 1.0
     assert _record(s, request_id)["request"] == "completed"
+
+
+def test_stops_do_not_count_as_attempts(tiny, monkeypatch):
+    """A job put back because its worker was stopping (a deploy, a restart) is not a poison
+    job: MAX_JOB_ATTEMPTS (3 here) stops in a row used to fail it ("gave up after 3
+    attempts") at the next claim. A claim that ends otherwise still counts."""
+    s, store, ids = tiny
+    assert s.max_job_attempts == 3
+    request_id = _submit(s, ids[0])
+    for n in range(1, 4):
+        stop = threading.Event()
+        _stop_at_first_progress(monkeypatch, stop)
+        assert [o.status for o in jobs.drain_model(s, store, TINY, stop=stop)] == ["requeued"]
+        monkeypatch.undo()
+        with transaction(s.database_url) as session:
+            job = session.execute(select(Job)).scalar_one()
+            assert (job.status, job.attempts, job.params["stops"], jobs.counted_attempts(job)) == ("queued", n, n, 0)
+    done = jobs.drain_model(s, store, TINY)
+    assert [o.status for o in done] == ["completed"]
+    final = _record(s, request_id)
+    assert final["job"] == ("completed", 4) and final["request"] == "completed" and final["chain"]
