@@ -18,6 +18,7 @@ EPILOG = """examples:
   UNLEARND_BROKER_URL=redis://127.0.0.1:6379/0 unlearnd worker
   unlearnd migrate
   unlearnd calibrate                  # shadow calibration of the served model (see UNLEARND_CALIBRATE_SHADOWS)
+  unlearnd purge --older-than-days 30 # delete old versions' weights that still hold erased data
   unlearnd api-key portal --scope deletions   # a token for a privacy portal and its UNLEARND_API_KEYS entry
   unlearnd certificate-key --out var/certificate-key.pem   # sign deletion certificates
   unlearnd verify-certificate cert.json --public-key <base64>
@@ -165,6 +166,52 @@ def cmd_calibrate(args) -> int:
     print(f"{settings.model_name}: calibration of v{calibration['version']} with {calibration['shadows']} shadow models "
           f"({calibration['seconds']} s) stored in {settings.store_dir}")
     return 0
+
+
+def cmd_purge(args) -> int:
+    """Delete from the model store the weights of versions that still hold erased data
+    (every version but the serving one, a queued or running job's base, and those that
+    hold none); their records stay, with purged_at and a model.version_purged audit event.
+    Run it from cron with --older-than-days to keep a window for rollbacks that re-apply
+    erasures. Exit 0; 2 when the database is not reachable or not migrated."""
+    from datetime import timedelta
+
+    from model_store import store_for
+    from worker.db import engine_for, transaction
+    from worker.errors import ServiceError
+    from worker.migrate import is_up_to_date
+    from worker.settings import get_settings
+    from worker.tables import utcnow
+    from worker.versions import purge_versions
+
+    settings = get_settings()
+    with engine_for(settings.database_url).connect() as connection:
+        if not is_up_to_date(connection):
+            print("unlearnd: the database is not at the code's schema: run `unlearnd migrate` first", file=sys.stderr)
+            return 2
+    before = None if args.older_than_days is None else utcnow() - timedelta(days=args.older_than_days)
+    model_name = args.model or settings.model_name
+    try:
+        with transaction(settings.database_url) as session:
+            found = purge_versions(session, store_for(settings.store_dir), model_name, created_before=before,
+                                   dry_run=args.dry_run)
+    except ServiceError as exc:  # an unknown model
+        print(f"unlearnd: {exc}", file=sys.stderr)
+        return 2
+    verb = "would purge" if args.dry_run else "purged"
+    for c in found:
+        held = sum(len(e["tasks"]) for e in c.erasures)
+        print(f"{model_name} v{c.version.version}: {verb} (sha256 {c.version.sha256[:12]}…, held {held} erased "
+              f"cell(s) of {len(c.erasures)} request(s))")
+    print(f"{model_name}: {len(found)} version(s) {verb}")
+    return 0
+
+
+def _days(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 36500:
+        raise argparse.ArgumentTypeError(f"days must be between 0 and 36500, got {text}")
+    return value
 
 
 def cmd_api_key(args) -> int:
@@ -328,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "GET /certificates/public-key gives it)")
     p.set_defaults(func=cmd_verify_certificate)
 
+    p = sub.add_parser("purge", help="delete the weights of versions that still hold erased data",
+                       description=cmd_purge.__doc__)
+    p.add_argument("--model", help="the model (default: UNLEARND_MODEL_NAME)")
+    p.add_argument("--older-than-days", type=_days, metavar="DAYS",
+                   help="only versions created more than DAYS days ago (default: every such version)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be purged, delete nothing")
+    p.set_defaults(func=cmd_purge)
+
     p = sub.add_parser("train", help="train a model (python -m unlearning.train)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
@@ -361,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except OperationalError as exc:
-        if args.func not in (cmd_serve, cmd_migrate, cmd_calibrate) or not _refused_connection(exc):
+        if args.func not in (cmd_serve, cmd_migrate, cmd_calibrate, cmd_purge) or not _refused_connection(exc):
             raise
         from worker.settings import get_settings
 

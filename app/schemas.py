@@ -206,6 +206,8 @@ class VersionOut(BaseModel):
     note: str | None
     serving: bool
     created_at: UTCDateTime
+    purged_at: UTCDateTime | None = Field(
+        None, description="when its weights were deleted from the store (they held erased data); null: stored")
 
 
 class VersionDetail(VersionOut):
@@ -248,6 +250,30 @@ class JobPage(BaseModel):
 
 JobStatus = Literal["queued", "running", "completed", "failed"]
 JobKind = Literal["deletion", "reapply", "propagate"]
+
+
+class PurgeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    older_than_days: float | None = Field(
+        None, ge=0, le=36500, allow_inf_nan=False,
+        description="only versions created more than this many days ago (a window for rollbacks with "
+                    "reapply_erasures); null: every version that holds erased data")
+    dry_run: bool = Field(False, strict=True, description="list what would be purged, delete nothing")
+
+
+class PurgedVersionOut(BaseModel):
+    version: int
+    sha256: str
+    created_at: UTCDateTime
+    purged: bool = Field(description="false in a dry run")
+    held_erasures: list[dict[str, Any]] = Field(description="the erasures its weights held: request, instance, tasks")
+
+
+class PurgeOut(BaseModel):
+    model: str
+    dry_run: bool
+    versions: list[PurgedVersionOut]
 
 
 class RollbackOut(BaseModel):
@@ -320,6 +346,7 @@ def version_out(v, serving: int | None) -> VersionOut:
         note=v.note,
         serving=v.version == serving,
         created_at=v.created_at,
+        purged_at=v.purged_at,
     )
 
 

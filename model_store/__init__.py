@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import IntegrityError, Manifest, ModelStore, StoreError
+from .base import IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError
 from .local import LocalModelStore
 
 
@@ -17,4 +17,4 @@ def store_for(location: str | Path) -> ModelStore:
     return LocalModelStore(location)
 
 
-__all__ = ["Manifest", "ModelStore", "LocalModelStore", "StoreError", "IntegrityError", "store_for"]
+__all__ = ["Manifest", "ModelStore", "LocalModelStore", "StoreError", "IntegrityError", "PurgedVersion", "store_for"]

@@ -25,6 +25,10 @@ class IntegrityError(StoreError):
     """The weights on disk do not match the sha256 recorded in the manifest."""
 
 
+class PurgedVersion(StoreError):
+    """The version's weights were deleted (:meth:`ModelStore.purge`): they held erased data."""
+
+
 @dataclass
 class Manifest:
     """What a version is: where it came from, what was erased from it, how it scored."""
@@ -96,6 +100,12 @@ class ModelStore(ABC):
     def discard(self, model_name: str, version: int) -> None:
         """Remove a version that failed :meth:`verify` (so it can be written again). Only
         for an artifact no version row points at: a published version never changes."""
+
+    @abstractmethod
+    def purge(self, model_name: str, version: int) -> bool:
+        """Delete a version's weights for good (they hold data erased since), keeping its
+        manifest: what the version was stays on record. Returns whether weights were
+        deleted (False: already purged). :meth:`load` then raises :class:`PurgedVersion`."""
 
     @abstractmethod
     def versions(self, model_name: str) -> list[int]:

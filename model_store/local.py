@@ -26,7 +26,7 @@ import torch
 
 from unlearning.model import WEIGHTS_FILE, ModelConfig, MultiTaskNet, model_from_safetensors, save_model
 
-from .base import IntegrityError, Manifest, ModelStore, StoreError
+from .base import IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError
 
 MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration.json"
@@ -214,7 +214,11 @@ class LocalModelStore(ModelStore):
     def _read_verified(self, model_name: str, version: int) -> tuple[bytes, Manifest]:
         manifest = self.manifest(model_name, version)
         path = self._dir(model_name, version) / WEIGHTS_FILE
-        data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
+        try:
+            data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
+        except FileNotFoundError:
+            raise PurgedVersion(f"{model_name} v{version}: its weights were purged (they held erased data); "
+                                "only its manifest is kept") from None
         digest = sha256_bytes(data)
         if digest != manifest.sha256:
             raise IntegrityError(
@@ -237,6 +241,18 @@ class LocalModelStore(ModelStore):
         os.rename(final, doomed)  # atomic: readers see the version or nothing
         _fsync_dir(final.parent)
         shutil.rmtree(doomed, ignore_errors=True)
+
+    def purge(self, model_name: str, version: int) -> bool:
+        self.manifest(model_name, version)  # StoreError for a version that is not stored
+        weights = self._dir(model_name, version) / WEIGHTS_FILE
+        doomed = weights.parent / f"{TMP_PREFIX}purged-{uuid.uuid4().hex}"
+        try:
+            os.rename(weights, doomed)  # atomic: readers see the weights or none
+        except FileNotFoundError:
+            return False
+        _fsync_dir(weights.parent)
+        doomed.unlink()
+        return True
 
     def load(self, model_name: str, version: int, device: str | torch.device = "cpu") -> tuple[MultiTaskNet, Manifest]:
         data, manifest = self._read_verified(model_name, version)

@@ -37,7 +37,8 @@ def calibration_share(settings: Settings, store: ModelStore, model_name: str, n_
     """The share of a job's optimiser steps that :func:`lineage_calibration` will take before
     it: 0 when calibration is off or stored, else the shadows' steps against the method's.
     The worker gives the calibration that part of the job's progress."""
-    if not settings.calibrate_shadows or settings.method != "interference_aware" or store.calibration(model_name):
+    if (not settings.calibrate_shadows or settings.method != "interference_aware" or store.calibration(model_name)
+            or not store.exists(model_name, ROOT_VERSION)):  # purged: nothing to calibrate (lineage_calibration)
         return 0.0
     from unlearning.methods.interference_aware import DEFAULTS, shadow_training_steps
 
@@ -52,7 +53,8 @@ def calibration_share(settings: Settings, store: ModelStore, model_name: str, n_
 def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, device=None,
                         progress: Callable[[float], None] | None = None) -> dict | None:
     """The model's stored shadow scores, computed and stored first if missing; None when
-    calibration is off or the method does not use it. ``progress`` receives the fraction
+    calibration is off or the method does not use it, or when none is stored and the first
+    version's weights were purged (``unlearnd purge``: calibrate before purging). ``progress`` receives the fraction
     of the shadows' training done, after every step (the worker's stop check runs there,
     so a stopping worker does not train every shadow first)."""
     if not settings.calibrate_shadows or settings.method != "interference_aware":
@@ -67,10 +69,16 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
                 f"belong to other weights; remove {model_name}/calibration.json from the store to calibrate again"
             )
         return stored
+    from model_store import PurgedVersion
     from unlearning.methods import UnlearnData
     from unlearning.methods.interference_aware import DEFAULTS, shadow_scores
 
-    model, manifest = store.load(model_name, ROOT_VERSION, device=device or "cpu")
+    try:
+        model, manifest = store.load(model_name, ROOT_VERSION, device=device or "cpu")
+    except PurgedVersion:
+        log.warning("%s: no calibration is stored and v%d's weights, which it is computed from, were purged; "
+                    "jobs take the fixed quantile", model_name, ROOT_VERSION)
+        return None
     if not manifest.train_config:
         raise ValueError(f"{model_name} v{ROOT_VERSION} has no train_config in its manifest: "
                          "shadow calibration needs the recipe it was trained with")

@@ -352,10 +352,23 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
         },
         "also_erased_from": propagated,
         "propagation_pending": pending,
+        "held_by_stored_versions": _stored_versions_holding(session, model, request) if model else [],
         "issued_at": _iso(utcnow()),
     }
     body["certificate_sha256"] = certificate_hash(body)
     return body
+
+
+def _stored_versions_holding(session: Session, model: Model, request: DeletionRequest) -> list[int]:
+    """The versions of the request's model whose weights are still stored (not purged) and
+    still hold one of its cells: the versions before the erasure, until ``unlearnd purge``."""
+    from .versions import missing_erasures
+
+    rows = session.execute(select(ModelVersion).where(ModelVersion.model_name == model.name,
+                                                      ModelVersion.purged_at.is_(None))
+                           .order_by(ModelVersion.version)).scalars()
+    return [v.version for v in rows
+            if any(m["request_id"] == request.id for m in missing_erasures(session, model, v, request.instance_id))]
 
 
 def canonical_json(fields: dict) -> bytes:

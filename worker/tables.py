@@ -119,12 +119,14 @@ class ModelVersion(Base):
     deletions: Mapped[list] = mapped_column(JSON, default=list)  # request ids applied in this step
     erased_cells: Mapped[list] = mapped_column(JSON, default=list)  # every cell erased in its lineage
     # len(erased_cells), for listings that should not read the cells (megabytes over a long
-    # history); filled on insert from erased_cells (versions are never updated; migration 0004)
+    # history); filled on insert from erased_cells (which never changes; migration 0004)
     erased_cell_count: Mapped[int] = mapped_column(Integer, default=_count_erased_cells, server_default="0")
     # the dataset's highest tombstone id when this version was published: publish refuses a
     # version whose lineage misses a tombstoned cell, so every tombstone up to here is in
     # erased_cells, and only later ones need comparing (None: compare all; migration 0005)
     tombstone_watermark: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # when the weights were deleted from the store because they held erased data (migration 0008)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     note: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -8,6 +8,7 @@ and publishes a new version."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from sqlalchemy import func, select
@@ -19,7 +20,7 @@ from .audit import append_event
 from .errors import Conflict, NotFound
 from .requests import PROCESS_MODEL_TOPIC, get_model
 from .settings import Settings
-from .tables import Alias, AliasHistory, Job, Model, ModelVersion, OutboxMessage, Tombstone, new_id, utcnow
+from .tables import Alias, AliasHistory, Job, Model, ModelVersion, OutboxMessage, Tombstone, as_utc, new_id, utcnow
 
 SERVING = "serving"
 ACTIVE_JOB_STATUSES = ("queued", "running")
@@ -200,6 +201,12 @@ def rollback(
     current = serving_version(session, model_name, lock=True)
     if current == version:
         return RollbackOutcome("noop", model_name, current, version)
+    if target.purged_at is not None:
+        raise Conflict(
+            f"version {version} of {model_name!r} was purged at {as_utc(target.purged_at).isoformat()}: its weights held "
+            "data erased since and were deleted, so it can be neither served nor erased again",
+            model=model_name, version=version, purged_at=as_utc(target.purged_at).isoformat(),
+        )
 
     missing = missing_erasures(session, model, target)
     if missing and not reapply_erasures:
@@ -272,6 +279,79 @@ def rollback(
     )
     session.flush()
     return RollbackOutcome("moved", model_name, current, version)
+
+
+@dataclass
+class PurgeCandidate:
+    """A version whose weights still hold erased data: ``erasures`` as
+    :func:`missing_erasures` gives them; ``purged`` once its weights are deleted."""
+
+    version: ModelVersion
+    erasures: list[dict]
+    purged: bool = False
+
+
+def purge_versions(
+    session: Session,
+    store,
+    model_name: str,
+    *,
+    created_before: datetime | None = None,
+    dry_run: bool = False,
+    actor: str | None = None,
+) -> list[PurgeCandidate]:
+    """Delete from the model store the weights of every version of ``model_name`` that
+    still holds data erased since (a tombstone of its dataset is not in its lineage), in
+    the caller's transaction, and return them, oldest first.
+
+    Kept: the serving version; the base of a job queued or running (a reapply after a
+    rollback, say); versions that hold no erased data (safe rollback targets); with
+    ``created_before``, versions created at or after it (a retention window for
+    rollbacks with ``reapply_erasures``). The row stays, with ``purged_at``, and a
+    ``model.version_purged`` audit event names the erasures it held; a purged version
+    can no longer be rolled back to. ``dry_run``: the candidates, nothing deleted.
+
+    The weights are deleted before the row records it: should the transaction fail, the
+    weights are gone and a second run records them (never the other way round)."""
+    from model_store import StoreError
+
+    get_model(session, model_name)
+    # the lock a claim and a rollback take: no job starts on a version being purged, and no
+    # rollback moves the alias onto one
+    model = session.execute(select(Model).where(Model.name == model_name).with_for_update(key_share=True)).scalar_one()
+    serving = serving_version(session, model_name, lock=True)
+    busy = set(session.execute(select(Job.base_version).where(
+        Job.model_name == model_name, Job.status.in_(ACTIVE_JOB_STATUSES))).scalars())
+    query = (select(ModelVersion).options(defer(ModelVersion.erased_cells))
+             .where(ModelVersion.model_name == model_name, ModelVersion.purged_at.is_(None))
+             .order_by(ModelVersion.version))
+    if created_before is not None:
+        query = query.where(ModelVersion.created_at < created_before)
+    out = []
+    for row in session.execute(query).scalars():
+        if row.version == serving or row.version in busy:
+            continue
+        held = missing_erasures(session, model, row)
+        if not held:
+            continue
+        candidate = PurgeCandidate(row, held)
+        out.append(candidate)
+        if dry_run:
+            continue
+        try:
+            store.purge(model_name, row.version)
+        except StoreError:
+            pass  # not in the store (a version recorded without its artifact): nothing to delete
+        row.purged_at = utcnow()
+        candidate.purged = True
+        append_event(
+            session, "model.version_purged", model_name=model_name,
+            payload={"version": row.version, "sha256": row.sha256,
+                     "held_erasures": [{"request_id": e["request_id"], "tasks": e["tasks"]} for e in held],
+                     **({"actor": actor} if actor else {})},
+        )
+    session.flush()
+    return out
 
 
 def get_job(session: Session, job_id: str) -> Job:

@@ -1,4 +1,4 @@
-"""Models and their versions: list, inspect with lineage, roll back."""
+"""Models and their versions: list, inspect with lineage, roll back, purge."""
 from __future__ import annotations
 
 from typing import Annotated
@@ -7,13 +7,17 @@ from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
 
 from unlearning.data import dataset_key
-from worker.versions import ancestors, get_version, list_models, list_versions, rollback, serving_version
+from worker.versions import (ancestors, get_version, list_models, list_versions, purge_versions, rollback,
+                             serving_version)
 
 from ..auth import AdminCaller, require_read
 from ..deps import ReadSessionDep, SessionDep, SettingsDep
 from ..schemas import (
     MAX_VERSION,
     ModelOut,
+    PurgedVersionOut,
+    PurgeIn,
+    PurgeOut,
     RollbackIn,
     RollbackOut,
     VersionNumber,
@@ -94,3 +98,24 @@ def post_rollback(
     status = 202 if outcome.action == "reapply" else 200
     headers = {"Location": f"/jobs/{outcome.job.id}"} if outcome.job else None
     return JSONResponse(out.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+@router.post("/{name}/purge", response_model=PurgeOut)
+def post_purge(name: Text, body: PurgeIn, session: SessionDep, settings: SettingsDep, caller: AdminCaller) -> PurgeOut:
+    """Delete from the model store the weights of the versions that still hold erased
+    data: every version but the serving one, a running job's base and those that hold
+    none (safe rollback targets); with ``older_than_days``, only versions older than
+    that. Their records stay, with ``purged_at`` and a ``model.version_purged`` audit
+    event; a purged version cannot be rolled back to. Admin scope."""
+    from datetime import timedelta
+
+    from model_store import store_for
+    from worker.tables import utcnow
+
+    before = None if body.older_than_days is None else utcnow() - timedelta(days=body.older_than_days)
+    with session.begin():
+        found = purge_versions(session, store_for(settings.store_dir), name, created_before=before,
+                               dry_run=body.dry_run, actor=caller)
+        return PurgeOut(model=name, dry_run=body.dry_run, versions=[
+            PurgedVersionOut(version=c.version.version, sha256=c.version.sha256, created_at=c.version.created_at,
+                             purged=c.purged, held_erasures=c.erasures) for c in found])

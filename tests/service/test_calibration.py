@@ -199,3 +199,15 @@ def test_the_calibration_reports_progress_and_a_stop_ends_it_storing_nothing(tin
     assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) >= 16
     assert calibration_share(on, store, "cal-mtl", len(train), len(train.tasks)) == 0.0  # stored: nothing to train
     assert calibration_share(settings, store, "cal-mtl", len(train), len(train.tasks)) == 0.0  # off
+
+
+def test_without_the_first_versions_weights_jobs_go_on_uncalibrated(tiny):
+    """`unlearnd purge` deletes v1's weights once they hold erased data: a calibration stored
+    before stays in use; without one, jobs take the fixed quantile instead of failing."""
+    from worker.calibration import calibration_share
+
+    settings, store, _, train, _ = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    store.purge("cal-mtl", 1)
+    assert calibration_share(on, store, "cal-mtl", len(train), len(train.tasks)) == 0.0
+    assert lineage_calibration(on, store, "cal-mtl") is None and store.calibration("cal-mtl") is None

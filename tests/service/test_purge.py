@@ -1,0 +1,129 @@
+"""Purging the weights of versions that still hold erased data (POST /models/{name}/purge,
+`unlearnd purge`): the erased people's data left the serving model, but every earlier
+version in the store still held it, for ever. Real store, PostgreSQL and jobs."""
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.cli import main as cli_main
+from app.main import create_app
+from model_store import PurgedVersion
+from worker import jobs
+from worker.audit import verify_chain
+from worker.db import transaction
+from worker.tables import AuditEvent, Job, ModelVersion, utcnow
+
+from .conftest import assert_problem, counts
+from .test_hardening_worker import TINY, _submit, tiny, tiny_v1  # noqa: F401 - fixtures
+
+
+@pytest.fixture
+def erased_twice(tiny):
+    """v1 (the original), v2 (erased ids[0]'s depth), v3 (erased ids[1]'s depth, serving)."""
+    s, store, ids = tiny
+    requests = []
+    for instance in ids[:2]:
+        requests.append(_submit(s, instance))
+        assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    with TestClient(create_app(s)) as client:
+        client.requests = requests
+        yield s, store, ids, client
+
+
+def _versions(client) -> dict[int, dict]:
+    return {v["version"]: v for v in client.get(f"/models/{TINY}/versions").json()}
+
+
+def test_a_dry_run_lists_the_versions_that_hold_erased_data_and_deletes_nothing(erased_twice):
+    s, store, ids, client = erased_twice
+    before = counts(s)
+    r = client.post(f"/models/{TINY}/purge", json={"dry_run": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["dry_run"] is True and [v["version"] for v in body["versions"]] == [1, 2]
+    assert [v["purged"] for v in body["versions"]] == [False, False]
+    held = {v["version"]: [(e["instance_id"], e["tasks"]) for e in v["held_erasures"]] for v in body["versions"]}
+    assert held == {1: [(ids[0], ["depth"]), (ids[1], ["depth"])], 2: [(ids[1], ["depth"])]}
+    assert all(store.exists(TINY, v) for v in (1, 2, 3)) and counts(s) == before
+    assert all(v["purged_at"] is None for v in _versions(client).values())
+    # versions newer than the window are kept
+    assert client.post(f"/models/{TINY}/purge", json={"older_than_days": 1}).json()["versions"] == []
+
+
+def test_purging_deletes_the_weights_keeps_the_record_and_refuses_rollbacks_to_them(erased_twice):
+    s, store, ids, client = erased_twice
+
+    def holding() -> list[list[int]]:  # per request, what its certificate says still holds its cells
+        return [client.get(f"/deletions/{rid}/certificate").json()["held_by_stored_versions"] for rid in client.requests]
+
+    assert holding() == [[1], [1, 2]]
+    r = client.post(f"/models/{TINY}/purge", json={})
+    assert [(v["version"], v["purged"]) for v in r.json()["versions"]] == [(1, True), (2, True)]
+    for v in (1, 2):
+        assert not store.exists(TINY, v) and store.manifest(TINY, v).version == v  # the manifest stays
+        with pytest.raises(PurgedVersion, match="purged"):
+            store.load(TINY, v)
+    store.load(TINY, 3)  # the serving version is untouched
+    assert holding() == [[], []]
+    listed = _versions(client)
+    assert listed[1]["purged_at"] and listed[2]["purged_at"] and listed[3]["purged_at"] is None
+    assert client.get(f"/models/{TINY}/versions/1").json()["purged_at"] == listed[1]["purged_at"]
+    with transaction(s.database_url) as session:
+        events = session.execute(select(AuditEvent).where(AuditEvent.kind == "model.version_purged")
+                                 .order_by(AuditEvent.seq)).scalars().all()
+        assert [(e.payload["version"], len(e.payload["held_erasures"])) for e in events] == [(1, 2), (2, 1)]
+        assert events[0].payload["sha256"] == store.manifest(TINY, 1).sha256
+        assert verify_chain(session)["ok"] is True
+
+    before = counts(s)
+    for body in ({"version": 1}, {"version": 2, "reapply_erasures": True}):
+        problem = assert_problem(client.post(f"/models/{TINY}/rollback", json=body), 409)
+        assert "was purged" in problem["detail"] and problem["purged_at"]
+    assert counts(s) == before
+    # a second purge finds nothing left to do
+    assert client.post(f"/models/{TINY}/purge", json={}).json()["versions"] == []
+
+
+def test_a_running_jobs_base_and_versions_without_erased_data_are_kept(erased_twice):
+    s, store, ids, client = erased_twice
+    with transaction(s.database_url) as session:
+        v3 = session.execute(select(ModelVersion).where(ModelVersion.model_name == TINY,
+                                                        ModelVersion.version == 3)).scalar_one()
+        # a version holding every erasure (as a rollback target would) that is not serving
+        session.add(ModelVersion(model_name=TINY, version=4, parent_version=3, sha256="4" * 64,
+                                 artifact_uri="file:///nowhere/v4", deletions=[], erased_cells=list(v3.erased_cells),
+                                 metrics={}, created_at=utcnow()))
+        # a reapply queued on top of v2 (a rollback with reapply_erasures)
+        session.add(Job(id="reapply-on-v2", model_name=TINY, kind="reapply", status="queued",
+                        method="interference_aware", base_version=2, params={"cells": [[ids[1], "depth"]]}))
+    r = client.post(f"/models/{TINY}/purge", json={})
+    assert [v["version"] for v in r.json()["versions"]] == [1]
+    assert store.exists(TINY, 2) and store.exists(TINY, 3)
+
+
+def test_bad_purge_requests_are_refused_and_change_nothing(erased_twice):
+    s, store, _, client = erased_twice
+    before = counts(s)
+    assert_problem(client.post("/models/nope/purge", json={}), 404)
+    for body in ({"older_than_days": -1}, {"older_than_days": 1e9}, {"dry_run": "yes"}, {"dry-run": True}):
+        assert_problem(client.post(f"/models/{TINY}/purge", json=body), 422)
+    assert counts(s) == before and all(store.exists(TINY, v) for v in (1, 2, 3))
+
+
+def test_the_purge_command(erased_twice, environment, capsys):
+    s, store, _, _ = erased_twice
+    for key, value in {"DATABASE_URL": s.database_url, "STORE_DIR": str(s.store_dir),
+                       "MODEL_NAME": TINY}.items():
+        environment.setenv(f"UNLEARND_{key}", value)
+    assert cli_main(["purge", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{TINY} v1: would purge" in out and f"{TINY}: 2 version(s) would purge" in out
+    assert store.exists(TINY, 1)
+    assert cli_main(["purge", "--older-than-days", "1"]) == 0
+    assert "0 version(s) purged" in capsys.readouterr().out
+    assert cli_main(["purge"]) == 0
+    assert "2 version(s) purged" in capsys.readouterr().out and not store.exists(TINY, 1)
+    assert cli_main(["purge", "--model", "nope"]) == 2
+    assert capsys.readouterr().err == "unlearnd: no model named 'nope'\n"
