@@ -49,6 +49,7 @@ def test_without_a_valid_token_every_api_route_is_a_401_and_stores_nothing(keyed
               ("GET", "/deletions/x/certificate", None), ("GET", "/models", None),
               ("GET", f"/models/{model.name}/versions", None), ("GET", f"/models/{model.name}/versions/1", None),
               ("POST", f"/models/{model.name}/rollback", {"version": 1}), ("GET", "/jobs/x", None), ("GET", "/jobs", None),
+              ("POST", f"/models/{model.name}/purge", {"dry_run": True}),
               ("GET", "/audit/events", None), ("GET", "/audit/verify", None)]
     for method, path, payload in routes:
         for headers, error in (({}, None), ({"Authorization": "Bearer wrong"}, "invalid_token"),
@@ -70,6 +71,8 @@ def test_each_scope_opens_its_routes_only(keyed, settings, model):
     refused = [("auditor", "POST", "/deletions", {"instance_id": instance}, "deletions"),
                ("auditor", "GET", "/deletions", None, "deletions"),
                ("auditor", "POST", f"/models/{model.name}/rollback", {"version": 1}, "admin"),
+               ("auditor", "POST", f"/models/{model.name}/purge", {"dry_run": True}, "admin"),
+               ("portal", "POST", f"/models/{model.name}/purge", {}, "admin"),
                ("portal", "GET", "/audit/events", None, "read"),
                ("portal", "GET", "/models", None, "read"),
                ("portal", "GET", "/jobs/x", None, "read"),
