@@ -18,7 +18,7 @@ EPILOG = """examples:
   UNLEARND_BROKER_URL=redis://127.0.0.1:6379/0 unlearnd worker
   unlearnd migrate
   unlearnd calibrate                  # shadow calibration of the served model (see UNLEARND_CALIBRATE_SHADOWS)
-  unlearnd purge --older-than-days 30 # delete old versions' weights that still hold erased data
+  unlearnd purge --all-models --older-than-days 30   # delete old weights that still hold erased data
   unlearnd api-key portal --scope deletions   # a token for a privacy portal and its UNLEARND_API_KEYS entry
   unlearnd certificate-key --out var/certificate-key.pem   # sign deletion certificates
   unlearnd verify-certificate cert.json --public-key <base64>
@@ -95,8 +95,14 @@ def cmd_serve(args) -> int:
         logging.getLogger("unlearnd").warning(
             "serving on %s without API keys: whoever reaches the port can submit deletions and roll back "
             "models; set UNLEARND_API_KEYS (`unlearnd api-key --help`)", host)
+    from model_store import PurgedVersion
+
     upgrade_database(settings.database_url)
-    version = ensure_model(settings, store_for(settings.store_dir), progress=not args.no_progress)
+    try:
+        version = ensure_model(settings, store_for(settings.store_dir), progress=not args.no_progress)
+    except PurgedVersion as exc:
+        print(f"unlearnd: {exc}", file=sys.stderr)
+        return 2
     logging.getLogger("unlearnd").info(
         "model %s serving version %s; API on http://%s:%s (docs at /docs)", settings.model_name, version, host, port
     )
@@ -155,8 +161,12 @@ def cmd_calibrate(args) -> int:
         print(f"method {settings.method!r} takes no calibration", file=sys.stderr)
         return 2
     if not store.exists(settings.model_name, 1):
-        print(f"no version 1 of {settings.model_name!r} in {settings.store_dir}: "
-              "`unlearnd serve` trains it on first start", file=sys.stderr)
+        if 1 in store.versions(settings.model_name):
+            print(f"version 1 of {settings.model_name!r} was purged (its weights held erased data): the "
+                  "calibration is computed from them; jobs take the fixed quantile", file=sys.stderr)
+        else:
+            print(f"no version 1 of {settings.model_name!r} in {settings.store_dir}: "
+                  "`unlearnd serve` trains it on first start", file=sys.stderr)
         return 2
     from tqdm.auto import tqdm
 
@@ -169,11 +179,14 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_purge(args) -> int:
-    """Delete from the model store the weights of versions that still hold erased data
-    (every version but the serving one, a queued or running job's base, and those that
-    hold none); their records stay, with purged_at and a model.version_purged audit event.
-    Run it from cron with --older-than-days to keep a window for rollbacks that re-apply
-    erasures. Exit 0; 2 when the database is not reachable or not migrated."""
+    """Delete from the model store the weights that still hold erased data: every version
+    but the serving one, a queued or running job's base and those that hold none, and
+    the artifacts no version points at. The versions' records stay, with purged_at and a
+    model.version_purged audit event. Run it from cron with --older-than-days to keep a
+    window for rollbacks that re-apply erasures, and --all-models: an erasure through one
+    model is erased data for every model trained on the dataset. Exit 0; 2 for an unknown
+    model, a database that is not reachable or not migrated, or a store that does not
+    hold the versions the record names (nothing is purged then)."""
     from datetime import timedelta
 
     from model_store import store_for
@@ -181,7 +194,7 @@ def cmd_purge(args) -> int:
     from worker.errors import ServiceError
     from worker.migrate import is_up_to_date
     from worker.settings import get_settings
-    from worker.tables import utcnow
+    from worker.tables import Model, utcnow
     from worker.versions import purge_versions
 
     settings = get_settings()
@@ -190,21 +203,40 @@ def cmd_purge(args) -> int:
             print("unlearnd: the database is not at the code's schema: run `unlearnd migrate` first", file=sys.stderr)
             return 2
     before = None if args.older_than_days is None else utcnow() - timedelta(days=args.older_than_days)
-    model_name = args.model or settings.model_name
-    try:
+    if args.all_models:
+        from sqlalchemy import select
+
         with transaction(settings.database_url) as session:
-            found = purge_versions(session, store_for(settings.store_dir), model_name, created_before=before,
-                                   dry_run=args.dry_run)
-    except ServiceError as exc:  # an unknown model
-        print(f"unlearnd: {exc}", file=sys.stderr)
-        return 2
+            names = list(session.execute(select(Model.name).order_by(Model.name)).scalars())
+    else:
+        names = [args.model or settings.model_name]
+    store = store_for(settings.store_dir)
     verb = "would purge" if args.dry_run else "purged"
-    for c in found:
-        held = sum(len(e["tasks"]) for e in c.erasures)
-        print(f"{model_name} v{c.version.version}: {verb} (sha256 {c.version.sha256[:12]}…, held {held} erased "
-              f"cell(s) of {len(c.erasures)} request(s))")
-    print(f"{model_name}: {len(found)} version(s) {verb}")
+    for model_name in names:
+        try:
+            with transaction(settings.database_url) as session:  # one model a transaction
+                found = purge_versions(session, store, model_name, created_before=before, dry_run=args.dry_run,
+                                       actor=_cli_actor())
+        except ServiceError as exc:  # an unknown model, a store that is not the service's
+            print(f"unlearnd: {exc}", file=sys.stderr)
+            return 2
+        for c in found:
+            held = sum(len(e["tasks"]) for e in c.erasures)
+            what = "" if c.published else " (an artifact no version points at)"
+            print(f"{model_name} v{c.version}{what}: {verb} (sha256 {c.sha256[:12]}…, held {held} erased "
+                  f"cell(s) of {len(c.erasures)} request(s))")
+        print(f"{model_name}: {len(found)} version(s) {verb}")
     return 0
+
+
+def _cli_actor() -> str:
+    """Who ran the command, for the audit events it writes: ``cli:<login>``."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # no login name (a container's uid without a passwd entry)
+        return "cli"
 
 
 def _days(text: str) -> float:
@@ -377,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("purge", help="delete the weights of versions that still hold erased data",
                        description=cmd_purge.__doc__)
-    p.add_argument("--model", help="the model (default: UNLEARND_MODEL_NAME)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="the model (default: UNLEARND_MODEL_NAME)")
+    which.add_argument("--all-models", action="store_true", help="every registered model, one after the other")
     p.add_argument("--older-than-days", type=_days, metavar="DAYS",
                    help="only versions created more than DAYS days ago (default: every such version)")
     p.add_argument("--dry-run", action="store_true", help="list what would be purged, delete nothing")

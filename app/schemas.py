@@ -256,7 +256,7 @@ class PurgeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     older_than_days: float | None = Field(
-        None, ge=0, le=36500, allow_inf_nan=False,
+        None, ge=0, le=36500, allow_inf_nan=False, strict=True,
         description="only versions created more than this many days ago (a window for rollbacks with "
                     "reapply_erasures); null: every version that holds erased data")
     dry_run: bool = Field(False, strict=True, description="list what would be purged, delete nothing")
@@ -266,6 +266,7 @@ class PurgedVersionOut(BaseModel):
     version: int
     sha256: str
     created_at: UTCDateTime
+    published: bool = Field(description="false: an artifact a job stored that no version points at")
     purged: bool = Field(description="false in a dry run")
     held_erasures: list[dict[str, Any]] = Field(description="the erasures its weights held: request, instance, tasks")
 

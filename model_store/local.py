@@ -245,13 +245,11 @@ class LocalModelStore(ModelStore):
     def purge(self, model_name: str, version: int) -> bool:
         self.manifest(model_name, version)  # StoreError for a version that is not stored
         weights = self._dir(model_name, version) / WEIGHTS_FILE
-        doomed = weights.parent / f"{TMP_PREFIX}purged-{uuid.uuid4().hex}"
         try:
-            os.rename(weights, doomed)  # atomic: readers see the weights or none
+            weights.unlink()  # atomic: readers see the weights or none
         except FileNotFoundError:
             return False
         _fsync_dir(weights.parent)
-        doomed.unlink()
         return True
 
     def load(self, model_name: str, version: int, device: str | torch.device = "cpu") -> tuple[MultiTaskNet, Manifest]:

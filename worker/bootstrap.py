@@ -36,6 +36,13 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
         spec = dataset_spec(settings)
         erased = sorted(erased_cells(session, spec))
 
+    if not store.exists(name, 1) and 1 in store.versions(name):  # its manifest, without weights
+        from model_store import PurgedVersion
+
+        raise PurgedVersion(
+            f"the model store holds version 1 of {name!r} with its weights purged (they held erased data), but the "
+            f"database has no model {name!r}: restore the database that goes with this store, or point "
+            "UNLEARND_STORE_DIR or UNLEARND_MODEL_NAME elsewhere; nothing was trained")
     if store.exists(name, 1):
         manifest = store.manifest(name, 1)
         spec = manifest.dataset

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from unlearning.data import dataset_key
 
@@ -22,7 +22,8 @@ from .db import advisory_lock
 from .datasets import erased_cells, get_splits
 from .errors import Conflict, Invalid, NotFound
 from .settings import Settings
-from .tables import AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, as_utc, new_id, utcnow
+from .tables import (AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone, as_utc, new_id,
+                     utcnow)
 
 #: statuses of a request the worker has yet to finish; its cells are "pending"
 PENDING_STATUSES = ("queued", "running")
@@ -276,14 +277,16 @@ def get_request(session: Session, request_id: str, submitted_by: str | None = No
     return request
 
 
-def deletion_certificate(session: Session, request_id: str, submitted_by: str | None = None) -> dict:
+def deletion_certificate(session: Session, request_id: str, submitted_by: str | None = None, store=None) -> dict:
     """The certificate of a completed request: what was removed from which model, how,
     the versions before and after, the forgetting/interference metrics, and where
     the audit chain records it; the other models trained on the same dataset that the
     erasure has reached (``also_erased_from``) and those it has yet to
     (``propagation_pending``). Includes ``certificate_sha256``: the sha256 of the
     canonical JSON (sorted keys, no spaces) of every other field. 409 before completion;
-    ``submitted_by``: as :func:`get_request`."""
+    ``submitted_by``: as :func:`get_request`. ``held_by_stored_versions``: the stored
+    weights, per model on the dataset, that still hold what was erased
+    (:func:`stored_versions_holding`; ``store`` adds the artifacts no version points at)."""
     request = get_request(session, request_id, submitted_by)
     if request.status != "completed":
         raise Conflict(
@@ -352,23 +355,47 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
         },
         "also_erased_from": propagated,
         "propagation_pending": pending,
-        "held_by_stored_versions": _stored_versions_holding(session, model, request) if model else [],
+        "held_by_stored_versions": stored_versions_holding(session, model, request, store) if model else {},
         "issued_at": _iso(utcnow()),
     }
     body["certificate_sha256"] = certificate_hash(body)
     return body
 
 
-def _stored_versions_holding(session: Session, model: Model, request: DeletionRequest) -> list[int]:
-    """The versions of the request's model whose weights are still stored (not purged) and
-    still hold one of its cells: the versions before the erasure, until ``unlearnd purge``."""
-    from .versions import missing_erasures
+def stored_versions_holding(session: Session, model: Model, request: DeletionRequest, store=None) -> dict:
+    """``{model: [versions]}`` for the request's model and every other model trained on its
+    dataset: the versions whose weights are still stored (not purged) and still hold a
+    cell the request erased (the versions before the erasure, until ``unlearnd purge``;
+    another model's serving version until its propagate job has run). With ``store``,
+    also the artifacts no version points at (a job stored them, then did not publish)."""
+    from .versions import held_erasures, missing_erasures, models_sharing_dataset, unpublished_artifacts
 
-    rows = session.execute(select(ModelVersion).where(ModelVersion.model_name == model.name,
-                                                      ModelVersion.purged_at.is_(None))
-                           .order_by(ModelVersion.version)).scalars()
-    return [v.version for v in rows
-            if any(m["request_id"] == request.id for m in missing_erasures(session, model, v, request.instance_id))]
+    key = dataset_key(model.dataset)
+    last = session.execute(select(func.max(Tombstone.id)).where(Tombstone.dataset_key == key,
+                                                                Tombstone.request_id == request.id)).scalar()
+    if last is None:
+        return {}
+    mine = [(rid, iid, t) for rid, iid, t in session.execute(
+        select(Tombstone.request_id, Tombstone.instance_id, Tombstone.task)
+        .where(Tombstone.dataset_key == key, Tombstone.request_id == request.id))]
+    out = {}
+    for m in [model, *models_sharing_dataset(session, model.name, key)]:
+        # a version published after the request's last tombstone holds none of its cells (its
+        # watermark says every tombstone up to it is in its lineage): only earlier ones are read
+        rows = session.execute(
+            select(ModelVersion).options(defer(ModelVersion.erased_cells))
+            .where(ModelVersion.model_name == m.name, ModelVersion.purged_at.is_(None),
+                   or_(ModelVersion.tombstone_watermark.is_(None), ModelVersion.tombstone_watermark < last))
+            .order_by(ModelVersion.version)).scalars()
+        held = [v.version for v in rows
+                if any(e["request_id"] == request.id for e in missing_erasures(session, m, v, request.instance_id))]
+        if store is not None:
+            for number in unpublished_artifacts(session, store, m.name):
+                if store.exists(m.name, number) and held_erasures(
+                        mine, {tuple(c) for c in store.manifest(m.name, number).erased_cells}):
+                    held.append(number)
+        out[m.name] = sorted(held)
+    return out
 
 
 def canonical_json(fields: dict) -> bytes:

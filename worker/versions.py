@@ -283,12 +283,41 @@ def rollback(
 
 @dataclass
 class PurgeCandidate:
-    """A version whose weights still hold erased data: ``erasures`` as
-    :func:`missing_erasures` gives them; ``purged`` once its weights are deleted."""
+    """Stored weights that still hold erased data: a version (``row``), or an artifact no
+    version points at (``row`` None: a job stored it, then was rebased, refused at publish
+    or failed). ``erasures`` as :func:`missing_erasures` gives them; ``purged`` once the
+    weights are deleted."""
 
-    version: ModelVersion
+    version: int
+    sha256: str
+    created_at: datetime
     erasures: list[dict]
+    row: ModelVersion | None = None
     purged: bool = False
+
+    @property
+    def published(self) -> bool:
+        return self.row is not None
+
+
+def held_erasures(tombstones: list[tuple[str, str, str]], erased: set[tuple[str, str]]) -> list[dict]:
+    """The erasures among ``tombstones`` (``(request_id, instance_id, task)``) whose cell is not
+    in ``erased`` (a lineage's cells), grouped as :func:`missing_erasures` groups them."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for request_id, iid, task in tombstones:
+        if (iid, task) not in erased:
+            grouped.setdefault((request_id, iid), []).append(task)
+    return [{"request_id": rid, "instance_id": iid, "tasks": tasks} for (rid, iid), tasks in grouped.items()]
+
+
+def unpublished_artifacts(session: Session, store, model_name: str) -> list[int]:
+    """Version numbers the store holds for ``model_name`` that no version row points at and
+    no queued or running job has reserved (``params.target_version``)."""
+    rows = set(session.execute(select(ModelVersion.version).where(ModelVersion.model_name == model_name)).scalars())
+    reserved = {int((p or {}).get("target_version")) for p in session.execute(
+        select(Job.params).where(Job.model_name == model_name, Job.status.in_(ACTIVE_JOB_STATUSES))).scalars()
+        if (p or {}).get("target_version") is not None}
+    return [v for v in store.versions(model_name) if v not in rows and v not in reserved]
 
 
 def purge_versions(
@@ -300,17 +329,25 @@ def purge_versions(
     dry_run: bool = False,
     actor: str | None = None,
 ) -> list[PurgeCandidate]:
-    """Delete from the model store the weights of every version of ``model_name`` that
-    still holds data erased since (a tombstone of its dataset is not in its lineage), in
-    the caller's transaction, and return them, oldest first.
+    """Delete from the model store the weights that still hold data erased since (a
+    tombstone of the model's dataset is not in their lineage), in the caller's
+    transaction, and return them by version number: the model's versions, and the
+    artifacts no version points at (a job stored them, then was rebased, refused at
+    publish or failed).
 
     Kept: the serving version; the base of a job queued or running (a reapply after a
-    rollback, say); versions that hold no erased data (safe rollback targets); with
-    ``created_before``, versions created at or after it (a retention window for
-    rollbacks with ``reapply_erasures``). The row stays, with ``purged_at``, and a
-    ``model.version_purged`` audit event names the erasures it held; a purged version
-    can no longer be rolled back to. ``dry_run``: the candidates, nothing deleted.
+    rollback, say) and the artifact such a job reserved; versions that hold no erased
+    data (safe rollback targets); with ``created_before``, what was created at or after
+    it (a retention window for rollbacks with ``reapply_erasures``). A version's row
+    stays, with ``purged_at``, and a ``model.version_purged`` audit event names the
+    erasures the weights held (``published`` false for an artifact without a row); a
+    purged version can no longer be rolled back to. ``dry_run``: the candidates, nothing
+    deleted.
 
+    :class:`~worker.errors.Conflict` before anything is deleted when the store does not
+    hold a candidate version's manifest with the recorded sha256: a store directory
+    other than the service's (a relative ``UNLEARND_STORE_DIR`` from another working
+    directory) would otherwise be recorded as purged while the weights stay.
     The weights are deleted before the row records it: should the transaction fail, the
     weights are gone and a second run records them (never the other way round)."""
     from model_store import StoreError
@@ -327,27 +364,57 @@ def purge_versions(
              .order_by(ModelVersion.version))
     if created_before is not None:
         query = query.where(ModelVersion.created_at < created_before)
-    out = []
+    out: list[PurgeCandidate] = []
     for row in session.execute(query).scalars():
         if row.version == serving or row.version in busy:
             continue
         held = missing_erasures(session, model, row)
-        if not held:
-            continue
-        candidate = PurgeCandidate(row, held)
-        out.append(candidate)
-        if dry_run:
-            continue
+        if held:
+            out.append(PurgeCandidate(row.version, row.sha256, row.created_at, held, row))
+
+    wrong = []
+    for c in out:
         try:
-            store.purge(model_name, row.version)
+            if store.manifest(model_name, c.version).sha256 != c.sha256:
+                wrong.append(f"v{c.version} (another sha256)")
         except StoreError:
-            pass  # not in the store (a version recorded without its artifact): nothing to delete
-        row.purged_at = utcnow()
-        candidate.purged = True
+            wrong.append(f"v{c.version} (missing)")
+    if wrong:
+        first = out[0]
+        raise Conflict(
+            f"the model store does not hold the versions of {model_name!r} the record names: "
+            f"{', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}; the record has v{first.version} at "
+            f"{first.row.artifact_uri}, this store looks at {store.uri(model_name, first.version)}. "
+            "Is UNLEARND_STORE_DIR the service's? Nothing was purged",
+            model=model_name, versions=[c.version for c in out])
+
+    orphans = unpublished_artifacts(session, store, model_name)
+    if orphans:
+        tombstones = session.execute(
+            select(Tombstone.request_id, Tombstone.instance_id, Tombstone.task)
+            .where(Tombstone.dataset_key == dataset_key(model.dataset)).order_by(Tombstone.id)).all()
+        for number in orphans:
+            if not store.exists(model_name, number):
+                continue  # weights gone already
+            manifest = store.manifest(model_name, number)
+            created = datetime.fromisoformat(manifest.created_at)
+            if created_before is not None and created >= created_before:
+                continue
+            held = held_erasures(tombstones, {as_cell(c) for c in manifest.erased_cells})
+            if held:
+                out.append(PurgeCandidate(number, manifest.sha256, created, held))
+        out.sort(key=lambda c: c.version)
+    if dry_run:
+        return out
+    for c in out:
+        store.purge(model_name, c.version)  # False: deleted by an earlier run that failed before recording it
+        c.purged = True
+        if c.row is not None:
+            c.row.purged_at = utcnow()
         append_event(
             session, "model.version_purged", model_name=model_name,
-            payload={"version": row.version, "sha256": row.sha256,
-                     "held_erasures": [{"request_id": e["request_id"], "tasks": e["tasks"]} for e in held],
+            payload={"version": c.version, "sha256": c.sha256, "published": c.published,
+                     "held_erasures": [{"request_id": e["request_id"], "tasks": e["tasks"]} for e in c.erasures],
                      **({"actor": actor} if actor else {})},
         )
     session.flush()

@@ -92,7 +92,8 @@ def read_deletion(request_id: Text, session: ReadSessionDep, owner: RequestOwner
 
 
 @router.get("/{request_id}/certificate")
-def read_certificate(request_id: Text, session: ReadSessionDep, request: Request, owner: RequestOwner) -> JSONResponse:
+def read_certificate(request_id: Text, session: ReadSessionDep, request: Request, owner: RequestOwner,
+                     settings: SettingsDep) -> JSONResponse:
     """The deletion certificate of a completed request (409 before that).
 
     ``certificate_sha256`` is the sha256 of the canonical JSON (sorted keys,
@@ -101,7 +102,9 @@ def read_certificate(request_id: Text, session: ReadSessionDep, request: Request
     canonical JSON of every other field (``GET /certificates/public-key``).
     404 as for the request itself.
     """
+    from model_store import store_for
+
     with session.begin():
-        body = deletion_certificate(session, request_id, owner)
+        body = deletion_certificate(session, request_id, owner, store_for(settings.store_dir))
     signer = request.app.state.signer
     return JSONResponse(signer.sign(body) if signer is not None else body)

@@ -101,12 +101,16 @@ def post_rollback(
 
 
 @router.post("/{name}/purge", response_model=PurgeOut)
-def post_purge(name: Text, body: PurgeIn, session: SessionDep, settings: SettingsDep, caller: AdminCaller) -> PurgeOut:
-    """Delete from the model store the weights of the versions that still hold erased
-    data: every version but the serving one, a running job's base and those that hold
-    none (safe rollback targets); with ``older_than_days``, only versions older than
-    that. Their records stay, with ``purged_at`` and a ``model.version_purged`` audit
-    event; a purged version cannot be rolled back to. Admin scope."""
+def post_purge(name: Text, session: SessionDep, settings: SettingsDep, caller: AdminCaller,
+               body: PurgeIn | None = None) -> PurgeOut:
+    """Delete from the model store the weights that still hold erased data: every
+    version but the serving one, a queued or running job's base and those that hold
+    none (safe rollback targets), and the artifacts no version points at; with
+    ``older_than_days``, only what is older than that. The versions' records stay, with
+    ``purged_at`` and a ``model.version_purged`` audit event; a purged version cannot be
+    rolled back to. 409, nothing deleted, when the store does not hold the versions the
+    record names. The body may be left out. Admin scope."""
+    body = body or PurgeIn()
     from datetime import timedelta
 
     from model_store import store_for
@@ -117,5 +121,5 @@ def post_purge(name: Text, body: PurgeIn, session: SessionDep, settings: Setting
         found = purge_versions(session, store_for(settings.store_dir), name, created_before=before,
                                dry_run=body.dry_run, actor=caller)
         return PurgeOut(model=name, dry_run=body.dry_run, versions=[
-            PurgedVersionOut(version=c.version.version, sha256=c.version.sha256, created_at=c.version.created_at,
+            PurgedVersionOut(version=c.version, sha256=c.sha256, created_at=c.created_at, published=c.published,
                              purged=c.purged, held_erasures=c.erasures) for c in found])

@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
 from app.main import create_app
+from worker.migrate import head_revision
 from worker.db import transaction
 from worker.tables import Alias, DeletionRequest, Job, ModelVersion, utcnow
 
@@ -88,7 +89,7 @@ def test_metrics_read_the_record(client, settings, model):
 def test_health_and_readiness(client):
     assert client.get("/healthz").json()["status"] == "ok"
     r = client.get("/readyz")
-    assert r.status_code == 200 and r.json() == {"status": "ready", "revision": "0007"}
+    assert r.status_code == 200 and r.json() == {"status": "ready", "revision": head_revision()}
 
 
 def test_not_ready_when_unmigrated_or_unreachable(settings):
@@ -97,7 +98,7 @@ def test_not_ready_when_unmigrated_or_unreachable(settings):
     try:
         with TestClient(create_app(settings.model_copy(update={"database_url": url}))) as c:
             body = assert_problem(c.get("/readyz"), 503, "not-ready")
-            assert (body["reason"], body["revision"], body["head"]) == ("migrations", None, "0007")
+            assert (body["reason"], body["revision"], body["head"]) == ("migrations", None, head_revision())
             assert c.get("/healthz").status_code == 200
     finally:
         drop_database(name)

@@ -56,11 +56,13 @@ def test_purging_deletes_the_weights_keeps_the_record_and_refuses_rollbacks_to_t
     s, store, ids, client = erased_twice
 
     def holding() -> list[list[int]]:  # per request, what its certificate says still holds its cells
-        return [client.get(f"/deletions/{rid}/certificate").json()["held_by_stored_versions"] for rid in client.requests]
+        return [client.get(f"/deletions/{rid}/certificate").json()["held_by_stored_versions"][TINY]
+                for rid in client.requests]
 
     assert holding() == [[1], [1, 2]]
     r = client.post(f"/models/{TINY}/purge", json={})
-    assert [(v["version"], v["purged"]) for v in r.json()["versions"]] == [(1, True), (2, True)]
+    assert [(v["version"], v["purged"], v["published"]) for v in r.json()["versions"]] == [(1, True, True),
+                                                                                           (2, True, True)]
     for v in (1, 2):
         assert not store.exists(TINY, v) and store.manifest(TINY, v).version == v  # the manifest stays
         with pytest.raises(PurgedVersion, match="purged"):
@@ -107,7 +109,8 @@ def test_bad_purge_requests_are_refused_and_change_nothing(erased_twice):
     s, store, _, client = erased_twice
     before = counts(s)
     assert_problem(client.post("/models/nope/purge", json={}), 404)
-    for body in ({"older_than_days": -1}, {"older_than_days": 1e9}, {"dry_run": "yes"}, {"dry-run": True}):
+    for body in ({"older_than_days": -1}, {"older_than_days": 1e9}, {"older_than_days": True}, {"dry_run": "yes"},
+                 {"dry-run": True}):
         assert_problem(client.post(f"/models/{TINY}/purge", json=body), 422)
     assert counts(s) == before and all(store.exists(TINY, v) for v in (1, 2, 3))
 
@@ -127,3 +130,101 @@ def test_the_purge_command(erased_twice, environment, capsys):
     assert "2 version(s) purged" in capsys.readouterr().out and not store.exists(TINY, 1)
     assert cli_main(["purge", "--model", "nope"]) == 2
     assert capsys.readouterr().err == "unlearnd: no model named 'nope'\n"
+    with transaction(s.database_url) as session:
+        actors = {e.payload["actor"] for e in session.execute(
+            select(AuditEvent).where(AuditEvent.kind == "model.version_purged")).scalars()}
+    assert len(actors) == 1 and actors.pop().startswith("cli")
+
+
+def test_a_store_that_is_not_the_services_purges_nothing(erased_twice, tmp_path, environment, capsys):
+    """A relative UNLEARND_STORE_DIR read from another working directory finds no versions:
+    the purge refuses (409, exit 2) instead of recording the versions as purged while their
+    weights stay, for good (a later run with the right store would skip them)."""
+    from model_store import LocalModelStore
+
+    s, store, _, client = erased_twice
+    before = counts(s)
+    with transaction(s.database_url) as session:
+        from worker.errors import Conflict
+        from worker.versions import purge_versions
+
+        with pytest.raises(Conflict, match="does not hold the versions .* Nothing was purged"):
+            purge_versions(session, LocalModelStore(tmp_path / "elsewhere"), TINY)
+    for key, value in {"DATABASE_URL": s.database_url, "STORE_DIR": str(tmp_path / "elsewhere"),
+                       "MODEL_NAME": TINY}.items():
+        environment.setenv(f"UNLEARND_{key}", value)
+    assert cli_main(["purge"]) == 2
+    assert "Is UNLEARND_STORE_DIR the service's?" in capsys.readouterr().err
+    assert counts(s) == before and all(store.exists(TINY, v) for v in (1, 2, 3))
+    assert all(v["purged_at"] is None for v in _versions(client).values())
+
+
+def test_an_empty_body_purges_with_the_defaults(erased_twice):
+    s, store, _, client = erased_twice
+    r = client.post(f"/models/{TINY}/purge")
+    assert r.status_code == 200 and [v["version"] for v in r.json()["versions"]] == [1, 2], r.text
+
+
+def test_every_model_on_the_dataset_and_unpublished_artifacts(tiny):
+    """Model A's job stores its artifact, then is rebased because model B published an erasure
+    of the same dataset meanwhile: A's artifact (no version points at it) holds B's erased
+    cell. Certificates name every model's weights that still hold a request's cells, the
+    serving version of a model behind on propagation included (never purged), and purge
+    deletes the unpublished artifact too."""
+    from .test_hardening_worker import TINY_B
+
+    s, store, ids = tiny
+    model, manifest = store.load(TINY, 1)
+    store.put_version(model, model_name=TINY_B, version=1, parent=None, dataset=manifest.dataset,
+                      train_config=manifest.train_config, note="initial training")
+    s_b = s.model_copy(update={"model_name": TINY_B})
+    from worker.bootstrap import ensure_model
+
+    ensure_model(s_b, store, progress=False)
+    mine = _submit(s, ids[1])
+    claim = jobs.claim_next(s, TINY)
+    theirs = _submit(s_b, ids[0])
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["completed"]  # B v2
+    assert jobs.run_job(s, store, claim.job_id, claim.attempt).status == "requeued"  # rebased, its v2 left unpublished
+    with transaction(s.database_url) as session:
+        assert session.execute(select(ModelVersion).where(ModelVersion.model_name == TINY)).scalars().all()[-1].version == 1
+    assert store.exists(TINY, 2) and [ids[0], "depth"] not in store.manifest(TINY, 2).erased_cells
+
+    with TestClient(create_app(s)) as client:
+        held = client.get(f"/deletions/{theirs}/certificate").json()["held_by_stored_versions"]
+        assert held == {TINY_B: [1], TINY: [1, 2]}  # A serves v1 (propagation pending) and holds v2 unpublished
+        dry = client.post(f"/models/{TINY}/purge", json={"dry_run": True}).json()["versions"]
+        assert [(v["version"], v["published"]) for v in dry] == [(2, False)]  # v1 serves: kept
+        assert [v["version"] for v in client.post(f"/models/{TINY}/purge", json={}).json()["versions"]] == [2]
+        assert not store.exists(TINY, 2) and store.manifest(TINY, 2).version == 2  # the number is never reused
+        # the rerun erases both cells (the rebase put the missing one in), on top of v1: v3
+        assert [(o.status, o.version) for o in jobs.drain_model(s, store, TINY)] == [("completed", 3)]
+        assert [v["version"] for v in client.post(f"/models/{TINY_B}/purge", json={}).json()["versions"]] == [1]
+        assert [v["version"] for v in client.post(f"/models/{TINY}/purge", json={}).json()["versions"]] == [1]
+        def held(rid):
+            return client.get(f"/deletions/{rid}/certificate").json()["held_by_stored_versions"]
+
+        assert held(theirs) == {TINY: [], TINY_B: []}
+        assert held(mine) == {TINY: [], TINY_B: [2]}  # B serves v2 until its propagate job runs: not purged
+        assert client.post(f"/models/{TINY_B}/purge", json={}).json()["versions"] == []
+        assert [(o.status, o.version) for o in jobs.drain_model(s_b, store, TINY_B)] == [("completed", 3)]
+        assert [v["version"] for v in client.post(f"/models/{TINY_B}/purge", json={}).json()["versions"]] == [2]
+        assert held(mine) == {TINY: [], TINY_B: []}
+
+
+def test_a_store_whose_first_version_was_purged_is_not_trained_over(erased_twice, tmp_path, environment, capsys):
+    """A database restored without the model (or another model name) over a store whose v1 was
+    purged: `serve` says so and trains nothing (it trained, then failed to store v1)."""
+    import shutil
+
+    s, store, _, client = erased_twice
+    client.post(f"/models/{TINY}/purge", json={})
+    shutil.copytree(s.store_dir / TINY, tmp_path / "store" / "renamed")
+    environment.setenv("UNLEARND_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
+    environment.setenv("UNLEARND_STORE_DIR", str(tmp_path / "store"))
+    environment.setenv("UNLEARND_MODEL_NAME", "renamed")
+    assert cli_main(["serve", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds version 1 of 'renamed' with its weights purged" in err and "nothing was trained" in err
+    assert cli_main(["calibrate"]) == 2
+    assert "version 1 of 'renamed' was purged" in capsys.readouterr().err
