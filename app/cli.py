@@ -198,6 +198,13 @@ def cmd_purge(args) -> int:
     from worker.versions import purge_versions
 
     settings = get_settings()
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).exists():  # connecting would create an empty file
+        print(f"unlearnd: no database at {url.database} (UNLEARND_DATABASE_URL): nothing to purge", file=sys.stderr)
+        return 2
     with engine_for(settings.database_url).connect() as connection:
         if not is_up_to_date(connection):
             print("unlearnd: the database is not at the code's schema: run `unlearnd migrate` first", file=sys.stderr)

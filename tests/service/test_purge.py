@@ -228,3 +228,10 @@ def test_a_store_whose_first_version_was_purged_is_not_trained_over(erased_twice
     assert "holds version 1 of 'renamed' with its weights purged" in err and "nothing was trained" in err
     assert cli_main(["calibrate"]) == 2
     assert "version 1 of 'renamed' was purged" in capsys.readouterr().err
+
+
+def test_purge_on_a_missing_sqlite_file_creates_none(environment, tmp_path, capsys):
+    environment.setenv("UNLEARND_DATABASE_URL", f"sqlite:///{tmp_path / 'none.db'}")
+    environment.setenv("UNLEARND_STORE_DIR", str(tmp_path / "store"))
+    assert cli_main(["purge"]) == 2
+    assert "no database at" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
