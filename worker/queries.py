@@ -75,6 +75,32 @@ def _check_limit(limit: int) -> int:
     return limit
 
 
+def _newest_first(session: Session, table, filters: dict, since: datetime | None, until: datetime | None,
+                  limit: int, cursor: str | None) -> Page:
+    """Rows of ``table`` (a model with ``created_at`` and ``id``) whose columns equal the
+    non-None values of ``filters``, newest first (``created_at``, then ``id``), from
+    ``cursor`` on; ``since`` inclusive, ``until`` exclusive."""
+    limit = _check_limit(limit)
+    q = select(table)
+    for column, value in filters.items():
+        if value is not None:
+            q = q.where(getattr(table, column) == value)
+    if since is not None:
+        q = q.where(table.created_at >= utc(since))
+    if until is not None:
+        q = q.where(table.created_at < utc(until))
+    if cursor is not None:
+        at, rid = decode_request_cursor(cursor)
+        # one row comparison, not an OR of two: PostgreSQL can then start the index scan
+        # at the cursor instead of walking (and discarding) every newer row
+        q = q.where(tuple_(table.created_at, table.id) < tuple_(at, rid))
+    rows = session.execute(q.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)).scalars().all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(utc(rows[-1].created_at).isoformat(), rows[-1].id) if more else None
+    return Page(rows, next_cursor)
+
+
 def list_requests(
     session: Session,
     *,
@@ -89,32 +115,8 @@ def list_requests(
 ) -> Page[DeletionRequest]:
     """Deletion requests, newest first (``created_at``, then ``id``); ``since`` inclusive, ``until`` exclusive;
     ``submitted_by``: only those that API key submitted."""
-    limit = _check_limit(limit)
-    q = select(DeletionRequest)
-    if submitted_by is not None:
-        q = q.where(DeletionRequest.submitted_by == submitted_by)
-    if instance_id is not None:
-        q = q.where(DeletionRequest.instance_id == instance_id)
-    if status is not None:
-        q = q.where(DeletionRequest.status == status)
-    if model is not None:
-        q = q.where(DeletionRequest.model_name == model)
-    if since is not None:
-        q = q.where(DeletionRequest.created_at >= utc(since))
-    if until is not None:
-        q = q.where(DeletionRequest.created_at < utc(until))
-    if cursor is not None:
-        at, rid = decode_request_cursor(cursor)
-        # one row comparison, not an OR of two: PostgreSQL can then start the index scan
-        # at the cursor instead of walking (and discarding) every newer row
-        q = q.where(tuple_(DeletionRequest.created_at, DeletionRequest.id) < tuple_(at, rid))
-    rows = session.execute(
-        q.order_by(DeletionRequest.created_at.desc(), DeletionRequest.id.desc()).limit(limit + 1)
-    ).scalars().all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = encode_cursor(utc(rows[-1].created_at).isoformat(), rows[-1].id) if more else None
-    return Page(rows, next_cursor)
+    filters = {"submitted_by": submitted_by, "instance_id": instance_id, "status": status, "model_name": model}
+    return _newest_first(session, DeletionRequest, filters, since, until, limit, cursor)
 
 
 def list_jobs(
@@ -129,26 +131,8 @@ def list_jobs(
     cursor: str | None = None,
 ) -> Page[Job]:
     """Jobs, newest first (``created_at``, then ``id``); ``since`` inclusive, ``until`` exclusive."""
-    limit = _check_limit(limit)
-    q = select(Job)
-    if status is not None:
-        q = q.where(Job.status == status)
-    if kind is not None:
-        q = q.where(Job.kind == kind)
-    if model is not None:
-        q = q.where(Job.model_name == model)
-    if since is not None:
-        q = q.where(Job.created_at >= utc(since))
-    if until is not None:
-        q = q.where(Job.created_at < utc(until))
-    if cursor is not None:
-        at, jid = decode_request_cursor(cursor)  # the same (created_at, id) shape as the requests'
-        q = q.where(tuple_(Job.created_at, Job.id) < tuple_(at, jid))
-    rows = session.execute(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).scalars().all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = encode_cursor(utc(rows[-1].created_at).isoformat(), rows[-1].id) if more else None
-    return Page(rows, next_cursor)
+    return _newest_first(session, Job, {"status": status, "kind": kind, "model_name": model}, since, until, limit,
+                         cursor)
 
 
 def list_events(

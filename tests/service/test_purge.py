@@ -16,7 +16,7 @@ from worker.db import transaction
 from worker.tables import AuditEvent, Job, ModelVersion, utcnow
 
 from .conftest import assert_problem, counts
-from .test_hardening_worker import TINY, _submit, tiny, tiny_v1  # noqa: F401 - fixtures
+from .test_hardening_worker import TINY, TINY_B, _submit, tiny, tiny_v1, two_models  # noqa: F401 - fixtures
 
 
 @pytest.fixture
@@ -165,22 +165,13 @@ def test_an_empty_body_purges_with_the_defaults(erased_twice):
     assert r.status_code == 200 and [v["version"] for v in r.json()["versions"]] == [1, 2], r.text
 
 
-def test_every_model_on_the_dataset_and_unpublished_artifacts(tiny):
+def test_every_model_on_the_dataset_and_unpublished_artifacts(two_models):
     """Model A's job stores its artifact, then is rebased because model B published an erasure
     of the same dataset meanwhile: A's artifact (no version points at it) holds B's erased
     cell. Certificates name every model's weights that still hold a request's cells, the
     serving version of a model behind on propagation included (never purged), and purge
     deletes the unpublished artifact too."""
-    from .test_hardening_worker import TINY_B
-
-    s, store, ids = tiny
-    model, manifest = store.load(TINY, 1)
-    store.put_version(model, model_name=TINY_B, version=1, parent=None, dataset=manifest.dataset,
-                      train_config=manifest.train_config, note="initial training")
-    s_b = s.model_copy(update={"model_name": TINY_B})
-    from worker.bootstrap import ensure_model
-
-    ensure_model(s_b, store, progress=False)
+    s, s_b, store, ids = two_models
     mine = _submit(s, ids[1])
     claim = jobs.claim_next(s, TINY)
     theirs = _submit(s_b, ids[0])
