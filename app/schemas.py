@@ -172,7 +172,9 @@ class ChainHead(BaseModel):
 
 class ChainReport(BaseModel):
     ok: bool
-    events: int = Field(description="events read (up to and including the first bad one)")
+    events: int = Field(description="events recomputed (up to and including the first bad one)")
+    verified_from: int = Field(1, description="the first seq recomputed: 1, or the one after the anchor with "
+                                             "after_anchor")
     first_bad_seq: int | None
     reason: str | None
     head: ChainHead | None = Field(

@@ -93,12 +93,13 @@ def append_event(
     return event
 
 
-def _broken(events: int, first_bad_seq: int, reason: str) -> dict:
+def _broken(events: int, first_bad_seq: int, reason: str, verified_from: int = 1) -> dict:
     """:func:`verify_chain`'s report of a chain that does not verify."""
-    return {"ok": False, "events": events, "first_bad_seq": first_bad_seq, "reason": reason, "head": None}
+    return {"ok": False, "events": events, "first_bad_seq": first_bad_seq, "reason": reason, "head": None,
+            "verified_from": verified_from}
 
 
-def verify_chain(session: Session, anchor: tuple[int, str] | None = None) -> dict:
+def verify_chain(session: Session, anchor: tuple[int, str] | None = None, after_anchor: bool = False) -> dict:
     """Recompute the chain and check that it ends at the recorded head and, with an
     ``anchor`` ``(seq, hash)`` kept outside the database (a certificate's chain head, an
     earlier report's ``head``), that event ``seq`` still has that hash: whoever can
@@ -107,7 +108,12 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None) -> dic
     Returns ``{"ok": bool, "events": n, "first_bad_seq": seq|None, "reason": str|None,
     "head": {"seq", "hash"}|None}`` (``head``: the verified end of the log, when ok).
     The events and the head must come from one snapshot: on PostgreSQL, call it in a
-    REPEATABLE READ transaction (as ``GET /audit/verify`` does) while others may append."""
+    REPEATABLE READ transaction (as ``GET /audit/verify`` does) while others may append.
+
+    ``after_anchor`` (with an ``anchor``): check only the events after it, chained from
+    its hash, once event ``seq`` is found with that hash; what the anchor vouches for
+    (an earlier full verification's head, say) is trusted, so a periodic check reads the
+    new events only. ``verified_from`` in the report is the first seq recomputed."""
     prev = GENESIS
     expected_seq = 1
     n = 0
@@ -115,18 +121,36 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None) -> dic
     # gigabytes at a few hundred thousand events
     columns = (AuditEvent.seq, AuditEvent.prev_hash, AuditEvent.hash, AuditEvent.at, AuditEvent.kind,
                AuditEvent.model_name, AuditEvent.request_id, AuditEvent.instance_id, AuditEvent.payload)
-    rows = session.execute(select(*columns).order_by(AuditEvent.seq).execution_options(yield_per=2000))
+    query = select(*columns).order_by(AuditEvent.seq)
+    if after_anchor:
+        if anchor is None:
+            raise ValueError("after_anchor needs an anchor")
+        kept = session.execute(select(AuditEvent.hash).where(AuditEvent.seq == anchor[0])).scalar_one_or_none()
+        if kept is None:
+            return _broken(0, anchor[0], f"the log has no event {anchor[0]}, the anchored one: events were removed",
+                           anchor[0])
+        if kept != anchor[1]:
+            return _broken(0, anchor[0], f"event {anchor[0]} does not have the anchored hash: the log was rewritten "
+                                         "up to it", anchor[0])
+        prev, expected_seq = anchor[1], anchor[0] + 1
+        query = query.where(AuditEvent.seq > anchor[0])
+    verified_from = expected_seq
+
+    def broken(events: int, seq: int, reason: str) -> dict:
+        return _broken(events, seq, reason, verified_from)
+
+    rows = session.execute(query.execution_options(yield_per=2000))
     try:  # an early return closes the server-side cursor too
         for seq, prev_hash, hash_, at, kind, model_name, request_id, instance_id, payload in rows:
             n += 1
             if seq != expected_seq:
-                return _broken(n, seq, f"gap before seq {seq}")
+                return broken(n, seq, f"gap before seq {seq}")
             if prev_hash != prev:
-                return _broken(n, seq, "prev_hash does not match")
+                return broken(n, seq, "prev_hash does not match")
             if event_hash(prev, seq, at, kind, model_name, request_id, instance_id, payload) != hash_:
-                return _broken(n, seq, "hash does not match contents")
+                return broken(n, seq, "hash does not match contents")
             if anchor is not None and seq == anchor[0] and hash_ != anchor[1]:
-                return _broken(n, seq, f"event {seq} does not have the anchored hash: the log was rewritten up to it")
+                return broken(n, seq, f"event {seq} does not have the anchored hash: the log was rewritten up to it")
             prev = hash_
             expected_seq += 1
     finally:
@@ -137,8 +161,10 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None) -> dic
         # the first seq the head vouches for that is not there (or the last one, when the head
         # itself was changed or removed)
         bad = expected_seq if head_seq >= expected_seq else max(expected_seq - 1, 1)
-        return _broken(n, bad, f"the log ends at seq {expected_seq - 1} but its recorded head is seq {head_seq}")
-    if anchor is not None and anchor[0] > n:
-        return _broken(n, n + 1, f"the log ends at seq {n}, before the anchored event {anchor[0]}: events were removed")
+        return broken(n, bad, f"the log ends at seq {expected_seq - 1} but its recorded head is seq {head_seq}")
+    if anchor is not None and anchor[0] > expected_seq - 1:
+        return broken(n, expected_seq, f"the log ends at seq {expected_seq - 1}, before the anchored event "
+                                       f"{anchor[0]}: events were removed")
     return {"ok": True, "events": n, "first_bad_seq": None, "reason": None,
-            "head": {"seq": head_seq, "hash": head_hash} if n else None}
+            "head": {"seq": head_seq, "hash": head_hash} if expected_seq > 1 else None,
+            "verified_from": verified_from}

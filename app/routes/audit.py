@@ -59,6 +59,8 @@ def verify(
     session: ReadSessionDep,
     seq: Annotated[int | None, Query(ge=1, le=2**62, description="an anchor kept outside: an event's seq ...")] = None,
     hash: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="... and the hash it had")] = None,
+    after_anchor: Annotated[bool, Query(description="recompute only the events after the anchor (trusting what "
+                                                    "it vouches for): a periodic check reads the new events")] = False,
 ) -> ChainReport:
     """Recompute the hash chain. Always 200 when the check ran: read ``ok``; on a
     broken chain ``first_bad_seq`` names the first event that does not verify and
@@ -66,9 +68,13 @@ def verify(
     ``hash`` (a certificate's ``audit.chain_head``, an earlier report's ``head``),
     also that this event still has that hash: a log rewritten together with its head
     verifies on its own, not against a copy kept elsewhere. While another verification
-    runs in this process: 429 with ``Retry-After`` (its answer would be the same)."""
+    runs in this process: 429 with ``Retry-After`` (its answer would be the same).
+    ``after_anchor=true``: recompute only the events after the anchor, chained from its
+    hash (a monitor passes each report's ``head`` back: it reads the new events only)."""
     if (seq is None) != (hash is None):
         raise Invalid("an anchor is seq and hash together", seq=seq, hash=hash)
+    if after_anchor and seq is None:
+        raise Invalid("after_anchor needs an anchor: seq and hash", after_anchor=after_anchor)
     if not _verifying.acquire(blocking=False):
         raise HTTPException(429, "a verification of the audit chain is already running; ask again when it ends",
                             headers={"Retry-After": "10"})
@@ -79,6 +85,7 @@ def verify(
                 # append committed in between is a head past the log, a sound log reported broken
                 # (SQLite: a deferred read transaction is one snapshot already)
                 session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-            return ChainReport(**verify_chain(session, anchor=(seq, hash) if seq is not None else None))
+            return ChainReport(**verify_chain(session, anchor=(seq, hash) if seq is not None else None,
+                                              after_anchor=after_anchor))
     finally:
         _verifying.release()

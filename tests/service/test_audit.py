@@ -56,7 +56,7 @@ def test_verify_ok_then_tampering_names_the_seq(client, settings, model, field):
     r = client.get("/audit/verify")
     assert r.status_code == 200
     assert r.json() == {"ok": False, "events": 2, "first_bad_seq": 2, "reason": "hash does not match contents",
-                        "head": None}
+                        "head": None, "verified_from": 1}
 
 
 def test_verify_finds_a_deleted_event(client, settings, model):
@@ -96,6 +96,34 @@ def test_an_anchor_kept_outside_finds_a_consistently_rewritten_log(client, setti
     assert "anchored hash" in report["reason"]
 
 
+def test_after_an_anchor_only_the_new_events_are_recomputed(client, settings, model):
+    """A monitor keeps each report's head and passes it back with after_anchor: the check reads
+    the events appended since (what the anchor vouches for is trusted), and still finds a
+    rewrite of the new events, of the anchored event's hash, or events removed."""
+    _post(client, model, 3)
+    kept = client.get("/audit/verify").json()["head"]
+    quiet = client.get("/audit/verify", params={**kept, "after_anchor": "true"}).json()
+    assert (quiet["ok"], quiet["events"], quiet["verified_from"], quiet["head"]) == (True, 0, 4, kept)
+    for i in (3, 4):  # two more requests
+        assert client.post("/deletions", json={"instance_id": model.train_ids[i], "tasks": ["depth"]}).status_code == 202
+    report = client.get("/audit/verify", params={**kept, "after_anchor": "true"}).json()
+    assert (report["ok"], report["events"], report["verified_from"], report["head"]["seq"]) == (True, 2, 4, 5)
+
+    with tamper(settings.database_url) as conn:  # a new event changed: found
+        conn.execute(text("""UPDATE audit_events SET payload = '{"tasks": ["normal"]}' WHERE seq = 5"""))
+    report = client.get("/audit/verify", params={**kept, "after_anchor": "true"}).json()
+    assert (report["ok"], report["first_bad_seq"], report["events"]) == (False, 5, 2)
+    # an older event changed is trusted in this mode (the full check finds it)
+    with tamper(settings.database_url) as conn:
+        conn.execute(text("""UPDATE audit_events SET payload = '{"tasks": ["depth"]}' WHERE seq = 5"""))
+    _rewrite_history(settings.database_url)  # seq 2 onwards rewritten consistently
+    report = client.get("/audit/verify", params={**kept, "after_anchor": "true"}).json()
+    assert (report["ok"], report["first_bad_seq"], report["events"]) == (False, 3, 0)
+    assert "anchored hash" in report["reason"]
+    gone = client.get("/audit/verify", params={"seq": 9, "hash": "a" * 64, "after_anchor": "true"}).json()
+    assert (gone["ok"], gone["first_bad_seq"]) == (False, 9) and "events were removed" in gone["reason"]
+
+
 def test_an_anchor_past_the_end_means_events_were_removed(client, settings, model):
     _post(client, model, 2)
     report = client.get("/audit/verify", params={"seq": 5, "hash": "a" * 64}).json()
@@ -103,7 +131,8 @@ def test_an_anchor_past_the_end_means_events_were_removed(client, settings, mode
 
 
 @pytest.mark.parametrize("params", [{"seq": 1}, {"hash": "a" * 64}, {"seq": 0, "hash": "a" * 64},
-                                    {"seq": 1, "hash": "XYZ"}, {"seq": "one", "hash": "a" * 64}])
+                                    {"seq": 1, "hash": "XYZ"}, {"seq": "one", "hash": "a" * 64},
+                                    {"after_anchor": "true"}, {"seq": 1, "hash": "a" * 64, "after_anchor": "maybe"}])
 def test_a_malformed_anchor_is_a_422(client, model, params):
     assert_problem(client.get("/audit/verify", params=params), 422)
 
