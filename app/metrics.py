@@ -136,6 +136,18 @@ class RecordCollector(Collector):
             behind.add_metric([m.name], len(erasure_cells(erasures_behind(session, m))))
         yield behind
 
+        # versions whose weights are still stored against those purged (`unlearnd purge`): stored
+        # versions growing with erasures are weights that may still hold erased data
+        stored = ModelVersion.purged_at.is_(None)
+        counts = {(name, bool(is_stored)): n for name, is_stored, n in session.execute(
+            select(ModelVersion.model_name, stored, func.count()).group_by(ModelVersion.model_name, stored))}
+        kept = GaugeMetricFamily("unlearnd_model_versions", "Versions per model, by whether their weights are stored "
+                                 "or were purged (they held erased data)", labels=["model", "weights"])
+        for name in models:
+            for is_stored, label in ((True, "stored"), (False, "purged")):
+                kept.add_metric([name, label], counts.get((name, is_stored), 0))
+        yield kept
+
     def _job_durations(self, session: Session) -> HistogramMetricFamily:
         """The histogram of finished jobs' durations, per kind, counted by PostgreSQL in one
         grouped query (a scrape does not grow with the history). SQLite (the embedded

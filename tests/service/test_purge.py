@@ -86,6 +86,9 @@ def test_purging_deletes_the_weights_keeps_the_record_and_refuses_rollbacks_to_t
     assert counts(s) == before
     # a second purge finds nothing left to do
     assert client.post(f"/models/{TINY}/purge", json={}).json()["versions"] == []
+    scrape = client.get("/metrics").text
+    assert f'unlearnd_model_versions{{model="{TINY}",weights="stored"}} 1.0' in scrape
+    assert f'unlearnd_model_versions{{model="{TINY}",weights="purged"}} 2.0' in scrape
 
 
 def test_a_running_jobs_base_and_versions_without_erased_data_are_kept(erased_twice):
