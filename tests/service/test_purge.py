@@ -229,3 +229,25 @@ def test_purge_on_a_missing_sqlite_file_creates_none(environment, tmp_path, caps
     environment.setenv("UNLEARND_STORE_DIR", str(tmp_path / "store"))
     assert cli_main(["purge"]) == 2
     assert "no database at" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+
+
+def test_purge_on_the_embedded_sqlite_record(tiny, tmp_path):
+    """The embedded default (SQLite): the same purge, certificate and refused rollback."""
+    from worker.bootstrap import ensure_model
+
+    from .conftest import on_sqlite
+
+    s, store, ids = tiny
+    s = on_sqlite(s, tmp_path)
+    ensure_model(s, store, progress=False)
+    rid = _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    with TestClient(create_app(s)) as client:
+        assert client.get(f"/deletions/{rid}/certificate").json()["held_by_stored_versions"] == {TINY: [1]}
+        r = client.post(f"/models/{TINY}/purge", json={})
+        assert [(v["version"], v["purged"]) for v in r.json()["versions"]] == [(1, True)], r.text
+        assert client.get(f"/deletions/{rid}/certificate").json()["held_by_stored_versions"] == {TINY: []}
+        assert _versions(client)[1]["purged_at"] is not None
+        assert "was purged" in assert_problem(client.post(f"/models/{TINY}/rollback", json={"version": 1}),
+                                              409)["detail"]
+        assert client.get("/audit/verify").json()["ok"] is True
