@@ -219,6 +219,7 @@ def cmd_purge(args) -> int:
         names = [args.model or settings.model_name]
     store = store_for(settings.store_dir)
     verb = "would purge" if args.dry_run else "purged"
+    refused = 0
     for model_name in names:
         try:
             with transaction(settings.database_url) as session:  # one model a transaction
@@ -226,14 +227,15 @@ def cmd_purge(args) -> int:
                                        actor=_cli_actor())
         except ServiceError as exc:  # an unknown model, a store that is not the service's
             print(f"unlearnd: {exc}", file=sys.stderr)
-            return 2
+            refused += 1
+            continue
         for c in found:
             held = sum(len(e["tasks"]) for e in c.erasures)
             what = "" if c.published else " (an artifact no version points at)"
             print(f"{model_name} v{c.version}{what}: {verb} (sha256 {c.sha256[:12]}…, held {held} erased "
                   f"cell(s) of {len(c.erasures)} request(s))")
         print(f"{model_name}: {len(found)} version(s) {verb}")
-    return 0
+    return 2 if refused else 0
 
 
 def _cli_actor() -> str:

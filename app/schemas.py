@@ -173,8 +173,8 @@ class ChainHead(BaseModel):
 class ChainReport(BaseModel):
     ok: bool
     events: int = Field(description="events recomputed (up to and including the first bad one)")
-    verified_from: int = Field(1, description="the first seq recomputed: 1, or the one after the anchor with "
-                                             "after_anchor")
+    verified_from: int = Field(1, description="where the recomputation started: 1, or the seq after the anchor "
+                                             "with after_anchor (past the end when nothing was appended since)")
     first_bad_seq: int | None
     reason: str | None
     head: ChainHead | None = Field(

@@ -108,8 +108,9 @@ class ModelStore(ABC):
         deleted (False: already purged). :meth:`load` then raises :class:`PurgedVersion`."""
 
     @abstractmethod
-    def versions(self, model_name: str) -> list[int]:
-        """The stored version numbers of a model, ascending."""
+    def versions(self, model_name: str, clean: bool = True) -> list[int]:
+        """The stored version numbers of a model (a purged version's manifest counts),
+        ascending; ``clean``: first remove what writes that died left behind."""
 
     @abstractmethod
     def uri(self, model_name: str, version: int) -> str:

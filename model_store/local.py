@@ -73,11 +73,12 @@ class LocalModelStore(ModelStore):
         d = self._dir(model_name, version)
         return (d / MANIFEST_FILE).is_file() and (d / WEIGHTS_FILE).is_file()
 
-    def versions(self, model_name: str) -> list[int]:
+    def versions(self, model_name: str, clean: bool = True) -> list[int]:
         d = self._model_dir(model_name)
         if not d.is_dir():
             return []
-        self.remove_stale_tmp(model_name)
+        if clean:
+            self.remove_stale_tmp(model_name)
         found = []
         for child in d.iterdir():
             m = re.fullmatch(r"v(\d+)", child.name)

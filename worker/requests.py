@@ -13,7 +13,7 @@ from typing import Literal, Sequence
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 
 from unlearning.data import dataset_key
 
@@ -367,32 +367,44 @@ def stored_versions_holding(session: Session, model: Model, request: DeletionReq
     dataset: the versions whose weights are still stored (not purged) and still hold a
     cell the request erased (the versions before the erasure, until ``unlearnd purge``;
     another model's serving version until its propagate job has run). With ``store``,
-    also the artifacts no version points at (a job stored them, then did not publish)."""
-    from .versions import held_erasures, missing_erasures, models_sharing_dataset, unpublished_artifacts
+    also the artifacts no version points at (a job stored them, then did not publish).
+
+    The cells are the request's, whichever request's tombstone recorded them (two models'
+    requests for one cell: the first published writes it). A version published after the
+    cells' last tombstone holds none of them (its watermark says every tombstone up to it
+    is in its lineage); the others' lineages are compared with the cells, on PostgreSQL
+    in the database (nothing of a lineage is sent back)."""
+    from .versions import as_cell, unpublished_artifacts
 
     key = dataset_key(model.dataset)
-    last = session.execute(select(func.max(Tombstone.id)).where(Tombstone.dataset_key == key,
-                                                                Tombstone.request_id == request.id)).scalar()
+    cells = [(request.instance_id, t) for t in request.tasks]
+    last = session.execute(select(func.max(Tombstone.id)).where(
+        Tombstone.dataset_key == key, Tombstone.instance_id == request.instance_id,
+        Tombstone.task.in_(list(request.tasks)))).scalar()
     if last is None:
         return {}
-    mine = [(rid, iid, t) for rid, iid, t in session.execute(
-        select(Tombstone.request_id, Tombstone.instance_id, Tombstone.task)
-        .where(Tombstone.dataset_key == key, Tombstone.request_id == request.id))]
+    from .versions import models_sharing_dataset
+
     out = {}
     for m in [model, *models_sharing_dataset(session, model.name, key)]:
-        # a version published after the request's last tombstone holds none of its cells (its
-        # watermark says every tombstone up to it is in its lineage): only earlier ones are read
-        rows = session.execute(
-            select(ModelVersion).options(defer(ModelVersion.erased_cells))
-            .where(ModelVersion.model_name == m.name, ModelVersion.purged_at.is_(None),
-                   or_(ModelVersion.tombstone_watermark.is_(None), ModelVersion.tombstone_watermark < last))
-            .order_by(ModelVersion.version)).scalars()
-        held = [v.version for v in rows
-                if any(e["request_id"] == request.id for e in missing_erasures(session, m, v, request.instance_id))]
+        query = (select(ModelVersion.version)
+                 .where(ModelVersion.model_name == m.name, ModelVersion.purged_at.is_(None),
+                        or_(ModelVersion.tombstone_watermark.is_(None), ModelVersion.tombstone_watermark < last))
+                 .order_by(ModelVersion.version))
+        if session.get_bind().dialect.name == "postgresql":
+            from sqlalchemy import cast, not_
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            # jsonb containment: every [instance, task] pair of the request among the lineage's
+            held = list(session.execute(query.where(not_(cast(ModelVersion.erased_cells, JSONB).contains(
+                cast(json.dumps([list(c) for c in cells]), JSONB))))).scalars())
+        else:
+            lineages = session.execute(query.add_columns(ModelVersion.erased_cells)).all()
+            held = [v for v, erased in lineages if not set(cells) <= {as_cell(c) for c in erased or []}]
         if store is not None:
-            for number in unpublished_artifacts(session, store, m.name):
-                if store.exists(m.name, number) and held_erasures(
-                        mine, {tuple(c) for c in store.manifest(m.name, number).erased_cells}):
+            for number in unpublished_artifacts(session, store, m.name, clean=False):
+                if store.exists(m.name, number) and not set(cells) <= {
+                        as_cell(c) for c in store.manifest(m.name, number).erased_cells}:
                     held.append(number)
         out[m.name] = sorted(held)
     return out

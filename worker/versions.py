@@ -20,7 +20,8 @@ from .audit import append_event
 from .errors import Conflict, NotFound
 from .requests import PROCESS_MODEL_TOPIC, get_model
 from .settings import Settings
-from .tables import Alias, AliasHistory, Job, Model, ModelVersion, OutboxMessage, Tombstone, as_utc, new_id, utcnow
+from .tables import (Alias, AliasHistory, AuditEvent, Job, Model, ModelVersion, OutboxMessage, Tombstone, as_utc,
+                     new_id, utcnow)
 
 SERVING = "serving"
 ACTIVE_JOB_STATUSES = ("queued", "running")
@@ -310,14 +311,41 @@ def held_erasures(tombstones: list[tuple[str, str, str]], erased: set[tuple[str,
     return [{"request_id": rid, "instance_id": iid, "tasks": tasks} for (rid, iid), tasks in grouped.items()]
 
 
-def unpublished_artifacts(session: Session, store, model_name: str) -> list[int]:
+def unpublished_artifacts(session: Session, store, model_name: str, clean: bool = True) -> list[int]:
     """Version numbers the store holds for ``model_name`` that no version row points at and
-    no queued or running job has reserved (``params.target_version``)."""
+    no queued or running job has reserved (``params.target_version``); ``clean`` as in
+    ``store.versions`` (a read-only caller passes False)."""
     rows = set(session.execute(select(ModelVersion.version).where(ModelVersion.model_name == model_name)).scalars())
     reserved = {int((p or {}).get("target_version")) for p in session.execute(
         select(Job.params).where(Job.model_name == model_name, Job.status.in_(ACTIVE_JOB_STATUSES))).scalars()
         if (p or {}).get("target_version") is not None}
-    return [v for v in store.versions(model_name) if v not in rows and v not in reserved]
+    return [v for v in store.versions(model_name, clean=clean) if v not in rows and v not in reserved]
+
+
+PURGED_EVENT = "model.version_purged"
+
+
+def _check_store_holds(store, model_name: str, rows: list[ModelVersion]) -> None:
+    """:class:`Conflict` unless ``store`` holds the manifest of every version in ``rows`` with
+    the sha256 the record has: a store directory other than the service's (a relative
+    ``UNLEARND_STORE_DIR`` read from another working directory) is refused by name."""
+    from model_store import StoreError
+
+    wrong = []
+    for row in rows:
+        try:
+            if store.manifest(model_name, row.version).sha256 != row.sha256:
+                wrong.append(f"v{row.version} (another sha256)")
+        except StoreError:
+            wrong.append(f"v{row.version} (missing)")
+    if wrong:
+        first = rows[0]
+        raise Conflict(
+            f"the model store does not hold the versions of {model_name!r} the record names: "
+            f"{', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}; the record has v{first.version} at "
+            f"{first.artifact_uri}, this store looks at {store.uri(model_name, first.version)}. "
+            "Is UNLEARND_STORE_DIR the service's? Nothing was purged",
+            model=model_name, versions=[r.version for r in rows])
 
 
 def purge_versions(
@@ -350,13 +378,13 @@ def purge_versions(
     directory) would otherwise be recorded as purged while the weights stay.
     The weights are deleted before the row records it: should the transaction fail, the
     weights are gone and a second run records them (never the other way round)."""
-    from model_store import StoreError
-
     get_model(session, model_name)
     # the lock a claim and a rollback take: no job starts on a version being purged, and no
     # rollback moves the alias onto one
     model = session.execute(select(Model).where(Model.name == model_name).with_for_update(key_share=True)).scalar_one()
     serving = serving_version(session, model_name, lock=True)
+    if serving is not None:  # the store must be the service's, also when nothing is left to purge
+        _check_store_holds(store, model_name, [get_version(session, model_name, serving)])
     busy = set(session.execute(select(Job.base_version).where(
         Job.model_name == model_name, Job.status.in_(ACTIVE_JOB_STATUSES))).scalars())
     query = (select(ModelVersion).options(defer(ModelVersion.erased_cells))
@@ -372,30 +400,19 @@ def purge_versions(
         if held:
             out.append(PurgeCandidate(row.version, row.sha256, row.created_at, held, row))
 
-    wrong = []
-    for c in out:
-        try:
-            if store.manifest(model_name, c.version).sha256 != c.sha256:
-                wrong.append(f"v{c.version} (another sha256)")
-        except StoreError:
-            wrong.append(f"v{c.version} (missing)")
-    if wrong:
-        first = out[0]
-        raise Conflict(
-            f"the model store does not hold the versions of {model_name!r} the record names: "
-            f"{', '.join(wrong[:5])}{', ...' if len(wrong) > 5 else ''}; the record has v{first.version} at "
-            f"{first.row.artifact_uri}, this store looks at {store.uri(model_name, first.version)}. "
-            "Is UNLEARND_STORE_DIR the service's? Nothing was purged",
-            model=model_name, versions=[c.version for c in out])
+    _check_store_holds(store, model_name, [c.row for c in out])
 
     orphans = unpublished_artifacts(session, store, model_name)
     if orphans:
         tombstones = session.execute(
             select(Tombstone.request_id, Tombstone.instance_id, Tombstone.task)
             .where(Tombstone.dataset_key == dataset_key(model.dataset)).order_by(Tombstone.id)).all()
+        recorded = {(e or {}).get("version") for e in session.execute(
+            select(AuditEvent.payload).where(AuditEvent.kind == PURGED_EVENT,
+                                             AuditEvent.model_name == model_name)).scalars()}
         for number in orphans:
-            if not store.exists(model_name, number):
-                continue  # weights gone already
+            if not store.exists(model_name, number) and number in recorded:
+                continue  # purged and recorded (weights gone, unrecorded: a run that failed after deleting them)
             manifest = store.manifest(model_name, number)
             created = datetime.fromisoformat(manifest.created_at)
             if created_before is not None and created >= created_before:
@@ -412,7 +429,7 @@ def purge_versions(
         if c.row is not None:
             c.row.purged_at = utcnow()
         append_event(
-            session, "model.version_purged", model_name=model_name,
+            session, PURGED_EVENT, model_name=model_name,
             payload={"version": c.version, "sha256": c.sha256, "published": c.published,
                      "held_erasures": [{"request_id": e["request_id"], "tasks": e["tasks"]} for e in c.erasures],
                      **({"actor": actor} if actor else {})},

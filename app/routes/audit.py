@@ -59,8 +59,9 @@ def verify(
     session: ReadSessionDep,
     seq: Annotated[int | None, Query(ge=1, le=2**62, description="an anchor kept outside: an event's seq ...")] = None,
     hash: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="... and the hash it had")] = None,
-    after_anchor: Annotated[bool, Query(description="recompute only the events after the anchor (trusting what "
-                                                    "it vouches for): a periodic check reads the new events")] = False,
+    after_anchor: Annotated[bool, Query(description="recompute only the events after the anchor: a monitor reads "
+                                                    "the new events; changes at or before the anchor that kept the "
+                                                    "stored hashes need a full check")] = False,
 ) -> ChainReport:
     """Recompute the hash chain. Always 200 when the check ran: read ``ok``; on a
     broken chain ``first_bad_seq`` names the first event that does not verify and
@@ -70,7 +71,9 @@ def verify(
     verifies on its own, not against a copy kept elsewhere. While another verification
     runs in this process: 429 with ``Retry-After`` (its answer would be the same).
     ``after_anchor=true``: recompute only the events after the anchor, chained from its
-    hash (a monitor passes each report's ``head`` back: it reads the new events only)."""
+    hash (a monitor passes each report's ``head`` back: it reads the new events only).
+    Event ``seq`` and those before it are not recomputed: a change there that kept the
+    stored hashes is found by a full check only."""
     if (seq is None) != (hash is None):
         raise Invalid("an anchor is seq and hash together", seq=seq, hash=hash)
     if after_anchor and seq is None:

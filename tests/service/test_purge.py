@@ -160,6 +160,13 @@ def test_a_store_that_is_not_the_services_purges_nothing(erased_twice, tmp_path,
     assert "Is UNLEARND_STORE_DIR the service's?" in capsys.readouterr().err
     assert counts(s) == before and all(store.exists(TINY, v) for v in (1, 2, 3))
     assert all(v["purged_at"] is None for v in _versions(client).values())
+    # also when nothing is left to purge: the serving version must be there (a cron job on the
+    # wrong store said "0 version(s) purged" for ever)
+    assert cli_main(["purge", "--dry-run"]) == 2
+    capsys.readouterr()
+    assert len(client.post(f"/models/{TINY}/purge", json={}).json()["versions"]) == 2
+    assert cli_main(["purge"]) == 2
+    assert "v3 (missing)" in capsys.readouterr().err
 
 
 def test_an_empty_body_purges_with_the_defaults(erased_twice):
@@ -189,7 +196,10 @@ def test_every_model_on_the_dataset_and_unpublished_artifacts(two_models):
         assert held == {TINY_B: [1], TINY: [1, 2]}  # A serves v1 (propagation pending) and holds v2 unpublished
         dry = client.post(f"/models/{TINY}/purge", json={"dry_run": True}).json()["versions"]
         assert [(v["version"], v["published"]) for v in dry] == [(2, False)]  # v1 serves: kept
-        assert [v["version"] for v in client.post(f"/models/{TINY}/purge", json={}).json()["versions"]] == [2]
+        store.purge(TINY, 2)  # as a run that deleted the weights and failed before recording it
+        assert [(v["version"], v["purged"]) for v in client.post(f"/models/{TINY}/purge", json={}).json()[
+            "versions"]] == [(2, True)]  # recorded by the next run
+        assert client.post(f"/models/{TINY}/purge", json={}).json()["versions"] == []  # and only once
         assert not store.exists(TINY, 2) and store.manifest(TINY, 2).version == 2  # the number is never reused
         # the rerun erases both cells (the rebase put the missing one in), on top of v1: v3
         assert [(o.status, o.version) for o in jobs.drain_model(s, store, TINY)] == [("completed", 3)]
@@ -251,3 +261,61 @@ def test_purge_on_the_embedded_sqlite_record(tiny, tmp_path):
         assert "was purged" in assert_problem(client.post(f"/models/{TINY}/rollback", json={"version": 1}),
                                               409)["detail"]
         assert client.get("/audit/verify").json()["ok"] is True
+
+
+def test_a_cell_two_models_requests_erased_is_each_requests(two_models):
+    """Requests of two models on one dataset for one cell, both claimed: the first to publish
+    writes the tombstone. The other request's certificate still names the weights that hold
+    its cell (it said {} and a purge dry run listed them)."""
+    s, s_b, store, ids = two_models
+    a = _submit(s, ids[0])
+    b = _submit(s_b, ids[0])
+    claim_a, claim_b = jobs.claim_next(s, TINY), jobs.claim_next(s_b, TINY_B)
+    assert jobs.run_job(s_b, store, claim_b.job_id, claim_b.attempt).status == "completed"
+    assert jobs.run_job(s, store, claim_a.job_id, claim_a.attempt).status == "completed"
+    with TestClient(create_app(s)) as client:
+        for rid in (a, b):
+            assert client.get(f"/deletions/{rid}/certificate").json()["held_by_stored_versions"] == {
+                TINY: [1], TINY_B: [1]}
+        client.post(f"/models/{TINY}/purge", json={})
+        client.post(f"/models/{TINY_B}/purge", json={})
+        for rid in (a, b):
+            assert client.get(f"/deletions/{rid}/certificate").json()["held_by_stored_versions"] == {
+                TINY: [], TINY_B: []}
+
+
+def test_a_certificate_reads_no_lineage(settings, model):
+    """200 versions of 5,000 erased cells each, every one older than the request's tombstone:
+    the certificate compares the lineages in PostgreSQL, not by reading them (2.5 s, and
+    growing with the history, before)."""
+    from sqlalchemy import event
+
+    from unlearning.data import dataset_key
+    from worker.db import engine_for
+    from worker.requests import stored_versions_holding
+    from worker.tables import DeletionRequest, Model, Tombstone
+
+    key = dataset_key(model.spec)
+    cells = [[f"x{i:06d}", "depth"] for i in range(5000)]
+    with transaction(settings.database_url) as session:
+        for v in range(2, 202):
+            session.add(ModelVersion(model_name=model.name, version=v, parent_version=v - 1, sha256="0" * 64,
+                                     artifact_uri="file:///x", deletions=[], erased_cells=cells, metrics={},
+                                     tombstone_watermark=None, created_at=utcnow()))
+        session.add(Tombstone(dataset_key=key, instance_id=model.train_ids[0], task="depth", request_id="r-1"))
+    fetched = []
+
+    def count_rows(conn, cursor, statement, parameters, context, executemany):
+        fetched.append(statement)
+
+    engine = engine_for(settings.database_url)
+    event.listen(engine, "after_cursor_execute", count_rows)
+    try:
+        with transaction(settings.database_url) as session:
+            request = DeletionRequest(id="r-1", model_name=model.name, instance_id=model.train_ids[0],
+                                      tasks=["depth"])
+            held = stored_versions_holding(session, session.get(Model, model.name), request)
+    finally:
+        event.remove(engine, "after_cursor_execute", count_rows)
+    assert held == {model.name: list(range(1, 202))}
+    assert not any("erased_cells" in s.split("FROM")[0] for s in fetched if s.lstrip().upper().startswith("SELECT"))
