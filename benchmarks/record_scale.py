@@ -346,6 +346,7 @@ def time_routes(url: str, store_dir: str, log) -> tuple[list[dict], dict]:
         failed_deep = q("SELECT seq FROM audit_events WHERE kind = 'deletion.failed' ORDER BY seq LIMIT 1 OFFSET :o",
                         o=n_failed * 9 // 10)[0]
         latest = q("SELECT max(version) FROM model_versions WHERE model_name = :m", m=MODEL)[0]
+        anchor = q("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1 OFFSET 100")  # 100 events back
         erased = q("SELECT instance_id, task FROM tombstones WHERE instance_id < :hi ORDER BY instance_id, task LIMIT 1",
                    hi=f"indoor-{SPEC['n_train']:05d}")
     if erased is None:
@@ -368,6 +369,9 @@ def time_routes(url: str, store_dir: str, log) -> tuple[list[dict], dict]:
         ("GET /audit/events?kind=deletion.failed&cursor (90% deep)",
          f"/audit/events?kind=deletion.failed&cursor={encode_cursor(failed_deep)}"),
         ("GET /audit/verify", "/audit/verify"),
+        ("GET /audit/verify?seq&hash&after_anchor (100 new events)",
+         f"/audit/verify?seq={anchor[0]}&hash={anchor[1]}&after_anchor=true"),
+        ("GET /jobs", "/jobs"),
         ("GET /models", "/models"),
         ("GET /models/{name}/versions", f"/models/{MODEL}/versions"),
         ("GET /models/{name}/versions/{latest}", f"/models/{MODEL}/versions/{latest}"),
@@ -403,7 +407,7 @@ def time_routes(url: str, store_dir: str, log) -> tuple[list[dict], dict]:
 
     for name, path in gets:
         r = run(name, lambda p=path: client.get(p), 200)
-        if path == "/audit/verify" and not r.json().get("ok"):
+        if path.startswith("/audit/verify") and not r.json().get("ok"):
             raise RuntimeError(f"the filled chain does not verify: {r.json()}")
     # the first submission renders the dataset's scenes; that is not what is measured
     from worker.datasets import get_splits
