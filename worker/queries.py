@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 from sqlalchemy import select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from .errors import Invalid
 from .tables import AuditEvent, DeletionRequest, Job, as_utc, unstorable
@@ -76,12 +76,13 @@ def _check_limit(limit: int) -> int:
 
 
 def _newest_first(session: Session, table, filters: dict, since: datetime | None, until: datetime | None,
-                  limit: int, cursor: str | None) -> Page:
+                  limit: int, cursor: str | None, without: tuple = ()) -> Page:
     """Rows of ``table`` (a model with ``created_at`` and ``id``) whose columns equal the
     non-None values of ``filters``, newest first (``created_at``, then ``id``), from
-    ``cursor`` on; ``since`` inclusive, ``until`` exclusive."""
+    ``cursor`` on; ``since`` inclusive, ``until`` exclusive; the columns ``without`` not
+    read (reading one raises)."""
     limit = _check_limit(limit)
-    q = select(table)
+    q = select(table).options(*(defer(c, raiseload=True) for c in without))
     for column, value in filters.items():
         if value is not None:
             q = q.where(getattr(table, column) == value)
@@ -130,9 +131,10 @@ def list_jobs(
     limit: int = 50,
     cursor: str | None = None,
 ) -> Page[Job]:
-    """Jobs, newest first (``created_at``, then ``id``); ``since`` inclusive, ``until`` exclusive."""
+    """Jobs, newest first (``created_at``, then ``id``); ``since`` inclusive, ``until`` exclusive;
+    without their metrics and parameters (a reapply's cells can be megabytes)."""
     return _newest_first(session, Job, {"status": status, "kind": kind, "model_name": model}, since, until, limit,
-                         cursor)
+                         cursor, without=(Job.metrics, Job.params))
 
 
 def list_events(

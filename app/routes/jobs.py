@@ -9,7 +9,7 @@ from worker.queries import list_jobs
 from worker.versions import get_job
 
 from ..deps import ReadSessionDep
-from ..schemas import JobKind, JobOut, JobPage, JobStatus, Text, UTCDateTime, job_out
+from ..schemas import JobKind, JobOut, JobPage, JobStatus, Text, UTCDateTime, job_out, job_summary
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -26,11 +26,11 @@ def read_jobs(
     cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JobPage:
     """Jobs, newest first, filtered (``?status=failed`` for what needs an operator); pages
-    follow ``next_cursor``."""
+    follow ``next_cursor``. Without metrics and parameters: ``GET /jobs/{id}`` has them."""
     with session.begin():
         page = list_jobs(session, status=status, kind=kind, model=model, since=since, until=until, limit=limit,
                          cursor=cursor)
-        return JobPage(items=[job_out(j) for j in page.items], next_cursor=page.next_cursor)
+        return JobPage(items=[job_summary(j) for j in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)

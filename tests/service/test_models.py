@@ -148,6 +148,10 @@ def test_jobs_are_listed_newest_first_filtered_and_paged(client, settings, model
                       created_at=now + timedelta(seconds=i)))
     everything = client.get("/jobs").json()
     assert [j["id"] for j in everything["items"]] == ["job-3", "job-2", "job-1", "job-0"]
+    # a listing leaves metrics and parameters (a reapply's cells: megabytes) to the job's own route
+    assert all("params" not in j and "metrics" not in j for j in everything["items"])
+    assert everything["items"][0]["links"] == {"self": "/jobs/job-3"}
+    assert client.get("/jobs/job-3").json()["params"] is None
     assert everything["next_cursor"] is None
     failed = client.get("/jobs", params={"status": "failed"}).json()["items"]
     assert [(j["id"], j["error"]) for j in failed] == [("job-1", "boom")]
