@@ -347,6 +347,8 @@ def time_routes(url: str, store_dir: str, log) -> tuple[list[dict], dict]:
                         o=n_failed * 9 // 10)[0]
         latest = q("SELECT max(version) FROM model_versions WHERE model_name = :m", m=MODEL)[0]
         anchor = q("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1 OFFSET 100")  # 100 events back
+        late = q("SELECT id FROM deletion_requests WHERE status = 'completed' ORDER BY created_at DESC, id DESC "
+                 "LIMIT 1")[0]  # erased last: every earlier version still holds it
         erased = q("SELECT instance_id, task FROM tombstones WHERE instance_id < :hi ORDER BY instance_id, task LIMIT 1",
                    hi=f"indoor-{SPEC['n_train']:05d}")
     if erased is None:
@@ -360,6 +362,7 @@ def time_routes(url: str, store_dir: str, log) -> tuple[list[dict], dict]:
         ("GET /deletions?cursor (90% deep)", f"/deletions?cursor={deep_cursor}"),
         ("GET /deletions/{id}", f"/deletions/{rid}"),
         ("GET /deletions/{id}/certificate", f"/deletions/{rid}/certificate"),
+        ("GET /deletions/{id}/certificate (the latest completed)", f"/deletions/{late}/certificate"),
         ("GET /audit/events", "/audit/events"),
         ("GET /audit/events?instance_id", f"/audit/events?instance_id={iid}"),
         ("GET /audit/events?request_id", f"/audit/events?request_id={rid}"),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Sequence
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -370,40 +370,31 @@ def stored_versions_holding(session: Session, model: Model, request: DeletionReq
     also the artifacts no version points at (a job stored them, then did not publish).
 
     The cells are the request's, whichever request's tombstone recorded them (two models'
-    requests for one cell: the first published writes it). A version published after the
-    cells' last tombstone holds none of them (its watermark says every tombstone up to it
-    is in its lineage); the others' lineages are compared with the cells, on PostgreSQL
-    in the database (nothing of a lineage is sent back)."""
-    from .versions import as_cell, unpublished_artifacts
+    requests for one cell: the first published writes it). A version's watermark (the
+    dataset's highest tombstone id when it was published, migration 0005) answers without
+    reading its lineage: publish refuses a version that misses a tombstoned cell, and every
+    cell of a lineage was tombstoned when it entered it, so a version holds one of the
+    cells exactly when its watermark is below their last tombstone. Versions without a
+    watermark (a first version, or published before 0005) are compared cell by cell."""
+    from .versions import as_cell, models_sharing_dataset, unpublished_artifacts
 
     key = dataset_key(model.dataset)
-    cells = [(request.instance_id, t) for t in request.tasks]
+    cells = {(request.instance_id, t) for t in request.tasks}
     last = session.execute(select(func.max(Tombstone.id)).where(
         Tombstone.dataset_key == key, Tombstone.instance_id == request.instance_id,
         Tombstone.task.in_(list(request.tasks)))).scalar()
     if last is None:
         return {}
-    from .versions import models_sharing_dataset
-
     out = {}
     for m in [model, *models_sharing_dataset(session, model.name, key)]:
-        query = (select(ModelVersion.version)
-                 .where(ModelVersion.model_name == m.name, ModelVersion.purged_at.is_(None),
-                        or_(ModelVersion.tombstone_watermark.is_(None), ModelVersion.tombstone_watermark < last))
-                 .order_by(ModelVersion.version))
-        if session.get_bind().dialect.name == "postgresql":
-            from sqlalchemy import cast, not_
-            from sqlalchemy.dialects.postgresql import JSONB
-
-            # jsonb containment: every [instance, task] pair of the request among the lineage's
-            held = list(session.execute(query.where(not_(cast(ModelVersion.erased_cells, JSONB).contains(
-                cast(json.dumps([list(c) for c in cells]), JSONB))))).scalars())
-        else:
-            lineages = session.execute(query.add_columns(ModelVersion.erased_cells)).all()
-            held = [v for v, erased in lineages if not set(cells) <= {as_cell(c) for c in erased or []}]
+        stored = (ModelVersion.model_name == m.name, ModelVersion.purged_at.is_(None))
+        held = list(session.execute(select(ModelVersion.version).where(
+            *stored, ModelVersion.tombstone_watermark < last)).scalars())
+        held += [v for v, erased in session.execute(select(ModelVersion.version, ModelVersion.erased_cells).where(
+            *stored, ModelVersion.tombstone_watermark.is_(None))) if not cells <= {as_cell(c) for c in erased or []}]
         if store is not None:
             for number in unpublished_artifacts(session, store, m.name, clean=False):
-                if store.exists(m.name, number) and not set(cells) <= {
+                if store.exists(m.name, number) and not cells <= {
                         as_cell(c) for c in store.manifest(m.name, number).erased_cells}:
                     held.append(number)
         out[m.name] = sorted(held)
