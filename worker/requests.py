@@ -13,7 +13,7 @@ from typing import Literal, Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from unlearning.data import dataset_key
 
@@ -297,8 +297,8 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
     job = session.get(Job, request.job_id) if request.job_id else None
     version = None
     if request.produced_version is not None:
-        version = session.execute(
-            select(ModelVersion).where(
+        version = session.execute(  # not its lineage of cells: megabytes late in a long history
+            select(ModelVersion).options(defer(ModelVersion.erased_cells, raiseload=True)).where(
                 ModelVersion.model_name == request.model_name, ModelVersion.version == request.produced_version
             )
         ).scalar_one_or_none()
