@@ -226,44 +226,33 @@ class RollbackIn(BaseModel):
     )
 
 
-class JobSummary(BaseModel):
+class _JobFields(BaseModel):
+    id: str
+    model: str
+    kind: str
+    status: str
+    method: str
+    base_version: int
+    produced_version: int | None
+    progress: float
+    attempts: int
+    error: str | None
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    heartbeat_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+
+
+class JobSummary(_JobFields):
     """A job in a listing: without its metrics and parameters (a reapply's cells, after a
     rollback far back, are megabytes); ``GET /jobs/{id}`` has them."""
 
-    id: str
-    model: str
-    kind: str
-    status: str
-    method: str
-    base_version: int
-    produced_version: int | None
-    progress: float
-    attempts: int
-    error: str | None
-    created_at: UTCDateTime
-    started_at: UTCDateTime | None
-    heartbeat_at: UTCDateTime | None
-    finished_at: UTCDateTime | None
     links: dict[str, str] = Field(description="self: the job with its metrics and parameters")
 
 
-class JobOut(BaseModel):
-    id: str
-    model: str
-    kind: str
-    status: str
-    method: str
-    base_version: int
-    produced_version: int | None
-    progress: float
-    attempts: int
-    error: str | None
+class JobOut(_JobFields):
     metrics: dict[str, Any] | None
     params: dict[str, Any] | None
-    created_at: UTCDateTime
-    started_at: UTCDateTime | None
-    heartbeat_at: UTCDateTime | None
-    finished_at: UTCDateTime | None
 
 
 class JobPage(BaseModel):
@@ -374,29 +363,16 @@ def version_out(v, serving: int | None) -> VersionOut:
     )
 
 
+def _job_fields(j) -> dict:
+    return dict(id=j.id, model=j.model_name, kind=j.kind, status=j.status, method=j.method,
+                base_version=j.base_version, produced_version=j.produced_version, progress=j.progress,
+                attempts=j.attempts, error=j.error, created_at=j.created_at, started_at=j.started_at,
+                heartbeat_at=j.heartbeat_at, finished_at=j.finished_at)
+
+
 def job_summary(j) -> JobSummary:
-    return JobSummary(id=j.id, model=j.model_name, kind=j.kind, status=j.status, method=j.method,
-                      base_version=j.base_version, produced_version=j.produced_version, progress=j.progress,
-                      attempts=j.attempts, error=j.error, created_at=j.created_at, started_at=j.started_at,
-                      heartbeat_at=j.heartbeat_at, finished_at=j.finished_at, links={"self": f"/jobs/{j.id}"})
+    return JobSummary(**_job_fields(j), links={"self": f"/jobs/{j.id}"})
 
 
 def job_out(j) -> JobOut:
-    return JobOut(
-        id=j.id,
-        model=j.model_name,
-        kind=j.kind,
-        status=j.status,
-        method=j.method,
-        base_version=j.base_version,
-        produced_version=j.produced_version,
-        progress=j.progress,
-        attempts=j.attempts,
-        error=j.error,
-        metrics=j.metrics,
-        params=j.params,
-        created_at=j.created_at,
-        started_at=j.started_at,
-        heartbeat_at=j.heartbeat_at,
-        finished_at=j.finished_at,
-    )
+    return JobOut(**_job_fields(j), metrics=j.metrics, params=j.params)
