@@ -373,7 +373,8 @@ def purge_versions(
     deleted.
 
     :class:`~worker.errors.Conflict` before anything is deleted when the store does not
-    hold a candidate version's manifest with the recorded sha256: a store directory
+    hold the serving version's or a candidate version's manifest with the recorded sha256
+    (:func:`_check_store_holds`): a store directory
     other than the service's (a relative ``UNLEARND_STORE_DIR`` from another working
     directory) would otherwise be recorded as purged while the weights stay.
     The weights are deleted before the row records it: should the transaction fail, the
