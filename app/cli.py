@@ -161,7 +161,7 @@ def cmd_calibrate(args) -> int:
         print(f"method {settings.method!r} takes no calibration", file=sys.stderr)
         return 2
     if not store.exists(settings.model_name, 1):
-        if 1 in store.versions(settings.model_name):
+        if store.purged(settings.model_name, 1):
             print(f"version 1 of {settings.model_name!r} was purged (its weights held erased data): the "
                   "calibration is computed from them; jobs take the fixed quantile", file=sys.stderr)
         else:

@@ -130,6 +130,10 @@ class ModelStore(ABC):
         """The model of a version (see :meth:`load`)."""
         return self.load(model_name, version, device)[0]
 
+    def purged(self, model_name: str, version: int) -> bool:
+        """Whether the version's manifest is stored without its weights (:meth:`purge`)."""
+        return not self.exists(model_name, version) and version in self.versions(model_name, clean=False)
+
     def latest_version(self, model_name: str) -> int | None:
         found = self.versions(model_name)
         return found[-1] if found else None

@@ -36,7 +36,7 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
         spec = dataset_spec(settings)
         erased = sorted(erased_cells(session, spec))
 
-    if not store.exists(name, 1) and 1 in store.versions(name):  # its manifest, without weights
+    if store.purged(name, 1):
         from model_store import PurgedVersion
 
         raise PurgedVersion(

@@ -126,7 +126,6 @@ def missing_erasures(session: Session, model: Model, target: ModelVersion,
     """Erasures recorded for the model's dataset (of one instance, with ``instance_id``)
     that ``target`` does not contain, grouped by request:
     ``[{"request_id", "instance_id", "tasks"}]``."""
-    grouped: dict[tuple[str, str], list[str]] = {}
     query = (select(Tombstone.request_id, Tombstone.instance_id, Tombstone.task)  # columns: no ORM objects
              .where(Tombstone.dataset_key == dataset_key(model.dataset)).order_by(Tombstone.id))
     if instance_id is not None:
@@ -137,10 +136,7 @@ def missing_erasures(session: Session, model: Model, target: ModelVersion,
         query = query.where(Tombstone.id > target.tombstone_watermark)
     rows = session.execute(query).all()
     have = {as_cell(c) for c in (target.erased_cells or [])} if rows else set()  # the lineage, read when needed
-    for request_id, iid, task in rows:
-        if (iid, task) not in have:
-            grouped.setdefault((request_id, iid), []).append(task)
-    return [{"request_id": rid, "instance_id": iid, "tasks": tasks} for (rid, iid), tasks in grouped.items()]
+    return held_erasures(rows, have)
 
 
 def models_sharing_dataset(session: Session, model_name: str, key: str) -> list[Model]:
@@ -203,10 +199,11 @@ def rollback(
     if current == version:
         return RollbackOutcome("noop", model_name, current, version)
     if target.purged_at is not None:
+        purged_at = as_utc(target.purged_at).isoformat()
         raise Conflict(
-            f"version {version} of {model_name!r} was purged at {as_utc(target.purged_at).isoformat()}: its weights held "
+            f"version {version} of {model_name!r} was purged at {purged_at}: its weights held "
             "data erased since and were deleted, so it can be neither served nor erased again",
-            model=model_name, version=version, purged_at=as_utc(target.purged_at).isoformat(),
+            model=model_name, version=version, purged_at=purged_at,
         )
 
     missing = missing_erasures(session, model, target)
@@ -303,7 +300,7 @@ class PurgeCandidate:
 
 def held_erasures(tombstones: list[tuple[str, str, str]], erased: set[tuple[str, str]]) -> list[dict]:
     """The erasures among ``tombstones`` (``(request_id, instance_id, task)``) whose cell is not
-    in ``erased`` (a lineage's cells), grouped as :func:`missing_erasures` groups them."""
+    in ``erased`` (a lineage's cells), grouped by request: ``[{"request_id", "instance_id", "tasks"}]``."""
     grouped: dict[tuple[str, str], list[str]] = {}
     for request_id, iid, task in tombstones:
         if (iid, task) not in erased:
