@@ -898,11 +898,26 @@ def fail_job(session: Session, job: Job, error: str) -> None:
     append_event(session, "job.failed", model_name=job.model_name,
                  payload={"job_id": job.id, "kind": job.kind, "error": error, "attempts": job.attempts,
                           "request_ids": [r.id for r in requests]})
+    shown = request_error(session, job, error)
     for req in requests:
         req.status = "failed"
-        req.error = error
+        req.error = shown
         append_event(session, "deletion.failed", model_name=job.model_name, request_id=req.id,
                      instance_id=req.instance_id, payload={"job_id": job.id, "error": error})
+
+
+def request_error(session: Session, job: Job, error: str) -> str:
+    """What a failed job's requests say of its ``error``: the error itself, unless the job
+    batched the requests of more than one submitter. An error is free text and may name
+    any cell of the job (another portal's instance), so those requests get its kind and
+    where to read it instead: the job, for keys that read. The audit events keep it whole."""
+    submitters = set(session.execute(
+        select(DeletionRequest.submitted_by).where(DeletionRequest.job_id == job.id)).scalars())
+    if len(submitters) <= 1:
+        return error
+    kind = error.split(":", 1)[0] if ":" in error and " " not in error.split(":", 1)[0] else "error"
+    return (f"job {job.id} failed ({kind}). It batched other submitters' requests too, so its error "
+            f"is on the job (GET /jobs/{job.id}) and in the audit log, for keys that read.")
 
 
 # --------------------------------------------------------------------------- entry point

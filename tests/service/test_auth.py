@@ -275,6 +275,38 @@ def test_a_job_batching_two_portals_requests_shows_each_only_its_own_cells(tiny)
         assert sorted(map(tuple, job["metrics"]["forget_cells"])) == [(ids[0], "depth"), (ids[1], "depth")]
 
 
+def test_a_failed_job_batching_two_portals_requests_shows_neither_the_others_cells(tiny, monkeypatch):
+    """A job's error is free text and may name any of its cells. When the job batched two
+    portals' requests, each request says the job failed and where the error is (the job, for
+    keys that read) instead of copying it; a job of one submitter's requests copies it whole."""
+    from worker import jobs
+
+    s, store, ids = tiny
+
+    def fail(*args, **kwargs):
+        raise ValueError(f"cannot erase {ids[1]!r}: something about that instance")
+
+    monkeypatch.setattr(jobs, "_compute", fail)
+    with _keyed_client(s) as c:
+        mine = c.post("/deletions", json={"instance_id": ids[0], "tasks": ["depth"]}, headers=_bearer("portal"))
+        theirs = c.post("/deletions", json={"instance_id": ids[1], "tasks": ["depth"]}, headers=_bearer("shop"))
+        assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["failed"]
+        for name, r in (("portal", mine), ("shop", theirs)):
+            got = c.get(f"/deletions/{r.json()['id']}", headers=_bearer(name)).json()
+            assert got["status"] == "failed" and ids[1] not in got["error"]
+            assert got["error"].startswith(f"job {got['job_id']} failed (ValueError)")
+            assert f"GET /jobs/{got['job_id']}" in got["error"]
+        job = c.get(f"/jobs/{got['job_id']}", headers=_bearer("ops")).json()
+        assert job["status"] == "failed" and ids[1] in job["error"]  # the job keeps the whole error
+        events = c.get("/audit/events", params={"kind": "deletion.failed"}, headers=_bearer("ops")).json()["items"]
+        assert len(events) == 2 and all(ids[1] in e["payload"]["error"] for e in events)
+
+        alone = c.post("/deletions", json={"instance_id": ids[2], "tasks": ["depth"]}, headers=_bearer("portal"))
+        assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["failed"]
+        got = c.get(f"/deletions/{alone.json()['id']}", headers=_bearer("portal")).json()
+        assert got["error"] == f"ValueError: cannot erase {ids[1]!r}: something about that instance"
+
+
 def test_a_conflict_names_only_the_callers_own_requests(keyed, settings, model):
     """A cell pending in another portal's request is a 409 that says so without that
     request's id; the caller's own request, and every request for a key that reads, is named."""
