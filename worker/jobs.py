@@ -135,6 +135,25 @@ def engine_cache(model_name: str, version: int) -> dict:
     return cache
 
 
+def forget_purged_versions(settings: Settings) -> list[tuple[str, int]]:
+    """Drop the engine caches of versions purged since this worker cached them, and return
+    their keys. A version's cache holds its model (the evaluation context's original) and
+    numbers computed from the data it saw: what a purge deletes from the store must not
+    stay in a worker's memory until the cache evicts it. Run before every job."""
+    if not ENGINE_CACHE:
+        return []
+    with transaction(settings.database_url) as session:
+        purged = {(name, version) for name, version in session.execute(
+            select(ModelVersion.model_name, ModelVersion.version).where(
+                ModelVersion.purged_at.is_not(None),
+                ModelVersion.model_name.in_(sorted({name for name, _ in ENGINE_CACHE}))))}
+    gone = [key for key in list(ENGINE_CACHE) if key in purged]
+    for key in gone:
+        ENGINE_CACHE.pop(key, None)
+        log.info("dropped the engine cache of %s v%d: the version was purged", *key)
+    return gone
+
+
 def _process_lock(model_name: str) -> threading.Lock:
     with _process_locks_guard:
         return _process_locks.setdefault(model_name, threading.Lock())
@@ -609,6 +628,7 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
 
     # The heartbeat covers loading too: rendering or reading a large dataset the first
     # time may take longer than STALE_AFTER_S, and the sweeper must not requeue a live job.
+    forget_purged_versions(settings)
     with _Heartbeat(settings, job_id, attempt, interval) as beat:
         check_stop()
         model, base_manifest = store.load(model_name, base_version, device=device)  # weights checked against it

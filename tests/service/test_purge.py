@@ -91,6 +91,23 @@ def test_purging_deletes_the_weights_keeps_the_record_and_refuses_rollbacks_to_t
     assert f'unlearnd_model_versions{{model="{TINY}",weights="purged"}} 2.0' in scrape
 
 
+def test_a_workers_caches_of_purged_versions_are_dropped(erased_twice):
+    """A worker's engine cache of a version holds its model and numbers from its data: a
+    purge drops it at once in its own process (the embedded worker), and any worker drops
+    it before its next job."""
+    s, store, ids, client = erased_twice
+    assert {(TINY, 1), (TINY, 2)} <= set(jobs.ENGINE_CACHE)  # the two jobs' bases
+    assert client.post(f"/models/{TINY}/purge", json={"dry_run": True}).status_code == 200
+    assert {(TINY, 1), (TINY, 2)} <= set(jobs.ENGINE_CACHE)  # a dry run drops nothing
+    assert client.post(f"/models/{TINY}/purge", json={}).status_code == 200
+    assert not {(TINY, 1), (TINY, 2)} & set(jobs.ENGINE_CACHE)
+    elsewhere = jobs.engine_cache(TINY, 1)  # as another worker process would still hold it
+    elsewhere["eval_context"] = object()
+    _submit(s, ids[2])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    assert (TINY, 1) not in jobs.ENGINE_CACHE and (TINY, 3) in jobs.ENGINE_CACHE
+
+
 def test_a_running_jobs_base_and_versions_without_erased_data_are_kept(erased_twice):
     s, store, ids, client = erased_twice
     with transaction(s.database_url) as session:
