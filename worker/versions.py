@@ -400,7 +400,7 @@ def purge_versions(
 
     _check_store_holds(store, model_name, [c.row for c in out])
 
-    orphans = unpublished_artifacts(session, store, model_name)
+    orphans = unpublished_artifacts(session, store, model_name, clean=not dry_run)  # a dry run deletes nothing
     if orphans:
         tombstones = session.execute(
             select(Tombstone.request_id, Tombstone.instance_id, Tombstone.task)

@@ -3,6 +3,9 @@
 version in the store still held it, for ever. Real store, PostgreSQL and jobs."""
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -39,6 +42,9 @@ def _versions(client) -> dict[int, dict]:
 def test_a_dry_run_lists_the_versions_that_hold_erased_data_and_deletes_nothing(erased_twice):
     s, store, ids, client = erased_twice
     before = counts(s)
+    dead = store._model_dir(TINY) / ".tmp-v9-dead-writer"  # a dead write's leftovers: a real purge tidies them
+    dead.mkdir()
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
     r = client.post(f"/models/{TINY}/purge", json={"dry_run": True})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -46,7 +52,7 @@ def test_a_dry_run_lists_the_versions_that_hold_erased_data_and_deletes_nothing(
     assert [v["purged"] for v in body["versions"]] == [False, False]
     held = {v["version"]: [(e["instance_id"], e["tasks"]) for e in v["held_erasures"]] for v in body["versions"]}
     assert held == {1: [(ids[0], ["depth"]), (ids[1], ["depth"])], 2: [(ids[1], ["depth"])]}
-    assert all(store.exists(TINY, v) for v in (1, 2, 3)) and counts(s) == before
+    assert all(store.exists(TINY, v) for v in (1, 2, 3)) and counts(s) == before and dead.is_dir()
     assert all(v["purged_at"] is None for v in _versions(client).values())
     # versions newer than the window are kept
     assert client.post(f"/models/{TINY}/purge", json={"older_than_days": 1}).json()["versions"] == []
