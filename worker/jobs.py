@@ -38,7 +38,7 @@ from datetime import datetime
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -927,13 +927,17 @@ def fail_job(session: Session, job: Job, error: str) -> None:
 
 
 def request_error(session: Session, job: Job, error: str) -> str:
-    """What a failed job's requests say of its ``error``: the error itself, unless the job
-    batched the requests of more than one submitter. An error is free text and may name
-    any cell of the job (another portal's instance), so those requests get its kind and
-    where to read it instead: the job, for keys that read. The audit events keep it whole."""
-    submitters = set(session.execute(
-        select(DeletionRequest.submitted_by).where(DeletionRequest.job_id == job.id)).scalars())
-    if len(submitters) <= 1:
+    """What a failed job's requests say of its ``error``: the error itself, unless the job's
+    cells belong to the requests of more than one submitter (those it batched, and those
+    of the erasures it caught up on, made through another model: ``params.request_ids``).
+    An error is free text and may name any cell of the job (another portal's instance),
+    so those requests get its kind and where to read it instead: the job, for keys that
+    read. The audit events keep it whole."""
+    named = list((job.params or {}).get("request_ids") or [])  # with the erasures it caught up on (claim_next)
+    rows = session.execute(select(DeletionRequest.id, DeletionRequest.submitted_by).where(
+        or_(DeletionRequest.job_id == job.id, DeletionRequest.id.in_([i for i in named if i])))).all()
+    unknown = any(i not in {r.id for r in rows} for i in named)
+    if len({r.submitted_by for r in rows}) <= 1 and not unknown:
         return error
     kind = error.split(":", 1)[0] if ":" in error and " " not in error.split(":", 1)[0] else "error"
     return (f"job {job.id} failed ({kind}). It batched other submitters' requests too, so its error "

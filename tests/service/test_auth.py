@@ -18,7 +18,7 @@ from worker.settings import ApiKey, Settings, get_settings
 from worker.tables import Alias, AuditEvent, ModelVersion
 
 from .conftest import assert_problem, counts
-from .test_hardening_worker import TINY, tiny, tiny_v1  # noqa: F401 - fixtures
+from .test_hardening_worker import TINY, TINY_B, tiny, tiny_v1, two_models  # noqa: F401 - fixtures
 
 TOKENS = {"portal": "portal-token", "auditor": "auditor-token", "ops": "ops-token", "shop": "shop-token",
           "dpo": "dpo-token"}
@@ -305,6 +305,30 @@ def test_a_failed_job_batching_two_portals_requests_shows_neither_the_others_cel
         assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["failed"]
         got = c.get(f"/deletions/{alone.json()['id']}", headers=_bearer("portal")).json()
         assert got["error"] == f"ValueError: cannot erase {ids[1]!r}: something about that instance"
+
+
+def test_a_failed_job_catching_up_on_another_portals_erasure_hides_its_error(two_models, monkeypatch):
+    """A model whose propagate job failed erases those cells with its next deletion job, which
+    thus holds another portal's request (made through the other model) without batching it:
+    that request counts too, and the portal's request does not copy the job's error."""
+    from worker import jobs
+
+    s, s_b, store, ids = two_models
+    with _keyed_client(s) as c:
+        c.post("/deletions", json={"instance_id": ids[1], "tasks": ["depth"], "model": TINY_B}, headers=_bearer("shop"))
+        assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["completed"]
+
+        def fail(settings, store, job_id, model_name, base_version, version, spec, cells, *args, **kwargs):
+            raise ValueError(f"cannot erase cells {cells}")
+
+        monkeypatch.setattr(jobs, "_compute", fail)
+        assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["failed"]  # the propagate job
+        mine = c.post("/deletions", json={"instance_id": ids[0], "tasks": ["depth"]}, headers=_bearer("portal"))
+        assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["failed"]
+        got = c.get(f"/deletions/{mine.json()['id']}", headers=_bearer("portal")).json()
+        job = c.get(f"/jobs/{got['job_id']}", headers=_bearer("ops")).json()
+        assert [ids[1], "depth"] in job["params"]["cells"] and ids[1] in job["error"]
+        assert ids[1] not in got["error"] and got["error"].startswith(f"job {got['job_id']} failed (ValueError)")
 
 
 def test_a_conflict_names_only_the_callers_own_requests(keyed, settings, model):
