@@ -258,13 +258,32 @@ def _by_idempotency_key(session: Session, key: str, fingerprint: str, actor: str
 
 
 def request_metrics(metrics: dict | None, cells: list) -> dict | None:
-    """A request's share of its job's metrics: the job's, with ``forget_cells`` (every cell
-    of the job, which may batch the requests of several submitters) narrowed to the
-    request's own ``cells``."""
+    """A request's share of its job's metrics, which may batch the requests of several
+    submitters: what names the job's cells or tasks is narrowed to the request's own
+    ``cells``: ``forget_cells``, ``forget_tasks`` and ``forget_loss`` keep its tasks;
+    ``per_task.forgotten`` (the forgotten instances' kept cells, task-level interference)
+    keeps the other tasks, those its instance may keep; and ``mode`` is the request's
+    (full when it names every task of the model). The numbers themselves (UIS, MIA AUC,
+    a task's metrics on the forgotten instances' kept cells) stay the job's, over every
+    cell it erased."""
     if not isinstance(metrics, dict) or "forget_cells" not in metrics:
         return metrics
     own = {tuple(c) for c in cells}
-    return {**metrics, "forget_cells": [c for c in metrics["forget_cells"] if tuple(c) in own]}
+    tasks = {t for _, t in own}
+    out = {**metrics, "forget_cells": [c for c in metrics["forget_cells"] if tuple(c) in own]}
+    if isinstance(out.get("forget_tasks"), list):
+        out["forget_tasks"] = [t for t in out["forget_tasks"] if t in tasks]
+    per_task = out.get("per_task")
+    if isinstance(per_task, dict) and isinstance(per_task.get("forgotten"), dict):
+        out["per_task"] = {**per_task, "forgotten": {t: m for t, m in per_task["forgotten"].items()
+                                                     if t not in tasks}}
+    if isinstance(out.get("forget_loss"), dict):
+        out["forget_loss"] = {name: {t: v for t, v in losses.items() if t in tasks} if isinstance(losses, dict)
+                              else losses for name, losses in out["forget_loss"].items()}
+    every_task = per_task.get("test") if isinstance(per_task, dict) else None
+    if "mode" in out and isinstance(every_task, dict) and every_task:
+        out["mode"] = "full" if set(every_task) <= tasks else "partial"
+    return out
 
 
 def get_request(session: Session, request_id: str, submitted_by: str | None = None) -> DeletionRequest:

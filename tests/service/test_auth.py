@@ -275,6 +275,30 @@ def test_a_job_batching_two_portals_requests_shows_each_only_its_own_cells(tiny)
         assert sorted(map(tuple, job["metrics"]["forget_cells"])) == [(ids[0], "depth"), (ids[1], "depth")]
 
 
+def test_a_request_batched_with_other_tasks_sees_only_its_own_tasks(tiny):
+    """The job's metrics name its forgotten tasks (the forget losses, the mode) and the tasks
+    its forgotten instances keep (``per_task.forgotten``): a request's share names only its
+    own, so a portal does not learn which tasks another portal's request erased with it."""
+    from worker import jobs
+
+    s, store, ids = tiny
+    with _keyed_client(s) as c:
+        mine = c.post("/deletions", json={"instance_id": ids[0], "tasks": ["depth"]}, headers=_bearer("portal"))
+        theirs = c.post("/deletions", json={"instance_id": ids[1]}, headers=_bearer("shop"))  # every task
+        assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+        job_id = c.get(f"/deletions/{mine.json()['id']}", headers=_bearer("portal")).json()["job_id"]
+        job = c.get(f"/jobs/{job_id}", headers=_bearer("ops")).json()["metrics"]
+        every = sorted(job["per_task"]["test"])
+        assert len(every) > 1 and sorted(job["forget_tasks"]) == every and job["mode"] == "partial"
+        for name, r, tasks, mode in (("portal", mine, ["depth"], "partial"), ("shop", theirs, every, "full")):
+            got = c.get(f"/deletions/{r.json()['id']}", headers=_bearer(name)).json()["metrics"]
+            assert sorted(got["forget_tasks"]) == tasks and got["mode"] == mode
+            kept = sorted(got["per_task"].get("forgotten", {}))  # the forgotten instances' kept cells
+            assert kept == sorted(set(every) - set(tasks))
+            assert all(sorted(losses) == tasks for losses in got["forget_loss"].values())
+            assert got["per_task"]["test"] == job["per_task"]["test"] and got["uis"] == job["uis"]
+
+
 def test_a_failed_job_batching_two_portals_requests_shows_neither_the_others_cells(tiny, monkeypatch):
     """A job's error is free text and may name any of its cells. When the job batched two
     portals' requests, each request says the job failed and where the error is (the job, for
