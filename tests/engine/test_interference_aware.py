@@ -241,6 +241,35 @@ def test_an_unscored_cell_takes_its_tasks_mean_score_over_the_table(memorised):
     assert log["calibration"]["expected_mia_auc"] == pytest.approx(0.75)
 
 
+def test_a_job_batching_a_partial_and_a_full_request_treats_each_instance_by_its_own_mode(memorised):
+    """Each forget row takes its own mode, as the evaluation tells them apart: an instance that
+    keeps a cell (partial) takes the partial level and its kept cells are a retain reference;
+    one that leaves the data (full, also when its other cells were erased earlier) the full level."""
+    model, train, test = memorised
+    ids = train.instance_ids
+    cells = [(ids[0], "depth")] + [(ids[1], t) for t in TASKS]
+    cfg = {"steps": 2, "tau_quantile": 0.5, "tau_quantile_partial": 0.55}
+    _, log = get_method("interference_aware")(model, _data(train, test, cells), cfg)
+    assert log["tau_quantiles"] == {t: [0.55, 0.5] for t in TASKS}
+    assert "own_retained_cells" in log["retain_references"]
+    # the rest of an instance whose depth was erased by an earlier job: it leaves the data now
+    earlier = train.without([(ids[2], "depth")])
+    rest = [(ids[2], "segmentation"), (ids[2], "normal")]
+    _, log = get_method("interference_aware")(model, _data(earlier, test, rest), cfg)
+    assert log["tau_quantiles"] == {"segmentation": [0.5], "normal": [0.5]}
+    assert "own_retained_cells" not in log["retain_references"] and log["protected_tasks"] == ["depth"]
+    # with shadow scores, each row reads its own mode's table
+    given = {"full": {ids[1]: {t: 0.8 for t in TASKS}}, "partial": {ids[0]: {t: 0.6 for t in TASKS}}}
+    _, log = get_method("interference_aware")(model, _data(train, test, cells),
+                                              {"shadow_scores": given, "calibrate_per": "cell", "steps": 2})
+    assert log["tau_quantiles"]["depth"] == pytest.approx([0.4, 0.2])
+    assert log["tau_quantiles"]["segmentation"][1] == pytest.approx(0.2)  # row 0's is not a forget cell
+    calibration = log["calibration"]
+    assert calibration["mode"] == "mixed" and sorted(calibration["modes"]) == ["full", "partial"]
+    assert calibration["modes"]["partial"]["scores"]["depth"] == [0.6, None]
+    assert calibration["expected_mia_auc"] == pytest.approx((0.6 + 3 * 0.8) / 4)  # over the job's 4 cells
+
+
 @pytest.mark.parametrize("per", ["request", "cell"])
 def test_shadow_scores_set_each_cells_quantile(memorised, per):
     from unlearning.methods.interference_aware import shadow_scores

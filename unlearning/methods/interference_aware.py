@@ -34,8 +34,11 @@ Each step combines:
    and mode on the scored cells: :func:`extrapolated_scores`) or, with
    ``"task_mean"``, taken as their task's mean score in that mode. Without
    a recipe, ``tau_quantile`` (full) and ``tau_quantile_partial`` are used.
+   The mode is each forgotten instance's: partial when it keeps a cell of
+   another task, full when it leaves the data (a job may batch both kinds of
+   request; the evaluation tells them apart the same way).
 2. **Retain signal.** ``L_r`` on three retain references: the forgotten
-   instances' own retained cells (partial mode), their nearest retained
+   instances' own retained cells (those in partial mode), their nearest retained
    instances in the original model's representation space (pooled encoder
    features), and a seeded random retain batch; each is the task loss on its
    supervised cells plus ``distill_weight`` × a distillation loss towards the
@@ -510,9 +513,13 @@ def check_fixed_levels(tau, forget_tasks: list[str]) -> None:
 
 
 def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, forget_tasks: list[str],
-                        partial: bool) -> tuple[dict[str, torch.Tensor], dict | None]:
+                        partial) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Which quantile of the held-out losses each forget cell is taken to (per task, one
     value per forget row), and the calibration behind it (None without shadows).
+
+    ``partial`` says per forget row (or for all of them, a bool) whether its instance
+    keeps a cell of another task (partial erasure) or leaves the training data (full):
+    a job may hold both, several requests batched. Each row takes its own mode's level.
 
     A cell at quantile ``q`` of the held-out losses contributes ``1 - q`` to the attack's
     AUC. With ``shadow_recipe`` (or ``shadow_scores``) each cell's out-of-fold score ``s``
@@ -521,34 +528,65 @@ def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, f
     ``shadow_extrapolate: "task_mean"``, gets the mean score of every scored cell of its
     task in that mode, or the fixed quantile when the task has none): ``calibrate_per: "cell"`` takes each
     cell to ``1 - s``; ``"request"`` takes every cell of task k to ``1 - mean(s)`` over
-    the request's cells of task k (the AUC the retrained model is expected to show on
-    this request, reached with equal effort on every cell). Without shadows, the fixed
-    ``tau_quantile`` (full erasure) or ``tau_quantile_partial`` (partial erasure)."""
+    the request's cells of task k in its mode (the AUC the retrained model is expected to
+    show on this request, reached with equal effort on every cell). Without shadows, the
+    fixed ``tau_quantile`` (full erasure) or ``tau_quantile_partial`` (partial erasure).
+    The calibration of a job with rows of both modes is ``{"mode": "mixed", "modes":
+    {mode: that mode's calibration}}``, its ``expected_mia_auc`` over every cell."""
     rows = forget.images.shape[0]
-    fixed = cfg["tau_quantile_partial"] if partial and cfg["tau_quantile_partial"] is not None else cfg["tau_quantile"]
+    flags = [bool(partial)] * rows if isinstance(partial, bool) else [bool(p) for p in partial]
+    if len(flags) != rows:
+        raise ValueError(f"interference_aware: {len(flags)} partial flags for {rows} forget rows")
+
+    def fixed_of(is_partial: bool) -> float:
+        return float(cfg["tau_quantile_partial"] if is_partial and cfg["tau_quantile_partial"] is not None
+                     else cfg["tau_quantile"])
+
+    fixed = torch.tensor([fixed_of(p) for p in flags], dtype=torch.float64)
     if not (cfg["shadow_recipe"] or cfg["shadow_scores"]):
-        return {t: torch.full((rows,), float(fixed), dtype=torch.float64) for t in forget_tasks}, None
+        return {t: fixed.clone() for t in forget_tasks}, None
     per = cfg["calibrate_per"]
     if per not in ("request", "cell"):
         raise ValueError(f"interference_aware: unknown calibrate_per {per!r}; known: 'request', 'cell'")
-    mode = "partial" if partial else "full"
     scores = cfg["shadow_scores"] or shadow_scores(original, data, cfg["shadow_recipe"], cfg["shadow_folds"],
                                                    cfg["shadow_seed"], trained_folds=cfg["shadow_trained_folds"],
                                                    extrapolate=cfg["shadow_extrapolate"])
-    table = scores.get(mode) or {}
-    ids = data.forget_instances
+    quantiles = {t: fixed.clone() for t in forget_tasks}
+    modes, every = {}, []
+    for is_partial in sorted(set(flags)):
+        mode = "partial" if is_partial else "full"
+        in_mode = torch.tensor([p == is_partial for p in flags])
+        q, modes[mode], cells = _mode_quantiles(scores.get(mode) or {}, data.forget_instances, forget, forget_tasks,
+                                                per, in_mode, fixed_of(is_partial))
+        for t in forget_tasks:
+            quantiles[t] = torch.where(in_mode, q[t], quantiles[t])
+        every += cells
+    # the attack's AUC is the mean over member cells: what a retrained model should show on this request
+    overall = round(sum(every) / len(every), 6) if every else None
+    if len(modes) == 1:
+        ((mode, calibration),) = modes.items()
+        return quantiles, {"mode": mode, **calibration, "expected_mia_auc": overall}
+    return quantiles, {"mode": "mixed", "per": per, "modes": modes, "expected_mia_auc": overall}
+
+
+def _mode_quantiles(table: dict, ids: list[str], forget: Batch, forget_tasks: list[str], per: str,
+                    in_mode: torch.Tensor, fixed: float) -> tuple[dict[str, torch.Tensor], dict, list[float]]:
+    """:func:`reference_quantiles` for the forget rows ``in_mode`` (the others' values are
+    not used) from one mode's shadow ``table``: the quantiles, that mode's calibration
+    and its cells' scores."""
+    rows = forget.images.shape[0]
     quantiles, cell_scores, expected, task_means, every = {}, {}, {}, {}, []
     for t in forget_tasks:
         own = torch.tensor([float((table.get(i) or {}).get(t, float("nan"))) for i in ids], dtype=torch.float64)
         pool = [v[t] for v in table.values() if t in v]
         if not pool:  # the calibration scored no cell of this task in this mode: the fixed quantile
-            quantiles[t] = torch.full((rows,), float(fixed), dtype=torch.float64)
+            quantiles[t] = torch.full((rows,), fixed, dtype=torch.float64)
             continue
         task_means[t] = round(sum(pool) / len(pool), 6)
         s = own.nan_to_num(task_means[t])
-        mine = s[forget.has[t].cpu()]
+        mine = s[forget.has[t].cpu() & in_mode]
         if mine.numel() == 0:
-            quantiles[t] = torch.full((rows,), float(fixed), dtype=torch.float64)
+            quantiles[t] = torch.full((rows,), fixed, dtype=torch.float64)
             continue
         expected[t] = round(float(mine.mean()), 6)
         every += mine.tolist()
@@ -556,11 +594,9 @@ def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, f
             quantiles[t] = torch.full((rows,), min(0.95, max(0.05, 1.0 - float(mine.mean()))), dtype=torch.float64)
         else:
             quantiles[t] = (1.0 - s).clamp(0.02, 0.98)
-        cell_scores[t] = [None if v != v else round(float(v), 6) for v in own.tolist()]
-    # the attack's AUC is the mean over member cells: what a retrained model should show on this request
-    overall = round(sum(every) / len(every), 6) if every else None
-    return quantiles, {"mode": mode, "per": per, "scores": cell_scores, "task_mean_scores": task_means,
-                       "expected_auc": expected, "expected_mia_auc": overall}
+        cell_scores[t] = [None if v != v or not m else round(float(v), 6) for v, m in zip(own.tolist(), in_mode.tolist())]
+    return quantiles, {"per": per, "scores": cell_scores, "task_mean_scores": task_means,
+                       "expected_auc": expected}, every
 
 
 def _rounded(values: dict) -> dict:
@@ -846,7 +882,10 @@ def unlearn(model, data: UnlearnData, config: dict | None):
 
     tasks = list(data.train.tasks)
     forget_tasks = data.forget_tasks
-    protected = [t for t in tasks if t not in forget_tasks]
+    protected = [t for t in tasks if t not in forget_tasks]  # no cell of the job names them: their heads stay
+    # per forget row: does its instance keep a cell (partial erasure) or leave the data (full)?
+    # A job may batch both kinds of request; the evaluation tells them apart the same way.
+    keeps = [i in data.retain._position for i in data.forget_instances]
     gen = torch.Generator().manual_seed(int(data.seed) * 1_000_003 + 11)
 
     # --- forget batch: has marks exactly the forget cells
@@ -859,7 +898,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         tau_quant = None
         tau = {t: torch.full((forget.images.shape[0],), float(cfg["tau"][t])) for t in forget_tasks}
     else:
-        tau_quant, calibration = reference_quantiles(original, data, cfg, forget, forget_tasks, partial=bool(protected))
+        tau_quant, calibration = reference_quantiles(original, data, cfg, forget, forget_tasks, partial=keeps)
         held = heldout_losses(original, data)
         tau = {t: levels(held[t], tau_quant[t]) for t in forget_tasks}
     tau = {t: v.to(device) for t, v in tau.items()}
@@ -890,10 +929,9 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     refs: list[RetainReference] = []
     teacher = original if cfg["distill_weight"] > 0 else None
     f_ids = data.forget_instances
-    if protected:
-        own = [data.retain.index_of(i) for i in f_ids if i in data.retain._position]
-        if own:
-            refs.append(RetainReference("own_retained_cells", data.retain.batch(own).to(device), teacher, tasks))
+    own = [data.retain.index_of(i) for i, kept in zip(f_ids, keeps) if kept]  # their task-level retained cells
+    if own:
+        refs.append(RetainReference("own_retained_cells", data.retain.batch(own).to(device), teacher, tasks))
     nearest: list[str] = []
     if cfg["n_nearest"] > 0:
         forgotten = set(f_ids)
