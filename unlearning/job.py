@@ -21,7 +21,7 @@ import torch
 from .data.base import Cell, MultiTaskDataset
 from .evaluate import EvalContext, evaluate_unlearning
 from .model import non_finite_tensors
-from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method, prepare_share
+from .methods import METHOD_NAMES, UnlearnData, check_method, get_method, prepare_method, prepare_share
 from .methods.params import config_problems
 from .tasks import get_task
 from .train import resident
@@ -62,7 +62,8 @@ def _job_device(model, device) -> torch.device:
     try:
         return resolve_device(device)
     except RuntimeError as exc:  # an unknown device type, or CUDA asked for where there is none
-        raise JobInputError(f"device {device!r}: {exc}") from None
+        message = str(exc)
+        raise JobInputError(message if message.startswith("device ") else f"device {device!r}: {message}") from None
 
 
 @dataclass
@@ -76,7 +77,10 @@ class JobResult:
 
 
 def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable) -> list[Cell]:
-    """The forget cells as a de-duplicated list of ``(instance_id, task)`` tuples.
+    """The forget cells as a de-duplicated list of ``(instance_id, task)`` tuples, in the
+    order given: the order is part of a job's input, as its seed is (the same cells in
+    another order give weights that differ by rounding). A set, which has no order of
+    its own (a Python set's depends on the process's hash seed), is taken sorted.
 
     :class:`JobInputError` (a ValueError) for an empty set, a malformed cell, an
     unknown task, an unknown instance or a cell that is already erased.
@@ -91,7 +95,7 @@ def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable) -> li
         if not isinstance(cell, (tuple, list)) or len(cell) != 2:
             raise JobInputError(f"a forget cell is an (instance_id, task) pair, got {cell!r}")
         cells.append((str(cell[0]), str(cell[1])))
-    cells = list(dict.fromkeys(cells))
+    cells = sorted(set(cells)) if isinstance(forget_cells, (set, frozenset)) else list(dict.fromkeys(cells))
     if not cells:
         raise JobInputError("the forget set is empty: no (instance_id, task) cell to erase")
     try:
@@ -116,6 +120,10 @@ def check_model_matches(model, train: MultiTaskDataset, test: MultiTaskDataset |
             raise JobInputError(
                 f"checkpoint does not match the dataset: head {t!r} has {have} output channels, dataset needs {want}"
             )
+        if test is not None and t in test.tasks and get_task(t).out_channels(test.num_classes) != want:
+            raise JobInputError(f"the test set does not match the training set: {t!r} of {test.name!r} needs "
+                                f"{get_task(t).out_channels(test.num_classes)} output channels ({test.num_classes} "
+                                f"classes), of {train.name!r} {want} ({train.num_classes} classes)")
     in_channels = getattr(model.config, "in_channels", None)
     for name, data in (("training", train), ("test", test)):
         if data is not None and in_channels is not None and data.images.shape[1] != in_channels:
@@ -295,6 +303,10 @@ def run_unlearning_job(
         model = copy.deepcopy(model).to(device)  # Module.to moves in place: the caller's model stays put
     cfg = dict(config or {})
 
+    try:
+        check_method(method, data, cfg)
+    except ValueError as exc:
+        raise JobInputError(str(exc)) from None
     t_cache = time.perf_counter()
     share = prepare_share(method, model, data, cfg)  # e.g. shadow models still to train: the bar moves meanwhile
     data.progress = lambda f: report(0.9 * share * f)

@@ -55,15 +55,19 @@ class TrainConfig:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None: CUDA when available, else CPU; ``"cpu"``; ``"cuda[:n]"`` (an error
-    when CUDA is not available rather than a silent fallback)."""
-    if isinstance(device, torch.device):
-        return device
+    """``"auto"``/None: CUDA when available, else CPU; ``"cpu"``; ``"cuda[:n]"`` (a
+    RuntimeError when CUDA is not available, or has no device ``n``, rather than a
+    silent fallback; and for any other kind of device: the library runs on these two)."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"device {device!r} is not supported: use 'auto', 'cpu' or 'cuda[:n]'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} "
+                           "CUDA device(s)")
     return dev
 
 

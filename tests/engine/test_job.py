@@ -169,6 +169,17 @@ def test_releasing_a_versions_device_data_keeps_the_rest_of_its_cache(setup):
     ("retrain", {"epochs": 0}, "retrain parameter 'epochs' must be >= 1"),
     ("retrain", {"train": "garbage"}, "'train' must be a mapping"),
     ("finetune", ["steps"], "must be a mapping of parameter names to values, got list"),
+    # strings with a fixed set of values, Adam's betas, the calibration's folds, fixed levels
+    ("finetune", {"optimizer": "Adam"}, "'optimizer' must be one of 'adam', 'sgd', got 'Adam'"),
+    ("interference_aware", {"calibrate_per": "instance"}, "'calibrate_per' must be one of 'request', 'cell'"),
+    ("interference_aware", {"orthogonalize_impl": "gpu"}, "'orthogonalize_impl' must be one of"),
+    ("interference_aware", {"shadow_extrapolate": "linear"}, "'shadow_extrapolate' must be one of"),
+    ("interference_aware", {"betas": [0.9, 1.0]}, "'betas' must be >= 0 and < 1, got 1.0 (each)"),
+    ("interference_aware", {"shadow_trained_folds": 0}, "'shadow_trained_folds' must be >= 1, got 0"),
+    ("interference_aware", {"shadow_trained_folds": 5}, "'shadow_trained_folds' (5) must be at most 'shadow_folds' (4)"),
+    ("interference_aware", {"orthogonalize": "iterate", "orthogonalize_impl": "batched"}, "has only the 'per_tensor'"),
+    ("interference_aware", {"tau": {"depth": -1.0}}, "'tau' must give each task a positive finite level"),
+    ("interference_aware", {"tau": {"normal": 0.5}}, "must give every forgotten task a positive level; missing: ['depth']"),
 ])
 def test_a_configuration_value_the_method_cannot_use_is_refused_before_any_work(setup, method, config, says):
     model, train, test = setup
@@ -176,7 +187,7 @@ def test_a_configuration_value_the_method_cannot_use_is_refused_before_any_work(
     with pytest.raises(JobInputError) as err:
         run_unlearning_job(model, train, test, [("i0", "depth")], method=method, config=config, cache=cache)
     assert says in str(err.value)
-    assert cache == {}  # nothing was computed
+    assert not cache.get("engine") and set(cache) <= {"engine"}  # nothing was computed
 
 
 def test_documented_configurations_are_accepted(setup):
@@ -190,6 +201,9 @@ def test_documented_configurations_are_accepted(setup):
     assert config_problems("retrain", {"train": {"seed": -1}}) == []
     assert config_problems("interference_aware", {"shadow_recipe": {"seed": -1}, "shadow_seed": -2}) == []
     assert config_problems("finetune", {"grad_clip": None, "train": None}) == []
+    assert config_problems("interference_aware", {"optimizer": "sgd", "calibrate_per": "request",
+                                                  "shadow_extrapolate": "task_mean", "shadow_trained_folds": 2,
+                                                  "orthogonalize_impl": "batched", "tau": {"depth": 0.3}}) == []
     model, train, test = setup
     result = run_unlearning_job(model, train, test, [("i0", "depth")], method="retrain", config={"epochs": 1})
     assert result.log["config"]["train"]["epochs"] == 1
@@ -218,6 +232,9 @@ def test_the_finiteness_check_names_the_tensors(setup):
 
 
 @pytest.mark.parametrize("kwargs,says", [({"device": "tpu"}, "device 'tpu'"), ({"seed": "abc"}, "seed must be an integer"),
+                                          ({"device": "meta"}, "device 'meta' is not supported: use 'auto', 'cpu' or"),
+                                          ({"device": torch.device("meta")}, "is not supported"),
+                                          ({"device": "cuda:64"}, "device 'cuda:64' requested but"),
                                           ({"seed": 1.0}, "seed must be an integer"),
                                           ({"seed": True}, "seed must be an integer")])
 def test_a_bad_device_or_seed_is_a_job_input_error(setup, kwargs, says):
@@ -275,3 +292,28 @@ def test_a_model_on_the_jobs_device_is_used_as_it_is_and_one_elsewhere_is_copied
     assert moved and all(m is not model for m in moved)  # a copy went to the device, the caller's did not
     assert result.model is not model
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_test_set_with_another_number_of_classes_is_a_job_input_error(setup):
+    """Same tasks, another label set: the job said nothing until torch's cross-entropy failed."""
+    model, train, test = setup
+    other = random_dataset(8, 1, prefix="t", classes=5)
+    with pytest.raises(JobInputError, match=r"the test set does not match the training set: 'segmentation' .*\(5 classes\)"):
+        run_unlearning_job(model, train, other, [("i0", "depth")], config={"steps": 1})
+
+
+def test_the_cells_order_is_the_callers_and_a_set_is_taken_sorted(setup):
+    """The cells' order is part of a job's input (as its seed): a list keeps it; a set, whose order
+    depends on the process's hash seed, is sorted, so it gives one model whatever the process."""
+    from unlearning.job import validate_forget_cells
+
+    model, train, test = setup
+    cells = [("i3", "depth"), ("i1", "normal"), ("i1", "depth")]
+    assert validate_forget_cells(train, cells) == cells
+    assert validate_forget_cells(train, set(cells)) == sorted(cells)
+    assert validate_forget_cells(train, frozenset(cells)) == sorted(cells)
+    from_set = run_unlearning_job(model, train, test, set(cells), config={"steps": 2})
+    from_sorted = run_unlearning_job(model, train, test, sorted(cells), config={"steps": 2})
+    assert from_set.metrics["forget_cells"] == [list(c) for c in sorted(cells)]
+    assert all(torch.equal(a, b) for a, b in zip(from_set.model.state_dict().values(),
+                                                 from_sorted.model.state_dict().values()))

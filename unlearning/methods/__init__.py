@@ -41,6 +41,15 @@ def method_defaults(name: str) -> dict:
     return dict(getattr(_module(name), "DEFAULTS", {}))
 
 
+def check_method(name: str, data: UnlearnData, config: dict | None = None) -> None:
+    """Run the method's ``check(data, config)`` hook, if it has one: a ValueError for a
+    configuration that does not fit this job's cells (what :mod:`.params` cannot know),
+    raised before ``prepare`` and ``unlearn`` do any work."""
+    hook = getattr(_module(name), "check", None)
+    if hook is not None:
+        hook(data, config)
+
+
 def prepare_method(name: str, model, data: UnlearnData, config: dict | None = None) -> bool:
     """Run the method's ``prepare(model, data, config)`` hook, if it has one (returns
     whether it did). The hook fills ``data.cache`` with what depends only on the model
@@ -62,5 +71,5 @@ def prepare_share(name: str, model, data: UnlearnData, config: dict | None = Non
     return 0.0 if hook is None else min(max(float(hook(model, data, config)), 0.0), 0.99)
 
 
-__all__ = ["UnlearnData", "Method", "METHOD_NAMES", "get_method", "method_defaults", "prepare_method",
+__all__ = ["UnlearnData", "Method", "METHOD_NAMES", "get_method", "method_defaults", "check_method", "prepare_method",
            "prepare_share"]

@@ -478,6 +478,14 @@ def nearest_retained(features: dict[str, torch.Tensor], forget_ids: list[str], c
     return [candidates[j] for j in dict.fromkeys(int(j) for j in top)]
 
 
+def check(data: UnlearnData, config: dict | None = None) -> None:
+    """What only the job's cells tell (before any work): fixed levels ``tau`` name every
+    forgotten task."""
+    tau = (config or {}).get("tau", DEFAULTS["tau"])
+    if tau:
+        check_fixed_levels(tau, data.forget_tasks)
+
+
 def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
     """Fill ``data.cache`` with what depends only on the model version: τ, the task
     subspaces and the representation features. :func:`unlearn` calls it too; a

@@ -29,8 +29,23 @@ ALSO = {
     ("interference_aware", "tau_refresh_sample"): (None,),
 }
 
-#: where a number must lie: (method or "*", name) -> (low, high, low_inclusive), None for no
-#: bound. Numbers not listed must be >= 0 (rates, weights, counts and clips are never negative).
+#: the only values a string parameter takes: (method or "*", name) -> values
+CHOICES = {
+    ("*", "optimizer"): ("adam", "sgd"),
+    ("interference_aware", "calibrate_per"): ("request", "cell"),
+    ("interference_aware", "shadow_extrapolate"): ("loss_rank", "task_mean"),
+    ("interference_aware", "orthogonalize_impl"): ("auto", "batched", "per_tensor"),
+}
+
+#: parameters whose default is None (off) that otherwise take a value of this type
+#: (the value shown is only its type's prototype): (method, name) -> prototype
+WHEN_SET = {
+    ("interference_aware", "shadow_trained_folds"): 1,
+}
+
+#: where a number must lie: (method or "*", name) -> (low, high, low_inclusive[, high_inclusive]),
+#: None for no bound; a list's numbers each (``betas``). Numbers not listed must be >= 0 (rates, weights,
+#: counts and clips are never negative).
 RANGES = {
     ("*", "steps"): (1, None, True),
     ("*", "rounds"): (1, None, True),
@@ -45,6 +60,8 @@ RANGES = {
     ("interference_aware", "tau_quantile"): (0, 1, True),
     ("interference_aware", "tau_quantile_partial"): (0, 1, True),
     ("interference_aware", "energy"): (0, 1, False),
+    ("interference_aware", "shadow_trained_folds"): (1, None, True),
+    ("interference_aware", "betas"): (0, 1, True, False),  # Adam's: each in [0, 1)
     ("neggrad_plus", "alpha"): (0, 1, True),
     ("salun", "gamma"): (0, 1, False),
     ("*", "shadow_seed"): (None, None, True),  # seeds: any integer (torch takes negative ones)
@@ -70,29 +87,59 @@ def _value_problem(method: str, name: str, value: Any, default: Any) -> str | No
     also = ALSO.get((method, name), ()) + ALSO.get(("*", name), ())
     if (value is None and None in also) or (isinstance(value, str) and value in also):
         return None
+    if default is None and value is not None and (method, name) in WHEN_SET:
+        default = WHEN_SET[(method, name)]
     if default is None:
-        return None  # free-form (a recipe, scores, levels): the method checks its shape
+        check = SHAPES.get((method, name))
+        return None if check is None or value is None else check(value)  # else free-form: the method checks
     if isinstance(default, bool):
         return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
     if isinstance(default, (tuple, list)):
-        if not (isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(_is_number, value))):
-            return f"must be a list of {len(default)} numbers, got {value!r}"
-        return None
+        if not (isinstance(value, (tuple, list)) and len(value) == len(default)
+                and all(_is_number(v) and math.isfinite(v) for v in value)):
+            return f"must be a list of {len(default)} finite numbers, got {value!r}"
+        out_of_range = [_range_problem(method, name, v) for v in value]
+        return next((f"{why} (each)" for why in out_of_range if why), None)
     if isinstance(default, str):
-        return None if isinstance(value, str) else f"must be a string, got {value!r}"
+        if not isinstance(value, str):
+            return f"must be a string, got {value!r}"
+        choices = CHOICES.get((method, name)) or CHOICES.get(("*", name))
+        if choices is not None and value not in choices + also:
+            return f"must be one of {', '.join(map(repr, choices + also))}, got {value!r}"
+        return None
     if isinstance(default, int):
         if not (isinstance(value, int) and not isinstance(value, bool)):
             return f"must be an integer, got {value!r}"
     elif isinstance(default, float):
         if not _is_number(value) or not math.isfinite(value):
             return f"must be a finite number, got {value!r}"
-    low, high, low_inclusive = _range(method, name)
+    return _range_problem(method, name, value)
+
+
+def _range_problem(method: str, name: str, value) -> str | None:
+    low, high, low_inclusive, high_inclusive = (*_range(method, name), True)[:4]
     too_low = low is not None and (value < low if low_inclusive else value <= low)
-    if too_low or (high is not None and value > high):
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
         bound = " and ".join(([f"{'>=' if low_inclusive else '>'} {low}"] if low is not None else [])
-                             + ([f"<= {high}"] if high is not None else []))
+                             + ([f"{'<=' if high_inclusive else '<'} {high}"] if high is not None else []))
         return f"must be {bound}, got {value!r}"
     return None
+
+
+def _levels_problem(value: Any) -> str | None:
+    """interference_aware's fixed ``tau``: a {task: level} mapping of positive numbers (that
+    it names every forgotten task, the job checks once it knows them)."""
+    if not isinstance(value, dict) or not all(isinstance(t, str) for t in value):
+        return f"must be a {{task: level}} mapping, got {value!r}"
+    bad = {t: v for t, v in value.items() if not _is_number(v) or not math.isfinite(v) or v <= 0}
+    return f"must give each task a positive finite level, got {bad}" if bad else None
+
+
+#: checks of parameters whose default is None and whose value has a shape of its own
+SHAPES = {
+    ("interference_aware", "tau"): _levels_problem,
+}
 
 
 #: parameters that hold a training recipe (TrainConfig fields) when set
@@ -155,4 +202,20 @@ def config_problems(method: str, config: Any) -> list[str]:
             why = _value_problem(method, name, value, defaults[name])
             if why:
                 out.append(f"{method} parameter {name!r} {why}")
+    if not out:
+        out += _combination_problems(method, {**defaults, **config})
+    return out
+
+
+def _combination_problems(method: str, cfg: dict) -> list[str]:
+    """Values each valid alone that do not go together."""
+    out = []
+    if method == "interference_aware":
+        trained, folds = cfg.get("shadow_trained_folds"), cfg.get("shadow_folds")
+        if trained is not None and folds is not None and trained > folds:
+            out.append(f"interference_aware parameter 'shadow_trained_folds' ({trained}) must be at most "
+                       f"'shadow_folds' ({folds})")
+        if cfg.get("orthogonalize_impl") == "batched" and cfg.get("orthogonalize") == "iterate":
+            out.append("interference_aware parameter 'orthogonalize_impl' 'batched' does one projection; "
+                       "'orthogonalize' 'iterate' has only the 'per_tensor' implementation")
     return out
