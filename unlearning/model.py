@@ -163,15 +163,15 @@ def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
-    """``ValueError`` naming what of the weights ``state`` does not fit a model whose own
-    state is ``own``: missing, unexpected or mis-shaped tensors, tensors that are not
-    floating point, non-finite values."""
+    """``ValueError`` naming ``source`` (the weights file, where there is one) and what of the
+    weights ``state`` does not fit a model whose own state is ``own``: missing, unexpected or
+    mis-shaped tensors, tensors that are not floating point, non-finite values."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
         raise ValueError(
-            "checkpoint does not match the model configuration: "
+            f"{source} does not match the model configuration: "
             f"missing={missing[:5]} unexpected={unexpected[:5]} wrong shapes={shapes[:5]}"
         )
     dtypes = [f"{k} ({state[k].dtype})" for k in own if own[k].is_floating_point() and not state[k].is_floating_point()]

@@ -3,6 +3,7 @@ whatever does not fit is refused naming what is wrong, before anything large is 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -39,6 +40,17 @@ def test_a_config_naming_a_huge_model_is_refused_without_building_it(checkpoint)
     doc["model"]["width"] = 10**6  # ~36 TB of weights: building it first would fail to allocate, not compare
     (directory / "config.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="does not match the model configuration"):
+        load_model(directory)
+
+
+def test_weights_that_do_not_match_the_config_are_refused_naming_the_file(checkpoint):
+    """As load_model's docstring says: the mismatch error names the weights file."""
+    directory, _ = checkpoint
+    doc = json.loads((directory / "config.json").read_text())
+    doc["model"]["tasks"]["segmentation"] = 7  # the weights have 13 classes
+    (directory / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(directory / 'model.safetensors'))} does not match the "
+                                         r"model configuration: .*wrong shapes=\['heads.segmentation.out.weight'"):
         load_model(directory)
 
 

@@ -93,6 +93,15 @@ def test_synthetic_spec_numbers_are_integers_not_truncated(key, value):
         load_synthetic({"name": "indoor", **SMALL, "n_test": 0, key: value})
 
 
+@pytest.mark.parametrize("noise", [{"depth_sigma": float("inf")}, {"label_flip": True}, {"label_flip": "0.5"}])
+def test_noise_values_that_are_not_finite_numbers_are_refused_as_spec_errors(noise):
+    """A spec's bad noise value is the ValueError the CLIs turn into their one-line error,
+    raised before anything is rendered."""
+    (key, value), = noise.items()
+    with pytest.raises(ValueError, match=f"noise option '{key}' must be .*, got {re.escape(repr(value))}"):
+        load_splits({"name": "indoor", **SMALL, "noise": noise})
+
+
 # --------------------------------------------------------------------------- erasure
 
 
@@ -163,6 +172,41 @@ def test_segmentation_labels_outside_the_classes_are_refused(indoor, bad):
     with pytest.raises(ValueError, match=rf"labels span \[{min(bad, -1)}, {max(bad, 5)}\]; they must be -1 \(ignore\) "
                                          r"or a class in \[0, 5\]"):
         MultiTaskDataset("bad", train.tasks, train.images, targets, train.instance_ids, train.num_classes)
+
+
+@pytest.mark.parametrize("task, change, given, expected", [
+    ("depth", lambda t: t[:, 0], "(6, 24, 32)", r"\(6, 1, 24, 32\), \(N,1,H,W\)"),  # no channel dimension
+    ("normal", lambda t: t.permute(0, 2, 3, 1), "(6, 24, 32, 3)", r"\(6, 3, 24, 32\), \(N,3,H,W\)"),  # channels-last
+    ("segmentation", lambda t: t[:, None], "(6, 1, 24, 32)", r"\(6, 24, 32\), \(N,H,W\)"),
+    ("depth", lambda t: t[:, :, :, :16], "(6, 1, 24, 16)", r"\(6, 1, 24, 32\), \(N,1,H,W\)"),  # another size
+    ("normal", lambda t: t[:5], "(5, 3, 24, 32)", r"\(6, 3, 24, 32\), \(N,3,H,W\)"),  # fewer targets
+])
+def test_targets_not_shaped_for_their_task_and_the_images_are_refused(indoor, task, change, given, expected):
+    """A dataset built by hand with a target of the wrong shape is refused naming the task,
+    the shape given and the one expected (training used to fail later with a torch error)."""
+    from unlearning.data.base import MultiTaskDataset
+
+    train = indoor[0]
+    targets = {**train.targets, task: change(train.targets[task])}
+    with pytest.raises(ValueError, match=rf"dataset 'bad': '{task}' targets have shape {re.escape(given)}; "
+                                         rf"expected {expected} for 6 images of 24x32"):
+        MultiTaskDataset("bad", train.tasks, train.images, targets, train.instance_ids, train.num_classes)
+
+
+def test_images_ids_and_mask_not_shaped_for_each_other_are_refused(indoor):
+    from unlearning.data.base import MultiTaskDataset
+
+    train = indoor[0]
+    with pytest.raises(ValueError, match=r"images have shape \(3, 24, 32\); expected \(N,C,H,W\)"):
+        MultiTaskDataset("bad", train.tasks, train.images[0], train.targets, train.instance_ids, train.num_classes)
+    with pytest.raises(ValueError, match="has 5 instance ids for 6 images"):
+        MultiTaskDataset("bad", train.tasks, train.images, train.targets, train.instance_ids[:5], train.num_classes)
+    with pytest.raises(ValueError, match=r"mask of supervised cells has shape \(6, 2\); expected \(6, 3\)"):
+        MultiTaskDataset("bad", train.tasks, train.images, train.targets, train.instance_ids, train.num_classes,
+                         train.available[:, :2])
+    # the well-shaped dataset, its subsets and erasures pass
+    assert len(MultiTaskDataset("ok", train.tasks, train.images, train.targets, train.instance_ids, 6)) == 6
+    assert len(train.subset([0, 2]).without([(train.instance_ids[0], t) for t in train.tasks])) == 1
 
 
 # --------------------------------------------------------------------------- .npy format

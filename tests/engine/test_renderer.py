@@ -1,5 +1,6 @@
 """The renderer's outputs agree with one geometry, and with each other."""
 import math
+import re
 
 import pytest
 import torch
@@ -238,6 +239,33 @@ def test_noise_options_reject_unknown_and_out_of_range_values():
         NoiseOptions.from_dict({"depth_sigmaa": 0.1})
     with pytest.raises(ValueError, match="label_flip"):
         NoiseOptions.from_dict({"label_flip": 1.5})
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("depth_sigma", math.inf, "a finite number >= 0"),  # gave infinite depth
+    ("normal_sigma", math.inf, "a finite number >= 0"),  # gave NaN normals
+    ("image_sigma", math.nan, "a finite number >= 0"),
+    ("depth_sigma", -0.1, "a finite number >= 0"),
+    ("normal_sigma", 10**400, "a finite number >= 0"),  # an int no float holds
+    ("label_flip", True, r"a probability, a number in \[0, 1\]"),  # was float()-ed to 1.0
+    ("label_flip", "0.5", r"a probability, a number in \[0, 1\]"),  # was float()-ed to 0.5
+    ("label_ignore", None, r"a probability, a number in \[0, 1\]"),
+    ("depth_dropout", 1.5, r"a probability, a number in \[0, 1\]"),
+    ("image_sigma", "0.1", "a finite number >= 0"),
+])
+def test_noise_options_must_be_finite_real_numbers(key, value, expected):
+    """Each noise value is checked, not float()-ed: a bool, a string, an infinity or a NaN
+    is refused naming the option, what it must be and the value given."""
+    with pytest.raises(ValueError, match=f"noise option '{key}' must be {expected}, got {re.escape(repr(value))}"):
+        NoiseOptions.from_dict({key: value})
+
+
+def test_noise_options_take_any_real_number_in_range_as_its_float():
+    import numpy as np
+
+    given = NoiseOptions.from_dict({"depth_sigma": 0, "label_flip": 1, "image_sigma": np.float64(0.05)})
+    assert given == NoiseOptions.from_dict({"depth_sigma": 0.0, "label_flip": 1.0, "image_sigma": 0.05})
+    assert all(type(getattr(given, k)) is float for k in ("depth_sigma", "label_flip", "image_sigma"))
 
 
 def test_batches_sizes_and_scene_parameters():

@@ -32,8 +32,39 @@ class Batch:
         )
 
 
+# The channels of each task's targets (see unlearning/tasks): None for a label map (N,H,W),
+# else (N,C,H,W). A task not listed here is checked for N and H, W only.
+TARGET_CHANNELS: dict[str, int | None] = {"segmentation": None, "depth": 1, "normal": 3}
+
+
+def check_target_shape(name: str, task: str, target: torch.Tensor, n: int, h: int, w: int) -> None:
+    """``ValueError`` naming the dataset ``name``, the ``task``, the shape of ``target`` and the
+    shape expected for ``n`` images of ``h`` x ``w``: segmentation (N,H,W), depth (N,1,H,W),
+    normal (N,3,H,W); any other task (N,...,H,W)."""
+    shape = tuple(target.shape)
+    if task in TARGET_CHANNELS:
+        channels = TARGET_CHANNELS[task]
+        expected = (n, h, w) if channels is None else (n, channels, h, w)
+        form = "(N,H,W)" if channels is None else f"(N,{channels},H,W)"
+        ok = shape == expected
+    else:
+        expected, form = (n, "...", h, w), "(N,...,H,W)"
+        ok = len(shape) >= 3 and shape[0] == n and shape[-2:] == (h, w)
+    if not ok:
+        expected_text = "(" + ", ".join(str(d) for d in expected) + ")"
+        raise ValueError(f"dataset {name!r}: {task!r} targets have shape {shape}; expected {expected_text}, "
+                         f"{form} for {n} images of {h}x{w}")
+
+
 class MultiTaskDataset(torch.utils.data.Dataset):
-    """Images, per-task targets, instance ids and a (N,K) mask of the cells still supervised."""
+    """Images, per-task targets, instance ids and a (N,K) mask of the cells still supervised.
+
+    The constructor checks that the instance ids are unique and one per image, that the
+    images are (N,C,H,W), that every task has targets of its shape for those images
+    (segmentation (N,H,W), depth (N,1,H,W), normal (N,3,H,W): :func:`check_target_shape`),
+    that ``available`` is (N,K), and, where data enters (no ``available`` given), that the
+    segmentation labels are -1 or a class below ``num_classes``; ``ValueError`` otherwise.
+    """
 
     def __init__(
         self,
@@ -47,11 +78,18 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     ):
         if len(set(instance_ids)) != len(instance_ids):
             raise ValueError("instance ids must be unique")
+        if images.ndim != 4:
+            raise ValueError(f"dataset {name!r}: images have shape {tuple(images.shape)}; expected (N,C,H,W)")
+        n, _, h, w = images.shape
+        if len(instance_ids) != n:
+            raise ValueError(f"dataset {name!r} has {len(instance_ids)} instance ids for {n} images")
         for task in tasks:
             if task not in targets:
                 raise ValueError(f"dataset {name!r} lacks targets for task {task!r}")
-            if len(targets[task]) != len(images):
-                raise ValueError(f"task {task!r} has {len(targets[task])} targets for {len(images)} images")
+            check_target_shape(name, task, targets[task], n, h, w)
+        if available is not None and tuple(available.shape) != (n, len(tasks)):
+            raise ValueError(f"dataset {name!r}: the mask of supervised cells has shape {tuple(available.shape)}; "
+                             f"expected ({n}, {len(tasks)}), one row per image and one column per task")
         # checked where data enters (no ``available`` mask yet); subsets and erasures
         # of a checked dataset (which pass theirs) need no second pass over the labels
         if available is None and "segmentation" in tasks and num_classes and len(images):

@@ -40,6 +40,7 @@ not it is enabled, so switching one off leaves the others as they were.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -63,6 +64,17 @@ _RAY_CHUNK = 32768  # rays per intersection pass; bounds memory at large sizes
 _NOISE_TABLE = 16  # value-noise lattice period
 
 PLAIN, CHECKER, STRIPES, VALUE_NOISE = 0, 1, 2, 3
+_NOISE_PROBABILITIES = ("depth_dropout", "label_flip", "label_ignore")
+
+
+def _finite_real(value) -> bool:
+    """``value`` is a real number (not a bool, not a string) that is finite as a float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass(frozen=True)
@@ -93,15 +105,21 @@ class NoiseOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> "NoiseOptions":
-        """Build from a plain dict, naming any unknown key."""
+        """Build from a plain dict; ``ValueError`` naming any unknown key, and any value that
+        is not a real number (a bool or a string is refused), not finite or negative, or, for
+        the probabilities ``depth_dropout``, ``label_flip`` and ``label_ignore``, above 1."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown noise options {unknown}; known: {sorted(known)}")
+        for k, v in options.items():
+            probability = k in _NOISE_PROBABILITIES
+            # checked, not float()-ed: that took True as 1.0 and "0.5" as 0.5, and an infinite
+            # sigma gave non-finite depth or normals
+            if not _finite_real(v) or v < 0 or (probability and v > 1):
+                expected = "a probability, a number in [0, 1]" if probability else "a finite number >= 0"
+                raise ValueError(f"noise option {k!r} must be {expected}, got {v!r}")
         values = {k: float(v) for k, v in options.items()}
-        for k, v in values.items():
-            if not (v >= 0.0) or (k in ("depth_dropout", "label_flip", "label_ignore") and v > 1.0):
-                raise ValueError(f"noise option {k}={v} out of range")
         return cls(**values)
 
 
