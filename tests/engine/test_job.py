@@ -75,10 +75,15 @@ def test_already_erased_cell_is_refused(setup):
     erased = train.without([("i4", "depth")])
     with pytest.raises(JobInputError, match="already erased"):
         run_unlearning_job(model, erased, test, [("i4", "depth")])
-    # an instance erased from every task is gone from the data: unknown
+    # an instance erased from every task is gone from the data, and named as erased, not unknown
     gone = train.without([("i5", t) for t in train.tasks])
-    with pytest.raises(JobInputError, match="unknown instance 'i5'"):
+    assert "i5" not in gone.instance_ids
+    with pytest.raises(JobInputError, match="instance 'i5' is already erased: every cell of it was erased"):
         run_unlearning_job(model, gone, test, [("i5", "depth")])
+    with pytest.raises(JobInputError, match="already erased"):  # also after further erasures and subsets
+        run_unlearning_job(model, gone.without([("i6", "depth")]).subset(range(4)), test, [("i5", "normal")])
+    with pytest.raises(JobInputError, match="unknown instance 'nobody'"):
+        run_unlearning_job(model, gone, test, [("nobody", "depth")])
 
 
 def test_mismatched_checkpoint_is_refused(setup):

@@ -75,6 +75,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         instance_ids: Sequence[str],
         num_classes: int | None = None,
         available: torch.Tensor | None = None,
+        erased_instances: Iterable[str] = (),
     ):
         if len(set(instance_ids)) != len(instance_ids):
             raise ValueError("instance ids must be unique")
@@ -109,6 +110,8 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             available.clone() if available is not None else torch.ones(len(images), len(self.tasks), dtype=torch.bool)
         )
         self._position = {iid: i for i, iid in enumerate(self.instance_ids)}
+        # instances :meth:`without` dropped (every cell erased): named as erased, not unknown
+        self.erased_instances = frozenset(erased_instances) - set(self._position)
 
     def __len__(self) -> int:
         return len(self.instance_ids)
@@ -152,7 +155,8 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             return self
         return MultiTaskDataset(self.name, self.tasks, self.images.to(device),
                                 {t: v.to(device) for t, v in self.targets.items()}, self.instance_ids,
-                                num_classes=self.num_classes, available=self.available.to(device))
+                                num_classes=self.num_classes, available=self.available.to(device),
+                                erased_instances=self.erased_instances)
 
     def batch(self, indices: Sequence[int] | torch.Tensor) -> Batch:
         """Stacked tensors for the given positions (no DataLoader needed for in-memory data)."""
@@ -176,12 +180,16 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         return bool(self.available[self._position[iid], self.tasks.index(task)])
 
     def check_cells(self, cells: Iterable[Cell]) -> list[Cell]:
-        """Validate cells against this dataset: a clear error for an unknown task,
-        an unknown instance or a cell that is already erased."""
+        """Validate cells against this dataset: a clear error for an unknown task, an
+        unknown instance (KeyError), a cell that is already erased or an instance
+        :meth:`without` dropped, every cell of it erased (ValueError)."""
         cells = list(cells)
         for iid, task in cells:
             if task not in self.tasks:
                 raise ValueError(f"unknown task {task!r} for dataset {self.name!r}; tasks: {self.tasks}")
+            if iid in self.erased_instances:
+                raise ValueError(f"instance {iid!r} is already erased: every cell of it was erased "
+                                 f"from dataset {self.name!r}")
             if iid not in self._position:
                 raise KeyError(f"unknown instance {iid!r} in dataset {self.name!r}")
             if not self.available[self._position[iid], self.tasks.index(task)]:
@@ -209,6 +217,8 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             [self.instance_ids[i] for i in keep.tolist()],
             self.num_classes,
             available[keep],
+            erased_instances=self.erased_instances | {iid for iid, row in zip(self.instance_ids, available.any(1).tolist())
+                                                      if not row},
         )
 
     def subset(self, indices: Sequence[int]) -> "MultiTaskDataset":
@@ -221,6 +231,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             [self.instance_ids[i] for i in idx.tolist()],
             self.num_classes,
             self.available[idx],
+            erased_instances=self.erased_instances,
         )
 
     def select(self, instance_ids: Iterable[str]) -> "MultiTaskDataset":
