@@ -242,16 +242,18 @@ def test_noise_options_reject_unknown_and_out_of_range_values():
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("depth_sigma", math.inf, "a finite number >= 0"),  # gave infinite depth
-    ("normal_sigma", math.inf, "a finite number >= 0"),  # gave NaN normals
-    ("image_sigma", math.nan, "a finite number >= 0"),
-    ("depth_sigma", -0.1, "a finite number >= 0"),
-    ("normal_sigma", 10**400, "a finite number >= 0"),  # an int no float holds
+    ("depth_sigma", math.inf, r"a standard deviation in \[0, 1\]"),  # gave infinite depth
+    ("normal_sigma", math.inf, r"a standard deviation in \[0, 1\]"),  # gave NaN normals
+    ("image_sigma", math.nan, r"a standard deviation in \[0, 1\]"),
+    ("depth_sigma", -0.1, r"a standard deviation in \[0, 1\]"),
+    ("normal_sigma", 10**400, r"a standard deviation in \[0, 1\]"),  # an int no float holds
     ("label_flip", True, r"a probability, a number in \[0, 1\]"),  # was float()-ed to 1.0
     ("label_flip", "0.5", r"a probability, a number in \[0, 1\]"),  # was float()-ed to 0.5
     ("label_ignore", None, r"a probability, a number in \[0, 1\]"),
     ("depth_dropout", 1.5, r"a probability, a number in \[0, 1\]"),
-    ("image_sigma", "0.1", "a finite number >= 0"),
+    ("image_sigma", "0.1", r"a standard deviation in \[0, 1\]"),
+    ("normal_sigma", 1e39, r"a standard deviation in \[0, 1\]"),  # finite, but past float32: NaN normals
+    ("depth_sigma", 1.5, r"a standard deviation in \[0, 1\]"),
 ])
 def test_noise_options_must_be_finite_real_numbers(key, value, expected):
     """Each noise value is checked, not float()-ed: a bool, a string, an infinity or a NaN

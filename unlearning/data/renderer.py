@@ -106,8 +106,8 @@ class NoiseOptions:
     @classmethod
     def from_dict(cls, options: dict) -> "NoiseOptions":
         """Build from a plain dict; ``ValueError`` naming any unknown key, and any value that
-        is not a real number (a bool or a string is refused), not finite or negative, or, for
-        the probabilities ``depth_dropout``, ``label_flip`` and ``label_ignore``, above 1."""
+        is not a real number (a bool or a string is refused) in [0, 1]: the probabilities
+        ``depth_dropout``, ``label_flip`` and ``label_ignore``, and the standard deviations."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -115,9 +115,11 @@ class NoiseOptions:
         for k, v in options.items():
             probability = k in _NOISE_PROBABILITIES
             # checked, not float()-ed: that took True as 1.0 and "0.5" as 0.5, and an infinite
-            # sigma gave non-finite depth or normals
-            if not _finite_real(v) or v < 0 or (probability and v > 1):
-                expected = "a probability, a number in [0, 1]" if probability else "a finite number >= 0"
+            # sigma gave non-finite depth or normals. A std above 1 means nothing more here
+            # (a depth error of 100%, normals pointing anywhere, an image all noise), and a
+            # huge one overflows float32.
+            if not _finite_real(v) or v < 0 or v > 1:
+                expected = "a probability, a number in [0, 1]" if probability else "a standard deviation in [0, 1]"
                 raise ValueError(f"noise option {k!r} must be {expected}, got {v!r}")
         values = {k: float(v) for k, v in options.items()}
         return cls(**values)
