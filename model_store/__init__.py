@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError
+from .base import MAX_VERSION, DamagedManifest, IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError
 from .local import LocalModelStore
 
 
@@ -17,4 +17,5 @@ def store_for(location: str | Path) -> ModelStore:
     return LocalModelStore(location)
 
 
-__all__ = ["Manifest", "ModelStore", "LocalModelStore", "StoreError", "IntegrityError", "PurgedVersion", "store_for"]
+__all__ = ["Manifest", "ModelStore", "LocalModelStore", "StoreError", "IntegrityError", "PurgedVersion",
+           "DamagedManifest", "MAX_VERSION", "store_for"]

@@ -8,8 +8,10 @@ version number is an error.
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 import torch
@@ -17,12 +19,25 @@ import torch
 from unlearning.model import MultiTaskNet
 
 
+# The largest version number: the service's database holds versions in a 32-bit integer
+# column (``app.schemas.MAX_VERSION``, the same bound; not imported from there, since
+# ``model_store`` depends on ``unlearning`` only and ``app`` pulls in the web app).
+MAX_VERSION = 2**31 - 1
+
+
 class StoreError(RuntimeError):
     """A store operation that must not go through (conflicting put, missing version)."""
 
 
 class IntegrityError(StoreError):
-    """The weights on disk do not match the sha256 recorded in the manifest."""
+    """The weights on disk do not match the sha256 recorded in the manifest, are not a
+    regular file (a link, a directory, a FIFO), or do not fit the manifest's architecture."""
+
+
+class DamagedManifest(StoreError):
+    """A version's manifest cannot be read: not a regular file, not UTF-8 JSON, not an
+    object, a required field missing or of the wrong type, an invalid ``model_config``, or a
+    ``model``/``version`` other than its folder's. The message names the file and what is wrong."""
 
 
 class PurgedVersion(StoreError):
@@ -52,9 +67,76 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Manifest":
-        known = {f for f in cls.__dataclass_fields__}
+    def from_dict(cls, data: dict, source: str = "manifest") -> "Manifest":
+        """The manifest of the parsed JSON ``data`` (read from ``source``, which the errors
+        name); unknown fields are ignored (written by a newer store). :class:`DamagedManifest`
+        when ``data`` is not an object or a field is missing or of the wrong type."""
+        if not isinstance(data, dict):
+            raise DamagedManifest(f"{source}: a manifest is a JSON object, got {_json_type(data)}")
+        missing = [f for f in _REQUIRED if f not in data]
+        if missing:
+            raise DamagedManifest(f"{source}: required fields missing: {', '.join(missing)}")
+        for name, (check, expected) in _FIELD_CHECKS.items():
+            if name in data and not check(data[name]):
+                raise DamagedManifest(f"{source}: field {name!r} must be {expected}, got {_json_type(data[name])} "
+                                      f"{_short(data[name])}")
+        try:
+            datetime.fromisoformat(data["created_at"])
+        except ValueError:
+            raise DamagedManifest(f"{source}: field 'created_at' is not an ISO 8601 time: "
+                                  f"{_short(data['created_at'])}") from None
+        known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def valid_version(version, what: str = "version") -> int:
+    """``version`` when it is a version number: an ``int`` (not a bool, not a float) in
+    [1, :data:`MAX_VERSION`]; :class:`StoreError` otherwise."""
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise StoreError(f"invalid {what} {_short(version)}: a version is an int in [1, {MAX_VERSION}]")
+    return int(version)
+
+
+def _is_version(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_VERSION
+
+
+def _is_cells(v) -> bool:
+    return isinstance(v, list) and all(isinstance(c, list) for c in v)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REQUIRED = [n for n, f in Manifest.__dataclass_fields__.items() if f.default is MISSING and f.default_factory is MISSING]
+_FIELD_CHECKS = {
+    "model": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "version": (_is_version, f"an integer in [1, {MAX_VERSION}]"),
+    "parent": (lambda v: v is None or _is_version(v), f"null or an integer in [1, {MAX_VERSION}]"),
+    "sha256": (lambda v: isinstance(v, str) and _SHA256.fullmatch(v) is not None, "64 lowercase hex digits"),
+    "created_at": (lambda v: isinstance(v, str), "a string"),
+    "model_config": (lambda v: isinstance(v, dict), "an object"),
+    "dataset": (lambda v: isinstance(v, dict), "an object"),
+    "deletions": (lambda v: isinstance(v, list) and all(isinstance(r, str) for r in v), "a list of strings"),
+    "deleted_cells": (_is_cells, "a list of [instance, task] lists"),
+    "erased_cells": (_is_cells, "a list of [instance, task] lists"),
+    "metrics": (lambda v: isinstance(v, dict), "an object"),
+    "job_id": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "train_config": (lambda v: v is None or isinstance(v, dict), "null or an object"),
+    "note": (lambda v: v is None or isinstance(v, str), "null or a string"),
+}
+
+
+def _json_type(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _short(v, limit: int = 60) -> str:
+    """A bounded repr (an int too large for ``repr`` by its size)."""
+    try:
+        text = repr(v)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits()
+        return f"<an int of {v.bit_length()} bits>"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class ModelStore(ABC):
@@ -78,7 +160,9 @@ class ModelStore(ABC):
         train_config: dict | None = None,
         note: str | None = None,
     ) -> Manifest:
-        """Write a version atomically and return its manifest (idempotent, see the module doc)."""
+        """Write a version atomically and return its manifest (idempotent, see the module doc).
+        ``version`` and ``parent`` are ints in [1, :data:`MAX_VERSION`] (:class:`StoreError`
+        otherwise); a purged version is never written again (:class:`PurgedVersion`)."""
 
     @abstractmethod
     def load(self, model_name: str, version: int, device: str | torch.device = "cpu") -> tuple[MultiTaskNet, Manifest]:
@@ -86,7 +170,9 @@ class ModelStore(ABC):
 
     @abstractmethod
     def manifest(self, model_name: str, version: int) -> Manifest:
-        """The manifest of a version; :class:`StoreError` when there is none."""
+        """The manifest of a version; :class:`StoreError` when there is none,
+        :class:`DamagedManifest` (naming the file) when it cannot be read, lacks a field, or
+        records another model or version than the one asked for."""
 
     @abstractmethod
     def exists(self, model_name: str, version: int) -> bool:
@@ -94,12 +180,24 @@ class ModelStore(ABC):
 
     @abstractmethod
     def verify(self, model_name: str, version: int) -> bool:
-        """Recompute the weights' sha256 and compare it with the manifest."""
+        """Recompute the weights' sha256 and compare it with the manifest: False when they
+        differ, when the weights are not a regular file, or when the manifest is damaged
+        (:class:`DamagedManifest`); :class:`PurgedVersion` for a purged version,
+        :class:`StoreError` for one that is not stored."""
 
     @abstractmethod
     def discard(self, model_name: str, version: int) -> None:
         """Remove a version that failed :meth:`verify` (so it can be written again). Only
         for an artifact no version row points at: a published version never changes."""
+
+    @abstractmethod
+    def discard_if_damaged(self, model_name: str, version: int) -> bool:
+        """Discard a stored version only if its weights do not match its manifest or its
+        manifest is damaged (:class:`DamagedManifest`), checking and discarding as one step
+        against concurrent writers of the version (another attempt of the same job that has
+        just replaced a damaged copy with a good one keeps it). Returns whether it discarded.
+        A version that is not stored, or was purged (manifest kept), is left alone (False).
+        Only for an artifact no version row points at, as :meth:`discard`."""
 
     @abstractmethod
     def purge(self, model_name: str, version: int) -> bool:

@@ -4,32 +4,58 @@
     {root}/{model}/v{version}/config.json         architecture, so unlearning.model.load_model works on the folder
     {root}/{model}/v{version}/manifest.json       the Manifest, with the weights' sha256
 
+    {root}/{model}/.lock                          lock file (see below); never removed
+
 A version is written into a temporary folder beside its final place and
 renamed into it, so a reader never sees half a version. A writer killed before
 the rename leaves its ``.tmp-*`` folder behind; :meth:`LocalModelStore.versions`
 removes those older than ``STALE_TMP_S``.
+
+Writers of a model (:meth:`~LocalModelStore.put_version`, :meth:`~LocalModelStore.discard`,
+:meth:`~LocalModelStore.discard_if_damaged`, :meth:`~LocalModelStore.purge`) hold an
+exclusive ``fcntl.flock`` on ``{root}/{model}/.lock`` (``LOCK_FILE``) while they check and
+change a version, so threads and processes sharing the store never interleave there: a
+damaged copy checked by one attempt of a job cannot be replaced by another attempt's good
+copy before the first discards it. Readers take no lock. The lock file is not a version
+(``versions`` counts only ``v<number>`` folders) and not a temporary file (the stale-tmp
+cleanup removes only ``.tmp-*``); it is never deleted, since deleting a lock file that
+another process holds or is about to open would let two writers in at once.
+
+The store writes only regular files and folders: weights or a manifest that is a link,
+a directory or any other special file is refused (:class:`IntegrityError`,
+:class:`DamagedManifest`), never followed.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import math
+import numbers
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from unlearning.model import WEIGHTS_FILE, ModelConfig, MultiTaskNet, model_from_safetensors, save_model
+from unlearning.model import (WEIGHTS_FILE, ModelConfig, MultiTaskNet, model_config_from, model_from_safetensors,
+                              save_model)
 
-from .base import IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError
+from .base import (MAX_VERSION, DamagedManifest, IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError,
+                   valid_version)
 
 MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration.json"
+LOCK_FILE = ".lock"  # in a model's folder: writers' flock (see the module doc); never removed
+_VERSION_DIR = re.compile(r"v([1-9][0-9]*)")  # ASCII digits only, no leading zero: one folder per number
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 3600.0  # far longer than any write takes: a temporary folder this old is a dead writer's
@@ -37,6 +63,86 @@ STALE_TMP_S = 3600.0  # far longer than any write takes: a temporary folder this
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class _NotRegular(Exception):
+    """What is at a path that should be a regular file (a link, a directory, ...)."""
+
+
+def _what(path: Path, mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link to {os.readlink(path)}"
+        except OSError:
+            return "a symbolic link"
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file (links are not followed, and a FIFO is
+    never opened for a blocking read); ``FileNotFoundError`` when nothing is there,
+    :class:`_NotRegular` (saying what is there) otherwise."""
+    try:
+        st = os.lstat(path)
+    except NotADirectoryError:
+        raise FileNotFoundError(errno.ENOENT, "not found", str(path)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _NotRegular(_what(path, st.st_mode))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a link since the lstat
+            raise _NotRegular("a symbolic link") from None
+        raise
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):  # replaced since the lstat
+            raise _NotRegular(_what(path, st.st_mode))
+        return fh.read()
+
+
+def _json_value(value, where: str, depth: int = 0):
+    """``value`` as strict JSON (for the manifest's metrics), by this rule: strings, bools,
+    None and ints stay as they are; a finite float stays, NaN and the infinities become
+    None; other real numbers (numpy scalars, fractions) become an int when integral, else a
+    float (non-finite: None); an object with ``.item()`` giving one number (a one-element
+    tensor or array) becomes that number; dicts (string or int keys, int keys as strings)
+    and lists or tuples are converted item by item. Anything else (a datetime, an arbitrary
+    object) is a :class:`StoreError` naming ``where`` (the metric's key path)."""
+    if depth > 100:
+        raise StoreError(f"{where}: nested too deep for the manifest")
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if isinstance(k, numbers.Integral) and not isinstance(k, bool):
+                k = str(int(k))
+            elif not isinstance(k, str):
+                raise StoreError(f"{where}: key {k!r} is not a string; manifest metrics are JSON")
+            out[k] = _json_value(v, f"{where}[{k!r}]", depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            number = item()
+        except (ValueError, RuntimeError, TypeError):
+            number = None
+        if isinstance(number, numbers.Real):
+            return _json_value(number, where, depth + 1)
+    raise StoreError(f"{where} is {type(value).__name__} {value!r:.60}, not a JSON value (a number, string, bool, "
+                     "null, list or object): convert it before storing it in the manifest")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,27 +168,45 @@ class LocalModelStore(ModelStore):
         return self.root / model_name
 
     def _dir(self, model_name: str, version: int) -> Path:
-        if int(version) < 1:
-            raise StoreError(f"invalid version {version!r}")
-        return self._model_dir(model_name) / f"v{int(version)}"
+        return self._model_dir(model_name) / f"v{valid_version(version)}"
+
+    @contextmanager
+    def _locked(self, model_name: str):
+        """Hold the model's writers' lock (``LOCK_FILE``, see the module doc)."""
+        directory = self._model_dir(model_name)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def uri(self, model_name: str, version: int) -> str:
         return self._dir(model_name, version).resolve().as_uri()
 
     def exists(self, model_name: str, version: int) -> bool:
+        """Whether the version's folder holds a manifest and weights (whether they are
+        intact is :meth:`verify`'s question: a damaged version exists, so it is not taken
+        for a purged one)."""
         d = self._dir(model_name, version)
-        return (d / MANIFEST_FILE).is_file() and (d / WEIGHTS_FILE).is_file()
+        return os.path.lexists(d / MANIFEST_FILE) and os.path.lexists(d / WEIGHTS_FILE)
 
     def versions(self, model_name: str, clean: bool = True) -> list[int]:
+        """See :meth:`ModelStore.versions`. Only folders named ``v`` and a number in ASCII
+        digits without a leading zero, at most ``MAX_VERSION``, with a manifest count
+        (``v01``, a non-ASCII digit or ``v99999999999`` are not versions); whether the manifest
+        is intact and names that version is :meth:`manifest`'s check."""
         d = self._model_dir(model_name)
         if not d.is_dir():
             return []
         if clean:
             self.remove_stale_tmp(model_name)
         found = []
-        for child in d.iterdir():
-            m = re.fullmatch(r"v(\d+)", child.name)
-            if m and (child / MANIFEST_FILE).is_file():
+        for child in d.iterdir():  # v<number> folders with a manifest (intact or not; read it to know)
+            m = _VERSION_DIR.fullmatch(child.name)
+            if m and len(m.group(1)) <= 10 and int(m.group(1)) <= MAX_VERSION \
+                    and os.path.lexists(child / MANIFEST_FILE):
                 found.append(int(m.group(1)))
         return sorted(found)
 
@@ -106,10 +230,29 @@ class LocalModelStore(ModelStore):
         return removed
 
     def manifest(self, model_name: str, version: int) -> Manifest:
+        """The version's manifest; :class:`StoreError` when there is none,
+        :class:`DamagedManifest` (naming the file) when it cannot be read or its ``model``
+        and ``version`` are not its folder's."""
         path = self._dir(model_name, version) / MANIFEST_FILE
-        if not path.is_file():
-            raise StoreError(f"no version {version} of model {model_name!r} in {self.root}")
-        return Manifest.from_dict(json.loads(path.read_text()))
+        try:
+            raw = _read_regular(path)
+        except FileNotFoundError:
+            raise StoreError(f"no version {version} of model {model_name!r} in {self.root}") from None
+        except _NotRegular as exc:
+            raise DamagedManifest(f"{path} is {exc}, not a regular file") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DamagedManifest(f"{path} is not UTF-8 text: {exc}") from None
+        except RecursionError:
+            raise DamagedManifest(f"{path} is not a manifest: JSON nested too deep") from None
+        except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
+            raise DamagedManifest(f"{path} is not JSON: {exc}") from None
+        manifest = Manifest.from_dict(data, str(path))
+        if manifest.model != model_name or manifest.version != version:
+            raise DamagedManifest(f"{path} records model {manifest.model!r} version {manifest.version}, but lies in "
+                                  f"the folder of {model_name!r} version {version}")
+        return manifest
 
     def put_version(
         self,
@@ -127,52 +270,87 @@ class LocalModelStore(ModelStore):
         train_config: dict | None = None,
         note: str | None = None,
     ) -> Manifest:
+        """Write a version atomically and return its manifest (idempotent, see
+        :mod:`model_store.base`). Under the model's lock (module doc): an existing copy of
+        the same job whose weights no longer match its manifest is replaced; a purged
+        version (manifest kept, weights deleted) is never rewritten (:class:`PurgedVersion`);
+        a version folder that holds no complete version is not overwritten (:class:`StoreError`
+        naming it). An existing version whose manifest is damaged is not replaced
+        (:class:`DamagedManifest`: whose it is cannot be told; see :meth:`discard_if_damaged`).
+
+        The manifest is strict JSON (no NaN or infinities). ``metrics`` are converted by the
+        rule of :func:`_json_value`: numbers stay numbers (ints as ints; numpy scalars and
+        one-element tensors as their number), NaN and infinities become null, and a value
+        that is not JSON (a datetime, an arbitrary object) is a :class:`StoreError` naming
+        its key. Any other field that is not strict JSON is a :class:`StoreError` too."""
+        version = valid_version(version)
+        if parent is not None:
+            parent = valid_version(parent, "parent version")
         final = self._dir(model_name, version)
-        if self.exists(model_name, version):
-            existing = self._same_or_conflict(model_name, version, job_id, model)
-            if self.verify(model_name, version):
-                return existing
-            # this job's artifact, stored by another attempt, with weights that no longer
-            # match its manifest: it is replaced, never handed on to be published
-            self.discard(model_name, version)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f"{TMP_PREFIX}v{version}-{uuid.uuid4().hex}"
-        try:
-            weights = save_model(model, tmp)
-            data = weights.read_bytes()
-            manifest = Manifest(
-                model=model_name,
-                version=int(version),
-                parent=parent,
-                sha256=sha256_bytes(data),
-                created_at=datetime.now(timezone.utc).isoformat(),
-                model_config=asdict(model.config),
-                dataset=dict(dataset),
-                deletions=list(deletions or []),
-                deleted_cells=[list(c) for c in (deleted_cells or [])],
-                erased_cells=[list(c) for c in (erased_cells or [])],
-                metrics=json.loads(json.dumps(metrics or {}, default=float)),
-                job_id=job_id,
-                train_config=train_config,
-                note=note,
-            )
-            # no sort_keys: the order of model_config["tasks"] is the model's head order
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+        with self._locked(model_name):
+            if self.exists(model_name, version):
+                existing = self._same_or_conflict(model_name, version, job_id, model)
+                if self.verify(model_name, version):
+                    return existing
+                # this job's artifact, stored by another attempt, with weights that no longer
+                # match its manifest: it is replaced, never handed on to be published
+                self._discard(final, version)
+            else:
+                self._refuse_occupied(model_name, version, final)
+            clean_metrics = _json_value(dict(metrics or {}), "metrics")
+            tmp = final.parent / f"{TMP_PREFIX}v{version}-{uuid.uuid4().hex}"
             try:
-                os.rename(tmp, final)  # atomic; fails when another writer got there first
-            except OSError:
-                if self.exists(model_name, version):
-                    return self._same_or_conflict(model_name, version, job_id, model)
-                raise
-            _fsync_dir(final.parent)
-            return manifest
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                weights = save_model(model, tmp)
+                data = weights.read_bytes()
+                manifest = Manifest(
+                    model=model_name,
+                    version=version,
+                    parent=parent,
+                    sha256=sha256_bytes(data),
+                    created_at=datetime.now(timezone.utc).isoformat(),
+                    model_config=asdict(model.config),
+                    dataset=dict(dataset),
+                    deletions=list(deletions or []),
+                    deleted_cells=[list(c) for c in (deleted_cells or [])],
+                    erased_cells=[list(c) for c in (erased_cells or [])],
+                    metrics=clean_metrics,
+                    job_id=job_id,
+                    train_config=train_config,
+                    note=note,
+                )
+                try:
+                    # no sort_keys: the order of model_config["tasks"] is the model's head order
+                    text = json.dumps(manifest.to_dict(), indent=2, allow_nan=False)
+                except (TypeError, ValueError) as exc:
+                    raise StoreError(f"the manifest of {model_name} v{version} is not strict JSON: {exc}") from None
+                (tmp / MANIFEST_FILE).write_text(text)
+                for f in tmp.iterdir():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+                _fsync_dir(tmp)
+                try:
+                    os.rename(tmp, final)  # atomic; fails when another writer (without the lock) got there first
+                except OSError as exc:
+                    if self.exists(model_name, version):
+                        return self._same_or_conflict(model_name, version, job_id, model)
+                    self._refuse_occupied(model_name, version, final)
+                    raise StoreError(f"cannot store {model_name} v{version} at {final}: {exc}") from exc
+                _fsync_dir(final.parent)
+                return manifest
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+    def _refuse_occupied(self, model_name: str, version: int, final: Path) -> None:
+        """For a version that is not stored (:meth:`exists` False): :class:`PurgedVersion`
+        when it was purged, :class:`StoreError` naming the folder when something else is
+        there; nothing when the place is free."""
+        if os.path.lexists(final / MANIFEST_FILE) and not os.path.lexists(final / WEIGHTS_FILE):
+            raise PurgedVersion(f"{model_name} v{version} was purged (its weights held erased data; its manifest is "
+                                f"kept in {final}): a purged version is never written again")
+        if os.path.lexists(final):
+            raise StoreError(f"{final} exists but holds no complete version of {model_name!r} "
+                             "(a manifest and weights): it is not overwritten; remove it to store the version")
 
     def calibration(self, model_name: str) -> dict | None:
         path = self._model_dir(model_name) / CALIBRATION_FILE
@@ -212,51 +390,104 @@ class LocalModelStore(ModelStore):
             return existing
         raise StoreError(f"version {version} of {model_name!r} already exists with different content")
 
-    def _read_verified(self, model_name: str, version: int) -> tuple[bytes, Manifest]:
+    def _read_verified(self, model_name: str, version: int) -> tuple[bytes, Manifest, ModelConfig]:
+        """The weights, manifest and architecture of an intact version: :class:`DamagedManifest`
+        (a ``model_config`` that is not a valid architecture included), :class:`IntegrityError`
+        for weights that are not a regular file or do not match the sha256,
+        :class:`PurgedVersion` for weights that are gone."""
         manifest = self.manifest(model_name, version)
-        path = self._dir(model_name, version) / WEIGHTS_FILE
+        folder = self._dir(model_name, version)
         try:
-            data = path.read_bytes()  # read once: the bytes checked are the bytes loaded
+            config = model_config_from({"model": manifest.model_config}, folder / MANIFEST_FILE)
+        except ValueError as exc:
+            raise DamagedManifest(f"{exc} (the manifest's model_config)") from None
+        path = folder / WEIGHTS_FILE
+        try:
+            data = _read_regular(path)  # read once: the bytes checked are the bytes loaded
         except FileNotFoundError:
             raise PurgedVersion(f"{model_name} v{version}: its weights were purged (they held erased data); "
                                 "only its manifest is kept") from None
+        except _NotRegular as exc:
+            raise IntegrityError(f"{path} is {exc}, not a regular file: not the weights of {model_name} "
+                                 f"v{version}") from None
         digest = sha256_bytes(data)
         if digest != manifest.sha256:
             raise IntegrityError(
                 f"{model_name} v{version}: weights sha256 {digest} does not match the manifest's {manifest.sha256}"
             )
-        return data, manifest
+        return data, manifest, config
 
     def verify(self, model_name: str, version: int) -> bool:
         try:
             self._read_verified(model_name, version)
-        except IntegrityError:
+        except (IntegrityError, DamagedManifest):
             return False
         return True
 
     def discard(self, model_name: str, version: int) -> None:
         final = self._dir(model_name, version)
-        if not final.exists():
+        if not os.path.lexists(final):
             return
-        doomed = final.parent / f"{TMP_PREFIX}discarded-v{int(version)}-{uuid.uuid4().hex}"
+        with self._locked(model_name):
+            self._discard(final, version)
+
+    def _discard(self, final: Path, version: int) -> None:
+        """Remove the version folder ``final`` (the caller holds the model's lock)."""
+        if not os.path.lexists(final):
+            return
+        doomed = final.parent / f"{TMP_PREFIX}discarded-v{version}-{uuid.uuid4().hex}"
         os.rename(final, doomed)  # atomic: readers see the version or nothing
         _fsync_dir(final.parent)
-        shutil.rmtree(doomed, ignore_errors=True)
+        if doomed.is_dir() and not doomed.is_symlink():
+            shutil.rmtree(doomed, ignore_errors=True)
+        else:
+            doomed.unlink(missing_ok=True)  # a link is removed, never followed
+
+    def discard_if_damaged(self, model_name: str, version: int) -> bool:
+        final = self._dir(model_name, version)
+        if not os.path.lexists(final):
+            return False
+        with self._locked(model_name):
+            if not self.exists(model_name, version):
+                return False  # gone meanwhile, purged (manifest kept), or incomplete: not a version
+            try:
+                self._read_verified(model_name, version)
+            except (IntegrityError, DamagedManifest):
+                self._discard(final, version)
+                return True
+            except PurgedVersion:  # purged meanwhile (by a writer that takes no lock)
+                return False
+            return False
 
     def purge(self, model_name: str, version: int) -> bool:
+        """Delete the version's weights (see :meth:`ModelStore.purge`). Weights that are not a
+        regular file are refused (:class:`StoreError` naming them): a link is not followed,
+        since its target, which would keep the erased data, lies outside the version."""
         self.manifest(model_name, version)  # StoreError for a version that is not stored
         weights = self._dir(model_name, version) / WEIGHTS_FILE
-        try:
-            weights.unlink()  # atomic: readers see the weights or none
-        except FileNotFoundError:
-            return False
-        _fsync_dir(weights.parent)
-        return True
+        with self._locked(model_name):
+            try:
+                mode = os.lstat(weights).st_mode
+            except FileNotFoundError:
+                return False
+            if not stat.S_ISREG(mode):
+                link = "; the link is not followed, its target is left as it is" if stat.S_ISLNK(mode) else ""
+                raise StoreError(f"cannot purge {model_name} v{version}: {weights} is {_what(weights, mode)}, not a "
+                                 f"regular file (the store never writes one){link}: check and remove it by hand")
+            try:
+                weights.unlink()  # atomic: readers see the weights or none
+            except FileNotFoundError:
+                return False
+            _fsync_dir(weights.parent)
+            return True
 
     def load(self, model_name: str, version: int, device: str | torch.device = "cpu") -> tuple[MultiTaskNet, Manifest]:
-        data, manifest = self._read_verified(model_name, version)
-        model = model_from_safetensors(ModelConfig(**manifest.model_config), data,
-                                       self._dir(model_name, version) / WEIGHTS_FILE, device)
+        data, manifest, config = self._read_verified(model_name, version)
+        path = self._dir(model_name, version) / WEIGHTS_FILE
+        try:
+            model = model_from_safetensors(config, data, path, device)
+        except ValueError as exc:  # not safetensors, or weights that do not fit the manifest's architecture
+            raise IntegrityError(str(exc)) from None
         return model.eval(), manifest
 
 

@@ -1,0 +1,369 @@
+"""The local model store against damaged, hostile or concurrent state on disk: damaged
+manifests, a check-then-discard race between two attempts of a job, purged versions,
+weights that are not regular files, invalid architectures and version numbers, manifests
+that must be strict JSON, and purging a link. No database, no training: a tiny untrained
+MultiTaskNet in ``tmp_path``."""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import shutil
+import threading
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+import torch
+
+from model_store import DamagedManifest, IntegrityError, LocalModelStore, PurgedVersion, StoreError
+from unlearning.model import ModelConfig, MultiTaskNet
+
+MODEL = "m"
+
+
+def _tiny(seed: int = 0) -> MultiTaskNet:
+    torch.manual_seed(seed)
+    return MultiTaskNet(ModelConfig(tasks={"depth": 1, "normal": 3}, width=4, depth=1, head_width=4))
+
+
+def _put(store: LocalModelStore, model: MultiTaskNet, version: int = 1, **kw):
+    return store.put_version(model, model_name=MODEL, version=version, parent=None if version == 1 else version - 1,
+                             dataset={"name": "indoor"}, **kw)
+
+
+@pytest.fixture
+def stored(tmp_path):
+    """A store holding v1 of MODEL; its version folder."""
+    store = LocalModelStore(tmp_path / "store")
+    _put(store, _tiny())
+    return store, tmp_path / "store" / MODEL / "v1"
+
+
+def _edit_manifest(folder, **changes):
+    path = folder / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc.update(changes)
+    path.write_text(json.dumps(doc))
+
+
+def _damage_weights(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+
+
+# --------------------------------------------------------------------------- 1: damaged manifests
+
+
+def _drop(field):
+    def damage(path):
+        doc = json.loads(path.read_text())
+        del doc[field]
+        path.write_text(json.dumps(doc))
+    return damage
+
+
+DAMAGED = {
+    "truncated": lambda p: p.write_text(p.read_text()[:100]),
+    "empty": lambda p: p.write_text(""),
+    "a list": lambda p: p.write_text("[]"),
+    "no sha256": _drop("sha256"),
+    "no dataset": _drop("dataset"),
+    "not utf-8": lambda p: p.write_bytes(b"\xff\xfe{}"),
+    "nested too deep": lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
+    "sha256 not a string": lambda p: p.write_text(p.read_text().replace('"sha256": "', '"sha256": 1, "x": "')),
+    "model_config null": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "model_config": None})),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED.values(), ids=DAMAGED.keys())
+def test_a_damaged_manifest_is_a_store_error_naming_it(stored, damage):
+    store, folder = stored
+    damage(folder / "manifest.json")
+    with pytest.raises(DamagedManifest, match="manifest.json"):
+        store.manifest(MODEL, 1)
+    with pytest.raises(DamagedManifest, match="manifest.json"):
+        store.load(MODEL, 1)
+    assert store.verify(MODEL, 1) is False  # the weights do not match a manifest that cannot be read
+    assert store.exists(MODEL, 1) and store.versions(MODEL) == [1]
+    assert issubclass(DamagedManifest, StoreError)
+
+
+def test_a_manifest_written_before_strict_json_still_reads(stored):
+    """Older manifests carry NaN for a degenerate metric: they read as before."""
+    store, folder = stored
+    _edit_manifest(folder, metrics={"auc": math.nan})
+    assert math.isnan(store.manifest(MODEL, 1).metrics["auc"]) and store.verify(MODEL, 1)
+
+
+# --------------------------------------------------------------------------- 2: check-then-discard race, the lock
+
+
+def test_a_good_copy_another_attempt_stored_is_not_discarded(tmp_path):
+    """Two attempts of a job find its stored copy damaged. The first checks, then pauses
+    before discarding; the second must not replace the copy in between, or the first
+    discards the good copy the second has just returned (and the record would publish a
+    sha256 the store no longer holds)."""
+    root = tmp_path / "store"
+    store = LocalModelStore(root)
+    _put(store, _tiny(0), job_id="j")
+    _damage_weights(root / MODEL / "v1")
+    checked, other_done = threading.Event(), threading.Event()
+
+    class Pausing(LocalModelStore):
+        def verify(self, model_name, version):
+            ok = super().verify(model_name, version)
+            if threading.current_thread().name == "stale":
+                checked.set()
+                other_done.wait(timeout=2)  # the other attempt runs now, if the store lets it
+            return ok
+
+    got = {}
+
+    def stale():
+        got["stale"] = _put(Pausing(root), _tiny(2), job_id="j").sha256
+
+    def current():
+        got["current"] = _put(store, _tiny(1), job_id="j").sha256
+        other_done.set()
+
+    first = threading.Thread(target=stale, name="stale")
+    first.start()
+    assert checked.wait(30)
+    second = threading.Thread(target=current, name="current")
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert got["stale"] == got["current"] == store.manifest(MODEL, 1).sha256
+    assert store.verify(MODEL, 1)
+
+
+def test_writers_wait_for_the_lock_file_held_by_another_process(stored):
+    """The lock is an flock on a file in the model's folder: another process (here another
+    open file description) holding it keeps the store's writers out."""
+    from model_store.local import LOCK_FILE
+
+    store, folder = stored
+    _damage_weights(folder)
+    done = threading.Event()
+    result = {}
+    with open(folder.parent / LOCK_FILE, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: (result.update(ok=store.discard_if_damaged(MODEL, 1)), done.set()))
+        worker.start()
+        assert not done.wait(0.5) and folder.exists()  # waits for the lock
+    assert done.wait(30) and result["ok"] is True and not folder.exists()
+    worker.join()
+
+
+def test_the_lock_file_is_no_version_and_survives_the_stale_cleanup(stored):
+    from model_store.local import LOCK_FILE
+
+    store, folder = stored
+    lock = folder.parent / LOCK_FILE
+    assert lock.is_file()
+    os.utime(lock, (0, 0))  # older than any stale-tmp threshold
+    assert store.versions(MODEL) == [1] and store.remove_stale_tmp(MODEL, older_than_s=0) == []
+    assert lock.is_file()
+
+
+def test_discard_if_damaged_discards_only_a_damaged_version(tmp_path):
+    store = LocalModelStore(tmp_path / "store")
+    for v in (1, 2, 3, 4):
+        _put(store, _tiny(v), version=v)
+    folder = tmp_path / "store" / MODEL
+    assert store.discard_if_damaged(MODEL, 1) is False and store.verify(MODEL, 1)  # intact: kept
+    _damage_weights(folder / "v2")
+    assert store.discard_if_damaged(MODEL, 2) is True and not (folder / "v2").exists()
+    (folder / "v3" / "manifest.json").write_text('{"model": "m')
+    assert store.discard_if_damaged(MODEL, 3) is True and not (folder / "v3").exists()
+    assert store.purge(MODEL, 4)
+    assert store.discard_if_damaged(MODEL, 4) is False and store.purged(MODEL, 4)  # purged: its manifest stays
+    assert store.discard_if_damaged(MODEL, 9) is False  # not stored
+    assert LocalModelStore(tmp_path / "empty").discard_if_damaged(MODEL, 1) is False
+    assert not (tmp_path / "empty").exists()  # nothing created for a model that is not stored
+    assert store.versions(MODEL) == [1, 4]
+
+
+# --------------------------------------------------------------------------- 3: purged versions are never rewritten
+
+
+def test_putting_a_purged_version_again_is_refused_by_name(stored):
+    store, folder = stored
+    assert store.purge(MODEL, 1)
+    with pytest.raises(PurgedVersion, match=r"m v1 was purged"):
+        _put(store, _tiny())
+    with pytest.raises(PurgedVersion):
+        _put(store, _tiny(), job_id="j")
+    assert store.purged(MODEL, 1) and sorted(p.name for p in folder.iterdir()) == ["config.json", "manifest.json"]
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_a_version_folder_without_a_version_is_not_overwritten(tmp_path):
+    store = LocalModelStore(tmp_path / "store")
+    folder = tmp_path / "store" / MODEL / "v1"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("an operator's")
+    with pytest.raises(StoreError, match=str(folder)) as caught:
+        _put(store, _tiny())
+    assert not isinstance(caught.value, OSError)
+    assert (folder / "notes.txt").read_text() == "an operator's" and store.versions(MODEL) == []
+
+
+# --------------------------------------------------------------------------- 4: weights and manifests that are not regular files
+
+
+def test_weights_that_are_a_fifo_fail_verification_without_blocking(stored):
+    store, folder = stored
+    weights = folder / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    result = {}
+    reader = threading.Thread(target=lambda: result.update(ok=store.verify(MODEL, 1)), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # the old store blocked reading it: unblock the reader, then fail
+        os.close(os.open(weights, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+        pytest.fail("verify blocked on a FIFO")
+    assert result["ok"] is False
+    with pytest.raises(IntegrityError, match="FIFO"):
+        store.load(MODEL, 1)
+
+
+def test_weights_that_are_a_link_or_a_directory_are_not_a_version(stored, tmp_path):
+    store, folder = stored
+    weights = folder / "model.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(weights, outside)
+    weights.symlink_to(outside)  # the very bytes the manifest records, but outside the store
+    assert store.verify(MODEL, 1) is False
+    with pytest.raises(IntegrityError, match="symbolic link"):
+        store.load(MODEL, 1)
+    weights.unlink()
+    weights.mkdir()
+    assert store.verify(MODEL, 1) is False
+    with pytest.raises(IntegrityError, match=str(weights)):
+        store.load(MODEL, 1)
+
+
+def test_a_manifest_that_is_a_link_is_refused(stored, tmp_path):
+    store, folder = stored
+    manifest = folder / "manifest.json"
+    outside = tmp_path / "manifest-copy.json"
+    shutil.copy(manifest, outside)
+    manifest.unlink()
+    manifest.symlink_to(outside)
+    with pytest.raises(DamagedManifest, match="symbolic link"):
+        store.manifest(MODEL, 1)
+    assert store.verify(MODEL, 1) is False
+
+
+# --------------------------------------------------------------------------- 5: the architecture in the manifest
+
+
+@pytest.mark.parametrize("change", [
+    {"width": 0}, {"width": -4}, {"width": "4"}, {"tasks": ["depth", "normal"]}, {"bogus": 1}, {"tasks": {}},
+], ids=["width 0", "width -4", "width str", "tasks list", "unknown key", "no tasks"])
+def test_an_invalid_model_config_is_a_store_error_naming_the_manifest(stored, change):
+    store, folder = stored
+    config = json.loads((folder / "manifest.json").read_text())["model_config"]
+    _edit_manifest(folder, model_config={**config, **change})
+    with pytest.raises(DamagedManifest, match="manifest.json"):
+        store.load(MODEL, 1)
+    assert store.verify(MODEL, 1) is False
+
+
+def test_weights_that_do_not_fit_the_manifests_architecture_are_an_integrity_error(stored):
+    store, folder = stored
+    config = json.loads((folder / "manifest.json").read_text())["model_config"]
+    _edit_manifest(folder, model_config={**config, "tasks": {"depth": 1, "normal": 1}})
+    with pytest.raises(IntegrityError, match="does not match the model configuration"):
+        store.load(MODEL, 1)
+
+
+# --------------------------------------------------------------------------- 6: version numbers
+
+
+@pytest.mark.parametrize("version", [1.9, 1.0, True, "2", 2**31, 2**63, 10**5000, 0, -1, math.nan, None],
+                         ids=lambda v: "huge" if isinstance(v, int) and v > 2**64 else repr(v))
+def test_a_version_that_is_not_an_int_in_range_is_refused(tmp_path, version):
+    store = LocalModelStore(tmp_path / "store")
+    with pytest.raises(StoreError, match="invalid version"):
+        store.put_version(_tiny(), model_name=MODEL, version=version, parent=None, dataset={"name": "indoor"})
+    for op in (store.exists, store.manifest, store.verify, store.load, store.purge, store.discard, store.uri,
+               store.discard_if_damaged):
+        with pytest.raises(StoreError, match="invalid version"):
+            op(MODEL, version)
+    assert not (tmp_path / "store" / MODEL).exists() or store.versions(MODEL) == []
+
+
+def test_the_largest_version_is_accepted(tmp_path):
+    store = LocalModelStore(tmp_path / "store")
+    _put(store, _tiny(), version=2**31 - 1)
+    assert store.versions(MODEL) == [2**31 - 1] and store.verify(MODEL, 2**31 - 1)
+
+
+def test_only_plain_version_folders_count(stored):
+    store, folder = stored
+    for name in ("v01", "v\u0663", "v99999999999", "v0", "v1x"):
+        shutil.copytree(folder, folder.parent / name)
+    assert store.versions(MODEL) == [1] and store.latest_version(MODEL) == 1
+
+
+def test_a_manifest_of_another_version_or_model_is_damaged(stored):
+    store, folder = stored
+    shutil.copytree(folder, folder.parent / "v3")  # a copy in the wrong folder
+    with pytest.raises(DamagedManifest, match="version 1.*version 3"):
+        store.manifest(MODEL, 3)
+    assert store.verify(MODEL, 3) is False
+    _edit_manifest(folder, model="other")
+    with pytest.raises(DamagedManifest, match="'other'"):
+        store.manifest(MODEL, 1)
+
+
+# --------------------------------------------------------------------------- 7: the manifest is strict JSON
+
+
+def _strict(text: str):
+    def refuse(token):
+        raise ValueError(f"non-JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_the_manifest_is_strict_json(tmp_path):
+    store = LocalModelStore(tmp_path / "store")
+    metrics = {"auc": math.nan, "gap": math.inf, "n": 3, "count": np.int64(7), "share": np.float32(0.5),
+               "loss": torch.tensor(0.25), "per_task": {"depth": -math.inf, "normal": [1, math.nan]}}
+    manifest = _put(store, _tiny(), metrics=metrics)
+    on_disk = _strict((tmp_path / "store" / MODEL / "v1" / "manifest.json").read_text())["metrics"]
+    expected = {"auc": None, "gap": None, "n": 3, "count": 7, "share": 0.5, "loss": 0.25,
+                "per_task": {"depth": None, "normal": [1, None]}}
+    assert on_disk == expected and manifest.metrics == expected and store.manifest(MODEL, 1).metrics == expected
+    assert type(on_disk["n"]) is int and type(on_disk["count"]) is int
+
+
+@pytest.mark.parametrize("value", [datetime.now(timezone.utc), object(), {1.5: 2}], ids=["datetime", "object",
+                                                                                          "float key"])
+def test_a_metric_that_is_not_json_is_refused_by_key(tmp_path, value):
+    store = LocalModelStore(tmp_path / "store")
+    with pytest.raises(StoreError, match=r"metrics\['when'\]"):
+        _put(store, _tiny(), metrics={"auc": 0.5, "when": value})
+    assert store.versions(MODEL) == [] and not (tmp_path / "store" / MODEL / "v1").exists()
+
+
+# --------------------------------------------------------------------------- 8: purging a link
+
+
+def test_purge_refuses_weights_that_are_a_link_and_leaves_its_target(stored, tmp_path):
+    store, folder = stored
+    weights = folder / "model.safetensors"
+    target = tmp_path / "elsewhere.safetensors"
+    os.replace(weights, target)
+    weights.symlink_to(target)
+    with pytest.raises(StoreError, match="symbolic link") as caught:
+        store.purge(MODEL, 1)
+    assert str(weights) in str(caught.value) and str(target) in str(caught.value)
+    assert target.is_file() and weights.is_symlink()  # nothing deleted: not claimed as purged
+    assert not store.purged(MODEL, 1)
