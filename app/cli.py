@@ -230,6 +230,10 @@ def cmd_purge(args) -> int:
             refused += 1
             continue
         for c in found:
+            if c.damaged:
+                print(f"{model_name} v{c.version} (an artifact no version points at): {verb} whole, its manifest "
+                      f"cannot be read ({c.damaged})")
+                continue
             held = sum(len(e["tasks"]) for e in c.erasures)
             what = "" if c.published else " (an artifact no version points at)"
             print(f"{model_name} v{c.version}{what}: {verb} (sha256 {c.sha256[:12]}…, held {held} erased "

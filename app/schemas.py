@@ -276,11 +276,13 @@ class PurgeIn(BaseModel):
 
 class PurgedVersionOut(BaseModel):
     version: int
-    sha256: str
-    created_at: UTCDateTime
+    sha256: str | None = Field(description="null for a damaged artifact")
+    created_at: UTCDateTime | None = Field(description="null for a damaged artifact")
     published: bool = Field(description="false: an artifact a job stored that no version points at")
     purged: bool = Field(description="false in a dry run")
     held_erasures: list[dict[str, Any]] = Field(description="the erasures its weights held: request, instance, tasks")
+    damaged: str | None = Field(None, description="an unpublished artifact whose manifest cannot be read: what it "
+                                                  "holds is unknown and nothing can publish it, so it goes whole")
 
 
 class PurgeOut(BaseModel):

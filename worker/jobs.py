@@ -559,17 +559,42 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
         return JobOutcome("failed", model_name, job_id, error=error)
 
 
+def _as_stored(store: ModelStore, job_id: str, manifest: Manifest) -> Manifest:
+    """The manifest the record is about to copy, as the store holds it now, with weights that
+    match it: the record's sha256 must be the store's. Another attempt of the job may have
+    replaced a damaged copy with its own since this one stored (same job, other bytes):
+    that copy is published. :class:`JobFailed` when the store holds no good copy of the job's."""
+    from model_store import StoreError
+
+    try:
+        held = store.manifest(manifest.model, manifest.version)
+    except StoreError as exc:
+        raise JobFailed(f"artifact v{manifest.version} cannot be read from the store: {exc}") from None
+    if held.job_id != job_id:
+        raise JobFailed(f"the store's v{manifest.version} is job {held.job_id}'s, not {job_id}'s")
+    if not store.verify(manifest.model, manifest.version):
+        raise JobFailed(f"the store's v{manifest.version} no longer matches its manifest (sha256 {held.sha256})")
+    if held.sha256 != manifest.sha256:
+        log.warning("job %s: v%d was stored again by another attempt (sha256 %s, not %s); publishing the store's",
+                    job_id, manifest.version, held.sha256[:12], manifest.sha256[:12])
+    return held
+
+
 def _stored_artifact(settings, store, job_id, model_name, base_version, version) -> Manifest | None:
     """The artifact an earlier run of this job stored and died before publishing, or None.
-    One whose weights do not match its manifest is discarded (and computed again)."""
-    manifest = store.manifest(model_name, version) if store.exists(model_name, version) else None
-    if manifest is None or manifest.job_id != job_id:
+    One whose weights do not match its manifest, or whose manifest cannot be read, is
+    discarded (and computed again): the version number is this job's (``target_version``),
+    so nothing else can publish it. The store checks and discards under its lock, so a
+    good copy another attempt has just stored is never the one discarded."""
+    if not store.exists(model_name, version):
+        return None
+    if store.discard_if_damaged(model_name, version):
+        log.warning("job %s: stored artifact v%d was damaged (weights or manifest); discarded it", job_id, version)
+        return None
+    manifest = store.manifest(model_name, version)
+    if manifest.job_id != job_id:
         return None
     _check_base(settings, store, model_name, base_version)
-    if not store.verify(model_name, version):
-        log.warning("job %s: stored artifact v%d does not match its manifest; discarding it", job_id, version)
-        store.discard(model_name, version)
-        return None
     log.info("job %s: artifact v%d already stored, publishing it", job_id, version)
     return manifest
 
@@ -713,6 +738,7 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
         if wrong:
             raise JobFailed(f"the artifact's manifest does not match job {job_id}: "
                             + ", ".join(f"{k} {got!r}, expected {want!r}" for k, (got, want) in wrong.items()))
+        manifest = _as_stored(store, job_id, manifest)
 
         model_name, version, metrics = job.model_name, manifest.version, manifest.metrics or {}
         alias = session.execute(

@@ -413,11 +413,23 @@ def stored_versions_holding(session: Session, model: Model, request: DeletionReq
             *stored, ModelVersion.tombstone_watermark.is_(None))) if not cells <= {as_cell(c) for c in erased or []}]
         if store is not None:
             for number in unpublished_artifacts(session, store, m.name, clean=False):
-                if store.exists(m.name, number) and not cells <= {
-                        as_cell(c) for c in store.manifest(m.name, number).erased_cells}:
+                if store.exists(m.name, number) and not cells <= _artifact_erased(store, m.name, number):
                     held.append(number)
         out[m.name] = sorted(held)
     return out
+
+
+def _artifact_erased(store, model_name: str, version: int) -> set:
+    """The cells an unpublished artifact's manifest says it has erased; none when the manifest
+    cannot be read (it may hold anything, until ``unlearnd purge`` deletes it)."""
+    from model_store import StoreError
+
+    from .versions import as_cell  # (versions imports this module)
+
+    try:
+        return {as_cell(c) for c in store.manifest(model_name, version).erased_cells}
+    except StoreError:
+        return set()
 
 
 def canonical_json(fields: dict) -> bytes:

@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session, defer
 
 from unlearning.data import dataset_key
 
+from model_store import StoreError
+
 from .audit import append_event
 from .errors import Conflict, NotFound
 from .requests import PROCESS_MODEL_TOPIC, get_model
@@ -284,14 +286,16 @@ class PurgeCandidate:
     """Stored weights that still hold erased data: a version (``row``), or an artifact no
     version points at (``row`` None: a job stored it, then was rebased, refused at publish
     or failed). ``erasures`` as :func:`missing_erasures` gives them; ``purged`` once the
-    weights are deleted."""
+    weights are deleted. An unpublished artifact whose manifest is ``damaged`` may hold
+    anything and can never be published: it goes whole (no sha256, date or erasures)."""
 
     version: int
-    sha256: str
-    created_at: datetime
+    sha256: str | None
+    created_at: datetime | None
     erasures: list[dict]
     row: ModelVersion | None = None
     purged: bool = False
+    damaged: str | None = None  # an artifact whose manifest cannot be read (why): deleted whole
 
     @property
     def published(self) -> bool:
@@ -326,8 +330,6 @@ def _check_store_holds(store, model_name: str, rows: list[ModelVersion]) -> None
     """:class:`Conflict` unless ``store`` holds the manifest of every version in ``rows`` with
     the sha256 the record has: a store directory other than the service's (a relative
     ``UNLEARND_STORE_DIR`` read from another working directory) is refused by name."""
-    from model_store import StoreError
-
     wrong = []
     for row in rows:
         try:
@@ -411,7 +413,11 @@ def purge_versions(
         for number in orphans:
             if not store.exists(model_name, number) and number in recorded:
                 continue  # purged and recorded (weights gone, unrecorded: a run that failed after deleting them)
-            manifest = store.manifest(model_name, number)
+            try:
+                manifest = store.manifest(model_name, number)
+            except StoreError as exc:  # damaged: what it holds is unknown, and nothing can publish it
+                out.append(PurgeCandidate(number, None, None, [], damaged=str(exc)))
+                continue
             created = datetime.fromisoformat(manifest.created_at)
             if created_before is not None and created >= created_before:
                 continue
@@ -422,7 +428,10 @@ def purge_versions(
     if dry_run:
         return out
     for c in out:
-        store.purge(model_name, c.version)  # False: deleted by an earlier run that failed before recording it
+        if c.damaged:
+            store.discard(model_name, c.version)
+        else:
+            store.purge(model_name, c.version)  # False: deleted by an earlier run that failed before recording it
         c.purged = True
         if c.row is not None:
             c.row.purged_at = utcnow()
@@ -430,6 +439,7 @@ def purge_versions(
             session, PURGED_EVENT, model_name=model_name,
             payload={"version": c.version, "sha256": c.sha256, "published": c.published,
                      "held_erasures": [{"request_id": e["request_id"], "tasks": e["tasks"]} for e in c.erasures],
+                     **({"damaged_manifest": c.damaged} if c.damaged else {}),
                      **({"actor": actor} if actor else {})},
         )
     session.flush()

@@ -122,7 +122,7 @@ def post_purge(name: Text, session: SessionDep, settings: SettingsDep, caller: A
                                dry_run=body.dry_run, actor=caller)
         out = PurgeOut(model=name, dry_run=body.dry_run, versions=[
             PurgedVersionOut(version=c.version, sha256=c.sha256, created_at=c.created_at, published=c.published,
-                             purged=c.purged, held_erasures=c.erasures) for c in found])
+                             purged=c.purged, held_erasures=c.erasures, damaged=c.damaged) for c in found])
     if any(c.purged for c in found):  # the embedded worker's caches live in this process
         from worker.jobs import forget_purged_versions
 

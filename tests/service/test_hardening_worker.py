@@ -839,6 +839,41 @@ def test_publish_refuses_a_manifest_whose_claims_are_not_the_jobs(tiny, field, v
     assert _serving(s).version == 1
 
 
+def test_publish_records_the_sha256_the_store_holds(tiny):
+    """Another attempt of the job may have replaced the artifact since this one stored it (a
+    damaged copy discarded and written again, other bytes): the record gets the store's sha256,
+    never one no stored weights have; a copy that no longer matches its manifest is refused."""
+    import torch
+
+    from model_store.local import WEIGHTS_FILE
+
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    claim = jobs.claim_next(s, TINY)
+    version = jobs._target_version(s, store, claim.job_id)
+    model, base = store.load(TINY, 1)
+    mine = store.put_version(model, model_name=TINY, version=version, parent=1, dataset=base.dataset,
+                             job_id=claim.job_id)
+    store.discard(TINY, version)  # the other attempt's copy, with other weights
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    theirs = store.put_version(model, model_name=TINY, version=version, parent=1, dataset=base.dataset,
+                               job_id=claim.job_id)
+    assert theirs.sha256 != mine.sha256
+    weights = store._dir(TINY, version) / WEIGHTS_FILE
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-8] + b"damaged!")
+    with pytest.raises(jobs.JobFailed, match=f"the store's v{version} no longer matches its manifest"):
+        jobs.publish_version(s, store, claim.job_id, mine, attempt=claim.attempt)
+    assert _serving(s).version == 1
+    weights.write_bytes(good)
+    outcome = jobs.publish_version(s, store, claim.job_id, mine, attempt=claim.attempt)
+    assert outcome.status == "completed" and _serving(s).version == version
+    with transaction(s.database_url) as session:
+        row = session.execute(select(ModelVersion).where(ModelVersion.job_id == claim.job_id)).scalar_one()
+    assert row.sha256 == theirs.sha256 == store.manifest(TINY, version).sha256
+
+
 def test_a_published_version_carries_the_tombstone_watermark_and_behind_reads_past_it(two_models):
     """Every tombstone up to a version's watermark is in its lineage, so the erasures it
     still holds are read from the later ones only; the answer equals the full comparison."""

@@ -239,6 +239,36 @@ def test_every_model_on_the_dataset_and_unpublished_artifacts(two_models):
         assert held(mine) == {TINY: [], TINY_B: []}
 
 
+def test_an_unpublished_artifact_whose_manifest_is_damaged_goes_whole(erased_twice, capsys):
+    """An artifact no version points at, with a manifest that cannot be read: what it holds is
+    unknown and nothing can publish it. Certificates count it as holding the request's
+    cells; purge lists it (dry run) and deletes it whole, where it stopped at a parse error."""
+    import shutil
+
+    from model_store.local import MANIFEST_FILE
+
+    s, store, ids, client = erased_twice
+    folder = store._model_dir(TINY)
+    shutil.copytree(folder / "v3", folder / "v4")
+    (folder / "v4" / MANIFEST_FILE).write_text('{"model": "tiny')  # cut short
+    for rid in client.requests:
+        assert 4 in client.get(f"/deletions/{rid}/certificate").json()["held_by_stored_versions"][TINY]
+    dry = client.post(f"/models/{TINY}/purge", json={"dry_run": True})
+    assert dry.status_code == 200, dry.text
+    damaged = [v for v in dry.json()["versions"] if v["version"] == 4]
+    assert len(damaged) == 1 and damaged[0]["damaged"] and damaged[0]["sha256"] is None
+    assert damaged[0]["published"] is False and damaged[0]["purged"] is False and (folder / "v4").is_dir()
+    done = client.post(f"/models/{TINY}/purge", json={}).json()["versions"]
+    assert [(v["version"], v["purged"], bool(v["damaged"])) for v in done] == [(1, True, False), (2, True, False),
+                                                                               (4, True, True)]
+    assert not (folder / "v4").exists() and 4 not in store.versions(TINY)
+    with transaction(s.database_url) as session:
+        events = session.execute(select(AuditEvent).where(AuditEvent.kind == "model.version_purged")
+                                 .order_by(AuditEvent.seq)).scalars().all()
+        assert events[-1].payload["version"] == 4 and events[-1].payload["damaged_manifest"]
+    assert client.post(f"/models/{TINY}/purge", json={}).json()["versions"] == []
+
+
 def test_a_store_whose_first_version_was_purged_is_not_trained_over(erased_twice, tmp_path, environment, capsys):
     """A database restored without the model (or another model name) over a store whose v1 was
     purged: `serve` says so and trains nothing (it trained, then failed to store v1)."""
