@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def _logging() -> None:
 def _refused_connection(exc) -> bool:
     """A connection that was never made (psycopg, SQLite), not an error of a statement."""
     reason = str(getattr(exc, "orig", None) or exc)
-    return reason.startswith("connection failed") or reason.startswith("unable to open database file")
+    return reason.startswith(("connection failed", "failed to resolve host", "unable to open database file",
+                              "file is not a database"))
 
 
 def _database_unreachable(exc, url: str) -> str:
@@ -54,9 +56,29 @@ def _database_unreachable(exc, url: str) -> str:
         shown = "UNLEARND_DATABASE_URL"
     reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
     message = f"unlearnd: cannot connect to the database {shown}: {reason}"
-    if "does not exist" in reason:
+    if re.search(r'database "[^"]*" does not exist', reason):
         message += " (the commands migrate a database but do not create it: createdb -h HOST -U USER NAME)"
+    elif reason.startswith("file is not a database"):
+        message += " (UNLEARND_DATABASE_URL names a file that is not a SQLite database)"
     return message
+
+
+def _store_dir_ok(settings) -> bool:
+    """Whether the model store's folder is one, or can be made (checked before a first start
+    trains a model it could not store)."""
+    from unlearning.cli import CliError, check_creatable
+
+    folder = Path(settings.store_dir)
+    if folder.exists() and not folder.is_dir():
+        print(f"unlearnd: UNLEARND_STORE_DIR {folder} is not a folder", file=sys.stderr)
+        return False
+    if not folder.exists():
+        try:
+            check_creatable(folder, option="UNLEARND_STORE_DIR")
+        except CliError as exc:
+            print(f"unlearnd: {exc}", file=sys.stderr)
+            return False
+    return True
 
 
 def _method_settings_ok(settings) -> bool:
@@ -81,8 +103,8 @@ def cmd_serve(args) -> int:
     settings = get_settings()
     if not _method_settings_ok(settings):
         return 2
-    host = args.host or settings.host
-    port = args.port or settings.port
+    host = settings.host if args.host is None else args.host
+    port = settings.port if args.port is None else args.port
     if settings.certificate_key_file:
         from worker.signing import SigningKeyError, load_signer
 
@@ -97,6 +119,8 @@ def cmd_serve(args) -> int:
             "models; set UNLEARND_API_KEYS (`unlearnd api-key --help`)", host)
     from model_store import PurgedVersion
 
+    if not _store_dir_ok(settings):
+        return 2
     upgrade_database(settings.database_url)
     try:
         version = ensure_model(settings, store_for(settings.store_dir), progress=not args.no_progress)
@@ -131,8 +155,14 @@ def cmd_worker(args) -> int:
         return 2
     from worker.celery_app import app
 
+    import click
+
     argv = ["worker", "--loglevel", args.loglevel, "--prefetch-multiplier", "1", "--concurrency", str(args.concurrency)]
-    app.worker_main(argv + celery_args(args.celery_args))
+    try:
+        app.worker_main(argv + celery_args(args.celery_args))
+    except click.ClickException as exc:  # a Celery option after -- that Celery refuses
+        print(f"unlearnd worker: {exc.format_message()}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -156,6 +186,8 @@ def cmd_calibrate(args) -> int:
     from worker.settings import get_settings
 
     settings = get_settings().model_copy(update={"calibrate_shadows": True})
+    if not _method_settings_ok(settings):
+        return 2
     store = store_for(settings.store_dir)
     if settings.method != "interference_aware":
         print(f"method {settings.method!r} takes no calibration", file=sys.stderr)
@@ -170,11 +202,18 @@ def cmd_calibrate(args) -> int:
         return 2
     from tqdm.auto import tqdm
 
-    with tqdm(total=100, desc="shadow models", unit="%", leave=False) as bar:
-        calibration = lineage_calibration(settings, store, settings.model_name, resolve_device(settings.device),
-                                          progress=lambda f: bar.update(max(0, round(100 * f) - bar.n)))
+    try:
+        device = resolve_device(settings.device)
+        stored = store.calibration(settings.model_name)
+        with tqdm(total=100, desc="shadow models", unit="%", leave=False) as bar:
+            calibration = lineage_calibration(settings, store, settings.model_name, device,
+                                              progress=lambda f: bar.update(max(0, round(100 * f) - bar.n)))
+    except (RuntimeError, ValueError) as exc:  # no CUDA; a stored calibration of other weights, or damaged
+        print(f"unlearnd: {exc}", file=sys.stderr)
+        return 2
+    done = "already stored" if stored is not None else "stored"
     print(f"{settings.model_name}: calibration of v{calibration['version']} with {calibration['shadows']} shadow models "
-          f"({calibration['seconds']} s) stored in {settings.store_dir}")
+          f"({calibration['seconds']} s) {done} in {settings.store_dir}")
     return 0
 
 
@@ -189,7 +228,7 @@ def cmd_purge(args) -> int:
     hold the versions the record names (nothing is purged then)."""
     from datetime import timedelta
 
-    from model_store import store_for
+    from model_store import StoreError, store_for
     from worker.db import engine_for, transaction
     from worker.errors import ServiceError
     from worker.migrate import is_up_to_date
@@ -216,7 +255,7 @@ def cmd_purge(args) -> int:
         with transaction(settings.database_url) as session:
             names = list(session.execute(select(Model.name).order_by(Model.name)).scalars())
     else:
-        names = [args.model or settings.model_name]
+        names = [settings.model_name if args.model is None else args.model]
     store = store_for(settings.store_dir)
     verb = "would purge" if args.dry_run else "purged"
     refused = 0
@@ -225,8 +264,8 @@ def cmd_purge(args) -> int:
             with transaction(settings.database_url) as session:  # one model a transaction
                 found = purge_versions(session, store, model_name, created_before=before, dry_run=args.dry_run,
                                        actor=_cli_actor())
-        except ServiceError as exc:  # an unknown model, a store that is not the service's
-            print(f"unlearnd: {exc}", file=sys.stderr)
+        except (ServiceError, StoreError, OSError) as exc:  # an unknown model, a store that is not the
+            print(f"unlearnd: {model_name}: {exc}", file=sys.stderr)  # service's or cannot delete a file
             refused += 1
             continue
         for c in found:
@@ -250,6 +289,38 @@ def _cli_actor() -> str:
         return f"cli:{getpass.getuser()}"
     except (OSError, KeyError):  # no login name (a container's uid without a passwd entry)
         return "cli"
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {value}")
+    return value
+
+
+def _host(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the bind address is empty")
+    return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number is needed, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, got {value}")
+    return value
+
+
+def _model_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
+        raise argparse.ArgumentTypeError(f"not a model name: {text!r} (letters, digits and ._-)")
+    return text
 
 
 def _days(text: str) -> float:
@@ -321,11 +392,17 @@ def cmd_verify_certificate(args) -> int:
 
     from worker.signing import verify_certificate
 
+    def strict(constant: str):
+        raise ValueError(f"{constant} is not JSON (a certificate is strict JSON)")
+
     try:
         text = sys.stdin.read() if args.certificate == "-" else Path(args.certificate).read_text()
-        certificate = json.loads(text)
+        certificate = json.loads(text, parse_constant=strict)
     except (OSError, ValueError) as exc:
         print(f"unlearnd: cannot read a certificate from {args.certificate}: {exc}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print(f"unlearnd: cannot read a certificate from {args.certificate}: JSON nested too deep", file=sys.stderr)
         return 2
     if not isinstance(certificate, dict):
         print(f"unlearnd: {args.certificate} is not a certificate (a JSON object)", file=sys.stderr)
@@ -379,15 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="migrate, train the first model if needed, serve the API",
                        description=cmd_serve.__doc__)
-    p.add_argument("--host", help="bind address (default: UNLEARND_HOST or 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default: UNLEARND_PORT or 8000)")
+    p.add_argument("--host", type=_host, help="bind address (default: UNLEARND_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=_port, help="port, 1-65535 (default: UNLEARND_PORT or 8000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while training the first model")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker (needs UNLEARND_BROKER_URL)",
                        description=cmd_worker.__doc__ + " Arguments after -- go to Celery.")
-    p.add_argument("--loglevel", default="info")
-    p.add_argument("--concurrency", type=int, default=1, help="jobs at once (default 1: one GPU, one job)")
+    p.add_argument("--loglevel", default="info", type=str.lower,
+                   choices=["debug", "info", "warning", "error", "critical", "fatal"])
+    p.add_argument("--concurrency", type=_positive, default=1, help="jobs at once (default 1: one GPU, one job)")
     p.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra celery worker arguments")
     p.set_defaults(func=cmd_worker)
 
@@ -423,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("purge", help="delete the weights of versions that still hold erased data",
                        description=cmd_purge.__doc__)
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--model", help="the model (default: UNLEARND_MODEL_NAME)")
+    which.add_argument("--model", type=_model_name, help="the model (default: UNLEARND_MODEL_NAME)")
     which.add_argument("--all-models", action="store_true", help="every registered model, one after the other")
     p.add_argument("--older-than-days", type=_days, metavar="DAYS",
                    help="only versions created more than DAYS days ago (default: every such version)")
@@ -457,12 +535,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _logging()
+    from alembic.util.exc import CommandError
     from pydantic import ValidationError
-    from sqlalchemy.exc import OperationalError
+    from pydantic_settings import SettingsError
+    from sqlalchemy.exc import DatabaseError
 
     try:
         return args.func(args)
-    except OperationalError as exc:
+    except DatabaseError as exc:  # OperationalError, and SQLite's "file is not a database"
         if args.func not in (cmd_serve, cmd_migrate, cmd_calibrate, cmd_purge) or not _refused_connection(exc):
             raise
         from worker.settings import get_settings
@@ -472,9 +552,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         if exc.title != "Settings":
             raise
-        # an UNLEARND_* variable the settings refuse: name it, without a traceback
-        print(f"unlearnd: invalid configuration (UNLEARND_* environment variables or .env): {exc}", file=sys.stderr)
+        # an UNLEARND_* variable the settings refuse: name it, without a traceback (nor its value:
+        # a database URL holds a password)
+        problems = "; ".join(f"UNLEARND_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                             for e in exc.errors(include_url=False, include_input=False))
+        print(f"unlearnd: invalid configuration (UNLEARND_* environment variables or .env): {problems}",
+              file=sys.stderr)
         return 2
+    except SettingsError as exc:  # a value that is not JSON where JSON is read (UNLEARND_METHOD_CONFIG)
+        print(f"unlearnd: invalid configuration (UNLEARND_* environment variables or .env): {exc}"
+              f"{f' ({exc.__cause__})' if exc.__cause__ else ''}", file=sys.stderr)
+        return 2
+    except CommandError as exc:  # alembic: a revision this code does not know
+        if args.func not in (cmd_serve, cmd_migrate):
+            raise
+        print(f"unlearnd: cannot migrate the database: {exc} (was it migrated by a newer release of unlearnd?)",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unlearnd: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

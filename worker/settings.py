@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     broker_url: str | None = None  # e.g. redis://127.0.0.1:6379/0; None = in-process worker
     result_backend: str | None = None
 
-    model_name: str = "indoor-mtl"
+    # the model store's folder name too: letters, digits and ._- (no separator, no '..')
+    model_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")] = "indoor-mtl"
     # the first version's dataset: only the synthetic ones are described by settings alone (no data root);
     # any other name failed with a traceback after the migration, when the first start loaded it
     dataset: Literal["indoor", "street"] = "indoor"
@@ -57,7 +58,7 @@ class Settings(BaseSettings):
     # numbers mean something.
     train_epochs: int = Field(60, gt=0)
     model_width: int = Field(16, gt=0)  # encoder base width and head width of a first model (tests use a tinier one)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # the synthetic data's seed and the jobs' (torch takes 64 bits)
 
     method: str = "interference_aware"
     method_config: dict = {}  # the method's hyper-parameters over its defaults, JSON in UNLEARND_METHOD_CONFIG
@@ -67,7 +68,8 @@ class Settings(BaseSettings):
     # partial erasure within 0.03 of retrained models; '{"shadow_folds": 8, "shadow_trained_folds": 1}'
     # trains 1 + tasks and left it ~0.09 low: benchmarks/README.md, "A calibration of fewer shadows")
     calibrate_shadows: bool = False
-    device: str = "auto"  # auto = CUDA when present
+    # auto = CUDA when present; cpu; cuda or cuda:N
+    device: Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")] = "auto"
     # CPU threads torch may use in a job; None = torch's default. On a small shared CPU
     # (API, relay and worker in one process) oversubscribed threads slow jobs down many times.
     torch_threads: int | None = Field(None, gt=0)
@@ -91,6 +93,31 @@ class Settings(BaseSettings):
     # a PEM Ed25519 private key (`unlearnd certificate-key` writes one): certificates are signed with
     # it (worker.signing); unset: certificates carry their sha256 only
     certificate_key_file: Path | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _a_database_url(cls, value: str) -> str:
+        """SQLite (``sqlite:///PATH``) or PostgreSQL through psycopg, parsed now: a malformed
+        URL, another database or driver failed with a traceback at the first connection."""
+        from sqlalchemy.engine import make_url
+
+        try:
+            url = make_url(value)
+            url.port  # noqa: B018 - parsed on access: a port that is not a number raises here
+            kind = (url.get_backend_name(), url.get_driver_name())
+        except Exception as exc:  # noqa: BLE001 - ArgumentError, ValueError, NoSuchModuleError
+            raise ValueError(f"not a database URL ({exc}); use sqlite:///PATH or "
+                             "postgresql+psycopg://USER@HOST:PORT/NAME") from None
+        if kind not in (("sqlite", "pysqlite"), ("postgresql", "psycopg")):
+            raise ValueError(f"{kind[0]}+{kind[1]} is not a database the service runs on; use sqlite:///PATH or "
+                             "postgresql+psycopg://USER@HOST:PORT/NAME")
+        if kind[0] == "sqlite" and url.database not in (None, "", ":memory:"):
+            for folder in Path(url.database).absolute().parents:
+                if folder.exists():
+                    if not folder.is_dir():
+                        raise ValueError(f"the SQLite file {url.database} would lie under {folder}, which is a file")
+                    break
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

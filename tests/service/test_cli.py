@@ -35,7 +35,7 @@ def test_worker_hands_the_arguments_after_the_double_dash_to_celery(celery_argv,
 def test_a_database_that_does_not_exist_is_one_line_naming_it_and_createdb(monkeypatch, capsys, command):
     """`unlearnd serve` against a database not created yet (the README's by-hand steps
     skipped one): a line naming it and how to create it, not a psycopg traceback."""
-    from tests.service.conftest import PG_SERVER
+    from .conftest import PG_SERVER
 
     monkeypatch.setenv("UNLEARND_DATABASE_URL", PG_SERVER.replace("postgres@", "postgres:pw-s3cret@", 1)
                        + "/unlearnd_never_created")
@@ -77,3 +77,118 @@ def test_delegated_commands_name_themselves_as_called(command, capsys):
     with pytest.raises(SystemExit):
         import_module(f"unlearning.{command}").main(["--help"])
     assert capsys.readouterr().out.startswith(f"usage: python -m unlearning.{command} ")
+
+
+def _run(environment, argv, **env) -> tuple[int, str]:
+    """``main(argv)`` with ``env`` (UNLEARND_* names without the prefix): its exit status
+    (argparse's too) and what it wrote to stderr."""
+    import sys
+
+    for name, value in env.items():
+        environment.setenv(f"UNLEARND_{name}", value)
+    get_settings.cache_clear()
+    err = __import__("io").StringIO()
+    environment.setattr(sys, "stderr", err)
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        get_settings.cache_clear()
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["purge", "--model", ""], "not a model name: ''"),  # an empty $MODEL in a cron line purged the default model
+    (["serve", "--port", "0"], "a port is between 1 and 65535, got 0"),  # served on 8000
+    (["serve", "--port", "70000"], "a port is between 1 and 65535, got 70000"),  # a traceback after training
+    (["serve", "--host", ""], "the bind address is empty"),
+    (["worker", "--concurrency", "-1"], "at least 1, got -1"),
+    (["worker", "--loglevel", "bogus"], "invalid choice: 'bogus'"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(environment, argv, says, tmp_path):
+    code, err = _run(environment, argv, DATABASE_URL=f"sqlite:///{tmp_path}/never.db")
+    assert code == 2 and says in err and "Traceback" not in err
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_a_celery_option_celery_refuses_is_one_line(celery_argv, environment, monkeypatch):
+    import click
+
+    from worker.celery_app import app
+
+    def refuse(argv):
+        raise click.NoSuchOption("--bogus")
+
+    monkeypatch.setattr(app, "worker_main", refuse)
+    code, err = _run(environment, ["worker", "--", "--bogus"])
+    assert code == 2 and err.strip() == "unlearnd worker: No such option '--bogus'."
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"DATABASE_URL": "notaurl"}, "UNLEARND_DATABASE_URL: Value error, not a database URL"),
+    ({"DATABASE_URL": "postgresql+psycopg://u:pw-s3cret@127.0.0.1:notaport/x"}, "not a database URL"),
+    ({"DATABASE_URL": "postgres://u:pw-s3cret@h/x"}, "not a database URL"),
+    ({"DATABASE_URL": "postgresql+psycopg2://u:pw-s3cret@h/x"}, "postgresql+psycopg2 is not a database the service"),
+    ({"DATABASE_URL": "sqlite:////etc/hostname/x.db"}, "/etc/hostname, which is a file"),
+    ({"METHOD_CONFIG": "{bad"}, 'error parsing value for field "method_config"'),
+    ({"DEVICE": "tpu"}, "UNLEARND_DEVICE: String should match pattern"),
+    ({"SEED": "-1"}, "UNLEARND_SEED: Input should be greater than or equal to 0"),
+    ({"MODEL_NAME": "../x"}, "UNLEARND_MODEL_NAME: String should match pattern"),
+])
+@pytest.mark.parametrize("command", ["migrate", "serve", "calibrate", "purge"])
+def test_settings_the_service_cannot_run_on_are_one_line_without_their_value(environment, env, says, command):
+    code, err = _run(environment, [command], **env)
+    assert code == 2 and says in err and "Traceback" not in err and "pw-s3cret" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_store_folder_that_is_a_file_is_refused_before_migrating_or_training(environment, tmp_path):
+    (tmp_path / "afile").write_text("")
+    code, err = _run(environment, ["serve", "--no-progress"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db",
+                     STORE_DIR=str(tmp_path / "afile"))
+    assert code == 2 and f"UNLEARND_STORE_DIR {tmp_path / 'afile'} is not a folder" in err
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_a_file_that_is_not_a_database_and_an_unknown_revision_are_one_line(environment, tmp_path):
+    import sqlite3
+
+    (tmp_path / "notes.db").write_text("not a database, but notes")
+    code, err = _run(environment, ["migrate"], DATABASE_URL=f"sqlite:///{tmp_path}/notes.db")
+    assert code == 2 and "file is not a database (UNLEARND_DATABASE_URL names a file that is not a SQLite" in err
+    assert (tmp_path / "notes.db").read_text() == "not a database, but notes"
+    url = f"sqlite:///{tmp_path}/newer.db"
+    assert _run(environment, ["migrate"], DATABASE_URL=url)[0] == 0
+    with sqlite3.connect(tmp_path / "newer.db") as conn:  # as a newer release would leave it
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    code, err = _run(environment, ["migrate"], DATABASE_URL=url)
+    assert code == 2 and "Can't locate revision identified by '0099' (was it migrated by a newer release" in err
+    assert "Traceback" not in err
+
+
+def test_a_missing_role_is_not_told_to_createdb(environment):
+    from .conftest import PG_SERVER
+
+    code, err = _run(environment, ["migrate"], DATABASE_URL=PG_SERVER.replace("postgres@", "nobody_here@", 1)
+                     + "/postgres")
+    assert code == 2 and 'role "nobody_here" does not exist' in err and "createdb" not in err
+
+
+def test_ctrl_c_is_one_line_and_status_130(environment, monkeypatch, tmp_path):
+    import worker.migrate
+
+    def interrupted(url):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker.migrate, "upgrade_database", interrupted)
+    code, err = _run(environment, ["migrate"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db")
+    assert code == 130 and err.strip() == "unlearnd: interrupted"
+
+
+@pytest.mark.parametrize("text, says", [('{"certificate_sha256": NaN}', "NaN is not JSON"),
+                                        ("[" * 100000 + "]" * 100000, "nested too deep")])
+def test_verify_certificate_refuses_what_is_not_strict_json(environment, tmp_path, text, says):
+    (tmp_path / "c.json").write_text(text)
+    code, err = _run(environment, ["verify-certificate", str(tmp_path / "c.json"), "--public-key", "x"])
+    assert code == 2 and says in err and "Traceback" not in err
