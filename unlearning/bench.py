@@ -65,7 +65,7 @@ from .evaluate import EvalContext, evaluate_unlearning, membership_auc
 from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method
 from .metrics import forget_gap
 from .model import load_model, save_model
-from .cli import CliError, check_creatable, cli_device, json_type, read_json, report_cli_error
+from .cli import METHOD_SEEDS, CliError, check_creatable, check_seed, cli_device, json_type, read_json, report_cli_error
 from .train import TrainConfig, resident, resolve_device, train_model
 
 DEFAULT_METHOD = "interference_aware"
@@ -787,6 +787,8 @@ def _check_options(args) -> None:
         twice = [v for i, v in enumerate(values or []) if v in (values or [])[:i]]
         if twice:
             raise CliError(f"{flag}: {', '.join(map(repr, dict.fromkeys(twice)))} given twice (each would run twice)")
+    for seed in args.seeds or []:  # each seeds the methods' generators (x 1_000_003) and the forget sets
+        check_seed(seed, "--seeds", METHOD_SEEDS)
 
 
 def _results_path(text: str) -> Path:
@@ -794,6 +796,9 @@ def _results_path(text: str) -> Path:
     suffix is not theirs: ``--out r.md`` would have the summary written over the results
     (and, in a run, every checkpoint of them deleted as a stale summary)."""
     out = Path(text)
+    if not out.name or out.name == "..":  # `.`, `/`, `` (the current folder), `..`: no file name
+        raise CliError(f"--out {text!r} is a directory, not a file name; --out is the results JSON file, "
+                       "e.g. results.json")
     if out.suffix.lower() in (".md", ".png"):
         raise CliError(f"--out {out}: the summary and the plot are written next to the results JSON as "
                        f"{out.with_suffix('.md').name} and {out.with_suffix('.png').name}, over the JSON; "

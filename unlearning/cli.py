@@ -15,6 +15,15 @@ from typing import Any, Callable, TypeVar
 import torch
 
 USER_ERROR = 2  # the exit status of a refused request (argparse's for a usage error)
+INTERRUPTED = 130  # the exit status of a run cut off by Ctrl-C (128 + SIGINT, as a shell reports it)
+
+# The seeds torch.manual_seed and torch.Generator.manual_seed take (negative ones too): any
+# other integer is "Overflow when unpacking long long", raised from inside the work.
+TORCH_SEEDS = range(-(2**63), 2**64)
+# A method's seed ``s`` (``unlearnd unlearn --seed``, ``unlearnd bench --seeds``) seeds its
+# generators with ``s * 1_000_003 + salt``, salt <= 11 (unlearning.methods.loops,
+# interference_aware): the seeds for which every one of those is a torch seed.
+METHOD_SEEDS = range(-(2**63 // 1_000_003), (2**64 - 1 - 11) // 1_000_003 + 1)
 
 
 class CliError(ValueError):
@@ -26,6 +35,40 @@ def report_cli_error(exc: BaseException | str) -> int:
     """Print ``error: <message>`` on stderr; returns the exit status of a refused request (2)."""
     print(f"error: {exc}", file=sys.stderr)
     return USER_ERROR
+
+
+def check_seed(value: int, option: str, seeds: range = TORCH_SEEDS) -> int:
+    """``value`` when it is in ``seeds``; :class:`CliError` naming ``option`` otherwise (before
+    any work: torch would refuse it only once the data is loaded)."""
+    if value not in seeds:
+        raise CliError(f"{option} {value} is out of range: a seed is an integer from {seeds.start} to {seeds[-1]}")
+    return value
+
+
+class Writes:
+    """How far a command got with its output, for the message of a Ctrl-C
+    (:func:`report_interrupted`): :func:`write_dir_atomically` given one records its
+    ``out`` and ``state``: ``"nothing"`` before the write, ``"writing"`` during it,
+    ``"written"`` once ``out`` is in place and the write is over."""
+
+    def __init__(self) -> None:
+        self.out: Path | None = None
+        self.state = "nothing"
+
+
+def report_interrupted(writes: Writes) -> int:
+    """One line on stderr for a run cut off by Ctrl-C, saying what was written (nothing, unless
+    the write had begun: it is atomic); returns the exit status (130)."""
+    out = writes.out
+    if writes.state == "written":
+        message = f"interrupted: {out} was written in full"
+    elif writes.state == "writing":
+        message = (f"interrupted while writing {out}: it holds what it held before or the whole new output, "
+                   f"never a part of it (a hidden .{out.name}.*.tmp or .old folder may be left beside it)")
+    else:
+        message = "interrupted: nothing was written"
+    print(message, file=sys.stderr)
+    return INTERRUPTED
 
 
 def cli_device(value: str | None, option: str = "--device") -> torch.device:
@@ -88,26 +131,60 @@ def check_creatable(path: str | Path, option: str = "--out") -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CliError(f"{option} {path} cannot be created: {ancestor} is not a directory")
+    probe = None
     try:
         probe = tempfile.mkdtemp(prefix=".unlearnd-probe-", dir=ancestor)
     except OSError as exc:
         raise CliError(f"{option} {path} cannot be created: nothing can be written in {ancestor} "
                        f"({exc.strerror or exc})") from None
-    os.rmdir(probe)
+    finally:
+        if probe is not None:
+            os.rmdir(probe)
+
+
+def check_output_dir(out: str | Path, option: str = "--out") -> list[str]:
+    """:class:`CliError` for an ``out`` that :func:`write_dir_atomically` cannot take, so that
+    it is refused before the work rather than after it: a path that does not end in the
+    directory's own name (``.``, ``..``, ``/``: the new directory is made beside ``out`` and
+    renamed to it), a symbolic link (the rename would replace the link, not fill the
+    directory it points to), something other than a directory, or a location where nothing
+    can be created. Returns the names ``out`` holds (none when it is absent or empty); the
+    caller decides whether those may be replaced."""
+    out = Path(out)
+    if out.name in ("", ".."):
+        raise CliError(f"{option} {str(out)!r} does not end in a directory name: the output is made beside "
+                       f"{option} and renamed to it; give a path that ends in the new directory's name, "
+                       f"e.g. {option} ./out")
+    if out.is_symlink():
+        raise CliError(f"{option} {out} is a symbolic link (to {os.readlink(out)}): the output is a new directory "
+                       "renamed into its place, which would replace the link; give the directory itself "
+                       f"({os.path.realpath(out)}) or a new path")
+    held: list[str] = []
+    if os.path.lexists(out):
+        if not out.is_dir():
+            raise CliError(f"{option} {out} exists and is not a directory")
+        held = sorted(p.name for p in out.iterdir())
+    check_creatable(out, option)
+    return held
 
 
 _T = TypeVar("_T")
 
 
-def write_dir_atomically(out: str | Path, write: Callable[[Path], _T], replace: bool = False) -> _T:
+def write_dir_atomically(out: str | Path, write: Callable[[Path], _T], replace: bool = False,
+                         writes: Writes | None = None) -> _T:
     """``write(staging)`` fills a new temporary sibling of the directory ``out``, which is
     then renamed to ``out``: a failure (or a kill) leaves no half-written ``out`` (the
     staging folder is removed, or at worst a hidden ``.<name>.*.tmp`` sibling is left).
     ``out`` may be absent or an empty directory; with ``replace``, an existing ``out`` is
-    swapped out and removed once the new one is in place. Returns what ``write`` returns."""
+    swapped out and removed once the new one is in place. Returns what ``write`` returns.
+    ``writes`` records how far it got (for :func:`report_interrupted`). :func:`check_output_dir`
+    refuses up front what it cannot take."""
     import uuid
 
     out = Path(out)
+    if writes is not None:
+        writes.out, writes.state = out, "writing"
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
     staging.mkdir()  # (not mkdtemp: the checkpoint gets the umask's permissions, not 0700)
@@ -132,4 +209,6 @@ def write_dir_atomically(out: str | Path, write: Callable[[Path], _T], replace: 
             old.unlink()
         else:
             shutil.rmtree(old, ignore_errors=True)
+    if writes is not None:
+        writes.state = "written"
     return result

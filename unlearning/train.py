@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .cli import CliError, check_creatable, cli_device, report_cli_error, write_dir_atomically
+from .cli import (CliError, Writes, check_output_dir, check_seed, cli_device, report_cli_error, report_interrupted,
+                  write_dir_atomically)
 from .data.base import MultiTaskDataset
 from .losses import cell_losses, supervised_loss
 from .model import ModelConfig, MultiTaskNet, save_model
@@ -130,28 +130,30 @@ def train_model(
 
     step = 0
     bar = tqdm(total=total, desc="train", disable=not progress, leave=False)
-    for epoch in range(cfg.epochs):
-        # on the data's device: indexing it with a host tensor would copy (and wait) every step
-        order = torch.randperm(len(dataset), generator=generator).to(source.images.device)
-        running, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-        for start in range(0, len(dataset), cfg.batch_size):
-            batch = source.batch(order[start : start + cfg.batch_size]).to(device)
-            loss = supervised_loss(cell_losses(model, batch, dataset.tasks), batch.has)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-            step += 1
-            running += loss.detach() * len(batch.index)
-            seen += len(batch.index)
-            bar.update(1)
-            if on_progress is not None:
-                on_progress(step / max(total, 1))
-        bar.set_postfix(epoch=epoch + 1, loss=f"{float(running) / max(seen, 1):.4f}")
-    bar.close()
+    try:
+        for epoch in range(cfg.epochs):
+            # on the data's device: indexing it with a host tensor would copy (and wait) every step
+            order = torch.randperm(len(dataset), generator=generator).to(source.images.device)
+            running, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+            for start in range(0, len(dataset), cfg.batch_size):
+                batch = source.batch(order[start : start + cfg.batch_size]).to(device)
+                loss = supervised_loss(cell_losses(model, batch, dataset.tasks), batch.has)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                if schedule is not None:
+                    schedule.step()
+                step += 1
+                running += loss.detach() * len(batch.index)
+                seen += len(batch.index)
+                bar.update(1)
+                if on_progress is not None:
+                    on_progress(step / max(total, 1))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{float(running) / max(seen, 1):.4f}")
+    finally:
+        bar.close()  # (on a Ctrl-C too: its message is not written behind the bar)
     return model.eval()
 
 
@@ -189,7 +191,7 @@ def _dataset_spec(args: argparse.Namespace) -> dict:
                            else f"--root {args.root} does not exist")
         spec["root"] = args.root
     for option, key, value in given:
-        least = 0 if key == "seed" else 1
+        least = 0 if key == "seed" else 1  # (the renderer takes any non-negative seed)
         if value < least:
             raise CliError(f"{option} must be at least {least}, got {value}"
                            + (" (interference_aware unlearns with held-out data)" if key == "n_test" else ""))
@@ -207,24 +209,22 @@ def _check_recipe(cfg: TrainConfig) -> None:
         raise CliError(f"--lr must be a positive number, got {cfg.lr}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise CliError(f"--weight-decay must be 0 or a positive number, got {cfg.weight_decay}")
+    check_seed(cfg.seed, "--seed")  # torch.manual_seed's range
 
 
 def _check_out(out: Path, force: bool) -> None:
     """``--out`` must be absent, an empty directory or, with ``--force``, a checkpoint to
-    replace (a directory holding nothing but its files), and creatable."""
+    replace (a directory holding nothing but its files), and what :func:`write_dir_atomically`
+    can take (:func:`check_output_dir`: not a symbolic link, nor ``.``; creatable)."""
     from .model import CONFIG_FILE, WEIGHTS_FILE
 
-    if os.path.lexists(out):
-        if not out.is_dir():
-            raise CliError(f"--out {out} exists and is not a directory")
-        held = sorted(p.name for p in out.iterdir())
-        if held and not force:
-            raise CliError(f"--out {out} already exists and is not an empty directory "
-                           "(--force replaces a checkpoint there)")
-        if held and not set(held) <= {WEIGHTS_FILE, CONFIG_FILE}:
-            raise CliError(f"--force replaces a checkpoint ({WEIGHTS_FILE}, {CONFIG_FILE}) only; "
-                           f"{out} holds {held}")
-    check_creatable(out)
+    held = check_output_dir(out)
+    if held and not force:
+        raise CliError(f"--out {out} already exists and is not an empty directory "
+                       "(--force replaces a checkpoint there)")
+    if held and not set(held) <= {WEIGHTS_FILE, CONFIG_FILE}:
+        raise CliError(f"--force replaces a checkpoint ({WEIGHTS_FILE}, {CONFIG_FILE}) only; "
+                       f"{out} holds {held}")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m unlearning.train") -> int:
@@ -254,13 +254,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.train"
                    "only model.safetensors and config.json)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    writes = Writes()
     try:
-        return _train_cli(args)
+        return _train_cli(args, writes)
     except CliError as exc:
         return report_cli_error(exc)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was written (nothing, before the write)
+        return report_interrupted(writes)
 
 
-def _train_cli(args: argparse.Namespace) -> int:
+def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
     """:func:`main` after parsing: everything is checked before the data is loaded, the
     checkpoint is written to a temporary sibling of ``--out`` and renamed into place."""
     from . import data
@@ -294,7 +297,7 @@ def _train_cli(args: argparse.Namespace) -> int:
     try:
         write_dir_atomically(out, lambda staging: save_model(model, staging,
                                                              extra={"dataset": spec, "train": asdict(cfg)}),
-                             replace=args.force)
+                             replace=args.force, writes=writes)
     except OSError as exc:
         raise CliError(f"cannot write the checkpoint {out}: {exc}") from None
     summary = {

@@ -32,7 +32,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .model import CONFIG_FILE, WEIGHTS_FILE
-from .cli import CliError, check_creatable, json_type, read_json, report_cli_error, write_dir_atomically
+from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, json_type, read_json, report_cli_error,
+                  report_interrupted, write_dir_atomically)
 
 METRIC_KEYS = ("mode", "forget_tasks", "uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original",
                "mia_auc_expected", "seconds", "unlearn_seconds", "eval_seconds")
@@ -150,7 +151,8 @@ def _json(path: Path) -> dict:
 def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[str, str]] | None = None, *,
                        instances: list[str] | None = None, only_tasks: list[str] | None = None,
                        method: str = "interference_aware", config: dict | None = None, seed: int = 0,
-                       device: str = "auto", calibrate: bool = False, progress: bool = True) -> dict:
+                       device: str = "auto", calibrate: bool = False, progress: bool = True,
+                       writes: Writes | None = None) -> dict:
     """Erase cells from the checkpoint ``source`` into the new checkpoint ``out``; returns
     the summary the CLI prints (``checkpoint``, ``erased`` and the job's ``metrics``).
 
@@ -160,7 +162,8 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     ``retrain`` repeats the checkpoint's recipe. :class:`UnlearnCliError` or
     :class:`unlearning.job.JobInputError` (both ValueErrors; the shared checks raise
     ``UnlearnCliError``'s base :class:`~unlearning.cli.CliError`) before any work for a
-    request that cannot run, the output location included."""
+    request that cannot run, the output location included. ``writes`` records how far the
+    write of ``out`` got (for the message of a Ctrl-C)."""
     from .data import load_splits
     from .job import JobInputError, check_config, check_model_matches, run_unlearning_job, validate_forget_cells
     from .methods import METHOD_NAMES
@@ -173,9 +176,9 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
         raise UnlearnCliError(f"unknown method {method!r}; methods: {', '.join(METHOD_NAMES)}")
     if out.resolve() == source.resolve():
         raise UnlearnCliError("--out is the source checkpoint: a job writes a new version and never replaces one")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # before the job: what the write would refuse (a link, `.`, a parent that cannot be made) fails now
+    if check_output_dir(out):
         raise UnlearnCliError(f"{out} already exists and is not an empty directory")
-    check_creatable(out)  # before the job: a parent that cannot be made fails now, not after the work
     config = dict(config or {})
     if calibrate:
         if method != "interference_aware":
@@ -233,7 +236,8 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     extra = {k: v for k, v in manifest.items() if k not in ("model", "erased", "lineage")}
     extra.update(erased=[list(c) for c in sorted(set(erased) | set(requested))], lineage=lineage)
 
-    write_dir_atomically(out, lambda staging: save_model(result.model, staging, extra=extra))  # out: empty or absent
+    write_dir_atomically(out, lambda staging: save_model(result.model, staging, extra=extra),  # out: empty or absent
+                         writes=writes)
     return {"checkpoint": str(out), "erased": [list(c) for c in requested], "metrics": metrics}
 
 
@@ -264,18 +268,22 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.unlear
 
     from .job import JobInputError, UnlearningDiverged
 
+    writes = Writes()
     try:
+        check_seed(args.seed, "--seed", METHOD_SEEDS)  # it seeds the method's generators (x 1_000_003)
         summary = unlearn_checkpoint(args.checkpoint, args.out, [parse_cell(c) for c in args.cell],
                                      instances=args.instance,
                                      only_tasks=args.tasks, method=args.method, config=method_config(args.config),
                                      seed=args.seed, device=args.device, calibrate=args.calibrate,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, writes=writes)
+        print(json.dumps(summary, indent=2))
     except (CliError, JobInputError) as exc:  # UnlearnCliError is a CliError
         return report_cli_error(exc)
     except UnlearningDiverged as exc:  # the run failed; nothing was written
         report_cli_error(exc)
         return 1
-    print(json.dumps(summary, indent=2))
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was written (nothing, before the write)
+        return report_interrupted(writes)
     return 0
 
 

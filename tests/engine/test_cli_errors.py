@@ -43,6 +43,19 @@ def train(args: list[str]) -> int:
     return train_main(args + ["--no-progress"])
 
 
+def ctrl_c(main, argv: list[str]) -> int:
+    """``main(argv)`` where a Ctrl-C (a KeyboardInterrupt) is raised inside: it must return
+    (130), not let the interrupt out (a traceback, and here the end of the test session)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped main(): a traceback for a Ctrl-C")
+
+
+def raise_interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 # ----------------------------------------------------------------------------- unlearnd train
 
 
@@ -65,6 +78,10 @@ def train(args: list[str]) -> int:
     (["--dataset", "indoor", *TINY, "--n-test", "0"], "--n-test must be at least 1, got 0 (interference_aware"),
     (["--dataset", "indoor", *TINY, "--height", "0"], "--height must be at least 1, got 0"),
     (["--dataset", "indoor", *TINY, "--device", "tpu"], "--device 'tpu' is not a device"),
+    # torch.manual_seed takes -2**63 .. 2**64 - 1; other seeds overflowed after the data was loaded
+    (["--dataset", "indoor", *TINY, "--seed", str(2**70)], f"--seed {2**70} is out of range: a seed is an integer "
+                                                            f"from {-2**63} to {2**64 - 1}"),
+    (["--dataset", "indoor", *TINY, "--seed", str(-2**63 - 1)], f"--seed {-2**63 - 1} is out of range"),
     pytest.param(["--dataset", "indoor", *TINY, "--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
@@ -100,6 +117,79 @@ def test_train_refuses_an_output_it_cannot_create_before_training(tmp_path, caps
     monkeypatch.setattr(unlearning.train, "train_model", lambda *a, **k: pytest.fail("trained for a bad --out"))
     refused(capsys, train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", out.format(file=afile)]), message)
     assert listing(tmp_path) == ["a-file"] and afile.read_text() == "keep me"
+
+
+def test_the_seed_ranges_are_what_torch_takes():
+    """The bounds of the seed checks: torch takes them (a method's seed as its generators'
+    seeds, ``seed * 1_000_003 + salt``), and refuses the next integer out."""
+    from unlearning.cli import METHOD_SEEDS, TORCH_SEEDS
+
+    for seed in (TORCH_SEEDS.start, TORCH_SEEDS[-1], -1):
+        torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+    for seed in (TORCH_SEEDS.start - 1, TORCH_SEEDS[-1] + 1):
+        with pytest.raises((ValueError, RuntimeError, OverflowError)):
+            torch.Generator().manual_seed(seed)
+    for seed in (METHOD_SEEDS.start, METHOD_SEEDS[-1]):
+        for salt in (0, 1, 2, 3, 11):
+            torch.Generator().manual_seed(seed * 1_000_003 + salt)
+    for seed in (METHOD_SEEDS.start - 1, METHOD_SEEDS[-1] + 1):
+        with pytest.raises((ValueError, RuntimeError, OverflowError)):
+            torch.Generator().manual_seed(seed * 1_000_003 + (11 if seed > 0 else 0))
+    torch.manual_seed(0)
+
+
+def link_to_empty(tmp_path: Path) -> Path:
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    return tmp_path / "link"
+
+
+@pytest.mark.parametrize("out, force, message", [
+    # the write takes over a real empty directory only: a link was refused after the training
+    ("link", False, "--out {link} is a symbolic link (to {target})"),
+    ("link", True, "is a symbolic link"),
+    # '.' (or '') in an empty folder: the staging folder was made inside it, then it was refused
+    (".", False, "--out '.' does not end in a directory name"),
+    ("", False, "--out '.' does not end in a directory name"),
+    ("..", False, "--out '..' does not end in a directory name"),
+], ids=["link", "link --force", "dot", "empty", "dotdot"])
+def test_train_refuses_an_output_the_write_cannot_take_before_training(tmp_path, capsys, monkeypatch, out, force,
+                                                                      message):
+    import unlearning.train
+
+    link = link_to_empty(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setattr(unlearning.train, "train_model", lambda *a, **k: pytest.fail("trained for a bad --out"))
+    argv = ["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(link) if out == "link" else out]
+    refused(capsys, train(argv + ["--force"] * force), message.format(link=link, target=tmp_path / "target"))
+    assert listing(tmp_path) == ["cwd", "link", "target"]
+
+
+def test_train_ctrl_c_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import unlearning.train
+
+    monkeypatch.setattr(unlearning.train, "train_model", raise_interrupt)
+    rc = ctrl_c(train, ["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 130 and err == "interrupted: nothing was written\n"
+    assert listing(tmp_path) == []
+
+
+def test_train_ctrl_c_during_the_write_says_so_and_leaves_no_part(tmp_path, capsys, monkeypatch):
+    import unlearning.train
+
+    def dies_half_way(model, directory, extra=None):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(unlearning.train, "save_model", dies_half_way)
+    rc = ctrl_c(train, ["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 130 and err.startswith(f"interrupted while writing {tmp_path / 'out'}: it holds what it held before")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert listing(tmp_path) == []
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +286,12 @@ def bench_refused(capsys, argv: list[str], message: str) -> str:
     (["--seeds", "0", "1", "0"], {}, "--seeds: 0 given twice"),
     (["--methods", "ssd", "finetune", "ssd"], {}, "--methods: 'ssd' given twice"),
     (["--workers", "-1"], {}, "--workers must be 0 or more, got -1"),
+    # a directory, with no file name: a ValueError from with_suffix
+    (["--out", "."], {}, "--out '.' is a directory, not a file name"),
+    (["--out", "/"], {}, "--out '/' is a directory, not a file name"),
+    (["--out", ""], {}, "--out '' is a directory, not a file name"),
+    # a seed that torch refuses (as the methods' generators' seed, x 1_000_003): after the data was made
+    (["--seeds", "0", str(2**70)], {}, f"--seeds {2**70} is out of range: a seed is an integer from"),
     pytest.param(["--out", "/proc/forbidden/r.json"], {}, "nothing can be written in /proc",
                  marks=pytest.mark.skipif(NO_PROC, reason="no /proc")),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
@@ -215,6 +311,8 @@ def test_bench_refuses_bad_arguments_before_running(tmp_path, capsys, no_run, ar
     (["--suite", "full"], "--merge runs nothing; it does not take --suite"),  # pieces are of their own suite
     (["--workers", "2", "--no-shadow"], "it does not take --no-shadow, --workers"),
     (["--out", "{dir}/merged.md"], "--out is the JSON file"),
+    (["--out", ""], "--out '' is a directory, not a file name"),
+    (["--out", "."], "--out '.' is a directory, not a file name"),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else None)
 def test_bench_merge_refuses_options_of_a_run_in_one_line(tmp_path, capsys, no_run, args, message):
     piece = tmp_path / "piece.json"
@@ -272,6 +370,43 @@ def test_unlearn_checks_the_output_location_before_the_job(checkpoint, tmp_path,
     refused(capsys, run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
                                  "--out", out.format(file=afile)]), message)
     assert listing(tmp_path) == ["a-file"]
+
+
+@pytest.mark.parametrize("out, message", [
+    ("link", "--out {link} is a symbolic link (to {target})"),  # was refused after the job
+    (".", "--out '.' does not end in a directory name"),
+], ids=["link", "dot"])
+def test_unlearn_refuses_an_output_the_write_cannot_take_before_the_job(checkpoint, tmp_path, capsys, monkeypatch,
+                                                                        no_job, out, message):
+    link = link_to_empty(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    refused(capsys, run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
+                                 "--out", str(link) if out == "link" else out]),
+            message.format(link=link, target=tmp_path / "target"))
+    assert listing(tmp_path) == ["cwd", "link", "target"]
+
+
+def test_unlearn_refuses_a_seed_torch_does_not_take_before_any_work(checkpoint, tmp_path, capsys, monkeypatch,
+                                                                     no_job):
+    import unlearning.data
+
+    monkeypatch.setattr(unlearning.data, "load_splits", lambda *a, **k: pytest.fail("read the data first"))
+    refused(capsys, run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
+                                 "--seed", str(2**70), "--out", str(tmp_path / "out")]),
+            f"--seed {2**70} is out of range: a seed is an integer from")
+    assert listing(tmp_path) == []
+
+
+def test_unlearn_ctrl_c_is_one_line_and_writes_nothing(checkpoint, tmp_path, capsys, monkeypatch):
+    import unlearning.job
+
+    monkeypatch.setattr(unlearning.job, "run_unlearning_job", raise_interrupt)
+    rc = ctrl_c(unlearn_main, ["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
+                               "--out", str(tmp_path / "out")])  # with its progress bar
+    err = capsys.readouterr().err
+    assert rc == 130 and err.splitlines()[-1] == "interrupted: nothing was written" and "Traceback" not in err
+    assert listing(tmp_path) == []
 
 
 @pytest.mark.parametrize("args, message", [
