@@ -279,6 +279,11 @@ def run_unlearning_job(
                             f"{train.name!r} would be erased, and there is nothing to keep the model's tasks on")
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):  # numpy's integers are integers too
         raise JobInputError(f"seed must be an integer, got {seed!r}")
+    from .cli import METHOD_SEEDS
+
+    if int(seed) not in METHOD_SEEDS:  # the methods seed torch with seed * 1_000_003 + salt
+        raise JobInputError(f"seed {seed} is out of range: a job's seed is an integer from {METHOD_SEEDS.start} "
+                            f"to {METHOD_SEEDS.stop - 1}")
     device = _job_device(model, device)
     cache = {} if cache is None else cache
     engine_cache = cache.setdefault("engine", {})

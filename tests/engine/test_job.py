@@ -241,7 +241,8 @@ def test_the_finiteness_check_names_the_tensors(setup):
                                           ({"device": torch.device("meta")}, "is not supported"),
                                           ({"device": "cuda:64"}, "device 'cuda:64' requested but"),
                                           ({"seed": 1.0}, "seed must be an integer"),
-                                          ({"seed": True}, "seed must be an integer")])
+                                          ({"seed": True}, "seed must be an integer"),
+                                          ({"seed": 2**70}, "seed 1180591620717411303424 is out of range")])
 def test_a_bad_device_or_seed_is_a_job_input_error(setup, kwargs, says):
     model, train, test = setup
     with pytest.raises(JobInputError, match=says):
