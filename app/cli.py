@@ -234,7 +234,7 @@ def cmd_purge(args) -> int:
     from worker.migrate import is_up_to_date
     from worker.settings import get_settings
     from worker.tables import Model, utcnow
-    from worker.versions import purge_versions
+    from worker.versions import purge_versions, redact_calibration
 
     settings = get_settings()
     from sqlalchemy.engine import make_url
@@ -264,8 +264,11 @@ def cmd_purge(args) -> int:
             with transaction(settings.database_url) as session:  # one model a transaction
                 found = purge_versions(session, store, model_name, created_before=before, dry_run=args.dry_run,
                                        actor=_cli_actor())
+                scores = redact_calibration(session, store, model_name, dry_run=args.dry_run, actor=_cli_actor())
         except (ServiceError, StoreError, OSError) as exc:  # an unknown model, a store that is not the
-            print(f"unlearnd: {model_name}: {exc}", file=sys.stderr)  # service's or cannot delete a file
+            # service's or cannot delete a file
+            print(f"unlearnd: {exc}" if isinstance(exc, ServiceError) else f"unlearnd: {model_name}: {exc}",
+                  file=sys.stderr)
             refused += 1
             continue
         for c in found:
@@ -277,6 +280,8 @@ def cmd_purge(args) -> int:
             what = "" if c.published else " (an artifact no version points at)"
             print(f"{model_name} v{c.version}{what}: {verb} (sha256 {c.sha256[:12]}…, held {held} erased "
                   f"cell(s) of {len(c.erasures)} request(s))")
+        if scores:
+            print(f"{model_name}: calibration: {scores} score(s) of erased cells {verb.replace('purge', 'remove')}")
         print(f"{model_name}: {len(found)} version(s) {verb}")
     return 2 if refused else 0
 
@@ -554,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # an UNLEARND_* variable the settings refuse: name it, without a traceback (nor its value:
         # a database URL holds a password)
-        problems = "; ".join(f"UNLEARND_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (UNLEARND_{str(e['loc'][0]).upper()}): {e['msg']}"
                              for e in exc.errors(include_url=False, include_input=False))
         print(f"unlearnd: invalid configuration (UNLEARND_* environment variables or .env): {problems}",
               file=sys.stderr)

@@ -289,6 +289,8 @@ class PurgeOut(BaseModel):
     model: str
     dry_run: bool
     versions: list[PurgedVersionOut]
+    calibration_scores: int = Field(0, description="scores of erased cells the stored shadow calibration held: "
+                                                   "taken out (counted only in a dry run)")
 
 
 class RollbackOut(BaseModel):

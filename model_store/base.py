@@ -224,6 +224,11 @@ class ModelStore(ABC):
         scores of the first version's training cells). Written once, atomically: when one
         is stored already, that one is kept and returned."""
 
+    @abstractmethod
+    def replace_calibration(self, model_name: str, payload: dict) -> None:
+        """Replace the stored calibration atomically (readers see the old one or the new one):
+        only to take out what may no longer be kept (the scores of erased cells)."""
+
     def open_version(self, model_name: str, version: int, device: str | torch.device = "cpu") -> MultiTaskNet:
         """The model of a version (see :meth:`load`)."""
         return self.load(model_name, version, device)[0]

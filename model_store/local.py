@@ -377,6 +377,23 @@ class LocalModelStore(ModelStore):
             tmp.unlink(missing_ok=True)
         return json.loads(final.read_text())
 
+
+    def replace_calibration(self, model_name: str, payload: dict) -> None:
+        directory = self._model_dir(model_name)
+        final = directory / CALIBRATION_FILE
+        with self._locked(model_name):
+            if not final.is_file():
+                raise StoreError(f"no calibration of {model_name!r} in {self.root} to replace")
+            tmp = directory / f"{TMP_PREFIX}calibration-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "w") as fh:
+                    json.dump(payload, fh, allow_nan=False)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)  # atomic: readers see the old calibration or the new one
+                _fsync_dir(directory)
+            finally:
+                tmp.unlink(missing_ok=True)
     def _same_or_conflict(self, model_name: str, version: int, job_id: str | None, model: MultiTaskNet) -> Manifest:
         """An existing version: the same job (or, without a job, the same weights) is a no-op."""
         existing = self.manifest(model_name, version)

@@ -15,7 +15,9 @@ is paid once per model, not per job: the scores are kept in the model store
 lineage; scores computed for other first-version weights than the store's (a model
 re-created under the same name) are refused. Later versions' training sets are the
 first one's minus erased cells, so the scores of the cells still there stay valid;
-an erased cell is never asked for again.
+an erased cell is never asked for again (a rollback that re-applies erasures takes an
+unscored cell's task mean). A score is a number about a person's data, so ``unlearnd
+purge`` takes the erased cells' out (:func:`without_cells`).
 """
 from __future__ import annotations
 
@@ -132,3 +134,28 @@ def method_config(settings: Settings, calibration: dict | None) -> dict:
         config["shadow_recipe"] = calibration["recipe"]
         config["shadow_scores"] = {"full": calibration["full"], "partial": calibration["partial"]}
     return config
+
+
+def without_cells(calibration: dict, cells: set[tuple[str, str]]) -> tuple[dict, int]:
+    """``calibration`` without the scores of ``cells`` (instance, task) in either mode's table,
+    an instance left with none taken out of the table and of ``measured_instances``; and
+    how many scores were taken out."""
+    out, removed = dict(calibration), 0
+    gone: set[str] = set()
+    for mode in ("full", "partial"):
+        table = {}
+        for instance, scores in (calibration.get(mode) or {}).items():
+            kept = {t: v for t, v in scores.items() if (instance, t) not in cells}
+            removed += len(scores) - len(kept)
+            if kept:
+                table[instance] = kept
+            else:
+                gone.add(instance)
+        if mode in calibration:
+            out[mode] = table
+    still = {i for mode in ("full", "partial") for i in (out.get(mode) or {})}
+    if isinstance(calibration.get("measured_instances"), list):
+        out["measured_instances"] = [i for i in calibration["measured_instances"] if i in still or i not in gone]
+    if removed:
+        out["redacted_cells"] = int(calibration.get("redacted_cells", 0)) + removed
+    return out, removed

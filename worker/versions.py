@@ -7,6 +7,7 @@ or, when asked to, a ``reapply`` job re-erases those cells on top of the target
 and publishes a new version."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -24,6 +25,8 @@ from .requests import PROCESS_MODEL_TOPIC, get_model
 from .settings import Settings
 from .tables import (Alias, AliasHistory, AuditEvent, Job, Model, ModelVersion, OutboxMessage, Tombstone, as_utc,
                      new_id, utcnow)
+
+log = logging.getLogger(__name__)
 
 SERVING = "serving"
 ACTIVE_JOB_STATUSES = ("queued", "running")
@@ -444,6 +447,36 @@ def purge_versions(
         )
     session.flush()
     return out
+
+
+CALIBRATION_REDACTED_EVENT = "model.calibration_redacted"
+
+
+def redact_calibration(session: Session, store, model_name: str, *, dry_run: bool = False,
+                       actor: str | None = None) -> int:
+    """Take the scores of erased cells (the dataset's tombstones) out of the model's stored
+    shadow calibration (``worker.calibration.without_cells``), in the caller's transaction
+    (a ``model.calibration_redacted`` audit event counts them), and return how many there
+    were; ``dry_run``: count them only. Part of a purge: a score is a number about a
+    person's data, kept next to the versions."""
+    from .calibration import without_cells
+
+    try:
+        stored = store.calibration(model_name)
+    except (OSError, ValueError) as exc:  # jobs refuse it too (worker.calibration); the purge goes on
+        log.warning("%s: the stored calibration cannot be read (%s); its scores are left as they are", model_name, exc)
+        return 0
+    if not stored:
+        return 0
+    model = get_model(session, model_name)
+    cells = {(i, t) for i, t in session.execute(select(Tombstone.instance_id, Tombstone.task).where(
+        Tombstone.dataset_key == dataset_key(model.dataset)))}
+    redacted, removed = without_cells(stored, cells)
+    if removed and not dry_run:
+        store.replace_calibration(model_name, redacted)
+        append_event(session, CALIBRATION_REDACTED_EVENT, model_name=model_name,
+                     payload={"cells": removed, **({"actor": actor} if actor else {})})
+    return removed
 
 
 def get_job(session: Session, job_id: str) -> Job:

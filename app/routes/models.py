@@ -7,8 +7,8 @@ from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
 
 from unlearning.data import dataset_key
-from worker.versions import (ancestors, get_version, list_models, list_versions, purge_versions, rollback,
-                             serving_version)
+from worker.versions import (ancestors, get_version, list_models, list_versions, purge_versions, redact_calibration,
+                             rollback, serving_version)
 
 from ..auth import AdminCaller, require_read
 from ..deps import ReadSessionDep, SessionDep, SettingsDep
@@ -108,8 +108,10 @@ def post_purge(name: Text, session: SessionDep, settings: SettingsDep, caller: A
     none (safe rollback targets), and the artifacts no version points at; with
     ``older_than_days``, only what is older than that. The versions' records stay, with
     ``purged_at`` and a ``model.version_purged`` audit event; a purged version cannot be
-    rolled back to. 409, nothing deleted, when the store does not hold the versions the
-    record names. The body may be left out. Admin scope."""
+    rolled back to. The stored shadow calibration loses its erased cells' scores
+    (``calibration_scores``, a ``model.calibration_redacted`` event). 409, nothing deleted,
+    when the store does not hold the versions the record names. The body may be left out.
+    Admin scope."""
     body = body or PurgeIn()
     from datetime import timedelta
 
@@ -118,9 +120,10 @@ def post_purge(name: Text, session: SessionDep, settings: SettingsDep, caller: A
 
     before = None if body.older_than_days is None else utcnow() - timedelta(days=body.older_than_days)
     with session.begin():
-        found = purge_versions(session, store_for(settings.store_dir), name, created_before=before,
-                               dry_run=body.dry_run, actor=caller)
-        out = PurgeOut(model=name, dry_run=body.dry_run, versions=[
+        store = store_for(settings.store_dir)
+        found = purge_versions(session, store, name, created_before=before, dry_run=body.dry_run, actor=caller)
+        scores = redact_calibration(session, store, name, dry_run=body.dry_run, actor=caller)
+        out = PurgeOut(model=name, dry_run=body.dry_run, calibration_scores=scores, versions=[
             PurgedVersionOut(version=c.version, sha256=c.sha256, created_at=c.created_at, published=c.published,
                              purged=c.purged, held_erasures=c.erasures, damaged=c.damaged) for c in found])
     if any(c.purged for c in found):  # the embedded worker's caches live in this process

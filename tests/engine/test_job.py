@@ -202,7 +202,7 @@ def test_documented_configurations_are_accepted(setup):
     assert config_problems("interference_aware", {"orthogonalize": "iterate", "tau_quantile_partial": None,
                                                   "tau_refresh_sample": None, "betas": [0.9, 0.99]}) == []
     # what the project's own tools write or read: a recipe trained with a negative seed
-    # (unlearnd train --seed -1, UNLEARND_SEED), no clipping, no recipe
+    # (unlearnd train --seed -1), no clipping, no recipe
     assert config_problems("retrain", {"train": {"seed": -1}}) == []
     assert config_problems("interference_aware", {"shadow_recipe": {"seed": -1}, "shadow_seed": -2}) == []
     assert config_problems("finetune", {"grad_clip": None, "train": None}) == []

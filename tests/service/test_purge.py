@@ -114,6 +114,32 @@ def test_a_workers_caches_of_purged_versions_are_dropped(erased_twice):
     assert (TINY, 1) not in jobs.ENGINE_CACHE and (TINY, 3) in jobs.ENGINE_CACHE
 
 
+def test_purge_takes_the_erased_cells_scores_out_of_the_stored_calibration(erased_twice):
+    """A shadow calibration scores every training cell: numbers about people's data, kept next
+    to the versions. A purge takes the erased cells' out (a dry run counts them), with an
+    audit event; the other cells' scores stay as they were."""
+    s, store, ids, client = erased_twice
+    tasks = list(store.manifest(TINY, 1).model_config["tasks"])
+    table = {i: {t: 0.25 for t in tasks} for i in ids[:3]}
+    store.put_calibration(TINY, {"kind": "interference_aware.shadow_scores", "version": 1,
+                                 "sha256": store.manifest(TINY, 1).sha256, "measured_instances": list(ids[:3]),
+                                 "full": table, "partial": table})
+    before = store.calibration(TINY)
+    dry = client.post(f"/models/{TINY}/purge", json={"dry_run": True}).json()
+    assert dry["calibration_scores"] == 4 and store.calibration(TINY) == before  # 2 erased cells, 2 modes
+    assert client.post(f"/models/{TINY}/purge", json={}).json()["calibration_scores"] == 4
+    after = store.calibration(TINY)
+    for mode in ("full", "partial"):
+        assert after[mode] == {ids[0]: {t: 0.25 for t in tasks if t != "depth"},
+                               ids[1]: {t: 0.25 for t in tasks if t != "depth"}, ids[2]: table[ids[2]]}
+    assert after["redacted_cells"] == 4 and after["sha256"] == before["sha256"]
+    with transaction(s.database_url) as session:
+        event = session.execute(select(AuditEvent).where(AuditEvent.kind == "model.calibration_redacted")).scalar_one()
+    assert event.payload["cells"] == 4
+    assert client.post(f"/models/{TINY}/purge", json={}).json()["calibration_scores"] == 0
+    assert client.get("/audit/verify").json()["ok"] is True
+
+
 def test_a_running_jobs_base_and_versions_without_erased_data_are_kept(erased_twice):
     s, store, ids, client = erased_twice
     with transaction(s.database_url) as session:

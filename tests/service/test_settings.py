@@ -40,8 +40,8 @@ def test_the_defaults_and_the_smallest_valid_values_are_accepted():
     Settings(_env_file=None)
     s = Settings(_env_file=None, relay_interval_s=0.01, stale_after_s=1, max_job_attempts=1, job_time_limit_s=1,
                  torch_threads=1, n_train=1, n_test=1, image_height=1, image_width=1, train_epochs=1, model_width=1,
-                 port=1, seed=-3)
-    assert (s.relay_interval_s, s.stale_after_s, s.max_job_attempts, s.seed) == (0.01, 1, 1, -3)
+                 port=1, seed=0)
+    assert (s.relay_interval_s, s.stale_after_s, s.max_job_attempts, s.seed) == (0.01, 1, 1, 0)
     assert Settings(_env_file=None, port=65535, torch_threads=None).torch_threads is None
 
 
