@@ -821,6 +821,18 @@ def test_a_requeue_that_meets_the_database_still_away_is_tried_again(tiny, monke
         assert session.get(Job, outcome.job_id).status == "queued"
 
 
+def _claimed_and_stored(s: Settings, store, instance: str):
+    """A claimed deletion job of ``instance`` whose artifact (v1's weights) is stored, not
+    published: the claim, its target version, the model and v1's manifest, the artifact's."""
+    _submit(s, instance)
+    claim = jobs.claim_next(s, TINY)
+    version = jobs._target_version(s, store, claim.job_id)
+    model, base = store.load(TINY, 1)
+    stored = store.put_version(model, model_name=TINY, version=version, parent=1, dataset=base.dataset,
+                               job_id=claim.job_id)
+    return claim, version, model, base, stored
+
+
 @pytest.mark.parametrize("field,value", [("parent", 7), ("version", 5), ("dataset", {"name": "street"})])
 def test_publish_refuses_a_manifest_whose_claims_are_not_the_jobs(tiny, field, value):
     """The sha256 vouches for the weights only; a manifest that names another base, version
@@ -828,12 +840,7 @@ def test_publish_refuses_a_manifest_whose_claims_are_not_the_jobs(tiny, field, v
     from dataclasses import replace
 
     s, store, ids = tiny
-    _submit(s, ids[0])
-    claim = jobs.claim_next(s, TINY)
-    version = jobs._target_version(s, store, claim.job_id)
-    model, base = store.load(TINY, 1)
-    manifest = store.put_version(model, model_name=TINY, version=version, parent=1, dataset=base.dataset,
-                                 job_id=claim.job_id)
+    claim, version, model, base, manifest = _claimed_and_stored(s, store, ids[0])
     with pytest.raises(jobs.JobFailed, match=f"manifest does not match job {claim.job_id}: {field} "):
         jobs.publish_version(s, store, claim.job_id, replace(manifest, **{field: value}), attempt=claim.attempt)
     assert _serving(s).version == 1
@@ -848,12 +855,7 @@ def test_publish_records_the_sha256_the_store_holds(tiny):
     from model_store.local import WEIGHTS_FILE
 
     s, store, ids = tiny
-    _submit(s, ids[0])
-    claim = jobs.claim_next(s, TINY)
-    version = jobs._target_version(s, store, claim.job_id)
-    model, base = store.load(TINY, 1)
-    mine = store.put_version(model, model_name=TINY, version=version, parent=1, dataset=base.dataset,
-                             job_id=claim.job_id)
+    claim, version, model, base, mine = _claimed_and_stored(s, store, ids[0])
     store.discard(TINY, version)  # the other attempt's copy, with other weights
     with torch.no_grad():
         next(model.parameters()).add_(0.01)
