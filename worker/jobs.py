@@ -266,7 +266,14 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         for req in requests:
             req_cells = [(req.instance_id, t) for t in req.tasks]
             gone = [c for c in req_cells if c in tombstoned]
-            if gone:
+            if gone and len(gone) < len(req_cells):
+                # Some of its cells were erased by another request (through another model on the
+                # dataset) after this one was accepted: the others are still to erase.
+                append_event(session, "deletion.cells_already_erased", model_name=model_name, request_id=req.id,
+                             instance_id=req.instance_id,
+                             payload={"cells": [list(c) for c in gone],
+                                      "erased_by": sorted({tombstoned[c] for c in gone})})
+            elif gone:
                 # Erased by another request after this one was accepted: nothing left to do for it.
                 req.status = "rejected"
                 req.error = f"cells already erased by another request: {[list(c) for c in gone]}"
@@ -280,7 +287,7 @@ def _claim(settings: Settings, model_name: str) -> Claim:
                 )
                 continue
             claimed.append(req)
-            cells.extend(c for c in req_cells if c not in cells)
+            cells.extend(c for c in req_cells if c not in cells and c not in tombstoned)
         if not claimed:
             return Claim("idle")
 
@@ -867,6 +874,17 @@ def _rebase(session: Session, job: Job, serving: int | None, tombstoned: set, un
     cells = [list(c) for c in params.get("cells") or []]
     missing = tombstoned - {tuple(c) for c in new_base or []}
     params["cells"] = cells + [list(c) for c in sorted(missing) if list(c) not in cells]
+    # the requests whose erasures it now catches up on (through another model on the dataset,
+    # say): its version names them, so their certificates list this model (as claim_next does)
+    key = session.get(Model, job.model_name).dataset
+    recorded = {(i, t): r for i, t, r in session.execute(
+        select(Tombstone.instance_id, Tombstone.task, Tombstone.request_id).where(
+            Tombstone.dataset_key == dataset_key(key)))}
+    owners = {recorded.get(c) for c in missing} - {None}
+    known = set(session.execute(select(DeletionRequest.id).where(DeletionRequest.id.in_(sorted(owners)))).scalars())
+    request_ids = list(params.get("request_ids") or [])
+    params["request_ids"] = request_ids + sorted(known - set(request_ids))
+    params["rebases"] = int(params.get("rebases", 0)) + 1  # not the job's fault: not an attempt that counts
     params.pop("target_version", None)  # the rebased run computes a new version
     job.params = params
     job.base_version = serving
@@ -894,8 +912,10 @@ def _put_back(session: Session, job: Job, event: str, **details) -> None:
 
 def counted_attempts(job: Job) -> int:
     """The claims of ``job`` that count towards ``MAX_JOB_ATTEMPTS``: every claim but those
-    its worker gave back because it was stopping (a deploy, a restart: not the job's fault)."""
-    return (job.attempts or 0) - int((job.params or {}).get("stops", 0))
+    its worker gave back because it was stopping (a deploy, a restart) and those whose
+    artifact was rebased (another erasure published meanwhile): neither is the job's fault."""
+    params = job.params or {}
+    return (job.attempts or 0) - int(params.get("stops", 0)) - int(params.get("rebases", 0))
 
 
 def requeue(settings: Settings, job_id: str, attempt: int, reason: str, stopped: bool = False) -> bool:

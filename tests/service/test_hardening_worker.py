@@ -913,3 +913,54 @@ def test_a_published_version_carries_the_tombstone_watermark_and_behind_reads_pa
     jobs.drain_model(s, store, TINY)
     fast, full, _ = behind_both_ways(TINY_B)
     assert fast == full and [(e["instance_id"], e["tasks"]) for e in fast] == [(ids[1], ["depth"])]
+
+
+def test_a_request_one_of_whose_cells_another_model_erased_meanwhile_erases_the_others(two_models):
+    """Pending cells are per model, tombstones per dataset: B's request for depth and normal and
+    A's for depth are both accepted. A's publishes first; B's request was rejected whole, and
+    its normal cell was never erased by anyone. Now only the cell already erased is dropped."""
+    s, s_b, store, ids = two_models
+    theirs = _submit(s_b, ids[0], ("depth", "normal"))
+    _submit(s, ids[0], ("depth",))
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    assert {o.status for o in jobs.drain_model(s_b, store, TINY_B)} == {"completed"}  # propagate, deletion
+    with transaction(s.database_url) as session:
+        request = session.get(DeletionRequest, theirs)
+        assert request.status == "completed" and request.tasks == ["depth", "normal"]
+        assert _tombstone_requests(s)[(ids[0], "normal")] == theirs
+        event = session.execute(select(AuditEvent).where(AuditEvent.kind == "deletion.cells_already_erased")
+                                ).scalar_one()
+        assert event.request_id == theirs and event.payload["cells"] == [[ids[0], "depth"]]
+    assert {(ids[0], "depth"), (ids[0], "normal")} <= {tuple(c) for c in _serving_of(s_b, TINY_B).erased_cells}
+
+
+def test_a_rebased_job_names_the_erasures_it_catches_up_on_and_rebases_are_not_attempts(two_models, monkeypatch):
+    """B's job is rebased each time A publishes an erasure of the dataset meanwhile. Its rerun
+    erases A's cells too, so its version names A's requests (their certificates list B: a
+    deletion.propagated event), and rebases do not count towards max_job_attempts: three of them
+    failed the job and its request as a poison job."""
+    from worker.requests import deletion_certificate
+
+    s, s_b, store, ids = two_models
+    theirs = _submit(s_b, ids[0])
+    real_publish, mine = jobs.publish_version, []
+
+    def publish(settings, store_, job_id, manifest, **kwargs):
+        if settings.model_name == TINY_B and len(mine) < 3:  # A publishes an erasure meanwhile
+            mine.append(_submit(s, ids[len(mine) + 1]))
+            assert [o.status for o in jobs.drain_model(s, store, TINY, max_jobs=1)] == ["completed"]
+        return real_publish(settings, store_, job_id, manifest, **kwargs)
+
+    monkeypatch.setattr(jobs, "publish_version", publish)
+    outcomes = jobs.drain_model(s_b, store, TINY_B)
+    assert [o.status for o in outcomes][:4] == ["requeued"] * 3 + ["completed"]
+    with transaction(s.database_url) as session:
+        request = session.get(DeletionRequest, theirs)
+        assert request.status == "completed", request.error
+        version = session.execute(select(ModelVersion).where(ModelVersion.version == request.produced_version,
+                                                             ModelVersion.model_name == TINY_B)).scalar_one()
+        assert set(mine) <= set(version.deletions)
+        for rid in mine:
+            certificate = deletion_certificate(session, rid)
+            assert TINY_B in {e["model"] for e in certificate["also_erased_from"]}
+            assert TINY_B not in {p["model"] for p in certificate["propagation_pending"]}
