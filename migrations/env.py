@@ -3,10 +3,13 @@
 The URL is, in order: ``config.attributes["url"]`` (set by
 ``worker.migrate.upgrade_database``), the config's ``sqlalchemy.url``, or
 ``Settings().database_url``. On PostgreSQL an advisory lock serialises
-concurrent upgrades (the API and a worker may both migrate at start-up);
-SQLite gets batch mode so later ALTERs work there too.
+concurrent upgrades (the API and a worker may both migrate at start-up), on
+a SQLite file a lock on ``<file>.migrate-lock``; SQLite gets batch mode so
+later ALTERs work there too.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 from alembic import context
 from sqlalchemy import text
@@ -52,6 +55,27 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+@contextmanager
+def _sqlite_file_lock(engine):
+    """On a SQLite file, an exclusive lock on ``<file>.migrate-lock`` for the whole upgrade:
+    alembic runs each step in a transaction of its own there, so the write lock is released
+    between steps, and a second process that read the old revision replayed steps the
+    first one had run ("table audit_chain_head already exists"). PostgreSQL takes an
+    advisory lock instead (below)."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.migrate-lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:  # a caller handed us its connection (tests, compare_metadata)
@@ -61,7 +85,7 @@ def run_migrations_online() -> None:
         return
     engine = make_engine(database_url())
     try:
-        with engine.connect() as connection:
+        with _sqlite_file_lock(engine), engine.connect() as connection:
             if connection.dialect.name == "postgresql":
                 # Session-level lock, held across the migration transaction; released below.
                 connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})

@@ -29,6 +29,24 @@ def read_only(engine: Engine) -> Engine:
     return engine.execution_options(**{READ_ONLY: True})
 
 
+def _wal(cursor, wait_s: float = 30.0) -> None:
+    """Switch the SQLite file to WAL. On a new file another process switching it at the same
+    moment makes this fail at once with "database is locked" (the connection's busy timeout
+    does not cover it): try again for up to ``wait_s`` seconds."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -43,8 +61,12 @@ def make_engine(url: str) -> Engine:
             # commits on its own. SQLAlchemy emits BEGIN instead (its documented recipe).
             dbapi_connection.isolation_level = None
             cur = dbapi_connection.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _wal(cur)
             cur.execute("PRAGMA foreign_keys=ON")
+            # REPLACE deletes the row it replaces, and SQLite fires DELETE triggers for that only
+            # with recursive triggers on: without it, INSERT OR REPLACE rewrote an audit event
+            # or moved the chain head back past the append-only triggers (migration 0007)
+            cur.execute("PRAGMA recursive_triggers=ON")
             cur.close()
 
         @event.listens_for(engine, "begin")

@@ -1,8 +1,11 @@
 """The migrated schema is exactly the ORM's (worker/tables.py), on PostgreSQL."""
 from __future__ import annotations
 
+import time
+
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import text
 
 from worker.db import engine_for
 from worker.migrate import head_revision, is_up_to_date, upgrade_database
@@ -180,3 +183,54 @@ def test_a_migration_is_one_log_line_naming_the_revisions(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "worker.migrate"]
     assert lines == [f"database migrated from revision (empty) to {head_revision()}",
                      f"database at revision {head_revision()} (up to date)"]
+
+
+SLOW_UPGRADE = r'''
+import sys, time
+import worker.db as db
+
+make = db.make_engine
+
+
+def slow(url):  # pauses after each step's COMMIT: where SQLite's write lock is free between steps
+    engine = make(url)
+    commit = engine.dialect.do_commit
+
+    def commit_then_pause(connection):
+        commit(connection)
+        time.sleep(0.3)
+
+    engine.dialect.do_commit = commit_then_pause
+    return engine
+
+
+db.make_engine = slow
+from worker.migrate import upgrade_database
+print("started", flush=True)
+upgrade_database(sys.argv[1])
+'''
+
+
+def test_two_processes_migrating_one_sqlite_file_wait_for_each_other(tmp_path):
+    """alembic commits each step on its own on SQLite, so the write lock is free between steps:
+    a second `unlearnd migrate` read the old revision and replayed steps the first had run
+    ("table audit_chain_head already exists"). A lock on the file's .migrate-lock serialises them."""
+    import os
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path}/record.db"
+    env = {**os.environ, "UNLEARND_DATABASE_URL": url}
+    cwd = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    slow = subprocess.Popen([sys.executable, "-c", SLOW_UPGRADE, url], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+    assert slow.stdout.readline().strip() == "started"
+    time.sleep(0.6)  # inside the slow one's steps
+    second = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], capture_output=True, text=True,
+                            env=env, cwd=cwd, timeout=120)
+    out, _ = slow.communicate(timeout=120)
+    assert slow.returncode == 0, out
+    assert second.returncode == 0, second.stderr
+    assert f"database at revision {head_revision()}" in second.stdout
+    with engine_for(url).connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
