@@ -504,19 +504,22 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
     superseded records nothing. When ``stop`` is set (the worker is shutting down),
     the computation ends at its next progress report and the job is put back in the
     queue (``job.requeued``, ``requeued``): a rerun starts it again at once."""
-    with transaction(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        model_name, base_version, kind = job.model_name, job.base_version, job.kind
-        cells = _cells((job.params or {}).get("cells"))
-        request_ids = list((job.params or {}).get("request_ids") or [])
-        method = job.method
-        spec = session.get(Model, model_name).dataset
-        done = session.execute(select(ModelVersion).where(ModelVersion.job_id == job_id)).scalar_one_or_none()
-        if done is not None:  # published by an earlier run: nothing left to do
-            return JobOutcome("completed", model_name, job_id, done.version, metrics=done.metrics or {})
-        attempt = job.attempts if attempt is None else attempt
-        if job.status != "running" or job.attempts != attempt:
-            return JobOutcome("superseded", model_name, job_id, error=f"attempt {attempt} no longer owns the job")
+    try:
+        with transaction(settings.database_url) as session:
+            job = session.get(Job, job_id)
+            model_name, base_version, kind = job.model_name, job.base_version, job.kind
+            cells = _cells((job.params or {}).get("cells"))
+            request_ids = list((job.params or {}).get("request_ids") or [])
+            method = job.method
+            spec = session.get(Model, model_name).dataset
+            done = session.execute(select(ModelVersion).where(ModelVersion.job_id == job_id)).scalar_one_or_none()
+            if done is not None:  # published by an earlier run: nothing left to do
+                return JobOutcome("completed", model_name, job_id, done.version, metrics=done.metrics or {})
+            attempt = job.attempts if attempt is None else attempt
+            if job.status != "running" or job.attempts != attempt:
+                return JobOutcome("superseded", model_name, job_id, error=f"attempt {attempt} no longer owns the job")
+    except TRANSIENT_DB_ERRORS as exc:  # right after the claim: the job would stay "running", no heartbeat
+        return _requeue_after_database_error(settings, job_id, attempt, None, exc)
 
     started = time.monotonic()
     try:
@@ -541,20 +544,7 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
             log.warning("job %s: could not put it back in the queue; the sweeper will", job_id, exc_info=True)
         return JobOutcome("requeued", model_name, job_id, error=str(exc))
     except TRANSIENT_DB_ERRORS as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        log.warning("job %s: database error, putting it back in the queue: %s", job_id, error)
-        # A blip is usually over in seconds: try for about half a minute, or the job stays
-        # "running" until the sweeper finds its heartbeat STALE_AFTER_S old (10 minutes).
-        for pause in REQUEUE_PAUSES_S:
-            _pause(pause)
-            try:
-                requeue(settings, job_id, attempt, f"database error: {error}")
-                break
-            except Exception:  # noqa: BLE001 - the database is still away
-                log.debug("job %s: requeue failed", job_id, exc_info=True)
-        else:
-            log.warning("job %s: requeue failed for 30 s; the sweeper will requeue it", job_id)
-        return JobOutcome("requeued", model_name, job_id, error=error)
+        return _requeue_after_database_error(settings, job_id, attempt, model_name, exc)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, then reported
         error = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, SoftTimeLimitExceeded):
@@ -585,6 +575,26 @@ def _as_stored(store: ModelStore, job_id: str, manifest: Manifest) -> Manifest:
         log.warning("job %s: v%d was stored again by another attempt (sha256 %s, not %s); publishing the store's",
                     job_id, manifest.version, held.sha256[:12], manifest.sha256[:12])
     return held
+
+
+def _requeue_after_database_error(settings: Settings, job_id: str, attempt: int | None, model_name: str | None,
+                                  exc: Exception) -> JobOutcome:
+    """Put a job a database error interrupted back in the queue (a rerun publishes what this
+    run stored). A blip is usually over in seconds: try for about half a minute, or the job
+    stays "running" until the sweeper finds its heartbeat STALE_AFTER_S old (10 minutes).
+    Without the claim's ``attempt`` nothing is put back: the sweeper does it."""
+    error = f"{type(exc).__name__}: {exc}"
+    log.warning("job %s: database error, putting it back in the queue: %s", job_id, error)
+    for pause in REQUEUE_PAUSES_S if attempt is not None else ():
+        _pause(pause)
+        try:
+            requeue(settings, job_id, attempt, f"database error: {error}")
+            break
+        except Exception:  # noqa: BLE001 - the database is still away
+            log.debug("job %s: requeue failed", job_id, exc_info=True)
+    else:
+        log.warning("job %s: not put back in the queue; the sweeper will requeue it", job_id)
+    return JobOutcome("requeued", model_name or "", job_id, error=error)
 
 
 def _stored_artifact(settings, store, job_id, model_name, base_version, version) -> Manifest | None:

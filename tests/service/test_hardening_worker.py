@@ -796,6 +796,31 @@ def test_the_relay_keeps_messages_through_a_broker_outage_and_logs_it_twice(tiny
     assert len(warnings) == 2 and "failed" in warnings[0] and "answers again" in warnings[1]
 
 
+def test_a_database_error_right_after_the_claim_puts_the_job_back(tiny, monkeypatch):
+    """The run's first read of its job failed outside the run's error handling: the job stayed
+    "running" without a heartbeat, its model busy, until the sweeper (10 minutes)."""
+    from sqlalchemy.exc import OperationalError
+
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    real_transaction, calls = jobs.transaction, []
+    monkeypatch.setattr(jobs, "_pause", lambda seconds: None)
+
+    def first_read_fails(url):
+        calls.append(1)
+        if len(calls) == 2:  # the claim's is the first; the run's read is the second
+            raise OperationalError("SELECT jobs", {}, Exception("server closed the connection unexpectedly"))
+        return real_transaction(url)
+
+    monkeypatch.setattr(jobs, "transaction", first_read_fails)
+    outcome = jobs.process_model(s, store, TINY)
+    assert outcome.status == "requeued" and "server closed" in outcome.error
+    with transaction(s.database_url) as session:
+        assert session.get(Job, outcome.job_id).status == "queued"
+    monkeypatch.setattr(jobs, "transaction", real_transaction)
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+
+
 def test_a_requeue_that_meets_the_database_still_away_is_tried_again(tiny, monkeypatch):
     """The blip outlasts the failed publish: the requeue is retried with back-off instead
     of leaving the job "running" until the sweeper finds it stale (10 minutes by default)."""
