@@ -231,7 +231,9 @@ def cmd_purge(args) -> int:
     from model_store import StoreError, store_for
     from worker.db import engine_for, transaction
     from worker.errors import ServiceError
-    from worker.migrate import is_up_to_date
+    from alembic.script import ScriptDirectory
+
+    from worker.migrate import alembic_config, current_revision, head_revision, is_up_to_date
     from worker.settings import get_settings
     from worker.tables import Model, utcnow
     from worker.versions import purge_versions, redact_calibration
@@ -246,7 +248,12 @@ def cmd_purge(args) -> int:
         return 2
     with engine_for(settings.database_url).connect() as connection:
         if not is_up_to_date(connection):
-            print("unlearnd: the database is not at the code's schema: run `unlearnd migrate` first", file=sys.stderr)
+            at, head = current_revision(connection), head_revision()
+            known = at is None or at in {r.revision for r in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+            print(f"unlearnd: the database is at revision {at or '(none)'}, the code's schema is {head}: "
+                  + ("run `unlearnd migrate` first" if known else
+                     "a revision this code does not know (was it migrated by a newer release of unlearnd?)"),
+                  file=sys.stderr)
             return 2
     before = None if args.older_than_days is None else utcnow() - timedelta(days=args.older_than_days)
     if args.all_models:

@@ -165,6 +165,8 @@ def test_a_file_that_is_not_a_database_and_an_unknown_revision_are_one_line(envi
     code, err = _run(environment, ["migrate"], DATABASE_URL=url)
     assert code == 2 and "Can't locate revision identified by '0099' (was it migrated by a newer release" in err
     assert "Traceback" not in err
+    code, err = _run(environment, ["purge"], DATABASE_URL=url)  # it said "run `unlearnd migrate` first"
+    assert code == 2 and "at revision 0099" in err and "a revision this code does not know" in err
 
 
 def test_a_missing_role_is_not_told_to_createdb(environment):
