@@ -29,5 +29,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("model_versions") as batch:
-        batch.drop_column("erased_cell_count")
+    # ALTER TABLE ... DROP COLUMN, on SQLite too (3.35+): a batch rebuild would reflect the
+    # table, which `alembic downgrade --sql` cannot (no database to read)
+    op.drop_column("model_versions", "erased_cell_count")

@@ -30,9 +30,12 @@ def _column() -> sa.Column:
     return sa.Column("submitted_by", sa.String(length=64), nullable=False, server_default="")
 
 
-def _table_at_0005() -> sa.Table:
-    """deletion_requests as 0001 created it (0002-0005 left it alone), for `alembic upgrade
-    --sql` on SQLite: a batch rebuild reflects the table, which offline it cannot."""
+def _table_at(revision: str) -> sa.Table:
+    """deletion_requests as 0001 created it (0002-0005 left it alone), or at ``"0006"`` as this
+    migration leaves it, for `alembic upgrade --sql` and `downgrade --sql` on SQLite: a batch
+    rebuild reflects the table, which offline it cannot."""
+    later = [_column(), sa.UniqueConstraint("submitted_by", "idempotency_key", name=NEW)] if revision == "0006" \
+        else [sa.UniqueConstraint("idempotency_key")]
     return sa.Table(
         "deletion_requests", sa.MetaData(naming_convention=CONVENTION),
         sa.Column("id", sa.String(length=36), nullable=False),
@@ -56,7 +59,7 @@ def _table_at_0005() -> sa.Table:
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"]),
         sa.ForeignKeyConstraint(["model_name"], ["models.name"]),
         sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("idempotency_key"),
+        *later,
         *(sa.Index(f"ix_deletion_requests_{c}", c) for c in
           ("created_at", "instance_id", "job_id", "model_name", "status")),
     )
@@ -64,7 +67,7 @@ def _table_at_0005() -> sa.Table:
 
 def upgrade() -> None:
     if op.get_context().dialect.name == "sqlite":  # a table rebuild
-        offline = {"copy_from": _table_at_0005()} if context.is_offline_mode() else {}
+        offline = {"copy_from": _table_at("0005")} if context.is_offline_mode() else {}
         with op.batch_alter_table("deletion_requests", naming_convention=CONVENTION, **offline) as batch:
             batch.add_column(_column())
             batch.drop_constraint(SQLITE_OLD, type_="unique")
@@ -78,7 +81,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     # fails while two submitters hold the same key: which request keeps it is not ours to choose
     if op.get_context().dialect.name == "sqlite":
-        with op.batch_alter_table("deletion_requests") as batch:
+        offline = {"copy_from": _table_at("0006")} if context.is_offline_mode() else {}
+        with op.batch_alter_table("deletion_requests", naming_convention=CONVENTION, **offline) as batch:
             batch.drop_constraint(NEW, type_="unique")
             batch.create_unique_constraint(SQLITE_OLD, ["idempotency_key"])
             batch.drop_column("submitted_by")

@@ -26,5 +26,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("model_versions") as batch:
-        batch.drop_column("purged_at")
+    # ALTER TABLE ... DROP COLUMN, on SQLite too (3.35+): a batch rebuild would reflect the
+    # table, which `alembic downgrade --sql` cannot (no database to read)
+    op.drop_column("model_versions", "purged_at")

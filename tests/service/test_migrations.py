@@ -234,3 +234,29 @@ def test_two_processes_migrating_one_sqlite_file_wait_for_each_other(tmp_path):
     assert f"database at revision {head_revision()}" in second.stdout
     with engine_for(url).connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
+
+
+def test_offline_sql_downgrades_a_sqlite_record(tmp_path):
+    """`alembic downgrade head:base --sql` for a SQLite record: the downgrades of 0004, 0005,
+    0006 and 0008 rebuilt a table in batch mode, which offline cannot reflect ("requires a
+    live database connection"). The script now runs, step by step down to an empty record."""
+    import io
+    import sqlite3
+
+    from alembic import command
+
+    from worker.migrate import alembic_config
+
+    path = tmp_path / "record.db"
+    upgrade_database(f"sqlite:///{path}")
+    cfg = alembic_config(f"sqlite:///{tmp_path}/never.db")
+    cfg.output_buffer = io.StringIO()
+    command.downgrade(cfg, f"{head_revision()}:base", sql=True)
+    assert not (tmp_path / "never.db").exists()
+    with sqlite3.connect(path) as conn:
+        conn.executescript(cfg.output_buffer.getvalue())
+        left = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'").fetchall()
+    assert left == [("alembic_version",)]
+    upgrade_database(f"sqlite:///{path}")  # and up again online
+    with engine_for(f"sqlite:///{path}").connect() as conn:
+        assert is_up_to_date(conn)
