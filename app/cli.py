@@ -404,12 +404,28 @@ def cmd_verify_certificate(args) -> int:
 
     from worker.signing import verify_certificate
 
+    import math
+
     def strict(constant: str):
         raise ValueError(f"{constant} is not JSON (a certificate is strict JSON)")
 
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):  # 1e999: a number no double holds
+            raise ValueError(f"{text} is out of range (a certificate is strict JSON)")
+        return value
+
+    def once(pairs):  # json.loads keeps the last of a repeated name: a reader may see the first
+        out = {}
+        for name, value in pairs:
+            if name in out:
+                raise ValueError(f"the name {name!r} is given twice (a certificate names each field once)")
+            out[name] = value
+        return out
+
     try:
         text = sys.stdin.read() if args.certificate == "-" else Path(args.certificate).read_text()
-        certificate = json.loads(text, parse_constant=strict)
+        certificate = json.loads(text, parse_constant=strict, parse_float=finite, object_pairs_hook=once)
     except (OSError, ValueError) as exc:
         print(f"unlearnd: cannot read a certificate from {args.certificate}: {exc}", file=sys.stderr)
         return 2

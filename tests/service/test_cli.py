@@ -189,6 +189,9 @@ def test_ctrl_c_is_one_line_and_status_130(environment, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("text, says", [('{"certificate_sha256": NaN}', "NaN is not JSON"),
+                                        ('{"uis": 1e999}', "1e999 is out of range"),  # a traceback, exit 1
+                                        # a reader keeping the first of two names saw another certificate
+                                        ('{"model": "forged", "model": "m"}', "the name 'model' is given twice"),
                                         ("[" * 100000 + "]" * 100000, "nested too deep")])
 def test_verify_certificate_refuses_what_is_not_strict_json(environment, tmp_path, text, says):
     (tmp_path / "c.json").write_text(text)
