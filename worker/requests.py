@@ -329,20 +329,27 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
     ).scalar_one_or_none() or session.execute(events.order_by(AuditEvent.seq.desc()).limit(1)).scalar_one_or_none()
     head = session.execute(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1)).scalar_one_or_none()
     model = session.get(Model, request.model_name)
-    # The erasure reached the other models trained on the dataset (worker.jobs: propagate)
+    cells = {(request.instance_id, t) for t in request.tasks}
+    # The erasure reached the other models trained on the dataset: propagated there (worker.jobs:
+    # propagate), for this request or for the one whose tombstone recorded a cell first, or
+    # erased there by another model's own request for the same cells (two portals, one person)
+    also = {request.id} | _requests_erasing(session, model, request, cells)
     propagated = [
         {"model": e.model_name, "version": (e.payload or {}).get("version"),
          "version_sha256": (e.payload or {}).get("sha256"), "event": {"seq": e.seq, "kind": e.kind, "hash": e.hash}}
         for e in session.execute(
-            events.where(AuditEvent.kind == PROPAGATED_EVENT).order_by(AuditEvent.seq)
+            select(AuditEvent).where(AuditEvent.request_id.in_(sorted(also)), AuditEvent.kind.in_(
+                (PROPAGATED_EVENT, COMPLETED_EVENT))).order_by(AuditEvent.seq)
         ).scalars()
+        if e.kind == PROPAGATED_EVENT and (e.request_id == request.id or e.model_name != request.model_name)
+        or e.kind == COMPLETED_EVENT and e.model_name != request.model_name
     ]
     pending = []
     if model is not None:
-        from .versions import erasures_behind, models_sharing_dataset
+        from .versions import erasure_cells, erasures_behind, models_sharing_dataset
 
         pending = [other.name for other in models_sharing_dataset(session, model.name, dataset_key(model.dataset))
-                   if any(b["request_id"] == request.id for b in erasures_behind(session, other))]
+                   if cells & {tuple(c) for c in erasure_cells(erasures_behind(session, other))}]
 
     body = {
         "request_id": request.id,
@@ -417,6 +424,26 @@ def stored_versions_holding(session: Session, model: Model, request: DeletionReq
                     held.append(number)
         out[m.name] = sorted(held)
     return out
+
+
+def _requests_erasing(session: Session, model: Model | None, request: DeletionRequest, cells: set) -> set[str]:
+    """The other requests that erase any of ``cells`` of ``request`` (its own instance's) on a
+    model trained on the same dataset: the one whose tombstone recorded a cell first, and the
+    completed requests of other models for the same cells."""
+    if model is None:
+        return set()
+    key = dataset_key(model.dataset)
+    out = set(session.execute(select(Tombstone.request_id).where(
+        Tombstone.dataset_key == key, Tombstone.instance_id == request.instance_id,
+        Tombstone.task.in_(sorted(t for _, t in cells)))).scalars())
+    others = session.execute(select(DeletionRequest.id, DeletionRequest.tasks, DeletionRequest.model_name).where(
+        DeletionRequest.instance_id == request.instance_id, DeletionRequest.status == "completed",
+        DeletionRequest.model_name != request.model_name)).all()
+    if others:
+        same_data = {m.name for m in session.execute(select(Model)).scalars() if dataset_key(m.dataset) == key}
+        out |= {rid for rid, tasks, name in others if name in same_data and cells & {(request.instance_id, t)
+                                                                                      for t in tasks or []}}
+    return out - {request.id, None}
 
 
 def _artifact_erased(store, model_name: str, version: int) -> set:

@@ -15,6 +15,7 @@ from app.main import create_app
 from worker.signing import SigningKeyError, generate_key_file, load_signer, verify_certificate
 
 from .conftest import assert_problem
+from .test_hardening_worker import TINY, TINY_B, _submit, tiny, tiny_v1, two_models  # noqa: F401 - fixtures
 from .test_deletions import _complete
 
 METRICS = {"uis": 1.5, "uis_task": 2.0, "uis_inst": 1.25, "mia_auc": 0.52, "mia_auc_original": 0.81}
@@ -120,3 +121,33 @@ def test_the_commands_make_a_key_and_check_certificates(environment, signing, se
     environment.setenv("UNLEARND_DATABASE_URL", f"sqlite:///{tmp_path / 'never.db'}")
     assert cli_main(["serve"]) == 2
     assert "UNLEARND_CERTIFICATE_KEY_FILE" in capsys.readouterr().err and not (tmp_path / "never.db").exists()
+
+
+def test_two_models_requests_for_one_cell_each_certify_where_it_went(two_models):
+    """Portals of models A and B ask to erase the same cell, both claimed before either publishes;
+    model C, on the same dataset, is behind on it. The tombstone names A's request only, and B's
+    certificate said nothing was pending while C still served the cell, and never listed C once
+    the erasure reached it; neither certificate listed the other model, which erased it too."""
+    from worker import jobs
+    from worker.bootstrap import ensure_model
+
+    s, s_b, store, ids = two_models
+    model, manifest = store.load(TINY, 1)
+    store.put_version(model, model_name="tiny-mtl-c", version=1, parent=None, dataset=manifest.dataset,
+                      train_config=manifest.train_config, note="initial training")
+    s_c = s.model_copy(update={"model_name": "tiny-mtl-c"})
+    ensure_model(s_c, store, progress=False)
+    mine, theirs = _submit(s, ids[0]), _submit(s_b, ids[0])
+    claims = jobs.claim_next(s, TINY), jobs.claim_next(s_b, TINY_B)
+    for settings, claim in zip((s, s_b), claims):
+        assert jobs.run_job(settings, store, claim.job_id, claim.attempt).status == "completed"
+    with TestClient(create_app(s)) as client:
+        def certificate(rid):
+            body = client.get(f"/deletions/{rid}/certificate").json()
+            return sorted(e["model"] for e in body["also_erased_from"]), body["propagation_pending"]
+
+        assert certificate(mine) == ([TINY_B], ["tiny-mtl-c"])
+        assert certificate(theirs) == ([TINY], ["tiny-mtl-c"])
+        assert [o.status for o in jobs.drain_model(s_c, store, "tiny-mtl-c")] == ["completed"]  # C's propagate job
+        assert certificate(mine) == ([TINY_B, "tiny-mtl-c"], [])
+        assert certificate(theirs) == ([TINY, "tiny-mtl-c"], [])
