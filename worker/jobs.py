@@ -767,10 +767,8 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
         # on the dataset may be writing some right now. Under this lock every earlier
         # publish on the dataset is in (and none of the same cells is inserted twice).
         advisory_lock(session, f"unlearnd-tombstones:{key}")
-        have = {(i, t) for i, t in session.execute(
-            select(Tombstone.instance_id, Tombstone.task).where(Tombstone.dataset_key == key)
-        )}
-        unsafe = _unsafe_to_serve(job, previous, manifest, have)
+        have = erased_cells(session, manifest.dataset)  # cell -> the request that erased it
+        unsafe = _unsafe_to_serve(job, previous, manifest, have.keys())
         if unsafe is not None:
             if job.kind == "reapply":
                 raise JobFailed(f"not published: {unsafe}; roll back again")
@@ -860,8 +858,8 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
         return JobOutcome("completed", model_name, job_id, version, metrics=metrics)
 
 
-def _unsafe_to_serve(job: Job, serving: int | None, manifest: Manifest, tombstoned: set) -> str | None:
-    """Why ``manifest`` must not become the serving version, or None."""
+def _unsafe_to_serve(job: Job, serving: int | None, manifest: Manifest, tombstoned) -> str | None:
+    """Why ``manifest`` must not become the serving version, or None (``tombstoned``: a set of cells)."""
     missing = tombstoned - {tuple(c) for c in manifest.erased_cells}
     if missing:
         return f"v{manifest.version} still contains cells erased since the job was claimed: " \
@@ -871,26 +869,23 @@ def _unsafe_to_serve(job: Job, serving: int | None, manifest: Manifest, tombston
     return None
 
 
-def _rebase(session: Session, job: Job, serving: int | None, tombstoned: set, unsafe: str,
+def _rebase(session: Session, job: Job, serving: int | None, tombstoned: dict, unsafe: str,
             unpublished_version: int) -> None:
     """Put a deletion job whose artifact must not be served back in the queue on the
     ``serving`` version, with every tombstoned cell that version still holds added to its
-    cells (the new base may itself lack erasures: a rollback's target)."""
+    cells (the new base may itself lack erasures: a rollback's target). ``tombstoned``:
+    :func:`~worker.datasets.erased_cells`, cell -> the request that erased it."""
     _put_back(session, job, "job.rebased", reason=f"not published: {unsafe}", from_base=job.base_version,
               to_base=serving, unpublished_version=unpublished_version)
     new_base = session.execute(select(ModelVersion.erased_cells).where(
         ModelVersion.model_name == job.model_name, ModelVersion.version == serving)).scalar_one_or_none()
     params = dict(job.params or {})
     cells = [list(c) for c in params.get("cells") or []]
-    missing = tombstoned - {tuple(c) for c in new_base or []}
+    missing = tombstoned.keys() - {tuple(c) for c in new_base or []}
     params["cells"] = cells + [list(c) for c in sorted(missing) if list(c) not in cells]
     # the requests whose erasures it now catches up on (through another model on the dataset,
     # say): its version names them, so their certificates list this model (as claim_next does)
-    key = session.get(Model, job.model_name).dataset
-    recorded = {(i, t): r for i, t, r in session.execute(
-        select(Tombstone.instance_id, Tombstone.task, Tombstone.request_id).where(
-            Tombstone.dataset_key == dataset_key(key)))}
-    owners = {recorded.get(c) for c in missing} - {None}
+    owners = {tombstoned[c] for c in missing} - {None}
     known = set(session.execute(select(DeletionRequest.id).where(DeletionRequest.id.in_(sorted(owners)))).scalars())
     request_ids = list(params.get("request_ids") or [])
     params["request_ids"] = request_ids + sorted(known - set(request_ids))
@@ -992,7 +987,8 @@ def request_error(session: Session, job: Job, error: str) -> str:
     named = list((job.params or {}).get("request_ids") or [])  # with the erasures it caught up on (claim_next)
     rows = session.execute(select(DeletionRequest.id, DeletionRequest.submitted_by).where(
         or_(DeletionRequest.job_id == job.id, DeletionRequest.id.in_([i for i in named if i])))).all()
-    unknown = any(i not in {r.id for r in rows} for i in named)
+    found = {r.id for r in rows}
+    unknown = any(i not in found for i in named)
     if len({r.submitted_by for r in rows}) <= 1 and not unknown:
         return error
     kind = error.split(":", 1)[0] if ":" in error and " " not in error.split(":", 1)[0] else "error"

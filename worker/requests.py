@@ -432,15 +432,14 @@ def _requests_erasing(session: Session, model: Model | None, request: DeletionRe
     completed requests of other models for the same cells."""
     if model is None:
         return set()
-    key = dataset_key(model.dataset)
-    out = set(session.execute(select(Tombstone.request_id).where(
-        Tombstone.dataset_key == key, Tombstone.instance_id == request.instance_id,
-        Tombstone.task.in_(sorted(t for _, t in cells)))).scalars())
+    from .versions import models_sharing_dataset
+
+    out = {rid for cell, rid in erased_cells(session, model.dataset, request.instance_id).items() if cell in cells}
     others = session.execute(select(DeletionRequest.id, DeletionRequest.tasks, DeletionRequest.model_name).where(
         DeletionRequest.instance_id == request.instance_id, DeletionRequest.status == "completed",
         DeletionRequest.model_name != request.model_name)).all()
     if others:
-        same_data = {m.name for m in session.execute(select(Model)).scalars() if dataset_key(m.dataset) == key}
+        same_data = {m.name for m in models_sharing_dataset(session, model.name, dataset_key(model.dataset))}
         out |= {rid for rid, tasks, name in others if name in same_data and cells & {(request.instance_id, t)
                                                                                       for t in tasks or []}}
     return out - {request.id, None}
