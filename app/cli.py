@@ -265,13 +265,14 @@ def cmd_purge(args) -> int:
         names = [settings.model_name if args.model is None else args.model]
     store = store_for(settings.store_dir)
     verb = "would purge" if args.dry_run else "purged"
+    actor = _cli_actor()
     refused = 0
     for model_name in names:
         try:
             with transaction(settings.database_url) as session:  # one model a transaction
                 found = purge_versions(session, store, model_name, created_before=before, dry_run=args.dry_run,
-                                       actor=_cli_actor())
-                scores = redact_calibration(session, store, model_name, dry_run=args.dry_run, actor=_cli_actor())
+                                       actor=actor)
+                scores = redact_calibration(session, store, model_name, dry_run=args.dry_run, actor=actor)
         except (ServiceError, StoreError, OSError) as exc:  # an unknown model, a store that is not the
             # service's or cannot delete a file
             print(f"unlearnd: {exc}" if isinstance(exc, ServiceError) else f"unlearnd: {model_name}: {exc}",
@@ -303,14 +304,23 @@ def _cli_actor() -> str:
         return "cli"
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a port is a number, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {value}")
-    return value
+def _whole(low: int, high: int | None, what: str):
+    """An argparse type: an integer in [``low``, ``high``] (no upper bound for None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} is a number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{what} is between {low} and {high}, got {value}" if high is not None
+                                             else f"at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+_port = _whole(1, 65535, "a port")
+_positive = _whole(1, None, "a count")
 
 
 def _host(text: str) -> str:
@@ -319,18 +329,10 @@ def _host(text: str) -> str:
     return text
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number is needed, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"at least 1, got {value}")
-    return value
-
-
 def _model_name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", text):
+    from worker.settings import MODEL_NAME_PATTERN
+
+    if not re.fullmatch(MODEL_NAME_PATTERN, text):
         raise argparse.ArgumentTypeError(f"not a model name: {text!r} (letters, digits and ._-)")
     return text
 

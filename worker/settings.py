@@ -12,6 +12,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 #: what an API key may do (app.auth): submit and read deletion requests; read models, versions,
 #: jobs and the audit log; everything, rollback included
 Scope = Literal["deletions", "read", "admin"]
+#: a model's name is its folder in the model store too: letters, digits and ._- (no separator, no '..');
+#: model_store.local checks the same rule where it makes the folder
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 #: a key's name is written into the audit log as the actor of what it submitted
 KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")]
 
@@ -44,8 +47,7 @@ class Settings(BaseSettings):
     broker_url: str | None = None  # e.g. redis://127.0.0.1:6379/0; None = in-process worker
     result_backend: str | None = None
 
-    # the model store's folder name too: letters, digits and ._- (no separator, no '..')
-    model_name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")] = "indoor-mtl"
+    model_name: Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)] = "indoor-mtl"
     # the first version's dataset: only the synthetic ones are described by settings alone (no data root);
     # any other name failed with a traceback after the migration, when the first start loaded it
     dataset: Literal["indoor", "street"] = "indoor"
