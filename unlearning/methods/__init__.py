@@ -41,6 +41,16 @@ def method_defaults(name: str) -> dict:
     return dict(getattr(_module(name), "DEFAULTS", {}))
 
 
+def method_choices(name: str) -> dict:
+    """The values each of the method's string parameters takes (its module's ``CHOICES``;
+    ``optimizer``, which the shared loops build, for every method that has one)."""
+    from .loops import OPTIMIZERS
+
+    module = _module(name)
+    shared = {"optimizer": OPTIMIZERS} if "optimizer" in getattr(module, "DEFAULTS", {}) else {}
+    return {**shared, **getattr(module, "CHOICES", {})}
+
+
 def check_method(name: str, data: UnlearnData, config: dict | None = None) -> None:
     """Run the method's ``check(data, config)`` hook, if it has one: a ValueError for a
     configuration that does not fit this job's cells (what :mod:`.params` cannot know),
@@ -71,5 +81,5 @@ def prepare_share(name: str, model, data: UnlearnData, config: dict | None = Non
     return 0.0 if hook is None else min(max(float(hook(model, data, config)), 0.0), 0.99)
 
 
-__all__ = ["UnlearnData", "Method", "METHOD_NAMES", "get_method", "method_defaults", "check_method", "prepare_method",
+__all__ = ["UnlearnData", "Method", "METHOD_NAMES", "get_method", "method_defaults", "method_choices", "check_method", "prepare_method",
            "prepare_share"]

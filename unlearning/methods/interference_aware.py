@@ -136,6 +136,7 @@ from ..data.base import Batch
 from ..losses import cell_losses, per_sample_losses
 from ..projection import cached_subspaces, forget_projector, project_rows, shared_convs, shared_norms
 from .base import UnlearnData
+from .loops import OPTIMIZERS
 
 PROTECTS_HEADS = True
 
@@ -179,6 +180,20 @@ DEFAULTS = {
     "repair_steps": 0,  # retain-only steps after the forget phase
     "repair_protected_heads": False,  # let repair steps train protected heads (breaks bit-identity)
 }
+
+#: the values each string parameter takes (what this module branches on); params checks a
+#: job's configuration against them before any work
+CHOICES = {
+    "optimizer": OPTIMIZERS,
+    "calibrate_per": ("request", "cell"),
+    "shadow_extrapolate": ("loss_rank", "task_mean"),
+    "orthogonalize_impl": ("auto", "batched", "per_tensor"),
+}
+
+
+def _known(name: str) -> str:
+    return ", ".join(map(repr, CHOICES[name]))
+
 
 
 # ----------------------------------------------------------------------------- cached per model version
@@ -341,8 +356,8 @@ def _shadow_plan(n_train: int, folds: int, trained_folds: int | None, extrapolat
     n = k if trained_folds is None else int(trained_folds)
     if not 1 <= n <= k:
         raise ValueError(f"interference_aware: shadow_trained_folds must be between 1 and the {k} folds, got {trained_folds!r}")
-    if extrapolate not in ("loss_rank", "task_mean"):
-        raise ValueError(f"interference_aware: unknown shadow_extrapolate {extrapolate!r}; known: 'loss_rank', 'task_mean'")
+    if extrapolate not in CHOICES["shadow_extrapolate"]:
+        raise ValueError(f"interference_aware: unknown shadow_extrapolate {extrapolate!r}; known: {_known('shadow_extrapolate')}")
     return k, n, "task_mean" if n == k else extrapolate  # every cell measured: nothing to predict
 
 
@@ -554,8 +569,8 @@ def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, f
     if not (cfg["shadow_recipe"] or cfg["shadow_scores"]):
         return {t: fixed.clone() for t in forget_tasks}, None
     per = cfg["calibrate_per"]
-    if per not in ("request", "cell"):
-        raise ValueError(f"interference_aware: unknown calibrate_per {per!r}; known: 'request', 'cell'")
+    if per not in CHOICES["calibrate_per"]:
+        raise ValueError(f"interference_aware: unknown calibrate_per {per!r}; known: {_known('calibrate_per')}")
     scores = cfg["shadow_scores"] or shadow_scores(original, data, cfg["shadow_recipe"], cfg["shadow_folds"],
                                                    cfg["shadow_seed"], trained_folds=cfg["shadow_trained_folds"],
                                                    extrapolate=cfg["shadow_extrapolate"])
@@ -791,8 +806,8 @@ class Stepper:
 
     def __init__(self, cfg: dict):
         self.kind = cfg["optimizer"]
-        if self.kind not in ("adam", "sgd"):
-            raise ValueError(f"interference_aware: unknown optimizer {self.kind!r}; known: 'adam', 'sgd'")
+        if self.kind not in CHOICES["optimizer"]:
+            raise ValueError(f"interference_aware: unknown optimizer {self.kind!r}; known: {_known('optimizer')}")
         self.lr = float(cfg["lr"])
         betas = cfg["betas"]
         if not (isinstance(betas, (list, tuple)) and len(betas) == 2
@@ -873,8 +888,8 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     if cfg["orthogonalize"] not in (True, False, "iterate"):
         raise ValueError(f"interference_aware: unknown orthogonalize {cfg['orthogonalize']!r}; known: true, false, 'iterate'")
     impl = cfg["orthogonalize_impl"]
-    if impl not in ("auto", "batched", "per_tensor"):
-        raise ValueError(f"interference_aware: unknown orthogonalize_impl {impl!r}; known: 'auto', 'batched', 'per_tensor'")
+    if impl not in CHOICES["orthogonalize_impl"]:
+        raise ValueError(f"interference_aware: unknown orthogonalize_impl {impl!r}; known: {_known('orthogonalize_impl')}")
     if impl == "batched" and cfg["orthogonalize"] == "iterate":
         raise ValueError("interference_aware: orthogonalize_impl 'batched' does one projection; orthogonalize 'iterate' "
                          "has only the per_tensor implementation")

@@ -150,6 +150,10 @@ def forget_task_parameters(model, tasks: Iterable[str]) -> list[torch.nn.Paramet
     return params
 
 
+#: the ``optimizer`` values every method with one takes (:func:`make_optimizer`, interference_aware's stepper)
+OPTIMIZERS = ("adam", "sgd")
+
+
 def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     """Adam (default) or SGD with momentum, from ``cfg['optimizer']`` and ``cfg['lr']``."""
     name = cfg.get("optimizer", "adam")

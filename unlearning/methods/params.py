@@ -16,7 +16,7 @@ import math
 from dataclasses import fields
 from typing import Any
 
-from . import method_defaults
+from . import method_choices, method_defaults
 
 #: parameters other methods' configurations may carry and every method accepts
 SHARED = {"train"}  # the training recipe (TrainConfig fields), read by retrain
@@ -27,14 +27,6 @@ ALSO = {
     ("interference_aware", "orthogonalize"): ("iterate",),
     ("interference_aware", "tau_quantile_partial"): (None,),
     ("interference_aware", "tau_refresh_sample"): (None,),
-}
-
-#: the only values a string parameter takes: (method or "*", name) -> values
-CHOICES = {
-    ("*", "optimizer"): ("adam", "sgd"),
-    ("interference_aware", "calibrate_per"): ("request", "cell"),
-    ("interference_aware", "shadow_extrapolate"): ("loss_rank", "task_mean"),
-    ("interference_aware", "orthogonalize_impl"): ("auto", "batched", "per_tensor"),
 }
 
 #: parameters whose default is None (off) that otherwise take a value of this type
@@ -103,7 +95,7 @@ def _value_problem(method: str, name: str, value: Any, default: Any) -> str | No
     if isinstance(default, str):
         if not isinstance(value, str):
             return f"must be a string, got {value!r}"
-        choices = CHOICES.get((method, name)) or CHOICES.get(("*", name))
+        choices = method_choices(method).get(name)  # the method's module names them (its CHOICES)
         if choices is not None and value not in choices + also:
             return f"must be one of {', '.join(map(repr, choices + also))}, got {value!r}"
         return None
