@@ -468,13 +468,12 @@ class LocalModelStore(ModelStore):
             if not self.exists(model_name, version):
                 return False  # gone meanwhile, purged (manifest kept), or incomplete: not a version
             try:
-                self._read_verified(model_name, version)
-            except (IntegrityError, DamagedManifest):
-                self._discard(final, version)
-                return True
+                if self.verify(model_name, version):
+                    return False
             except PurgedVersion:  # purged meanwhile (by a writer that takes no lock)
                 return False
-            return False
+            self._discard(final, version)
+            return True
 
     def purge(self, model_name: str, version: int) -> bool:
         """Delete the version's weights (see :meth:`ModelStore.purge`). Weights that are not a
