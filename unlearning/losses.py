@@ -20,7 +20,8 @@ def supervised_loss(losses: dict[str, torch.Tensor], has: dict[str, torch.Tensor
     total = None
     for t, loss in losses.items():
         mask = has[t].to(loss.dtype)
-        term = (loss * mask).sum() / mask.sum().clamp_min(1.0)
+        # where, not a product: an unsupervised cell's loss may be NaN or inf, and 0 * inf = NaN
+        term = torch.where(has[t].bool(), loss, torch.zeros_like(loss)).sum() / mask.sum().clamp_min(1.0)
         total = term if total is None else total + term
     return total
 

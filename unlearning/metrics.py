@@ -119,7 +119,9 @@ def member_scores(member_losses, nonmember_losses) -> torch.Tensor:
     nonmembers = _finite_losses(nonmember_losses)
     if nonmembers.numel() == 0:
         return torch.full_like(members, float("nan"))
-    out = _auc_counts(members.nan_to_num(0.0), nonmembers)
+    # NaN members are masked below; an infinite one stays infinite (nan_to_num's default
+    # would make it the largest finite float, below an infinite non-member instead of tied)
+    out = _auc_counts(members.nan_to_num(0.0, posinf=math.inf, neginf=-math.inf), nonmembers)
     return torch.where(torch.isnan(members), torch.full_like(out, float("nan")), out)
 
 

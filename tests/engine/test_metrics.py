@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from unlearning.metrics import forget_gap, group_degradations, mia_auc, relative_degradation, uis
+from unlearning.metrics import forget_gap, group_degradations, member_scores, mia_auc, relative_degradation, uis
 
 SEG = {"miou": +1, "pixel_acc": +1}
 DEPTH = {"abs_err": -1, "rel_err": -1, "delta1": +1}
@@ -151,6 +151,17 @@ def test_mia_drops_nan_and_is_nan_with_nothing_to_compare():
     assert mia_auc([0.1, float("nan")], [0.2, float("nan")]) == 1.0
     assert math.isnan(mia_auc([], [0.1]))
     assert math.isnan(mia_auc({"depth": [0.1]}, {"normal": [0.2]}))
+
+
+def test_member_scores_average_to_the_auc_with_infinite_losses():
+    inf = float("inf")
+    # member inf vs [1, inf]: below none, tied with one -> 0.5 / 2; member -inf vs [-inf, 1]: 1 + 0.5 tie -> 0.75
+    assert member_scores([inf], [1.0, inf]).tolist() == [0.25] == [mia_auc([inf], [1.0, inf])]
+    assert member_scores([-inf], [-inf, 1.0]).tolist() == [0.75] == [mia_auc([-inf], [-inf, 1.0])]
+    members, nonmembers = [0.5, inf, float("nan"), 0.1], [0.2, inf, 0.7]
+    scores = member_scores(members, nonmembers)
+    assert math.isnan(scores[2])
+    assert float(scores[~scores.isnan()].mean()) == pytest.approx(mia_auc(members, nonmembers))
 
 
 # --- forget gap ----------------------------------------------------------------------

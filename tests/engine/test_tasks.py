@@ -112,6 +112,32 @@ def test_normal_loss_is_one_minus_cosine_over_valid_pixels():
     assert float(loss[0]) == pytest.approx(expected, abs=1e-6)
 
 
+# --- a blown-up prediction on an unlabelled pixel -----------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_prediction_on_an_unlabelled_pixel_does_not_reach_the_loss(bad):
+    # masking by a product gave 0 * inf = NaN for the whole sample: a fake NaN member in the attack
+    seg = get_task("segmentation")
+    logits = torch.zeros(1, 3, 2, 3)
+    logits[0, 1, 1, 1] = bad  # the ignored pixel of SEG_TARGET
+    assert float(seg.sample_loss(logits, SEG_TARGET)[0]) == pytest.approx(math.log(3.0), rel=1e-5)
+
+    depth = DEPTH_PRED.clone()
+    depth[0, 0, 0, 2] = bad  # its target is 0: invalid
+    assert float(get_task("depth").sample_loss(depth, DEPTH_TARGET)[0]) == pytest.approx(0.3)
+
+    normal = get_task("normal")
+    pred, target = normal_case()
+    pred = normal.activate(pred)
+    pred[0, :, 0, 4] = bad  # its target is the zero vector: invalid
+    expected = sum(1 - math.cos(math.radians(d)) for d in (0, 10, 20, 45)) / 4
+    assert float(normal.sample_loss(pred, target)[0]) == pytest.approx(expected, abs=1e-6)
+    # on a labelled pixel it still shows
+    pred[0, :, 0, 0] = bad
+    assert not math.isfinite(float(normal.sample_loss(pred, target)[0]))
+
+
 # --- the registry --------------------------------------------------------------------
 
 

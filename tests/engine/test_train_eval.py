@@ -99,6 +99,13 @@ def test_erased_cells_give_their_head_no_gradient():
     assert all(torch.allclose(m, a, atol=1e-6) for m, a in zip(mixed, alone))
 
 
+def test_supervised_loss_ignores_whatever_an_unsupervised_cell_holds():
+    has = {"depth": torch.tensor([True, False, True]), "normal": torch.tensor([False, False, False])}
+    for bad in (float("inf"), float("nan")):
+        losses = {"depth": torch.tensor([1.0, bad, 2.0]), "normal": torch.tensor([bad, 0.5, 0.5])}
+        assert float(supervised_loss(losses, has)) == pytest.approx(1.5)  # (1 + 2) / 2, normal adds 0
+
+
 def test_train_model_leaves_the_head_of_a_fully_erased_task_untouched():
     data = random_dataset(6, 6)
     erased = data.without([(iid, "depth") for iid in data.instance_ids])

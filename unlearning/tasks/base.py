@@ -49,8 +49,11 @@ class Task:
         any valid pixel get 0 (training sums it harmlessly; measurements mask such
         samples out with :meth:`labelled`)."""
         loss, valid = self.pixel_loss(pred, target)
-        valid = valid.to(loss.dtype)
-        return (loss * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1.0)
+        # where, not a product: an unlabelled pixel's loss may be inf or NaN (an ignored pixel
+        # under an inf logit), and 0 * inf = NaN would make the whole sample's loss NaN
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        count = valid.to(loss.dtype).flatten(1).sum(1)
+        return loss.flatten(1).sum(1) / count.clamp_min(1.0)
 
     # Metrics accumulate over a set of samples, then finalize to numbers.
     def metric_state(self) -> dict[str, Any]:
