@@ -93,6 +93,16 @@ def test_synthetic_spec_numbers_are_integers_not_truncated(key, value):
         load_synthetic({"name": "indoor", **SMALL, "n_test": 0, key: value})
 
 
+@pytest.mark.parametrize("height, width, n", [(1, 32, 0), (-3, 32, 0), (24, 0, 0), (1, 32, 1)])
+def test_synthetic_sizes_below_2_are_refused_even_for_empty_splits(height, width, n):
+    """Empty splits used to accept a size no scene can have (1 row) or fail in torch.zeros
+    (a negative one), where the same spec with scenes was refused."""
+    spec = {"name": "street", "n_train": n, "n_test": 0, "height": height, "width": width}
+    with pytest.raises(ValueError, match=rf"height and width in the 'street' dataset spec must be at least 2, "
+                                         rf"got {height}x{width}"):
+        load_splits(spec)
+
+
 @pytest.mark.parametrize("noise", [{"depth_sigma": float("inf")}, {"label_flip": True}, {"label_flip": "0.5"}])
 def test_noise_values_that_are_not_finite_numbers_are_refused_as_spec_errors(noise):
     """A spec's bad noise value is the ValueError the CLIs turn into their one-line error,
@@ -100,6 +110,17 @@ def test_noise_values_that_are_not_finite_numbers_are_refused_as_spec_errors(noi
     (key, value), = noise.items()
     with pytest.raises(ValueError, match=f"noise option '{key}' must be .*, got {re.escape(repr(value))}"):
         load_splits({"name": "indoor", **SMALL, "noise": noise})
+
+
+@pytest.mark.parametrize("spec", ["indoor", None, ["indoor"]])
+def test_a_spec_that_is_not_a_dict_is_refused_as_a_spec_error(spec):
+    """A bare name used to fail with an AttributeError ('str' object has no attribute 'get'),
+    which the CLIs do not turn into their one-line error."""
+    from unlearning.data import dataset_tasks
+
+    for read in (load_splits, dataset_tasks):
+        with pytest.raises(ValueError, match=rf"a dataset spec is a dict such as .*, got {re.escape(repr(spec))}"):
+            read(spec)
 
 
 # --------------------------------------------------------------------------- erasure
@@ -199,6 +220,10 @@ def test_images_ids_and_mask_not_shaped_for_each_other_are_refused(indoor):
     train = indoor[0]
     with pytest.raises(ValueError, match=r"images have shape \(3, 24, 32\); expected \(N,C,H,W\)"):
         MultiTaskDataset("bad", train.tasks, train.images[0], train.targets, train.instance_ids, train.num_classes)
+    ids = train.instance_ids[:4] + train.instance_ids[1:3]
+    with pytest.raises(ValueError, match=rf"dataset 'bad': instance ids must be unique; repeated: "
+                                         rf"{re.escape(repr(train.instance_ids[1:3]))}"):
+        MultiTaskDataset("bad", train.tasks, train.images, train.targets, ids, train.num_classes)
     with pytest.raises(ValueError, match="has 5 instance ids for 6 images"):
         MultiTaskDataset("bad", train.tasks, train.images, train.targets, train.instance_ids[:5], train.num_classes)
     with pytest.raises(ValueError, match=r"mask of supervised cells has shape \(6, 2\); expected \(6, 3\)"):
@@ -469,3 +494,18 @@ def test_finite_values_beyond_float32_are_refused_not_made_invalid(tmp_path, fol
     np.save(path, array)
     train = load_npy_splits({"name": "nyuv2", "root": tmp_path})[0]
     assert (train.targets[folder][1] == 0).all()
+
+
+@pytest.mark.parametrize("folder", ["image", "label", "depth", "normal"])
+def test_an_npz_archive_under_an_npy_name_is_refused_naming_the_file(tmp_path, folder):
+    """np.load opens a zip archive whatever its name: it used to fail with an AttributeError
+    ('NpzFile' object has no attribute 'dtype') naming no file."""
+    import io
+
+    write_pair(tmp_path)
+    path = tmp_path / "train" / folder / "1.npy"
+    archive = io.BytesIO()
+    np.savez(archive, a=np.load(path))
+    path.write_bytes(archive.getvalue())
+    with pytest.raises(ValueError, match=rf"cannot read {re.escape(str(path))}: it is an \.npz archive"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})

@@ -292,3 +292,51 @@ def test_worker_processes_render_the_same_tensors():
     assert render_workers(5, 16, 24) == 1 and 1 <= render_workers(795, 288, 384) <= 795 // 8
     empty = render_batch("street", (s for s in ()), height=8, width=8)  # a generator, empty
     assert empty["image"].shape == (0, 3, 8, 8) and empty["segmentation"].dtype == torch.long
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("depth_sigma", math.inf, r"a standard deviation in \[0, 1\]"),  # gave infinite depth
+    ("normal_sigma", math.inf, r"a standard deviation in \[0, 1\]"),  # gave NaN normals
+    ("label_flip", "0.5", r"a probability, a number in \[0, 1\]"),  # a TypeError inside the render
+    ("depth_dropout", -1, r"a probability, a number in \[0, 1\]"),  # silently no dropout
+])
+def test_noise_options_built_directly_are_checked_too(key, value, expected):
+    """Only ``from_dict`` used to check the values: ``NoiseOptions(...)``, as a researcher
+    writes it, rendered non-finite targets or failed deep inside the render."""
+    with pytest.raises(ValueError, match=f"noise option '{key}' must be {expected}, got {re.escape(repr(value))}"):
+        NoiseOptions(**{key: value})
+    given = NoiseOptions(depth_sigma=0, label_flip=1)
+    assert type(given.depth_sigma) is float and given == NoiseOptions.from_dict({"depth_sigma": 0.0, "label_flip": 1.0})
+
+
+@pytest.mark.parametrize("seed", [2.5, True, "3", (1.7, 0), (0, -1), -1, None])
+def test_seeds_that_are_not_non_negative_integers_are_refused(seed):
+    """A seed used to be int()-ed: 2.5 rendered seed 2's scene, True seed 1's, "3" seed 3's."""
+    with pytest.raises(ValueError, match=rf"seeds must be non-negative integers or tuples of them, "
+                                         rf"got {re.escape(repr(seed))}"):
+        make_scene("indoor", seed, 8, 8)
+
+
+def test_numpy_integer_seeds_render_as_their_int():
+    import numpy as np
+
+    a, b = render_scene("street", (np.int64(3), 1), 8, 8), render_scene("street", (3, 1), 8, 8)
+    assert a.scene.seed == (3, 1) and torch.equal(a.image, b.image) and torch.equal(a.depth, b.depth)
+
+
+@pytest.mark.parametrize("height, width", [(2.5, 16), ("16", 16), (16, True), (1, 16), (-3, 16)])
+def test_image_sizes_that_are_not_integers_of_at_least_2_are_refused(height, width):
+    """A size of 2.5 made a scene that failed later in a reshape, "16" a TypeError; an empty
+    batch of a negative size failed in torch.zeros."""
+    message = rf"image size must be integers of at least 2x2, got {re.escape(repr(height))}x{re.escape(repr(width))}"
+    with pytest.raises(ValueError, match=message):
+        make_scene("indoor", 0, height, width)
+    with pytest.raises(ValueError, match=message):
+        render_batch("indoor", [], height, width)
+
+
+@pytest.mark.parametrize("workers", [0, -2, 2.7, "x", "2", True])
+def test_render_workers_must_be_a_positive_integer_or_auto(workers):
+    """0 and -2 used to be taken as 1, 2.7 as 2 and "2" as 2; "x" failed inside int()."""
+    with pytest.raises(ValueError, match=f"workers must be a positive integer or 'auto', got {re.escape(repr(workers))}"):
+        render_batch("indoor", [0, 1], 8, 8, workers=workers)

@@ -15,10 +15,18 @@ __all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "data
 DATASETS = ("indoor", "street", "nyuv2", "cityscapes")
 
 
+def _name(spec: dict):
+    """``spec``'s dataset name; ``ValueError`` when ``spec`` is no dict (a bare name, say),
+    which used to fail with an AttributeError the CLIs do not turn into their one-line error."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"a dataset spec is a dict such as {{'name': 'indoor'}}, got {spec!r}")
+    return spec.get("name")
+
+
 def load_splits(spec: dict, render_workers: int | str = 1) -> tuple[MultiTaskDataset, MultiTaskDataset]:
     """The ``(train, test)`` splits of ``spec``. ``render_workers`` (synthetic datasets
     only): processes that render the scenes, ``"auto"`` by their size; same tensors for any."""
-    name = spec.get("name")
+    name = _name(spec)
     if name in ("indoor", "street"):
         from .synthetic import load_synthetic
 
@@ -33,7 +41,7 @@ def load_splits(spec: dict, render_workers: int | str = 1) -> tuple[MultiTaskDat
 def dataset_tasks(spec: dict) -> list[str]:
     """The tasks of the dataset ``spec`` names, without loading it (what ``load_splits(spec)``'s
     splits will have)."""
-    name = spec.get("name")
+    name = _name(spec)
     if name in ("indoor", "street"):
         from .renderer import FLAVOUR_TASKS
 

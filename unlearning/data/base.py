@@ -78,7 +78,12 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         erased_instances: Iterable[str] = (),
     ):
         if len(set(instance_ids)) != len(instance_ids):
-            raise ValueError("instance ids must be unique")
+            seen, repeated = set(), []
+            for iid in instance_ids:
+                if iid in seen and iid not in repeated:
+                    repeated.append(iid)
+                seen.add(iid)
+            raise ValueError(f"dataset {name!r}: instance ids must be unique; repeated: {repeated[:5]}")
         if images.ndim != 4:
             raise ValueError(f"dataset {name!r}: images have shape {tuple(images.shape)}; expected (N,C,H,W)")
         n, _, h, w = images.shape

@@ -58,9 +58,15 @@ def _numbered_files(folder: Path) -> dict[int, Path]:
 
 def _read(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except Exception as exc:  # a corrupt file or a pickled object array: say which file
         raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(array, np.ndarray):
+        # np.load opens an .npz archive whatever the file's name; it has no dtype or shape,
+        # so it used to fail later with an AttributeError naming no file
+        array.close()
+        raise ValueError(f"cannot read {path}: it is an .npz archive, not a single .npy array")
+    return array
 
 
 def _check_numeric(array: np.ndarray, path: Path, what: str) -> None:

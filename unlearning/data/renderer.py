@@ -98,6 +98,23 @@ class NoiseOptions:
     label_ignore: float = 0.1
     image_sigma: float = 0.02
 
+    def __post_init__(self):
+        """``ValueError`` naming any value that is not a real number (a bool or a string is
+        refused) in [0, 1]: the probabilities ``depth_dropout``, ``label_flip`` and
+        ``label_ignore``, and the standard deviations. Checked here, not only in
+        :meth:`from_dict`, so that options built directly are checked too."""
+        for f in fields(self):
+            k, v = f.name, getattr(self, f.name)
+            # checked, not float()-ed: that took True as 1.0 and "0.5" as 0.5, and an infinite
+            # sigma gave non-finite depth or normals. A std above 1 means nothing more here
+            # (a depth error of 100%, normals pointing anywhere, an image all noise), and a
+            # huge one overflows float32.
+            if not _finite_real(v) or v < 0 or v > 1:
+                expected = ("a probability, a number in [0, 1]" if k in _NOISE_PROBABILITIES
+                            else "a standard deviation in [0, 1]")
+                raise ValueError(f"noise option {k!r} must be {expected}, got {v!r}")
+            object.__setattr__(self, k, float(v))
+
     @classmethod
     def clean(cls) -> "NoiseOptions":
         """No noise at all: outputs are exactly the geometry."""
@@ -105,24 +122,13 @@ class NoiseOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> "NoiseOptions":
-        """Build from a plain dict; ``ValueError`` naming any unknown key, and any value that
-        is not a real number (a bool or a string is refused) in [0, 1]: the probabilities
-        ``depth_dropout``, ``label_flip`` and ``label_ignore``, and the standard deviations."""
+        """Build from a plain dict; ``ValueError`` naming any unknown key, and any value
+        the constructor refuses."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown noise options {unknown}; known: {sorted(known)}")
-        for k, v in options.items():
-            probability = k in _NOISE_PROBABILITIES
-            # checked, not float()-ed: that took True as 1.0 and "0.5" as 0.5, and an infinite
-            # sigma gave non-finite depth or normals. A std above 1 means nothing more here
-            # (a depth error of 100%, normals pointing anywhere, an image all noise), and a
-            # huge one overflows float32.
-            if not _finite_real(v) or v < 0 or v > 1:
-                expected = "a probability, a number in [0, 1]" if probability else "a standard deviation in [0, 1]"
-                raise ValueError(f"noise option {k!r} must be {expected}, got {v!r}")
-        values = {k: float(v) for k, v in options.items()}
-        return cls(**values)
+        return cls(**options)
 
 
 # --------------------------------------------------------------------------- camera
@@ -401,14 +407,26 @@ class Render:
 def _rng(seed, stream: int) -> np.random.Generator:
     """A generator for one stream of a seed (an int or a tuple of ints). The length is part
     of the entropy so (1, 2) and (1, 2, 0) never share a stream."""
-    key = (int(seed),) if np.isscalar(seed) else tuple(int(s) for s in seed)
-    if any(k < 0 for k in key):
-        raise ValueError(f"seeds must be non-negative, got {seed!r}")
+    key = _seed_key(seed)
     return np.random.default_rng([0x5CE7E, len(key), *key, stream])
 
 
+def _is_int(value) -> bool:
+    """``value`` is an integer (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def _seed_key(seed) -> tuple[int, ...]:
-    return (int(seed),) if np.isscalar(seed) else tuple(int(s) for s in seed)
+    """``seed`` (an int or a sequence of ints) as a tuple of non-negative ints; ``ValueError``
+    otherwise. Checked, not int()-ed: that rendered seed 2's scene for 2.5, 1's for True and
+    3's for "3"."""
+    try:
+        key = (seed,) if np.isscalar(seed) else tuple(seed)
+    except TypeError:  # neither a number nor a sequence (None, say): refused below
+        key = (seed,)
+    if not all(_is_int(k) and k >= 0 for k in key):
+        raise ValueError(f"seeds must be non-negative integers or tuples of them, got {seed!r}")
+    return tuple(int(k) for k in key)
 
 
 class _Builder:
@@ -606,12 +624,18 @@ def _street_scene(rng: np.random.Generator, height: int, width: int):
 _GENERATORS = {"indoor": _indoor_scene, "street": _street_scene}
 
 
+def check_image_size(height, width) -> None:
+    """``ValueError`` unless ``height`` and ``width`` are integers of at least 2 (not bools:
+    True is no size, and 2.5 rows would fail later in a reshape)."""
+    if not (_is_int(height) and _is_int(width)) or height < 2 or width < 2:
+        raise ValueError(f"image size must be integers of at least 2x2, got {height!r}x{width!r}")
+
+
 def make_scene(flavour: str, seed, height: int = 48, width: int = 64) -> Scene:
     """The scene of ``flavour`` for ``seed`` (an int or a tuple of non-negative ints)."""
     if flavour not in _GENERATORS:
         raise ValueError(f"unknown scene flavour {flavour!r}; known: {sorted(_GENERATORS)}")
-    if height < 2 or width < 2:
-        raise ValueError(f"image size must be at least 2x2, got {height}x{width}")
+    check_image_size(height, width)
     rng = _rng(seed, 0)
     builder, camera, light, sky = _GENERATORS[flavour](rng, height, width)
     shapes, labels, material = builder.build()
@@ -841,6 +865,9 @@ def render_batch(flavour: str, seeds: Sequence, height: int = 48, width: int = 6
     Celery prefork child) cannot use them; the default, 1, renders in this process."""
     if flavour not in FLAVOUR_TASKS:
         raise ValueError(f"unknown scene flavour {flavour!r}; known: {sorted(FLAVOUR_TASKS)}")
+    check_image_size(height, width)  # here too: no scene may be made to check it
+    if workers != "auto" and not (_is_int(workers) and workers >= 1):
+        raise ValueError(f"workers must be a positive integer or 'auto', got {workers!r}")
     keys = ("image",) + FLAVOUR_TASKS[flavour]
     seeds = list(seeds)  # a generator too
     if not seeds:
@@ -848,7 +875,7 @@ def render_batch(flavour: str, seeds: Sequence, height: int = 48, width: int = 6
                   "normal": (3, height, width)}
         return {k: torch.zeros((0, *shapes[k]), dtype=torch.long if k == "segmentation" else torch.float32)
                 for k in keys}
-    workers = render_workers(len(seeds), height, width) if workers == "auto" else max(1, int(workers))
+    workers = render_workers(len(seeds), height, width) if workers == "auto" else int(workers)
     if workers == 1 or len(seeds) < 2:
         return _render_serial(flavour, seeds, height, width, noise)
     import multiprocessing

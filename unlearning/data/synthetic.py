@@ -59,6 +59,10 @@ def load_synthetic(spec: dict, render_workers: int | str = 1) -> tuple[MultiTask
         sizes[key] = int(value)
     if sizes["n_train"] < 0 or sizes["n_test"] < 0 or sizes["seed"] < 0:
         raise ValueError(f"n_train, n_test and seed must be non-negative, got {sizes}")
+    if sizes["height"] < 2 or sizes["width"] < 2:
+        # checked whatever n_train and n_test: empty splits used to pass a size no scene can have
+        raise ValueError(f"height and width in the {name!r} dataset spec must be at least 2, "
+                         f"got {sizes['height']}x{sizes['width']}")
     noise = noise_options(spec)
     tasks = FLAVOUR_TASKS[name]
 
