@@ -89,6 +89,9 @@ def require(scope: Scope):
         keys: dict[str, ApiKey] = request.app.state.settings.api_keys
         if not keys:
             return None
+        sent = len(request.headers.getlist("authorization"))
+        if sent > 1:  # the first was used; a proxy or a log that reads another would see another caller
+            raise Unauthorized(f"send one Authorization header: Bearer <token>; this request has {sent}")
         if credentials is None:
             header = request.headers.get("authorization")
             detail = ("this API needs an API key: send Authorization: Bearer <token>" if not header

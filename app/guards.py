@@ -2,6 +2,9 @@
 and the query parameters a route knows."""
 from __future__ import annotations
 
+import types
+import typing
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -52,7 +55,8 @@ def _refusing(error: Exception):
 def known_query_parameters(request: Request) -> None:
     """A 422 naming a query parameter the route does not take: a misspelt filter
     (``?instance=`` for ``?instance_id=``) would otherwise be ignored and an audit
-    query answer with every record."""
+    query answer with every record. So is one that takes a single value given twice:
+    ``?instance_id=a&instance_id=b`` filtered by ``b`` alone, as if ``a`` had no records."""
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
     if dependant is None:
@@ -65,11 +69,28 @@ def known_query_parameters(request: Request) -> None:
             {"loc": ("query", k), "msg": f"unknown query parameter; this route takes: {allowed}", "type": "extra_forbidden"}
             for k in unknown
         ])
+    repeated = [k for k in dict.fromkeys(request.query_params.keys())
+                if not known[k] and len(request.query_params.getlist(k)) > 1]
+    if repeated:
+        raise RequestValidationError([
+            {"loc": ("query", k), "type": "repeated_parameter",
+             "msg": f"given {len(request.query_params.getlist(k))} times; this parameter takes one value"}
+            for k in repeated
+        ])
 
 
-def _query_names(dependant) -> set[str]:
-    """The query parameters of a route: its own and its dependencies'."""
-    names = {p.alias for p in dependant.query_params}
+def _takes_several(annotation) -> bool:
+    """Whether a query parameter annotated so takes a list (``list[str]``, ``list[str] | None``)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_takes_several(a) for a in typing.get_args(annotation))
+    return origin in (list, set, tuple, frozenset)
+
+
+def _query_names(dependant) -> dict[str, bool]:
+    """The query parameters of a route, its own and its dependencies', each with whether
+    it takes several values (a list: ``?x=1&x=2``)."""
+    names = {p.alias: _takes_several(p.field_info.annotation) for p in dependant.query_params}
     for sub in dependant.dependencies:
-        names |= _query_names(sub)
+        names.update(_query_names(sub))
     return names

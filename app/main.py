@@ -18,7 +18,7 @@ from worker.signing import load_signer
 from .auth import require_deletions, require_read
 from .guards import BodyLimitMiddleware, known_query_parameters
 from .metrics import HttpMetricsMiddleware, build_registry
-from .problems import install_problem_handlers
+from .problems import document_problems, install_problem_handlers
 from .routes import audit, certificates, deletions, health, jobs, models
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.signer = load_signer(settings.certificate_key_file) if settings.certificate_key_file else None
 
     install_problem_handlers(app)
+    openapi = app.openapi
+    app.openapi = lambda: app.openapi_schema or document_problems(openapi())  # errors are problem documents
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
     # the API key's scope first (app.auth; models checks per route: reading is `read`, a rollback `admin`)

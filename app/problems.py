@@ -12,10 +12,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from worker.errors import ServiceError
+from worker.settings import MODEL_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,29 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
                    **exc.extras)
 
 
+#: what a value matching a pattern looks like, in words: pydantic's message shows the
+#: regular expression ("String should match pattern '^[0-9a-f]{64}$'")
+PATTERN_WORDS = {
+    "^[0-9a-f]{64}$": "must be a sha256: 64 hexadecimal digits, lowercase (0-9, a-f)",
+    MODEL_NAME_PATTERN: "must be a model name: 1 to 100 letters, digits, '.', '_' or '-', "
+                        "the first a letter or a digit",
+}
+
+
+def _message(error: dict) -> str:
+    """pydantic's message, said in words where it shows a regular expression or its own prefix."""
+    msg = error.get("msg") or ""
+    if error.get("type") == "string_pattern_mismatch":
+        pattern = (error.get("ctx") or {}).get("pattern")
+        return PATTERN_WORDS.get(pattern, f"does not have the form this field takes (the pattern {pattern})")
+    if error.get("type") == "value_error":
+        return msg.removeprefix("Value error, ")  # our validators' own sentences
+    return msg
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()
+        {"loc": list(e.get("loc", ())), "msg": _message(e), "type": e.get("type")} for e in exc.errors()
     ]
     if any(e["type"] == "json_invalid" for e in errors):
         return problem(request, 400, "Malformed JSON", "the request body is not valid JSON", "malformed-json", errors=errors)
@@ -69,6 +91,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         return problem(request, 415, "Unsupported media type",
                        f"the request body must be application/json, got {media or 'no Content-Type'}",
                        "unsupported-media-type")
+    if any(e["loc"] == ["body"] and e["type"] == "missing" for e in errors):
+        # a JSON body of no bytes at all, which FastAPI reports as a missing field "body"
+        return problem(request, 400, "Malformed JSON", "the request body is empty; send a JSON object",
+                       "malformed-json")
     detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
     return problem(request, 422, "Validation failed", detail, "validation-error", errors=errors)
 
@@ -136,6 +162,44 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return problem(request, 500, "Internal error", "the server failed to handle this request", "internal-error")
 
 
+#: the errors every operation of a kind may answer, besides those it declares itself
+_COMMON_PROBLEMS = {
+    "security": {"401": "no API key, or not one of this service's (Authorization: Bearer <token>)",
+                 "403": "the API key lacks the scope this route needs"},
+    "requestBody": {"400": "the body is not JSON", "413": "the body is over the size limit",
+                    "415": "the body is not application/json"},
+}
+
+
+def document_problems(schema: dict) -> dict:
+    """Document the errors of each operation of an OpenAPI ``schema`` (in place) as what they
+    are, problem documents: FastAPI describes its 422 as ``application/json`` of its own
+    shape (``HTTPValidationError``), which this service never sends."""
+    from .schemas import Problem
+
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    content = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for part, problems in _COMMON_PROBLEMS.items():
+                if operation.get(part):
+                    for status, description in problems.items():
+                        responses.setdefault(status, {"description": description})
+            if "{" in path:
+                responses.setdefault("404", {"description": "nothing of that name"})
+            if "422" in responses and responses["422"].get("description") == "Validation Error":
+                responses["422"]["description"] = "a value does not validate: the problem's errors name each"
+            for status, response in responses.items():
+                if status[:1] in ("4", "5") or status == "default":
+                    response["content"] = dict(content)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f'"#/components/schemas/{unused}"' not in json.dumps(schema):
+            components.pop(unused, None)
+    return schema
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -143,4 +207,6 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(InterfaceError, _database_unavailable)
+    # every connection of the pool stayed busy for its timeout (30 s): too many requests at once
+    app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)

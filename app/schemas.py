@@ -302,6 +302,21 @@ class RollbackOut(BaseModel):
     job: JobOut | None = None
 
 
+class Problem(BaseModel):
+    """An error: an RFC 9457 problem document (``application/problem+json``), with extras that
+    name what was wrong (a validation error's ``errors``, the cells a conflict holds, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="a URI naming the kind of problem, https://unlearnd.dev/problems/<slug>")
+    title: str
+    status: int
+    detail: str = Field(description="what was wrong, in words")
+    instance: str = Field(description="the path of the request")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="validation errors (422): each with loc (where), msg (what is expected) and type")
+
+
 class Health(BaseModel):
     status: str
     revision: str | None = None

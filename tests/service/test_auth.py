@@ -127,6 +127,20 @@ def test_probes_metrics_and_docs_stay_open(keyed):
     assert_problem(keyed.get("/nowhere"), 404)
 
 
+def test_two_authorization_headers_are_a_401_whichever_comes_first(keyed, settings, model):
+    # the first used to count: a proxy or a log that reads the other would see another caller
+    before = counts(settings)
+    for first, second in (("portal", "ops"), ("ops", "portal"), ("ops", "ops")):
+        headers = [("Authorization", f"Bearer {TOKENS[first]}"), ("Authorization", f"Bearer {TOKENS[second]}")]
+        for method, path, payload in (("GET", "/deletions", None), ("GET", "/audit/events", None),
+                                      ("POST", "/deletions", {"instance_id": model.train_ids[0]})):
+            r = keyed.request(method, path, json=payload, headers=headers)
+            assert "one Authorization header" in assert_problem(r, 401, "unauthorized")["detail"]
+            assert r.headers["WWW-Authenticate"] == 'Bearer realm="unlearnd"'
+    assert counts(settings) == before
+    assert keyed.get("/deletions", headers=_bearer("portal")).status_code == 200
+
+
 def test_without_keys_the_api_is_open_and_events_name_no_actor(client, settings, model):
     r = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["depth"]})
     assert r.status_code == 202, r.text

@@ -462,3 +462,90 @@ def test_a_second_chain_verification_while_one_runs_is_429(backend, monkeypatch)
     finally:
         audit._verifying.release()
     assert client.get("/audit/verify").json()["ok"] is True
+
+
+@pytest.mark.parametrize("url,param", [("/audit/events", "instance_id"), ("/deletions", "instance_id"),
+                                       ("/jobs", "status"), ("/deletions", "limit")])
+def test_a_query_parameter_given_twice_is_named_not_half_ignored(backend, url, param):
+    # ?instance_id=a&instance_id=b used to filter by b alone: a's records looked absent
+    _, model, client = backend
+    values = {"instance_id": model.train_ids[:2], "status": ["queued", "failed"], "limit": ["1", "2"]}[param]
+    client.post("/deletions", json={"instance_id": model.train_ids[0]})
+    problem = assert_problem(client.get(url, params={param: values}), 422, "validation-error")
+    assert problem["errors"] == [{"loc": ["query", param], "msg": "given 2 times; this parameter takes one value",
+                                  "type": "repeated_parameter"}]
+    assert client.get(url, params={param: values[0]}).status_code == 200
+    # scrapers may repeat their own parameters
+    assert client.get("/metrics", params={"name[]": ["a", "b"]}).status_code == 200
+
+
+def test_a_value_of_the_wrong_form_is_said_in_words_not_as_a_pattern(backend):
+    _, model, client = backend
+    problem = assert_problem(client.get("/audit/verify", params={"seq": 1, "hash": "ABC"}), 422, "validation-error")
+    assert problem["detail"] == "query.hash: must be a sha256: 64 hexadecimal digits, lowercase (0-9, a-f)"
+    assert "pattern" not in problem["errors"][0]["msg"] and "^" not in problem["detail"]
+    # our validators' sentences come without pydantic's "Value error, " before them
+    problem = assert_problem(client.get(f"/models/{model.name}/versions/01"), 422, "validation-error")
+    assert problem["errors"][0]["msg"] == "must be a version number: decimal digits, no sign, no leading zero"
+
+
+def test_pattern_words_cover_model_names_and_name_a_pattern_they_do_not_know():
+    from app.problems import _message
+    from worker.settings import MODEL_NAME_PATTERN
+
+    def mismatch(pattern):
+        return {"type": "string_pattern_mismatch", "msg": f"String should match pattern '{pattern}'",
+                "ctx": {"pattern": pattern}}
+
+    assert _message(mismatch(MODEL_NAME_PATTERN)).startswith("must be a model name: 1 to 100 letters, digits")
+    said = _message(mismatch("^x+$"))
+    assert said == "does not have the form this field takes (the pattern ^x+$)"
+
+
+def test_an_empty_json_body_is_malformed_json(backend):
+    # README: a body that is not JSON is a 400; an empty one was a 422 "body: Field required"
+    settings, model, client = backend
+    before = counts(settings)
+    for url in ("/deletions", f"/models/{model.name}/rollback"):
+        problem = assert_problem(client.post(url, content=b"", headers={"content-type": "application/json"}), 400,
+                                 "malformed-json")
+        assert problem["detail"] == "the request body is empty; send a JSON object"
+    assert counts(settings) == before
+
+
+def test_a_connection_pool_kept_busy_is_a_503_not_a_500(backend):
+    # every connection in use for the pool's timeout raised sqlalchemy's TimeoutError: a 500
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from worker.db import read_only
+
+    settings, model, client = backend
+    app = client.app
+    engine = create_engine(settings.database_url, pool_size=1, max_overflow=0, pool_timeout=0.1)
+    app.state.sessions, app.state.readers = sessionmaker(engine), sessionmaker(read_only(engine))
+    try:
+        with engine.connect():  # the pool's one connection, busy
+            for r in (client.get("/deletions"), client.post("/deletions", json={"instance_id": model.train_ids[0]})):
+                assert_problem(r, 503, "database-unavailable")
+                assert r.headers["retry-after"] == "5"
+        assert client.post("/deletions", json={"instance_id": model.train_ids[0]}).status_code == 202
+    finally:
+        engine.dispose()
+
+
+def test_the_openapi_document_describes_errors_as_problem_documents(backend):
+    _, _, client = backend
+    schema = client.get("/openapi.json").json()
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    errors = {(path, method, status): response["content"] for path, operations in schema["paths"].items()
+              for method, operation in operations.items() for status, response in operation["responses"].items()
+              if status[0] in "45"}
+    assert errors and all(content == problem for content in errors.values()), errors
+    assert {"HTTPValidationError", "ValidationError"}.isdisjoint(schema["components"]["schemas"])
+    required = set(schema["components"]["schemas"]["Problem"]["required"])
+    assert {"type", "title", "status", "detail", "instance"} <= required
+    for status in ("400", "401", "403", "413", "415", "422"):
+        assert ("/deletions", "post", status) in errors
+    assert ("/deletions/{request_id}", "get", "404") in errors
+    assert not any(key[0] in ("/healthz", "/certificates/public-key") and key[2] in ("401", "403") for key in errors)
