@@ -36,8 +36,11 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY . .
 # Editable, so the Alembic scripts under migrations/ are used from /app as they are;
 # --no-deps: the dependencies are in place (and the base image's torch stays).
+# uid 1000 for every build, so API and worker images (a CPU one and a GPU one, say) can share
+# the model store volume; --non-unique: GPU base images on Ubuntu 24.04 already have a uid 1000
+# (`ubuntu`), where a plain useradd fails the build ("UID 1000 is not unique").
 RUN pip install --no-deps -e . \
- && useradd --create-home --uid 1000 unlearnd \
+ && useradd --create-home --uid 1000 --non-unique unlearnd \
  && mkdir -p /app/var /data/models \
  && chown -R unlearnd /app/var /data
 
