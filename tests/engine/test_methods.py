@@ -309,3 +309,57 @@ def test_unlabelled_cells_are_never_donors_and_a_task_without_donors_is_logged(w
     for name in ("random_target", "salun"):
         _, log = get_method(name)(model, data, {"steps": 1})
         assert log["no_donor_tasks"] == ["depth"], name
+
+
+# A few steps: enough to move every method's copy, cheap enough to run for all of them.
+FEW = {"steps": 2, "rounds": 2, "max_rounds": 1}
+
+
+def few(method):
+    return {k: v for k, v in FEW.items() if k in method_defaults(method)}
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_a_frozen_model_is_unlearned_on_a_trainable_copy(world, method):
+    """A caller may hand over a model frozen for serving (``requires_grad_(False)``): the
+    method trains its own copy all the same (it used to fail in the first backward,
+    "element 0 of tensors does not require grad"), and the caller's model stays frozen."""
+    frozen = copy.deepcopy(world[2]).requires_grad_(False)
+    data = request(world, PARTIAL)
+    out, log = get_method(method)(frozen, data, few(method))
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(frozen.parameters(), out.parameters()))
+    assert log["forget_loss_after"] != log["forget_loss_before"]
+
+
+def test_salun_with_no_labelled_forget_cell_gives_back_the_model(world):
+    """Every forget cell without a labelled pixel: no forget gradient, so no salient weight,
+    and SalUn's masked update ``m ⊙ Δθ`` with ``m = 0`` leaves θ0 (it used to stop in the
+    optimiser: "optimizer got an empty parameter list")."""
+    train, heldout, model = world
+    blank = copy.deepcopy(train)
+    blank.targets["depth"][[train.index_of("tr5"), train.index_of("tr17")]] = 0.0
+    data = UnlearnData(train=blank, forget_cells=PARTIAL, retain=blank.without(PARTIAL), heldout=heldout)
+    progress = []
+    data.progress = progress.append
+    out, log = get_method("salun")(model, data, {})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), out.state_dict().values()))
+    assert log["salient_weights"] == 0 and log["steps"] == 0
+    assert progress[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_several_requests_in_one_job_are_seeded_and_spare_the_tasks_none_forgets(world, method):
+    """Two partial requests on other tasks of other instances, one job: the same seed gives the
+    same weights; a method with PROTECTS_HEADS leaves the head of the task no request names
+    (segmentation) bit-identical and moves the heads of both forgotten tasks."""
+    model = world[2]
+    cells = [("tr5", "depth"), ("tr17", "normal")]
+    a, _ = get_method(method)(model, request(world, cells, seed=1), few(method))
+    b, _ = get_method(method)(model, request(world, cells, seed=1), few(method))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    if importlib.import_module(f"unlearning.methods.{method}").PROTECTS_HEADS:
+        assert all(torch.equal(p0, p1) for p0, p1 in zip(model.head_parameters("segmentation"),
+                                                         a.head_parameters("segmentation")))
+        for task in ("depth", "normal"):
+            assert any(not torch.equal(p0, p1) for p0, p1 in zip(model.head_parameters(task), a.head_parameters(task)))

@@ -27,10 +27,13 @@ def merged_config(defaults: dict, config: dict | None) -> dict:
 
 
 def working_copy(model: torch.nn.Module, data: UnlearnData) -> torch.nn.Module:
-    """A deep copy of the caller's model on ``data.device``, in training mode.
-    Methods only ever modify this copy."""
+    """A deep copy of the caller's model on ``data.device``, in training mode, every
+    parameter requiring a gradient (a caller may hand over a model frozen for serving,
+    ``requires_grad_(False)``: its copy must still be trainable). Methods only ever
+    modify this copy."""
     student = copy.deepcopy(model).to(data.device)
     student.train()
+    student.requires_grad_(True)
     return student
 
 
@@ -161,7 +164,7 @@ def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=cfg["lr"])
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9))
-    raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'sgd'")
+    raise ValueError(f"unknown optimizer {name!r}; use one of {', '.join(map(repr, OPTIMIZERS))}")
 
 
 def run_update_loop(

@@ -11,7 +11,9 @@ moves only the salient weights.
    :mod:`.random_target`) and ``L_r`` a seeded random retain batch.
 
 Protected heads get no forget gradient, hence a zero mask, hence no update:
-in a partial-task request they stay bit-identical (``PROTECTS_HEADS``).
+in a partial-task request they stay bit-identical (``PROTECTS_HEADS``). When no
+forget cell carries a labelled pixel (nothing to forget), no weight is salient
+and the model comes back unchanged, with 0 steps logged.
 """
 from __future__ import annotations
 
@@ -73,16 +75,21 @@ def unlearn(model, data, config):
 
     # Weights outside ``params`` are not in the optimiser at all; inside it, a masked
     # weight's Adam moments stay exactly 0, so its update is exactly 0.
-    history = loops.run_update_loop(
-        params, cfg["steps"], fill_grads, loops.make_optimizer(params, cfg), data, cfg["grad_clip"], mask_grads
-    )
+    if params:
+        history = loops.run_update_loop(
+            params, cfg["steps"], fill_grads, loops.make_optimizer(params, cfg), data, cfg["grad_clip"], mask_grads
+        )
+    else:  # no forget cell has a labelled pixel: no gradient, an empty mask, and m = 0 gives back θ0
+        history = []
+        if data.progress is not None:
+            data.progress(1.0)
     for p in student.parameters():  # grads of frozen weights from the last backward
         p.grad = None
     n_salient = sum(int(m.sum()) for m in masks.values())
     log = loops.method_log(
         "salun",
         cfg,
-        cfg["steps"],
+        cfg["steps"] if params else 0,
         before,
         student,
         data,

@@ -15,6 +15,10 @@ does a min-step ``θ ← θ - η ∇(α D_r + γ L_r)`` on a seeded random retai
 (cells masked by ``has``: in partial mode the forgotten cells are never pulled
 back to the teacher). The min-step trains every head, so protected heads are
 not promised to stay identical.
+
+The reference code's epoch is a pass over the whole forget set, then a pass over
+the whole retain set; a round here is one batch of each (one min-step where the
+reference takes ``ceil(len(retain) / batch_size)``), see docs/baselines.md.
 """
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def prepare(model, data, config: dict | None = None) -> None:
     working copy in training mode, as :func:`unlearn` computes it."""
     n_samples = loops.merged_config(DEFAULTS, config)["fisher_samples"]
     if _importance_key(data, n_samples) not in data.cache:
-        train_importance(loops.working_copy(model, data).requires_grad_(True), data, n_samples)
+        train_importance(loops.working_copy(model, data), data, n_samples)
 
 
 @torch.no_grad()
