@@ -61,6 +61,11 @@ log = logging.getLogger(__name__)
 # the original model's evaluation): (model, version) -> dict. Bounded, per process.
 ENGINE_CACHE: "OrderedDict[tuple[str, int], dict]" = OrderedDict()
 ENGINE_CACHE_SIZE = 4
+# Guards ENGINE_CACHE: the embedded worker's thread picks a job's cache (engine_cache) while a
+# purge answered by an API thread of the same process drops purged versions from it
+# (forget_purged_versions); an OrderedDict changed during another thread's iteration raises
+# (the job failed, or the purge answered 500 after it had committed).
+_engine_cache_lock = threading.RLock()
 
 #: pauses before each try to put a job back in the queue after a database error (~30 s in all)
 REQUEUE_PAUSES_S = (0, 1, 2, 4, 8, 15)
@@ -123,16 +128,17 @@ def engine_cache(model_name: str, version: int) -> dict:
     from unlearning.job import release_device_data
 
     key = (model_name, version)
-    cache = ENGINE_CACHE.pop(key, None)
-    if cache is None:
-        cache = {}
-    for (name, _), other in ENGINE_CACHE.items():
-        if name == model_name:
-            release_device_data(other)
-    ENGINE_CACHE[key] = cache
-    while len(ENGINE_CACHE) > ENGINE_CACHE_SIZE:
-        ENGINE_CACHE.popitem(last=False)
-    return cache
+    with _engine_cache_lock:
+        cache = ENGINE_CACHE.pop(key, None)
+        if cache is None:
+            cache = {}
+        for (name, _), other in ENGINE_CACHE.items():
+            if name == model_name:
+                release_device_data(other)
+        ENGINE_CACHE[key] = cache
+        while len(ENGINE_CACHE) > ENGINE_CACHE_SIZE:
+            ENGINE_CACHE.popitem(last=False)
+        return cache
 
 
 def forget_purged_versions(settings: Settings) -> list[tuple[str, int]]:
@@ -140,16 +146,19 @@ def forget_purged_versions(settings: Settings) -> list[tuple[str, int]]:
     their keys. A version's cache holds its model (the evaluation context's original) and
     numbers computed from the data it saw: what a purge deletes from the store must not
     stay in a worker's memory until the cache evicts it. Run before every job."""
-    if not ENGINE_CACHE:
+    with _engine_cache_lock:  # (the query runs without it: a job picking its cache does not wait on the database)
+        names = sorted({name for name, _ in ENGINE_CACHE})
+    if not names:
         return []
     with transaction(settings.database_url) as session:
         purged = {(name, version) for name, version in session.execute(
             select(ModelVersion.model_name, ModelVersion.version).where(
-                ModelVersion.purged_at.is_not(None),
-                ModelVersion.model_name.in_(sorted({name for name, _ in ENGINE_CACHE}))))}
-    gone = [key for key in list(ENGINE_CACHE) if key in purged]
+                ModelVersion.purged_at.is_not(None), ModelVersion.model_name.in_(names)))}
+    with _engine_cache_lock:
+        gone = [key for key in ENGINE_CACHE if key in purged]
+        for key in gone:
+            ENGINE_CACHE.pop(key, None)
     for key in gone:
-        ENGINE_CACHE.pop(key, None)
         log.info("dropped the engine cache of %s v%d: the version was purged", *key)
     return gone
 

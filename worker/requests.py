@@ -116,8 +116,13 @@ def resolve_cells(
         ) from None
 
     wanted = [(instance_id, t) for t in (model_tasks if tasks == "all" else tasks)]
-    erased = erased_cells(session, model.dataset, instance_id)
+    # Pending first, then erased: each read sees what was committed when it ran (READ
+    # COMMITTED), and a job's publish turns a pending cell into an erased one in one commit
+    # without the submission lock. Read the other way round, a publish landing between the
+    # two reads hid the cell from both (not yet erased, no longer pending) and a request
+    # for a cell just erased was accepted (202), to be rejected by the worker later.
     pending = pending_cells(session, model.name, instance_id)
+    erased = erased_cells(session, model.dataset, instance_id)
     if tasks == "all":
         cells = [c for c in wanted if c not in erased and c not in pending]
         if cells:
