@@ -584,8 +584,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # an UNLEARND_* variable the settings refuse: name it, without a traceback (nor its value:
         # a database URL holds a password)
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (UNLEARND_{str(e['loc'][0]).upper()}): {e['msg']}"
-                             for e in exc.errors(include_url=False, include_input=False))
+        from worker.settings import said_in_words
+
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (UNLEARND_{str(e['loc'][0]).upper()}): "
+                             f"{said_in_words(e)}" for e in exc.errors(include_url=False, include_input=False))
         print(f"unlearnd: invalid configuration (UNLEARND_* environment variables or .env): {problems}",
               file=sys.stderr)
         return 2

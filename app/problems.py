@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from worker.errors import ServiceError
-from worker.settings import MODEL_NAME_PATTERN
+from worker.settings import said_in_words
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +58,9 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
                    **exc.extras)
 
 
-#: what a value matching a pattern looks like, in words: pydantic's message shows the
-#: regular expression ("String should match pattern '^[0-9a-f]{64}$'")
-PATTERN_WORDS = {
-    "^[0-9a-f]{64}$": "must be a sha256: 64 hexadecimal digits, lowercase (0-9, a-f)",
-    MODEL_NAME_PATTERN: "must be a model name: 1 to 100 letters, digits, '.', '_' or '-', "
-                        "the first a letter or a digit",
-}
-
-
-def _message(error: dict) -> str:
-    """pydantic's message, said in words where it shows a regular expression or its own prefix."""
-    msg = error.get("msg") or ""
-    if error.get("type") == "string_pattern_mismatch":
-        pattern = (error.get("ctx") or {}).get("pattern")
-        return PATTERN_WORDS.get(pattern, f"does not have the form this field takes (the pattern {pattern})")
-    if error.get("type") == "value_error":
-        return msg.removeprefix("Value error, ")  # our validators' own sentences
-    return msg
-
-
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [
-        {"loc": list(e.get("loc", ())), "msg": _message(e), "type": e.get("type")} for e in exc.errors()
+        {"loc": list(e.get("loc", ())), "msg": said_in_words(e), "type": e.get("type")} for e in exc.errors()
     ]
     if any(e["type"] == "json_invalid" for e in errors):
         return problem(request, 400, "Malformed JSON", "the request body is not valid JSON", "malformed-json", errors=errors)

@@ -92,6 +92,9 @@ def run_migrations_online() -> None:
                 connection.commit()
             try:
                 _configure(connection)
+                # what this upgrade starts from, read under the lock (upgrade_database logs it:
+                # read before, a process that waited logged the other's migration as its own)
+                config.attributes["revision_before"] = context.get_context().get_current_revision()
                 with context.begin_transaction():
                     context.run_migrations()
                 connection.commit()

@@ -38,14 +38,16 @@ def upgrade_database(url: str, revision: str = "head") -> str:
     from .db import engine_for
 
     engine = engine_for(url)
+    cfg = alembic_config(url)
     try:
-        with engine.connect() as conn:
-            before = current_revision(conn)
-        command.upgrade(alembic_config(url), revision)
+        command.upgrade(cfg, revision)
         with engine.connect() as conn:
             after = current_revision(conn)
     finally:
         engine.dispose()
+    # read by migrations/env.py under the migration lock: another process's upgrade that this
+    # one waited for is not reported as this one's
+    before = cfg.attributes.get("revision_before")
     if after == before:
         log.info("database at revision %s (up to date)", after)
     else:

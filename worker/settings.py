@@ -16,14 +16,41 @@ Scope = Literal["deletions", "read", "admin"]
 #: model_store.local checks the same rule where it makes the folder
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 #: a key's name is written into the audit log as the actor of what it submitted
-KeyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")]
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
+KeyName = Annotated[str, StringConstraints(pattern=KEY_NAME_PATTERN)]
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,3})?)$"
+
+#: what a value matching each pattern looks like, in words: pydantic's message shows the regular
+#: expression ("String should match pattern '^[0-9a-f]{64}$'"); the API's 422s and the commands'
+#: configuration errors say these instead (:func:`said_in_words`)
+PATTERN_WORDS = {
+    SHA256_PATTERN: "must be a sha256: 64 hexadecimal digits, lowercase (0-9, a-f)",
+    MODEL_NAME_PATTERN: "must be a model name: 1 to 100 letters, digits, '.', '_' or '-', "
+                        "the first a letter or a digit",
+    KEY_NAME_PATTERN: "must be a key name: 1 to 64 letters, digits, '.', '_', '@' or '-', "
+                      "the first a letter or a digit",
+    DEVICE_PATTERN: "must be auto, cpu, cuda or cuda:N (N a GPU's index)",
+}
+
+
+def said_in_words(error: dict) -> str:
+    """A pydantic error's message, said in words where it shows a regular expression or
+    pydantic's own prefix before our validators' sentences."""
+    msg = error.get("msg") or ""
+    if error.get("type") == "string_pattern_mismatch":
+        pattern = (error.get("ctx") or {}).get("pattern")
+        return PATTERN_WORDS.get(pattern, f"does not have the form this field takes (the pattern {pattern})")
+    if error.get("type") == "value_error":
+        return msg.removeprefix("Value error, ")
+    return msg
 
 
 class ApiKey(BaseModel):
     """One API key: the sha256 (hex) of its bearer token, never the token itself, and its scopes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    token_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    token_sha256: Annotated[str, StringConstraints(pattern=SHA256_PATTERN)]
     scopes: list[Scope] = Field(min_length=1)
 
 
@@ -53,8 +80,8 @@ class Settings(BaseSettings):
     dataset: Literal["indoor", "street"] = "indoor"
     n_train: int = Field(128, gt=0)
     n_test: int = Field(48, gt=0)
-    image_height: int = Field(48, gt=0)
-    image_width: int = Field(64, gt=0)
+    image_height: int = Field(48, ge=2)  # the renderer's smallest image is 2x2 (1 failed at the first start)
+    image_width: int = Field(64, ge=2)
     # 480 steps, 3-4 minutes on 2 shared CPU cores (a first start; README), and long enough that the
     # model memorises its training data (membership AUC 0.83-0.97 per task), so the audit's MIA
     # numbers mean something.
@@ -71,7 +98,7 @@ class Settings(BaseSettings):
     # trains 1 + tasks and left it ~0.09 low: benchmarks/README.md, "A calibration of fewer shadows")
     calibrate_shadows: bool = False
     # auto = CUDA when present; cpu; cuda or cuda:N
-    device: Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")] = "auto"
+    device: Annotated[str, StringConstraints(pattern=DEVICE_PATTERN)] = "auto"
     # CPU threads torch may use in a job; None = torch's default. On a small shared CPU
     # (API, relay and worker in one process) oversubscribed threads slow jobs down many times.
     torch_threads: int | None = Field(None, gt=0)
@@ -95,6 +122,13 @@ class Settings(BaseSettings):
     # a PEM Ed25519 private key (`unlearnd certificate-key` writes one): certificates are signed with
     # it (worker.signing); unset: certificates carry their sha256 only
     certificate_key_file: Path | None = None
+
+    @field_validator("certificate_key_file", mode="before")
+    @classmethod
+    def _blank_is_no_key(cls, value):
+        """Blank (compose's ``${UNLEARND_CERTIFICATE_KEY_FILE:-}``) is no key: ``Path("")`` is
+        ``.``, which counted as set, and ``serve`` failed reading a folder as a key."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("database_url")
     @classmethod

@@ -126,15 +126,17 @@ def test_a_celery_option_celery_refuses_is_one_line(celery_argv, environment, mo
 
 
 @pytest.mark.parametrize("env, says", [
-    ({"DATABASE_URL": "notaurl"}, "database_url (UNLEARND_DATABASE_URL): Value error, not a database URL"),
+    ({"DATABASE_URL": "notaurl"}, "database_url (UNLEARND_DATABASE_URL): not a database URL"),
     ({"DATABASE_URL": "postgresql+psycopg://u:pw-s3cret@127.0.0.1:notaport/x"}, "not a database URL"),
     ({"DATABASE_URL": "postgres://u:pw-s3cret@h/x"}, "not a database URL"),
     ({"DATABASE_URL": "postgresql+psycopg2://u:pw-s3cret@h/x"}, "postgresql+psycopg2 is not a database the service"),
     ({"DATABASE_URL": "sqlite:////etc/hostname/x.db"}, "/etc/hostname, which is a file"),
     ({"METHOD_CONFIG": "{bad"}, 'error parsing value for field "method_config"'),
-    ({"DEVICE": "tpu"}, "device (UNLEARND_DEVICE): String should match pattern"),
+    ({"DEVICE": "tpu"}, "device (UNLEARND_DEVICE): must be auto, cpu, cuda or cuda:N (N a GPU's index)"),
     ({"SEED": "-1"}, "seed (UNLEARND_SEED): Input should be greater than or equal to 0"),
-    ({"MODEL_NAME": "../x"}, "model_name (UNLEARND_MODEL_NAME): String should match pattern"),
+    ({"MODEL_NAME": "../x"}, "model_name (UNLEARND_MODEL_NAME): must be a model name: 1 to 100 letters"),
+    ({"API_KEYS": '{"a b": {"token_sha256": "%s", "scopes": ["read"]}}' % ("0" * 64)},
+     "api_keys.a b.[key] (UNLEARND_API_KEYS): must be a key name: 1 to 64 letters"),
 ])
 @pytest.mark.parametrize("command", ["migrate", "serve", "calibrate", "purge"])
 def test_settings_the_service_cannot_run_on_are_one_line_without_their_value(environment, env, says, command):

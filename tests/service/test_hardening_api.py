@@ -490,8 +490,8 @@ def test_a_value_of_the_wrong_form_is_said_in_words_not_as_a_pattern(backend):
 
 
 def test_pattern_words_cover_model_names_and_name_a_pattern_they_do_not_know():
-    from app.problems import _message
     from worker.settings import MODEL_NAME_PATTERN
+    from worker.settings import said_in_words as _message
 
     def mismatch(pattern):
         return {"type": "string_pattern_mismatch", "msg": f"String should match pattern '{pattern}'",

@@ -22,7 +22,9 @@ from worker.settings import Settings, get_settings
     ("n_train", 0),
     ("n_test", -1),
     ("image_height", 0),
+    ("image_height", 1),  # no scene has one row: the first start failed rendering it
     ("image_width", 0),
+    ("image_width", 1),
     ("train_epochs", 0),
     ("model_width", 0),
     ("port", 0),
@@ -39,7 +41,7 @@ def test_a_setting_out_of_its_range_is_refused(field, value):
 def test_the_defaults_and_the_smallest_valid_values_are_accepted():
     Settings(_env_file=None)
     s = Settings(_env_file=None, relay_interval_s=0.01, stale_after_s=1, max_job_attempts=1, job_time_limit_s=1,
-                 torch_threads=1, n_train=1, n_test=1, image_height=1, image_width=1, train_epochs=1, model_width=1,
+                 torch_threads=1, n_train=1, n_test=1, image_height=2, image_width=2, train_epochs=1, model_width=1,
                  port=1, seed=0)
     assert (s.relay_interval_s, s.stale_after_s, s.max_job_attempts, s.seed) == (0.01, 1, 1, 0)
     assert Settings(_env_file=None, port=65535, torch_threads=None).torch_threads is None
@@ -56,3 +58,19 @@ def test_the_command_names_the_variable_and_keeps_the_database_password_out(monk
     err = capsys.readouterr().err
     assert "invalid configuration" in err and "relay_interval_s" in err
     assert "pw-s3cret" not in err
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_certificate_key_file_is_no_key(blank):
+    # compose passes ${UNLEARND_CERTIFICATE_KEY_FILE:-}: blank was Path("."), a key file that
+    # counted as set, and serve failed reading a folder as a key
+    assert Settings(_env_file=None, certificate_key_file=blank).certificate_key_file is None
+
+
+def test_the_store_and_the_settings_take_the_same_model_names():
+    # the rule is written twice (worker.settings must not import the store, which imports torch);
+    # a name the settings take must be a folder the store makes, and the other way round
+    from model_store.local import _NAME
+    from worker.settings import MODEL_NAME_PATTERN
+
+    assert _NAME.pattern == MODEL_NAME_PATTERN
