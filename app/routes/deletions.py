@@ -27,7 +27,8 @@ from ..schemas import (
 router = APIRouter(prefix="/deletions", tags=["deletions"])
 
 
-@router.post("", status_code=202, response_model=DeletionAccepted)
+@router.post("", status_code=202, response_model=DeletionAccepted,
+             responses={409: {"description": "a cell is already erased or pending (the problem's cells name each)"}})
 def create_deletion(
     body: DeletionCreate,
     response: Response,
@@ -91,7 +92,8 @@ def read_deletion(request_id: Text, session: ReadSessionDep, owner: RequestOwner
         return deletion_out(get_request(session, request_id, owner))
 
 
-@router.get("/{request_id}/certificate")
+@router.get("/{request_id}/certificate",
+            responses={409: {"description": "the request is not completed yet (request_status says where it is)"}})
 def read_certificate(request_id: Text, session: ReadSessionDep, request: Request, owner: RequestOwner,
                      settings: SettingsDep) -> JSONResponse:
     """The deletion certificate of a completed request (409 before that).

@@ -77,7 +77,9 @@ def read_version(
 @router.post(
     "/{name}/rollback",
     response_model=RollbackOut,
-    responses={202: {"model": RollbackOut, "description": "a reapply job was queued; it publishes a new version"}},
+    responses={202: {"model": RollbackOut, "description": "a reapply job was queued; it publishes a new version"},
+               409: {"description": "the version holds data erased since (without reapply_erasures), was purged, "
+                                    "or a job of the model is under way"}},
 )
 def post_rollback(
     name: Text, body: RollbackIn, session: SessionDep, settings: SettingsDep, caller: AdminCaller
@@ -100,7 +102,8 @@ def post_rollback(
     return JSONResponse(out.model_dump(mode="json"), status_code=status, headers=headers)
 
 
-@router.post("/{name}/purge", response_model=PurgeOut)
+@router.post("/{name}/purge", response_model=PurgeOut,
+             responses={409: {"description": "the model store does not hold the versions the record names"}})
 def post_purge(name: Text, session: SessionDep, settings: SettingsDep, caller: AdminCaller,
                body: PurgeIn | None = None) -> PurgeOut:
     """Delete from the model store the weights that still hold erased data: every

@@ -548,4 +548,7 @@ def test_the_openapi_document_describes_errors_as_problem_documents(backend):
     for status in ("400", "401", "403", "413", "415", "422"):
         assert ("/deletions", "post", status) in errors
     assert ("/deletions/{request_id}", "get", "404") in errors
+    for conflict in (("/deletions", "post"), ("/deletions/{request_id}/certificate", "get"),
+                     ("/models/{name}/rollback", "post"), ("/models/{name}/purge", "post")):
+        assert (*conflict, "409") in errors  # the routes that answer 409 say so
     assert not any(key[0] in ("/healthz", "/certificates/public-key") and key[2] in ("401", "403") for key in errors)
