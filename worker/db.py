@@ -25,7 +25,16 @@ def advisory_lock(session, name: str) -> None:
 
 def read_only(engine: Engine) -> Engine:
     """``engine`` for transactions that only read (the API's GET routes, the metrics
-    scrape): the same pool; on SQLite they begin DEFERRED instead of taking the write lock."""
+    scrape): the same pool; on SQLite they begin DEFERRED instead of taking the write lock.
+
+    Each such transaction reads one snapshot: a route reads in several statements (a
+    certificate, a model's versions and its serving alias), and under PostgreSQL's READ
+    COMMITTED a publish committing between two of them gave an answer that no state of
+    the record ever had. REPEATABLE READ fixes the snapshot at the first statement (a
+    reader never waits or fails for it); SQLite's deferred transactions under WAL already
+    read one snapshot."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(**{READ_ONLY: True}, isolation_level="REPEATABLE READ")
     return engine.execution_options(**{READ_ONLY: True})
 
 

@@ -8,12 +8,13 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
 
 import worker.requests as requests_module
 from app.main import create_app
 from worker import jobs
-from worker.db import transaction
+from worker.db import engine_for, read_only, transaction
 from worker.errors import Conflict
 from worker.requests import submit_deletion
 from worker.tables import DeletionRequest, Job, ModelVersion, Tombstone, utcnow
@@ -204,3 +205,23 @@ def test_a_purge_forgetting_cached_versions_while_the_worker_picks_its_cache(set
     api.join(30)
     assert errors == [] and forgotten == [(MODEL, 1)]
     assert cache == {} and list(jobs.ENGINE_CACHE) == [(MODEL, 2), (MODEL, 3)]
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def test_a_read_only_transaction_reads_one_snapshot(tiny):
+    """The API's GET routes read in several statements (a certificate, versions and the
+    serving alias); a commit landing between two of them must not show: each reading
+    transaction sees the record as it was at its first statement."""
+    s, _, ids = tiny
+    readers = sessionmaker(read_only(engine_for(s.database_url)))
+    count = select(func.count()).select_from(DeletionRequest)
+    with readers() as reader, reader.begin():
+        before = reader.scalar(count)
+        _submit(s, ids[1])  # commits on a connection of its own, mid-transaction
+        assert reader.scalar(count) == before
+    with readers() as reader, reader.begin():
+        assert reader.scalar(count) == before + 1  # the next transaction sees it
+    with transaction(s.database_url) as writer:  # writers keep READ COMMITTED (their locks order them)
+        assert writer.connection().get_isolation_level() == "READ COMMITTED"
