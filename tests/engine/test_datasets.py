@@ -509,3 +509,161 @@ def test_an_npz_archive_under_an_npy_name_is_refused_naming_the_file(tmp_path, f
     path.write_bytes(archive.getvalue())
     with pytest.raises(ValueError, match=rf"cannot read {re.escape(str(path))}: it is an \.npz archive"):
         load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+# --------------------------------------------------------------------------- dataset keys
+
+
+def _same_splits(a, b) -> bool:
+    return all(x.instance_ids == y.instance_ids and torch.equal(x.images, y.images)
+               and x.tasks == y.tasks and all(torch.equal(x.targets[t], y.targets[t]) for t in x.tasks)
+               for x, y in zip(a, b))
+
+
+def _noise_fields():
+    from dataclasses import asdict
+
+    from unlearning.data.renderer import NoiseOptions
+
+    return asdict(NoiseOptions())
+
+
+FULL_INDOOR = {"name": "indoor", "n_train": 160, "n_test": 48, "height": 48, "width": 64, "seed": 0}
+
+
+@pytest.mark.parametrize("written", [
+    {"name": "indoor"},  # what `unlearnd train --dataset indoor` records
+    {"name": "indoor", "seed": 0, "height": 48},
+    {"name": "indoor", "noise": None},
+    {"name": "indoor", "noise": {"label_flip": 0.2}},
+    {**FULL_INDOOR, "noise": _noise_fields()},
+    {**FULL_INDOOR, "n_train": np.int64(160)},
+])
+def test_specs_of_the_same_synthetic_data_share_one_key(written):
+    """Tombstones belong to the key: specs written differently used to get keys of their own,
+    so an erasure through one model was not erased data for another on the same data."""
+    from unlearning.data import canonical_spec, dataset_key
+
+    assert dataset_key(written) == dataset_key(FULL_INDOOR)
+    assert dataset_key(written).startswith("indoor-")
+    assert canonical_spec(written) == canonical_spec(FULL_INDOOR) == FULL_INDOOR
+
+
+def test_equal_keys_render_identical_tensors():
+    """The premise: specs that share a key are the same data, tensor for tensor."""
+    from unlearning.data import dataset_key
+
+    small = {"name": "street", "n_train": 3, "n_test": 2, "height": 12, "width": 16}
+    variants = [{**small, "seed": 0}, {**small, "noise": _noise_fields()},
+                {**small, "noise": "clean"}, {**small, "noise": {k: 0 for k in _noise_fields()}}]
+    assert len({dataset_key(v) for v in [small, *variants[:2]]}) == 1
+    assert dataset_key(variants[2]) == dataset_key(variants[3]) != dataset_key(small)
+    assert _same_splits(load_splits(small), load_splits(variants[0]))
+    assert _same_splits(load_splits(small), load_splits(variants[1]))
+    assert _same_splits(load_splits(variants[2]), load_splits(variants[3]))
+
+
+@pytest.mark.parametrize("change", [
+    {"n_train": 161}, {"n_test": 47}, {"height": 32}, {"width": 32}, {"seed": 1}, {"name": "street"},
+    {"noise": "clean"}, *({"noise": {field: 0.0}} for field in _noise_fields()),
+    {"noise": {"depth_sigma": 0.03}},
+])
+def test_every_value_that_changes_synthetic_data_changes_the_key(change):
+    from unlearning.data import dataset_key
+
+    assert dataset_key({**FULL_INDOOR, **change}) != dataset_key(FULL_INDOOR)
+    assert dataset_key({**FULL_INDOOR, **change}) != dataset_key({"name": "indoor"})
+
+
+def test_the_defaults_written_out_are_the_ones_the_loader_uses(monkeypatch):
+    """canonical_spec writes out what load_synthetic fills in: the sizes, the seed, the noise."""
+    import unlearning.data.synthetic as synthetic
+    from unlearning.data import canonical_spec
+
+    seen = []
+
+    def fake_render(name, seeds, height, width, noise, workers=1):
+        seen.append((len(seeds), {s[0] for s in seeds}, height, width, noise))
+        n = len(seeds)
+        return {"image": torch.zeros(n, 3, height, width), "segmentation": torch.zeros(n, height, width, dtype=torch.long),
+                "depth": torch.zeros(n, 1, height, width), "normal": torch.zeros(n, 3, height, width)}
+
+    monkeypatch.setattr(synthetic, "render_batch", fake_render)
+    load_synthetic({"name": "indoor"})
+    spec = canonical_spec({"name": "indoor"})
+    (n_train, seeds, height, width, noise), (n_test, *_) = seen
+    assert (n_train, n_test, seeds, height, width) == (spec["n_train"], spec["n_test"], {spec["seed"]},
+                                                        spec["height"], spec["width"])
+    assert "noise" not in spec and noise == synthetic.noise_options({"name": "indoor"})
+
+
+@pytest.mark.parametrize("root", ["/data/nyu/", "/data/./nyu", "/data//nyu", "/data/x/../nyu"])
+def test_an_npy_root_written_differently_is_one_dataset(root):
+    import pathlib
+
+    from unlearning.data import canonical_spec, dataset_key
+
+    plain = {"name": "nyuv2", "root": "/data/nyu"}
+    assert dataset_key({"name": "nyuv2", "root": root}) == dataset_key(plain)
+    assert dataset_key({"name": "nyuv2", "root": pathlib.Path(root)}) == dataset_key(plain)
+    assert dataset_key({**plain, "num_classes": 13, "limit": None}) == dataset_key(plain)
+    assert canonical_spec({"name": "nyuv2", "root": root}) == {**plain, "num_classes": 13, "limit": None}
+
+
+@pytest.mark.parametrize("change", [
+    {"root": "/data/nyu2"}, {"root": "/data"}, {"root": "data/nyu"}, {"num_classes": 12}, {"limit": 5},
+    {"name": "cityscapes"},
+])
+def test_every_value_that_changes_npy_data_changes_the_key(change):
+    from unlearning.data import dataset_key
+
+    plain = {"name": "nyuv2", "root": "/data/nyu"}
+    assert dataset_key({**plain, **change}) != dataset_key(plain)
+
+
+def test_npy_roots_are_normalised_lexically_not_through_symlinks(tmp_path):
+    """The API and a worker may mount the data at other paths: a root is compared as written
+    (normalised), never resolved. Both spellings of one folder still load the same data."""
+    import os
+
+    from unlearning.data import dataset_key
+
+    write_pair(tmp_path / "nyu")
+    os.symlink(tmp_path / "nyu", tmp_path / "link")
+    plain = {"name": "nyuv2", "root": str(tmp_path / "nyu")}
+    dotted = {"name": "nyuv2", "root": f"{tmp_path}/./nyu/"}
+    assert dataset_key(dotted) == dataset_key(plain)
+    assert _same_splits(load_splits(dotted), load_splits(plain))
+    assert dataset_key({"name": "nyuv2", "root": str(tmp_path / "link")}) != dataset_key(plain)
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "indoor", "n_train": 2.5}, {"name": "indoor", "noise": {"depht_sigma": 0.1}},
+    {"name": "indoor", "noise": "loud"}, {"name": "indoor", "noise": {"label_flip": float("nan")}},
+    {"name": "nyuv2"}, {"name": "cityscapes", "root": ""}, {"name": "mnist", "size": 3}, {},
+])
+def test_canonical_spec_keeps_what_the_loader_would_refuse(spec):
+    """Specs are keyed before they are loaded (the settings' nyuv2 has no root): a value the
+    loader refuses is kept as given, not refused or dropped, and the key stays the spec's."""
+    import json
+
+    from unlearning.data import canonical_spec, dataset_key
+
+    canonical = canonical_spec(spec)
+    assert {k: json.dumps(canonical[k]) for k in spec} == {k: json.dumps(v) for k, v in spec.items()}
+    assert canonical_spec(canonical) == canonical  # idempotent
+    assert dataset_key(spec).startswith(f"{spec.get('name')}-")
+
+
+def test_canonical_spec_is_idempotent_and_json():
+    import json
+
+    from unlearning.data import canonical_spec
+
+    for spec in ({"name": "street", "noise": "clean"}, {"name": "indoor", "noise": {"image_sigma": 0.5}},
+                 {"name": "cityscapes", "root": "/d/./c/", "limit": np.int64(4)}):
+        canonical = canonical_spec(spec)
+        assert canonical_spec(canonical) == canonical
+        assert json.loads(json.dumps(canonical)) == canonical
+    with pytest.raises(ValueError, match="a dataset spec is a dict"):
+        canonical_spec("indoor")

@@ -20,7 +20,7 @@ def test_migrated_schema_matches_the_orm(database_url):
 
 
 def test_upgrade_is_idempotent(database_url):
-    assert upgrade_database(database_url) == head_revision() == "0008"
+    assert upgrade_database(database_url) == head_revision() == "0009"
 
 
 def test_offline_sql_builds_the_same_schema():
@@ -127,7 +127,7 @@ def test_idempotency_keys_survive_the_per_submitter_constraint(tmp_path):
             command.downgrade(alembic_config(url), "0005")
             with pytest.raises(IntegrityError), engine_for(url).begin() as conn:
                 conn.execute(text(str(insert).format(extra="", values="")), {"id": "r4", "key": "ticket-1"})
-            assert upgrade_database(url) == "0008"
+            assert upgrade_database(url) == "0009"
     finally:
         drop_database(name)
 
@@ -198,16 +198,21 @@ def slow(url):  # pauses after each step's COMMIT: where SQLite's write lock is 
 
     def commit_then_pause(connection):
         commit(connection)
+        if not committed:
+            committed.append(True)
+            print("committed", flush=True)
         time.sleep(0.3)
 
     engine.dialect.do_commit = commit_then_pause
     return engine
 
 
+committed = []
 db.make_engine = slow
 from worker.migrate import upgrade_database
 print("started", flush=True)
 upgrade_database(sys.argv[1])
+print(f"finished {time.time()!r}", flush=True)
 '''
 
 
@@ -225,13 +230,22 @@ def test_two_processes_migrating_one_sqlite_file_wait_for_each_other(tmp_path):
     slow = subprocess.Popen([sys.executable, "-c", SLOW_UPGRADE, url], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     assert slow.stdout.readline().strip() == "started"
-    time.sleep(0.6)  # inside the slow one's steps
+    # inside the slow one's steps: it committed its first and pauses after each
+    assert slow.stdout.readline().strip() == "committed"
+    assert slow.poll() is None, "the slow migration must still be running when the second starts"
+    launched = time.time()
     second = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], capture_output=True, text=True,
                             env=env, cwd=cwd, timeout=120)
     out, _ = slow.communicate(timeout=120)
     assert slow.returncode == 0, out
+    finished = [line for line in out.splitlines() if line.startswith("finished ")]
+    assert len(finished) == 1, out
+    assert launched < float(finished[0].split()[1]), "the two migrations did not overlap"
     assert second.returncode == 0, second.stderr
     assert f"database at revision {head_revision()}" in second.stdout
+    # it waited for the first and found nothing to do: the first's migration is not logged as its own
+    assert f"worker.migrate: database at revision {head_revision()} (up to date)" in second.stderr
+    assert "migrated from" not in second.stderr
     with engine_for(url).connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head_revision()
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from .base import Batch, Cell, MultiTaskDataset
 
-__all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "dataset_key", "dataset_tasks"]
+__all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "canonical_spec", "dataset_key",
+           "dataset_tasks"]
 
 DATASETS = ("indoor", "street", "nyuv2", "cityscapes")
 
@@ -53,10 +54,70 @@ def dataset_tasks(spec: dict) -> list[str]:
     raise KeyError(f"unknown dataset {name!r}; known datasets: {list(DATASETS)}")
 
 
+def canonical_spec(spec: dict) -> dict:
+    """``spec`` written one way: two specs that :func:`load_splits` reads as the same data
+    give the same dict, and specs of different data different ones.
+
+    - ``indoor``/``street``: every size written out (``n_train``, ``n_test``, ``height``,
+      ``width``, ``seed``, integers); ``noise`` keeps only the fields of
+      :class:`~unlearning.data.renderer.NoiseOptions` that differ from their defaults (as
+      floats) and is left out when none does, so ``"clean"`` is every field at 0.0;
+    - ``nyuv2``/``cityscapes``: ``root`` normalised lexically (:func:`os.path.normpath`:
+      ``/data/nyu/`` and ``/data/./nyu`` are ``/data/nyu``; symlinks are not resolved, since
+      the API and a worker may mount the data elsewhere, and a relative root stays relative),
+      ``num_classes`` written out, ``limit`` written out (``None``: every file).
+
+    Lenient: a value the loader would refuse (and a dataset it does not know) is kept as
+    given, since specs are keyed before they are loaded (``{"name": "nyuv2"}`` from settings
+    with no root); :func:`load_splits` is what refuses them."""
+    import numbers
+    import os
+
+    name = _name(spec)
+    out = dict(spec)
+    if name in ("indoor", "street"):
+        from dataclasses import asdict
+
+        from .renderer import NoiseOptions
+        from .synthetic import SIZE_DEFAULTS, noise_options
+
+        for key, default in SIZE_DEFAULTS.items():
+            value = out.get(key, default)
+            out[key] = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+        try:
+            noise = noise_options(spec)
+        except (ValueError, TypeError):  # not a noise spec: kept as given, for the loader to refuse
+            return out
+        given, defaults = asdict(NoiseOptions.clean() if noise is None else noise), asdict(NoiseOptions())
+        changed = {k: v for k, v in given.items() if v != defaults[k]}
+        if changed:
+            out["noise"] = changed
+        else:
+            out.pop("noise", None)
+    elif name in ("nyuv2", "cityscapes"):
+        from .npy_format import NUM_CLASSES
+
+        root = out.get("root")
+        if isinstance(root, os.PathLike):
+            root = os.fspath(root)
+        if isinstance(root, str) and root:
+            out["root"] = os.path.normpath(root)
+        for key, default in (("num_classes", NUM_CLASSES[name]), ("limit", None)):
+            value = out.get(key)
+            if value is None:
+                out[key] = default
+            elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                out[key] = int(value)
+    return out
+
+
 def dataset_key(spec: dict) -> str:
-    """A stable key for a dataset spec (tombstones are recorded per key)."""
+    """A stable key for the data a spec describes (tombstones are recorded per key): the
+    name and a hash of :func:`canonical_spec`, so specs of the same data written
+    differently (``{"name": "indoor"}`` and the same with its sizes written out) share it."""
     import hashlib
     import json
 
-    body = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-    return f"{spec.get('name')}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"
+    canonical = canonical_spec(spec)
+    body = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return f"{canonical.get('name')}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"

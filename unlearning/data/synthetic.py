@@ -26,6 +26,8 @@ from .base import MultiTaskDataset
 from .renderer import FLAVOUR_CLASSES, FLAVOUR_TASKS, NoiseOptions, render_batch
 
 SPEC_KEYS = {"name", "n_train", "n_test", "height", "width", "seed", "noise"}
+#: what a spec that leaves a size or the seed out gets (unlearning.data.canonical_spec writes them out)
+SIZE_DEFAULTS = {"n_train": 160, "n_test": 48, "height": 48, "width": 64, "seed": 0}
 _TRAIN, _TEST = 0, 1
 
 
@@ -51,7 +53,7 @@ def load_synthetic(spec: dict, render_workers: int | str = 1) -> tuple[MultiTask
     if unknown:
         raise ValueError(f"unknown keys {unknown} in {name!r} dataset spec; known: {sorted(SPEC_KEYS)}")
     sizes = {}
-    for key, default in (("n_train", 160), ("n_test", 48), ("height", 48), ("width", 64), ("seed", 0)):
+    for key, default in SIZE_DEFAULTS.items():
         value = spec.get(key, default)
         # checked, not int()-ed: that turned 2.5 into 2, "3" into 3 and True into 1
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
