@@ -167,6 +167,7 @@ def celery_worker(bootstrapped, service_env, tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(service_env), stdout=out, stderr=subprocess.STDOUT)
     proc.log = log
+    proc.nodename = f"e2e-{os.getpid()}@{socket.gethostname()}"  # what -n's %h expands to
     try:
         wait_for(lambda: proc.poll() is not None or b"ready." in log.read_bytes(), 90, what="the Celery worker")
         if proc.poll() is not None:
@@ -186,3 +187,49 @@ def client(celery_worker, settings):
 
     with TestClient(create_app(settings)) as c:
         yield c
+
+
+WORKER_QUEUE = "celery"  # the default queue: every task of the service goes there
+
+
+@pytest.fixture
+def paused_worker(celery_worker, settings):
+    """The session's Celery worker, told to consume nothing and found holding nothing: no task
+    running, none reserved, none scheduled (a retry's countdown). Until ``resume()`` (or the
+    test's end) it takes no delivery, so work this process claims cannot race with it; what
+    is announced meanwhile waits in Redis. ``resume()`` returns it to the queue."""
+    from worker.celery_app import create_celery
+
+    app = create_celery(settings)
+    node = celery_worker.nodename
+
+    def control(command):
+        # the solo pool answers between tasks only: ask again until it does (a repeat is harmless)
+        def answered():
+            replies = getattr(app.control, command)(WORKER_QUEUE, destination=[node], reply=True, timeout=1)
+            return any(node in r for r in replies or [])
+        wait_for(answered, 300, 0, what=f"the worker to {command}")
+
+    def holding_nothing():
+        inspect = app.control.inspect(destination=[node], timeout=1)
+        # in the order a task moves (scheduled -> reserved -> active): one that moves on
+        # between two questions is seen by the later one
+        for question in (inspect.scheduled, inspect.reserved, inspect.active):
+            reply = question()
+            if reply is None or reply.get(node) != []:
+                return False
+        return True
+
+    paused = [True]
+
+    def resume():
+        if paused[0]:
+            control("add_consumer")
+            paused[0] = False
+
+    control("cancel_consumer")
+    wait_for(holding_nothing, 300, 0.25, what="the worker to finish what it held")
+    try:
+        yield resume
+    finally:
+        resume()

@@ -2,6 +2,7 @@
 worker process -> engine -> model store -> record, on a tiny model."""
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from datetime import timedelta
@@ -56,13 +57,16 @@ def test_deletion_becomes_a_new_version_with_metrics_audit_and_certificate(clien
 
     done = _wait_done(client, accepted["id"])
     version = done["produced_version"]
-    # the Celery worker process ran it (the API process only relayed the outbox)
-    assert f"job {done['job_id']} published" in celery_worker.log.read_text()
+    # the Celery worker process ran it (the API process only relayed the outbox); it logs
+    # "published" after the commit that completed the request, so the line may come later
+    wait_for(lambda: f"job {done['job_id']} published" in celery_worker.log.read_text(), 30,
+             what=f"the worker's log line for job {done['job_id']}")
     assert version >= 2 and done["base_version"] == version - 1
     assert done["progress"] == 1.0
-    for key_ in ("uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original"):
-        assert isinstance(done["metrics"][key_], float), key_
-    assert 0.0 <= done["metrics"]["mia_auc"] <= 1.0
+    for key_ in ("uis", "uis_task", "uis_inst"):
+        assert math.isfinite(done["metrics"][key_]) and done["metrics"][key_] >= 0, key_
+    for key_ in ("mia_auc", "mia_auc_original"):
+        assert 0.0 <= done["metrics"][key_] <= 1.0, key_
     # calibrated once for the lineage (the first version's recipe), kept in the store
     calibration = store.calibration(settings.model_name)
     assert calibration["recipe"] == store.manifest(settings.model_name, 1).train_config
@@ -138,9 +142,10 @@ def test_tombstoned_cells_never_reenter_retain_data(client, settings, store):
     assert r.status_code == 409, r.text
 
 
-def test_a_job_that_runs_twice_publishes_one_version(client, settings, store, monkeypatch):
-    """Claim a job in this process (no outbox row: the Celery worker never hears of it),
-    store its artifact, 'crash' before publishing, then run it twice and publish twice."""
+def test_a_job_that_runs_twice_publishes_one_version(client, settings, store, monkeypatch, paused_worker):
+    """Claim a job in this process (no outbox row, and the worker paused: a re-announce of
+    the model left by an earlier job cannot claim it first), store its artifact, 'crash'
+    before publishing, then run it twice and publish twice."""
     from worker import jobs
     from worker.tables import AuditEvent, DeletionRequest, Job, ModelVersion
 
@@ -196,9 +201,9 @@ def test_a_job_that_runs_twice_publishes_one_version(client, settings, store, mo
     assert jobs.process_model(settings, store, settings.model_name).status == "idle"
 
 
-def test_sweeper_reenqueues_a_job_whose_worker_died(client, settings, store):
+def test_sweeper_reenqueues_a_job_whose_worker_died(client, settings, store, paused_worker):
     """A job left 'running' by a dead worker (stale heartbeat) goes back to the queue; the
-    real Celery worker then runs it to completion."""
+    real Celery worker (paused while this process claims the job) then runs it to completion."""
     from worker import jobs
     from worker.celery_app import create_celery, publisher
     from worker.outbox import sweep_once
@@ -214,6 +219,7 @@ def test_sweeper_reenqueues_a_job_whose_worker_died(client, settings, store):
     claim = jobs.claim_next(settings, settings.model_name)
     status, job_id = claim.status, claim.job_id
     assert status == "claimed"
+    paused_worker()  # resume: from here on the job is the worker's to run, once swept
     publish = publisher(create_celery(settings))
 
     # fresh heartbeat: the sweeper leaves it alone
@@ -279,9 +285,10 @@ def test_metrics_count_the_work(client, settings):
     assert value("unlearnd_model_uis_percent", model) == pytest.approx(done["metrics"]["uis"])
 
 
-def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store):
+def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store, paused_worker):
     """The API never lets an unknown instance through; if one reaches a job anyway, the job
-    and its request fail with the error, nothing is published, and the model is free again."""
+    and its request fail with the error, nothing is published, and the model is free again.
+    The worker is paused: this process claims and runs the job."""
     from worker import jobs
     from worker.tables import DeletionRequest, ModelVersion
 
@@ -307,6 +314,43 @@ def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store):
         assert session.execute(select(func.count()).select_from(ModelVersion)).scalar() == versions_before
     assert jobs.process_model(settings, store, settings.model_name).status == "idle"
     assert client.get("/audit/verify").json()["ok"] is True
+
+
+def test_a_delivery_for_a_busy_model_is_retried_until_the_model_is_free(client, settings, store, celery_worker,
+                                                                       paused_worker):
+    """worker.tasks: a delivery that finds another job of its model running neither runs
+    beside it nor is dropped: it is retried with a countdown, and once that job has ended
+    the retried delivery finds nothing left to do."""
+    from worker import jobs
+    from worker.celery_app import PROCESS_MODEL_TASK, create_celery
+    from worker.tables import DeletionRequest
+
+    with _session(settings) as session:
+        req = DeletionRequest(model_name=settings.model_name, instance_id=_instances(settings)[8], tasks=["normal"],
+                              status="queued")
+        session.add(req)
+        session.flush()
+        request_id = req.id
+    claim = jobs.claim_next(settings, settings.model_name)  # this process runs the model's job
+    assert claim.status == "claimed"
+    task_id = create_celery(settings).send_task(PROCESS_MODEL_TASK, args=[settings.model_name]).id
+    paused_worker()  # resume: the worker takes the delivery while the job is still running here
+
+    task = re.escape(f"Task {PROCESS_MODEL_TASK}[{task_id}]")
+    # the delivery's first end, whatever it is: a retry, not a success beside the running job
+    first = wait_for(lambda: re.search(rf"^.*{task} (retry|succeeded|raised).*$", celery_worker.log.read_text(), re.M),
+                     JOB_TIMEOUT, what=f"the worker to handle delivery {task_id}")
+    assert re.search(rf"{task} retry: Retry in 5s", first.group(0)), first.group(0)  # the first retry's countdown
+    assert f"model {settings.model_name} is busy; retrying in 5s" in celery_worker.log.read_text()
+    assert client.get(f"/deletions/{request_id}").json()["status"] == "running"  # not run by the worker
+
+    outcome = jobs.run_job(settings, store, claim.job_id, claim.attempt)
+    assert outcome.status == "completed"
+    assert _wait_done(client, request_id)["job_id"] == claim.job_id
+    # the same task id, delivered again after its countdown (again while busy, if the job outlasted it)
+    succeeded = wait_for(lambda: re.search(rf"^.*{task} succeeded in [0-9.]+s: (.*)$", celery_worker.log.read_text(),
+                                           re.M), JOB_TIMEOUT, what=f"delivery {task_id} to succeed")
+    assert "'status': 'idle'" in succeeded.group(1), succeeded.group(0)
 
 
 def test_an_erasure_reaches_a_second_model_on_the_dataset(client, settings, store):

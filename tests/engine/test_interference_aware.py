@@ -1,6 +1,8 @@
 """interference_aware on a tiny memorised model: forgetting, protected heads, projection geometry."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -77,11 +79,27 @@ def test_partial_mode_keeps_protected_heads_bit_identical(memorised):
     cells = [(i, "depth") for i in train.instance_ids[:3]]
     unlearned, log = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 10})
     before, after = model.state_dict(), unlearned.state_dict()
-    for name in before:
-        if name.startswith("heads.segmentation.") or name.startswith("heads.normal."):
-            assert torch.equal(before[name], after[name]), name
+    protected = [n for n in before if n.startswith("heads.segmentation.") or n.startswith("heads.normal.")]
+    assert protected, "the protected heads' parameters must be found to be checked"
+    for name in protected:
+        assert torch.equal(before[name], after[name]), name
     assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("heads.depth."))
     assert log["protected_tasks"] == ["segmentation", "normal"]
+
+
+def test_a_frozen_model_is_unlearned_on_a_trainable_copy(memorised):
+    """A caller may hand over a model frozen for serving (``requires_grad_(False)``): the
+    method trains its own copy all the same (its first backward failed, "element 0 of
+    tensors does not require grad"), the same as from the unfrozen model, and the
+    caller's model stays frozen."""
+    model, train, test = memorised
+    cells = [(i, "depth") for i in train.instance_ids[:3]]
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    out, _ = get_method("interference_aware")(frozen, _data(train, test, cells), {"steps": 5})
+    reference, _ = get_method("interference_aware")(model, _data(train, test, cells), {"steps": 5})
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), reference.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(frozen.state_dict().values(), out.state_dict().values()))
 
 
 def test_partial_mode_heads_only_keeps_protected_predictions_identical(memorised):
@@ -303,7 +321,7 @@ def test_repair_option_may_move_protected_heads(memorised):
 
 def test_empty_forget_set_is_refused(memorised):
     model, train, test = memorised
-    with pytest.raises(ValueError, match="forget"):
+    with pytest.raises(ValueError, match=r"^interference_aware: the forget set \(forget_cells\) is empty$"):
         get_method("interference_aware")(model, _data(train, test, []), {})
 
 
@@ -321,13 +339,17 @@ def test_energy_basis_is_orthonormal_and_keeps_energy():
 
 def test_task_subspaces_and_projector_geometry(memorised):
     model, train, _ = memorised
-    spaces = task_subspaces(model, train, energy=0.8, n_samples=8)
+    # at energy 0.5 some layers leave the forget task room outside the protected subspace
+    # (at 0.8 the protected tasks span every layer and each partial Q is empty)
+    spaces = task_subspaces(model, train, energy=0.5, n_samples=8)
     assert spaces, "one entry per shared conv"
+    with_room = 0
     for layer, per_task in spaces.items():
         for t, u in per_task.items():
             assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-8), (layer, t)
         q = forget_projector(per_task, ["depth"], ["segmentation", "normal"])
         if q.shape[1]:
+            with_room += 1
             assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=torch.float64), atol=1e-8)
             u_p = orth(torch.cat([per_task["segmentation"], per_task["normal"]], 1))
             assert float((u_p.T @ q).abs().max()) < 1e-8, layer
@@ -335,6 +357,7 @@ def test_task_subspaces_and_projector_geometry(memorised):
         q_full = forget_projector(per_task, TASKS, [])
         u_f = torch.cat([per_task[t] for t in TASKS], 1)
         assert torch.allclose(q_full @ (q_full.T @ u_f), u_f, atol=1e-8)
+    assert with_room > 0, "the partial-mode geometry was never checked: every Q was empty"
 
 
 def test_projector_on_constructed_subspaces():

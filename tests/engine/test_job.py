@@ -1,6 +1,9 @@
 """run_unlearning_job: input validation with clear errors, and the metric keys it returns."""
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -32,7 +35,11 @@ def test_job_returns_the_metric_keys(setup):
     assert result.metrics["method"] == "interference_aware"
     assert result.metrics["forget_cells"] == [["i0", "depth"], ["i1", "depth"]]
     assert set(result.metrics["per_task"]["test"]) == set(train.tasks)
-    assert result.metrics["uis_task"] >= 0 and result.metrics["mode"] == "partial"
+    for key in ("uis", "uis_task", "uis_inst"):
+        assert math.isfinite(result.metrics[key]) and result.metrics[key] >= 0, key
+    for key in ("mia_auc", "mia_auc_original"):
+        assert 0.0 <= result.metrics[key] <= 1.0, key
+    assert result.metrics["mode"] == "partial"
     assert result.seconds > 0 and result.log["method"] == "interference_aware"
     assert seen and seen[-1] == 1.0 and all(0 <= f <= 1 for f in seen)
     assert result.model is not model
@@ -91,11 +98,14 @@ def test_mismatched_checkpoint_is_refused(setup):
     two_tasks = random_dataset(6, 2)
     two_tasks.tasks = ["segmentation", "depth"]
     other = train_model(two_tasks, TrainConfig(epochs=1, width=8, depth=2, head_width=8), progress=False)
-    with pytest.raises(JobInputError, match="checkpoint does not match"):
+    with pytest.raises(JobInputError, match="^" + re.escape(
+            "checkpoint does not match the dataset: model tasks ['segmentation', 'depth'], "
+            "dataset 'tiny' tasks ['segmentation', 'depth', 'normal']") + "$"):
         run_unlearning_job(other, train, test, [("i0", "depth")])
     wrong_classes = random_dataset(6, 3, classes=5)
     other = train_model(wrong_classes, TrainConfig(epochs=1, width=8, depth=2, head_width=8), progress=False)
-    with pytest.raises(JobInputError, match="output channels"):
+    with pytest.raises(JobInputError, match="^" + re.escape(
+            "checkpoint does not match the dataset: head 'segmentation' has 5 output channels, dataset needs 3") + "$"):
         run_unlearning_job(other, train, test, [("i0", "depth")])
 
 

@@ -55,6 +55,18 @@ def test_nan_after_is_not_hidden_as_zero():
 # --- UIS -----------------------------------------------------------------------------
 
 
+def test_uis_reads_the_normal_tasks_directions_from_the_registry():
+    # mean angle 20 -> 30 is 50% worse (lower is better), a11 .5 -> .25 is 50% worse,
+    # median, a22 and a30 unchanged: d_g = (50 + 0 + 50 + 0 + 0) / 5 = 20
+    before = {"mean_angle": 20.0, "median_angle": 10.0, "a11": 0.5, "a22": 0.8, "a30": 0.9}
+    after = {**before, "mean_angle": 30.0, "a11": 0.25}
+    key = ("inst", "normal", "test")
+    out = uis({key: before}, {key: after})
+    assert out == {"uis": pytest.approx(20.0), "uis_task": 0.0, "uis_inst": pytest.approx(20.0)}
+    # the other way round both metrics improve: clipped to 0
+    assert uis({key: after}, {key: before}) == {"uis": 0.0, "uis_task": 0.0, "uis_inst": 0.0}
+
+
 def test_uis_groups_task_level_vs_instance_level_and_overall_mean():
     before = {
         ("task", "segmentation", "forgotten"): {"miou": 0.5, "pixel_acc": 0.8},

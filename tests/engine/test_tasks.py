@@ -70,6 +70,19 @@ def test_depth_abs_rel_delta_by_hand():
     assert m["delta1"] == pytest.approx(0.6)
 
 
+def test_depth_metrics_accumulate_over_batches_like_one_set():
+    # row 0 holds 2 valid pairs, row 1 holds 3: a mean of per-batch means would give
+    # abs (0.55 + 0.4/3) / 2, rel (0.3 + 0.5/3) / 2, delta1 (1/2 + 2/3) / 2 instead
+    task = get_task("depth")
+    state = task.metric_state()
+    task.update_metrics(state, DEPTH_PRED[:, :, :1], DEPTH_TARGET[:, :, :1])
+    task.update_metrics(state, DEPTH_PRED[:, :, 1:], DEPTH_TARGET[:, :, 1:])
+    m = task.finalize_metrics(state)
+    assert m["abs_err"] == pytest.approx(0.3)
+    assert m["rel_err"] == pytest.approx(0.22)
+    assert m["delta1"] == pytest.approx(0.6)
+
+
 def test_depth_loss_is_l1_over_valid_pixels():
     loss = get_task("depth").sample_loss(DEPTH_PRED, DEPTH_TARGET)
     assert float(loss[0]) == pytest.approx(0.3)  # the invalid pixel's error of 5 is left out
@@ -99,6 +112,22 @@ def test_normal_angles_by_hand():
     # valid angles 0, 10, 20, 45
     assert m["mean_angle"] == pytest.approx(18.75, abs=1e-4)
     assert m["median_angle"] == pytest.approx(15.0, abs=1e-4)  # true median of an even count
+    assert m["a11"] == pytest.approx(0.5)
+    assert m["a22"] == pytest.approx(0.75)
+    assert m["a30"] == pytest.approx(0.75)
+
+
+def test_normal_metrics_accumulate_over_batches_like_one_set():
+    # batch 1: the 0 degree pixel; batch 2: 10, 20, 45 and the invalid one. Per-batch
+    # values averaged would give mean 12.5, median 10, a11 2/3, a22 and a30 5/6.
+    pred, target = normal_case()
+    task = get_task("normal")
+    state = task.metric_state()
+    task.update_metrics(state, pred[..., :1], target[..., :1])
+    task.update_metrics(state, pred[..., 1:], target[..., 1:])
+    m = task.finalize_metrics(state)
+    assert m["mean_angle"] == pytest.approx(18.75, abs=1e-4)
+    assert m["median_angle"] == pytest.approx(15.0, abs=1e-4)
     assert m["a11"] == pytest.approx(0.5)
     assert m["a22"] == pytest.approx(0.75)
     assert m["a30"] == pytest.approx(0.75)
@@ -141,10 +170,22 @@ def test_a_non_finite_prediction_on_an_unlabelled_pixel_does_not_reach_the_loss(
 # --- the registry --------------------------------------------------------------------
 
 
+DIRECTIONS = {
+    "segmentation": {"miou": +1, "pixel_acc": +1},
+    "depth": {"abs_err": -1, "rel_err": -1, "delta1": +1},
+    "normal": {"mean_angle": -1, "median_angle": -1, "a11": +1, "a22": +1, "a30": +1},
+}
+
+
+def test_every_task_has_a_direction_case():
+    assert set(TASKS) == set(DIRECTIONS)
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_finalized_metrics_match_the_declared_directions(name):
     task = get_task(name)
-    assert set(task.metrics.values()) <= {-1, +1}
+    # errors and angles: lower is better; accuracies, IoU and threshold shares: higher
+    assert task.metrics == DIRECTIONS[name]
     if name == "segmentation":
         pred, target = seg_logits(SEG_PRED, 3), SEG_TARGET
     elif name == "depth":

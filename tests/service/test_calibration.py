@@ -163,6 +163,21 @@ def test_the_service_does_not_start_with_a_method_configuration_every_job_would_
     for key, value in env.items():
         monkeypatch.setenv(f"UNLEARND_{key}", value)
     get_settings.cache_clear()
+
+    def started(*args, **kwargs):
+        pytest.fail(f"`unlearnd {command}` went on to start with a configuration it must refuse")
+
+    # were the check to regress, fail at once rather than run a server or a worker
+    import uvicorn
+
+    import worker.bootstrap
+    import worker.migrate
+    from worker.celery_app import app
+
+    monkeypatch.setattr(app, "worker_main", started)
+    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(worker.migrate, "upgrade_database", started)
+    monkeypatch.setattr(worker.bootstrap, "ensure_model", started)
     try:
         assert main([command]) == 2
         assert says in capsys.readouterr().err

@@ -100,23 +100,43 @@ def test_a_manifest_written_before_strict_json_still_reads(stored):
 # --------------------------------------------------------------------------- 2: check-then-discard race, the lock
 
 
-def test_a_good_copy_another_attempt_stored_is_not_discarded(tmp_path):
+def test_a_good_copy_another_attempt_stored_is_not_discarded(tmp_path, monkeypatch):
     """Two attempts of a job find its stored copy damaged. The first checks, then pauses
     before discarding; the second must not replace the copy in between, or the first
     discards the good copy the second has just returned (and the record would publish a
     sha256 the store no longer holds)."""
+    import model_store.local
+
     root = tmp_path / "store"
     store = LocalModelStore(root)
     _put(store, _tiny(0), job_id="j")
     _damage_weights(root / MODEL / "v1")
-    checked, other_done = threading.Event(), threading.Event()
+    checked, blocked, other_done = threading.Event(), threading.Event(), threading.Event()
+    either = threading.Condition()
+    real_flock = fcntl.flock
+
+    def flock(fd, operation):
+        # the second attempt reports finding the writers' lock held, then waits for it
+        if threading.current_thread().name == "current" and operation == fcntl.LOCK_EX:
+            try:
+                return real_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                with either:
+                    blocked.set()
+                    either.notify_all()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(model_store.local.fcntl, "flock", flock)
 
     class Pausing(LocalModelStore):
         def verify(self, model_name, version):
             ok = super().verify(model_name, version)
             if threading.current_thread().name == "stale":
                 checked.set()
-                other_done.wait(timeout=2)  # the other attempt runs now, if the store lets it
+                # the other attempt runs now: until it blocks on the lock, or (the store
+                # letting it in) until it has stored its copy
+                with either:
+                    either.wait_for(lambda: blocked.is_set() or other_done.is_set())
             return ok
 
     got = {}
@@ -126,7 +146,9 @@ def test_a_good_copy_another_attempt_stored_is_not_discarded(tmp_path):
 
     def current():
         got["current"] = _put(store, _tiny(1), job_id="j").sha256
-        other_done.set()
+        with either:
+            other_done.set()
+            either.notify_all()
 
     first = threading.Thread(target=stale, name="stale")
     first.start()
@@ -135,6 +157,8 @@ def test_a_good_copy_another_attempt_stored_is_not_discarded(tmp_path):
     second.start()
     first.join(60)
     second.join(60)
+    assert not first.is_alive() and not second.is_alive()
+    assert blocked.is_set(), "the second attempt never waited for the lock the first held"
     assert got["stale"] == got["current"] == store.manifest(MODEL, 1).sha256
     assert store.verify(MODEL, 1)
 

@@ -6,12 +6,12 @@ from datetime import timedelta
 
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from app.main import create_app
 from worker.migrate import head_revision
 from worker.db import transaction
-from worker.tables import Alias, DeletionRequest, Job, ModelVersion, utcnow
+from worker.tables import Alias, DeletionRequest, Job, ModelVersion, OutboxMessage, utcnow
 
 from .conftest import assert_problem, create_database, drop_database
 
@@ -46,6 +46,9 @@ def test_metrics_read_the_record(client, settings, model):
                                                                           "uis_inst": 1.75, "mia_auc": 0.51,
                                                                           "mia_auc_original": 0.8}))
         s.get(Alias, (model.name, "serving")).version = 2
+        # the oldest message the relay has not published: five minutes old
+        oldest = s.execute(select(func.min(OutboxMessage.id)).where(OutboxMessage.published_at.is_(None))).scalar_one()
+        s.execute(update(OutboxMessage).where(OutboxMessage.id == oldest).values(created_at=now - timedelta(seconds=300)))
 
     m = _samples(client)
     assert m[("unlearnd_record_up", ())] == 1
@@ -56,7 +59,7 @@ def test_metrics_read_the_record(client, settings, model):
     assert m[("unlearnd_deletion_requests_received_total", ())] == 4
     assert m[("unlearnd_queue_depth", (("model", model.name),))] == 2
     assert m[("unlearnd_outbox_unpublished", ())] == 4  # no relay runs here: the broker never got them
-    assert m[("unlearnd_outbox_oldest_unpublished_seconds", ())] >= 0
+    assert 300 <= m[("unlearnd_outbox_oldest_unpublished_seconds", ())] < 360
     assert m[("unlearnd_jobs", (("status", "completed"),))] == 2
     assert m[("unlearnd_jobs", (("status", "running"),))] == 1
     assert m[("unlearnd_jobs", (("status", "failed"),))] == 1

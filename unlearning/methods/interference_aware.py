@@ -901,7 +901,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     original = copy.deepcopy(model).to(device).eval()
     for p in original.parameters():
         p.requires_grad_(False)
-    student = copy.deepcopy(model).to(device).train()
+    student = copy.deepcopy(model).to(device).train().requires_grad_(True)  # a caller's model may be frozen
 
     tasks = list(data.train.tasks)
     forget_tasks = data.forget_tasks
