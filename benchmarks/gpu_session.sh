@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 for stage in $stages; do
   case $stage in
     tests)
-      timeout 80 "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log" ;;
+      UNLEARND_REQUIRE_GPU=1 timeout 80 "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tail -n 30 | tee "$OUT/gpu_tests.log" ;;
     timing)
       timeout 300 "$PYTHON" benchmarks/job_timing.py --suite "$SUITE" --benchmark indoor --cache-dir "$CACHE_DIR" \
         --seeds 0 --settings full:8 --data resident host \
