@@ -14,8 +14,8 @@ PROTECTS_HEADS = False
 
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
 DEFAULTS = {
-    "steps": 80,
-    "lr": 1e-2,
+    "steps": 120,
+    "lr": 5e-3,
     "optimizer": "adam",
     "batch_size": 16,
     "grad_clip": 5.0,

@@ -16,7 +16,7 @@ PROTECTS_HEADS = True
 
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
 DEFAULTS = {
-    "steps": 5,  # updates; the whole forget batch each step
+    "steps": 3,  # updates; the whole forget batch each step
     "lr": 1e-3,
     "optimizer": "adam",
     "grad_clip": 5.0,

@@ -17,8 +17,8 @@ PROTECTS_HEADS = False
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
 DEFAULTS = {
     "steps": 40,
-    "lr": 1e-2,
-    "l1": 1e-3,  # gamma: initial weight of the l1 penalty (sum of |θ| over all parameters)
+    "lr": 5e-3,
+    "l1": 1e-4,  # gamma: initial weight of the l1 penalty (sum of |θ| over all parameters)
     "optimizer": "adam",
     "batch_size": 16,
     "grad_clip": 5.0,

@@ -33,6 +33,7 @@ ALSO = {
 #: (the value shown is only its type's prototype): (method, name) -> prototype
 WHEN_SET = {
     ("interference_aware", "shadow_trained_folds"): 1,
+    ("scrub", "min_steps"): 1,
 }
 
 #: where a number must lie: (method or "*", name) -> (low, high, low_inclusive[, high_inclusive]),
@@ -56,6 +57,7 @@ RANGES = {
     ("interference_aware", "betas"): (0, 1, True, False),  # Adam's: each in [0, 1)
     ("neggrad_plus", "alpha"): (0, 1, True),
     ("salun", "gamma"): (0, 1, False),
+    ("scrub", "min_steps"): (1, None, True),
     ("*", "shadow_seed"): (None, None, True),  # seeds: any integer (torch takes negative ones)
     # the training recipe (retrain; "train" for any method)
     ("retrain", "seed"): (None, None, True),

@@ -23,7 +23,7 @@ PROTECTS_HEADS = False
 DEFAULTS = {
     "steps": 20,
     "lr": 1e-4,
-    "forget_weight": 1.0,  # w
+    "forget_weight": 2.0,  # w
     "optimizer": "adam",
     "batch_size": 16,
     "forget_batch_size": 32,

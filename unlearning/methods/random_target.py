@@ -17,8 +17,8 @@ PROTECTS_HEADS = False
 
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
 DEFAULTS = {
-    "steps": 20,
-    "lr": 1e-3,
+    "steps": 40,
+    "lr": 3e-4,
     "retain_weight": 1.0,  # lambda
     "optimizer": "adam",
     "batch_size": 16,

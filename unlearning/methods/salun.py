@@ -25,9 +25,9 @@ PROTECTS_HEADS = True
 
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
 DEFAULTS = {
-    "steps": 20,
+    "steps": 40,
     "lr": 1e-3,
-    "gamma": 0.3,  # fraction of weights declared salient
+    "gamma": 0.2,  # fraction of weights declared salient
     "retain_weight": 1.0,  # lambda
     "optimizer": "adam",
     "batch_size": 16,

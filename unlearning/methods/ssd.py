@@ -31,7 +31,7 @@ PROTECTS_HEADS = True
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
 DEFAULTS = {
     "alpha": 1.0,  # selection weighting: dampen where I_f > alpha * I_d
-    "lambda": 0.8,  # dampening constant: beta = min(lambda * I_d / I_f, 1)
+    "lambda": 0.5,  # dampening constant: beta = min(lambda * I_d / I_f, 1)
     "fisher_samples": 256,  # at most this many training instances for I_d
 }
 _SUBSET_SEED = 4  # loops.generator's seed for data.seed 0 and salt 4
