@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException
 from worker.audit import verify_chain
 from worker.errors import Invalid
 from worker.queries import list_events
+from worker.settings import SHA256_PATTERN
 
 from ..deps import ReadSessionDep
 from ..schemas import AuditEventOut, AuditPage, ChainReport, Text, UTCDateTime
@@ -58,7 +59,7 @@ _verifying = threading.Lock()
 def verify(
     session: ReadSessionDep,
     seq: Annotated[int | None, Query(ge=1, le=2**62, description="an anchor kept outside: an event's seq ...")] = None,
-    hash: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="... and the hash it had")] = None,
+    hash: Annotated[str | None, Query(pattern=SHA256_PATTERN, description="... and the hash it had")] = None,
     after_anchor: Annotated[bool, Query(description="recompute only the events after the anchor: a monitor reads "
                                                     "the new events; changes at or before the anchor that kept the "
                                                     "stored hashes need a full check")] = False,
