@@ -206,3 +206,13 @@ def test_an_erasure_through_one_model_is_erased_data_for_a_model_whose_spec_is_w
         version = session.execute(select(ModelVersion).where(ModelVersion.model_name == "tiny-mtl-other",
                                                              ModelVersion.version == serving)).scalar_one()
         assert [ids[0], "depth"] in version.erased_cells
+
+
+def test_specs_of_the_same_data_share_one_load():
+    from worker.datasets import get_splits
+
+    written = {"name": "indoor", "n_train": 6, "n_test": 4, "height": 8, "width": 8}
+    full = {**written, "seed": 0, "noise": {}}
+    assert dataset_key(written) == dataset_key(full)
+    assert get_splits(written) is get_splits(full)  # one load, as one key
+    assert get_splits({**written, "seed": 1}) is not get_splits(written)
