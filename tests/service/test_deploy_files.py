@@ -195,3 +195,13 @@ def test_docker_compose_config_agrees():
         if service != "migrate":
             assert spec["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
             assert any(v.get("target") == "/data/models" and v.get("source") == "models" for v in spec["volumes"])
+
+
+def test_the_database_password_is_one_variable_for_postgres_and_the_service():
+    """Set once (POSTGRES_PASSWORD in the shell or .env): the server's password and the one in
+    the service's database URL cannot drift apart, and neither is a literal to edit twice."""
+    password = re.search(r"^\s+POSTGRES_PASSWORD:[ \t]*(.*)$", SERVICES["postgres"], re.M).group(1).strip()
+    assert password == "${POSTGRES_PASSWORD:-unlearnd}"
+    for service in UNLEARND:
+        url = re.search(r"^\s+UNLEARND_DATABASE_URL:[ \t]*(.*)$", SERVICES[service], re.M).group(1).strip()
+        assert url.startswith("postgresql+psycopg://unlearnd:${POSTGRES_PASSWORD:-unlearnd}@postgres:"), service
