@@ -74,3 +74,58 @@ def test_sweep_baselines_table_of_the_committed_sweep():
     lines = done.stdout.splitlines()
     assert lines[0].startswith("| method | chosen setting |")
     assert [line.split(" | ")[0].lstrip("| ") for line in lines[4:]] == list(methods)
+
+
+def load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), BENCH / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_row(method, uis, mia, *, n=8, seed=0, setting="full", retrain=0.45, original=0.9):
+    return {"benchmark": "indoor", "setting": setting, "forget_tasks": ["segmentation"], "n_forget": n, "seed": seed,
+            "method": method, "uis": uis, "uis_task": 0.0, "uis_inst": uis, "mia_auc": mia,
+            "mia_auc_original": original, "mia_auc_retrain": retrain, "forget_gap": 0.0, "seconds": 1.0,
+            "retrain_seconds": 10.0}
+
+
+def test_matched_forgetting_picks_the_lowest_uis_point_that_forgets_as_well():
+    mf = load_script("matched_forgetting.py")
+    assert mf.grid_points({"lr": [1, 2], "steps": [3]}) == [{"lr": 1, "steps": 3}, {"lr": 2, "steps": 3}]
+    ours = [bench_row("interference_aware", 0.3, 0.40), bench_row("interference_aware", 0.1, 0.50, seed=1)]
+    default = [bench_row("finetune", 0.2, 0.60), bench_row("finetune", 0.2, 0.60, seed=1)]  # |ΔMIA| 0.15
+    points = [  # ours: |ΔMIA| (0.05 + 0.05) / 2 = 0.05, UIS 0.2
+        {"label": "finetune[a]", "results": [bench_row("finetune", 1.0, 0.47), bench_row("finetune", 1.0, 0.43, seed=1)]},
+        {"label": "finetune[b]", "results": [bench_row("finetune", 0.5, 0.49), bench_row("finetune", 0.3, 0.46, seed=1)]},
+        {"label": "finetune[c]", "results": [bench_row("finetune", 0.1, 0.55), bench_row("finetune", 0.1, 0.55, seed=1)]},
+    ]
+    [t] = mf.summarise(ours + default, "finetune", points)
+    assert t["ours"]["uis"] == pytest.approx(0.2) and t["ours"]["mia_err"] == pytest.approx(0.05)
+    assert t["strongest"] == "finetune[b]"  # [a] forgets better but costs more; [c] and the default forget less
+    assert t["strongest_uis"] == pytest.approx(0.4) and t["reduction"] == pytest.approx(50.0)
+    assert t["closest"] == "finetune[a]" and t["closest_mia_err"] == pytest.approx(0.02)
+    assert set(t["points"]) == {"finetune[default]", "finetune[a]", "finetune[b]", "finetune[c]"}
+    [none] = mf.summarise(ours + default, "finetune", points[2:])
+    assert none["strongest"] is None and none["reduction"] is None
+    assert "| indoor | full | 0.20 | 0.050 | none |" in mf.markdown(
+        {"method": "finetune", "command": "c", "reference": "r", "device": "d", "wall_seconds": 1.0, "table": [none]})
+
+
+def test_matched_forgetting_refuses_runs_on_other_models():
+    mf = load_script("matched_forgetting.py")
+    reference = [bench_row("interference_aware", 0.2, 0.4)]
+    mf.check_same_models([bench_row("finetune", 1.0, 0.5)], reference, "p")
+    with pytest.raises(ValueError, match="mia_auc_retrain 0.5 differs from the reference's 0.45"):
+        mf.check_same_models([bench_row("finetune", 1.0, 0.5, retrain=0.5)], reference, "p")
+    with pytest.raises(ValueError, match="is not in the reference"):
+        mf.check_same_models([bench_row("finetune", 1.0, 0.5, seed=3)], reference, "p")
+
+
+@pytest.mark.parametrize("name", ["finetune", "finetune_scale"])
+def test_matched_forgetting_table_of_the_committed_runs(name):
+    done = run_script("matched_forgetting.py", "--table", f"benchmarks/matched_forgetting/{name}.json")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (BENCH / "matched_forgetting" / f"{name}.md").read_text()
