@@ -9,7 +9,7 @@ from functools import lru_cache
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from unlearning.data import MultiTaskDataset, canonical_spec, dataset_key, load_splits
+from unlearning.data import MultiTaskDataset, canonical_json, dataset_key, load_splits
 
 from .settings import Settings
 from .tables import Tombstone
@@ -40,11 +40,11 @@ def _load(spec_json: str) -> tuple[MultiTaskDataset, MultiTaskDataset]:
 
 
 def get_splits(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
-    """``(train, test)`` for ``spec``, loaded once per process (per :func:`canonical_spec`:
+    """``(train, test)`` for ``spec``, loaded once per process (per :func:`canonical_json`:
     two specs of the same data written differently share one load, as they share one
     :func:`dataset_key`). The datasets are the original ones (no erasure applied): callers
     apply tombstones with ``without`` and must not modify the returned objects."""
-    key = json.dumps(canonical_spec(spec), sort_keys=True, separators=(",", ":"))
+    key = canonical_json(spec)
     with _lock:  # one load per spec even when two requests race for it
         return _load(key)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from .base import Batch, Cell, MultiTaskDataset
 
-__all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "canonical_spec", "dataset_key",
-           "dataset_tasks"]
+__all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "canonical_json", "canonical_spec",
+           "dataset_key", "dataset_tasks"]
 
 DATASETS = ("indoor", "street", "nyuv2", "cityscapes")
 
@@ -70,8 +70,9 @@ def canonical_spec(spec: dict) -> dict:
     Lenient: a value the loader would refuse (and a dataset it does not know) is kept as
     given, since specs are keyed before they are loaded (``{"name": "nyuv2"}`` from settings
     with no root); :func:`load_splits` is what refuses them."""
-    import numbers
     import os
+
+    from .renderer import is_integer
 
     name = _name(spec)
     out = dict(spec)
@@ -83,7 +84,7 @@ def canonical_spec(spec: dict) -> dict:
 
         for key, default in SIZE_DEFAULTS.items():
             value = out.get(key, default)
-            out[key] = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+            out[key] = int(value) if is_integer(value) else value
         try:
             noise = noise_options(spec)
         except (ValueError, TypeError):  # not a noise spec: kept as given, for the loader to refuse
@@ -106,9 +107,17 @@ def canonical_spec(spec: dict) -> dict:
             value = out.get(key)
             if value is None:
                 out[key] = default
-            elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            elif is_integer(value):
                 out[key] = int(value)
     return out
+
+
+def canonical_json(spec: dict) -> str:
+    """:func:`canonical_spec` as compact JSON with sorted keys: the text :func:`dataset_key`
+    hashes, and what the service keys its loaded splits by."""
+    import json
+
+    return json.dumps(canonical_spec(spec), sort_keys=True, separators=(",", ":"))
 
 
 def dataset_key(spec: dict) -> str:
@@ -116,8 +125,5 @@ def dataset_key(spec: dict) -> str:
     name and a hash of :func:`canonical_spec`, so specs of the same data written
     differently (``{"name": "indoor"}`` and the same with its sizes written out) share it."""
     import hashlib
-    import json
 
-    canonical = canonical_spec(spec)
-    body = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
-    return f"{canonical.get('name')}-{hashlib.sha256(body.encode()).hexdigest()[:12]}"
+    return f"{_name(spec)}-{hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:12]}"

@@ -411,7 +411,7 @@ def _rng(seed, stream: int) -> np.random.Generator:
     return np.random.default_rng([0x5CE7E, len(key), *key, stream])
 
 
-def _is_int(value) -> bool:
+def is_integer(value) -> bool:
     """``value`` is an integer (Python's or numpy's), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
@@ -424,7 +424,7 @@ def _seed_key(seed) -> tuple[int, ...]:
         key = (seed,) if np.isscalar(seed) else tuple(seed)
     except TypeError:  # neither a number nor a sequence (None, say): refused below
         key = (seed,)
-    if not all(_is_int(k) and k >= 0 for k in key):
+    if not all(is_integer(k) and k >= 0 for k in key):
         raise ValueError(f"seeds must be non-negative integers or tuples of them, got {seed!r}")
     return tuple(int(k) for k in key)
 
@@ -627,7 +627,7 @@ _GENERATORS = {"indoor": _indoor_scene, "street": _street_scene}
 def check_image_size(height, width) -> None:
     """``ValueError`` unless ``height`` and ``width`` are integers of at least 2 (not bools:
     True is no size, and 2.5 rows would fail later in a reshape)."""
-    if not (_is_int(height) and _is_int(width)) or height < 2 or width < 2:
+    if not (is_integer(height) and is_integer(width)) or height < 2 or width < 2:
         raise ValueError(f"image size must be integers of at least 2x2, got {height!r}x{width!r}")
 
 
@@ -866,7 +866,7 @@ def render_batch(flavour: str, seeds: Sequence, height: int = 48, width: int = 6
     if flavour not in FLAVOUR_TASKS:
         raise ValueError(f"unknown scene flavour {flavour!r}; known: {sorted(FLAVOUR_TASKS)}")
     check_image_size(height, width)  # here too: no scene may be made to check it
-    if workers != "auto" and not (_is_int(workers) and workers >= 1):
+    if workers != "auto" and not (is_integer(workers) and workers >= 1):
         raise ValueError(f"workers must be a positive integer or 'auto', got {workers!r}")
     keys = ("image",) + FLAVOUR_TASKS[flavour]
     seeds = list(seeds)  # a generator too

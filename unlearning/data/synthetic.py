@@ -20,10 +20,8 @@ from ``(seed, 1, i)``, so the splits never share a scene and growing
 """
 from __future__ import annotations
 
-import numbers
-
 from .base import MultiTaskDataset
-from .renderer import FLAVOUR_CLASSES, FLAVOUR_TASKS, NoiseOptions, render_batch
+from .renderer import FLAVOUR_CLASSES, FLAVOUR_TASKS, NoiseOptions, is_integer, render_batch
 
 SPEC_KEYS = {"name", "n_train", "n_test", "height", "width", "seed", "noise"}
 #: what a spec that leaves a size or the seed out gets (unlearning.data.canonical_spec writes them out)
@@ -56,7 +54,7 @@ def load_synthetic(spec: dict, render_workers: int | str = 1) -> tuple[MultiTask
     for key, default in SIZE_DEFAULTS.items():
         value = spec.get(key, default)
         # checked, not int()-ed: that turned 2.5 into 2, "3" into 3 and True into 1
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        if not is_integer(value):
             raise ValueError(f"{key!r} in the {name!r} dataset spec must be an integer, got {value!r}")
         sizes[key] = int(value)
     if sizes["n_train"] < 0 or sizes["n_test"] < 0 or sizes["seed"] < 0:
