@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import itertools
 import json
 import shlex
 import sys
@@ -42,15 +41,9 @@ from unlearning.bench import DEFAULT_METHOD, aggregate, headline
 from unlearning.bench import main as bench_main
 from unlearning.methods import method_defaults
 
+from sweep_baselines import grid_points  # noqa: E402  this folder's script (run as python benchmarks/matched_forgetting.py)
+
 REQUEST = ("benchmark", "setting", "forget_tasks", "n_forget", "seed")
-
-
-def grid_points(grid: dict) -> list[dict]:
-    """The product of ``{parameter: [values]}`` as a list of configurations, in grid order."""
-    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ValueError(f"--grid must be a JSON object of non-empty lists, got {grid!r}")
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def label(method: str, config: dict) -> str:
@@ -103,11 +96,11 @@ def summarise(rows: list[dict], method: str, points: list[dict]) -> list[dict]:
     ours = [r for r in rows if r["method"] == DEFAULT_METHOD]
     default = [{**r, "method": f"{method}[default]"} for r in rows if r["method"] == method]
     grid_rows = [{**r, "method": p["label"]} for p in points for r in p["results"]]
-    rows = headline(ours + default + grid_rows)
+    runs = ours + default + grid_rows
+    pooled = aggregate([{**r, "n_forget": 0} for r in runs])  # as headline pools: every forget size of a setting
     table = []
-    for h in rows:
-        runs = [r for r in ours + default + grid_rows if (r["benchmark"], r["setting"]) == (h["benchmark"], h["setting"])]
-        agg = aggregate([{**r, "n_forget": 0} for r in runs])[(h["benchmark"], h["setting"], 0)]
+    for h in headline(runs):
+        agg = pooled[(h["benchmark"], h["setting"], 0)]
         table.append({
             "benchmark": h["benchmark"], "setting": h["setting"],
             "ours": {"uis": agg[DEFAULT_METHOD]["uis"], "mia_err": agg[DEFAULT_METHOD]["mia_err"]},
@@ -173,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     reference = json.loads(Path(args.reference).read_text())
     if args.method in (DEFAULT_METHOD, "retrain"):
         raise SystemExit(f"--method must be a baseline, not {args.method}")
-    points = [{"config": c, "label": label(args.method, c)} for c in grid_points(json.loads(args.grid))]
+    grid = json.loads(args.grid)
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        p.error(f"--grid must be a JSON object of non-empty lists, got {args.grid}")
+    points = [{"config": c, "label": label(args.method, c)} for c in grid_points(grid)]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         for i, point in enumerate(points, 1):
@@ -183,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(points)}] {point['label']}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     doc = {"command": "python benchmarks/matched_forgetting.py " + " ".join(shlex.quote(a) for a in argv),
            "reference": args.reference, "device": reference["device"], "method": args.method,
-           "defaults": method_defaults(args.method), "grid": json.loads(args.grid),
+           "defaults": method_defaults(args.method), "grid": grid,
            "wall_seconds": round(time.perf_counter() - start, 1),
            "reference_rows": reference_rows(reference, args.method), "points": points}
     doc["table"] = summarise(doc["reference_rows"], args.method, points)

@@ -77,8 +77,12 @@ def test_sweep_baselines_table_of_the_committed_sweep():
 
 
 def load_script(name: str):
+    """A script of benchmarks/ as a module, imported as `python benchmarks/<name>` runs it: with
+    its folder on the path, for the scripts that import a sibling."""
     import importlib.util
 
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), BENCH / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
