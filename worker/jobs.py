@@ -462,7 +462,9 @@ class _Heartbeat:
     def write(self) -> None:
         fraction = round(0.95 * self.fraction, 4)  # the last 5% is publishing
         with transaction(self.settings.database_url) as session:
-            job = session.get(Job, self.job_id)
+            # locked, as requeue and mark_failed do: a requeue committing between an unlocked
+            # read and the write would get this attempt's heartbeat and progress
+            job = session.execute(select(Job).where(Job.id == self.job_id).with_for_update()).scalar_one_or_none()
             if job is None or job.status != "running" or job.attempts != self.attempt:
                 return  # not this attempt's job any more: a live rerun's heartbeat is its own
             job.heartbeat_at = utcnow()

@@ -250,6 +250,31 @@ def test_a_superseded_attempt_neither_fails_nor_publishes_over_the_rerun(tiny, m
     assert "job.failed" not in _kinds(s)
 
 
+def test_a_heartbeat_waiting_on_a_requeue_does_not_touch_the_requeued_job(tiny):
+    """The sweeper puts a job back while worker 1's heartbeat is writing: the heartbeat
+    reads the job only once the requeue has committed, so it sees the job is no longer
+    its attempt's and writes neither a heartbeat nor progress onto the queued job."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    claim = jobs.claim_next(s, TINY)
+    beat = jobs._Heartbeat(s, claim.job_id, claim.attempt, 1.0)
+    beat.progress(0.5)
+    with transaction(s.database_url) as session:  # the sweeper's requeue, held open
+        job = session.execute(select(Job).where(Job.id == claim.job_id).with_for_update()).scalar_one()
+        jobs._put_back(session, job, "job.requeued", reason="test: stale heartbeat")
+        session.flush()
+        before = (job.heartbeat_at, job.progress)
+        writer = threading.Thread(target=beat.write)
+        writer.start()
+        _wait_for(lambda: _lock_waiters(s.database_url) == 1, "the heartbeat to wait for the requeue's lock")
+    writer.join(30)
+    assert not writer.is_alive()
+    with transaction(s.database_url) as session:
+        job = session.get(Job, claim.job_id)
+        assert job.status == "queued"
+        assert (job.heartbeat_at, job.progress) == before
+
+
 # --------------------------------------------------------------------------- D: rollback against a claim
 
 
