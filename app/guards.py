@@ -1,5 +1,5 @@
 """Limits on what a request may carry, checked before a route runs: the body's size
-and the query parameters a route knows."""
+and the query parameters a route knows; and HEAD, answered as GET without the body."""
 from __future__ import annotations
 
 import types
@@ -43,6 +43,33 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counted, send)
+
+
+class HeadAsGetMiddleware:
+    """Answer ``HEAD`` on every ``GET`` route (RFC 9110 §9.3.2): the route runs as ``GET``
+    and its status and headers (``Content-Length`` included) go out without the body.
+    FastAPI's routes take only the methods they declare, so HEAD was a 405. The scope is
+    changed in place and its method put back afterwards, so the outer middleware (metrics)
+    sees the route that matched and counts the request as HEAD."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        scope["method"] = "GET"
+        try:
+            await self.app(scope, receive, headers_only)
+        finally:
+            scope["method"] = "HEAD"
 
 
 def _refusing(error: Exception):

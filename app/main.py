@@ -16,7 +16,7 @@ from worker.settings import Settings, get_settings
 from worker.signing import load_signer
 
 from .auth import require_deletions, require_read
-from .guards import BodyLimitMiddleware, known_query_parameters
+from .guards import BodyLimitMiddleware, HeadAsGetMiddleware, known_query_parameters
 from .metrics import HttpMetricsMiddleware, build_registry
 from .problems import document_problems, install_problem_handlers
 from .routes import audit, certificates, deletions, health, jobs, models
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     openapi = app.openapi
     app.openapi = lambda: app.openapi_schema or document_problems(openapi())  # errors are problem documents
+    app.add_middleware(HeadAsGetMiddleware)  # innermost: the routes see GET
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
     # the API key's scope first (app.auth; models checks per route: reading is `read`, a rollback `admin`)

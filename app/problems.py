@@ -117,6 +117,8 @@ def _allowed_methods(request: Request) -> str | None:
     for template, operations in request.app.openapi().get("paths", {}).items():
         if compile_path(template)[0].match(request.url.path):
             methods |= {m.upper() for m in operations}
+    if "GET" in methods:
+        methods.add("HEAD")  # answered as GET without the body (guards.HeadAsGetMiddleware)
     return ", ".join(sorted(methods)) or None
 
 

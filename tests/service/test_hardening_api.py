@@ -401,8 +401,26 @@ def test_method_not_allowed_names_the_allowed_methods(backend):
     _, _, client = backend
     r = client.delete("/deletions")
     problem = assert_problem(r, 405, "method-not-allowed")
-    assert problem["detail"] == "DELETE is not allowed on /deletions; allowed: GET, POST"
-    assert r.headers["allow"] == "GET, POST"  # Starlette's own header named only the first route's
+    assert problem["detail"] == "DELETE is not allowed on /deletions; allowed: GET, HEAD, POST"
+    assert r.headers["allow"] == "GET, HEAD, POST"  # Starlette's own header named only the first route's
+
+
+def test_head_answers_every_get_route_with_its_headers_and_no_body(backend):
+    settings, model, client = backend
+    for path in ("/healthz", "/deletions", f"/models/{model.name}/versions", "/metrics"):
+        get, head = client.get(path), client.head(path)
+        assert (head.status_code, get.status_code) == (200, 200), path
+        assert head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        if path != "/metrics":  # the scrape itself changes the request counters between the two
+            assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content)), path
+    missing = client.head("/deletions/00000000-0000-0000-0000-000000000000")
+    assert (missing.status_code, missing.content) == (404, b"")
+    assert missing.headers["content-type"].startswith("application/problem+json")
+    post_only = client.head(f"/models/{model.name}/purge")
+    assert (post_only.status_code, post_only.headers["allow"], post_only.content) == (405, "POST", b"")
+    scrape = client.get("/metrics").text
+    assert 'unlearnd_http_requests_total{method="HEAD",route="/healthz",status="200"} 1.0' in scrape
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(backend):
