@@ -80,7 +80,9 @@ def _newest_first(session: Session, table, filters: dict, since: datetime | None
     """Rows of ``table`` (a model with ``created_at`` and ``id``) whose columns equal the
     non-None values of ``filters``, newest first (``created_at``, then ``id``), from
     ``cursor`` on; ``since`` inclusive, ``until`` exclusive; the columns ``without`` not
-    read (reading one raises)."""
+    read (reading one raises). ``created_at`` is the writer's clock, not the commit order:
+    a row committed late can land among rows a reader has passed. Only the audit log's
+    ``seq`` (assigned under the chain head's lock) follows commit order."""
     limit = _check_limit(limit)
     q = select(table).options(*(defer(c, raiseload=True) for c in without))
     for column, value in filters.items():

@@ -68,7 +68,13 @@ def list_deletions(
     cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> DeletionPage:
     """Deletion requests, newest first, filtered; pages follow ``next_cursor``. A key with
-    the ``deletions`` scope alone lists the requests it submitted."""
+    the ``deletions`` scope alone lists the requests it submitted.
+
+    ``created_at`` is the writing process's clock when a request is written, not its commit
+    order (one model's submissions are serialised; different models' and different API
+    hosts' are not): one that commits late can sort among rows already read, so polling
+    with ``since`` may miss it. To follow new requests without a gap, read ``/audit/events?kind=deletion.received``
+    with its cursor: ``seq`` order is commit order."""
     with session.begin():
         page = list_requests(
             session,

@@ -26,7 +26,9 @@ def read_jobs(
     cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JobPage:
     """Jobs, newest first, filtered (``?status=failed`` for what needs an operator); pages
-    follow ``next_cursor``. Without metrics and parameters: ``GET /jobs/{id}`` has them."""
+    follow ``next_cursor``. Without metrics and parameters: ``GET /jobs/{id}`` has them.
+    ``created_at`` is stamped when a job is written, not when it commits, so polling with
+    ``since`` may miss one that committed late (as for ``GET /deletions``)."""
     with session.begin():
         page = list_jobs(session, status=status, kind=kind, model=model, since=since, until=until, limit=limit,
                          cursor=cursor)
