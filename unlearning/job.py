@@ -11,7 +11,6 @@ forget gap.
 from __future__ import annotations
 
 import copy
-import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .data.base import Cell, MultiTaskDataset
+from .data.renderer import is_integer
 from .evaluate import EvalContext, evaluate_unlearning
 from .model import non_finite_tensors
 from .methods import METHOD_NAMES, UnlearnData, check_method, get_method, prepare_method, prepare_share
@@ -277,7 +277,7 @@ def run_unlearning_job(
     if all(c in erased for c in train.cells()):
         raise JobInputError(f"erasing these {len(cells)} cells leaves no training data: every cell of "
                             f"{train.name!r} would be erased, and there is nothing to keep the model's tasks on")
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):  # numpy's integers are integers too
+    if not is_integer(seed):  # numpy's integers are integers too, bools are not
         raise JobInputError(f"seed must be an integer, got {seed!r}")
     from .cli import METHOD_SEEDS
 
