@@ -34,7 +34,6 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
             alias = session.get(Alias, (name, "serving"))
             return alias.version if alias else 1
         spec = dataset_spec(settings)
-        erased = sorted(erased_cells(session, spec))
 
     if store.purged(name, 1):
         from model_store import PurgedVersion
@@ -51,6 +50,10 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
     else:
         from unlearning.train import TrainConfig, train_model
 
+        # trained without any cell already tombstoned for the dataset (a stored version 1 that
+        # holds such cells is registered as it is, and its first claim runs a propagate job)
+        with transaction(settings.database_url) as session:
+            erased = sorted(erased_cells(session, spec))
         train, _ = get_splits(spec)
         train = train.without(erased)
         cfg = TrainConfig(

@@ -420,6 +420,29 @@ def _erased_cells_served(s: Settings) -> dict[str, float]:
             for m in re.finditer(r'^unlearnd_model_erased_cells_served\{model="([^"]+)"\} (\S+)$', text_, re.M)}
 
 
+def test_a_stored_version_registered_after_an_erasure_is_propagated_to(tiny):
+    """A model whose stored version 1 predates an erasure on its dataset (a store restored,
+    a second deployment) is registered as it is, counted as serving the erased cell, and its
+    first claim runs a propagate job: registering does not retrain and does not hide it."""
+    s, store, ids = tiny
+    rid = _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    model, manifest = store.load(TINY, 1)  # weights trained with the cell erased since
+    store.put_version(model, model_name=TINY_B, version=1, parent=None, dataset=manifest.dataset,
+                      train_config=manifest.train_config, note="initial training")
+    s_b = s.model_copy(update={"model_name": TINY_B})
+    assert ensure_model(s_b, store, progress=False) == 1
+    assert _serving_of(s, TINY_B).erased_cells == []
+    assert _erased_cells_served(s) == {TINY: 0, TINY_B: 1}
+    [outcome] = jobs.drain_model(s_b, store, TINY_B)
+    with transaction(s.database_url) as session:
+        job = session.get(Job, outcome.job_id)
+        assert (outcome.status, job.kind, job.params["cells"], job.params["request_ids"]) == (
+            "completed", "propagate", [[ids[0], "depth"]], [rid])
+    assert [tuple(c) for c in _serving_of(s, TINY_B).erased_cells] == [(ids[0], "depth")]
+    assert _erased_cells_served(s) == {TINY: 0, TINY_B: 0}
+
+
 def _conflict(s: Settings, instance_id: str, tasks) -> Conflict:
     with transaction(s.database_url) as session, pytest.raises(Conflict) as refused:
         submit_deletion(session, s, instance_id=instance_id, tasks=list(tasks))
