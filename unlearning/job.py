@@ -22,6 +22,7 @@ from .data.renderer import is_integer
 from .evaluate import EvalContext, evaluate_unlearning
 from .model import non_finite_tensors
 from .methods import METHOD_NAMES, UnlearnData, check_method, get_method, prepare_method, prepare_share
+from .methods.base import UnlearningDiverged
 from .methods.params import config_problems
 from .tasks import get_task
 from .train import resident
@@ -29,11 +30,6 @@ from .train import resident
 
 class JobInputError(ValueError):
     """A job that cannot run as asked: bad cells, an empty forget set, a mismatched checkpoint."""
-
-
-class UnlearningDiverged(RuntimeError):
-    """The method left non-finite weights (a step size far too large, say): there is no
-    model to publish, and running the same job again gives the same result."""
 
 
 def check_finite(model, method: str) -> None:
@@ -44,6 +40,30 @@ def check_finite(model, method: str) -> None:
         raise UnlearningDiverged(f"{method} left non-finite weights in {len(bad)} of {len(state)} tensors "
                                  f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing to publish: "
                                  f"check the configuration (a smaller 'lr'?)")
+
+
+@torch.no_grad()
+def check_predictions_finite(model, images: torch.Tensor, method: str) -> None:
+    """:class:`UnlearningDiverged` naming the tasks whose predictions on ``images`` hold a NaN
+    or an infinity: weights can stay finite (huge, say) while the outputs overflow."""
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = model(images)
+    finally:
+        model.train(was_training)
+    bad = [task for task, out in outputs.items() if not bool(torch.isfinite(out).all())]
+    if bad:
+        raise UnlearningDiverged(f"{method} left a model whose {', '.join(bad)} predictions are not finite on "
+                                 f"{len(images)} probe images (its weights are finite); nothing to publish: check the "
+                                 f"configuration (a smaller 'lr'?)")
+
+
+def _probe_images(train: MultiTaskDataset, test: MultiTaskDataset, cells: list[Cell], device) -> torch.Tensor:
+    """The forgotten instances' images and up to 8 held-out ones, on ``device``."""
+    forgotten = list(dict.fromkeys(iid for iid, _ in cells))
+    parts = [train.images[[train.index_of(i) for i in forgotten]], test.images[:8]]
+    return torch.cat([p.to(device) for p in parts])
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -238,7 +258,8 @@ def run_unlearning_job(
     names, types and ranges (:mod:`unlearning.methods.params`); the device and seed.
     Errors are :class:`JobInputError` (a ValueError) naming the culprit; an unknown
     method is a KeyError naming the known ones. A method that leaves a NaN or an
-    infinity in the weights raises :class:`UnlearningDiverged` instead of returning
+    infinity in the weights, or in the predictions on the forgotten instances and
+    8 held-out images, raises :class:`UnlearningDiverged` instead of returning
     the model.
 
     ``cache`` is a dict the caller keeps per model version. It holds what
@@ -322,6 +343,7 @@ def run_unlearning_job(
     t_unlearn = time.perf_counter()
     unlearned, log = get_method(method)(model, data, cfg)
     check_finite(unlearned, method)
+    check_predictions_finite(unlearned, _probe_images(train, test, cells, device), method)
     unlearn_seconds = time.perf_counter() - t_unlearn
     report(0.9)
 

@@ -246,6 +246,54 @@ def test_the_finiteness_check_names_the_tensors(setup):
         check_finite(broken, "x")
 
 
+def test_a_job_whose_update_overflows_raises_instead_of_skipping_the_rest(setup):
+    # a NaN gradient used to be skipped as a step of norm 0, and stayed in Adam's moments:
+    # every later step was skipped too, and the job "succeeded" with UIS NaN
+    from unlearning.job import UnlearningDiverged
+
+    model, train, test = setup
+    with pytest.raises(UnlearningDiverged, match="interference_aware: the update is not finite"):
+        run_unlearning_job(model, train, test, [("i0", "depth")],
+                           config={"optimizer": "sgd", "lr": 1e6, "max_norm": 1e9, "steps": 30})
+
+
+def test_a_model_with_finite_weights_and_non_finite_predictions_is_refused(setup):
+    import copy
+
+    from unlearning.job import UnlearningDiverged, check_finite, check_predictions_finite
+
+    model, train, test = setup
+    check_predictions_finite(model, test.images, "x")
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.heads["depth"].out.weight.fill_(3e38)  # finite, but its outputs overflow
+    check_finite(broken, "x")
+    broken.train()
+    with pytest.raises(UnlearningDiverged, match=r"x left a model whose depth predictions are not finite on 8 probe"):
+        check_predictions_finite(broken, test.images, "x")
+    assert broken.training  # run in eval mode, then put back as it was
+
+
+def test_adam_counts_steps_per_parameter_like_torch(setup):
+    # a parameter that joins late (repair_protected_heads) gets Adam's first steps, not
+    # steps bias-corrected with the other parameters' count (up to 4x too large)
+    from unlearning.methods.interference_aware import DEFAULTS, Stepper
+
+    early, late, twin = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    stepper = Stepper(dict(DEFAULTS, lr=0.1))
+    reference = torch.optim.Adam([twin], lr=0.1, betas=DEFAULTS["betas"], eps=1e-8)
+    gradient = torch.tensor([1.0, -2.0, 0.5])
+    for _ in range(50):
+        _, g = stepper.precondition([early], [None], [gradient])
+        stepper.step([early], g)
+    for _ in range(5):
+        _, g = stepper.precondition([early, late], [None, None], [gradient, gradient])
+        stepper.step([early, late], g)
+        twin.grad = gradient.clone()
+        reference.step()
+    torch.testing.assert_close(late.detach(), twin.detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs,says", [({"device": "tpu"}, "device 'tpu'"), ({"seed": "abc"}, "seed must be an integer"),
                                           ({"device": "meta"}, "device 'meta' is not supported: use 'auto', 'cpu' or"),
                                           ({"device": torch.device("meta")}, "is not supported"),

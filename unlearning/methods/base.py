@@ -17,6 +17,13 @@ from ..data.base import Cell, MultiTaskDataset
 from ..tasks import get_task
 
 
+class UnlearningDiverged(RuntimeError):
+    """The method's run went non-finite (a step size far too large, say): there is no model
+    to publish, and running the same job again gives the same result. Raised by a method
+    whose update is no longer finite and by :func:`unlearning.job.run_unlearning_job`
+    when the weights or the predictions it returns are not."""
+
+
 @dataclass
 class UnlearnData:
     """Everything a method may read.

@@ -135,7 +135,7 @@ import torch.nn.functional as F
 from ..data.base import Batch
 from ..losses import cell_losses, per_sample_losses
 from ..projection import cached_subspaces, forget_projector, project_rows, shared_convs, shared_norms
-from .base import UnlearnData
+from .base import UnlearnData, UnlearningDiverged
 from .loops import OPTIMIZERS
 
 PROTECTS_HEADS = True
@@ -815,15 +815,14 @@ class Stepper:
             raise ValueError(f"interference_aware: 'betas' must be two numbers in [0, 1), got {betas!r}")
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.max_norm = float(cfg["max_norm"])
-        self.t = 0
-        self.v: dict[int, torch.Tensor] = {}
+        self.t: dict[int, int] = {}  # steps per parameter, as torch.optim.Adam counts them: one that
+        self.v: dict[int, torch.Tensor] = {}  # joins late (repair_protected_heads) starts its own count
         self.m: dict[int, torch.Tensor] = {}
 
     def precondition(self, params, forget, retain):
         """``(P g_f, P λḡ_r)`` per parameter (None where a part is absent); ``P = I`` for sgd."""
         if self.kind != "adam":
             return forget, retain
-        self.t += 1
         out_f, out_r = [], []
         for p, gf, gr in zip(params, forget, retain):
             parts = [g.detach() for g in (gf, gr) if g is not None]
@@ -831,19 +830,27 @@ class Stepper:
                 out_f.append(None)
                 out_r.append(None)
                 continue
+            self.t[id(p)] = t = self.t.get(id(p), 0) + 1
             sq = sum(g * g for g in parts)
             v = self.v.get(id(p))
             self.v[id(p)] = v = (1 - self.beta2) * sq if v is None else v.mul_(self.beta2).add_((1 - self.beta2) * sq)
-            scale = 1.0 / ((v / (1 - self.beta2 ** self.t)).sqrt() + 1e-8)
+            scale = 1.0 / ((v / (1 - self.beta2 ** t)).sqrt() + 1e-8)
             out_f.append(None if gf is None else gf * scale)
             out_r.append(None if gr is None else gr * scale)
         return out_f, out_r
 
     @torch.no_grad()
     def step(self, params, update) -> float:
-        """Apply the (preconditioned) update; returns the norm of the step direction."""
+        """Apply the (preconditioned) update; returns the norm of the step direction.
+        :class:`UnlearningDiverged` when it is not finite: a NaN would stay in Adam's
+        moments and void every later step, so the run would end with a model no step moved
+        since, or one whose weights are finite but whose predictions are not."""
         norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update if u is not None) or torch.zeros(())))
-        if norm == 0.0 or not math.isfinite(norm):
+        if not math.isfinite(norm):
+            raise UnlearningDiverged("interference_aware: the update is not finite (a NaN or an infinity in the "
+                                     "gradients: the model's losses overflowed); check the configuration (a "
+                                     "smaller 'lr'?)")
+        if norm == 0.0:
             return 0.0
         if self.kind == "sgd":
             # a memorised model's loss surface is steep near its training points
@@ -857,7 +864,7 @@ class Stepper:
                 continue
             m = self.m.get(id(p))
             self.m[id(p)] = m = (1 - self.beta1) * u if m is None else m.mul_(self.beta1).add_((1 - self.beta1) * u)
-            p.sub_(self.lr * m / (1 - self.beta1 ** self.t))
+            p.sub_(self.lr * m / (1 - self.beta1 ** self.t[id(p)]))
         return norm
 
 
