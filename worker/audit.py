@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -72,7 +72,9 @@ def append_event(
     prev = head.hash if head else GENESIS
     seq = (head.seq + 1) if head else 1
     now = utcnow()
-    at = now.replace(microsecond=(now.microsecond // 1000) * 1000)  # ms precision survives every backend
+    # ms precision survives every backend; rounded up, so an event is never stamped before a
+    # row its transaction wrote first (a request's created_at: ?since=<created_at> finds its event)
+    at = now + timedelta(microseconds=-now.microsecond % 1000)
     event = AuditEvent(
         seq=seq,
         at=at,

@@ -203,3 +203,20 @@ def test_an_event_appended_while_verifying_is_not_a_broken_chain(client, setting
     assert (report["ok"], report["events"], report["reason"], report["head"]["seq"]) == (True, 3, None, 3), report
     again = client.get("/audit/verify", params=report["head"]).json()
     assert (again["ok"], again["events"], again["head"]["seq"]) == (True, 4, 4)
+
+
+def test_a_requests_event_is_not_stamped_before_the_request(client, model, monkeypatch):
+    """Events carry milliseconds; rounding down put a request's deletion.received event up to
+    1 ms before the request's created_at, so ?since=<created_at> missed the request's own event."""
+    from datetime import datetime, timezone
+
+    import worker.audit
+    import worker.requests
+
+    instant = datetime(2026, 12, 6, 19, 42, 4, 705014, tzinfo=timezone.utc)
+    for module in (worker.audit, worker.requests):
+        monkeypatch.setattr(module, "utcnow", lambda: instant)
+    request = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["depth"]}).json()
+    assert request["created_at"] == "2026-12-06T19:42:04.705014Z"
+    events = client.get("/audit/events", params={"kind": "deletion.received", "since": request["created_at"]}).json()
+    assert [(e["request_id"], e["at"]) for e in events["items"]] == [(request["id"], "2026-12-06T19:42:04.706000Z")]
