@@ -122,6 +122,18 @@ require_deletions = require("deletions")
 require_read = require("read")
 require_admin = require("admin")
 
+
+
+def require_read_or_admin(request: Request,
+                          credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str | None:
+    """The models router's check, run before anything else of its routes: reading takes
+    ``read``, a write (rollback, purge) ``admin``. Each route states its own scope too; this
+    one only puts the key first, so that a route's other checks (an unknown query
+    parameter, a 422) never answer a caller who would get a 401 or a 403."""
+    check = require_read if request.method in ("GET", "HEAD") else require_admin
+    return check(request, credentials)
+
+
 DeletionsCaller = Annotated[str | None, Depends(require_deletions)]
 AdminCaller = Annotated[str | None, Depends(require_admin)]
 

@@ -15,7 +15,7 @@ from worker.db import engine_for, read_only
 from worker.settings import Settings, get_settings
 from worker.signing import load_signer
 
-from .auth import require_deletions, require_read
+from .auth import require_deletions, require_read, require_read_or_admin
 from .guards import BodyLimitMiddleware, HeadAsGetMiddleware, known_query_parameters
 from .metrics import HttpMetricsMiddleware, build_registry
 from .problems import document_problems, install_problem_handlers
@@ -77,10 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HeadAsGetMiddleware)  # innermost: the routes see GET
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
-    # the API key's scope first (app.auth; models checks per route: reading is `read`, a rollback `admin`)
-    for module, scope in ((deletions, require_deletions), (audit, require_read), (models, None), (jobs, require_read)):
-        checks = [Depends(scope)] if scope else []
-        app.include_router(module.router, dependencies=[*checks, Depends(known_query_parameters)])
+    # the API key's scope first (app.auth; models: reading is `read`, a rollback or a purge `admin`)
+    for module, scope in ((deletions, require_deletions), (audit, require_read), (models, require_read_or_admin),
+                          (jobs, require_read)):
+        app.include_router(module.router, dependencies=[Depends(scope), Depends(known_query_parameters)])
     app.include_router(certificates.router, dependencies=[Depends(known_query_parameters)])  # public, no key
     # probes and scrapers may add query strings of their own (cache busting, ?name[]= filters)
     app.include_router(health.router)

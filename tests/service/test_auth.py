@@ -100,6 +100,25 @@ def test_each_scope_opens_its_routes_only(keyed, settings, model):
     assert [d["id"] for d in keyed.get("/deletions", headers=_bearer("ops")).json()["items"]] == [request_id]
 
 
+def test_the_key_is_checked_before_the_query_string_on_every_router(keyed, settings, model):
+    # an unknown query parameter is a 422, but only for a caller allowed to be told so: the
+    # models router checked it before the key (its scopes were per route), answering 422
+    # where every other router answers 401 or 403
+    routes = [("GET", "/models"), ("GET", f"/models/{model.name}/versions"),
+              ("GET", f"/models/{model.name}/versions/1"), ("POST", f"/models/{model.name}/rollback"),
+              ("POST", f"/models/{model.name}/purge"), ("GET", "/jobs"), ("GET", "/audit/events"),
+              ("GET", "/deletions")]
+    for method, path in routes:
+        assert_problem(keyed.request(method, path, params={"x": "1"}, json={"version": 1}), 401, "unauthorized")
+    for name, method, path in [("portal", "GET", "/models"), ("portal", "GET", f"/models/{model.name}/versions"),
+                               ("auditor", "POST", f"/models/{model.name}/rollback"),
+                               ("auditor", "POST", f"/models/{model.name}/purge"), ("portal", "GET", "/jobs")]:
+        r = keyed.request(method, path, params={"x": "1"}, json={"version": 1}, headers=_bearer(name))
+        assert_problem(r, 403, "forbidden")
+    problem = assert_problem(keyed.get("/models", params={"x": "1"}, headers=_bearer("auditor")), 422)
+    assert "x" in problem["detail"]
+
+
 def test_the_key_that_acted_is_the_audit_events_actor(keyed, settings, model):
     r = keyed.post("/deletions", json={"instance_id": model.train_ids[1], "tasks": "all"}, headers=_bearer("portal"))
     assert r.status_code == 202, r.text
