@@ -1,11 +1,14 @@
-"""Limits on what a request may carry, checked before a route runs: the body's size
-and the query parameters a route knows; and HEAD, answered as GET without the body."""
+"""Limits on what a request may carry, checked before a route runs: the body's size, a
+JSON body's names given once, the query parameters a route knows; and HEAD, answered
+as GET without the body."""
 from __future__ import annotations
 
+import json
 import types
 import typing
 
 from fastapi import Request
+from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -70,6 +73,47 @@ class HeadAsGetMiddleware:
             await self.app(scope, receive, headers_only)
         finally:
             scope["method"] = "HEAD"
+
+
+class RepeatedName(ValueError):
+    pass
+
+
+def _names_once(pairs: list[tuple[str, typing.Any]]) -> dict:
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise RepeatedName(f"the name {name!r} is given twice in one object; give each name once")
+        seen.add(name)
+    return dict(pairs)
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body may not give a name twice in one object. ``json.loads``
+    keeps the last of ``{"instance_id": "a", "instance_id": "b"}``, so the service would
+    erase ``b`` while a gateway or a log that keeps the first records ``a``: as for a
+    query parameter or an ``Authorization`` header given twice, the request is refused."""
+
+    async def json(self) -> typing.Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = json.loads(body, object_pairs_hook=_names_once)
+            except RepeatedName as exc:  # FastAPI turns a JSONDecodeError into its json_invalid error
+                raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """The route class of every router: its handler reads the body as :class:`StrictJSONRequest`."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request):
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
 
 
 def _refusing(error: Exception):

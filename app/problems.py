@@ -63,7 +63,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         {"loc": list(e.get("loc", ())), "msg": said_in_words(e), "type": e.get("type")} for e in exc.errors()
     ]
     if any(e["type"] == "json_invalid" for e in errors):
-        return problem(request, 400, "Malformed JSON", "the request body is not valid JSON", "malformed-json", errors=errors)
+        repeated = [e["ctx"]["error"] for e in exc.errors()
+                    if e.get("type") == "json_invalid" and "given twice" in str((e.get("ctx") or {}).get("error"))]
+        detail = f"the request body is not valid JSON for this API: {repeated[0]}" if repeated else \
+            "the request body is not valid JSON"
+        return problem(request, 400, "Malformed JSON", detail, "malformed-json", errors=errors)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not _is_json(media) and any(e["loc"][:1] == ["body"] for e in errors):
         # FastAPI reads a body of another type, or of none (strict_content_type), as raw

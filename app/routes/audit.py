@@ -13,9 +13,10 @@ from worker.queries import list_events
 from worker.settings import SHA256_PATTERN
 
 from ..deps import ReadSessionDep
+from ..guards import StrictJSONRoute
 from ..schemas import AuditEventOut, AuditPage, ChainReport, Text, UTCDateTime
 
-router = APIRouter(prefix="/audit", tags=["audit"])
+router = APIRouter(prefix="/audit", tags=["audit"], route_class=StrictJSONRoute)
 
 
 @router.get("/events", response_model=AuditPage)

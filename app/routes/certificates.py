@@ -5,9 +5,10 @@ from fastapi import APIRouter, Request
 
 from worker.errors import NotFound
 
+from ..guards import StrictJSONRoute
 from ..schemas import CertificateKey
 
-router = APIRouter(prefix="/certificates", tags=["certificates"])
+router = APIRouter(prefix="/certificates", tags=["certificates"], route_class=StrictJSONRoute)
 
 
 @router.get("/public-key", response_model=CertificateKey)

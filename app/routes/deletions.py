@@ -6,11 +6,13 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from worker.errors import Invalid
 from worker.queries import list_requests
 from worker.requests import deletion_certificate, get_request, submit_deletion
 
 from ..auth import DeletionsCaller, RequestOwner
 from ..deps import ReadSessionDep, SessionDep, SettingsDep
+from ..guards import StrictJSONRoute
 from ..schemas import (
     DeletionAccepted,
     DeletionCreate,
@@ -24,13 +26,14 @@ from ..schemas import (
     deletion_out,
 )
 
-router = APIRouter(prefix="/deletions", tags=["deletions"])
+router = APIRouter(prefix="/deletions", tags=["deletions"], route_class=StrictJSONRoute)
 
 
 @router.post("", status_code=202, response_model=DeletionAccepted,
              responses={409: {"description": "a cell is already erased or pending (the problem's cells name each)"}})
 def create_deletion(
     body: DeletionCreate,
+    request: Request,
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
@@ -43,8 +46,13 @@ def create_deletion(
     Unknown model: 404. Unknown task or instance: 422. Cells already erased or
     pending in another request: 409 naming them (a key that sees its own requests
     only is not told the ids of other submitters'). Same ``Idempotency-Key`` and
-    body: the first answer again; same key, other body: 422.
+    body: the first answer again; same key, other body: 422; two such headers: 422
+    (a proxy or a log keeping the other would see another key). A JSON name given twice
+    in the body is a 400.
     """
+    sent = len(request.headers.getlist("idempotency-key"))
+    if sent > 1:
+        raise Invalid(f"send one Idempotency-Key header; this request has {sent}", header="Idempotency-Key")
     with session.begin():
         submission = submit_deletion(
             session, settings, **body.model_dump(), idempotency_key=idempotency_key, actor=caller, visible_to=owner

@@ -9,11 +9,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from worker.db import read_only
 from worker.migrate import current_revision, head_revision
 
+from ..guards import StrictJSONRoute
 from ..problems import problem
 from ..schemas import Health
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=StrictJSONRoute)
 
 
 @router.get("/healthz", response_model=Health)

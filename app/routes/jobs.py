@@ -9,9 +9,10 @@ from worker.queries import list_jobs
 from worker.versions import get_job
 
 from ..deps import ReadSessionDep
+from ..guards import StrictJSONRoute
 from ..schemas import JobKind, JobOut, JobPage, JobStatus, Text, UTCDateTime, job_out, job_summary
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
 
 @router.get("", response_model=JobPage)

@@ -12,6 +12,7 @@ from worker.versions import (ancestors, get_version, list_models, list_versions,
 
 from ..auth import AdminCaller, require_read
 from ..deps import ReadSessionDep, SessionDep, SettingsDep
+from ..guards import StrictJSONRoute
 from ..schemas import (
     MAX_VERSION,
     ModelOut,
@@ -28,7 +29,7 @@ from ..schemas import (
     version_out,
 )
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=StrictJSONRoute)
 READ = [Depends(require_read)]  # API keys: reading takes `read`, a rollback `admin` (app.auth)
 
 

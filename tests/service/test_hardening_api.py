@@ -570,3 +570,34 @@ def test_the_openapi_document_describes_errors_as_problem_documents(backend):
                      ("/models/{name}/rollback", "post"), ("/models/{name}/purge", "post")):
         assert (*conflict, "409") in errors  # the routes that answer 409 say so
     assert not any(key[0] in ("/healthz", "/certificates/public-key") and key[2] in ("401", "403") for key in errors)
+
+
+def test_a_json_name_given_twice_is_refused_and_nothing_is_stored(backend):
+    # json.loads keeps the last value: the service would erase indoor-00002 while a gateway or
+    # a log that keeps the first records indoor-00001
+    settings, model, client = backend
+    first, second = model.train_ids[:2]
+    before = counts(settings)
+    bodies = [("/deletions", f'{{"instance_id": "{first}", "tasks": ["depth"], "instance_id": "{second}"}}', "instance_id"),
+              (f"/models/{model.name}/rollback", '{"version": 1, "version": 1}', "version")]
+    for path, body, name in bodies:
+        r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+        problem = assert_problem(r, 400, "malformed-json")
+        assert problem["detail"] == (f"the request body is not valid JSON for this API: the name {name!r} is given "
+                                     "twice in one object; give each name once")
+    nested = client.post("/deletions", content=b'{"instance_id": "x", "tasks": [{"a": 1, "a": 2}]}',
+                         headers={"content-type": "application/json"})
+    assert_problem(nested, 400, "malformed-json")
+    assert counts(settings) == before
+    once = client.post("/deletions", json={"instance_id": first, "tasks": ["depth"]})
+    assert once.status_code == 202, once.text
+
+
+def test_two_idempotency_keys_are_refused_and_nothing_is_stored(backend):
+    settings, model, client = backend
+    before = counts(settings)
+    r = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["depth"]},
+                    headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")])
+    problem = assert_problem(r, 422, "invalid-request")
+    assert problem["detail"] == "send one Idempotency-Key header; this request has 2"
+    assert counts(settings) == before
