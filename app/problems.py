@@ -155,6 +155,15 @@ _COMMON_PROBLEMS = {
     "requestBody": {"400": "the body is not JSON", "413": "the body is over the size limit",
                     "415": "the body is not application/json"},
 }
+#: the errors of every operation of these tags: the routers that check query strings
+#: (guards.known_query_parameters) and, all but certificates, read or write the record
+_TAG_PROBLEMS = {
+    "query": ({"deletions", "models", "jobs", "audit", "certificates"},
+              {"422": "a query parameter the route does not take, or one given twice"}),
+    "record": ({"deletions", "models", "jobs", "audit"},
+               {"503": "the record (database) is unavailable: nothing was stored; try again after Retry-After "
+                       "seconds"}),
+}
 
 
 def document_problems(schema: dict) -> dict:
@@ -171,6 +180,10 @@ def document_problems(schema: dict) -> dict:
             responses = operation.setdefault("responses", {})
             for part, problems in _COMMON_PROBLEMS.items():
                 if operation.get(part):
+                    for status, description in problems.items():
+                        responses.setdefault(status, {"description": description})
+            for tags, problems in _TAG_PROBLEMS.values():
+                if tags & set(operation.get("tags", ())):
                     for status, description in problems.items():
                         responses.setdefault(status, {"description": description})
             if "{" in path:

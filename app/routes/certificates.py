@@ -11,7 +11,8 @@ from ..schemas import CertificateKey
 router = APIRouter(prefix="/certificates", tags=["certificates"], route_class=StrictJSONRoute)
 
 
-@router.get("/public-key", response_model=CertificateKey)
+@router.get("/public-key", response_model=CertificateKey,
+            responses={404: {"description": "certificates are not signed here (no signing key configured)"}})
 def read_public_key(request: Request) -> CertificateKey:
     """The Ed25519 public key (raw, base64) and its id, which a certificate's
     ``signature.key_id`` names; 404 when certificates are not signed

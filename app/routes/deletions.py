@@ -30,7 +30,8 @@ router = APIRouter(prefix="/deletions", tags=["deletions"], route_class=StrictJS
 
 
 @router.post("", status_code=202, response_model=DeletionAccepted,
-             responses={409: {"description": "a cell is already erased or pending (the problem's cells name each)"}})
+             responses={404: {"description": "no model of that name (the body's model, or the service's default)"},
+                        409: {"description": "a cell is already erased or pending (the problem's cells name each)"}})
 def create_deletion(
     body: DeletionCreate,
     request: Request,
@@ -107,7 +108,10 @@ def read_deletion(request_id: Text, session: ReadSessionDep, owner: RequestOwner
 
 
 @router.get("/{request_id}/certificate",
-            responses={409: {"description": "the request is not completed yet (request_status says where it is)"}})
+            responses={200: {"description": "the certificate: what was removed, the method, the metrics, the "
+                                             "versions, the audit events, certificate_sha256 (and signature)",
+                             "content": {"application/json": {"schema": {"type": "object"}}}},
+                       409: {"description": "the request is not completed yet (request_status says where it is)"}})
 def read_certificate(request_id: Text, session: ReadSessionDep, request: Request, owner: RequestOwner,
                      settings: SettingsDep) -> JSONResponse:
     """The deletion certificate of a completed request (409 before that).

@@ -570,6 +570,15 @@ def test_the_openapi_document_describes_errors_as_problem_documents(backend):
                      ("/models/{name}/rollback", "post"), ("/models/{name}/purge", "post")):
         assert (*conflict, "409") in errors  # the routes that answer 409 say so
     assert not any(key[0] in ("/healthz", "/certificates/public-key") and key[2] in ("401", "403") for key in errors)
+    # what every route of a kind can answer: an unknown query parameter (422), the database down (503)
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if path not in ("/healthz", "/readyz"):
+                assert (path, method, "422") in errors, (path, method)
+            if not path.startswith(("/healthz", "/readyz", "/certificates/")):
+                assert (path, method, "503") in errors, (path, method)
+    assert ("/deletions", "post", "404") in errors  # an unknown model
+    assert ("/certificates/public-key", "get", "404") in errors  # no signing key
 
 
 def test_a_json_name_given_twice_is_refused_and_nothing_is_stored(backend):
