@@ -24,6 +24,9 @@ TORCH_SEEDS = range(-(2**63), 2**64)
 # generators with ``s * 1_000_003 + salt``, salt <= 11 (unlearning.methods.loops,
 # interference_aware): the seeds for which every one of those is a torch seed.
 METHOD_SEEDS = range(-(2**63 // 1_000_003), (2**64 - 1 - 11) // 1_000_003 + 1)
+# interference_aware's ``shadow_seed`` ``s`` seeds the split of the calibration's folds with
+# ``7_919 + s`` (interference_aware.shadow_folds): the seeds for which that is a torch seed.
+SHADOW_SEEDS = range(TORCH_SEEDS.start - 7_919, TORCH_SEEDS.stop - 7_919)
 
 
 class CliError(ValueError):

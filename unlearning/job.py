@@ -127,7 +127,8 @@ def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable) -> li
 
 
 def check_model_matches(model, train: MultiTaskDataset, test: MultiTaskDataset | None = None) -> None:
-    """:class:`JobInputError` when the checkpoint's tasks, output or input channels do not match the data."""
+    """:class:`JobInputError` when the checkpoint's tasks, output or input channels, or the dtype of
+    its parameters, do not match the data."""
     model_tasks = list(getattr(model, "tasks", []))
     if sorted(model_tasks) != sorted(train.tasks):
         raise JobInputError(
@@ -149,6 +150,12 @@ def check_model_matches(model, train: MultiTaskDataset, test: MultiTaskDataset |
         if data is not None and in_channels is not None and data.images.shape[1] != in_channels:
             raise JobInputError(f"checkpoint does not match the dataset: the model takes {in_channels}-channel images, "
                                 f"the {name} images of {data.name!r} have {data.images.shape[1]}")
+    # a float64 (or half) model on float32 images fails inside its first convolution, mid-job
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    for name, data in (("training", train), ("test", test)):
+        if data is not None and dtypes and dtypes != [str(data.images.dtype)]:
+            raise JobInputError(f"checkpoint does not match the dataset: the model's parameters are "
+                                f"{', '.join(dtypes)}, the {name} images of {data.name!r} are {data.images.dtype}")
     if test is not None and list(test.tasks) != list(train.tasks):
         raise JobInputError(f"test tasks {test.tasks} differ from training tasks {train.tasks}")
     if test is not None and train.image_size != test.image_size:

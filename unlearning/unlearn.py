@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -88,6 +89,13 @@ def method_config(text: str | None) -> dict:
 
 
 STORE_MANIFEST = "manifest.json"  # a version folder of the service's model store (model_store.local)
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # how the store writes a weights' hash (model_store.base)
+
+
+def _short(value, limit: int = 70) -> str:
+    """A bounded repr of a value read from a manifest, for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
@@ -98,7 +106,8 @@ def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
 
     A version folder of the service's model store keeps the dataset spec, the recipe
     and the lineage's erased cells in its ``manifest.json`` instead; they are read from
-    there (as ``dataset``, ``train`` and ``erased``) after checking the weights' sha256.
+    there (as ``dataset``, ``train`` and ``erased``) after checking the weights against its
+    ``sha256``, which must be there (as the store's own load requires).
     The service's tombstones (cells erased outside this version's lineage, e.g. before
     a rollback) live in its database and are not seen here."""
     if not (directory / WEIGHTS_FILE).is_file() or not (directory / CONFIG_FILE).is_file():
@@ -113,7 +122,14 @@ def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
     if "dataset" not in manifest and (directory / STORE_MANIFEST).is_file():
         lineage_file = directory / STORE_MANIFEST
         store = _json(directory / STORE_MANIFEST)
-        if store.get("sha256") and store["sha256"] != weights_sha256:
+        recorded = store.get("sha256")
+        # required, as the store's own load requires it (model_store.base.Manifest; not imported:
+        # model_store depends on the engine, not the other way): a manifest without it, or with
+        # an empty one, used to let any weights through
+        if not (isinstance(recorded, str) and _SHA256.fullmatch(recorded)):
+            raise UnlearnCliError(f"{directory / STORE_MANIFEST} has no valid 'sha256' of its weights (64 lowercase "
+                                  f"hex digits), got {_short(recorded)}: {directory / WEIGHTS_FILE} cannot be checked")
+        if recorded != weights_sha256:
             raise UnlearnCliError(f"{directory / WEIGHTS_FILE} does not match the sha256 in its {STORE_MANIFEST}")
         manifest.update(dataset=store.get("dataset"), erased=store.get("erased_cells") or [])
         if store.get("train_config"):

@@ -139,6 +139,35 @@ def test_the_seed_ranges_are_what_torch_takes():
     torch.manual_seed(0)
 
 
+def test_the_seeds_of_a_method_configuration_are_bounded_to_what_torch_takes():
+    """interference_aware's ``shadow_seed`` seeds the folds' split with ``7_919 + seed`` and a
+    training recipe's ``seed`` torch itself: the bounds of their checks are what torch takes,
+    and the next integer out is a configuration problem, not "Overflow when unpacking long
+    long" from inside a job."""
+    from unlearning.cli import SHADOW_SEEDS, TORCH_SEEDS
+    from unlearning.methods.interference_aware import shadow_folds
+    from unlearning.methods.params import config_problems
+
+    ids = ["a", "b", "c"]
+    for seed in (SHADOW_SEEDS.start, SHADOW_SEEDS[-1]):
+        assert sorted(i for fold in shadow_folds(ids, 2, seed) for i in fold) == ids
+        assert config_problems("interference_aware", {"shadow_seed": seed}) == []
+    for seed in (SHADOW_SEEDS.start - 1, SHADOW_SEEDS[-1] + 1):
+        with pytest.raises((ValueError, RuntimeError, OverflowError)):
+            shadow_folds(ids, 2, seed)
+        assert config_problems("interference_aware", {"shadow_seed": seed}) == [
+            f"interference_aware parameter 'shadow_seed' must be >= {SHADOW_SEEDS.start} and <= {SHADOW_SEEDS[-1]}, "
+            f"got {seed}"]
+    for seed in (TORCH_SEEDS.start, TORCH_SEEDS[-1]):
+        assert config_problems("interference_aware", {"shadow_recipe": {"seed": seed}}) == []
+        assert config_problems("retrain", {"seed": seed, "train": {"seed": seed}}) == []
+    for seed in (TORCH_SEEDS.start - 1, TORCH_SEEDS[-1] + 1):
+        assert config_problems("interference_aware", {"shadow_recipe": {"seed": seed}}) == [
+            f"interference_aware parameter 'shadow_recipe'['seed'] must be >= {TORCH_SEEDS.start} and "
+            f"<= {TORCH_SEEDS[-1]}, got {seed}"]
+        assert len(config_problems("retrain", {"seed": seed, "train": {"seed": seed}})) == 2
+
+
 def link_to_empty(tmp_path: Path) -> Path:
     (tmp_path / "target").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "target")

@@ -214,6 +214,34 @@ def test_targets_not_shaped_for_their_task_and_the_images_are_refused(indoor, ta
         MultiTaskDataset("bad", train.tasks, train.images, targets, train.instance_ids, train.num_classes)
 
 
+@pytest.mark.parametrize("part, change, says", [
+    # 0.5 passed the label range check (int() truncated it) and failed in the loss: "expected
+    # target dtype to be Long or Byte, but got Float"
+    ("segmentation", lambda t: t.float() + 0.5, "'segmentation' targets are torch.float32; expected torch.int64"),
+    ("segmentation", lambda t: t.int(), "'segmentation' targets are torch.int32; expected torch.int64"),
+    ("segmentation", lambda t: t.clamp_min(0).to(torch.uint8), "'segmentation' targets are torch.uint8; expected "
+                                                                 "torch.int64 (class indices, -1 to ignore a pixel)"),
+    ("depth", lambda t: t.double(), "'depth' targets are torch.float64; expected torch.float32"),
+    ("normal", lambda t: t.half(), "'normal' targets are torch.float16; expected torch.float32"),
+    ("images", lambda t: t.double(), "images are torch.float64; expected torch.float32"),  # failed in the first conv
+    ("images", lambda t: (t * 255).to(torch.uint8), "images are torch.uint8; expected torch.float32"),
+])
+def test_images_and_targets_of_another_dtype_are_refused_naming_the_task_and_dtype(indoor, part, change, says):
+    """A dataset built by hand with the wrong dtype is refused where it is built, naming the
+    dataset, the task and both dtypes, not mid-job with a torch error."""
+    from unlearning.data.base import MultiTaskDataset
+
+    train = indoor[0]
+    images = change(train.images) if part == "images" else train.images
+    targets = {**train.targets, **({part: change(train.targets[part])} if part != "images" else {})}
+    with pytest.raises(ValueError, match=rf"^dataset 'bad': {re.escape(says)}"):
+        MultiTaskDataset("bad", train.tasks, images, targets, train.instance_ids, train.num_classes)
+    # what the loaders give passes, with or without a mask of supervised cells
+    assert train.images.dtype == torch.float32 and train.targets["segmentation"].dtype == torch.int64
+    assert len(MultiTaskDataset("ok", train.tasks, train.images, train.targets, train.instance_ids,
+                                train.num_classes, train.available)) == 6
+
+
 def test_images_ids_and_mask_not_shaped_for_each_other_are_refused(indoor):
     from unlearning.data.base import MultiTaskDataset
 

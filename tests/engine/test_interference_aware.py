@@ -450,6 +450,50 @@ def test_given_shadow_scores_are_used_without_training(memorised):
     assert log["tau_quantiles"]["depth"] == [0.5, 0.5] and log["calibration"]["expected_mia_auc"] is None
 
 
+def test_scores_as_shadow_scores_and_the_service_give_them_pass_the_check_and_nan_is_no_score(memorised):
+    """``shadow_scores`` is checked before any work (:mod:`unlearning.methods.params`), and what
+    the code itself produces passes: :func:`shadow_scores`' result, its other keys included,
+    and the service's stored calibration after its JSON round trip, even with the NaN it
+    writes for a cell without a labelled pixel. The method reads that NaN as no score: an
+    unscored cell takes its task's mean over the scored ones (the NaN made that mean NaN,
+    and torch's quantile refused it)."""
+    import json
+    import math
+
+    from unlearning.methods.interference_aware import shadow_scores
+    from unlearning.methods.params import config_problems
+
+    model, train, test = memorised
+    blank, other = train.instance_ids[:2]
+    targets = {t: v.clone() for t, v in train.targets.items()}
+    targets["segmentation"][0] = -1  # no labelled pixel: no loss, so no score
+    unlabelled = MultiTaskDataset(train.name, train.tasks, train.images, targets, train.instance_ids, train.num_classes)
+    cells = [(other, "segmentation")]  # partial erasure: the instance keeps its depth and normal
+    scores = shadow_scores(model, _data(unlabelled, test, cells), {"epochs": 1}, folds=2, seed=0,
+                           trainer=lambda cells, recipe: model)  # every shadow the memorised model: no training
+    assert math.isnan(scores["partial"][blank]["segmentation"])
+    stored = json.loads(json.dumps({"kind": "interference_aware.shadow_scores", "sha256": "0" * 64,
+                                    "recipe": {"epochs": 1}, "seed": 0, **scores}))  # worker.calibration's payload
+    service = {"full": stored["full"], "partial": stored["partial"]}  # what a job of the lineage is given
+    for given in (scores, stored, service):
+        assert config_problems("interference_aware", {"shadow_scores": given}) == []
+    # the forgotten cell unscored (outside the trained folds of a "task_mean" calibration, say)
+    del service["partial"][other]["segmentation"]
+    finite = [v["segmentation"] for v in service["partial"].values()
+              if "segmentation" in v and not math.isnan(v["segmentation"])]
+    _, log = get_method("interference_aware")(model, _data(unlabelled, test, cells),
+                                              {"shadow_scores": service, "steps": 2})
+    calibration = log["calibration"]
+    assert calibration["scores"]["segmentation"] == [None]  # unscored: the task's mean
+    assert calibration["task_mean_scores"]["segmentation"] == pytest.approx(sum(finite) / len(finite), abs=1e-6)
+    assert calibration["expected_mia_auc"] == calibration["task_mean_scores"]["segmentation"]
+    # the task's only score NaN: none at all, so the fixed quantile
+    _, log = get_method("interference_aware")(model, _data(unlabelled, test, cells),
+                                              {"shadow_scores": {"partial": {other: {"segmentation": float("nan")}}},
+                                               "steps": 2, "tau_quantile_partial": 0.4})
+    assert log["tau_quantiles"]["segmentation"] == [0.4] and log["calibration"]["expected_mia_auc"] is None
+
+
 def test_tau_refresh_scores_a_fixed_subset_of_a_large_heldout_set(memorised, monkeypatch):
     from unlearning.methods import interference_aware
 

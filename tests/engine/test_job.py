@@ -120,6 +120,20 @@ def test_a_checkpoint_for_other_image_channels_is_refused(setup):
         run_unlearning_job(other, train, test, [("i0", "depth")])
 
 
+def test_a_checkpoint_whose_parameters_are_of_another_dtype_than_the_images_is_refused(setup):
+    """A float64 model on the float32 data failed inside its first convolution, mid-job."""
+    import copy
+
+    from unlearning.job import check_model_matches
+
+    model, train, test = setup
+    check_model_matches(model, train, test)
+    wide = copy.deepcopy(model).double()
+    with pytest.raises(JobInputError, match=r"checkpoint does not match the dataset: the model's parameters are "
+                                            r"torch\.float64, the training images of 'tiny' are torch\.float32"):
+        run_unlearning_job(wide, train, test, [("i0", "depth")], config={"steps": 1})
+
+
 def test_unknown_method_is_refused(setup):
     model, train, test = setup
     with pytest.raises(KeyError, match="unknown unlearning method"):
@@ -195,6 +209,24 @@ def test_releasing_a_versions_device_data_keeps_the_rest_of_its_cache(setup):
     ("interference_aware", {"orthogonalize": "iterate", "orthogonalize_impl": "batched"}, "has only the 'per_tensor'"),
     ("interference_aware", {"tau": {"depth": -1.0}}, "'tau' must give each task a positive finite level"),
     ("interference_aware", {"tau": {"normal": 0.5}}, "must give every forgotten task a positive level; missing: ['depth']"),
+    # stored calibration scores: a table of {instance: {task: score in [0, 1]}} per mode (a string
+    # was an AttributeError inside the method, 5 an expected MIA AUC of 5.0)
+    ("interference_aware", {"shadow_scores": "x"}, "'shadow_scores' must be a mapping with 'full' and 'partial' tables"),
+    ("interference_aware", {"shadow_scores": {"partial": {"i0": {"depth": 5}}}},
+     "'shadow_scores' ['partial']['i0']['depth'] must be a score in [0, 1], got 5"),
+    ("interference_aware", {"shadow_scores": {"full": {"i0": {"depth": 0.5}, "i1": {"normal": float("inf")}}}},
+     "'shadow_scores' ['full']['i1']['normal'] must be a score in [0, 1], got inf"),
+    ("interference_aware", {"shadow_scores": {"full": {"i0": {"depth": "0.5", "normal": True}}}},
+     "'shadow_scores' ['full']['i0']['depth'] must be a score in [0, 1], got '0.5' (and 1 more)"),
+    ("interference_aware", {"shadow_scores": {"full": [0.5]}}, "'shadow_scores' ['full'] must be a mapping"),
+    ("interference_aware", {"shadow_scores": {"partial": {"i0": 0.5}}}, "'shadow_scores' ['partial']['i0'] must be an "
+                                                                        "instance id (a string) mapped to {task: score}"),
+    # seeds torch refuses once the code's offset is added ("Overflow when unpacking long long" mid-job)
+    ("interference_aware", {"shadow_seed": 2**64}, f"'shadow_seed' must be >= {-(2**63) - 7_919} and "
+                                                   f"<= {2**64 - 1 - 7_919}, got {2**64}"),
+    ("interference_aware", {"shadow_recipe": {"seed": 2**64}}, f"'shadow_recipe'['seed'] must be >= {-(2**63)} and "
+                                                               f"<= {2**64 - 1}, got {2**64}"),
+    ("retrain", {"train": {"seed": -(2**63) - 1}}, f"'train'['seed'] must be >= {-(2**63)}"),
 ])
 def test_a_configuration_value_the_method_cannot_use_is_refused_before_any_work(setup, method, config, says):
     model, train, test = setup

@@ -97,6 +97,11 @@ def test_unlearnd_unlearn_delegates_with_every_argument(checkpoint, tmp_path, ca
     (["--instance", "indoor-00001", "--config", '{"stepz": 3}'], "has no parameter 'stepz'"),
     (["--instance", "indoor-00001", "--config", "{steps: 3}"], "--config is neither a JSON object"),
     (["--instance", "indoor-00001", "--method", "finetune", "--calibrate"], "calibration is interference_aware's"),
+    # a usage error, not a traceback (an AttributeError inside the method, exit 1)
+    (["--instance", "indoor-00001", "--config", '{"shadow_scores": "x"}'], "'shadow_scores' must be a mapping"),
+    (["--instance", "indoor-00001", "--config", '{"shadow_scores": {"partial": {"indoor-00001": {"depth": 5}}}}'],
+     "'shadow_scores' ['partial']['indoor-00001']['depth'] must be a score in [0, 1], got 5"),
+    (["--instance", "indoor-00001", "--config", f'{{"shadow_seed": {2**64}}}'], "'shadow_seed' must be >= "),
 ])
 def test_bad_requests_exit_2_naming_the_problem_and_write_nothing(checkpoint, tmp_path, capsys, args, message):
     rc, _, err = run(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")] + args, capsys)
@@ -176,3 +181,35 @@ def test_a_version_folder_of_the_service_store_is_read_through_its_manifest(chec
     rc, _, err = run(["--checkpoint", str(folder), "--cell", "indoor-00003:normal", "--out", str(tmp_path / "v3")],
                      capsys)
     assert rc == 2 and "does not match the sha256" in err
+
+
+@pytest.mark.parametrize("damage", [lambda m: m.pop("sha256"), lambda m: m.update(sha256=""),
+                                    lambda m: m.update(sha256=None), lambda m: m.update(sha256="ABC")],
+                         ids=["missing", "empty", "null", "not-hex"])
+def test_a_store_folder_without_the_sha256_of_its_weights_is_refused(checkpoint, tmp_path, capsys, damage):
+    """The weights of a store folder are checked against its manifest's sha256, which must be
+    there: without it (or with an empty one) tampered weights were unlearned from, where the
+    store's own load refuses the folder."""
+    from model_store import DamagedManifest
+    from model_store.local import LocalModelStore
+    from unlearning.model import save_model
+
+    manifest = json.loads((checkpoint / "config.json").read_text())
+    store = LocalModelStore(tmp_path / "models")
+    model = load_model(checkpoint)
+    store.put_version(model, model_name="indoor", version=1, parent=None, dataset=manifest["dataset"],
+                      train_config=manifest["train"])
+    folder = tmp_path / "models" / "indoor" / "v1"
+    stored = json.loads((folder / "manifest.json").read_text())
+    damage(stored)
+    (folder / "manifest.json").write_text(json.dumps(stored))
+    with torch.no_grad():
+        model.heads["depth"].out.weight.zero_()  # weights the store never recorded
+    (folder / "model.safetensors").write_bytes(save_model(model, tmp_path / "tampered").read_bytes())
+
+    with pytest.raises(DamagedManifest, match="sha256"):
+        store.load("indoor", 1)
+    rc, _, err = run(["--checkpoint", str(folder), "--cell", "indoor-00003:normal", "--config", FAST,
+                      "--out", str(tmp_path / "v2")], capsys)
+    assert rc == 2 and f"{folder / 'manifest.json'} has no valid 'sha256' of its weights" in err
+    assert not (tmp_path / "v2").exists()

@@ -56,14 +56,44 @@ def check_target_shape(name: str, task: str, target: torch.Tensor, n: int, h: in
                          f"{form} for {n} images of {h}x{w}")
 
 
+#: The dtype of images and of every target but a label map: what the loaders and the renderer
+#: produce and the model's float32 parameters take (float64 images fail inside the first
+#: convolution; float64 targets would run, with losses and metrics at another precision than
+#: the loaders' data and twice the memory, so one dtype for all).
+FLOAT_DTYPE = torch.float32
+#: The dtype of a label map (``TARGET_CHANNELS`` None): what the cross-entropy loss takes as
+#: its target. Not converted from other integer types (a copy of every label map) nor from
+#: floats, which ``int()`` in the range check would truncate (0.5 passed as class 0).
+LABEL_DTYPE = torch.int64
+
+
+def check_dtypes(name: str, images: torch.Tensor, targets: dict[str, torch.Tensor], tasks: Sequence[str]) -> None:
+    """``ValueError`` naming the dataset ``name``, the images or the task, and the dtype given
+    and expected, unless the images and every target but a label map are ``FLOAT_DTYPE`` and
+    the label maps (segmentation) ``LABEL_DTYPE``; caught here rather than as a torch error
+    in the middle of a job."""
+    if images.dtype != FLOAT_DTYPE:
+        raise ValueError(f"dataset {name!r}: images are {images.dtype}; expected {FLOAT_DTYPE} "
+                         f"(0-255 images scaled to [0, 1])")
+    for task in tasks:
+        label_map = task in TARGET_CHANNELS and TARGET_CHANNELS[task] is None
+        expected = LABEL_DTYPE if label_map else FLOAT_DTYPE
+        given = targets[task].dtype
+        if given != expected:
+            what = "class indices, -1 to ignore a pixel" if label_map else "the images' dtype"
+            raise ValueError(f"dataset {name!r}: {task!r} targets are {given}; expected {expected} ({what})")
+
+
 class MultiTaskDataset(torch.utils.data.Dataset):
     """Images, per-task targets, instance ids and a (N,K) mask of the cells still supervised.
 
     The constructor checks that the instance ids are unique and one per image, that the
     images are (N,C,H,W), that every task has targets of its shape for those images
     (segmentation (N,H,W), depth (N,1,H,W), normal (N,3,H,W): :func:`check_target_shape`),
-    that ``available`` is (N,K), and, where data enters (no ``available`` given), that the
-    segmentation labels are -1 or a class below ``num_classes``; ``ValueError`` otherwise.
+    that the images and targets are float32 and the segmentation labels int64
+    (:func:`check_dtypes`), that ``available`` is (N,K), and, where data enters (no
+    ``available`` given), that the segmentation labels are -1 or a class below
+    ``num_classes``; ``ValueError`` otherwise.
     """
 
     def __init__(
@@ -93,6 +123,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             if task not in targets:
                 raise ValueError(f"dataset {name!r} lacks targets for task {task!r}")
             check_target_shape(name, task, targets[task], n, h, w)
+        check_dtypes(name, images, targets, tasks)
         if available is not None and tuple(available.shape) != (n, len(tasks)):
             raise ValueError(f"dataset {name!r}: the mask of supervised cells has shape {tuple(available.shape)}; "
                              f"expected ({n}, {len(tasks)}), one row per image and one column per task")

@@ -548,7 +548,8 @@ def reference_quantiles(original, data: UnlearnData, cfg: dict, forget: Batch, f
     AUC. With ``shadow_recipe`` (or ``shadow_scores``) each cell's out-of-fold score ``s``
     (:func:`shadow_scores`) says where a model that never saw it puts it (a cell without
     a score, e.g. outside the folds a ``shadow_trained_folds`` calibration trained with
-    ``shadow_extrapolate: "task_mean"``, gets the mean score of every scored cell of its
+    ``shadow_extrapolate: "task_mean"``, or with NaN, which :func:`shadow_scores` writes for
+    a cell it could not score, gets the mean score of every scored cell of its
     task in that mode, or the fixed quantile when the task has none): ``calibrate_per: "cell"`` takes each
     cell to ``1 - s``; ``"request"`` takes every cell of task k to ``1 - mean(s)`` over
     the request's cells of task k in its mode (the AUC the retrained model is expected to
@@ -601,7 +602,7 @@ def _mode_quantiles(table: dict, ids: list[str], forget: Batch, forget_tasks: li
     quantiles, cell_scores, expected, task_means, every = {}, {}, {}, {}, []
     for t in forget_tasks:
         own = torch.tensor([float((table.get(i) or {}).get(t, float("nan"))) for i in ids], dtype=torch.float64)
-        pool = [v[t] for v in table.values() if t in v]
+        pool = [v[t] for v in table.values() if t in v and v[t] == v[t]]  # NaN: a cell it could not score
         if not pool:  # the calibration scored no cell of this task in this mode: the fixed quantile
             quantiles[t] = torch.full((rows,), fixed, dtype=torch.float64)
             continue

@@ -16,6 +16,7 @@ import math
 from dataclasses import fields
 from typing import Any
 
+from ..cli import SHADOW_SEEDS, TORCH_SEEDS
 from . import method_choices, method_defaults
 
 #: parameters other methods' configurations may carry and every method accepts
@@ -58,9 +59,11 @@ RANGES = {
     ("neggrad_plus", "alpha"): (0, 1, True),
     ("salun", "gamma"): (0, 1, False),
     ("scrub", "min_steps"): (1, None, True),
-    ("*", "shadow_seed"): (None, None, True),  # seeds: any integer (torch takes negative ones)
+    # seeds: what torch takes once the code's offset is added (negative ones too); beyond
+    # that, "Overflow when unpacking long long" from inside the work (unlearning.cli)
+    ("*", "shadow_seed"): (SHADOW_SEEDS.start, SHADOW_SEEDS[-1], True),  # the folds' split: 7_919 + seed
     # the training recipe (retrain; "train" for any method)
-    ("retrain", "seed"): (None, None, True),
+    ("retrain", "seed"): (TORCH_SEEDS.start, TORCH_SEEDS[-1], True),  # torch.manual_seed(seed), as it is
     ("retrain", "epochs"): (1, None, True),
     ("retrain", "width"): (1, None, True),
     ("retrain", "depth"): (1, None, True),
@@ -130,9 +133,60 @@ def _levels_problem(value: Any) -> str | None:
     return f"must give each task a positive finite level, got {bad}" if bad else None
 
 
+#: the tables of interference_aware's ``shadow_scores`` (one per erasure mode)
+SCORE_TABLES = ("full", "partial")
+
+
+def _scores_problem(value: Any) -> str | None:
+    """interference_aware's ``shadow_scores``: a mapping whose ``"full"`` and ``"partial"``
+    tables (either absent or null: no score in that mode) are ``{instance id: {task: score}}``
+    with each score a number in [0, 1], an attack-AUC contribution. NaN is taken too: it is
+    what ``shadow_scores()`` writes for a cell it could not score (a cell without a labelled
+    pixel, a task without a finite held-out loss), and the method reads it as unscored. The
+    other keys ``shadow_scores()`` returns (``folds``, ``extrapolated``, ...) and those of the
+    service's stored calibration (``recipe``, ``sha256``, ...) are not read, so not checked.
+    A wrong value used to fail inside the method (a string: AttributeError; NaN in the
+    only score of a task: torch's quantile) or to pass (5: an expected MIA AUC of 5)."""
+    if not isinstance(value, dict):
+        return (f"must be a mapping with 'full' and 'partial' tables of {{instance id: {{task: score}}}} "
+                f"(what interference_aware.shadow_scores returns), got {_short(value)}")
+    bad = []
+    for mode in SCORE_TABLES:
+        table = value.get(mode)
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            bad.append(f"[{mode!r}] must be a mapping of {{instance id: {{task: score}}}}, got {_short(table)}")
+            continue
+        for iid, scores in table.items():
+            if not isinstance(iid, str) or not isinstance(scores, dict):
+                bad.append(f"[{mode!r}][{_short(iid)}] must be an instance id (a string) mapped to "
+                           f"{{task: score}}, got {_short(scores)}")
+                continue
+            for task, score in scores.items():
+                if not isinstance(task, str):
+                    bad.append(f"[{mode!r}][{iid!r}] must be keyed by task names, got {_short(task)}")
+                elif not _is_number(score) or not (math.isnan(score) or 0 <= score <= 1):
+                    bad.append(f"[{mode!r}][{iid!r}][{task!r}] must be a score in [0, 1], got {_short(score)}")
+    if not bad:
+        return None
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return f"{bad[0]}{more}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A bounded repr, for a value that may be a whole table."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits()
+        return f"<an int of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 #: checks of parameters whose default is None and whose value has a shape of its own
 SHAPES = {
     ("interference_aware", "tau"): _levels_problem,
+    ("interference_aware", "shadow_scores"): _scores_problem,
 }
 
 
