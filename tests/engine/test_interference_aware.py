@@ -245,6 +245,20 @@ def test_extrapolated_scores_fit_a_line_in_the_loss_rank():
     assert "a" not in predicted and "c" not in predicted
 
 
+def test_extrapolated_scores_leave_nan_scores_and_ranks_out_of_the_fit():
+    # shadow_scores writes NaN for a cell it could not score, and loss_ranks NaN for a cell
+    # without a finite loss: one NaN in the fit made every prediction of the task NaN, which
+    # the clamp turned into 0.0 (cells taken to the top quantile, the most forgetting)
+    from unlearning.methods.interference_aware import extrapolated_scores
+
+    nan = float("nan")
+    ranks = {"depth": {"a": 0.0, "b": 0.5, "c": 1.0, "x": 0.8, "d": 0.25, "e": nan}}
+    table = {"a": {"depth": 0.9}, "b": {"depth": 0.6}, "c": {"depth": 0.3}, "x": {"depth": nan}}
+    predicted, fits = extrapolated_scores(table, ranks)
+    assert predicted == {"d": {"depth": pytest.approx(0.75)}}  # "e" (no rank) stays unscored
+    assert fits["depth"] == {"intercept": pytest.approx(0.9), "slope": pytest.approx(-0.6), "fitted": 3, "predicted": 1}
+
+
 def test_an_unscored_cell_takes_its_tasks_mean_score_over_the_table(memorised):
     """A request cell outside the folds a partial calibration trained is taken to where an
     average cell of its task lands, not to the request's other cells."""

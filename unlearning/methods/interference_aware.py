@@ -285,12 +285,16 @@ def extrapolated_scores(table: dict[str, dict[str, float]], ranks: dict[str, dic
     ``table`` is ``{id: {task: score}}`` of one mode, ``ranks`` ``{task: {id: rank}}`` of
     every training cell. Returns the predicted ``{id: {task: score}}`` (only cells absent
     from ``table``) and the fits ``{task: {"intercept", "slope", "fitted", "predicted"}}``;
-    a task with fewer than two scored cells gets their mean (slope 0)."""
+    a task with fewer than two scored cells gets their mean (slope 0). A NaN score (a cell
+    :func:`shadow_scores` could not score) or rank takes no part in the fit, and a missing
+    cell of NaN rank is not predicted: it stays unscored (one NaN in the fit made every
+    prediction of its task NaN, which the clamp turned into 0)."""
     predicted: dict[str, dict[str, float]] = {}
     fits = {}
     for t, by_id in ranks.items():
-        known = [(r, table[i][t]) for i, r in by_id.items() if t in table.get(i, {})]
-        missing = [(i, r) for i, r in by_id.items() if t not in table.get(i, {})]
+        known = [(r, table[i][t]) for i, r in by_id.items()
+                 if t in table.get(i, {}) and math.isfinite(r) and math.isfinite(table[i][t])]
+        missing = [(i, r) for i, r in by_id.items() if t not in table.get(i, {}) and math.isfinite(r)]
         if not known or not missing:
             continue
         r = torch.tensor([k[0] for k in known], dtype=torch.float64)
