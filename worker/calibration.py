@@ -14,10 +14,25 @@ is paid once per model, not per job: the scores are kept in the model store
 (``calibration.json`` next to the versions) and passed to every later job of the
 lineage; scores computed for other first-version weights than the store's (a model
 re-created under the same name) are refused. Later versions' training sets are the
-first one's minus erased cells, so the scores of the cells still there stay valid;
-an erased cell is never asked for again (a rollback that re-applies erasures takes an
-unscored cell's task mean). A score is a number about a person's data, so ``unlearnd
-purge`` takes the erased cells' out (:func:`without_cells`).
+first one's minus erased cells, so the scores of the cells still there stay valid.
+
+Erased data is not trained on again, not even by a shadow that is thrown away: the
+shadows train on the first version's data minus every cell tombstoned in the dataset
+when the calibration is computed (erased through this model or another one on the
+dataset: a calibration first computed after erasures, by a later job, ``unlearnd
+calibrate`` or a second model's first job), and those cells get no score (nor do cells
+tombstoned while the shadows trained). A job that forgets an unscored cell (a
+propagate or reapply job erasing an erased cell from a version that still holds it)
+takes its task's mean score in that mode (``interference_aware.reference_quantiles``).
+
+The stored calibration is keyed by the model and its first version's sha256 only, not
+by the tombstones: it is not recomputed when erasures follow. Reusing it trains
+nothing, its shadows were trained (and discarded) while the cells erased since were
+still training data, and recomputing would cost every shadow again per erasure. The
+scores of cells erased since stay in it until ``unlearnd purge`` takes them out
+(:func:`without_cells`; a score is a number about a person's data), as the stored
+weights that hold those cells stay until a purge deletes them; until then a job uses
+such a score only to erase that same cell from a version that still holds it.
 """
 from __future__ import annotations
 
@@ -27,8 +42,10 @@ from typing import Callable
 
 from model_store import ModelStore
 
-from .datasets import get_splits
+from .datasets import erased_cells, get_splits
+from .db import transaction
 from .settings import Settings
+from .tables import Tombstone
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +103,10 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
                          "shadow calibration needs the recipe it was trained with")
     cfg = {**DEFAULTS, **settings.method_config}
     train, test = get_splits(manifest.dataset)
-    train = train.without([tuple(c) for c in manifest.erased_cells])
+    # every erased cell of the dataset, not only v1's lineage's (none, usually): tombstones of
+    # erasures made since, through this model or another one on the dataset
+    excluded = {tuple(c) for c in manifest.erased_cells} | tombstoned_cells(settings, manifest.dataset)
+    train = train.without(sorted(excluded))
     data = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=next(model.parameters()).device)
     started = time.monotonic()
     trained = cfg["shadow_trained_folds"] or cfg["shadow_folds"]
@@ -110,8 +130,28 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         "seconds": round(time.monotonic() - started, 3),
         "full": scores["full"],
         "partial": scores["partial"],
+        "excluded_erased_cells": len(excluded),  # trained on by no shadow, scored by none
     }
+    late = tombstoned_cells(settings, manifest.dataset) - excluded
+    if late:  # erased while the shadows trained: no score is stored for them either
+        payload, _ = without_cells(payload, late)
+        payload.pop("redacted_cells", None)  # never stored, so not redacted (what a purge counts)
+        payload["excluded_erased_cells"] += len(late)
+        log.info("calibrating %s: %d cell(s) erased while the shadows trained get no score", model_name, len(late))
     return store.put_calibration(model_name, payload)
+
+
+def tombstoned_cells(settings: Settings, spec: dict) -> set[tuple[str, str]]:
+    """Every tombstoned cell of ``spec``'s dataset in the record (``settings.database_url``).
+    A record without the tombstones table (never migrated: the engine used on its own, as
+    ``tests/service/test_calibration.py`` does) has recorded no erasure; an unreachable
+    one is an error, never an empty answer."""
+    from sqlalchemy import inspect
+
+    with transaction(settings.database_url) as session:
+        if not inspect(session.connection()).has_table(Tombstone.__tablename__):
+            return set()
+        return set(erased_cells(session, spec))
 
 
 def method_settings_problems(settings: Settings) -> list[str]:

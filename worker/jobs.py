@@ -7,7 +7,9 @@ Plain functions; the Celery task (``worker.tasks``) and the in-process worker
    active job per model. A queued job (a reapply written by a rollback, or a
    job the sweeper reset) is taken first; then, when the serving version still
    holds cells of its dataset erased through another model trained on the same
-   dataset (tombstones are per dataset), a ``propagate`` job that erases them;
+   dataset (tombstones are per dataset), a ``propagate`` job that erases them
+   (unless that job failed on the same base and cells: it is not retried in a
+   loop, and the next deletion job erases them with its own cells instead);
    otherwise every queued deletion request of the model is coalesced into one
    new job.
 2. :func:`run_job` (no transaction open while the engine runs): load the base
@@ -51,7 +53,7 @@ from .datasets import erased_cells, get_splits
 from .db import advisory_lock, transaction
 from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json, request_metrics
 from .settings import Settings
-from .versions import erasure_cells, erasures_behind, models_sharing_dataset
+from .versions import erasure_cells, erasures_behind, failed_propagation, models_sharing_dataset
 from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
                      utcnow)
 
@@ -69,6 +71,11 @@ _engine_cache_lock = threading.RLock()
 
 #: pauses before each try to put a job back in the queue after a database error (~30 s in all)
 REQUEUE_PAUSES_S = (0, 1, 2, 4, 8, 15)
+#: rebases of one job (:func:`publish_version`: its artifact was refused because another model on
+#: the dataset published an erasure while it ran, or the alias moved under it) before the next
+#: refusal fails it instead (``job.failed``). Rebases are not attempts (:func:`counted_attempts`),
+#: so without a bound a job whose every run meets another model's publish would never end.
+MAX_JOB_REBASES = 5
 _pause = time.sleep
 
 _process_locks: dict[str, threading.Lock] = {}
@@ -248,12 +255,20 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             return Claim("claimed", queued_job.id, queued_job.attempts)
 
         # Erasures of the dataset that the serving version still holds (another model on
-        # the same dataset erased them): those first, as a job of their own.
+        # the same dataset erased them): those first, as a job of their own, unless that
+        # very job (same base, same cells) failed: then not again in a loop, but with the
+        # model's next deletion request (below), whose job is the new try.
         behind = erasures_behind(session, model)
+        failed = None
         if behind:
-            propagation = _propagation(session, settings, model_name, behind, now)
-            if propagation is not None:
+            serving_now = session.get(Alias, (model_name, "serving")).version
+            failed = failed_propagation(session, model_name, serving_now, erasure_cells(behind))
+            if failed is None:
+                propagation = _propagation(session, settings, model_name, behind, now)
                 return Claim("claimed", propagation.id, propagation.attempts)
+            log.warning("model %s still holds erased cells %s; its propagate job %s failed: %s; its next "
+                        "deletion request erases them", model_name, erasure_cells(behind), failed.id, failed.error)
+        held = set(map(tuple, erasure_cells(behind)))  # tombstoned, yet the serving version still holds them
 
         requests = list(
             session.execute(
@@ -274,7 +289,9 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         claimed, cells = [], []
         for req in requests:
             req_cells = [(req.instance_id, t) for t in req.tasks]
-            gone = [c for c in req_cells if c in tombstoned]
+            # erased by another request, and from this model too; a cell it still holds (its
+            # propagate job failed) is not gone: this job erases it (the behind cells below)
+            gone = [c for c in req_cells if c in tombstoned and c not in held]
             if gone and len(gone) < len(req_cells):
                 # Some of its cells were erased by another request (through another model on the
                 # dataset) after this one was accepted: the others are still to erase.
@@ -305,7 +322,8 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             raise JobFailed(f"model {model_name!r} has no serving version")
         request_ids = [r.id for r in claimed]
         # Erasures the model is behind on whose own propagate job failed: its version could
-        # not be served without them anyway (publish_version), so they are erased here too.
+        # not be served without them anyway (publish_version), so they are erased here too
+        # (this job is the propagation's next try: job.started names the failed one).
         for b in behind:
             cells.extend(c for c in map(tuple, erasure_cells([b])) if c not in cells)
             if b["request_id"] not in request_ids:
@@ -331,25 +349,18 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             "job.started",
             model_name=model_name,
             payload={"job_id": job.id, "kind": "deletion", "request_ids": request_ids,
-                     "cells": [list(c) for c in cells], "base_version": serving.version, "method": job.method},
+                     "cells": [list(c) for c in cells], "base_version": serving.version, "method": job.method,
+                     **({"retries_propagation": {"job_id": failed.id, "cells": erasure_cells(behind)}}
+                        if failed is not None else {})},
         )
         return Claim("claimed", job.id, job.attempts)
 
 
-def failed_propagation(session: Session, model_name: str, base_version: int, cells: list) -> Job | None:
-    """The model's last ``propagate`` job when it failed on the same base and cells."""
-    last = session.execute(
-        select(Job).where(Job.model_name == model_name, Job.kind == "propagate").order_by(Job.created_at.desc())
-    ).scalars().first()
-    if (last is not None and last.status == "failed" and last.base_version == base_version
-            and sorted(map(tuple, (last.params or {}).get("cells") or [])) == sorted(map(tuple, cells))):
-        return last
-    return None
-
-
 def propagation_due(session: Session, model: Model) -> bool:
     """Whether ``model`` is behind its dataset's erasures with no job under way that will
-    catch up, and its last try at the same cells did not fail (what the sweeper announces)."""
+    catch up, and its last try at the same cells did not fail (what the sweeper announces;
+    after such a failure the model's next deletion request is the next try:
+    :func:`worker.versions.stalled_propagation`)."""
     behind = erasures_behind(session, model)
     if not behind:
         return False
@@ -362,21 +373,17 @@ def propagation_due(session: Session, model: Model) -> bool:
 
 
 def _propagation(session: Session, settings: Settings, model_name: str, behind: list[dict],
-                 now: datetime) -> Job | None:
+                 now: datetime) -> Job:
     """A running ``propagate`` job on the serving version that erases ``behind``
     (:func:`worker.versions.erasures_behind`: erasures of the model's dataset, made
     through another model, that the serving version still holds), with its audit event.
-    None when the model's last propagate job had the same base and cells and failed: it
-    is not tried again in a loop (its failure is in the record and the audit log; a new
-    erasure or version changes the cells or the base)."""
+    The caller checks first that the model's last propagate job did not fail on the same
+    base and cells (:func:`~worker.versions.failed_propagation`): that one is not tried
+    again in a loop (its failure is in the record and the audit log; a new erasure or
+    version changes the cells or the base, and a new deletion request is a new try)."""
     serving = session.get(Alias, (model_name, "serving")).version
     cells = erasure_cells(behind)
     request_ids = list(dict.fromkeys(b["request_id"] for b in behind))
-    failed = failed_propagation(session, model_name, serving, cells)
-    if failed is not None:
-        log.warning("model %s still holds erased cells %s; its propagate job %s failed: %s",
-                    model_name, cells, failed.id, failed.error)
-        return None
     job = Job(model_name=model_name, kind="propagate", status="running", method=settings.method,
               base_version=serving, params={"cells": cells, "request_ids": request_ids})
     _start(job, now)
@@ -742,8 +749,10 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
     after the job was claimed), or a deletion or propagate job's base is no longer the
     serving version (the alias moved under it), nothing is published: such a job is
     rebased (put back in the queue on the serving version; its artifact stays
-    unpublished in the store) and returns ``requeued``; a reapply fails
-    (:class:`JobFailed`: roll back again; the alias stays where it was).
+    unpublished in the store) and returns ``requeued``, up to ``MAX_JOB_REBASES`` times,
+    after which it fails (:class:`JobFailed`, so the job and its requests are failed with
+    ``job.failed``: a bounded end where other models' erasures keep landing during each
+    run); a reapply fails at once (roll back again; the alias stays where it was).
 
     New tombstones are announced (``process_model``) to every other model whose
     dataset is this one: the data is erased, so each must follow (``propagate``)."""
@@ -783,6 +792,11 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
         if unsafe is not None:
             if job.kind == "reapply":
                 raise JobFailed(f"not published: {unsafe}; roll back again")
+            rebases = int((job.params or {}).get("rebases", 0))
+            if rebases >= MAX_JOB_REBASES:
+                raise JobFailed(f"not published: {unsafe}; rebased {rebases} times already (MAX_JOB_REBASES), "
+                                "each time another model on the dataset published an erasure, or the serving "
+                                "alias moved, while it ran")
             _rebase(session, job, previous, have, unsafe, version)
             return JobOutcome("requeued", model_name, job_id, error=f"rebased: {unsafe}")
 

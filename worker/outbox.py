@@ -105,7 +105,8 @@ def sweep_once(settings: Settings, publish: Publish) -> dict:
     - jobs ``queued`` untouched for ``stale_after_s`` (their message was lost);
     - models whose serving version still holds cells erased through another model on
       the same dataset, with no job under way (``worker.jobs.propagation_due``): their
-      next claim runs a ``propagate`` job.
+      next claim runs a ``propagate`` job; not after that very job failed (no loop: the
+      model's next deletion request is the next try, ``worker.versions.stalled_propagation``).
 
     The announcements go through the outbox in the same transaction, then are relayed.
     """

@@ -92,7 +92,11 @@ def resolve_cells(
     training data (422), and cells neither erased (tombstoned) nor pending in an
     unfinished request (409 naming them). ``"all"`` means every cell of the
     instance not yet erased or pending, so a full erasure after a partial one
-    is accepted; it is refused (409) only when nothing is left. With
+    is accepted; it is refused (409) only when nothing is left. A cell erased
+    through another model on the dataset that this model still holds is refused
+    while its propagate job is due (``"propagating": true``), and counts as not
+    erased once that job has failed with nothing under way
+    (:func:`worker.versions.stalled_propagation`): the request's job is its next try. With
     ``visible_to`` (an API key that sees its own requests only) the 409 names
     the requests of other submitters as such, without their ids.
     """
@@ -123,6 +127,17 @@ def resolve_cells(
     # for a cell just erased was accepted (202), to be rejected by the worker later.
     pending = pending_cells(session, model.name, instance_id)
     erased = erased_cells(session, model.dataset, instance_id)
+    held: set[tuple[str, str]] = set()
+    if any(c in erased for c in wanted):
+        # erased through another model on the same dataset, and this model's serving version
+        # still holds them: its propagate job is due, or it failed and nothing will run it
+        # again, and then a request for them is accepted: its job is the propagation's next
+        # try (worker.jobs claims it with them), where a 409 would promise a job that never runs
+        from .versions import erasure_cells, erasures_behind, stalled_propagation
+
+        held = set(map(tuple, erasure_cells(erasures_behind(session, model, instance_id))))
+        if held and stalled_propagation(session, model) is not None:
+            erased = {c: rid for c, rid in erased.items() if c not in held}
     if tasks == "all":
         cells = [c for c in wanted if c not in erased and c not in pending]
         if cells:
@@ -138,14 +153,9 @@ def resolve_cells(
         for iid, t in wanted
         if (iid, t) in erased or (iid, t) in pending
     ]
-    if any(c["state"] == "erased" for c in clash):
-        # erased through another model on the same dataset: this model's propagate job is due
-        from .versions import erasure_cells, erasures_behind
-
-        behind = set(map(tuple, erasure_cells(erasures_behind(session, model, instance_id))))
-        for c in clash:
-            if c["state"] == "erased":
-                c["propagating"] = (c["instance_id"], c["task"]) in behind
+    for c in clash:
+        if c["state"] == "erased":  # still held here: this model's propagate job is due (not stalled, above)
+            c["propagating"] = (c["instance_id"], c["task"]) in held
     if visible_to is not None:
         ids = {c["request_id"] for c in clash}
         own = set(session.execute(select(DeletionRequest.id).where(

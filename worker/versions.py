@@ -172,6 +172,36 @@ def erasures_behind(session: Session, model: Model, instance_id: str | None = No
     return [] if target is None else missing_erasures(session, model, target, instance_id)
 
 
+def failed_propagation(session: Session, model_name: str, base_version: int, cells: list) -> Job | None:
+    """The model's last ``propagate`` job when it failed on the same base and cells."""
+    last = session.execute(
+        select(Job).where(Job.model_name == model_name, Job.kind == "propagate").order_by(Job.created_at.desc())
+    ).scalars().first()
+    if (last is not None and last.status == "failed" and last.base_version == base_version
+            and sorted(map(tuple, (last.params or {}).get("cells") or [])) == sorted(map(tuple, cells))):
+        return last
+    return None
+
+
+def stalled_propagation(session: Session, model: Model, behind: list[dict] | None = None) -> Job | None:
+    """The failed ``propagate`` job that leaves ``model`` behind its dataset's erasures with
+    nothing under way to catch up, or None. Stalled: the serving version still holds the
+    cells of ``behind`` (:func:`erasures_behind`, read when not given), no job of the model
+    is queued or running, and its last propagate job failed on that version with exactly
+    those cells, so no claim or sweep tries them again on its own (a poison job is not
+    retried in a loop: ``worker.jobs``). A deletion request of the model is then the next
+    try: its job erases those cells too, and a request naming one of them is accepted
+    (:func:`worker.requests.resolve_cells`) rather than refused with a promise of a
+    propagate job that will not run."""
+    behind = erasures_behind(session, model) if behind is None else behind
+    if not behind:
+        return None
+    if session.execute(select(Job.id).where(Job.model_name == model.name,
+                                            Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)).first():
+        return None
+    return failed_propagation(session, model.name, serving_version(session, model.name), erasure_cells(behind))
+
+
 def rollback(
     session: Session,
     settings: Settings,

@@ -563,6 +563,84 @@ def test_the_sweeper_announces_a_model_behind_its_dataset_but_not_after_a_failed
     assert {tuple(c) for c in _serving_of(s, TINY_B).erased_cells} == {(ids[0], "depth"), (ids[1], "depth")}
 
 
+def _fail_propagation(s: Settings, s_b: Settings, how: str) -> str:
+    """Claim model B's propagate job and fail it: ``mark_failed`` (the engine raised) or as a
+    poison job (its worker died ``max_job_attempts`` times; the next claim gives it up).
+    Returns the job's id."""
+    claim = jobs.claim_next(s_b, TINY_B)
+    with transaction(s.database_url) as session:
+        assert session.get(Job, claim.job_id).kind == "propagate"
+    if how == "mark_failed":
+        jobs.mark_failed(s_b, claim.job_id, "CUDA out of memory (say)", attempt=claim.attempt)
+    else:
+        for attempt in range(1, s.max_job_attempts + 1):
+            if attempt > 1:
+                assert jobs.claim_next(s_b, TINY_B).job_id == claim.job_id
+            _make_stale(s, claim.job_id)
+            assert sweep_once(s, lambda topic, payload: None)["jobs"] == 1
+        assert jobs.claim_next(s_b, TINY_B).status == "idle"  # gives the poison job up
+    with transaction(s.database_url) as session:
+        assert session.get(Job, claim.job_id).status == "failed"
+    return claim.job_id
+
+
+def test_a_request_queued_before_its_models_propagate_job_failed_is_that_propagations_next_try(two_models):
+    """B's request for a cell, then A's for the same cell, which A erases first. B's propagate
+    job for it fails and is not retried in a loop; B's request used to be rejected as
+    "already erased by another request" while B went on serving the cell, with nothing left
+    to erase it. Now the request is claimed with the cells B still holds, and erases them."""
+    s, s_b, store, ids = two_models
+    theirs = _submit(s_b, ids[0])
+    rid_a = _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    failed = _fail_propagation(s, s_b, "mark_failed")
+
+    [outcome] = jobs.drain_model(s_b, store, TINY_B)
+    assert outcome.status == "completed", outcome.error
+    with transaction(s.database_url) as session:
+        request = session.get(DeletionRequest, theirs)
+        assert (request.status, request.produced_version) == ("completed", outcome.version), request.error
+        job = session.get(Job, outcome.job_id)
+        assert (job.kind, job.params["cells"], job.params["request_ids"]) == (
+            "deletion", [[ids[0], "depth"]], [theirs, rid_a])
+        started = session.execute(select(AuditEvent).where(AuditEvent.kind == "job.started",
+                                                           AuditEvent.model_name == TINY_B)
+                                  .order_by(AuditEvent.seq.desc())).scalars().first()
+        assert started.payload["retries_propagation"] == {"job_id": failed, "cells": [[ids[0], "depth"]]}
+    assert "deletion.rejected" not in _kinds(s)
+    assert (ids[0], "depth") in {tuple(c) for c in _serving_of(s, TINY_B).erased_cells}
+    assert _erased_cells_served(s) == {TINY: 0, TINY_B: 0}
+
+
+@pytest.mark.parametrize("how", ["mark_failed", "poison"])
+def test_after_a_failed_propagate_job_a_request_for_its_cell_is_accepted_as_the_next_try(two_models, how):
+    """Nothing retries a failed propagate job on its own (no loop: claims stay idle, the sweeper
+    quiet), so a request for a cell the model still holds was a 409 promising "this model
+    still holds it until its propagate job has run", a job that never ran. Now it is
+    accepted, and its job erases the cell from the model."""
+    s, s_b, store, ids = two_models
+    rid_a = _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    refused = _conflict(s_b, ids[0], ["depth"])  # while the propagate job is due: a 409 that says so
+    assert refused.extras["cells"][0]["propagating"] is True
+    _fail_propagation(s, s_b, how)
+    assert jobs.drain_model(s_b, store, TINY_B)[0].status == "idle"
+    assert sweep_once(s, lambda topic, payload: None)["behind"] == 0
+
+    mine = _submit(s_b, ids[0], ("depth", "normal"))
+    with transaction(s.database_url) as session:
+        assert session.get(DeletionRequest, mine).tasks == ["depth", "normal"]
+    [outcome] = jobs.drain_model(s_b, store, TINY_B)
+    assert outcome.status == "completed", outcome.error
+    with transaction(s.database_url) as session:
+        assert session.get(DeletionRequest, mine).status == "completed"
+        assert session.get(Job, outcome.job_id).params["request_ids"] == [mine, rid_a]
+    assert {(ids[0], "depth"), (ids[0], "normal")} <= {tuple(c) for c in _serving_of(s, TINY_B).erased_cells}
+    assert _erased_cells_served(s) == {TINY: 1, TINY_B: 0}  # A follows B's erasure of normal now
+    # erased from B too now: a plain 409
+    assert _conflict(s_b, ids[0], ["depth"]).extras["cells"][0]["propagating"] is False
+
+
 # --------------------------------------------------------------------------- A: a database error at publish
 
 
@@ -1037,3 +1115,69 @@ def test_a_rebased_job_names_the_erasures_it_catches_up_on_and_rebases_are_not_a
             certificate = deletion_certificate(session, rid)
             assert TINY_B in {e["model"] for e in certificate["also_erased_from"]}
             assert TINY_B not in {p["model"] for p in certificate["propagation_pending"]}
+
+
+def test_a_job_rebased_again_and_again_fails_after_max_job_rebases_saying_why(two_models, monkeypatch):
+    """Rebases are not attempts, so a job of B that met a publish of A during every run was
+    rebased without end and never finished. After MAX_JOB_REBASES the next refusal fails it:
+    the job and its request failed, a job.failed event, nothing published."""
+    s, s_b, store, ids = two_models
+    theirs = _submit(s_b, ids[0])
+    real_publish, mine = jobs.publish_version, []
+
+    def publish(settings, store_, job_id, manifest, **kwargs):
+        if settings.model_name == TINY_B:  # A publishes an erasure during every run of B's job
+            mine.append(_submit(s, ids[len(mine) + 1]))
+            assert [o.status for o in jobs.drain_model(s, store, TINY, max_jobs=1)] == ["completed"]
+        return real_publish(settings, store_, job_id, manifest, **kwargs)
+
+    monkeypatch.setattr(jobs, "publish_version", publish)
+    outcomes = jobs.drain_model(s_b, store, TINY_B, max_jobs=jobs.MAX_JOB_REBASES + 1)
+    assert [o.status for o in outcomes] == ["requeued"] * jobs.MAX_JOB_REBASES + ["failed"]
+    assert f"rebased {jobs.MAX_JOB_REBASES} times already (MAX_JOB_REBASES)" in outcomes[-1].error
+    with transaction(s.database_url) as session:
+        job = session.get(Job, outcomes[-1].job_id)
+        assert (job.status, job.params["rebases"], jobs.counted_attempts(job)) == ("failed", jobs.MAX_JOB_REBASES, 1)
+        assert session.get(DeletionRequest, theirs).status == "failed"
+        failed = session.execute(select(AuditEvent).where(AuditEvent.kind == "job.failed")).scalar_one()
+        assert failed.payload["job_id"] == job.id and "MAX_JOB_REBASES" in failed.payload["error"]
+    assert _serving_of(s, TINY_B).version == 1
+
+
+def test_a_calibration_computed_after_an_erasure_never_trains_on_or_scores_erased_cells(two_models, monkeypatch):
+    """The shadows trained on v1's data minus v1's own erasures only, so a calibration first
+    computed after an erasure (B's first job here, after A erased a cell of their dataset; so
+    too calibrate_shadows turned on later, or `unlearnd calibrate`) trained fresh models on
+    the erased cell and stored its score. Now every tombstoned cell is left out and
+    unscored, also one erased while the shadows train; the job forgetting such cells takes
+    their task's mean score."""
+    import unlearning.methods.interference_aware as ia
+
+    s, s_b, store, ids = two_models
+    _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]  # A: calibration off
+    on = s_b.model_copy(update={"calibrate_shadows": True, "method": "interference_aware",
+                                "method_config": {"steps": 2, "shadow_folds": 2}})
+    real, seen = ia.shadow_scores, []
+
+    def shadows(model, data, *args, **kwargs):
+        seen.append({tuple(c) for c in data.train.cells()})
+        _submit(s, ids[1])  # erased through A while B's shadows train
+        assert [o.status for o in jobs.drain_model(s, store, TINY, max_jobs=1)] == ["completed"]
+        return real(model, data, *args, **kwargs)
+
+    monkeypatch.setattr(ia, "shadow_scores", shadows)
+    outcomes = jobs.drain_model(on, store, TINY_B)
+    assert [o.status for o in outcomes] == ["requeued", "completed"]  # rebased on A's second erasure
+    assert len(seen) == 1 and (ids[0], "depth") not in seen[0] and (ids[0], "normal") in seen[0]
+    stored = store.calibration(TINY_B)
+    for mode in ("full", "partial"):
+        scored = {(i, t) for i, by in stored[mode].items() for t in by}
+        assert (ids[0], "depth") not in scored and (ids[1], "depth") not in scored
+        assert (ids[0], "normal") in scored
+    assert stored["excluded_erased_cells"] == 2 and "redacted_cells" not in stored
+    metrics = outcomes[-1].metrics
+    depth = [by["depth"] for by in stored["partial"].values() if "depth" in by]
+    assert metrics["calibration"] == "shadow_scores"
+    assert metrics["mia_auc_expected"] == pytest.approx(sum(depth) / len(depth), abs=1e-6)
+    assert {(ids[0], "depth"), (ids[1], "depth")} <= {tuple(c) for c in _serving_of(s, TINY_B).erased_cells}
