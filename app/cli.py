@@ -117,14 +117,14 @@ def cmd_serve(args) -> int:
         logging.getLogger("unlearnd").warning(
             "serving on %s without API keys: whoever reaches the port can submit deletions and roll back "
             "models; set UNLEARND_API_KEYS (`unlearnd api-key --help`)", host)
-    from model_store import PurgedVersion
+    from model_store import StoreError
 
     if not _store_dir_ok(settings):
         return 2
     upgrade_database(settings.database_url)
     try:
         version = ensure_model(settings, store_for(settings.store_dir), progress=not args.no_progress)
-    except PurgedVersion as exc:
+    except StoreError as exc:  # a stored version 1 purged, damaged or altered: nothing registered
         print(f"unlearnd: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("unlearnd").info(

@@ -102,7 +102,10 @@ def _is_version(v) -> bool:
 
 
 def _is_cells(v) -> bool:
-    return isinstance(v, list) and all(isinstance(c, list) for c in v)
+    """A list of ``[instance, task]`` pairs of strings: a pair of any other shape (``[instance]``)
+    made every reader that unpacks cells fail, a purge of the model among them."""
+    return isinstance(v, list) and all(
+        isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in v)
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -116,8 +119,8 @@ _FIELD_CHECKS = {
     "model_config": (lambda v: isinstance(v, dict), "an object"),
     "dataset": (lambda v: isinstance(v, dict), "an object"),
     "deletions": (lambda v: isinstance(v, list) and all(isinstance(r, str) for r in v), "a list of strings"),
-    "deleted_cells": (_is_cells, "a list of [instance, task] lists"),
-    "erased_cells": (_is_cells, "a list of [instance, task] lists"),
+    "deleted_cells": (_is_cells, "a list of [instance, task] pairs of strings"),
+    "erased_cells": (_is_cells, "a list of [instance, task] pairs of strings"),
     "metrics": (lambda v: isinstance(v, dict), "an object"),
     "job_id": (lambda v: v is None or isinstance(v, str), "null or a string"),
     "train_config": (lambda v: v is None or isinstance(v, dict), "null or an object"),

@@ -50,7 +50,7 @@ from unlearning.model import (WEIGHTS_FILE, ModelConfig, MultiTaskNet, model_con
                               save_model)
 
 from .base import (MAX_VERSION, DamagedManifest, IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError,
-                   valid_version)
+                   _is_cells, valid_version)
 
 MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration.json"
@@ -156,6 +156,27 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _strict_calibration(payload: dict) -> dict:
+    """``payload`` as strict JSON: a score that is not a finite number (``shadow_scores``
+    writes NaN for a cell it could not score) is dropped from its table, which the engine
+    reads as unscored, exactly as it reads NaN; any other non-finite number becomes null.
+    Both writers store this, so a calibration written with a NaN can still be redacted."""
+    out = {}
+    for key, value in payload.items():
+        if key in ("full", "partial") and isinstance(value, dict):
+            table = {}
+            for instance, scores in value.items():
+                kept = {t: v for t, v in scores.items()
+                        if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)} \
+                    if isinstance(scores, dict) else scores
+                if kept:
+                    table[instance] = kept
+            out[key] = table
+        else:
+            out[key] = _json_value(value, f"calibration[{key!r}]")
+    return out
 
 
 class LocalModelStore(ModelStore):
@@ -286,6 +307,11 @@ class LocalModelStore(ModelStore):
         version = valid_version(version)
         if parent is not None:
             parent = valid_version(parent, "parent version")
+        deleted_cells = [list(c) for c in (deleted_cells or [])]
+        erased_cells = [list(c) for c in (erased_cells or [])]
+        for name, cells in (("deleted_cells", deleted_cells), ("erased_cells", erased_cells)):
+            if not _is_cells(cells):  # what Manifest.from_dict would refuse on reading it back
+                raise StoreError(f"{name} must be [instance, task] pairs of strings, got {cells[:3]!r}")
         final = self._dir(model_name, version)
         with self._locked(model_name):
             if self.exists(model_name, version):
@@ -311,8 +337,8 @@ class LocalModelStore(ModelStore):
                     model_config=asdict(model.config),
                     dataset=dict(dataset),
                     deletions=list(deletions or []),
-                    deleted_cells=[list(c) for c in (deleted_cells or [])],
-                    erased_cells=[list(c) for c in (erased_cells or [])],
+                    deleted_cells=deleted_cells,
+                    erased_cells=erased_cells,
                     metrics=clean_metrics,
                     job_id=job_id,
                     train_config=train_config,
@@ -365,7 +391,7 @@ class LocalModelStore(ModelStore):
         tmp = directory / f"{TMP_PREFIX}calibration-{uuid.uuid4().hex}"
         try:
             with open(tmp, "w") as fh:
-                json.dump(payload, fh)
+                json.dump(_strict_calibration(payload), fh, allow_nan=False)
                 fh.flush()
                 os.fsync(fh.fileno())
             try:
@@ -387,7 +413,7 @@ class LocalModelStore(ModelStore):
             tmp = directory / f"{TMP_PREFIX}calibration-{uuid.uuid4().hex}"
             try:
                 with open(tmp, "w") as fh:
-                    json.dump(payload, fh, allow_nan=False)
+                    json.dump(_strict_calibration(payload), fh, allow_nan=False)
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, final)  # atomic: readers see the old calibration or the new one

@@ -43,7 +43,14 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
             f"database has no model {name!r}: restore the database that goes with this store, or point "
             "UNLEARND_STORE_DIR or UNLEARND_MODEL_NAME elsewhere; nothing was trained")
     if store.exists(name, 1):
-        manifest = store.manifest(name, 1)
+        manifest = store.manifest(name, 1)  # DamagedManifest when it cannot be read
+        if not store.verify(name, 1):  # registered, it would serve, and every job on it would fail
+            from model_store import IntegrityError
+
+            raise IntegrityError(
+                f"the model store holds version 1 of {name!r}, but its weights do not match the sha256 in its "
+                f"manifest (damaged or altered): restore that version, or point UNLEARND_STORE_DIR or "
+                f"UNLEARND_MODEL_NAME elsewhere to train a new model; nothing was registered")
         spec = manifest.dataset
         train, _ = get_splits(spec)
         log.info("registering the stored version 1 of %s", name)

@@ -391,3 +391,20 @@ def test_purge_refuses_weights_that_are_a_link_and_leaves_its_target(stored, tmp
     assert str(weights) in str(caught.value) and str(target) in str(caught.value)
     assert target.is_file() and weights.is_symlink()  # nothing deleted: not claimed as purged
     assert not store.purged(MODEL, 1)
+
+
+def test_cells_that_are_not_instance_task_pairs_are_refused_on_writing_and_reading(tmp_path):
+    # a leftover artifact with erased_cells [["indoor-00000"]] made every purge of its model
+    # fail unpacking it, before anything was deleted
+    store = LocalModelStore(tmp_path)
+    for cells in ([["indoor-00000"]], [["a", "depth", "x"]], [["a", 3]]):
+        with pytest.raises(StoreError, match="erased_cells must be \\[instance, task\\] pairs of strings"):
+            _put(store, _tiny(), erased_cells=cells)
+    assert not store.exists(MODEL, 1)
+    _put(store, _tiny(), erased_cells=[("a", "depth")])
+    path = tmp_path / MODEL / "v1" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["erased_cells"] = [["indoor-00000"]]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DamagedManifest, match="'erased_cells' must be a list of \\[instance, task\\] pairs of strings"):
+        store.manifest(MODEL, 1)

@@ -3,6 +3,7 @@
 version in the store still held it, for ever. Real store, PostgreSQL and jobs."""
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -138,6 +139,39 @@ def test_purge_takes_the_erased_cells_scores_out_of_the_stored_calibration(erase
     assert event.payload["cells"] == 4
     assert client.post(f"/models/{TINY}/purge", json={}).json()["calibration_scores"] == 0
     assert client.get("/audit/verify").json()["ok"] is True
+
+
+def test_a_calibration_holding_nan_scores_is_redacted_and_the_purge_completes(erased_twice):
+    """shadow_scores writes NaN for a cell it could not score. A calibration file stored with
+    one (before the store wrote strict JSON) made the redaction fail after the weights were
+    deleted: the purge answered 500, recorded nothing, and failed again on every run. Now it
+    is redacted (the NaN dropped: unscored, as the engine reads it) and the purge recorded."""
+    s, store, ids, client = erased_twice
+    tasks = list(store.manifest(TINY, 1).model_config["tasks"])
+    table = {i: {t: 0.25 for t in tasks} for i in ids[:3]}
+    table[ids[2]]["depth"] = float("nan")
+    (s.store_dir / TINY / "calibration.json").write_text(json.dumps(
+        {"sha256": store.manifest(TINY, 1).sha256, "full": table, "partial": {}, "seconds": float("nan")}))
+    r = client.post(f"/models/{TINY}/purge", json={})
+    assert r.status_code == 200, r.text
+    assert r.json()["calibration_scores"] == 2 and not store.exists(TINY, 1)
+    stored = (s.store_dir / TINY / "calibration.json").read_text()
+    assert "NaN" not in stored
+    after = json.loads(stored)
+    assert after["full"][ids[2]] == {t: 0.25 for t in tasks if t != "depth"} and after["seconds"] is None
+    with transaction(s.database_url) as session:
+        assert session.execute(select(ModelVersion.purged_at).where(
+            ModelVersion.model_name == TINY, ModelVersion.version == 1)).scalar() is not None
+
+
+def test_the_store_writes_a_calibration_as_strict_json_without_non_finite_scores(tmp_path):
+    from model_store import LocalModelStore
+
+    store = LocalModelStore(tmp_path)
+    stored = store.put_calibration("m", {"full": {"a": {"depth": float("nan"), "normal": 0.5}, "b": {"depth": float("inf")}},
+                                         "partial": {}, "fits": {"depth": {"slope": float("nan")}}})
+    assert stored == {"full": {"a": {"normal": 0.5}}, "partial": {}, "fits": {"depth": {"slope": None}}}
+    assert "NaN" not in (tmp_path / "m" / "calibration.json").read_text()
 
 
 def test_a_running_jobs_base_and_versions_without_erased_data_are_kept(erased_twice):
@@ -311,6 +345,27 @@ def test_a_store_whose_first_version_was_purged_is_not_trained_over(erased_twice
     assert "holds version 1 of 'renamed' with its weights purged" in err and "nothing was trained" in err
     assert cli_main(["calibrate"]) == 2
     assert "version 1 of 'renamed' was purged" in capsys.readouterr().err
+
+
+def test_a_store_whose_first_version_is_damaged_is_not_registered(tiny, tmp_path, environment, capsys):
+    """A stored version 1 whose weights no longer match its manifest (truncated, altered) was
+    registered as it was: it served, and every job on it failed. `serve` refuses it by name."""
+    import shutil
+
+    s, _, _ = tiny
+    shutil.copytree(s.store_dir / TINY, tmp_path / "store" / TINY)
+    weights = tmp_path / "store" / TINY / "v1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    database = tmp_path / "fresh.db"
+    environment.setenv("UNLEARND_DATABASE_URL", f"sqlite:///{database}")
+    environment.setenv("UNLEARND_STORE_DIR", str(tmp_path / "store"))
+    environment.setenv("UNLEARND_MODEL_NAME", TINY)
+    assert cli_main(["serve", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"holds version 1 of {TINY!r}, but its weights do not match the sha256 in its manifest" in err
+    assert "nothing was registered" in err
+    with transaction(f"sqlite:///{database}") as session:
+        assert session.execute(select(ModelVersion)).first() is None
 
 
 def test_purge_on_a_missing_sqlite_file_creates_none(environment, tmp_path, capsys):
