@@ -119,6 +119,11 @@ def cmd_serve(args) -> int:
             "models; set UNLEARND_API_KEYS (`unlearnd api-key --help`)", host)
     from model_store import StoreError
 
+    if not settings.background and not settings.broker_url:
+        print("unlearnd serve: UNLEARND_BACKGROUND=false and no UNLEARND_BROKER_URL: nothing would run jobs "
+              "(requests would be accepted and stay queued). Set a broker for `unlearnd worker`, or leave "
+              "UNLEARND_BACKGROUND on to run them in this process.", file=sys.stderr)
+        return 2
     if not _store_dir_ok(settings):
         return 2
     upgrade_database(settings.database_url)
@@ -159,11 +164,27 @@ def cmd_worker(args) -> int:
 
     argv = ["worker", "--loglevel", args.loglevel, "--prefetch-multiplier", "1", "--concurrency", str(args.concurrency)]
     try:
-        app.worker_main(argv + celery_args(args.celery_args))
+        code = run_celery(app, argv + celery_args(args.celery_args))
     except click.ClickException as exc:  # a Celery option after -- that Celery refuses
         print(f"unlearnd worker: {exc.format_message()}", file=sys.stderr)
         return 2
-    return 0
+    return code
+
+
+def run_celery(app, argv: list[str]) -> int:
+    """Run the ``celery`` command on ``app`` with ``argv`` and return its exit status.
+    ``app.worker_main`` and ``app.start`` drop it (click, not standalone, returns the status
+    of the worker's ``ctx.exit`` instead of raising it, and they discard what it returns):
+    a worker that stopped on an unrecoverable error (a result backend it cannot load, say)
+    exited 0, and a supervisor restarting on failure saw a clean stop."""
+    from celery.bin.celery import celery
+
+    celery.params[0].default = app  # what app.start does: the --app option's default
+    try:
+        code = celery.main(args=argv, standalone_mode=False)
+    finally:
+        celery.params[0].default = None
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 def cmd_migrate(args) -> int:

@@ -155,6 +155,32 @@ class Settings(BaseSettings):
                     break
         return value
 
+    @field_validator("broker_url")
+    @classmethod
+    def _a_broker_url(cls, value: str | None) -> str | None:
+        """Redis (``redis://HOST:PORT/DB``, ``rediss://`` with TLS), parsed now; blank is none
+        (the in-process worker). A typo (another scheme, a port or a database index that is
+        not a number) failed later: a traceback when the worker started, and an API that
+        answered ready and accepted requests its relay could not publish."""
+        if value is None or not value.strip():
+            return None
+        from urllib.parse import urlsplit
+
+        use = "use redis://HOST:PORT/DB (rediss:// for TLS)"
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - parsed on access: a port that is not a number raises here
+        except ValueError as exc:
+            raise ValueError(f"not a broker URL ({exc}); {use}") from None
+        if parts.scheme in ("memory", "redis+socket"):  # kombu's in-memory transport (tests); a Unix socket
+            return value
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"{parts.scheme or 'a URL without a scheme'} is not a broker the service runs on; {use}")
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"the broker URL's database {db!r} is not a number; {use}")
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _api_keys_json(cls, value):

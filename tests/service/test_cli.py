@@ -15,7 +15,7 @@ def celery_argv(monkeypatch):
     seen: list[list[str]] = []
     monkeypatch.setenv("UNLEARND_BROKER_URL", "redis://127.0.0.1:6379/11")
     get_settings.cache_clear()
-    monkeypatch.setattr(app, "worker_main", lambda argv: seen.append(list(argv)))
+    monkeypatch.setattr("app.cli.run_celery", lambda celery_app, argv: seen.append(list(argv)) or 0)
     yield seen
     get_settings.cache_clear()
 
@@ -117,15 +117,36 @@ def test_a_celery_option_celery_refuses_is_one_line(celery_argv, environment, mo
 
     from worker.celery_app import app
 
-    def refuse(argv):
+    def refuse(celery_app, argv):
         raise click.NoSuchOption("--bogus")
 
-    monkeypatch.setattr(app, "worker_main", refuse)
+    monkeypatch.setattr("app.cli.run_celery", refuse)
     code, err = _run(environment, ["worker", "--", "--bogus"])
     assert code == 2 and err.strip() == "unlearnd worker: No such option '--bogus'."
 
 
+def test_a_worker_that_stops_on_an_unrecoverable_error_exits_with_its_status(tmp_path):
+    # Celery's app.worker_main dropped the status: a worker that stopped on an unrecoverable
+    # error exited 0, and a supervisor restarting on failure saw a clean stop. A real worker
+    # process here, whose result backend cannot be loaded: it stops at once with EX_FAILURE
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARND_")}
+    env.update(UNLEARND_BROKER_URL="redis://127.0.0.1:6379/11", UNLEARND_RESULT_BACKEND="no-such-backend://x",
+               UNLEARND_DATABASE_URL=f"sqlite:///{tmp_path}/x.db", UNLEARND_STORE_DIR=str(tmp_path / "models"))
+    done = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--", "-Q", f"unlearnd-never-{os.getpid()}",
+                           "-n", f"exit-status-{os.getpid()}@%h"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Unrecoverable error" in done.stderr
+
+
 @pytest.mark.parametrize("env, says", [
+    ({"BROKER_URL": "http://127.0.0.1:6379"}, "broker_url (UNLEARND_BROKER_URL): http is not a broker the service "
+                                              "runs on; use redis://HOST:PORT/DB"),
+    ({"BROKER_URL": "redis://u:pw-s3cret@127.0.0.1:abc/0"}, "broker_url (UNLEARND_BROKER_URL): not a broker URL"),
+    ({"BROKER_URL": "redis://127.0.0.1:6379/abc"}, "the broker URL's database 'abc' is not a number"),
     ({"DATABASE_URL": "notaurl"}, "database_url (UNLEARND_DATABASE_URL): not a database URL"),
     ({"DATABASE_URL": "postgresql+psycopg://u:pw-s3cret@127.0.0.1:notaport/x"}, "not a database URL"),
     ({"DATABASE_URL": "postgres://u:pw-s3cret@h/x"}, "not a database URL"),
@@ -143,6 +164,13 @@ def test_settings_the_service_cannot_run_on_are_one_line_without_their_value(env
     code, err = _run(environment, [command], **env)
     assert code == 2 and says in err and "Traceback" not in err and "pw-s3cret" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_serve_without_background_work_or_a_broker_is_refused(environment, tmp_path):
+    # requests would be accepted (202) and stay queued for ever: nothing runs jobs
+    code, err = _run(environment, ["serve", "--no-progress"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db",
+                     BACKGROUND="false")
+    assert code == 2 and "nothing would run jobs" in err and not (tmp_path / "x.db").exists()
 
 
 def test_a_store_folder_that_is_a_file_is_refused_before_migrating_or_training(environment, tmp_path):
