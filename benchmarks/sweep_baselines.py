@@ -136,8 +136,10 @@ def choose(rows: list[dict]) -> dict:
     return {"config": best["config"], "forgets": bool(forgetting), "mia_gap": gap(best), "mean_uis": mean_uis(best)}
 
 
-def sweep_seed(seed: int, methods: list[str], quick: bool, threads: int) -> dict:
-    """Every grid point of ``methods`` on the two requests of one seed (which instances are forgotten)."""
+def sweep_seed(seed: int, methods: list[str], quick: bool, threads: int, grids: dict | None = None) -> dict:
+    """Every grid point of ``methods`` on the two requests of one seed (which instances are forgotten);
+    ``grids`` replaces ``GRID``'s grid of the methods it names."""
+    grids = {**GRID, **(grids or {})}
     torch.set_num_threads(threads)
     t0 = time.time()
     train, test, original, requests = build_world(seed)
@@ -154,7 +156,7 @@ def sweep_seed(seed: int, methods: list[str], quick: bool, threads: int) -> dict
     results = {}
     for method in methods:
         rows = []
-        for point in grid_points(GRID[method])[: 2 if quick else None]:
+        for point in grid_points(grids[method])[: 2 if quick else None]:
             row = {"config": point}
             for mode, cells in requests.items():
                 data = UnlearnData(train=train, forget_cells=cells, retain=train.without(cells), heldout=test, seed=seed)
@@ -204,9 +206,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="request draws (which instances)")
     parser.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes")
     parser.add_argument("--table", action="store_true", help="only print the markdown table of --out")
+    parser.add_argument("--grid", type=json.loads, default=None, metavar="JSON",
+                        help="{method: grid} replacing GRID's grid of those methods (a grid: {key: [values]}, "
+                             "their product, or a list of such, their union); e.g. a check of settings the "
+                             "committed sweep did not try, written to another --out")
     parser.add_argument("--merge", action="store_true",
                         help="replace only --methods in an existing --out (runs are seeded, so this equals a full run)")
     args = parser.parse_args(argv)
+    for method, grid in (args.grid or {}).items():
+        try:
+            if method not in GRID or not grid_points(grid):
+                raise TypeError
+        except (TypeError, AttributeError, ValueError):
+            parser.error(f"--grid: {method!r} must be a baseline of GRID with a grid {{key: [values]}} "
+                         "or a list of such")
     if args.table:
         out = json.loads(Path(args.out).read_text())
         print(markdown_table(out))
@@ -214,7 +227,7 @@ def main(argv=None) -> dict:
 
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(args.seeds)))) as pool:
-        futures = [pool.submit(sweep_seed, s, args.methods, args.quick, args.threads) for s in args.seeds]
+        futures = [pool.submit(sweep_seed, s, args.methods, args.quick, args.threads, args.grid) for s in args.seeds]
         per_seed = [f.result() for f in futures]
 
     if args.merge:  # keep the other methods' runs from the existing file

@@ -133,3 +133,9 @@ def test_matched_forgetting_table_of_the_committed_runs(name):
     done = run_script("matched_forgetting.py", "--table", f"benchmarks/matched_forgetting/{name}.json")
     assert done.returncode == 0, done.stderr
     assert done.stdout == (BENCH / "matched_forgetting" / f"{name}.md").read_text()
+
+
+@pytest.mark.parametrize("grid", ['{"nope": {"lr": [1]}}', '{"ssd": {"alpha": 1}}', '{"ssd": 3}'])
+def test_sweep_baselines_refuses_a_grid_it_cannot_run_before_any_work(grid):
+    done = run_script("sweep_baselines.py", "--grid", grid, "--out", "/nonexistent/x.json")
+    assert done.returncode == 2 and "--grid:" in done.stderr and "must be a baseline of GRID" in done.stderr

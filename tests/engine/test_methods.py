@@ -263,6 +263,10 @@ def test_ssd_dampening_rule():
     assert dampen(net, i_f, i_d, alpha=10.0, lam=1.0) == 1
     # only the middle weight has I_f > 10 I_d; it is scaled by I_d / I_f = 1/20
     assert torch.allclose(net.weight, torch.tensor([[2.0, 0.1, 2.0]]))
+    # alpha below lambda: the first weight is selected (1 > 0.5 * 1) but its factor is
+    # min(1, 1 * 1 / 1) = 1, so it is not dampened and not counted
+    assert dampen(net, i_f, i_d, alpha=0.5, lam=1.0) == 1
+    assert torch.allclose(net.weight, torch.tensor([[2.0, 0.005, 2.0]]))
 
 
 def test_ssd_training_importance_is_prepared_once_per_version(world, monkeypatch):

@@ -89,13 +89,15 @@ def prepare(model, data, config: dict | None = None) -> None:
 
 @torch.no_grad()
 def dampen(model, i_forget, i_train, alpha: float, lam: float) -> int:
-    """Apply the SSD rule in place; returns the number of dampened weights."""
+    """Apply the SSD rule in place; returns the number of dampened weights: those selected
+    whose factor is below 1 (with ``alpha`` below ``lam`` a selected weight can get
+    ``beta = 1`` and stay as it was, and was counted)."""
     count = 0
     for n, p in model.named_parameters():
         selected = i_forget[n] > alpha * i_train[n]
         beta = (lam * i_train[n] / i_forget[n].clamp_min(1e-30)).clamp(max=1.0)
         p[selected] = p[selected] * beta[selected]
-        count += int(selected.sum())
+        count += int((selected & (beta < 1)).sum())
     return count
 
 
