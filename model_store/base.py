@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from unlearning.cli import short_repr as _short
 from unlearning.model import MultiTaskNet
 
 
@@ -131,15 +132,6 @@ _FIELD_CHECKS = {
 def _json_type(v) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
             float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _short(v, limit: int = 60) -> str:
-    """A bounded repr (an int too large for ``repr`` by its size)."""
-    try:
-        text = repr(v)
-    except ValueError:  # an int beyond sys.get_int_max_str_digits()
-        return f"<an int of {v.bit_length()} bits>"
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class ModelStore(ABC):

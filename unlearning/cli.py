@@ -101,6 +101,16 @@ def json_type(value: Any) -> str:
     return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A bounded ``repr`` for a message, of a value that may be a whole table (an int too
+    large for ``repr`` by its size)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits()
+        return f"<an int of {value.bit_length()} bits>"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def read_json(path: str | Path, what: str = "") -> Any:
     """The JSON document in the file ``path``; :class:`CliError` when it is missing or not a
     file, unreadable, not UTF-8 text, not JSON, or nested too deeply to parse. ``what``

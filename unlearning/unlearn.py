@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .model import CONFIG_FILE, WEIGHTS_FILE
 from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, json_type, read_json, report_cli_error,
-                  report_interrupted, write_dir_atomically)
+                  report_interrupted, short_repr, write_dir_atomically)
 
 METRIC_KEYS = ("mode", "forget_tasks", "uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original",
                "mia_auc_expected", "seconds", "unlearn_seconds", "eval_seconds")
@@ -92,12 +92,6 @@ STORE_MANIFEST = "manifest.json"  # a version folder of the service's model stor
 _SHA256 = re.compile(r"[0-9a-f]{64}")  # how the store writes a weights' hash (model_store.base)
 
 
-def _short(value, limit: int = 70) -> str:
-    """A bounded repr of a value read from a manifest, for a message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
     """The checkpoint's ``config.json``, its weights' bytes and their sha256 (read once, so
     the hash kept in the lineage is that of the weights loaded), after checking the
@@ -128,7 +122,7 @@ def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
         # an empty one, used to let any weights through
         if not (isinstance(recorded, str) and _SHA256.fullmatch(recorded)):
             raise UnlearnCliError(f"{directory / STORE_MANIFEST} has no valid 'sha256' of its weights (64 lowercase "
-                                  f"hex digits), got {_short(recorded)}: {directory / WEIGHTS_FILE} cannot be checked")
+                                  f"hex digits), got {short_repr(recorded, 70)}: {directory / WEIGHTS_FILE} cannot be checked")
         if recorded != weights_sha256:
             raise UnlearnCliError(f"{directory / WEIGHTS_FILE} does not match the sha256 in its {STORE_MANIFEST}")
         manifest.update(dataset=store.get("dataset"), erased=store.get("erased_cells") or [])

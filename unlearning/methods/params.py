@@ -16,7 +16,7 @@ import math
 from dataclasses import fields
 from typing import Any
 
-from ..cli import SHADOW_SEEDS, TORCH_SEEDS
+from ..cli import SHADOW_SEEDS, TORCH_SEEDS, short_repr
 from . import method_choices, method_defaults
 
 #: parameters other methods' configurations may carry and every method accepts
@@ -149,38 +149,29 @@ def _scores_problem(value: Any) -> str | None:
     only score of a task: torch's quantile) or to pass (5: an expected MIA AUC of 5)."""
     if not isinstance(value, dict):
         return (f"must be a mapping with 'full' and 'partial' tables of {{instance id: {{task: score}}}} "
-                f"(what interference_aware.shadow_scores returns), got {_short(value)}")
+                f"(what interference_aware.shadow_scores returns), got {short_repr(value)}")
     bad = []
     for mode in SCORE_TABLES:
         table = value.get(mode)
         if table is None:
             continue
         if not isinstance(table, dict):
-            bad.append(f"[{mode!r}] must be a mapping of {{instance id: {{task: score}}}}, got {_short(table)}")
+            bad.append(f"[{mode!r}] must be a mapping of {{instance id: {{task: score}}}}, got {short_repr(table)}")
             continue
         for iid, scores in table.items():
             if not isinstance(iid, str) or not isinstance(scores, dict):
-                bad.append(f"[{mode!r}][{_short(iid)}] must be an instance id (a string) mapped to "
-                           f"{{task: score}}, got {_short(scores)}")
+                bad.append(f"[{mode!r}][{short_repr(iid)}] must be an instance id (a string) mapped to "
+                           f"{{task: score}}, got {short_repr(scores)}")
                 continue
             for task, score in scores.items():
                 if not isinstance(task, str):
-                    bad.append(f"[{mode!r}][{iid!r}] must be keyed by task names, got {_short(task)}")
+                    bad.append(f"[{mode!r}][{iid!r}] must be keyed by task names, got {short_repr(task)}")
                 elif not _is_number(score) or not (math.isnan(score) or 0 <= score <= 1):
-                    bad.append(f"[{mode!r}][{iid!r}][{task!r}] must be a score in [0, 1], got {_short(score)}")
+                    bad.append(f"[{mode!r}][{iid!r}][{task!r}] must be a score in [0, 1], got {short_repr(score)}")
     if not bad:
         return None
     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
     return f"{bad[0]}{more}"
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """A bounded repr, for a value that may be a whole table."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond sys.get_int_max_str_digits()
-        return f"<an int of {value.bit_length()} bits>"
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 #: checks of parameters whose default is None and whose value has a shape of its own
