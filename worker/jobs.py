@@ -53,7 +53,8 @@ from .datasets import erased_cells, get_splits
 from .db import advisory_lock, transaction
 from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json, request_metrics
 from .settings import Settings
-from .versions import erasure_cells, erasures_behind, failed_propagation, models_sharing_dataset
+from .versions import (behind_with_nothing_under_way, erasure_cells, erasures_behind, failed_propagation,
+                       models_sharing_dataset, stalled_propagation)
 from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
                      utcnow)
 
@@ -361,15 +362,8 @@ def propagation_due(session: Session, model: Model) -> bool:
     catch up, and its last try at the same cells did not fail (what the sweeper announces;
     after such a failure the model's next deletion request is the next try:
     :func:`worker.versions.stalled_propagation`)."""
-    behind = erasures_behind(session, model)
-    if not behind:
-        return False
-    if session.execute(select(Job.id).where(Job.model_name == model.name,
-                                            Job.status.in_(("queued", "running"))).limit(1)).first():
-        return False
-    serving = session.get(Alias, (model.name, "serving")).version
-    return failed_propagation(session, model.name, serving,
-                              erasure_cells(behind)) is None
+    behind = behind_with_nothing_under_way(session, model)
+    return bool(behind) and stalled_propagation(session, model, behind) is None
 
 
 def _propagation(session: Session, settings: Settings, model_name: str, behind: list[dict],

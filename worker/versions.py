@@ -193,13 +193,20 @@ def stalled_propagation(session: Session, model: Model, behind: list[dict] | Non
     try: its job erases those cells too, and a request naming one of them is accepted
     (:func:`worker.requests.resolve_cells`) rather than refused with a promise of a
     propagate job that will not run."""
-    behind = erasures_behind(session, model) if behind is None else behind
+    behind = behind_with_nothing_under_way(session, model, behind)
     if not behind:
         return None
-    if session.execute(select(Job.id).where(Job.model_name == model.name,
-                                            Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)).first():
-        return None
     return failed_propagation(session, model.name, serving_version(session, model.name), erasure_cells(behind))
+
+
+def behind_with_nothing_under_way(session: Session, model: Model, behind: list[dict] | None = None) -> list[dict]:
+    """``model``'s erasures behind its dataset's (:func:`erasures_behind`, read when not
+    given) when no job of it is queued or running to catch up; else ``[]``."""
+    behind = erasures_behind(session, model) if behind is None else behind
+    if behind and session.execute(select(Job.id).where(Job.model_name == model.name,
+                                                       Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)).first():
+        return []
+    return behind
 
 
 def rollback(
