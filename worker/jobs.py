@@ -260,16 +260,17 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         # very job (same base, same cells) failed: then not again in a loop, but with the
         # model's next deletion request (below), whose job is the new try.
         behind = erasures_behind(session, model)
+        behind_cells = erasure_cells(behind)
         failed = None
         if behind:
             serving_now = session.get(Alias, (model_name, "serving")).version
-            failed = failed_propagation(session, model_name, serving_now, erasure_cells(behind))
+            failed = failed_propagation(session, model_name, serving_now, behind_cells)
             if failed is None:
                 propagation = _propagation(session, settings, model_name, behind, now)
                 return Claim("claimed", propagation.id, propagation.attempts)
             log.warning("model %s still holds erased cells %s; its propagate job %s failed: %s; its next "
-                        "deletion request erases them", model_name, erasure_cells(behind), failed.id, failed.error)
-        held = set(map(tuple, erasure_cells(behind)))  # tombstoned, yet the serving version still holds them
+                        "deletion request erases them", model_name, behind_cells, failed.id, failed.error)
+        held = set(map(tuple, behind_cells))  # tombstoned, yet the serving version still holds them
 
         requests = list(
             session.execute(
@@ -351,7 +352,7 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             model_name=model_name,
             payload={"job_id": job.id, "kind": "deletion", "request_ids": request_ids,
                      "cells": [list(c) for c in cells], "base_version": serving.version, "method": job.method,
-                     **({"retries_propagation": {"job_id": failed.id, "cells": erasure_cells(behind)}}
+                     **({"retries_propagation": {"job_id": failed.id, "cells": behind_cells}}
                         if failed is not None else {})},
         )
         return Claim("claimed", job.id, job.attempts)

@@ -20,6 +20,7 @@ from unlearning.data import dataset_key
 from model_store import StoreError
 
 from .audit import append_event
+from .datasets import erased_cells
 from .errors import Conflict, NotFound
 from .requests import PROCESS_MODEL_TOPIC, get_model
 from .settings import Settings
@@ -505,10 +506,7 @@ def redact_calibration(session: Session, store, model_name: str, *, dry_run: boo
         return 0
     if not stored:
         return 0
-    model = get_model(session, model_name)
-    cells = {(i, t) for i, t in session.execute(select(Tombstone.instance_id, Tombstone.task).where(
-        Tombstone.dataset_key == dataset_key(model.dataset)))}
-    redacted, removed = without_cells(stored, cells)
+    redacted, removed = without_cells(stored, set(erased_cells(session, get_model(session, model_name).dataset)))
     if removed and not dry_run:
         store.replace_calibration(model_name, redacted)
         append_event(session, CALIBRATION_REDACTED_EVENT, model_name=model_name,
