@@ -425,6 +425,7 @@ def cmd_verify_certificate(args) -> int:
     (unreadable, not JSON, an error answer of the API saved in its place)."""
     import json
 
+    from worker.settings import no_repeated_names
     from worker.signing import verify_certificate
 
     import math
@@ -438,17 +439,9 @@ def cmd_verify_certificate(args) -> int:
             raise ValueError(f"{text} is out of range (a certificate is strict JSON)")
         return value
 
-    def once(pairs):  # json.loads keeps the last of a repeated name: a reader may see the first
-        out = {}
-        for name, value in pairs:
-            if name in out:
-                raise ValueError(f"the name {name!r} is given twice (a certificate names each field once)")
-            out[name] = value
-        return out
-
     try:
         text = sys.stdin.read() if args.certificate == "-" else Path(args.certificate).read_text()
-        certificate = json.loads(text, parse_constant=strict, parse_float=finite, object_pairs_hook=once)
+        certificate = json.loads(text, parse_constant=strict, parse_float=finite, object_pairs_hook=no_repeated_names)
     except (OSError, ValueError) as exc:
         print(f"unlearnd: cannot read a certificate from {args.certificate}: {exc}", file=sys.stderr)
         return 2

@@ -8,9 +8,11 @@ import types
 import typing
 
 from fastapi import Request
-from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.settings import RepeatedName, no_repeated_names
 
 #: the largest request body read (the largest valid one, a deletion with every field at
 #: its limit, is under 3 KiB); a larger one is a 413 before it is read in full
@@ -75,19 +77,6 @@ class HeadAsGetMiddleware:
             scope["method"] = "HEAD"
 
 
-class RepeatedName(ValueError):
-    pass
-
-
-def _names_once(pairs: list[tuple[str, typing.Any]]) -> dict:
-    seen: set[str] = set()
-    for name, _ in pairs:
-        if name in seen:
-            raise RepeatedName(f"the name {name!r} is given twice in one object; give each name once")
-        seen.add(name)
-    return dict(pairs)
-
-
 class StrictJSONRequest(Request):
     """A request whose JSON body may not give a name twice in one object. ``json.loads``
     keeps the last of ``{"instance_id": "a", "instance_id": "b"}``, so the service would
@@ -98,7 +87,7 @@ class StrictJSONRequest(Request):
         if not hasattr(self, "_json"):
             body = await self.body()
             try:
-                self._json = json.loads(body, object_pairs_hook=_names_once)
+                self._json = json.loads(body, object_pairs_hook=no_repeated_names)
             except RepeatedName as exc:  # FastAPI turns a JSONDecodeError into its json_invalid error
                 raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from None
         return self._json

@@ -54,13 +54,20 @@ class ApiKey(BaseModel):
     scopes: list[Scope] = Field(min_length=1)
 
 
-def _no_repeated_names(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object whose names are unique: json.loads keeps the last of a repeated name, so
-    an UNLEARND_API_KEYS naming a key twice lost the first entry (its token a 401) silently."""
+class RepeatedName(ValueError):
+    """A JSON object that gives a name twice (:func:`no_repeated_names`)."""
+
+
+def no_repeated_names(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads``' ``object_pairs_hook`` for objects whose names are unique: it keeps the
+    last of a repeated name, while another reader may keep the first. An UNLEARND_API_KEYS
+    naming a key twice lost the first entry (its token a 401) silently; a request body with
+    two ``instance_id`` values (app.guards) or a certificate with two ``model`` fields
+    (``unlearnd verify-certificate``) would be read otherwise elsewhere."""
     seen: dict[str, object] = {}
     for name, value in pairs:
         if name in seen:
-            raise ValueError(f"{name!r} is given twice")
+            raise RepeatedName(f"the name {name!r} is given twice in one object; give each name once")
         seen[name] = value
     return seen
 
@@ -188,7 +195,7 @@ class Settings(BaseSettings):
             if not value.strip():
                 return {}
             try:
-                return json.loads(value, object_pairs_hook=_no_repeated_names)
+                return json.loads(value, object_pairs_hook=no_repeated_names)
             except ValueError as exc:
                 raise ValueError(f"UNLEARND_API_KEYS must be a JSON object of keys ({exc})") from None
         return value
