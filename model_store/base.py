@@ -8,7 +8,6 @@ version number is an error.
 """
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from dataclasses import MISSING, asdict, dataclass, field
 from datetime import datetime
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from unlearning.cli import short_repr as _short
+from unlearning.cli import is_sha256, short_repr as _short
 from unlearning.model import MultiTaskNet
 
 
@@ -109,13 +108,12 @@ def _is_cells(v) -> bool:
         isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in v)
 
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _REQUIRED = [n for n, f in Manifest.__dataclass_fields__.items() if f.default is MISSING and f.default_factory is MISSING]
 _FIELD_CHECKS = {
     "model": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "version": (_is_version, f"an integer in [1, {MAX_VERSION}]"),
     "parent": (lambda v: v is None or _is_version(v), f"null or an integer in [1, {MAX_VERSION}]"),
-    "sha256": (lambda v: isinstance(v, str) and _SHA256.fullmatch(v) is not None, "64 lowercase hex digits"),
+    "sha256": (is_sha256, "64 lowercase hex digits"),
     "created_at": (lambda v: isinstance(v, str), "a string"),
     "model_config": (lambda v: isinstance(v, dict), "an object"),
     "dataset": (lambda v: isinstance(v, dict), "an object"),

@@ -26,15 +26,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .model import CONFIG_FILE, WEIGHTS_FILE
-from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, json_type, read_json, report_cli_error,
-                  report_interrupted, short_repr, write_dir_atomically)
+from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, is_sha256, json_type, read_json,
+                  report_cli_error, report_interrupted, short_repr, write_dir_atomically)
 
 METRIC_KEYS = ("mode", "forget_tasks", "uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original",
                "mia_auc_expected", "seconds", "unlearn_seconds", "eval_seconds")
@@ -89,7 +88,6 @@ def method_config(text: str | None) -> dict:
 
 
 STORE_MANIFEST = "manifest.json"  # a version folder of the service's model store (model_store.local)
-_SHA256 = re.compile(r"[0-9a-f]{64}")  # how the store writes a weights' hash (model_store.base)
 
 
 def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
@@ -120,7 +118,7 @@ def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
         # required, as the store's own load requires it (model_store.base.Manifest; not imported:
         # model_store depends on the engine, not the other way): a manifest without it, or with
         # an empty one, used to let any weights through
-        if not (isinstance(recorded, str) and _SHA256.fullmatch(recorded)):
+        if not is_sha256(recorded):
             raise UnlearnCliError(f"{directory / STORE_MANIFEST} has no valid 'sha256' of its weights (64 lowercase "
                                   f"hex digits), got {short_repr(recorded, 70)}: {directory / WEIGHTS_FILE} cannot be checked")
         if recorded != weights_sha256:
