@@ -12,7 +12,8 @@ the rename leaves its ``.tmp-*`` folder behind; :meth:`LocalModelStore.versions`
 removes those older than ``STALE_TMP_S``.
 
 Writers of a model (:meth:`~LocalModelStore.put_version`, :meth:`~LocalModelStore.discard`,
-:meth:`~LocalModelStore.discard_if_damaged`, :meth:`~LocalModelStore.purge`) hold an
+:meth:`~LocalModelStore.discard_if_damaged`, :meth:`~LocalModelStore.purge` and the
+calibration's writers) hold an
 exclusive ``fcntl.flock`` on ``{root}/{model}/.lock`` (``LOCK_FILE``) while they check and
 change a version, so threads and processes sharing the store never interleave there: a
 damaged copy checked by one attempt of a job cannot be replaced by another attempt's good
@@ -312,6 +313,9 @@ class LocalModelStore(ModelStore):
         for name, cells in (("deleted_cells", deleted_cells), ("erased_cells", erased_cells)):
             if not _is_cells(cells):  # what Manifest.from_dict would refuse on reading it back
                 raise StoreError(f"{name} must be [instance, task] pairs of strings, got {cells[:3]!r}")
+        # before the stored copy is looked at: metrics that cannot be stored used to be refused
+        # after a damaged copy of this job had been discarded
+        clean_metrics = _json_value(dict(metrics or {}), "metrics")
         final = self._dir(model_name, version)
         with self._locked(model_name):
             if self.exists(model_name, version):
@@ -323,7 +327,6 @@ class LocalModelStore(ModelStore):
                 self._discard(final, version)
             else:
                 self._refuse_occupied(model_name, version, final)
-            clean_metrics = _json_value(dict(metrics or {}), "metrics")
             tmp = final.parent / f"{TMP_PREFIX}v{version}-{uuid.uuid4().hex}"
             try:
                 weights = save_model(model, tmp)
@@ -383,43 +386,46 @@ class LocalModelStore(ModelStore):
         return json.loads(path.read_text()) if path.is_file() else None
 
     def put_calibration(self, model_name: str, payload: dict) -> dict:
+        """See :meth:`ModelStore.put_calibration`. Under the model's lock (module doc), so the
+        first calibration stored stands; it is renamed into place, never hard-linked: a writer
+        killed between a link and the unlink of its temporary name left a second name of the
+        scores that a later redaction (:meth:`replace_calibration`) did not reach."""
         directory = self._model_dir(model_name)
-        directory.mkdir(parents=True, exist_ok=True)
         final = directory / CALIBRATION_FILE
-        if final.is_file():
-            return json.loads(final.read_text())
+        with self._locked(model_name):
+            if not final.is_file():
+                self._write_calibration(directory, payload)
+        return json.loads(final.read_text())
+
+    def replace_calibration(self, model_name: str, payload: dict) -> None:
+        """See :meth:`ModelStore.replace_calibration`. It also removes the temporary files of
+        calibration writes that died (every writer holds the lock, so none is in flight):
+        they may hold the scores this replacement takes out."""
+        directory = self._model_dir(model_name)
+        final = directory / CALIBRATION_FILE
+        with self._locked(model_name):
+            if not final.is_file():
+                raise StoreError(f"no calibration of {model_name!r} in {self.root} to replace")
+            self._write_calibration(directory, payload)
+            for leftover in directory.glob(f"{TMP_PREFIX}calibration-*"):
+                if not leftover.is_dir() or leftover.is_symlink():
+                    leftover.unlink(missing_ok=True)  # a link is removed, never followed
+
+    @staticmethod
+    def _write_calibration(directory: Path, payload: dict) -> None:
+        """Write ``calibration.json`` atomically (readers see the old one or the new one);
+        the caller holds the model's lock."""
         tmp = directory / f"{TMP_PREFIX}calibration-{uuid.uuid4().hex}"
         try:
             with open(tmp, "w") as fh:
                 json.dump(_strict_calibration(payload), fh, allow_nan=False)
                 fh.flush()
                 os.fsync(fh.fileno())
-            try:
-                os.link(tmp, final)  # atomic and fails if another writer got there first: the first one stands
-            except FileExistsError:
-                pass
+            os.replace(tmp, directory / CALIBRATION_FILE)
             _fsync_dir(directory)
         finally:
             tmp.unlink(missing_ok=True)
-        return json.loads(final.read_text())
 
-
-    def replace_calibration(self, model_name: str, payload: dict) -> None:
-        directory = self._model_dir(model_name)
-        final = directory / CALIBRATION_FILE
-        with self._locked(model_name):
-            if not final.is_file():
-                raise StoreError(f"no calibration of {model_name!r} in {self.root} to replace")
-            tmp = directory / f"{TMP_PREFIX}calibration-{uuid.uuid4().hex}"
-            try:
-                with open(tmp, "w") as fh:
-                    json.dump(_strict_calibration(payload), fh, allow_nan=False)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, final)  # atomic: readers see the old calibration or the new one
-                _fsync_dir(directory)
-            finally:
-                tmp.unlink(missing_ok=True)
     def _same_or_conflict(self, model_name: str, version: int, job_id: str | None, model: MultiTaskNet) -> Manifest:
         """An existing version: the same job (or, without a job, the same weights) is a no-op."""
         existing = self.manifest(model_name, version)

@@ -377,6 +377,40 @@ def test_a_metric_that_is_not_json_is_refused_by_key(tmp_path, value):
     assert store.versions(MODEL) == [] and not (tmp_path / "store" / MODEL / "v1").exists()
 
 
+def test_metrics_that_cannot_be_stored_leave_a_damaged_copy_of_the_job_where_it_is(tmp_path):
+    # the metrics were checked after the job's damaged stored copy had been discarded: the
+    # write was refused and the copy gone, where a refused write should change nothing
+    store = LocalModelStore(tmp_path / "store")
+    _put(store, _tiny(), job_id="job-1")
+    folder = tmp_path / "store" / MODEL / "v1"
+    _damage_weights(folder)
+    damaged = (folder / "model.safetensors").read_bytes()
+    with pytest.raises(StoreError, match=r"metrics\['when'\]"):
+        _put(store, _tiny(), job_id="job-1", metrics={"when": object()})
+    assert (folder / "model.safetensors").read_bytes() == damaged and not store.verify(MODEL, 1)
+    _put(store, _tiny(), job_id="job-1", metrics={"auc": 0.5})  # a good write still replaces it
+    assert store.verify(MODEL, 1) and store.manifest(MODEL, 1).metrics == {"auc": 0.5}
+
+
+def test_a_calibration_is_renamed_into_place_and_a_redaction_removes_dead_writes(tmp_path, monkeypatch):
+    # put_calibration hard-linked its temporary file to calibration.json, then unlinked it: a
+    # writer killed in between left a second name of the unredacted scores, which a purge's
+    # redaction (replace_calibration writes a new file) did not reach
+    store = LocalModelStore(tmp_path)
+    linked = []
+    monkeypatch.setattr(os, "link", lambda *a, **kw: linked.append(a) or pytest.fail("a calibration was hard-linked"))
+    assert store.put_calibration(MODEL, {"full": {"a": {"depth": 0.25}}}) == {"full": {"a": {"depth": 0.25}}}
+    assert store.put_calibration(MODEL, {"full": {}}) == {"full": {"a": {"depth": 0.25}}}  # the first one stands
+    folder = tmp_path / MODEL
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "calibration.json"]
+    dead = folder / ".tmp-calibration-0123abcd"  # what a writer killed before its rename leaves
+    dead.write_text(json.dumps({"full": {"a": {"depth": 0.25}}}))
+    other = folder / ".tmp-v2-0123abcd"  # another write's folder is not the redaction's
+    other.mkdir()
+    store.replace_calibration(MODEL, {"full": {}})
+    assert store.calibration(MODEL) == {"full": {}} and not dead.exists() and other.is_dir()
+
+
 # --------------------------------------------------------------------------- 8: purging a link
 
 
