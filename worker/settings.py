@@ -188,6 +188,35 @@ class Settings(BaseSettings):
             raise ValueError(f"the broker URL's database {db!r} is not a number; {use}")
         return value
 
+    @field_validator("result_backend")
+    @classmethod
+    def _a_result_backend(cls, value: str | None) -> str | None:
+        """A result backend Celery knows (``redis://HOST:PORT/DB``, ``db+postgresql://...``,
+        ``rpc://``, ...), parsed now; blank is none (results are ignored). A typo made every
+        ``unlearnd worker`` stop at its start ("Unrecoverable error"), while the API answered
+        ready. Whether the backend's own library is installed is still found at the start."""
+        if value is None or not value.strip():
+            return None
+        from urllib.parse import urlsplit
+
+        from celery.app.backends import by_url
+
+        use = "use a Celery result backend URL such as redis://HOST:PORT/DB, or leave it unset"
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - parsed on access: a port that is not a number raises here
+        except ValueError as exc:
+            raise ValueError(f"not a result backend URL ({exc}); {use}") from None
+        try:
+            by_url(value)  # the backend's class by the URL's scheme (or a bare name: rpc): an unknown one fails
+        except Exception:  # noqa: BLE001 - ImportError, ImproperlyConfigured, ValueError, ...
+            what = f"{parts.scheme}://" if parts.scheme and "://" in value else "the value"  # never its credentials
+            raise ValueError(f"{what} is not a result backend Celery knows; {use}") from None
+        db = parts.path.lstrip("/")
+        if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
+            raise ValueError(f"the result backend's Redis database {db!r} is not a number; {use}")
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _api_keys_json(cls, value):

@@ -128,13 +128,16 @@ def test_a_celery_option_celery_refuses_is_one_line(celery_argv, environment, mo
 def test_a_worker_that_stops_on_an_unrecoverable_error_exits_with_its_status(tmp_path):
     # Celery's app.worker_main dropped the status: a worker that stopped on an unrecoverable
     # error exited 0, and a supervisor restarting on failure saw a clean stop. A real worker
-    # process here, whose result backend cannot be loaded: it stops at once with EX_FAILURE
+    # process here, whose result backend cannot be loaded (a backend Celery knows, whose library,
+    # pymongo, is not installed): it stops at once with EX_FAILURE
+    import importlib.util
     import os
     import subprocess
     import sys
 
+    assert importlib.util.find_spec("pymongo") is None, "this test needs a backend whose library is missing"
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARND_")}
-    env.update(UNLEARND_BROKER_URL="redis://127.0.0.1:6379/11", UNLEARND_RESULT_BACKEND="no-such-backend://x",
+    env.update(UNLEARND_BROKER_URL="redis://127.0.0.1:6379/11", UNLEARND_RESULT_BACKEND="mongodb://127.0.0.1:1/x",
                UNLEARND_DATABASE_URL=f"sqlite:///{tmp_path}/x.db", UNLEARND_STORE_DIR=str(tmp_path / "models"))
     done = subprocess.run([sys.executable, "-m", "app.cli", "worker", "--", "-Q", f"unlearnd-never-{os.getpid()}",
                            "-n", f"exit-status-{os.getpid()}@%h"], env=env, capture_output=True, text=True, timeout=120)
@@ -147,6 +150,12 @@ def test_a_worker_that_stops_on_an_unrecoverable_error_exits_with_its_status(tmp
                                               "runs on; use redis://HOST:PORT/DB"),
     ({"BROKER_URL": "redis://u:pw-s3cret@127.0.0.1:abc/0"}, "broker_url (UNLEARND_BROKER_URL): not a broker URL"),
     ({"BROKER_URL": "redis://127.0.0.1:6379/abc"}, "the broker URL's database 'abc' is not a number"),
+    ({"RESULT_BACKEND": "no-such-backend://u:pw-s3cret@x"}, "result_backend (UNLEARND_RESULT_BACKEND): "
+                                                            "no-such-backend:// is not a result backend Celery knows"),
+    ({"RESULT_BACKEND": "u:pw-s3cret@127.0.0.1"}, "the value is not a result backend Celery knows"),
+    ({"RESULT_BACKEND": "redis://u:pw-s3cret@127.0.0.1:abc/0"}, "result_backend (UNLEARND_RESULT_BACKEND): not a "
+                                                                "result backend URL"),
+    ({"RESULT_BACKEND": "redis://127.0.0.1:6379/abc"}, "the result backend's Redis database 'abc' is not a number"),
     ({"DATABASE_URL": "notaurl"}, "database_url (UNLEARND_DATABASE_URL): not a database URL"),
     ({"DATABASE_URL": "postgresql+psycopg://u:pw-s3cret@127.0.0.1:notaport/x"}, "not a database URL"),
     ({"DATABASE_URL": "postgres://u:pw-s3cret@h/x"}, "not a database URL"),

@@ -60,6 +60,18 @@ def test_the_command_names_the_variable_and_keeps_the_database_password_out(monk
     assert "pw-s3cret" not in err
 
 
+@pytest.mark.parametrize("value, kept", [
+    ("redis://127.0.0.1:6379/1", "redis://127.0.0.1:6379/1"),
+    ("rediss://h:6380", "rediss://h:6380"),
+    ("db+postgresql+psycopg://u@h/x", "db+postgresql+psycopg://u@h/x"),
+    ("rpc://", "rpc://"),
+    ("rpc", "rpc"),  # a bare backend name, as Celery takes it
+    ("", None), ("  ", None),  # compose's ${UNLEARND_RESULT_BACKEND:-}: results ignored
+])
+def test_result_backends_celery_knows_are_taken(value, kept):
+    assert Settings(_env_file=None, result_backend=value).result_backend == kept
+
+
 @pytest.mark.parametrize("blank", ["", "  "])
 def test_a_blank_certificate_key_file_is_no_key(blank):
     # compose passes ${UNLEARND_CERTIFICATE_KEY_FILE:-}: blank was Path("."), a key file that
