@@ -14,14 +14,17 @@ the device (as ``train_model`` does now) and, on CUDA, with bf16 autocast (also 
 channels-last memory order with cuDNN's benchmarked kernels), and gives the
 training's seconds at the recipe's epochs for each: what a recipe of larger batches (fewer
 steps) would cost, before anyone checks that it still memorises. ``--height``/``--width``
-render the benchmark at another size.
+render the benchmark at another size. The JSON is written after every measurement
+(``"complete": false`` until the last), so a probe cut off keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 
@@ -29,6 +32,15 @@ from unlearning import bench
 from unlearning.data import load_splits
 from unlearning.losses import cell_losses, per_sample_losses, supervised_loss
 from unlearning.train import build_model, training_steps
+
+
+def write_json(path, doc: dict) -> None:
+    """Write ``doc`` to ``path`` aside and rename it into place: a process killed mid-write
+    (a time limit) leaves the last whole document, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _sync(device):
@@ -93,52 +105,60 @@ def main(argv=None) -> int:
     device, recipe = bench.suite_runtime(suite, args.device)
     spec = dict(suite["benchmarks"][args.benchmark])
     spec.update({k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None})
+    out = {
+        **bench.provenance(device),
+        "suite": args.suite,
+        "benchmark": spec,
+        "recipe": asdict(recipe),
+        "complete": False,
+        "peak_memory_gib": None,
+    }
+
+    def write() -> None:  # after every measurement: a probe cut off (a time-limited device) keeps what it measured
+        if device.type == "cuda":
+            out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        write_json(args.out, out)
+
+    write()
     t0 = time.perf_counter()
     train, test = load_splits(spec, render_workers="auto")
-    render_seconds = time.perf_counter() - t0
+    out["render_seconds"] = round(time.perf_counter() - t0, 2)
+    steps_per_training = training_steps(len(train), recipe)
+    out["steps_per_training"] = steps_per_training
+    write()
 
     step_fp32 = time_steps(train, recipe, device, args.steps)
+    out["train_step_seconds"] = round(step_fp32, 5)
+    out["training_seconds_estimate"] = round(step_fp32 * steps_per_training, 1)
+    write()
     step_bf16 = time_steps(train, recipe, device, args.steps, autocast=True) if device.type == "cuda" else None
+    out["train_step_seconds_bf16_autocast"] = None if step_bf16 is None else round(step_bf16, 5)
     model = build_model(train, recipe).to(device).eval()
     per_sample_losses(model, test, range(min(64, len(test))), device=device)  # warm-up
     _sync(device)
     t0 = time.perf_counter()
     per_sample_losses(model, test, device=device)
     _sync(device)
-    forward_per_sample = (time.perf_counter() - t0) / len(test)
+    out["forward_seconds_per_sample"] = round((time.perf_counter() - t0) / len(test), 6)
+    write()
 
-    steps_per_training = training_steps(len(train), recipe)
-    by_batch = {}
+    by_batch = out["by_batch_size"] = {}
     for b in args.batch_sizes:
         r = replace(recipe, batch_size=b)
         row = {"steps_per_training": training_steps(len(train), r),
                "step_seconds_resident": time_steps(train, r, device, args.steps, resident=True)}
-        if device.type == "cuda":
-            row["step_seconds_resident_bf16_autocast"] = time_steps(train, r, device, args.steps, autocast=True,
-                                                                    resident=True)
-            row["step_seconds_resident_bf16_channels_last"] = time_steps(train, r, device, args.steps, autocast=True,
-                                                                         resident=True, channels_last=True)
         row["training_seconds_estimate"] = round(row["step_seconds_resident"] * row["steps_per_training"], 1)
         by_batch[b] = {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
-    out = {
-        **bench.provenance(device),
-        "suite": args.suite,
-        "benchmark": spec,
-        "recipe": asdict(recipe),
-        "render_seconds": round(render_seconds, 2),
-        "train_step_seconds": round(step_fp32, 5),
-        "train_step_seconds_bf16_autocast": None if step_bf16 is None else round(step_bf16, 5),
-        "forward_seconds_per_sample": round(forward_per_sample, 6),
-        "steps_per_training": steps_per_training,
-        "training_seconds_estimate": round(step_fp32 * steps_per_training, 1),
-        "by_batch_size": by_batch,
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-    }
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+        write()
+        if device.type == "cuda":
+            for key, kw in (("step_seconds_resident_bf16_autocast", {}),
+                            ("step_seconds_resident_bf16_channels_last", {"channels_last": True})):
+                by_batch[b][key] = round(time_steps(train, r, device, args.steps, autocast=True, resident=True, **kw), 5)
+                write()
+    out["complete"] = True
+    write()
     print(json.dumps(out, indent=2))
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,7 +15,12 @@ the issue asks for at that scale, ``retrain / job``, on the cached original:
   method, the evaluation: UIS and MIA AUC), on the suite's forget sets, with one
   per-version cache for all of them as the worker keeps it. What that cache holds is
   filled by the first job (``cache_seconds``, reported) and not counted in a job's
-  seconds, as in the bench. ``--data`` picks whether the job keeps the training and test
+  seconds, as in the bench. Before the timed jobs, one untimed warm-up job per data mode
+  (the first setting and variant, at 2 steps when the method has a ``steps`` budget) fills
+  what else the per-version cache keeps but ``cache_seconds`` does not count (the data's
+  copy on the device, the original's evaluation numbers) and pays a process's first-call
+  costs (CUDA's libraries), which would otherwise fall on the first timed job alone
+  (``warmup`` in the JSON). ``--data`` picks whether the job keeps the training and test
   data on the device (``resident``, the default) or gathers every batch on the host and
   copies it over (``host``); on a CPU the two are the same path. ``--variants`` runs
   every job once per named set of config overrides (e.g. the orthogonalization's two
@@ -24,8 +29,14 @@ the issue asks for at that scale, ``retrain / job``, on the cached original:
 No gold standard, so no |ΔMIA| against one: each row has the job's ``mia_auc`` and the
 original's ``mia_auc_original``.
 
+``--cache-dir`` is the bench's: the suite's models are in ``<cache-dir>/<suite>``, where
+``python -m unlearning.bench --cache-dir`` keeps them (until 2026-12-06 this script looked in
+``<cache-dir>`` itself, so it missed the committed ``full`` original and trained its own).
+``--require-cached`` stops at once when the original is not there (a time-limited device
+would spend its time training it).
+
     python benchmarks/job_timing.py --suite full --benchmark indoor --cache-dir benchmarks/full/cache \\
-        --seeds 0 1 --settings full:8 partial:depth --data resident host --out job_timing.json
+        --require-cached --seeds 0 1 --settings full:8 partial:depth --data resident host --out job_timing.json
 """
 from __future__ import annotations
 
@@ -41,9 +52,10 @@ import torch
 from unlearning import bench
 from unlearning.data import load_splits
 from unlearning.job import run_unlearning_job
+from unlearning.methods import method_defaults
 from unlearning.train import train_model, training_steps
 
-from gpu_probe import _sync  # noqa: E402  this folder's script (run as python benchmarks/job_timing.py)
+from gpu_probe import _sync, write_json  # noqa: E402  this folder's script (run as python benchmarks/job_timing.py)
 
 
 def step_seconds(train, recipe, device, epochs: tuple[int, int], repeat: int = 2) -> dict:
@@ -72,7 +84,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="full", choices=sorted(bench.SUITES))
     p.add_argument("--benchmark", default="indoor")
-    p.add_argument("--cache-dir", default=".cache/bench", help="where the suite's original is (trained there if not)")
+    p.add_argument("--cache-dir", default=".cache/bench",
+                   help="the bench's cache: the suite's original is in CACHE_DIR/SUITE (trained there if not)")
+    p.add_argument("--require-cached", action="store_true",
+                   help="stop when the suite's original is not in the cache, instead of training it")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the suite's")
     p.add_argument("--settings", nargs="+", default=None, help="e.g. full:8 partial:depth (default: all of the suite's)")
     p.add_argument("--method", default="interference_aware")
@@ -89,11 +104,15 @@ def main(argv=None) -> int:
     suite = bench.SUITES[args.suite]
     device, recipe = bench.suite_runtime(suite, args.device)
     spec = suite["benchmarks"][args.benchmark]
-    cache_dir = Path(args.cache_dir)
+    cache_dir = Path(args.cache_dir) / args.suite  # where the bench keeps the suite's models
     unknown = sorted(set(args.settings or []) - set(bench.setting_labels(suite, spec)))
     if unknown:  # before rendering and loading anything
         raise SystemExit(f"no setting of {args.suite} is named {', '.join(unknown)}; "
                          f"its settings: {', '.join(bench.setting_labels(suite, spec))}")
+    entry = bench.cache_entry(cache_dir, recipe, {"spec": spec, **bench.ORIGINAL})
+    if args.require_cached and not (entry / "bench.json").is_file():
+        raise SystemExit(f"--require-cached: the {args.suite} suite's {args.benchmark} original is not in {entry} "
+                         f"(give the --cache-dir the bench ran with; its models are in <cache-dir>/{args.suite})")
     t0 = time.perf_counter()
     train, test = load_splits(spec, render_workers="auto")
     render_seconds = time.perf_counter() - t0
@@ -125,15 +144,27 @@ def main(argv=None) -> int:
         "train_steps": steps,
         "retrain_measured": measured,
         "complete": False,
+        "warmup": [],
         "jobs": [],
     }
 
     def write() -> None:  # after every job: a run cut off (a time-limited device) keeps what it measured
         if device.type == "cuda":
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.out, out)
 
     caches = {mode: {} for mode in args.data}
+    first_variant = next(iter(variants.values()), {})
+    short = {"steps": 2} if "steps" in method_defaults(args.method) else {}
+    for mode in args.data:  # untimed: the per-version cache's fill and first-call costs (module doc)
+        _sync(device)
+        t0 = time.perf_counter()
+        run_unlearning_job(original, train, test, plan[0]["cells"], method=args.method,
+                           config={**config, **first_variant, **short}, device=device, seed=int(plan[0]["seed"]),
+                           cache=caches[mode], keep_data_on_device=mode == "resident")
+        _sync(device)
+        out["warmup"].append({"data": mode, "config": short, "seconds": round(time.perf_counter() - t0, 3)})
+        write()
     for st in plan:
         # the gold standard trains on the instances left with a supervised cell
         retrain_estimate = steps["seconds_per_step"] * training_steps(len(train.without(st["cells"])), recipe)

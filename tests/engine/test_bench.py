@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -479,6 +480,54 @@ def test_job_timing_times_jobs_on_the_cached_original_against_the_recipe(tmp_pat
         # full:1 trains on 11 instances (3 steps an epoch), partial:depth on all 12 (3 too)
         assert r["retrain_seconds_estimate"] == pytest.approx(doc["train_steps"]["seconds_per_step"] * 12, abs=0.01)
         assert r["speed_up_measured"] == round(doc["retrain_measured"]["seconds"] / r["seconds"], 1)
+    # one untimed job per data mode first, at 2 steps: what the per-version cache keeps beyond
+    # cache_seconds (the data's device copy, the original's numbers) is not charged to the first timed job
+    assert [(w["data"], w["config"]) for w in doc["warmup"]] == [("resident", {"steps": 2}), ("host", {"steps": 2})]
+    assert all(w["seconds"] > 0 for w in doc["warmup"])
     with pytest.raises(SystemExit, match="no setting of tiny is named"):
         job_timing.main(["--suite", "tiny", "--cache-dir", str(tmp_path / "cache"), "--settings", "full:8",
                          "--out", str(out)])
+
+
+def test_job_timing_finds_the_original_where_the_bench_keeps_it(tmp_path, monkeypatch):
+    # it looked in --cache-dir itself, the bench keeps a suite's models in <cache-dir>/<suite>:
+    # on the GPU it would have trained the committed `full` original again, for its whole stage
+    job_timing = _load_script("job_timing")
+    suite = {"benchmarks": {"indoor": {"name": "indoor", "n_train": 8, "n_test": 6, "height": 8, "width": 8, "seed": 0}},
+             "train": {"epochs": 1, "batch_size": 4, "lr": 4e-3, "width": 4, "depth": 1, "head_width": 4, "seed": 0},
+             "seeds": [0], "n_forget_full": [1], "n_forget_partial": 1, "partial_tasks": ["depth"],
+             "retained_sample_size": 4, "threads": 1, "device": "cpu"}
+    monkeypatch.setitem(bench.SUITES, "tiny", suite)
+    cache, out = tmp_path / "cache", tmp_path / "timing.json"
+    with pytest.raises(SystemExit, match=re.escape(f"--require-cached: the tiny suite's indoor original is not in "
+                                                   f"{cache}/tiny/")):
+        job_timing.main(["--suite", "tiny", "--cache-dir", str(cache), "--require-cached", "--out", str(out)])
+    assert not out.exists()
+    spec = suite["benchmarks"]["indoor"]
+    train, _ = bench.load_splits(spec)
+    _, recipe = bench.suite_runtime(suite)
+    bench.cached_original(cache / "tiny", train, spec, recipe, torch.device("cpu"))  # as the bench stores it
+    assert job_timing.main(["--suite", "tiny", "--cache-dir", str(cache), "--require-cached", "--settings", "full:1",
+                            "--config", '{"steps": 1}', "--train-epochs", "1", "2", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is True and len(doc["jobs"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "timing.json"]  # nothing left aside
+
+
+def test_gpu_probe_writes_what_it_measured_as_it_goes(tmp_path, monkeypatch):
+    gpu_probe = _load_script("gpu_probe")
+    suite = {"benchmarks": {"indoor": {"name": "indoor", "n_train": 8, "n_test": 6, "height": 8, "width": 8, "seed": 0}},
+             "train": {"epochs": 1, "batch_size": 4, "lr": 4e-3, "width": 4, "depth": 1, "head_width": 4, "seed": 0},
+             "seeds": [0], "threads": 1, "device": "cpu"}
+    monkeypatch.setitem(bench.SUITES, "tiny", suite)
+    out = tmp_path / "probe.json"
+    seen = []
+    real = gpu_probe.write_json
+    monkeypatch.setattr(gpu_probe, "write_json", lambda path, doc: (seen.append(sorted(doc)), real(path, doc)))
+    assert gpu_probe.main(["--suite", "tiny", "--steps", "2", "--batch-sizes", "2", "--device", "cpu",
+                           "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is True and doc["steps_per_training"] == 2 and doc["train_step_seconds"] > 0
+    assert doc["by_batch_size"]["2"]["steps_per_training"] == 4 and doc["peak_memory_gib"] is None
+    assert len(seen) >= 4 and "render_seconds" not in seen[0] and "train_step_seconds" not in seen[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.json"]
