@@ -496,7 +496,13 @@ def redact_calibration(session: Session, store, model_name: str, *, dry_run: boo
     shadow calibration (``worker.calibration.without_cells``), in the caller's transaction
     (a ``model.calibration_redacted`` audit event counts them), and return how many there
     were; ``dry_run``: count them only. Part of a purge: a score is a number about a
-    person's data, kept next to the versions."""
+    person's data, kept next to the versions.
+
+    The file is replaced before the caller commits. When that commit fails, the scores are
+    gone but no event says so, and the next purge finds nothing to take out. The file
+    counts what was ever taken out of it (``redacted_cells``; a model's calibration is
+    written once), so a purge that finds more there than the events of the model record
+    appends an event for the difference too (``"unrecorded": n``, counted in ``cells``)."""
     from .calibration import without_cells
 
     try:
@@ -507,11 +513,26 @@ def redact_calibration(session: Session, store, model_name: str, *, dry_run: boo
     if not stored:
         return 0
     redacted, removed = without_cells(stored, set(erased_cells(session, get_model(session, model_name).dataset)))
-    if removed and not dry_run:
+    recorded = sum(_as_count((payload or {}).get("cells")) for payload in session.execute(
+        select(AuditEvent.payload).where(AuditEvent.kind == CALIBRATION_REDACTED_EVENT,
+                                         AuditEvent.model_name == model_name)).scalars())
+    unrecorded = max(0, _as_count(stored.get("redacted_cells")) - recorded)
+    if dry_run or not (removed or unrecorded):
+        return removed
+    if removed:
         store.replace_calibration(model_name, redacted)
-        append_event(session, CALIBRATION_REDACTED_EVENT, model_name=model_name,
-                     payload={"cells": removed, **({"actor": actor} if actor else {})})
+    if unrecorded:
+        log.warning("%s: %d calibration score(s) were taken out by a purge whose record was not committed; "
+                    "recording them now", model_name, unrecorded)
+    append_event(session, CALIBRATION_REDACTED_EVENT, model_name=model_name,
+                 payload={"cells": removed + unrecorded, **({"unrecorded": unrecorded} if unrecorded else {}),
+                          **({"actor": actor} if actor else {})})
     return removed
+
+
+def _as_count(value) -> int:
+    """A count read back from JSON (an event's payload, the calibration file); anything else is 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def get_job(session: Session, job_id: str) -> Job:

@@ -141,6 +141,37 @@ def test_purge_takes_the_erased_cells_scores_out_of_the_stored_calibration(erase
     assert client.get("/audit/verify").json()["ok"] is True
 
 
+def test_a_redaction_whose_record_was_not_committed_is_recorded_by_the_next_purge(erased_twice):
+    """The calibration file is rewritten before the purge's transaction commits. A commit
+    that failed left the scores gone and no event saying so, and every later purge found
+    nothing to take out: the redaction was never in the audit log."""
+    from worker.versions import CALIBRATION_REDACTED_EVENT, redact_calibration
+
+    s, store, ids, client = erased_twice
+    tasks = list(store.manifest(TINY, 1).model_config["tasks"])
+    table = {i: {t: 0.25 for t in tasks} for i in ids[:3]}
+    store.put_calibration(TINY, {"sha256": store.manifest(TINY, 1).sha256, "full": table, "partial": table})
+    with pytest.raises(RuntimeError, match="the commit failed"):
+        with transaction(s.database_url) as session:
+            assert redact_calibration(session, store, TINY) == 4
+            raise RuntimeError("the commit failed")
+    assert store.calibration(TINY)["redacted_cells"] == 4  # the file is redacted, its event rolled back
+
+    def events():
+        with transaction(s.database_url) as session:
+            return [e.payload for e in session.execute(
+                select(AuditEvent).where(AuditEvent.kind == CALIBRATION_REDACTED_EVENT)).scalars()]
+
+    assert events() == []
+    assert client.post(f"/models/{TINY}/purge", json={"dry_run": True}).json()["calibration_scores"] == 0
+    assert events() == []  # a dry run records nothing
+    assert client.post(f"/models/{TINY}/purge", json={}).json()["calibration_scores"] == 0
+    assert events() == [{"cells": 4, "unrecorded": 4}]
+    client.post(f"/models/{TINY}/purge", json={})
+    assert events() == [{"cells": 4, "unrecorded": 4}]  # recorded once
+    assert client.get("/audit/verify").json()["ok"] is True
+
+
 def test_a_calibration_holding_nan_scores_is_redacted_and_the_purge_completes(erased_twice):
     """shadow_scores writes NaN for a cell it could not score. A calibration file stored with
     one (before the store wrote strict JSON) made the redaction fail after the weights were
