@@ -480,11 +480,16 @@ class _Heartbeat:
         self._written = fraction
 
 
-def _target_version(settings: Settings, store: ModelStore, job_id: str) -> int:
+def _target_version(settings: Settings, store: ModelStore, job_id: str, attempt: int) -> int:
     """The version number this job publishes, fixed on the job row the first time it is
-    asked for, so a rerun writes (and finds) the same artifact."""
+    asked for, so a rerun writes (and finds) the same artifact. Only by the attempt that
+    owns the job (:class:`StaleAttempt` otherwise): a superseded attempt that got here after
+    a rebase took the number away reserved one for its old base, and the next attempt found
+    its copy there and failed publishing it (its parent was not the job's base)."""
     with transaction(settings.database_url) as session:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
+        if job.status != "running" or job.attempts != attempt:
+            raise StaleAttempt(f"attempt {attempt} no longer owns job {job_id}")
         params = dict(job.params or {})
         if "target_version" in params:
             return int(params["target_version"])
@@ -536,7 +541,7 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
 
     started = time.monotonic()
     try:
-        version = _target_version(settings, store, job_id)
+        version = _target_version(settings, store, job_id, attempt)
         manifest = _stored_artifact(settings, store, job_id, model_name, base_version, version)
         if manifest is None:
             manifest = _compute(settings, store, job_id, model_name, base_version, version, spec, cells,
@@ -623,6 +628,11 @@ def _stored_artifact(settings, store, job_id, model_name, base_version, version)
         return None
     manifest = store.manifest(model_name, version)
     if manifest.job_id != job_id:
+        return None
+    if manifest.parent != base_version:  # stored on the job's base before a rebase: it can never be published
+        log.warning("job %s: stored artifact v%d is on v%s, not on the job's base v%d; discarded it",
+                    job_id, version, manifest.parent, base_version)
+        store.discard(model_name, version)
         return None
     _check_base(settings, store, model_name, base_version)
     log.info("job %s: artifact v%d already stored, publishing it", job_id, version)

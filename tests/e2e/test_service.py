@@ -166,8 +166,8 @@ def test_a_job_that_runs_twice_publishes_one_version(client, settings, store, mo
         base, cells = job.base_version, job.params["cells"]
         versions_before = session.execute(select(func.count()).select_from(ModelVersion)).scalar()
     assert cells == [[instance, "normal"]]
-    target = jobs._target_version(settings, store, job_id)
-    assert jobs._target_version(settings, store, job_id) == target  # fixed on the job row
+    target = jobs._target_version(settings, store, job_id, claim.attempt)
+    assert jobs._target_version(settings, store, job_id, claim.attempt) == target  # fixed on the job row
     stored = jobs._compute(settings, store, job_id, settings.model_name, base, target,
                            store.manifest(settings.model_name, base).dataset, [(instance, "normal")],
                            [request_id], job.method, "deletion")

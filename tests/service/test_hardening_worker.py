@@ -250,6 +250,45 @@ def test_a_superseded_attempt_neither_fails_nor_publishes_over_the_rerun(tiny, m
     assert "job.failed" not in _kinds(s)
 
 
+def test_a_superseded_attempt_reserves_no_version_number(tiny):
+    """Worker 1 went quiet before it asked for its version number; the job was put back
+    and claimed again (and, say, rebased, which takes the number away). Worker 1 used to
+    reserve a number for its old base, store its copy there, and the next attempt found
+    that copy and failed publishing it (its parent not the job's base)."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    first = jobs.claim_next(s, TINY)
+    _make_stale(s, first.job_id)
+    assert sweep_once(s, lambda topic, payload: None)["jobs"] == 1
+    with pytest.raises(jobs.StaleAttempt, match=f"attempt {first.attempt} no longer owns job {first.job_id}"):
+        jobs._target_version(s, store, first.job_id, first.attempt)  # queued: owned by none
+    second = jobs.claim_next(s, TINY)
+    with pytest.raises(jobs.StaleAttempt):
+        jobs._target_version(s, store, first.job_id, first.attempt)  # running, but attempt 2's
+    with transaction(s.database_url) as session:
+        assert "target_version" not in session.get(Job, first.job_id).params
+    assert jobs._target_version(s, store, second.job_id, second.attempt) == 2
+
+
+def test_a_stored_copy_of_the_job_on_another_base_is_computed_again(tiny):
+    """This job's copy at its version number, stored on a base that is not the job's (by
+    an attempt from before a rebase), can never be published: it is discarded and the
+    version computed again, where the job used to fail on it."""
+    s, store, ids = tiny
+    request_id = _submit(s, ids[0])
+    claim = jobs.claim_next(s, TINY)
+    version = jobs._target_version(s, store, claim.job_id, claim.attempt)
+    model, base = store.load(TINY, 1)
+    store.put_version(model, model_name=TINY, version=version, parent=None, dataset=base.dataset,
+                      job_id=claim.job_id)  # v1's weights, as if on another base
+    done = jobs.run_job(s, store, claim.job_id, claim.attempt)
+    assert (done.status, done.version) == ("completed", version), done.error
+    assert store.manifest(TINY, version).parent == 1 and store.verify(TINY, version)
+    with transaction(s.database_url) as session:
+        assert session.get(DeletionRequest, request_id).status == "completed"
+    _assert_serving_erases_every_tombstone(s)
+
+
 def test_a_heartbeat_waiting_on_a_requeue_does_not_touch_the_requeued_job(tiny):
     """The sweeper puts a job back while worker 1's heartbeat is writing: the heartbeat
     reads the job only once the requeue has committed, so it sees the job is no longer
@@ -679,14 +718,14 @@ def test_a_job_given_up_on_keeps_its_version_number_from_the_next_job(tiny):
     s, store, ids = tiny
     _submit(s, ids[0])
     first = jobs.claim_next(s, TINY)
-    reserved = jobs._target_version(s, store, first.job_id)
+    reserved = jobs._target_version(s, store, first.job_id, first.attempt)
     with transaction(s.database_url) as session:  # as a claim gives up on a job whose worker keeps dying
         job = session.get(Job, first.job_id)
         job.status, job.error = "failed", "gave up after 1 attempts"
     _submit(s, ids[1])
     second = jobs.claim_next(s, TINY)
     assert second.status == "claimed" and second.job_id != first.job_id
-    assert jobs._target_version(s, store, second.job_id) == reserved + 1
+    assert jobs._target_version(s, store, second.job_id, second.attempt) == reserved + 1
 
 
 def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(tiny, monkeypatch):
@@ -977,7 +1016,7 @@ def _claimed_and_stored(s: Settings, store, instance: str):
     published: the claim, its target version, the model and v1's manifest, the artifact's."""
     _submit(s, instance)
     claim = jobs.claim_next(s, TINY)
-    version = jobs._target_version(s, store, claim.job_id)
+    version = jobs._target_version(s, store, claim.job_id, claim.attempt)
     model, base = store.load(TINY, 1)
     stored = store.put_version(model, model_name=TINY, version=version, parent=1, dataset=base.dataset,
                                job_id=claim.job_id)
