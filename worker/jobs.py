@@ -54,7 +54,7 @@ from .db import advisory_lock, transaction
 from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json, request_metrics
 from .settings import Settings
 from .versions import (behind_with_nothing_under_way, erasure_cells, erasures_behind, failed_propagation,
-                       models_sharing_dataset, stalled_propagation)
+                       models_sharing_dataset, propagation_retry_at, stalled_propagation)
 from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
                      utcnow)
 
@@ -258,18 +258,22 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         # Erasures of the dataset that the serving version still holds (another model on
         # the same dataset erased them): those first, as a job of their own, unless that
         # very job (same base, same cells) failed: then not again in a loop, but with the
-        # model's next deletion request (below), whose job is the new try.
+        # model's next deletion request (below), whose job is the new try, or once its
+        # retry is due (versions.propagation_retry_at) when no request is waiting.
         behind = erasures_behind(session, model)
         behind_cells = erasure_cells(behind)
         failed = None
         if behind:
             serving_now = session.get(Alias, (model_name, "serving")).version
             failed = failed_propagation(session, model_name, serving_now, behind_cells)
-            if failed is None:
-                propagation = _propagation(session, settings, model_name, behind, now)
+            retry = failed is not None and now >= propagation_retry_at(session, failed, settings.propagation_retry_s) \
+                and not _waiting_requests(session, model_name)
+            if failed is None or retry:
+                propagation = _propagation(session, settings, model_name, behind, now, retries=failed)
                 return Claim("claimed", propagation.id, propagation.attempts)
             log.warning("model %s still holds erased cells %s; its propagate job %s failed: %s; its next "
-                        "deletion request erases them", model_name, behind_cells, failed.id, failed.error)
+                        "deletion request erases them, or a retry at %s", model_name, behind_cells, failed.id,
+                        failed.error, propagation_retry_at(session, failed, settings.propagation_retry_s).isoformat())
         held = set(map(tuple, behind_cells))  # tombstoned, yet the serving version still holds them
 
         requests = list(
@@ -358,24 +362,37 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         return Claim("claimed", job.id, job.attempts)
 
 
-def propagation_due(session: Session, model: Model) -> bool:
+def propagation_due(session: Session, model: Model, settings: Settings, now: datetime) -> bool:
     """Whether ``model`` is behind its dataset's erasures with no job under way that will
-    catch up, and its last try at the same cells did not fail (what the sweeper announces;
-    after such a failure the model's next deletion request is the next try:
-    :func:`worker.versions.stalled_propagation`)."""
+    catch up, and its last try at the same cells did not fail or its retry is due at ``now``
+    (what the sweeper announces; after such a failure the model's next deletion request is
+    a try too: :func:`worker.versions.stalled_propagation`)."""
     behind = behind_with_nothing_under_way(session, model)
-    return bool(behind) and stalled_propagation(session, model, behind) is None
+    if not behind:
+        return False
+    stalled = stalled_propagation(session, model, behind)
+    return stalled is None or now >= propagation_retry_at(session, stalled, settings.propagation_retry_s)
+
+
+def _waiting_requests(session: Session, model_name: str) -> bool:
+    """Whether a deletion request of the model is queued and not yet in a job (its job would
+    erase the cells a failed propagation left too)."""
+    return session.execute(select(DeletionRequest.id).where(
+        DeletionRequest.model_name == model_name, DeletionRequest.status == "queued",
+        DeletionRequest.job_id.is_(None)).limit(1)).first() is not None
 
 
 def _propagation(session: Session, settings: Settings, model_name: str, behind: list[dict],
-                 now: datetime) -> Job:
+                 now: datetime, retries: Job | None = None) -> Job:
     """A running ``propagate`` job on the serving version that erases ``behind``
     (:func:`worker.versions.erasures_behind`: erasures of the model's dataset, made
     through another model, that the serving version still holds), with its audit event.
     The caller checks first that the model's last propagate job did not fail on the same
     base and cells (:func:`~worker.versions.failed_propagation`): that one is not tried
     again in a loop (its failure is in the record and the audit log; a new erasure or
-    version changes the cells or the base, and a new deletion request is a new try)."""
+    version changes the cells or the base, and a new deletion request is a new try), only
+    once its retry is due (:func:`~worker.versions.propagation_retry_at`): ``retries``,
+    named in ``job.started``."""
     serving = session.get(Alias, (model_name, "serving")).version
     cells = erasure_cells(behind)
     request_ids = list(dict.fromkeys(b["request_id"] for b in behind))
@@ -389,7 +406,8 @@ def _propagation(session: Session, settings: Settings, model_name: str, behind: 
         "job.started",
         model_name=model_name,
         payload={"job_id": job.id, "kind": "propagate", "request_ids": request_ids, "cells": cells,
-                 "base_version": serving, "method": job.method},
+                 "base_version": serving, "method": job.method,
+                 **({"retries_propagation": {"job_id": retries.id, "cells": cells}} if retries is not None else {})},
     )
     return job
 

@@ -105,8 +105,10 @@ def sweep_once(settings: Settings, publish: Publish) -> dict:
     - jobs ``queued`` untouched for ``stale_after_s`` (their message was lost);
     - models whose serving version still holds cells erased through another model on
       the same dataset, with no job under way (``worker.jobs.propagation_due``): their
-      next claim runs a ``propagate`` job; not after that very job failed (no loop: the
-      model's next deletion request is the next try, ``worker.versions.stalled_propagation``).
+      next claim runs a ``propagate`` job; after that very job failed, not again in a loop
+      but once its retry is due (``worker.versions.propagation_retry_at``: the settings'
+      ``propagation_retry_s``, doubled with each failure); the model's next deletion request
+      is a try too (``worker.versions.stalled_propagation``).
 
     The announcements go through the outbox in the same transaction, then are relayed.
     """
@@ -172,7 +174,7 @@ def sweep_once(settings: Settings, publish: Publish) -> dict:
         # models that still serve cells erased through another model on their dataset, with
         # nothing under way to catch up (the announcement was lost, or the worker died first)
         behind = [m.name for m in session.execute(select(Model).order_by(Model.name)).scalars()
-                  if m.name not in models and propagation_due(session, m)]
+                  if m.name not in models and propagation_due(session, m, settings, now)]
         models.update(behind)
 
         for model_name in sorted(models):

@@ -118,6 +118,12 @@ class Settings(BaseSettings):
     # job go on this long, then puts it back in the queue (docker kills after 10 s)
     worker_stop_grace_s: float = Field(5.0, ge=0, allow_inf_nan=False)
     max_job_attempts: int = Field(3, gt=0)  # claims of one job before it is failed (its worker keeps dying: a poison job)
+    # a failed propagate job (a model catching up on erasures made through another model on its
+    # dataset) is tried again after this long, twice as long after each further failure of the
+    # same cells on the same base, at most a day (PROPAGATION_RETRY_CAP_S); its model's next
+    # deletion request is a try too. Before, nothing tried it again: the model served the cells
+    # until a request came
+    propagation_retry_s: float = Field(3600.0, gt=0, allow_inf_nan=False)
     relay_interval_s: float = Field(1.0, gt=0, allow_inf_nan=False)
 
     background: bool = True  # the API process runs the outbox relay (and, without a broker, the in-process worker)

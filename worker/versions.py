@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from sqlalchemy import func, select
@@ -184,14 +184,33 @@ def failed_propagation(session: Session, model_name: str, base_version: int, cel
     return None
 
 
+#: the longest wait before a failed propagation is tried again (Settings.propagation_retry_s doubles up to it)
+PROPAGATION_RETRY_CAP_S = 86400.0
+
+
+def propagation_retry_at(session: Session, failed: Job, retry_s: float) -> datetime:
+    """When ``failed`` (a failed ``propagate`` job, :func:`failed_propagation`) is tried
+    again: ``retry_s`` after it ended, doubled for each earlier failure of the same cells on
+    the same base, at most ``PROPAGATION_RETRY_CAP_S`` (or ``retry_s`` when that is longer).
+    A propagation that keeps failing is tried again ever more rarely, never in a loop."""
+    cells = sorted(map(tuple, (failed.params or {}).get("cells") or []))
+    failures = sum(
+        1 for (params,) in session.execute(
+            select(Job.params).where(Job.model_name == failed.model_name, Job.kind == "propagate",
+                                     Job.status == "failed", Job.base_version == failed.base_version))
+        if sorted(map(tuple, (params or {}).get("cells") or [])) == cells)
+    delay = min(retry_s * 2.0 ** min(max(failures, 1) - 1, 60), max(retry_s, PROPAGATION_RETRY_CAP_S))
+    return as_utc(failed.finished_at or failed.created_at) + timedelta(seconds=delay)
+
+
 def stalled_propagation(session: Session, model: Model, behind: list[dict] | None = None) -> Job | None:
     """The failed ``propagate`` job that leaves ``model`` behind its dataset's erasures with
     nothing under way to catch up, or None. Stalled: the serving version still holds the
     cells of ``behind`` (:func:`erasures_behind`, read when not given), no job of the model
     is queued or running, and its last propagate job failed on that version with exactly
-    those cells, so no claim or sweep tries them again on its own (a poison job is not
-    retried in a loop: ``worker.jobs``). A deletion request of the model is then the next
-    try: its job erases those cells too, and a request naming one of them is accepted
+    those cells, so no claim or sweep tries them again before :func:`propagation_retry_at`
+    (a poison job is not retried in a loop: ``worker.jobs``). A deletion request of the
+    model is a try meanwhile: its job erases those cells too, and a request naming one of them is accepted
     (:func:`worker.requests.resolve_cells`) rather than refused with a promise of a
     propagate job that will not run."""
     behind = behind_with_nothing_under_way(session, model, behind)

@@ -680,6 +680,62 @@ def test_after_a_failed_propagate_job_a_request_for_its_cell_is_accepted_as_the_
     assert _conflict(s_b, ids[0], ["depth"]).extras["cells"][0]["propagating"] is False
 
 
+def _ended_ago(s: Settings, job_id: str, seconds: float) -> None:
+    with transaction(s.database_url) as session:
+        session.get(Job, job_id).finished_at = utcnow() - timedelta(seconds=seconds)
+
+
+def test_a_failed_propagation_is_tried_again_later_and_ever_more_rarely(two_models):
+    """Nothing tried a failed propagate job again: a model that got no deletion request
+    served the erased cell for good (a transient failure, out of memory say, was final).
+    Now it is tried again after propagation_retry_s, then after twice that, not in a loop."""
+    s, s_b, store, ids = two_models
+    retry = s.propagation_retry_s
+    rid_a = _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    first = _fail_propagation(s, s_b, "mark_failed")
+    assert jobs.claim_next(s_b, TINY_B).status == "idle"  # not at once
+    assert sweep_once(s, lambda topic, payload: None)["behind"] == 0
+    _ended_ago(s, first, retry - 60)
+    assert jobs.claim_next(s_b, TINY_B).status == "idle"
+    _ended_ago(s, first, retry + 1)
+    assert sweep_once(s, lambda topic, payload: None)["models"] == [TINY_B]  # due: announced
+    second = _fail_propagation(s, s_b, "mark_failed")  # the retry, failing again
+    assert second != first
+    with transaction(s.database_url) as session:
+        started = session.execute(select(AuditEvent).where(
+            AuditEvent.kind == "job.started", AuditEvent.model_name == TINY_B).order_by(AuditEvent.seq.desc())
+        ).scalars().first()
+        assert started.payload["retries_propagation"] == {"job_id": first, "cells": [[ids[0], "depth"]]}
+    _ended_ago(s, second, retry + 1)  # the second failure waits twice as long
+    assert jobs.claim_next(s_b, TINY_B).status == "idle"
+    assert sweep_once(s, lambda topic, payload: None)["behind"] == 0
+    _ended_ago(s, second, 2 * retry + 1)
+    [outcome] = jobs.drain_model(s_b, store, TINY_B)
+    assert outcome.status == "completed", outcome.error
+    with transaction(s.database_url) as session:
+        job = session.get(Job, outcome.job_id)
+        assert (job.kind, job.params["request_ids"]) == ("propagate", [rid_a])
+    assert _erased_cells_served(s) == {TINY: 0, TINY_B: 0}
+
+
+def test_a_due_retry_leaves_the_propagation_to_a_waiting_requests_job(two_models):
+    # a request queued for the model is the propagation's next try already (its job erases the
+    # held cells too); a separate retry first would leave that request "already erased"
+    s, s_b, store, ids = two_models
+    _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    failed = _fail_propagation(s, s_b, "mark_failed")
+    _ended_ago(s, failed, s.propagation_retry_s + 1)
+    mine = _submit(s_b, ids[0], ("depth", "normal"))
+    [outcome] = jobs.drain_model(s_b, store, TINY_B)
+    assert outcome.status == "completed", outcome.error
+    with transaction(s.database_url) as session:
+        assert session.get(Job, outcome.job_id).kind == "deletion"
+        assert session.get(DeletionRequest, mine).status == "completed"
+    assert _erased_cells_served(s)[TINY_B] == 0
+
+
 # --------------------------------------------------------------------------- A: a database error at publish
 
 

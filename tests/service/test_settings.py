@@ -16,6 +16,8 @@ from worker.settings import Settings, get_settings
     ("stale_after_s", 0),  # every running job looked stale: the sweeper reset it at each pass
     ("stale_after_s", -600),
     ("max_job_attempts", 0),  # a claim failed every queued job ("gave up after 0 attempts")
+    ("propagation_retry_s", 0),  # a failed propagation tried again in a loop
+    ("propagation_retry_s", float("inf")),
     ("job_time_limit_s", 0),
     ("job_time_limit_s", -5),
     ("torch_threads", 0),
