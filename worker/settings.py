@@ -72,6 +72,26 @@ def no_repeated_names(pairs: list[tuple[str, object]]) -> dict:
     return seen
 
 
+def _url_parts(value: str, what: str, use: str):
+    """``value`` split as a URL, its port parsed (a ValueError naming ``what``, never the
+    value: it may hold a password)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsed on access: a port that is not a number raises here
+    except ValueError as exc:
+        raise ValueError(f"not a {what} ({exc}); {use}") from None
+    return parts
+
+
+def _check_redis_database(parts, what: str, use: str) -> None:
+    """A Redis URL's path is a database index or nothing."""
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"{what} {db!r} is not a number; {use}")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNLEARND_", env_file=".env", extra="ignore")
 
@@ -177,21 +197,13 @@ class Settings(BaseSettings):
         answered ready and accepted requests its relay could not publish."""
         if value is None or not value.strip():
             return None
-        from urllib.parse import urlsplit
-
         use = "use redis://HOST:PORT/DB (rediss:// for TLS)"
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - parsed on access: a port that is not a number raises here
-        except ValueError as exc:
-            raise ValueError(f"not a broker URL ({exc}); {use}") from None
+        parts = _url_parts(value, "broker URL", use)
         if parts.scheme in ("memory", "redis+socket"):  # kombu's in-memory transport (tests); a Unix socket
             return value
         if parts.scheme not in ("redis", "rediss"):
             raise ValueError(f"{parts.scheme or 'a URL without a scheme'} is not a broker the service runs on; {use}")
-        db = parts.path.lstrip("/")
-        if db and not db.isdigit():
-            raise ValueError(f"the broker URL's database {db!r} is not a number; {use}")
+        _check_redis_database(parts, "the broker URL's database", use)
         return value
 
     @field_validator("result_backend")
@@ -203,24 +215,17 @@ class Settings(BaseSettings):
         ready. Whether the backend's own library is installed is still found at the start."""
         if value is None or not value.strip():
             return None
-        from urllib.parse import urlsplit
-
         from celery.app.backends import by_url
 
         use = "use a Celery result backend URL such as redis://HOST:PORT/DB, or leave it unset"
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - parsed on access: a port that is not a number raises here
-        except ValueError as exc:
-            raise ValueError(f"not a result backend URL ({exc}); {use}") from None
+        parts = _url_parts(value, "result backend URL", use)
         try:
             by_url(value)  # the backend's class by the URL's scheme (or a bare name: rpc): an unknown one fails
         except Exception:  # noqa: BLE001 - ImportError, ImproperlyConfigured, ValueError, ...
             what = f"{parts.scheme}://" if parts.scheme and "://" in value else "the value"  # never its credentials
             raise ValueError(f"{what} is not a result backend Celery knows; {use}") from None
-        db = parts.path.lstrip("/")
-        if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
-            raise ValueError(f"the result backend's Redis database {db!r} is not a number; {use}")
+        if parts.scheme in ("redis", "rediss"):
+            _check_redis_database(parts, "the result backend's Redis database", use)
         return value
 
     @field_validator("api_keys", mode="before")
