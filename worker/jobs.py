@@ -266,14 +266,13 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         if behind:
             serving_now = session.get(Alias, (model_name, "serving")).version
             failed = failed_propagation(session, model_name, serving_now, behind_cells)
-            retry = failed is not None and now >= propagation_retry_at(session, failed, settings.propagation_retry_s) \
-                and not _waiting_requests(session, model_name)
-            if failed is None or retry:
+            retry_at = None if failed is None else propagation_retry_at(session, failed, settings.propagation_retry_s)
+            if failed is None or (now >= retry_at and not _waiting_requests(session, model_name)):
                 propagation = _propagation(session, settings, model_name, behind, now, retries=failed)
                 return Claim("claimed", propagation.id, propagation.attempts)
             log.warning("model %s still holds erased cells %s; its propagate job %s failed: %s; its next "
                         "deletion request erases them, or a retry at %s", model_name, behind_cells, failed.id,
-                        failed.error, propagation_retry_at(session, failed, settings.propagation_retry_s).isoformat())
+                        failed.error, retry_at.isoformat())
         held = set(map(tuple, behind_cells))  # tombstoned, yet the serving version still holds them
 
         requests = list(
