@@ -9,7 +9,9 @@ Plain functions; the Celery task (``worker.tasks``) and the in-process worker
    holds cells of its dataset erased through another model trained on the same
    dataset (tombstones are per dataset), a ``propagate`` job that erases them
    (unless that job failed on the same base and cells: it is not retried in a
-   loop, and the next deletion job erases them with its own cells instead);
+   loop, and the next deletion job erases them with its own cells instead, or,
+   with no request waiting, a retry once ``propagation_retry_s`` has passed,
+   doubled with each failure);
    otherwise every queued deletion request of the model is coalesced into one
    new job.
 2. :func:`run_job` (no transaction open while the engine runs): load the base
@@ -51,7 +53,8 @@ from .audit import append_event
 from .calibration import calibration_share, lineage_calibration, method_config
 from .datasets import erased_cells, get_splits
 from .db import advisory_lock, transaction
-from .requests import PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, finite_json, request_metrics
+from .requests import (PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, _lock_model_submissions, finite_json,
+                       request_metrics)
 from .settings import Settings
 from .versions import (behind_with_nothing_under_way, erasure_cells, erasures_behind, failed_propagation,
                        models_sharing_dataset, propagation_retry_at, stalled_propagation)
@@ -224,6 +227,10 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         ).first()
         if running is not None:
             return Claim("busy")
+        # Submissions of the model wait until this claim commits (the lock they take, before any
+        # audit event as here): a request accepted while this claim decided whether one is waiting
+        # (_waiting_requests) was left out of that decision
+        _lock_model_submissions(session, model_name)
 
         queued_job = None
         for candidate in session.execute(
@@ -375,7 +382,10 @@ def propagation_due(session: Session, model: Model, settings: Settings, now: dat
 
 def _waiting_requests(session: Session, model_name: str) -> bool:
     """Whether a deletion request of the model is queued and not yet in a job (its job would
-    erase the cells a failed propagation left too)."""
+    erase the cells a failed propagation left too). The caller holds the model's submission
+    lock (``_claim``): a request accepted as the propagation's next try while this looked
+    would otherwise find its cells erased by the retry and be rejected ("already erased by
+    another request")."""
     return session.execute(select(DeletionRequest.id).where(
         DeletionRequest.model_name == model_name, DeletionRequest.status == "queued",
         DeletionRequest.job_id.is_(None)).limit(1)).first() is not None

@@ -130,9 +130,10 @@ def resolve_cells(
     held: set[tuple[str, str]] = set()
     if any(c in erased for c in wanted):
         # erased through another model on the same dataset, and this model's serving version
-        # still holds them: its propagate job is due, or it failed and nothing will run it
-        # again, and then a request for them is accepted: its job is the propagation's next
-        # try (worker.jobs claims it with them), where a 409 would promise a job that never runs
+        # still holds them: its propagate job is due, or it failed (and is tried again only
+        # after a wait, versions.propagation_retry_at), and then a request for them is accepted:
+        # its job is the propagation's next try (worker.jobs claims it with them, and no timed
+        # retry runs while it waits), where a 409 would promise a job that may not run for hours
         from .versions import erasure_cells, erasures_behind, stalled_propagation
 
         held = set(map(tuple, erasure_cells(erasures_behind(session, model, instance_id))))

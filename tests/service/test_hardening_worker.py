@@ -736,6 +736,32 @@ def test_a_due_retry_leaves_the_propagation_to_a_waiting_requests_job(two_models
     assert _erased_cells_served(s)[TINY_B] == 0
 
 
+def test_a_request_accepted_while_a_due_retry_is_claimed_is_its_next_try(two_models):
+    # the claim that found no waiting request and started the retry used to race a submission
+    # for a held cell: that request was accepted (the propagation stalled), then rejected as
+    # "already erased by another request" once the retry erased the cell. Submissions wait for
+    # the claim's decision now, and the claim for the submission's commit
+    s, s_b, store, ids = two_models
+    _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    _ended_ago(s, _fail_propagation(s, s_b, "mark_failed"), s.propagation_retry_s + 1)
+    box = {}
+    with transaction(s_b.database_url) as session:
+        rid = submit_deletion(session, s_b, instance_id=ids[0], tasks=["depth"]).request.id  # accepted: stalled
+        claiming = threading.Thread(target=lambda: box.update(claim=jobs.claim_next(s_b, TINY_B)))
+        claiming.start()  # a sweeper-announced claim, before the submission commits
+        claiming.join(2)
+        assert claiming.is_alive()  # it waits for the submission
+    claiming.join(30)
+    claim = box["claim"]
+    with transaction(s.database_url) as session:
+        assert session.get(Job, claim.job_id).kind == "deletion"
+    assert jobs.run_job(s_b, store, claim.job_id, claim.attempt).status == "completed"
+    with transaction(s.database_url) as session:
+        assert session.get(DeletionRequest, rid).status == "completed"
+    assert _erased_cells_served(s)[TINY_B] == 0
+
+
 # --------------------------------------------------------------------------- A: a database error at publish
 
 
