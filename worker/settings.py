@@ -92,6 +92,10 @@ def _check_redis_database(parts, what: str, use: str) -> None:
         raise ValueError(f"{what} {db!r} is not a number; {use}")
 
 
+#: the longest wait before a failed propagation is tried again (worker.versions.propagation_retry_at)
+PROPAGATION_RETRY_CAP_S = 86400.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNLEARND_", env_file=".env", extra="ignore")
 
@@ -142,8 +146,8 @@ class Settings(BaseSettings):
     # dataset) is tried again after this long, twice as long after each further failure of the
     # same cells on the same base, at most a day (PROPAGATION_RETRY_CAP_S); its model's next
     # deletion request is a try too. Before, nothing tried it again: the model served the cells
-    # until a request came
-    propagation_retry_s: float = Field(3600.0, gt=0, allow_inf_nan=False)
+    # until a request came. At most a day too: a year's worth overflowed the retry's date
+    propagation_retry_s: float = Field(3600.0, gt=0, le=PROPAGATION_RETRY_CAP_S, allow_inf_nan=False)
     relay_interval_s: float = Field(1.0, gt=0, allow_inf_nan=False)
 
     background: bool = True  # the API process runs the outbox relay (and, without a broker, the in-process worker)

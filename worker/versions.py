@@ -23,7 +23,7 @@ from .audit import append_event
 from .datasets import erased_cells
 from .errors import Conflict, NotFound
 from .requests import PROCESS_MODEL_TOPIC, get_model
-from .settings import Settings
+from .settings import PROPAGATION_RETRY_CAP_S, Settings
 from .tables import (Alias, AliasHistory, AuditEvent, Job, Model, ModelVersion, OutboxMessage, Tombstone, as_utc,
                      new_id, utcnow)
 
@@ -184,14 +184,10 @@ def failed_propagation(session: Session, model_name: str, base_version: int, cel
     return None
 
 
-#: the longest wait before a failed propagation is tried again (Settings.propagation_retry_s doubles up to it)
-PROPAGATION_RETRY_CAP_S = 86400.0
-
-
 def propagation_retry_at(session: Session, failed: Job, retry_s: float) -> datetime:
     """When ``failed`` (a failed ``propagate`` job, :func:`failed_propagation`) is tried
     again: ``retry_s`` after it ended, doubled for each earlier failure of the same cells on
-    the same base, at most ``PROPAGATION_RETRY_CAP_S`` (or ``retry_s`` when that is longer).
+    the same base, at most ``PROPAGATION_RETRY_CAP_S`` (a day).
     A propagation that keeps failing is tried again ever more rarely, never in a loop."""
     cells = sorted(map(tuple, (failed.params or {}).get("cells") or []))
     failures = sum(
@@ -199,7 +195,7 @@ def propagation_retry_at(session: Session, failed: Job, retry_s: float) -> datet
             select(Job.params).where(Job.model_name == failed.model_name, Job.kind == "propagate",
                                      Job.status == "failed", Job.base_version == failed.base_version))
         if sorted(map(tuple, (params or {}).get("cells") or [])) == cells)
-    delay = min(retry_s * 2.0 ** min(max(failures, 1) - 1, 60), max(retry_s, PROPAGATION_RETRY_CAP_S))
+    delay = min(retry_s * 2.0 ** min(max(failures, 1) - 1, 60), PROPAGATION_RETRY_CAP_S)
     return as_utc(failed.finished_at or failed.created_at) + timedelta(seconds=delay)
 
 

@@ -18,6 +18,7 @@ from worker.settings import Settings, get_settings
     ("max_job_attempts", 0),  # a claim failed every queued job ("gave up after 0 attempts")
     ("propagation_retry_s", 0),  # a failed propagation tried again in a loop
     ("propagation_retry_s", float("inf")),
+    ("propagation_retry_s", 86401),  # past the day the backoff stops at (1e12 overflowed the retry's date)
     ("job_time_limit_s", 0),
     ("job_time_limit_s", -5),
     ("torch_threads", 0),
