@@ -219,17 +219,21 @@ class Settings(BaseSettings):
         ready. Whether the backend's own library is installed is still found at the start."""
         if value is None or not value.strip():
             return None
-        from celery.app.backends import by_url
+        from celery.app.backends import BACKEND_ALIASES, by_url
 
         use = "use a Celery result backend URL such as redis://HOST:PORT/DB, or leave it unset"
-        parts = _url_parts(value, "result backend URL", use)
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme in ("redis", "rediss") and ";" not in value:  # one Redis server (sentinel:// lists several)
+            _check_redis_database(_url_parts(value, "result backend URL", use), "the result backend's Redis "
+                                  "database", use)
         try:
             by_url(value)  # the backend's class by the URL's scheme (or a bare name: rpc): an unknown one fails
         except Exception:  # noqa: BLE001 - ImportError, ImproperlyConfigured, ValueError, ...
-            what = f"{parts.scheme}://" if parts.scheme and "://" in value else "the value"  # never its credentials
-            raise ValueError(f"{what} is not a result backend Celery knows; {use}") from None
-        if parts.scheme in ("redis", "rediss"):
-            _check_redis_database(parts, "the result backend's Redis database", use)
+            # a backend Celery names whose module needs a library not installed here is found when
+            # the worker starts, as one whose class loads but whose client library is missing
+            if scheme.split("+", 1)[0] not in BACKEND_ALIASES:
+                what = f"{scheme}://" if scheme and "@" not in scheme else "the value"  # never its credentials
+                raise ValueError(f"{what} is not a result backend Celery knows; {use}") from None
         return value
 
     @field_validator("api_keys", mode="before")

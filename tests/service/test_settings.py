@@ -69,6 +69,9 @@ def test_the_command_names_the_variable_and_keeps_the_database_password_out(monk
     ("db+postgresql+psycopg://u@h/x", "db+postgresql+psycopg://u@h/x"),
     ("rpc://", "rpc://"),
     ("rpc", "rpc"),  # a bare backend name, as Celery takes it
+    ("sentinel://h1:26379;sentinel://h2:26380/0", "sentinel://h1:26379;sentinel://h2:26380/0"),  # several hosts
+    # a backend Celery knows whose library is not installed here: found when the worker starts
+    ("azureblockblob://DefaultEndpointsProtocol=https;AccountName=x", "azureblockblob://DefaultEndpointsProtocol=https;AccountName=x"),
     ("", None), ("  ", None),  # compose's ${UNLEARND_RESULT_BACKEND:-}: results ignored
 ])
 def test_result_backends_celery_knows_are_taken(value, kept):
