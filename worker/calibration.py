@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Callable
 
 from model_store import ModelStore
@@ -117,6 +118,9 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
                            progress=progress)
     payload = {
         "kind": "interference_aware.shadow_scores",
+        # this file's own name for the audit log: a calibration removed and computed again is
+        # another file, whose redactions are counted apart (worker.versions.redact_calibration)
+        "calibration_id": uuid.uuid4().hex,
         "version": ROOT_VERSION,
         "sha256": manifest.sha256,
         "recipe": manifest.train_config,

@@ -515,9 +515,10 @@ def redact_calibration(session: Session, store, model_name: str, *, dry_run: boo
 
     The file is replaced before the caller commits. When that commit fails, the scores are
     gone but no event says so, and the next purge finds nothing to take out. The file
-    counts what was ever taken out of it (``redacted_cells``; a model's calibration is
-    written once), so a purge that finds more there than the events of the model record
-    appends an event for the difference too (``"unrecorded": n``, counted in ``cells``)."""
+    counts what was ever taken out of it (``redacted_cells``), so a purge that finds more
+    there than the model's events record for that file (its ``calibration_id``; a file
+    written before ids were given, by the events without one) appends an event for the
+    difference too (``"unrecorded": n``, counted in ``cells``)."""
     from .calibration import without_cells
 
     try:
@@ -528,9 +529,11 @@ def redact_calibration(session: Session, store, model_name: str, *, dry_run: boo
     if not stored:
         return 0
     redacted, removed = without_cells(stored, set(erased_cells(session, get_model(session, model_name).dataset)))
+    file_id = stored.get("calibration_id")
     recorded = sum(_as_count((payload or {}).get("cells")) for payload in session.execute(
         select(AuditEvent.payload).where(AuditEvent.kind == CALIBRATION_REDACTED_EVENT,
-                                         AuditEvent.model_name == model_name)).scalars())
+                                         AuditEvent.model_name == model_name)).scalars()
+        if (payload or {}).get("calibration_id") == file_id)
     unrecorded = max(0, _as_count(stored.get("redacted_cells")) - recorded)
     if dry_run or not (removed or unrecorded):
         return removed
@@ -541,6 +544,7 @@ def redact_calibration(session: Session, store, model_name: str, *, dry_run: boo
                     "recording them now", model_name, unrecorded)
     append_event(session, CALIBRATION_REDACTED_EVENT, model_name=model_name,
                  payload={"cells": removed + unrecorded, **({"unrecorded": unrecorded} if unrecorded else {}),
+                          **({"calibration_id": file_id} if file_id is not None else {}),
                           **({"actor": actor} if actor else {})})
     return removed
 

@@ -2,6 +2,7 @@
 the model store, passed to every job (no database needed)."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 
 import pytest
@@ -137,6 +138,7 @@ def test_cli_calibrates_the_served_model(tiny, monkeypatch, capsys):
     try:
         assert main(["calibrate"]) == 0
         assert store.calibration("cal-mtl")["shadows"] == 8
+        assert re.fullmatch(r"[0-9a-f]{32}", store.calibration("cal-mtl")["calibration_id"])  # the audit's name of it
         assert "8 shadow models" in capsys.readouterr().out
         monkeypatch.setenv("UNLEARND_MODEL_NAME", "no-such-model")
         get_settings.cache_clear()

@@ -172,6 +172,30 @@ def test_a_redaction_whose_record_was_not_committed_is_recorded_by_the_next_purg
     assert client.get("/audit/verify").json()["ok"] is True
 
 
+def test_a_calibration_computed_again_counts_its_own_unrecorded_redactions(erased_twice):
+    # the count compared the file's redactions with every redaction event of the model: after
+    # the file was removed and computed again (the documented way to calibrate again), the old
+    # file's events hid the new file's unrecorded ones
+    from worker.versions import CALIBRATION_REDACTED_EVENT, redact_calibration
+
+    s, store, ids, client = erased_twice
+    tasks = list(store.manifest(TINY, 1).model_config["tasks"])
+    table = {i: {t: 0.25 for t in tasks} for i in ids[:3]}
+    store.put_calibration(TINY, {"calibration_id": "first", "full": table, "partial": table})
+    assert client.post(f"/models/{TINY}/purge", json={}).json()["calibration_scores"] == 4
+    (s.store_dir / TINY / "calibration.json").unlink()
+    store.put_calibration(TINY, {"calibration_id": "second", "full": table, "partial": {}})
+    with pytest.raises(RuntimeError, match="the commit failed"):
+        with transaction(s.database_url) as session:
+            assert redact_calibration(session, store, TINY) == 2
+            raise RuntimeError("the commit failed")
+    client.post(f"/models/{TINY}/purge", json={})
+    with transaction(s.database_url) as session:
+        events = [e.payload for e in session.execute(select(AuditEvent).where(
+            AuditEvent.kind == CALIBRATION_REDACTED_EVENT).order_by(AuditEvent.seq)).scalars()]
+    assert events == [{"cells": 4, "calibration_id": "first"}, {"cells": 2, "unrecorded": 2, "calibration_id": "second"}]
+
+
 def test_a_calibration_holding_nan_scores_is_redacted_and_the_purge_completes(erased_twice):
     """shadow_scores writes NaN for a cell it could not score. A calibration file stored with
     one (before the store wrote strict JSON) made the redaction fail after the weights were
