@@ -173,13 +173,18 @@ def erasures_behind(session: Session, model: Model, instance_id: str | None = No
     return [] if target is None else missing_erasures(session, model, target, instance_id)
 
 
+def _job_cells(params: dict | None) -> list[tuple]:
+    """A job's cells (its ``params``), sorted: what two tries at the same erasure share."""
+    return sorted(map(tuple, (params or {}).get("cells") or []))
+
+
 def failed_propagation(session: Session, model_name: str, base_version: int, cells: list) -> Job | None:
     """The model's last ``propagate`` job when it failed on the same base and cells."""
     last = session.execute(
         select(Job).where(Job.model_name == model_name, Job.kind == "propagate").order_by(Job.created_at.desc())
     ).scalars().first()
     if (last is not None and last.status == "failed" and last.base_version == base_version
-            and sorted(map(tuple, (last.params or {}).get("cells") or [])) == sorted(map(tuple, cells))):
+            and _job_cells(last.params) == sorted(map(tuple, cells))):
         return last
     return None
 
@@ -189,12 +194,12 @@ def propagation_retry_at(session: Session, failed: Job, retry_s: float) -> datet
     again: ``retry_s`` after it ended, doubled for each earlier failure of the same cells on
     the same base, at most ``PROPAGATION_RETRY_CAP_S`` (a day).
     A propagation that keeps failing is tried again ever more rarely, never in a loop."""
-    cells = sorted(map(tuple, (failed.params or {}).get("cells") or []))
+    cells = _job_cells(failed.params)
     failures = sum(
         1 for (params,) in session.execute(
             select(Job.params).where(Job.model_name == failed.model_name, Job.kind == "propagate",
                                      Job.status == "failed", Job.base_version == failed.base_version))
-        if sorted(map(tuple, (params or {}).get("cells") or [])) == cells)
+        if _job_cells(params) == cells)
     delay = min(retry_s * 2.0 ** min(max(failures, 1) - 1, 60), PROPAGATION_RETRY_CAP_S)
     return as_utc(failed.finished_at or failed.created_at) + timedelta(seconds=delay)
 
