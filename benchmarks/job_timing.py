@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     if unknown:  # before rendering and loading anything
         raise SystemExit(f"no setting of {args.suite} is named {', '.join(unknown)}; "
                          f"its settings: {', '.join(bench.setting_labels(suite, spec))}")
-    entry = bench.cache_entry(cache_dir, recipe, {"spec": spec, **bench.ORIGINAL})
+    entry = bench.cache_entry(cache_dir, recipe, bench.original_key(spec))
     if args.require_cached and not (entry / "bench.json").is_file():
         raise SystemExit(f"--require-cached: the {args.suite} suite's {args.benchmark} original is not in {entry} "
                          f"(give the --cache-dir the bench ran with; its models are in <cache-dir>/{args.suite})")

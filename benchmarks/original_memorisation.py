@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    directory = bench.cache_entry(Path(args.cache_dir) / args.suite, recipe, {"spec": spec, **bench.ORIGINAL})
+    directory = bench.cache_entry(Path(args.cache_dir) / args.suite, recipe, bench.original_key(spec))
     if not (directory / "bench.json").is_file():
         p.error(f"no cached original for {args.suite}/{args.benchmark} under {directory}; run unlearning.bench first")
     model = load_model(directory, map_location=device).eval()

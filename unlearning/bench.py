@@ -207,10 +207,15 @@ def suite_runtime(suite: dict, device=None) -> tuple[torch.device, TrainConfig]:
     return device, TrainConfig(**suite["train"])
 
 
+def original_key(spec: dict) -> dict:
+    """The cache key payload of ``spec``'s original model, which every script shares."""
+    return {"spec": spec, **ORIGINAL}
+
+
 def cached_original(cache_dir: Path, train, spec: dict, recipe: TrainConfig, device) -> tuple[torch.nn.Module, float]:
     """:func:`cached_training` of the benchmark's original model: ``recipe`` on all of
-    ``train`` (the training split of ``spec``), under the key every script shares."""
-    return cached_training(cache_dir, train, recipe, {"spec": spec, **ORIGINAL}, device)
+    ``train`` (the training split of ``spec``), under :func:`original_key`."""
+    return cached_training(cache_dir, train, recipe, original_key(spec), device)
 
 
 def independent_recipe(recipe: TrainConfig) -> TrainConfig:
