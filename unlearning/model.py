@@ -8,6 +8,7 @@ config; nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,10 +40,18 @@ class ModelConfig:
         return cls(tasks=tasks, width=width, depth=depth, head_width=head_width)
 
 
+def _groups(channels: int) -> int:
+    """GroupNorm's group count for ``channels``: 8 where it divides them, as every width
+    a multiple of 8 always had; else the largest divisor of 8 that does (``min(8, c)``
+    failed for widths such as 12 or 20, inside torch, after every check had passed).
+    The groups hold no parameters, so checkpoints of any width load as before."""
+    return channels if channels < 8 else math.gcd(8, channels)
+
+
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-        nn.GroupNorm(min(8, cout), cout),
+        nn.GroupNorm(_groups(cout), cout),
         nn.ReLU(inplace=True),
     )
 

@@ -108,3 +108,20 @@ def test_a_damaged_copy_of_the_same_jobs_version_is_replaced_not_returned(tmp_pa
     assert store.verify("m", 2) and again.sha256 == first.sha256
     assert store.put_version(model, model_name="m", version=2, parent=1, dataset={"name": "indoor"},
                              job_id="j").created_at == again.created_at  # an intact copy is returned as it is
+
+
+@pytest.mark.parametrize("width,head_width", [(12, 20), (6, 10), (16, 16)])
+def test_any_width_builds_trains_a_step_and_round_trips(tmp_path, width, head_width):
+    # widths that are not multiples of 8 used to pass every check and then fail inside
+    # torch's GroupNorm (12 channels in 8 groups); multiples of 8 keep their 8 groups
+    torch.manual_seed(0)
+    model = MultiTaskNet(ModelConfig(tasks=TASKS, width=width, depth=2, head_width=head_width))
+    groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert all(c % g == 0 for c, g in groups.items())
+    assert all(g == 8 for c, g in groups.items() if c % 8 == 0)
+    out = model(torch.randn(2, 3, 8, 12))
+    sum(v.float().mean() for v in out.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    save_model(model, tmp_path / "ck")
+    loaded = load_model(tmp_path / "ck")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
