@@ -53,13 +53,19 @@ def parse_cell(text: str) -> tuple[str, str]:
 
 
 def forget_cells(tasks: list[str], instances: list[str], only_tasks: list[str] | None,
-                 cells: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Every instance of ``instances`` with each of ``only_tasks`` (all of ``tasks`` when
-    None), then ``cells``, without repeats. Unknown tasks and instances are left to the
+                 cells: list[tuple[str, str]], erased=()) -> list[tuple[str, str]]:
+    """Every instance of ``instances`` with each of ``only_tasks`` (when None: each of
+    ``tasks`` not yet ``erased`` for it, so an instance erased from some tasks before is
+    erased from the rest; all of them when none is left, which the caller refuses as
+    erased), then ``cells``, without repeats. Unknown tasks and instances are left to the
     job's validation, which names them."""
     if only_tasks and not instances:
         raise UnlearnCliError("--tasks selects tasks of the --instance arguments; none was given")
-    out = [(iid, t) for iid in instances for t in (only_tasks or tasks)]
+    erased = set(erased)
+    out = []
+    for iid in instances:
+        mine = [(iid, t) for t in (only_tasks or tasks)]
+        out += mine if only_tasks else ([c for c in mine if c not in erased] or mine)
     out += [(str(c[0]), str(c[1])) for c in cells]
     return list(dict.fromkeys(out))
 
@@ -204,7 +210,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     except (KeyError, OSError, ValueError) as exc:  # unknown dataset or bad spec; no data files
         raise UnlearnCliError(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)) from None
     erased = [tuple(c) for c in manifest.get("erased", [])]
-    requested = forget_cells(train.tasks, list(instances or []), only_tasks, list(cells or []))
+    requested = forget_cells(train.tasks, list(instances or []), only_tasks, list(cells or []), erased)
     again = sorted(set(requested) & set(erased))
     if again:
         raise JobInputError(f"already erased in the lineage of {source}: {[list(c) for c in again]}")
@@ -259,7 +265,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.unlear
     p.add_argument("--checkpoint", required=True, help="source checkpoint directory (model.safetensors + config.json)")
     p.add_argument("--out", required=True, help="new checkpoint directory (must not exist or be empty)")
     p.add_argument("--instance", action="append", default=[], metavar="ID",
-                   help="a training instance to erase (repeatable); all its tasks unless --tasks")
+                   help="a training instance to erase (repeatable): every task it still holds in the lineage, "
+                        "unless --tasks")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="partial-task erasure: only these tasks of each --instance")
     p.add_argument("--cell", action="append", default=[], metavar="ID:TASK", help="one (instance, task) cell (repeatable)")
     p.add_argument("--method", default="interference_aware", help=f"one of {', '.join(METHOD_NAMES)}")

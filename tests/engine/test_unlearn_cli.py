@@ -76,6 +76,31 @@ def test_a_full_then_a_partial_erasure_chain_new_checkpoints(checkpoint, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v2", "v3"]
 
 
+def test_an_instance_erased_from_some_tasks_is_erased_from_the_rest(checkpoint, tmp_path, capsys):
+    # `--instance X` is all of X's tasks: after a partial erasure, the ones it still holds
+    # (it used to expand to every task and refuse the request for the erased one)
+    v2, v3 = tmp_path / "v2", tmp_path / "v3"
+    rc, _, _ = run(["--checkpoint", str(checkpoint), "--instance", "indoor-00004", "--tasks", "depth",
+                    "--config", FAST, "--out", str(v2)], capsys)
+    assert rc == 0
+    rc, summary, _ = run(["--checkpoint", str(v2), "--instance", "indoor-00004", "--config", FAST, "--out", str(v3)],
+                         capsys)
+    assert rc == 0
+    assert sorted(map(tuple, summary["erased"])) == [("indoor-00004", "normal"), ("indoor-00004", "segmentation")]
+    assert sorted(summary["metrics"]["forget_tasks"]) == ["normal", "segmentation"]
+    manifest3 = json.loads((v3 / "config.json").read_text())
+    assert sorted(map(tuple, manifest3["erased"])) == [("indoor-00004", t) for t in ("depth", "normal", "segmentation")]
+
+    # nothing of it is left: refused as erased, naming it, and nothing written
+    rc, _, err = run(["--checkpoint", str(v3), "--instance", "indoor-00004", "--out", str(tmp_path / "v4")], capsys)
+    assert rc == 2 and "already erased" in err and "indoor-00004" in err
+    # an explicit --tasks naming an erased task is still refused
+    rc, _, err = run(["--checkpoint", str(v2), "--instance", "indoor-00004", "--tasks", "depth", "normal",
+                      "--out", str(tmp_path / "v5")], capsys)
+    assert rc == 2 and "already erased" in err and "depth" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v2", "v3"]
+
+
 def test_unlearnd_unlearn_delegates_with_every_argument(checkpoint, tmp_path, capsys):
     out, config = tmp_path / "v2", tmp_path / "finetune.json"
     config.write_text('{"steps": 3}')  # --config also takes a file
