@@ -339,8 +339,9 @@ def evaluate_unlearning(
         "n_forget_instances": len(forget_instances),
         "retained_sample_size": len(sample),
         "forget_loss": {
-            # a cell without a labelled pixel has no loss (NaN): the mean is over the cells that have one
-            name: {t: float(v.nanmean()) for t, v in losses.items()} for name, losses in member.items()
+            # a cell without a labelled pixel has no loss (NaN): the mean is over the cells that have
+            # one, and None (not NaN, which strict JSON and PostgreSQL's jsonb refuse) when none has
+            name: {t: _nan_to_none(float(v.nanmean())) for t, v in losses.items()} for name, losses in member.items()
         },
         "groups": groups,
     }

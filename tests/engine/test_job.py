@@ -1,6 +1,7 @@
 """run_unlearning_job: input validation with clear errors, and the metric keys it returns."""
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -49,6 +50,22 @@ def test_job_returns_the_metric_keys(setup):
     run_unlearning_job(model, train, test, [("i2", "segmentation")], config={"steps": 2}, cache=cache)
     assert cache["eval_context"] is context
     assert all(cache["engine"][key] is value for key, value in engine.items()), "recomputed a cached entry"
+
+
+def test_a_forget_cell_without_a_labelled_pixel_gives_strict_json_metrics(setup):
+    # a valid input (its depth masked out everywhere) whose loss is undefined: the mean loss
+    # of that task on the forget set was NaN, which strict JSON and jsonb refuse
+    from unlearning.data.base import MultiTaskDataset
+
+    model, train, test = setup
+    targets = {t: v.clone() for t, v in train.targets.items()}
+    targets["depth"][0] = 0.0  # depth 0 is no measurement
+    masked = MultiTaskDataset(train.name, train.tasks, train.images, targets, train.instance_ids, train.num_classes)
+    result = run_unlearning_job(model, masked, test, [("i0", "depth"), ("i1", "segmentation")], method="finetune",
+                                config={"steps": 2})
+    json.dumps(result.metrics, allow_nan=False)  # raises ValueError on NaN
+    assert all(result.metrics["forget_loss"][name]["depth"] is None for name in ("original", "unlearned"))
+    assert all(math.isfinite(result.metrics["forget_loss"][name]["segmentation"]) for name in ("original", "unlearned"))
 
 
 def test_full_task_job_with_a_baseline(setup):
