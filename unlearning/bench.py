@@ -413,7 +413,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                                          device=device)
                 eval_seconds = time.perf_counter() - start
                 seconds = unlearn_seconds + eval_seconds
-                mean_u = {t: [v] for t, v in ev["forget_loss"]["unlearned"].items()}
+                mean_u = {t: [math.nan if v is None else v] for t, v in ev["forget_loss"]["unlearned"].items()}
                 results.append({
                     "benchmark": bench,
                     "setting": st["setting"],
