@@ -240,8 +240,9 @@ def rollback(
 ) -> RollbackOutcome:
     """Point the serving alias of ``model_name`` at ``version``, in the caller's transaction.
 
+    - a job of the model queued or running: :class:`Conflict` (it would move the alias: also
+      when the target serves already);
     - already serving: no-op;
-    - a job of the model queued or running: :class:`Conflict` (it would move the alias back);
     - the target contains every erasure recorded since: move the alias, write
       AliasHistory (reason ``rollback``) and a ``model.rollback`` audit event;
     - erasures are missing: :class:`Conflict` naming them, unless
@@ -259,6 +260,18 @@ def rollback(
     session.execute(select(Model).where(Model.name == model_name).with_for_update(key_share=True))
     target = get_version(session, model_name, version)
     current = serving_version(session, model_name, lock=True)
+    # A job under way would publish on top of its own base and move the alias off the target;
+    # checked before the no-op too, which would promise a version that a queued reapply (the
+    # one way back from an earlier rollback) or a deletion job is about to replace.
+    active = session.execute(
+        select(Job.id).where(Job.model_name == model_name, Job.status.in_(ACTIVE_JOB_STATUSES))
+    ).scalars().first()
+    if active:
+        raise Conflict(
+            f"job {active} of {model_name!r} is under way; roll back once it has finished",
+            model=model_name,
+            job_id=active,
+        )
     if current == version:
         return RollbackOutcome("noop", model_name, current, version)
     if target.purged_at is not None:
@@ -278,16 +291,6 @@ def rollback(
             model=model_name,
             version=version,
             erasures=missing,
-        )
-    # A job under way would publish on top of its own base and move the alias back off the target.
-    active = session.execute(
-        select(Job.id).where(Job.model_name == model_name, Job.status.in_(ACTIVE_JOB_STATUSES))
-    ).scalars().first()
-    if active:
-        raise Conflict(
-            f"job {active} of {model_name!r} is under way; roll back once it has finished",
-            model=model_name,
-            job_id=active,
         )
     if missing:
         cells = erasure_cells(missing)

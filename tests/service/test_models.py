@@ -95,6 +95,11 @@ def test_rollback_with_reapply_queues_a_job(client, settings, model):
     # any rollback while that job is under way is refused
     again = client.post(f"/models/{model.name}/rollback", json={"version": 2, "reapply_erasures": True})
     assert assert_problem(again, 409)["job_id"] == job["id"]
+    # also back to the serving version: the queued reapply would still move the alias off it
+    before = counts(settings)
+    back = client.post(f"/models/{model.name}/rollback", json={"version": 3})
+    assert assert_problem(back, 409)["job_id"] == job["id"] and counts(settings) == before
+    assert _serving(settings, model.name) == 3
 
 
 def test_safe_rollback_moves_the_alias_and_records_it(client, settings, model):
