@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from .tables import AuditChainHead, AuditEvent, as_utc, utcnow
+from .tables import AuditChainHead, AuditEvent, as_utc, iso_utc, utcnow
 
 GENESIS = "0" * 64
 HEAD_ID = 1
@@ -48,6 +48,10 @@ def event_hash(prev_hash: str, seq: int, at: datetime, kind: str, model_name, re
     return hashlib.sha256((prev_hash + body).encode()).hexdigest()
 
 
+def _payload_value(value) -> str:
+    return iso_utc(value) if isinstance(value, datetime) else str(value)
+
+
 def append_event(
     session: Session,
     kind: str,
@@ -65,7 +69,9 @@ def append_event(
     writer a stale head and a duplicate ``seq``. On SQLite the database write
     lock serialises them. The head row moves with the event.
     """
-    payload = json.loads(json.dumps(payload or {}, default=str))
+    # a datetime in a payload is written as the API writes times (str() of one that SQLite
+    # handed back naive had no zone and a space for the T, for good in a hash-chained log)
+    payload = json.loads(json.dumps(payload or {}, default=_payload_value))
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": APPEND_LOCK_KEY})
     head = session.get(AuditChainHead, HEAD_ID, populate_existing=True)

@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Literal, Sequence
 
 from sqlalchemy import func, select
@@ -22,8 +21,8 @@ from .db import advisory_lock
 from .datasets import erased_cells, get_splits
 from .errors import Conflict, Invalid, NotFound
 from .settings import Settings
-from .tables import (AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone, as_utc, new_id,
-                     utcnow)
+from .tables import (AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone, iso_utc,
+                     new_id, utcnow)
 
 #: statuses of a request the worker has yet to finish; its cells are "pending"
 PENDING_STATUSES = ("queued", "running")
@@ -387,8 +386,8 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
         "uis_inst": finite_json(metrics.get("uis_inst")),
         "mia_auc": finite_json(metrics.get("mia_auc")),
         "mia_auc_original": finite_json(metrics.get("mia_auc_original")),
-        "received_at": _iso(request.created_at),
-        "completed_at": _iso(request.completed_at),
+        "received_at": iso_utc(request.created_at),
+        "completed_at": iso_utc(request.completed_at),
         "audit": {
             "completion_event": {"seq": completion.seq, "kind": completion.kind, "hash": completion.hash}
             if completion
@@ -398,7 +397,7 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
         "also_erased_from": propagated,
         "propagation_pending": pending,
         "held_by_stored_versions": stored_versions_holding(session, model, request, store) if model else {},
-        "issued_at": _iso(utcnow()),
+        "issued_at": iso_utc(utcnow()),
     }
     body["certificate_sha256"] = certificate_hash(body)
     return body
@@ -498,7 +497,3 @@ def finite_json(value):
     return value
 
 
-def _iso(at: datetime | None) -> str | None:
-    if at is None:
-        return None
-    return as_utc(at).isoformat().replace("+00:00", "Z")

@@ -19,6 +19,11 @@ def as_utc(at: datetime) -> datetime:
     return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
 
 
+def iso_utc(at: datetime | None) -> str | None:
+    """``at`` as the API writes times: ISO 8601 in UTC with ``Z`` (naive = UTC, see :func:`as_utc`)."""
+    return None if at is None else as_utc(at).isoformat().replace("+00:00", "Z")
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

@@ -220,3 +220,24 @@ def test_a_requests_event_is_not_stamped_before_the_request(client, model, monke
     assert request["created_at"] == "2026-12-06T19:42:04.705014Z"
     events = client.get("/audit/events", params={"kind": "deletion.received", "since": request["created_at"]}).json()
     assert [(e["request_id"], e["at"]) for e in events["items"]] == [(request["id"], "2026-12-06T19:42:04.706000Z")]
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_a_time_in_an_events_payload_is_written_as_the_api_writes_times(settings, model, tmp_path, backend):
+    # the sweeper's job.requeued carries the job's heartbeat, which SQLite hands back naive:
+    # str() of it had no zone and a space for the T, for good in a hash-chained log
+    from datetime import datetime, timedelta, timezone
+
+    from worker.audit import append_event, verify_chain
+    from worker.db import transaction
+
+    from .conftest import on_sqlite
+
+    url = settings.database_url if backend == "postgresql" else on_sqlite(settings, tmp_path).database_url
+    naive = datetime(2026, 12, 6, 22, 12, 18, 634836)
+    elsewhere = datetime(2026, 12, 6, 23, 12, 18, tzinfo=timezone(timedelta(hours=1)))
+    with transaction(url) as session:
+        event = append_event(session, "job.requeued", payload={"naive": naive, "elsewhere": elsewhere, "n": 2})
+    assert event.payload == {"naive": "2026-12-06T22:12:18.634836Z", "elsewhere": "2026-12-06T22:12:18Z", "n": 2}
+    with transaction(url) as session:
+        assert verify_chain(session)["ok"]
