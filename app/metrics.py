@@ -225,11 +225,22 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "<unmatched>"
+            template = _route_template(scope)
             method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"  # clients pick any token
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
+
+
+def _route_template(scope: Scope) -> str:
+    """The template of the route that answered, ``<unmatched>`` when none did. FastAPI's own
+    routes put themselves in the scope; Starlette's plain ones (``/docs``, ``/openapi.json``)
+    only their endpoint, which names the route among the router's."""
+    path = getattr(scope.get("route"), "path", None)
+    if path is None and "endpoint" in scope:
+        path = next((r.path for r in getattr(scope.get("router"), "routes", ())
+                     if getattr(r, "endpoint", None) is scope["endpoint"] and isinstance(getattr(r, "path", None), str)),
+                    None)
+    return path or "<unmatched>"
 
 
 def build_registry(sessions: sessionmaker[Session]) -> tuple[CollectorRegistry, HttpMetrics]:

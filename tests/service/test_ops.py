@@ -88,6 +88,18 @@ def test_metrics_read_the_record(client, settings, model):
     assert not any(dict(labels).get("method") in ("FOO", "BAR1", "PROPFIND") for _, labels in m)
     assert m[("unlearnd_model_uis_task_percent", label)] == 0.0
 
+    # the API docs are routes too (Starlette's, which do not put themselves in the scope); a
+    # path no route has is <unmatched>
+    client.get("/openapi.json")
+    client.get("/docs")
+    client.get("/no-such-path")
+    m = _samples(client)
+    assert m[(http, (("method", "GET"), ("route", "/openapi.json"), ("status", "200")))] == 1
+    assert m[(http, (("method", "GET"), ("route", "/docs"), ("status", "200")))] == 1
+    assert m[(http, (("method", "GET"), ("route", "<unmatched>"), ("status", "404")))] == 1
+    assert not any(dict(labels).get("route") == "<unmatched>" and dict(labels).get("status") == "200"
+                   for name, labels in m if name == http)
+
 
 def test_health_and_readiness(client):
     assert client.get("/healthz").json()["status"] == "ok"
