@@ -482,7 +482,7 @@ def purge_versions(
             except StoreError as exc:  # damaged: what it holds is unknown, and nothing can publish it
                 out.append(PurgeCandidate(number, None, None, [], damaged=str(exc)))
                 continue
-            created = datetime.fromisoformat(manifest.created_at)
+            created = as_utc(datetime.fromisoformat(manifest.created_at))  # no zone: UTC, as the record
             if created_before is not None and created >= created_before:
                 continue
             held = held_erasures(tombstones, {as_cell(c) for c in manifest.erased_cells})

@@ -513,3 +513,25 @@ def test_a_certificate_reads_no_lineage_of_a_version_with_a_watermark(settings, 
         event.remove(engine, "after_cursor_execute", count)
     assert held == {model.name: list(range(1, 202))}
     assert lineage_rows == [1]  # the first version's, which has no watermark
+
+
+def test_an_unpublished_artifact_whose_manifest_time_has_no_zone_is_purged_by_age(erased_twice):
+    """A manifest written by another tool may give ``created_at`` without a zone (the store
+    accepts any ISO 8601 time): read as UTC, as the record's times are. Comparing it with
+    the purge's aware cut-off raised, and the purge answered 500."""
+    import json
+    import shutil
+
+    from model_store.local import MANIFEST_FILE
+
+    s, store, ids, client = erased_twice
+    folder = store._model_dir(TINY)
+    shutil.copytree(folder / "v1", folder / "v4")  # v1's weights: they hold both requests' cells
+    manifest = json.loads((folder / "v4" / MANIFEST_FILE).read_text())
+    manifest.update(version=4, created_at="2020-01-02T03:04:05")
+    (folder / "v4" / MANIFEST_FILE).write_text(json.dumps(manifest))
+    dry = client.post(f"/models/{TINY}/purge", json={"older_than_days": 30, "dry_run": True})
+    assert dry.status_code == 200, dry.text
+    (listed,) = [v for v in dry.json()["versions"] if v["version"] == 4]
+    assert listed["published"] is False and not listed["damaged"] and listed["created_at"].startswith("2020-01-02T03:04:05")
+    assert (folder / "v4").is_dir()
