@@ -31,6 +31,13 @@ interference_aware receives the suite's training recipe as ``shadow_recipe``
 and calibrates its reference levels with shadow models trained with it once
 per model version; ``--no-shadow`` withholds it.
 
+The methods' held-out data (interference_aware's reference levels τ, their
+refreshes and its shadow calibration) is by default the test split, which is
+also where the membership attack takes its non-members. ``--reference-scenes N``
+gives the methods N other held-out scenes instead (the ones the renderer makes
+after the test split's, so the test split and every cached model are unchanged),
+so that a method is not tuned on the scenes it is then scored against.
+
 Writes the JSON results, a markdown summary (``.md``) and a plot (``.png``)
 next to ``--out``; while it runs, the JSON alone, marked ``"incomplete": true``,
 after every setting, so a run that is cut off keeps the settings it finished.
@@ -61,6 +68,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import dataset_tasks, load_splits
+from .data.synthetic import SIZE_DEFAULTS
 from .evaluate import EvalContext, evaluate_unlearning, membership_auc
 from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method
 from .metrics import forget_gap
@@ -255,6 +263,17 @@ def shadow_trainer(cache_dir: Path, train, spec: dict, device):
     return lambda cells, recipe: cached_retrain(cache_dir, train, spec, cells, recipe, device)[0]
 
 
+def reference_split(spec: dict, n: int):
+    """``n`` held-out scenes of a synthetic benchmark that are not in its test split: the
+    renderer's test scenes ``n_test`` to ``n_test + n - 1`` (a scene is rendered from its
+    own seed, so the test split, the first ``n_test``, is the same with or without them)."""
+    if spec.get("name") not in ("indoor", "street"):
+        raise ValueError(f"reference scenes are rendered: the {spec.get('name')!r} benchmark is not synthetic")
+    n_test = int(spec.get("n_test", SIZE_DEFAULTS["n_test"]))
+    _, more = load_splits({**spec, "n_train": 0, "n_test": n_test + n}, render_workers="auto")
+    return more.subset(range(n_test, n_test + n))
+
+
 _SPLITS: dict[str, tuple] = {}
 
 
@@ -287,7 +306,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
               benchmarks: list[str] | None = None, method_configs: dict | None = None, progress: bool = True,
               shadow: bool = True, engine_caches: dict | None = None, independent_retrain: bool = True,
               workers: int = 0, only_settings: list[str] | None = None,
-              on_update: Callable[[dict], None] | None = None) -> dict:
+              on_update: Callable[[dict], None] | None = None, reference_scenes: int = 0) -> dict:
     """Run a suite and return the results document (see the module docstring).
 
     ``engine_caches`` (benchmark name -> dict) lets a caller that runs several
@@ -299,7 +318,9 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
     same models (training is seeded), only the wall time changes. ``only_settings``
     (labels of :func:`setting_label`, e.g. ``["full:8", "partial:depth"]``) runs those
     settings alone. ``on_update`` gets the document so far after every setting, so a
-    run that is cut off keeps what it finished."""
+    run that is cut off keeps what it finished. ``reference_scenes`` > 0 gives the methods
+    that many held-out scenes of their own (:func:`reference_split`) in place of the test
+    split, which stays the attack's non-members and the metrics' data."""
     suite = SUITES[suite_name]
     seeds = list(suite["seeds"] if seeds is None else seeds)
     device, recipe = suite_runtime(suite, device)
@@ -321,6 +342,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
         names = [b for b in names if set(labels[b]) & set(only_settings)]
 
     loaded = {b: load_splits(suite["benchmarks"][b], render_workers="auto") for b in names}
+    references = {b: reference_split(suite["benchmarks"][b], reference_scenes) for b in names} if reference_scenes else {}
     plan = [(b, s) for b in names for s in settings(loaded[b][0], suite, seeds)]
     if only_settings is not None:
         plan = [(b, st) for b, st in plan if setting_label(st) in only_settings]
@@ -352,6 +374,8 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 "workers": int(workers),
                 "settings": None if only_settings is None else list(only_settings),
                 "torch": torch.__version__,
+                # only when given: documents from before the option merge with a run without it
+                **({"reference_scenes": int(reference_scenes)} if reference_scenes else {}),
             },
             "device": _device_name(device),
             "results": results,
@@ -367,6 +391,8 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 # on a CUDA device the benchmark's data stays there for its trainings and jobs
                 # (train.resident; the previous benchmark's copy is let go); on a CPU, as it is
                 train, test = (resident(x, device) for x in loaded[bench])
+                # the methods' held-out data: the test split, or scenes of their own
+                heldout = resident(references[bench], device) if references else test
                 bar.set_postfix_str(f"{bench}: original model")
                 original, original_seconds[bench] = cached_original(cache_dir, train, spec, recipe, device)
                 # Per-model-version state, computed once and not counted in any job's seconds.
@@ -374,7 +400,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"],
                                       device=device).warm()
                 engine_cache: dict = {} if engine_caches is None else engine_caches.setdefault(bench, {})
-                warm = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=device, cache=engine_cache)
+                warm = UnlearnData(train, [train.cells()[0]], train, heldout=heldout, device=device, cache=engine_cache)
                 calibrate_shadows(warm, original, method_configs.get(DEFAULT_METHOD, {}) if DEFAULT_METHOD in methods
                                   else {}, cache_dir, spec, device)
                 for method in methods:
@@ -393,7 +419,8 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
 
             for method in run_methods:
                 bar.set_postfix_str(f"{label}: {method}")
-                data = UnlearnData(train, cells, retain, heldout=test, device=device, seed=int(st["seed"]), cache=engine_cache)
+                data = UnlearnData(train, cells, retain, heldout=heldout, device=device, seed=int(st["seed"]),
+                                   cache=engine_cache)
                 if method == "retrain":
                     unlearned, unlearn_seconds = gold, retrain_seconds
                 elif method == INDEPENDENT_RETRAIN:
@@ -754,6 +781,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.bench"
     p.add_argument("--settings", nargs="+", default=None, metavar="SETTING",
                    help="run only these settings: full:<n_forget> or partial:<task> (e.g. full:8 partial:depth); "
                         "default: all of the suite's")
+    p.add_argument("--reference-scenes", type=int, default=0, metavar="N",
+                   help="give the methods N held-out scenes of their own (interference_aware's tau and its "
+                        "calibration), not the test scenes the membership attack scores against (default 0: "
+                        "the test scenes serve both)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="run nothing: pool the results of these pieces of one suite "
                         "(see --benchmarks, --seeds, --settings, --methods)")
@@ -779,12 +810,14 @@ def _check_options(args) -> None:
     would hold the same run twice: averaged in twice, and refused by ``--merge``)."""
     if args.workers < 0:
         raise CliError(f"--workers must be 0 or more, got {args.workers}")
+    if args.reference_scenes < 0:
+        raise CliError(f"--reference-scenes must be 0 or more, got {args.reference_scenes}")
     if args.merge:
         run_options = {"--suite": args.suite, "--methods": args.methods, "--seeds": args.seeds,
                        "--benchmarks": args.benchmarks, "--method-config": args.method_config,
                        "--device": args.device, "--no-shadow": args.no_shadow,
                        "--no-independent-retrain": args.no_independent_retrain, "--workers": args.workers,
-                       "--settings": args.settings}
+                       "--settings": args.settings, "--reference-scenes": args.reference_scenes}
         given = [flag for flag, value in run_options.items() if value not in (None, False, 0)]
         if given:
             raise CliError(f"--merge runs nothing; it does not take {', '.join(given)}")
@@ -902,7 +935,7 @@ def _run(args, command: str) -> dict:
         doc = run_suite(args.suite, methods, args.seeds, cache_dir, args.device, args.benchmarks, configs,
                         not args.no_progress, shadow=not args.no_shadow,
                         independent_retrain=not args.no_independent_retrain, workers=args.workers,
-                        only_settings=args.settings, on_update=checkpoint)
+                        only_settings=args.settings, on_update=checkpoint, reference_scenes=args.reference_scenes)
     except UnknownSettings as exc:
         raise CliError(str(exc)) from None
     if not doc["results"]:

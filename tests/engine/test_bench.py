@@ -163,6 +163,37 @@ def test_shadow_models_are_kept_in_the_cache_like_gold_standards(tiny_suite, tmp
     assert [(r["uis"], r["mia_auc"]) for r in again["results"]] == [(r["uis"], r["mia_auc"]) for r in first["results"]]
 
 
+def test_reference_scenes_are_the_methods_held_out_data_and_the_attack_keeps_the_test_split(
+        tiny_suite, tmp_path, torch_single_thread, monkeypatch):
+    """--reference-scenes: interference_aware's τ comes from held-out scenes of its own, not
+    from the test scenes the membership attack then scores it against; the test split, the
+    original and the gold standards are the same as without them."""
+    seen = []
+    real = bench.UnlearnData
+
+    def spy(*args, **kwargs):
+        seen.append(list(kwargs["heldout"].instance_ids))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "UnlearnData", spy)
+    run = lambda n: bench.run_suite("tiny", ["interference_aware"], None, tmp_path / "cache",
+                                    method_configs={"interference_aware": {"steps": 3}}, progress=False, shadow=False,
+                                    independent_retrain=False, only_settings=["full:1"], reference_scenes=n)
+    plain = run(0)
+    assert seen and all(ids == [f"indoor-test-{i:05d}" for i in range(8)] for ids in seen)
+    seen.clear()
+    own = run(4)
+    assert seen and all(ids == [f"indoor-test-{i:05d}" for i in range(8, 12)] for ids in seen)
+    assert own["config"]["reference_scenes"] == 4 and "reference_scenes" not in plain["config"]
+    (a,), (b,) = plain["results"], own["results"]
+    assert (a["mia_auc_original"], a["mia_auc_retrain"]) == (b["mia_auc_original"], b["mia_auc_retrain"])
+    with pytest.raises(ValueError, match="not synthetic"):
+        bench.reference_split({"name": "nyuv2", "root": str(tmp_path)}, 4)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--suite", "tiny", "--out", str(tmp_path / "r.json"), "--reference-scenes", "-1"])
+    assert exc.value.code == 2
+
+
 def _load_script(name):
     import importlib.util
     import sys
