@@ -584,6 +584,30 @@ def test_forget_weights_on_hand_computed_cells():
     assert torch.equal(w, torch.tensor([0.0, -1.0, 0.0])) and active == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_collinear_references_remove_only_their_span(dtype):
+    """References that span less than their count (the same instances drawn twice, a zero
+    gradient): QR's extra columns were arbitrary directions, and projecting them out too
+    took a random part of the forget gradient. Both paths now remove the span alone."""
+    from unlearning.methods.interference_aware import _orthogonalize, orthogonalize_all
+
+    g = torch.randn(50, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    r = torch.randn(50, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    r = -r if float(g @ r) > 0 else r  # conflicts
+    exact = g - (g @ r) / (r @ r) * r
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for refs in ([r, 2 * r], [r, r.clone()], [r, 3 * r, 0.5 * r]):
+        out, n = _orthogonalize(g, refs)
+        assert n == len(refs) and torch.allclose(out, exact, atol=tol), (out - exact).abs().max()
+        (batched,), _ = orthogonalize_all([g], [[x] for x in refs])
+        assert torch.allclose(batched, exact, atol=tol)
+    # references that do span their count keep QR's basis: the same numbers as before, bit for bit
+    s = -torch.randn(50, generator=torch.Generator().manual_seed(2), dtype=dtype).abs() * torch.sign(g)
+    basis = torch.linalg.qr(torch.stack([r, s], 1))[0]
+    out, n = _orthogonalize(g, [r, s])
+    assert n == 2 and torch.equal(out, g - basis @ (basis.T @ g))
+
+
 def test_orthogonalization_removes_exactly_the_conflicts():
     """One projection leaves the step orthogonal to the references it conflicted with and
     untouched when none conflicts; a reference made to conflict by that projection (here

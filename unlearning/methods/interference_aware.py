@@ -713,6 +713,22 @@ class RetainReference:
 # ----------------------------------------------------------------------------- gradient surgery
 
 
+def _span_basis(a: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the span of ``a``'s columns, ``(n, rank)``. QR's Q where every
+    column adds a direction; where one does not (collinear references: the same instances
+    drawn as nearest and random retain reference, a gradient that is zero), QR's extra Q
+    columns are arbitrary directions outside the span, and projecting them out removed a
+    random part of the forget gradient: then the left singular vectors above
+    ``torch.linalg.matrix_rank``'s default tolerance."""
+    q, r = torch.linalg.qr(a)
+    diag = r.diagonal().abs()
+    tol = float(diag.max()) * max(a.shape) * torch.finfo(a.dtype).eps
+    if float(diag.min()) > tol:
+        return q
+    u, sv, _ = torch.linalg.svd(a, full_matrices=False)
+    return u[:, sv > float(sv.max()) * max(a.shape) * torch.finfo(a.dtype).eps]
+
+
 def _orthogonalize(g: torch.Tensor, refs: list[torch.Tensor], iterate: bool = False) -> tuple[torch.Tensor, int]:
     """Remove from ``g`` its component in the span of the refs it conflicts with
     (negative inner product); returns the result and how many refs that span holds.
@@ -732,7 +748,7 @@ def _orthogonalize(g: torch.Tensor, refs: list[torch.Tensor], iterate: bool = Fa
         if not new:
             break
         chosen += new
-        basis = torch.linalg.qr(torch.stack([refs[j] for j in chosen], 1))[0]  # (n, c) orthonormal
+        basis = _span_basis(torch.stack([refs[j] for j in chosen], 1))
         out = flat - basis @ (basis.T @ flat)
         if not iterate:
             break
