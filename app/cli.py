@@ -81,6 +81,13 @@ def _store_dir_ok(settings) -> bool:
     return True
 
 
+def _warn_unknown_variables() -> None:
+    from worker.settings import unknown_variables
+
+    for warning in unknown_variables():
+        logging.getLogger("unlearnd").warning(warning)
+
+
 def _method_settings_ok(settings) -> bool:
     """Print what is wrong with the configured method (every job would fail on it)."""
     from worker.calibration import method_settings_problems
@@ -101,6 +108,7 @@ def cmd_serve(args) -> int:
     from worker.settings import get_settings
 
     settings = get_settings()
+    _warn_unknown_variables()
     if not _method_settings_ok(settings):
         return 2
     host = settings.host if args.host is None else args.host
@@ -152,6 +160,7 @@ def cmd_worker(args) -> int:
     from worker.settings import get_settings
 
     settings = get_settings()
+    _warn_unknown_variables()
     if not _method_settings_ok(settings):
         return 2
     if not settings.broker_url:

@@ -1,7 +1,9 @@
 """The one settings object of the service, read once from the environment (prefix ``UNLEARND_``)."""
 from __future__ import annotations
 
+import difflib
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -257,6 +259,32 @@ class Settings(BaseSettings):
                 raise ValueError(f"API keys {seen[key.token_sha256]!r} and {name!r} have the same token")
             seen[key.token_sha256] = name
         return keys
+
+
+#: UNLEARND_ variables that are not settings: the test suite's (README, "Set up").
+NOT_SETTINGS = frozenset({"UNLEARND_TEST_PG", "UNLEARND_E2E_PG", "UNLEARND_E2E_REDIS", "UNLEARND_REQUIRE_GPU"})
+
+
+def unknown_variables(environ=None, env_file: str | Path | None = ".env") -> list[str]:
+    """A warning for each ``UNLEARND_`` variable (in ``environ``, default the process's, or the
+    ``.env`` file the settings read) that names no setting: the settings ignore it, so a typo
+    went unnoticed (``UNLEARND_API_KEY`` served the API without keys)."""
+    names = set(os.environ if environ is None else environ)
+    if env_file is not None and Path(env_file).is_file():
+        from dotenv import dotenv_values
+
+        names |= set(dotenv_values(env_file))
+    known = {f"UNLEARND_{field.upper()}" for field in Settings.model_fields}
+    out = []
+    for name in sorted(names):
+        upper = name.upper()
+        if not upper.startswith("UNLEARND_") or upper in known or upper in NOT_SETTINGS:
+            continue
+        # compared without the prefix, which every name shares
+        close = difflib.get_close_matches(upper[len("UNLEARND_"):], sorted(k[len("UNLEARND_"):] for k in known),
+                                          n=1, cutoff=0.75)
+        out.append(f"{name} is not a setting and is ignored" + (f"; did you mean UNLEARND_{close[0]}?" if close else ""))
+    return out
 
 
 @lru_cache

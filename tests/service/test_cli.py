@@ -236,3 +236,23 @@ def test_verify_certificate_refuses_what_is_not_strict_json(environment, tmp_pat
     (tmp_path / "c.json").write_text(text)
     code, err = _run(environment, ["verify-certificate", str(tmp_path / "c.json"), "--public-key", "x"])
     assert code == 2 and says in err and "Traceback" not in err
+
+
+def test_a_variable_that_names_no_setting_is_warned_about_at_start(celery_argv, monkeypatch, caplog, tmp_path):
+    # the settings ignore unknown UNLEARND_ variables: UNLEARND_API_KEY (for _KEYS) served the
+    # API without keys, and nothing said so
+    from worker.settings import unknown_variables
+
+    monkeypatch.setenv("UNLEARND_API_KEY", "{}")
+    monkeypatch.setenv("UNLEARND_E2E_PG", "postgresql://x")  # the test suite's own: not a typo
+    with caplog.at_level("WARNING", logger="unlearnd"):
+        assert main(["worker"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "unlearnd"]
+    assert warnings == ["UNLEARND_API_KEY is not a setting and is ignored; did you mean UNLEARND_API_KEYS?"]
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("UNLEARND_DATABASE_URI=sqlite:///x.db\nunlearnd_store_dir=var/m\nOTHER=1\n")
+    assert unknown_variables({"UNLEARND_BOGUS": "1", "UNLEARND_PORT": "1"}, env_file) == [
+        "UNLEARND_BOGUS is not a setting and is ignored",
+        "UNLEARND_DATABASE_URI is not a setting and is ignored; did you mean UNLEARND_DATABASE_URL?",
+    ]
