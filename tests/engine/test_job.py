@@ -68,6 +68,23 @@ def test_a_forget_cell_without_a_labelled_pixel_gives_strict_json_metrics(setup)
     assert all(math.isfinite(result.metrics["forget_loss"][name]["segmentation"]) for name in ("original", "unlearned"))
 
 
+def test_interference_aware_leaves_the_model_as_it_was_when_no_forget_cell_has_a_labelled_pixel(setup):
+    # nothing was learned from such cells; the settling steps used to move the model anyway
+    from unlearning.data.base import MultiTaskDataset
+
+    model, train, test = setup
+    targets = {t: v.clone() for t, v in train.targets.items()}
+    targets["depth"][[0, 1]] = 0.0
+    masked = MultiTaskDataset(train.name, train.tasks, train.images, targets, train.instance_ids, train.num_classes)
+    result = run_unlearning_job(model, masked, test, [("i0", "depth"), ("i1", "depth")], config={"steps": 5})
+    assert result.log["nothing_to_forget"] is True and result.log["steps"] == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in result.model.state_dict().items())
+    assert result.metrics["uis"] == 0
+    # one labelled cell among them is something to forget
+    result = run_unlearning_job(model, masked, test, [("i0", "depth"), ("i2", "depth")], config={"steps": 5})
+    assert result.log["nothing_to_forget"] is False and result.log["steps"] > 0
+
+
 def test_full_task_job_with_a_baseline(setup):
     model, train, test = setup
     result = run_unlearning_job(model, train, test, [("i3", t) for t in train.tasks], method="finetune", config={"steps": 2})

@@ -1018,7 +1018,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         return out
 
     # --- forget phase
-    reached = False
+    reached = nothing_to_forget = False
     settled = 0
     refresh = int(cfg["tau_refresh"]) if not cfg["tau"] else 0
     subset = refresh_subset(original, data, cfg["tau_refresh_sample"]) if refresh else None
@@ -1047,6 +1047,12 @@ def unlearn(model, data: UnlearnData, config: dict | None):
             w, n = forget_weights(losses[t].detach(), tau[t], forget.has[t], band, ramp, two_sided)
             n_active += n
             active_terms.append((losses[t] * w).sum())
+        if n_active == 0 and step == 0 and not any(bool((forget.has[t] & torch.isfinite(losses[t])).any())
+                                                   for t in forget_tasks):
+            # No forget cell has a labelled pixel: the model never learned anything from them,
+            # and retain-only steps would only move it (UIS > 0 for nothing erased).
+            nothing_to_forget = True
+            break
         if n_active == 0:
             # Every cell reached tau: retain-only (settling) steps; a cell that drops
             # below tau again gets its forget gradient back on the next step.
@@ -1107,7 +1113,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     repair_params = params
     if cfg["repair_protected_heads"] and protected:
         repair_params = list(student.parameters())
-    for step in range(int(cfg["repair_steps"])):
+    for step in range(0 if nothing_to_forget else int(cfg["repair_steps"])):
         r_out = retain_grads(repair_params)
         _, g_r = stepper.precondition(repair_params, [None] * len(repair_params), _mean_retain(r_out, len(repair_params), 1.0))
         stepper.step(repair_params, g_r)
@@ -1135,6 +1141,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         "nearest_retained": nearest,  # the instances of the "nearest" reference
         "steps": steps_done,
         "all_cells_reached_tau": reached,
+        "nothing_to_forget": nothing_to_forget,  # no forget cell has a labelled pixel: the model is returned as it was
         "conflicts_removed": int(conflicts_removed),
         "orthogonalize_impl": ("batched" if batched else "per_tensor") if cfg["orthogonalize"] else None,
         "final_forget_losses": final_losses,
