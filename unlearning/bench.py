@@ -189,20 +189,31 @@ def cache_entry(cache_dir: Path, recipe: TrainConfig, key_payload: dict) -> Path
 ORIGINAL = {"cells": "all"}  # the key payload of a benchmark's original model, beside its spec
 
 
-def cached_training(cache_dir: Path, dataset, recipe: TrainConfig, key_payload: dict, device) -> tuple[torch.nn.Module, float]:
+def cached_training(cache_dir: Path, dataset, recipe: TrainConfig, key_payload: dict, device,
+                    trained_on: dict | None = None) -> tuple[torch.nn.Module, float]:
     """Train on ``dataset`` with ``recipe`` or load the model cached under the key; returns
-    ``(model, training seconds)`` (the seconds measured when it was trained)."""
+    ``(model, training seconds)`` (the seconds measured when it was trained, on the device
+    its ``bench.json`` names). ``trained_on`` (device name -> count) counts where the model
+    was trained: a cache copied from another machine holds other models (another CPU's
+    instruction set trains others from the same seeds) and other training seconds."""
     directory = cache_entry(cache_dir, recipe, key_payload)
     meta_path = directory / "bench.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        return load_model(directory, map_location=device).eval(), float(meta["seconds"])
-    start = time.perf_counter()
-    model = train_model(dataset, recipe, device=device, progress=False)
-    seconds = time.perf_counter() - start
-    save_model(model, directory, extra={"train": asdict(recipe)})
-    meta_path.write_text(json.dumps({"seconds": seconds, "key": key_payload}, default=str))
-    return model.eval(), seconds
+        where = meta.get("device", "unrecorded")  # entries from before the field
+        model, seconds = load_model(directory, map_location=device).eval(), float(meta["seconds"])
+    else:
+        start = time.perf_counter()
+        model = train_model(dataset, recipe, device=device, progress=False)
+        seconds = time.perf_counter() - start
+        save_model(model, directory, extra={"train": asdict(recipe)})
+        where = _device_name(device)
+        meta_path.write_text(json.dumps({"seconds": seconds, "key": key_payload, "device": where,
+                                         "torch": torch.__version__}, default=str))
+        model = model.eval()
+    if trained_on is not None:
+        trained_on[where] = trained_on.get(where, 0) + 1
+    return model, seconds
 
 
 def suite_runtime(suite: dict, device=None) -> tuple[torch.device, TrainConfig]:
@@ -220,10 +231,11 @@ def original_key(spec: dict) -> dict:
     return {"spec": spec, **ORIGINAL}
 
 
-def cached_original(cache_dir: Path, train, spec: dict, recipe: TrainConfig, device) -> tuple[torch.nn.Module, float]:
+def cached_original(cache_dir: Path, train, spec: dict, recipe: TrainConfig, device,
+                    trained_on: dict | None = None) -> tuple[torch.nn.Module, float]:
     """:func:`cached_training` of the benchmark's original model: ``recipe`` on all of
     ``train`` (the training split of ``spec``), under :func:`original_key`."""
-    return cached_training(cache_dir, train, recipe, original_key(spec), device)
+    return cached_training(cache_dir, train, recipe, original_key(spec), device, trained_on)
 
 
 def independent_recipe(recipe: TrainConfig) -> TrainConfig:
@@ -232,12 +244,13 @@ def independent_recipe(recipe: TrainConfig) -> TrainConfig:
 
 
 def cached_retrain(cache_dir: Path, train, spec: dict, cells, recipe: TrainConfig, device,
-                   retain=None) -> tuple[torch.nn.Module, float]:
+                   retain=None, trained_on: dict | None = None) -> tuple[torch.nn.Module, float]:
     """:func:`cached_training` of ``recipe`` on ``train`` without ``cells`` (``retain``
     when the caller has it), keyed by the benchmark spec and the cells: the gold
     standard, or with :func:`independent_recipe` the independent retrain."""
     retain = train.without(cells) if retain is None else retain
-    return cached_training(cache_dir, retain, recipe, {"spec": spec, "forget": sorted(map(list, cells))}, device)
+    return cached_training(cache_dir, retain, recipe, {"spec": spec, "forget": sorted(map(list, cells))}, device,
+                           trained_on)
 
 
 def calibrate_shadows(data: UnlearnData, original, config: dict, cache_dir: Path, spec: dict, device) -> dict | None:
@@ -360,6 +373,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 pretrained[(k, kind)] = pool.submit(_pretrain, str(cache_dir), suite["benchmarks"][bench], asdict(r),
                                                     st["cells"], suite.get("threads"), str(device))
     results, prepare_seconds, original_seconds = [], {}, {}
+    trained_on: dict[str, int] = {}  # the original, gold standards and independent retrains, by training device
 
     def document() -> dict:  # the results so far, with the run's configuration
         return {
@@ -371,6 +385,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 "method_configs": method_configs,
                 "prepare_seconds": prepare_seconds,
                 "original_seconds": {b: round(s, 3) for b, s in original_seconds.items()},
+                "models_trained_on": dict(trained_on),
                 "workers": int(workers),
                 "settings": None if only_settings is None else list(only_settings),
                 "torch": torch.__version__,
@@ -394,7 +409,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 # the methods' held-out data: the test split, or scenes of their own
                 heldout = resident(references[bench], device) if references else test
                 bar.set_postfix_str(f"{bench}: original model")
-                original, original_seconds[bench] = cached_original(cache_dir, train, spec, recipe, device)
+                original, original_seconds[bench] = cached_original(cache_dir, train, spec, recipe, device, trained_on)
                 # Per-model-version state, computed once and not counted in any job's seconds.
                 t0 = time.perf_counter()
                 context = EvalContext(original, train, test, retained_sample_size=suite["retained_sample_size"],
@@ -413,7 +428,8 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
             bar.set_postfix_str(f"{label}: retrain")
             if (k, "gold") in pretrained:
                 pretrained[(k, "gold")].result()  # trained by a worker: cached_training loads it
-            gold, retrain_seconds = cached_retrain(cache_dir, train, spec, cells, recipe, device, retain=retain)
+            gold, retrain_seconds = cached_retrain(cache_dir, train, spec, cells, recipe, device, retain=retain,
+                                                   trained_on=trained_on)
             mia_retrain, gold_members = membership_auc(gold, train, cells, test, device)
             gold_mean = {t: [float(v.nanmean())] for t, v in gold_members.items()}  # as forget_loss
 
@@ -427,7 +443,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                     if (k, "independent") in pretrained:
                         pretrained[(k, "independent")].result()
                     unlearned, unlearn_seconds = cached_retrain(cache_dir, train, spec, cells, independent_recipe(recipe),
-                                                                device, retain=retain)
+                                                                device, retain=retain, trained_on=trained_on)
                 else:
                     cfg = dict(method_configs.get(method, {}))
                     start = time.perf_counter()
@@ -593,6 +609,16 @@ def _f(x, nd=2):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def _elsewhere(doc: dict) -> list[str]:
+    """A note when the cache held models trained on another device than the run's (their
+    training seconds, the speed-ups' denominators, are that device's)."""
+    other = {d: n for d, n in (doc["config"].get("models_trained_on") or {}).items() if d != doc["device"]}
+    if not other:
+        return []
+    return [f"Models loaded from the cache that were trained on another device (their `retrain_seconds` are "
+            f"that device's): {', '.join(f'{n} on {d}' for d, n in sorted(other.items()))}", ""]
+
+
 def markdown(doc: dict) -> str:
     """The summary: headline per benchmark and setting, then every method's means."""
     res = doc["results"]
@@ -600,6 +626,7 @@ def markdown(doc: dict) -> str:
              f"Command: `{doc.get('command', '')}`  ", f"Device: {doc['device']}  ",
              f"Wall time: {_f(doc.get('wall_seconds', float('nan')), 0)} s  ",
              f"Seeds: {doc['config']['seeds']}; runs: {len(res)}", "",
+             *_elsewhere(doc),
              *(["Pieces (their wall times add up to the one above):", "",
                 *[f"- `{p['source']}`: `{p['command']}`, {_f(p['wall_seconds'], 0)} s"
                   + (" (cut off: only the settings with rows in the table ran)" if p.get("incomplete") else "")
@@ -677,7 +704,7 @@ def plot(doc: dict, path: Path) -> None:
 
 # config entries that describe a piece rather than the suite
 _PIECE_KEYS = ("seeds", "methods", "method_configs", "prepare_seconds", "original_seconds", "workers", "settings",
-               "pieces")
+               "pieces", "models_trained_on")
 RUN_KEY = ("benchmark", "setting", "forget_tasks", "n_forget", "seed", "method")
 
 
@@ -738,10 +765,15 @@ def merge(docs: list[dict], sources: list[str]) -> dict:
               "methods": list(dict.fromkeys(m for p in pieces for m in (p["methods"] or []))),
               "method_configs": {m: c for m, (_, c) in configs.items() if c},
               "prepare_seconds": {}, "original_seconds": {}, "pieces": pieces}
+    trained_on: dict[str, int] = {}
     for piece in pieces:
         for k in ("prepare_seconds", "original_seconds"):
             for bench_name, value in (piece[k] or {}).items():
                 config[k].setdefault(bench_name, value)
+        for where, n in (piece.get("models_trained_on") or {}).items():
+            trained_on[where] = trained_on.get(where, 0) + n
+    if trained_on:
+        config["models_trained_on"] = trained_on
     walls = [p["wall_seconds"] for p in pieces]
     return {"suite": first["suite"], "config": config, "device": first["device"], "results": results,
             "wall_seconds": round(sum(walls), 1) if all(w is not None for w in walls) else None}

@@ -194,6 +194,32 @@ def test_reference_scenes_are_the_methods_held_out_data_and_the_attack_keeps_the
     assert exc.value.code == 2
 
 
+def test_the_results_say_where_the_cached_models_were_trained(tiny_suite, tmp_path, torch_single_thread):
+    """A cache copied from another machine holds that machine's models and training seconds
+    (another CPU's instruction set trains other models from the same seeds): the document
+    counts the models by the device that trained them, and the summary names the others."""
+    run = lambda: bench.run_suite("tiny", ["gradient_ascent"], None, tmp_path / "cache",
+                                  method_configs={"gradient_ascent": {"steps": 1}}, progress=False, shadow=False,
+                                  only_settings=["full:1"])
+    here = bench._device_name(torch.device("cpu"))
+    first = run()
+    # the original, the gold standard and the independent retrain
+    assert first["config"]["models_trained_on"] == {here: 3}
+    metas = list((tmp_path / "cache").glob("*/bench.json"))
+    assert len(metas) == 3
+    for meta_path in metas:
+        meta = json.loads(meta_path.read_text())
+        assert (meta["device"], meta["torch"]) == (here, torch.__version__)
+        meta["device"] = "cuda: Another GPU"
+        meta_path.write_text(json.dumps(meta))
+    again = run()
+    assert again["config"]["models_trained_on"] == {"cuda: Another GPU": 3}
+    assert "3 on cuda: Another GPU" in bench.markdown({**again, "command": "x", "wall_seconds": 1})
+    assert "another device" not in bench.markdown({**first, "command": "x", "wall_seconds": 1})
+    merged = bench.merge([first, {**again, "results": []}], ["a.json", "b.json"])
+    assert merged["config"]["models_trained_on"] == {here: 3, "cuda: Another GPU": 3}
+
+
 def _load_script(name):
     import importlib.util
     import sys
