@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -518,6 +519,17 @@ def test_job_timing_times_jobs_on_the_cached_original_against_the_recipe(tmp_pat
              "seeds": [0, 1], "n_forget_full": [1], "n_forget_partial": 2, "partial_tasks": ["depth"],
              "retained_sample_size": 4, "threads": 1, "device": "cpu"}
     monkeypatch.setitem(bench.SUITES, "tiny", suite)
+    # the step time is the difference of a 2-epoch and a 12-epoch training: a few milliseconds
+    # on this model, which a busy machine's noise can reverse (the script then stops, as it
+    # should). A pause per step, on top of the real training, makes the difference plain.
+    real_train = job_timing.train_model
+
+    def paced(train, recipe, **kwargs):
+        model = real_train(train, recipe, **kwargs)
+        time.sleep(0.02 * job_timing.training_steps(len(train), recipe))
+        return model
+
+    monkeypatch.setattr(job_timing, "train_model", paced)
     out = tmp_path / "timing.json"
     assert job_timing.main(["--suite", "tiny", "--cache-dir", str(tmp_path / "cache"), "--settings", "full:1",
                             "partial:depth", "--config", '{"steps": 2}', "--train-epochs", "2", "12",
