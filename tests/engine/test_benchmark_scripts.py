@@ -139,3 +139,41 @@ def test_matched_forgetting_table_of_the_committed_runs(name):
 def test_sweep_baselines_refuses_a_grid_it_cannot_run_before_any_work(grid):
     done = run_script("sweep_baselines.py", "--grid", grid, "--out", "/nonexistent/x.json")
     assert done.returncode == 2 and "--grid:" in done.stderr and "must be a baseline of GRID" in done.stderr
+
+
+def _ref_run(seed, task, mia, retrain, uis, n=8):
+    return {"benchmark": "indoor", "setting": "partial", "forget_tasks": [task], "n_forget": n, "seed": seed,
+            "method": "interference_aware", "mia_auc": mia, "mia_auc_retrain": retrain, "mia_auc_original": 0.9,
+            "uis": uis}
+
+
+def test_reference_split_pairs_runs_on_the_same_forget_sets(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reference_split", BENCH / "reference_split.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = {"device": "cpu", "config": {}, "results": [
+        _ref_run(0, "depth", 0.60, 0.62, 0.2), _ref_run(1, "depth", 0.70, 0.66, 0.4),
+        _ref_run(0, "depth", 0.10, 0.62, 9.0, n=1)]}  # one instance: a rank, left out
+    own = {"device": "cpu", "config": {"reference_scenes": 48}, "results": [
+        _ref_run(0, "depth", 0.55, 0.62, 0.3), _ref_run(1, "depth", 0.60, 0.66, 0.4),
+        _ref_run(2, "depth", 0.10, 0.50, 0.1)]}  # not in the other document: not paired
+    (group,) = module.compare(base, own).values()
+    assert group["sets"] == 2
+    assert group["test_split"]["d"]["mean"] == pytest.approx(0.01) and group["test_split"]["mean_abs_d"] == 0.03
+    assert group["own_reference"]["d"]["mean"] == pytest.approx(-0.065)
+    assert group["change_mia_auc"]["mean"] == pytest.approx(-0.075) and group["change_uis"]["mean"] == 0.05
+    # another gold standard (other models, another test split): no pairing
+    other = {**own, "results": [_ref_run(0, "depth", 0.55, 0.70, 0.3)]}
+    with pytest.raises(SystemExit, match="not a paired comparison"):
+        module.compare(base, other)
+    for name, doc in (("a.json", base), ("b.json", own)):
+        (tmp_path / name).write_text(json.dumps(doc))
+    done = run_script("reference_split.py", str(tmp_path / "b.json"), str(tmp_path / "a.json"))
+    assert done.returncode != 0 and "must be a run without --reference-scenes" in done.stderr
+    done = run_script("reference_split.py", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                      "--out", str(tmp_path / "s.json"))
+    assert done.returncode == 0, done.stderr
+    assert "| indoor · partial | 2 |" in done.stdout
+    assert json.loads((tmp_path / "s.json").read_text())["reference_scenes"] == 48
