@@ -612,11 +612,16 @@ def _f(x, nd=2):
 def _elsewhere(doc: dict) -> list[str]:
     """A note when the cache held models trained on another device than the run's (their
     training seconds, the speed-ups' denominators, are that device's)."""
-    other = {d: n for d, n in (doc["config"].get("models_trained_on") or {}).items() if d != doc["device"]}
-    if not other:
-        return []
-    return [f"Models loaded from the cache that were trained on another device (their `retrain_seconds` are "
-            f"that device's): {', '.join(f'{n} on {d}' for d, n in sorted(other.items()))}", ""]
+    counts = doc["config"].get("models_trained_on") or {}
+    other = {d: n for d, n in counts.items() if d not in (doc["device"], "unrecorded")}
+    lines = []
+    if other:
+        lines += [f"Models loaded from the cache that were trained on another device (their `retrain_seconds` are "
+                  f"that device's): {', '.join(f'{n} on {d}' for d, n in sorted(other.items()))}", ""]
+    if counts.get("unrecorded"):
+        lines += [f"{counts['unrecorded']} models loaded from cache entries that do not record the device that "
+                  "trained them (written before the cache recorded it)", ""]
+    return lines
 
 
 def markdown(doc: dict) -> str:

@@ -217,6 +217,10 @@ def test_the_results_say_where_the_cached_models_were_trained(tiny_suite, tmp_pa
     assert again["config"]["models_trained_on"] == {"cuda: Another GPU": 3}
     assert "3 on cuda: Another GPU" in bench.markdown({**again, "command": "x", "wall_seconds": 1})
     assert "another device" not in bench.markdown({**first, "command": "x", "wall_seconds": 1})
+    # an entry from before the field: not said to be another device's, only of unrecorded origin
+    old = {**first, "config": {**first["config"], "models_trained_on": {"unrecorded": 2, here: 1}}}
+    summary = bench.markdown({**old, "command": "x", "wall_seconds": 1})
+    assert "another device" not in summary and "2 models loaded from cache entries that do not record" in summary
     merged = bench.merge([first, {**again, "results": []}], ["a.json", "b.json"])
     assert merged["config"]["models_trained_on"] == {here: 3, "cuda: Another GPU": 3}
 
