@@ -188,6 +188,13 @@ def test_reference_scenes_are_the_methods_held_out_data_and_the_attack_keeps_the
     assert own["config"]["reference_scenes"] == 4 and "reference_scenes" not in plain["config"]
     (a,), (b,) = plain["results"], own["results"]
     assert (a["mia_auc_original"], a["mia_auc_retrain"]) == (b["mia_auc_original"], b["mia_auc_retrain"])
+    # the scenes a larger test split would hold after its first n_test, rendered alone
+    from unlearning.data import load_splits
+
+    spec = tiny_suite["benchmarks"]["indoor"]
+    reference, larger = bench.reference_split(spec, 4), load_splits({**spec, "n_test": 12})[1]
+    assert reference.instance_ids == larger.instance_ids[8:] and torch.equal(reference.images, larger.images[8:])
+    assert all(torch.equal(reference.targets[t], larger.targets[t][8:]) for t in reference.tasks)
     with pytest.raises(ValueError, match="not synthetic"):
         bench.reference_split({"name": "nyuv2", "root": str(tmp_path)}, 4)
     with pytest.raises(SystemExit) as exc:

@@ -41,9 +41,12 @@ def noise_options(spec: dict) -> NoiseOptions | None:
     return NoiseOptions.from_dict(noise)  # fields not given keep their defaults
 
 
-def load_synthetic(spec: dict, render_workers: int | str = 1) -> tuple[MultiTaskDataset, MultiTaskDataset]:
+def load_synthetic(spec: dict, render_workers: int | str = 1,
+                   test_scenes: range | None = None) -> tuple[MultiTaskDataset, MultiTaskDataset]:
     """Render the train and test splits a spec describes; same spec, identical tensors
-    (for any ``render_workers``: processes of :func:`~unlearning.data.renderer.render_batch`)."""
+    (for any ``render_workers``: processes of :func:`~unlearning.data.renderer.render_batch`).
+    ``test_scenes``: render these test scenes instead of the first ``n_test`` (more
+    held-out scenes beyond the test split, the same as a larger ``n_test`` renders them)."""
     name = spec.get("name")
     if name not in FLAVOUR_TASKS:
         raise ValueError(f"unknown synthetic dataset {name!r}; known: {sorted(FLAVOUR_TASKS)}")
@@ -66,16 +69,17 @@ def load_synthetic(spec: dict, render_workers: int | str = 1) -> tuple[MultiTask
     noise = noise_options(spec)
     tasks = FLAVOUR_TASKS[name]
 
-    def split(split_id: int, n: int, prefix: str) -> MultiTaskDataset:
-        seeds = [(sizes["seed"], split_id, i) for i in range(n)]
+    def split(split_id: int, scenes: range, prefix: str) -> MultiTaskDataset:
+        seeds = [(sizes["seed"], split_id, i) for i in scenes]
         data = render_batch(name, seeds, sizes["height"], sizes["width"], noise, workers=render_workers)
         return MultiTaskDataset(
             name,
             tasks,
             data["image"],
             {t: data[t] for t in tasks},
-            [f"{prefix}-{i:05d}" for i in range(n)],
+            [f"{prefix}-{i:05d}" for i in scenes],
             num_classes=len(FLAVOUR_CLASSES[name]),
         )
 
-    return split(_TRAIN, sizes["n_train"], name), split(_TEST, sizes["n_test"], f"{name}-test")
+    test = range(sizes["n_test"]) if test_scenes is None else test_scenes
+    return split(_TRAIN, range(sizes["n_train"]), name), split(_TEST, test, f"{name}-test")
