@@ -601,6 +601,18 @@ def test_collinear_references_remove_only_their_span(dtype):
         assert n == len(refs) and torch.allclose(out, exact, atol=tol), (out - exact).abs().max()
         (batched,), _ = orthogonalize_all([g], [[x] for x in refs])
         assert torch.allclose(batched, exact, atol=tol)
+    # a small reference is judged against its own norm: orthogonal to a large one, on a tensor
+    # of the full suite's size, it is a direction of its own (a tolerance scaled by the larger
+    # norm and the size dropped it, and the step still conflicted with it)
+    n = 589_824
+    big = torch.zeros(n, dtype=dtype)
+    big[0] = -1.0
+    small = torch.zeros(n, dtype=dtype)
+    small[1] = -0.05
+    h = torch.zeros(n, dtype=dtype)
+    h[:3] = 1.0
+    out, k = _orthogonalize(h, [big, small])
+    assert k == 2 and float(out @ big) == 0 and float(out @ small) == 0 and float(out[2]) == 1
     # references that do span their count keep QR's basis: the same numbers as before, bit for bit
     s = -torch.randn(50, generator=torch.Generator().manual_seed(2), dtype=dtype).abs() * torch.sign(g)
     basis = torch.linalg.qr(torch.stack([r, s], 1))[0]

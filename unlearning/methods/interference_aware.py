@@ -715,18 +715,20 @@ class RetainReference:
 
 def _span_basis(a: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of the span of ``a``'s columns, ``(n, rank)``. QR's Q where every
-    column adds a direction; where one does not (collinear references: the same instances
-    drawn as nearest and random retain reference, a gradient that is zero), QR's extra Q
-    columns are arbitrary directions outside the span, and projecting them out removed a
-    random part of the forget gradient: then the left singular vectors above
-    ``torch.linalg.matrix_rank``'s default tolerance."""
+    column adds a direction of its own; where one does not (collinear references: the same
+    instances drawn as nearest and random retain reference), QR's extra Q columns are
+    arbitrary directions outside the span, and projecting them out removed a random part
+    of the forget gradient: then the left singular vectors of the columns scaled to unit
+    norm. Each column is judged against its own norm (``|R_ii| / ‖a_i‖``; a small but
+    independent reference is a direction like any other), with a tolerance of 10 √n
+    machine epsilons, above the rounding of an n-element QR."""
+    norms = a.norm(dim=0)
     q, r = torch.linalg.qr(a)
-    diag = r.diagonal().abs()
-    tol = float(diag.max()) * max(a.shape) * torch.finfo(a.dtype).eps
-    if float(diag.min()) > tol:
+    tol = 10.0 * math.sqrt(max(a.shape)) * torch.finfo(a.dtype).eps
+    if bool((r.diagonal().abs() > tol * norms).all()):
         return q
-    u, sv, _ = torch.linalg.svd(a, full_matrices=False)
-    return u[:, sv > float(sv.max()) * max(a.shape) * torch.finfo(a.dtype).eps]
+    u, sv, _ = torch.linalg.svd(a / norms.clamp_min(torch.finfo(a.dtype).tiny), full_matrices=False)
+    return u[:, sv > tol * sv.max()]
 
 
 def _orthogonalize(g: torch.Tensor, refs: list[torch.Tensor], iterate: bool = False) -> tuple[torch.Tensor, int]:
