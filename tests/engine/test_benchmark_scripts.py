@@ -177,3 +177,13 @@ def test_reference_split_pairs_runs_on_the_same_forget_sets(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| indoor · partial | 2 |" in done.stdout
     assert json.loads((tmp_path / "s.json").read_text())["reference_scenes"] == 48
+
+
+@pytest.mark.parametrize("n", [48, 192])
+def test_reference_split_reproduces_the_committed_summary(tmp_path, n):
+    out = tmp_path / "summary.json"
+    done = run_script("reference_split.py", "benchmarks/mia_seeds/smoke_8seeds.json",
+                      f"benchmarks/reference_split/reference{n}.json", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    committed = json.loads((BENCH / "reference_split" / f"summary{n}.json").read_text())
+    assert without_command(json.loads(out.read_text())) == without_command(committed)
