@@ -782,3 +782,22 @@ def test_a_job_that_trains_shadow_models_reports_their_progress(memorised):
     run_unlearning_job(model, train, test, [(train.instance_ids[1], "depth")], config=config, cache=cache,
                        progress=again.append)
     assert again == sorted(again) and again[0] >= 0.9 / (4 + DEFAULTS["repair_steps"]) - 1e-9  # a method step
+
+
+def test_what_is_cached_from_held_out_data_is_keyed_by_which_data(memorised):
+    """A per-version cache shared by jobs given other held-out data of the same size (a
+    reference of their own): keyed by the length alone, the second read the first's losses
+    and levels."""
+    from unlearning.methods.interference_aware import heldout_losses, refresh_subset
+
+    model, train, test = memorised
+    other = random_dataset(len(test), 7, prefix="r")
+    cache: dict = {}
+    cells = [(train.instance_ids[0], "depth")]
+    first = heldout_losses(model, _data(train, test, cells, cache=cache))
+    second = heldout_losses(model, _data(train, other, cells, cache=cache))
+    assert not torch.equal(first["depth"], second["depth"])
+    assert torch.equal(second["depth"], heldout_losses(model, _data(train, other, cells))["depth"])
+    a = refresh_subset(model, _data(train, test, cells, cache=cache), 4)
+    b = refresh_subset(model, _data(train, other, cells, cache=cache), 4)
+    assert not torch.equal(a[1]["depth"], b[1]["depth"])

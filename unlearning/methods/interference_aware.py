@@ -199,9 +199,16 @@ def _known(name: str) -> str:
 # ----------------------------------------------------------------------------- cached per model version
 
 
+def _heldout_id(data: UnlearnData) -> tuple[str, ...]:
+    """Which held-out data ``data`` gives, for the keys of what is cached from it: its
+    instance ids (keyed by its length alone, a job given another held-out set of the same
+    size, a reference of its own say, read the levels of the first from the cache)."""
+    return tuple(data.heldout.instance_ids) if data.heldout is not None else ()
+
+
 def heldout_losses(model, data: UnlearnData) -> dict[str, torch.Tensor]:
     """The original model's per-sample held-out losses per task, NaNs dropped (cached)."""
-    key = ("heldout_losses", len(data.heldout) if data.heldout is not None else 0)
+    key = ("heldout_losses", _heldout_id(data))
     if key not in data.cache:
         if data.heldout is None or len(data.heldout) == 0:
             raise ValueError("interference_aware needs held-out data for the reference levels tau (or config['tau'])")
@@ -224,7 +231,7 @@ def refresh_subset(model, data: UnlearnData, size: int | None) -> tuple[list[int
     n = len(data.heldout) if data.heldout is not None else 0
     if size is None or n <= int(size):
         return None
-    key = ("refresh_subset", n, int(size))
+    key = ("refresh_subset", _heldout_id(data), int(size))
     if key not in data.cache:
         idx = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(20_011))[: int(size)].tolist())
         data.cache[key] = (idx, per_sample_losses(model, data.heldout, indices=idx, device=data.device))
@@ -340,17 +347,18 @@ def prepare_share(model, data: UnlearnData, config: dict | None = None) -> float
     splits its progress with it, so the bar moves while the shadows train."""
     cfg = dict(DEFAULTS)
     cfg.update(config or {})
-    if cfg["tau"] or not cfg["shadow_recipe"] or cfg["shadow_scores"] or _shadow_key(cfg, len(data.train)) in data.cache:
+    if cfg["tau"] or not cfg["shadow_recipe"] or cfg["shadow_scores"] or _shadow_key(cfg, data) in data.cache:
         return 0.0
     shadows = shadow_training_steps(len(data.train), len(data.train.tasks), cfg["shadow_recipe"],
                                     cfg["shadow_folds"], cfg["shadow_trained_folds"])
     return shadows / (shadows + int(cfg["steps"]) + int(cfg["repair_steps"]))
 
 
-def _shadow_key(cfg: dict, n_train: int, modes: tuple[str, ...] = ("full", "partial")) -> tuple:
+def _shadow_key(cfg: dict, data: UnlearnData, modes: tuple[str, ...] = ("full", "partial")) -> tuple:
     """The cache key of :func:`shadow_scores` for the method configuration ``cfg``."""
-    k, n, extrapolate = _shadow_plan(n_train, cfg["shadow_folds"], cfg["shadow_trained_folds"], cfg["shadow_extrapolate"])
-    return _scores_key(cfg["shadow_recipe"], k, cfg["shadow_seed"], modes, n, extrapolate)
+    k, n, extrapolate = _shadow_plan(len(data.train), cfg["shadow_folds"], cfg["shadow_trained_folds"],
+                                     cfg["shadow_extrapolate"])
+    return _scores_key(cfg["shadow_recipe"], k, cfg["shadow_seed"], modes, n, extrapolate, _heldout_id(data))
 
 
 def _shadow_plan(n_train: int, folds: int, trained_folds: int | None, extrapolate: str) -> tuple[int, int, str]:
@@ -365,10 +373,11 @@ def _shadow_plan(n_train: int, folds: int, trained_folds: int | None, extrapolat
     return k, n, "task_mean" if n == k else extrapolate  # every cell measured: nothing to predict
 
 
-def _scores_key(recipe: dict, k: int, seed: int, modes, n: int, extrapolate: str) -> tuple:
+def _scores_key(recipe: dict, k: int, seed: int, modes, n: int, extrapolate: str, heldout: tuple[str, ...]) -> tuple:
     import json
 
-    return ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), k, int(seed), tuple(modes), n, extrapolate)
+    return ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), k, int(seed), tuple(modes), n, extrapolate,
+            heldout)
 
 
 def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
@@ -413,7 +422,7 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
     from ..train import TrainConfig, train_model
 
     k, n, extrapolate = _shadow_plan(len(data.train), folds, trained_folds, extrapolate)
-    key = _scores_key(recipe, k, seed, modes, n, extrapolate)
+    key = _scores_key(recipe, k, seed, modes, n, extrapolate, _heldout_id(data))
     if key in data.cache:
         return data.cache[key]
     if data.heldout is None or len(data.heldout) == 0:
