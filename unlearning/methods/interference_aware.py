@@ -731,8 +731,8 @@ def _span_basis(a: torch.Tensor) -> torch.Tensor:
     norm. Each column is judged against its own norm (``|R_ii| / ‖a_i‖``; a small but
     independent reference is a direction like any other), with a tolerance of 10 √n
     machine epsilons, above the rounding of an n-element QR."""
-    norms = a.norm(dim=0)
     q, r = torch.linalg.qr(a)
+    norms = r.norm(dim=0)  # ‖a_i‖ = ‖R e_i‖ (Q orthonormal): no second pass over the n-element columns
     tol = 10.0 * math.sqrt(max(a.shape)) * torch.finfo(a.dtype).eps
     if bool((r.diagonal().abs() > tol * norms).all()):
         return q
