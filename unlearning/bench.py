@@ -67,8 +67,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import dataset_tasks, load_splits
-from .data.synthetic import SIZE_DEFAULTS, load_synthetic
+from .data import dataset_tasks, load_reference, load_splits
 from .evaluate import EvalContext, evaluate_unlearning, membership_auc
 from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method
 from .metrics import forget_gap
@@ -277,14 +276,9 @@ def shadow_trainer(cache_dir: Path, train, spec: dict, device):
 
 
 def reference_split(spec: dict, n: int):
-    """``n`` held-out scenes of a synthetic benchmark that are not in its test split: the
-    renderer's test scenes ``n_test`` to ``n_test + n - 1`` (a scene is rendered from its
-    own seed, so the test split, the first ``n_test``, is the same with or without them);
-    only those are rendered."""
-    if spec.get("name") not in ("indoor", "street"):
-        raise ValueError(f"reference scenes are rendered: the {spec.get('name')!r} benchmark is not synthetic")
-    n_test = int(spec.get("n_test", SIZE_DEFAULTS["n_test"]))
-    return load_synthetic({**spec, "n_train": 0}, render_workers="auto", test_scenes=range(n_test, n_test + n))[1]
+    """``n`` held-out scenes of a synthetic benchmark that are not in its test split
+    (:func:`unlearning.data.load_reference`, rendered in parallel)."""
+    return load_reference(spec, n, render_workers="auto")
 
 
 _SPLITS: dict[str, tuple] = {}

@@ -126,9 +126,11 @@ def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable) -> li
         raise JobInputError(str(exc)) from None
 
 
-def check_model_matches(model, train: MultiTaskDataset, test: MultiTaskDataset | None = None) -> None:
+def check_model_matches(model, train: MultiTaskDataset, test: MultiTaskDataset | None = None,
+                        name: str = "test") -> None:
     """:class:`JobInputError` when the checkpoint's tasks, output or input channels, or the dtype of
-    its parameters, do not match the data."""
+    its parameters, do not match the data; ``name`` is what the messages call ``test`` (a
+    held-out ``reference``, say)."""
     model_tasks = list(getattr(model, "tasks", []))
     if sorted(model_tasks) != sorted(train.tasks):
         raise JobInputError(
@@ -142,24 +144,38 @@ def check_model_matches(model, train: MultiTaskDataset, test: MultiTaskDataset |
                 f"checkpoint does not match the dataset: head {t!r} has {have} output channels, dataset needs {want}"
             )
         if test is not None and t in test.tasks and get_task(t).out_channels(test.num_classes) != want:
-            raise JobInputError(f"the test set does not match the training set: {t!r} of {test.name!r} needs "
+            raise JobInputError(f"the {name} set does not match the training set: {t!r} of {test.name!r} needs "
                                 f"{get_task(t).out_channels(test.num_classes)} output channels ({test.num_classes} "
                                 f"classes), of {train.name!r} {want} ({train.num_classes} classes)")
     in_channels = getattr(model.config, "in_channels", None)
-    for name, data in (("training", train), ("test", test)):
+    for which, data in (("training", train), (name, test)):
         if data is not None and in_channels is not None and data.images.shape[1] != in_channels:
             raise JobInputError(f"checkpoint does not match the dataset: the model takes {in_channels}-channel images, "
-                                f"the {name} images of {data.name!r} have {data.images.shape[1]}")
+                                f"the {which} images of {data.name!r} have {data.images.shape[1]}")
     # a float64 (or half) model on float32 images fails inside its first convolution, mid-job
     dtypes = sorted({str(p.dtype) for p in model.parameters()})
-    for name, data in (("training", train), ("test", test)):
+    for which, data in (("training", train), (name, test)):
         if data is not None and dtypes and dtypes != [str(data.images.dtype)]:
             raise JobInputError(f"checkpoint does not match the dataset: the model's parameters are "
-                                f"{', '.join(dtypes)}, the {name} images of {data.name!r} are {data.images.dtype}")
+                                f"{', '.join(dtypes)}, the {which} images of {data.name!r} are {data.images.dtype}")
     if test is not None and list(test.tasks) != list(train.tasks):
-        raise JobInputError(f"test tasks {test.tasks} differ from training tasks {train.tasks}")
+        raise JobInputError(f"{name} tasks {test.tasks} differ from training tasks {train.tasks}")
     if test is not None and train.image_size != test.image_size:
-        raise JobInputError(f"train images {train.image_size} and test images {test.image_size} differ in size")
+        raise JobInputError(f"train images {train.image_size} and {name} images {test.image_size} differ in size")
+
+
+def check_reference(model, train: MultiTaskDataset, reference: MultiTaskDataset) -> None:
+    """:class:`JobInputError` when a method's held-out ``reference`` is empty, does not match
+    the checkpoint or the training data, or holds a training instance (held-out data it is not)."""
+    if len(reference) == 0:
+        raise JobInputError("the held-out reference is empty: interference_aware's levels come from it; "
+                            "leave it out to use the test set")
+    check_model_matches(model, train, reference, name="reference")
+    shared = sorted(set(reference.instance_ids) & set(train.instance_ids))
+    if shared:
+        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        raise JobInputError(f"the held-out reference holds training instances ({', '.join(shared[:3])}{more}): "
+                            f"held-out data is data the model was not trained on")
 
 
 def _eval_context(cache: dict, model, train, test, device) -> EvalContext:
@@ -256,6 +272,7 @@ def run_unlearning_job(
     cache: dict | None = None,
     progress: Callable[[float], None] | None = None,
     keep_data_on_device: bool = True,
+    reference: MultiTaskDataset | None = None,
 ) -> JobResult:
     """Erase ``forget_cells`` from ``model`` with ``method`` and evaluate the result.
 
@@ -287,6 +304,14 @@ def run_unlearning_job(
     still to fill at length, the shadow calibration's models say, the method's
     ``prepare`` takes the first part of that, in proportion to its optimiser steps).
 
+    ``reference``: the held-out data the method reads (interference_aware's levels τ,
+    their refreshes, its shadow calibration's scores), in place of ``test``, which stays
+    the evaluation's data and the membership attack's non-members. Without it the method
+    reads ``test`` too (the design's setup), and the audit's ``mia_auc`` then ranks the
+    forgotten cells among the data their levels came from (benchmarks/README.md, "A
+    held-out reference of its own"). :func:`unlearning.data.load_reference` renders
+    such scenes for a synthetic dataset. ``metrics["reference"]`` says which it was.
+
     On a CUDA ``device`` the training and test data are copied there once and
     kept in ``cache`` (:func:`on_device`) unless ``keep_data_on_device`` is false;
     the batches are the same either way, only where they are gathered differs. A
@@ -301,6 +326,8 @@ def run_unlearning_job(
     if test is None or len(test) == 0:
         raise JobInputError("the test set is empty: the audit's membership inference compares the forgotten cells "
                             "with held-out data, and interference_aware's levels come from it")
+    if reference is not None:
+        check_reference(model, train, reference)
     erased = set(cells)
     if all(c in erased for c in train.cells()):
         raise JobInputError(f"erasing these {len(cells)} cells leaves no training data: every cell of "
@@ -317,6 +344,8 @@ def run_unlearning_job(
     engine_cache = cache.setdefault("engine", {})
     if keep_data_on_device:
         train, test = on_device(cache, "train", train, device), on_device(cache, "test", test, device)
+        if reference is not None:
+            reference = on_device(cache, "reference", reference, device)
 
     def report(fraction: float) -> None:
         if progress is not None:
@@ -326,7 +355,7 @@ def run_unlearning_job(
         train=train,
         forget_cells=cells,
         retain=train.without(cells),
-        heldout=test,
+        heldout=test if reference is None else reference,
         device=device,
         seed=int(seed),
         cache=engine_cache,
@@ -377,6 +406,8 @@ def run_unlearning_job(
         "eval_seconds": round(eval_seconds, 4),
         "cache_seconds": round(cache_seconds, 4),
         "forget_cells": [list(c) for c in cells],
+        # the held-out data the method read: the test split (the attack's non-members too) or its own
+        "reference": {"source": "test_split" if reference is None else "own", "instances": len(data.heldout)},
     }
     calibration = log.get("calibration") if isinstance(log, dict) else None
     if calibration and calibration.get("expected_mia_auc") is not None:

@@ -43,7 +43,7 @@ from typing import Callable
 
 from model_store import ModelStore
 
-from .datasets import erased_cells, get_splits
+from .datasets import erased_cells, get_reference, get_splits, reference_scenes
 from .db import transaction
 from .settings import Settings
 from .tables import Tombstone
@@ -81,12 +81,22 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         return None
     stored = store.calibration(model_name)
     if stored is not None:
-        root = store.manifest(model_name, ROOT_VERSION).sha256
+        root_manifest = store.manifest(model_name, ROOT_VERSION)
+        root = root_manifest.sha256
         if stored.get("sha256") != root:
             raise ValueError(
                 f"{model_name}'s stored calibration was computed for v{ROOT_VERSION} with sha256 "
                 f"{stored.get('sha256')}, but v{ROOT_VERSION} in the store has sha256 {root}: its scores "
                 f"belong to other weights; remove {model_name}/calibration.json from the store to calibrate again"
+            )
+        scenes = reference_scenes(settings, root_manifest.dataset)
+        if int(stored.get("reference_scenes", 0)) != scenes:
+            # the scores rank each cell among the reference's losses: another reference, other scores
+            raise ValueError(
+                f"{model_name}'s stored calibration scored its cells against "
+                f"{_reference_words(stored.get('reference_scenes', 0))}, "
+                f"but jobs now read {_reference_words(scenes)} (UNLEARND_REFERENCE_SCENES); set it back, or remove "
+                f"{model_name}/calibration.json from the store to calibrate again"
             )
         return stored
     from model_store import PurgedVersion
@@ -108,7 +118,10 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
     # erasures made since, through this model or another one on the dataset
     excluded = {tuple(c) for c in manifest.erased_cells} | tombstoned_cells(settings, manifest.dataset)
     train = train.without(sorted(excluded))
-    data = UnlearnData(train, [train.cells()[0]], train, heldout=test, device=next(model.parameters()).device)
+    # the held-out data the scores rank each cell among: the one the lineage's jobs read
+    reference = get_reference(settings, manifest.dataset)
+    data = UnlearnData(train, [train.cells()[0]], train, heldout=test if reference is None else reference,
+                       device=next(model.parameters()).device)
     started = time.monotonic()
     trained = cfg["shadow_trained_folds"] or cfg["shadow_folds"]
     log.info("calibrating %s: %d shadow models on v%d's recipe (once per model)", model_name,
@@ -135,6 +148,7 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         "full": scores["full"],
         "partial": scores["partial"],
         "excluded_erased_cells": len(excluded),  # trained on by no shadow, scored by none
+        "reference_scenes": 0 if reference is None else len(reference),  # 0: the test split
     }
     late = tombstoned_cells(settings, manifest.dataset) - excluded
     if late:  # erased while the shadows trained: no score is stored for them either
@@ -143,6 +157,10 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         payload["excluded_erased_cells"] += len(late)
         log.info("calibrating %s: %d cell(s) erased while the shadows trained get no score", model_name, len(late))
     return store.put_calibration(model_name, payload)
+
+
+def _reference_words(n) -> str:
+    return "the test split" if not n else f"{n} held-out scenes of its own"
 
 
 def tombstoned_cells(settings: Settings, spec: dict) -> set[tuple[str, str]]:

@@ -3,17 +3,20 @@ and the cells erased so far (tombstones)."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from functools import lru_cache
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from unlearning.data import MultiTaskDataset, canonical_json, dataset_key, load_splits
+from unlearning.data import MultiTaskDataset, canonical_json, dataset_key, load_reference, load_splits
+from unlearning.data.renderer import FLAVOUR_TASKS
 
 from .settings import Settings
 from .tables import Tombstone
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 
@@ -47,6 +50,37 @@ def get_splits(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
     key = canonical_json(spec)
     with _lock:  # one load per spec even when two requests race for it
         return _load(key)
+
+
+@lru_cache(maxsize=8)
+def _load_reference(spec_json: str, n: int) -> MultiTaskDataset:
+    return load_reference(json.loads(spec_json), n)
+
+
+def reference_scenes(settings: Settings, spec: dict) -> int:
+    """How many held-out scenes of its own a job on ``spec``'s data gives the method
+    (``UNLEARND_REFERENCE_SCENES``): 0, the test split, for a dataset that is not synthetic
+    (it has no further scenes to render)."""
+    if not settings.reference_scenes:
+        return 0
+    if spec.get("name") not in FLAVOUR_TASKS:
+        log.warning("UNLEARND_REFERENCE_SCENES=%d: the %r dataset is not synthetic, so it has no scenes to render; "
+                    "jobs on it take the test split as the method's reference", settings.reference_scenes,
+                    spec.get("name"))
+        return 0
+    return int(settings.reference_scenes)
+
+
+def get_reference(settings: Settings, spec: dict) -> MultiTaskDataset | None:
+    """The method's held-out reference for a job on ``spec``'s data: ``None`` for the test
+    split (:func:`reference_scenes` is 0), else that many rendered scenes beyond the test
+    split (:func:`unlearning.data.load_reference`), loaded once per process."""
+    n = reference_scenes(settings, spec)
+    if not n:
+        return None
+    key = canonical_json(spec)
+    with _lock:
+        return _load_reference(key, n)
 
 
 def erased_cells(session: Session, spec: dict, instance_id: str | None = None) -> dict[tuple[str, str], str]:

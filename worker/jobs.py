@@ -51,7 +51,7 @@ from unlearning.data import dataset_key
 
 from .audit import append_event
 from .calibration import calibration_share, lineage_calibration, method_config
-from .datasets import erased_cells, get_splits
+from .datasets import erased_cells, get_reference, get_splits
 from .db import advisory_lock, transaction
 from .requests import (PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, _lock_model_submissions, finite_json,
                        request_metrics)
@@ -441,6 +441,7 @@ class JobData:
     test: Any
     forget_cells: list[tuple[str, str]]
     erased_before: list[tuple[str, str]]  # cells erased in the base version's lineage or tombstoned
+    reference: Any = None  # the method's held-out reference (UNLEARND_REFERENCE_SCENES); None: the test split
 
 
 def job_data(settings: Settings, spec: dict, base_manifest: Manifest, cells: list[tuple[str, str]]) -> JobData:
@@ -455,7 +456,8 @@ def job_data(settings: Settings, spec: dict, base_manifest: Manifest, cells: lis
     erased_before = sorted((tombstoned | lineage) - set(forget))
     train = train_full.without(erased_before)
     train.check_cells(forget)  # a clear error for an unknown instance or task (the API validates first)
-    return JobData(train=train, test=test, forget_cells=forget, erased_before=erased_before)
+    return JobData(train=train, test=test, forget_cells=forget, erased_before=erased_before,
+                   reference=get_reference(settings, spec))
 
 
 class _Heartbeat:
@@ -744,6 +746,7 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
             seed=settings.seed,
             cache=engine_cache(model_name, base_version),
             progress=lambda f: progress(share + (1.0 - share) * f),
+            reference=data.reference,
         )
         beat.progress(1.0)
     lineage = {tuple(c) for c in base_manifest.erased_cells} | set(data.forget_cells)

@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     # partial erasure within 0.03 of retrained models; '{"shadow_folds": 8, "shadow_trained_folds": 1}'
     # trains 1 + tasks and left it ~0.09 low: benchmarks/README.md, "A calibration of fewer shadows")
     calibrate_shadows: bool = False
+    # interference_aware's held-out reference (its levels, the calibration's scores): 0 = the test
+    # split, where the audit's membership attack takes its non-members too (the design's setup);
+    # N = N rendered held-out scenes of its own (synthetic datasets: unlearning.data.load_reference)
+    reference_scenes: int = Field(0, ge=0, le=1_000_000)
     # auto = CUDA when present; cpu; cuda or cuda:N
     device: Annotated[str, StringConstraints(pattern=DEVICE_PATTERN)] = "auto"
     # CPU threads torch may use in a job; None = torch's default. On a small shared CPU

@@ -695,3 +695,19 @@ def test_canonical_spec_is_idempotent_and_json():
         assert json.loads(json.dumps(canonical)) == canonical
     with pytest.raises(ValueError, match="a dataset spec is a dict"):
         canonical_spec("indoor")
+
+
+def test_load_reference_renders_the_scenes_after_the_test_split_and_refuses_what_it_cannot():
+    from unlearning.data import load_reference
+
+    spec = {"name": "street", "n_train": 2, "n_test": 3, "height": 8, "width": 8, "seed": 5}
+    reference, larger = load_reference(spec, 2), load_splits({**spec, "n_test": 5})[1]
+    assert reference.instance_ids == larger.instance_ids[3:] and torch.equal(reference.images, larger.images[3:])
+    assert not set(reference.instance_ids) & set(load_splits(spec)[1].instance_ids)
+    for n in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            load_reference(spec, n)
+    with pytest.raises(ValueError, match="the 'nyuv2' dataset is not synthetic"):
+        load_reference({"name": "nyuv2", "root": "/nowhere"}, 2)
+    with pytest.raises(ValueError, match="'n_test' in the 'street' dataset spec must be an integer"):
+        load_reference({**spec, "n_test": "3"}, 2)

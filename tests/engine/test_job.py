@@ -447,3 +447,45 @@ def test_the_cells_order_is_the_callers_and_a_set_is_taken_sorted(setup):
     assert from_set.metrics["forget_cells"] == [list(c) for c in sorted(cells)]
     assert all(torch.equal(a, b) for a, b in zip(from_set.model.state_dict().values(),
                                                  from_sorted.model.state_dict().values()))
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_reference_of_its_own_is_what_the_method_reads_while_the_audit_keeps_the_test_set(setup):
+    """``reference`` replaces the held-out data interference_aware reads (its levels τ), not the
+    evaluation's: the audit's membership attack still takes the test set's instances."""
+    model, train, test = setup
+    other = random_dataset(8, 2, prefix="r")
+    cells, cfg = [("i0", "depth"), ("i1", "segmentation")], {"steps": 5}
+    default = run_unlearning_job(model, train, test, cells, config=cfg, cache={})
+    as_test = run_unlearning_job(model, train, test, cells, config=cfg, cache={}, reference=test)
+    own = run_unlearning_job(model, train, test, cells, config=cfg, cache={}, reference=other)
+    assert default.metrics["reference"] == {"source": "test_split", "instances": 8}
+    assert own.metrics["reference"] == {"source": "own", "instances": 8}
+    # the test set given as the reference is the default's run, step for step
+    assert _same_weights(default.model, as_test.model)
+    # other held-out data, other levels, other steps; the attack's non-members are the same
+    assert not _same_weights(default.model, own.model)
+    assert own.metrics["mia_auc_original"] == default.metrics["mia_auc_original"]
+    # a method that reads no held-out data takes the same steps with or without one
+    plain = run_unlearning_job(model, train, test, cells, method="finetune", config={"steps": 3}, cache={})
+    given = run_unlearning_job(model, train, test, cells, method="finetune", config={"steps": 3}, cache={},
+                               reference=other)
+    assert _same_weights(plain.model, given.model) and given.metrics["reference"]["source"] == "own"
+
+
+def test_a_bad_reference_is_a_job_input_error_naming_it(setup):
+    model, train, test = setup
+    cells = [("i0", "depth")]
+    cases = [
+        (test.subset([]), "the held-out reference is empty"),
+        (random_dataset(8, 2, prefix="r", classes=5), r"the reference set does not match the training set: "
+                                                      r"'segmentation' .*\(5 classes\)"),
+        (random_dataset(8, 2, prefix="r", size=(4, 4)), r"reference images \(4, 4\)"),
+        (train.subset([3, 0, 5, 7, 9]), r"holds training instances \(i0, i3, i5 and 2 more\)"),
+    ]
+    for reference, says in cases:
+        with pytest.raises(JobInputError, match=says):
+            run_unlearning_job(model, train, test, cells, config={"steps": 1}, reference=reference)

@@ -228,3 +228,38 @@ def test_without_the_first_versions_weights_jobs_go_on_uncalibrated(tiny):
     store.purge("cal-mtl", 1)
     assert calibration_share(on, store, "cal-mtl", len(train), len(train.tasks)) == 0.0
     assert lineage_calibration(on, store, "cal-mtl") is None and store.calibration("cal-mtl") is None
+
+
+def test_a_calibration_against_held_out_scenes_of_its_own_is_kept_for_that_reference(tiny):
+    """With ``UNLEARND_REFERENCE_SCENES`` the shadows' scores rank each cell among rendered
+    scenes beyond the test split, the ones the lineage's jobs read; a calibration scored
+    against another reference is refused, naming both, and stays stored."""
+    settings, store, *_ = tiny
+    own = settings.model_copy(update={"calibrate_shadows": True, "reference_scenes": 4})
+    stored = lineage_calibration(own, store, "cal-mtl")
+    assert stored["reference_scenes"] == 4 and lineage_calibration(own, store, "cal-mtl") == stored
+    test_split = own.model_copy(update={"reference_scenes": 0})
+    with pytest.raises(ValueError, match="scored its cells against 4 held-out scenes of its own, but jobs now "
+                                         "read the test split .*remove cal-mtl/calibration.json"):
+        lineage_calibration(test_split, store, "cal-mtl")
+    assert store.calibration("cal-mtl") == stored
+    (store.root / "cal-mtl" / "calibration.json").unlink()
+    again = lineage_calibration(test_split, store, "cal-mtl")
+    assert again["reference_scenes"] == 0
+    # the same shadows (same recipe and seed), ranked among other held-out losses
+    assert again["full"] != stored["full"]
+    with pytest.raises(ValueError, match="scored its cells against the test split, but jobs now read 4 held-out"):
+        lineage_calibration(own, store, "cal-mtl")
+
+
+def test_a_dataset_without_scenes_to_render_keeps_the_test_split_as_reference(tiny, caplog):
+    from worker.datasets import get_reference, reference_scenes
+
+    settings, *_ = tiny
+    own = settings.model_copy(update={"reference_scenes": 4})
+    assert reference_scenes(settings, {"name": "indoor"}) == 0 and get_reference(settings, dataset_spec(settings)) is None
+    assert reference_scenes(own, dataset_spec(settings)) == 4
+    assert get_reference(own, dataset_spec(settings)).instance_ids == [f"indoor-test-{i:05d}" for i in range(8, 12)]
+    with caplog.at_level("WARNING", logger="worker.datasets"):
+        assert reference_scenes(own, {"name": "nyuv2", "root": "/data/nyuv2"}) == 0
+    assert "'nyuv2' dataset is not synthetic" in caplog.text and "test split" in caplog.text

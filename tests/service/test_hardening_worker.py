@@ -1302,3 +1302,17 @@ def test_a_calibration_computed_after_an_erasure_never_trains_on_or_scores_erase
     assert metrics["calibration"] == "shadow_scores"
     assert metrics["mia_auc_expected"] == pytest.approx(sum(depth) / len(depth), abs=1e-6)
     assert {(ids[0], "depth"), (ids[1], "depth")} <= {tuple(c) for c in _serving_of(s, TINY_B).erased_cells}
+
+
+def test_a_jobs_method_reads_the_held_out_reference_the_settings_give(tiny):
+    """``UNLEARND_REFERENCE_SCENES``: the version's metrics say which held-out data the method
+    read; the audit's membership attack takes the test split's instances either way."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    [first] = jobs.drain_model(s, store, TINY)
+    assert first.status == "completed" and first.metrics["reference"] == {"source": "test_split", "instances": 8}
+    own = s.model_copy(update={"reference_scenes": 4})
+    _submit(own, ids[1])
+    [second] = jobs.drain_model(own, store, TINY)
+    assert second.status == "completed" and second.metrics["reference"] == {"source": "own", "instances": 4}
+    assert _serving(s).metrics["reference"] == {"source": "own", "instances": 4}

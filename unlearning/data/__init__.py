@@ -11,7 +11,7 @@ from __future__ import annotations
 from .base import Batch, Cell, MultiTaskDataset
 
 __all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "canonical_json", "canonical_spec",
-           "dataset_key", "dataset_tasks"]
+           "dataset_key", "dataset_tasks", "load_reference"]
 
 DATASETS = ("indoor", "street", "nyuv2", "cityscapes")
 
@@ -37,6 +37,29 @@ def load_splits(spec: dict, render_workers: int | str = 1) -> tuple[MultiTaskDat
 
         return load_npy_splits(spec)
     raise KeyError(f"unknown dataset {name!r}; known datasets: {list(DATASETS)}")
+
+
+def load_reference(spec: dict, n: int, render_workers: int | str = 1) -> MultiTaskDataset:
+    """``n`` held-out scenes of a synthetic dataset that are not in its test split: the
+    renderer's test scenes ``n_test`` to ``n_test + n - 1`` (a scene is rendered from its
+    own seed, so the test split, the first ``n_test``, is the same with or without them);
+    only those are rendered. A held-out *reference* for a method (interference_aware's
+    levels) apart from the test split, where the membership attack takes its non-members.
+    Other datasets have no scenes to render: a ``ValueError`` says so."""
+    from .renderer import FLAVOUR_TASKS
+
+    name = _name(spec)
+    if name not in FLAVOUR_TASKS:
+        raise ValueError(f"reference scenes are rendered: the {name!r} dataset is not synthetic "
+                         f"(synthetic: {sorted(FLAVOUR_TASKS)})")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"the number of reference scenes must be a positive integer, got {n!r}")
+    from .synthetic import SIZE_DEFAULTS, load_synthetic
+
+    n_test = spec.get("n_test", SIZE_DEFAULTS["n_test"])
+    if not isinstance(n_test, int) or isinstance(n_test, bool):
+        raise ValueError(f"'n_test' in the {name!r} dataset spec must be an integer, got {n_test!r}")
+    return load_synthetic({**spec, "n_train": 0}, render_workers, test_scenes=range(n_test, n_test + n))[1]
 
 
 def dataset_tasks(spec: dict) -> list[str]:
