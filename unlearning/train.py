@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .cli import (CliError, Writes, check_output_dir, check_seed, cli_device, report_cli_error, report_interrupted,
                   write_dir_atomically)
+from .data import SYNTHETIC_DATASETS
 from .data.base import MultiTaskDataset
 from .losses import cell_losses, supervised_loss
 from .model import ModelConfig, MultiTaskNet, save_model
@@ -159,7 +160,7 @@ def train_model(
 
 # ----------------------------------------------------------------------------- CLI
 
-RENDERED_DATASETS = ("indoor", "street")  # the others are read from --root (see unlearning.data)
+RENDERED_DATASETS = SYNTHETIC_DATASETS  # the others are read from --root (see unlearning.data)
 # (option, dataset spec key, argparse destination)
 _RENDER_OPTIONS = (("--n-train", "n_train", "n_train"), ("--n-test", "n_test", "n_test"),
                    ("--height", "height", "height"), ("--width", "width", "width"),

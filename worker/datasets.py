@@ -10,8 +10,7 @@ from functools import lru_cache
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from unlearning.data import MultiTaskDataset, canonical_json, dataset_key, load_reference, load_splits
-from unlearning.data.renderer import FLAVOUR_TASKS
+from unlearning.data import SYNTHETIC_DATASETS, MultiTaskDataset, canonical_json, dataset_key, load_reference, load_splits
 
 from .settings import Settings
 from .tables import Tombstone
@@ -25,7 +24,7 @@ def dataset_spec(settings: Settings) -> dict:
 
     Settings have no data root yet, so only the synthetic datasets are fully described.
     """
-    if settings.dataset in ("indoor", "street"):
+    if settings.dataset in SYNTHETIC_DATASETS:
         return {
             "name": settings.dataset,
             "n_train": settings.n_train,
@@ -63,7 +62,7 @@ def reference_scenes(settings: Settings, spec: dict) -> int:
     (it has no further scenes to render)."""
     if not settings.reference_scenes:
         return 0
-    if spec.get("name") not in FLAVOUR_TASKS:
+    if spec.get("name") not in SYNTHETIC_DATASETS:
         log.warning("UNLEARND_REFERENCE_SCENES=%d: the %r dataset is not synthetic, so it has no scenes to render; "
                     "jobs on it take the test split as the method's reference", settings.reference_scenes,
                     spec.get("name"))

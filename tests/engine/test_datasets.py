@@ -711,3 +711,10 @@ def test_load_reference_renders_the_scenes_after_the_test_split_and_refuses_what
         load_reference({"name": "nyuv2", "root": "/nowhere"}, 2)
     with pytest.raises(ValueError, match="'n_test' in the 'street' dataset spec must be an integer"):
         load_reference({**spec, "n_test": "3"}, 2)
+
+
+def test_the_synthetic_datasets_are_the_renderers_flavours():
+    from unlearning.data import DATASETS, SYNTHETIC_DATASETS
+    from unlearning.data.renderer import FLAVOUR_TASKS
+
+    assert set(SYNTHETIC_DATASETS) == set(FLAVOUR_TASKS) and set(SYNTHETIC_DATASETS) < set(DATASETS)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from .base import Batch, Cell, MultiTaskDataset
 
-__all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "canonical_json", "canonical_spec",
+__all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "SYNTHETIC_DATASETS", "canonical_json", "canonical_spec",
            "dataset_key", "dataset_tasks", "load_reference"]
 
-DATASETS = ("indoor", "street", "nyuv2", "cityscapes")
+#: rendered by unlearning.data.renderer (its FLAVOUR_TASKS), any number of scenes; the others are read from files
+SYNTHETIC_DATASETS = ("indoor", "street")
+DATASETS = SYNTHETIC_DATASETS + ("nyuv2", "cityscapes")
 
 
 def _name(spec: dict):
@@ -28,7 +30,7 @@ def load_splits(spec: dict, render_workers: int | str = 1) -> tuple[MultiTaskDat
     """The ``(train, test)`` splits of ``spec``. ``render_workers`` (synthetic datasets
     only): processes that render the scenes, ``"auto"`` by their size; same tensors for any."""
     name = _name(spec)
-    if name in ("indoor", "street"):
+    if name in SYNTHETIC_DATASETS:
         from .synthetic import load_synthetic
 
         return load_synthetic(spec, render_workers)
@@ -46,12 +48,10 @@ def load_reference(spec: dict, n: int, render_workers: int | str = 1) -> MultiTa
     only those are rendered. A held-out *reference* for a method (interference_aware's
     levels) apart from the test split, where the membership attack takes its non-members.
     Other datasets have no scenes to render: a ``ValueError`` says so."""
-    from .renderer import FLAVOUR_TASKS
-
     name = _name(spec)
-    if name not in FLAVOUR_TASKS:
+    if name not in SYNTHETIC_DATASETS:
         raise ValueError(f"reference scenes are rendered: the {name!r} dataset is not synthetic "
-                         f"(synthetic: {sorted(FLAVOUR_TASKS)})")
+                         f"(synthetic: {list(SYNTHETIC_DATASETS)})")
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"the number of reference scenes must be a positive integer, got {n!r}")
     from .synthetic import SIZE_DEFAULTS, load_synthetic
@@ -66,7 +66,7 @@ def dataset_tasks(spec: dict) -> list[str]:
     """The tasks of the dataset ``spec`` names, without loading it (what ``load_splits(spec)``'s
     splits will have)."""
     name = _name(spec)
-    if name in ("indoor", "street"):
+    if name in SYNTHETIC_DATASETS:
         from .renderer import FLAVOUR_TASKS
 
         return list(FLAVOUR_TASKS[name])
@@ -99,7 +99,7 @@ def canonical_spec(spec: dict) -> dict:
 
     name = _name(spec)
     out = dict(spec)
-    if name in ("indoor", "street"):
+    if name in SYNTHETIC_DATASETS:
         from dataclasses import asdict
 
         from .renderer import NoiseOptions
