@@ -36,7 +36,7 @@ from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, 
                   report_cli_error, report_interrupted, short_repr, write_dir_atomically)
 
 METRIC_KEYS = ("mode", "forget_tasks", "uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original",
-               "mia_auc_expected", "seconds", "unlearn_seconds", "eval_seconds")
+               "mia_auc_expected", "seconds", "unlearn_seconds", "eval_seconds", "reference")
 
 
 class UnlearnCliError(CliError):
@@ -166,19 +166,22 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
                        instances: list[str] | None = None, only_tasks: list[str] | None = None,
                        method: str = "interference_aware", config: dict | None = None, seed: int = 0,
                        device: str = "auto", calibrate: bool = False, progress: bool = True,
-                       writes: Writes | None = None) -> dict:
+                       writes: Writes | None = None, reference_scenes: int = 0) -> dict:
     """Erase cells from the checkpoint ``source`` into the new checkpoint ``out``; returns
     the summary the CLI prints (``checkpoint``, ``erased`` and the job's ``metrics``).
 
     Cells are ``cells`` plus every instance of ``instances`` with each task of
     ``only_tasks`` (all tasks when None). ``calibrate``: interference_aware's τ from
     shadow models trained with the checkpoint's recipe (its ``train`` entry).
-    ``retrain`` repeats the checkpoint's recipe. :class:`UnlearnCliError` or
+    ``retrain`` repeats the checkpoint's recipe. ``reference_scenes`` > 0 gives the method
+    that many rendered held-out scenes beyond the test split
+    (:func:`unlearning.data.load_reference`, synthetic datasets) in place of the test split,
+    which stays the audit's data. :class:`UnlearnCliError` or
     :class:`unlearning.job.JobInputError` (both ValueErrors; the shared checks raise
     ``UnlearnCliError``'s base :class:`~unlearning.cli.CliError`) before any work for a
     request that cannot run, the output location included. ``writes`` records how far the
     write of ``out`` got (for the message of a Ctrl-C)."""
-    from .data import load_splits
+    from .data import load_reference, load_splits
     from .job import JobInputError, check_config, check_model_matches, run_unlearning_job, validate_forget_cells
     from .methods import METHOD_NAMES
     from .model import model_config_from, model_from_safetensors, save_model
@@ -193,6 +196,8 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     # before the job: what the write would refuse (a link, `.`, a parent that cannot be made) fails now
     if check_output_dir(out):
         raise UnlearnCliError(f"{out} already exists and is not an empty directory")
+    if not isinstance(reference_scenes, int) or isinstance(reference_scenes, bool) or reference_scenes < 0:
+        raise UnlearnCliError(f"--reference-scenes must be 0 or more, got {reference_scenes!r}")
     config = dict(config or {})
     if calibrate:
         if method != "interference_aware":
@@ -207,6 +212,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     dev = cli_device(device)  # CliError: not a device, or no CUDA
     try:
         train, test = load_splits(manifest["dataset"])
+        reference = load_reference(manifest["dataset"], reference_scenes) if reference_scenes else None
     except (KeyError, OSError, ValueError) as exc:  # unknown dataset or bad spec; no data files
         raise UnlearnCliError(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)) from None
     erased = [tuple(c) for c in manifest.get("erased", [])]
@@ -232,7 +238,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
 
     try:
         result = run_unlearning_job(model, retained, test, requested, method=method, config=config,
-                                    device=dev, seed=seed, progress=report)
+                                    device=dev, seed=seed, progress=report, reference=reference)
     finally:
         bar.close()
 
@@ -245,6 +251,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
         "method": method,
         "config": config,
         "seed": seed,
+        **({"reference_scenes": reference_scenes} if reference_scenes else {}),
         "metrics": metrics,
     })
     extra = {k: v for k, v in manifest.items() if k not in ("model", "erased", "lineage")}
@@ -277,6 +284,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.unlear
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the method's sampling (the evaluation's retained sample is the model version's: "
                         "drawn with seed 0 for every job, so the original model's numbers on it are computed once)")
+    p.add_argument("--reference-scenes", type=int, default=0, metavar="N",
+                   help="interference_aware reads N rendered held-out scenes beyond the test split (synthetic "
+                        "datasets) instead of the test split, which stays the audit's non-members (default 0: "
+                        "the test split for both)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:n]")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -290,7 +301,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.unlear
                                      instances=args.instance,
                                      only_tasks=args.tasks, method=args.method, config=method_config(args.config),
                                      seed=args.seed, device=args.device, calibrate=args.calibrate,
-                                     progress=not args.no_progress, writes=writes)
+                                     progress=not args.no_progress, writes=writes,
+                                     reference_scenes=args.reference_scenes)
         print(json.dumps(summary, indent=2))
     except (CliError, JobInputError) as exc:  # UnlearnCliError is a CliError
         return report_cli_error(exc)

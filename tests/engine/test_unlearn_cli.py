@@ -101,6 +101,21 @@ def test_an_instance_erased_from_some_tasks_is_erased_from_the_rest(checkpoint, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v2", "v3"]
 
 
+def test_reference_scenes_are_what_the_method_reads_and_the_lineage_records(checkpoint, tmp_path, capsys):
+    own, plain = tmp_path / "own", tmp_path / "plain"
+    args = ["--checkpoint", str(checkpoint), "--instance", "indoor-00002", "--config", FAST]
+    rc, summary, _ = run(args + ["--out", str(own), "--reference-scenes", "6"], capsys)
+    assert rc == 0 and summary["metrics"]["reference"] == {"source": "own", "instances": 6}
+    entry = json.loads((own / "config.json").read_text())["lineage"][0]
+    assert entry["reference_scenes"] == 6 and entry["metrics"]["reference"]["source"] == "own"
+    rc, summary_plain, _ = run(args + ["--out", str(plain)], capsys)
+    assert rc == 0 and summary_plain["metrics"]["reference"] == {"source": "test_split", "instances": 8}
+    assert "reference_scenes" not in json.loads((plain / "config.json").read_text())["lineage"][0]
+    # the audit's attack keeps the test split: the original model's AUC is the same
+    assert summary["metrics"]["mia_auc_original"] == summary_plain["metrics"]["mia_auc_original"]
+    assert sha(own / "model.safetensors") != sha(plain / "model.safetensors")
+
+
 def test_unlearnd_unlearn_delegates_with_every_argument(checkpoint, tmp_path, capsys):
     out, config = tmp_path / "v2", tmp_path / "finetune.json"
     config.write_text('{"steps": 3}')  # --config also takes a file
@@ -127,6 +142,7 @@ def test_unlearnd_unlearn_delegates_with_every_argument(checkpoint, tmp_path, ca
     (["--instance", "indoor-00001", "--config", '{"shadow_scores": {"partial": {"indoor-00001": {"depth": 5}}}}'],
      "'shadow_scores' ['partial']['indoor-00001']['depth'] must be a score in [0, 1], got 5"),
     (["--instance", "indoor-00001", "--config", f'{{"shadow_seed": {2**64}}}'], "'shadow_seed' must be >= "),
+    (["--instance", "indoor-00001", "--reference-scenes", "-2"], "--reference-scenes must be 0 or more, got -2"),
 ])
 def test_bad_requests_exit_2_naming_the_problem_and_write_nothing(checkpoint, tmp_path, capsys, args, message):
     rc, _, err = run(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")] + args, capsys)
