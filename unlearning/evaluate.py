@@ -219,6 +219,12 @@ def _nan_to_none(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+def _measured_cells(supervised: torch.Tensor, targets: torch.Tensor, task: str) -> int:
+    """How many of the cells ``supervised`` marks the metrics read: those with a labelled
+    pixel (:func:`unlearning.losses.measured`); a group's ``n``."""
+    return int((supervised.bool() & get_task(task).labelled(targets)).sum())
+
+
 def evaluate_unlearning(
     original,
     unlearned,
@@ -285,8 +291,9 @@ def evaluate_unlearning(
             for task, m in task_metrics(model, kept, device=device, batch_size=batch_size).items():
                 metrics[name][("task", task, "forgotten")] = m
         for k, t in enumerate(train.tasks):
-            if keep[:, k].any():
-                sizes[("task", t, "forgotten")] = int(keep[:, k].sum())
+            n = _measured_cells(keep[:, k], train.targets[t], t)
+            if n:
+                sizes[("task", t, "forgotten")] = n
 
     # Instance-level: retained training sample and test set, every task.
     sample = context.sample_ids(forget_instances)
@@ -303,7 +310,7 @@ def evaluate_unlearning(
             for task, m in per_task.items():
                 metrics[name][("inst", task, set_name)] = m
         for k, t in enumerate(data.tasks):
-            n = int(data.available[:, k].sum())
+            n = _measured_cells(data.available[:, k], data.targets[t], t)
             if n:
                 sizes[("inst", t, set_name)] = n
 

@@ -35,7 +35,12 @@ def measured(batch: Batch, task: str) -> torch.Tensor:
 
 
 def supervised_or_nan(loss: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``loss`` where the cell is supervised, NaN where it is not (erased or absent)."""
+    """Per-sample ``loss`` where the cell is supervised, NaN where it is not (erased or absent).
+
+    NaN means "nothing to measure" and nothing else: a supervised cell whose loss is NaN (a
+    model whose predictions went non-finite) gets +inf, the worst loss, so the membership
+    attack and the forget losses count it instead of dropping it as unlabelled."""
+    loss = torch.where(torch.isnan(loss), torch.full_like(loss, float("inf")), loss)
     return torch.where(has, loss, torch.full_like(loss, float("nan")))
 
 

@@ -295,3 +295,34 @@ def test_a_cell_without_a_labelled_pixel_is_not_measured(trained):
     alone = evaluate_unlearning(model, model, blank, [("i5", "depth")], test)
     assert ev["forget_loss"]["unlearned"]["depth"] == pytest.approx(alone["forget_loss"]["unlearned"]["depth"], rel=1e-6)
     assert math.isfinite(ev["forget_loss"]["unlearned"]["depth"])
+
+
+def test_a_groups_n_counts_the_cells_its_metrics_read(trained):
+    """``n`` of a group is the cells with a labelled pixel, which its metrics read; it counted
+    the supervised ones, blank cells included."""
+    train, test, _, model = trained
+    blank = copy.deepcopy(test)
+    blank.targets["depth"][:5].zero_()  # 5 of 12 test cells without a valid depth pixel
+    report = evaluate_unlearning(model, model, train, [("i1", "segmentation")], blank, retained_sample_size=4)
+    n = {(g["level"], g["task"], g["set"]): g["n"] for g in report["groups"]}
+    assert n[("inst", "depth", "test")] == 7 and n[("inst", "normal", "test")] == 12
+
+
+def test_a_head_whose_predictions_are_not_finite_is_not_scored_as_an_unlabelled_one(trained):
+    """NaN marks a cell with nothing to measure; a NaN loss of a measured cell (a diverged
+    head) is +inf, the worst loss, and a segmentation head with NaN logits has NaN metrics
+    (argmax still picked a class), so UIS says the model is broken instead of dropping the
+    cells or scoring a poor head."""
+    train, test, _, model = trained
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.heads["segmentation"].out.bias.fill_(float("nan"))
+    losses = per_sample_losses(broken, train)
+    assert torch.isinf(losses["segmentation"]).all() and torch.isfinite(losses["depth"]).all()
+    assert all(math.isnan(v) for v in task_metrics(broken, test)["segmentation"].values())
+    report = evaluate_unlearning(model, broken, train, [("i1", "segmentation"), ("i1", "depth")], test,
+                                 retained_sample_size=4)
+    assert math.isnan(report["uis"]) and report["forget_loss"]["unlearned"]["segmentation"] == math.inf
+    # the attack counts both cells, as for the original model: the broken cell ties every non-member
+    assert report["mia_auc"] == pytest.approx((0.5 + mia_auc({"depth": per_sample_losses(broken, train.select(["i1"]))["depth"]},
+                                                             {"depth": per_sample_losses(broken, test)["depth"]})) / 2)

@@ -35,12 +35,16 @@ class Segmentation(Task):
         return loss, valid
 
     def metric_state(self):
-        return {"confusion": None}
+        # nonfinite: a logit that is NaN or infinite was seen; argmax would still pick a class
+        # (NaN's), so the confusion matrix alone would score a diverged head as a poor one
+        return {"confusion": None, "nonfinite": False}
 
     def update_metrics(self, state, pred, target):
         num_classes = pred.shape[1]
         if state["confusion"] is None:
             state["confusion"] = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        if not bool(torch.isfinite(pred).all()):
+            state["nonfinite"] = True
         label = pred.argmax(1)
         valid = self.valid(target)
         idx = target[valid].long().cpu() * num_classes + label[valid].long().cpu()
@@ -49,6 +53,8 @@ class Segmentation(Task):
     def finalize_metrics(self, state):
         if state["confusion"] is None:  # no batch seen: zeros, as depth and normals do
             return {"miou": 0.0, "pixel_acc": 0.0}
+        if state.get("nonfinite"):  # as depth's and normals' metrics of such predictions are
+            return {"miou": float("nan"), "pixel_acc": float("nan")}
         conf = state["confusion"].double()
         tp = conf.diag()
         total = conf.sum()
