@@ -134,6 +134,17 @@ def require_read_or_admin(request: Request,
     return check(request, credentials)
 
 
+#: the dependencies that check a caller's key (:class:`app.guards.StrictJSONRoute` runs a route's
+#: first, before it answers a body that is not JSON)
+KEY_CHECKS = (require_deletions, require_read, require_admin, require_read_or_admin)
+
+
+async def check_key(check, request: Request) -> None:
+    """Run the key check ``check`` (one of :data:`KEY_CHECKS`) on ``request`` outside
+    FastAPI's dependency resolution: raises its 401 or 403."""
+    check(request, await _bearer(request))
+
+
 DeletionsCaller = Annotated[str | None, Depends(require_deletions)]
 AdminCaller = Annotated[str | None, Depends(require_admin)]
 

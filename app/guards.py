@@ -93,14 +93,53 @@ class StrictJSONRequest(Request):
         return self._json
 
 
+def _key_check(dependant) -> typing.Callable | None:
+    """The first key check (:data:`app.auth.KEY_CHECKS`) among a route's dependencies."""
+    from .auth import KEY_CHECKS
+
+    for dep in dependant.dependencies:
+        if dep.call in KEY_CHECKS:
+            return dep.call
+        found = _key_check(dep)
+        if found is not None:
+            return found
+    return None
+
+
+async def _unreadable_json(request: StrictJSONRequest) -> bool:
+    """Whether a JSON body of ``request`` is there and cannot be read (FastAPI answers it
+    with a 400 before any dependency runs); the body read stays cached on ``request``."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        return False
+    if not await request.body():
+        return False
+    try:
+        await request.json()
+    except Exception:  # not JSON, a name twice, not UTF-8, nested too deep, an integer too long
+        return True
+    return False
+
+
 class StrictJSONRoute(APIRoute):
-    """The route class of every router: its handler reads the body as :class:`StrictJSONRequest`."""
+    """The route class of every router: its handler reads the body as :class:`StrictJSONRequest`.
+
+    FastAPI parses a JSON body before it resolves the route's dependencies, so a body that
+    is not JSON was a 400 for a caller without a key (or without the route's scope) while
+    any other mistake of theirs is a 401 or 403 first: the route's key check runs before
+    such a body is answered."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
+        check = _key_check(self.dependant)
 
         async def strict(request: Request):
-            return await handler(StrictJSONRequest(request.scope, request.receive))
+            request = StrictJSONRequest(request.scope, request.receive)
+            if check is not None and request.app.state.settings.api_keys and await _unreadable_json(request):
+                from .auth import check_key
+
+                await check_key(check, request)  # a 401 or 403; the caller may: the handler's 400
+            return await handler(request)
 
         return strict
 

@@ -119,6 +119,27 @@ def test_the_key_is_checked_before_the_query_string_on_every_router(keyed, setti
     assert "x" in problem["detail"]
 
 
+def test_the_key_is_checked_before_a_body_that_is_not_json(keyed, settings, model):
+    # FastAPI parses a JSON body before the route's dependencies run: a body that is not
+    # JSON (or names a field twice, or is not UTF-8, or nests too deep) was a 400 for a
+    # caller without a key or without the route's scope
+    json_type = {"Content-Type": "application/json"}
+    bodies = [b"{not json", b'{"version": 1, "version": 2}', b"\xff\xfe", b"[" * 5000, b"1" * 5000]
+    routes = [("/deletions", "auditor"), (f"/models/{model.name}/rollback", "auditor"),
+              (f"/models/{model.name}/purge", "portal")]
+    before = counts(settings)
+    for path, outsider in routes:
+        for body in bodies:
+            assert_problem(keyed.post(path, content=body, headers=json_type), 401, "unauthorized")
+            assert_problem(keyed.post(path, content=body, headers={**json_type, **_bearer(outsider)}), 403, "forbidden")
+    # a caller who may: the body's 400, as before
+    for path, allowed in (("/deletions", "portal"), (f"/models/{model.name}/rollback", "ops")):
+        for body in bodies:
+            assert_problem(keyed.post(path, content=body, headers={**json_type, **_bearer(allowed)}), 400,
+                           "malformed-json")
+    assert counts(settings) == before
+
+
 def test_the_key_that_acted_is_the_audit_events_actor(keyed, settings, model):
     r = keyed.post("/deletions", json={"instance_id": model.train_ids[1], "tasks": "all"}, headers=_bearer("portal"))
     assert r.status_code == 202, r.text
