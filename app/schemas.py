@@ -68,15 +68,23 @@ _NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
 UTCDateTime = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(_as_utc_in_range)]
 
 
-def _digits(value: Any) -> Any:
-    # pydantic's lax int reads "1.0", "+1", "01" and "1_0" (as 10) too
-    if isinstance(value, str) and not (value.isascii() and value.isdigit() and value[:1] != "0"):
-        raise ValueError("must be a version number: decimal digits, no sign, no leading zero")
-    return value
+def _digits(what: str):
+    """A validator of a number given as text: plain decimal digits, nothing else."""
+
+    def check(value: Any) -> Any:
+        # pydantic's lax int reads "1.0", "+1", "01" and "1_0" (as 10) too
+        if isinstance(value, str) and not (value.isascii() and value.isdigit() and value[:1] != "0"):
+            raise ValueError(f"must be {what}: decimal digits, no sign, no leading zero")
+        return value
+
+    return check
 
 
 #: a version number in a path: plain decimal digits
-VersionNumber = Annotated[int, BeforeValidator(_digits)]
+VersionNumber = Annotated[int, BeforeValidator(_digits("a version number"))]
+#: a positive whole number in a query (a page's size, an audit event's seq): plain decimal
+#: digits, so ?seq=1_2 is not read as the anchor 12 nor ?limit=1_0 as 10
+QueryNumber = Annotated[int, BeforeValidator(_digits("a whole number"))]
 #: version numbers are stored in 32-bit integer columns; a larger number names no version
 MAX_VERSION = 2**31 - 1
 RequestStatus = Literal["queued", "running", "completed", "failed", "rejected"]

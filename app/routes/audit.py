@@ -14,7 +14,7 @@ from worker.settings import SHA256_PATTERN
 
 from ..deps import ReadSessionDep
 from ..guards import StrictJSONRoute
-from ..schemas import AuditEventOut, AuditPage, ChainReport, Text, UTCDateTime
+from ..schemas import AuditEventOut, AuditPage, ChainReport, QueryNumber, Text, UTCDateTime
 
 router = APIRouter(prefix="/audit", tags=["audit"], route_class=StrictJSONRoute)
 
@@ -28,7 +28,7 @@ def read_events(
     model: Text | None = None,
     since: Annotated[UTCDateTime | None, Query(description="at or after (naive = UTC)")] = None,
     until: Annotated[UTCDateTime | None, Query(description="before (naive = UTC)")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    limit: Annotated[QueryNumber, Query(ge=1, le=500)] = 100,
     cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> AuditPage:
     """Audit events in chain order (``seq`` ascending), filtered; pages follow ``next_cursor``."""
@@ -59,7 +59,7 @@ _verifying = threading.Lock()
             responses={429: {"description": "a verification is already running in this process"}})
 def verify(
     session: ReadSessionDep,
-    seq: Annotated[int | None, Query(ge=1, le=2**62, description="an anchor kept outside: an event's seq ...")] = None,
+    seq: Annotated[QueryNumber | None, Query(ge=1, le=2**62, description="an anchor kept outside: an event's seq ...")] = None,
     hash: Annotated[str | None, Query(pattern=SHA256_PATTERN, description="... and the hash it had")] = None,
     after_anchor: Annotated[bool, Query(description="recompute only the events after the anchor: a monitor reads "
                                                     "the new events; changes at or before the anchor that kept the "

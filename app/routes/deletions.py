@@ -18,6 +18,7 @@ from ..schemas import (
     DeletionCreate,
     DeletionOut,
     DeletionPage,
+    QueryNumber,
     RequestStatus,
     Text,
     text,
@@ -73,7 +74,7 @@ def list_deletions(
     model: Text | None = None,
     since: Annotated[UTCDateTime | None, Query(description="created at or after (naive = UTC)")] = None,
     until: Annotated[UTCDateTime | None, Query(description="created before (naive = UTC)")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[QueryNumber, Query(ge=1, le=500)] = 50,
     cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> DeletionPage:
     """Deletion requests, newest first, filtered; pages follow ``next_cursor``. A key with

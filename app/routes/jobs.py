@@ -10,7 +10,7 @@ from worker.versions import get_job
 
 from ..deps import ReadSessionDep
 from ..guards import StrictJSONRoute
-from ..schemas import JobKind, JobOut, JobPage, JobStatus, Text, UTCDateTime, job_out, job_summary
+from ..schemas import JobKind, JobOut, JobPage, JobStatus, QueryNumber, Text, UTCDateTime, job_out, job_summary
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
@@ -23,7 +23,7 @@ def read_jobs(
     model: Text | None = None,
     since: Annotated[UTCDateTime | None, Query(description="created at or after (naive = UTC)")] = None,
     until: Annotated[UTCDateTime | None, Query(description="created before (naive = UTC)")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    limit: Annotated[QueryNumber, Query(ge=1, le=500)] = 50,
     cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JobPage:
     """Jobs, newest first, filtered (``?status=failed`` for what needs an operator); pages

@@ -458,6 +458,17 @@ def test_a_version_in_a_path_is_plain_digits(backend, version):
     assert client.get(f"/models/{model.name}/versions/1").status_code == 200
 
 
+@pytest.mark.parametrize("value", ["1.0", "+1", "01", "1_0", "1e0", " 1"])
+def test_a_number_in_a_query_is_plain_digits(backend, value):
+    # pydantic's lax int read ?limit=1_0 as 10 and ?seq=1_2 as the audit anchor 12
+    _, _, client = backend
+    for url, name in (("/deletions", "limit"), ("/jobs", "limit"), ("/audit/events", "limit"), ("/audit/verify", "seq")):
+        problem = assert_problem(client.get(url, params={name: value}), 422, "validation-error")
+        assert problem["errors"][0]["loc"] == ["query", name]
+        assert problem["errors"][0]["msg"] == "must be a whole number: decimal digits, no sign, no leading zero"
+    assert client.get("/deletions", params={"limit": "10"}).status_code == 200
+
+
 @pytest.mark.parametrize("value", ["-1", "1700000000", "1.7e9"])
 def test_a_time_filter_is_not_read_as_unix_time(backend, value):
     _, _, client = backend
