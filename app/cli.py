@@ -98,6 +98,20 @@ def _method_settings_ok(settings) -> bool:
     return not problems
 
 
+def _calibration_ok(settings) -> bool:
+    """Print what is wrong with the served model's stored calibration under these settings
+    (every calibrated deletion job of the model would fail on it)."""
+    from model_store import store_for
+    from worker.calibration import calibration_settings_problems
+
+    if not Path(settings.store_dir).is_dir():
+        return True  # a first start: nothing stored yet
+    problems = calibration_settings_problems(settings, store_for(settings.store_dir))
+    for problem in problems:
+        print(f"unlearnd: {problem}", file=sys.stderr)
+    return not problems
+
+
 def cmd_serve(args) -> int:
     """Migrate the database, make sure the model has a first version, serve the API."""
     import uvicorn
@@ -132,7 +146,7 @@ def cmd_serve(args) -> int:
               "(requests would be accepted and stay queued). Set a broker for `unlearnd worker`, or leave "
               "UNLEARND_BACKGROUND on to run them in this process.", file=sys.stderr)
         return 2
-    if not _store_dir_ok(settings):
+    if not _store_dir_ok(settings) or not _calibration_ok(settings):
         return 2
     upgrade_database(settings.database_url)
     try:
@@ -166,6 +180,8 @@ def cmd_worker(args) -> int:
     if not settings.broker_url:
         print("unlearnd worker needs a broker: set UNLEARND_BROKER_URL (e.g. redis://127.0.0.1:6379/0).\n"
               "Without one, `unlearnd serve` runs jobs in-process.", file=sys.stderr)
+        return 2
+    if not _calibration_ok(settings):
         return 2
     from worker.celery_app import app
 

@@ -81,23 +81,9 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         return None
     stored = store.calibration(model_name)
     if stored is not None:
-        root_manifest = store.manifest(model_name, ROOT_VERSION)
-        root = root_manifest.sha256
-        if stored.get("sha256") != root:
-            raise ValueError(
-                f"{model_name}'s stored calibration was computed for v{ROOT_VERSION} with sha256 "
-                f"{stored.get('sha256')}, but v{ROOT_VERSION} in the store has sha256 {root}: its scores "
-                f"belong to other weights; remove {model_name}/calibration.json from the store to calibrate again"
-            )
-        scenes = reference_scenes(settings, root_manifest.dataset)
-        if int(stored.get("reference_scenes", 0)) != scenes:
-            # the scores rank each cell among the reference's losses: another reference, other scores
-            raise ValueError(
-                f"{model_name}'s stored calibration scored its cells against "
-                f"{_reference_words(stored.get('reference_scenes', 0))}, "
-                f"but jobs now read {_reference_words(scenes)} (UNLEARND_REFERENCE_SCENES); set it back, or remove "
-                f"{model_name}/calibration.json from the store to calibrate again"
-            )
+        problem = stored_calibration_problem(settings, store, model_name, stored)
+        if problem:
+            raise ValueError(problem)
         return stored
     from model_store import PurgedVersion
     from unlearning.methods import UnlearnData
@@ -157,6 +143,47 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         payload["excluded_erased_cells"] += len(late)
         log.info("calibrating %s: %d cell(s) erased while the shadows trained get no score", model_name, len(late))
     return store.put_calibration(model_name, payload)
+
+
+def stored_calibration_problem(settings: Settings, store: ModelStore, model_name: str,
+                               stored: dict | None = None) -> str | None:
+    """Why the jobs of ``model_name`` cannot use its stored calibration (None when they can, or
+    none is stored): scores of other weights than the store's first version, or scored
+    against another held-out reference than the settings give the jobs. Every calibrated job
+    of the model fails on it (:func:`lineage_calibration`); ``unlearnd serve`` and ``unlearnd
+    worker`` refuse to start on it (:func:`calibration_settings_problems`)."""
+    stored = store.calibration(model_name) if stored is None else stored
+    if stored is None:
+        return None
+    root_manifest = store.manifest(model_name, ROOT_VERSION)
+    root = root_manifest.sha256
+    if stored.get("sha256") != root:
+        return (f"{model_name}'s stored calibration was computed for v{ROOT_VERSION} with sha256 "
+                f"{stored.get('sha256')}, but v{ROOT_VERSION} in the store has sha256 {root}: its scores "
+                f"belong to other weights; remove {model_name}/calibration.json from the store to calibrate again")
+    scenes = reference_scenes(settings, root_manifest.dataset)
+    if int(stored.get("reference_scenes", 0)) != scenes:
+        # the scores rank each cell among the reference's losses: another reference, other scores
+        return (f"{model_name}'s stored calibration scored its cells against "
+                f"{_reference_words(stored.get('reference_scenes', 0))}, but jobs now read "
+                f"{_reference_words(scenes)} (UNLEARND_REFERENCE_SCENES); set it back, or remove "
+                f"{model_name}/calibration.json from the store to calibrate again")
+    return None
+
+
+def calibration_settings_problems(settings: Settings, store: ModelStore) -> list[str]:
+    """What is wrong with the served model's stored calibration under these settings (empty
+    when nothing is, when calibration is off or the method takes none): checked when the
+    service or a worker starts, since every deletion job of the model would fail on it."""
+    if not settings.calibrate_shadows or settings.method != "interference_aware":
+        return []
+    from model_store import StoreError
+
+    try:
+        problem = stored_calibration_problem(settings, store, settings.model_name)
+    except (StoreError, OSError, ValueError):  # no first version yet (a first start), or unreadable: the jobs say
+        return []
+    return [problem] if problem else []
 
 
 def _reference_words(n) -> str:

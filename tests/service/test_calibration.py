@@ -263,3 +263,51 @@ def test_a_dataset_without_scenes_to_render_keeps_the_test_split_as_reference(ti
     with caplog.at_level("WARNING", logger="worker.datasets"):
         assert reference_scenes(own, {"name": "nyuv2", "root": "/data/nyuv2"}) == 0
     assert "'nyuv2' dataset is not synthetic" in caplog.text and "test split" in caplog.text
+
+
+def test_the_service_does_not_start_when_the_stored_calibration_is_for_another_reference(
+        tiny, monkeypatch, capsys, tmp_path):
+    """A stored calibration that every calibrated deletion job of the served model would refuse
+    (scored against another held-out reference than UNLEARND_REFERENCE_SCENES gives): `serve`
+    and `worker` say so at start, not in a failed deletion."""
+    import uvicorn
+
+    import app.cli
+    import worker.migrate
+    from app.cli import main
+    from worker.settings import get_settings
+
+    settings, store, *_ = tiny
+    lineage_calibration(settings.model_copy(update={"calibrate_shadows": True, "reference_scenes": 4}),
+                        store, "cal-mtl")
+
+    class Started(Exception):
+        pass
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(worker.migrate, "upgrade_database", started)
+    monkeypatch.setattr(app.cli, "run_celery", started)
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'never.db'}", "BROKER_URL": "redis://127.0.0.1:6379/15",
+           "STORE_DIR": str(settings.store_dir), "MODEL_NAME": "cal-mtl", "CALIBRATE_SHADOWS": "true",
+           "METHOD_CONFIG": '{"steps": 3, "shadow_folds": 2}'}
+    for key, value in env.items():
+        monkeypatch.setenv(f"UNLEARND_{key}", value)
+    try:
+        for scenes in ("0", "8"):
+            monkeypatch.setenv("UNLEARND_REFERENCE_SCENES", scenes)
+            for command in ("serve", "worker"):
+                get_settings.cache_clear()
+                assert main([command]) == 2
+                err = capsys.readouterr().err
+                assert "stored calibration scored its cells against 4 held-out scenes of its own" in err, err
+        # the reference it was scored against: the commands go on
+        monkeypatch.setenv("UNLEARND_REFERENCE_SCENES", "4")
+        for command in ("serve", "worker"):
+            get_settings.cache_clear()
+            with pytest.raises(Started):
+                main([command])
+    finally:
+        get_settings.cache_clear()
