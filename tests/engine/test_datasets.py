@@ -405,6 +405,11 @@ def refused(tmp_path, relative: str, array: np.ndarray, message: str) -> None:
     ("depth", np.full((H, W), 2 + 0j, np.complex64), "complex64"),
     ("depth", np.ones((H, W), bool), "bool"),
     ("normal", np.full((H, W, 3), "x"), "<U1"),
+    # numpy counts timedelta64 among the integers: a label failed with a TypeError naming no file,
+    # a depth map was read as plain numbers
+    ("label", np.full((H, W), 3, "m8[s]"), "timedelta64"),
+    ("depth", np.full((H, W), 3, "m8[s]"), "timedelta64"),
+    ("normal", np.full((H, W, 3), 1, "m8[s]"), "timedelta64"),
 ])
 def test_non_numeric_targets_are_refused_naming_file_and_dtype(tmp_path, folder, array, dtype):
     refused(tmp_path, f"train/{folder}/1.npy", array, rf": .* integer or float array, this one is {dtype}")
@@ -718,3 +723,28 @@ def test_the_synthetic_datasets_are_the_renderers_flavours():
     from unlearning.data.renderer import FLAVOUR_TASKS
 
     assert set(SYNTHETIC_DATASETS) == set(FLAVOUR_TASKS) and set(SYNTHETIC_DATASETS) < set(DATASETS)
+
+
+def test_a_sample_file_that_is_not_a_regular_file_is_refused_naming_it(tmp_path):
+    """A FIFO named like a sample (or a link to one) blocked the loader, and the worker with it."""
+    import os
+
+    write_pair(tmp_path)
+    fifo = tmp_path / "train" / "depth" / "1.npy"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=re.escape(f"cannot read {fifo}: it is not a regular file")):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    fifo.unlink()
+    fifo.symlink_to(tmp_path / "nowhere.npy")
+    with pytest.raises(ValueError, match=re.escape(f"cannot read {fifo}: ")):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+
+
+def test_sample_numbers_are_ascii_digits_and_nothing_after_them(tmp_path):
+    """'٢.npy' (an Arabic-Indic two) and '1.npy\\n' were taken as samples 2 and 1."""
+    write_pair(tmp_path)
+    np.save(tmp_path / "train" / "label" / "\u0662.npy", np.zeros((H, W), np.float32))
+    (tmp_path / "train" / "depth" / "1.npy\n").write_bytes((tmp_path / "train" / "depth" / "1.npy").read_bytes())
+    train, _ = load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    assert len(train) == 3

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ NUM_CLASSES = {"nyuv2": 13, "cityscapes": 7}
 FOLDERS = {"segmentation": "label", "depth": "depth", "normal": "normal"}
 SPEC_KEYS = {"name", "root", "num_classes", "limit"}
 SPLITS = (("train", "train"), ("val", "val"))  # (folder, instance-id infix)
-_NUMBERED = re.compile(r"^(\d+)\.npy$")
+_NUMBERED = re.compile(r"([0-9]+)\.npy")  # fullmatch: ASCII digits only (\d took '٢'), no trailing newline
 
 
 def _numbered_files(folder: Path) -> dict[int, Path]:
@@ -46,7 +47,7 @@ def _numbered_files(folder: Path) -> dict[int, Path]:
     files: dict[int, Path] = {}
     # Sorted so that the error below names the same pair whatever the directory order.
     for path in sorted(folder.iterdir()):
-        if m := _NUMBERED.match(path.name):
+        if m := _NUMBERED.fullmatch(path.name):
             n = int(m.group(1))
             if n in files:
                 # Which one wins would depend on directory order, and the image, label and
@@ -57,6 +58,13 @@ def _numbered_files(folder: Path) -> dict[int, Path]:
 
 
 def _read(path: Path) -> np.ndarray:
+    try:
+        kind = path.stat().st_mode  # links followed: what np.load would open
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not stat.S_ISREG(kind):
+        # a FIFO (or a link to one) blocked np.load forever; a device or a socket is no array either
+        raise ValueError(f"cannot read {path}: it is not a regular file")
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as exc:  # a corrupt file or a pickled object array: say which file
@@ -72,7 +80,8 @@ def _read(path: Path) -> np.ndarray:
 def _check_numeric(array: np.ndarray, path: Path, what: str) -> None:
     """Refuse what ``astype`` would convert badly: strings (a bare error naming no file),
     complex (the imaginary part silently dropped) and bool (True/False are no measurements)."""
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+    # by kind: numpy counts timedelta64 among the integers, and astype read its values as numbers
+    if array.dtype.kind not in "iuf":
         raise ValueError(f"{path}: {what} must be an integer or float array, this one is {array.dtype}")
 
 
