@@ -154,20 +154,34 @@ def model_from_safetensors(config: "ModelConfig", data: bytes, source: str | Pat
         raise ValueError(f"{source} is not a readable safetensors file: {exc}") from None
     # the weights are compared with a model without storage first: a config naming a huge
     # width would otherwise allocate (and randomly initialise) it before the comparison
-    with torch.device("meta"):
-        check_state(MultiTaskNet(config).state_dict(), state, source)
+    try:
+        with torch.device("meta"):
+            own = MultiTaskNet(config).state_dict()
+    except (RuntimeError, TypeError, OverflowError) as exc:  # sizes past what torch can count (depth 64, width 2**62)
+        raise ValueError(f"{source}: the model configuration cannot be built ({exc})") from None
+    check_state(own, state, source)
     model = MultiTaskNet(config)
     model.load_state_dict(state)  # checked above (load_state would scan the weights again)
     return model.to(map_location)
 
 
-def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+def non_finite_tensors(state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None = None) -> list[str]:
     """The names of the floating-point tensors of ``state`` that hold a NaN or an infinity
-    (one read-back for all of them)."""
+    (one read-back for all of them); with ``dtypes`` (name -> the dtype a tensor is loaded
+    as), judged in that dtype: a float64 1e300 is finite, and infinite once a float32
+    model holds it."""
     tensors = [(n, t) for n, t in state.items() if t.is_floating_point()]
     if not tensors:
         return []
-    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()
+
+    def as_loaded(name: str, t: torch.Tensor) -> torch.Tensor:
+        target = (dtypes or {}).get(name, t.dtype)
+        if t.dtype != target:
+            return t.to(target)
+        # isfinite has no kernel for the float8 types: their values are floats' values
+        return t.float() if t.element_size() == 1 else t
+
+    finite = torch.stack([torch.isfinite(as_loaded(n, t)).all() for n, t in tensors]).tolist()
     return [n for (n, _), ok in zip(tensors, finite) if not ok]
 
 
@@ -186,7 +200,7 @@ def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], so
     dtypes = [f"{k} ({state[k].dtype})" for k in own if own[k].is_floating_point() and not state[k].is_floating_point()]
     if dtypes:
         raise ValueError(f"{source}: weights must be floating point, got {', '.join(dtypes[:5])}")
-    bad = non_finite_tensors(state)
+    bad = non_finite_tensors(state, {k: own[k].dtype for k in own if own[k].is_floating_point()})
     if bad:
         raise ValueError(f"{source}: non-finite weights (NaN or infinity) in {', '.join(bad[:5])}")
 

@@ -43,6 +43,18 @@ def test_a_config_naming_a_huge_model_is_refused_without_building_it(checkpoint)
         load_model(directory)
 
 
+@pytest.mark.parametrize("field, value", [("depth", 64), ("width", 2**62), ("head_width", 2**40), ("width", 10**19)])
+def test_a_config_past_what_torch_can_size_is_a_value_error_naming_the_file(checkpoint, field, value):
+    # the model without storage could not be built: a RuntimeError or TypeError from torch,
+    # which the store (IntegrityError) and the engine CLI (exit 2) did not turn into their errors
+    directory, _ = checkpoint
+    doc = json.loads((directory / "config.json").read_text())
+    doc["model"][field] = value
+    (directory / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=re.escape(str(directory / "model.safetensors"))):
+        load_model(directory)
+
+
 def test_weights_that_do_not_match_the_config_are_refused_naming_the_file(checkpoint):
     """As load_model's docstring says: the mismatch error names the weights file."""
     directory, _ = checkpoint
@@ -68,6 +80,40 @@ def test_non_finite_weights_are_refused(checkpoint):
 
     def poison(state):
         state[name].view(-1)[0] = float("nan")
+
+    _rewrite(directory, poison)
+    with pytest.raises(ValueError, match=f"non-finite weights \\(NaN or infinity\\) in {name}"):
+        load_model(directory)
+
+
+def test_weights_finite_only_in_a_wider_dtype_are_refused(checkpoint):
+    """A float64 1e300 is finite, and infinite in the float32 model: judged as loaded."""
+    directory, _ = checkpoint
+    name = list(load_model(directory).state_dict())[1]
+
+    def widen(state):
+        for k in state:
+            state[k] = state[k].to(torch.float64)
+        state[name].view(-1)[0] = 1e300
+
+    _rewrite(directory, widen)
+    with pytest.raises(ValueError, match=f"non-finite weights \\(NaN or infinity\\) in {name}"):
+        load_model(directory)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16])
+def test_weights_of_a_narrower_float_dtype_load_or_are_refused_as_values(checkpoint, dtype):
+    # isfinite has no float8_e4m3fn kernel: the check raised NotImplementedError
+    directory, model = checkpoint
+    _rewrite(directory, lambda s: s.update({k: v.to(dtype) for k, v in s.items()}))
+    loaded = load_model(directory)
+    assert all(v.dtype == torch.float32 for v in loaded.state_dict().values())
+    name = list(model.state_dict())[1]
+
+    def poison(state):
+        state[name] = state[name].float()
+        state[name].view(-1)[0] = float("nan")
+        state[name] = state[name].to(dtype)
 
     _rewrite(directory, poison)
     with pytest.raises(ValueError, match=f"non-finite weights \\(NaN or infinity\\) in {name}"):
