@@ -129,7 +129,9 @@ def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
                                   f"hex digits), got {short_repr(recorded, 70)}: {directory / WEIGHTS_FILE} cannot be checked")
         if recorded != weights_sha256:
             raise UnlearnCliError(f"{directory / WEIGHTS_FILE} does not match the sha256 in its {STORE_MANIFEST}")
-        manifest.update(dataset=store.get("dataset"), erased=store.get("erased_cells") or [])
+        # as written, not `or []`: a damaged value ({}, false, null) read as "nothing erased" would
+        # train and unlearn on cells erased earlier in the lineage; _check_lineage refuses it
+        manifest.update(dataset=store.get("dataset"), erased=store.get("erased_cells", []))
         if store.get("train_config"):
             manifest["train"] = store["train_config"]
     if not isinstance(manifest.get("dataset"), dict):

@@ -254,3 +254,27 @@ def test_a_store_folder_without_the_sha256_of_its_weights_is_refused(checkpoint,
                       "--out", str(tmp_path / "v2")], capsys)
     assert rc == 2 and f"{folder / 'manifest.json'} has no valid 'sha256' of its weights" in err
     assert not (tmp_path / "v2").exists()
+
+
+@pytest.mark.parametrize("value", [{}, False, 0, "", None])
+def test_a_store_folder_whose_erased_cells_are_damaged_is_refused_not_read_as_none_erased(checkpoint, tmp_path,
+                                                                                            capsys, value):
+    """``erased_cells`` of {} or null was read as "nothing erased": the next job trained and
+    unlearned on cells erased earlier in the lineage. The store refuses such a manifest; so does the CLI."""
+    from model_store import DamagedManifest
+    from model_store.local import LocalModelStore
+
+    manifest = json.loads((checkpoint / "config.json").read_text())
+    store = LocalModelStore(tmp_path / "models")
+    store.put_version(load_model(checkpoint), model_name="indoor", version=1, parent=None, dataset=manifest["dataset"],
+                      erased_cells=[["indoor-00002", "depth"]], train_config=manifest["train"])
+    folder = tmp_path / "models" / "indoor" / "v1"
+    stored = json.loads((folder / "manifest.json").read_text())
+    stored["erased_cells"] = value
+    (folder / "manifest.json").write_text(json.dumps(stored))
+    with pytest.raises(DamagedManifest):
+        store.manifest("indoor", 1)
+    rc, _, err = run(["--checkpoint", str(folder), "--cell", "indoor-00003:normal", "--config", FAST,
+                      "--out", str(tmp_path / "v2")], capsys)
+    assert rc == 2 and f"{folder / 'manifest.json'}: 'erased' must be a list" in err
+    assert not (tmp_path / "v2").exists()
