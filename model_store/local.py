@@ -106,6 +106,26 @@ def _read_regular(path: Path) -> bytes:
         return fh.read()
 
 
+def _read_calibration(path: Path) -> dict | None:
+    """The calibration stored at ``path`` (None when there is none); :class:`StoreError` naming
+    it when it is not a regular file (a link would be read through, and a redaction would
+    replace the link and leave the scores in its target) or not a JSON object."""
+    try:
+        raw = _read_regular(path)
+    except FileNotFoundError:
+        return None
+    except _NotRegular as exc:
+        raise StoreError(f"{path} is {exc}, not a regular file: the service neither reads nor redacts scores "
+                         "through it; put the calibration file itself there, or remove it to calibrate again") from None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise StoreError(f"{path} is damaged (not JSON: {exc}); remove it to calibrate again") from None
+    if not isinstance(value, dict):
+        raise StoreError(f"{path} is damaged (not a JSON object); remove it to calibrate again")
+    return value
+
+
 def _json_value(value, where: str, depth: int = 0):
     """``value`` as strict JSON (for the manifest's metrics), by this rule: strings, bools,
     None and ints stay as they are; a finite float stays, NaN and the infinities become
@@ -382,8 +402,7 @@ class LocalModelStore(ModelStore):
                              "(a manifest and weights): it is not overwritten; remove it to store the version")
 
     def calibration(self, model_name: str) -> dict | None:
-        path = self._model_dir(model_name) / CALIBRATION_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        return _read_calibration(self._model_dir(model_name) / CALIBRATION_FILE)
 
     def put_calibration(self, model_name: str, payload: dict) -> dict:
         """See :meth:`ModelStore.put_calibration`. Under the model's lock (module doc), so the
@@ -393,9 +412,11 @@ class LocalModelStore(ModelStore):
         directory = self._model_dir(model_name)
         final = directory / CALIBRATION_FILE
         with self._locked(model_name):
-            if not final.is_file():
+            stored = _read_calibration(final)  # a link or a damaged file is refused, never written through
+            if stored is None:
                 self._write_calibration(directory, payload)
-        return json.loads(final.read_text())
+                stored = _read_calibration(final)
+        return stored
 
     def replace_calibration(self, model_name: str, payload: dict) -> None:
         """See :meth:`ModelStore.replace_calibration`. It also removes the temporary files of
@@ -404,7 +425,8 @@ class LocalModelStore(ModelStore):
         directory = self._model_dir(model_name)
         final = directory / CALIBRATION_FILE
         with self._locked(model_name):
-            if not final.is_file():
+            # a link is refused: replacing it would leave the scores in the file it points to
+            if _read_calibration(final) is None:
                 raise StoreError(f"no calibration of {model_name!r} in {self.root} to replace")
             self._write_calibration(directory, payload)
             for leftover in directory.glob(f"{TMP_PREFIX}calibration-*"):

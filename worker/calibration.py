@@ -181,8 +181,8 @@ def calibration_settings_problems(settings: Settings, store: ModelStore) -> list
 
     try:
         problem = stored_calibration_problem(settings, store, settings.model_name)
-    except (StoreError, OSError, ValueError):  # no first version yet (a first start), or unreadable: the jobs say
-        return []
+    except StoreError as exc:  # a calibration file that is a link or damaged, or a damaged first version
+        problem = f"{settings.model_name}'s stored calibration cannot be used: {exc}"
     return [problem] if problem else []
 
 

@@ -531,7 +531,7 @@ def redact_calibration(session: Session, store, model_name: str, *, dry_run: boo
 
     try:
         stored = store.calibration(model_name)
-    except (OSError, ValueError) as exc:  # jobs refuse it too (worker.calibration); the purge goes on
+    except (OSError, ValueError, StoreError) as exc:  # a link, damaged: jobs and serve refuse it too; the purge goes on
         log.warning("%s: the stored calibration cannot be read (%s); its scores are left as they are", model_name, exc)
         return 0
     if not stored:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import math
 import os
 import shutil
@@ -442,3 +443,27 @@ def test_cells_that_are_not_instance_task_pairs_are_refused_on_writing_and_readi
     path.write_text(json.dumps(manifest))
     with pytest.raises(DamagedManifest, match="'erased_cells' must be a list of \\[instance, task\\] pairs of strings"):
         store.manifest(MODEL, 1)
+
+
+def test_a_calibration_that_is_a_link_or_damaged_is_refused_naming_it(tmp_path):
+    """A calibration.json that is a link was read through, and a purge's redaction replaced
+    the link, leaving the scores in its target; a damaged one surfaced as a bare JSONDecodeError."""
+    store = LocalModelStore(tmp_path / "store")
+    store.put_calibration(MODEL, {"full": {}})
+    final = tmp_path / "store" / MODEL / "calibration.json"
+    target = tmp_path / "elsewhere.json"
+    target.write_text(json.dumps({"full": {"alice-7": {"depth": 0.9}}}))
+    final.unlink()
+    final.symlink_to(target)
+    for attempt in (lambda: store.calibration(MODEL), lambda: store.put_calibration(MODEL, {"full": {}}),
+                    lambda: store.replace_calibration(MODEL, {"full": {}})):
+        with pytest.raises(StoreError, match=re.escape(f"{final} is a symbolic link to {target}, not a regular file")):
+            attempt()
+    assert final.is_symlink() and json.loads(target.read_text()) == {"full": {"alice-7": {"depth": 0.9}}}
+    final.unlink()
+    for damaged in ("{not json", "[1, 2]", "\xff"):
+        final.write_bytes(damaged.encode("latin-1"))
+        with pytest.raises(StoreError, match=re.escape(f"{final} is damaged")):
+            store.calibration(MODEL)
+    final.unlink()
+    assert store.calibration(MODEL) is None
