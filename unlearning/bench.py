@@ -303,7 +303,7 @@ def _num(x):
     if x is None:
         return None
     x = float(x)
-    return None if math.isnan(x) else round(x, 6)
+    return None if not math.isfinite(x) else round(x, 6)  # strict JSON: a diverged run's inf too
 
 
 # ----------------------------------------------------------------------------- the run

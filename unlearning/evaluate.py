@@ -216,13 +216,19 @@ def membership_auc(model, train: MultiTaskDataset, forget_cells: Sequence[Cell],
 
 
 def _nan_to_none(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+    """``x``, or None where it is no number strict JSON holds (NaN, or the infinite loss of a
+    diverged head: :func:`unlearning.losses.supervised_or_nan`)."""
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
 
 def _measured_cells(supervised: torch.Tensor, targets: torch.Tensor, task: str) -> int:
     """How many of the cells ``supervised`` marks the metrics read: those with a labelled
-    pixel (:func:`unlearning.losses.measured`); a group's ``n``."""
-    return int((supervised.bool() & get_task(task).labelled(targets)).sum())
+    pixel (:func:`unlearning.losses.measured`); a group's ``n``. Only the marked rows'
+    targets are read (a job's forgotten group is a few rows of the training set)."""
+    rows = supervised.bool().nonzero().flatten()
+    if rows.numel() == 0:
+        return 0
+    return int(get_task(task).labelled(targets[rows.to(targets.device)]).sum())
 
 
 def evaluate_unlearning(

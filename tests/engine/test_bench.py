@@ -611,3 +611,10 @@ def test_gpu_probe_writes_what_it_measured_as_it_goes(tmp_path, monkeypatch):
     assert doc["by_batch_size"]["2"]["steps_per_training"] == 4 and doc["peak_memory_gib"] is None
     assert len(seen) >= 4 and "render_seconds" not in seen[0] and "train_step_seconds" not in seen[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.json"]
+
+
+def test_a_diverged_runs_infinite_figures_are_written_as_null():
+    # strict JSON: a diverged baseline's forget_gap is infinite (its forget losses are), and
+    # json.dumps wrote it as Infinity
+    assert bench._num(float("inf")) is None and bench._num(float("-inf")) is None
+    assert bench._num(float("nan")) is None and bench._num(0.1234567) == 0.123457

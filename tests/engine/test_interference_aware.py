@@ -801,3 +801,18 @@ def test_what_is_cached_from_held_out_data_is_keyed_by_which_data(memorised):
     a = refresh_subset(model, _data(train, test, cells, cache=cache), 4)
     b = refresh_subset(model, _data(train, other, cells, cache=cache), 4)
     assert not torch.equal(a[1]["depth"], b[1]["depth"])
+
+
+def test_infinite_losses_rank_last_and_do_not_make_a_level_nan():
+    """A cell whose prediction is not finite has an infinite loss (unlearning.losses): it ranks
+    with the highest, not below them, and a quantile of held-out losses holding one is a
+    number (torch.quantile interpolating towards an infinity gave NaN, a τ that stops the pull)."""
+    from unlearning.methods.interference_aware import levels, loss_ranks
+
+    inf, nan = float("inf"), float("nan")
+    assert loss_ranks(torch.tensor([1.0, 2.0, inf, inf])).tolist() == [0.125, 0.375, 0.75, 0.75]
+    ranks = loss_ranks(torch.tensor([inf, nan, 1.0]))
+    assert ranks[0] == 0.75 and ranks[1].isnan() and ranks[2] == 0.25
+    tau = levels(torch.tensor([1.0, 2.0, inf, inf, nan]), torch.tensor([0.9, 0.5, 0.0]))
+    assert tau.tolist() == [2.0, 2.0, 1.0]
+    assert levels(torch.tensor([inf, nan]), torch.tensor([0.5])).isnan().all()

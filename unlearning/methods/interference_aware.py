@@ -249,10 +249,14 @@ def refreshed_levels(tau0: torch.Tensor, quantiles: torch.Tensor, now: torch.Ten
 
 
 def levels(losses: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
-    """τ: the given quantiles (one per forget row) of one task's held-out losses."""
+    """τ: the given quantiles (one per forget row) of one task's held-out losses. An
+    infinite loss (a held-out image whose prediction is not finite) counts as the largest
+    finite one: quantile interpolates towards it as NaN, and a NaN τ stops the pull."""
     losses = losses[~torch.isnan(losses)].double()
-    if losses.numel() == 0:
+    finite = losses[torch.isfinite(losses)]
+    if finite.numel() == 0:
         return torch.full(quantiles.shape, float("nan"))
+    losses = losses.clamp(finite.min(), finite.max())
     return losses.quantile(quantiles.double()).float()
 
 
@@ -264,8 +268,10 @@ def loss_ranks(losses: torch.Tensor) -> torch.Tensor:
     if finite.numel() == 0:
         return torch.full_like(x, float("nan"))
     ref, _ = torch.sort(finite)
-    mid = (torch.searchsorted(ref, x.nan_to_num(0.0), right=False)
-           + torch.searchsorted(ref, x.nan_to_num(0.0), right=True)).double() / 2
+    # NaN is masked below; an infinity stays one (nan_to_num's default makes it the largest
+    # finite float, ranked below the infinite entries it ties)
+    probe = x.nan_to_num(0.0, posinf=math.inf, neginf=-math.inf)
+    mid = (torch.searchsorted(ref, probe, right=False) + torch.searchsorted(ref, probe, right=True)).double() / 2
     return torch.where(torch.isnan(x), x, mid / finite.numel())
 
 
