@@ -164,9 +164,12 @@ def check_model_matches(model, train: MultiTaskDataset, test: MultiTaskDataset |
         raise JobInputError(f"train images {train.image_size} and {name} images {test.image_size} differ in size")
 
 
-def check_reference(model, train: MultiTaskDataset, reference: MultiTaskDataset) -> None:
+def check_reference(model, train: MultiTaskDataset, reference: MultiTaskDataset,
+                    test: MultiTaskDataset | None = None) -> None:
     """:class:`JobInputError` when a method's held-out ``reference`` is empty, does not match
-    the checkpoint or the training data, or holds a training instance (held-out data it is not)."""
+    the checkpoint or the training data, holds a training instance (held-out data it is not),
+    or shares some but not all of ``test``'s instances (the audit's non-members: a reference
+    of its own is apart from them, and the test set itself is no reference of its own)."""
     if len(reference) == 0:
         raise JobInputError("the held-out reference is empty: interference_aware's levels come from it; "
                             "leave it out to use the test set")
@@ -176,6 +179,13 @@ def check_reference(model, train: MultiTaskDataset, reference: MultiTaskDataset)
         more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
         raise JobInputError(f"the held-out reference holds training instances ({', '.join(shared[:3])}{more}): "
                             f"held-out data is data the model was not trained on")
+    if test is not None and reference.instance_ids != test.instance_ids:
+        overlap = sorted(set(reference.instance_ids) & set(test.instance_ids))
+        if overlap:
+            more = f" and {len(overlap) - 3} more" if len(overlap) > 3 else ""
+            raise JobInputError(f"the held-out reference shares instances with the test set ({', '.join(overlap[:3])}"
+                                f"{more}), where the audit's attack takes its non-members: give held-out data apart "
+                                f"from it, or leave the reference out to use the test set")
 
 
 def _eval_context(cache: dict, model, train, test, device) -> EvalContext:
@@ -327,7 +337,9 @@ def run_unlearning_job(
         raise JobInputError("the test set is empty: the audit's membership inference compares the forgotten cells "
                             "with held-out data, and interference_aware's levels come from it")
     if reference is not None:
-        check_reference(model, train, reference)
+        check_reference(model, train, reference, test)
+        if reference.instance_ids == test.instance_ids:
+            reference = None  # the test set itself: the default, and said so
     erased = set(cells)
     if all(c in erased for c in train.cells()):
         raise JobInputError(f"erasing these {len(cells)} cells leaves no training data: every cell of "

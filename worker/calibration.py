@@ -162,7 +162,8 @@ def stored_calibration_problem(settings: Settings, store: ModelStore, model_name
                 f"{stored.get('sha256')}, but v{ROOT_VERSION} in the store has sha256 {root}: its scores "
                 f"belong to other weights; remove {model_name}/calibration.json from the store to calibrate again")
     scenes = reference_scenes(settings, root_manifest.dataset)
-    if int(stored.get("reference_scenes", 0)) != scenes:
+    recorded = stored.get("reference_scenes", 0)  # 0: the test split (files from before the field too)
+    if recorded != scenes:
         # the scores rank each cell among the reference's losses: another reference, other scores
         return (f"{model_name}'s stored calibration scored its cells against "
                 f"{_reference_words(stored.get('reference_scenes', 0))}, but jobs now read "
@@ -187,7 +188,11 @@ def calibration_settings_problems(settings: Settings, store: ModelStore) -> list
 
 
 def _reference_words(n) -> str:
-    return "the test split" if not n else f"{n} held-out scenes of its own"
+    if n == 0:
+        return "the test split"
+    if type(n) is int and n > 0:
+        return f"{n} held-out scenes of its own"
+    return f"a reference it does not record readably ({n!r})"  # a hand-edited file
 
 
 def tombstoned_cells(settings: Settings, spec: dict) -> set[tuple[str, str]]:

@@ -441,7 +441,6 @@ class JobData:
     test: Any
     forget_cells: list[tuple[str, str]]
     erased_before: list[tuple[str, str]]  # cells erased in the base version's lineage or tombstoned
-    reference: Any = None  # the method's held-out reference (UNLEARND_REFERENCE_SCENES); None: the test split
 
 
 def job_data(settings: Settings, spec: dict, base_manifest: Manifest, cells: list[tuple[str, str]]) -> JobData:
@@ -456,8 +455,7 @@ def job_data(settings: Settings, spec: dict, base_manifest: Manifest, cells: lis
     erased_before = sorted((tombstoned | lineage) - set(forget))
     train = train_full.without(erased_before)
     train.check_cells(forget)  # a clear error for an unknown instance or task (the API validates first)
-    return JobData(train=train, test=test, forget_cells=forget, erased_before=erased_before,
-                   reference=get_reference(settings, spec))
+    return JobData(train=train, test=test, forget_cells=forget, erased_before=erased_before)
 
 
 class _Heartbeat:
@@ -746,7 +744,8 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
             seed=settings.seed,
             cache=engine_cache(model_name, base_version),
             progress=lambda f: progress(share + (1.0 - share) * f),
-            reference=data.reference,
+            # the held-out reference of UNLEARND_REFERENCE_SCENES, for the method that reads held-out data
+            reference=get_reference(settings, spec) if method == "interference_aware" else None,
         )
         beat.progress(1.0)
     lineage = {tuple(c) for c in base_manifest.erased_cells} | set(data.forget_cells)

@@ -463,6 +463,7 @@ def test_a_reference_of_its_own_is_what_the_method_reads_while_the_audit_keeps_t
     as_test = run_unlearning_job(model, train, test, cells, config=cfg, cache={}, reference=test)
     own = run_unlearning_job(model, train, test, cells, config=cfg, cache={}, reference=other)
     assert default.metrics["reference"] == {"source": "test_split", "instances": 8}
+    assert as_test.metrics["reference"] == {"source": "test_split", "instances": 8}  # the test set is no reference of its own
     assert own.metrics["reference"] == {"source": "own", "instances": 8}
     # the test set given as the reference is the default's run, step for step
     assert _same_weights(default.model, as_test.model)
@@ -485,6 +486,7 @@ def test_a_bad_reference_is_a_job_input_error_naming_it(setup):
                                                       r"'segmentation' .*\(5 classes\)"),
         (random_dataset(8, 2, prefix="r", size=(4, 4)), r"reference images \(4, 4\)"),
         (train.subset([3, 0, 5, 7, 9]), r"holds training instances \(i0, i3, i5 and 2 more\)"),
+        (test.subset([0, 1]), r"shares instances with the test set \(t0, t1\), where the audit's attack"),
     ]
     for reference, says in cases:
         with pytest.raises(JobInputError, match=says):

@@ -311,3 +311,13 @@ def test_the_service_does_not_start_when_the_stored_calibration_is_for_another_r
                 main([command])
     finally:
         get_settings.cache_clear()
+
+
+def test_a_stored_calibration_recording_no_readable_reference_is_refused_naming_it(tiny):
+    settings, store, *_ = tiny
+    root = store.manifest("cal-mtl", 1).sha256
+    store.put_calibration("cal-mtl", {"sha256": root, "recipe": {}, "full": {}, "partial": {}, "reference_scenes": None})
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    with pytest.raises(ValueError, match=r"against a reference it does not record readably \(None\), but jobs now "
+                                         r"read the test split"):
+        lineage_calibration(on, store, "cal-mtl")

@@ -467,6 +467,10 @@ def test_a_number_in_a_query_is_plain_digits(backend, value):
         assert problem["errors"][0]["loc"] == ["query", name]
         assert problem["errors"][0]["msg"] == "must be a whole number: decimal digits, no sign, no leading zero"
     assert client.get("/deletions", params={"limit": "10"}).status_code == 200
+    # 0 is plain digits: its bound says what is wrong with it
+    for url, name in (("/deletions", "limit"), ("/audit/verify", "seq")):
+        problem = assert_problem(client.get(url, params={name: "0"}), 422, "validation-error")
+        assert "greater than or equal to 1" in problem["errors"][0]["msg"]
 
 
 @pytest.mark.parametrize("value", ["-1", "1700000000", "1.7e9"])

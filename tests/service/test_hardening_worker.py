@@ -1316,3 +1316,8 @@ def test_a_jobs_method_reads_the_held_out_reference_the_settings_give(tiny):
     [second] = jobs.drain_model(own, store, TINY)
     assert second.status == "completed" and second.metrics["reference"] == {"source": "own", "instances": 4}
     assert _serving(s).metrics["reference"] == {"source": "own", "instances": 4}
+    # a method that reads no held-out data is given none: nothing is rendered for it
+    plain = own.model_copy(update={"method": "finetune"})
+    _submit(plain, ids[2])
+    [third] = jobs.drain_model(plain, store, TINY)
+    assert third.status == "completed" and third.metrics["reference"] == {"source": "test_split", "instances": 8}

@@ -52,13 +52,15 @@ def load_reference(spec: dict, n: int, render_workers: int | str = 1) -> MultiTa
     if name not in SYNTHETIC_DATASETS:
         raise ValueError(f"reference scenes are rendered: the {name!r} dataset is not synthetic "
                          f"(synthetic: {list(SYNTHETIC_DATASETS)})")
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise ValueError(f"the number of reference scenes must be a positive integer, got {n!r}")
+    from .renderer import is_integer
     from .synthetic import SIZE_DEFAULTS, load_synthetic
 
+    if not is_integer(n) or n <= 0:  # numpy's integers are integers, bools are not
+        raise ValueError(f"the number of reference scenes must be a positive integer, got {n!r}")
     n_test = spec.get("n_test", SIZE_DEFAULTS["n_test"])
-    if not isinstance(n_test, int) or isinstance(n_test, bool):
+    if not is_integer(n_test):
         raise ValueError(f"'n_test' in the {name!r} dataset spec must be an integer, got {n_test!r}")
+    n_test, n = int(n_test), int(n)
     return load_synthetic({**spec, "n_train": 0}, render_workers, test_scenes=range(n_test, n_test + n))[1]
 
 
