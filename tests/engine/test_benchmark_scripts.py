@@ -187,3 +187,19 @@ def test_reference_split_reproduces_the_committed_summary(tmp_path, n):
     assert done.returncode == 0, done.stderr
     committed = json.loads((BENCH / "reference_split" / f"summary{n}.json").read_text())
     assert without_command(json.loads(out.read_text())) == without_command(committed)
+
+
+def test_strongest_by_size_reproduces_the_committed_table_and_the_summarys_pooled_choice(tmp_path):
+    from unlearning.bench import headline
+
+    out = tmp_path / "strongest.json"
+    done = run_script("strongest_by_size.py", "benchmarks/smoke.json", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    written = json.loads(out.read_text())
+    assert without_command(written) == without_command(json.loads((BENCH / "strongest_by_size.json").read_text()))
+    # its pooled reading is the summary's own choice
+    rows = headline(json.loads((BENCH / "smoke.json").read_text())["results"])
+    summary = {(h["benchmark"], h["setting"]): h for h in rows}
+    for entry in written["table"]:
+        h = summary[(entry["benchmark"], entry["setting"])]
+        assert (entry["pooled"]["strongest"] or "none") == (h.get("strongest") or "none"), h
