@@ -618,6 +618,30 @@ def _elsewhere(doc: dict) -> list[str]:
     return lines
 
 
+def _pooled_words(doc: dict) -> str:
+    """What the headline pools, in words, from the runs themselves: the full-erasure forget
+    sizes, and the forgotten tasks of partial erasure ("every task" when each benchmark's
+    partial runs forget each of its tasks). A fixed sentence said "1 and 8 instances;
+    every task" of the ``scale`` run too, which has sets of 8 and depth alone."""
+    res = doc["results"]
+    parts = []
+    sizes = sorted({r["n_forget"] for r in res if r["setting"] == "full"})
+    if sizes:
+        parts.append("full: " + " and ".join(str(n) for n in sizes) + (" instance" if sizes == [1] else " instances"))
+    partial = {}
+    for r in res:
+        if r["setting"] == "partial":
+            partial.setdefault(r["benchmark"], set()).update(r["forget_tasks"])
+    if partial:
+        specs = (doc.get("config") or {}).get("benchmarks") or {}
+        try:
+            every = all(set(dataset_tasks(specs[b])) == tasks for b, tasks in partial.items())
+        except (KeyError, ValueError):  # a document without the specs: name the tasks
+            every = False
+        parts.append("partial: " + ("every task" if every else ", ".join(sorted(set().union(*partial.values())))))
+    return "; ".join(parts) or "no runs"
+
+
 def markdown(doc: dict) -> str:
     """The summary: headline per benchmark and setting, then every method's means."""
     res = doc["results"]
@@ -635,7 +659,7 @@ def markdown(doc: dict) -> str:
              "Strongest baseline: lowest mean UIS among baselines whose mean |mia_auc − mia_auc_retrain| is no "
              "larger than interference_aware's (retrain is the gold standard, not a baseline); `none` when no baseline forgets as well. "
              "Best-forgetting baseline: the one with the lowest mean |ΔMIA| (for reference when the strongest is `none`). All runs of the "
-             "setting pooled (full: 1 and 8 instances; partial: every task). MIA columns: forget sets of 8, means over seeds. "
+             f"setting pooled ({_pooled_words(doc)}). MIA columns: forget sets of 8, means over seeds. "
              f"`{INDEPENDENT_RETRAIN}`: the gold standard's recipe with another initialisation seed; its |ΔMIA| is how far two "
              "retrained models disagree (the noise floor of every |ΔMIA|).", "",
              "| benchmark | setting | UIS (ours) | |ΔMIA| (ours) | |ΔMIA| independent retrain | strongest baseline | its UIS | UIS reduction | "
@@ -656,7 +680,7 @@ def markdown(doc: dict) -> str:
         lines += [f"### {bench} · {setting} · {n} instance(s)", "",
                   "| method | UIS | UIS task | UIS inst | MIA | MIA retrain | MIA original | |ΔMIA| | forget gap | seconds | speed-up |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for m, v in sorted(by_method.items(), key=lambda kv: kv[1]["uis"]):
+        for m, v in sorted(by_method.items(), key=lambda kv: _rank(kv[1]["uis"])):  # a diverged run's (None) last
             lines.append(
                 f"| {m} | {_f(v['uis'])} | {_f(v['uis_task'])} | {_f(v['uis_inst'])} | {_f(v['mia_auc'], 3)} | "
                 f"{_f(v['mia_auc_retrain'], 3)} | {_f(v['mia_auc_original'], 3)} | {_f(v['mia_err'], 3)} | "

@@ -618,3 +618,24 @@ def test_a_diverged_runs_infinite_figures_are_written_as_null():
     # json.dumps wrote it as Infinity
     assert bench._num(float("inf")) is None and bench._num(float("-inf")) is None
     assert bench._num(float("nan")) is None and bench._num(0.1234567) == 0.123457
+
+
+def test_the_summary_says_what_its_runs_pool_and_puts_a_diverged_methods_missing_uis_last():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    smoke, scale = (json.loads((root / f"{n}.json").read_text()) for n in ("smoke", "scale"))
+    assert bench._pooled_words(smoke) == "full: 1 and 8 instances; partial: every task"
+    assert bench._pooled_words(scale) == "full: 8 instances; partial: depth"  # it said "1 and 8 ... every task"
+    # a method whose runs all diverged (UIS None) sorts last in its table, the others in UIS order
+    rows = [dict(r) for r in smoke["results"]]
+    for r in rows:
+        if r["method"] == "salun":
+            r["uis"] = None
+    text = bench.markdown({**smoke, "results": rows})
+    table = text.split("### indoor · full · 1 instance(s)")[1].split("###")[0]
+    methods = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "method" not in line]
+    uis = [float(line.split("|")[2]) for line in table.splitlines()
+           if line.startswith("| ") and "method" not in line and "salun" not in line]
+    assert methods[-1] == "salun" and uis == sorted(uis)
