@@ -274,12 +274,21 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             serving_now = session.get(Alias, (model_name, "serving")).version
             failed = failed_propagation(session, model_name, serving_now, behind_cells)
             retry_at = None if failed is None else propagation_retry_at(session, failed, settings.propagation_retry_s)
-            if failed is None or (now >= retry_at and not _waiting_requests(session, model_name)):
+            # A request of this model waiting for a cell it is behind on (accepted while another
+            # model's request for the cell was pending; pending cells are per model) is that
+            # erasure's own request here: its job erases every cell the model is behind on, and
+            # it completes. A propagate job first left it to be rejected as "erased by another
+            # request", with no certificate for its submitter, where the same requests claimed
+            # before the first publish both complete.
+            requested = bool(_waiting_cells(session, model_name) & set(map(tuple, behind_cells)))
+            if (failed is None and not requested) or (
+                    failed is not None and now >= retry_at and not _waiting_requests(session, model_name)):
                 propagation = _propagation(session, settings, model_name, behind, now, retries=failed)
                 return Claim("claimed", propagation.id, propagation.attempts)
-            log.warning("model %s still holds erased cells %s; its propagate job %s failed: %s; its next "
-                        "deletion request erases them, or a retry at %s", model_name, behind_cells, failed.id,
-                        failed.error, retry_at.isoformat())
+            if failed is not None:
+                log.warning("model %s still holds erased cells %s; its propagate job %s failed: %s; its next "
+                            "deletion request erases them, or a retry at %s", model_name, behind_cells, failed.id,
+                            failed.error, retry_at.isoformat())
         held = set(map(tuple, behind_cells))  # tombstoned, yet the serving version still holds them
 
         requests = list(
@@ -389,6 +398,15 @@ def _waiting_requests(session: Session, model_name: str) -> bool:
     return session.execute(select(DeletionRequest.id).where(
         DeletionRequest.model_name == model_name, DeletionRequest.status == "queued",
         DeletionRequest.job_id.is_(None)).limit(1)).first() is not None
+
+
+def _waiting_cells(session: Session, model_name: str) -> set[tuple[str, str]]:
+    """The cells of the model's deletion requests that are queued and not yet in a job (the
+    caller holds the model's submission lock, as for :func:`_waiting_requests`)."""
+    rows = session.execute(select(DeletionRequest.instance_id, DeletionRequest.tasks).where(
+        DeletionRequest.model_name == model_name, DeletionRequest.status == "queued",
+        DeletionRequest.job_id.is_(None))).all()
+    return {(instance_id, task) for instance_id, tasks in rows for task in tasks}
 
 
 def _propagation(session: Session, settings: Settings, model_name: str, behind: list[dict],

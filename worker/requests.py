@@ -349,16 +349,24 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
     # propagate), for this request or for the one whose tombstone recorded a cell first, or
     # erased there by another model's own request for the same cells (two portals, one person)
     also = {request.id} | _requests_erasing(session, model, request, cells)
-    propagated = [
-        {"model": e.model_name, "version": (e.payload or {}).get("version"),
-         "version_sha256": (e.payload or {}).get("sha256"), "event": {"seq": e.seq, "kind": e.kind, "hash": e.hash}}
-        for e in session.execute(
-            select(AuditEvent).where(AuditEvent.request_id.in_(sorted(also)), AuditEvent.kind.in_(
-                (PROPAGATED_EVENT, COMPLETED_EVENT))).order_by(AuditEvent.seq)
-        ).scalars()
-        if e.kind == PROPAGATED_EVENT and (e.request_id == request.id or e.model_name != request.model_name)
-        or e.kind == COMPLETED_EVENT and e.model_name != request.model_name
-    ]
+    # one entry per version that erased the cells: the other model's own request for them and this
+    # request's propagation can complete in one job there (worker.jobs._claim), and this request's
+    # own event is the one named
+    reached: dict[tuple, tuple[bool, dict]] = {}
+    for e in session.execute(
+        select(AuditEvent).where(AuditEvent.request_id.in_(sorted(also)), AuditEvent.kind.in_(
+            (PROPAGATED_EVENT, COMPLETED_EVENT))).order_by(AuditEvent.seq)
+    ).scalars():
+        if not (e.kind == PROPAGATED_EVENT and (e.request_id == request.id or e.model_name != request.model_name)
+                or e.kind == COMPLETED_EVENT and e.model_name != request.model_name):
+            continue
+        entry = {"model": e.model_name, "version": (e.payload or {}).get("version"),
+                 "version_sha256": (e.payload or {}).get("sha256"),
+                 "event": {"seq": e.seq, "kind": e.kind, "hash": e.hash}}
+        key, own = (e.model_name, entry["version"], entry["version_sha256"]), e.request_id == request.id
+        if key not in reached or (own and not reached[key][0]):
+            reached[key] = (own, entry)
+    propagated = sorted((entry for _, entry in reached.values()), key=lambda x: x["event"]["seq"])
     pending = []
     if model is not None:
         from .versions import erasure_cells, erasures_behind, models_sharing_dataset

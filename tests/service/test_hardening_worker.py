@@ -623,34 +623,6 @@ def _fail_propagation(s: Settings, s_b: Settings, how: str) -> str:
     return claim.job_id
 
 
-def test_a_request_queued_before_its_models_propagate_job_failed_is_that_propagations_next_try(two_models):
-    """B's request for a cell, then A's for the same cell, which A erases first. B's propagate
-    job for it fails and is not retried in a loop; B's request used to be rejected as
-    "already erased by another request" while B went on serving the cell, with nothing left
-    to erase it. Now the request is claimed with the cells B still holds, and erases them."""
-    s, s_b, store, ids = two_models
-    theirs = _submit(s_b, ids[0])
-    rid_a = _submit(s, ids[0])
-    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
-    failed = _fail_propagation(s, s_b, "mark_failed")
-
-    [outcome] = jobs.drain_model(s_b, store, TINY_B)
-    assert outcome.status == "completed", outcome.error
-    with transaction(s.database_url) as session:
-        request = session.get(DeletionRequest, theirs)
-        assert (request.status, request.produced_version) == ("completed", outcome.version), request.error
-        job = session.get(Job, outcome.job_id)
-        assert (job.kind, job.params["cells"], job.params["request_ids"]) == (
-            "deletion", [[ids[0], "depth"]], [theirs, rid_a])
-        started = session.execute(select(AuditEvent).where(AuditEvent.kind == "job.started",
-                                                           AuditEvent.model_name == TINY_B)
-                                  .order_by(AuditEvent.seq.desc())).scalars().first()
-        assert started.payload["retries_propagation"] == {"job_id": failed, "cells": [[ids[0], "depth"]]}
-    assert "deletion.rejected" not in _kinds(s)
-    assert (ids[0], "depth") in {tuple(c) for c in _serving_of(s, TINY_B).erased_cells}
-    assert _erased_cells_served(s) == {TINY: 0, TINY_B: 0}
-
-
 @pytest.mark.parametrize("how", ["mark_failed", "poison"])
 def test_after_a_failed_propagate_job_a_request_for_its_cell_is_accepted_as_the_next_try(two_models, how):
     """Nothing retries a failed propagate job on its own (no loop: claims stay idle, the sweeper
@@ -1190,19 +1162,24 @@ def test_a_published_version_carries_the_tombstone_watermark_and_behind_reads_pa
 def test_a_request_one_of_whose_cells_another_model_erased_meanwhile_erases_the_others(two_models):
     """Pending cells are per model, tombstones per dataset: B's request for depth and normal and
     A's for depth are both accepted. A's publishes first; B's request was rejected whole, and
-    its normal cell was never erased by anyone. Now only the cell already erased is dropped."""
+    its normal cell was never erased by anyone. Then a propagate job erased depth from B and
+    B's request the rest (depth recorded as already erased). Now B's one job erases both from
+    B, the depth it is behind on carried with its own request."""
     s, s_b, store, ids = two_models
     theirs = _submit(s_b, ids[0], ("depth", "normal"))
-    _submit(s, ids[0], ("depth",))
+    rid_a = _submit(s, ids[0], ("depth",))
     assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
-    assert {o.status for o in jobs.drain_model(s_b, store, TINY_B)} == {"completed"}  # propagate, deletion
+    [outcome] = jobs.drain_model(s_b, store, TINY_B)
+    assert outcome.status == "completed"
     with transaction(s.database_url) as session:
         request = session.get(DeletionRequest, theirs)
         assert request.status == "completed" and request.tasks == ["depth", "normal"]
-        assert _tombstone_requests(s)[(ids[0], "normal")] == theirs
-        event = session.execute(select(AuditEvent).where(AuditEvent.kind == "deletion.cells_already_erased")
-                                ).scalar_one()
-        assert event.request_id == theirs and event.payload["cells"] == [[ids[0], "depth"]]
+        job = session.get(Job, outcome.job_id)
+        assert (job.kind, job.params["request_ids"]) == ("deletion", [theirs, rid_a])
+        assert sorted(job.params["cells"]) == [[ids[0], "depth"], [ids[0], "normal"]]
+        assert _tombstone_requests(s) == {(ids[0], "depth"): rid_a, (ids[0], "normal"): theirs}
+        assert not session.execute(select(AuditEvent).where(
+            AuditEvent.kind == "deletion.cells_already_erased")).first()  # B still held depth: its job erased it
     assert {(ids[0], "depth"), (ids[0], "normal")} <= {tuple(c) for c in _serving_of(s_b, TINY_B).erased_cells}
 
 
@@ -1321,3 +1298,32 @@ def test_a_jobs_method_reads_the_held_out_reference_the_settings_give(tiny):
     _submit(plain, ids[2])
     [third] = jobs.drain_model(plain, store, TINY)
     assert third.status == "completed" and third.metrics["reference"] == {"source": "test_split", "instances": 8}
+
+
+def test_a_request_for_a_cell_another_model_erased_first_completes_with_the_erasure(two_models):
+    """Pending cells are per model: A and B both accept a request for one cell. When A
+    publishes before B claims, B is behind on the cell; B's claim used to run a propagate job
+    first and then reject B's own request as "erased by another request" (no certificate for
+    its submitter), or, were that propagate job to fail, leave B serving the cell with the
+    request rejected (an earlier fix claimed the request with the held cells then). B's
+    deletion job now carries the cell from the start, and both requests complete."""
+    s, s_b, store, ids = two_models
+    ra, rb = _submit(s, ids[0]), _submit(s_b, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    outcomes = jobs.drain_model(s_b, store, TINY_B)
+    assert [o.status for o in outcomes] == ["completed"]
+    with transaction(s.database_url) as session:
+        job = session.get(Job, outcomes[0].job_id)
+        assert (job.kind, job.params["cells"]) == ("deletion", [[ids[0], "depth"]])
+        assert [session.get(DeletionRequest, r).status for r in (ra, rb)] == ["completed", "completed"]
+        events = [(e.kind, e.model_name, e.request_id) for e in session.execute(select(AuditEvent)).scalars()]
+        cert_a, cert_b = deletion_certificate(session, ra), deletion_certificate(session, rb)
+    assert ("deletion.completed", TINY_B, rb) in events and ("deletion.rejected", TINY_B, rb) not in events
+    assert cert_b["model"] == TINY_B and cert_a["propagation_pending"] == []
+    # one entry for B's version, naming this request's own event there
+    assert [(c["model"], c["version"], c["event"]["kind"]) for c in cert_a["also_erased_from"]] == [
+        (TINY_B, 2, "deletion.propagated")]
+    assert [(c["model"], c["version"], c["event"]["kind"]) for c in cert_b["also_erased_from"]] == [
+        (TINY, 2, "deletion.completed")]
+    assert (ids[0], "depth") in {tuple(c) for c in _serving_of(s_b, TINY_B).erased_cells}
+    assert _erased_cells_served(s) == {TINY: 0, TINY_B: 0}
