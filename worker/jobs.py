@@ -263,9 +263,10 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             return Claim("claimed", queued_job.id, queued_job.attempts)
 
         # Erasures of the dataset that the serving version still holds (another model on
-        # the same dataset erased them): those first, as a job of their own, unless that
-        # very job (same base, same cells) failed: then not again in a loop, but with the
-        # model's next deletion request (below), whose job is the new try, or once its
+        # the same dataset erased them): those first, as a job of their own, unless a waiting
+        # request of the model names one of their cells (its job carries them, below), or
+        # that very job (same base, same cells) failed: then not again in a loop, but with
+        # the model's next deletion request (below), whose job is the new try, or once its
         # retry is due (versions.propagation_retry_at) when no request is waiting.
         behind = erasures_behind(session, model)
         behind_cells = erasure_cells(behind)
