@@ -217,7 +217,11 @@ class LocalModelStore(ModelStore):
         """Hold the model's writers' lock (``LOCK_FILE``, see the module doc)."""
         directory = self._model_dir(model_name)
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # a link (ELOOP: never followed), a folder, no permission
+            raise StoreError(f"cannot take the writers' lock {directory / LOCK_FILE}: "
+                             f"{exc.strerror or exc}; it must be a regular file the service may write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -467,3 +467,14 @@ def test_a_calibration_that_is_a_link_or_damaged_is_refused_naming_it(tmp_path):
             store.calibration(MODEL)
     final.unlink()
     assert store.calibration(MODEL) is None
+
+
+def test_a_lock_file_that_is_a_link_is_a_store_error_naming_it(tmp_path):
+    """The lock is opened without following links: a link there raised a bare OSError (ELOOP)."""
+    store = LocalModelStore(tmp_path / "store")
+    folder = tmp_path / "store" / MODEL
+    folder.mkdir(parents=True)
+    (folder / ".lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StoreError, match=re.escape(f"cannot take the writers' lock {folder / '.lock'}")):
+        store.put_calibration(MODEL, {"full": {}})
+    assert not (tmp_path / "elsewhere").exists()
