@@ -110,7 +110,7 @@ TINY = {
     "random_target": {"steps": 100, "lr": 0.01},
     "salun": {"steps": 100, "lr": 0.01, "gamma": 0.3},  # gamma 0.2 (the sweep's) masks too little here
     "pcgrad": {"steps": 100},
-    "scrub": {"steps": 60, "lr": 0.003},
+    "scrub": {"lr": 0.003},  # its schedule is rounds of steps (an earlier "steps" here was no parameter of it)
     "ssd": {"alpha": 0.1, "lambda": 0.1},
     "l1_sparse": {"lr": 1e-2},  # the first sweep's lr (the second chose 5e-3)
 }
@@ -237,6 +237,29 @@ def test_scrub_min_steps_are_a_pass_over_the_retain_data(world):
     assert (log["max_steps"], log["min_steps"], log["steps"]) == (2, 3, 5)
     assert config_problems("scrub", {"min_steps": 2}) == config_problems("scrub", {"min_steps": None}) == []
     assert config_problems("scrub", {"min_steps": 0}) and config_problems("scrub", {"min_steps": 1.5})
+
+
+def test_scrub_first_max_step_leaves_the_student_as_the_teacher(world, monkeypatch):
+    """The student starts as the teacher: D_f is 0 and its gradient rounding noise, which
+    Adam's normalisation made a full-size step in random directions (most weights moved by
+    up to lr in full mode). The rule's first max-step moves nothing; the min-steps do."""
+    from unlearning.methods import loops
+
+    model = world[2]
+    data = request(world, FULL)
+    copies, moved = [], []
+    real = loops.working_copy
+    monkeypatch.setattr(loops, "working_copy", lambda m, d: copies.append(real(m, d)) or copies[-1])
+    original = state_copy(model)
+
+    def after_step(fraction):
+        student = copies[-1].state_dict()
+        moved.append(any(not torch.equal(student[k], v) for k, v in original.items()))
+
+    data.progress = after_step
+    _, log = get_method("scrub")(model, data, {"rounds": 2, "max_rounds": 2, "min_steps": 1})
+    assert (log["max_steps"], log["min_steps"]) == (2, 2)
+    assert moved == [False, True, True, True]  # max (the student is the teacher), min, max, min
 
 
 def test_pcgrad_projection_removes_the_conflict():

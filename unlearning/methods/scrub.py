@@ -103,6 +103,12 @@ def unlearn(model, data, config):
             batch = forget.next()
             div, _ = distill_and_task_losses(student, teacher, batch, tasks, temperature)
             d_f = supervised_loss(div, batch.has)
+            if step == 0:
+                # The student is still the teacher: D_f is 0 and so is its gradient, but for
+                # rounding noise (~1e-8) that Adam's normalisation turned into a full-size step in
+                # random directions (81% of the weights moved by up to ~lr in full mode). The
+                # rule's step is 0 (the reference's SGD moves nothing): no gradient, no update.
+                return {"max": 1, "forget_divergence": d_f.detach()}
             (-d_f).backward()
             return {"max": 1, "forget_divergence": d_f}
         batch = retain.next()
