@@ -238,7 +238,13 @@ def cmd_calibrate(args) -> int:
     if settings.method != "interference_aware":
         print(f"method {settings.method!r} takes no calibration", file=sys.stderr)
         return 2
-    if not store.exists(settings.model_name, 1):
+    try:
+        stored = store.calibration(settings.model_name)
+    except RuntimeError as exc:  # a calibration file that is a link, or damaged (StoreError)
+        print(f"unlearnd: {exc}", file=sys.stderr)
+        return 2
+    # a stored calibration stays in use after v1's weights were purged: only computing one needs them
+    if stored is None and not store.exists(settings.model_name, 1):
         if store.purged(settings.model_name, 1):
             print(f"version 1 of {settings.model_name!r} was purged (its weights held erased data): the "
                   "calibration is computed from them; jobs take the fixed quantile", file=sys.stderr)
@@ -250,7 +256,6 @@ def cmd_calibrate(args) -> int:
 
     try:
         device = resolve_device(settings.device)
-        stored = store.calibration(settings.model_name)
         with tqdm(total=100, desc="shadow models", unit="%", leave=False) as bar:
             calibration = lineage_calibration(settings, store, settings.model_name, device,
                                               progress=lambda f: bar.update(max(0, round(100 * f) - bar.n)))
@@ -427,6 +432,9 @@ def cmd_certificate_key(args) -> int:
     (GET /certificates/public-key, `unlearnd verify-certificate`)."""
     from worker.signing import generate_key_file
 
+    if not args.out:  # Path("") is ".": "  exists; a signing key is not overwritten"
+        print("unlearnd: --out is empty; name the key file to create", file=sys.stderr)
+        return 2
     try:
         signer = generate_key_file(args.out)
     except FileExistsError:

@@ -443,7 +443,8 @@ class LocalModelStore(ModelStore):
         the caller holds the model's lock."""
         tmp = directory / f"{TMP_PREFIX}calibration-{uuid.uuid4().hex}"
         try:
-            with open(tmp, "w") as fh:
+            # 0600, as the weights: the scores are numbers about people's data (a purge redacts them)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "w") as fh:
                 json.dump(_strict_calibration(payload), fh, allow_nan=False)
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -92,8 +92,16 @@ def generate_key_file(path: Path | str) -> CertificateSigner:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # FileExistsError when it exists
-    with os.fdopen(fd, "wb") as out:
-        out.write(pem)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        # a partial key (a full disk) was left behind, and every retry refused it as a key
+        # that must not be overwritten: nothing of a failed write stays
+        path.unlink(missing_ok=True)
+        raise
     return CertificateSigner(key)
 
 

@@ -140,6 +140,16 @@ def test_cli_calibrates_the_served_model(tiny, monkeypatch, capsys):
         assert store.calibration("cal-mtl")["shadows"] == 8
         assert re.fullmatch(r"[0-9a-f]{32}", store.calibration("cal-mtl")["calibration_id"])  # the audit's name of it
         assert "8 shadow models" in capsys.readouterr().out
+        # the scores are numbers about people's data: private, as the weights
+        assert (settings.store_dir / "cal-mtl" / "calibration.json").stat().st_mode & 0o777 == 0o600
+        # v1's weights purged: the stored calibration stays in use, and calibrate says so (it said
+        # "jobs take the fixed quantile" and exited 2)
+        assert store.purge("cal-mtl", 1)
+        assert main(["calibrate"]) == 0
+        assert "already stored" in capsys.readouterr().out
+        (settings.store_dir / "cal-mtl" / "calibration.json").unlink()
+        assert main(["calibrate"]) == 2
+        assert "was purged" in capsys.readouterr().err
         monkeypatch.setenv("UNLEARND_MODEL_NAME", "no-such-model")
         get_settings.cache_clear()
         assert main(["calibrate"]) == 2

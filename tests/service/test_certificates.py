@@ -155,3 +155,23 @@ def test_two_models_requests_for_one_cell_each_certify_where_it_went(two_models)
         assert [o.status for o in jobs.drain_model(s_c, store, "tiny-mtl-c")] == ["completed"]  # C's propagate job
         assert certificate(mine) == ([TINY_B, "tiny-mtl-c"], [])
         assert certificate(theirs) == ([TINY, "tiny-mtl-c"], [])
+
+
+def test_a_key_whose_write_failed_leaves_nothing_and_an_empty_out_is_refused(tmp_path, monkeypatch, capsys):
+    """A failed write (a full disk) left an empty key file that every retry refused as a key
+    not to be overwritten, and that serve refused as no key."""
+    import errno
+
+    out = tmp_path / "key.pem"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full)
+        assert cli_main(["certificate-key", "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err and not out.exists()
+    assert cli_main(["certificate-key", "--out", str(out)]) == 0 and load_signer(out)
+    capsys.readouterr()
+    assert cli_main(["certificate-key", "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err
