@@ -109,8 +109,9 @@ def _key_check(dependant) -> typing.Callable | None:
 async def _unreadable_json(request: StrictJSONRequest) -> bool:
     """Whether a JSON body of ``request`` is there and cannot be read (FastAPI answers it
     with a 400 before any dependency runs); the body read stays cached on ``request``."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+    from .problems import is_json_media
+
+    if not is_json_media(request.headers.get("content-type", "").split(";")[0].strip().lower()):
         return False
     if not await request.body():
         return False

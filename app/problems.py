@@ -69,7 +69,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             "the request body is not valid JSON"
         return problem(request, 400, "Malformed JSON", detail, "malformed-json", errors=errors)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not _is_json(media) and any(e["loc"][:1] == ["body"] for e in errors):
+    if not is_json_media(media) and any(e["loc"][:1] == ["body"] for e in errors):
         # FastAPI reads a body of another type, or of none (strict_content_type), as raw
         # bytes and reports it as a body of the wrong shape; the mistake is the type
         return problem(request, 415, "Unsupported media type",
@@ -83,7 +83,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return problem(request, 422, "Validation failed", detail, "validation-error", errors=errors)
 
 
-def _is_json(media: str) -> bool:
+def is_json_media(media: str) -> bool:
+    """Whether ``media`` (a Content-Type without parameters) is JSON: application/json or application/*+json."""
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 

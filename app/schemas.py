@@ -74,7 +74,8 @@ def _digits(what: str):
     def check(value: Any) -> Any:
         # pydantic's lax int reads "1.0", "+1", "01" and "1_0" (as 10) too
         # "0" passes: the field's own bounds (ge=1) say what is wrong with it
-        if isinstance(value, str) and not (value.isascii() and value.isdigit() and (value[:1] != "0" or value == "0")):
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()
+                                           and (value[:1] != "0" or value == "0")):
             raise ValueError(f"must be {what}: decimal digits, no sign, no leading zero")
         return value
 
