@@ -174,18 +174,19 @@ def check_reference(model, train: MultiTaskDataset, reference: MultiTaskDataset,
         raise JobInputError("the held-out reference is empty: interference_aware's levels come from it; "
                             "leave it out to use the test set")
     check_model_matches(model, train, reference, name="reference")
-    shared = sorted(set(reference.instance_ids) & set(train.instance_ids))
+    def some(ids: set[str]) -> str:  # the first three, and how many more
+        ids = sorted(ids)
+        return ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+
+    shared = set(reference.instance_ids) & set(train.instance_ids)
     if shared:
-        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
-        raise JobInputError(f"the held-out reference holds training instances ({', '.join(shared[:3])}{more}): "
+        raise JobInputError(f"the held-out reference holds training instances ({some(shared)}): "
                             f"held-out data is data the model was not trained on")
-    if test is not None and reference.instance_ids != test.instance_ids:
-        overlap = sorted(set(reference.instance_ids) & set(test.instance_ids))
-        if overlap:
-            more = f" and {len(overlap) - 3} more" if len(overlap) > 3 else ""
-            raise JobInputError(f"the held-out reference shares instances with the test set ({', '.join(overlap[:3])}"
-                                f"{more}), where the audit's attack takes its non-members: give held-out data apart "
-                                f"from it, or leave the reference out to use the test set")
+    overlap = set(reference.instance_ids) & set(test.instance_ids) if test is not None else set()
+    if overlap and reference.instance_ids != test.instance_ids:
+        raise JobInputError(f"the held-out reference shares instances with the test set ({some(overlap)}), where "
+                            f"the audit's attack takes its non-members: give held-out data apart from it, or leave "
+                            f"the reference out to use the test set")
 
 
 def _eval_context(cache: dict, model, train, test, device) -> EvalContext:

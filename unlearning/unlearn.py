@@ -200,6 +200,8 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
         raise UnlearnCliError(f"{out} already exists and is not an empty directory")
     if not isinstance(reference_scenes, int) or isinstance(reference_scenes, bool) or reference_scenes < 0:
         raise UnlearnCliError(f"--reference-scenes must be 0 or more, got {reference_scenes!r}")
+    if reference_scenes and method != "interference_aware":  # the one method that reads held-out data
+        raise UnlearnCliError(f"a held-out reference is interference_aware's; method {method!r} reads none")
     config = dict(config or {})
     if calibrate:
         if method != "interference_aware":

@@ -143,6 +143,8 @@ def test_unlearnd_unlearn_delegates_with_every_argument(checkpoint, tmp_path, ca
      "'shadow_scores' ['partial']['indoor-00001']['depth'] must be a score in [0, 1], got 5"),
     (["--instance", "indoor-00001", "--config", f'{{"shadow_seed": {2**64}}}'], "'shadow_seed' must be >= "),
     (["--instance", "indoor-00001", "--reference-scenes", "-2"], "--reference-scenes must be 0 or more, got -2"),
+    (["--instance", "indoor-00001", "--method", "finetune", "--reference-scenes", "4"],
+     "a held-out reference is interference_aware's; method 'finetune' reads none"),
 ])
 def test_bad_requests_exit_2_naming_the_problem_and_write_nothing(checkpoint, tmp_path, capsys, args, message):
     rc, _, err = run(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")] + args, capsys)

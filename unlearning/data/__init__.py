@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from .base import Batch, Cell, MultiTaskDataset
 
-__all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "SYNTHETIC_DATASETS", "canonical_json", "canonical_spec",
-           "dataset_key", "dataset_tasks", "load_reference"]
+__all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "SYNTHETIC_DATASETS", "canonical_json",
+           "canonical_spec", "dataset_key", "dataset_tasks", "load_reference"]
 
 #: rendered by unlearning.data.renderer (its FLAVOUR_TASKS), any number of scenes; the others are read from files
 SYNTHETIC_DATASETS = ("indoor", "street")

@@ -106,7 +106,7 @@ def unlearn(model, data, config):
             if step == 0:
                 # The student is still the teacher: D_f is 0 and so is its gradient, but for
                 # rounding noise (~1e-8) that Adam's normalisation turned into a full-size step in
-                # random directions (81% of the weights moved by up to ~lr in full mode). The
+                # random directions (82% of the weights moved by up to ~lr in full mode). The
                 # rule's step is 0 (the reference's SGD moves nothing): no gradient, no update.
                 return {"max": 1, "forget_divergence": d_f.detach()}
             (-d_f).backward()
