@@ -113,12 +113,36 @@ def publisher_for(settings: Settings, store: ModelStore) -> tuple[Publish, InPro
     return worker.publish, worker
 
 
+def models_with_queued_work(settings: Settings) -> list[str]:
+    """The models with a queued deletion request or a queued job in the record."""
+    from sqlalchemy import select
+
+    from .db import transaction
+    from .tables import DeletionRequest, Job
+
+    with transaction(settings.database_url) as session:
+        names = set(session.execute(select(DeletionRequest.model_name).where(
+            DeletionRequest.status == "queued").distinct()).scalars())
+        names |= set(session.execute(select(Job.model_name).where(Job.status == "queued").distinct()).scalars())
+    return sorted(names)
+
+
 def start_background(settings: Settings) -> Callable[[], None]:
-    """Start the relay and the sweeper (and the in-process worker without a broker); returns ``stop()``."""
+    """Start the relay and the sweeper (and the in-process worker without a broker); returns ``stop()``.
+
+    The in-process worker's queue is memory: announcements it held when the process stopped
+    were relayed (their outbox rows marked published) and are gone, so it starts with every
+    model that has queued work. Before, those requests waited for the sweeper to find them
+    stale (``stale_after_s``, 10 minutes by default) after every restart."""
     store = store_for(settings.store_dir)
     publish, worker = publisher_for(settings, store)
     if worker is not None:
         worker.start()
+        try:
+            for name in models_with_queued_work(settings):
+                worker.announce(name)
+        except Exception:  # the record is not reachable yet: the sweeper finds the work later
+            log.warning("in-process worker: could not read the queued work at start", exc_info=True)
     stopping = threading.Event()
     threads = [
         _Every("unlearnd-outbox-relay", settings.relay_interval_s, lambda: relay_once(settings, publish), stopping),

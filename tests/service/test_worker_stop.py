@@ -146,3 +146,37 @@ def test_stops_do_not_count_as_attempts(tiny, monkeypatch):
     assert [o.status for o in done] == ["completed"]
     final = _record(s, request_id)
     assert final["job"] == ("completed", 4) and final["request"] == "completed" and final["chain"]
+
+
+def test_the_in_process_worker_starts_with_the_queued_work_it_held_when_it_stopped(settings, tmp_path, monkeypatch):
+    """Its queue is memory: announcements relayed to it (outbox rows marked published) and not
+    yet run when the API stopped were gone, and their requests waited for the sweeper to find
+    them stale (10 minutes) after the restart. It now starts with every model with queued work."""
+    from worker import background
+    from worker.outbox import relay_once
+
+    from .conftest import on_sqlite, register_model
+
+    s = on_sqlite(settings, tmp_path).model_copy(update={"store_dir": tmp_path / "models"})
+    a, b = register_model(s, "a"), register_model(s, "b")
+    from worker.requests import submit_deletion
+
+    for m in (a, b):
+        with transaction(s.database_url) as session:
+            submit_deletion(session, s, instance_id=m.train_ids[0], tasks=["depth"], model=m.name)
+    held = InProcessWorker(s, store=None)  # never started: what a stopped worker's queue held, lost
+    assert relay_once(s, held.publish) == 2
+    with transaction(s.database_url) as session:
+        assert not session.execute(select(OutboxMessage).where(OutboxMessage.published_at.is_(None))).first()
+
+    ran = []
+    monkeypatch.setattr(background, "drain_model", lambda settings_, store, name, stop=None: ran.append(name) or [])
+    stop = background.start_background(s)
+    try:
+        for _ in range(100):
+            if sorted(ran) == ["a", "b"]:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        stop()
+    assert sorted(ran) == ["a", "b"]
