@@ -816,3 +816,72 @@ def test_infinite_losses_rank_last_and_do_not_make_a_level_nan():
     tau = levels(torch.tensor([1.0, 2.0, inf, inf, nan]), torch.tensor([0.9, 0.5, 0.0]))
     assert tau.tolist() == [2.0, 2.0, 1.0]
     assert levels(torch.tensor([inf, nan]), torch.tensor([0.5])).isnan().all()
+
+
+def test_span_basis_of_more_references_than_elements():
+    """A 2-element tensor (a width-2 GroupNorm, a binary head's bias) with three conflicting
+    references: QR's R has two diagonal entries for three norms, and the check crashed."""
+    from unlearning.methods.interference_aware import _span_basis
+
+    a = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    q = _span_basis(a)
+    assert q.shape == (2, 2) and torch.allclose(q.T @ q, torch.eye(2), atol=1e-6)
+    one = _span_basis(torch.tensor([[1.0, 2.0, -1.0]]))
+    assert one.shape == (1, 1) and abs(float(one[0, 0])) == pytest.approx(1.0)
+
+
+def test_interference_aware_configurations_that_cannot_run_are_refused():
+    from unlearning.methods.params import config_problems
+
+    assert any("shadow_folds" in p for p in config_problems("interference_aware", {"shadow_folds": 1}))
+    assert any("max_norm" in p for p in config_problems("interference_aware", {"max_norm": 0.0, "optimizer": "sgd"}))
+    assert config_problems("interference_aware", {"shadow_folds": 2, "max_norm": 0.5}) == []
+
+
+def test_heads_only_partial_leaves_a_full_erasure_to_the_shared_layers_too(memorised):
+    """The instance's depth was erased before; erasing its other tasks now takes it out of the
+    data (full mode), and the shared layers were frozen all the same (the option was gated on
+    the job's protected tasks, not on each instance's mode)."""
+    model, train, test = memorised
+    earlier = train.without([("i0", "depth")])
+    cells = [("i0", "segmentation"), ("i0", "normal")]
+    data = UnlearnData(earlier, cells, earlier.without(cells), heldout=test)
+    unlearned, log = get_method("interference_aware")(model, data, {"steps": 5, "heads_only_partial": True})
+    before, after = model.state_dict(), unlearned.state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before if not n.startswith("heads."))
+    assert all(torch.equal(before[n], after[n]) for n in before if n.startswith("heads.depth."))
+    assert all(n.startswith("heads.depth.") for n in log["frozen_parameters"])
+
+
+def test_repairing_the_protected_heads_leaves_frozen_shared_layers_frozen(memorised):
+    model, train, test = memorised
+    cells = [(i, "depth") for i in train.instance_ids[:3]]
+    shared = [n for n in model.state_dict() if not n.startswith("heads.")]
+    for cfg, moved_heads in (({"steps": 3, "repair_steps": 3, "repair_protected_heads": True,
+                               "heads_only_partial": True}, True),
+                             ({"steps": 3, "repair_steps": 0, "repair_protected_heads": True,
+                               "heads_only_partial": True}, False)):
+        unlearned, log = get_method("interference_aware")(model, _data(train, test, cells), cfg)
+        before, after = model.state_dict(), unlearned.state_dict()
+        assert all(torch.equal(before[n], after[n]) for n in shared)  # the repair trained them too
+        protected = [n for n in before if n.startswith(("heads.segmentation.", "heads.normal."))]
+        assert any(not torch.equal(before[n], after[n]) for n in protected) == moved_heads
+        # the log names what no step moved (it said [] whenever the option was set)
+        params = {n for n, _ in model.named_parameters()}
+        assert set(log["frozen_parameters"]) == {n for n in params if not n.startswith("heads.")} | (
+            set() if moved_heads else {n for n in params if n.startswith(("heads.segmentation.", "heads.normal."))})
+
+
+def test_progress_ends_at_one_when_settling_ends_early(memorised):
+    """A cell inside its band from the start: settling ends after settle_steps, far below
+    the step budget, and the method's progress used to stop there (0.025)."""
+    from unlearning.losses import per_sample_losses
+
+    model, train, test = memorised
+    seen = []
+    loss = float(per_sample_losses(model, train, [0])["depth"][0])
+    data = _data(train, test, [("i0", "depth")], progress=seen.append)
+    _, log = get_method("interference_aware")(model, data, {"steps": 200, "settle_steps": 2, "repair_steps": 3,
+                                                            "tau": {"depth": loss / 1.05}})
+    assert log["steps"] < 200 and seen[-2] < 0.5  # ended early
+    assert seen[-1] == 1.0 and seen == sorted(seen)

@@ -736,11 +736,12 @@ def _span_basis(a: torch.Tensor) -> torch.Tensor:
     of the forget gradient: then the left singular vectors of the columns scaled to unit
     norm. Each column is judged against its own norm (``|R_ii| / ‖a_i‖``; a small but
     independent reference is a direction like any other), with a tolerance of 10 √n
-    machine epsilons, above the rounding of an n-element QR."""
+    machine epsilons, above the rounding of an n-element QR. More columns than elements (a
+    2-element tensor, three references) cannot all add a direction: the SVD path too."""
     q, r = torch.linalg.qr(a)
     norms = r.norm(dim=0)  # ‖a_i‖ = ‖R e_i‖ (Q orthonormal): no second pass over the n-element columns
     tol = 10.0 * math.sqrt(max(a.shape)) * torch.finfo(a.dtype).eps
-    if bool((r.diagonal().abs() > tol * norms).all()):
+    if a.shape[0] >= a.shape[1] and bool((r.diagonal().abs() > tol * norms).all()):
         return q
     u, sv, _ = torch.linalg.svd(a / norms.clamp_min(torch.finfo(a.dtype).tiny), full_matrices=False)
     return u[:, sv > tol * sv.max()]
@@ -980,7 +981,9 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     # --- trainable parameters: shared + forget heads (protected heads frozen)
     named = dict(student.named_parameters())
     frozen = {n for n in named if any(n.startswith(f"heads.{t}.") for t in protected)}
-    if protected and cfg["heads_only_partial"]:
+    if protected and cfg["heads_only_partial"] and all(keeps):
+        # partial mode is each instance's: one that leaves the data (its other tasks erased
+        # before) is a full erasure, which the shared layers take part in
         frozen |= {n for n in named if not n.startswith("heads.")}
     train_names = [n for n in named if n not in frozen]
     params = [named[n] for n in train_names]
@@ -1126,17 +1129,23 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         if data.progress is not None:
             data.progress(steps_done / max(total_budget, 1))
 
-    # --- optional repair: retain only
-    repair_params = params
+    # --- optional repair: retain only (with repair_protected_heads, the protected heads too; a
+    # shared layer frozen by heads_only_partial stays frozen)
+    repair_names = train_names
     if cfg["repair_protected_heads"] and protected:
-        repair_params = list(student.parameters())
+        repair_names = [n for n in named if n not in frozen or n.startswith("heads.")]
+    repair_params = [named[n] for n in repair_names]
+    repaired = 0
     for step in range(0 if nothing_to_forget else int(cfg["repair_steps"])):
         r_out = retain_grads(repair_params)
         _, g_r = stepper.precondition(repair_params, [None] * len(repair_params), _mean_retain(r_out, len(repair_params), 1.0))
         stepper.step(repair_params, g_r)
         steps_done += 1
+        repaired += 1
         if data.progress is not None:
             data.progress(steps_done / max(total_budget, 1))
+    if data.progress is not None:
+        data.progress(1.0)  # settling may end before its budget: the work is done
 
     with torch.no_grad():
         final = cell_losses(student, forget, forget_tasks)
@@ -1152,7 +1161,8 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         "calibration": calibration,
         "forget_tasks": forget_tasks,
         "protected_tasks": protected,
-        "frozen_parameters": sorted(frozen) if not cfg["repair_protected_heads"] else [],
+        # what no step moved: a repair that ran trained repair_names too
+        "frozen_parameters": sorted(n for n in frozen if not (repaired and n in repair_names)),
         "projector_ranks": {n: int(q.shape[1]) for n, q in projectors.items()},
         "retain_references": [r.name for r in refs] + (["random"] if n_random > 0 else []),
         "nearest_retained": nearest,  # the instances of the "nearest" reference

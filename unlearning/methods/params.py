@@ -48,7 +48,8 @@ RANGES = {
     ("*", "fisher_samples"): (1, None, True),
     ("*", "lr"): (0, None, False),
     ("*", "temperature"): (0, None, False),
-    ("interference_aware", "shadow_folds"): (1, None, True),
+    ("interference_aware", "shadow_folds"): (2, None, True),  # one fold: the full-mode shadow trains on nothing
+    ("interference_aware", "max_norm"): (0, None, False),  # sgd: the update's norm is divided by it
     ("interference_aware", "subspace_samples"): (1, None, True),
     ("interference_aware", "tau_refresh_sample"): (1, None, True),
     ("interference_aware", "tau_quantile"): (0, 1, True),
