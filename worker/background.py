@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Callable
 
 from model_store import ModelStore, store_for
@@ -88,19 +89,37 @@ class InProcessWorker:
 
 
 class _Every(threading.Thread):
-    """Calls ``fn`` now and then every ``interval`` seconds until stopped; errors are logged."""
+    """Calls ``fn`` now and then every ``interval`` seconds until stopped. A failure is logged
+    with its traceback when a run of them begins and once when a call succeeds again, in
+    between at DEBUG: with the database down the relay logged a traceback every second."""
 
     def __init__(self, name: str, interval: float, fn: Callable[[], object], stopping: threading.Event):
         super().__init__(name=name, daemon=True)
         self.interval, self.fn, self.stopping = interval, fn, stopping
+        self.failing_since: float | None = None
+        self.failures = 0
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            try:
-                self.fn()
-            except Exception:
-                log.exception("%s failed", self.name)
+            self.call()
             self.stopping.wait(self.interval)
+
+    def call(self) -> None:
+        try:
+            self.fn()
+        except Exception:
+            self.failures += 1
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                log.exception("%s failed; it goes on trying every %ss (logged again when it succeeds)",
+                              self.name, self.interval)
+            else:
+                log.debug("%s failed again", self.name, exc_info=True)
+            return
+        if self.failing_since is not None:
+            log.warning("%s succeeds again after %d failure(s) over %.0f s", self.name, self.failures,
+                        time.monotonic() - self.failing_since)
+            self.failing_since, self.failures = None, 0
 
 
 def publisher_for(settings: Settings, store: ModelStore) -> tuple[Publish, InProcessWorker | None]:

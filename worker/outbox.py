@@ -66,6 +66,10 @@ def relay_once(settings: Settings, publish: Publish, batch: int = 100) -> int:
                 published += 1
     if published:
         _broker_answered(published)
+    elif not rows:
+        # nothing to publish: another relay published the backlog once the broker answered
+        # (this one never saw it answer), and its next failure is a new outage, logged as one
+        _outage_over_elsewhere()
     return published
 
 
@@ -93,6 +97,14 @@ def _broker_answered(published: int) -> None:
     if since is not None:
         log.warning("outbox: the broker answers again after %.0f s; published %d message(s)",
                     (utcnow() - since).total_seconds(), published)
+
+
+def _outage_over_elsewhere() -> None:
+    with _outage_lock:
+        since, _outage["since"] = _outage["since"], None
+    if since is not None:
+        log.info("outbox: no message is left to publish (another relay published them); the outage that began "
+                 "%.0f s ago is taken as over", (utcnow() - since).total_seconds())
 
 
 def sweep_once(settings: Settings, publish: Publish) -> dict:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, select, text
+from sqlalchemy import delete, select, text, update
 
 from app.main import create_app
 from model_store import LocalModelStore
@@ -1013,6 +1013,56 @@ def test_the_relay_keeps_messages_through_a_broker_outage_and_logs_it_twice(tiny
     assert sent == [{"model_name": TINY}]
     warnings = [r.getMessage() for r in caplog.records if r.name == "worker.outbox"]
     assert len(warnings) == 2 and "failed" in warnings[0] and "answers again" in warnings[1]
+
+
+def test_an_outage_another_relay_saw_end_does_not_hide_the_next_one(tiny, caplog):
+    """Two relays (the API's thread and beat's task, or two replicas): when the broker came
+    back, the other one published the backlog, this one found nothing to publish and kept
+    its outage flag, so the next outage, days later, was logged at DEBUG only."""
+    import logging
+
+    from worker.outbox import relay_once
+
+    s, _, ids = tiny
+
+    def down(topic, payload):
+        raise ConnectionError("broker unreachable")
+
+    with caplog.at_level(logging.INFO, logger="worker.outbox"):
+        _submit(s, ids[0])
+        assert relay_once(s, down) == 0  # this relay sees the outage begin
+        with transaction(s.database_url) as session:  # the other relay, in another process, publishes the backlog
+            session.execute(update(OutboxMessage).values(published_at=utcnow()))
+        assert relay_once(s, down) == 0  # nothing left: no publish tried, the outage is over here too
+        _submit(s, ids[1])
+        assert relay_once(s, down) == 0  # the next outage
+        assert relay_once(s, lambda topic, payload: None) == 1  # and its end (the flag is the process's)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "worker.outbox" and r.levelno >= logging.WARNING]
+    assert len([w for w in warnings if "failed" in w]) == 2, warnings
+
+
+def test_a_background_task_logs_a_run_of_failures_once_and_its_end(caplog):
+    """With the database down the relay logged a traceback every second."""
+    import logging
+
+    from worker.background import _Every
+
+    state = {"down": True}
+
+    def relay():
+        if state["down"]:
+            raise ConnectionError("database unreachable")
+
+    task = _Every("unlearnd-outbox-relay", 1.0, relay, threading.Event())
+    with caplog.at_level(logging.WARNING, logger="worker.background"):
+        for _ in range(30):
+            task.call()
+        state["down"] = False
+        task.call()
+        task.call()
+    messages = [r.getMessage() for r in caplog.records if r.name == "worker.background"]
+    assert len(messages) == 2, messages
+    assert "failed; it goes on trying" in messages[0] and "succeeds again after 30 failure(s)" in messages[1]
 
 
 def test_a_database_error_right_after_the_claim_puts_the_job_back(tiny, monkeypatch):
