@@ -37,6 +37,7 @@ class InProcessWorker:
         self._pending: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._failing: set[str] = set()  # models whose last run raised (the thread's own state)
         self._thread = threading.Thread(target=self._run, name="unlearnd-inprocess-worker", daemon=True)
 
     def start(self) -> "InProcessWorker":
@@ -74,10 +75,17 @@ class InProcessWorker:
             try:
                 outcomes = drain_model(self.settings, self.store, model_name, stop=self._stopping)
             except Exception:  # the database hiccuped: try again shortly
-                log.exception("in-process worker: processing %s failed", model_name)
-                outcomes = []
+                if model_name not in self._failing:  # a traceback when a run of failures begins, not each retry
+                    self._failing.add(model_name)
+                    log.exception("in-process worker: processing %s failed; retried every %ss (logged again "
+                                  "when it succeeds)", model_name, self.retry_s)
+                else:
+                    log.debug("in-process worker: processing %s failed again", model_name, exc_info=True)
                 self._retry_later(model_name)
                 continue
+            if model_name in self._failing:
+                self._failing.discard(model_name)
+                log.warning("in-process worker: processing %s succeeds again", model_name)
             if outcomes and outcomes[0].status == "busy":
                 self._retry_later(model_name)
 

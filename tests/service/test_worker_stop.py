@@ -180,3 +180,32 @@ def test_the_in_process_worker_starts_with_the_queued_work_it_held_when_it_stopp
     finally:
         stop()
     assert sorted(ran) == ["a", "b"]
+
+
+def test_the_in_process_worker_logs_a_models_run_of_failures_once_and_its_end(settings, monkeypatch, caplog):
+    """With the database down it logged a traceback on every 2-second retry."""
+    import logging
+
+    from worker import background
+
+    state = {"left": 5}
+
+    def drain(settings_, store, name, stop=None):
+        if state["left"]:
+            state["left"] -= 1
+            raise ConnectionError("database unreachable")
+        return []
+
+    monkeypatch.setattr(background, "drain_model", drain)
+    worker = InProcessWorker(settings, store=None, retry_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="worker.background"):
+        worker.start()
+        worker.announce("a")
+        for _ in range(200):
+            if any("succeeds again" in r.getMessage() for r in caplog.records):
+                break
+            threading.Event().wait(0.02)
+        worker.stop()
+    messages = [r.getMessage() for r in caplog.records if r.name == "worker.background"]
+    assert len(messages) == 2, messages
+    assert "processing a failed; retried" in messages[0] and "processing a succeeds again" in messages[1]
