@@ -149,8 +149,11 @@ def forget_projector(subspaces: dict[str, torch.Tensor], forget_tasks: Iterable[
 
 def cached_subspaces(model, dataset: MultiTaskDataset, cache: dict, energy: float, n_samples: int, seed: int = 0, device=None):
     """:func:`task_subspaces` over all of ``dataset``'s tasks, memoised in ``cache`` (the
-    caller's per-model-version dict) under a key naming the settings."""
-    key = ("task_subspaces", float(energy), int(n_samples), int(seed), len(dataset))
+    caller's per-model-version dict) under a key naming the settings and the cells they are
+    computed from (by the dataset's size alone, a dataset with a cell erased since read the
+    subspaces that cell's gradients had shaped)."""
+    key = ("task_subspaces", float(energy), int(n_samples), int(seed), tuple(dataset.instance_ids),
+           dataset.available.cpu().numpy().tobytes())
     if key not in cache:
         cache[key] = task_subspaces(model, dataset, energy=energy, n_samples=n_samples, seed=seed, device=device)
     return cache[key]

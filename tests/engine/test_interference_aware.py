@@ -885,3 +885,23 @@ def test_progress_ends_at_one_when_settling_ends_early(memorised):
                                                             "tau": {"depth": loss / 1.05}})
     assert log["steps"] < 200 and seen[-2] < 0.5  # ended early
     assert seen[-1] == 1.0 and seen == sorted(seen)
+
+
+def test_what_is_cached_from_the_training_data_is_keyed_by_its_cells(memorised):
+    """The features and the task subspaces were keyed by the training set's size: a job with
+    one instance erased in place of another found no features for its own instances, and a
+    dataset with a cell erased since read subspaces that cell's gradients had shaped."""
+    from unlearning.methods.interference_aware import representation
+    from unlearning.projection import cached_subspaces
+
+    model, train, test = memorised
+    cache: dict = {}
+    first, second = train.without([("i0", t) for t in train.tasks]), train.without([("i1", t) for t in train.tasks])
+    assert len(first) == len(second)
+    representation(model, UnlearnData(first, [("i2", "depth")], first, heldout=test, cache=cache))
+    feats = representation(model, UnlearnData(second, [("i2", "depth")], second, heldout=test, cache=cache))
+    assert "i0" in feats and "i1" not in feats  # second's own instances
+    a = cached_subspaces(model, train, cache, 0.5, 4)
+    partly = train.without([("i3", "depth")])
+    assert len(partly) == len(train) and cached_subspaces(model, partly, cache, 0.5, 4) is not a
+    assert cached_subspaces(model, train, cache, 0.5, 4) is a  # the same cells: the cached entry

@@ -486,7 +486,9 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
 @torch.no_grad()
 def representation(model, data: UnlearnData, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Pooled, L2-normalised encoder features of every training instance under the original model (cached)."""
-    key = ("features", len(data.train))
+    # keyed by the instances (by their count, another training set of the same size, one
+    # instance erased in place of another, found the first's table and no entry for its own)
+    key = ("features", tuple(data.train.instance_ids))
     if key not in data.cache:
         was = model.training
         model.eval()
