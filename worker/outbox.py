@@ -91,17 +91,22 @@ def _broker_failed(row) -> None:
         log.debug("outbox: the broker is still unreachable")
 
 
-def _broker_answered(published: int) -> None:
+def _end_outage():
+    """When the outage this relay saw began (None when it saw none); it is over now."""
     with _outage_lock:
         since, _outage["since"] = _outage["since"], None
+    return since
+
+
+def _broker_answered(published: int) -> None:
+    since = _end_outage()
     if since is not None:
         log.warning("outbox: the broker answers again after %.0f s; published %d message(s)",
                     (utcnow() - since).total_seconds(), published)
 
 
 def _outage_over_elsewhere() -> None:
-    with _outage_lock:
-        since, _outage["since"] = _outage["since"], None
+    since = _end_outage()
     if since is not None:
         log.info("outbox: no message is left to publish (another relay published them); the outage that began "
                  "%.0f s ago is taken as over", (utcnow() - since).total_seconds())

@@ -1137,13 +1137,12 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     if cfg["repair_protected_heads"] and protected:
         repair_names = [n for n in named if n not in frozen or n.startswith("heads.")]
     repair_params = [named[n] for n in repair_names]
-    repaired = 0
-    for step in range(0 if nothing_to_forget else int(cfg["repair_steps"])):
+    repaired = 0 if nothing_to_forget else int(cfg["repair_steps"])
+    for step in range(repaired):
         r_out = retain_grads(repair_params)
         _, g_r = stepper.precondition(repair_params, [None] * len(repair_params), _mean_retain(r_out, len(repair_params), 1.0))
         stepper.step(repair_params, g_r)
         steps_done += 1
-        repaired += 1
         if data.progress is not None:
             data.progress(steps_done / max(total_budget, 1))
     if data.progress is not None:
