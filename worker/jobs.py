@@ -805,7 +805,8 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
     unpublished in the store) and returns ``requeued``, up to ``MAX_JOB_REBASES`` times,
     after which it fails (:class:`JobFailed`, so the job and its requests are failed with
     ``job.failed``: a bounded end where other models' erasures keep landing during each
-    run); a reapply fails at once (roll back again; the alias stays where it was).
+    run). A reapply is rebased on its own base, the rollback's target, with the erasures
+    published since added to its cells (the alias stays where it was until it publishes).
 
     New tombstones are announced (``process_model``) to every other model whose
     dataset is this one: the data is erased, so each must follow (``propagate``)."""
@@ -843,14 +844,14 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
         have = erased_cells(session, manifest.dataset)  # cell -> the request that erased it
         unsafe = _unsafe_to_serve(job, previous, manifest, have.keys())
         if unsafe is not None:
-            if job.kind == "reapply":
-                raise JobFailed(f"not published: {unsafe}; roll back again")
             rebases = int((job.params or {}).get("rebases", 0))
             if rebases >= MAX_JOB_REBASES:
                 raise JobFailed(f"not published: {unsafe}; rebased {rebases} times already (MAX_JOB_REBASES), "
                                 "each time another model on the dataset published an erasure, or the serving "
                                 "alias moved, while it ran")
-            _rebase(session, job, previous, have, unsafe, version)
+            # A reapply stays on its rollback's target (the alias moves when it publishes);
+            # a deletion or propagate job moves to the serving version.
+            _rebase(session, job, job.base_version if job.kind == "reapply" else previous, have, unsafe, version)
             return JobOutcome("requeued", model_name, job_id, error=f"rebased: {unsafe}")
 
         now = utcnow()
@@ -949,9 +950,9 @@ def _unsafe_to_serve(job: Job, serving: int | None, manifest: Manifest, tombston
 
 def _rebase(session: Session, job: Job, serving: int | None, tombstoned: dict, unsafe: str,
             unpublished_version: int) -> None:
-    """Put a deletion job whose artifact must not be served back in the queue on the
-    ``serving`` version, with every tombstoned cell that version still holds added to its
-    cells (the new base may itself lack erasures: a rollback's target). ``tombstoned``:
+    """Put a job whose artifact must not be served back in the queue on the ``serving``
+    version (a reapply: its own base), with every tombstoned cell that version still holds
+    added to its cells (the new base may itself lack erasures: a rollback's target). ``tombstoned``:
     :func:`~worker.datasets.erased_cells`, cell -> the request that erased it."""
     _put_back(session, job, "job.rebased", reason=f"not published: {unsafe}", from_base=job.base_version,
               to_base=serving, unpublished_version=unpublished_version)

@@ -410,16 +410,34 @@ def test_publish_rebases_a_deletion_whose_base_stopped_serving(tiny):
     _assert_serving_erases_every_tombstone(s)
 
 
-def test_publish_refuses_a_reapply_missing_an_erasure(tiny):
+def test_a_reapply_missing_an_erasure_is_rebased_on_its_own_base(tiny):
+    """A reapply whose artifact misses an erasure published while it ran is not served: it
+    runs again on the rollback's target with that erasure added, and only then moves the alias."""
     s, store, ids = tiny
     _submit(s, ids[0])
     jobs.drain_model(s, store, TINY)  # v2 erases ids[0]
     with transaction(s.database_url) as session:  # a reapply on v1 that misses that erasure (a raced rollback's)
-        session.add(Job(model_name=TINY, kind="reapply", status="queued", method=s.method, base_version=1,
-                        params={"cells": [[ids[2], "depth"]], "request_ids": []}))
-    outcome = jobs.drain_model(s, store, TINY)[0]
-    assert outcome.status == "failed" and "still contains cells erased" in outcome.error
-    assert _serving(s).version == 2
+        job = Job(model_name=TINY, kind="reapply", status="queued", method=s.method, base_version=1,
+                  params={"cells": [[ids[2], "depth"]], "request_ids": []})
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    claim = jobs.claim_next(s, TINY)
+    assert claim.job_id == job_id
+    outcome = jobs.run_job(s, store, claim.job_id, claim.attempt)
+    assert outcome.status == "requeued" and "still contains cells erased" in outcome.error
+    assert _serving(s).version == 2  # nothing published
+    with transaction(s.database_url) as session:
+        rebased = session.get(Job, job_id)
+        assert (rebased.status, rebased.base_version, rebased.params["rebases"]) == ("queued", 1, 1)
+        assert {tuple(c) for c in rebased.params["cells"]} == {(ids[2], "depth"), (ids[0], "depth")}
+
+    rerun = jobs.drain_model(s, store, TINY)
+    assert [(o.status, o.job_id) for o in rerun] == [("completed", job_id)]
+    served = _serving(s)
+    assert (served.parent_version, served.job_id) == (1, job_id)
+    assert {tuple(c) for c in served.erased_cells} >= {(ids[0], "depth"), (ids[2], "depth")}
+    _assert_serving_erases_every_tombstone(s)
 
 
 # --------------------------------------------------------------------------- two models on one dataset
