@@ -24,6 +24,32 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
+class _FailureRun:
+    """Logs a run of failures of ``what`` once, with its traceback, when it begins (then at
+    DEBUG) and once when it ends: with the database down, the relay and the in-process
+    worker logged a traceback on every retry."""
+
+    def __init__(self, what: str, every: float):
+        self.what, self.every = what, every
+        self.since: float | None = None
+        self.failures = 0
+
+    def failed(self) -> None:
+        """Call from an ``except`` block."""
+        self.failures += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            log.exception("%s failed; retried every %ss (logged again when it succeeds)", self.what, self.every)
+        else:
+            log.debug("%s failed again", self.what, exc_info=True)
+
+    def succeeded(self) -> None:
+        if self.since is not None:
+            log.warning("%s succeeds again after %d failure(s) over %.0f s", self.what, self.failures,
+                        time.monotonic() - self.since)
+            self.since, self.failures = None, 0
+
+
 class InProcessWorker:
     """A single thread that runs the jobs of the models announced to it, one at a time.
 
@@ -37,7 +63,7 @@ class InProcessWorker:
         self._pending: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._failing: set[str] = set()  # models whose last run raised (the thread's own state)
+        self._failing: dict[str, _FailureRun] = {}  # models whose last run raised (the thread's own state)
         self._thread = threading.Thread(target=self._run, name="unlearnd-inprocess-worker", daemon=True)
 
     def start(self) -> "InProcessWorker":
@@ -75,17 +101,12 @@ class InProcessWorker:
             try:
                 outcomes = drain_model(self.settings, self.store, model_name, stop=self._stopping)
             except Exception:  # the database hiccuped: try again shortly
-                if model_name not in self._failing:  # a traceback when a run of failures begins, not each retry
-                    self._failing.add(model_name)
-                    log.exception("in-process worker: processing %s failed; retried every %ss (logged again "
-                                  "when it succeeds)", model_name, self.retry_s)
-                else:
-                    log.debug("in-process worker: processing %s failed again", model_name, exc_info=True)
+                self._failing.setdefault(
+                    model_name, _FailureRun(f"in-process worker: processing {model_name}", self.retry_s)).failed()
                 self._retry_later(model_name)
                 continue
             if model_name in self._failing:
-                self._failing.discard(model_name)
-                log.warning("in-process worker: processing %s succeeds again", model_name)
+                self._failing.pop(model_name).succeeded()
             if outcomes and outcomes[0].status == "busy":
                 self._retry_later(model_name)
 
@@ -97,15 +118,13 @@ class InProcessWorker:
 
 
 class _Every(threading.Thread):
-    """Calls ``fn`` now and then every ``interval`` seconds until stopped. A failure is logged
-    with its traceback when a run of them begins and once when a call succeeds again, in
-    between at DEBUG: with the database down the relay logged a traceback every second."""
+    """Calls ``fn`` now and then every ``interval`` seconds until stopped; a run of failures
+    is logged once, and its end (:class:`_FailureRun`)."""
 
     def __init__(self, name: str, interval: float, fn: Callable[[], object], stopping: threading.Event):
         super().__init__(name=name, daemon=True)
         self.interval, self.fn, self.stopping = interval, fn, stopping
-        self.failing_since: float | None = None
-        self.failures = 0
+        self.failing = _FailureRun(name, interval)
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -116,18 +135,9 @@ class _Every(threading.Thread):
         try:
             self.fn()
         except Exception:
-            self.failures += 1
-            if self.failing_since is None:
-                self.failing_since = time.monotonic()
-                log.exception("%s failed; it goes on trying every %ss (logged again when it succeeds)",
-                              self.name, self.interval)
-            else:
-                log.debug("%s failed again", self.name, exc_info=True)
+            self.failing.failed()
             return
-        if self.failing_since is not None:
-            log.warning("%s succeeds again after %d failure(s) over %.0f s", self.name, self.failures,
-                        time.monotonic() - self.failing_since)
-            self.failing_since, self.failures = None, 0
+        self.failing.succeeded()
 
 
 def publisher_for(settings: Settings, store: ModelStore) -> tuple[Publish, InProcessWorker | None]:

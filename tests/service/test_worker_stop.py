@@ -208,4 +208,5 @@ def test_the_in_process_worker_logs_a_models_run_of_failures_once_and_its_end(se
         worker.stop()
     messages = [r.getMessage() for r in caplog.records if r.name == "worker.background"]
     assert len(messages) == 2, messages
-    assert "processing a failed; retried" in messages[0] and "processing a succeeds again" in messages[1]
+    assert "processing a failed; retried" in messages[0]
+    assert "processing a succeeds again after 5 failure(s)" in messages[1]
