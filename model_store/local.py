@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from unlearning.cli import loads_strict
 from unlearning.model import (WEIGHTS_FILE, ModelConfig, MultiTaskNet, model_config_from, model_from_safetensors,
                               save_model)
 
@@ -118,7 +119,7 @@ def _read_calibration(path: Path) -> dict | None:
         raise StoreError(f"{path} is {exc}, not a regular file: the service neither reads nor redacts scores "
                          "through it; put the calibration file itself there, or remove it to calibrate again") from None
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = loads_strict(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise StoreError(f"{path} is damaged (not JSON: {exc}); remove it to calibrate again") from None
     if not isinstance(value, dict):
@@ -287,7 +288,7 @@ class LocalModelStore(ModelStore):
         except _NotRegular as exc:
             raise DamagedManifest(f"{path} is {exc}, not a regular file") from None
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = loads_strict(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise DamagedManifest(f"{path} is not UTF-8 text: {exc}") from None
         except RecursionError:

@@ -120,6 +120,29 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+class RepeatedName(ValueError):
+    """A JSON object that gives a name twice (:func:`no_repeated_names`)."""
+
+
+def no_repeated_names(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads``' ``object_pairs_hook`` for objects whose names are unique: it keeps the
+    last of a repeated name, while another reader may keep the first. An UNLEARND_API_KEYS
+    naming a key twice lost the first entry (its token a 401) silently; a request body with
+    two ``instance_id`` values, a manifest with two ``sha256`` fields or a certificate with
+    two ``model`` fields would be read otherwise elsewhere."""
+    seen: dict[str, object] = {}
+    for name, value in pairs:
+        if name in seen:
+            raise RepeatedName(f"the name {name!r} is given twice in one object; give each name once")
+        seen[name] = value
+    return seen
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """``json.loads`` with :func:`no_repeated_names` (a :class:`RepeatedName`, a ValueError)."""
+    return json.loads(text, object_pairs_hook=no_repeated_names)
+
+
 def read_json(path: str | Path, what: str = "") -> Any:
     """The JSON document in the file ``path``; :class:`CliError` when it is missing or not a
     file, unreadable, not UTF-8 text, not JSON, or nested too deeply to parse. ``what``
@@ -131,10 +154,10 @@ def read_json(path: str | Path, what: str = "") -> Any:
     if not path.is_file():
         raise CliError(f"{name} is not a file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_strict(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise CliError(f"{name} is not JSON: it is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RepeatedName) as exc:
         raise CliError(f"{name} is not JSON: {exc}") from None
     except RecursionError:
         raise CliError(f"{name} is nested too deeply to parse") from None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from .cli import loads_strict
 from .tasks import get_task
 
 WEIGHTS_FILE = "model.safetensors"
@@ -211,8 +212,8 @@ def read_model_config(path: str | Path) -> ModelConfig:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint config {path}")
     try:
-        doc = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = loads_strict(path.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, RepeatedName
         raise ValueError(f"{path} is not JSON: {exc}") from None
     except RecursionError:
         raise ValueError(f"{path} is not a checkpoint config: JSON nested too deep") from None

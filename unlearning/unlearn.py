@@ -32,8 +32,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .model import CONFIG_FILE, WEIGHTS_FILE
-from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, is_sha256, json_type, read_json,
-                  report_cli_error, report_interrupted, short_repr, write_dir_atomically)
+from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, is_sha256, json_type, loads_strict,
+                  read_json, report_cli_error, report_interrupted, short_repr, write_dir_atomically)
 
 METRIC_KEYS = ("mode", "forget_tasks", "uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original",
                "mia_auc_expected", "seconds", "unlearn_seconds", "eval_seconds", "reference")
@@ -84,8 +84,8 @@ def method_config(text: str | None) -> dict:
         value = read_json(path, "--config file")
     else:
         try:
-            value = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
+            value = loads_strict(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, RepeatedName
             why = "nested too deeply to parse" if isinstance(exc, RecursionError) else str(exc)
             raise UnlearnCliError(f"--config is neither a JSON object nor a file holding one: {why}") from None
     if not isinstance(value, dict):

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from unlearning.cli import no_repeated_names
+
 #: what an API key may do (app.auth): submit and read deletion requests; read models, versions,
 #: jobs and the audit log; everything, rollback included
 Scope = Literal["deletions", "read", "admin"]
@@ -56,22 +58,6 @@ class ApiKey(BaseModel):
     scopes: list[Scope] = Field(min_length=1)
 
 
-class RepeatedName(ValueError):
-    """A JSON object that gives a name twice (:func:`no_repeated_names`)."""
-
-
-def no_repeated_names(pairs: list[tuple[str, object]]) -> dict:
-    """``json.loads``' ``object_pairs_hook`` for objects whose names are unique: it keeps the
-    last of a repeated name, while another reader may keep the first. An UNLEARND_API_KEYS
-    naming a key twice lost the first entry (its token a 401) silently; a request body with
-    two ``instance_id`` values (app.guards) or a certificate with two ``model`` fields
-    (``unlearnd verify-certificate``) would be read otherwise elsewhere."""
-    seen: dict[str, object] = {}
-    for name, value in pairs:
-        if name in seen:
-            raise RepeatedName(f"the name {name!r} is given twice in one object; give each name once")
-        seen[name] = value
-    return seen
 
 
 def _url_parts(value: str, what: str, use: str):

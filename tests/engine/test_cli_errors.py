@@ -305,6 +305,8 @@ def bench_refused(capsys, argv: list[str], message: str) -> str:
     (["--method-config", "{dir}/m.json"], {"m.json": '{"magic": {}}'}, "unknown method 'magic'"),
     (["--method-config", "{dir}/m.json"], {"m.json": '{"finetune": 3}'}, "'finetune' must map to a JSON object"),
     (["--method-config", "{dir}/m.json"], {"m.json": '{"finetune": {"stepz": 3}}'}, "has no parameter 'stepz'"),
+    (["--method-config", "{dir}/m.json"], {"m.json": '{"finetune": {"steps": 3, "steps": 4}}'},
+     "m.json is not JSON: the name 'steps' is given twice in one object"),
     (["--device", "tpu"], {}, "--device 'tpu' is not a device"),
     (["--out", "{dir}"], {}, "is a directory; --out is the results JSON file"),
     # the summary and plot go next to --out with these suffixes: over the results (and over
@@ -460,7 +462,11 @@ def test_unlearn_refuses_bad_cells_before_its_progress_bar(checkpoint, tmp_path,
     ("[" * 100_000, {}, "--config is neither a JSON object nor a file holding one: nested too deeply"),
     ("steps=3", {}, "--config is neither a JSON object nor a file holding one"),
     ("{dir}", {}, "is not a file"),
-], ids=["absent", "relative absent", "bad JSON", "binary", "array", "deep", "neither", "directory"])
+    ('{{"steps": 3, "steps": 4}}', {}, "--config is neither a JSON object nor a file holding one: the name 'steps' is "
+                                     "given twice in one object"),
+    ("{dir}/twice.json", {"twice.json": '{"steps": 3, "steps": 4}'}, "twice.json is not JSON: the name 'steps'"),
+], ids=["absent", "relative absent", "bad JSON", "binary", "array", "deep", "neither", "directory", "name twice",
+        "name twice in a file"])
 def test_unlearn_config_names_a_missing_or_bad_file(checkpoint, tmp_path, capsys, no_job, config, files, message):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -496,13 +502,15 @@ def damaged(checkpoint: Path, where: Path, config: bytes | dict) -> Path:
 @pytest.mark.parametrize("config, message", [
     (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "config.json is not JSON: it is not UTF-8 text"),
     (b"[" * 100_000, "config.json is nested too deeply to parse"),
+    (b'{"model": {}, "model": {}}', "config.json is not JSON: the name 'model' is given twice in one object"),
     ({"erased": "abc"}, "'erased' must be a list of [instance_id, task] pairs of strings; found 'abc'"),
     ({"erased": [["indoor-00001"]]}, "'erased' must be a list of [instance_id, task] pairs of strings; "
                                      "found ['indoor-00001']"),
     ({"erased": [[["x"], "depth"]]}, "found [['x'], 'depth']"),
     ({"erased": None}, "'erased' must be a list"),
     ({"lineage": "abc"}, "'lineage' must be a list of earlier jobs, got a string"),
-], ids=["binary", "deep", "erased string", "erased single", "erased nested", "erased null", "lineage string"])
+], ids=["binary", "deep", "name twice", "erased string", "erased single", "erased nested", "erased null",
+        "lineage string"])
 def test_unlearn_refuses_a_checkpoint_with_a_damaged_config(checkpoint, tmp_path, capsys, no_job, config, message):
     bad = damaged(checkpoint, tmp_path / "bad", config)
     err = refused(capsys, run_unlearn(["--checkpoint", str(bad), "--instance", "indoor-00002", "--device", "cpu",

@@ -75,6 +75,8 @@ DAMAGED = {
     "nested too deep": lambda p: p.write_text("[" * 100_000 + "]" * 100_000),
     "sha256 not a string": lambda p: p.write_text(p.read_text().replace('"sha256": "', '"sha256": 1, "x": "')),
     "model_config null": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "model_config": None})),
+    # json.loads kept the last sha256, where another reader may keep the first
+    "sha256 twice": lambda p: p.write_text(p.read_text().replace('"sha256": "', '"sha256": "' + "0" * 64 + '", "sha256": "')),
 }
 
 
@@ -461,7 +463,7 @@ def test_a_calibration_that_is_a_link_or_damaged_is_refused_naming_it(tmp_path):
             attempt()
     assert final.is_symlink() and json.loads(target.read_text()) == {"full": {"alice-7": {"depth": 0.9}}}
     final.unlink()
-    for damaged in ("{not json", "[1, 2]", "\xff"):
+    for damaged in ("{not json", "[1, 2]", "\xff", '{"full": {}, "full": {"alice-7": {"depth": 0.9}}}'):
         final.write_bytes(damaged.encode("latin-1"))
         with pytest.raises(StoreError, match=re.escape(f"{final} is damaged")):
             store.calibration(MODEL)
