@@ -416,3 +416,23 @@ def test_several_requests_in_one_job_are_seeded_and_spare_the_tasks_none_forgets
                                                          a.head_parameters("segmentation")))
         for task in ("depth", "normal"):
             assert any(not torch.equal(p0, p1) for p0, p1 in zip(model.head_parameters(task), a.head_parameters(task)))
+
+
+@pytest.mark.parametrize("n, batch_size", [(22, 8), (24, 8), (5, 4), (3, 3), (7, 1)])
+def test_retain_batches_hold_each_instance_once_and_draw_each_once_per_epoch(n, batch_size):
+    """An epoch's short last batch was topped up from the next shuffle, which holds its
+    instances too: the same instance could be in one batch twice."""
+    from unlearning.methods import loops
+
+    retain = random_dataset(n, 3, "r")
+    batches = loops.RetainBatches(retain, batch_size, torch.Generator().manual_seed(2), "cpu")
+    epochs = 4 * batch_size  # draws of a whole number of epochs and of batches
+    drawn = []
+    for _ in range(epochs * n // batch_size):
+        ids = batches.next().index.tolist()
+        assert len(ids) == batch_size and len(set(ids)) == batch_size, ids
+        drawn += ids
+    assert sorted(drawn) == sorted(list(range(n)) * epochs)
+    again = loops.RetainBatches(retain, batch_size, torch.Generator().manual_seed(2), "cpu")
+    assert [again.next().index.tolist() for _ in range(len(drawn) // batch_size)] == [
+        drawn[i:i + batch_size] for i in range(0, len(drawn), batch_size)]

@@ -59,7 +59,12 @@ def take(batch: Batch, rows: torch.Tensor) -> Batch:
 class RetainBatches:
     """Seeded random batches of the retain data, cycling through shuffled epochs.
     Only instances with at least one supervised cell are in ``retain``; the
-    batch's ``has`` masks the erased cells (partial mode) out of every loss."""
+    batch's ``has`` masks the erased cells (partial mode) out of every loss.
+
+    An epoch's last, short batch is filled from the next epoch's shuffle with
+    instances it does not hold: a batch never holds an instance twice (it did,
+    counting that instance double in the batch's loss), and every instance is
+    still drawn once per epoch."""
 
     def __init__(self, retain: MultiTaskDataset, batch_size: int, gen: torch.Generator, device):
         if len(retain) == 0:
@@ -71,9 +76,15 @@ class RetainBatches:
         self._order = torch.zeros(0, dtype=torch.long)
 
     def next(self) -> Batch:
-        if len(self._order) < self.batch_size:
-            self._order = torch.cat([self._order, torch.randperm(len(self.retain), generator=self.gen)])
-        idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
+        need = self.batch_size - len(self._order)
+        if need > 0:
+            perm = torch.randperm(len(self.retain), generator=self.gen)
+            fill = (~torch.isin(perm, self._order)).nonzero().squeeze(1)[:need]
+            rest = torch.ones(len(perm), dtype=torch.bool)
+            rest[fill] = False
+            idx, self._order = torch.cat([self._order, perm[fill]]), perm[rest]
+        else:
+            idx, self._order = self._order[: self.batch_size], self._order[self.batch_size :]
         return self.retain.batch(idx).to(self.device)
 
 
