@@ -117,7 +117,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from model_store import store_for
-    from worker.bootstrap import ensure_model
+    from worker.bootstrap import SharedDataConflict, ensure_model
     from worker.migrate import upgrade_database
     from worker.settings import get_settings
 
@@ -151,8 +151,8 @@ def cmd_serve(args) -> int:
     upgrade_database(settings.database_url)
     try:
         version = ensure_model(settings, store_for(settings.store_dir), progress=not args.no_progress)
-    except StoreError as exc:  # a stored version 1 purged, damaged or altered: nothing registered
-        print(f"unlearnd: {exc}", file=sys.stderr)
+    except (StoreError, SharedDataConflict) as exc:  # a stored version 1 purged, damaged or altered, or another
+        print(f"unlearnd: {exc}", file=sys.stderr)  # model's data split otherwise: nothing registered
         return 2
     logging.getLogger("unlearnd").info(
         "model %s serving version %s; API on http://%s:%s (docs at /docs)", settings.model_name, version, host, port

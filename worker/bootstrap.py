@@ -9,17 +9,44 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from model_store import ModelStore
+from unlearning.data import canonical_json, data_source, dataset_key
 
 from .audit import append_event
 from .datasets import dataset_spec, erased_cells, get_splits
 from .db import transaction
+from .errors import Conflict
 from .settings import Settings
 from .tables import Alias, AliasHistory, Model, ModelVersion
 
 log = logging.getLogger(__name__)
+
+
+class SharedDataConflict(Conflict):
+    """A new model's dataset holds another model's instances under another dataset key."""
+
+
+def refuse_another_split_of(session: Session, name: str, spec: dict) -> None:
+    """:class:`SharedDataConflict` when a registered model other than ``name`` was trained on
+    the instances of ``spec`` (:func:`unlearning.data.data_source`) under another spec
+    (other sizes, noise or ``limit``): tombstones are kept per :func:`dataset_key`, so an
+    erasure through either would not reach the other, and ``name`` would be trained on the
+    cells erased through it."""
+    source, key = data_source(spec), dataset_key(spec)
+    rows = session.execute(select(Model.name, Model.dataset).where(Model.name != name).order_by(Model.name)).all()
+    for other, other_spec in rows:
+        if isinstance(other_spec, dict) and dataset_key(other_spec) != key and data_source(other_spec) == source:
+            raise SharedDataConflict(
+                f"model {name!r} would be trained on {canonical_json(spec)}, the instances of model {other!r}'s "
+                f"dataset {canonical_json(other_spec)} taken or rendered otherwise: erasures are kept per dataset "
+                f"spec, so one made through either model would not reach the other, and {name!r} would be trained "
+                f"on the data erased through {other!r}. Give {name!r} the same dataset spec as {other!r}; nothing "
+                "was trained or registered",
+                model=name, dataset=spec, other_model=other, other_dataset=other_spec)
 
 
 def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -> int:
@@ -27,6 +54,8 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
 
     Trains a model on the dataset the settings describe (minus any cell already
     tombstoned for that dataset) when neither the record nor the store has one.
+    :class:`SharedDataConflict` when another model holds that dataset's instances under
+    another spec (:func:`refuse_another_split_of`).
     """
     name = settings.model_name
     with transaction(settings.database_url) as session:
@@ -34,6 +63,8 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
             alias = session.get(Alias, (name, "serving"))
             return alias.version if alias else 1
         spec = dataset_spec(settings)
+        if not store.exists(name, 1):  # a stored version 1 brings its own spec: checked at registration
+            refuse_another_split_of(session, name, spec)
 
     if store.purged(name, 1):
         from model_store import PurgedVersion
@@ -45,9 +76,9 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
     if store.exists(name, 1):
         manifest = store.manifest(name, 1)  # DamagedManifest when it cannot be read
         if not store.verify(name, 1):  # registered, it would serve, and every job on it would fail
-            from model_store import IntegrityError
+            from model_store import IntegrityError as DamagedWeights  # not sqlalchemy's, caught below
 
-            raise IntegrityError(
+            raise DamagedWeights(
                 f"the model store holds version 1 of {name!r}, but its weights do not match the sha256 in its "
                 f"manifest (damaged or altered): restore that version, or point UNLEARND_STORE_DIR or "
                 f"UNLEARND_MODEL_NAME elsewhere to train a new model; nothing was registered")
@@ -86,6 +117,7 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
         with transaction(settings.database_url) as session:
             if session.get(Model, name) is not None:  # another process registered it meanwhile
                 return session.get(Alias, (name, "serving")).version
+            refuse_another_split_of(session, name, manifest.dataset)
             session.add(Model(name=name, dataset=manifest.dataset, tasks=list(train.tasks)))
             session.flush()
             session.add(

@@ -216,3 +216,67 @@ def test_specs_of_the_same_data_share_one_load():
     assert dataset_key(written) == dataset_key(full)
     assert get_splits(written) is get_splits(full)  # one load, as one key
     assert get_splits({**written, "seed": 1}) is not get_splits(written)
+
+
+@pytest.mark.parametrize("change", [{"n_train": 30}, {"n_test": 9}, {"image_height": 12}],
+                         ids=["n_train", "n_test", "height"])
+def test_a_model_on_another_split_of_a_models_data_is_refused_before_training(tiny, change):
+    """Tombstones are kept per dataset key, and the key tells split sizes apart: a second model
+    on more of A's scenes was trained on the instances erased through A (its key had no
+    tombstones), and an erasure through either never reached the other."""
+    from worker.bootstrap import SharedDataConflict
+    from worker.datasets import dataset_spec
+
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    s_b = s.model_copy(update={"model_name": "tiny-mtl-more", "train_epochs": 1, **change})
+    with transaction(s.database_url) as session:
+        assert dataset_key(dataset_spec(s_b)) != dataset_key(session.get(Model, TINY).dataset)
+    with pytest.raises(SharedDataConflict) as refused:
+        ensure_model(s_b, store, progress=False)
+    assert refused.value.extras["other_model"] == TINY
+    assert f"the same dataset spec as {TINY!r}" in str(refused.value) and "nothing was trained" in str(refused.value)
+    assert not store.exists("tiny-mtl-more", 1)
+    with transaction(s.database_url) as session:
+        assert session.get(Model, "tiny-mtl-more") is None
+
+    # other scenes (another seed) are other people's data: trained and registered
+    s_c = s.model_copy(update={"model_name": "tiny-mtl-seed1", "train_epochs": 1, "seed": 1, **change})
+    assert ensure_model(s_c, store, progress=False) == 1
+
+
+def test_a_stored_first_version_on_another_split_of_a_models_data_is_not_registered(tiny):
+    """The same check for a version 1 found in the store (another `unlearnd train`, here with
+    other noise): its manifest's spec is the one it would be registered with."""
+    from worker.bootstrap import SharedDataConflict
+
+    s, store, _ = tiny
+    with transaction(s.database_url) as session:
+        spec_a = session.get(Model, TINY).dataset
+    spec_b = {**spec_a, "noise": "clean"}
+    assert dataset_key(spec_b) != dataset_key(spec_a)
+    model, manifest = store.load(TINY, 1)
+    store.put_version(model, model_name="tiny-mtl-clean", version=1, parent=None, dataset=spec_b,
+                      train_config=manifest.train_config, note="initial training")
+    s_b = s.model_copy(update={"model_name": "tiny-mtl-clean"})
+    with pytest.raises(SharedDataConflict, match="nothing was trained or registered"):
+        ensure_model(s_b, store, progress=False)
+    with transaction(s.database_url) as session:
+        assert session.get(Model, "tiny-mtl-clean") is None
+        assert not session.execute(select(ModelVersion).where(ModelVersion.model_name == "tiny-mtl-clean")).first()
+
+
+def test_data_source_names_the_instances_whatever_the_split():
+    from unlearning.data import data_source
+
+    base = {"name": "indoor", "n_train": 6, "n_test": 4, "height": 8, "width": 8}
+    same = [{**base, "n_train": 60}, {**base, "n_test": 1}, {**base, "height": 16}, {**base, "noise": "clean"},
+            {"name": "indoor"}]
+    assert all(data_source(spec) == data_source(base) == {"name": "indoor", "seed": 0} for spec in same)
+    assert data_source({**base, "seed": 1}) != data_source(base)
+    assert data_source({"name": "street"}) != data_source(base)
+    nyu = data_source({"name": "nyuv2", "root": "/data/./nyu/", "limit": 3})
+    assert nyu == data_source({"name": "nyuv2", "root": "/data/nyu", "num_classes": 40}) == {
+        "name": "nyuv2", "root": "/data/nyu"}
+    assert data_source({"name": "mnist", "x": 1}) == {"name": "mnist", "x": 1}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .base import Batch, Cell, MultiTaskDataset
 
 __all__ = ["Batch", "Cell", "MultiTaskDataset", "load_splits", "DATASETS", "SYNTHETIC_DATASETS", "canonical_json",
-           "canonical_spec", "dataset_key", "dataset_tasks", "load_reference"]
+           "canonical_spec", "data_source", "dataset_key", "dataset_tasks", "load_reference"]
 
 #: rendered by unlearning.data.renderer (its FLAVOUR_TASKS), any number of scenes; the others are read from files
 SYNTHETIC_DATASETS = ("indoor", "street")
@@ -143,6 +143,22 @@ def canonical_json(spec: dict) -> str:
     import json
 
     return json.dumps(canonical_spec(spec), sort_keys=True, separators=(",", ":"))
+
+
+def data_source(spec: dict) -> dict:
+    """What ``spec``'s instances are, whatever it takes of them and however it renders or
+    preprocesses them: a synthetic dataset's name and scene seed (an instance id names the
+    same scene at any ``n_train``, ``n_test``, image size or noise), an npy dataset's name and
+    root (any ``limit`` or ``num_classes``). Specs of one source hold the same people's data;
+    :func:`dataset_key`, which tombstones are kept by, tells them apart when their splits
+    differ. A dataset this module does not know is its own source (its canonical spec)."""
+    canonical = canonical_spec(spec)
+    name = canonical.get("name")
+    if name in SYNTHETIC_DATASETS:
+        return {"name": name, "seed": canonical.get("seed")}
+    if name in ("nyuv2", "cityscapes"):
+        return {"name": name, "root": canonical.get("root")}
+    return canonical
 
 
 def dataset_key(spec: dict) -> str:
