@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
@@ -107,21 +107,23 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         detail = f"no route matches {request.method} {request.url.path}"
     headers = getattr(exc, "headers", None)
     if exc.status_code == 405:
-        allow = _allowed_methods(request) or (headers or {}).get("Allow")
+        allow = _allowed_methods(request, (headers or {}).get("Allow"))
         if allow:
             headers = {**(headers or {}), "Allow": allow}
             detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allow}"
     return problem(request, exc.status_code, title, detail, slug, headers=headers)
 
 
-def _allowed_methods(request: Request) -> str | None:
-    """Every method the API takes on this path (from its OpenAPI paths).
-    Starlette's own Allow header names only the first route that matched the path
-    (``/deletions``: POST, not GET)."""
+def _allowed_methods(request: Request, fallback: str | None = None) -> str | None:
+    """Every method the API takes on this path (from its OpenAPI paths; a path left out of
+    them, ``/metrics``, by Starlette's ``fallback``). Starlette's own Allow header names
+    only the first route that matched the path (``/deletions``: POST, not GET)."""
     methods: set[str] = set()
     for template, operations in request.app.openapi().get("paths", {}).items():
         if compile_path(template)[0].match(request.url.path):
             methods |= {m.upper() for m in operations}
+    if not methods and fallback:
+        methods = {m.strip().upper() for m in fallback.split(",") if m.strip()}
     if "GET" in methods:
         methods.add("HEAD")  # answered as GET without the body (guards.HeadAsGetMiddleware)
     return ", ".join(sorted(methods)) or None
@@ -142,6 +144,21 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
     return problem(request, 503, "Service unavailable", "the record (database) is unavailable; try again shortly",
                    "database-unavailable", headers={"Retry-After": "5"})
+
+
+#: PostgreSQL's undefined_table and undefined_column: the record's schema is older than this
+#: code (migrations not run yet, a rolling deploy), as SQLite's "no such table", an OperationalError
+UNDEFINED_SCHEMA = {"42P01", "42703"}
+
+
+async def _programming_error(request: Request, exc: ProgrammingError) -> JSONResponse:
+    if getattr(exc.orig, "sqlstate", None) in UNDEFINED_SCHEMA:
+        log.warning("the record's schema is missing or older than this code on %s %s: %s", request.method,
+                    request.url.path, exc.orig)
+        return problem(request, 503, "Service unavailable", "the record (database) is not migrated to this "
+                       "version's schema yet (`unlearnd migrate`, /readyz); try again shortly",
+                       "database-unavailable", headers={"Retry-After": "5"})
+    return await _unexpected(request, exc)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -206,6 +223,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(ProgrammingError, _programming_error)
     app.add_exception_handler(InterfaceError, _database_unavailable)
     # every connection of the pool stayed busy for its timeout (30 s): too many requests at once
     app.add_exception_handler(PoolTimeout, _database_unavailable)

@@ -115,6 +115,12 @@ def test_not_ready_when_unmigrated_or_unreachable(settings):
             body = assert_problem(c.get("/readyz"), 503, "not-ready")
             assert (body["reason"], body["revision"], body["head"]) == ("migrations", None, head_revision())
             assert c.get("/healthz").status_code == 200
+        with TestClient(create_app(settings.model_copy(update={"database_url": url})),
+                        raise_server_exceptions=False) as c:
+            # the routes that need the record: 503 (PostgreSQL's undefined table was a 500), as on SQLite
+            r = c.get("/deletions")
+            assert "not migrated" in assert_problem(r, 503, "database-unavailable")["detail"]
+            assert r.headers["retry-after"] == "5"
     finally:
         drop_database(name)
     gone = settings.model_copy(update={"database_url": "postgresql+psycopg://postgres@127.0.0.1:5432/unlearnd_test_absent"})
@@ -131,6 +137,10 @@ def test_framework_errors_are_problems(client):
     body = assert_problem(client.get("/no/such/route"), 404, "not-found")
     assert body["instance"] == "/no/such/route"
     assert_problem(client.delete("/deletions"), 405, "method-not-allowed")
+    # a path outside the OpenAPI document names HEAD with GET too, as the documented ones do
+    r = client.post("/metrics")
+    assert assert_problem(r, 405, "method-not-allowed") and r.headers["allow"] == "GET, HEAD"
+    assert client.head("/metrics").status_code == 200
     body = assert_problem(client.get("/deletions", params={"since": "yesterday"}), 422, "validation-error")
     assert body["errors"][0]["loc"] == ["query", "since"]
     assert client.get("/docs").status_code == 200
