@@ -49,6 +49,28 @@ def _groups(channels: int) -> int:
     return channels if channels < 8 else math.gcd(8, channels)
 
 
+def check_image_size(cfg: ModelConfig, height: int, width: int) -> None:
+    """``ValueError`` when one ``height`` x ``width`` image would leave a GroupNorm group of
+    ``cfg``'s model a single value: the feature map has shrunk to 1x1 where a group holds
+    one channel (widths under 16 at the encoder's last stage, or a head width of 8 or less).
+    torch refuses to normalise that ("Expected more than 1 value per channel"), in eval
+    mode too, so the model trained on batches and failed on the first single image."""
+    h, w = int(height), int(width)
+    maps = []
+    for d in range(cfg.depth):
+        if d:
+            h, w = (h + 1) // 2, (w + 1) // 2  # a 3x3 convolution of stride 2, padding 1
+        maps.append((f"encoder stage {d + 1}", cfg.width * 2 ** d, h, w))
+    maps.append(("heads' first block", cfg.head_width, h, w))  # it runs on the encoder's output
+    for where, channels, mh, mw in maps:
+        if mh * mw * (channels // _groups(channels)) == 1:
+            raise ValueError(
+                f"{height}x{width} images shrink to 1x1 at the model's {where}, where each GroupNorm group of its "
+                f"{channels} channels holds one channel: a single image cannot be normalised there. Use larger "
+                f"images, a smaller depth (now {cfg.depth}) or widths of at least 16 (now {cfg.width} and head "
+                f"width {cfg.head_width})")
+
+
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),

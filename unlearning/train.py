@@ -33,7 +33,7 @@ from .cli import (CliError, Writes, check_output_dir, check_seed, cli_device, re
 from .data import SYNTHETIC_DATASETS
 from .data.base import MultiTaskDataset
 from .losses import cell_losses, supervised_loss
-from .model import ModelConfig, MultiTaskNet, save_model
+from .model import ModelConfig, MultiTaskNet, check_image_size, save_model
 
 
 @dataclass
@@ -73,9 +73,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def build_model(dataset: MultiTaskDataset, cfg: TrainConfig) -> MultiTaskNet:
-    """A fresh model for ``dataset``'s tasks with ``cfg``'s architecture, initialised from ``cfg.seed``."""
+    """A fresh model for ``dataset``'s tasks with ``cfg``'s architecture, initialised from
+    ``cfg.seed``; ``ValueError`` when it could not take one of ``dataset``'s images alone
+    (:func:`~unlearning.model.check_image_size`)."""
+    config = ModelConfig.for_dataset(dataset, width=cfg.width, depth=cfg.depth, head_width=cfg.head_width)
+    check_image_size(config, *dataset.images.shape[-2:])
     torch.manual_seed(cfg.seed)
-    return MultiTaskNet(ModelConfig.for_dataset(dataset, width=cfg.width, depth=cfg.depth, head_width=cfg.head_width))
+    return MultiTaskNet(config)
 
 
 def training_steps(n: int, cfg: TrainConfig) -> int:
@@ -294,6 +298,11 @@ def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
         if len(dataset) == 0:
             raise CliError(f"the {split} split of {spec['name']!r} is empty"
                            + (" (interference_aware unlearns with held-out data)" if split == "test" else ""))
+    try:
+        check_image_size(ModelConfig.for_dataset(train, width=cfg.width, depth=cfg.depth, head_width=cfg.head_width),
+                         *train.images.shape[-2:])
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     model = train_model(train, cfg, device=device, progress=not args.no_progress)
     try:
         write_dir_atomically(out, lambda staging: save_model(model, staging,

@@ -93,6 +93,38 @@ def test_train_refuses_bad_arguments_before_any_work(tmp_path, capsys, monkeypat
     assert listing(tmp_path) == []
 
 
+def test_train_refuses_images_a_model_cannot_take_one_at_a_time_before_training(tmp_path, capsys, monkeypatch):
+    """It trained on batches, wrote the checkpoint, then crashed with torch's GroupNorm error
+    evaluating its one test image (exit 1, a traceback)."""
+    import unlearning.train
+
+    monkeypatch.setattr(unlearning.train, "train_model", lambda *a, **k: pytest.fail("trained"))
+    refused(capsys, train(["--dataset", "indoor", "--n-train", "2", "--n-test", "1", "--height", "4", "--width", "4",
+                           "--head-width", "8", "--out", str(tmp_path / "out")]),
+            "4x4 images shrink to 1x1 at the model's heads' first block")
+    assert listing(tmp_path) == []
+
+
+def test_check_image_size_agrees_with_torch():
+    from unlearning.model import ModelConfig, MultiTaskNet, check_image_size
+
+    for h, w, width, head, depth in [(4, 4, 32, 8, 3), (4, 4, 32, 16, 3), (2, 2, 4, 16, 1), (2, 3, 4, 16, 2),
+                                     (8, 8, 1, 16, 4), (3, 3, 16, 4, 2), (16, 16, 8, 8, 3), (5, 2, 8, 16, 4)]:
+        cfg = ModelConfig(tasks={"depth": 1}, width=width, depth=depth, head_width=head)
+        try:
+            check_image_size(cfg, h, w)
+            refused = None
+        except ValueError as exc:
+            refused = exc
+        try:
+            with torch.no_grad():
+                MultiTaskNet(cfg).eval()(torch.rand(1, 3, h, w))
+            failed = False
+        except ValueError as exc:
+            failed = "Expected more than 1 value per channel" in str(exc)
+        assert (refused is not None) == failed, (h, w, width, head, depth, refused)
+
+
 def test_train_names_a_data_file_it_cannot_read(tmp_path, capsys):
     root = tmp_path / "nyuv2"
     for split in ("train", "val"):
