@@ -274,3 +274,52 @@ def test_offline_sql_downgrades_a_sqlite_record(tmp_path):
     upgrade_database(f"sqlite:///{path}")  # and up again online
     with engine_for(f"sqlite:///{path}").connect() as conn:
         assert is_up_to_date(conn)
+
+
+def test_purged_at_comes_back_from_the_audit_log_after_a_downgrade_past_0008(tmp_path):
+    """Downgrading past 0008 drops purged_at; upgrading again left every purged version as
+    stored (NULL). The upgrade fills it from the model.version_purged events."""
+    import uuid
+    from datetime import datetime, timezone
+
+    from alembic import command
+
+    from worker.audit import append_event
+    from worker.db import transaction
+    from worker.migrate import alembic_config
+    from worker.tables import AuditEvent, Model, ModelVersion
+    from worker.versions import PURGED_EVENT
+
+    from .conftest import create_database, drop_database
+
+    name = f"unlearnd_test_0008_{uuid.uuid4().hex[:8]}"
+    urls = [create_database(name), f"sqlite:///{tmp_path / 'record.db'}"]
+    try:
+        for url in urls:
+            upgrade_database(url)
+            with transaction(url) as session:
+                session.add(Model(name="m", dataset={"name": "indoor"}, tasks=["depth"]))
+                session.flush()
+                for v in (1, 2, 3):
+                    session.add(ModelVersion(model_name="m", version=v, sha256="x", artifact_uri="x", deletions=[],
+                                             erased_cells=[]))
+                session.flush()
+                for v, published in ((1, True), (7, False)):  # v7: an unrecorded artifact's purge
+                    append_event(session, PURGED_EVENT, model_name="m",
+                                 payload={"version": v, "sha256": "x", "published": published, "held_erasures": []})
+                session.query(ModelVersion).filter_by(model_name="m", version=1).one().purged_at = \
+                    datetime.now(timezone.utc)
+            with transaction(url) as session:
+                at = session.execute(text("SELECT at FROM audit_events WHERE kind = :k ORDER BY seq"),
+                                     {"k": PURGED_EVENT}).scalars().first()
+            command.downgrade(alembic_config(url), "0007")
+            upgrade_database(url)
+            with transaction(url) as session:
+                purged = {v.version: v.purged_at for v in session.query(ModelVersion).order_by(ModelVersion.version)}
+                assert session.query(AuditEvent).count() == 2
+            assert purged[2] is None and purged[3] is None, url
+            assert purged[1] is not None, url
+            assert purged[1].replace(tzinfo=None) == (at if isinstance(at, datetime) else
+                                                      datetime.fromisoformat(str(at))).replace(tzinfo=None), url
+    finally:
+        drop_database(name)
