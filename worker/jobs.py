@@ -53,13 +53,13 @@ from .audit import append_event
 from .calibration import calibration_share, lineage_calibration, method_config
 from .datasets import erased_cells, get_reference, get_splits
 from .db import advisory_lock, transaction
-from .requests import (PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, _lock_model_submissions, finite_json,
-                       request_metrics)
+from .requests import (COMPLETED_EVENT, PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, _lock_model_submissions,
+                       finite_json, request_metrics)
 from .settings import Settings
 from .versions import (behind_with_nothing_under_way, erasure_cells, erasures_behind, failed_propagation,
                        models_sharing_dataset, propagation_retry_at, stalled_propagation)
-from .tables import (Alias, AliasHistory, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone,
-                     utcnow)
+from .tables import (Alias, AliasHistory, AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage,
+                     Tombstone, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +322,10 @@ def _claim(settings: Settings, model_name: str) -> Claim:
                              payload={"cells": [list(c) for c in gone],
                                       "erased_by": sorted({tombstoned[c] for c in gone})})
             elif gone:
+                erased_by = _erased_here_since(session, model_name, req, gone)
+                if erased_by is not None:
+                    _complete_by(session, req, erased_by, now)
+                    continue
                 # Erased by another request after this one was accepted: nothing left to do for it.
                 req.status = "rejected"
                 req.error = f"cells already erased by another request: {[list(c) for c in gone]}"
@@ -376,6 +380,49 @@ def _claim(settings: Settings, model_name: str) -> Claim:
                         if failed is not None else {})},
         )
         return Claim("claimed", job.id, job.attempts)
+
+
+def _erased_here_since(session: Session, model_name: str, req: DeletionRequest, cells: list) -> AuditEvent | None:
+    """The ``job.completed`` event of the model's job that, with those before it since ``req``
+    was accepted, erased every one of ``cells`` from the model, or None. A job that did not
+    carry ``req`` can erase its cells: one rebased to catch up on another model's erasure of
+    them while it ran, or a rollback's reapply (a waiting request joins only a new deletion
+    job, :func:`_claim`)."""
+    received = session.execute(select(func.min(AuditEvent.seq)).where(AuditEvent.request_id == req.id)).scalar()
+    if received is None:
+        return None
+    covered: set[tuple[str, str]] = set()
+    for event in session.execute(select(AuditEvent).where(
+            AuditEvent.kind == "job.completed", AuditEvent.model_name == model_name,
+            AuditEvent.seq > received).order_by(AuditEvent.seq)).scalars():
+        covered |= {tuple(c) for c in (event.payload or {}).get("cells") or []}
+        if set(cells) <= covered:
+            return event
+    return None
+
+
+def _complete_by(session: Session, req: DeletionRequest, event: AuditEvent, now: datetime) -> None:
+    """Complete ``req`` with the version of ``event`` (:func:`_erased_here_since`), whose job
+    erased its cells from its model without carrying it: it was rejected as "already erased
+    by another request", with no certificate, though its own model had erased them for it."""
+    done = event.payload or {}
+    cells = [[req.instance_id, t] for t in req.tasks]
+    req.status = "completed"
+    req.job_id = done.get("job_id")
+    req.base_version = done.get("base_version")
+    req.produced_version = done.get("version")
+    req.metrics = request_metrics(done.get("metrics"), cells)
+    req.progress = 1.0
+    req.completed_at = now
+    req.error = None
+    append_event(session, COMPLETED_EVENT, model_name=req.model_name, request_id=req.id,
+                 instance_id=req.instance_id,
+                 payload={"job_id": req.job_id, "version": req.produced_version, "base_version": req.base_version,
+                          "cells": cells, "method": done.get("method"), "sha256": done.get("sha256"),
+                          "metrics": done.get("metrics"), "erased_by_job": {"job_id": req.job_id, "kind": done.get("kind"),
+                                                                          "event_seq": event.seq}})
+    log.info("request %s: its cells were erased from %s by job %s (v%s), which did not carry it; completed with it",
+             req.id, req.model_name, req.job_id, req.produced_version)
 
 
 def propagation_due(session: Session, model: Model, settings: Settings, now: datetime) -> bool:

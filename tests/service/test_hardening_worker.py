@@ -22,7 +22,7 @@ from sqlalchemy import delete, select, text, update
 from app.main import create_app
 from model_store import LocalModelStore
 from unlearning.train import TrainConfig, train_model
-from worker import jobs
+from worker import jobs, versions
 from worker.audit import append_event, verify_chain
 from worker.bootstrap import ensure_model
 from worker.datasets import dataset_spec, get_splits
@@ -589,6 +589,64 @@ def test_two_models_publishing_the_same_cell_at_once_both_complete(two_models, m
         assert [session.get(DeletionRequest, r).status for r in (ra, rb)] == ["completed", "completed"]
     assert (ids[0], "depth") in {tuple(c) for c in _serving_of(s, TINY).erased_cells}
     assert (ids[0], "depth") in {tuple(c) for c in _serving_of(s_b, TINY_B).erased_cells}
+
+
+def _request(s: Settings, rid: str) -> DeletionRequest:
+    with transaction(s.database_url) as session:
+        req = session.get(DeletionRequest, rid)
+        session.expunge(req)
+        return req
+
+
+def test_a_request_whose_cell_a_rebased_job_erases_completes_with_that_version(two_models):
+    """B accepts rB for cell c while B's job for another cell runs; A erases c, so B's job is
+    rebased to catch up on c and erases it without carrying rB. rB was then rejected ("already
+    erased by another request"), with no certificate, though B had erased c for it."""
+    s, s_b, store, ids = two_models
+    other = _submit(s_b, ids[1])
+    running = jobs.claim_next(s_b, TINY_B)
+    ra, rb = _submit(s, ids[0]), _submit(s_b, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]  # A erases c first
+    assert jobs.run_job(s_b, store, running.job_id, running.attempt).status == "requeued"
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["completed"]
+
+    served = _serving_of(s_b, TINY_B)
+    req = _request(s_b, rb)
+    assert (req.status, req.error, req.job_id, req.produced_version) == ("completed", None, running.job_id,
+                                                                        served.version)
+    assert _request(s_b, other).status == "completed" and _request(s, ra).status == "completed"
+    with transaction(s.database_url) as session:
+        cert = deletion_certificate(session, rb)
+        completed = session.execute(select(AuditEvent).where(AuditEvent.request_id == rb,
+                                                             AuditEvent.kind == "deletion.completed")).scalar_one()
+    assert (cert["version_after"], cert["job_id"]) == (served.version, running.job_id)
+    assert cert["audit"]["completion_event"]["seq"] == completed.seq
+    assert completed.payload["erased_by_job"]["job_id"] == running.job_id
+    assert "deletion.rejected" not in _kinds(s)
+
+
+def test_a_request_whose_cell_a_rollbacks_reapply_erases_completes_with_that_version(two_models, monkeypatch):
+    """B's propagation of c failed, so rB for c is accepted as its next try; a rollback with
+    reapply runs first and erases c. rB was rejected."""
+    s, s_b, store, ids = two_models
+    _submit(s_b, ids[2])
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["completed"]  # B v2
+    _submit(s, ids[0])
+    # A catches up on B's erasure, then erases c (a tombstone)
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed", "completed"]
+    real = jobs._compute
+    monkeypatch.setattr(jobs, "_compute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("fails once")))
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["failed"]  # the propagation
+    monkeypatch.setattr(jobs, "_compute", real)
+    rb = _submit(s_b, ids[0])
+    with transaction(s.database_url) as session:
+        assert versions.rollback(session, s_b, TINY_B, 1, reapply_erasures=True).action == "reapply"
+    outcomes = jobs.drain_model(s_b, store, TINY_B)
+    assert [o.status for o in outcomes] == ["completed"]
+    req = _request(s_b, rb)
+    assert (req.status, req.job_id, req.produced_version) == ("completed", outcomes[0].job_id, outcomes[0].version)
+    with transaction(s.database_url) as session:
+        assert deletion_certificate(session, rb)["version_after"] == outcomes[0].version
 
 
 def test_the_sweeper_announces_a_model_behind_its_dataset_but_not_after_a_failed_try(two_models):
