@@ -458,7 +458,7 @@ def cmd_verify_certificate(args) -> int:
     (unreadable, not JSON, an error answer of the API saved in its place)."""
     import json
 
-    from unlearning.cli import no_repeated_names
+    from unlearning.jsonio import no_repeated_names
     from worker.signing import verify_certificate
 
     import math

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from unlearning.cli import RepeatedName, no_repeated_names
+from unlearning.jsonio import RepeatedName, no_repeated_names
 
 #: the largest request body read (the largest valid one, a deletion with every field at
 #: its limit, is under 3 KiB); a larger one is a 413 before it is read in full

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from unlearning.cli import loads_strict
+from unlearning.jsonio import loads_strict
 from unlearning.model import (WEIGHTS_FILE, ModelConfig, MultiTaskNet, model_config_from, model_from_safetensors,
                               save_model)
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from .jsonio import RepeatedName, loads_strict
+
 USER_ERROR = 2  # the exit status of a refused request (argparse's for a usage error)
 INTERRUPTED = 130  # the exit status of a run cut off by Ctrl-C (128 + SIGINT, as a shell reports it)
 
@@ -118,29 +120,6 @@ def short_repr(value: Any, limit: int = 60) -> str:
     except ValueError:  # an int beyond sys.get_int_max_str_digits()
         return f"<an int of {value.bit_length()} bits>"
     return text if len(text) <= limit else text[:limit] + "…"
-
-
-class RepeatedName(ValueError):
-    """A JSON object that gives a name twice (:func:`no_repeated_names`)."""
-
-
-def no_repeated_names(pairs: list[tuple[str, object]]) -> dict:
-    """``json.loads``' ``object_pairs_hook`` for objects whose names are unique: it keeps the
-    last of a repeated name, while another reader may keep the first. An UNLEARND_API_KEYS
-    naming a key twice lost the first entry (its token a 401) silently; a request body with
-    two ``instance_id`` values, a manifest with two ``sha256`` fields or a certificate with
-    two ``model`` fields would be read otherwise elsewhere."""
-    seen: dict[str, object] = {}
-    for name, value in pairs:
-        if name in seen:
-            raise RepeatedName(f"the name {name!r} is given twice in one object; give each name once")
-        seen[name] = value
-    return seen
-
-
-def loads_strict(text: str | bytes) -> Any:
-    """``json.loads`` with :func:`no_repeated_names` (a :class:`RepeatedName`, a ValueError)."""
-    return json.loads(text, object_pairs_hook=no_repeated_names)
 
 
 def read_json(path: str | Path, what: str = "") -> Any:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from .cli import loads_strict
+from .jsonio import loads_strict
 from .tasks import get_task
 
 WEIGHTS_FILE = "model.safetensors"

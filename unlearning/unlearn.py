@@ -32,8 +32,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .model import CONFIG_FILE, WEIGHTS_FILE
-from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, is_sha256, json_type, loads_strict,
-                  read_json, report_cli_error, report_interrupted, short_repr, write_dir_atomically)
+from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, is_sha256, json_type, read_json,
+                  report_cli_error, report_interrupted, short_repr, write_dir_atomically)
+from .jsonio import loads_strict
 
 METRIC_KEYS = ("mode", "forget_tasks", "uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original",
                "mia_auc_expected", "seconds", "unlearn_seconds", "eval_seconds", "reference")

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from unlearning.cli import no_repeated_names
+from unlearning.jsonio import no_repeated_names
 
 #: what an API key may do (app.auth): submit and read deletion requests; read models, versions,
 #: jobs and the audit log; everything, rollback included
