@@ -546,9 +546,27 @@ def aggregate(results: list[dict]) -> dict:
                     "seconds", "retrain_seconds")},
                 "mia_err": _mean([None if _missing(r["mia_auc"]) or _missing(r["mia_auc_retrain"])
                                   else abs(r["mia_auc"] - r["mia_auc_retrain"]) for r in rows]),
-                "speedup": _mean([r["retrain_seconds"] / r["seconds"] for r in rows if r["seconds"]]),
+                "speedup": _mean([None if _missing(r["retrain_seconds"]) else r["retrain_seconds"] / r["seconds"]
+                                  for r in rows if r["seconds"] and not _missing(r["seconds"])]),
             }
     return out
+
+
+def _forget_set(r: dict) -> tuple:
+    return tuple(r["forget_tasks"]), r["n_forget"], r["seed"]
+
+
+def common_runs(runs: list[dict]) -> tuple[list[dict], int]:
+    """``runs`` (of one benchmark and setting) on the forget sets that every method among
+    them ran, but the gold standard and the independent retrain (references, not compared);
+    and how many forget sets were left out. A merge of pieces that ran other ``--methods``
+    (ours on both seeds, a baseline on one) pooled each method over other forget sets."""
+    methods = {r["method"] for r in runs} - {"retrain", INDEPENDENT_RETRAIN}
+    ran: dict[tuple, set] = {}
+    for r in runs:
+        ran.setdefault(_forget_set(r), set()).add(r["method"])
+    keep = {k for k, ms in ran.items() if ms >= methods}
+    return [r for r in runs if _forget_set(r) in keep], len(ran) - len(keep)
 
 
 def headline(results: list[dict], ours: str = DEFAULT_METHOD) -> list[dict]:
@@ -556,12 +574,16 @@ def headline(results: list[dict], ours: str = DEFAULT_METHOD) -> list[dict]:
     baseline, the baseline with the lowest mean UIS among those whose forgetting is at
     least as good (mean ``|mia_auc - mia_auc_retrain|`` no larger than ours). ``retrain``
     is the gold standard, not a baseline. Also the lowest-UIS baseline regardless of
-    forgetting, for reference."""
+    forgetting, for reference. Only the forget sets every compared method ran are pooled
+    (:func:`common_runs`; ``left_out`` counts the others)."""
     pooled: dict = {}
     for r in results:
         pooled.setdefault((r["benchmark"], r["setting"]), []).append(r)
     rows = []
     for (bench, setting), runs in sorted(pooled.items()):
+        runs, left_out = common_runs(runs)
+        if not runs:
+            continue
         agg = aggregate([{**r, "n_forget": 0} for r in runs])[(bench, setting, 0)]
         if ours not in agg:
             continue
@@ -594,7 +616,7 @@ def headline(results: list[dict], ours: str = DEFAULT_METHOD) -> list[dict]:
             "mia8_original": _mean([r["mia_auc_original"] for r in eight]),
             "independent_mia_err": independent["mia_err"] if independent else None,
             "mia8_independent": _mean([r["mia_auc"] for r in eight_independent]) if eight_independent else None,
-            "speedup": me["speedup"],
+            "speedup": me["speedup"], "left_out": left_out,
         })
     return rows
 
@@ -666,7 +688,8 @@ def markdown(doc: dict) -> str:
              "lowest-UIS baseline (any forgetting) | its UIS | reduction | best-forgetting baseline | its |ΔMIA| | its UIS | reduction | "
              "MIA ours (n=8) | MIA retrain (n=8) | MIA independent retrain (n=8) | MIA original (n=8) | speed-up vs retrain |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for h in headline(res):
+    heads = headline(res)
+    for h in heads:
         lines.append(
             f"| {h['benchmark']} | {h['setting']} | {_f(h['uis'])} | {_f(h['mia_err'], 3)} | {_f(h['independent_mia_err'], 3)} | "
             f"{h['strongest'] or 'none'} | "
@@ -675,6 +698,11 @@ def markdown(doc: dict) -> str:
             f"{_f(h['reduction_vs_closest'], 1)}% | {_f(h['mia8'], 3)} | {_f(h['mia8_retrain'], 3)} | "
             f"{_f(h['mia8_independent'], 3)} | {_f(h['mia8_original'], 3)} | "
             f"{_f(h['speedup'], 1)}× |")
+    left = [f"{h['benchmark']} · {h['setting']}: {h['left_out']}" for h in heads if h["left_out"]]
+    if left:
+        lines += ["", "Left out of the headline, so that every method is pooled over the same forget sets: the forget "
+                      "sets that not every method ran (pieces merged with other `--methods`, `--seeds` or "
+                      f"`--settings`): {'; '.join(left)}. The tables below keep every run."]
     lines += ["", "## Every method (means over seeds; partial: also over the forgotten task)", ""]
     for (bench, setting, n), by_method in sorted(aggregate(res).items()):
         lines += [f"### {bench} · {setting} · {n} instance(s)", "",
@@ -731,6 +759,33 @@ _PIECE_KEYS = ("seeds", "methods", "method_configs", "prepare_seconds", "origina
 RUN_KEY = ("benchmark", "setting", "forget_tasks", "n_forget", "seed", "method")
 
 
+#: a run's figures: a number, or null where the figure is undefined (a diverged run's MIA AUC)
+RUN_FIGURES = ("uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original", "mia_auc_retrain", "forget_gap",
+               "seconds", "retrain_seconds")
+
+
+def _row_problem(r) -> str | None:
+    """What makes ``r`` no run of this module's (the summary would fail on it after the
+    merged JSON was written), or None."""
+    if not isinstance(r, dict):
+        return f"a {type(r).__name__}, not an object"
+    missing = [k for k in (*RUN_KEY, *RUN_FIGURES) if k not in r]
+    if missing:
+        return f"no {missing}"
+    if not (isinstance(r["forget_tasks"], list) and all(isinstance(t, str) for t in r["forget_tasks"])):
+        return f"forget_tasks {r['forget_tasks']!r} is not a list of task names"
+    for k in ("benchmark", "setting", "method"):
+        if not isinstance(r[k], str):
+            return f"{k} {r[k]!r} is not a string"
+    for k in ("n_forget", "seed"):
+        if not isinstance(r[k], int) or isinstance(r[k], bool):
+            return f"{k} {r[k]!r} is not an integer"
+    for k in RUN_FIGURES:
+        if r[k] is not None and (not isinstance(r[k], (int, float)) or isinstance(r[k], bool)):
+            return f"{k} {r[k]!r} is not a number"
+    return None
+
+
 def merge(docs: list[dict], sources: list[str]) -> dict:
     """One results document from the documents of pieces of one suite run.
 
@@ -770,7 +825,12 @@ def merge(docs: list[dict], sources: list[str]) -> dict:
             if method in configs and configs[method][1] != cfg:
                 raise ValueError(f"merge: {name} and {configs[method][0]} ran {method} with other hyper-parameters")
             configs.setdefault(method, (name, cfg))
-        for r in doc["results"]:
+        if not isinstance(doc["results"], list):
+            raise ValueError(f"merge: {name}'s results are not a list of runs")
+        for i, r in enumerate(doc["results"]):
+            problem = _row_problem(r)
+            if problem:
+                raise ValueError(f"merge: run {i} of {name} is not a run of unlearning.bench: {problem}")
             key = tuple(tuple(r[k]) if isinstance(r[k], list) else r[k] for k in RUN_KEY)
             if key in seen:
                 raise ValueError(f"merge: the run {dict(zip(RUN_KEY, key))} is in {seen[key]} and in {name}")
@@ -804,9 +864,10 @@ def merge(docs: list[dict], sources: list[str]) -> dict:
 
 def write_results(doc: dict, out: Path) -> None:
     """The JSON document, its markdown summary and its plot next to ``out``."""
+    summary = markdown(doc)  # before anything is written: a summary that fails leaves the old files as they were
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(doc))
+    out.with_suffix(".md").write_text(summary)
     plot(doc, out.with_suffix(".png"))
 
 

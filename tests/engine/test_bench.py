@@ -91,6 +91,26 @@ def test_headline_picks_the_lowest_uis_among_baselines_that_forget_as_well():
     assert row["speedup"] == pytest.approx(10.0)
 
 
+def test_the_headline_pools_every_method_over_the_same_forget_sets():
+    """A merge of pieces that ran other --methods (ours on seeds 0 and 1, a baseline on seed 0)
+    pooled ours over both seeds and the baseline over one: the comparison was unpaired."""
+    results = [{**_run(method, uis=u, mia=mia), "seed": seed} for method, u, mia, seed in [
+        ("interference_aware", 1.0, 0.55, 0), ("interference_aware", 9.0, 0.95, 1),
+        ("finetune", 2.0, 0.54, 0), ("retrain", 0.0, 0.5, 0), ("retrain", 0.0, 0.5, 1)]]
+    (row,) = bench.headline(results)
+    assert (row["uis"], row["mia_err"], row["left_out"]) == (1.0, pytest.approx(0.05), 1)
+    assert row["strongest"] == "finetune" and row["reduction"] == pytest.approx(50.0)
+    text = bench.markdown({"suite": "t", "device": "cpu", "config": {"seeds": [0, 1]}, "results": results})
+    assert "forget sets that not every method ran" in text and "b · full: 1" in text
+    # the per-method tables keep every run
+    assert bench.aggregate(results)[("b", "full", 8)]["interference_aware"]["runs"] == 2
+    # a whole run leaves nothing out, and says nothing about it
+    whole = results + [{**_run("finetune", uis=2.0, mia=0.54), "seed": 1}]
+    assert bench.headline(whole)[0]["left_out"] == 0
+    assert "not every method ran" not in bench.markdown({"suite": "t", "device": "cpu", "config": {"seeds": [0, 1]},
+                                                         "results": whole})
+
+
 def test_a_diverged_run_is_never_averaged_away():
     """UIS is NaN for a diverged model; a method with such a run gets NaN means (shown as
     "–") and is never the strongest or the lowest-UIS baseline on its good runs alone."""

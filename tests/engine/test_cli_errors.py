@@ -391,11 +391,24 @@ def test_bench_merge_refuses_options_of_a_run_in_one_line(tmp_path, capsys, no_r
     ("{not json", "is not JSON"),
     ('{"suite": "smoke", "device": "cpu", "config": [], "results": []}', "a piece is not a well-formed results"),
     ('{"suite": "smoke", "device": "cpu", "config": {}, "results": []}', "the pieces hold no results"),
-], ids=["array", "string", "not JSON", "config array", "no results"])
+    # the summary failed on these with a traceback, after the merged JSON was written
+    ('{"suite": "smoke", "device": "cpu", "config": {}, "results": [{"method": "m"}]}',
+     "run 0 of {piece} is not a run of unlearning.bench: no ['benchmark', "),
+    ('{"suite": "smoke", "device": "cpu", "config": {}, "results": [RUN_UIS_"0.5"]}', "uis '0.5' is not a number"),
+    ('{"suite": "smoke", "device": "cpu", "config": {}, "results": [RUN_N_"8"]}', "n_forget '8' is not an integer"),
+    ('{"suite": "smoke", "device": "cpu", "config": {}, "results": {}}', "results are not a list of runs"),
+], ids=["array", "string", "not JSON", "config array", "no results", "run without fields", "uis a string",
+        "n_forget a string", "results an object"])
 def test_bench_merge_refuses_what_is_not_a_results_document(tmp_path, capsys, content, message):
+    run = {"benchmark": "b", "setting": "full", "forget_tasks": ["t"], "n_forget": 8, "seed": 0, "method": "m",
+           "uis": 1.0, "uis_task": 0.0, "uis_inst": 1.0, "mia_auc": 0.5, "mia_auc_original": 0.9,
+           "mia_auc_retrain": 0.5, "forget_gap": 0.0, "seconds": 1.0, "retrain_seconds": 10.0}
+    for name, value in (("UIS", '"0.5"'), ("N", '"8"')):
+        field = {"UIS": "uis", "N": "n_forget"}[name]
+        content = content.replace(f"RUN_{name}_{value}", json.dumps({**run, field: json.loads(value)}))
     piece = tmp_path / "piece.json"
     piece.write_text(content)
-    bench_refused(capsys, ["--merge", str(piece), "--out", str(tmp_path / "m.json")], message)
+    bench_refused(capsys, ["--merge", str(piece), "--out", str(tmp_path / "m.json")], message.format(piece=piece))
     assert listing(tmp_path) == ["piece.json"]
     bench_refused(capsys, ["--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "m.json")],
                   "--merge " + str(tmp_path / "missing.json") + " does not exist")
