@@ -117,6 +117,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from model_store import store_for
+    from unlearning.model import ImageSizeError
     from worker.bootstrap import SharedDataConflict, ensure_model
     from worker.migrate import upgrade_database
     from worker.settings import get_settings
@@ -153,6 +154,10 @@ def cmd_serve(args) -> int:
         version = ensure_model(settings, store_for(settings.store_dir), progress=not args.no_progress)
     except (StoreError, SharedDataConflict) as exc:  # a stored version 1 purged, damaged or altered, or another
         print(f"unlearnd: {exc}", file=sys.stderr)  # model's data split otherwise: nothing registered
+        return 2
+    except ImageSizeError as exc:  # the first model's settings: nothing trained
+        print(f"unlearnd: UNLEARND_IMAGE_HEIGHT, UNLEARND_IMAGE_WIDTH, UNLEARND_MODEL_WIDTH: {exc}; nothing was "
+              "trained", file=sys.stderr)
         return 2
     logging.getLogger("unlearnd").info(
         "model %s serving version %s; API on http://%s:%s (docs at /docs)", settings.model_name, version, host, port

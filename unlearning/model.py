@@ -49,8 +49,12 @@ def _groups(channels: int) -> int:
     return channels if channels < 8 else math.gcd(8, channels)
 
 
+class ImageSizeError(ValueError):
+    """Images too small for the model's GroupNorm layers one at a time (:func:`check_image_size`)."""
+
+
 def check_image_size(cfg: ModelConfig, height: int, width: int) -> None:
-    """``ValueError`` when one ``height`` x ``width`` image would leave a GroupNorm group of
+    """:class:`ImageSizeError` (a ``ValueError``) when one ``height`` x ``width`` image would leave a GroupNorm group of
     ``cfg``'s model a single value: the feature map has shrunk to 1x1 where a group holds
     one channel (widths under 16 at the encoder's last stage, or a head width of 8 or less).
     torch refuses to normalise that ("Expected more than 1 value per channel"), in eval
@@ -64,7 +68,7 @@ def check_image_size(cfg: ModelConfig, height: int, width: int) -> None:
     maps.append(("heads' first block", cfg.head_width, h, w))  # it runs on the encoder's output
     for where, channels, mh, mw in maps:
         if mh * mw * (channels // _groups(channels)) == 1:
-            raise ValueError(
+            raise ImageSizeError(
                 f"{height}x{width} images shrink to 1x1 at the model's {where}, where each GroupNorm group of its "
                 f"{channels} channels holds one channel: a single image cannot be normalised there. Use larger "
                 f"images, a smaller depth (now {cfg.depth}) or widths of at least 16 (now {cfg.width} and head "

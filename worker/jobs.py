@@ -383,20 +383,26 @@ def _claim(settings: Settings, model_name: str) -> Claim:
 
 
 def _erased_here_since(session: Session, model_name: str, req: DeletionRequest, cells: list) -> AuditEvent | None:
-    """The ``job.completed`` event of the model's job that, with those before it since ``req``
-    was accepted, erased every one of ``cells`` from the model, or None. A job that did not
+    """The ``job.completed`` event of the model's newest job since ``req`` was accepted that
+    erased every one of ``cells`` (after a rollback and a second reapply, the second), else
+    of the job that, with those before it, did; or None. A job that did not
     carry ``req`` can erase its cells: one rebased to catch up on another model's erasure of
     them while it ran, or a rollback's reapply (a waiting request joins only a new deletion
     job, :func:`_claim`)."""
     received = session.execute(select(func.min(AuditEvent.seq)).where(AuditEvent.request_id == req.id)).scalar()
     if received is None:
         return None
+    events = list(session.execute(select(AuditEvent).where(
+        AuditEvent.kind == "job.completed", AuditEvent.model_name == model_name,
+        AuditEvent.seq > received).order_by(AuditEvent.seq)).scalars())
+    wanted = set(cells)
+    for event in reversed(events):  # the newest job that erased them all: after a rollback and a second
+        if wanted <= {tuple(c) for c in (event.payload or {}).get("cells") or []}:  # reapply, that one's
+            return event
     covered: set[tuple[str, str]] = set()
-    for event in session.execute(select(AuditEvent).where(
-            AuditEvent.kind == "job.completed", AuditEvent.model_name == model_name,
-            AuditEvent.seq > received).order_by(AuditEvent.seq)).scalars():
+    for event in events:  # several jobs, each erasing some: the one that completed the set
         covered |= {tuple(c) for c in (event.payload or {}).get("cells") or []}
-        if set(cells) <= covered:
+        if wanted <= covered:
             return event
     return None
 

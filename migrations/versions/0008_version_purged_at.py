@@ -48,7 +48,8 @@ def upgrade() -> None:
     purged = {}
     for at, model, payload in connection.execute(sa.select(events.c.at, events.c.model_name, events.c.payload)
                                                  .where(events.c.kind == PURGED_EVENT).order_by(events.c.seq)):
-        if isinstance(payload, dict) and payload.get("published") and isinstance(payload.get("version"), int):
+        # "published" came later than the event (59590d5's purge, of version rows only, wrote none)
+        if isinstance(payload, dict) and payload.get("published", True) and isinstance(payload.get("version"), int):
             purged[(model, payload["version"])] = at
     for (model, version), at in purged.items():
         connection.execute(sa.update(versions).where(versions.c.model_name == model, versions.c.version == version,

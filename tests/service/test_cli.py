@@ -182,6 +182,16 @@ def test_serve_without_background_work_or_a_broker_is_refused(environment, tmp_p
     assert code == 2 and "nothing would run jobs" in err and not (tmp_path / "x.db").exists()
 
 
+def test_serve_refuses_a_first_model_that_cannot_take_one_image_naming_the_settings(environment, tmp_path):
+    # it was a traceback (exit 1) from the training's new check; the model it trained before failed
+    # on every single image (GroupNorm)
+    code, err = _run(environment, ["serve", "--no-progress"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db",
+                     STORE_DIR=str(tmp_path / "models"), MODEL_WIDTH="8", IMAGE_HEIGHT="4", IMAGE_WIDTH="4")
+    assert code == 2 and "Traceback" not in err
+    assert "UNLEARND_IMAGE_HEIGHT, UNLEARND_IMAGE_WIDTH, UNLEARND_MODEL_WIDTH: 4x4 images shrink to 1x1" in err
+    assert "nothing was trained" in err and not (tmp_path / "models" / "indoor-mtl").exists()
+
+
 def test_a_store_folder_that_is_a_file_is_refused_before_migrating_or_training(environment, tmp_path):
     (tmp_path / "afile").write_text("")
     code, err = _run(environment, ["serve", "--no-progress"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db",

@@ -649,6 +649,33 @@ def test_a_request_whose_cell_a_rollbacks_reapply_erases_completes_with_that_ver
         assert deletion_certificate(session, rb)["version_after"] == outcomes[0].version
 
 
+def test_a_request_erased_by_two_reapplies_completes_with_the_newer(two_models, monkeypatch):
+    """A rollback's reapply erases rB's cell, the operator rolls back to the same target again,
+    and a second reapply erases it again before rB is claimed: rB completes with the version
+    that serves, not the one rolled back."""
+    s, s_b, store, ids = two_models
+    _submit(s_b, ids[2])
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["completed"]
+    _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed", "completed"]
+    real = jobs._compute
+    monkeypatch.setattr(jobs, "_compute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("fails once")))
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["failed"]
+    monkeypatch.setattr(jobs, "_compute", real)
+    rb = _submit(s_b, ids[0])
+    with transaction(s.database_url) as session:
+        assert versions.rollback(session, s_b, TINY_B, 1, reapply_erasures=True).action == "reapply"
+    first = jobs.claim_next(s_b, TINY_B)
+    assert jobs.run_job(s_b, store, first.job_id, first.attempt).status == "completed"
+    with transaction(s.database_url) as session:
+        assert versions.rollback(session, s_b, TINY_B, 1, reapply_erasures=True).action == "reapply"
+    outcomes = jobs.drain_model(s_b, store, TINY_B)
+    assert [o.status for o in outcomes] == ["completed"]
+    req = _request(s_b, rb)
+    assert (req.status, req.job_id, req.produced_version) == ("completed", outcomes[0].job_id, outcomes[0].version)
+    assert _serving_of(s_b, TINY_B).version == outcomes[0].version
+
+
 def test_the_sweeper_announces_a_model_behind_its_dataset_but_not_after_a_failed_try(two_models):
     s, s_b, store, ids = two_models
     _submit(s, ids[0])
