@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import shlex
 import sys
 import time
@@ -111,8 +112,13 @@ def evaluate(original, unlearned, train, cells, test, retrained, context):
 
 
 def mean(values):
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+    """The mean over seeds; None when any seed's value is missing (a diverged run's MIA AUC)
+    or NaN: averaged over the other seeds, a point that diverges on one would look as good
+    as its good runs (as unlearning.bench's means)."""
+    values = list(values)
+    if not values or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+        return None
+    return sum(values) / len(values)
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -128,8 +134,9 @@ def choose(rows: list[dict]) -> dict:
                 if row[m]["mia_auc"] is not None and row[m]["mia_auc_retrain"] is not None]
         return max(gaps) if len(gaps) == 2 else float("inf")
 
-    def mean_uis(row):
-        return (row["full"]["uis"] + row["partial"]["uis"]) / 2
+    def mean_uis(row):  # a missing UIS (a diverged point) ranks last
+        uis = [row[m]["uis"] for m in ("full", "partial")]
+        return float("inf") if any(u is None or math.isnan(u) for u in uis) else sum(uis) / 2
 
     forgetting = [r for r in rows if gap(r) <= TOLERANCE]
     best = min(forgetting, key=mean_uis) if forgetting else min(rows, key=gap)
@@ -225,6 +232,16 @@ def main(argv=None) -> dict:
         print(markdown_table(out))
         return out
 
+    if args.merge:
+        # the chosen defaults are means over the file's seeds: another set of seeds dropped the
+        # other methods' runs of the seeds not run again (chosen from fewer), or failed on a new one
+        try:
+            held = sorted(r["seed"] for r in json.loads(Path(args.out).read_text())["per_seed"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--merge: cannot read the sweep {args.out}: {exc}")
+        if held != sorted(args.seeds):
+            parser.error(f"--merge: {args.out} holds seeds {held}, not {sorted(args.seeds)}; give --seeds "
+                         + " ".join(map(str, held)))
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(args.seeds)))) as pool:
         futures = [pool.submit(sweep_seed, s, args.methods, args.quick, args.threads, args.grid) for s in args.seeds]

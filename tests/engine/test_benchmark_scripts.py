@@ -141,6 +141,28 @@ def test_sweep_baselines_refuses_a_grid_it_cannot_run_before_any_work(grid):
     assert done.returncode == 2 and "--grid:" in done.stderr and "must be a baseline of GRID" in done.stderr
 
 
+def test_sweep_baselines_merge_refuses_other_seeds_before_any_work(tmp_path):
+    """--merge with a subset of the file's seeds re-chose every other method from that subset
+    (finetune's default from one seed); a seed the file lacks was a KeyError after the runs."""
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text((BENCH / "sweep_baselines.json").read_text())
+    for seeds in (["0"], ["0", "1", "2", "3"]):
+        done = run_script("sweep_baselines.py", "--merge", "--methods", "ssd", "--seeds", *seeds, "--out", str(sweep))
+        assert done.returncode == 2 and "holds seeds [0, 1, 2]" in done.stderr and "give --seeds 0 1 2" in done.stderr
+    assert sweep.read_text() == (BENCH / "sweep_baselines.json").read_text()
+
+
+def test_sweep_baselines_never_chooses_a_point_that_diverged_on_a_seed():
+    sb = load_script("sweep_baselines.py")
+    good = {"uis": 5.0, "mia_auc": 0.40, "mia_auc_retrain": 0.40}
+    diverged = {"uis": float("nan"), "mia_auc": None, "mia_auc_retrain": 0.40}
+    mixed = sb.summarise([good, good, diverged])
+    assert mixed["uis"] is None and mixed["mia_auc"] is None  # not the mean of its good seeds
+    ok = {"config": {"lr": 1}, "full": {**good, "uis": 9.0}, "partial": {**good, "uis": 9.0}}
+    bad = {"config": {"lr": 2}, "full": mixed, "partial": mixed}
+    assert sb.choose([bad, ok]) == {"config": {"lr": 1}, "forgets": True, "mia_gap": 0.0, "mean_uis": 9.0}
+
+
 def _ref_run(seed, task, mia, retrain, uis, n=8):
     return {"benchmark": "indoor", "setting": "partial", "forget_tasks": [task], "n_forget": n, "seed": seed,
             "method": "interference_aware", "mia_auc": mia, "mia_auc_retrain": retrain, "mia_auc_original": 0.9,
