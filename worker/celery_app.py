@@ -7,11 +7,15 @@ idempotent (``worker.jobs``), so a second delivery does the work once.
 
 Relay and sweeper: the API process runs them in threads (``worker.background``).
 For deployments whose API runs with ``UNLEARND_BACKGROUND=false``, the beat
-schedule below runs them as tasks instead: ``celery -A worker.celery_app beat``.
+schedule below runs them as tasks instead: ``celery -A worker.celery_app beat -s
+var/celerybeat-schedule`` (beat keeps its schedule in a file, by default in the
+working directory, which the image's user cannot write; ``var/`` it can).
 Each beat task expires after one interval: while every worker is busy with a job,
-the ticks are dropped instead of piling up in the queue (the next tick does the
-same work). They share the job queue, so with a single worker they wait for the
-job to end; a second worker (``unlearnd worker``) keeps the relay going meanwhile.
+the ticks still queue up in the broker, but a worker that takes an expired one
+discards it unrun (the next tick does the same work), so an hour-long job leaves
+a few seconds of discarding, not an hour of relay passes. They share the job
+queue, so with a single worker they wait for the job to end; a second worker
+(``unlearnd worker``) keeps the relay going meanwhile.
 
     celery -A worker.celery_app worker -c 1 --loglevel info      # what `unlearnd worker` runs
 

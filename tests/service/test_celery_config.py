@@ -6,9 +6,9 @@ from worker.settings import Settings
 
 
 def test_beat_ticks_expire_after_one_interval():
-    """While every worker is busy with an hour-long job, beat's ticks must not pile up in
-    the queue (3,600 relay ticks an hour at the default interval): each expires when the
-    next one is due."""
+    """While every worker is busy with an hour-long job, beat's ticks queue up in the broker
+    (3,600 relay ticks an hour at the default interval): each expires when the next one is
+    due, so a worker discards them unrun instead of running an hour of relay passes."""
     settings = Settings(_env_file=None, database_url="sqlite://", relay_interval_s=2.0, stale_after_s=600)
     schedule = create_celery(settings).conf.beat_schedule
     by_task = {entry["task"]: entry for entry in schedule.values()}

@@ -93,6 +93,13 @@ def test_migrate_runs_the_migration_once():
     assert re.search(r'restart: "?no"?', SERVICES["migrate"])
 
 
+def test_the_database_is_healthy_only_once_it_takes_tcp_connections():
+    # the migration runs once (above): a socket-only check passed during the image's first-start
+    # setup server (no TCP), the migration was refused, and API and worker never started
+    (check,) = re.findall(r"pg_isready[^\"\]]*", SERVICES["postgres"])
+    assert "-h 127.0.0.1" in check
+
+
 def test_the_worker_consumes_the_queue_tasks_are_sent_to():
     from worker.celery_app import app
 
