@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from unlearning.bench import DEFAULT_METHOD, aggregate, headline
+from unlearning.bench import DEFAULT_METHOD, aggregate, headline, setting_label
 from unlearning.bench import main as bench_main
 from unlearning.methods import method_defaults
 
@@ -69,18 +69,37 @@ def check_same_models(rows: list[dict], reference: list[dict], what: str) -> Non
                                  f"{request_key(r)}: these runs trained other models than the reference's")
 
 
+def reference_runs(reference: dict) -> dict[str, tuple[list[str], list[int]]]:
+    """``{benchmark: (settings, seeds)}`` that ours ran in the reference, from its rows: a
+    reference that is a piece (``--benchmarks``, ``--settings``, ``--seeds``) records its
+    suite's benchmarks in its config, not the ones it ran."""
+    out: dict[str, tuple[list[str], list[int]]] = {}
+    for r in reference["results"]:
+        if r["method"] == DEFAULT_METHOD:
+            labels, seeds = out.setdefault(r["benchmark"], ([], []))
+            for value, into in ((setting_label(r), labels), (r["seed"], seeds)):
+                if value not in into:
+                    into.append(value)
+    return out
+
+
 def run_point(reference: dict, method: str, config: dict, cache_dir: str, scratch: Path) -> list[dict]:
-    """One grid point on the reference's suite, seeds and benchmarks: its result rows."""
+    """One grid point on the reference's requests (its suite; per benchmark, the settings and
+    seeds ours ran there): its result rows, of those requests only."""
     cfg_path = scratch / "config.json"
     cfg_path.write_text(json.dumps({method: config}))
     out = scratch / "point.json"
-    argv = ["--suite", reference["suite"], "--out", str(out), "--methods", method, "--method-config", str(cfg_path),
-            "--no-independent-retrain", "--no-progress", "--cache-dir", cache_dir,
-            "--seeds", *map(str, reference["config"]["seeds"]),
-            "--benchmarks", *reference["config"]["benchmarks"]]
-    with contextlib.redirect_stdout(io.StringIO()):
-        bench_main(argv)
-    return json.loads(out.read_text())["results"]
+    wanted = {request_key(r) for r in reference["results"] if r["method"] == DEFAULT_METHOD}
+    rows = []
+    for benchmark, (labels, seeds) in reference_runs(reference).items():
+        argv = ["--suite", reference["suite"], "--out", str(out), "--methods", method, "--method-config",
+                str(cfg_path), "--no-independent-retrain", "--no-progress", "--cache-dir", cache_dir,
+                "--benchmarks", benchmark, "--settings", *labels, "--seeds", *map(str, sorted(seeds))]
+        with contextlib.redirect_stdout(io.StringIO()):
+            bench_main(argv)
+        # a seed that ran another setting only (a merge of pieces): not a request of the reference
+        rows += [r for r in json.loads(out.read_text())["results"] if request_key(r) in wanted]
+    return rows
 
 
 def reference_rows(reference: dict, method: str) -> list[dict]:

@@ -118,6 +118,33 @@ def test_matched_forgetting_picks_the_lowest_uis_point_that_forgets_as_well():
         {"method": "finetune", "command": "c", "reference": "r", "device": "d", "wall_seconds": 1.0, "table": [none]})
 
 
+def test_matched_forgetting_runs_the_requests_a_piece_ran(monkeypatch, tmp_path):
+    """A reference that is a piece (--benchmarks indoor) records the suite's benchmarks in its
+    config: every grid point ran street too, then stopped ("not in the reference")."""
+    mf = load_script("matched_forgetting.py")
+    rows = [bench_row("interference_aware", 1.0, 0.5, seed=s, setting=st, n=n)
+            for s, st, n in ((0, "full", 8), (1, "full", 8), (0, "partial", 8))]
+    rows[2]["forget_tasks"] = ["depth"]
+    reference = {"suite": "smoke", "config": {"benchmarks": {"indoor": {}, "street": {}}, "seeds": [0, 1]},
+                 "results": rows + [bench_row("finetune", 1.0, 0.5)]}
+    assert mf.reference_runs(reference) == {"indoor": (["full:8", "partial:depth"], [0, 1])}
+    calls = []
+
+    def fake_bench(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        # the bench runs every seed of every setting asked: partial:depth on seed 1 is not a reference request
+        out.write_text(json.dumps({"results": [{**r, "method": "finetune"} for r in rows]
+                                   + [{**rows[2], "seed": 1, "method": "finetune"}]}))
+
+    monkeypatch.setattr(mf, "bench_main", fake_bench)
+    got = mf.run_point(reference, "finetune", {"steps": 2}, str(tmp_path / "cache"), tmp_path)
+    (argv,) = calls
+    assert argv[argv.index("--benchmarks") + 1:argv.index("--settings")] == ["indoor"]
+    assert argv[argv.index("--settings") + 1:argv.index("--seeds")] == ["full:8", "partial:depth"]
+    assert sorted((r["setting"], r["seed"]) for r in got) == [("full", 0), ("full", 1), ("partial", 0)]
+
+
 def test_matched_forgetting_refuses_runs_on_other_models():
     mf = load_script("matched_forgetting.py")
     reference = [bench_row("interference_aware", 0.2, 0.4)]
