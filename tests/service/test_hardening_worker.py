@@ -625,9 +625,10 @@ def test_a_request_whose_cell_a_rebased_job_erases_completes_with_that_version(t
     assert "deletion.rejected" not in _kinds(s)
 
 
-def test_a_request_whose_cell_a_rollbacks_reapply_erases_completes_with_that_version(two_models, monkeypatch):
-    """B's propagation of c failed, so rB for c is accepted as its next try; a rollback with
-    reapply runs first and erases c. rB was rejected."""
+def _waiting_behind_a_reapply(two_models, monkeypatch) -> str:
+    """B's propagation of cell c (erased through A) failed, so rB for c is accepted on B as its
+    next try; then B is rolled back to v1 with reapply_erasures, whose job (queued, claimed
+    before rB) erases c. Returns rB."""
     s, s_b, store, ids = two_models
     _submit(s_b, ids[2])
     assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["completed"]  # B v2
@@ -641,6 +642,14 @@ def test_a_request_whose_cell_a_rollbacks_reapply_erases_completes_with_that_ver
     rb = _submit(s_b, ids[0])
     with transaction(s.database_url) as session:
         assert versions.rollback(session, s_b, TINY_B, 1, reapply_erasures=True).action == "reapply"
+    return rb
+
+
+def test_a_request_whose_cell_a_rollbacks_reapply_erases_completes_with_that_version(two_models, monkeypatch):
+    """B's propagation of c failed, so rB for c is accepted as its next try; a rollback with
+    reapply runs first and erases c. rB was rejected."""
+    s, s_b, store, ids = two_models
+    rb = _waiting_behind_a_reapply(two_models, monkeypatch)
     outcomes = jobs.drain_model(s_b, store, TINY_B)
     assert [o.status for o in outcomes] == ["completed"]
     req = _request(s_b, rb)
@@ -654,17 +663,7 @@ def test_a_request_erased_by_two_reapplies_completes_with_the_newer(two_models, 
     and a second reapply erases it again before rB is claimed: rB completes with the version
     that serves, not the one rolled back."""
     s, s_b, store, ids = two_models
-    _submit(s_b, ids[2])
-    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["completed"]
-    _submit(s, ids[0])
-    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed", "completed"]
-    real = jobs._compute
-    monkeypatch.setattr(jobs, "_compute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("fails once")))
-    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["failed"]
-    monkeypatch.setattr(jobs, "_compute", real)
-    rb = _submit(s_b, ids[0])
-    with transaction(s.database_url) as session:
-        assert versions.rollback(session, s_b, TINY_B, 1, reapply_erasures=True).action == "reapply"
+    rb = _waiting_behind_a_reapply(two_models, monkeypatch)
     first = jobs.claim_next(s_b, TINY_B)
     assert jobs.run_job(s_b, store, first.job_id, first.attempt).status == "completed"
     with transaction(s.database_url) as session:
