@@ -33,7 +33,7 @@ from .cli import (CliError, Writes, check_output_dir, check_seed, cli_device, re
 from .data import SYNTHETIC_DATASETS
 from .data.base import MultiTaskDataset
 from .losses import cell_losses, supervised_loss
-from .model import ModelConfig, MultiTaskNet, check_image_size, save_model
+from .model import ImageSizeError, ModelConfig, MultiTaskNet, check_image_size, save_model
 
 
 @dataclass
@@ -299,11 +299,9 @@ def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
             raise CliError(f"the {split} split of {spec['name']!r} is empty"
                            + (" (interference_aware unlearns with held-out data)" if split == "test" else ""))
     try:
-        check_image_size(ModelConfig.for_dataset(train, width=cfg.width, depth=cfg.depth, head_width=cfg.head_width),
-                         *train.images.shape[-2:])
-    except ValueError as exc:
+        model = train_model(train, cfg, device=device, progress=not args.no_progress)
+    except ImageSizeError as exc:  # build_model's, before any step
         raise CliError(str(exc)) from None
-    model = train_model(train, cfg, device=device, progress=not args.no_progress)
     try:
         write_dir_atomically(out, lambda staging: save_model(model, staging,
                                                              extra={"dataset": spec, "train": asdict(cfg)}),

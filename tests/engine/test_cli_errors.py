@@ -98,7 +98,7 @@ def test_train_refuses_images_a_model_cannot_take_one_at_a_time_before_training(
     evaluating its one test image (exit 1, a traceback)."""
     import unlearning.train
 
-    monkeypatch.setattr(unlearning.train, "train_model", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(unlearning.train, "save_model", lambda *a, **k: pytest.fail("wrote a checkpoint"))
     refused(capsys, train(["--dataset", "indoor", "--n-train", "2", "--n-test", "1", "--height", "4", "--width", "4",
                            "--head-width", "8", "--out", str(tmp_path / "out")]),
             "4x4 images shrink to 1x1 at the model's heads' first block")
