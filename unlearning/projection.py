@@ -152,8 +152,7 @@ def cached_subspaces(model, dataset: MultiTaskDataset, cache: dict, energy: floa
     caller's per-model-version dict) under a key naming the settings and the cells they are
     computed from (by the dataset's size alone, a dataset with a cell erased since read the
     subspaces that cell's gradients had shaped)."""
-    key = ("task_subspaces", float(energy), int(n_samples), int(seed), tuple(dataset.instance_ids),
-           dataset.available.cpu().numpy().tobytes())
+    key = ("task_subspaces", float(energy), int(n_samples), int(seed), dataset.cells_key())
     if key not in cache:
         cache[key] = task_subspaces(model, dataset, energy=energy, n_samples=n_samples, seed=seed, device=device)
     return cache[key]

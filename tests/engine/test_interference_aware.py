@@ -905,3 +905,35 @@ def test_what_is_cached_from_the_training_data_is_keyed_by_its_cells(memorised):
     partly = train.without([("i3", "depth")])
     assert len(partly) == len(train) and cached_subspaces(model, partly, cache, 0.5, 4) is not a
     assert cached_subspaces(model, train, cache, 0.5, 4) is a  # the same cells: the cached entry
+
+
+def test_shadow_scores_and_ssd_importances_are_keyed_by_the_training_cells(memorised):
+    """Both were keyed by counts alone: a training set with another instance erased read the
+    shadow table that still scored the erased one, and SSD's importances of data that held it."""
+    from unlearning.methods.interference_aware import shadow_scores
+    from unlearning.methods.ssd import train_importance
+
+    model, train, test = memorised
+    recipe = {"epochs": 1, "batch_size": 8, "lr": 5e-3, "width": 8, "depth": 2, "head_width": 8, "seed": 0}
+    cache: dict = {}
+    first, second = train.without([("i0", t) for t in train.tasks]), train.without([("i1", t) for t in train.tasks])
+    a = shadow_scores(model, UnlearnData(first, [("i2", "depth")], first, heldout=test, cache=cache), recipe, 2, 0)
+    b = shadow_scores(model, UnlearnData(second, [("i2", "depth")], second, heldout=test, cache=cache), recipe, 2, 0)
+    assert "i1" in a["full"] and "i1" not in b["full"] and "i0" in b["full"]
+    ia = train_importance(model, UnlearnData(first, [("i2", "depth")], first, heldout=test, cache=cache), len(first))
+    ib = train_importance(model, UnlearnData(second, [("i2", "depth")], second, heldout=test, cache=cache), len(first))
+    assert ia is not ib and any(not torch.equal(ia[k], ib[k]) for k in ia)
+
+
+def test_shadow_scores_of_one_training_instance_train_the_shadows_that_can(memorised):
+    """Its fold is the whole training set: the full-erasure shadow had nothing to train on,
+    and every job of a calibrated model on such a dataset failed."""
+    from unlearning.methods.interference_aware import shadow_scores
+
+    model, train, test = memorised
+    one = train.without([(i, t) for i in train.instance_ids[1:] for t in train.tasks])
+    assert len(one) == 1
+    recipe = {"epochs": 1, "batch_size": 8, "lr": 5e-3, "width": 8, "depth": 2, "head_width": 8, "seed": 0}
+    scores = shadow_scores(model, UnlearnData(one, [], one, heldout=test), recipe, 4, 0)
+    assert scores["full"] == {} and scores["shadows"] == 1 + len(TASKS)
+    assert set(scores["partial"]) == set(one.instance_ids) and set(scores["partial"]["i0"]) == set(TASKS)

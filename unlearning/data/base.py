@@ -183,6 +183,12 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         return (self.instance_ids == other.instance_ids
                 and torch.equal(self.available.cpu(), other.available.cpu()))
 
+    def cells_key(self) -> tuple:
+        """What the dataset holds, for the keys of what is cached from it: its instances and
+        their supervised cells (equal exactly when :meth:`same_cells`). By its size alone, a
+        training set with another cell erased read what the first's had shaped."""
+        return tuple(self.instance_ids), self.available.cpu().numpy().tobytes()
+
     def to(self, device) -> "MultiTaskDataset":
         """This dataset with its tensors on ``device`` (the same ids, cells and mask); itself
         when they are there already."""

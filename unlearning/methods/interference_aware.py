@@ -364,7 +364,8 @@ def _shadow_key(cfg: dict, data: UnlearnData, modes: tuple[str, ...] = ("full", 
     """The cache key of :func:`shadow_scores` for the method configuration ``cfg``."""
     k, n, extrapolate = _shadow_plan(len(data.train), cfg["shadow_folds"], cfg["shadow_trained_folds"],
                                      cfg["shadow_extrapolate"])
-    return _scores_key(cfg["shadow_recipe"], k, cfg["shadow_seed"], modes, n, extrapolate, _heldout_id(data))
+    return _scores_key(cfg["shadow_recipe"], k, cfg["shadow_seed"], modes, n, extrapolate, _heldout_id(data),
+                       data.train.cells_key())
 
 
 def _shadow_plan(n_train: int, folds: int, trained_folds: int | None, extrapolate: str) -> tuple[int, int, str]:
@@ -379,11 +380,14 @@ def _shadow_plan(n_train: int, folds: int, trained_folds: int | None, extrapolat
     return k, n, "task_mean" if n == k else extrapolate  # every cell measured: nothing to predict
 
 
-def _scores_key(recipe: dict, k: int, seed: int, modes, n: int, extrapolate: str, heldout: tuple[str, ...]) -> tuple:
+def _scores_key(recipe: dict, k: int, seed: int, modes, n: int, extrapolate: str, heldout: tuple[str, ...],
+                train: tuple) -> tuple:
+    """``train``: the training set's :meth:`~unlearning.data.base.MultiTaskDataset.cells_key`
+    (a training set with a cell erased since read the table that still scored it)."""
     import json
 
     return ("shadow_scores", json.dumps(recipe, sort_keys=True, default=str), k, int(seed), tuple(modes), n, extrapolate,
-            heldout)
+            heldout, train)
 
 
 def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
@@ -428,7 +432,7 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
     from ..train import TrainConfig, train_model
 
     k, n, extrapolate = _shadow_plan(len(data.train), folds, trained_folds, extrapolate)
-    key = _scores_key(recipe, k, seed, modes, n, extrapolate, _heldout_id(data))
+    key = _scores_key(recipe, k, seed, modes, n, extrapolate, _heldout_id(data), data.train.cells_key())
     if key in data.cache:
         return data.cache[key]
     if data.heldout is None or len(data.heldout) == 0:
@@ -450,10 +454,11 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
 
     for done, (mode, cells) in enumerate(plan):
         cells = [c for c in cells if train.has_cell(c)]
-        if not cells:
-            continue
+        rest = train.without(cells) if cells else None
+        if rest is None or len(rest) == 0:  # one training instance: its fold is all of it, and no shadow can train
+            continue  # (its cells stay unscored: their task's mean score, or the fixed quantile)
         if trainer is None:
-            shadow = train_model(train.without(cells), TrainConfig(**recipe), device=data.device, progress=False,
+            shadow = train_model(rest, TrainConfig(**recipe), device=data.device, progress=False,
                                  on_progress=shadow_progress(done))
         else:
             shadow = trainer(cells, TrainConfig(**recipe))

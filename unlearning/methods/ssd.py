@@ -60,8 +60,9 @@ def fisher_diagonal(model, batches, tasks_of, progress=None) -> dict[str, torch.
 
 
 def _importance_key(data, n_samples: int) -> tuple:
-    train = data.train
-    return ("ssd_train_importance", train.name, len(train), int(train.available.sum()), int(n_samples))
+    # by the training set's cells: by their counts, a training set with another instance
+    # erased read the importances of the data that still held it
+    return ("ssd_train_importance", data.train.name, data.train.cells_key(), int(n_samples))
 
 
 def train_importance(model, data, n_samples: int) -> dict[str, torch.Tensor]:
