@@ -478,7 +478,9 @@ def cmd_verify_certificate(args) -> int:
         return value
 
     try:
-        text = sys.stdin.read() if args.certificate == "-" else Path(args.certificate).read_text()
+        # bytes: JSON is UTF-8 (RFC 8259), which json.loads detects; the locale's encoding (cp1252,
+        # ASCII) misread a certificate whose subject_ref is not ASCII, and it failed to verify
+        text = sys.stdin.buffer.read() if args.certificate == "-" else Path(args.certificate).read_bytes()
         certificate = json.loads(text, parse_constant=strict, parse_float=finite, object_pairs_hook=no_repeated_names)
     except (OSError, ValueError) as exc:
         print(f"unlearnd: cannot read a certificate from {args.certificate}: {exc}", file=sys.stderr)

@@ -35,8 +35,8 @@ def signing(settings, key_file):
         yield c
 
 
-def _completed_certificate(client, settings, model, index=4) -> dict:
-    rid = client.post("/deletions", json={"instance_id": model.train_ids[index], "tasks": ["depth"]}).json()["id"]
+def _completed_certificate(client, settings, model, index=4, **fields) -> dict:
+    rid = client.post("/deletions", json={"instance_id": model.train_ids[index], "tasks": ["depth"], **fields}).json()["id"]
     _complete(settings, rid, METRICS)
     r = client.get(f"/deletions/{rid}/certificate")
     assert r.status_code == 200, r.text
@@ -91,6 +91,26 @@ def test_a_bad_key_file_is_refused_naming_it(settings, tmp_path):
             load_signer(path)
         with pytest.raises(SigningKeyError, match=message):
             create_app(settings.model_copy(update={"certificate_key_file": path}))
+
+
+def test_verify_certificate_reads_utf8_whatever_the_locale(signing, settings, model, tmp_path):
+    """The API writes UTF-8; read in the locale's encoding (ASCII, cp1252), a certificate whose
+    subject_ref is not ASCII could not be read, or failed to verify."""
+    import subprocess
+    import sys
+
+    cert = _completed_certificate(signing, settings, model, subject_ref="ticket-Zoë-4711")
+    public = signing.get("/certificates/public-key").json()["public_key"]
+    path = tmp_path / "cert.json"
+    path.write_bytes(json.dumps(cert, ensure_ascii=False).encode("utf-8"))
+    ascii_locale = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+                    "PYTHONIOENCODING": "ascii:backslashreplace"}
+    command = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())", "verify-certificate"]
+    for args, stdin in (([str(path)], None), (["-"], path.read_bytes())):
+        done = subprocess.run(command + args + ["--public-key", public], input=stdin, capture_output=True,
+                              env=ascii_locale, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stdout.decode().startswith(f"verified: request {cert['request_id']}")
 
 
 def test_the_commands_make_a_key_and_check_certificates(environment, signing, settings, model, tmp_path, capsys):
