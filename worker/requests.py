@@ -353,6 +353,14 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
     # request's propagation can complete in one job there (worker.jobs._claim), and this request's
     # own event is the one named
     reached: dict[tuple, tuple[bool, dict]] = {}
+    job_cells: dict[str, set | None] = {}
+
+    def erased_by(job_id) -> set | None:  # the cells a job erased (None: not recorded)
+        if job_id not in job_cells:
+            other = session.get(Job, job_id) if isinstance(job_id, str) else None
+            job_cells[job_id] = None if other is None else {tuple(c) for c in (other.params or {}).get("cells") or []}
+        return job_cells[job_id]
+
     for e in session.execute(
         select(AuditEvent).where(AuditEvent.request_id.in_(sorted(also)), AuditEvent.kind.in_(
             (PROPAGATED_EVENT, COMPLETED_EVENT))).order_by(AuditEvent.seq)
@@ -360,6 +368,12 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
         if not (e.kind == PROPAGATED_EVENT and (e.request_id == request.id or e.model_name != request.model_name)
                 or e.kind == COMPLETED_EVENT and e.model_name != request.model_name):
             continue
+        if e.kind == COMPLETED_EVENT:
+            # another model's own request for some of the cells: its version erased them only if its
+            # job did (the others were erased there before, by a version listed already)
+            erased = erased_by((e.payload or {}).get("job_id"))
+            if erased is not None and not erased & cells:
+                continue
         entry = {"model": e.model_name, "version": (e.payload or {}).get("version"),
                  "version_sha256": (e.payload or {}).get("sha256"),
                  "event": {"seq": e.seq, "kind": e.kind, "hash": e.hash}}

@@ -625,6 +625,29 @@ def test_a_request_whose_cell_a_rebased_job_erases_completes_with_that_version(t
     assert "deletion.rejected" not in _kinds(s)
 
 
+def test_a_certificate_lists_a_model_once_when_its_own_request_erased_the_rest(two_models):
+    """R0 (B) erases (c, depth); A reaches it at a version of a job rebased onto it; A's own
+    request R for (c, depth and normal), accepted earlier, then erases only normal. R0's
+    certificate listed A twice: also at R's version, whose job did not erase R0's cell."""
+    s, s_b, store, ids = two_models
+    _submit(s, ids[1])
+    running = jobs.claim_next(s, TINY)  # A: a job in flight
+    _submit(s, ids[0], ("depth", "normal"))  # A's portal
+    r0 = _submit(s_b, ids[0])  # B's portal, the same person
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["completed"]  # B publishes first
+    assert jobs.run_job(s, store, running.job_id, running.attempt).status == "requeued"  # rebased: + (c, depth)
+    jobs.drain_model(s, store, TINY)
+    jobs.drain_model(s_b, store, TINY_B)
+    with transaction(s.database_url) as session:
+        cert = deletion_certificate(session, r0)
+    reached = [(e["model"], e["version"]) for e in cert["also_erased_from"]]
+    assert [m for m, _ in reached] == [TINY], reached
+    with transaction(s.database_url) as session:
+        erased = session.execute(select(ModelVersion).where(ModelVersion.model_name == TINY,
+                                                            ModelVersion.version == reached[0][1])).scalar_one()
+        assert [ids[0], "depth"] in erased.erased_cells and erased.job_id == running.job_id
+
+
 def _waiting_behind_a_reapply(two_models, monkeypatch) -> str:
     """B's propagation of cell c (erased through A) failed, so rB for c is accepted on B as its
     next try; then B is rolled back to v1 with reapply_erasures, whose job (queued, claimed
