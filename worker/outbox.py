@@ -59,31 +59,33 @@ def relay_once(settings: Settings, publish: Publish, batch: int = 100) -> int:
                     publish(row.topic, dict(row.payload))
                     sent[key] = True
                 except Exception:  # the broker is down: leave the rows for the next pass
-                    _broker_failed(row)
+                    _broker_failed(settings.database_url, row)
                     break  # the rest of the batch would fail the same way, each after its timeout
             if sent[key]:
                 row.published_at = utcnow()
                 published += 1
     if published:
-        _broker_answered(published)
+        _broker_answered(settings.database_url, published)
     elif not rows:
         # nothing to publish: another relay published the backlog once the broker answered
         # (this one never saw it answer), and its next failure is a new outage, logged as one
-        _outage_over_elsewhere()
+        _outage_over_elsewhere(settings.database_url)
     return published
 
 
-# Whether the last publish failed, so that an outage is logged when it starts (with the
-# error) and when it ends, not at every pass of the relay (once a second).
-_outage = {"since": None}
+# When the last publish of the relay of each record (database URL) began to fail, so that an
+# outage is logged when it starts (with the error) and when it ends, not at every pass of the
+# relay (once a second). Per record: a relay of another record in the process (a test
+# session's, say) that found nothing to publish ended this one's outage, which was logged again.
+_outages: dict[str, object] = {}
 _outage_lock = threading.Lock()
 
 
-def _broker_failed(row) -> None:
+def _broker_failed(record: str, row) -> None:
     with _outage_lock:
-        first = _outage["since"] is None
+        first = record not in _outages
         if first:
-            _outage["since"] = utcnow()
+            _outages[record] = utcnow()
     if first:
         log.warning("outbox: publishing %s %s failed; the relay keeps the messages and retries (logged again "
                     "when the broker answers)", row.topic, row.payload, exc_info=True)
@@ -91,22 +93,21 @@ def _broker_failed(row) -> None:
         log.debug("outbox: the broker is still unreachable")
 
 
-def _end_outage():
-    """When the outage this relay saw began (None when it saw none); it is over now."""
+def _end_outage(record: str):
+    """When the outage the relay of ``record`` saw began (None when it saw none); it is over now."""
     with _outage_lock:
-        since, _outage["since"] = _outage["since"], None
-    return since
+        return _outages.pop(record, None)
 
 
-def _broker_answered(published: int) -> None:
-    since = _end_outage()
+def _broker_answered(record: str, published: int) -> None:
+    since = _end_outage(record)
     if since is not None:
         log.warning("outbox: the broker answers again after %.0f s; published %d message(s)",
                     (utcnow() - since).total_seconds(), published)
 
 
-def _outage_over_elsewhere() -> None:
-    since = _end_outage()
+def _outage_over_elsewhere(record: str) -> None:
+    since = _end_outage(record)
     if since is not None:
         log.info("outbox: no message is left to publish (another relay published them); the outage that began "
                  "%.0f s ago is taken as over", (utcnow() - since).total_seconds())

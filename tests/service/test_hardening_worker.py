@@ -1140,6 +1140,32 @@ def test_the_relay_keeps_messages_through_a_broker_outage_and_logs_it_twice(tiny
     assert len(warnings) == 2 and "failed" in warnings[0] and "answers again" in warnings[1]
 
 
+def test_a_relay_of_another_record_does_not_end_this_ones_outage(tiny, caplog, tmp_path):
+    """The outage state was one per process: the relay of another record in the process (the
+    e2e session's API, beside the service tests) found nothing to publish, ended this relay's
+    outage, and the next failed pass was logged as a new one."""
+    import logging
+
+    from worker.outbox import relay_once
+
+    from .conftest import on_sqlite
+
+    s, _, ids = tiny
+    _submit(s, ids[0])
+    other = on_sqlite(s, tmp_path)  # another record, nothing to publish
+
+    def down(topic, payload):
+        raise ConnectionError("broker unreachable")
+
+    with caplog.at_level(logging.INFO, logger="worker.outbox"):
+        assert relay_once(s, down) == 0
+        assert relay_once(other, down) == 0
+        assert relay_once(s, down) == 0
+        assert relay_once(s, lambda topic, payload: None) == 1
+    messages = [r.getMessage() for r in caplog.records if r.name == "worker.outbox"]
+    assert len(messages) == 2 and "failed" in messages[0] and "answers again" in messages[1], messages
+
+
 def test_an_outage_another_relay_saw_end_does_not_hide_the_next_one(tiny, caplog):
     """Two relays (the API's thread and beat's task, or two replicas): when the broker came
     back, the other one published the backlog, this one found nothing to publish and kept
