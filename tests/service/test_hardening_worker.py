@@ -847,8 +847,8 @@ def test_a_request_accepted_while_a_due_retry_is_claimed_is_its_next_try(two_mod
         rid = submit_deletion(session, s_b, instance_id=ids[0], tasks=["depth"]).request.id  # accepted: stalled
         claiming = threading.Thread(target=lambda: box.update(claim=jobs.claim_next(s_b, TINY_B)))
         claiming.start()  # a sweeper-announced claim, before the submission commits
-        claiming.join(2)
-        assert claiming.is_alive()  # it waits for the submission
+        _wait_for(lambda: _lock_waiters(s.database_url) >= 1, "the claim to wait for the submission's lock")
+        assert claiming.is_alive()
     claiming.join(30)
     claim = box["claim"]
     with transaction(s.database_url) as session:
