@@ -38,15 +38,24 @@ def refuse_another_split_of(session: Session, name: str, spec: dict) -> None:
     cells erased through it."""
     source, key = data_source(spec), dataset_key(spec)
     rows = session.execute(select(Model.name, Model.dataset).where(Model.name != name).order_by(Model.name)).all()
-    for other, other_spec in rows:
-        if isinstance(other_spec, dict) and dataset_key(other_spec) != key and data_source(other_spec) == source:
-            raise SharedDataConflict(
-                f"model {name!r} would be trained on {canonical_json(spec)}, the instances of model {other!r}'s "
-                f"dataset {canonical_json(other_spec)} taken or rendered otherwise: erasures are kept per dataset "
-                f"spec, so one made through either model would not reach the other, and {name!r} would be trained "
-                f"on the data erased through {other!r}. Give {name!r} the same dataset spec as {other!r}; nothing "
-                "was trained or registered",
-                model=name, dataset=spec, other_model=other, other_dataset=other_spec)
+    same = [(other, other_spec) for other, other_spec in rows
+            if isinstance(other_spec, dict) and data_source(other_spec) == source]
+    elsewhere = [(other, other_spec) for other, other_spec in same if dataset_key(other_spec) != key]
+    if not elsewhere:
+        return
+    other, other_spec = elsewhere[0]
+    specs = {dataset_key(o_spec) for _, o_spec in same}
+    # models on several splits of these instances, registered before this check: no spec is safe
+    advice = (f"Give {name!r} the same dataset spec as {other!r}" if len(specs) == 1
+              else f"Models on {len(specs)} splits of these instances were registered before this check "
+                   f"({', '.join(repr(o) for o, _ in same)}), whose erasures do not reach each other: no new model "
+                   "is trained on these instances until they are retired or retrained on one spec")
+    raise SharedDataConflict(
+        f"model {name!r} would be trained on {canonical_json(spec)}, the instances of model {other!r}'s "
+        f"dataset {canonical_json(other_spec)} taken or rendered otherwise: erasures are kept per dataset "
+        f"spec, so one made through either model would not reach the other, and {name!r} would be trained "
+        f"on the data erased through {other!r}. {advice}; nothing was trained or registered",
+        model=name, dataset=spec, other_model=other, other_dataset=other_spec)
 
 
 def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -> int:

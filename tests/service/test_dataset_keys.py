@@ -267,6 +267,30 @@ def test_a_stored_first_version_on_another_split_of_a_models_data_is_not_registe
         assert not session.execute(select(ModelVersion).where(ModelVersion.model_name == "tiny-mtl-clean")).first()
 
 
+def test_models_on_several_splits_registered_before_the_check_are_named(tmp_path):
+    """Two models on two splits of one source (registered before the check): a third was
+    refused with either spec, each time told to use the other model's."""
+    from worker.bootstrap import SharedDataConflict, refuse_another_split_of
+
+    url = f"sqlite:///{tmp_path}/record.db"
+    upgrade_database(url)
+    a = {"name": "indoor", "n_train": 12, "n_test": 8, "height": 16, "width": 16, "seed": 0}
+    b = {**a, "n_train": 30}
+    with transaction(url) as session:
+        session.add_all([Model(name="a", dataset=a, tasks=["depth"]), Model(name="b", dataset=b, tasks=["depth"])])
+    for spec in (a, b, {**a, "n_test": 4}):
+        with transaction(url) as session, pytest.raises(SharedDataConflict) as refused:
+            refuse_another_split_of(session, "c", spec)
+        assert "Models on 2 splits of these instances were registered before this check ('a', 'b')" in str(refused.value)
+        assert "same dataset spec as" not in str(refused.value)
+    with transaction(url) as session:  # one model on another split: told to take its spec
+        session.delete(session.get(Model, "b"))
+    with transaction(url) as session, pytest.raises(SharedDataConflict, match="the same dataset spec as 'a'"):
+        refuse_another_split_of(session, "c", b)
+    with transaction(url) as session:
+        refuse_another_split_of(session, "c", a)  # its very spec: erasures shared
+
+
 def test_data_source_names_the_instances_whatever_the_split():
     from unlearning.data import data_source
 
