@@ -908,6 +908,24 @@ def test_what_is_cached_from_the_training_data_is_keyed_by_its_cells(memorised):
     assert cached_subspaces(model, train, cache, 0.5, 4) is a  # the same cells: the cached entry
 
 
+def test_held_out_data_without_a_forgotten_tasks_labels_is_refused_not_a_silent_no_op(memorised):
+    """No finite held-out loss of a task gave it a NaN level; its cells got weight 0, the job
+    took settling steps only and reported every cell at its level, with nothing forgotten."""
+    from unlearning.data.base import MultiTaskDataset
+
+    model, train, test = memorised
+    unlabelled = MultiTaskDataset("tiny", list(test.tasks), test.images,
+                                  {**test.targets, "depth": torch.zeros_like(test.targets["depth"])},
+                                  test.instance_ids, num_classes=test.num_classes)  # depth 0: invalid everywhere
+    cells = [(train.instance_ids[0], "depth"), (train.instance_ids[1], "segmentation")]
+    with pytest.raises(ValueError, match=r"no labelled cell \(no finite loss\) of the forgotten task\(s\) \['depth'\]"):
+        get_method("interference_aware")(model, _data(train, unlabelled, cells), {"steps": 2})
+    # fixed levels need no held-out labels, and the other tasks' levels come from labelled data
+    get_method("interference_aware")(model, _data(train, unlabelled, cells),
+                                     {"steps": 2, "tau": {"depth": 0.5, "segmentation": 1.0}})
+    get_method("interference_aware")(model, _data(train, unlabelled, [cells[1]]), {"steps": 2})
+
+
 def test_shadow_scores_and_ssd_importances_are_keyed_by_the_training_cells(memorised):
     """Both were keyed by counts alone: a training set with another instance erased read the
     shadow table that still scored the erased one, and SSD's importances of data that held it."""

@@ -51,7 +51,11 @@ Each step combines:
    no forget gradient whether or not the shared layers are projected. With
    ``heads_only_partial`` the shared layers are frozen in partial mode: only the
    forgotten tasks' heads move, so the protected tasks' predictions are
-   bit-identical.
+   bit-identical. ``F`` and ``P`` are the job's: a job that batches requests
+   with other task sets (one instance's depth, another's segmentation) forgets
+   ``F`` = every task some request names and protects only the tasks none
+   names, so an instance's task that its own request spares is not projected
+   out, and its head may move (its retained cells are a retain reference, 2).
 4. **Instance-level orthogonalization.** Per parameter tensor, the forget
    step loses its component along the span of the retain references'
    gradients it conflicts with (negative inner product), so to first order it
@@ -64,8 +68,14 @@ Each step combines:
 5. **Update** ``θ ← θ - η (P g_f' + λ P g_r)`` (:class:`Stepper`): Adam's
    diagonal preconditioner ``P`` and momentum, with ``P`` applied to the forget
    gradient *before* 3 and 4, so the projection and the orthogonalization hold
-   for the step actually taken (``optimizer: sgd`` is the earlier clipped plain
-   SGD, ``P = I``). Once every cell is inside its band the loop keeps taking
+   for each step's own forget direction (``optimizer: sgd`` is the earlier
+   clipped plain SGD, ``P = I``). The projection also holds for the step
+   taken (``Q`` is fixed, so every step's forget part lies in ``range(Q)``);
+   the orthogonalization does not fully: Adam's momentum adds earlier steps'
+   forget directions, each orthogonalized against *its* step's references
+   (the random batch is drawn anew, distillation gradients change sign), so
+   the step taken can conflict with the current references. ``betas`` with
+   β₁ = 0 removes that (benchmarks/README.md tunes β₁ for overshoot only). Once every cell is inside its band the loop keeps taking
    retain-only *settling* steps (at most ``settle_steps`` such steps); a cell
    that leaves the band gets its forget weight back. Then ``repair_steps``
    plain retain-only steps (default 0).
@@ -521,10 +531,30 @@ def nearest_retained(features: dict[str, torch.Tensor], forget_ids: list[str], c
 
 def check(data: UnlearnData, config: dict | None = None) -> None:
     """What only the job's cells tell (before any work): fixed levels ``tau`` name every
-    forgotten task."""
+    forgotten task. (Levels taken from the held-out data are checked once computed, before
+    the first step: :func:`unlevelled_tasks`.)"""
     tau = (config or {}).get("tau", DEFAULTS["tau"])
     if tau:
         check_fixed_levels(tau, data.forget_tasks)
+
+
+def _no_level(tasks: list[str]) -> str:
+    return (f"interference_aware: the held-out data has no labelled cell (no finite loss) of the forgotten task(s) "
+            f"{tasks}: there is no level to forget them toward, and the job would return the model with nothing "
+            "forgotten; give held-out data labelled for them, or fixed levels 'tau'")
+
+
+def unlevelled_tasks(tau: dict[str, torch.Tensor], has: dict[str, torch.Tensor]) -> list[str]:
+    """The tasks whose level τ is NaN for a forget row that holds a cell of theirs: no held-out
+    loss of the task is finite (an unlabelled held-out set, a model whose every held-out
+    prediction is not finite). ``forget_weights`` gives such cells weight 0, so a job went
+    through its settling steps and reported every cell at its level with nothing forgotten."""
+    out = []
+    for t, level in tau.items():
+        rows = has[t].reshape(has[t].shape[0], -1).any(1).to(level.device)
+        if bool((torch.isnan(level) & rows).any()):
+            out.append(t)
+    return out
 
 
 def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
@@ -841,8 +871,11 @@ class Stepper:
 
     ``adam`` (default): the forget and retain gradients are preconditioned with
     Adam's diagonal ``P = 1 / (sqrt(v̂) + ε)`` *before* the surgery, so the
-    projection and the orthogonalization constrain the step actually taken (Adam
-    applied after the surgery would rescale each coordinate and undo them).
+    projection and the orthogonalization constrain each step's preconditioned
+    direction (Adam applied after the surgery would rescale each coordinate and
+    undo them). The momentum below mixes earlier steps' directions in: the
+    projection survives it, the orthogonalization only against each step's own
+    references (module docstring, 5).
     ``v`` is the running mean of ``g_f² + (λ ḡ_r)²``, the squares of the parts
     rather than of their sum: where the two gradients cancel, the sum's scale
     would blow the forget part up. The combined step gets Adam's momentum,
@@ -977,6 +1010,9 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         tau_quant, calibration = reference_quantiles(original, data, cfg, forget, forget_tasks, partial=keeps)
         held = heldout_losses(original, data)
         tau = {t: levels(held[t], tau_quant[t]) for t in forget_tasks}
+        missing = unlevelled_tasks(tau, forget.has)
+        if missing:
+            raise ValueError(_no_level(missing))
     tau = {t: v.to(device) for t, v in tau.items()}
     projectors: dict[str, torch.Tensor] = {}
     if cfg["project"]:
