@@ -174,11 +174,14 @@ def check_output_dir(out: str | Path, option: str = "--out") -> list[str]:
     directory it points to), something other than a directory, or a location where nothing
     can be created. Returns the names ``out`` holds (none when it is absent or empty); the
     caller decides whether those may be replaced."""
-    out = Path(out)
-    if out.name in ("", ".."):
-        raise CliError(f"{option} {str(out)!r} does not end in a directory name: the output is made beside "
+    given = Path(out)
+    if given.name in ("", ".."):
+        raise CliError(f"{option} {str(given)!r} does not end in a directory name: the output is made beside "
                        f"{option} and renamed to it; give a path that ends in the new directory's name, "
                        f"e.g. {option} ./out")
+    # as write_dir_atomically takes it: `missing/../kept` does not exist until that write makes
+    # `missing`, and then it is `kept`, whose files were neither listed nor refused here
+    out = Path(os.path.abspath(given))
     if out.is_symlink():
         raise CliError(f"{option} {out} is a symbolic link (to {os.readlink(out)}): the output is a new directory "
                        "renamed into its place, which would replace the link; give the directory itself "
@@ -206,7 +209,7 @@ def write_dir_atomically(out: str | Path, write: Callable[[Path], _T], replace: 
     refuses up front what it cannot take."""
     import uuid
 
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # `missing/../kept` is `kept` (check_output_dir checks that one)
     if writes is not None:
         writes.out, writes.state = out, "writing"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -278,6 +278,11 @@ def test_train_refuses_an_existing_checkpoint_unless_forced(checkpoint, tmp_path
     refused(capsys, train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(other), "--force"]),
             "--force replaces a checkpoint")
     assert listing(other) == ["notes.txt"]
+    # through a folder that does not exist yet: the checks saw nothing there, the write made the
+    # folder, and --force swapped the notes out and deleted them
+    refused(capsys, train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out",
+                           str(tmp_path / "missing" / ".." / "notes"), "--force"]), "--force replaces a checkpoint")
+    assert listing(other) == ["notes.txt"] and not (tmp_path / "missing").exists()
 
     # --force replaces a checkpoint, in one rename: a fresh one, no lineage, nothing left aside
     assert train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(erased), "--force"]) == 0
