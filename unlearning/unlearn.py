@@ -196,6 +196,8 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
         raise UnlearnCliError(f"unknown method {method!r}; methods: {', '.join(METHOD_NAMES)}")
     if out.resolve() == source.resolve():
         raise UnlearnCliError("--out is the source checkpoint: a job writes a new version and never replaces one")
+    if source.resolve() in out.resolve().parents:  # the source would then hold more than a checkpoint
+        raise UnlearnCliError(f"--out {out} is inside the source checkpoint {source}: give a path beside it")
     # before the job: what the write would refuse (a link, `.`, a parent that cannot be made) fails now
     if check_output_dir(out):
         raise UnlearnCliError(f"{out} already exists and is not an empty directory")
@@ -204,6 +206,13 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     if reference_scenes and method != "interference_aware":  # the one method that reads held-out data
         raise UnlearnCliError(f"a held-out reference is interference_aware's; method {method!r} reads none")
     config = dict(config or {})
+    if config.get("tau") and (calibrate or reference_scenes):
+        # fixed levels: the method reads neither the held-out data nor a calibration (both were
+        # accepted, computed or rendered, and recorded in the lineage as if they had been used)
+        raise UnlearnCliError(f"{'--calibrate' if calibrate else '--reference-scenes'} sets the levels "
+                              "interference_aware forgets toward; the --config gives fixed levels 'tau'")
+    if calibrate and config.get("shadow_scores"):
+        raise UnlearnCliError("--calibrate computes the shadow scores; the --config gives 'shadow_scores'")
     if calibrate:
         if method != "interference_aware":
             raise UnlearnCliError(f"calibration is interference_aware's; method {method!r} has none")

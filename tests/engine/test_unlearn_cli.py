@@ -145,6 +145,13 @@ def test_unlearnd_unlearn_delegates_with_every_argument(checkpoint, tmp_path, ca
     (["--instance", "indoor-00001", "--reference-scenes", "-2"], "--reference-scenes must be 0 or more, got -2"),
     (["--instance", "indoor-00001", "--method", "finetune", "--reference-scenes", "4"],
      "a held-out reference is interference_aware's; method 'finetune' reads none"),
+    # fixed levels: no held-out data nor calibration is read (both were computed and recorded as used)
+    (["--instance", "indoor-00001", "--calibrate", "--config", '{"tau": {"segmentation": 1, "depth": 1, "normal": 1}}'],
+     "--calibrate sets the levels interference_aware forgets toward; the --config gives fixed levels 'tau'"),
+    (["--instance", "indoor-00001", "--reference-scenes", "3", "--config",
+      '{"tau": {"segmentation": 1, "depth": 1, "normal": 1}}'], "--reference-scenes sets the levels"),
+    (["--instance", "indoor-00001", "--calibrate", "--config",
+      '{"shadow_scores": {"full": {}, "partial": {}}}'], "--calibrate computes the shadow scores"),
 ])
 def test_bad_requests_exit_2_naming_the_problem_and_write_nothing(checkpoint, tmp_path, capsys, args, message):
     rc, _, err = run(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")] + args, capsys)
@@ -157,6 +164,9 @@ def test_the_output_is_never_the_source_or_a_directory_with_files(checkpoint, tm
     source_sha = sha(checkpoint / "model.safetensors")
     rc, _, err = run(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--out", str(checkpoint)], capsys)
     assert rc == 2 and "never replaces one" in err
+    rc, _, err = run(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--out", str(checkpoint / "v2")],
+                     capsys)
+    assert rc == 2 and "is inside the source checkpoint" in err and not (checkpoint / "v2").exists()
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("keep me")
