@@ -309,6 +309,18 @@ def _num(x):
 # ----------------------------------------------------------------------------- the run
 
 
+def benchmarks_with_settings(suite_name: str, names: list[str], only_settings: list[str]) -> list[str]:
+    """The benchmarks of ``names`` that have one of ``only_settings`` (labels of
+    :func:`setting_label`); :class:`UnknownSettings` for a label none of them has."""
+    suite = SUITES[suite_name]
+    labels = {b: setting_labels(suite, suite["benchmarks"][b]) for b in names}
+    known = list(dict.fromkeys(x for b in names for x in labels[b]))
+    unknown = [x for x in only_settings if x not in known]
+    if unknown or not only_settings:
+        raise UnknownSettings(f"unknown settings {unknown} for suite {suite_name!r}; its settings: {known}")
+    return [b for b in names if set(labels[b]) & set(only_settings)]
+
+
 def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cache_dir: Path, device=None,
               benchmarks: list[str] | None = None, method_configs: dict | None = None, progress: bool = True,
               shadow: bool = True, engine_caches: dict | None = None, independent_retrain: bool = True,
@@ -341,12 +353,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
 
     if only_settings is not None:
         # checked, and the benchmarks without a chosen setting dropped, before anything is rendered
-        labels = {b: setting_labels(suite, suite["benchmarks"][b]) for b in names}
-        known = list(dict.fromkeys(x for b in names for x in labels[b]))
-        unknown = [x for x in only_settings if x not in known]
-        if unknown or not only_settings:
-            raise UnknownSettings(f"unknown settings {unknown} for suite {suite_name!r}; its settings: {known}")
-        names = [b for b in names if set(labels[b]) & set(only_settings)]
+        names = benchmarks_with_settings(suite_name, names, only_settings)
 
     loaded = {b: load_splits(suite["benchmarks"][b], render_workers="auto") for b in names}
     references = {b: reference_split(suite["benchmarks"][b], reference_scenes) for b in names} if reference_scenes else {}
@@ -757,6 +764,7 @@ def plot(doc: dict, path: Path) -> None:
 _PIECE_KEYS = ("seeds", "methods", "method_configs", "prepare_seconds", "original_seconds", "workers", "settings",
                "pieces", "models_trained_on")
 RUN_KEY = ("benchmark", "setting", "forget_tasks", "n_forget", "seed", "method")
+DEFAULT_CACHE_DIR = ".cache/bench"
 
 
 #: a run's figures: a number, or null where the figure is undefined (a diverged run's MIA AUC)
@@ -883,7 +891,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.bench"
     p.add_argument("--methods", nargs="+", default=None, help=f"default: all ({', '.join(METHOD_NAMES)})")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--benchmarks", nargs="+", default=None, help="default: all of the suite's")
-    p.add_argument("--cache-dir", default=".cache/bench", help="trained originals and gold standards, keyed by config")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"trained originals and gold standards, keyed by config (default: {DEFAULT_CACHE_DIR})")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the suite's)")
     p.add_argument("--method-config", default=None, help="JSON file {method: {hyper-parameter: value}}")
     p.add_argument("--no-progress", action="store_true")
@@ -933,7 +942,8 @@ def _check_options(args) -> None:
                        "--benchmarks": args.benchmarks, "--method-config": args.method_config,
                        "--device": args.device, "--no-shadow": args.no_shadow,
                        "--no-independent-retrain": args.no_independent_retrain, "--workers": args.workers,
-                       "--settings": args.settings, "--reference-scenes": args.reference_scenes}
+                       "--settings": args.settings, "--reference-scenes": args.reference_scenes,
+                       "--cache-dir": args.cache_dir}
         given = [flag for flag, value in run_options.items() if value not in (None, False, 0)]
         if given:
             raise CliError(f"--merge runs nothing; it does not take {', '.join(given)}")
@@ -1029,7 +1039,13 @@ def _run(args, command: str) -> dict:
     configs = _method_configs(args.method_config)
     cli_device(args.device or suite["device"], "--device" if args.device else f"the {args.suite} suite's device")
     out = _results_path(args.out)
-    cache_dir = Path(args.cache_dir) / args.suite
+    if args.settings is not None:  # before the cache folder is made
+        try:
+            benchmarks_with_settings(args.suite, [b for b in suite["benchmarks"]
+                                                  if args.benchmarks is None or b in args.benchmarks], args.settings)
+        except UnknownSettings as exc:
+            raise CliError(str(exc)) from None
+    cache_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR) / args.suite
     check_creatable(cache_dir, "--cache-dir")
     cache_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

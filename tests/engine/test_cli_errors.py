@@ -354,6 +354,8 @@ def bench_refused(capsys, argv: list[str], message: str) -> str:
     (["--seeds", "0", "1", "0"], {}, "--seeds: 0 given twice"),
     (["--methods", "ssd", "finetune", "ssd"], {}, "--methods: 'ssd' given twice"),
     (["--workers", "-1"], {}, "--workers must be 0 or more, got -1"),
+    # refused in the run, after the cache folder was made
+    (["--settings", "full:99"], {}, "unknown settings ['full:99'] for suite 'smoke'"),
     # a directory, with no file name: a ValueError from with_suffix
     (["--out", "."], {}, "--out '.' is a directory, not a file name"),
     (["--out", "/"], {}, "--out '/' is a directory, not a file name"),
@@ -378,6 +380,7 @@ def test_bench_refuses_bad_arguments_before_running(tmp_path, capsys, no_run, ar
     (["--seeds", "1"], "--merge runs nothing; it does not take --seeds"),
     (["--suite", "full"], "--merge runs nothing; it does not take --suite"),  # pieces are of their own suite
     (["--workers", "2", "--no-shadow"], "it does not take --no-shadow, --workers"),
+    (["--cache-dir", "{dir}/cache"], "it does not take --cache-dir"),  # ignored, silently
     (["--out", "{dir}/merged.md"], "--out is the JSON file"),
     (["--out", ""], "--out '' is a directory, not a file name"),
     (["--out", "."], "--out '.' is a directory, not a file name"),
