@@ -54,8 +54,8 @@ class ImageSizeError(ValueError):
 
 
 def check_image_size(cfg: ModelConfig, height: int, width: int) -> None:
-    """:class:`ImageSizeError` (a ``ValueError``) when one ``height`` x ``width`` image would leave a GroupNorm group of
-    ``cfg``'s model a single value: the feature map has shrunk to 1x1 where a group holds
+    """:class:`ImageSizeError` (a ``ValueError``) when one ``height`` x ``width`` image
+    would leave a GroupNorm group of ``cfg``'s model a single value: the feature map has shrunk to 1x1 where a group holds
     one channel (widths under 16 at the encoder's last stage, or a head width of 8 or less).
     torch refuses to normalise that ("Expected more than 1 value per channel"), in eval
     mode too, so the model trained on batches and failed on the first single image."""

@@ -74,8 +74,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def build_model(dataset: MultiTaskDataset, cfg: TrainConfig) -> MultiTaskNet:
     """A fresh model for ``dataset``'s tasks with ``cfg``'s architecture, initialised from
-    ``cfg.seed``; ``ValueError`` when it could not take one of ``dataset``'s images alone
-    (:func:`~unlearning.model.check_image_size`)."""
+    ``cfg.seed``; :class:`~unlearning.model.ImageSizeError` when it could not take one of
+    ``dataset``'s images alone (:func:`~unlearning.model.check_image_size`)."""
     config = ModelConfig.for_dataset(dataset, width=cfg.width, depth=cfg.depth, head_width=cfg.head_width)
     check_image_size(config, *dataset.images.shape[-2:])
     torch.manual_seed(cfg.seed)

@@ -425,8 +425,8 @@ def _complete_by(session: Session, req: DeletionRequest, event: AuditEvent, now:
                  instance_id=req.instance_id,
                  payload={"job_id": req.job_id, "version": req.produced_version, "base_version": req.base_version,
                           "cells": cells, "method": done.get("method"), "sha256": done.get("sha256"),
-                          "metrics": done.get("metrics"), "erased_by_job": {"job_id": req.job_id, "kind": done.get("kind"),
-                                                                          "event_seq": event.seq}})
+                          "metrics": done.get("metrics"),
+                          "erased_by_job": {"job_id": req.job_id, "kind": done.get("kind"), "event_seq": event.seq}})
     log.info("request %s: its cells were erased from %s by job %s (v%s), which did not carry it; completed with it",
              req.id, req.model_name, req.job_id, req.produced_version)
 

@@ -36,7 +36,8 @@ def signing(settings, key_file):
 
 
 def _completed_certificate(client, settings, model, index=4, **fields) -> dict:
-    rid = client.post("/deletions", json={"instance_id": model.train_ids[index], "tasks": ["depth"], **fields}).json()["id"]
+    body = {"instance_id": model.train_ids[index], "tasks": ["depth"], **fields}
+    rid = client.post("/deletions", json=body).json()["id"]
     _complete(settings, rid, METRICS)
     r = client.get(f"/deletions/{rid}/certificate")
     assert r.status_code == 200, r.text

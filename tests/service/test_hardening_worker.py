@@ -1213,7 +1213,8 @@ def test_a_background_task_logs_a_run_of_failures_once_and_its_end(caplog):
         task.call()
     messages = [r.getMessage() for r in caplog.records if r.name == "worker.background"]
     assert len(messages) == 2, messages
-    assert "unlearnd-outbox-relay failed; retried every 1.0s" in messages[0] and "succeeds again after 30 failure(s)" in messages[1]
+    assert "unlearnd-outbox-relay failed; retried every 1.0s" in messages[0]
+    assert "succeeds again after 30 failure(s)" in messages[1]
 
 
 def test_a_database_error_right_after_the_claim_puts_the_job_back(tiny, monkeypatch):

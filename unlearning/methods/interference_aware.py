@@ -75,7 +75,8 @@ Each step combines:
    forget directions, each orthogonalized against *its* step's references
    (the random batch is drawn anew, distillation gradients change sign), so
    the step taken can conflict with the current references. ``betas`` with
-   β₁ = 0 removes that (benchmarks/README.md tunes β₁ for overshoot only). Once every cell is inside its band the loop keeps taking
+   β₁ = 0 removes that (benchmarks/README.md tunes β₁ for overshoot only).
+   Once every cell is inside its band the loop keeps taking
    retain-only *settling* steps (at most ``settle_steps`` such steps); a cell
    that leaves the band gets its forget weight back. Then ``repair_steps``
    plain retain-only steps (default 0).
