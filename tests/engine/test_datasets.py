@@ -511,6 +511,25 @@ def test_an_odd_first_label_is_named_not_its_image(tmp_path):
         load_npy_splits({"name": "nyuv2", "root": tmp_path})
 
 
+@pytest.mark.parametrize("height, width", [(1, W), (H, 1)])
+def test_one_pixel_tall_or_wide_labels_with_a_channel_axis_are_read_at_their_images_size(tmp_path, height, width):
+    # (1,W,1) is a (1,W) map with a channel last or a (W,1) map with a channel first: the
+    # image's size decides. It used to be read as (W,1) whatever the image, and refused.
+    for split, numbers in (("train", range(3)), ("val", range(2))):
+        for folder in ("image", "label", "depth"):
+            (tmp_path / split / folder).mkdir(parents=True)
+        for n in numbers:
+            labels = (np.arange(height * width, dtype=np.float32).reshape(height, width) + n) % 7
+            np.save(tmp_path / split / "image" / f"{n}.npy", np.full((height, width, 3), 0.5, np.float32))
+            np.save(tmp_path / split / "label" / f"{n}.npy",
+                    labels[..., None] if height == 1 else labels[None])  # (1,W,1) either way
+            np.save(tmp_path / split / "depth" / f"{n}.npy", np.ones((height, width), np.float32))
+    train, val = load_npy_splits({"name": "cityscapes", "root": tmp_path})
+    assert train.targets["segmentation"].shape == (3, height, width) and len(val) == 2
+    expected = (np.arange(height * width).reshape(height, width) + 2) % 7
+    assert np.array_equal(train.targets["segmentation"][2].numpy(), expected)
+
+
 @pytest.mark.parametrize("folder, array", [
     ("depth", np.full((H, W), 1e300)),
     ("normal", np.full((H, W, 3), 1e39)),

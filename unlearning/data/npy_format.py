@@ -110,14 +110,19 @@ def _channels_first(array: np.ndarray, channels: int, size: tuple[int, int], pat
     raise ValueError(f"{path} has shape {array.shape}; expected {(channels, *size)} or {(*size, channels)}")
 
 
-def _label(path: Path, num_classes: int) -> np.ndarray:
+def _label(path: Path, num_classes: int, sizes: list[tuple[int, int]] = ()) -> np.ndarray:
+    """The (H,W) int64 class map of ``path`` (-1 where ignored). A one-channel (1,H,W) or
+    (H,W,1) map is squeezed; where both ends are 1, as in a one-pixel-tall (1,W,1), the
+    reading whose shape is in ``sizes`` (its image's) is taken."""
     array = _read(path)
     if array.dtype == np.bool_:
         raise ValueError(f"{path}: a bool label map is ambiguous (a mask, or classes 0 and 1?); "
                          "store class ids as integers")
     _check_numeric(array, path, "a label map")
     if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
-        array = array.reshape(array.shape[1:] if array.shape[0] == 1 else array.shape[:-1])
+        readings = ([array.shape[1:]] if array.shape[0] == 1 else []) + \
+            ([array.shape[:-1]] if array.shape[-1] == 1 else [])
+        array = array.reshape(next((r for r in readings if r in sizes), readings[0]))
     if array.ndim != 2:
         raise ValueError(f"{path} has shape {array.shape}; a label map is (H,W)")
     if np.issubdtype(array.dtype, np.integer):
@@ -162,6 +167,16 @@ def _image(array: np.ndarray, path: Path, size: tuple[int, int]) -> np.ndarray:
     return np.clip(image, 0.0, 1.0)
 
 
+def _image_sizes(image: np.ndarray) -> list[tuple[int, int]]:
+    """The (H,W) an RGB image's shape can be read as: (H,W,3), (3,H,W) or both."""
+    sizes = []
+    if image.ndim == 3 and image.shape[-1] == 3:
+        sizes.append(image.shape[:2])
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[1:] not in sizes:
+        sizes.append(image.shape[1:])
+    return sizes
+
+
 def _first_size(image: np.ndarray, image_path: Path, label: np.ndarray, label_path: Path) -> tuple[int, int]:
     """The (H,W) of a split, from its first image and label.
 
@@ -171,11 +186,7 @@ def _first_size(image: np.ndarray, image_path: Path, label: np.ndarray, label_pa
     if image.size == 0:
         # Refused here: an empty split would fail later inside a torch reduction, naming no file.
         raise ValueError(f"{image_path} is empty (shape {image.shape})")
-    sizes = []
-    if image.ndim == 3 and image.shape[-1] == 3:
-        sizes.append(image.shape[:2])
-    if image.ndim == 3 and image.shape[0] == 3 and image.shape[1:] not in sizes:
-        sizes.append(image.shape[1:])
+    sizes = _image_sizes(image)
     if not sizes or label.shape in sizes:
         return label.shape  # an ill-shaped image is reported by _image against the label's size
     raise ValueError(f"{label_path} has shape {label.shape} but {image_path}, of shape {image.shape}, is "
@@ -223,7 +234,7 @@ def _load_split(name: str, split_dir: Path, infix: str, num_classes: int, limit:
     size = None
     for n in numbers:
         image = _read(files["image"][n])
-        label = _label(files["label"][n], num_classes)
+        label = _label(files["label"][n], num_classes, [size] if size is not None else _image_sizes(image))
         if size is None:
             size, first = _first_size(image, files["image"][n], label, files["label"][n]), n
         elif label.shape != size:
