@@ -354,7 +354,7 @@ def time_routes(url: str, store_dir: str, log) -> tuple[list[dict], dict]:
     if erased is None:
         raise RuntimeError("no erased cell among the dataset's instances: cannot time the 409 submission")
     deep_at = deep[0] if deep[0].tzinfo else deep[0].replace(tzinfo=timezone.utc)
-    deep_cursor = encode_cursor(deep_at.isoformat(), deep[1])
+    deep_cursor = encode_cursor("deletions", deep_at.isoformat(), deep[1])
     gets = [
         ("GET /deletions", "/deletions"),
         ("GET /deletions?instance_id", f"/deletions?instance_id={iid}"),
@@ -370,7 +370,7 @@ def time_routes(url: str, store_dir: str, log) -> tuple[list[dict], dict]:
         ("GET /audit/events?model=<unknown>", "/audit/events?model=no-such-model"),
         ("GET /audit/events?kind=deletion.failed", "/audit/events?kind=deletion.failed"),
         ("GET /audit/events?kind=deletion.failed&cursor (90% deep)",
-         f"/audit/events?kind=deletion.failed&cursor={encode_cursor(failed_deep)}"),
+         f"/audit/events?kind=deletion.failed&cursor={encode_cursor('audit', failed_deep)}"),
         ("GET /audit/verify", "/audit/verify"),
         ("GET /audit/verify?seq&hash&after_anchor (100 new events)",
          f"/audit/verify?seq={anchor[0]}&hash={anchor[1]}&after_anchor=true"),

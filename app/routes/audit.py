@@ -29,9 +29,12 @@ def read_events(
     since: Annotated[UTCDateTime | None, Query(description="at or after (naive = UTC)")] = None,
     until: Annotated[UTCDateTime | None, Query(description="before (naive = UTC)")] = None,
     limit: Annotated[QueryNumber, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[Text | None, Query(description="next_cursor of this list's previous page (opaque; another "
+                                                     "list's cursor is a 422)")] = None,
 ) -> AuditPage:
-    """Audit events in chain order (``seq`` ascending), filtered; pages follow ``next_cursor``."""
+    """Audit events in chain order (``seq`` ascending), filtered; pages follow ``next_cursor``.
+    A cursor of another list (``/deletions``, ``/jobs``) is a 422 naming it, as is one written
+    before cursors named their list (restart from the first page, without a cursor)."""
     with session.begin():
         page = list_events(
             session,

@@ -75,10 +75,15 @@ def list_deletions(
     since: Annotated[UTCDateTime | None, Query(description="created at or after (naive = UTC)")] = None,
     until: Annotated[UTCDateTime | None, Query(description="created before (naive = UTC)")] = None,
     limit: Annotated[QueryNumber, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[Text | None, Query(description="next_cursor of this list's previous page (opaque; another "
+                                                     "list's cursor is a 422)")] = None,
 ) -> DeletionPage:
     """Deletion requests, newest first, filtered; pages follow ``next_cursor``. A key with
     the ``deletions`` scope alone lists the requests it submitted.
+
+    A cursor is opaque and names the list that issued it: a ``/jobs`` or ``/audit/events``
+    cursor here is a 422 naming that list, as is one written before cursors named their
+    list (restart from the first page, without a cursor).
 
     ``created_at`` is the writing process's clock when a request is written, not its commit
     order (one model's submissions are serialised; different models' and different API

@@ -24,12 +24,15 @@ def read_jobs(
     since: Annotated[UTCDateTime | None, Query(description="created at or after (naive = UTC)")] = None,
     until: Annotated[UTCDateTime | None, Query(description="created before (naive = UTC)")] = None,
     limit: Annotated[QueryNumber, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[Text | None, Query(description="next_cursor of the previous page")] = None,
+    cursor: Annotated[Text | None, Query(description="next_cursor of this list's previous page (opaque; another "
+                                                     "list's cursor is a 422)")] = None,
 ) -> JobPage:
     """Jobs, newest first, filtered (``?status=failed`` for what needs an operator); pages
     follow ``next_cursor``. Without metrics and parameters: ``GET /jobs/{id}`` has them.
     ``created_at`` is stamped when a job is written, not when it commits, so polling with
-    ``since`` may miss one that committed late (as for ``GET /deletions``)."""
+    ``since`` may miss one that committed late (as for ``GET /deletions``). A cursor of
+    another list (``/deletions``, ``/audit/events``) is a 422 naming it, as is one written
+    before cursors named their list (restart from the first page, without a cursor)."""
     with session.begin():
         page = list_jobs(session, status=status, kind=kind, model=model, since=since, until=until, limit=limit,
                          cursor=cursor)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import threading
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,7 +17,7 @@ from sqlalchemy.exc import DataError
 import worker.requests
 from app.main import create_app
 from worker.db import transaction
-from worker.tables import DeletionRequest, utcnow
+from worker.tables import DeletionRequest, Job, utcnow
 
 from .conftest import assert_problem, counts, on_sqlite, register_model
 
@@ -106,6 +108,8 @@ def test_rollback_refuses_a_boolean_for_a_version(backend):
 
 
 def _cursor(*values) -> str:
+    """A cursor packing ``values`` as they are: the list's tag first (``"deletions"``, ``"jobs"``,
+    ``"audit"``), as the service writes them, or none, as it wrote them before cursors named their list."""
     return base64.urlsafe_b64encode(json.dumps(list(values)).encode()).decode().rstrip("=")
 
 
@@ -120,14 +124,14 @@ def _cursor(*values) -> str:
 ])
 def test_a_request_cursor_of_the_wrong_types_is_malformed(backend, values):
     _, _, client = backend
-    body = assert_problem(client.get("/deletions", params={"cursor": _cursor(*values)}), 422)
+    body = assert_problem(client.get("/deletions", params={"cursor": _cursor("deletions", *values)}), 422)
     assert body["detail"].startswith("malformed cursor")
 
 
 @pytest.mark.parametrize("value", [2**63, 10**30, -1, -(10**20), True, 1.5, "3"])
 def test_an_audit_cursor_of_the_wrong_type_or_range_is_malformed(backend, value):
     _, _, client = backend
-    body = assert_problem(client.get("/audit/events", params={"cursor": _cursor(value)}), 422)
+    body = assert_problem(client.get("/audit/events", params={"cursor": _cursor("audit", value)}), 422)
     assert body["detail"].startswith("malformed cursor")
 
 
@@ -154,6 +158,109 @@ def test_cursors_written_by_the_service_still_page(backend):
     events = client.get("/audit/events", params={"limit": 2}).json()
     rest = client.get("/audit/events", params={"limit": 2, "cursor": events["next_cursor"]}).json()
     assert [e["seq"] for e in events["items"] + rest["items"]] == [1, 2, 3]
+
+
+#: each paged list's route, by the tag its cursors carry
+LISTS = {"deletions": "/deletions", "jobs": "/jobs", "audit": "/audit/events"}
+
+
+def _three_of_each(settings, model, client) -> None:
+    """Three deletion requests (with their deletion.received events) and three jobs."""
+    for i in range(3):
+        assert client.post("/deletions", json={"instance_id": model.train_ids[i]}).status_code == 202
+    now = utcnow()
+    with transaction(settings.database_url) as s:
+        for i in range(3):
+            s.add(Job(id=f"job-{i}", model_name=model.name, kind="deletion", status="completed",
+                      method="interference_aware", base_version=1, created_at=now + timedelta(seconds=i)))
+
+
+def _next_cursor(client, route: str) -> str:
+    page = client.get(route, params={"limit": 1}).json()
+    assert len(page["items"]) == 1 and page["next_cursor"], page
+    return page["next_cursor"]
+
+
+def _unpacked(cursor: str) -> list:
+    return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+
+
+@pytest.mark.parametrize("route,key", [("/deletions", "id"), ("/jobs", "id"), ("/audit/events", "seq")])
+def test_each_list_pages_end_to_end_with_its_own_cursors(backend, route, key):
+    settings, model, client = backend
+    _three_of_each(settings, model, client)
+    everything = client.get(route).json()
+    assert everything["next_cursor"] is None
+    expected = [item[key] for item in everything["items"]]
+    assert len(expected) >= 3
+    seen, cursors, cursor = [], [], None
+    while True:
+        r = client.get(route, params={"limit": 1, **({"cursor": cursor} if cursor else {})})
+        assert r.status_code == 200, r.text
+        page = r.json()
+        assert len(page["items"]) == 1
+        seen += [item[key] for item in page["items"]]
+        if not (cursor := page["next_cursor"]):
+            break
+        cursors.append(cursor)
+    assert seen == expected  # the same rows in the same order, none twice, none left out
+    assert len(cursors) == len(expected) - 1
+    tag = next(t for t, path in LISTS.items() if path == route)
+    for c in cursors:
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", c), c  # URL-safe base64 without padding: no quoting needed
+        assert _unpacked(c)[0] == tag
+
+
+@pytest.mark.parametrize("source,target", [
+    ("/deletions", "/jobs"), ("/deletions", "/audit/events"), ("/jobs", "/deletions"), ("/audit/events", "/jobs"),
+])
+def test_a_cursor_of_another_list_is_a_422_naming_that_list(backend, source, target):
+    # /deletions and /jobs both page by (created_at, id): untagged, one's cursor decoded
+    # fine on the other and paged from an unrelated position
+    settings, model, client = backend
+    _three_of_each(settings, model, client)
+    cursor = _next_cursor(client, source)
+    assert client.get(source, params={"cursor": cursor}).status_code == 200  # a good cursor of its own list
+    r = client.get(target, params={"cursor": cursor})
+    body = assert_problem(r, 422, "invalid-request")
+    assert body["detail"] == (f"cursor is from {source}, not {target}; "
+                              "pass back the next_cursor of this list's previous page")
+    assert body["cursor_list"] == source
+    assert body["cursor"] == cursor
+    assert body["instance"] == target
+    assert "items" not in body
+
+
+@pytest.mark.parametrize("route", ["/deletions", "/jobs", "/audit/events"])
+def test_a_cursor_written_before_cursors_named_their_list_is_a_422(backend, route):
+    settings, model, client = backend
+    _three_of_each(settings, model, client)
+    tagged = _unpacked(_next_cursor(client, route))
+    assert tagged[0] == next(t for t, path in LISTS.items() if path == route)
+    old = _cursor(*tagged[1:])  # what the code before list tags wrote for the same row
+    body = assert_problem(client.get(route, params={"cursor": old}), 422, "invalid-request")
+    assert body["detail"] == ("cursor was written by an earlier version of the service (it names no list); "
+                              f"restart {route} from its first page, without a cursor")
+    assert body["cursor"] == old
+    assert "cursor_list" not in body  # untagged: /deletions' and /jobs' cannot be told apart
+    for other in set(LISTS.values()) - {route}:  # nor does another list take it
+        assert "earlier version" in assert_problem(client.get(other, params={"cursor": old}), 422)["detail"]
+
+
+@pytest.mark.parametrize("values", [
+    (),
+    (None,),
+    ("nope", "2024-01-01T00:00:00+00:00", "job-0"),
+    (["jobs"], "2024-01-01T00:00:00+00:00", "job-0"),
+    ({"jobs": 1}, "2024-01-01T00:00:00+00:00", "job-0"),
+    ("jobs", "2024-01-01T00:00:00+00:00"),
+    ("jobs", "2024-01-01T00:00:00+00:00", "job-0", "job-1"),
+    ("not a time", "job-0"),
+])
+def test_a_jobs_cursor_with_a_missing_unknown_or_misplaced_tag_is_malformed(backend, values):
+    _, _, client = backend
+    body = assert_problem(client.get("/jobs", params={"cursor": _cursor(*values)}), 422, "invalid-request")
+    assert body["detail"] == "malformed cursor; pass back the next_cursor of a previous page"
 
 
 # --------------------------------------------------------------------------- NUL characters
@@ -333,7 +440,7 @@ def test_a_problem_document_that_echoes_a_lone_surrogate_is_escaped_not_a_500():
 
 def test_a_request_cursor_with_a_lone_surrogate_is_malformed(backend):
     _, _, client = backend
-    cursor = base64.urlsafe_b64encode(b'["2024-01-01T00:00:00+00:00", "\\ud800"]').decode().rstrip("=")
+    cursor = base64.urlsafe_b64encode(b'["deletions", "2024-01-01T00:00:00+00:00", "\\ud800"]').decode().rstrip("=")
     assert assert_problem(client.get("/deletions", params={"cursor": cursor}), 422)["detail"].startswith("malformed cursor")
 
 
