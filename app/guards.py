@@ -77,19 +77,31 @@ class HeadAsGetMiddleware:
             scope["method"] = "HEAD"
 
 
+def _no_constant(name: str) -> typing.NoReturn:
+    # raised as the parser's own error: FastAPI's json_invalid names it (app.problems)
+    raise json.JSONDecodeError(f"{name} is not JSON; a number is finite", name, 0)
+
+
 class StrictJSONRequest(Request):
-    """A request whose JSON body may not give a name twice in one object. ``json.loads``
-    keeps the last of ``{"instance_id": "a", "instance_id": "b"}``, so the service would
-    erase ``b`` while a gateway or a log that keeps the first records ``a``: as for a
-    query parameter or an ``Authorization`` header given twice, the request is refused."""
+    """A request whose JSON body is read as a gateway or a log reading strict JSON reads it:
+
+    - a name given twice in one object is refused. ``json.loads`` keeps the last of
+      ``{"instance_id": "a", "instance_id": "b"}``, so the service would erase ``b`` while
+      a reader that keeps the first records ``a`` (as for a query parameter or an
+      ``Authorization`` header given twice);
+    - the body is UTF-8 (RFC 8259; a leading byte-order mark is allowed). ``json.loads``
+      given bytes also decodes UTF-16 and UTF-32, which such a reader cannot parse, so the
+      service acted on a body nobody else could read;
+    - ``NaN`` and ``Infinity`` are not JSON either."""
 
     async def json(self) -> typing.Any:
         if not hasattr(self, "_json"):
             body = await self.body()
+            text = body.decode("utf-8-sig")  # UnicodeDecodeError: FastAPI's 400, "not valid JSON (UTF-8, ...)"
             try:
-                self._json = json.loads(body, object_pairs_hook=no_repeated_names)
+                self._json = json.loads(text, object_pairs_hook=no_repeated_names, parse_constant=_no_constant)
             except RepeatedName as exc:  # FastAPI turns a JSONDecodeError into its json_invalid error
-                raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from None
+                raise json.JSONDecodeError(str(exc), text, 0) from None
         return self._json
 
 

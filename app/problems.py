@@ -63,9 +63,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         {"loc": list(e.get("loc", ())), "msg": said_in_words(e), "type": e.get("type")} for e in exc.errors()
     ]
     if any(e["type"] == "json_invalid" for e in errors):
-        repeated = [e["ctx"]["error"] for e in exc.errors()
-                    if e.get("type") == "json_invalid" and "given twice" in str((e.get("ctx") or {}).get("error"))]
-        detail = f"the request body is not valid JSON for this API: {repeated[0]}" if repeated else \
+        # app.guards.StrictJSONRequest's own refusals (a name given twice, NaN) say what is wrong
+        strict = [e["ctx"]["error"] for e in exc.errors() if e.get("type") == "json_invalid" and any(
+            says in str((e.get("ctx") or {}).get("error")) for says in ("given twice", "is not JSON"))]
+        detail = f"the request body is not valid JSON for this API: {strict[0]}" if strict else \
             "the request body is not valid JSON"
         return problem(request, 400, "Malformed JSON", detail, "malformed-json", errors=errors)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()

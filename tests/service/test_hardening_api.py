@@ -724,6 +724,31 @@ def test_a_json_name_given_twice_is_refused_and_nothing_is_stored(backend):
     assert once.status_code == 202, once.text
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_a_body_in_another_encoding_than_utf8_is_refused_and_nothing_is_stored(backend, encoding):
+    # json.loads(bytes) decodes UTF-16 and UTF-32 too: the service erased on a body that a
+    # gateway or a log reading JSON as UTF-8 (RFC 8259) cannot read
+    settings, model, client = backend
+    before = counts(settings)
+    body = json.dumps({"instance_id": model.train_ids[0], "tasks": ["depth"]})
+    r = client.post("/deletions", content=body.encode(encoding), headers={"content-type": "application/json"})
+    assert_problem(r, 400, "malformed-json")
+    assert counts(settings) == before
+    bom = client.post("/deletions", content=b"\xef\xbb\xbf" + body.encode(), headers={"content-type": "application/json"})
+    assert bom.status_code == 202, bom.text  # UTF-8 with a byte-order mark is still UTF-8
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json_and_nothing_is_stored(backend, constant):
+    settings, model, client = backend
+    before = counts(settings)
+    r = client.post(f"/models/{model.name}/rollback", content=f'{{"version": {constant}}}'.encode(),
+                    headers={"content-type": "application/json"})
+    problem = assert_problem(r, 400, "malformed-json")
+    assert problem["detail"] == f"the request body is not valid JSON for this API: {constant} is not JSON; a number is finite"
+    assert counts(settings) == before
+
+
 def test_two_idempotency_keys_are_refused_and_nothing_is_stored(backend):
     settings, model, client = backend
     before = counts(settings)
