@@ -967,11 +967,17 @@ def _results_path(text: str) -> Path:
         raise CliError(f"--out {out}: the summary and the plot are written next to the results JSON as "
                        f"{out.with_suffix('.md').name} and {out.with_suffix('.png').name}, over the JSON; "
                        f"--out is the JSON file, e.g. {out.with_suffix('.json')}")
+    # first: a name too long for the file system would fail the is_dir calls below
+    check_creatable(out, siblings=[_aside(out).name, out.with_suffix(".md").name, out.with_suffix(".png").name])
     for path in (out, out.with_suffix(".md"), out.with_suffix(".png")):
         if path.is_dir():
             raise CliError(f"--out {out}: {path} is a directory; --out is the results JSON file")
-    check_creatable(out)
     return out
+
+
+def _aside(out: Path) -> Path:
+    """Where a run's JSON is written before it is renamed to ``out``."""
+    return out.with_name(out.name + ".partial")
 
 
 def _merge_pieces(args) -> dict:
@@ -1045,6 +1051,18 @@ def _run(args, command: str) -> dict:
                                                   if args.benchmarks is None or b in args.benchmarks], args.settings)
         except UnknownSettings as exc:
             raise CliError(str(exc)) from None
+    if args.reference_scenes:  # the suites' own sizes fit; the reference scenes are the caller's
+        from .resources import data_needs, memory_shortfall
+
+        needs = {}
+        for b in suite["benchmarks"]:
+            if args.benchmarks is None or b in args.benchmarks:
+                all_scenes = data_needs(suite["benchmarks"][b], args.reference_scenes)
+                needs[f"{b}'s {args.reference_scenes} reference scenes"] = \
+                    sum(all_scenes.values()) - sum(data_needs(suite["benchmarks"][b]).values())
+        problem = memory_shortfall(needs)
+        if problem:
+            raise CliError(f"--reference-scenes {args.reference_scenes}: this run {problem}")
     cache_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR) / args.suite
     check_creatable(cache_dir, "--cache-dir")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -1057,7 +1075,7 @@ def _run(args, command: str) -> dict:
         partial = {**partial, "command": command, "incomplete": True,
                    "wall_seconds": round(time.perf_counter() - start, 1)}
         out.parent.mkdir(parents=True, exist_ok=True)
-        aside = out.with_name(out.name + ".partial")
+        aside = _aside(out)
         aside.write_text(json.dumps(partial, indent=1) + "\n")
         os.replace(aside, out)
         for stale in (out.with_suffix(".md"), out.with_suffix(".png")):

@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
@@ -144,17 +144,36 @@ def read_json(path: str | Path, what: str = "") -> Any:
         raise CliError(f"cannot read {name}: {exc.strerror or exc}") from None
 
 
-def check_creatable(path: str | Path, option: str = "--out") -> None:
+def _name_max(directory: Path) -> int:
+    """The longest file name (in bytes) ``directory``'s file system takes."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not reported (or not POSIX): the common limit
+        return 255
+
+
+def check_creatable(path: str | Path, option: str = "--out", siblings: Iterable[str] = ()) -> None:
     """:class:`CliError` unless ``path`` (absent, or to be replaced) can be created: its
     nearest existing ancestor must be a directory in which an entry can be made. That is
     tried (an empty directory, removed again), since permission bits do not tell (root,
-    read-only or virtual file systems such as /proc)."""
+    read-only or virtual file systems such as /proc). The names of the folders to be made,
+    ``path``'s own and those of the ``siblings`` written next to it (a staging folder, a
+    partial file) must fit the file system's longest name: a name one byte too long used to
+    pass here and fail once the work was done."""
     target = Path(os.path.abspath(path))
     ancestor = target.parent
     while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CliError(f"{option} {path} cannot be created: {ancestor} is not a directory")
+    limit = _name_max(ancestor)
+    made = list(target.relative_to(ancestor).parts) if target != ancestor else []
+    for name in made + list(siblings):
+        if len(os.fsencode(name)) > limit:
+            what = "" if name in made else f" (written next to {target.name!r} while it is made)"
+            raise CliError(f"{option} {path} cannot be created: the name {name!r}{what} is "
+                           f"{len(os.fsencode(name))} bytes, longer than the {limit} that {ancestor} takes; "
+                           "give a shorter name")
     probe = None
     try:
         probe = tempfile.mkdtemp(prefix=".unlearnd-probe-", dir=ancestor)
@@ -182,6 +201,8 @@ def check_output_dir(out: str | Path, option: str = "--out") -> list[str]:
     # as write_dir_atomically takes it: `missing/../kept` does not exist until that write makes
     # `missing`, and then it is `kept`, whose files were neither listed nor refused here
     out = Path(os.path.abspath(given))
+    # first: a name too long for the file system would fail the lstat calls below
+    check_creatable(out, option, siblings=[_staging_name(out, "0" * 12) + suffix for suffix in (".tmp", ".old")])
     if out.is_symlink():
         raise CliError(f"{option} {out} is a symbolic link (to {os.readlink(out)}): the output is a new directory "
                        "renamed into its place, which would replace the link; give the directory itself "
@@ -191,11 +212,15 @@ def check_output_dir(out: str | Path, option: str = "--out") -> list[str]:
         if not out.is_dir():
             raise CliError(f"{option} {out} exists and is not a directory")
         held = sorted(p.name for p in out.iterdir())
-    check_creatable(out, option)
     return held
 
 
 _T = TypeVar("_T")
+
+
+def _staging_name(out: Path, token: str) -> str:
+    """The name, less ``.tmp`` or ``.old``, of :func:`write_dir_atomically`'s siblings of ``out``."""
+    return f".{out.name}.{token}"
 
 
 def write_dir_atomically(out: str | Path, write: Callable[[Path], _T], replace: bool = False,
@@ -213,7 +238,7 @@ def write_dir_atomically(out: str | Path, write: Callable[[Path], _T], replace: 
     if writes is not None:
         writes.out, writes.state = out, "writing"
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    staging = out.parent / (_staging_name(out, uuid.uuid4().hex[:12]) + ".tmp")
     staging.mkdir()  # (not mkdtemp: the checkpoint gets the umask's permissions, not 0700)
     old = None
     try:

@@ -75,6 +75,23 @@ def check_image_size(cfg: ModelConfig, height: int, width: int) -> None:
                 f"width {cfg.head_width})")
 
 
+def parameter_count(cfg: ModelConfig) -> int:
+    """The number of parameters of ``MultiTaskNet(cfg)``, counted without building it (as
+    Python integers: a width or depth far past what torch can allocate is counted too)."""
+    def block(cin: int, cout: int) -> int:  # _block: a 3x3 convolution without bias, GroupNorm's affine
+        return 9 * cin * cout + 2 * cout
+
+    total, cin = 0, cfg.in_channels
+    for d in range(cfg.depth):
+        cout = cfg.width * 2 ** d
+        total += block(cin, cout) + block(cout, cout)
+        cin = cout
+    for channels in cfg.tasks.values():  # Head: conv, refine, a 1x1 output convolution with bias
+        total += block(cin, cfg.head_width) + block(cfg.head_width, cfg.head_width)
+        total += cfg.head_width * channels + channels
+    return total
+
+
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),

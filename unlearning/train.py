@@ -217,6 +217,22 @@ def _check_recipe(cfg: TrainConfig) -> None:
     check_seed(cfg.seed, "--seed")  # torch.manual_seed's range
 
 
+def _check_memory(spec: dict, cfg: TrainConfig) -> None:
+    """:class:`CliError` for data or a model that cannot fit this machine's memory (lower
+    bounds: :mod:`unlearning.resources`), before anything is rendered or built."""
+    from .data import dataset_tasks
+    from .resources import data_needs, memory_shortfall, training_needs
+
+    # a lower bound: one output channel a task, and at most 64 stages (whose last alone has
+    # width * 2**63 channels: counting a depth of 10**9 would take minutes)
+    model = ModelConfig(tasks={t: 1 for t in dataset_tasks(spec)}, width=cfg.width, depth=min(cfg.depth, 64),
+                        head_width=cfg.head_width)
+    problem = memory_shortfall({**data_needs(spec), **training_needs(model)})
+    if problem:
+        raise CliError(f"this run {problem}; use smaller images (--height, --width), fewer scenes (--n-train, "
+                       "--n-test) or a smaller model (--model-width, --model-depth, --head-width)")
+
+
 def _check_out(out: Path, force: bool) -> None:
     """``--out`` must be absent, an empty directory or, with ``--force``, a checkpoint to
     replace (a directory holding nothing but its files), and what :func:`write_dir_atomically`
@@ -290,6 +306,7 @@ def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
     device = cli_device(args.device)
     out = Path(args.out)
     _check_out(out, args.force)
+    _check_memory(spec, cfg)
     try:
         train, test = data.load_splits(spec)
     except (KeyError, OSError, ValueError) as exc:  # a bad spec, missing or unreadable data files

@@ -31,10 +31,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .model import CONFIG_FILE, WEIGHTS_FILE
 from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, is_sha256, json_type, read_json,
                   report_cli_error, report_interrupted, short_repr, write_dir_atomically)
 from .jsonio import loads_strict
+from .model import CONFIG_FILE, WEIGHTS_FILE
+from .resources import data_needs, memory_shortfall
 
 METRIC_KEYS = ("mode", "forget_tasks", "uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original",
                "mia_auc_expected", "seconds", "unlearn_seconds", "eval_seconds", "reference")
@@ -224,6 +225,9 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     check_config(method, config)  # JobInputError before the data is rendered or read (the job checks again)
 
     dev = cli_device(device)  # CliError: not a device, or no CUDA
+    problem = memory_shortfall(data_needs(manifest.get("dataset"), reference_scenes))
+    if problem:  # before anything is rendered (a huge --reference-scenes got the process killed)
+        raise UnlearnCliError(f"this job {problem}" + ("; give fewer --reference-scenes" if reference_scenes else ""))
     try:
         train, test = load_splits(manifest["dataset"])
         reference = load_reference(manifest["dataset"], reference_scenes) if reference_scenes else None

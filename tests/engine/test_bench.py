@@ -222,6 +222,29 @@ def test_reference_scenes_are_the_methods_held_out_data_and_the_attack_keeps_the
     assert exc.value.code == 2
 
 
+def test_reference_scenes_no_memory_here_holds_are_refused_before_the_run(tiny_suite, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--suite", "tiny", "--out", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "cache"),
+                    "--reference-scenes", "100000000000"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--reference-scenes 100000000000: this run needs at least" in err and "Traceback" not in err
+    assert "indoor's 100000000000 reference scenes: " in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["r" * 249 + ".json", "r" * 252])
+def test_an_out_name_whose_partial_or_plot_would_be_too_long_is_refused_before_the_run(tiny_suite, tmp_path, capsys,
+                                                                                     name):
+    # r*249.json is 254 bytes, its partial 262; r*252's plot, r*252.png, is 256. Both used to
+    # fail with a traceback after the first setting.
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--suite", "tiny", "--out", str(tmp_path / name), "--cache-dir", str(tmp_path / "cache")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot be created: the name" in err and "longer than the 255" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_results_say_where_the_cached_models_were_trained(tiny_suite, tmp_path, torch_single_thread):
     """A cache copied from another machine holds that machine's models and training seconds
     (another CPU's instruction set trains other models from the same seeds): the document

@@ -140,6 +140,10 @@ def test_train_names_a_data_file_it_cannot_read(tmp_path, capsys):
                  marks=pytest.mark.skipif(NO_PROC, reason="no /proc")),
     ("{file}/x", "is not a directory"),
     ("{file}", "exists and is not a directory"),
+    # too long for the file system, as a folder to make or as the staging folder beside it
+    # (".<name>.<12 hex>.tmp"): refused after training until 2026-12-07
+    ("{dir}/" + "n" * 256 + "/x", "the name '" + "n" * 256 + "' is 256 bytes, longer than the 255"),
+    ("{dir}/" + "n" * 238, "the name '." + "n" * 238 + ".000000000000.tmp' (written next to"),
 ])
 def test_train_refuses_an_output_it_cannot_create_before_training(tmp_path, capsys, monkeypatch, out, message):
     import unlearning.train
@@ -147,8 +151,38 @@ def test_train_refuses_an_output_it_cannot_create_before_training(tmp_path, caps
     afile = tmp_path / "a-file"
     afile.write_text("keep me")
     monkeypatch.setattr(unlearning.train, "train_model", lambda *a, **k: pytest.fail("trained for a bad --out"))
-    refused(capsys, train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", out.format(file=afile)]), message)
+    refused(capsys, train(["--dataset", "indoor", *TINY, "--device", "cpu",
+                           "--out", out.format(file=afile, dir=tmp_path)]), message)
     assert listing(tmp_path) == ["a-file"] and afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--height", "100000", "--width", "100000"], "the 12 rendered scenes of 100000x100000 pixels: 3.9 TiB"),
+    (["--n-train", "100000000"], "the 100000004 rendered scenes of 16x16 pixels"),
+    (["--model-depth", "40"], "the model's weights, gradients and AdamW moments ("),
+    (["--model-depth", "1000000000"], "the model's weights, gradients and AdamW moments ("),  # counted at once
+    (["--model-width", "1000000"], "the model's weights, gradients and AdamW moments ("),
+])
+def test_train_refuses_sizes_no_memory_here_holds_before_rendering(tmp_path, capsys, monkeypatch, options, says):
+    import unlearning.data
+
+    # these used to get the process killed for memory, or a traceback from torch
+    monkeypatch.setattr(unlearning.data, "load_splits", lambda *a, **k: pytest.fail("rendered the data"))
+    err = refused(capsys, train(["--dataset", "indoor", *TINY, *options, "--device", "cpu",
+                                 "--out", str(tmp_path / "out")]), "this run needs at least")
+    assert says in err and "this machine has" in err
+    assert listing(tmp_path) == []
+
+
+def test_the_longest_output_name_the_staging_folder_leaves_room_for_is_taken(tmp_path):
+    from unlearning.cli import CliError, check_output_dir, write_dir_atomically
+
+    longest = tmp_path / ("n" * (255 - len(".") - len(".000000000000.tmp")))
+    assert check_output_dir(longest) == []
+    write_dir_atomically(longest, lambda staging: (staging / "f").write_text("x"))
+    assert (longest / "f").read_text() == "x" and listing(tmp_path) == [longest.name, f"{longest.name}/f"]
+    with pytest.raises(CliError, match="written next to"):
+        check_output_dir(tmp_path / (longest.name + "n"))
 
 
 def test_the_seed_ranges_are_what_torch_takes():
@@ -447,12 +481,13 @@ def no_job(monkeypatch):
     pytest.param("/proc/forbidden/x", "--out /proc/forbidden/x cannot be created: nothing can be written in /proc",
                  marks=pytest.mark.skipif(NO_PROC, reason="no /proc")),
     ("{file}/x", "is not a directory"),
+    ("{dir}/" + "n" * 238, "the name '." + "n" * 238 + ".000000000000.tmp' (written next to"),  # was after the job
 ])
 def test_unlearn_checks_the_output_location_before_the_job(checkpoint, tmp_path, capsys, no_job, out, message):
     afile = tmp_path / "a-file"
     afile.write_text("keep me")
     refused(capsys, run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
-                                 "--out", out.format(file=afile)]), message)
+                                 "--out", out.format(file=afile, dir=tmp_path)]), message)
     assert listing(tmp_path) == ["a-file"]
 
 
@@ -469,6 +504,18 @@ def test_unlearn_refuses_an_output_the_write_cannot_take_before_the_job(checkpoi
                                  "--out", str(link) if out == "link" else out]),
             message.format(link=link, target=tmp_path / "target"))
     assert listing(tmp_path) == ["cwd", "link", "target"]
+
+
+def test_unlearn_refuses_reference_scenes_no_memory_here_holds_before_rendering(checkpoint, tmp_path, capsys,
+                                                                               monkeypatch, no_job):
+    import unlearning.data
+
+    monkeypatch.setattr(unlearning.data, "load_splits", lambda *a, **k: pytest.fail("rendered the data"))
+    err = refused(capsys, run_unlearn(["--checkpoint", str(checkpoint), "--instance", "indoor-00001", "--device", "cpu",
+                                       "--reference-scenes", "10000000000", "--out", str(tmp_path / "out")]),
+                  "this job needs at least")
+    assert "10000000000 reference scenes: " in err and err.rstrip().endswith("give fewer --reference-scenes")
+    assert listing(tmp_path) == []
 
 
 def test_unlearn_refuses_a_seed_torch_does_not_take_before_any_work(checkpoint, tmp_path, capsys, monkeypatch,

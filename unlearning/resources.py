@@ -1,0 +1,96 @@
+"""The memory a command will at least need, against what this machine has: a size no
+machine here can hold (``--height 100000``, ``--model-depth 40``, ``--reference-scenes``
+in the millions) is refused in one line before any work. Such sizes used to get the
+process killed for memory part-way, or a traceback from inside torch.
+
+The figures are lower bounds (the tensors that must exist, nothing for activations,
+copies or the allocator), so a refusal never turns away a run that would fit."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+#: bytes per pixel of each task's target in a dataset (int64 classes, float32 depth and normals)
+TARGET_BYTES = {"segmentation": 8, "depth": 4, "normal": 12}
+IMAGE_BYTES = 3 * 4  # float32 RGB
+#: bytes per parameter while training with AdamW: the weights, their gradients, two moments
+TRAINING_BYTES_PER_PARAMETER = 4 * 4
+
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory this process can have: the physical memory, or a container's smaller
+    cgroup limit; ``None`` where neither can be read."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX, or not reported
+        total = None
+    for path in _CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max": no limit
+            total = int(text) if total is None else min(total, int(text))
+        break
+    return total
+
+
+def scene_bytes(tasks: Iterable[str], height: int, width: int) -> int:
+    """Bytes one scene of ``height`` x ``width`` pixels holds in a dataset: its image and
+    the targets of ``tasks``."""
+    return (IMAGE_BYTES + sum(TARGET_BYTES[t] for t in tasks)) * int(height) * int(width)
+
+
+def human(n: int) -> str:
+    """``n`` bytes as a short figure: ``512 B``, ``3.1 GiB``, ``1.4e+09 TiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB" if value < 1e6 else f"{value:.2g} TiB"
+
+
+def memory_shortfall(needs: dict[str, int], have: int | None = None) -> str | None:
+    """What is wrong when the ``needs`` (what -> bytes) add up to more than ``have`` (default:
+    :func:`machine_memory`), naming each; ``None`` when they fit or nothing is known."""
+    have = machine_memory() if have is None else have
+    total = sum(needs.values())
+    if have is None or total <= have:
+        return None
+    parts = "; ".join(f"{what}: {human(n)}" for what, n in needs.items() if n)
+    return f"needs at least {human(total)} of memory ({parts}), more than the {human(have)} this machine has"
+
+
+def data_needs(spec: dict, reference_scenes: int = 0) -> dict[str, int]:
+    """What the rendered splits of the synthetic dataset ``spec`` hold (and ``reference_scenes``
+    more scenes of it); nothing for datasets read from files, nor for a spec the loader
+    will refuse (it names what is wrong)."""
+    from .data import SYNTHETIC_DATASETS, canonical_spec, dataset_tasks
+
+    if not isinstance(spec, dict) or spec.get("name") not in SYNTHETIC_DATASETS:
+        return {}
+    sizes = canonical_spec(spec)
+    n, h, w = sizes["n_train"] + sizes["n_test"] if all(type(sizes[k]) is int for k in ("n_train", "n_test")) \
+        else None, sizes["height"], sizes["width"]
+    if n is None or type(h) is not int or type(w) is not int or min(n, h, w) < 0:
+        return {}
+    per_scene = scene_bytes(dataset_tasks(spec), h, w)
+    needs = {f"the {n} rendered scenes of {h}x{w} pixels": n * per_scene}
+    if reference_scenes:
+        needs[f"{reference_scenes} reference scenes"] = int(reference_scenes) * per_scene
+    return needs
+
+
+def training_needs(cfg) -> dict[str, int]:
+    """What training a model of ``cfg`` (a :class:`~unlearning.model.ModelConfig`) with AdamW
+    holds besides its activations: weights, gradients and two moments per parameter."""
+    from .model import parameter_count
+
+    count = parameter_count(cfg)
+    shown = f"{count:,}" if count < 10**15 else f"{count:.3g}"
+    return {f"the model's weights, gradients and AdamW moments ({shown} parameters)":
+            count * TRAINING_BYTES_PER_PARAMETER}
