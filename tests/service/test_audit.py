@@ -161,12 +161,13 @@ def test_the_database_refuses_to_change_or_remove_audit_history(settings, model,
     if backend == "postgresql":
         refused["TRUNCATE audit_events CASCADE"] = "append-only: TRUNCATE on audit_events"
         refused["TRUNCATE audit_chain_head"] = "append-only: TRUNCATE on audit_chain_head"
-    else:  # REPLACE deletes the row it replaces: the DELETE triggers fire for it (recursive triggers)
+    else:  # REPLACE deletes the row it replaces: refused before that (migration 0010; the DELETE triggers
+        # fire for it too on the service's connections, which turn recursive triggers on)
         refused["INSERT OR REPLACE INTO audit_events (seq, at, kind, model_name, request_id, instance_id, payload, "
                 "prev_hash, hash) SELECT seq, at, 'forged', model_name, request_id, instance_id, payload, prev_hash, "
-                "hash FROM audit_events WHERE seq = 2"] = "append-only: DELETE on audit_events"
+                "hash FROM audit_events WHERE seq = 2"] = r"append-only: INSERT over an existing event \(REPLACE\)"
         refused["REPLACE INTO audit_chain_head (id, seq, hash) VALUES (1, 1, (SELECT hash FROM audit_events "
-                "WHERE seq = 1))"] = "append-only: DELETE on audit_chain_head"
+                "WHERE seq = 1))"] = r"append-only: INSERT over the chain head \(REPLACE\)"
     for statement, message in refused.items():
         with pytest.raises(DBAPIError, match=message), engine_for(url).begin() as conn:
             conn.execute(text(statement))

@@ -20,7 +20,7 @@ def test_migrated_schema_matches_the_orm(database_url):
 
 
 def test_upgrade_is_idempotent(database_url):
-    assert upgrade_database(database_url) == head_revision() == "0009"
+    assert upgrade_database(database_url) == head_revision() == "0010"
 
 
 def test_offline_sql_builds_the_same_schema():
@@ -127,7 +127,7 @@ def test_idempotency_keys_survive_the_per_submitter_constraint(tmp_path):
             command.downgrade(alembic_config(url), "0005")
             with pytest.raises(IntegrityError), engine_for(url).begin() as conn:
                 conn.execute(text(str(insert).format(extra="", values="")), {"id": "r4", "key": "ticket-1"})
-            assert upgrade_database(url) == "0009"
+            assert upgrade_database(url) == "0010"
     finally:
         drop_database(name)
 
