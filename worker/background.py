@@ -54,7 +54,8 @@ class InProcessWorker:
     """A single thread that runs the jobs of the models announced to it, one at a time.
 
     ``publish`` is its outbox entry point. A model announced several times
-    while waiting is run once; a busy model is tried again after ``retry_s``.
+    while waiting is run once; a model locked by another transaction is tried again
+    after ``retry_s``, one with a job running elsewhere is not (:meth:`_after`).
     """
 
     def __init__(self, settings: Settings, store: ModelStore, retry_s: float = 2.0):
@@ -107,8 +108,37 @@ class InProcessWorker:
                 continue
             if model_name in self._failing:
                 self._failing.pop(model_name).succeeded()
-            if outcomes and outcomes[0].status == "busy":
-                self._retry_later(model_name)
+            self._after(model_name, outcomes)
+
+    def _after(self, model_name: str, outcomes: list) -> None:
+        """What a drain's end leaves to do. The drain claims again after each job until the
+        model is idle, so this thread's own jobs need no announcement; a ``busy`` end is
+        another runner's (another process on the same record, a job left 'running' by a
+        worker that died):
+
+        - a job running (reason ``running``): nothing. Its runner takes the model's next
+          work when it ends (a drain claims again, a Celery delivery announces the model),
+          a job put back in the queue is announced, and the sweeper resets and announces
+          one whose worker died. Tried again every ``retry_s`` instead, each announcement
+          meanwhile kept a retry of its own going for as long as that runner had work;
+        - the model locked (``locked``: a concurrent claim, a rollback, a purge), first or
+          after jobs: tried again after ``retry_s``. The claim holding it may have read the
+          queue before the announced request committed and end idle; and should it be the
+          other runner's claim after a job, that runner's delivery found this drain's job
+          running and left the model to it;
+        - a job outcome last: the drain stopped at its ``max_jobs``, the model may still
+          have work (a request whose delivery elsewhere found this drain's job running):
+          announced again (not while stopping: the job was put back and is announced)."""
+        if not outcomes:
+            return
+        last = outcomes[-1]
+        if last.status == "busy" and last.reason == "running":
+            log.info("model %s is busy with job %s; its end announces the model again", model_name, last.job_id)
+        elif last.status == "busy":
+            self._retry_later(model_name)
+        elif last.status != "idle" and not (last.status == "failed" and last.job_id is None):
+            if not self._stopping.is_set():
+                self.announce(model_name)
 
     def _retry_later(self, model_name: str) -> None:
         if not self._stopping.is_set():

@@ -88,8 +88,9 @@ _process_locks_guard = threading.Lock()
 
 @dataclass
 class JobOutcome:
-    """What :func:`process_model` did: ``idle`` (nothing queued), ``busy`` (another job
-    of the model is active), ``completed``, ``failed``, ``requeued`` (put back in the
+    """What :func:`process_model` did: ``idle`` (nothing queued), ``busy`` (the model is
+    held: ``reason`` says by what, as :class:`Claim`; with ``running``, ``job_id`` is the
+    running job), ``completed``, ``failed``, ``requeued`` (put back in the
     queue to run again: a database error, or a base that stopped serving) or
     ``superseded`` (the sweeper gave this attempt up and another one owns the job)."""
 
@@ -99,6 +100,7 @@ class JobOutcome:
     version: int | None = None
     error: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, {})}
@@ -125,11 +127,25 @@ TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
 @dataclass
 class Claim:
     """What :func:`claim_next` got: ``claimed`` (``job_id`` and the ``attempt`` this claim
-    is), ``busy`` or ``idle``."""
+    is), ``busy`` or ``idle``.
+
+    ``busy`` says why (``reason``):
+
+    - ``running``: a job of the model is running (``job_id``). Its end announces the model
+      again (a Celery delivery announces it after its job; the in-process worker claims
+      again until idle), a job put back in the queue is announced (``job.requeued``), and
+      one whose worker died is reset and announced by the sweeper: a delivery that finds
+      it has nothing to wait for.
+    - ``locked``: another transaction holds the model (a concurrent claim, a rollback or a
+      purge: the row lock on PostgreSQL; on SQLite this process's claim lock). For a
+      moment only, and a concurrent claim may have read the queue before the request
+      this delivery announces committed, then ended idle without announcing anything:
+      the delivery must try again."""
 
     status: str
     job_id: str | None = None
     attempt: int | None = None
+    reason: str | None = None
 
 
 def engine_cache(model_name: str, version: int) -> dict:
@@ -202,7 +218,7 @@ def claim_next(settings: Settings, model_name: str) -> Claim:
     is_sqlite = settings.database_url.startswith("sqlite")
     lock = _process_lock(model_name) if is_sqlite else None
     if lock is not None and not lock.acquire(blocking=False):
-        return Claim("busy")
+        return Claim("busy", reason="locked")
     try:
         return _claim(settings, model_name)
     finally:
@@ -218,15 +234,15 @@ def _claim(settings: Settings, model_name: str) -> Claim:
         ).scalar_one_or_none()
         if model is None:
             known = session.execute(select(Model.name).where(Model.name == model_name)).scalar_one_or_none()
-            return Claim("busy") if known else Claim("idle")
+            return Claim("busy", reason="locked") if known else Claim("idle")
 
         # One active job per model. A running job whose heartbeat went stale (its worker
         # died) still counts: the sweeper resets it to queued, and then it is claimed here.
         running = session.execute(
             select(Job.id).where(Job.model_name == model_name, Job.status == "running").limit(1)
-        ).first()
+        ).scalar_one_or_none()
         if running is not None:
-            return Claim("busy")
+            return Claim("busy", job_id=running, reason="running")
         # Submissions of the model wait until this claim commits (the lock they take, before any
         # audit event as here): a request accepted while this claim decided whether one is waiting
         # (_waiting_requests) was left out of that decision
@@ -1135,8 +1151,10 @@ def process_model(settings: Settings, store: ModelStore, model_name: str,
                   stop: threading.Event | None = None) -> JobOutcome:
     """Run the next job of ``model_name`` if there is one and no other is active.
 
-    Returns ``busy`` when another job of the model holds it (the caller retries
-    later), ``idle`` when nothing is queued, else the job's outcome. Idempotent:
+    Returns ``busy`` when the model is held, with the claim's ``reason`` (and, for
+    ``running``, the running job's id): the caller retries a ``locked`` one later, and
+    leaves a ``running`` one to that job's end (:class:`Claim`). ``idle`` when nothing
+    is queued, else the job's outcome. Idempotent:
     a duplicate delivery finds nothing queued, or the same job's version.
     ``stop``: see :func:`run_job`.
     """
@@ -1145,7 +1163,7 @@ def process_model(settings: Settings, store: ModelStore, model_name: str,
     except JobFailed as exc:
         return JobOutcome("failed", model_name, error=str(exc))
     if claim.status != "claimed":
-        return JobOutcome(claim.status, model_name)
+        return JobOutcome(claim.status, model_name, job_id=claim.job_id, reason=claim.reason)
     return run_job(settings, store, claim.job_id, claim.attempt, stop=stop)
 
 

@@ -19,6 +19,10 @@ from .settings import get_settings
 
 log = logging.getLogger(__name__)
 
+# Retries of a delivery that found its model locked (a concurrent claim, a rollback, a purge:
+# held for one short transaction). A delivery that finds a job of its model running is not
+# retried: that job's end announces the model again (process_model_task below). Retried, every
+# request announced during a long job kept a delivery claiming every minute for up to two hours.
 BUSY_RETRIES = 120  # up to two hours at the 60 s cap; past that the sweeper announces the work again
 
 # SIGTERM to a prefork pool process in the middle of a job (Celery's cold shutdown terminates
@@ -108,18 +112,31 @@ def _sigterm_stops_the_job():
     max_retries=BUSY_RETRIES,
 )
 def process_model_task(self, model_name: str) -> dict:
-    """Run one job of ``model_name``; retried with back-off while another job holds it.
+    """Run one job of ``model_name``.
 
     One job a delivery: the task's time limit (``UNLEARND_JOB_TIME_LIMIT_S``) is then a
     job's. After a job the model is announced again, so requests that arrived meanwhile
     are picked up by a delivery of their own (draining every job in one delivery charged
-    them all to one time limit)."""
+    them all to one time limit).
+
+    A model that is busy (:class:`worker.jobs.Claim`): with a job running, the delivery
+    ends (``busy``, that job's id, reason ``running``): the job's end announces the model
+    again (here, or the in-process worker claims again), a job put back in the queue is
+    announced, and the sweeper resets and announces one whose worker died. Retrying it
+    instead, every request announced during a long job kept a delivery of its own claiming
+    every minute for up to two hours. A model row locked by another transaction (reason
+    ``locked``) is retried with back-off: the claim holding it may have read the queue
+    before this delivery's request committed, and end idle without announcing anything."""
     settings = get_settings()
     with _sigterm_stops_the_job():
         outcome = process_model(settings, store_for(settings.store_dir), model_name, stop=STOP)
+    if outcome.status == "busy" and outcome.reason == "running":
+        log.info("model %s is busy with job %s; its end announces the model again", model_name, outcome.job_id)
+        return outcome.to_dict()
     if outcome.status == "busy":
         countdown = min(5 * 2 ** min(self.request.retries, 4), 60)
-        log.info("model %s is busy; retrying in %ss", model_name, countdown)
+        log.info("model %s is busy (%s by another claim, a rollback or a purge); retrying in %ss", model_name,
+                 outcome.reason or "held", countdown)
         raise self.retry(countdown=countdown)
     if outcome.status != "idle" and not (outcome.status == "failed" and outcome.job_id is None):
         # (a claim that failed by itself, with no serving version, would fail the same way again)

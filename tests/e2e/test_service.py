@@ -8,7 +8,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from .conftest import wait_for
 
@@ -159,7 +159,8 @@ def test_a_job_that_runs_twice_publishes_one_version(client, settings, store, mo
     claim = jobs.claim_next(settings, settings.model_name)
     status, job_id = claim.status, claim.job_id
     assert status == "claimed"
-    assert jobs.claim_next(settings, settings.model_name) == jobs.Claim("busy")  # one active job per model
+    # one active job per model
+    assert jobs.claim_next(settings, settings.model_name) == jobs.Claim("busy", job_id=job_id, reason="running")
 
     with _session(settings) as session:
         job = session.get(Job, job_id)
@@ -316,11 +317,19 @@ def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store, paused_wor
     assert client.get("/audit/verify").json()["ok"] is True
 
 
-def test_a_delivery_for_a_busy_model_is_retried_until_the_model_is_free(client, settings, store, celery_worker,
-                                                                       paused_worker):
+def _ends_of(task_name: str, log: str) -> list[re.Match]:
+    """The worker log's lines that end a delivery of ``task_name``: (task id, how, the rest)."""
+    return list(re.finditer(rf"^.*Task {re.escape(task_name)}\[([0-9a-f-]+)\] (retry|succeeded|raised)(.*)$", log,
+                            re.M))
+
+
+def test_a_delivery_for_a_model_busy_with_a_running_job_ends_without_a_retry(
+        client, settings, store, celery_worker, paused_worker):
     """worker.tasks: a delivery that finds another job of its model running neither runs
-    beside it nor is dropped: it is retried with a countdown, and once that job has ended
-    the retried delivery finds nothing left to do."""
+    beside it nor is retried (each request announced during a long job kept a retry chain
+    going, for up to two hours): that job's end announces the model again. Here the job is
+    this process's (which announces nothing): the delivery ends, busy, and the request
+    stays with the job."""
     from worker import jobs
     from worker.celery_app import PROCESS_MODEL_TASK, create_celery
     from worker.tables import DeletionRequest
@@ -336,21 +345,110 @@ def test_a_delivery_for_a_busy_model_is_retried_until_the_model_is_free(client, 
     task_id = create_celery(settings).send_task(PROCESS_MODEL_TASK, args=[settings.model_name]).id
     paused_worker()  # resume: the worker takes the delivery while the job is still running here
 
-    task = re.escape(f"Task {PROCESS_MODEL_TASK}[{task_id}]")
-    # the delivery's first end, whatever it is: a retry, not a success beside the running job
-    first = wait_for(lambda: re.search(rf"^.*{task} (retry|succeeded|raised).*$", celery_worker.log.read_text(), re.M),
-                     JOB_TIMEOUT, what=f"the worker to handle delivery {task_id}")
-    assert re.search(rf"{task} retry: Retry in 5s", first.group(0)), first.group(0)  # the first retry's countdown
-    assert f"model {settings.model_name} is busy; retrying in 5s" in celery_worker.log.read_text()
-    assert client.get(f"/deletions/{request_id}").json()["status"] == "running"  # not run by the worker
+    def ended():
+        return [m for m in _ends_of(PROCESS_MODEL_TASK, celery_worker.log.read_text()) if m.group(1) == task_id]
 
-    outcome = jobs.run_job(settings, store, claim.job_id, claim.attempt)
+    try:
+        [end] = wait_for(ended, JOB_TIMEOUT, what=f"the worker to handle delivery {task_id}")
+        assert end.group(2) == "succeeded", end.group(0)  # not a retry (nor a run beside the job)
+        for part in ("'status': 'busy'", f"'job_id': '{claim.job_id}'", "'reason': 'running'"):
+            assert part in end.group(3), end.group(0)
+        line = f"model {settings.model_name} is busy with job {claim.job_id}; its end announces the model again"
+        assert line in celery_worker.log.read_text()
+        body = client.get(f"/deletions/{request_id}").json()
+        assert (body["status"], body["job_id"]) == ("running", claim.job_id)  # not run by the worker
+    finally:  # the job ends here, whatever the delivery did: the model is free for the next tests
+        outcome = jobs.run_job(settings, store, claim.job_id, claim.attempt)
     assert outcome.status == "completed"
     assert _wait_done(client, request_id)["job_id"] == claim.job_id
-    # the same task id, delivered again after its countdown (again while busy, if the job outlasted it)
-    succeeded = wait_for(lambda: re.search(rf"^.*{task} succeeded in [0-9.]+s: (.*)$", celery_worker.log.read_text(),
-                                           re.M), JOB_TIMEOUT, what=f"delivery {task_id} to succeed")
-    assert "'status': 'idle'" in succeeded.group(1), succeeded.group(0)
+    assert [m.group(0) for m in ended()] == [end.group(0)]  # ended once: nothing scheduled again
+
+
+def _second_worker(service_env: dict, log):
+    """Another Celery worker process on the session's database and queue (solo pool, as the
+    session's): with one worker, a delivery waits for the job under way to end."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT, _child_env
+
+    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo", "-c", "1",
+           "--loglevel", "info", "-n", f"e2e-second-{os.getpid()}@%h", "--without-gossip", "--without-mingle"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(service_env), stdout=out, stderr=subprocess.STDOUT)
+    wait_for(lambda: proc.poll() is not None or b"ready." in log.read_bytes(), 90, what="the second Celery worker")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return proc
+
+
+def test_a_request_announced_while_the_model_is_busy_runs_when_that_job_ends(
+        client, settings, celery_worker, paused_worker, service_env, redis_url, tmp_path):
+    """Two workers. A job runs in one (its publish held back by this process's lock on the
+    serving alias); a request submitted meanwhile is announced, and the other worker's
+    delivery finds the job running and ends, with no retry. When the job ends, its worker
+    announces the model, and the request runs: not after a retry, nor after the sweeper
+    (UNLEARND_STALE_AFTER_S is 600 here)."""
+    import redis
+
+    from worker.celery_app import PROCESS_MODEL_TASK, create_celery
+    from worker.db import engine_for
+
+    from .conftest import WORKER_QUEUE, stop_process
+
+    name, ids = settings.model_name, _instances(settings)
+    session_log = celery_worker.log.read_text
+    second = None
+    try:
+        held = engine_for(settings.database_url).connect()
+        try:
+            # the job's publish waits for this lock (publish_version locks the alias row): it stays 'running'
+            held.execute(text("SELECT version FROM aliases WHERE model_name = :m AND alias = 'serving' FOR UPDATE"),
+                         {"m": name})
+            second_log = tmp_path / "second-worker.log"
+            second = _second_worker(service_env, second_log)  # the session's worker is paused: this one runs the job
+            first, _ = _post(client, ids[10])
+
+            def running():
+                body = client.get(f"/deletions/{first['id']}").json()
+                return body if body["status"] == "running" else None
+
+            job_id = wait_for(running, JOB_TIMEOUT, 0.5, what="the second worker to run the first request")["job_id"]
+            # resume the session's worker: the next delivery is its (the second worker holds its job's, prefetch 1)
+            paused_worker()
+            app, node, broker = create_celery(settings), celery_worker.nodename, redis.Redis.from_url(redis_url)
+
+            def quiet():  # whatever was announced before is handled (it found the job running too)
+                if broker.llen(WORKER_QUEUE):
+                    return False
+                inspect = app.control.inspect(destination=[node], timeout=1)
+                return all((question() or {}).get(node) == [] for question in (inspect.reserved, inspect.active))
+
+            wait_for(quiet, JOB_TIMEOUT, 0.25, what="the session's worker to handle what was queued")
+            offset = len(session_log())
+            later, _ = _post(client, ids[11])
+
+            [end] = wait_for(lambda: _ends_of(PROCESS_MODEL_TASK, session_log()[offset:]), JOB_TIMEOUT,
+                             what="the session's worker to handle the second request's delivery")
+            assert end.group(2) == "succeeded", end.group(0)  # ended: not retried
+            for part in ("'status': 'busy'", f"'job_id': '{job_id}'", "'reason': 'running'"):
+                assert part in end.group(3), end.group(0)
+            line = f"model {name} is busy with job {job_id}; its end announces the model again"
+            assert line in session_log()[offset:]
+            assert client.get(f"/deletions/{later['id']}").json()["status"] == "queued"
+        finally:
+            held.rollback()  # the job publishes; its worker announces the model
+            held.close()
+
+        done = _wait_done(client, first["id"])
+        assert done["job_id"] == job_id
+        after = _wait_done(client, later["id"])  # taken by a delivery of that announcement
+        assert after["job_id"] != job_id and after["base_version"] == done["produced_version"]
+        ends = _ends_of(PROCESS_MODEL_TASK, session_log()[offset:] + second_log.read_text())
+        assert [m.group(0) for m in ends if m.group(2) != "succeeded"] == []  # no retry anywhere
+    finally:
+        if second is not None:
+            stop_process(second)
 
 
 def test_an_erasure_reaches_a_second_model_on_the_dataset(client, settings, store):
