@@ -1045,22 +1045,21 @@ def _run(args, command: str) -> dict:
     configs = _method_configs(args.method_config)
     cli_device(args.device or suite["device"], "--device" if args.device else f"the {args.suite} suite's device")
     out = _results_path(args.out)
+    names = [b for b in suite["benchmarks"] if args.benchmarks is None or b in args.benchmarks]
     if args.settings is not None:  # before the cache folder is made
         try:
-            benchmarks_with_settings(args.suite, [b for b in suite["benchmarks"]
-                                                  if args.benchmarks is None or b in args.benchmarks], args.settings)
+            names = benchmarks_with_settings(args.suite, names, args.settings)
         except UnknownSettings as exc:
             raise CliError(str(exc)) from None
     if args.reference_scenes:  # the suites' own sizes fit; the reference scenes are the caller's
         from .resources import data_needs, memory_shortfall
 
-        needs = {}
-        for b in suite["benchmarks"]:
-            if args.benchmarks is None or b in args.benchmarks:
-                all_scenes = data_needs(suite["benchmarks"][b], args.reference_scenes)
-                needs[f"{b}'s {args.reference_scenes} reference scenes"] = \
-                    sum(all_scenes.values()) - sum(data_needs(suite["benchmarks"][b]).values())
-        problem = memory_shortfall(needs)
+        # only the benchmarks with a setting to run render theirs
+        problem = memory_shortfall({
+            f"{b}'s {args.reference_scenes} reference scenes":
+                sum(data_needs(suite["benchmarks"][b], args.reference_scenes).values())
+                - sum(data_needs(suite["benchmarks"][b]).values())
+            for b in names})
         if problem:
             raise CliError(f"--reference-scenes {args.reference_scenes}: this run {problem}")
     cache_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR) / args.suite

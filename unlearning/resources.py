@@ -85,12 +85,25 @@ def data_needs(spec: dict, reference_scenes: int = 0) -> dict[str, int]:
     return needs
 
 
-def training_needs(cfg) -> dict[str, int]:
+def training_needs(cfg, on_host: bool = True) -> dict[str, int]:
     """What training a model of ``cfg`` (a :class:`~unlearning.model.ModelConfig`) with AdamW
-    holds besides its activations: weights, gradients and two moments per parameter."""
+    holds besides its activations: weights, gradients and two moments per parameter; with
+    ``on_host=False`` (training on a GPU, where those live), what the host holds of it: the
+    weights, while the model is built before it is moved."""
     from .model import parameter_count
 
     count = parameter_count(cfg)
     shown = f"{count:,}" if count < 10**15 else f"{count:.3g}"
+    if not on_host:
+        return {f"the model's weights, built on the host ({shown} parameters)": count * 4}
     return {f"the model's weights, gradients and AdamW moments ({shown} parameters)":
             count * TRAINING_BYTES_PER_PARAMETER}
+
+
+def device_memory(device) -> int | None:
+    """Bytes of memory of the CUDA ``device`` (a ``torch.device``); ``None`` for other devices."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory

@@ -217,20 +217,27 @@ def _check_recipe(cfg: TrainConfig) -> None:
     check_seed(cfg.seed, "--seed")  # torch.manual_seed's range
 
 
-def _check_memory(spec: dict, cfg: TrainConfig) -> None:
-    """:class:`CliError` for data or a model that cannot fit this machine's memory (lower
-    bounds: :mod:`unlearning.resources`), before anything is rendered or built."""
+def _check_memory(spec: dict, cfg: TrainConfig, device: torch.device | None = None) -> None:
+    """:class:`CliError` for data or a model that cannot fit this machine's memory, or on a
+    GPU the GPU's (lower bounds: :mod:`unlearning.resources`), before anything is rendered
+    or built."""
     from .data import dataset_tasks
-    from .resources import data_needs, memory_shortfall, training_needs
+    from .resources import data_needs, device_memory, memory_shortfall, training_needs
 
     # a lower bound: one output channel a task, and at most 64 stages (whose last alone has
     # width * 2**63 channels: counting a depth of 10**9 would take minutes)
     model = ModelConfig(tasks={t: 1 for t in dataset_tasks(spec)}, width=cfg.width, depth=min(cfg.depth, 64),
                         head_width=cfg.head_width)
-    problem = memory_shortfall({**data_needs(spec), **training_needs(model)})
+    on_gpu = device is not None and device.type == "cuda"
+    hint = ("; use smaller images (--height, --width), fewer scenes (--n-train, --n-test) or a smaller model "
+            "(--model-width, --model-depth, --head-width)")
+    problem = memory_shortfall({**data_needs(spec), **training_needs(model, on_host=not on_gpu)})
     if problem:
-        raise CliError(f"this run {problem}; use smaller images (--height, --width), fewer scenes (--n-train, "
-                       "--n-test) or a smaller model (--model-width, --model-depth, --head-width)")
+        raise CliError(f"this run {problem}{hint}")
+    if on_gpu:  # the weights, gradients and AdamW moments live on the GPU
+        problem = memory_shortfall(training_needs(model), have=device_memory(device))
+        if problem:
+            raise CliError(f"this run {problem.replace('this machine has', f'{device} has')}{hint}")
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -306,7 +313,7 @@ def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
     device = cli_device(args.device)
     out = Path(args.out)
     _check_out(out, args.force)
-    _check_memory(spec, cfg)
+    _check_memory(spec, cfg, device)
     try:
         train, test = data.load_splits(spec)
     except (KeyError, OSError, ValueError) as exc:  # a bad spec, missing or unreadable data files

@@ -232,6 +232,28 @@ def test_reference_scenes_no_memory_here_holds_are_refused_before_the_run(tiny_s
     assert "indoor's 100000000000 reference scenes: " in err and list(tmp_path.iterdir()) == []
 
 
+def test_the_reference_scenes_check_counts_only_the_benchmarks_with_a_setting_to_run(tmp_path, capsys, monkeypatch):
+    import unlearning.resources as resources
+
+    indoor, street = (bench.SUITES["smoke"]["benchmarks"][b] for b in ("indoor", "street"))
+    one = resources.scene_bytes(["segmentation", "depth", "normal"], indoor["height"], indoor["width"])
+    assert (street["height"], street["width"]) == (indoor["height"], indoor["width"])
+    # room for indoor's 1000 reference scenes, not for street's as well; partial:normal is indoor's alone
+    monkeypatch.setattr(resources, "machine_memory", lambda: 1000 * one + 1)
+
+    def ran(*a, **k):
+        raise RuntimeError("past the check")
+
+    monkeypatch.setattr(bench, "run_suite", ran)
+    args = ["--suite", "smoke", "--out", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "cache"),
+            "--reference-scenes", "1000", "--settings"]
+    with pytest.raises(RuntimeError, match="past the check"):  # street's were counted too: refused
+        bench.main(args + ["partial:normal"])
+    with pytest.raises(SystemExit):
+        bench.main(args + ["partial:depth"])
+    assert "street's 1000 reference scenes" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["r" * 249 + ".json", "r" * 252])
 def test_an_out_name_whose_partial_or_plot_would_be_too_long_is_refused_before_the_run(tiny_suite, tmp_path, capsys,
                                                                                      name):

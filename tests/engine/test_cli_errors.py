@@ -174,6 +174,33 @@ def test_train_refuses_sizes_no_memory_here_holds_before_rendering(tmp_path, cap
     assert listing(tmp_path) == []
 
 
+def test_training_on_a_gpu_counts_the_optimizer_state_against_the_gpus_memory(tmp_path, capsys, monkeypatch):
+    import unlearning.data
+    import unlearning.resources as resources
+    import unlearning.train
+
+    # width 64, depth 8: 1.2e9 parameters, 4.5 GiB of weights on the host, 18.0 GiB of training
+    # state on the GPU. Counted on the host, it was refused on a host of 8 GiB beside a GPU of 80
+    monkeypatch.setattr(unlearning.train, "cli_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(resources, "machine_memory", lambda: 8 << 30)
+
+    def rendered(*a, **k):
+        raise RuntimeError("past the memory check")
+
+    monkeypatch.setattr(unlearning.data, "load_splits", rendered)
+    argv = ["--dataset", "indoor", *TINY, "--model-width", "64", "--model-depth", "8", "--device", "cuda",
+            "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(resources, "device_memory", lambda device: 80 << 30)
+    with pytest.raises(RuntimeError, match="past the memory check"):
+        train(argv)
+    monkeypatch.setattr(resources, "device_memory", lambda device: 16 << 30)
+    err = refused(capsys, train(argv), "this run needs at least 18.0 GiB of memory (the model's weights, gradients")
+    assert "more than the 16.0 GiB cuda has" in err
+    monkeypatch.setattr(resources, "machine_memory", lambda: 4 << 30)  # the weights alone are built on the host
+    err = refused(capsys, train(argv), "the model's weights, built on the host (1,208,874,927 parameters)")
+    assert "this machine has" in err
+
+
 def test_the_longest_output_name_the_staging_folder_leaves_room_for_is_taken(tmp_path):
     from unlearning.cli import CliError, check_output_dir, write_dir_atomically
 
