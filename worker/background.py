@@ -17,7 +17,7 @@ from typing import Callable
 
 from model_store import ModelStore, store_for
 
-from .jobs import drain_model
+from .jobs import Drain, announce_by_outbox, drain_until_idle
 from .outbox import Publish, relay_once, sweep_once
 from .settings import Settings
 
@@ -100,7 +100,7 @@ class InProcessWorker:
             with self._lock:
                 self._pending.discard(model_name)
             try:
-                outcomes = drain_model(self.settings, self.store, model_name, stop=self._stopping)
+                drain = drain_until_idle(self.settings, self.store, model_name, stop=self._stopping)
             except Exception:  # the database hiccuped: try again shortly
                 self._failing.setdefault(
                     model_name, _FailureRun(f"in-process worker: processing {model_name}", self.retry_s)).failed()
@@ -108,9 +108,9 @@ class InProcessWorker:
                 continue
             if model_name in self._failing:
                 self._failing.pop(model_name).succeeded()
-            self._after(model_name, outcomes)
+            self._after(model_name, drain)
 
-    def _after(self, model_name: str, outcomes: list) -> None:
+    def _after(self, model_name: str, drain: Drain) -> None:
         """What a drain's end leaves to do. The drain claims again after each job until the
         model is idle, so this thread's own jobs need no announcement; a ``busy`` end is
         another runner's (another process on the same record, a job left 'running' by a
@@ -126,19 +126,32 @@ class InProcessWorker:
           queue before the announced request committed and end idle; and should it be the
           other runner's claim after a job, that runner's delivery found this drain's job
           running and left the model to it;
-        - a job outcome last: the drain stopped at its ``max_jobs``, the model may still
-          have work (a request whose delivery elsewhere found this drain's job running):
-          announced again (not while stopping: the job was put back and is announced)."""
-        if not outcomes:
+        - idle: nothing;
+        - no closing claim: the drain stopped at its ``max_jobs``, or because this worker is
+          stopping, after a job that ended anyway (storing or publishing, it finishes
+          first): the model may still have work (a request whose delivery elsewhere found
+          this drain's job running). Announced again; when stopping, through the outbox,
+          which the next relay of any process publishes (a job put back in the queue is
+          announced so already). Not after a claim that failed by itself (no serving
+          version): claiming again fails the same way."""
+        end = drain.end
+        if end is not None:
+            if end.status == "busy" and end.reason == "running":
+                log.info("model %s is busy with job %s; its end announces the model again", model_name, end.job_id)
+            elif end.status == "busy":
+                self._retry_later(model_name)
             return
-        last = outcomes[-1]
-        if last.status == "busy" and last.reason == "running":
-            log.info("model %s is busy with job %s; its end announces the model again", model_name, last.job_id)
-        elif last.status == "busy":
-            self._retry_later(model_name)
-        elif last.status != "idle" and not (last.status == "failed" and last.job_id is None):
-            if not self._stopping.is_set():
-                self.announce(model_name)
+        last = drain.jobs[-1] if drain.jobs else None
+        if last is None or (last.status == "failed" and last.job_id is None) or last.status == "requeued":
+            return
+        if not self._stopping.is_set():
+            self.announce(model_name)
+            return
+        try:
+            announce_by_outbox(self.settings, model_name)
+        except Exception:  # noqa: BLE001 - stopping with the database gone: the sweeper announces it
+            log.warning("in-process worker: could not queue an announcement of %s while stopping; the sweeper "
+                        "will", model_name, exc_info=True)
 
     def _retry_later(self, model_name: str) -> None:
         if not self._stopping.is_set():

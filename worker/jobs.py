@@ -1167,21 +1167,46 @@ def process_model(settings: Settings, store: ModelStore, model_name: str,
     return run_job(settings, store, claim.job_id, claim.attempt, stop=stop)
 
 
-def drain_model(settings: Settings, store: ModelStore, model_name: str, max_jobs: int = 100,
-                stop: threading.Event | None = None) -> list[JobOutcome]:
+@dataclass
+class Drain:
+    """What :func:`drain_until_idle` did: the ``jobs`` it ran (their outcomes) and how it
+    ended: ``end`` is the closing ``idle`` or ``busy`` claim's outcome, or ``None`` when it
+    stopped with the model's work maybe not done (``stop`` set, ``max_jobs`` reached, a
+    claim that failed by itself)."""
+
+    jobs: list[JobOutcome]
+    end: JobOutcome | None
+
+
+def drain_until_idle(settings: Settings, store: ModelStore, model_name: str, max_jobs: int = 100,
+                     stop: threading.Event | None = None) -> Drain:
     """Run jobs of ``model_name`` until it is idle or busy (what one delivery does: requests
     that arrived while a job ran are picked up without waiting for another message), or
     until ``stop`` is set (the job under way is put back in the queue: :func:`run_job`)."""
-    outcomes = []
+    ran: list[JobOutcome] = []
     for _ in range(max_jobs):
         if stop is not None and stop.is_set():
             break
         outcome = process_model(settings, store, model_name, stop=stop)
         if outcome.status in ("idle", "busy"):
-            if not outcomes:
-                outcomes.append(outcome)
-            break
-        outcomes.append(outcome)
+            return Drain(ran, outcome)
+        ran.append(outcome)
         if outcome.status == "failed" and outcome.job_id is None:
             break  # the claim itself failed (no serving version): claiming again fails the same way
-    return outcomes
+    return Drain(ran, None)
+
+
+def drain_model(settings: Settings, store: ModelStore, model_name: str, max_jobs: int = 100,
+                stop: threading.Event | None = None) -> list[JobOutcome]:
+    """:func:`drain_until_idle`'s outcomes: the jobs it ran, or the closing ``idle`` or
+    ``busy`` outcome alone when it ran none."""
+    drain = drain_until_idle(settings, store, model_name, max_jobs, stop)
+    return drain.jobs or ([drain.end] if drain.end is not None else [])
+
+
+def announce_by_outbox(settings: Settings, model_name: str) -> None:
+    """Queue an announcement of ``model_name`` in the outbox (one transaction): the relay of
+    whichever process runs next publishes it. For a runner that stops with the model's work
+    maybe not done and cannot announce it in memory."""
+    with transaction(settings.database_url) as session:
+        session.add(OutboxMessage(topic=PROCESS_MODEL_TOPIC, payload={"model_name": model_name}, created_at=utcnow()))

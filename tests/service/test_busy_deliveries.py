@@ -111,31 +111,68 @@ def _outcome(name: str, what: str) -> jobs.JobOutcome:
                            reason=reason or None)
 
 
-@pytest.mark.parametrize("drained, again", [
-    (["busy:running"], False),  # another process's job: its runner takes the model's next work
-    (["busy:locked"], True),
-    (["completed", "busy:locked"], True),  # the lock holder may be a claim that found this drain's job running
-    (["completed", "busy:running"], False),  # another runner claimed after this drain's job
-    (["completed", "idle"], False),
-    (["completed"], True),  # the drain stopped at max_jobs: the model may have work left
+@pytest.mark.parametrize("claims, max_jobs, again", [
+    (["busy:running"], 100, False),  # another process's job: its runner takes the model's next work
+    (["busy:locked"], 100, True),
+    (["completed", "busy:locked"], 100, True),  # the lock holder may be a claim that found this drain's job running
+    (["completed", "busy:running"], 100, False),  # another runner claimed after this drain's job
+    (["completed", "idle"], 100, False),  # the drain's own claim after its job found nothing: no announcement
+    (["completed", "completed"], 2, True),  # the drain stopped at max_jobs: the model may have work left
 ], ids=lambda v: "+".join(v) if isinstance(v, list) else str(v))
-def test_the_in_process_worker_tries_again_only_what_nothing_else_announces(settings, monkeypatch, drained, again):
+def test_the_in_process_worker_tries_again_only_what_nothing_else_announces(settings, monkeypatch, claims, max_jobs,
+                                                                            again):
+    """The real drain (``jobs.drain_until_idle``) over the claims' outcomes: the worker
+    claims the model again only where nothing else will announce it."""
     from worker import background
 
     calls, second = [], threading.Event()
+    script = iter([_outcome("m", c) for c in claims])
 
-    def drain(settings_, store, name, stop=None):
+    def process_model(settings_, store, name, stop=None):
         calls.append(name)
-        if len(calls) == 1:
-            return [_outcome(name, d) for d in drained]
-        second.set()
-        return [jobs.JobOutcome("idle", name)]
+        outcome = next(script, None)
+        if outcome is None:  # a claim after the scripted ones: the worker tried the model again
+            second.set()
+            return jobs.JobOutcome("idle", name)
+        return outcome
 
-    monkeypatch.setattr(background, "drain_model", drain)
+    monkeypatch.setattr(jobs, "process_model", process_model)
+    real = jobs.drain_until_idle
+    monkeypatch.setattr(background, "drain_until_idle",
+                        lambda settings_, store, name, stop=None: real(settings_, store, name, max_jobs, stop))
     worker = background.InProcessWorker(settings, store=None, retry_s=0.01).start()
     try:
         worker.announce("m")
         assert second.wait(2.0 if again else 0.5) is again, calls  # a retry comes after 0.01 s
     finally:
         worker.stop()
-    assert calls == ["m"] * (2 if again else 1)
+    assert len(calls) == len(claims) + (1 if again else 0), calls
+
+
+def test_an_in_process_worker_stopping_after_a_job_announces_the_model_through_the_outbox(settings, monkeypatch):
+    """A drain that ends because the worker stops, after a job that finished anyway (storing
+    or publishing, it finishes first): a request whose delivery elsewhere found that job
+    running waited for the sweeper. The model is announced in the outbox, for the next relay."""
+    from worker import background
+    from worker.tables import OutboxMessage
+
+    s, model = settings, register_model(settings)
+    worker = background.InProcessWorker(s, store=None, retry_s=0.01)
+
+    def process_model(settings_, store, name, stop=None):
+        worker._stopping.set()  # stopped while this job ran
+        return jobs.JobOutcome("completed", name, job_id="j-1", version=2)
+
+    monkeypatch.setattr(jobs, "process_model", process_model)
+    with transaction(s.database_url) as session:
+        before = session.query(OutboxMessage).filter(OutboxMessage.published_at.is_(None)).count()
+    worker._after(model.name, jobs.drain_until_idle(s, None, model.name, stop=worker._stopping))
+    with transaction(s.database_url) as session:
+        rows = session.query(OutboxMessage).filter(OutboxMessage.published_at.is_(None)).all()
+    assert len(rows) == before + 1 and rows[-1].payload == {"model_name": model.name}
+    # put back in the queue, the job is announced by its own outbox row: nothing more
+    monkeypatch.setattr(jobs, "process_model",
+                        lambda *a, **k: worker._stopping.set() or jobs.JobOutcome("requeued", model.name, job_id="j-2"))
+    worker._after(model.name, jobs.drain_until_idle(s, None, model.name, stop=worker._stopping))
+    with transaction(s.database_url) as session:
+        assert session.query(OutboxMessage).filter(OutboxMessage.published_at.is_(None)).count() == before + 1

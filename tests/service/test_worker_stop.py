@@ -170,7 +170,8 @@ def test_the_in_process_worker_starts_with_the_queued_work_it_held_when_it_stopp
         assert not session.execute(select(OutboxMessage).where(OutboxMessage.published_at.is_(None))).first()
 
     ran = []
-    monkeypatch.setattr(background, "drain_model", lambda settings_, store, name, stop=None: ran.append(name) or [])
+    monkeypatch.setattr(background, "drain_until_idle",
+                        lambda settings_, store, name, stop=None: ran.append(name) or jobs.Drain([], None))
     stop = background.start_background(s)
     try:
         for _ in range(100):
@@ -194,9 +195,9 @@ def test_the_in_process_worker_logs_a_models_run_of_failures_once_and_its_end(se
         if state["left"]:
             state["left"] -= 1
             raise ConnectionError("database unreachable")
-        return []
+        return jobs.Drain([], jobs.JobOutcome("idle", name))
 
-    monkeypatch.setattr(background, "drain_model", drain)
+    monkeypatch.setattr(background, "drain_until_idle", drain)
     worker = InProcessWorker(settings, store=None, retry_s=0.01)
     with caplog.at_level(logging.WARNING, logger="worker.background"):
         worker.start()
