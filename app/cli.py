@@ -69,15 +69,93 @@ def _store_dir_ok(settings) -> bool:
     from unlearning.cli import CliError, check_creatable
 
     folder = Path(settings.store_dir)
-    if folder.exists() and not folder.is_dir():
+    try:
+        found, is_dir, problem = folder.exists(), folder.is_dir(), None
+    except OSError as exc:  # a name too long for the file system (ENAMETOOLONG), no permission to look
+        found, is_dir, problem = False, False, exc
+    if found and not is_dir:
         print(f"unlearnd: UNLEARND_STORE_DIR {folder} is not a folder", file=sys.stderr)
         return False
-    if not folder.exists():
+    if not found:
         try:
-            check_creatable(folder, option="UNLEARND_STORE_DIR")
+            check_creatable(folder, option="UNLEARND_STORE_DIR")  # names a name that is too long
         except CliError as exc:
             print(f"unlearnd: {exc}", file=sys.stderr)
             return False
+        if problem is not None:
+            print(f"unlearnd: UNLEARND_STORE_DIR {folder} cannot be used: {problem.strerror or problem}",
+                  file=sys.stderr)
+            return False
+    return True
+
+
+#: what SQLite and the migration write next to the database file (migrations/env.py's lock,
+#: SQLite's journal and WAL files)
+SQLITE_SIBLINGS = (".migrate-lock", "-journal", "-wal", "-shm")
+
+
+def _database_file_ok(settings) -> bool:
+    """Whether the SQLite file (if the database is one) and the files written next to it can
+    be made: checked before migrating (``/proc/x.db`` or a name too long for the file system
+    failed with a traceback from the migration's lock file)."""
+    from sqlalchemy.engine import make_url
+
+    from unlearning.cli import CliError, check_creatable
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite":
+        return True
+    path = Path(url.database)
+    try:
+        check_creatable(path, option="UNLEARND_DATABASE_URL's SQLite file",
+                        siblings=[path.name + suffix for suffix in SQLITE_SIBLINGS])
+    except CliError as exc:
+        print(f"unlearnd: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _device_ok(settings) -> bool:
+    """Whether UNLEARND_DEVICE names a device this machine has (``cuda`` without CUDA failed
+    with a traceback once the first start had migrated and rendered, or at a worker's first job)."""
+    from unlearning.cli import CliError, cli_device
+
+    try:
+        cli_device(settings.device, option="UNLEARND_DEVICE")
+    except CliError as exc:
+        print(f"unlearnd: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _host_ok(host: str, port: int, source: str) -> bool:
+    """Whether ``host`` resolves to an address to listen on, as uvicorn resolves it: a name
+    that does not was found after the migration and the first start's training (uvicorn exit 3)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, ValueError) as exc:  # socket.gaierror; UnicodeError (a label over 63 characters)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"unlearnd: {source} {host!r} cannot be listened on: {reason}; give an address of this machine "
+              "(127.0.0.1, 0.0.0.0, ::) or a name that resolves to one", file=sys.stderr)
+        return False
+    return True
+
+
+def _first_model_fits(settings, store) -> bool:
+    """Whether a first version, when ``serve`` will train one (the store holds no version 1 of
+    the model: a registered model always has one, stored or purged), fits this machine's memory,
+    checked before the database is migrated."""
+    from worker.bootstrap import first_model_memory_problem
+
+    name = settings.model_name
+    if store.exists(name, 1) or store.purged(name, 1):
+        return True
+    problem = first_model_memory_problem(settings)
+    if problem:
+        print(f"unlearnd: {problem}; nothing was migrated or trained", file=sys.stderr)
+        return False
     return True
 
 
@@ -118,7 +196,7 @@ def cmd_serve(args) -> int:
 
     from model_store import store_for
     from unlearning.model import ImageSizeError
-    from worker.bootstrap import SharedDataConflict, ensure_model
+    from worker.bootstrap import FirstModelTooLarge, SharedDataConflict, ensure_model
     from worker.migrate import upgrade_database
     from worker.settings import get_settings
 
@@ -128,6 +206,8 @@ def cmd_serve(args) -> int:
         return 2
     host = settings.host if args.host is None else args.host
     port = settings.port if args.port is None else args.port
+    if not _host_ok(host, port, "UNLEARND_HOST" if args.host is None else "--host"):
+        return 2
     if settings.certificate_key_file:
         from worker.signing import SigningKeyError, load_signer
 
@@ -147,13 +227,26 @@ def cmd_serve(args) -> int:
               "(requests would be accepted and stay queued). Set a broker for `unlearnd worker`, or leave "
               "UNLEARND_BACKGROUND on to run them in this process.", file=sys.stderr)
         return 2
-    if not _store_dir_ok(settings) or not _calibration_ok(settings):
+    if not settings.background:  # this process relays nothing: requests stay queued without both
+        logging.getLogger("unlearnd").warning(
+            "UNLEARND_BACKGROUND=false: this process runs neither the outbox relay nor the sweeper; requests stay "
+            "queued unless a worker (`unlearnd worker`) and one beat process (`celery -A worker.celery_app beat "
+            "-s var/celerybeat-schedule`) run with the same settings")
+    if not _device_ok(settings):
+        return 2
+    if not _database_file_ok(settings) or not _store_dir_ok(settings) or not _calibration_ok(settings):
+        return 2
+    store = store_for(settings.store_dir)
+    if not _first_model_fits(settings, store):
         return 2
     upgrade_database(settings.database_url)
     try:
-        version = ensure_model(settings, store_for(settings.store_dir), progress=not args.no_progress)
+        version = ensure_model(settings, store, progress=not args.no_progress)
     except (StoreError, SharedDataConflict) as exc:  # a stored version 1 purged, damaged or altered, or another
-        print(f"unlearnd: {exc}", file=sys.stderr)  # model's data split otherwise: nothing registered
+        print(f"unlearnd: {exc}", file=sys.stderr)  # model's data split otherwise, a store without the serving
+        return 2  # version: nothing registered
+    except FirstModelTooLarge as exc:  # the check above, should the store have changed meanwhile
+        print(f"unlearnd: {exc}", file=sys.stderr)
         return 2
     except ImageSizeError as exc:  # the first model's settings: nothing trained
         print(f"unlearnd: UNLEARND_IMAGE_HEIGHT, UNLEARND_IMAGE_WIDTH, UNLEARND_MODEL_WIDTH: {exc}; nothing was "
@@ -175,7 +268,9 @@ def celery_args(extra: list[str]) -> list[str]:
 
 
 def cmd_worker(args) -> int:
-    """Run a Celery worker (needs UNLEARND_BROKER_URL)."""
+    """Run a Celery worker (needs UNLEARND_BROKER_URL). It runs no beat: where the API runs with
+    UNLEARND_BACKGROUND=false, one `celery -A worker.celery_app beat -s var/celerybeat-schedule`
+    must run too (it schedules the outbox relay and the sweeper as tasks)."""
     from worker.settings import get_settings
 
     settings = get_settings()
@@ -186,7 +281,7 @@ def cmd_worker(args) -> int:
         print("unlearnd worker needs a broker: set UNLEARND_BROKER_URL (e.g. redis://127.0.0.1:6379/0).\n"
               "Without one, `unlearnd serve` runs jobs in-process.", file=sys.stderr)
         return 2
-    if not _calibration_ok(settings):
+    if not _device_ok(settings) or not _store_dir_ok(settings) or not _calibration_ok(settings):
         return 2
     from worker.celery_app import app
 
@@ -222,6 +317,8 @@ def cmd_migrate(args) -> int:
     from worker.migrate import upgrade_database
     from worker.settings import get_settings
 
+    if not _database_file_ok(get_settings()):
+        return 2
     head = upgrade_database(get_settings().database_url)
     print(f"database at revision {head}")
     return 0

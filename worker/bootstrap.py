@@ -58,6 +58,68 @@ def refuse_another_split_of(session: Session, name: str, spec: dict) -> None:
         model=name, dataset=spec, other_model=other, other_dataset=other_spec)
 
 
+class FirstModelTooLarge(ValueError):
+    """The first version the settings describe cannot be trained in this machine's memory
+    (:func:`first_model_memory_problem`)."""
+
+
+def first_model_memory_problem(settings: Settings) -> str | None:
+    """What is wrong when training the first version the settings describe cannot fit this
+    machine's memory, naming the settings to change; ``None`` when it fits. The check
+    ``unlearnd train`` makes (lower bounds, :mod:`unlearning.resources`): huge
+    ``UNLEARND_IMAGE_HEIGHT``, ``UNLEARND_N_TRAIN`` or ``UNLEARND_MODEL_WIDTH`` failed with a
+    torch allocation traceback (or the process was killed) after the database was migrated."""
+    from unlearning.data import dataset_tasks
+    from unlearning.model import ModelConfig
+    from unlearning.resources import data_needs, memory_shortfall, training_needs
+    from unlearning.train import TrainConfig
+
+    spec = dataset_spec(settings)
+    depth = TrainConfig().depth  # ensure_model's recipe: the settings set the widths only
+    # a lower bound, as unlearning.train's: one output channel a task
+    model = ModelConfig(tasks={t: 1 for t in dataset_tasks(spec)}, width=settings.model_width, depth=depth,
+                        head_width=settings.model_width)
+    problem = memory_shortfall({**data_needs(spec), **training_needs(model)})
+    if problem is None:
+        return None
+    return (f"training the first version of {settings.model_name!r} {problem}; use smaller images "
+            "(UNLEARND_IMAGE_HEIGHT, UNLEARND_IMAGE_WIDTH), fewer scenes (UNLEARND_N_TRAIN, UNLEARND_N_TEST) or a "
+            "smaller model (UNLEARND_MODEL_WIDTH)")
+
+
+def check_store_serves(settings: Settings, store: ModelStore, session: Session, version: int) -> None:
+    """:class:`~model_store.StoreError` unless ``store`` holds the serving ``version`` of
+    ``settings.model_name`` that the record names (its manifest, with the record's sha256, and
+    its weights; or only the manifest where the record has it purged): with a wrong or empty
+    ``UNLEARND_STORE_DIR`` the service started, ``/readyz`` said ready, and every deletion
+    failed. Its weights are not hashed here: every job checks them before it starts."""
+    from model_store import StoreError
+
+    name = settings.model_name
+    row = session.execute(select(ModelVersion).where(ModelVersion.model_name == name,
+                                                     ModelVersion.version == version)).scalar_one_or_none()
+    where = f"UNLEARND_STORE_DIR {settings.store_dir}"
+    advice = ("is UNLEARND_STORE_DIR the service's? " + (f"The record has it at {row.artifact_uri}; " if row else "")
+              + "nothing was started")
+    try:
+        manifest = store.manifest(name, version)
+    except StoreError as exc:  # none, or damaged (DamagedManifest names the file)
+        missing = not store.exists(name, version) and not store.purged(name, version)
+        raise StoreError(f"{where} does not hold version {version} of {name!r}, which the database serves"
+                         + ("" if missing else f" ({exc})") + f": {advice}") from None
+    if row is not None and manifest.sha256 != row.sha256:
+        raise StoreError(f"{where} holds another version {version} of {name!r} than the one the database serves "
+                         f"(sha256 {manifest.sha256[:12]}…, the record's is {row.sha256[:12]}…): {advice}")
+    if store.exists(name, version):
+        return
+    if row is not None and row.purged_at is not None:  # as recorded: a rollback to a stored version is the way out
+        log.warning("the serving version %s of %s was purged (its weights held erased data): its deletion jobs "
+                    "fail until a rollback to a stored version", version, name)
+        return
+    raise StoreError(f"{where} holds the manifest of version {version} of {name!r}, which the database serves, but "
+                     f"not its weights, and the record does not have them purged: {advice}")
+
+
 def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -> int:
     """Make sure ``settings.model_name`` is registered with a serving version; returns that version.
 
@@ -70,7 +132,9 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
     with transaction(settings.database_url) as session:
         if session.get(Model, name) is not None:
             alias = session.get(Alias, (name, "serving"))
-            return alias.version if alias else 1
+            version = alias.version if alias else 1
+            check_store_serves(settings, store, session, version)
+            return version
         spec = dataset_spec(settings)
         if not store.exists(name, 1):  # a stored version 1 brings its own spec: checked at registration
             refuse_another_split_of(session, name, spec)
@@ -97,6 +161,9 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
     else:
         from unlearning.train import TrainConfig, train_model
 
+        problem = first_model_memory_problem(settings)
+        if problem:  # `serve` checks before migrating; this one is for any other caller
+            raise FirstModelTooLarge(f"{problem}; nothing was trained")
         # trained without any cell already tombstoned for the dataset (a stored version 1 that
         # holds such cells is registered as it is, and its first claim runs a propagate job)
         with transaction(settings.database_url) as session:

@@ -109,7 +109,9 @@ class Settings(BaseSettings):
     seed: int = Field(0, ge=0, le=2**63 - 1)  # the synthetic data's seed and the jobs' (torch takes 64 bits)
 
     method: str = "interference_aware"
-    method_config: dict = {}  # the method's hyper-parameters over its defaults, JSON in UNLEARND_METHOD_CONFIG
+    # the method's hyper-parameters over its defaults, JSON in UNLEARND_METHOD_CONFIG (a name given
+    # twice is refused: json.loads kept the last, so '{"steps":0,"steps":5}' went through as 5)
+    method_config: Annotated[dict, NoDecode] = {}
     # interference_aware: calibrate where forgotten cells should land with shadow models, once per
     # model (stored next to its versions; (1 + tasks) x 4 trainings of the first version's recipe;
     # '{"shadow_folds": 2}' in UNLEARND_METHOD_CONFIG trains half as many, which at 795 scenes put
@@ -159,6 +161,39 @@ class Settings(BaseSettings):
         ``.``, which counted as set, and ``serve`` failed reading a folder as a key."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("store_dir", mode="before")
+    @classmethod
+    def _blank_is_the_default_store(cls, value):
+        """Blank (``${UNLEARND_STORE_DIR:-}``) is unset, as for the certificate key: the default
+        ``var/models``. ``Path("")`` is ``.``: the store's model folders went into the working
+        directory."""
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields["store_dir"].default
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _a_host(cls, value: str) -> str:
+        """Not blank: uvicorn took ``UNLEARND_HOST=`` as every interface (0.0.0.0 and ::),
+        while ``--host ""`` was refused. Whether the name resolves is ``serve``'s check."""
+        if not value.strip():
+            raise ValueError("the bind address is empty; give one, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 "
+                             "(every interface)")
+        return value
+
+    @field_validator("method_config", mode="before")
+    @classmethod
+    def _method_config_json(cls, value):
+        if isinstance(value, str):  # from the environment; blank (compose's ${UNLEARND_METHOD_CONFIG:-}) = none
+            if not value.strip():
+                return {}
+            try:
+                return json.loads(value, object_pairs_hook=no_repeated_names)
+            except ValueError as exc:
+                raise ValueError(f"UNLEARND_METHOD_CONFIG must be a JSON object of the method's parameters ({exc})") \
+                    from None
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _a_database_url(cls, value: str) -> str:
@@ -176,10 +211,19 @@ class Settings(BaseSettings):
         if kind not in (("sqlite", "pysqlite"), ("postgresql", "psycopg")):
             raise ValueError(f"{kind[0]}+{kind[1]} is not a database the service runs on; use sqlite:///PATH or "
                              "postgresql+psycopg://USER@HOST:PORT/NAME")
-        if kind[0] == "sqlite" and url.database not in (None, "", ":memory:"):
+        if kind[0] == "sqlite" and (url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"):
+            # every connection of the pool opened a database of its own, empty: the migration's
+            # tables were not there for the next one ("no such table: models", a traceback)
+            raise ValueError("an in-memory SQLite database (sqlite://, sqlite:///:memory:) is a new, empty one on "
+                             "each of the service's connections; use sqlite:///PATH, a file")
+        if kind[0] == "sqlite":
             for folder in Path(url.database).absolute().parents:
-                if folder.exists():
-                    if not folder.is_dir():
+                try:
+                    found, folder_is_dir = folder.exists(), folder.is_dir()
+                except OSError:  # a name too long for the file system: the commands' check_creatable names it
+                    continue
+                if found:
+                    if not folder_is_dir:
                         raise ValueError(f"the SQLite file {url.database} would lie under {folder}, which is a file")
                     break
         return value

@@ -20,9 +20,10 @@ from worker.settings import Settings
 def tiny(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    settings = Settings(_env_file=None, database_url="sqlite://", store_dir=tmp_path / "models", background=False,
-                        model_name="cal-mtl", dataset="indoor", n_train=12, n_test=8, image_height=16,
-                        image_width=16, seed=0, method_config={"steps": 3, "shadow_folds": 2})
+    # a file URL that is never opened: an in-memory SQLite database is refused (worker.settings)
+    settings = Settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'unused.db'}", store_dir=tmp_path / "models",
+                        background=False, model_name="cal-mtl", dataset="indoor", n_train=12, n_test=8,
+                        image_height=16, image_width=16, seed=0, method_config={"steps": 3, "shadow_folds": 2})
     store = LocalModelStore(settings.store_dir)
     spec = dataset_spec(settings)
     train, test = get_splits(spec)
@@ -138,8 +139,9 @@ def test_cli_calibrates_the_served_model(tiny, monkeypatch, capsys):
     from worker.settings import get_settings
 
     settings, store, *_ = tiny
+    # the database too under tmp_path: the default wrote var/unlearnd.db into the working directory
     for key, value in {"STORE_DIR": str(settings.store_dir), "MODEL_NAME": "cal-mtl", "DEVICE": "cpu",
-                       "METHOD_CONFIG": '{"shadow_folds": 2}'}.items():
+                       "DATABASE_URL": settings.database_url, "METHOD_CONFIG": '{"shadow_folds": 2}'}.items():
         monkeypatch.setenv(f"UNLEARND_{key}", value)
     get_settings.cache_clear()
     try:

@@ -9,7 +9,7 @@ def test_beat_ticks_expire_after_one_interval():
     """While every worker is busy with an hour-long job, beat's ticks queue up in the broker
     (3,600 relay ticks an hour at the default interval): each expires when the next one is
     due, so a worker discards them unrun instead of running an hour of relay passes."""
-    settings = Settings(_env_file=None, database_url="sqlite://", relay_interval_s=2.0, stale_after_s=600)
+    settings = Settings(_env_file=None, relay_interval_s=2.0, stale_after_s=600)
     schedule = create_celery(settings).conf.beat_schedule
     by_task = {entry["task"]: entry for entry in schedule.values()}
     assert set(by_task) == {RELAY_TASK, SWEEP_TASK}
@@ -18,7 +18,7 @@ def test_beat_ticks_expire_after_one_interval():
 
 
 def test_long_jobs_are_not_redelivered_while_they_run():
-    settings = Settings(_env_file=None, database_url="sqlite://", job_time_limit_s=1800)
+    settings = Settings(_env_file=None, job_time_limit_s=1800)
     conf = create_celery(settings).conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.task_soft_time_limit == 1800 and conf.task_time_limit == 1860

@@ -161,7 +161,15 @@ def test_a_worker_that_stops_on_an_unrecoverable_error_exits_with_its_status(tmp
     ({"DATABASE_URL": "postgres://u:pw-s3cret@h/x"}, "not a database URL"),
     ({"DATABASE_URL": "postgresql+psycopg2://u:pw-s3cret@h/x"}, "postgresql+psycopg2 is not a database the service"),
     ({"DATABASE_URL": "sqlite:////etc/hostname/x.db"}, "/etc/hostname, which is a file"),
-    ({"METHOD_CONFIG": "{bad"}, 'error parsing value for field "method_config"'),
+    ({"METHOD_CONFIG": "{bad"}, "method_config (UNLEARND_METHOD_CONFIG): UNLEARND_METHOD_CONFIG must be a JSON "
+                                "object of the method's parameters (Expecting property name"),
+    # json.loads kept the last of the two: steps 5
+    ({"METHOD_CONFIG": '{"steps":0,"steps":5}'}, "the name 'steps' is given twice in one object"),
+    # uvicorn listened on every interface (0.0.0.0 and ::), while `--host ""` was refused
+    ({"HOST": ""}, "host (UNLEARND_HOST): the bind address is empty"),
+    # each connection got an empty database of its own: "no such table: models", a traceback
+    ({"DATABASE_URL": "sqlite://"}, "database_url (UNLEARND_DATABASE_URL): an in-memory SQLite database"),
+    ({"DATABASE_URL": "sqlite:///:memory:"}, "use sqlite:///PATH, a file"),
     ({"DEVICE": "tpu"}, "device (UNLEARND_DEVICE): must be auto, cpu, cuda or cuda:N (N a GPU's index)"),
     ({"SEED": "-1"}, "seed (UNLEARND_SEED): Input should be greater than or equal to 0"),
     ({"MODEL_NAME": "../x"}, "model_name (UNLEARND_MODEL_NAME): must be a model name: 1 to 100 letters"),
@@ -169,7 +177,16 @@ def test_a_worker_that_stops_on_an_unrecoverable_error_exits_with_its_status(tmp
      "api_keys.a b.[key] (UNLEARND_API_KEYS): must be a key name: 1 to 64 letters"),
 ])
 @pytest.mark.parametrize("command", ["migrate", "serve", "calibrate", "purge"])
-def test_settings_the_service_cannot_run_on_are_one_line_without_their_value(environment, env, says, command):
+def test_settings_the_service_cannot_run_on_are_one_line_without_their_value(environment, env, says, command,
+                                                                            tmp_path):
+    def went_on(*args, **kwargs):  # a regression fails here, instead of migrating, calibrating or serving
+        pytest.fail(f"`unlearnd {command}` went on with settings it must refuse")
+
+    environment.setattr("worker.migrate.upgrade_database", went_on)
+    environment.setattr("worker.calibration.lineage_calibration", went_on)
+    environment.setattr("uvicorn.run", went_on)
+    # a refusal that regressed wrote nothing into the working directory (var/ by default)
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/x.db", "STORE_DIR": str(tmp_path / "models"), **env}
     code, err = _run(environment, [command], **env)
     assert code == 2 and says in err and "Traceback" not in err and "pw-s3cret" not in err
     assert len(err.strip().splitlines()) == 1
@@ -266,3 +283,222 @@ def test_a_variable_that_names_no_setting_is_warned_about_at_start(celery_argv, 
         "UNLEARND_BOGUS is not a setting and is ignored",
         "UNLEARND_DATABASE_URI is not a setting and is ignored; did you mean UNLEARND_DATABASE_URL?",
     ]
+
+
+def _one_line(code, err, says):
+    """Exit status 2 and one line on stderr that says ``says``, no traceback."""
+    assert code == 2 and "Traceback" not in err, err
+    [line] = err.strip().splitlines()
+    assert line.startswith("unlearnd") and says in line, line
+    return line
+
+
+@pytest.mark.parametrize("argv, env, says", [
+    (["serve"], {"HOST": "no-such-host.invalid"},
+     "UNLEARND_HOST 'no-such-host.invalid' cannot be listened on: "),
+    (["serve", "--host", "no-such-host.invalid"], {}, "--host 'no-such-host.invalid' cannot be listened on: "),
+    (["serve"], {"HOST": "a" * 64 + ".example"}, "cannot be listened on"),  # idna: a label over 63 characters
+])
+def test_a_host_that_does_not_resolve_is_refused_before_migrating(environment, tmp_path, argv, env, says):
+    # uvicorn found it after the migration and the first start's training, and exited 3
+    def went_on(*args, **kwargs):
+        pytest.fail("`unlearnd serve` went on with a host it cannot listen on")
+
+    environment.setattr("worker.migrate.upgrade_database", went_on)
+    code, err = _run(environment, argv + ["--no-progress"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db",
+                     STORE_DIR=str(tmp_path / "models"), **env)
+    _one_line(code, err, says)
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_cuda_device_this_machine_lacks_is_refused_at_start(environment, monkeypatch, tmp_path, command, device):
+    # serve migrated, rendered the first model's data, then failed with a RuntimeError traceback; a
+    # worker failed every job
+    import torch
+
+    def started(*args, **kwargs):
+        pytest.fail(f"`unlearnd {command}` went on with a device this machine does not have")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("app.cli.run_celery", started)
+    monkeypatch.setattr("worker.migrate.upgrade_database", started)
+    code, err = _run(environment, [command], DATABASE_URL=f"sqlite:///{tmp_path}/x.db", DEVICE=device,
+                     STORE_DIR=str(tmp_path / "models"), BROKER_URL="redis://127.0.0.1:6379/11")
+    _one_line(code, err, f"UNLEARND_DEVICE: device {device!r} requested but CUDA is not available")
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("env, names", [
+    ({"IMAGE_HEIGHT": "100000", "IMAGE_WIDTH": "100000"}, "the 176 rendered scenes of 100000x100000 pixels"),
+    ({"N_TRAIN": "1000000000000"}, "rendered scenes of 48x64 pixels"),
+    ({"MODEL_WIDTH": "1000000"}, "the model's weights, gradients and AdamW moments"),
+])
+def test_a_first_model_that_cannot_fit_in_memory_is_refused_before_migrating(environment, monkeypatch, tmp_path,
+                                                                              env, names):
+    # the checks `unlearnd train` makes: serve migrated, then failed in torch's allocation (a
+    # traceback) or was killed for memory
+    import worker.migrate
+
+    def started(*args, **kwargs):
+        pytest.fail("`unlearnd serve` migrated the database for a first model it cannot train")
+
+    monkeypatch.setattr(worker.migrate, "upgrade_database", started)
+    code, err = _run(environment, ["serve", "--no-progress"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db",
+                     STORE_DIR=str(tmp_path / "models"), **env)
+    line = _one_line(code, err, "unlearnd: training the first version of 'indoor-mtl' needs at least ")
+    assert names in line and "more than the" in line and "nothing was migrated or trained" in line
+    assert all(f"UNLEARND_{name}" in line for name in ("IMAGE_HEIGHT", "IMAGE_WIDTH", "N_TRAIN", "MODEL_WIDTH"))
+    assert "--" not in line  # the settings, not `unlearnd train`'s options
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "models").exists()
+
+
+def test_a_first_version_in_the_store_is_not_checked_against_the_memory(monkeypatch):
+    # a stored version 1 is registered, not trained: the sizes the settings give are not built
+    from model_store import LocalModelStore
+    from worker.bootstrap import first_model_memory_problem
+    from worker.settings import Settings
+
+    huge = Settings(_env_file=None, image_height=100000, image_width=100000)
+    assert "needs at least" in first_model_memory_problem(huge)
+    assert first_model_memory_problem(Settings(_env_file=None)) is None
+
+    class Stored(LocalModelStore):
+        def exists(self, name, version):
+            return True
+
+    from app.cli import _first_model_fits
+
+    assert _first_model_fits(huge, Stored("/nonexistent")) is True
+
+
+def test_a_sqlite_file_that_cannot_be_created_is_refused_before_migrating(environment, tmp_path):
+    # FileNotFoundError (a traceback) from the migration's lock file, <file>.migrate-lock
+    for command in ("migrate", "serve"):
+        code, err = _run(environment, [command, *(["--no-progress"] if command == "serve" else [])],
+                         DATABASE_URL="sqlite:////proc/unlearnd-never.db", STORE_DIR=str(tmp_path / "models"))
+        _one_line(code, err, "UNLEARND_DATABASE_URL's SQLite file /proc/unlearnd-never.db cannot be created")
+        # a name the file system takes, whose lock file's name it does not
+        name = "d" * 250 + ".db"
+        code, err = _run(environment, [command], DATABASE_URL=f"sqlite:///{tmp_path / name}",
+                         STORE_DIR=str(tmp_path / "models"))
+        line = _one_line(code, err, f"UNLEARND_DATABASE_URL's SQLite file {tmp_path / name} cannot be created")
+        assert f"{name}.migrate-lock" in line and "give a shorter name" in line
+        assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_store_dir_whose_name_is_too_long_is_one_line(celery_argv, environment, tmp_path, command):
+    # OSError ENAMETOOLONG from folder.exists(), a traceback
+    store = tmp_path / ("m" * 300)
+    code, err = _run(environment, [command], DATABASE_URL=f"sqlite:///{tmp_path}/x.db", STORE_DIR=str(store))
+    _one_line(code, err, f"UNLEARND_STORE_DIR {store} cannot be created: the name")
+    assert celery_argv == [] and list(tmp_path.iterdir()) == []
+
+
+def test_serve_without_background_work_warns_that_a_worker_and_beat_must_run(environment, tmp_path, caplog):
+    # with UNLEARND_BACKGROUND=false the relay runs only as a beat task, which `unlearnd worker`
+    # does not start: without a beat process, requests stayed queued for ever and nothing said so
+    (tmp_path / "afile").write_text("")
+    with caplog.at_level("WARNING", logger="unlearnd"):
+        code, _ = _run(environment, ["serve", "--no-progress"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db",
+                       BACKGROUND="false", BROKER_URL="redis://127.0.0.1:6379/11", STORE_DIR=str(tmp_path / "afile"))
+    assert code == 2  # the store, refused after the warning: nothing started
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "unlearnd" and r.levelname == "WARNING"]
+    assert "UNLEARND_BACKGROUND=false" in warning and "`unlearnd worker`" in warning
+    assert "celery -A worker.celery_app beat -s var/celerybeat-schedule" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unlearnd"):
+        _run(environment, ["serve", "--no-progress"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db",
+             BACKGROUND="true", BROKER_URL="redis://127.0.0.1:6379/11", STORE_DIR=str(tmp_path / "afile"))
+    assert not [r for r in caplog.records if "UNLEARND_BACKGROUND" in r.getMessage()]
+
+
+@pytest.fixture
+def registered(tmp_path):
+    """A SQLite record serving version 1 of ``cli-mtl`` (written directly) and a store holding
+    that version (an untrained tiny model, its sha256 the record's): ``(settings, store)``."""
+    from sqlalchemy import update
+
+    from model_store import LocalModelStore
+    from unlearning.model import ModelConfig, MultiTaskNet
+    from worker.datasets import dataset_spec, get_splits
+    from worker.db import transaction
+    from worker.settings import Settings
+    from worker.tables import ModelVersion
+
+    from .conftest import on_sqlite, register_model
+
+    s = on_sqlite(Settings(_env_file=None, store_dir=tmp_path / "store", model_name="cli-mtl", n_train=4, n_test=2,
+                           image_height=16, image_width=16), tmp_path)
+    register_model(s, name="cli-mtl")
+    train, _ = get_splits(dataset_spec(s))
+    store = LocalModelStore(s.store_dir)
+    manifest = store.put_version(MultiTaskNet(ModelConfig.for_dataset(train, width=8, depth=2, head_width=8)),
+                                 model_name="cli-mtl", version=1, parent=None, dataset=dataset_spec(s))
+    with transaction(s.database_url) as session:
+        session.execute(update(ModelVersion).where(ModelVersion.model_name == "cli-mtl")
+                        .values(sha256=manifest.sha256))
+    return s, store
+
+
+def _serve(environment, monkeypatch, s, store_dir) -> tuple[int, str, list]:
+    """``unlearnd serve`` on ``s``'s record and ``store_dir``, uvicorn not started: its exit status,
+    stderr and the calls uvicorn.run got."""
+    import uvicorn
+
+    served: list = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: served.append(kwargs))
+    code, err = _run(environment, ["serve", "--no-progress"], DATABASE_URL=s.database_url, STORE_DIR=str(store_dir),
+                     MODEL_NAME=s.model_name, N_TRAIN="4", N_TEST="2", IMAGE_HEIGHT="16", IMAGE_WIDTH="16")
+    return code, err, served
+
+
+def test_a_store_without_the_serving_version_is_refused_naming_it(registered, environment, monkeypatch, tmp_path):
+    # the record's model was served from whatever UNLEARND_STORE_DIR named: /readyz said ready,
+    # and every deletion failed with a StoreError
+    s, store = registered
+    code, err, served = _serve(environment, monkeypatch, s, s.store_dir)
+    assert (code, served) == (0, [served[0]]) and served[0]["port"] == 8000, err  # the service's store
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err, served = _serve(environment, monkeypatch, s, empty)
+    line = _one_line(code, err, f"UNLEARND_STORE_DIR {empty} does not hold version 1 of 'cli-mtl', which the "
+                                "database serves")
+    assert "is UNLEARND_STORE_DIR the service's?" in line and "file:///fake/cli-mtl/v1" in line and served == []
+    # another store's version 1 of the same name (another deployment's): another sha256
+    import torch
+
+    from model_store import LocalModelStore
+    from unlearning.model import ModelConfig, MultiTaskNet
+
+    other = LocalModelStore(tmp_path / "other")
+    torch.manual_seed(1)
+    other.put_version(MultiTaskNet(ModelConfig(tasks={"depth": 1}, width=8, depth=2, head_width=8)),
+                      model_name="cli-mtl", version=1, parent=None, dataset={"name": "indoor"})
+    code, err, served = _serve(environment, monkeypatch, s, tmp_path / "other")
+    _one_line(code, err, f"UNLEARND_STORE_DIR {tmp_path / 'other'} holds another version 1 of 'cli-mtl' than the "
+                         "one the database serves")
+    assert served == []
+
+
+def test_a_serving_version_purged_in_the_store_starts_only_where_the_record_says_so(registered, environment,
+                                                                                    monkeypatch, caplog):
+    from sqlalchemy import update
+
+    from worker.db import transaction
+    from worker.tables import ModelVersion, utcnow
+
+    s, store = registered
+    store.purge("cli-mtl", 1)  # its weights gone, the record not told: a store the service cannot run on
+    code, err, served = _serve(environment, monkeypatch, s, s.store_dir)
+    _one_line(code, err, f"UNLEARND_STORE_DIR {s.store_dir} holds the manifest of version 1 of 'cli-mtl', which the "
+                         "database serves, but not its weights")
+    assert served == []
+    with transaction(s.database_url) as session:  # as recorded: served (a rollback is the way out), with a warning
+        session.execute(update(ModelVersion).where(ModelVersion.model_name == "cli-mtl").values(purged_at=utcnow()))
+    with caplog.at_level("WARNING", logger="worker.bootstrap"):
+        code, err, served = _serve(environment, monkeypatch, s, s.store_dir)
+    assert code == 0 and len(served) == 1, err
+    assert "the serving version 1 of cli-mtl was purged" in caplog.text

@@ -2,6 +2,8 @@
 not discovered as a relay looping without a pause or every job failing."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -92,3 +94,50 @@ def test_the_store_and_the_settings_take_the_same_model_names():
     from worker.settings import MODEL_NAME_PATTERN
 
     assert _NAME.pattern == MODEL_NAME_PATTERN
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_host_is_refused(blank):
+    # uvicorn took UNLEARND_HOST= as every interface (0.0.0.0 and ::), while `--host ""` was refused
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None, host=blank)
+    [error] = refused.value.errors()
+    assert error["loc"] == ("host",) and "the bind address is empty" in error["msg"]
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_store_dir_is_the_default_one(blank):
+    # Path("") is ".": the model folders went into the working directory. Blank is unset, as for
+    # UNLEARND_CERTIFICATE_KEY_FILE (compose's ${UNLEARND_STORE_DIR:-})
+    assert Settings(_env_file=None, store_dir=blank).store_dir == Settings(_env_file=None).store_dir == Path("var/models")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite:///x.db?mode=memory&uri=true"])
+def test_an_in_memory_sqlite_database_is_refused(url):
+    # each connection got a database of its own, empty: "no such table: models" after migrating
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None, database_url=url)
+    [error] = refused.value.errors()
+    assert error["loc"] == ("database_url",) and "use sqlite:///PATH" in error["msg"]
+
+
+def test_a_sqlite_path_with_a_name_too_long_is_left_to_the_commands(tmp_path):
+    # Path.exists() raised ENAMETOOLONG out of the validator (a traceback); check_creatable names it
+    url = f"sqlite:///{tmp_path / ('d' * 300) / 'x.db'}"
+    assert Settings(_env_file=None, database_url=url).database_url == url
+
+
+def test_the_method_config_is_json_without_a_name_given_twice(monkeypatch):
+    # json.loads keeps the last of two names: '{"steps":0,"steps":5}' was read as 5
+    monkeypatch.setenv("UNLEARND_METHOD_CONFIG", '{"steps": 0, "steps": 5}')
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None)
+    [error] = refused.value.errors()
+    assert error["loc"] == ("method_config",) and "the name 'steps' is given twice" in error["msg"]
+    monkeypatch.setenv("UNLEARND_METHOD_CONFIG", '{"steps": 5, "lr": 0.002}')
+    assert Settings(_env_file=None).method_config == {"steps": 5, "lr": 0.002}
+    monkeypatch.setenv("UNLEARND_METHOD_CONFIG", " ")  # compose's ${UNLEARND_METHOD_CONFIG:-}: none
+    assert Settings(_env_file=None).method_config == {}
+    monkeypatch.setenv("UNLEARND_METHOD_CONFIG", "[5]")
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)
