@@ -1052,14 +1052,11 @@ def _run(args, command: str) -> dict:
         except UnknownSettings as exc:
             raise CliError(str(exc)) from None
     if args.reference_scenes:  # the suites' own sizes fit; the reference scenes are the caller's
-        from .resources import data_needs, memory_shortfall
+        from .resources import memory_shortfall, reference_bytes
 
         # only the benchmarks with a setting to run render theirs
-        problem = memory_shortfall({
-            f"{b}'s {args.reference_scenes} reference scenes":
-                sum(data_needs(suite["benchmarks"][b], args.reference_scenes).values())
-                - sum(data_needs(suite["benchmarks"][b]).values())
-            for b in names})
+        problem = memory_shortfall({f"{b}'s {args.reference_scenes} reference scenes":
+                                    reference_bytes(suite["benchmarks"][b], args.reference_scenes) for b in names})
         if problem:
             raise CliError(f"--reference-scenes {args.reference_scenes}: this run {problem}")
     cache_dir = Path(args.cache_dir or DEFAULT_CACHE_DIR) / args.suite

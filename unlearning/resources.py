@@ -54,35 +54,64 @@ def human(n: int) -> str:
     return f"{value:.1f} TiB" if value < 1e6 else f"{value:.2g} TiB"
 
 
-def memory_shortfall(needs: dict[str, int], have: int | None = None) -> str | None:
+def memory_shortfall(needs: dict[str, int], have: int | None = None, where: str = "this machine") -> str | None:
     """What is wrong when the ``needs`` (what -> bytes) add up to more than ``have`` (default:
-    :func:`machine_memory`), naming each; ``None`` when they fit or nothing is known."""
+    :func:`machine_memory`), the memory of ``where``, naming each; ``None`` when they fit or
+    nothing is known."""
     have = machine_memory() if have is None else have
     total = sum(needs.values())
     if have is None or total <= have:
         return None
     parts = "; ".join(f"{what}: {human(n)}" for what, n in needs.items() if n)
-    return f"needs at least {human(total)} of memory ({parts}), more than the {human(have)} this machine has"
+    return f"needs at least {human(total)} of memory ({parts}), more than the {human(have)} {where} has"
+
+
+def _rendered(spec: dict) -> tuple[int, int, int, int] | None:
+    """``(scenes, height, width, bytes a scene)`` of the synthetic dataset ``spec``; ``None``
+    for datasets read from files, and for a spec the loader will refuse (it names what is
+    wrong)."""
+    from .data import SYNTHETIC_DATASETS, canonical_spec, dataset_tasks
+
+    if not isinstance(spec, dict) or spec.get("name") not in SYNTHETIC_DATASETS:
+        return None
+    sizes = canonical_spec(spec)
+    if not all(type(sizes[k]) is int and sizes[k] >= 0 for k in ("n_train", "n_test", "height", "width")):
+        return None
+    h, w = sizes["height"], sizes["width"]
+    return sizes["n_train"] + sizes["n_test"], h, w, scene_bytes(dataset_tasks(spec), h, w)
+
+
+def reference_bytes(spec: dict, reference_scenes: int) -> int:
+    """What ``reference_scenes`` more scenes of the synthetic dataset ``spec`` hold (0 where
+    :func:`data_needs` counts nothing)."""
+    rendered = _rendered(spec)
+    return int(reference_scenes) * rendered[3] if rendered else 0
 
 
 def data_needs(spec: dict, reference_scenes: int = 0) -> dict[str, int]:
     """What the rendered splits of the synthetic dataset ``spec`` hold (and ``reference_scenes``
     more scenes of it); nothing for datasets read from files, nor for a spec the loader
     will refuse (it names what is wrong)."""
-    from .data import SYNTHETIC_DATASETS, canonical_spec, dataset_tasks
-
-    if not isinstance(spec, dict) or spec.get("name") not in SYNTHETIC_DATASETS:
+    rendered = _rendered(spec)
+    if rendered is None:
         return {}
-    sizes = canonical_spec(spec)
-    n, h, w = sizes["n_train"] + sizes["n_test"] if all(type(sizes[k]) is int for k in ("n_train", "n_test")) \
-        else None, sizes["height"], sizes["width"]
-    if n is None or type(h) is not int or type(w) is not int or min(n, h, w) < 0:
-        return {}
-    per_scene = scene_bytes(dataset_tasks(spec), h, w)
+    n, h, w, per_scene = rendered
     needs = {f"the {n} rendered scenes of {h}x{w} pixels": n * per_scene}
     if reference_scenes:
-        needs[f"{reference_scenes} reference scenes"] = int(reference_scenes) * per_scene
+        needs[f"{reference_scenes} reference scenes"] = reference_bytes(spec, reference_scenes)
     return needs
+
+
+def model_lower_bound(spec: dict, width: int, depth: int, head_width: int):
+    """The smallest :class:`~unlearning.model.ModelConfig` that a model of these widths and
+    ``depth`` on ``spec``'s tasks can be: one output channel a task (the dataset's classes
+    are not known before it is read), at most 64 stages (whose last alone has
+    ``width * 2**63`` channels: counting a depth of 10**9 would take minutes)."""
+    from .data import dataset_tasks
+    from .model import ModelConfig
+
+    return ModelConfig(tasks={t: 1 for t in dataset_tasks(spec)}, width=width, depth=min(depth, 64),
+                       head_width=head_width)
 
 
 def training_needs(cfg, on_host: bool = True) -> dict[str, int]:

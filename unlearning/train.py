@@ -221,13 +221,9 @@ def _check_memory(spec: dict, cfg: TrainConfig, device: torch.device | None = No
     """:class:`CliError` for data or a model that cannot fit this machine's memory, or on a
     GPU the GPU's (lower bounds: :mod:`unlearning.resources`), before anything is rendered
     or built."""
-    from .data import dataset_tasks
-    from .resources import data_needs, device_memory, memory_shortfall, training_needs
+    from .resources import data_needs, device_memory, memory_shortfall, model_lower_bound, training_needs
 
-    # a lower bound: one output channel a task, and at most 64 stages (whose last alone has
-    # width * 2**63 channels: counting a depth of 10**9 would take minutes)
-    model = ModelConfig(tasks={t: 1 for t in dataset_tasks(spec)}, width=cfg.width, depth=min(cfg.depth, 64),
-                        head_width=cfg.head_width)
+    model = model_lower_bound(spec, cfg.width, cfg.depth, cfg.head_width)
     on_gpu = device is not None and device.type == "cuda"
     hint = ("; use smaller images (--height, --width), fewer scenes (--n-train, --n-test) or a smaller model "
             "(--model-width, --model-depth, --head-width)")
@@ -235,9 +231,9 @@ def _check_memory(spec: dict, cfg: TrainConfig, device: torch.device | None = No
     if problem:
         raise CliError(f"this run {problem}{hint}")
     if on_gpu:  # the weights, gradients and AdamW moments live on the GPU
-        problem = memory_shortfall(training_needs(model), have=device_memory(device))
+        problem = memory_shortfall(training_needs(model), have=device_memory(device), where=str(device))
         if problem:
-            raise CliError(f"this run {problem.replace('this machine has', f'{device} has')}{hint}")
+            raise CliError(f"this run {problem}{hint}")
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -69,16 +69,12 @@ def first_model_memory_problem(settings: Settings) -> str | None:
     ``unlearnd train`` makes (lower bounds, :mod:`unlearning.resources`): huge
     ``UNLEARND_IMAGE_HEIGHT``, ``UNLEARND_N_TRAIN`` or ``UNLEARND_MODEL_WIDTH`` failed with a
     torch allocation traceback (or the process was killed) after the database was migrated."""
-    from unlearning.data import dataset_tasks
-    from unlearning.model import ModelConfig
-    from unlearning.resources import data_needs, memory_shortfall, training_needs
+    from unlearning.resources import data_needs, memory_shortfall, model_lower_bound, training_needs
     from unlearning.train import TrainConfig
 
     spec = dataset_spec(settings)
-    depth = TrainConfig().depth  # ensure_model's recipe: the settings set the widths only
-    # a lower bound, as unlearning.train's: one output channel a task
-    model = ModelConfig(tasks={t: 1 for t in dataset_tasks(spec)}, width=settings.model_width, depth=depth,
-                        head_width=settings.model_width)
+    # ensure_model's recipe: the settings set the widths only
+    model = model_lower_bound(spec, settings.model_width, TrainConfig().depth, settings.model_width)
     problem = memory_shortfall({**data_needs(spec), **training_needs(model)})
     if problem is None:
         return None
