@@ -117,3 +117,15 @@ def transaction(url: str) -> Iterator[Session]:
             yield session
     finally:
         session.close()
+
+
+@contextmanager
+def read_only_transaction(url: str) -> Iterator[Session]:
+    """One transaction that only reads (:func:`read_only`: on SQLite it does not take the
+    write lock); its rows stay readable after it ends."""
+    session = sessionmaker(read_only(engine_for(url)), expire_on_commit=False)()
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()

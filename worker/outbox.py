@@ -20,7 +20,7 @@ from typing import Callable
 from sqlalchemy import or_, select
 
 from .audit import append_event
-from .db import transaction
+from .db import read_only_transaction, transaction
 from .jobs import propagation_due
 from .settings import Settings
 from .tables import DeletionRequest, Job, Model, OutboxMessage, utcnow
@@ -35,11 +35,18 @@ PROCESS_MODEL_TOPIC = "process_model"
 def relay_once(settings: Settings, publish: Publish, batch: int = 100) -> int:
     """Publish up to ``batch`` unpublished outbox rows; returns how many were published.
 
-    Rows are locked ``FOR UPDATE SKIP LOCKED`` so relays in several processes
-    share the work without publishing a row twice at the same time. Identical
+    PostgreSQL: rows are locked ``FOR UPDATE SKIP LOCKED`` so relays in several processes
+    share the work without publishing a row twice at the same time. SQLite has no row
+    locks, and a write transaction there takes the whole database's write lock: the rows
+    are read in a reading transaction, published outside any, and marked in a short write
+    transaction after. A broker that accepts connections but never answers used to hold
+    the write lock for its socket timeout (~10 s), and every submission waited for it.
+    Two relays on one SQLite record may then publish a row twice (delivery is at least
+    once: an announcement runs a claim, which finds the work or nothing). Identical
     messages in one batch (many requests for one model) are published once.
     """
-    published = 0
+    if settings.database_url.startswith("sqlite"):
+        return _relay_unlocked(settings, publish, batch)
     with transaction(settings.database_url) as session:
         rows = list(
             session.execute(
@@ -50,26 +57,56 @@ def relay_once(settings: Settings, publish: Publish, batch: int = 100) -> int:
                 .with_for_update(skip_locked=True)
             ).scalars()
         )
-        sent: dict[str, bool] = {}
+        tried, published = _publish_rows(settings.database_url, rows, publish)
         for row in rows:
-            key = json.dumps([row.topic, row.payload], sort_keys=True)
-            row.attempts = (row.attempts or 0) + 1
-            if key not in sent:
-                try:
-                    publish(row.topic, dict(row.payload))
-                    sent[key] = True
-                except Exception:  # the broker is down: leave the rows for the next pass
-                    _broker_failed(settings.database_url, row)
-                    break  # the rest of the batch would fail the same way, each after its timeout
-            if sent[key]:
+            if row.id in tried:
+                row.attempts = (row.attempts or 0) + 1
+            if row.id in published:
                 row.published_at = utcnow()
-                published += 1
+    return _relayed(settings.database_url, len(published), bool(rows))
+
+
+def _relay_unlocked(settings: Settings, publish: Publish, batch: int) -> int:
+    """:func:`relay_once` on SQLite: no transaction is open while the broker is called."""
+    with read_only_transaction(settings.database_url) as session:
+        rows = list(session.execute(select(OutboxMessage).where(OutboxMessage.published_at.is_(None))
+                                    .order_by(OutboxMessage.id).limit(batch)).scalars())
+    tried, published = _publish_rows(settings.database_url, rows, publish)
+    if tried:
+        with transaction(settings.database_url) as session:
+            for row in session.execute(select(OutboxMessage).where(OutboxMessage.id.in_(tried))).scalars():
+                row.attempts = (row.attempts or 0) + 1
+                if row.id in published and row.published_at is None:  # (another relay's mark stays)
+                    row.published_at = utcnow()
+    return _relayed(settings.database_url, len(published), bool(rows))
+
+
+def _publish_rows(record: str, rows: list, publish: Publish) -> tuple[set, set]:
+    """Publish ``rows`` in order, each distinct message once; returns the ids of the rows
+    tried and of those published. Stops at the first failure: the rest of the batch would
+    fail the same way, each after its timeout."""
+    tried, published, sent = set(), set(), set()
+    for row in rows:
+        key = json.dumps([row.topic, row.payload], sort_keys=True)
+        tried.add(row.id)
+        if key not in sent:
+            try:
+                publish(row.topic, dict(row.payload))
+            except Exception:  # the broker is down: leave the rows for the next pass
+                _broker_failed(record, row)
+                break
+            sent.add(key)
+        published.add(row.id)
+    return tried, published
+
+
+def _relayed(record: str, published: int, found_rows: bool) -> int:
     if published:
-        _broker_answered(settings.database_url, published)
-    elif not rows:
+        _broker_answered(record, published)
+    elif not found_rows:
         # nothing to publish: another relay published the backlog once the broker answered
         # (this one never saw it answer), and its next failure is a new outage, logged as one
-        _outage_over_elsewhere(settings.database_url)
+        _outage_over_elsewhere(record)
     return published
 
 

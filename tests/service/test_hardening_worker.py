@@ -1140,6 +1140,50 @@ def test_the_relay_keeps_messages_through_a_broker_outage_and_logs_it_twice(tiny
     assert len(warnings) == 2 and "failed" in warnings[0] and "answers again" in warnings[1]
 
 
+def test_on_sqlite_a_publish_that_hangs_does_not_hold_the_write_lock(tiny, tmp_path):
+    """SQLite's write transactions take the database's write lock: the relay published
+    inside one, so a broker that accepted connections and never answered held every
+    submission for its socket timeout. The rows are read, published and then marked."""
+    import threading
+
+    from worker.outbox import relay_once
+
+    from .conftest import on_sqlite
+
+    s, store, ids = tiny
+    lite = on_sqlite(s, tmp_path)
+    ensure_model(lite, store, progress=False)
+    first = _submit(lite, ids[0])
+    entered, released = threading.Event(), threading.Event()
+
+    def hanging(topic, payload):
+        entered.set()
+        released.wait(10)  # the fallback: the old relay would otherwise hold the submission below
+
+    relayed = []
+    relay = threading.Thread(target=lambda: relayed.append(relay_once(lite, hanging)))
+    relay.start()
+    assert entered.wait(10)
+    timer = threading.Timer(5.0, released.set)
+    timer.start()
+    try:
+        second = _submit(lite, ids[1])  # while the publish hangs
+        assert not released.is_set(), "the submission waited for the publish"
+    finally:
+        released.set()
+        timer.cancel()
+        relay.join(10)
+    assert relayed == [1]
+    with transaction(lite.database_url) as session:
+        rows = session.execute(select(OutboxMessage).order_by(OutboxMessage.id)).scalars().all()
+        # the first submission's row published; the second's, committed after the read, left
+        assert [(r.published_at is not None, r.attempts or 0) for r in rows] == [(True, 1), (False, 0)]
+        assert session.get(DeletionRequest, first) is not None and session.get(DeletionRequest, second) is not None
+    assert relay_once(lite, lambda topic, payload: None) == 1
+    with transaction(lite.database_url) as session:
+        assert all(r.published_at is not None for r in session.execute(select(OutboxMessage)).scalars())
+
+
 def test_a_relay_of_another_record_does_not_end_this_ones_outage(tiny, caplog, tmp_path):
     """The outage state was one per process: the relay of another record in the process (the
     e2e session's API, beside the service tests) found nothing to publish, ended this relay's
