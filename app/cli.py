@@ -115,15 +115,50 @@ def _database_file_ok(settings) -> bool:
     return True
 
 
-def _device_ok(settings) -> bool:
-    """Whether UNLEARND_DEVICE names a device this machine has (``cuda`` without CUDA failed
-    with a traceback once the first start had migrated and rendered, or at a worker's first job)."""
+def _device_problem(value: str | None) -> str | None:
+    """Why ``value`` (UNLEARND_DEVICE) names no device this machine has; ``None`` when it does."""
     from unlearning.cli import CliError, cli_device
 
     try:
-        cli_device(settings.device, option="UNLEARND_DEVICE")
+        cli_device(value, option="UNLEARND_DEVICE")
+    except CliError as exc:
+        return str(exc)
+    return None
+
+
+def _serving_device(settings, store):
+    """The device this ``serve`` process trains or unlearns on, resolved (``cuda`` without CUDA
+    failed with a traceback once the first start had migrated and rendered): where it trains
+    the first version (the store holds no version 1) or runs the jobs (UNLEARND_BACKGROUND).
+    ``None`` where it does neither (an API beside workers; UNLEARND_DEVICE is theirs: the
+    setting is shared in docker-compose.yml), ``False`` after printing why it is refused."""
+    from unlearning.cli import CliError, cli_device
+
+    name = settings.model_name
+    if not settings.background and (store.exists(name, 1) or store.purged(name, 1)):
+        return None
+    try:
+        return cli_device(settings.device, option="UNLEARND_DEVICE")
     except CliError as exc:
         print(f"unlearnd: {exc}", file=sys.stderr)
+        return False
+
+
+def _worker_device_ok(settings) -> bool:
+    """Whether UNLEARND_DEVICE names a device this machine has, for ``unlearnd worker``: checked
+    only where it names CUDA (``auto`` and ``cpu`` always resolve), and in a spawned process.
+    Asking torch whether CUDA is there initialises it in the asking process, and the prefork
+    pool's children, forked after, then fail their first CUDA use ("Cannot re-initialize CUDA
+    in forked subprocess"): every job would fail."""
+    value = settings.device
+    if value in (None, "auto") or not str(value).startswith("cuda"):
+        return True
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        problem = pool.apply(_device_problem, (value,))
+    if problem:
+        print(f"unlearnd: {problem}", file=sys.stderr)
         return False
     return True
 
@@ -143,16 +178,16 @@ def _host_ok(host: str, port: int, source: str) -> bool:
     return True
 
 
-def _first_model_fits(settings, store) -> bool:
+def _first_model_fits(settings, store, device=None) -> bool:
     """Whether a first version, when ``serve`` will train one (the store holds no version 1 of
-    the model: a registered model always has one, stored or purged), fits this machine's memory,
-    checked before the database is migrated."""
+    the model: a registered model always has one, stored or purged), fits this machine's memory
+    (and on a CUDA ``device`` the GPU's), checked before the database is migrated."""
     from worker.bootstrap import first_model_memory_problem
 
     name = settings.model_name
     if store.exists(name, 1) or store.purged(name, 1):
         return True
-    problem = first_model_memory_problem(settings)
+    problem = first_model_memory_problem(settings, device)
     if problem:
         print(f"unlearnd: {problem}; nothing was migrated or trained", file=sys.stderr)
         return False
@@ -232,12 +267,11 @@ def cmd_serve(args) -> int:
             "UNLEARND_BACKGROUND=false: this process runs neither the outbox relay nor the sweeper; requests stay "
             "queued unless a worker (`unlearnd worker`) and one beat process (`celery -A worker.celery_app beat "
             "-s var/celerybeat-schedule`) run with the same settings")
-    if not _device_ok(settings):
-        return 2
     if not _database_file_ok(settings) or not _store_dir_ok(settings) or not _calibration_ok(settings):
         return 2
     store = store_for(settings.store_dir)
-    if not _first_model_fits(settings, store):
+    device = _serving_device(settings, store)
+    if device is False or not _first_model_fits(settings, store, device):
         return 2
     upgrade_database(settings.database_url)
     try:
@@ -281,7 +315,7 @@ def cmd_worker(args) -> int:
         print("unlearnd worker needs a broker: set UNLEARND_BROKER_URL (e.g. redis://127.0.0.1:6379/0).\n"
               "Without one, `unlearnd serve` runs jobs in-process.", file=sys.stderr)
         return 2
-    if not _device_ok(settings) or not _store_dir_ok(settings) or not _calibration_ok(settings):
+    if not _worker_device_ok(settings) or not _store_dir_ok(settings) or not _calibration_ok(settings):
         return 2
     from worker.celery_app import app
 

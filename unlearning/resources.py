@@ -136,3 +136,17 @@ def device_memory(device) -> int | None:
     if getattr(device, "type", None) != "cuda":
         return None
     return torch.cuda.get_device_properties(device).total_memory
+
+
+def training_shortfall(data: dict[str, int], model, device=None) -> str | None:
+    """What is wrong when training ``model`` (a :class:`~unlearning.model.ModelConfig`) beside
+    the ``data`` (:func:`data_needs`) cannot fit: on the host, and on a CUDA ``device`` the
+    GPU's memory, where the weights, gradients and AdamW moments live (the host then holds
+    the weights alone, while the model is built). ``device=None``, not known yet (resolving
+    ``auto`` initialises CUDA, which a process about to fork must not do): counted as on a
+    GPU whose memory is not checked, a bound that turns away no run that fits."""
+    on_gpu = device is None or getattr(device, "type", None) == "cuda"
+    problem = memory_shortfall({**data, **training_needs(model, on_host=not on_gpu)})
+    if problem or device is None or not on_gpu:
+        return problem
+    return memory_shortfall(training_needs(model), have=device_memory(device), where=str(device))

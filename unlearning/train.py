@@ -221,19 +221,13 @@ def _check_memory(spec: dict, cfg: TrainConfig, device: torch.device | None = No
     """:class:`CliError` for data or a model that cannot fit this machine's memory, or on a
     GPU the GPU's (lower bounds: :mod:`unlearning.resources`), before anything is rendered
     or built."""
-    from .resources import data_needs, device_memory, memory_shortfall, model_lower_bound, training_needs
+    from .resources import data_needs, model_lower_bound, training_shortfall
 
-    model = model_lower_bound(spec, cfg.width, cfg.depth, cfg.head_width)
-    on_gpu = device is not None and device.type == "cuda"
-    hint = ("; use smaller images (--height, --width), fewer scenes (--n-train, --n-test) or a smaller model "
-            "(--model-width, --model-depth, --head-width)")
-    problem = memory_shortfall({**data_needs(spec), **training_needs(model, on_host=not on_gpu)})
+    problem = training_shortfall(data_needs(spec), model_lower_bound(spec, cfg.width, cfg.depth, cfg.head_width),
+                                 device)
     if problem:
-        raise CliError(f"this run {problem}{hint}")
-    if on_gpu:  # the weights, gradients and AdamW moments live on the GPU
-        problem = memory_shortfall(training_needs(model), have=device_memory(device), where=str(device))
-        if problem:
-            raise CliError(f"this run {problem}{hint}")
+        raise CliError(f"this run {problem}; use smaller images (--height, --width), fewer scenes (--n-train, "
+                       "--n-test) or a smaller model (--model-width, --model-depth, --head-width)")
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -63,19 +63,21 @@ class FirstModelTooLarge(ValueError):
     (:func:`first_model_memory_problem`)."""
 
 
-def first_model_memory_problem(settings: Settings) -> str | None:
+def first_model_memory_problem(settings: Settings, device=None) -> str | None:
     """What is wrong when training the first version the settings describe cannot fit this
     machine's memory, naming the settings to change; ``None`` when it fits. The check
     ``unlearnd train`` makes (lower bounds, :mod:`unlearning.resources`): huge
     ``UNLEARND_IMAGE_HEIGHT``, ``UNLEARND_N_TRAIN`` or ``UNLEARND_MODEL_WIDTH`` failed with a
-    torch allocation traceback (or the process was killed) after the database was migrated."""
-    from unlearning.resources import data_needs, memory_shortfall, model_lower_bound, training_needs
+    torch allocation traceback (or the process was killed) after the database was migrated.
+    ``device``: the device it trains on, resolved; ``None`` when not known (counted as
+    :func:`~unlearning.resources.training_shortfall` says)."""
+    from unlearning.resources import data_needs, model_lower_bound, training_shortfall
     from unlearning.train import TrainConfig
 
     spec = dataset_spec(settings)
     # ensure_model's recipe: the settings set the widths only
     model = model_lower_bound(spec, settings.model_width, TrainConfig().depth, settings.model_width)
-    problem = memory_shortfall({**data_needs(spec), **training_needs(model)})
+    problem = training_shortfall(data_needs(spec), model, device)
     if problem is None:
         return None
     return (f"training the first version of {settings.model_name!r} {problem}; use smaller images "

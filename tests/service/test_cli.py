@@ -321,13 +321,77 @@ def test_a_cuda_device_this_machine_lacks_is_refused_at_start(environment, monke
     def started(*args, **kwargs):
         pytest.fail(f"`unlearnd {command}` went on with a device this machine does not have")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # serve asks in this process
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the worker asks in a spawned one: no GPU there either
     monkeypatch.setattr("app.cli.run_celery", started)
     monkeypatch.setattr("worker.migrate.upgrade_database", started)
     code, err = _run(environment, [command], DATABASE_URL=f"sqlite:///{tmp_path}/x.db", DEVICE=device,
                      STORE_DIR=str(tmp_path / "models"), BROKER_URL="redis://127.0.0.1:6379/11")
     _one_line(code, err, f"UNLEARND_DEVICE: device {device!r} requested but CUDA is not available")
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda"])
+def test_the_worker_never_asks_torch_about_cuda_before_its_pool_forks(environment, monkeypatch, tmp_path,
+                                                                     celery_argv, device):
+    """Asking whether CUDA is there initialises it in the asking process; the prefork pool's
+    children, forked after, then failed their first CUDA use ("Cannot re-initialize CUDA in
+    forked subprocess"): every job. ``cuda`` is checked in a spawned process."""
+    import torch
+
+    def asked(*args, **kwargs):
+        pytest.fail("the worker's main process asked torch about CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", asked)
+    monkeypatch.setattr(torch.cuda, "device_count", asked)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    code, err = _run(environment, ["worker"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db", DEVICE=device,
+                     STORE_DIR=str(tmp_path / "models"))
+    if device == "cuda":  # refused by the spawned check, on a machine (or with CUDA_VISIBLE_DEVICES) without one
+        _one_line(code, err, "UNLEARND_DEVICE: device 'cuda' requested but CUDA is not available")
+        assert celery_argv == []
+    else:
+        assert code == 0 and len(celery_argv) == 1, err
+
+
+def test_serve_resolves_the_device_only_where_it_trains_or_runs_jobs(tmp_path, monkeypatch):
+    """An API beside workers (no background jobs, a stored version 1) neither trains nor
+    unlearns: UNLEARND_DEVICE, shared with the workers in docker-compose.yml, is theirs."""
+    import torch
+    from model_store import LocalModelStore
+    from worker.settings import Settings
+
+    from app.cli import _serving_device
+
+    class Stored(LocalModelStore):
+        def exists(self, name, version):
+            return True
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    api = Settings(_env_file=None, background=False, broker_url="redis://127.0.0.1:6379/11", device="cuda")
+    assert _serving_device(api, Stored(tmp_path)) is None
+    assert _serving_device(api, LocalModelStore(tmp_path)) is False  # it trains the first version
+    assert _serving_device(api.model_copy(update={"background": True}), Stored(tmp_path)) is False  # runs jobs
+    assert _serving_device(api.model_copy(update={"device": "cpu", "background": True}),
+                           Stored(tmp_path)) == torch.device("cpu")
+
+
+def test_a_first_model_on_a_gpu_counts_the_training_state_against_the_gpu(monkeypatch):
+    """The bound of `unlearnd train`: on a GPU the host holds the weights alone; unknown
+    (``auto`` not resolved) counted so, without the GPU's check."""
+    import torch
+    import unlearning.resources as resources
+    from worker.bootstrap import first_model_memory_problem
+    from worker.settings import Settings
+
+    wide = Settings(_env_file=None, model_width=1024)  # 4.1e8 parameters: 1.6 GiB of weights, 6.5 GiB to train
+    monkeypatch.setattr(resources, "machine_memory", lambda: 4 << 30)
+    monkeypatch.setattr(resources, "device_memory", lambda device: 80 << 30)
+    assert "more than the 4.0 GiB this machine has" in first_model_memory_problem(wide, torch.device("cpu"))
+    assert first_model_memory_problem(wide, torch.device("cuda")) is None
+    assert first_model_memory_problem(wide) is None
+    monkeypatch.setattr(resources, "device_memory", lambda device: 4 << 30)
+    assert "more than the 4.0 GiB cuda has" in first_model_memory_problem(wide, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("env, names", [
