@@ -41,6 +41,17 @@ class ModelSummary:
     latest_version: int | None
 
 
+def _reapplied_onto(session: Session, model: Model, current: int, version: int) -> bool:
+    """Whether the serving ``current`` version is ``version`` with the erasures recorded
+    since reapplied: a reapply job based on ``version`` published it, and it misses no
+    erasure recorded since."""
+    row = get_version(session, model.name, current)
+    if row.parent_version != version or row.job_id is None:
+        return False
+    job = session.get(Job, row.job_id)
+    return job is not None and job.kind == "reapply" and not missing_erasures(session, model, row)
+
+
 @dataclass
 class RollbackOutcome:
     """``noop``: already serving; ``moved``: the alias now points at the target;
@@ -242,7 +253,9 @@ def rollback(
 
     - a job of the model queued or running: :class:`Conflict` (it would move the alias: also
       when the target serves already);
-    - already serving: no-op;
+    - already serving: no-op; so is ``reapply_erasures`` to a target whose reapply job has
+      published the serving version, and no erasure has been recorded since (a repeat:
+      another job would publish its duplicate);
     - the target contains every erasure recorded since: move the alias, write
       AliasHistory (reason ``rollback``) and a ``model.rollback`` audit event;
     - erasures are missing: :class:`Conflict` naming them, unless
@@ -281,6 +294,12 @@ def rollback(
             "data erased since and were deleted, so it can be neither served nor erased again",
             model=model_name, version=version, purged_at=purged_at,
         )
+
+    if reapply_erasures and current is not None and _reapplied_onto(session, model, current, version):
+        # a repeat (a client retrying after a timeout): the serving version is this request
+        # done, the target with every erasure since reapplied; another job would publish
+        # its duplicate
+        return RollbackOutcome("noop", model_name, current, current)
 
     missing = missing_erasures(session, model, target)
     if missing and not reapply_erasures:

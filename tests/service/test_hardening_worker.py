@@ -17,7 +17,7 @@ import pytest
 import torch
 from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, func, select, text, update
 
 from app.main import create_app
 from model_store import LocalModelStore
@@ -408,6 +408,28 @@ def test_publish_rebases_a_deletion_whose_base_stopped_serving(tiny):
     assert served.parent_version == 1
     assert {tuple(c) for c in served.erased_cells} == {(ids[0], "depth"), (ids[1], "depth")}
     _assert_serving_erases_every_tombstone(s)
+
+
+def test_a_reapply_rollback_sent_again_after_its_job_published_is_a_noop(tiny):
+    """A client retrying a rollback with reapply_erasures after its job had published got a
+    new job, which published a duplicate of that version (v1 plus the same erasures)."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    jobs.drain_model(s, store, TINY)  # v2 erases ids[0]
+    with transaction(s.database_url) as session:
+        assert versions.rollback(session, s, TINY, 1, reapply_erasures=True).action == "reapply"
+    assert [o.version for o in jobs.drain_model(s, store, TINY)] == [3]  # v1 with the erasure reapplied
+    with transaction(s.database_url) as session:
+        jobs_before = session.execute(select(func.count()).select_from(Job)).scalar()
+        again = versions.rollback(session, s, TINY, 1, reapply_erasures=True)
+        assert (again.action, again.from_version, again.to_version, again.job) == ("noop", 3, 3, None)
+        assert session.execute(select(func.count()).select_from(Job)).scalar() == jobs_before
+    assert jobs.drain_model(s, store, TINY)[0].status == "idle" and _serving(s).version == 3
+    # an erasure recorded since: the serving version is no longer that request done
+    _submit(s, ids[1])
+    assert [o.version for o in jobs.drain_model(s, store, TINY)] == [4]
+    with transaction(s.database_url) as session:
+        assert versions.rollback(session, s, TINY, 1, reapply_erasures=True).action == "reapply"
 
 
 def test_a_reapply_missing_an_erasure_is_rebased_on_its_own_base(tiny):
