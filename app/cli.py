@@ -126,6 +126,13 @@ def _device_problem(value: str | None) -> str | None:
     return None
 
 
+def _trains_first_version(settings, store) -> bool:
+    """Whether ``serve`` trains the model's first version: the store holds no version 1 (a
+    registered model always has one, stored or purged)."""
+    name = settings.model_name
+    return not (store.exists(name, 1) or store.purged(name, 1))
+
+
 def _serving_device(settings, store):
     """The device this ``serve`` process trains or unlearns on, resolved (``cuda`` without CUDA
     failed with a traceback once the first start had migrated and rendered): where it trains
@@ -134,8 +141,7 @@ def _serving_device(settings, store):
     setting is shared in docker-compose.yml), ``False`` after printing why it is refused."""
     from unlearning.cli import CliError, cli_device
 
-    name = settings.model_name
-    if not settings.background and (store.exists(name, 1) or store.purged(name, 1)):
+    if not settings.background and not _trains_first_version(settings, store):
         return None
     try:
         return cli_device(settings.device, option="UNLEARND_DEVICE")
@@ -179,13 +185,12 @@ def _host_ok(host: str, port: int, source: str) -> bool:
 
 
 def _first_model_fits(settings, store, device=None) -> bool:
-    """Whether a first version, when ``serve`` will train one (the store holds no version 1 of
-    the model: a registered model always has one, stored or purged), fits this machine's memory
-    (and on a CUDA ``device`` the GPU's), checked before the database is migrated."""
+    """Whether a first version, when ``serve`` will train one (:func:`_trains_first_version`),
+    fits this machine's memory (and on a CUDA ``device`` the GPU's), checked before the
+    database is migrated."""
     from worker.bootstrap import first_model_memory_problem
 
-    name = settings.model_name
-    if store.exists(name, 1) or store.purged(name, 1):
+    if not _trains_first_version(settings, store):
         return True
     problem = first_model_memory_problem(settings, device)
     if problem:

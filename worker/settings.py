@@ -84,6 +84,20 @@ def _check_redis_database(parts, what: str, use: str) -> None:
 PROPAGATION_RETRY_CAP_S = 86400.0
 
 
+def _json_setting(value, refusal: str):
+    """A JSON-object setting as read from the environment (a string): parsed refusing a name
+    given twice (``json.loads`` keeps the last); blank (compose's ``${UNLEARND_X:-}``) is none,
+    ``{}``; ``refusal`` begins the error. Other values (given in code) pass through."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return {}
+    try:
+        return json.loads(value, object_pairs_hook=no_repeated_names)
+    except ValueError as exc:
+        raise ValueError(f"{refusal} ({exc})") from None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNLEARND_", env_file=".env", extra="ignore")
 
@@ -184,15 +198,7 @@ class Settings(BaseSettings):
     @field_validator("method_config", mode="before")
     @classmethod
     def _method_config_json(cls, value):
-        if isinstance(value, str):  # from the environment; blank (compose's ${UNLEARND_METHOD_CONFIG:-}) = none
-            if not value.strip():
-                return {}
-            try:
-                return json.loads(value, object_pairs_hook=no_repeated_names)
-            except ValueError as exc:
-                raise ValueError(f"UNLEARND_METHOD_CONFIG must be a JSON object of the method's parameters ({exc})") \
-                    from None
-        return value
+        return _json_setting(value, "UNLEARND_METHOD_CONFIG must be a JSON object of the method's parameters")
 
     @field_validator("database_url")
     @classmethod
@@ -275,14 +281,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _api_keys_json(cls, value):
-        if isinstance(value, str):  # from the environment; blank (compose's ${UNLEARND_API_KEYS:-}) = none
-            if not value.strip():
-                return {}
-            try:
-                return json.loads(value, object_pairs_hook=no_repeated_names)
-            except ValueError as exc:
-                raise ValueError(f"UNLEARND_API_KEYS must be a JSON object of keys ({exc})") from None
-        return value
+        return _json_setting(value, "UNLEARND_API_KEYS must be a JSON object of keys")
 
     @field_validator("api_keys")
     @classmethod

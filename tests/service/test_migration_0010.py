@@ -156,15 +156,23 @@ def test_a_submitter_whose_key_another_request_holds_stays_blank(record, caplog)
         assert c.get("/audit/verify", headers=_as("auditor")).json()["ok"] is True
 
 
+def _portal_submits(record):
+    """A model registered on ``record`` and one request of its first instance submitted by the
+    'portal' key with Idempotency-Key t-1: ``(body, response)``."""
+    model = register_model(record)
+    body = {"instance_id": model.train_ids[0], "tasks": ["depth"]}
+    with _api(record) as c:
+        first = c.post("/deletions", json=body, headers=_as("portal", "t-1"))
+    assert first.status_code == 202, first.text
+    return body, first
+
+
 def test_downgrading_below_0010_and_upgrading_again(record):
     """0010 down and up: its SQLite triggers go and come back (0007's stay); a submitter lost
     meanwhile comes back; the restored ones stay on the way down."""
     url = record.database_url
     sqlite = url.startswith("sqlite")
-    model = register_model(record)
-    body = {"instance_id": model.train_ids[0], "tasks": ["depth"]}
-    with _api(record) as c:
-        first = c.post("/deletions", json=body, headers=_as("portal", "t-1"))
+    body, first = _portal_submits(record)
     rid = first.json()["id"]
     command.downgrade(alembic_config(url), "0009")
     assert _submitters(url) == {rid: "portal"}
@@ -198,10 +206,7 @@ def test_after_the_offline_script_stamp_and_upgrade_fill_the_submitters(record):
     keeps its blank submitters; `alembic stamp 0009` and `upgrade 0010` online fill them (its
     SQLite triggers, already there, are left as they are)."""
     url = record.database_url
-    model = register_model(record)
-    body = {"instance_id": model.train_ids[0], "tasks": ["depth"]}
-    with _api(record) as c:
-        first = c.post("/deletions", json=body, headers=_as("portal", "t-1"))
+    body, first = _portal_submits(record)
     rid = first.json()["id"]
     command.downgrade(alembic_config(url), "0009")
     _blank(url, rid)
