@@ -955,8 +955,15 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
             session.add(Alias(model_name=model_name, alias="serving", version=version))
         else:
             alias.version = version
+        # A reapply is the second half of a rollback (versions.rollback queued it): the alias
+        # moves back now, and is recorded as the rollback it is.
         session.add(AliasHistory(model_name=model_name, alias="serving", from_version=previous, to_version=version,
-                                 reason="publish"))
+                                 reason="rollback" if job.kind == "reapply" else "publish"))
+        if job.kind == "reapply":
+            append_event(session, "model.rollback", model_name=model_name,
+                         payload={"from_version": previous, "to_version": version,
+                                  "rolled_back_to": job.base_version, "job_id": job_id,
+                                  **_rollback_actor(session, model_name, job_id)})
         if erased_now:
             # The data is erased, not only this model's copy: every other model trained on
             # the dataset is told, and its next claim runs a propagate job (erasures_behind).
@@ -1004,6 +1011,20 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
                          "cells": req_cells, "method": job.method, "sha256": manifest.sha256, "metrics": metrics},
             )
         return JobOutcome("completed", model_name, job_id, version, metrics=metrics)
+
+
+def _rollback_actor(session: Session, model_name: str, job_id: str) -> dict:
+    """``{"actor": ...}`` of the ``model.rollback_requested`` event that queued reapply
+    ``job_id``, where it named one (the API had keys), else ``{}``."""
+    events = session.execute(
+        select(AuditEvent.payload).where(AuditEvent.model_name == model_name,
+                                         AuditEvent.kind == "model.rollback_requested")
+        .order_by(AuditEvent.seq.desc())
+    ).scalars()
+    for payload in events:
+        if (payload or {}).get("job_id") == job_id:
+            return {"actor": payload["actor"]} if payload.get("actor") else {}
+    return {}
 
 
 def _unsafe_to_serve(job: Job, serving: int | None, manifest: Manifest, tombstoned) -> str | None:

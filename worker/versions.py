@@ -262,7 +262,9 @@ def rollback(
       ``reapply_erasures``: then a ``reapply`` job (status ``queued``, based on the
       target, ``params = {"cells": [[instance, task], ...], "request_ids": [...]}``),
       a ``model.rollback_requested`` audit event and a ``process_model`` outbox row.
-      The alias moves when that job publishes its version.
+      The alias moves when that job publishes its version, recorded then as AliasHistory
+      reason ``rollback`` and a ``model.rollback`` event (``rolled_back_to``: the target,
+      ``job_id``, and the ``actor`` who asked).
 
     ``actor`` (the API key's name, when the API has keys) is written into the audit event.
     """

@@ -32,7 +32,7 @@ from worker.outbox import sweep_once
 from worker.requests import deletion_certificate, submit_deletion
 from worker.settings import Settings
 from worker.errors import Conflict
-from worker.tables import (Alias, AuditChainHead, AuditEvent, DeletionRequest, Job, ModelVersion, OutboxMessage,
+from worker.tables import (Alias, AliasHistory, AuditChainHead, AuditEvent, DeletionRequest, Job, ModelVersion, OutboxMessage,
                            Tombstone, utcnow)
 
 from .conftest import create_database, drop_database, tamper
@@ -417,8 +417,16 @@ def test_a_reapply_rollback_sent_again_after_its_job_published_is_a_noop(tiny):
     _submit(s, ids[0])
     jobs.drain_model(s, store, TINY)  # v2 erases ids[0]
     with transaction(s.database_url) as session:
-        assert versions.rollback(session, s, TINY, 1, reapply_erasures=True).action == "reapply"
+        queued = versions.rollback(session, s, TINY, 1, reapply_erasures=True, actor="ops")
+        assert queued.action == "reapply"
     assert [o.version for o in jobs.drain_model(s, store, TINY)] == [3]  # v1 with the erasure reapplied
+    with transaction(s.database_url) as session:
+        # the alias went back when the reapply published: recorded as the rollback it completes
+        hist = session.execute(select(AliasHistory).order_by(AliasHistory.id.desc())).scalars().first()
+        assert (hist.from_version, hist.to_version, hist.reason) == (2, 3, "rollback")
+        (event,) = session.execute(select(AuditEvent).where(AuditEvent.kind == "model.rollback")).scalars()
+        assert event.payload == {"from_version": 2, "to_version": 3, "rolled_back_to": 1,
+                                 "job_id": queued.job.id, "actor": "ops"}
     with transaction(s.database_url) as session:
         jobs_before = session.execute(select(func.count()).select_from(Job)).scalar()
         again = versions.rollback(session, s, TINY, 1, reapply_erasures=True)
