@@ -7,6 +7,7 @@ with none set, ``unlearnd serve`` runs everything in one process: SQLite under
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import re
 import sys
@@ -170,17 +171,39 @@ def _worker_device_ok(settings) -> bool:
 
 
 def _host_ok(host: str, port: int, source: str) -> bool:
-    """Whether ``host`` resolves to an address to listen on, as uvicorn resolves it: a name
-    that does not was found after the migration and the first start's training (uvicorn exit 3)."""
+    """Whether the API can listen on ``host``:``port``, bound as uvicorn binds it (asyncio's
+    ``create_server``: every address the name resolves to, SO_REUSEADDR) and let go at once.
+    A name that does not resolve, an address that is not this machine's, or a port another
+    process holds was found by uvicorn only after the migration and the first start's
+    training (exit 3). (Another process may still take the port in between.)"""
     import socket
 
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, ValueError) as exc:  # socket.gaierror; UnicodeError (a label over 63 characters)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         print(f"unlearnd: {source} {host!r} cannot be listened on: {reason}; give an address of this machine "
               "(127.0.0.1, 0.0.0.0, ::) or a name that resolves to one", file=sys.stderr)
         return False
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == getattr(socket, "AF_INET6", None) and hasattr(socket, "IPPROTO_IPV6"):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+        except OSError as exc:
+            shown = f"[{address[0]}]:{address[1]}" if family == getattr(socket, "AF_INET6", None) \
+                else f"{address[0]}:{address[1]}"
+            reason = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                hint = "another process listens there; stop it or give another UNLEARND_PORT / --port"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                hint = "it is not an address of this machine; give one (127.0.0.1, 0.0.0.0, ::)"
+            else:
+                hint = "give another address or port"
+            print(f"unlearnd: {source} {host!r}: cannot listen on {shown}: {reason}; {hint}", file=sys.stderr)
+            return False
     return True
 
 

@@ -311,6 +311,46 @@ def test_a_host_that_does_not_resolve_is_refused_before_migrating(environment, t
     assert not (tmp_path / "x.db").exists() and not (tmp_path / "models").exists()
 
 
+@pytest.mark.parametrize("host, says", [
+    ("127.0.0.1", "UNLEARND_HOST '127.0.0.1': cannot listen on 127.0.0.1:{port}: Address already in use; "
+                  "another process listens there"),
+    ("192.0.2.1", "UNLEARND_HOST '192.0.2.1': cannot listen on 192.0.2.1:{port}: "),  # TEST-NET-1: not this machine's
+])
+def test_a_port_in_use_or_an_address_elsewhere_is_refused_before_migrating(environment, tmp_path, host, says):
+    # both resolved, and uvicorn found them after the migration and the first start's training (exit 3)
+    import socket
+
+    def went_on(*args, **kwargs):
+        pytest.fail("`unlearnd serve` went on with an address it cannot listen on")
+
+    environment.setattr("worker.migrate.upgrade_database", went_on)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = _run(environment, ["serve", "--no-progress"], DATABASE_URL=f"sqlite:///{tmp_path}/x.db",
+                         STORE_DIR=str(tmp_path / "models"), HOST=host, PORT=str(port))
+    _one_line(code, err, says.format(port=port))
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "models").exists()
+
+
+def test_the_listen_check_lets_the_address_go(tmp_path):
+    # what it binds it closes: the port is free for uvicorn after it
+    import socket
+
+    from app.cli import _host_ok
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert _host_ok("127.0.0.1", port, "--host")
+    with socket.socket() as again:  # without SO_REUSEADDR: a socket the check left bound would refuse it
+        again.bind(("127.0.0.1", port))
+        again.listen()
+        assert again.getsockname()[1] == port
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 @pytest.mark.parametrize("command", ["serve", "worker"])
 def test_a_cuda_device_this_machine_lacks_is_refused_at_start(environment, monkeypatch, tmp_path, command, device):
