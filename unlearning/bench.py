@@ -70,7 +70,6 @@ from tqdm.auto import tqdm
 from .data import dataset_tasks, load_reference, load_splits
 from .evaluate import EvalContext, evaluate_unlearning, membership_auc
 from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method
-from .metrics import forget_gap
 from .model import load_model, save_model
 from .cli import METHOD_SEEDS, CliError, check_creatable, check_seed, cli_device, json_type, read_json, report_cli_error
 from .train import TrainConfig, resident, resolve_device, train_model
@@ -432,7 +431,6 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
             gold, retrain_seconds = cached_retrain(cache_dir, train, spec, cells, recipe, device, retain=retain,
                                                    trained_on=trained_on)
             mia_retrain, gold_members = membership_auc(gold, train, cells, test, device)
-            gold_mean = {t: [float(v.nanmean())] for t, v in gold_members.items()}  # as forget_loss
 
             for method in run_methods:
                 bar.set_postfix_str(f"{label}: {method}")
@@ -454,10 +452,9 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                 # with the per-version cache only (the request's own retained sample is its work).
                 start = time.perf_counter()
                 ev = evaluate_unlearning(original, unlearned, train, cells, test, context=context.per_version(),
-                                         device=device)
+                                         device=device, retrained_forget_losses=gold_members)
                 eval_seconds = time.perf_counter() - start
                 seconds = unlearn_seconds + eval_seconds
-                mean_u = {t: [math.nan if v is None else v] for t, v in ev["forget_loss"]["unlearned"].items()}
                 results.append({
                     "benchmark": bench,
                     "setting": st["setting"],
@@ -471,7 +468,7 @@ def run_suite(suite_name: str, methods: list[str], seeds: list[int] | None, cach
                     "mia_auc": _num(ev["mia_auc"]),
                     "mia_auc_original": _num(ev["mia_auc_original"]),
                     "mia_auc_retrain": _num(mia_retrain),
-                    "forget_gap": _num(forget_gap(mean_u, gold_mean)),
+                    "forget_gap": _num(ev["forget_gap"]),
                     "seconds": round(seconds, 4),
                     "unlearn_seconds": round(unlearn_seconds, 4),
                     "eval_seconds": round(eval_seconds, 4),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from unlearning.data.base import MultiTaskDataset
-from unlearning.evaluate import EvalContext, evaluate_unlearning, metrics_and_losses, retained_sample, task_metrics
+from unlearning.evaluate import (EvalContext, evaluate_unlearning, forget_cell_losses, metrics_and_losses, retained_sample,
+                                 task_metrics)
 from unlearning.losses import cell_losses, per_sample_losses, supervised_loss
 from unlearning.metrics import mia_auc
 from unlearning.model import load_model
@@ -200,6 +201,28 @@ def test_evaluate_unchanged_model_has_zero_uis_and_the_same_auc(trained):
     sizes = {(g["level"], g["task"], g["set"]): g["n"] for g in report["groups"]}
     assert sizes[("task", "normal", "forgotten")] == 1 and sizes[("inst", "depth", "retained")] == 4
     json.dumps(report)  # plain JSON for the worker and the benchmark
+
+
+def test_the_forget_gap_from_the_gold_standards_losses_keeps_a_diverged_head(trained):
+    """``retrained_forget_losses`` (the bench's gold standard, evaluated once) gives the gap the
+    gold model would; a head whose loss on the forgotten cells is infinite makes it infinite
+    (None): the bench rebuilt it from JSON-safe means, and dropped that task (gap 0.0)."""
+    train, test, _, model = trained
+    cells = [("i2", t) for t in TASKS]
+    gold = forget_cell_losses(model, train, cells)
+    with_model = evaluate_unlearning(model, model, train, cells, test, retrained=model, retained_sample_size=4)
+    with_losses = evaluate_unlearning(model, model, train, cells, test, retained_sample_size=4,
+                                      retrained_forget_losses=gold)
+    assert with_losses["forget_gap"] == with_model["forget_gap"] == 0.0
+    assert with_losses["mia_auc_retrain"] is None and with_losses["uis_retrain"] is None
+    diverged = copy.deepcopy(model)
+    with torch.no_grad():
+        diverged.heads["depth"].out.bias.fill_(float("inf"))  # softplus(inf): an infinite depth
+    report = evaluate_unlearning(model, diverged, train, cells, test, retained_sample_size=4,
+                                 retrained_forget_losses=gold)
+    assert report["forget_loss"]["unlearned"]["depth"] is None
+    assert report["forget_loss"]["unlearned"]["segmentation"] is not None
+    assert report["forget_gap"] is None
 
 
 def test_evaluate_full_mode_and_missing_retrain(trained):
