@@ -151,6 +151,11 @@ def test_a_non_finite_prediction_on_an_unlabelled_pixel_does_not_reach_the_loss(
     logits = torch.zeros(1, 3, 2, 3)
     logits[0, 1, 1, 1] = bad  # the ignored pixel of SEG_TARGET
     assert float(seg.sample_loss(logits, SEG_TARGET)[0]) == pytest.approx(math.log(3.0), rel=1e-5)
+    # nor the metrics, which read labelled pixels only (they were NaN: a diverged head in UIS)
+    clean = seg.compute_metrics(torch.zeros(1, 3, 2, 3), SEG_TARGET)
+    assert seg.compute_metrics(logits, SEG_TARGET) == clean and math.isfinite(clean["miou"])
+    logits[0, 2, 0, 0] = bad  # on a labelled pixel it shows
+    assert all(math.isnan(v) for v in seg.compute_metrics(logits, SEG_TARGET).values())
 
     depth = DEPTH_PRED.clone()
     depth[0, 0, 0, 2] = bad  # its target is 0: invalid

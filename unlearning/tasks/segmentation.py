@@ -43,10 +43,11 @@ class Segmentation(Task):
         num_classes = pred.shape[1]
         if state["confusion"] is None:
             state["confusion"] = torch.zeros(num_classes, num_classes, dtype=torch.long)
-        if not bool(torch.isfinite(pred).all()):
+        valid = self.valid(target)
+        # only labelled pixels count, as depth's and normals' metrics read only valid ones
+        if not bool(torch.isfinite(pred).all(1)[valid].all()):
             state["nonfinite"] = True
         label = pred.argmax(1)
-        valid = self.valid(target)
         idx = target[valid].long().cpu() * num_classes + label[valid].long().cpu()
         state["confusion"] += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
 
