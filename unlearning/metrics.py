@@ -25,9 +25,11 @@ def relative_degradation(before: Mapping[str, float], after: Mapping[str, float]
 
     ``before`` holds the original model's metrics (m0), ``after`` the unlearned
     model's (mu), ``directions`` +1 when higher is better, -1 otherwise.
-    Improvements count 0 (clipped). A metric with ``m0 == 0`` counts 0: its
-    relative change is undefined and such a metric (e.g. mIoU 0 of a useless
-    original model) carries no utility to lose. A NaN ``mu`` (a diverged model)
+    Improvements count 0 (clipped). A metric with ``m0 == 0``, where the ratio is
+    undefined, counts its limit: 0 when higher is better (mIoU 0 of a useless
+    original model has no utility to lose), and when lower is better 0 if ``mu``
+    is 0 too, else infinity (an error of exactly 0 was perfect, and any error is
+    a total loss of it; as :func:`forget_gap` counts ``L_r == 0``). A NaN ``mu`` (a diverged model)
     makes the result NaN rather than silently 0, and an infinite one makes it
     infinite.
     """
@@ -39,6 +41,8 @@ def relative_degradation(before: Mapping[str, float], after: Mapping[str, float]
         if math.isnan(mu) or math.isnan(m0):
             return float("nan")
         if m0 == 0.0:
+            if sign < 0 and mu > 0.0:
+                return float("inf")
             continue
         change = sign * (m0 - mu) / abs(m0)
         total += max(0.0, change)  # max(0, inf) is inf: a blow-up stays visible

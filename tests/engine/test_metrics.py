@@ -48,6 +48,13 @@ def test_zero_original_metric_counts_zero_but_stays_in_the_mean():
     assert relative_degradation(before, after, SEG) == pytest.approx(25.0)
 
 
+def test_a_perfect_lower_is_better_metric_lost_is_infinite():
+    # abs err 0 -> 5 counted 0 (as mIoU 0 does), while 1e-9 -> 5 counted 1.7e11 percent
+    before = {"abs_err": 0.0, "rel_err": 0.0, "delta1": 1.0}
+    assert relative_degradation(before, {"abs_err": 5.0, "rel_err": 1.0, "delta1": 0.5}, DEPTH) == float("inf")
+    assert relative_degradation(before, dict(before), DEPTH) == 0.0  # still perfect: nothing lost
+
+
 def test_nan_after_is_not_hidden_as_zero():
     assert math.isnan(relative_degradation({"miou": 0.5}, {"miou": float("nan")}, {"miou": +1}))
 
