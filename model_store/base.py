@@ -174,7 +174,8 @@ class ModelStore(ABC):
     @abstractmethod
     def verify(self, model_name: str, version: int) -> bool:
         """Recompute the weights' sha256 and compare it with the manifest: False when they
-        differ, when the weights are not a regular file, or when the manifest is damaged
+        differ, when they do not fit the manifest's architecture (what :meth:`load` would
+        refuse), when the weights are not a regular file, or when the manifest is damaged
         (:class:`DamagedManifest`); :class:`PurgedVersion` for a purged version,
         :class:`StoreError` for one that is not stored."""
 

@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 
 from unlearning.jsonio import loads_strict
-from unlearning.model import (WEIGHTS_FILE, ModelConfig, MultiTaskNet, model_config_from, model_from_safetensors,
-                              save_model)
+from unlearning.model import (WEIGHTS_FILE, ModelConfig, MultiTaskNet, fitting_state, model_config_from,
+                              model_from_safetensors, save_model)
 
 from .base import (MAX_VERSION, DamagedManifest, IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError,
                    _is_cells, valid_version)
@@ -496,8 +496,12 @@ class LocalModelStore(ModelStore):
 
     def verify(self, model_name: str, version: int) -> bool:
         try:
-            self._read_verified(model_name, version)
+            data, _, config = self._read_verified(model_name, version)
         except (IntegrityError, DamagedManifest):
+            return False
+        try:  # and they are weights of the manifest's architecture, which load will build
+            fitting_state(config, data, self._dir(model_name, version) / WEIGHTS_FILE)
+        except ValueError:
             return False
         return True
 

@@ -192,11 +192,20 @@ def model_from_safetensors(config: "ModelConfig", data: bytes, source: str | Pat
     """The model of ``config`` with the weights in ``data`` (the bytes of a safetensors file,
     e.g. those just hashed); ``ValueError`` naming ``source`` when they are not a
     safetensors file or do not match the configuration."""
+    state = fitting_state(config, data, source)
+    model = MultiTaskNet(config)
+    model.load_state_dict(state)  # checked above (load_state would scan the weights again)
+    return model.to(map_location)
+
+
+def fitting_state(config: "ModelConfig", data: bytes, source: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors bytes ``data``, checked to fit the model of ``config``
+    (:func:`check_state`) without building it: ``ValueError`` naming ``source`` otherwise."""
     try:
         state = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error type for a damaged file
         raise ValueError(f"{source} is not a readable safetensors file: {exc}") from None
-    # the weights are compared with a model without storage first: a config naming a huge
+    # the weights are compared with a model without storage: a config naming a huge
     # width would otherwise allocate (and randomly initialise) it before the comparison
     try:
         with torch.device("meta"):
@@ -204,9 +213,7 @@ def model_from_safetensors(config: "ModelConfig", data: bytes, source: str | Pat
     except (RuntimeError, TypeError, OverflowError) as exc:  # sizes past what torch can count (depth 64, width 2**62)
         raise ValueError(f"{source}: the model configuration cannot be built ({exc})") from None
     check_state(own, state, source)
-    model = MultiTaskNet(config)
-    model.load_state_dict(state)  # checked above (load_state would scan the weights again)
-    return model.to(map_location)
+    return state
 
 
 def non_finite_tensors(state: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None = None) -> list[str]:
@@ -235,7 +242,8 @@ def check_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], so
     mis-shaped tensors, tensors that are not floating point, non-finite values."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    shapes = [f"{k} {tuple(state[k].shape)} for {tuple(own[k].shape)}"
+              for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
         raise ValueError(
             f"{source} does not match the model configuration: "

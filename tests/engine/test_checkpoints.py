@@ -62,7 +62,8 @@ def test_weights_that_do_not_match_the_config_are_refused_naming_the_file(checkp
     doc["model"]["tasks"]["segmentation"] = 7  # the weights have 13 classes
     (directory / "config.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(directory / 'model.safetensors'))} does not match the "
-                                         r"model configuration: .*wrong shapes=\['heads.segmentation.out.weight'"):
+                                         r"model configuration: .*wrong shapes=\['heads.segmentation.out.weight \(13, (\d+), 1, 1\) "
+                                         r"for \(7, \1, 1, 1\)'"):  # stored, then the configuration's
         load_model(directory)
 
 

@@ -308,6 +308,10 @@ def test_weights_that_do_not_fit_the_manifests_architecture_are_an_integrity_err
     _edit_manifest(folder, model_config={**config, "tasks": {"depth": 1, "normal": 1}})
     with pytest.raises(IntegrityError, match="does not match the model configuration"):
         store.load(MODEL, 1)
+    # and verify says so: it passed them (sha256 only), so a first start registered a version
+    # every job failed to load, and discard_if_damaged kept it
+    assert store.verify(MODEL, 1) is False
+    assert store.discard_if_damaged(MODEL, 1) is True and store.versions(MODEL) == []
 
 
 # --------------------------------------------------------------------------- 6: version numbers
