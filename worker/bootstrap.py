@@ -20,6 +20,7 @@ from .audit import append_event
 from .datasets import dataset_spec, erased_cells, get_splits
 from .db import transaction
 from .errors import Conflict
+from .requests import finite_json
 from .settings import Settings
 from .tables import Alias, AliasHistory, Model, ModelVersion
 
@@ -204,7 +205,7 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
                     artifact_uri=store.uri(name, 1),
                     deletions=[],
                     erased_cells=manifest.erased_cells,
-                    metrics=manifest.metrics or None,
+                    metrics=finite_json(manifest.metrics) or None,  # NaN in a manifest written before strict JSON
                     note=manifest.note,
                 )
             )

@@ -773,14 +773,21 @@ def _check_base(settings: Settings, store: ModelStore, model_name: str, base_ver
     sha = (base_manifest or store.manifest(model_name, base_version)).sha256
     with transaction(settings.database_url) as session:
         recorded = session.execute(
-            select(ModelVersion.sha256).where(ModelVersion.model_name == model_name,
-                                              ModelVersion.version == base_version)
-        ).scalar_one_or_none()
+            select(ModelVersion.sha256, ModelVersion.erased_cells).where(ModelVersion.model_name == model_name,
+                                                                         ModelVersion.version == base_version)
+        ).one_or_none()
     if recorded is None:
         raise JobFailed(f"base version {base_version} of {model_name!r} is not in the record")
-    if recorded != sha:
+    if recorded.sha256 != sha:
         raise JobFailed(f"base version {base_version} of {model_name!r} in the store (sha256 {sha}) is not the "
-                        f"one the record holds (sha256 {recorded})")
+                        f"one the record holds (sha256 {recorded.sha256})")
+    # the lineage the job builds on (what it leaves out of its data, what its version claims
+    # erased) is the manifest's, which the sha256 does not cover: it must be the record's
+    stored = {tuple(c) for c in (base_manifest or store.manifest(model_name, base_version)).erased_cells}
+    if stored != {tuple(c) for c in recorded.erased_cells or []}:
+        raise JobFailed(f"base version {base_version} of {model_name!r} in the store claims {len(stored)} erased "
+                        f"cells, the record {len(recorded.erased_cells or [])}: its manifest is not the one "
+                        "published")
 
 
 def _compute(settings, store, job_id, model_name, base_version, version, spec, cells, request_ids, method, kind,
@@ -899,8 +906,10 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
             raise JobFailed(f"the artifact's manifest does not match job {job_id}: "
                             + ", ".join(f"{k} {got!r}, expected {want!r}" for k, (got, want) in wrong.items()))
         manifest = _as_stored(store, job_id, manifest)
+        _check_erasures(session, job, manifest)
 
-        model_name, version, metrics = job.model_name, manifest.version, manifest.metrics or {}
+        # NaN in a stored manifest (one written before strict JSON) is None, as the job's own metrics are
+        model_name, version, metrics = job.model_name, manifest.version, finite_json(manifest.metrics or {})
         alias = session.execute(
             select(Alias).where(Alias.model_name == model_name, Alias.alias == "serving").with_for_update()
         ).scalar_one_or_none()
@@ -1025,6 +1034,29 @@ def _rollback_actor(session: Session, model_name: str, job_id: str) -> dict:
         if (payload or {}).get("job_id") == job_id:
             return {"actor": payload["actor"]} if payload.get("actor") else {}
     return {}
+
+
+def _check_erasures(session: Session, job: Job, manifest: Manifest) -> None:
+    """:class:`JobFailed` unless the artifact's erasure claims, which the record is about to
+    copy (the requests it completes, the cells it tombstones, the version's lineage), are
+    this job's: its requests and cells, on top of its base version's recorded lineage. The
+    sha256 covers the weights only: an edited manifest would complete requests it did not
+    erase, or leave erased cells out of the lineage that rollbacks and other models read."""
+    params = job.params or {}
+    cells = list(dict.fromkeys(_cells(params.get("cells"))))
+    base = session.execute(select(ModelVersion.erased_cells).where(
+        ModelVersion.model_name == job.model_name, ModelVersion.version == job.base_version)).scalar_one_or_none()
+    lineage = {tuple(c) for c in base or []} | set(cells)
+    wrong = [what for what, ok in (
+        (f"requests {list(manifest.deletions)}, expected {list(params.get('request_ids') or [])}",
+         list(manifest.deletions) == list(params.get("request_ids") or [])),
+        (f"erased cells {[list(c) for c in manifest.deleted_cells]}, expected {[list(c) for c in cells]}",
+         [tuple(c) for c in manifest.deleted_cells] == cells),
+        (f"lineage of {len(manifest.erased_cells)} erased cells, expected the base's and this job's "
+         f"({len(lineage)})", {tuple(c) for c in manifest.erased_cells} == lineage),
+    ) if not ok]
+    if wrong:
+        raise JobFailed(f"the artifact's manifest does not match job {job.id}: " + "; ".join(wrong))
 
 
 def _unsafe_to_serve(job: Job, serving: int | None, manifest: Manifest, tombstoned) -> str | None:

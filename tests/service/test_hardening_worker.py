@@ -4,6 +4,7 @@ the record, stale temporary folders."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -1092,6 +1093,89 @@ def test_a_rerun_recomputes_a_stored_artifact_whose_weights_are_damaged(tiny, mo
     assert _serving(s).sha256 == store.manifest(TINY, 2).sha256
 
 
+def test_a_first_version_whose_manifest_holds_nan_is_registered_with_null(settings, tiny_v1, tmp_path):
+    """A stored v1 whose manifest was written before strict JSON: its registration failed on
+    PostgreSQL (no NaN in JSON) with a database error, and serve with a traceback."""
+    s = _tiny_settings(settings, tmp_path / "models")
+    shutil.copytree(tiny_v1, s.store_dir)
+    path = s.store_dir / TINY / "v1" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "metrics": {"mia_auc": math.nan, "loss": 0.5}}))
+    assert ensure_model(s, LocalModelStore(s.store_dir), progress=False) == 1
+    assert _serving(s).metrics == {"mia_auc": None, "loss": 0.5}
+
+
+def _stored_then_crashed(s: Settings, store, monkeypatch) -> str:
+    """A job that stored its artifact (v2) and died before publishing; its id, made stale and requeued."""
+    class Crash(BaseException):
+        pass
+
+    def crash(*args, **kwargs):
+        raise Crash()
+
+    monkeypatch.setattr(jobs, "publish_version", crash)
+    with pytest.raises(Crash):
+        jobs.drain_model(s, store, TINY)
+    monkeypatch.undo()
+    with transaction(s.database_url) as session:
+        job_id = session.execute(select(Job.id)).scalar_one()
+    _make_stale(s, job_id)
+    sweep_once(s, lambda topic, payload: None)
+    return job_id
+
+
+@pytest.mark.parametrize("edit", [
+    {"deletions": []},  # would complete no request
+    {"deleted_cells": [], "erased_cells": []},  # would tombstone nothing, and claim nothing erased
+    {"erased_cells": []},  # a lineage without the job's own cell
+])
+def test_a_stored_artifact_whose_manifest_claims_other_erasures_is_not_published(tiny, monkeypatch, edit):
+    """The sha256 covers the weights only: the rerun copied the manifest's requests, cells and
+    lineage into the record, and a request stayed running, with no tombstone, forever."""
+    s, store, ids = tiny
+    request_id = _submit(s, ids[0])
+    _stored_then_crashed(s, store, monkeypatch)
+    path = store.root / TINY / "v2" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    assert store.verify(TINY, 2)
+
+    outcome = jobs.drain_model(s, store, TINY)[0]
+    assert outcome.status == "failed" and "the artifact's manifest does not match job" in outcome.error
+    assert _serving(s).version == 1 and not _tombstones(s)
+    with transaction(s.database_url) as session:
+        assert session.get(DeletionRequest, request_id).status == "failed"
+
+
+def test_a_base_whose_manifest_claims_another_lineage_is_refused(tiny):
+    """The base's erased cells come from its manifest: edited, they would be passed on to the
+    new version (and the job's data would hold what the record says is erased)."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    jobs.drain_model(s, store, TINY)
+    path = store.root / TINY / "v2" / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "erased_cells": []}))
+    assert store.verify(TINY, 2)
+
+    _submit(s, ids[1])
+    outcome = jobs.drain_model(s, store, TINY)[0]
+    assert outcome.status == "failed" and "claims 0 erased cells, the record 1" in outcome.error
+    assert _serving(s).version == 2
+
+
+def test_a_stored_manifest_with_nan_metrics_is_recorded_with_null(tiny, monkeypatch):
+    """Manifests written before strict JSON may hold NaN, which PostgreSQL's JSON refuses:
+    the publish failed with a database error."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    _stored_then_crashed(s, store, monkeypatch)
+    path = store.root / TINY / "v2" / "manifest.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "metrics": {**doc["metrics"], "mia_auc": math.nan}}))
+
+    outcome = jobs.drain_model(s, store, TINY)[0]
+    assert (outcome.status, outcome.version) == ("completed", 2)
+    assert _serving(s).metrics["mia_auc"] is None
+
+
 # --------------------------------------------------------------------------- H: a dead writer's temporary folders
 
 
@@ -1348,13 +1432,18 @@ def test_a_requeue_that_meets_the_database_still_away_is_tried_again(tiny, monke
 def _claimed_and_stored(s: Settings, store, instance: str):
     """A claimed deletion job of ``instance`` whose artifact (v1's weights) is stored, not
     published: the claim, its target version, the model and v1's manifest, the artifact's."""
-    _submit(s, instance)
+    request_id = _submit(s, instance)
     claim = jobs.claim_next(s, TINY)
     version = jobs._target_version(s, store, claim.job_id, claim.attempt)
     model, base = store.load(TINY, 1)
     stored = store.put_version(model, model_name=TINY, version=version, parent=1, dataset=base.dataset,
-                               job_id=claim.job_id)
+                               job_id=claim.job_id, **_erasures_of(request_id, instance))
     return claim, version, model, base, stored
+
+
+def _erasures_of(request_id: str, instance: str) -> dict:
+    """The erasure claims of a job of one request erasing ``instance``'s depth on v1."""
+    return dict(deletions=[request_id], deleted_cells=[[instance, "depth"]], erased_cells=[[instance, "depth"]])
 
 
 @pytest.mark.parametrize("field,value", [("parent", 7), ("version", 5), ("dataset", {"name": "street"})])
@@ -1384,7 +1473,7 @@ def test_publish_records_the_sha256_the_store_holds(tiny):
     with torch.no_grad():
         next(model.parameters()).add_(0.01)
     theirs = store.put_version(model, model_name=TINY, version=version, parent=1, dataset=base.dataset,
-                               job_id=claim.job_id)
+                               job_id=claim.job_id, **_erasures_of(mine.deletions[0], ids[0]))
     assert theirs.sha256 != mine.sha256
     weights = store._dir(TINY, version) / WEIGHTS_FILE
     good = weights.read_bytes()
