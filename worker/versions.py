@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, defer
 
 from unlearning.data import dataset_key
 
-from model_store import StoreError
+from model_store import DamagedManifest, StoreError
 
 from .audit import append_event
 from .datasets import erased_cells
@@ -415,13 +415,22 @@ def _check_store_holds(store, model_name: str, rows: list[ModelVersion]) -> None
     """:class:`Conflict` unless ``store`` holds the manifest of every version in ``rows`` with
     the sha256 the record has: a store directory other than the service's (a relative
     ``UNLEARND_STORE_DIR`` read from another working directory) is refused by name."""
-    wrong = []
+    wrong, damaged = [], []
     for row in rows:
         try:
             if store.manifest(model_name, row.version).sha256 != row.sha256:
                 wrong.append(f"v{row.version} (another sha256)")
+        except DamagedManifest as exc:  # the store is the service's; this version's manifest is not readable
+            damaged.append(f"v{row.version}: {exc}")
         except StoreError:
             wrong.append(f"v{row.version} (missing)")
+    if damaged and not wrong:
+        raise Conflict(
+            f"the model store holds a damaged manifest of {model_name!r}: {'; '.join(damaged[:3])}"
+            f"{'; ...' if len(damaged) > 3 else ''}. Restore it (the record has each version's sha256) or "
+            "remove that version's weights by hand; nothing was purged",
+            model=model_name, versions=[r.version for r in rows])
+    wrong += [d.split(":", 1)[0] + " (damaged manifest)" for d in damaged]
     if wrong:
         first = rows[0]
         raise Conflict(

@@ -307,6 +307,24 @@ def test_a_store_that_is_not_the_services_purges_nothing(erased_twice, tmp_path,
     assert "v3 (missing)" in capsys.readouterr().err
 
 
+def test_a_damaged_manifest_is_named_as_such_and_purges_nothing(erased_twice):
+    """It was reported as missing, with the hint that the store directory was another's (both
+    paths the same), and its cause dropped."""
+    from worker.errors import Conflict
+    from worker.versions import purge_versions
+
+    s, store, _, client = erased_twice
+    before = counts(s)
+    manifest = store.root / TINY / "v1" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    with transaction(s.database_url) as session, pytest.raises(Conflict) as caught:
+        purge_versions(session, store, TINY)
+    said = str(caught.value)
+    assert "damaged manifest of 'tiny-mtl': v1: " in said and "manifest.json" in said
+    assert "missing" not in said and "UNLEARND_STORE_DIR" not in said and "nothing was purged" in said
+    assert counts(s) == before and all(store.exists(TINY, v) for v in (2, 3))
+
+
 def test_an_empty_body_purges_with_the_defaults(erased_twice):
     s, store, _, client = erased_twice
     r = client.post(f"/models/{TINY}/purge")
