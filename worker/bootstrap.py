@@ -151,8 +151,8 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
             from model_store import IntegrityError as DamagedWeights  # not sqlalchemy's, caught below
 
             raise DamagedWeights(
-                f"the model store holds version 1 of {name!r}, but its weights do not match the sha256 in its "
-                f"manifest (damaged or altered): restore that version, or point UNLEARND_STORE_DIR or "
+                f"the model store holds version 1 of {name!r}, but its weights do not match the sha256 or the "
+                f"architecture in its manifest (damaged or altered): restore that version, or point UNLEARND_STORE_DIR or "
                 f"UNLEARND_MODEL_NAME elsewhere to train a new model; nothing was registered")
         spec = manifest.dataset
         train, _ = get_splits(spec)

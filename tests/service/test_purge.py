@@ -435,7 +435,7 @@ def test_a_store_whose_first_version_is_damaged_is_not_registered(tiny, tmp_path
     environment.setenv("UNLEARND_MODEL_NAME", TINY)
     assert cli_main(["serve", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"holds version 1 of {TINY!r}, but its weights do not match the sha256 in its manifest" in err
+    assert f"holds version 1 of {TINY!r}, but its weights do not match the sha256 or the architecture in its manifest" in err
     assert "nothing was registered" in err
     with transaction(f"sqlite:///{database}") as session:
         assert session.execute(select(ModelVersion)).first() is None
