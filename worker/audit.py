@@ -52,6 +52,16 @@ def _payload_value(value) -> str:
     return iso_utc(value) if isinstance(value, datetime) else str(value)
 
 
+def lock_appends(session: Session) -> None:
+    """Take the lock every append takes, to the end of the caller's transaction (PostgreSQL:
+    a transaction-scoped advisory lock, which the same transaction may take again; SQLite:
+    the database write lock serialises writers already). A time read under it is after
+    every earlier append's commit: what :func:`append_event` stamps, and a row stamped so
+    (a request's ``created_at``) lands in commit order."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": APPEND_LOCK_KEY})
+
+
 def append_event(
     session: Session,
     kind: str,
@@ -72,8 +82,7 @@ def append_event(
     # a datetime in a payload is written as the API writes times (str() of one that SQLite
     # handed back naive had no zone and a space for the T, for good in a hash-chained log)
     payload = json.loads(json.dumps(payload or {}, default=_payload_value))
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": APPEND_LOCK_KEY})
+    lock_appends(session)
     head = session.get(AuditChainHead, HEAD_ID, populate_existing=True)
     prev = head.hash if head else GENESIS
     seq = (head.seq + 1) if head else 1

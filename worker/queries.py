@@ -123,9 +123,11 @@ def _newest_first(session: Session, table, listing: str, filters: dict, since: d
     non-None values of ``filters``, newest first (``created_at``, then ``id``), from
     ``cursor`` on (a cursor of the list ``listing``, ``deletions`` or ``jobs``, which the next
     page's cursor names too); ``since`` inclusive, ``until`` exclusive; the columns
-    ``without`` not read (reading one raises). ``created_at`` is the writer's clock, not the
-    commit order: a row committed late can land among rows a reader has passed. Only the
-    audit log's ``seq`` (assigned under the chain head's lock) follows commit order."""
+    ``without`` not read (reading one raises). ``created_at`` is the writer's clock. A
+    request's is read under the audit log's lock (:func:`worker.requests.submit_deletion`),
+    so requests land in commit order and a reader never passes one committed late; a job's
+    is not (a job committed late can land among jobs a reader has passed). The audit log's
+    ``seq`` (assigned under the chain head's lock) follows commit order too."""
     limit = _check_limit(limit)
     q = select(table).options(*(defer(c, raiseload=True) for c in without))
     for column, value in filters.items():

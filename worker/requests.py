@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, defer
 
 from unlearning.data import dataset_key
 
-from .audit import append_event
+from .audit import append_event, lock_appends
 from .db import advisory_lock
 from .datasets import erased_cells, get_splits
 from .errors import Conflict, Invalid, NotFound
@@ -242,6 +242,11 @@ def submit_deletion(
         if earlier is None:
             raise
         return Submission(earlier, replayed=True)
+    # Stamped under the audit log's lock, after the row's insert (its key-share lock on the model
+    # row comes first, as in every writer): requests of any model then get created_at in commit
+    # order, so a client paging /deletions newest first never passes one that commits late.
+    lock_appends(session)
+    request.created_at = request.updated_at = utcnow()
     # The audit log is append-only and cannot be erased: the free-text reason stays out of it.
     append_event(
         session,

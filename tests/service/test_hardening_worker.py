@@ -488,6 +488,47 @@ def two_models(tiny):
     return s, s_b, store, ids
 
 
+def test_paging_deletions_never_passes_a_request_that_commits_late(two_models, monkeypatch):
+    """Requests of two models meet only at the audit log's lock. created_at was read before it:
+    a request paused there (a descheduled thread) was older than one of the other model that
+    committed first, and a client paging /deletions meanwhile passed its place and never saw it."""
+    from worker import queries, requests
+
+    s, s_b, store, ids = two_models
+    for instance in ids[:2]:
+        _submit(s, instance)
+    inserted, go = threading.Event(), threading.Event()
+    real = requests.lock_appends
+
+    def paused(session):
+        if not go.is_set() and threading.current_thread().name == "late":
+            inserted.set()  # its row is written; its transaction is open
+            assert go.wait(30)
+        return real(session)
+
+    monkeypatch.setattr(requests, "lock_appends", paused)
+    late = threading.Thread(target=lambda: _submit(s, ids[2]), name="late")
+    late.start()
+    assert inserted.wait(30)
+    with transaction(s_b.database_url) as session:  # the other model's request commits first
+        submit_deletion(session, s_b, instance_id=ids[3], tasks=["depth"])
+    with transaction(s.database_url) as session:
+        first = queries.list_requests(session, limit=2)
+    go.set()
+    late.join(30)
+    seen, cursor = [r.id for r in first.items], first.next_cursor
+    while cursor:
+        with transaction(s.database_url) as session:
+            page = queries.list_requests(session, limit=2, cursor=cursor)
+        seen, cursor = seen + [r.id for r in page.items], page.next_cursor
+    with transaction(s.database_url) as session:
+        stored = session.execute(select(DeletionRequest)).scalars().all()
+    newest_seen = max(r.created_at for r in stored if r.id == seen[0])
+    # every request at or before the first page's newest was there to be read: each is paged
+    assert {r.id for r in stored if r.created_at <= newest_seen} <= set(seen)
+    assert len(stored) == 4 and len(seen) >= 3
+
+
 def _serving_of(s: Settings, name: str) -> ModelVersion:
     with transaction(s.database_url) as session:
         version = session.get(Alias, (name, "serving")).version
