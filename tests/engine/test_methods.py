@@ -436,3 +436,20 @@ def test_retain_batches_hold_each_instance_once_and_draw_each_once_per_epoch(n, 
     again = loops.RetainBatches(retain, batch_size, torch.Generator().manual_seed(2), "cpu")
     assert [again.next().index.tolist() for _ in range(len(drawn) // batch_size)] == [
         drawn[i:i + batch_size] for i in range(0, len(drawn), batch_size)]
+
+
+def test_a_number_no_float_holds_is_refused_by_name():
+    """JSON reads 1000...0 (401 digits) as an int: math.isfinite raised OverflowError, and the
+    CLIs (and UNLEARND_METHOD_CONFIG) printed a traceback."""
+    from unlearning.methods.params import config_problems
+
+    huge = 10**400
+    assert config_problems("finetune", {"lr": huge}) == [
+        f"finetune parameter 'lr' must be a finite number, got {huge!r}"]
+    assert config_problems("interference_aware", {"betas": [huge, 0.9]})
+    assert config_problems("interference_aware", {"tau": {"depth": huge}})
+    scores = config_problems("interference_aware", {"shadow_scores": {"full": {"i0": {"depth": huge}}}})
+    assert scores and "must be a score in [0, 1]" in scores[0]
+    assert config_problems("finetune", {"steps": 2**70}) == []  # an int parameter takes any int in range
+    # a library caller's keys need not be strings: named, not a TypeError from sorting them
+    assert "has no parameter 'a', 1;" in config_problems("finetune", {1: 2, "a": 3})[0]

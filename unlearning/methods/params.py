@@ -80,6 +80,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value: Any) -> bool:
+    """A number a float holds, finite: JSON reads 1000...0 (401 digits) as an int that no
+    float holds, and math.isfinite raised OverflowError on it."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _value_problem(method: str, name: str, value: Any, default: Any) -> str | None:
     """Why ``value`` cannot be parameter ``name`` of ``method`` (None when it can)."""
     also = ALSO.get((method, name), ()) + ALSO.get(("*", name), ())
@@ -94,7 +103,7 @@ def _value_problem(method: str, name: str, value: Any, default: Any) -> str | No
         return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
     if isinstance(default, (tuple, list)):
         if not (isinstance(value, (tuple, list)) and len(value) == len(default)
-                and all(_is_number(v) and math.isfinite(v) for v in value)):
+                and all(_finite(v) for v in value)):
             return f"must be a list of {len(default)} finite numbers, got {value!r}"
         out_of_range = [_range_problem(method, name, v) for v in value]
         return next((f"{why} (each)" for why in out_of_range if why), None)
@@ -109,7 +118,7 @@ def _value_problem(method: str, name: str, value: Any, default: Any) -> str | No
         if not (isinstance(value, int) and not isinstance(value, bool)):
             return f"must be an integer, got {value!r}"
     elif isinstance(default, float):
-        if not _is_number(value) or not math.isfinite(value):
+        if not _finite(value):
             return f"must be a finite number, got {value!r}"
     return _range_problem(method, name, value)
 
@@ -130,7 +139,7 @@ def _levels_problem(value: Any) -> str | None:
     it names every forgotten task, the job checks once it knows them)."""
     if not isinstance(value, dict) or not all(isinstance(t, str) for t in value):
         return f"must be a {{task: level}} mapping, got {value!r}"
-    bad = {t: v for t, v in value.items() if not _is_number(v) or not math.isfinite(v) or v <= 0}
+    bad = {t: v for t, v in value.items() if not _finite(v) or v <= 0}
     return f"must give each task a positive finite level, got {bad}" if bad else None
 
 
@@ -167,7 +176,7 @@ def _scores_problem(value: Any) -> str | None:
             for task, score in scores.items():
                 if not isinstance(task, str):
                     bad.append(f"[{mode!r}][{iid!r}] must be keyed by task names, got {short_repr(task)}")
-                elif not _is_number(score) or not (math.isnan(score) or 0 <= score <= 1):
+                elif not (isinstance(score, float) and math.isnan(score)) and not (_finite(score) and 0 <= score <= 1):
                     bad.append(f"[{mode!r}][{iid!r}][{task!r}] must be a score in [0, 1], got {short_repr(score)}")
     if not bad:
         return None
@@ -226,7 +235,7 @@ def config_problems(method: str, config: Any) -> list[str]:
         recipe_fields = {f.name for f in fields(TrainConfig)}  # top-level recipe overrides (retrain's docstring)
     known = set(defaults) | SHARED | recipe_fields
     out = []
-    unknown = sorted(set(config) - known)
+    unknown = sorted(set(config) - known, key=repr)  # a library caller's key may be no string
     if unknown:
         out.append(f"method {method!r} has no parameter {', '.join(map(repr, unknown))}; "
                    f"its parameters: {sorted(known)}")
