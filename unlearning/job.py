@@ -337,6 +337,12 @@ def run_unlearning_job(
     if test is None or len(test) == 0:
         raise JobInputError("the test set is empty: the audit's membership inference compares the forgotten cells "
                             "with held-out data, and interference_aware's levels come from it")
+    shared = sorted(set(test.instance_ids) & set(train.instance_ids))
+    if shared:  # members counted among the non-members: the audit's AUC would be measured against itself
+        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        raise JobInputError(f"the test set holds training instances ({', '.join(shared[:3])}{more}): the audit's "
+                            "membership inference takes its non-members from it, which must be data the model "
+                            "was not trained on")
     if reference is not None:
         check_reference(model, train, reference, test)
         if reference.instance_ids == test.instance_ids:

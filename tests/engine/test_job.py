@@ -382,6 +382,15 @@ def test_an_empty_test_set_or_erasing_every_cell_is_a_job_input_error(setup):
             run_unlearning_job(model, train, test, train.cells(), method=method, config={"steps": 1})
 
 
+def test_a_test_set_that_holds_training_instances_is_a_job_input_error(setup):
+    """The audit's attack takes its non-members from the test set: with members among them its
+    AUC was measured against itself, and the job ran (mia_auc 0.21) without a word."""
+    model, train, test = setup
+    for held_out in (train, train.subset([0, 1, 2])):
+        with pytest.raises(JobInputError, match=r"the test set holds training instances \(i0, i1, i\d+"):
+            run_unlearning_job(model, train, held_out, [("i0", "depth")], method="finetune", config={"steps": 1})
+
+
 def test_a_numpy_integer_seed_is_a_seed(setup):
     """``for seed in np.arange(3)`` gives numpy integers: the same runs as Python's (they were refused as
     "seed must be an integer, got np.int64(1)")."""
