@@ -125,7 +125,8 @@ def _newest_first(session: Session, table, listing: str, filters: dict, since: d
     page's cursor names too); ``since`` inclusive, ``until`` exclusive; the columns
     ``without`` not read (reading one raises). ``created_at`` is the writer's clock. A
     request's is read under the audit log's lock (:func:`worker.requests.submit_deletion`),
-    so requests land in commit order and a reader never passes one committed late; a job's
+    so on one clock requests land in commit order and a reader never passes one committed
+    late (hosts whose clocks differ can still stamp out of order); a job's
     is not (a job committed late can land among jobs a reader has passed). The audit log's
     ``seq`` (assigned under the chain head's lock) follows commit order too."""
     limit = _check_limit(limit)

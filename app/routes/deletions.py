@@ -85,11 +85,11 @@ def list_deletions(
     cursor here is a 422 naming that list, as is one written before cursors named their
     list (restart from the first page, without a cursor).
 
-    ``created_at`` is the writing process's clock when a request is written, not its commit
-    order (one model's submissions are serialised; different models' and different API
-    hosts' are not): one that commits late can sort among rows already read, so polling
-    with ``since`` may miss it. To follow new requests without a gap, read ``/audit/events?kind=deletion.received``
-    with its cursor: ``seq`` order is commit order."""
+    ``created_at`` is read under the audit log's lock, after the request's row is written:
+    on one clock, requests of every model land in commit order, so paging passes none that
+    commits late (a newer one appears on a new first page). API hosts whose clocks differ can
+    still stamp out of order: to follow new requests without a gap whatever the clocks, read
+    ``/audit/events?kind=deletion.received`` with its cursor: ``seq`` order is commit order."""
     with session.begin():
         page = list_requests(
             session,
