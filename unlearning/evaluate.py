@@ -278,6 +278,13 @@ def evaluate_unlearning(
     models = {"original": original, "unlearned": unlearned}
     if retrained is not None:
         models["retrained"] = retrained
+    from .job import JobInputError, check_model_matches  # the job module imports this one
+
+    for name, model in models.items():  # a clear error, not one from inside the model's forward
+        try:
+            check_model_matches(model, train, test)
+        except JobInputError as exc:
+            raise ValueError(f"the {name} model: {exc}") from None
 
     # model name -> group (level, task, set) -> that model's metrics on the group
     metrics: dict[str, dict[GroupKey, dict[str, float]]] = {name: {} for name in models}

@@ -96,14 +96,16 @@ class JobResult:
     seconds: float = 0.0
 
 
-def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable) -> list[Cell]:
+def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable,
+                          test: MultiTaskDataset | None = None) -> list[Cell]:
     """The forget cells as a de-duplicated list of ``(instance_id, task)`` tuples, in the
     order given: the order is part of a job's input, as its seed is (the same cells in
     another order give weights that differ by rounding). A set, which has no order of
     its own (a Python set's depends on the process's hash seed), is taken sorted.
 
     :class:`JobInputError` (a ValueError) for an empty set, a malformed cell, an
-    unknown task, an unknown instance or a cell that is already erased.
+    unknown task, an unknown instance (one of ``test``, when given, is named as
+    held-out) or a cell that is already erased.
     """
     if isinstance(forget_cells, str):  # iterated, it would be its characters
         raise JobInputError(f"the forget set is a list of (instance_id, task) cells, got the string {forget_cells!r}")
@@ -111,7 +113,7 @@ def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable) -> li
         raise JobInputError(f"the forget set is a list of (instance_id, task) cells, got one cell {forget_cells!r}: "
                             f"pass [{forget_cells!r}]")
     cells: list[Cell] = []
-    for cell in forget_cells or []:
+    for cell in (forget_cells if forget_cells is not None else []):  # (a numpy array has no truth value)
         if not isinstance(cell, (tuple, list)) or len(cell) != 2:
             raise JobInputError(f"a forget cell is an (instance_id, task) pair, got {cell!r}")
         cells.append((str(cell[0]), str(cell[1])))
@@ -121,6 +123,11 @@ def validate_forget_cells(train: MultiTaskDataset, forget_cells: Iterable) -> li
     try:
         return train.check_cells(cells)
     except KeyError as exc:  # unknown instance
+        held_out = sorted({iid for iid, _ in cells if iid not in train.instance_ids}
+                          & set(test.instance_ids if test is not None else ()))
+        if held_out:
+            raise JobInputError(f"instance {held_out[0]!r} is in the test set: held-out data the model was not "
+                                "trained on, so there is nothing of it to erase") from None
         raise JobInputError(exc.args[0] if exc.args else str(exc)) from None
     except ValueError as exc:  # unknown task, already erased
         raise JobInputError(str(exc)) from None
@@ -331,7 +338,7 @@ def run_unlearning_job(
     start = time.perf_counter()
     if method not in METHOD_NAMES:
         get_method(method)  # raises KeyError naming the known methods
-    cells = validate_forget_cells(train, forget_cells)
+    cells = validate_forget_cells(train, forget_cells, test)
     check_model_matches(model, train, test)
     check_config(method, config)
     if test is None or len(test) == 0:

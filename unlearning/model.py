@@ -179,6 +179,9 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     is missing; ``ValueError`` naming the file for everything else that is wrong with it:
     a config that is not JSON or lacks a valid ``model`` section, weights that are not a
     safetensors file, weights that do not match the configuration (mismatched checkpoint)."""
+    from .train import resolve_device
+
+    resolve_device(map_location)  # a device this machine lacks, named before the files are read
     directory = Path(directory)
     config = read_model_config(directory / CONFIG_FILE)
     weights = directory / WEIGHTS_FILE
@@ -191,11 +194,16 @@ def model_from_safetensors(config: "ModelConfig", data: bytes, source: str | Pat
                            map_location: str | torch.device = "cpu") -> MultiTaskNet:
     """The model of ``config`` with the weights in ``data`` (the bytes of a safetensors file,
     e.g. those just hashed); ``ValueError`` naming ``source`` when they are not a
-    safetensors file or do not match the configuration."""
+    safetensors file or do not match the configuration. ``map_location`` as
+    :func:`unlearning.train.resolve_device` takes it (a RuntimeError naming a device this
+    machine lacks, where torch asserted "Torch not compiled with CUDA enabled")."""
+    from .train import resolve_device  # the training module imports this one
+
+    device = resolve_device(map_location)
     state = fitting_state(config, data, source)
     model = MultiTaskNet(config)
     model.load_state_dict(state)  # checked above (load_state would scan the weights again)
-    return model.to(map_location)
+    return model.to(device)
 
 
 def fitting_state(config: "ModelConfig", data: bytes, source: str | Path) -> dict[str, torch.Tensor]:

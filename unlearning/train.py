@@ -61,8 +61,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     silent fallback; and for any other kind of device: the library runs on these two)."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = device if isinstance(device, torch.device) else torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own list of every device type it knows of
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise RuntimeError(f"device {device!r} is not supported: use 'auto', 'cpu' or 'cuda[:n]'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available")

@@ -246,7 +246,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     # the job checks these first too; here they are refused before the progress bar is drawn,
     # so a refusal is the one `error:` line on stderr (not a line behind a bar at 0%)
     retained = train.without(erased)
-    validate_forget_cells(retained, requested)
+    validate_forget_cells(retained, requested, test)
     check_model_matches(model, retained, test)
 
     bar = tqdm(total=100, desc=f"unlearn ({method})", disable=not progress, leave=False, unit="%")

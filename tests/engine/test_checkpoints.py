@@ -34,6 +34,16 @@ def test_a_checkpoint_loads_as_it_was_saved(checkpoint):
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("device, says", [("cuda", "device 'cuda' requested but CUDA is not available"),
+                                           ("tpu", "device 'tpu' is not supported: use 'auto', 'cpu' or 'cuda[:n]'")])
+def test_a_device_this_machine_lacks_is_named(checkpoint, monkeypatch, device, says):
+    """torch asserted "Torch not compiled with CUDA enabled" (or raised its own list of device types)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=re.escape(says)):
+        load_model(checkpoint[0], device)
+    assert next(load_model(checkpoint[0], "auto").parameters()).device.type == "cpu"
+
+
 def test_a_config_naming_a_huge_model_is_refused_without_building_it(checkpoint):
     directory, _ = checkpoint
     doc = json.loads((directory / "config.json").read_text())

@@ -571,7 +571,8 @@ def test_unlearn_ctrl_c_is_one_line_and_writes_nothing(checkpoint, tmp_path, cap
     (["--instance", "indoor-00001", "--tasks", "normals"], "unknown task 'normals' for dataset 'indoor'"),
     (["--instance", "nobody"], "unknown instance 'nobody' in dataset 'indoor'"),
     (["--cell", "indoor-00001:albedo"], "unknown task 'albedo'"),
-], ids=["task", "instance", "cell"])
+    (["--instance", "indoor-test-00001"], "instance 'indoor-test-00001' is in the test set: held-out data"),
+], ids=["task", "instance", "cell", "test instance"])
 def test_unlearn_refuses_bad_cells_before_its_progress_bar(checkpoint, tmp_path, capsys, no_job, args, message):
     """With the progress bar on (the default), a refused cell is still the one ``error:`` line
     on stderr: the bar at 0% used to be drawn first, the error behind it on the same line."""

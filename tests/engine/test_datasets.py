@@ -182,6 +182,29 @@ def test_strict_erasure_names_the_bad_cell(indoor):
     assert again.instance_ids == once.instance_ids and torch.equal(again.available, once.available)
 
 
+def test_cells_that_are_no_list_of_pairs_are_named(indoor):
+    """A bare cell was iterated as two cells (``unknown task '0'``), a triple or a bare string
+    failed to unpack, a list as an id was unhashable; select("id") looked up its characters."""
+    train = indoor[0]
+    iid = train.instance_ids[0]
+    with pytest.raises(ValueError, match=rf"cells are a list of \(instance_id, task\) pairs, got \('{iid}', "
+                                         rf"'depth'\): pass \[\('{iid}', 'depth'\)\]"):
+        train.check_cells((iid, "depth"))
+    with pytest.raises(ValueError, match=f"got '{iid}'$"):
+        train.check_cells(iid)
+    for cell in [(iid, "depth", "x"), ([iid], "depth"), iid, (iid, 3)]:
+        with pytest.raises(ValueError, match=r"a cell is an \(instance_id, task\) pair of strings, got "):
+            train.check_cells([cell])
+    assert train.check_cells([[iid, "depth"]]) == [(iid, "depth")]  # lists read as pairs, returned as tuples
+    with pytest.raises(ValueError, match=f"select takes a list of instance ids, got the string '{iid}'"):
+        train.select(iid)
+    gone = train.without([(iid, t) for t in train.tasks])
+    with pytest.raises(KeyError, match=f"instance '{iid}' is erased: every cell of it was erased"):
+        gone.select([iid])
+    with pytest.raises(KeyError, match="unknown instance 'nope'"):
+        gone.select(["nope"])
+
+
 @pytest.mark.parametrize("bad", [-2, 6])
 def test_segmentation_labels_outside_the_classes_are_refused(indoor, bad):
     from unlearning.data.base import MultiTaskDataset

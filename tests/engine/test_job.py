@@ -391,6 +391,31 @@ def test_a_test_set_that_holds_training_instances_is_a_job_input_error(setup):
             run_unlearning_job(model, train, held_out, [("i0", "depth")], method="finetune", config={"steps": 1})
 
 
+def test_a_test_instance_is_named_as_held_out(setup):
+    """It was "unknown instance": the job holds the test set and can say what it is."""
+    model, train, test = setup
+    held_out = test.instance_ids[0]
+    assert held_out not in train.instance_ids
+    with pytest.raises(JobInputError, match=rf"^instance '{held_out}' is in the test set: held-out data the model "
+                                            r"was not trained on, so there is nothing of it to erase$"):
+        run_unlearning_job(model, train, test, [(held_out, "depth")], method="finetune", config={"steps": 1})
+    with pytest.raises(JobInputError, match="unknown instance 'nope'"):
+        run_unlearning_job(model, train, test, [("nope", "depth")], method="finetune", config={"steps": 1})
+
+
+def test_forget_cells_as_a_numpy_array_and_a_method_name_as_a_list(setup):
+    """An array of cells raised numpy's "truth value of an array is ambiguous" (now each row is
+    named as no pair); get_method(["x"]), "unhashable type: 'list'"."""
+    np = pytest.importorskip("numpy")
+    model, train, test = setup
+    from unlearning.methods import get_method
+
+    with pytest.raises(JobInputError, match=r"a forget cell is an \(instance_id, task\) pair, got array\("):
+        run_unlearning_job(model, train, test, np.array([["i0", "depth"]]), method="finetune", config={"steps": 1})
+    with pytest.raises(KeyError, match=r"unknown unlearning method \['x'\]; known methods"):
+        get_method(["x"])
+
+
 def test_a_numpy_integer_seed_is_a_seed(setup):
     """``for seed in np.arange(3)`` gives numpy integers: the same runs as Python's (they were refused as
     "seed must be an integer, got np.int64(1)")."""

@@ -225,6 +225,20 @@ def test_the_forget_gap_from_the_gold_standards_losses_keeps_a_diverged_head(tra
     assert report["forget_gap"] is None
 
 
+def test_evaluating_a_model_of_other_tasks_or_channels_names_it(trained):
+    """It failed inside the model's forward (KeyError 'segmentation'; a convolution's channel error)."""
+    from unlearning.model import ModelConfig, MultiTaskNet
+
+    train, test, _, model = trained
+    cells = [("i2", "depth")]
+    other_tasks = MultiTaskNet(ModelConfig(tasks={"depth": 1, "normal": 3}, width=8, depth=2, head_width=8))
+    with pytest.raises(ValueError, match=r"^the unlearned model: checkpoint does not match the dataset: model tasks"):
+        evaluate_unlearning(model, other_tasks, train, cells, test)
+    grey = MultiTaskNet(ModelConfig(tasks=dict(model.config.tasks), width=8, depth=2, head_width=8, in_channels=1))
+    with pytest.raises(ValueError, match=r"^the original model: .*takes 1-channel images"):
+        evaluate_unlearning(grey, model, train, cells, test)
+
+
 def test_evaluate_full_mode_and_missing_retrain(trained):
     train, test, _, model = trained
     cells = [("i2", t) for t in TASKS] + [("i2", "depth")]  # a repeated request counts once

@@ -169,7 +169,10 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         """Position of ``instance_id``; KeyError naming it when it is not (or no longer) here."""
         try:
             return self._position[instance_id]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: a list or another unhashable id
+            if isinstance(instance_id, str) and instance_id in self.erased_instances:
+                raise KeyError(f"instance {instance_id!r} is erased: every cell of it was erased from dataset "
+                               f"{self.name!r}") from None
             raise KeyError(f"unknown instance {instance_id!r} in dataset {self.name!r}") from None
 
     @property
@@ -222,10 +225,18 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         return bool(self.available[self._position[iid], self.tasks.index(task)])
 
     def check_cells(self, cells: Iterable[Cell]) -> list[Cell]:
-        """Validate cells against this dataset: a clear error for an unknown task, an
-        unknown instance (KeyError), a cell that is already erased or an instance
+        """Validate cells against this dataset and return them as tuples: a clear error for
+        something that is no list of (instance_id, task) pairs of strings, an unknown task,
+        an unknown instance (KeyError), a cell that is already erased or an instance
         :meth:`without` dropped, every cell of it erased (ValueError)."""
+        if isinstance(cells, str) or (isinstance(cells, tuple) and len(cells) == 2
+                                      and all(isinstance(x, str) for x in cells)):
+            hint = f": pass [{cells!r}]" if isinstance(cells, tuple) else ""
+            raise ValueError(f"cells are a list of (instance_id, task) pairs, got {cells!r}{hint}")
         cells = list(cells)
+        for cell in cells:
+            if not isinstance(cell, (tuple, list)) or len(cell) != 2 or not all(isinstance(x, str) for x in cell):
+                raise ValueError(f"a cell is an (instance_id, task) pair of strings, got {cell!r}")
         for iid, task in cells:
             if task not in self.tasks:
                 raise ValueError(f"unknown task {task!r} for dataset {self.name!r}; tasks: {self.tasks}")
@@ -236,7 +247,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 raise KeyError(f"unknown instance {iid!r} in dataset {self.name!r}")
             if not self.available[self._position[iid], self.tasks.index(task)]:
                 raise ValueError(f"cell ({iid!r}, {task!r}) is already erased")
-        return cells
+        return [(iid, task) for iid, task in cells]
 
     def without(self, cells: Iterable[Cell], strict: bool = False) -> "MultiTaskDataset":
         """A copy with ``cells`` erased; instances left with no supervised cell are dropped.
@@ -277,4 +288,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         )
 
     def select(self, instance_ids: Iterable[str]) -> "MultiTaskDataset":
+        if isinstance(instance_ids, str):  # iterated, it would be its characters
+            raise ValueError(f"select takes a list of instance ids, got the string {instance_ids!r}: "
+                             f"pass [{instance_ids!r}]")
         return self.subset([self.index_of(i) for i in instance_ids])

@@ -27,7 +27,7 @@ METHOD_NAMES = list(_MODULES)
 
 
 def _module(name: str):
-    if name not in _MODULES:
+    if not isinstance(name, str) or name not in _MODULES:  # (a list was a TypeError: unhashable)
         raise KeyError(f"unknown unlearning method {name!r}; known methods: {METHOD_NAMES}")
     return importlib.import_module(f"{__name__}.{_MODULES[name]}")
 
