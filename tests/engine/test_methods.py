@@ -453,3 +453,16 @@ def test_a_number_no_float_holds_is_refused_by_name():
     assert config_problems("finetune", {"steps": 2**70}) == []  # an int parameter takes any int in range
     # a library caller's keys need not be strings: named, not a TypeError from sorting them
     assert "has no parameter 'a', 1;" in config_problems("finetune", {1: 2, "a": 3})[0]
+
+
+def test_retrain_refuses_an_architecture_it_would_ignore():
+    """{"width": 999} passed the check and was ignored (the model's architecture is kept), while
+    the job's recorded configuration said 999; in ``train`` (a manifest's recipe) it is read over."""
+    from unlearning.methods.params import config_problems
+
+    assert config_problems("retrain", {"width": 999}) == [
+        "retrain parameter 'width' cannot be set: the retrained model has the deployed model's architecture "
+        "(width, depth, head_width come from its checkpoint)"]
+    assert config_problems("retrain", {"epochs": 2, "train": {"width": 16, "epochs": 5}}) == []
+    assert "has no parameter 'width'" in config_problems("finetune", {"width": 8})[0]
+    assert len(config_problems("finetune", {"width": 8})) == 1

@@ -191,6 +191,10 @@ SHAPES = {
 }
 
 
+#: TrainConfig fields retrain takes from the model, not from its configuration (in ``train``,
+#: a manifest's recipe, they are read over; as top-level overrides they are refused)
+ARCHITECTURE = ("width", "depth", "head_width")
+
 #: parameters that hold a training recipe (TrainConfig fields) when set
 RECIPES = {("interference_aware", "shadow_recipe")}
 
@@ -243,6 +247,9 @@ def config_problems(method: str, config: Any) -> list[str]:
         if name == "train":
             if value is not None:  # (None: no recipe given, as retrain reads it)
                 out += _recipe_problems(value, "'train'")
+        elif name in recipe_fields and name in ARCHITECTURE:  # retrain: the architecture is the model's
+            out.append(f"retrain parameter {name!r} cannot be set: the retrained model has the deployed "
+                       f"model's architecture ({', '.join(ARCHITECTURE)} come from its checkpoint)")
         elif name in recipe_fields:
             out += _recipe_problems({name: value}, None)
         elif (method, name) in RECIPES and value is not None:
