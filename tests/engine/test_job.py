@@ -243,6 +243,9 @@ def test_releasing_a_versions_device_data_keeps_the_rest_of_its_cache(setup):
     ("interference_aware", {"orthogonalize": "iterate", "orthogonalize_impl": "batched"}, "has only the 'per_tensor'"),
     ("interference_aware", {"tau": {"depth": -1.0}}, "'tau' must give each task a positive finite level"),
     ("interference_aware", {"tau": {"normal": 0.5}}, "must give every forgotten task a positive level; missing: ['depth']"),
+    # a misspelt task was no level of any task, and passed
+    ("interference_aware", {"tau": {"depht": 0.5, "depth": 0.5}}, "'tau' names ['depht'], no task of the dataset; its "
+                                                                  "tasks: ['segmentation', 'depth', 'normal']"),
     # stored calibration scores: a table of {instance: {task: score in [0, 1]}} per mode (a string
     # was an AttributeError inside the method, 5 an expected MIA AUC of 5.0)
     ("interference_aware", {"shadow_scores": "x"}, "'shadow_scores' must be a mapping with 'full' and 'partial' tables"),

@@ -536,7 +536,7 @@ def check(data: UnlearnData, config: dict | None = None) -> None:
     the first step: :func:`unlevelled_tasks`.)"""
     tau = (config or {}).get("tau", DEFAULTS["tau"])
     if tau:
-        check_fixed_levels(tau, data.forget_tasks)
+        check_fixed_levels(tau, data.forget_tasks, list(data.train.tasks))
 
 
 def _no_level(tasks: list[str]) -> str:
@@ -580,10 +580,14 @@ def prepare(model, data: UnlearnData, config: dict | None = None) -> None:
         representation(model, data)
 
 
-def check_fixed_levels(tau, forget_tasks: list[str]) -> None:
-    """``config["tau"]`` must give every forgotten task a positive, finite level."""
+def check_fixed_levels(tau, forget_tasks: list[str], tasks: list[str] | None = None) -> None:
+    """``config["tau"]`` must give every forgotten task a positive, finite level, and name
+    only the dataset's ``tasks`` (when given: a misspelt task is no level of any task)."""
     if not isinstance(tau, dict):
         raise ValueError(f"interference_aware: 'tau' must be a {{task: level}} mapping, got {tau!r}")
+    unknown = [t for t in tau if tasks is not None and t not in tasks]
+    if unknown:
+        raise ValueError(f"interference_aware: 'tau' names {unknown}, no task of the dataset; its tasks: {tasks}")
     missing = [t for t in forget_tasks if t not in tau]
     invalid = {t: v for t, v in tau.items()
                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0}
@@ -981,7 +985,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         raise ValueError("interference_aware: orthogonalize_impl 'batched' does one projection; orthogonalize 'iterate' "
                          "has only the per_tensor implementation")
     if cfg["tau"]:
-        check_fixed_levels(cfg["tau"], data.forget_tasks)
+        check_fixed_levels(cfg["tau"], data.forget_tasks, list(data.train.tasks))
     t0 = time.perf_counter()
     device = data.device
     batched = cfg["orthogonalize"] is True and (impl == "batched" or (impl == "auto" and device.type == "cuda"))
