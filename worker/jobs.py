@@ -377,6 +377,7 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             method=settings.method,
             base_version=serving.version,
             params={"cells": [list(c) for c in cells], "request_ids": request_ids},
+            created_at=now,  # the claim's time, as started_at is (the column default, read at flush, came after it)
         )
         _start(job, now)
         session.add(job)
@@ -494,7 +495,7 @@ def _propagation(session: Session, settings: Settings, model_name: str, behind: 
     cells = erasure_cells(behind)
     request_ids = list(dict.fromkeys(b["request_id"] for b in behind))
     job = Job(model_name=model_name, kind="propagate", status="running", method=settings.method,
-              base_version=serving, params={"cells": cells, "request_ids": request_ids})
+              base_version=serving, params={"cells": cells, "request_ids": request_ids}, created_at=now)
     _start(job, now)
     session.add(job)
     session.flush()

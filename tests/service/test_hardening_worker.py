@@ -1145,6 +1145,20 @@ def test_a_first_version_whose_manifest_holds_nan_is_registered_with_null(settin
     assert _serving(s).metrics == {"mia_auc": None, "loss": 0.5}
 
 
+def test_a_claimed_job_is_not_started_before_it_was_created(two_models):
+    """created_at came from the column default at flush, after started_at (the claim's time):
+    GET /jobs showed jobs started before they were created."""
+    s, s_b, store, ids = two_models
+    _submit(s, ids[0])
+    claim = jobs.claim_next(s, TINY)
+    jobs.run_job(s, store, claim.job_id, claim.attempt)  # B is behind A's erasure: its claim is a propagate job
+    propagate = jobs.claim_next(s_b, TINY_B)
+    with transaction(s.database_url) as session:
+        for job_id, kind in ((claim.job_id, "deletion"), (propagate.job_id, "propagate")):
+            job = session.get(Job, job_id)
+            assert job.kind == kind and job.created_at == job.started_at
+
+
 def _stored_then_crashed(s: Settings, store, monkeypatch) -> str:
     """A job that stored its artifact (v2) and died before publishing; its id, made stale and requeued."""
     class Crash(BaseException):
