@@ -253,9 +253,11 @@ def rollback(
 
     - a job of the model queued or running: :class:`Conflict` (it would move the alias: also
       when the target serves already);
-    - already serving: no-op; so is ``reapply_erasures`` to a target whose reapply job has
-      published the serving version, and no erasure has been recorded since (a repeat:
-      another job would publish its duplicate);
+    - already serving: no-op, unless ``reapply_erasures`` and it misses erasures recorded
+      since (another model's on the dataset, whose propagation has not run or is backing
+      off): then a reapply job on it, as below; ``reapply_erasures`` to a target whose
+      reapply job has published the serving version, with no erasure recorded since, is a
+      no-op too (a repeat: another job would publish its duplicate);
     - the target contains every erasure recorded since: move the alias, write
       AliasHistory (reason ``rollback``) and a ``model.rollback`` audit event;
     - erasures are missing: :class:`Conflict` naming them, unless
@@ -287,7 +289,9 @@ def rollback(
             model=model_name,
             job_id=active,
         )
-    if current == version:
+    if current == version and not (reapply_erasures and missing_erasures(session, model, target)):
+        # (with reapply_erasures, a serving version that misses erasures, another model's whose
+        # propagation has not run or is backing off, gets them now: a reapply job on it)
         return RollbackOutcome("noop", model_name, current, version)
     if target.purged_at is not None:
         purged_at = as_utc(target.purged_at).isoformat()

@@ -720,6 +720,29 @@ def test_a_certificate_lists_a_model_once_when_its_own_request_erased_the_rest(t
         assert [ids[0], "depth"] in erased.erased_cells and erased.job_id == running.job_id
 
 
+def test_reapply_to_the_serving_version_erases_what_it_misses(two_models, monkeypatch):
+    """B serves v1, which misses cell c erased through A, and B's propagation failed (backing
+    off): a rollback to v1 with reapply_erasures answered "noop" and left c in service until
+    the retry. It is now a reapply job on v1; once that serves, the same request is a noop."""
+    s, s_b, store, ids = two_models
+    _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]  # A erases c: a tombstone
+    monkeypatch.setattr(jobs, "_compute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("fails once")))
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["failed"]  # B's propagation
+    monkeypatch.undo()
+    with transaction(s.database_url) as session:
+        assert versions.rollback(session, s_b, TINY_B, 1).action == "noop"  # without reapply: nothing asked
+        out = versions.rollback(session, s_b, TINY_B, 1, reapply_erasures=True)
+        assert (out.action, out.from_version, out.to_version) == ("reapply", 1, 1)
+        assert (out.job.kind, out.job.base_version, out.job.params["cells"]) == ("reapply", 1, [[ids[0], "depth"]])
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["completed"]
+    served = _serving_of(s_b, TINY_B)
+    assert served.parent_version == 1 and [ids[0], "depth"] in served.erased_cells
+    with transaction(s.database_url) as session:
+        again = versions.rollback(session, s_b, TINY_B, served.version, reapply_erasures=True)
+        assert (again.action, again.job) == ("noop", None)
+
+
 def _waiting_behind_a_reapply(two_models, monkeypatch) -> str:
     """B's propagation of cell c (erased through A) failed, so rB for c is accepted on B as its
     next try; then B is rolled back to v1 with reapply_erasures, whose job (queued, claimed
