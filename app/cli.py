@@ -187,7 +187,11 @@ def _host_ok(host: str, port: int, source: str) -> bool:
         return False
     for family, kind, proto, _, address in dict.fromkeys(infos):
         try:
-            with socket.socket(family, kind, proto) as sock:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # a family this host lacks (IPv6 off, ::1 still resolved): asyncio skips it too
+            continue
+        try:
+            with sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == getattr(socket, "AF_INET6", None) and hasattr(socket, "IPPROTO_IPV6"):
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

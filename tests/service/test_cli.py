@@ -335,6 +335,28 @@ def test_a_port_in_use_or_an_address_elsewhere_is_refused_before_migrating(envir
     assert not (tmp_path / "x.db").exists() and not (tmp_path / "models").exists()
 
 
+def test_an_address_family_this_host_lacks_is_skipped_as_asyncio_skips_it(monkeypatch):
+    """IPv6 off, and 'localhost' still resolves to ::1 too: uvicorn listens on 127.0.0.1, and
+    the check refused it (EAFNOSUPPORT creating the socket)."""
+    import errno
+    import socket
+
+    from app.cli import _host_ok
+
+    real = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))])
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    assert _host_ok("localhost", 0, "--host")
+
+
 def test_the_listen_check_lets_the_address_go(tmp_path):
     # what it binds it closes: the port is free for uvicorn after it
     import socket
