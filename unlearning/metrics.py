@@ -35,11 +35,11 @@ def relative_degradation(before: Mapping[str, float], after: Mapping[str, float]
     """
     if not directions:
         raise ValueError("no metrics to compare")
+    if any(math.isnan(float(before[m])) or math.isnan(float(after[m])) for m in directions):
+        return float("nan")  # whatever another metric's change (an infinite one included)
     total = 0.0
     for m, sign in directions.items():
         m0, mu = float(before[m]), float(after[m])
-        if math.isnan(mu) or math.isnan(m0):
-            return float("nan")
         if m0 == 0.0:
             if sign < 0 and mu > 0.0:
                 return float("inf")

@@ -53,6 +53,8 @@ def test_a_perfect_lower_is_better_metric_lost_is_infinite():
     before = {"abs_err": 0.0, "rel_err": 0.0, "delta1": 1.0}
     assert relative_degradation(before, {"abs_err": 5.0, "rel_err": 1.0, "delta1": 0.5}, DEPTH) == float("inf")
     assert relative_degradation(before, dict(before), DEPTH) == 0.0  # still perfect: nothing lost
+    # a NaN elsewhere is NaN whichever metric comes first
+    assert math.isnan(relative_degradation(before, {"abs_err": 0.01, "rel_err": math.nan, "delta1": 1.0}, DEPTH))
 
 
 def test_nan_after_is_not_hidden_as_zero():
