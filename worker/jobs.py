@@ -771,7 +771,8 @@ def _check_base(settings: Settings, store: ModelStore, model_name: str, base_ver
     """The base version in the store is the one the record holds (same weights' sha256):
     a checkpoint replaced behind the service's back (say, by pre-erasure weights) must not
     become the base of a new version."""
-    sha = (base_manifest or store.manifest(model_name, base_version)).sha256
+    base_manifest = base_manifest or store.manifest(model_name, base_version)  # read once: sha256 and lineage
+    sha = base_manifest.sha256
     with transaction(settings.database_url) as session:
         recorded = session.execute(
             select(ModelVersion.sha256, ModelVersion.erased_cells).where(ModelVersion.model_name == model_name,
@@ -784,7 +785,7 @@ def _check_base(settings: Settings, store: ModelStore, model_name: str, base_ver
                         f"one the record holds (sha256 {recorded.sha256})")
     # the lineage the job builds on (what it leaves out of its data, what its version claims
     # erased) is the manifest's, which the sha256 does not cover: it must be the record's
-    stored = {tuple(c) for c in (base_manifest or store.manifest(model_name, base_version)).erased_cells}
+    stored = {tuple(c) for c in base_manifest.erased_cells}
     if stored != {tuple(c) for c in recorded.erased_cells or []}:
         raise JobFailed(f"base version {base_version} of {model_name!r} in the store claims {len(stored)} erased "
                         f"cells, the record {len(recorded.erased_cells or [])}: its manifest is not the one "
