@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 
@@ -26,3 +27,15 @@ def no_repeated_names(pairs: list[tuple[str, object]]) -> dict:
 def loads_strict(text: str | bytes) -> Any:
     """``json.loads`` with :func:`no_repeated_names` (a :class:`RepeatedName`, a ValueError)."""
     return json.loads(text, object_pairs_hook=no_repeated_names)
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` as strict JSON can carry it: NaN and infinities (a degenerate evaluation, a
+    diverged head), also inside dicts, lists and tuples, become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value

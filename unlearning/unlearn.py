@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .cli import (METHOD_SEEDS, CliError, Writes, check_output_dir, check_seed, is_sha256, json_type, read_json,
                   report_cli_error, report_interrupted, short_repr, write_dir_atomically)
-from .jsonio import loads_strict
+from .jsonio import finite_json, loads_strict
 from .model import CONFIG_FILE, WEIGHTS_FILE
 from .resources import data_needs, memory_shortfall
 
@@ -260,7 +260,9 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     finally:
         bar.close()
 
-    metrics = {k: result.metrics[k] for k in METRIC_KEYS if k in result.metrics}
+    # strict JSON, as the service records them: an infinite UIS (a perfect error lost) or a
+    # NaN is null, in the summary printed and in the checkpoint's lineage
+    metrics = finite_json({k: result.metrics[k] for k in METRIC_KEYS if k in result.metrics})
     lineage = list(manifest.get("lineage", []))
     lineage.append({
         "parent": str(source.resolve()),

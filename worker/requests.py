@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -15,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
 from unlearning.data import dataset_key
+from unlearning.jsonio import finite_json
 
 from .audit import append_event, lock_appends
 from .db import advisory_lock
@@ -509,18 +509,5 @@ def canonical_json(fields: dict) -> bytes:
 def certificate_hash(body: dict) -> str:
     """sha256 of a certificate's canonical JSON, without its own ``certificate_sha256`` field."""
     return hashlib.sha256(canonical_json({k: v for k, v in body.items() if k != "certificate_sha256"})).hexdigest()
-
-
-def finite_json(value):
-    """``value`` as strict JSON can carry it: NaN and infinities (a degenerate evaluation),
-    also inside dicts and lists, become None. Jobs record their metrics through it, and
-    certificates apply it again for records written before they did."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_json(v) for v in value]
-    return value
 
 

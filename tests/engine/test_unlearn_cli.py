@@ -290,3 +290,25 @@ def test_a_store_folder_whose_erased_cells_are_damaged_is_refused_not_read_as_no
                       "--out", str(tmp_path / "v2")], capsys)
     assert rc == 2 and f"{folder / 'manifest.json'}: 'erased' must be a list" in err
     assert not (tmp_path / "v2").exists()
+
+
+def test_non_finite_metrics_are_written_as_null(checkpoint, tmp_path, capsys, monkeypatch):
+    """An infinite UIS (a perfect error lost) was printed and written into the lineage as
+    Infinity, which strict JSON readers refuse; the service records it as null."""
+    import unlearning.job
+
+    real = unlearning.job.run_unlearning_job
+
+    def infinite(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.metrics.update(uis=float("inf"), uis_task=float("nan"))
+        return result
+
+    monkeypatch.setattr(unlearning.job, "run_unlearning_job", infinite)
+    out = tmp_path / "v2"
+    rc, summary, _ = run(["--checkpoint", str(checkpoint), "--instance", "indoor-00002", "--config", FAST,
+                          "--out", str(out)], capsys)
+    assert rc == 0 and summary["metrics"]["uis"] is None and summary["metrics"]["uis_task"] is None
+    text = (out / "config.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text)["lineage"][0]["metrics"]["uis"] is None
