@@ -10,10 +10,13 @@ For deployments whose API runs with ``UNLEARND_BACKGROUND=false``, the beat
 schedule below runs them as tasks instead: ``celery -A worker.celery_app beat -s
 var/celerybeat-schedule`` (beat keeps its schedule in a file, by default in the
 working directory, which the image's user cannot write; ``var/`` it can).
-Each beat task expires after one interval: while every worker is busy with a job,
-the ticks still queue up in the broker, but a worker that takes an expired one
-discards it unrun (the next tick does the same work), so an hour-long job leaves
-a few seconds of discarding, not an hour of relay passes. They share the job
+Each beat task expires after one interval, or a minute if that is longer (the
+expiry is a time on beat's clock that the worker reads on its own): while every
+worker is busy with a job, the ticks still queue up in the broker, but a worker
+that takes an expired one discards it unrun (the next tick does the same work), so
+an hour-long job leaves a few seconds of discarding and a minute of relay passes,
+not an hour of them. Each sweep relays too, a backstop for relay ticks lost or
+discarded. They share the job
 queue, so with a single worker they wait for the job to end; a second worker
 (``unlearnd worker``) keeps the relay going meanwhile.
 
@@ -32,6 +35,7 @@ from .settings import Settings, get_settings
 PROCESS_MODEL_TASK = "unlearnd.process_model"
 RELAY_TASK = "unlearnd.relay_outbox"
 SWEEP_TASK = "unlearnd.sweep"
+TICK_EXPIRY_MIN_S = 60.0  # a beat tick's shortest life: clocks of beat and workers may differ this much
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -56,7 +60,9 @@ def create_celery(settings: Settings) -> Celery:
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 1, "interval_max": 3},
         worker_hijack_root_logger=False,
         beat_schedule={
-            name: {"task": task, "schedule": every, "options": {"expires": every}}
+            # expiry from beat's clock, read against the worker's: at least a minute, so a worker
+            # whose clock runs a little ahead still runs the ticks (it discarded every one)
+            name: {"task": task, "schedule": every, "options": {"expires": max(every, TICK_EXPIRY_MIN_S)}}
             for name, task, every in (
                 ("relay-outbox", RELAY_TASK, max(settings.relay_interval_s, 1.0)),
                 ("sweep", SWEEP_TASK, max(settings.stale_after_s / 4, 5.0)),

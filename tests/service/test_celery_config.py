@@ -5,16 +5,39 @@ from worker.celery_app import RELAY_TASK, SWEEP_TASK, create_celery
 from worker.settings import Settings
 
 
-def test_beat_ticks_expire_after_one_interval():
+def test_beat_ticks_expire_after_one_interval_or_a_minute():
     """While every worker is busy with an hour-long job, beat's ticks queue up in the broker
     (3,600 relay ticks an hour at the default interval): each expires when the next one is
-    due, so a worker discards them unrun instead of running an hour of relay passes."""
+    due, or after a minute if that is later, so a worker discards them unrun instead of
+    running an hour of relay passes. (Expiring after 2 s, a worker whose clock ran 2 s ahead
+    of beat's discarded every relay tick: the expiry is a time on beat's clock.)"""
     settings = Settings(_env_file=None, relay_interval_s=2.0, stale_after_s=600)
     schedule = create_celery(settings).conf.beat_schedule
     by_task = {entry["task"]: entry for entry in schedule.values()}
     assert set(by_task) == {RELAY_TASK, SWEEP_TASK}
-    assert by_task[RELAY_TASK]["schedule"] == by_task[RELAY_TASK]["options"]["expires"] == 2.0
+    assert (by_task[RELAY_TASK]["schedule"], by_task[RELAY_TASK]["options"]["expires"]) == (2.0, 60.0)
     assert by_task[SWEEP_TASK]["schedule"] == by_task[SWEEP_TASK]["options"]["expires"] == 150.0
+
+
+def test_a_sweep_relays_what_is_pending_though_it_found_nothing(tmp_path, monkeypatch):
+    """Relay ticks lost or discarded: a new request's outbox row waited until the request
+    went stale (10 minutes), since a sweep relayed only when it found something."""
+    from worker import tasks
+    from worker.db import transaction
+    from worker.migrate import upgrade_database
+    from worker.tables import OutboxMessage, utcnow
+
+    settings = Settings(_env_file=None, database_url=f"sqlite:///{tmp_path}/record.db", broker_url=None)
+    upgrade_database(settings.database_url)
+    with transaction(settings.database_url) as session:
+        session.add(OutboxMessage(topic="process_model", payload={"model_name": "m"}, created_at=utcnow()))
+    sent = []
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    monkeypatch.setattr(tasks.app, "send_task", lambda name, args: sent.append((name, args)))
+    found = tasks.sweep_task.apply().get()
+    assert (found["models"], found["relayed"]) == ([], 1)
+    assert sent == [(tasks.PROCESS_MODEL_TASK, ["m"])]
+    assert tasks.sweep_task.apply().get()["relayed"] == 0 and len(sent) == 1  # published once
 
 
 def test_long_jobs_are_not_redelivered_while_they_run():
