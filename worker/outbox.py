@@ -17,7 +17,7 @@ import threading
 from datetime import timedelta
 from typing import Callable
 
-from sqlalchemy import or_, select
+from sqlalchemy import delete, or_, select
 
 from .audit import append_event
 from .db import read_only_transaction, transaction
@@ -150,6 +150,10 @@ def _outage_over_elsewhere(record: str) -> None:
                  "%.0f s ago is taken as over", (utcnow() - since).total_seconds())
 
 
+#: how long a published outbox row is kept (for a look at recent announcements) before a sweep deletes it
+KEEP_PUBLISHED = timedelta(days=7)
+
+
 def sweep_once(settings: Settings, publish: Publish) -> dict:
     """Re-announce stale work; returns ``{"requests": n, "jobs": n, "behind": n, "models": [...]}``.
 
@@ -166,12 +170,15 @@ def sweep_once(settings: Settings, publish: Publish) -> dict:
       is a try too (``worker.versions.stalled_propagation``).
 
     The announcements go through the outbox in the same transaction, then are relayed.
+    Rows published more than :data:`KEEP_PUBLISHED` ago are deleted (announcements, not
+    records: the audit log keeps what happened; the table grew for good).
     """
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.stale_after_s)
     models: set[str] = set()
     n_requests = n_jobs = 0
     with transaction(settings.database_url) as session:
+        session.execute(delete(OutboxMessage).where(OutboxMessage.published_at < now - KEEP_PUBLISHED))
         stale_requests = list(
             session.execute(
                 select(DeletionRequest)

@@ -46,3 +46,28 @@ def test_long_jobs_are_not_redelivered_while_they_run():
     assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
     assert conf.task_soft_time_limit == 1800 and conf.task_time_limit == 1860
     assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
+
+
+def test_a_sweep_deletes_outbox_rows_published_a_week_ago(tmp_path):
+    """Published rows were never deleted: the table grew with every announcement for good."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from worker.db import transaction
+    from worker.migrate import upgrade_database
+    from worker.outbox import sweep_once
+    from worker.tables import OutboxMessage, utcnow
+
+    settings = Settings(_env_file=None, database_url=f"sqlite:///{tmp_path}/record.db", broker_url=None)
+    upgrade_database(settings.database_url)
+    now = utcnow()
+    with transaction(settings.database_url) as session:
+        for days, published in ((8, True), (6, True), (8, False)):
+            at = now - timedelta(days=days)
+            session.add(OutboxMessage(topic="process_model", payload={"model_name": f"m{days}{published}"},
+                                      created_at=at, published_at=at if published else None))
+    sweep_once(settings, lambda topic, payload: None)
+    with transaction(settings.database_url) as session:
+        left = sorted(r.payload["model_name"] for r in session.execute(select(OutboxMessage)).scalars())
+    assert left == ["m6True", "m8False"]  # an unpublished row waits for the relay, whatever its age
