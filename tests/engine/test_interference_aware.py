@@ -621,6 +621,29 @@ def test_collinear_references_remove_only_their_span(dtype):
     assert n == 2 and torch.equal(out, g - basis @ (basis.T @ g))
 
 
+def test_references_equal_up_to_rounding_do_not_enlarge_the_batched_step():
+    """One batch drawn as both references, summed in another order on a GPU: the batched
+    pseudo-inverse, at double precision's tolerance, inverted the float32 rounding between
+    them as a second direction, and the "projection" made the step up to 9x longer. Now it
+    removes their one direction, as the per-tensor path does."""
+    from unlearning.methods.interference_aware import _orthogonalize, orthogonalize_all
+
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for trial in range(300):
+        n = int(torch.randint(8, 5000, (), generator=gen))
+        r1 = torch.randn(n, generator=gen)
+        noise = torch.randn(n, generator=gen, dtype=torch.float64)
+        r2 = (r1.double() + 1e-7 * noise * r1.abs().double()).float()  # r1 up to rounding
+        g = -r1 + torch.randn(n, generator=gen)  # conflicts with both
+        (batched,), removed = orthogonalize_all([g], [[r1], [r2]])
+        per_tensor, _ = _orthogonalize(g, [r1, r2])
+        assert int(removed) == 2
+        worst = max(worst, float(batched.norm() / g.norm()))
+        assert torch.allclose(batched, per_tensor, atol=1e-4 * float(g.norm())), trial
+    assert worst <= 1.0 + 1e-5  # a projection never lengthens the step
+
+
 def test_orthogonalization_removes_exactly_the_conflicts():
     """One projection leaves the step orthogonal to the references it conflicted with and
     untouched when none conflicts; a reference made to conflict by that projection (here

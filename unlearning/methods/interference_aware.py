@@ -856,10 +856,20 @@ def orthogonalize_all(g_f: list[torch.Tensor | None], refs: list[list[torch.Tens
     pairs = segment_sum(torch.stack([ref_flat[a] * ref_flat[b] for a in range(k) for b in range(k)], 1))
     gram = pairs.view(len(rows), k, k)
     chosen = (dots < 0).to(flat.dtype)  # (P, K)
-    # the chosen references' Gram block, and the identity where a reference is not chosen
-    masked = gram * chosen[:, :, None] * chosen[:, None, :] + torch.diag_embed(1 - chosen)
-    coef = (torch.linalg.pinv(masked.double(), hermitian=True) @ (dots * chosen).double()[:, :, None])
-    coef = coef[:, :, 0].to(flat.dtype)  # (P, K); 0 for references not chosen
+    # The references scaled to unit norm (the projection onto their span is the same): their
+    # Gram is a correlation matrix, each reference judged against its own norm as in
+    # _span_basis. Its entries carry float32 rounding of about sqrt(n) eps, so eigenvalues
+    # below 10 sqrt(n) eps are rounding, not directions: with pinv's double-precision default
+    # tolerance, two references equal up to rounding (one batch drawn twice) were inverted
+    # as two directions and the "projection" made the forget step up to 9x larger.
+    scale = gram.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(flat.dtype).tiny).rsqrt()  # (P, K)
+    corr = gram * scale[:, :, None] * scale[:, None, :]
+    # the chosen references' block, and the identity where a reference is not chosen
+    masked = corr * chosen[:, :, None] * chosen[:, None, :] + torch.diag_embed(1 - chosen)
+    rtol = 10.0 * torch.tensor(sizes, dtype=torch.float64, device=flat.device).sqrt() * torch.finfo(flat.dtype).eps
+    coef = (torch.linalg.pinv(masked.double(), hermitian=True, rtol=rtol)
+            @ (dots * chosen * scale).double()[:, :, None])
+    coef = coef[:, :, 0].to(flat.dtype) * scale  # (P, K); 0 for references not chosen
     out = flat - (coef[seg] * ref_flat.T).sum(1)
     new = list(g_f)
     for j, piece in zip(rows, torch.split(out, sizes)):
