@@ -333,6 +333,21 @@ def test_repair_option_may_move_protected_heads(memorised):
     assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("heads.segmentation."))
 
 
+def test_repair_steps_weigh_the_retain_term_as_the_loop_does(memorised, monkeypatch):
+    """θ ← θ - η λ P g_r: repair steps used weight 1, while Adam's second moments were built
+    at λ's scale (with λ 8 the first repair steps were an eighth of the size meant)."""
+    from unlearning.methods import interference_aware as ia
+
+    model, train, test = memorised
+    weights = []
+    real = ia._mean_retain
+    monkeypatch.setattr(ia, "_mean_retain", lambda r_out, n, weight: (weights.append(weight), real(r_out, n, weight))[1])
+    cells = [(i, "depth") for i in train.instance_ids[:2]]
+    get_method("interference_aware")(model, _data(train, test, cells),
+                                     {"steps": 2, "settle_steps": 0, "repair_steps": 2, "retain_weight": 4.0})
+    assert len(weights) >= 4 and set(weights) == {4.0}
+
+
 def test_empty_forget_set_is_refused(memorised):
     model, train, test = memorised
     with pytest.raises(ValueError, match=r"^interference_aware: the forget set \(forget_cells\) is empty$"):

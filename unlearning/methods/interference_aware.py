@@ -79,7 +79,7 @@ Each step combines:
    Once every cell is inside its band the loop keeps taking
    retain-only *settling* steps (at most ``settle_steps`` such steps); a cell
    that leaves the band gets its forget weight back. Then ``repair_steps``
-   plain retain-only steps (default 0).
+   plain retain-only steps (default 0), ``θ ← θ - η λ P g_r``.
 
 Changes from the design's formulation, measured on the smoke suite (see
 benchmarks/README.md for the numbers and the tuning records): ``L_f`` is the
@@ -1196,7 +1196,9 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     repaired = 0 if nothing_to_forget else int(cfg["repair_steps"])
     for step in range(repaired):
         r_out = retain_grads(repair_params)
-        _, g_r = stepper.precondition(repair_params, [None] * len(repair_params), _mean_retain(r_out, len(repair_params), 1.0))
+        # the retain term at the weight λ the loop used: Adam's second moments were built at that
+        # scale (at 1.0, with λ 8, the first repair steps were an eighth of the size meant)
+        _, g_r = stepper.precondition(repair_params, [None] * len(repair_params), _mean_retain(r_out, len(repair_params), lam))
         stepper.step(repair_params, g_r)
         steps_done += 1
         if data.progress is not None:
