@@ -77,6 +77,28 @@ class HeadAsGetMiddleware:
             scope["method"] = "HEAD"
 
 
+class NoStoreMiddleware:
+    """``Cache-Control: no-store`` on every answer that sets none: job states, the serving
+    version, readiness and problem documents change from one request to the next, and a
+    cache (a browser, a proxy) must not answer for the service."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def no_store(message):
+            if message["type"] == "http.response.start" and not any(
+                    k.lower() == b"cache-control" for k, _ in message.get("headers", [])):
+                message = {**message, "headers": [*message.get("headers", []), (b"cache-control", b"no-store")]}
+            await send(message)
+
+        await self.app(scope, receive, no_store)
+
+
 def _no_constant(name: str) -> typing.NoReturn:
     # raised as the parser's own error: FastAPI's json_invalid names it (app.problems)
     raise json.JSONDecodeError(f"{name} is not JSON; a number is finite", name, 0)

@@ -16,7 +16,7 @@ from worker.settings import Settings, get_settings
 from worker.signing import load_signer
 
 from .auth import require_deletions, require_read, require_read_or_admin
-from .guards import BodyLimitMiddleware, HeadAsGetMiddleware, known_query_parameters
+from .guards import BodyLimitMiddleware, HeadAsGetMiddleware, NoStoreMiddleware, known_query_parameters
 from .metrics import HttpMetricsMiddleware, build_registry
 from .problems import document_problems, install_problem_handlers
 from .routes import audit, certificates, deletions, health, jobs, models
@@ -62,7 +62,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if stop is not None:
                 stop()
 
-    app = FastAPI(title="unlearnd", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs")
+    # redirect_slashes off: /models/ was a 307 to an absolute http URL built from the Host header
+    # (wrong behind a TLS proxy, and sent before the API key was checked); now a 404 problem
+    app = FastAPI(title="unlearnd", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs",
+                  redirect_slashes=False)
     app.state.settings = settings
     app.state.engine = engine_for(settings.database_url)
     app.state.sessions = sessionmaker(app.state.engine, expire_on_commit=False)
@@ -77,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HeadAsGetMiddleware)  # innermost: the routes see GET
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
+    app.add_middleware(NoStoreMiddleware)  # outermost: problem documents and 413s get it too
     # the API key's scope first (app.auth; models: reading is `read`, a rollback or a purge `admin`)
     for module, scope in ((deletions, require_deletions), (audit, require_read), (models, require_read_or_admin),
                           (jobs, require_read)):

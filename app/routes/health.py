@@ -33,7 +33,8 @@ def readyz(request: Request):
             revision = current_revision(connection)
     except Exception as exc:
         log.warning("readyz: database unreachable: %s", exc)
-        return problem(request, 503, "Not ready", "the database is unreachable", "not-ready", reason="database")
+        return problem(request, 503, "Not ready", "the database is unreachable", "not-ready",
+                       headers={"Retry-After": "5"}, reason="database")  # as every other route's 503
     if revision != head:
         return problem(
             request,

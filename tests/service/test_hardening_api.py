@@ -530,6 +530,21 @@ def test_head_answers_every_get_route_with_its_headers_and_no_body(backend):
     assert 'unlearnd_http_requests_total{method="HEAD",route="/healthz",status="200"} 1.0' in scrape
 
 
+def test_answers_are_not_stored_by_caches_and_a_trailing_slash_is_no_redirect(backend):
+    """Job states, the serving version, readiness and errors change between requests: no
+    Cache-Control was sent, so a cache could answer for the service. /models/ was a 307 to an
+    absolute http URL built from the Host header, sent before the API key was checked."""
+    settings, model, client = backend
+    for path in ("/jobs", "/models", "/readyz", "/healthz", "/deletions", "/jobs/nope", "/metrics"):
+        assert client.get(path).headers["cache-control"] == "no-store", path
+    for path in ("/models/", "/jobs/", "/healthz/", f"/models/{model.name}/versions/"):
+        r = client.get(path, follow_redirects=False)
+        assert_problem(r, 404, "not-found")
+        assert r.headers["cache-control"] == "no-store" and "location" not in r.headers
+    purge = client.post(f"/models/{model.name}/purge/", json={"dry_run": True}, follow_redirects=False)
+    assert purge.status_code == 404
+
+
 def test_a_body_over_the_limit_is_413_before_it_is_read(backend):
     from app.guards import MAX_BODY_BYTES
 

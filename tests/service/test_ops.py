@@ -126,7 +126,9 @@ def test_not_ready_when_unmigrated_or_unreachable(settings):
         drop_database(name)
     gone = settings.model_copy(update={"database_url": "postgresql+psycopg://postgres@127.0.0.1:5432/unlearnd_test_absent"})
     with TestClient(create_app(gone)) as c:
-        assert assert_problem(c.get("/readyz"), 503)["reason"] == "database"
+        ready = c.get("/readyz")
+        assert assert_problem(ready, 503)["reason"] == "database"
+        assert ready.headers["retry-after"] == "5"  # as every other 503 (it had none)
         assert _samples(c)[("unlearnd_record_up", ())] == 0  # a scrape still answers
         # the routes that need the record: 503 with Retry-After, not a 500
         for r in (c.get("/deletions"), c.post("/deletions", json={"instance_id": "indoor-00001"})):
