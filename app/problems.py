@@ -185,6 +185,23 @@ _TAG_PROBLEMS = {
 }
 
 
+#: pydantic's constraint names, as FastAPI leaves them on parameters of a type with its own
+#: schema (QueryNumber, VersionNumber), and JSON Schema's, which clients read
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _json_schema_bounds(schema) -> None:
+    """Rename ``ge``/``le``/``gt``/``lt`` in a parameter's schema (and its ``anyOf`` arms) to
+    JSON Schema's keywords, in place: generated clients ignored them, and never saw limits."""
+    if not isinstance(schema, dict):
+        return
+    for ours, theirs in _BOUNDS.items():
+        if ours in schema:
+            schema[theirs] = schema.pop(ours)
+    for arm in schema.get("anyOf", ()):
+        _json_schema_bounds(arm)
+
+
 def document_problems(schema: dict) -> dict:
     """Document the errors of each operation of an OpenAPI ``schema`` (in place) as what they
     are, problem documents: FastAPI describes its 422 as ``application/json`` of its own
@@ -205,6 +222,8 @@ def document_problems(schema: dict) -> dict:
                 if tags & set(operation.get("tags", ())):
                     for status, description in problems.items():
                         responses.setdefault(status, {"description": description})
+            for parameter in operation.get("parameters", ()):
+                _json_schema_bounds(parameter.get("schema"))
             if "{" in path:
                 responses.setdefault("404", {"description": "nothing of that name"})
             if "422" in responses and responses["422"].get("description") == "Validation Error":

@@ -689,6 +689,22 @@ def test_a_connection_pool_kept_busy_is_a_503_not_a_500(backend):
         engine.dispose()
 
 
+def test_the_openapi_document_states_number_limits_in_json_schema(backend):
+    """The limits were written as pydantic's ge/le, which no JSON Schema client reads."""
+    _, _, client = backend
+    schema = client.get("/openapi.json").json()
+
+    def parameter(path, name):
+        return next(p["schema"] for p in schema["paths"][path]["get"]["parameters"] if p["name"] == name)
+
+    assert {k: parameter("/jobs", "limit")[k] for k in ("minimum", "maximum")} == {"minimum": 1, "maximum": 500}
+    version = parameter("/models/{name}/versions/{version}", "version")
+    assert (version["minimum"], version["maximum"]) == (1, 2**31 - 1)
+    assert parameter("/audit/verify", "seq")["anyOf"][0]["minimum"] == 1
+    text = json.dumps(schema["paths"])
+    assert '"ge":' not in text and '"le":' not in text
+
+
 def test_the_openapi_document_describes_errors_as_problem_documents(backend):
     _, _, client = backend
     schema = client.get("/openapi.json").json()
