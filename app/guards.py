@@ -114,17 +114,38 @@ class StrictJSONRequest(Request):
     - the body is UTF-8 (RFC 8259; a leading byte-order mark is allowed). ``json.loads``
       given bytes also decodes UTF-16 and UTF-32, which such a reader cannot parse, so the
       service acted on a body nobody else could read;
-    - ``NaN`` and ``Infinity`` are not JSON either."""
+    - ``NaN`` and ``Infinity`` are not JSON either;
+    - a body declared in another ``charset`` than UTF-8 is refused by name (it was read as
+      UTF-8 whatever it said, and acted on), and an integer too long for the parser
+      (Python's 4300 digits) is named (the answer blamed the nesting or the encoding)."""
 
     async def json(self) -> typing.Any:
         if not hasattr(self, "_json"):
             body = await self.body()
+            charset = _charset(self.headers.get("content-type", ""))
+            if charset is not None and charset not in ("utf-8", "utf8"):
+                raise json.JSONDecodeError(f"a body declared charset={charset} is not JSON this API reads: send "
+                                           "UTF-8 (charset=utf-8, or no charset)", "", 0)
             text = body.decode("utf-8-sig")  # UnicodeDecodeError: FastAPI's 400, "not valid JSON (UTF-8, ...)"
             try:
                 self._json = json.loads(text, object_pairs_hook=no_repeated_names, parse_constant=_no_constant)
             except RepeatedName as exc:  # FastAPI turns a JSONDecodeError into its json_invalid error
                 raise json.JSONDecodeError(str(exc), text, 0) from None
+            except ValueError as exc:
+                if isinstance(exc, json.JSONDecodeError) or "digits" not in str(exc):
+                    raise
+                raise json.JSONDecodeError(f"a number of more digits than this API reads is not JSON it takes "
+                                           f"({exc})", text, 0) from None
         return self._json
+
+
+def _charset(content_type: str) -> str | None:
+    """The ``charset`` parameter of a Content-Type header, lower-cased and unquoted, or None."""
+    for part in content_type.split(";")[1:]:
+        name, _, value = part.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
 
 
 def _key_check(dependant) -> typing.Callable | None:

@@ -769,6 +769,30 @@ def test_a_body_in_another_encoding_than_utf8_is_refused_and_nothing_is_stored(b
     assert bom.status_code == 202, bom.text  # UTF-8 with a byte-order mark is still UTF-8
 
 
+@pytest.mark.parametrize("charset", ["utf-16", "iso-8859-1", '"latin-1"'])
+def test_a_body_declared_in_another_charset_is_refused_by_name(backend, charset):
+    """The charset parameter was ignored: a UTF-8 body declared utf-16 was acted on, and a
+    Latin-1 one got "not valid JSON (UTF-8, nested too deep)"."""
+    settings, model, client = backend
+    before = counts(settings)
+    body = json.dumps({"instance_id": model.train_ids[0], "tasks": ["depth"]}).encode()
+    r = client.post("/deletions", content=body, headers={"content-type": f"application/json; charset={charset}"})
+    detail = assert_problem(r, 400, "malformed-json")["detail"]
+    assert f"a body declared charset={charset.strip(chr(34))} is not JSON this API reads: send UTF-8" in detail
+    assert counts(settings) == before
+    utf8 = client.post("/deletions", content=body, headers={"content-type": "application/json; charset=UTF-8"})
+    assert utf8.status_code == 202, utf8.text
+
+
+def test_an_integer_too_long_to_parse_is_named(backend):
+    """Past Python's 4300 digits the parser's ValueError became "not valid JSON (UTF-8, nested
+    too deep)", which blamed the encoding or the nesting."""
+    settings, model, client = backend
+    r = client.post(f"/models/{model.name}/rollback", content=b'{"version": ' + b"1" * 5000 + b"}",
+                    headers={"content-type": "application/json"})
+    assert "a number of more digits than this API reads" in assert_problem(r, 400, "malformed-json")["detail"]
+
+
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_are_not_json_and_nothing_is_stored(backend, constant):
     settings, model, client = backend
