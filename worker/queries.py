@@ -117,6 +117,14 @@ def _check_limit(limit: int) -> int:
     return limit
 
 
+def _check_window(since: datetime | None, until: datetime | None) -> None:
+    """:class:`Invalid` for a window that ends before it starts (it answered an empty page, as
+    though nothing had happened in it)."""
+    if since is not None and until is not None and utc(since) > utc(until):
+        raise Invalid(f"since ({utc(since).isoformat()}) is after until ({utc(until).isoformat()}): the window is "
+                      "empty; since is inclusive, until exclusive", since=utc(since), until=utc(until))
+
+
 def _newest_first(session: Session, table, listing: str, filters: dict, since: datetime | None,
                   until: datetime | None, limit: int, cursor: str | None, without: tuple = ()) -> Page:
     """Rows of ``table`` (a model with ``created_at`` and ``id``) whose columns equal the
@@ -130,6 +138,7 @@ def _newest_first(session: Session, table, listing: str, filters: dict, since: d
     is not (a job committed late can land among jobs a reader has passed). The audit log's
     ``seq`` (assigned under the chain head's lock) follows commit order too."""
     limit = _check_limit(limit)
+    _check_window(since, until)
     q = select(table).options(*(defer(c, raiseload=True) for c in without))
     for column, value in filters.items():
         if value is not None:
@@ -199,6 +208,7 @@ def list_events(
 ) -> Page[AuditEvent]:
     """Audit events in chain order (``seq`` ascending); ``since`` inclusive, ``until`` exclusive."""
     limit = _check_limit(limit)
+    _check_window(since, until)
     q = select(AuditEvent)
     if kind is not None:
         q = q.where(AuditEvent.kind == kind)

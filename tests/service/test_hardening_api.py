@@ -389,6 +389,13 @@ def test_a_time_filter_with_an_offset_is_read_in_utc(backend):
         assert count(url, until=(at + minute).astimezone(west)) == 1  # as naive UTC: 5 hours earlier, none
         assert count(url, since=(at + minute).astimezone(west)) == 0
         assert count(url, until=(at - minute).astimezone(east)) == 0
+    # a window that ends before it starts is named, not an empty page (as though nothing happened in it);
+    # compared in UTC: 10:00+09:00 is before 09:00+00:00
+    for url in ("/deletions", "/audit/events", "/jobs"):
+        r = client.get(url, params={"since": (at + minute).isoformat(), "until": (at - minute).astimezone(east).isoformat()})
+        assert "is after until" in assert_problem(r, 422, "invalid-request")["detail"]
+        same = client.get(url, params={"since": at.isoformat(), "until": at.astimezone(east).isoformat()})
+        assert same.status_code == 200 and same.json()["items"] == []  # since == until: empty, not an error
 
 
 # --------------------------------------------------------------------------- status filter
