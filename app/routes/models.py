@@ -15,6 +15,7 @@ from ..deps import ReadSessionDep, SessionDep, SettingsDep
 from ..guards import StrictJSONRoute
 from ..schemas import (
     MAX_VERSION,
+    ModelName,
     ModelOut,
     PurgedVersionOut,
     PurgeIn,
@@ -22,7 +23,6 @@ from ..schemas import (
     RollbackIn,
     RollbackOut,
     VersionNumber,
-    Text,
     VersionDetail,
     VersionOut,
     job_out,
@@ -52,7 +52,7 @@ def read_models(session: ReadSessionDep) -> list[ModelOut]:
 
 
 @router.get("/{name}/versions", response_model=list[VersionOut], dependencies=READ)
-def read_versions(name: Text, session: ReadSessionDep) -> list[VersionOut]:
+def read_versions(name: ModelName, session: ReadSessionDep) -> list[VersionOut]:
     with session.begin():
         rows = list_versions(session, name)
         serving = serving_version(session, name)
@@ -61,7 +61,7 @@ def read_versions(name: Text, session: ReadSessionDep) -> list[VersionOut]:
 
 @router.get("/{name}/versions/{version}", response_model=VersionDetail, dependencies=READ)
 def read_version(
-    name: Text, version: Annotated[VersionNumber, Path(ge=1, le=MAX_VERSION)], session: ReadSessionDep
+    name: ModelName, version: Annotated[VersionNumber, Path(ge=1, le=MAX_VERSION)], session: ReadSessionDep
 ) -> VersionDetail:
     """One version with its lineage: parent, deletions applied, erased cells, metrics, artifact,
     ancestors (without their cells: each ancestor's are a subset of this version's)."""
@@ -83,7 +83,7 @@ def read_version(
                                     "or a job of the model is under way"}},
 )
 def post_rollback(
-    name: Text, body: RollbackIn, session: SessionDep, settings: SettingsDep, caller: AdminCaller
+    name: ModelName, body: RollbackIn, session: SessionDep, settings: SettingsDep, caller: AdminCaller
 ) -> JSONResponse:
     """Serve an earlier version. 200 when the alias moved (or already pointed there);
     409 naming the erasures the target still contains, unless ``reapply_erasures``:
@@ -105,7 +105,7 @@ def post_rollback(
 
 @router.post("/{name}/purge", response_model=PurgeOut,
              responses={409: {"description": "the model store does not hold the versions the record names"}})
-def post_purge(name: Text, session: SessionDep, settings: SettingsDep, caller: AdminCaller,
+def post_purge(name: ModelName, session: SessionDep, settings: SettingsDep, caller: AdminCaller,
                body: PurgeIn | None = None) -> PurgeOut:
     """Delete from the model store the weights that still hold erased data: every
     version but the serving one, a queued or running job's base and those that hold

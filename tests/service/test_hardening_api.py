@@ -696,6 +696,19 @@ def test_a_connection_pool_kept_busy_is_a_503_not_a_500(backend):
         engine.dispose()
 
 
+def test_a_path_name_that_no_model_may_have_is_named_as_such(backend):
+    """/models/%20/versions was a 404 "no model named ' '", and a 70,000-character name came
+    back three times in it (detail, instance, model)."""
+    _, model, client = backend
+    for name in ("%20", "a" * 101, "-lead", "a%3Ab"):
+        r = client.get(f"/models/{name}/versions")
+        detail = assert_problem(r, 422, "validation-error")["detail"]
+        assert "path.name: must be a model name: 1 to 100 letters, digits" in detail, detail
+    long = client.get(f"/models/{'a' * 5_000}/versions")  # (httpx takes no URL of 70,000)
+    assert long.status_code == 422 and len(long.content) < 3 * 5_000
+    assert client.get("/models/no-such-model/versions").status_code == 404  # a name a model may have
+
+
 def test_the_openapi_document_states_number_limits_in_json_schema(backend):
     """The limits were written as pydantic's ge/le, which no JSON Schema client reads."""
     _, _, client = backend
