@@ -348,6 +348,17 @@ def test_repair_steps_weigh_the_retain_term_as_the_loop_does(memorised, monkeypa
     assert len(weights) >= 4 and set(weights) == {4.0}
 
 
+def test_repair_steps_take_a_step_with_a_forget_only_loop(memorised):
+    """retain_weight 0 (a forget-only loop, then repair): weighed by λ the repair's retain
+    term was zero, and its steps moved nothing."""
+    model, train, test = memorised
+    cells = [(i, "depth") for i in train.instance_ids[:2]]
+    cfg = {"steps": 2, "settle_steps": 0, "retain_weight": 0.0}
+    without, _ = get_method("interference_aware")(model, _data(train, test, cells), {**cfg, "repair_steps": 0})
+    repaired, _ = get_method("interference_aware")(model, _data(train, test, cells), {**cfg, "repair_steps": 3})
+    assert any(not torch.equal(a, b) for a, b in zip(without.state_dict().values(), repaired.state_dict().values()))
+
+
 def test_empty_forget_set_is_refused(memorised):
     model, train, test = memorised
     with pytest.raises(ValueError, match=r"^interference_aware: the forget set \(forget_cells\) is empty$"):
@@ -657,6 +668,20 @@ def test_references_equal_up_to_rounding_do_not_enlarge_the_batched_step():
         worst = max(worst, float(batched.norm() / g.norm()))
         assert torch.allclose(batched, per_tensor, atol=1e-4 * float(g.norm())), trial
     assert worst <= 1.0 + 1e-5  # a projection never lengthens the step
+    # and references that are close but distinct directions stay two (a tolerance on the Gram's
+    # eigenvalues as loose as the one on singular values merged them at correlation 0.999,
+    # and the step still conflicted with the second)
+    for corr in (0.999, 0.9999):
+        n = 100_000
+        r1 = torch.randn(n, generator=gen)
+        other = torch.randn(n, generator=gen)
+        other -= (other @ r1) / (r1 @ r1) * r1
+        r2 = corr * r1 / r1.norm() + (1 - corr**2) ** 0.5 * other / other.norm()
+        g = -r1 / r1.norm() - 2 * r2 + 0.1 * torch.randn(n, generator=gen) / n**0.5
+        (batched,), _ = orthogonalize_all([g], [[r1], [r2]])
+        per_tensor, removed = _orthogonalize(g, [r1, r2])
+        assert removed == 2 and torch.allclose(batched, per_tensor, atol=1e-3 * float(g.norm())), corr
+        assert abs(float(batched @ r2)) < 1e-4 * float(g.norm() * r2.norm())
 
 
 def test_orthogonalization_removes_exactly_the_conflicts():

@@ -824,6 +824,18 @@ def _segments(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
 
 
+@functools.lru_cache(maxsize=8)
+def _gram_rtol(sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Per tensor of ``sizes``, the relative tolerance on the eigenvalues of its references'
+    correlation matrix: :func:`_span_basis`'s on singular values, squared. Built (and copied
+    to the device) once per job, as :func:`_segments` is: no host-to-device copy a step."""
+    n = torch.tensor(sizes, dtype=torch.float64)
+    squared = (10.0 * n.sqrt() * torch.finfo(dtype).eps).square()
+    # float64 gradients: that square is below the rounding of the float64 Gram itself (about
+    # sqrt(n) float64 epsilons), which then sets the tolerance
+    return torch.maximum(squared, 10.0 * n.sqrt() * torch.finfo(torch.float64).eps).to(device)
+
+
 def orthogonalize_all(g_f: list[torch.Tensor | None], refs: list[list[torch.Tensor | None]]
                       ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """:func:`_orthogonalize` (one projection) of every parameter tensor at once, without
@@ -853,23 +865,26 @@ def orthogonalize_all(g_f: list[torch.Tensor | None], refs: list[list[torch.Tens
         return torch.zeros(len(rows), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, seg, x)
 
     dots = segment_sum((ref_flat * flat).T)  # (P, K)
-    pairs = segment_sum(torch.stack([ref_flat[a] * ref_flat[b] for a in range(k) for b in range(k)], 1))
+    chosen = (dots < 0).to(torch.float64)  # (P, K)
+    # The Gram matrix in float64 (a product of two float32 numbers is exact there), of the
+    # references scaled to unit norm (the projection onto their span is the same): a
+    # correlation matrix, each reference judged against its own norm as in _span_basis, and
+    # with its tolerance, 10 sqrt(n) float32 epsilons on singular values, squared for the
+    # Gram's eigenvalues. With pinv's default tolerance, two references equal up to float32
+    # rounding (one batch drawn twice) were inverted as two directions and the "projection"
+    # made the forget step up to 9x longer; with the tolerance unsquared, references at
+    # correlation 0.999 counted as one and the step still conflicted with the second.
+    ref64 = ref_flat.double()
+    pairs = segment_sum(torch.stack([ref64[a] * ref64[b] for a in range(k) for b in range(k)], 1))
     gram = pairs.view(len(rows), k, k)
-    chosen = (dots < 0).to(flat.dtype)  # (P, K)
-    # The references scaled to unit norm (the projection onto their span is the same): their
-    # Gram is a correlation matrix, each reference judged against its own norm as in
-    # _span_basis. Its entries carry float32 rounding of about sqrt(n) eps, so eigenvalues
-    # below 10 sqrt(n) eps are rounding, not directions: with pinv's double-precision default
-    # tolerance, two references equal up to rounding (one batch drawn twice) were inverted
-    # as two directions and the "projection" made the forget step up to 9x larger.
-    scale = gram.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(flat.dtype).tiny).rsqrt()  # (P, K)
+    norms2 = gram.diagonal(dim1=1, dim2=2)  # (P, K); 0 for a missing reference, never chosen (its dot is 0)
+    scale = torch.where(norms2 > 0, norms2.rsqrt(), torch.zeros_like(norms2))
     corr = gram * scale[:, :, None] * scale[:, None, :]
     # the chosen references' block, and the identity where a reference is not chosen
     masked = corr * chosen[:, :, None] * chosen[:, None, :] + torch.diag_embed(1 - chosen)
-    rtol = 10.0 * torch.tensor(sizes, dtype=torch.float64, device=flat.device).sqrt() * torch.finfo(flat.dtype).eps
-    coef = (torch.linalg.pinv(masked.double(), hermitian=True, rtol=rtol)
-            @ (dots * chosen * scale).double()[:, :, None])
-    coef = coef[:, :, 0].to(flat.dtype) * scale  # (P, K); 0 for references not chosen
+    coef = (torch.linalg.pinv(masked, hermitian=True, rtol=_gram_rtol(sizes, flat.device, flat.dtype))
+            @ (dots.double() * chosen * scale)[:, :, None])
+    coef = (coef[:, :, 0] * scale).to(flat.dtype)  # (P, K); 0 for references not chosen
     out = flat - (coef[seg] * ref_flat.T).sum(1)
     new = list(g_f)
     for j, piece in zip(rows, torch.split(out, sizes)):
@@ -1198,7 +1213,9 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         r_out = retain_grads(repair_params)
         # the retain term at the weight λ the loop used: Adam's second moments were built at that
         # scale (at 1.0, with λ 8, the first repair steps were an eighth of the size meant)
-        _, g_r = stepper.precondition(repair_params, [None] * len(repair_params), _mean_retain(r_out, len(repair_params), lam))
+        # (λ 0, a forget-only loop: weight 1, or the repair would take no step at all)
+        _, g_r = stepper.precondition(repair_params, [None] * len(repair_params),
+                                      _mean_retain(r_out, len(repair_params), lam if lam > 0 else 1.0))
         stepper.step(repair_params, g_r)
         steps_done += 1
         if data.progress is not None:
