@@ -123,7 +123,7 @@ class StrictJSONRequest(Request):
         if not hasattr(self, "_json"):
             body = await self.body()
             charset = _charset(self.headers.get("content-type", ""))
-            if charset is not None and charset not in ("utf-8", "utf8"):
+            if charset is not None and charset not in ("utf-8", "utf8", "us-ascii", "ascii"):  # ASCII is UTF-8
                 raise json.JSONDecodeError(f"a body declared charset={charset} is not JSON this API reads: send "
                                            "UTF-8 (charset=utf-8, or no charset)", "", 0)
             text = body.decode("utf-8-sig")  # UnicodeDecodeError: FastAPI's 400, "not valid JSON (UTF-8, ...)"

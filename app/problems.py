@@ -164,7 +164,9 @@ async def _programming_error(request: Request, exc: ProgrammingError) -> JSONRes
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem(request, 500, "Internal error", "the server failed to handle this request", "internal-error")
+    # (answered by Starlette's outermost error middleware, outside app.guards.NoStoreMiddleware)
+    return problem(request, 500, "Internal error", "the server failed to handle this request", "internal-error",
+                   headers={"Cache-Control": "no-store"})
 
 
 #: the errors every operation of a kind may answer, besides those it declares itself

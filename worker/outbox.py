@@ -244,5 +244,8 @@ def sweep_once(settings: Settings, publish: Publish) -> dict:
     if models:
         log.info("sweeper: re-enqueued %d requests and %d jobs of %s; behind their dataset's erasures: %s",
                  n_requests, n_jobs, sorted(models), behind)
-        relay_once(settings, publish)
-    return {"requests": n_requests, "jobs": n_jobs, "behind": len(behind), "models": sorted(models)}
+    # whatever it found: its announcements, and rows the relay has not published (a relay
+    # tick lost, or discarded unrun by a worker whose clock runs ahead of beat's)
+    relayed = relay_once(settings, publish)
+    return {"requests": n_requests, "jobs": n_jobs, "behind": len(behind), "models": sorted(models),
+            "relayed": relayed}

@@ -154,10 +154,6 @@ def relay_outbox_task() -> int:
 
 @app.task(name=SWEEP_TASK, ignore_result=True)
 def sweep_task() -> dict:
-    """A sweep, then a relay pass whatever it found: the relay's own ticks can all be lost or
-    expire unrun (a worker whose clock runs ahead of beat's discards them), and then this is
-    what publishes new requests' outbox rows, every sweep interval (relays are idempotent)."""
-    settings, publish = get_settings(), publisher(app)
-    found = sweep_once(settings, publish)
-    found["relayed"] = relay_once(settings, publish)
-    return found
+    """A sweep, which relays whatever it found (:func:`worker.outbox.sweep_once`): the relay's
+    own ticks can all be lost or expire unrun, and then this publishes new requests' rows."""
+    return sweep_once(get_settings(), publisher(app))

@@ -42,6 +42,7 @@ def readyz(request: Request):
             "Not ready",
             f"the database is at revision {revision}, not {head}; run `unlearnd migrate`",
             "not-ready",
+            headers={"Retry-After": "5"},
             reason="migrations",
             revision=revision,
             head=head,

@@ -60,6 +60,7 @@ def test_a_failed_submission_leaves_nothing_stored(backend, monkeypatch):
     monkeypatch.setattr(worker.requests, "append_event", fail)
     r = client.post("/deletions", json={"instance_id": model.train_ids[0]}, headers={"Idempotency-Key": "k"})
     assert_problem(r, 500, "internal-error")
+    assert r.headers["cache-control"] == "no-store"  # answered outside the no-store middleware
     stored = counts(settings)
     assert (stored["deletion_requests"], stored["audit_events"], stored["outbox"]) == (0, 0, 0)
 
@@ -802,6 +803,9 @@ def test_a_body_declared_in_another_charset_is_refused_by_name(backend, charset)
     assert counts(settings) == before
     utf8 = client.post("/deletions", content=body, headers={"content-type": "application/json; charset=UTF-8"})
     assert utf8.status_code == 202, utf8.text
+    ascii_body = json.dumps({"instance_id": model.train_ids[1], "tasks": ["depth"]}).encode()
+    ascii_ = client.post("/deletions", content=ascii_body, headers={"content-type": "application/json; charset=us-ascii"})
+    assert ascii_.status_code == 202, ascii_.text  # ASCII is UTF-8
 
 
 def test_an_integer_too_long_to_parse_is_named(backend):

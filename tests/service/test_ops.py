@@ -113,8 +113,10 @@ def test_not_ready_when_unmigrated_or_unreachable(settings):
     url = create_database(name)
     try:
         with TestClient(create_app(settings.model_copy(update={"database_url": url}))) as c:
-            body = assert_problem(c.get("/readyz"), 503, "not-ready")
+            ready = c.get("/readyz")
+            body = assert_problem(ready, 503, "not-ready")
             assert (body["reason"], body["revision"], body["head"]) == ("migrations", None, head_revision())
+            assert ready.headers["retry-after"] == "5"
             assert c.get("/healthz").status_code == 200
         with TestClient(create_app(settings.model_copy(update={"database_url": url})),
                         raise_server_exceptions=False) as c:
