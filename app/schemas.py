@@ -10,7 +10,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError
 
 from worker.requests import request_metrics
-from worker.settings import MODEL_NAME_PATTERN
+from worker.settings import ModelName  # noqa: F401 - re-exported: the routes' path names (a 422, not a 404)
 from worker.tables import as_utc, unstorable
 
 
@@ -24,9 +24,6 @@ def _storable(value: str) -> str:
 #: a string the record can store (no NUL, no lone surrogate: a 422 here, not a database error)
 Text = Annotated[str, AfterValidator(_storable)]
 
-#: a model's name in a path: what a model may be called (a 422 saying so, where "/models/%20"
-#: was a 404 "no model named ' '" and a 70,000-character name came back three times in it)
-ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 
 
 def text(min_length: int | None = None, max_length: int | None = None):

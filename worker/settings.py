@@ -38,6 +38,10 @@ PATTERN_WORDS = {
 }
 
 
+#: a model's name, as settings, the store and the API's paths take it
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
+
+
 def said_in_words(error: dict) -> str:
     """A pydantic error's message, said in words where it shows a regular expression or
     pydantic's own prefix before our validators' sentences."""
@@ -107,7 +111,7 @@ class Settings(BaseSettings):
     broker_url: str | None = None  # e.g. redis://127.0.0.1:6379/0; None = in-process worker
     result_backend: str | None = None
 
-    model_name: Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)] = "indoor-mtl"
+    model_name: ModelName = "indoor-mtl"
     # the first version's dataset: only the synthetic ones are described by settings alone (no data root);
     # any other name failed with a traceback after the migration, when the first start loaded it
     dataset: Literal["indoor", "street"] = "indoor"
