@@ -172,3 +172,16 @@ def assert_problem(response, status: int, slug: str | None = None) -> dict:
     if slug:
         assert body["type"].endswith("/" + slug), body["type"]
     return body
+
+
+def offline_script(url: str, step, revisions: str) -> str:
+    """The SQL script alembic's ``step`` (``command.upgrade`` or ``command.downgrade``) writes
+    for ``revisions`` with ``--sql``: nothing runs against ``url``'s database."""
+    import io
+
+    from worker.migrate import alembic_config
+
+    cfg = alembic_config(url)
+    cfg.output_buffer = io.StringIO()
+    step(cfg, revisions, sql=True)
+    return cfg.output_buffer.getvalue()

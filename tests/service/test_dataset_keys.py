@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import io
 import uuid
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from worker.migrate import alembic_config, upgrade_database
 from worker.requests import submit_deletion
 from worker.tables import Alias, Job, Model, ModelVersion, OutboxMessage, Tombstone
 
-from .conftest import create_database, drop_database
+from .conftest import create_database, drop_database, offline_script
 from .test_hardening_worker import TINY, _submit, tiny, tiny_v1  # noqa: F401 - fixtures
 
 MIGRATION = Path(__file__).resolve().parents[2] / "migrations" / "versions" / "0009_canonical_dataset_keys.py"
@@ -155,10 +154,7 @@ def test_offline_0009_says_it_does_not_rekey(tmp_path, dialect):
     Python): the script says so, and how to run the step online, instead of touching rows."""
     url = f"sqlite:///{tmp_path}/never.db" if dialect == "sqlite" else "postgresql+psycopg://nobody@127.0.0.1:1/never"
     for step, revisions in ((command.upgrade, "0008:0009"), (command.downgrade, "0009:0008")):
-        cfg = alembic_config(url)
-        cfg.output_buffer = io.StringIO()
-        step(cfg, revisions, sql=True)
-        script = cfg.output_buffer.getvalue()
+        script = offline_script(url, step, revisions)
         assert "-- 0009" in script and "NOT re-keyed" in script and "online" in script
         assert "tombstones" not in script.replace("Tombstones are NOT", "")
     assert not (tmp_path / "never.db").exists()

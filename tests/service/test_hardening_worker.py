@@ -1133,23 +1133,9 @@ def test_a_job_stopped_by_its_time_limit_says_so(tiny, monkeypatch):
 def test_a_rerun_recomputes_a_stored_artifact_whose_weights_are_damaged(tiny, monkeypatch):
     s, store, ids = tiny
     _submit(s, ids[0])
-
-    class Crash(BaseException):
-        pass
-
-    def crash(*args, **kwargs):
-        raise Crash()
-
-    monkeypatch.setattr(jobs, "publish_version", crash)  # stored, then died before publishing
-    with pytest.raises(Crash):
-        jobs.drain_model(s, store, TINY)
-    monkeypatch.undo()
+    _stored_then_crashed(s, store, monkeypatch)
     weights = store.root / TINY / "v2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100] + b"\0" * 100)
-    with transaction(s.database_url) as session:
-        job_id = session.execute(select(Job.id)).scalar_one()
-    _make_stale(s, job_id)
-    sweep_once(s, lambda topic, payload: None)
 
     outcome = jobs.drain_model(s, store, TINY)[0]
     assert (outcome.status, outcome.version) == ("completed", 2)

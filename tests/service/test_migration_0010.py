@@ -4,7 +4,6 @@ refuses INSERT OR REPLACE / REPLACE INTO, which deleted a row without firing 000
 triggers. On PostgreSQL and SQLite."""
 from __future__ import annotations
 
-import io
 import logging
 import sqlite3
 import uuid
@@ -22,7 +21,7 @@ from worker.db import engine_for
 from worker.migrate import alembic_config, head_revision, upgrade_database
 from worker.settings import ApiKey
 
-from .conftest import create_database, drop_database, register_model
+from .conftest import create_database, drop_database, offline_script, register_model
 
 TOKENS = {"portal": "portal-token", "shop": "shop-token", "auditor": "auditor-token"}
 SCOPES = {"portal": ["deletions"], "shop": ["deletions"], "auditor": ["read"]}
@@ -191,10 +190,7 @@ def test_downgrading_below_0010_and_upgrading_again(record):
 def test_offline_0010_writes_its_triggers_and_says_it_does_not_backfill(tmp_path, dialect):
     url = f"sqlite:///{tmp_path}/never.db" if dialect == "sqlite" else "postgresql+psycopg://u@h/never"
     for step, revisions in ((command.upgrade, "0009:0010"), (command.downgrade, "0010:0009")):
-        cfg = alembic_config(url)
-        cfg.output_buffer = io.StringIO()
-        step(cfg, revisions, sql=True)
-        script = cfg.output_buffer.getvalue()
+        script = offline_script(url, step, revisions)
         if step is command.upgrade:
             assert "-- 0010" in script and "NOT filled" in script and "online" in script
         assert all((name in script) == (dialect == "sqlite") for name in NO_REPLACE), script
@@ -210,15 +206,13 @@ def test_after_the_offline_script_stamp_and_upgrade_fill_the_submitters(record):
     rid = first.json()["id"]
     command.downgrade(alembic_config(url), "0009")
     _blank(url, rid)
-    cfg = alembic_config(url)
-    cfg.output_buffer = io.StringIO()
-    command.upgrade(cfg, "0009:0010", sql=True)
+    script = offline_script(url, command.upgrade, "0009:0010")
     if url.startswith("sqlite"):
         with closing(sqlite3.connect(url.split("///", 1)[1])) as conn:
-            conn.executescript(cfg.output_buffer.getvalue())
+            conn.executescript(script)
     else:
         with engine_for(url).begin() as conn:
-            conn.exec_driver_sql(cfg.output_buffer.getvalue())
+            conn.exec_driver_sql(script)
     assert _submitters(url) == {rid: ""}
     if url.startswith("sqlite"):
         assert _triggers(url) == APPEND_ONLY | NO_REPLACE

@@ -11,6 +11,8 @@ from worker.db import engine_for
 from worker.migrate import head_revision, is_up_to_date, upgrade_database
 from worker.tables import Base
 
+from .conftest import offline_script
+
 
 def test_migrated_schema_matches_the_orm(database_url):
     with engine_for(database_url).connect() as conn:
@@ -26,21 +28,16 @@ def test_upgrade_is_idempotent(database_url):
 def test_offline_sql_builds_the_same_schema():
     """`alembic upgrade head --sql` (a DBA applies the script by hand) writes every
     migration out, data steps included, and the script builds the ORM's schema."""
-    import io
     import uuid
 
     from alembic import command
 
     from .conftest import create_database, drop_database
-    from worker.migrate import alembic_config
 
     name = f"unlearnd_test_sql_{uuid.uuid4().hex[:8]}"
     url = create_database(name)
     try:
-        cfg = alembic_config(url)
-        cfg.output_buffer = io.StringIO()
-        command.upgrade(cfg, "head", sql=True)
-        script = cfg.output_buffer.getvalue()
+        script = offline_script(url, command.upgrade, "head")
         assert "INSERT INTO audit_chain_head" in script
         with engine_for(url).connect() as conn:
             assert conn.dialect.get_table_names(conn) == []  # offline: nothing ran against the database
@@ -146,21 +143,16 @@ def test_offline_sql_builds_the_same_schema_on_sqlite(tmp_path):
     """`alembic upgrade head --sql` for a SQLite record: 0006 rebuilds deletion_requests (a
     batch operation), which offline cannot reflect; the script it writes builds the same
     tables, indexes, constraints and triggers as migrating the database online."""
-    import io
     import sqlite3
 
     from alembic import command
 
-    from worker.migrate import alembic_config
-
     online, offline = tmp_path / "online.db", tmp_path / "offline.db"
     upgrade_database(f"sqlite:///{online}")
-    cfg = alembic_config(f"sqlite:///{offline}")
-    cfg.output_buffer = io.StringIO()
-    command.upgrade(cfg, "head", sql=True)
+    script = offline_script(f"sqlite:///{offline}", command.upgrade, "head")
     assert not offline.exists()  # offline: nothing ran against the database
     with sqlite3.connect(offline) as conn:
-        conn.executescript(cfg.output_buffer.getvalue())
+        conn.executescript(script)
 
     def schema(path):
         with sqlite3.connect(path) as conn:
@@ -254,21 +246,16 @@ def test_offline_sql_downgrades_a_sqlite_record(tmp_path):
     """`alembic downgrade head:base --sql` for a SQLite record: the downgrades of 0004, 0005,
     0006 and 0008 rebuilt a table in batch mode, which offline cannot reflect ("requires a
     live database connection"). The script now runs, step by step down to an empty record."""
-    import io
     import sqlite3
 
     from alembic import command
 
-    from worker.migrate import alembic_config
-
     path = tmp_path / "record.db"
     upgrade_database(f"sqlite:///{path}")
-    cfg = alembic_config(f"sqlite:///{tmp_path}/never.db")
-    cfg.output_buffer = io.StringIO()
-    command.downgrade(cfg, f"{head_revision()}:base", sql=True)
+    script = offline_script(f"sqlite:///{tmp_path}/never.db", command.downgrade, f"{head_revision()}:base")
     assert not (tmp_path / "never.db").exists()
     with sqlite3.connect(path) as conn:
-        conn.executescript(cfg.output_buffer.getvalue())
+        conn.executescript(script)
         left = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'").fetchall()
     assert left == [("alembic_version",)]
     upgrade_database(f"sqlite:///{path}")  # and up again online
