@@ -11,6 +11,8 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.guard import refuse_losing
+
 revision: str = "0001"
 down_revision: Union[str, Sequence[str], None] = None
 branch_labels: Union[str, Sequence[str], None] = None
@@ -156,6 +158,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    refuse_losing("0001", "every table of the record",
+                  ("audit_events", "deletion_requests", "tombstones", "model_versions", "jobs"))
     op.drop_index(op.f("ix_model_versions_model_name"), table_name="model_versions")
     op.drop_table("model_versions")
     op.drop_index(op.f("ix_deletion_requests_status"), table_name="deletion_requests")

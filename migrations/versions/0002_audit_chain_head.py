@@ -12,6 +12,8 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.guard import refuse_losing
+
 revision: str = "0002"
 down_revision: Union[str, Sequence[str], None] = "0001"
 branch_labels: Union[str, Sequence[str], None] = None
@@ -32,4 +34,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # upgraded again, the head is anchored at whatever event is last then: a cut goes unnoticed
+    refuse_losing("0002", "the audit chain's head (what notices events cut from the end)", ("audit_events",))
     op.drop_table("audit_chain_head")

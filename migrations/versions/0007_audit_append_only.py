@@ -18,6 +18,8 @@ from typing import Sequence, Union
 
 from alembic import op
 
+from migrations.guard import refuse_losing
+
 revision: str = "0007"
 down_revision: Union[str, Sequence[str], None] = "0006"
 branch_labels: Union[str, Sequence[str], None] = None
@@ -70,6 +72,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    refuse_losing("0007", "the triggers that keep the audit log append-only", ("audit_events",))
     if op.get_context().dialect.name == "postgresql":
         for name, table, _, _ in PG_TRIGGERS:
             op.execute(f"DROP TRIGGER {name} ON {table}")

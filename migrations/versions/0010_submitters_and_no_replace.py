@@ -42,6 +42,8 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import context, op
 
+from migrations.guard import refuse_losing
+
 revision: str = "0010"
 down_revision: Union[str, Sequence[str], None] = "0009"
 branch_labels: Union[str, Sequence[str], None] = None
@@ -133,5 +135,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     # the restored submitters stay
     if op.get_context().dialect.name == "sqlite":
+        refuse_losing("0010", "the SQLite triggers that keep the audit log append-only against REPLACE",
+                      ("audit_events",))
         for name, _, _, _ in SQLITE_TRIGGERS:
             op.execute(f"DROP TRIGGER {name}")

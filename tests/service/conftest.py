@@ -185,3 +185,16 @@ def offline_script(url: str, step, revisions: str) -> str:
     cfg.output_buffer = io.StringIO()
     step(cfg, revisions, sql=True)
     return cfg.output_buffer.getvalue()
+
+
+def downgrade_record(url: str, revision: str) -> None:
+    """``alembic -x allow_record_loss=1 downgrade <revision>`` on ``url``: the tests that go
+    down and up again do it on a record that holds events on purpose (migrations/guard.py)."""
+    from alembic import command
+
+    from migrations.guard import FLAG
+    from worker.migrate import alembic_config
+
+    cfg = alembic_config(url)
+    cfg.attributes[FLAG] = True
+    command.downgrade(cfg, revision)

@@ -16,7 +16,6 @@ from datetime import timedelta
 
 import pytest
 import torch
-from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select, text, update
 
@@ -28,7 +27,7 @@ from worker.audit import append_event, verify_chain
 from worker.bootstrap import ensure_model
 from worker.datasets import dataset_spec, get_splits
 from worker.db import engine_for, transaction
-from worker.migrate import alembic_config, upgrade_database
+from worker.migrate import upgrade_database
 from worker.outbox import sweep_once
 from worker.requests import deletion_certificate, submit_deletion
 from worker.settings import Settings
@@ -36,7 +35,7 @@ from worker.errors import Conflict
 from worker.tables import (Alias, AliasHistory, AuditChainHead, AuditEvent, DeletionRequest, Job, ModelVersion, OutboxMessage,
                            Tombstone, utcnow)
 
-from .conftest import create_database, drop_database, tamper
+from .conftest import create_database, downgrade_record, drop_database, tamper
 
 
 def _wait_for(predicate, what: str, limit_s: float = 30.0) -> None:
@@ -121,7 +120,7 @@ def test_chain_head_migration_downgrades_and_backfills():
         with transaction(url) as session:
             append_event(session, "a")
             last = append_event(session, "b").hash
-        command.downgrade(alembic_config(url), "0001")
+        downgrade_record(url, "0001")
         with engine_for(url).connect() as conn:
             assert "audit_chain_head" not in conn.dialect.get_table_names(conn)
         upgrade_database(url)  # the existing log's last event becomes the head

@@ -21,7 +21,7 @@ from worker.db import engine_for
 from worker.migrate import alembic_config, head_revision, upgrade_database
 from worker.settings import ApiKey
 
-from .conftest import create_database, drop_database, offline_script, register_model
+from .conftest import create_database, downgrade_record, drop_database, offline_script, register_model
 
 TOKENS = {"portal": "portal-token", "shop": "shop-token", "auditor": "auditor-token"}
 SCOPES = {"portal": ["deletions"], "shop": ["deletions"], "auditor": ["read"]}
@@ -61,7 +61,7 @@ def record(request, settings, tmp_path):
 
 
 def _migrate(url: str, down_to: str) -> None:
-    command.downgrade(alembic_config(url), down_to)
+    downgrade_record(url, down_to)
     assert upgrade_database(url) == head_revision() == "0010"
 
 
@@ -173,7 +173,7 @@ def test_downgrading_below_0010_and_upgrading_again(record):
     sqlite = url.startswith("sqlite")
     body, first = _portal_submits(record)
     rid = first.json()["id"]
-    command.downgrade(alembic_config(url), "0009")
+    downgrade_record(url, "0009")
     assert _submitters(url) == {rid: "portal"}
     if sqlite:
         assert _triggers(url) == APPEND_ONLY
@@ -204,7 +204,7 @@ def test_after_the_offline_script_stamp_and_upgrade_fill_the_submitters(record):
     url = record.database_url
     body, first = _portal_submits(record)
     rid = first.json()["id"]
-    command.downgrade(alembic_config(url), "0009")
+    downgrade_record(url, "0009")
     _blank(url, rid)
     script = offline_script(url, command.upgrade, "0009:0010")
     if url.startswith("sqlite"):

@@ -11,7 +11,7 @@ from worker.db import engine_for
 from worker.migrate import head_revision, is_up_to_date, upgrade_database
 from worker.tables import Base
 
-from .conftest import offline_script
+from .conftest import downgrade_record, offline_script
 
 
 def test_migrated_schema_matches_the_orm(database_url):
@@ -302,7 +302,7 @@ def test_purged_at_comes_back_from_the_audit_log_after_a_downgrade_past_0008(tmp
             with transaction(url) as session:
                 at = session.execute(text("SELECT at FROM audit_events WHERE kind = :k ORDER BY seq"),
                                      {"k": PURGED_EVENT}).scalars().first()
-            command.downgrade(alembic_config(url), "0007")
+            downgrade_record(url, "0007")
             upgrade_database(url)
             with transaction(url) as session:
                 purged = {v.version: v.purged_at for v in session.query(ModelVersion).order_by(ModelVersion.version)}
@@ -311,5 +311,66 @@ def test_purged_at_comes_back_from_the_audit_log_after_a_downgrade_past_0008(tmp
             assert purged[1] is not None and purged[3] is not None, url
             assert purged[1].replace(tzinfo=None) == (at if isinstance(at, datetime) else
                                                       datetime.fromisoformat(str(at))).replace(tzinfo=None), url
+    finally:
+        drop_database(name)
+
+
+def test_a_downgrade_that_drops_the_audit_logs_protection_refuses_while_it_holds_events(tmp_path):
+    """Past 0010/0007 the audit log is no longer append-only, past 0002 the next upgrade
+    anchors its head at whatever event is then last (a cut from the end goes unnoticed),
+    past 0001 every table goes: with events in the record each refuses, changing nothing,
+    unless the operator passes ``-x allow_record_loss=1``. An empty record goes down freely."""
+    import argparse
+    import uuid
+
+    import pytest
+    from alembic import command
+    from alembic.util import CommandError
+    from sqlalchemy.exc import DBAPIError
+
+    from worker.audit import append_event, verify_chain
+    from worker.db import transaction
+    from worker.migrate import alembic_config, current_revision
+
+    from .conftest import create_database, drop_database
+
+    name = f"unlearnd_test_guard_{uuid.uuid4().hex[:8]}"
+    urls = [create_database(name), f"sqlite:///{tmp_path / 'record.db'}"]
+    try:
+        for url in urls:
+            upgrade_database(url)
+            with transaction(url) as session:
+                append_event(session, "a")
+                append_event(session, "b")
+            sqlite = url.startswith("sqlite")  # 0010's triggers are SQLite's only
+            for down_to in ("0009",) * sqlite + ("0006", "0001", "base"):
+                with pytest.raises(CommandError, match=r"append-only.*2 row\(s\) in audit_events.*allow_record_loss=1"):
+                    command.downgrade(alembic_config(url), down_to)
+            with engine_for(url).connect() as conn:
+                assert current_revision(conn) == "0010", url
+            with pytest.raises(DBAPIError, match="append-only"), engine_for(url).begin() as conn:
+                conn.execute(text("DELETE FROM audit_events"))  # still protected
+            # as `alembic -x allow_record_loss=1 downgrade 0001` passes it
+            cfg = alembic_config(url)
+            cfg.cmd_opts = argparse.Namespace(x=["allow_record_loss=1"])
+            command.downgrade(cfg, "0001")
+            with engine_for(url).connect() as conn:
+                assert current_revision(conn) == "0001"
+                assert conn.execute(text("SELECT COUNT(*) FROM audit_events")).scalar() == 2
+            with pytest.raises(CommandError, match=r"every table of the record.*2 row\(s\) in audit_events"):
+                command.downgrade(alembic_config(url), "base")
+            upgrade_database(url)
+            with transaction(url) as session:
+                assert verify_chain(session)["ok"]
+
+            empty = f"sqlite:///{tmp_path / 'empty.db'}" if url.startswith("sqlite") else url
+            if empty != url:
+                upgrade_database(empty)
+            else:
+                downgrade_record(url, "base")
+                upgrade_database(url)
+            command.downgrade(alembic_config(empty), "base")  # nothing to lose: no flag needed
+            with engine_for(empty).connect() as conn:
+                assert current_revision(conn) is None
     finally:
         drop_database(name)
