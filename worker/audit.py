@@ -62,6 +62,15 @@ def lock_appends(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": APPEND_LOCK_KEY})
 
 
+def commit_ordered_now(session: Session) -> datetime:
+    """The time to stamp a new row's ``created_at`` with (a request's, a job's), read under
+    :func:`lock_appends`, which the row's audit event takes anyway: on one clock such rows
+    land in commit order, and a reader paging a list newest first never passes one that
+    commits late."""
+    lock_appends(session)
+    return utcnow()
+
+
 def append_event(
     session: Session,
     kind: str,

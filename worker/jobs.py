@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session
 from model_store import Manifest, ModelStore
 from unlearning.data import dataset_key
 
-from .audit import append_event
+from .audit import append_event, commit_ordered_now
 from .calibration import calibration_share, lineage_calibration, method_config
 from .datasets import erased_cells, get_reference, get_splits
 from .db import advisory_lock, transaction
@@ -300,7 +300,7 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             requested = bool(_waiting_cells(session, model_name) & set(map(tuple, behind_cells)))
             if (failed is None and not requested) or (
                     failed is not None and now >= retry_at and not _waiting_requests(session, model_name)):
-                propagation = _propagation(session, settings, model_name, behind, now, retries=failed)
+                propagation = _propagation(session, settings, model_name, behind, retries=failed)
                 return Claim("claimed", propagation.id, propagation.attempts)
             if failed is not None:
                 log.warning("model %s still holds erased cells %s; its propagate job %s failed: %s; its next "
@@ -370,6 +370,7 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             cells.extend(c for c in map(tuple, erasure_cells([b])) if c not in cells)
             if b["request_id"] not in request_ids:
                 request_ids.append(b["request_id"])
+        now = commit_ordered_now(session)
         job = Job(
             model_name=model_name,
             kind="deletion",
@@ -481,7 +482,7 @@ def _waiting_cells(session: Session, model_name: str) -> set[tuple[str, str]]:
 
 
 def _propagation(session: Session, settings: Settings, model_name: str, behind: list[dict],
-                 now: datetime, retries: Job | None = None) -> Job:
+                 retries: Job | None = None) -> Job:
     """A running ``propagate`` job on the serving version that erases ``behind``
     (:func:`worker.versions.erasures_behind`: erasures of the model's dataset, made
     through another model, that the serving version still holds), with its audit event.
@@ -494,6 +495,7 @@ def _propagation(session: Session, settings: Settings, model_name: str, behind: 
     serving = session.get(Alias, (model_name, "serving")).version
     cells = erasure_cells(behind)
     request_ids = list(dict.fromkeys(b["request_id"] for b in behind))
+    now = commit_ordered_now(session)
     job = Job(model_name=model_name, kind="propagate", status="running", method=settings.method,
               base_version=serving, params={"cells": cells, "request_ids": request_ids}, created_at=now)
     _start(job, now)

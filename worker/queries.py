@@ -131,12 +131,12 @@ def _newest_first(session: Session, table, listing: str, filters: dict, since: d
     non-None values of ``filters``, newest first (``created_at``, then ``id``), from
     ``cursor`` on (a cursor of the list ``listing``, ``deletions`` or ``jobs``, which the next
     page's cursor names too); ``since`` inclusive, ``until`` exclusive; the columns
-    ``without`` not read (reading one raises). ``created_at`` is the writer's clock. A
-    request's is read under the audit log's lock (:func:`worker.requests.submit_deletion`),
-    so on one clock requests land in commit order and a reader never passes one committed
-    late (hosts whose clocks differ can still stamp out of order); a job's
-    is not (a job committed late can land among jobs a reader has passed). The audit log's
-    ``seq`` (assigned under the chain head's lock) follows commit order too."""
+    ``without`` not read (reading one raises). ``created_at`` is the writer's clock, read
+    under the audit log's lock (a request's in :func:`worker.requests.submit_deletion`, a
+    job's by :func:`worker.jobs.commit_ordered_now`), so on one clock rows land in commit
+    order and a reader never passes one committed late (hosts whose clocks differ can
+    still stamp out of order). The audit log's ``seq`` (assigned under the chain head's
+    lock) follows commit order too."""
     limit = _check_limit(limit)
     _check_window(since, until)
     q = select(table).options(*(defer(c, raiseload=True) for c in without))

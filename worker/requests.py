@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, defer
 from unlearning.data import dataset_key
 from unlearning.jsonio import finite_json
 
-from .audit import append_event, lock_appends
+from .audit import append_event, commit_ordered_now
 from .db import advisory_lock
 from .datasets import erased_cells, get_splits
 from .errors import Conflict, Invalid, NotFound
@@ -245,8 +245,7 @@ def submit_deletion(
     # Stamped under the audit log's lock, after the row's insert (its key-share lock on the model
     # row comes first, as in every writer): requests of any model then get created_at in commit
     # order, so a client paging /deletions newest first never passes one that commits late.
-    lock_appends(session)
-    request.created_at = request.updated_at = utcnow()
+    request.created_at = request.updated_at = commit_ordered_now(session)
     # The audit log is append-only and cannot be erased: the free-text reason stays out of it.
     append_event(
         session,

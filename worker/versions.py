@@ -19,7 +19,7 @@ from unlearning.data import dataset_key
 
 from model_store import DamagedManifest, StoreError
 
-from .audit import append_event
+from .audit import append_event, commit_ordered_now
 from .datasets import erased_cells
 from .errors import Conflict, NotFound
 from .requests import PROCESS_MODEL_TOPIC, get_model
@@ -330,7 +330,7 @@ def rollback(
             progress=0.0,
             attempts=0,
             params={"cells": cells, "request_ids": request_ids},
-            created_at=utcnow(),
+            created_at=commit_ordered_now(session),
         )
         session.add(job)
         session.flush()

@@ -491,13 +491,13 @@ def test_paging_deletions_never_passes_a_request_that_commits_late(two_models, m
     """Requests of two models meet only at the audit log's lock. created_at was read before it:
     a request paused there (a descheduled thread) was older than one of the other model that
     committed first, and a client paging /deletions meanwhile passed its place and never saw it."""
-    from worker import queries, requests
+    from worker import audit, queries
 
     s, s_b, store, ids = two_models
     for instance in ids[:2]:
         _submit(s, instance)
     inserted, go = threading.Event(), threading.Event()
-    real = requests.lock_appends
+    real = audit.lock_appends
 
     def paused(session):
         if not go.is_set() and threading.current_thread().name == "late":
@@ -505,7 +505,7 @@ def test_paging_deletions_never_passes_a_request_that_commits_late(two_models, m
             assert go.wait(30)
         return real(session)
 
-    monkeypatch.setattr(requests, "lock_appends", paused)
+    monkeypatch.setattr(audit, "lock_appends", paused)
     late = threading.Thread(target=lambda: _submit(s, ids[2]), name="late")
     late.start()
     assert inserted.wait(30)
@@ -526,6 +526,49 @@ def test_paging_deletions_never_passes_a_request_that_commits_late(two_models, m
     # every request at or before the first page's newest was there to be read: each is paged
     assert {r.id for r in stored if r.created_at <= newest_seen} <= set(seen)
     assert len(stored) == 4 and len(seen) >= 3
+
+
+def test_paging_jobs_never_passes_a_job_that_commits_late(two_models, monkeypatch):
+    """As requests: a job's created_at was read when its claim began, before the audit log's
+    lock; a claim paused there made a job older than another model's, committed first, and
+    a client paging /jobs meanwhile passed its place and never saw it."""
+    from worker import audit, queries
+
+    s, s_b, store, ids = two_models
+    _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]  # an older job
+    _submit(s, ids[1])
+    _submit(s_b, ids[2])
+    reached, go = threading.Event(), threading.Event()
+    real = audit.lock_appends
+
+    def paused(session):
+        if not go.is_set() and threading.current_thread().name == "late":
+            reached.set()  # the claim has begun; its transaction is open
+            assert go.wait(30)
+        return real(session)
+
+    monkeypatch.setattr(audit, "lock_appends", paused)
+    claims = []
+    late = threading.Thread(target=lambda: claims.append(jobs.claim_next(s, TINY)), name="late")
+    late.start()
+    assert reached.wait(30)
+    assert jobs.claim_next(s_b, TINY_B).status == "claimed"  # the other model's job commits first
+    with transaction(s.database_url) as session:
+        first = queries.list_jobs(session, limit=2)
+    go.set()
+    late.join(30)
+    assert [c.status for c in claims] == ["claimed"]
+    seen, cursor = [j.id for j in first.items], first.next_cursor
+    while cursor:
+        with transaction(s.database_url) as session:
+            page = queries.list_jobs(session, limit=2, cursor=cursor)
+        seen, cursor = seen + [j.id for j in page.items], page.next_cursor
+    with transaction(s.database_url) as session:
+        stored = session.execute(select(Job)).scalars().all()
+    newest_seen = max(j.created_at for j in stored if j.id == seen[0])
+    assert {j.id for j in stored if j.created_at <= newest_seen} <= set(seen)
+    assert len(stored) == 3 and claims[0].job_id not in seen  # it came after the pages, as new
 
 
 def _serving_of(s: Settings, name: str) -> ModelVersion:
