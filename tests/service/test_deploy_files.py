@@ -165,7 +165,9 @@ def test_prometheus_scrapes_the_open_metrics_of_the_api(tmp_path):
     assert target, "one static target"
     assert target.group(1) in SERVICES
     assert target.group(2) == _environment(SERVICES[target.group(1)])["UNLEARND_PORT"]
-    assert f'"{target.group(2)}:{target.group(2)}"' in SERVICES["api"]
+    # published on the host's loopback only: with no API keys (the default) the API is open
+    assert f'"127.0.0.1:{target.group(2)}:{target.group(2)}"' in SERVICES["api"]
+    assert re.findall(r'^\s+- "([\d.:]+)"', COMPOSE, re.M) == ["127.0.0.1:8000:8000", "127.0.0.1:9090:9090"]
     assert f"127.0.0.1:{target.group(2)}/readyz" in SERVICES["api"]  # the health check, same port
 
     keys = {"ops": {"token_sha256": "0" * 64, "scopes": ["admin"]}}
