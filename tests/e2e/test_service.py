@@ -47,6 +47,15 @@ def _session(settings):
     return transaction(settings.database_url)
 
 
+def _version_count(session, settings) -> int:
+    """How many versions of the service's model the record holds (not every model's: the
+    last test registers a second model, whose propagate jobs publish beside it)."""
+    from worker.tables import ModelVersion
+
+    return session.execute(select(func.count()).select_from(ModelVersion)
+                           .where(ModelVersion.model_name == settings.model_name)).scalar()
+
+
 def test_deletion_becomes_a_new_version_with_metrics_audit_and_certificate(client, settings, store, celery_worker):
     instance = _instances(settings)[0]
     accepted, key = _post(client, instance)
@@ -165,7 +174,7 @@ def test_a_job_that_runs_twice_publishes_one_version(client, settings, store, mo
     with _session(settings) as session:
         job = session.get(Job, job_id)
         base, cells = job.base_version, job.params["cells"]
-        versions_before = session.execute(select(func.count()).select_from(ModelVersion)).scalar()
+        versions_before = _version_count(session, settings)
     assert cells == [[instance, "normal"]]
     target = jobs._target_version(settings, store, job_id, claim.attempt)
     assert jobs._target_version(settings, store, job_id, claim.attempt) == target  # fixed on the job row
@@ -186,7 +195,7 @@ def test_a_job_that_runs_twice_publishes_one_version(client, settings, store, mo
 
     with _session(settings) as session:
         rows = session.execute(select(ModelVersion).where(ModelVersion.job_id == job_id)).scalars().all()
-        total = session.execute(select(func.count()).select_from(ModelVersion)).scalar()
+        total = _version_count(session, settings)
         req = session.get(DeletionRequest, request_id)
         completed_events = session.execute(
             select(func.count()).select_from(AuditEvent).where(AuditEvent.kind == "job.completed",
@@ -223,12 +232,15 @@ def test_sweeper_reenqueues_a_job_whose_worker_died(client, settings, store, pau
     paused_worker()  # resume: from here on the job is the worker's to run, once swept
     publish = publisher(create_celery(settings))
 
+    # This sweep counts work stale after 60 s; the API's own sweeper (every 150 s) after the
+    # service's 600: a heartbeat 120 s old is this sweep's alone, which then finds it exactly.
+    sweeper = settings.model_copy(update={"stale_after_s": 60})
     # fresh heartbeat: the sweeper leaves it alone
-    assert sweep_once(settings, publish)["jobs"] == 0
+    assert sweep_once(sweeper, publish)["jobs"] == 0
     with _session(settings) as session:
-        old = session.get(Job, job_id).heartbeat_at - timedelta(seconds=settings.stale_after_s + 5)
+        old = session.get(Job, job_id).heartbeat_at - timedelta(seconds=120)
         session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=old))
-    swept = sweep_once(settings, publish)
+    swept = sweep_once(sweeper, publish)
     assert swept["jobs"] == 1 and swept["models"] == [settings.model_name]
 
     done = _wait_done(client, request_id)
@@ -240,21 +252,25 @@ def test_sweeper_reenqueues_a_job_whose_worker_died(client, settings, store, pau
     assert any(e["payload"]["job_id"] == job_id for e in requeued)
 
 
-def test_sweeper_reannounces_a_request_whose_message_was_lost(client, settings):
+def test_sweeper_reannounces_a_request_whose_message_was_lost(client, settings, paused_worker):
+    """A request queued long ago and never announced is announced by the sweeper. The worker
+    is paused meanwhile (an announcement of an earlier test's model, still on its way, would
+    claim the request first), and, as above, the row is stale to this sweep alone."""
     from worker.celery_app import create_celery, publisher
     from worker.outbox import sweep_once
     from worker.tables import DeletionRequest, utcnow
 
     instance = _instances(settings)[6]
-    with _session(settings) as session:  # queued long ago, never announced
-        old = utcnow() - timedelta(seconds=settings.stale_after_s + 60)
+    with _session(settings) as session:  # queued a while ago, never announced
+        old = utcnow() - timedelta(seconds=120)
         req = DeletionRequest(model_name=settings.model_name, instance_id=instance, tasks=["depth"],
                               status="queued", created_at=old, updated_at=old)
         session.add(req)
         session.flush()
         request_id = req.id
-    swept = sweep_once(settings, publisher(create_celery(settings)))
+    swept = sweep_once(settings.model_copy(update={"stale_after_s": 60}), publisher(create_celery(settings)))
     assert swept["requests"] == 1
+    paused_worker()
     assert _wait_done(client, request_id)["produced_version"] >= 2
 
 
@@ -291,7 +307,7 @@ def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store, paused_wor
     and its request fail with the error, nothing is published, and the model is free again.
     The worker is paused: this process claims and runs the job."""
     from worker import jobs
-    from worker.tables import DeletionRequest, ModelVersion
+    from worker.tables import DeletionRequest
 
     with _session(settings) as session:
         req = DeletionRequest(model_name=settings.model_name, instance_id="no-such-instance", tasks=["depth"],
@@ -299,7 +315,7 @@ def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store, paused_wor
         session.add(req)
         session.flush()
         request_id = req.id
-        versions_before = session.execute(select(func.count()).select_from(ModelVersion)).scalar()
+        versions_before = _version_count(session, settings)
     claim = jobs.claim_next(settings, settings.model_name)
     status, job_id = claim.status, claim.job_id
     assert status == "claimed"
@@ -312,7 +328,7 @@ def test_a_job_with_a_bad_cell_fails_cleanly(client, settings, store, paused_wor
     failed = client.get("/audit/events", params={"kind": "job.failed"}).json()["items"]
     assert any(e["payload"]["job_id"] == job_id for e in failed)
     with _session(settings) as session:
-        assert session.execute(select(func.count()).select_from(ModelVersion)).scalar() == versions_before
+        assert _version_count(session, settings) == versions_before
     assert jobs.process_model(settings, store, settings.model_name).status == "idle"
     assert client.get("/audit/verify").json()["ok"] is True
 
