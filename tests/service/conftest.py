@@ -71,6 +71,18 @@ def settings(database_url, tmp_path_factory) -> Settings:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_engine_cache(monkeypatch):
+    """Each test its own engine cache: it is per process and keyed (model, version), which
+    every test's fresh record and store reuse (a job could pick up an earlier test's tau or
+    original-model evaluation, and its numbers depended on the order tests ran in)."""
+    from collections import OrderedDict
+
+    from worker import jobs
+
+    monkeypatch.setattr(jobs, "ENGINE_CACHE", OrderedDict())
+
+
+@pytest.fixture(autouse=True)
 def _clean(request):
     """Empty every table before each test (only when the test uses the database)."""
     if "database_url" not in request.fixturenames:

@@ -175,7 +175,6 @@ def test_a_purge_forgetting_cached_versions_while_the_worker_picks_its_cache(set
 
     with transaction(settings.database_url) as session:
         session.execute(select(ModelVersion)).scalar_one().purged_at = utcnow()  # v1 purged
-    monkeypatch.setattr(jobs, "ENGINE_CACHE", jobs.OrderedDict())
     jobs.engine_cache(MODEL, 1)
     jobs.engine_cache(MODEL, 2)
     lock = _WatchedLock(threading.current_thread())

@@ -1321,7 +1321,6 @@ def test_metrics_are_recorded_as_strict_json():
 
 def test_a_workers_cached_versions_give_up_their_device_data_to_the_newest(monkeypatch):
     """Only the version a job runs on keeps its data on the device; other models' caches are left alone."""
-    monkeypatch.setattr(jobs, "ENGINE_CACHE", jobs.OrderedDict())
     old = jobs.engine_cache("m", 1)
     other = jobs.engine_cache("n", 1)
     host, placed = object(), object()
