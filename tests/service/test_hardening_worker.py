@@ -1387,7 +1387,7 @@ def test_on_sqlite_a_publish_that_hangs_does_not_hold_the_write_lock(tiny, tmp_p
     relay = threading.Thread(target=lambda: relayed.append(relay_once(lite, hanging)))
     relay.start()
     assert entered.wait(10)
-    timer = threading.Timer(5.0, released.set)
+    timer = threading.Timer(30.0, released.set)  # the bug's bound: a submission takes milliseconds
     timer.start()
     try:
         second = _submit(lite, ids[1])  # while the publish hangs

@@ -5,6 +5,7 @@ its heartbeat STALE_AFTER_S old."""
 from __future__ import annotations
 
 import threading
+import time
 
 from sqlalchemy import select
 
@@ -174,9 +175,8 @@ def test_the_in_process_worker_starts_with_the_queued_work_it_held_when_it_stopp
                         lambda settings_, store, name, stop=None: ran.append(name) or jobs.Drain([], None))
     stop = background.start_background(s)
     try:
-        for _ in range(100):
-            if sorted(ran) == ["a", "b"]:
-                break
+        deadline = time.monotonic() + 60  # a loaded machine: a bound, not a timing
+        while sorted(ran) != ["a", "b"] and time.monotonic() < deadline:
             threading.Event().wait(0.05)
     finally:
         stop()
@@ -202,9 +202,8 @@ def test_the_in_process_worker_logs_a_models_run_of_failures_once_and_its_end(se
     with caplog.at_level(logging.WARNING, logger="worker.background"):
         worker.start()
         worker.announce("a")
-        for _ in range(200):
-            if any("succeeds again" in r.getMessage() for r in caplog.records):
-                break
+        deadline = time.monotonic() + 60
+        while not any("succeeds again" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
             threading.Event().wait(0.02)
         worker.stop()
     messages = [r.getMessage() for r in caplog.records if r.name == "worker.background"]
