@@ -231,10 +231,11 @@ def test_scrub_min_steps_are_a_pass_over_the_retain_data(world):
     data.progress = progress.append
     _, log = get_method("scrub")(model, data, {"rounds": 3, "max_rounds": 2, "batch_size": 8})
     assert log["min_steps_per_round"] == 3  # ceil(22 / 8)
-    assert (log["max_steps"], log["min_steps"], log["steps"]) == (2, 9, 11)
+    # 2 max-steps scheduled, the first makes no update: steps counts it, max_steps does not
+    assert (log["max_steps"], log["skipped_max_steps"], log["min_steps"], log["steps"]) == (1, 1, 9, 11)
     assert len(progress) == 11 and progress[-1] == pytest.approx(1.0)
     _, log = get_method("scrub")(model, data, {"rounds": 3, "max_rounds": 2, "min_steps": 1})
-    assert (log["max_steps"], log["min_steps"], log["steps"]) == (2, 3, 5)
+    assert (log["max_steps"], log["skipped_max_steps"], log["min_steps"], log["steps"]) == (1, 1, 3, 5)
     assert config_problems("scrub", {"min_steps": 2}) == config_problems("scrub", {"min_steps": None}) == []
     assert config_problems("scrub", {"min_steps": 0}) and config_problems("scrub", {"min_steps": 1.5})
 
@@ -258,8 +259,30 @@ def test_scrub_first_max_step_leaves_the_student_as_the_teacher(world, monkeypat
 
     data.progress = after_step
     _, log = get_method("scrub")(model, data, {"rounds": 2, "max_rounds": 2, "min_steps": 1})
-    assert (log["max_steps"], log["min_steps"]) == (2, 2)
+    assert (log["max_steps"], log["skipped_max_steps"], log["min_steps"], log["steps"]) == (1, 1, 2, 4)
     assert moved == [False, True, True, True]  # max (the student is the teacher), min, max, min
+
+
+def test_scrub_max_rounds_that_cannot_forget_are_refused(world):
+    """The first max-step makes no update, so max_rounds 1 gives the very weights of
+    max_rounds 0 (retain training only) while its log said 1 max-step: the log counts the
+    max-steps that updated, and the configuration check refuses both (and rounds 1, which
+    leaves one max-step at most)."""
+    from unlearning.methods.params import config_problems
+
+    model = world[2]
+    one, log_one = get_method("scrub")(model, request(world, FULL), {"rounds": 3, "max_rounds": 1, "min_steps": 1})
+    none, log_none = get_method("scrub")(model, request(world, FULL), {"rounds": 3, "max_rounds": 0, "min_steps": 1})
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), none.state_dict().values()))
+    assert (log_one["max_steps"], log_one["skipped_max_steps"], log_one["steps"]) == (0, 1, 4)
+    assert (log_none["max_steps"], log_none["skipped_max_steps"], log_none["steps"]) == (0, 0, 3)
+    _, log = get_method("scrub")(model, request(world, FULL), {"rounds": 3, "max_rounds": 8, "min_steps": 1})
+    assert log["max_steps"] == 2  # min(rounds, max_rounds) - 1
+    for bad in ({"max_rounds": 0}, {"max_rounds": 1}, {"rounds": 1}):
+        (problem,) = config_problems("scrub", bad)
+        assert "must be >= 2" in problem and "no update" in problem, problem
+    assert config_problems("scrub", {"max_rounds": 2, "rounds": 2}) == []
+    assert config_problems("scrub", {"max_rounds": 8, "rounds": 15}) == []  # the sweep's grid points
 
 
 def test_pcgrad_projection_removes_the_conflict():
@@ -365,7 +388,7 @@ def test_unlabelled_cells_are_never_donors_and_a_task_without_donors_is_logged(w
 
 
 # A few steps: enough to move every method's copy, cheap enough to run for all of them.
-FEW = {"steps": 2, "rounds": 2, "max_rounds": 1}
+FEW = {"steps": 2, "rounds": 2, "max_rounds": 2}  # scrub: one max-step that updates (the first makes none)
 
 
 def few(method):

@@ -41,7 +41,7 @@ RECIPE = dict(epochs=6, batch_size=8, lr=4e-3, width=8, depth=2, head_width=8, s
 # a few steps each: the point is the device, not the quality
 FAST = {"interference_aware": {"steps": 6}, "retrain": {"train": dict(RECIPE, epochs=2)}, "finetune": {"steps": 4},
         "gradient_ascent": {"steps": 2}, "neggrad_plus": {"steps": 3}, "random_target": {"steps": 3},
-        "scrub": {"rounds": 2, "max_rounds": 1}, "salun": {"steps": 3}, "ssd": {"fisher_samples": 8},
+        "scrub": {"rounds": 2, "max_rounds": 2}, "salun": {"steps": 3}, "ssd": {"fisher_samples": 8},
         "l1_sparse": {"steps": 3}, "pcgrad": {"steps": 3}}
 
 

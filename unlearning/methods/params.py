@@ -60,6 +60,8 @@ RANGES = {
     ("neggrad_plus", "alpha"): (0, 1, True),
     ("salun", "gamma"): (0, 1, False),
     ("scrub", "min_steps"): (1, None, True),
+    ("scrub", "max_rounds"): (2, None, True),  # the first max-step makes no update (WHY)
+    ("scrub", "rounds"): (2, None, True),  # likewise: max-steps are taken in the first min(rounds, max_rounds) rounds
     # seeds: what torch takes once the code's offset is added (negative ones too); beyond
     # that, "Overflow when unpacking long long" from inside the work (unlearning.cli)
     ("*", "shadow_seed"): (SHADOW_SEEDS.start, SHADOW_SEEDS[-1], True),  # the folds' split: 7_919 + seed
@@ -69,6 +71,16 @@ RANGES = {
     ("retrain", "width"): (1, None, True),
     ("retrain", "depth"): (1, None, True),
     ("retrain", "head_width"): (1, None, True),
+}
+
+
+#: why a bound is where it is, where the bare bound would puzzle: (method, name) -> reason,
+#: appended to the range's message
+WHY = {
+    ("scrub", "max_rounds"): ("the first max-step makes no update (the student is still the teacher), so "
+                              "max_rounds 1 gives the weights of max_rounds 0: retain training, no forgetting"),
+    ("scrub", "rounds"): ("only the first min(rounds, max_rounds) rounds take a max-step and the first max-step "
+                          "makes no update (the student is still the teacher), so rounds 1 forgets nothing"),
 }
 
 
@@ -120,7 +132,8 @@ def _value_problem(method: str, name: str, value: Any, default: Any) -> str | No
     elif isinstance(default, float):
         if not _finite(value):
             return f"must be a finite number, got {value!r}"
-    return _range_problem(method, name, value)
+    why = _range_problem(method, name, value)
+    return f"{why}: {WHY[method, name]}" if why and (method, name) in WHY else why
 
 
 def _range_problem(method: str, name: str, value) -> str | None:

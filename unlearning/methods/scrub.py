@@ -22,8 +22,18 @@ As in the reference code, a round's min-steps are one pass over the retain set:
 (4 on the sweep's 58-64 retained scenes); a number fixes it (1: one retain batch
 per round, this module's former schedule). The max pass is one forget batch:
 the whole forget set when it fits in ``forget_batch_size`` (else a seeded random
-subset of that size). Progress and the log's ``steps`` count every step
-(``max_steps`` and ``min_steps`` of them).
+subset of that size).
+
+The first max-step makes no update: the student is still the teacher, so ``D_f``
+and its gradient are 0 (see ``fill_grads``). The max-steps that move the weights
+are therefore ``min(max_rounds, rounds) - 1`` (the default 5 max-rounds: 4), and
+``max_rounds`` 1 (or ``rounds`` 1) forgets nothing at all: it gives the weights of
+``max_rounds`` 0, plain retain training, which :mod:`.params` refuses. Progress and
+the log's ``steps`` count every scheduled step, the first max-step included (the
+default on 64 retained scenes: 65); of these the log's ``max_steps`` and
+``min_steps`` count the updates of each kind and ``skipped_max_steps`` the first
+max-step (1 when the schedule starts with one), so ``steps = max_steps +
+min_steps + skipped_max_steps``.
 """
 from __future__ import annotations
 
@@ -117,6 +127,7 @@ def unlearn(model, data, config):
         (cfg["distill_weight"] * d_r + cfg["task_weight"] * l_r).backward()
         return {"max": 0, "retain_divergence": d_r, "retain_loss": l_r}
 
+    skipped = int(bool(schedule) and schedule[0] == "max")  # fill_grads's step 0: no gradient, no update
     history = loops.run_update_loop(
         params, len(schedule), fill_grads, loops.make_optimizer(params, cfg), data, cfg["grad_clip"]
     )
@@ -127,7 +138,8 @@ def unlearn(model, data, config):
         before,
         student,
         data,
-        max_steps=schedule.count("max"),
+        max_steps=schedule.count("max") - skipped,  # the max-steps that updated the weights
+        skipped_max_steps=skipped,  # the first max-step: no update (the student is the teacher)
         min_steps=schedule.count("min"),
         min_steps_per_round=per_round,
         history=history,
