@@ -489,3 +489,29 @@ def test_retrain_refuses_an_architecture_it_would_ignore():
     assert config_problems("retrain", {"epochs": 2, "train": {"width": 16, "epochs": 5}}) == []
     assert "has no parameter 'width'" in config_problems("finetune", {"width": 8})[0]
     assert len(config_problems("finetune", {"width": 8})) == 1
+
+
+@pytest.mark.parametrize("method", [m for m in BASELINES if "optimizer" in method_defaults(m)])
+def test_sgd_momentum_is_a_parameter_of_every_method_with_an_optimizer(method):
+    """make_optimizer read cfg["momentum"], but no DEFAULTS named it, so the check refused it and
+    SGD's momentum was always 0.9: it is a parameter now, 0.9 by default, in [0, 1)."""
+    from unlearning.methods import loops
+    from unlearning.methods.params import config_problems
+
+    assert method_defaults(method)["momentum"] == 0.9
+    assert config_problems(method, {"optimizer": "sgd", "momentum": 0.0}) == []
+    assert config_problems(method, {"optimizer": "sgd", "momentum": 0.5}) == []
+    for bad in (1.0, -0.1, "high", None):
+        assert config_problems(method, {"optimizer": "sgd", "momentum": bad}), bad
+    param = [torch.nn.Parameter(torch.zeros(2))]
+    cfg = {**method_defaults(method), "optimizer": "sgd"}
+    assert loops.make_optimizer(param, cfg).param_groups[0]["momentum"] == 0.9
+    assert loops.make_optimizer(param, {**cfg, "momentum": 0.3}).param_groups[0]["momentum"] == 0.3
+
+
+def test_interference_aware_has_no_sgd_momentum():
+    """Its sgd is clipped plain SGD (its own stepper): a momentum there would do nothing."""
+    from unlearning.methods.params import config_problems
+
+    assert "momentum" not in method_defaults("interference_aware")
+    assert "has no parameter 'momentum'" in config_problems("interference_aware", {"momentum": 0.5})[0]

@@ -17,6 +17,7 @@ DEFAULTS = {
     "steps": 120,
     "lr": 5e-3,
     "optimizer": "adam",
+    "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it
     "batch_size": 16,
     "grad_clip": 5.0,
 }

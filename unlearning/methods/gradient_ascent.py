@@ -19,6 +19,7 @@ DEFAULTS = {
     "steps": 3,  # updates; the whole forget batch each step
     "lr": 1e-3,
     "optimizer": "adam",
+    "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it
     "grad_clip": 5.0,
     "forget_batch_size": 32,
 }

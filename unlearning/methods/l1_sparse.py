@@ -20,6 +20,7 @@ DEFAULTS = {
     "lr": 5e-3,
     "l1": 1e-4,  # gamma: initial weight of the l1 penalty (sum of |θ| over all parameters)
     "optimizer": "adam",
+    "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it
     "batch_size": 16,
     "grad_clip": 5.0,
 }

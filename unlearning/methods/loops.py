@@ -169,7 +169,9 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
-    """Adam (default) or SGD with momentum, from ``cfg['optimizer']`` and ``cfg['lr']``."""
+    """Adam (default) or SGD with momentum, from ``cfg['optimizer']``, ``cfg['lr']`` and, for
+    SGD, ``cfg['momentum']`` (0.9 where absent: every method that builds its optimiser here
+    has it in its DEFAULTS at 0.9, the value SGD always had; Adam ignores it)."""
     name = cfg.get("optimizer", "adam")
     if name == "adam":
         return torch.optim.Adam(params, lr=cfg["lr"])

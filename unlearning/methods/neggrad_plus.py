@@ -18,6 +18,7 @@ DEFAULTS = {
     "lr": 5e-4,
     "alpha": 0.8,  # weight of the retain loss; 1-alpha weighs the (negated) forget loss
     "optimizer": "adam",
+    "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it
     "batch_size": 16,
     "forget_batch_size": 32,
     "grad_clip": 5.0,

@@ -48,6 +48,7 @@ RANGES = {
     ("*", "fisher_samples"): (1, None, True),
     ("*", "lr"): (0, None, False),
     ("*", "temperature"): (0, None, False),
+    ("*", "momentum"): (0, 1, True, False),  # SGD's (loops.make_optimizer): in [0, 1)
     ("interference_aware", "shadow_folds"): (2, None, True),  # one fold: the full-mode shadow trains on nothing
     ("interference_aware", "max_norm"): (0, None, False),  # sgd: the update's norm is divided by it
     ("interference_aware", "subspace_samples"): (1, None, True),

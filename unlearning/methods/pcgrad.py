@@ -25,6 +25,7 @@ DEFAULTS = {
     "lr": 1e-4,
     "forget_weight": 2.0,  # w
     "optimizer": "adam",
+    "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it
     "batch_size": 16,
     "forget_batch_size": 32,
     "grad_clip": 5.0,

@@ -21,6 +21,7 @@ DEFAULTS = {
     "lr": 3e-4,
     "retain_weight": 1.0,  # lambda
     "optimizer": "adam",
+    "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it
     "batch_size": 16,
     "forget_batch_size": 32,
     "grad_clip": 5.0,

@@ -61,6 +61,7 @@ DEFAULTS = {
     "task_weight": 0.99,  # gamma, on the retain task loss
     "temperature": 4.0,
     "optimizer": "adam",
+    "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it
     "batch_size": 16,
     "forget_batch_size": 32,
     "grad_clip": 5.0,
