@@ -52,7 +52,7 @@ class TrainConfig:
     depth: int = 3
     head_width: int = 32
     cosine: bool = True  # anneal the lr to 0 so the last epochs settle into a minimum
-    grad_clip: float | None = 5.0
+    grad_clip: float | None = 5.0  # the gradient norm's clip; None or 0: no clipping (as the methods' grad_clip)
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

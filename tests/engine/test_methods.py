@@ -515,3 +515,27 @@ def test_interference_aware_has_no_sgd_momentum():
 
     assert "momentum" not in method_defaults("interference_aware")
     assert "has no parameter 'momentum'" in config_problems("interference_aware", {"momentum": 0.5})[0]
+
+
+def test_grad_clip_zero_is_no_clipping_like_null():
+    """``grad_clip`` 0 passes the check (>= 0) and, read as a truth value by the loops and the
+    training recipe, turns clipping off: documented so, and the same update as null."""
+    from unlearning.methods import loops
+    from unlearning.methods.params import config_problems
+
+    assert config_problems("finetune", {"grad_clip": 0}) == config_problems("finetune", {"grad_clip": None}) == []
+    assert config_problems("retrain", {"train": {"grad_clip": 0}}) == []
+    assert config_problems("finetune", {"grad_clip": -1})
+
+    def one_step(clip):
+        param = torch.nn.Parameter(torch.zeros(3))
+
+        def fill(step):
+            param.grad = torch.tensor([30.0, 40.0, 0.0])  # norm 50
+            return {}
+
+        loops.run_update_loop([param], 1, fill, torch.optim.SGD([param], lr=1.0), UnlearnData(None, [], None), clip)
+        return param.detach()
+
+    assert torch.equal(one_step(0), one_step(None)) and torch.equal(one_step(0), torch.tensor([-30.0, -40.0, 0.0]))
+    assert torch.allclose(one_step(5.0), torch.tensor([-3.0, -4.0, 0.0]))

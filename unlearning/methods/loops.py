@@ -193,7 +193,7 @@ def run_update_loop(
     """``steps`` optimiser updates. Each step: grads set to None, ``fill_grads(step)``
     populates ``.grad`` (usually ``loss.backward()``) and returns scalars to log,
     ``edit_grads`` may rewrite them (e.g. a saliency mask), the total norm is
-    clipped to ``grad_clip``, the optimiser steps. Parameters left without a
+    clipped to ``grad_clip`` (None or 0: not clipped), the optimiser steps. Parameters left without a
     gradient are not moved (Adam and SGD skip them). Returns the logged scalars
     of every ``log_every``-th step and of the last."""
     history = []

@@ -24,7 +24,8 @@ SHARED = {"train"}  # the training recipe (TrainConfig fields), read by retrain
 
 #: values a parameter takes besides those of its default's type: (method or "*", name) -> values
 ALSO = {
-    ("*", "grad_clip"): (None,),  # no clipping (the loops and the training recipe read it so)
+    ("*", "grad_clip"): (None,),  # no clipping (the loops and the training recipe read it so); 0, a number in
+    # range (>= 0), is no clipping too: both read it as a truth value (``if grad_clip:``)
     ("interference_aware", "orthogonalize"): ("iterate",),
     ("interference_aware", "tau_quantile_partial"): (None,),
     ("interference_aware", "tau_refresh_sample"): (None,),
