@@ -539,3 +539,20 @@ def test_grad_clip_zero_is_no_clipping_like_null():
 
     assert torch.equal(one_step(0), one_step(None)) and torch.equal(one_step(0), torch.tensor([-30.0, -40.0, 0.0]))
     assert torch.allclose(one_step(5.0), torch.tensor([-3.0, -4.0, 0.0]))
+
+
+@pytest.mark.parametrize("method, config, why", [
+    ("neggrad_plus", {"alpha": 1}, "alpha 1 is retain training with no forget signal"),
+    ("neggrad_plus", {"alpha": 1.0}, "alpha 1 is retain training with no forget signal"),
+    ("pcgrad", {"forget_weight": 0}, "forget_weight 0 is retain training with no forget signal"),
+    ("pcgrad", {"forget_weight": 0.0}, "forget_weight 0 is retain training with no forget signal"),
+])
+def test_a_weight_that_removes_the_forget_signal_is_refused(method, config, why):
+    """They ran and reported success with nothing to forget by: the check names them; the
+    sweeps' grid values (alpha up to 0.99, forget_weight from 0.5) stay accepted."""
+    from unlearning.methods.params import config_problems
+
+    (problem,) = config_problems(method, config)
+    assert why in problem, problem
+    assert config_problems("neggrad_plus", {"alpha": 0.99}) == config_problems("neggrad_plus", {"alpha": 0}) == []
+    assert config_problems("pcgrad", {"forget_weight": 0.5}) == []

@@ -59,7 +59,8 @@ RANGES = {
     ("interference_aware", "energy"): (0, 1, False),
     ("interference_aware", "shadow_trained_folds"): (1, None, True),
     ("interference_aware", "betas"): (0, 1, True, False),  # Adam's: each in [0, 1)
-    ("neggrad_plus", "alpha"): (0, 1, True),
+    ("neggrad_plus", "alpha"): (0, 1, True, False),  # 1: no forget term (WHY)
+    ("pcgrad", "forget_weight"): (0, None, False),  # 0: no forget gradient (WHY)
     ("salun", "gamma"): (0, 1, False),
     ("scrub", "min_steps"): (1, None, True),
     ("scrub", "max_rounds"): (2, None, True),  # the first max-step makes no update (WHY)
@@ -81,6 +82,10 @@ RANGES = {
 WHY = {
     ("scrub", "max_rounds"): ("the first max-step makes no update (the student is still the teacher), so "
                               "max_rounds 1 gives the weights of max_rounds 0: retain training, no forgetting"),
+    ("neggrad_plus", "alpha"): ("the forget loss is weighed by 1 - alpha, so alpha 1 is retain training with no "
+                                "forget signal"),
+    ("pcgrad", "forget_weight"): ("the update is forget_weight * g_f' + g_r', so forget_weight 0 is retain training "
+                                  "with no forget signal"),
     ("scrub", "rounds"): ("only the first min(rounds, max_rounds) rounds take a max-step and the first max-step "
                           "makes no update (the student is still the teacher), so rounds 1 forgets nothing"),
 }
