@@ -556,3 +556,20 @@ def test_a_weight_that_removes_the_forget_signal_is_refused(method, config, why)
     assert why in problem, problem
     assert config_problems("neggrad_plus", {"alpha": 0.99}) == config_problems("neggrad_plus", {"alpha": 0}) == []
     assert config_problems("pcgrad", {"forget_weight": 0.5}) == []
+
+
+QUICK = {"interference_aware": {"steps": 3, "tau_refresh": 0},
+         "retrain": {"train": {"epochs": 1, "batch_size": 8}}}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_the_unlearned_model_comes_back_in_the_callers_mode(world, method, training):
+    """The baselines handed back their working copy in training mode even for a caller's model
+    in eval mode, interference_aware and retrain always in eval mode: each returns the
+    caller's mode now, and leaves the caller's model in it."""
+    model = copy.deepcopy(world[2]).train(training)
+    out, _ = get_method(method)(model, request(world, PARTIAL), QUICK.get(method) or few(method))
+    assert out is not model
+    assert model.training is training
+    assert all(m.training is training for m in out.modules()), method

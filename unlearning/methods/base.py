@@ -4,7 +4,9 @@ One signature: ``method(model, data, config) -> (unlearned_model, log)``.
 ``model`` is the deployed model (the method may modify a copy, never the
 caller's), ``data`` an :class:`UnlearnData`, ``config`` a plain dict of the
 method's hyper-parameters (missing keys take the method's documented defaults),
-``log`` a JSON-serialisable dict (steps, losses, what was skipped and why).
+``log`` a JSON-serialisable dict (steps, losses, what was skipped and why). The
+returned model is in the caller's model's mode (``model.training``): a method
+trains its copy in training mode and hands it back as the caller had it.
 """
 from __future__ import annotations
 

@@ -1226,7 +1226,7 @@ def unlearn(model, data: UnlearnData, config: dict | None):
     with torch.no_grad():
         final = cell_losses(student, forget, forget_tasks)
     final_losses = {t: [round(float(x), 6) for x in final[t][forget.has[t]]] for t in forget_tasks}
-    student.eval()
+    student.train(model.training)  # the caller's mode (it was always eval, as the baselines' was always train)
     log = {
         "method": "interference_aware",
         "config": {k: (f"<{sum(len(v) for v in (cfg['shadow_scores'].get('full') or {}).values())} cells>"

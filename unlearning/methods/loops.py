@@ -37,6 +37,14 @@ def working_copy(model: torch.nn.Module, data: UnlearnData) -> torch.nn.Module:
     return student
 
 
+def in_callers_mode(student: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """``student`` put in the training or evaluation mode of the caller's ``model`` (a method
+    works on its copy in training mode, :func:`working_copy`; what it returns is the caller's
+    model unlearned, in the mode the caller had it). The model's GroupNorm and absence of
+    dropout make the mode change nothing in its outputs."""
+    return student.train(model.training)
+
+
 def generator(data: UnlearnData, salt: int = 0) -> torch.Generator:
     """A CPU generator seeded from ``data.seed`` (all sampling goes through it,
     so a method's run is reproducible without touching torch's global RNG)."""

@@ -45,4 +45,4 @@ def unlearn(model, data, config):
         params, cfg["steps"], fill_grads, loops.make_optimizer(params, cfg), data, cfg["grad_clip"]
     )
     log = loops.method_log("neggrad_plus", cfg, cfg["steps"], before, student, data, history=history)
-    return student, log
+    return loops.in_callers_mode(student, model), log

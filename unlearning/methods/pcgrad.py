@@ -83,4 +83,4 @@ def unlearn(model, data, config):
         conflicting_steps=conflicts,
         history=history,
     )
-    return student, log
+    return loops.in_callers_mode(student, model), log

@@ -45,4 +45,4 @@ def unlearn(model, data, config):
         "retain_instances": len(data.retain),
         "retain_cells": int(data.retain.available.sum()),
     }
-    return fresh, log
+    return fresh.train(model.training), log  # the caller's mode (train_model returns it in eval mode)

@@ -145,4 +145,4 @@ def unlearn(model, data, config):
         min_steps_per_round=per_round,
         history=history,
     )
-    return student, log
+    return loops.in_callers_mode(student, model), log
