@@ -573,3 +573,37 @@ def test_the_unlearned_model_comes_back_in_the_callers_mode(world, method, train
     assert out is not model
     assert model.training is training
     assert all(m.training is training for m in out.modules()), method
+
+
+def test_ssd_training_importance_is_not_shared_between_two_models_on_one_cache(world, monkeypatch):
+    """The cache key named the training set and the subset's size, not the model: a second model
+    on the same ``data.cache`` read the first one's ``I_d``. The key has a fingerprint of the
+    weights now, equal for a model and its working copy, different for other weights."""
+    from unlearning.methods import loops, prepare_method, ssd
+
+    _, _, model = world
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3  # one weight
+    assert ssd.weights_fingerprint(other) != ssd.weights_fingerprint(model)
+    data = request(world, FULL)
+    assert ssd.weights_fingerprint(loops.working_copy(model, data)) == ssd.weights_fingerprint(model)
+    alone, _ = get_method("ssd")(other, request(world, FULL), {})
+    cache: dict = {}
+    assert prepare_method("ssd", model, UnlearnData(world[0], FULL, world[0], heldout=world[1], cache=cache), {})
+    calls, fisher = [], ssd.fisher_diagonal
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fisher(*args, **kwargs)
+
+    monkeypatch.setattr(ssd, "fisher_diagonal", counted)
+    data.cache = cache
+    out, _ = get_method("ssd")(other, data, {})
+    assert len(calls) == 2  # the other model's I_d (not the cached one) and its I_f
+    assert len(cache) == 2
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), out.state_dict().values()))
+    data = request(world, FULL)
+    data.cache = cache
+    get_method("ssd")(model, data, {})
+    assert len(calls) == 3  # the prepared model: its I_d from the cache, only I_f computed
