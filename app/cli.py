@@ -424,7 +424,7 @@ def cmd_calibrate(args) -> int:
 
     try:
         device = resolve_device(settings.device)
-        with tqdm(total=100, desc="shadow models", unit="%", leave=False) as bar:
+        with tqdm(total=100, desc="shadow models", unit="%", leave=False, disable=args.no_progress) as bar:
             calibration = lineage_calibration(settings, store, settings.model_name, device,
                                               progress=lambda f: bar.update(max(0, round(100 * f) - bar.n)))
     except (RuntimeError, ValueError) as exc:  # no CUDA; a stored calibration of other weights, or damaged
@@ -721,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="compute and store the model's shadow calibration now",
                        description=cmd_calibrate.__doc__)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while the shadow models train")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("api-key", help="make an API key (a token and its UNLEARND_API_KEYS entry)",
