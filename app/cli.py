@@ -390,10 +390,42 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+def _record_migrated(settings, missing: str) -> bool:
+    """Whether UNLEARND_DATABASE_URL names a database at this code's schema, for the commands
+    that read the record without migrating it (``purge``, ``calibrate``); printing why not,
+    ``missing`` saying what a SQLite file that does not exist means to the command.
+    Connecting to a SQLite file that does not exist would create an empty one, and an empty
+    or unmigrated record holds no erasures to go by. An unreachable database raises (the
+    connection's error; :func:`main` says it in one line)."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import make_url
+
+    from worker.db import engine_for
+    from worker.migrate import alembic_config, current_revision, head_revision, is_up_to_date
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).exists():  # connecting would create an empty file
+        print(f"unlearnd: no database at {url.database} (UNLEARND_DATABASE_URL): {missing}", file=sys.stderr)
+        return False
+    with engine_for(settings.database_url).connect() as connection:
+        if not is_up_to_date(connection):
+            at, head = current_revision(connection), head_revision()
+            known = at is None or at in {r.revision for r in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+            print(f"unlearnd: the database is at revision {at or '(none)'}, the code's schema is {head}: "
+                  + ("run `unlearnd migrate` first" if known else
+                     "a revision this code does not know (was it migrated by a newer release of unlearnd?)"),
+                  file=sys.stderr)
+            return False
+    return True
+
+
 def cmd_calibrate(args) -> int:
     """Compute and store the served model's shadow calibration now: what
     UNLEARND_CALIBRATE_SHADOWS otherwise makes the model's first job do, inside that
-    job's time limit ((1 + tasks) x 4 trainings of the first version's recipe)."""
+    job's time limit ((1 + tasks) x shadow_folds trainings of the first version's recipe,
+    4 folds by default). It reads the service's record (UNLEARND_DATABASE_URL, migrated):
+    no shadow trains on a cell erased there or in any stored version's manifest."""
     from model_store import store_for
     from unlearning.train import resolve_device
     from worker.calibration import lineage_calibration
@@ -405,6 +437,10 @@ def cmd_calibrate(args) -> int:
     store = store_for(settings.store_dir)
     if settings.method != "interference_aware":
         print(f"method {settings.method!r} takes no calibration", file=sys.stderr)
+        return 2
+    # the record names the erased cells the shadows must not train on: a mistyped URL would
+    # create an empty SQLite file, which names none
+    if not _record_migrated(settings, "it records which cells were erased, and the shadows must not train on them"):
         return 2
     try:
         stored = store.calibration(settings.model_name)
@@ -448,32 +484,15 @@ def cmd_purge(args) -> int:
     from datetime import timedelta
 
     from model_store import StoreError, store_for
-    from worker.db import engine_for, transaction
+    from worker.db import transaction
     from worker.errors import ServiceError
-    from alembic.script import ScriptDirectory
-
-    from worker.migrate import alembic_config, current_revision, head_revision, is_up_to_date
     from worker.settings import get_settings
     from worker.tables import Model, utcnow
     from worker.versions import purge_versions, redact_calibration
 
     settings = get_settings()
-    from sqlalchemy.engine import make_url
-
-    url = make_url(settings.database_url)
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
-            and not Path(url.database).exists():  # connecting would create an empty file
-        print(f"unlearnd: no database at {url.database} (UNLEARND_DATABASE_URL): nothing to purge", file=sys.stderr)
+    if not _record_migrated(settings, "nothing to purge"):
         return 2
-    with engine_for(settings.database_url).connect() as connection:
-        if not is_up_to_date(connection):
-            at, head = current_revision(connection), head_revision()
-            known = at is None or at in {r.revision for r in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
-            print(f"unlearnd: the database is at revision {at or '(none)'}, the code's schema is {head}: "
-                  + ("run `unlearnd migrate` first" if known else
-                     "a revision this code does not know (was it migrated by a newer release of unlearnd?)"),
-                  file=sys.stderr)
-            return 2
     before = None if args.older_than_days is None else utcnow() - timedelta(days=args.older_than_days)
     if args.all_models:
         from sqlalchemy import select

@@ -20,8 +20,9 @@ Erased data is not trained on again, not even by a shadow that is thrown away: t
 shadows train on the first version's data minus every cell tombstoned in the dataset
 when the calibration is computed (erased through this model or another one on the
 dataset: a calibration first computed after erasures, by a later job, ``unlearnd
-calibrate`` or a second model's first job), and those cells get no score (nor do cells
-tombstoned while the shadows trained). A job that forgets an unscored cell (a
+calibrate`` or a second model's first job) or named as erased in any stored version's
+manifest, and those cells get no score (nor do cells erased while the shadows trained).
+A record that is not migrated is refused, never read as one without erasures. A job that forgets an unscored cell (a
 propagate or reapply job erasing an erased cell from a version that still holds it)
 takes its task's mean score in that mode (``interference_aware.reference_quantiles``).
 
@@ -101,8 +102,9 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
     cfg = {**DEFAULTS, **settings.method_config}
     train, test = get_splits(manifest.dataset)
     # every erased cell of the dataset, not only v1's lineage's (none, usually): tombstones of
-    # erasures made since, through this model or another one on the dataset
-    excluded = {tuple(c) for c in manifest.erased_cells} | tombstoned_cells(settings, manifest.dataset)
+    # erasures made since, through this model or another one on the dataset, and the cells
+    # the model's later versions name as erased
+    excluded = excluded_cells(settings, store, model_name, manifest.dataset)
     train = train.without(sorted(excluded))
     # the held-out data the scores rank each cell among: the one the lineage's jobs read
     reference = get_reference(settings, manifest.dataset)
@@ -136,7 +138,7 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         "excluded_erased_cells": len(excluded),  # trained on by no shadow, scored by none
         "reference_scenes": 0 if reference is None else len(reference),  # 0: the test split
     }
-    late = tombstoned_cells(settings, manifest.dataset) - excluded
+    late = excluded_cells(settings, store, model_name, manifest.dataset) - excluded
     if late:  # erased while the shadows trained: no score is stored for them either
         payload, _ = without_cells(payload, late)
         payload.pop("redacted_cells", None)  # never stored, so not redacted (what a purge counts)
@@ -195,16 +197,32 @@ def _reference_words(n) -> str:
     return f"a reference it does not record readably ({n!r})"  # a hand-edited file
 
 
+def excluded_cells(settings: Settings, store: ModelStore, model_name: str, spec: dict) -> set[tuple[str, str]]:
+    """The cells of ``spec``'s dataset no shadow may train on: every cell tombstoned in the
+    record (:func:`tombstoned_cells`) and every cell a stored version of ``model_name`` names
+    as erased in its manifest (purged versions' too: the manifest stays), should the record
+    lack one. A manifest that cannot be read is an error (:class:`model_store.StoreError`),
+    never a version without erasures."""
+    cells = tombstoned_cells(settings, spec)
+    for version in store.versions(model_name, clean=False):
+        cells |= {tuple(c) for c in store.manifest(model_name, version).erased_cells}
+    return cells
+
+
 def tombstoned_cells(settings: Settings, spec: dict) -> set[tuple[str, str]]:
     """Every tombstoned cell of ``spec``'s dataset in the record (``settings.database_url``).
-    A record without the tombstones table (never migrated: the engine used on its own, as
-    ``tests/service/test_calibration.py`` does) has recorded no erasure; an unreachable
-    one is an error, never an empty answer."""
+    A record without the tombstones table (a database never migrated, or a mistyped URL
+    that made an empty SQLite file) is an error, as an unreachable one is: an empty
+    answer would let erased cells be trained on."""
     from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
 
     with transaction(settings.database_url) as session:
         if not inspect(session.connection()).has_table(Tombstone.__tablename__):
-            return set()
+            shown = make_url(settings.database_url).render_as_string(hide_password=True)
+            raise RuntimeError(f"the database {shown} (UNLEARND_DATABASE_URL) has no {Tombstone.__tablename__} "
+                               "table: it is not the service's migrated record (`unlearnd migrate`), and the "
+                               "erased cells it would name cannot be left out")
         return set(erased_cells(session, spec))
 
 

@@ -1,5 +1,6 @@
 """Shadow calibration once per model lineage: computed from the first version, kept in
-the model store, passed to every job (no database needed)."""
+the model store, passed to every job (the record it reads erasures from: a migrated
+SQLite file)."""
 from __future__ import annotations
 
 import re
@@ -13,6 +14,7 @@ from unlearning.job import run_unlearning_job
 from unlearning.train import TrainConfig, train_model
 from worker.calibration import lineage_calibration, method_config
 from worker.datasets import dataset_spec, get_splits
+from worker.migrate import upgrade_database
 from worker.settings import Settings
 
 
@@ -20,10 +22,12 @@ from worker.settings import Settings
 def tiny(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    # a file URL that is never opened: an in-memory SQLite database is refused (worker.settings)
-    settings = Settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'unused.db'}", store_dir=tmp_path / "models",
+    # a file, migrated: an in-memory SQLite database is refused (worker.settings), and the
+    # calibration reads the record's tombstones (an unmigrated one is refused)
+    settings = Settings(_env_file=None, database_url=f"sqlite:///{tmp_path / 'record.db'}", store_dir=tmp_path / "models",
                         background=False, model_name="cal-mtl", dataset="indoor", n_train=12, n_test=8,
                         image_height=16, image_width=16, seed=0, method_config={"steps": 3, "shadow_folds": 2})
+    upgrade_database(settings.database_url)
     store = LocalModelStore(settings.store_dir)
     spec = dataset_spec(settings)
     train, test = get_splits(spec)
@@ -164,6 +168,65 @@ def test_cli_calibrates_the_served_model(tiny, monkeypatch, capsys):
         get_settings.cache_clear()
         assert main(["calibrate"]) == 2
         assert "no version 1 of 'no-such-model'" in capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
+
+
+def test_cells_erased_in_a_later_versions_manifest_are_trained_on_by_no_shadow(tiny):
+    """Erasures a later version's manifest names (the record may lack them: another
+    database, say) are left out as the record's tombstones are: the calibration read only
+    v1's manifest, and its shadows trained on them and stored their scores."""
+    settings, store, model, train, _ = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    erased = [[train.instance_ids[0], "depth"], [train.instance_ids[1], "segmentation"]]
+    store.put_version(model, model_name="cal-mtl", version=2, parent=1, dataset=store.manifest("cal-mtl", 1).dataset,
+                      deleted_cells=erased, erased_cells=erased)
+    store.purge("cal-mtl", 2)  # a purged version's manifest stays, and names its erasures still
+    stored = lineage_calibration(on, store, "cal-mtl")
+    assert stored["excluded_erased_cells"] == 2
+    for mode in ("full", "partial"):
+        scored = {(i, t) for i, by in stored[mode].items() for t in by}
+        assert scored == set(train.cells()) - {tuple(c) for c in erased}
+
+
+def test_a_record_that_is_not_migrated_is_refused_not_read_as_no_erasures(tiny, tmp_path):
+    """A mistyped or forgotten database URL is an empty SQLite file: no tombstones table.
+    That was read as "nothing erased", and the shadows trained on erased cells."""
+    settings, store, *_ = tiny
+    empty = settings.model_copy(update={"calibrate_shadows": True,
+                                        "database_url": f"sqlite:///{tmp_path / 'typo.db'}"})
+    with pytest.raises(RuntimeError, match=r"has no tombstones table: it is not the service's migrated record"):
+        lineage_calibration(empty, store, "cal-mtl")
+    assert store.calibration("cal-mtl") is None
+
+
+def test_cli_calibrate_refuses_a_database_that_is_missing_or_not_migrated(tiny, monkeypatch, capsys, tmp_path):
+    """As `unlearnd purge` does: exit 2, one line, before anything is trained; a missing
+    SQLite file is not created."""
+    import sqlite3
+
+    import unlearning.methods.interference_aware as ia
+    from app.cli import main
+    from worker.settings import get_settings
+
+    settings, store, *_ = tiny
+    monkeypatch.setattr(ia, "shadow_scores", lambda *a, **k: pytest.fail("a shadow trained"))
+    for key, value in {"STORE_DIR": str(settings.store_dir), "MODEL_NAME": "cal-mtl", "DEVICE": "cpu",
+                       "METHOD_CONFIG": '{"shadow_folds": 2}'}.items():
+        monkeypatch.setenv(f"UNLEARND_{key}", value)
+    missing = tmp_path / "mistyped.db"
+    sqlite3.connect(tmp_path / "empty.db").close()  # a database that was never migrated
+    try:
+        for url, says in [(f"sqlite:///{missing}", f"unlearnd: no database at {missing} (UNLEARND_DATABASE_URL): "
+                           "it records which cells were erased, and the shadows must not train on them"),
+                          (f"sqlite:///{tmp_path / 'empty.db'}", "unlearnd: the database is at revision (none), "
+                           "the code's schema is")]:
+            monkeypatch.setenv("UNLEARND_DATABASE_URL", url)
+            get_settings.cache_clear()
+            assert main(["calibrate", "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(says) and len(err.strip().splitlines()) == 1, err
+        assert not missing.exists() and store.calibration("cal-mtl") is None
     finally:
         get_settings.cache_clear()
 
