@@ -88,7 +88,7 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         return stored
     from model_store import PurgedVersion
     from unlearning.methods import UnlearnData
-    from unlearning.methods.interference_aware import DEFAULTS, shadow_scores
+    from unlearning.methods.interference_aware import DEFAULTS, _shadow_plan, shadow_scores
 
     try:
         model, manifest = store.load(model_name, ROOT_VERSION, device=device or "cpu")
@@ -111,9 +111,11 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
     data = UnlearnData(train, [train.cells()[0]], train, heldout=test if reference is None else reference,
                        device=next(model.parameters()).device)
     started = time.monotonic()
-    trained = cfg["shadow_trained_folds"] or cfg["shadow_folds"]
+    # the folds shadow_scores runs: fewer than configured where there are fewer instances
+    _, trained, _ = _shadow_plan(len(train), cfg["shadow_folds"], cfg["shadow_trained_folds"],
+                                 cfg["shadow_extrapolate"])
     log.info("calibrating %s: %d shadow models on v%d's recipe (once per model)", model_name,
-             (1 + len(train.tasks)) * int(trained), ROOT_VERSION)
+             (1 + len(train.tasks)) * trained, ROOT_VERSION)
     scores = shadow_scores(model, data, manifest.train_config, cfg["shadow_folds"], cfg["shadow_seed"],
                            trained_folds=cfg["shadow_trained_folds"], extrapolate=cfg["shadow_extrapolate"],
                            progress=progress)

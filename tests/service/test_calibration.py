@@ -231,6 +231,29 @@ def test_cli_calibrate_refuses_a_database_that_is_missing_or_not_migrated(tiny, 
         get_settings.cache_clear()
 
 
+def test_cli_calibrate_logs_the_shadow_models_it_trains(tiny, monkeypatch, caplog, capsys):
+    """Fewer instances than folds: the method trains fewer folds than configured, and the
+    log said the configured count (16 where 12 trained)."""
+    from app.cli import main
+    from worker.settings import get_settings
+
+    settings, store, _, train, _ = tiny
+    for key, value in {"STORE_DIR": str(settings.store_dir), "MODEL_NAME": "cal-mtl", "DEVICE": "cpu",
+                       "DATABASE_URL": settings.database_url,
+                       "METHOD_CONFIG": '{"shadow_folds": %d}' % (len(train) + 4)}.items():
+        monkeypatch.setenv(f"UNLEARND_{key}", value)
+    get_settings.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="worker.calibration"):
+            assert main(["calibrate", "--no-progress"]) == 0
+    finally:
+        get_settings.cache_clear()
+    shadows = store.calibration("cal-mtl")["shadows"]
+    assert shadows == len(train) * (1 + len(train.tasks))
+    assert f"calibrating cal-mtl: {shadows} shadow models" in caplog.text
+    assert f"with {shadows} shadow models" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", ["serve", "worker"])
 @pytest.mark.parametrize("env,says", [
     ({"METHOD_CONFIG": '{"steps": 0}'}, "UNLEARND_METHOD_CONFIG: interference_aware parameter 'steps' must be >= 1"),
