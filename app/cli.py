@@ -642,11 +642,12 @@ def cmd_verify_certificate(args) -> int:
     """Check a deletion certificate (a JSON file, or - for standard input) against the
     service's public key: its certificate_sha256 and its Ed25519 signature. Exit 0 when
     it verifies, 1 when it does not (saying why), 2 for input that is not a certificate
-    (unreadable, not JSON, an error answer of the API saved in its place)."""
+    (unreadable, not JSON, an error answer of the API saved in its place) or a
+    --public-key that is not an Ed25519 public key."""
     import json
 
     from unlearning.jsonio import no_repeated_names
-    from worker.signing import verify_certificate
+    from worker.signing import public_key_from_base64, verify_certificate
 
     import math
 
@@ -678,6 +679,12 @@ def cmd_verify_certificate(args) -> int:
         print(f"unlearnd: {args.certificate} is not a certificate but an error answer of the API: "
               f"{certificate.get('status')} {certificate.get('title')}: {certificate.get('detail', '')}",
               file=sys.stderr)
+        return 2
+    try:  # a malformed key is bad input (2), not a certificate that does not verify (1)
+        public_key_from_base64(args.public_key)
+    except ValueError as exc:
+        print(f"unlearnd: --public-key is not an Ed25519 public key: {exc}; give the base64 public key "
+              "GET /certificates/public-key answers", file=sys.stderr)
         return 2
     problem = verify_certificate(certificate, args.public_key)
     if problem:

@@ -105,16 +105,32 @@ def generate_key_file(path: Path | str) -> CertificateSigner:
     return CertificateSigner(key)
 
 
+def public_key_from_base64(text: str) -> Ed25519PublicKey:
+    """The Ed25519 public key that ``text`` holds: base64 of its 32 raw bytes, as
+    ``GET /certificates/public-key`` gives it. ValueError saying what is wrong otherwise."""
+    if not text.strip():
+        raise ValueError("it is empty")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError as exc:  # binascii.Error
+        raise ValueError(f"it is not base64 ({exc})") from None
+    if len(raw) != 32:
+        raise ValueError(f"it decodes to {len(raw)} byte(s), and a raw {ALGORITHM} public key is 32")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 def verify_certificate(certificate: dict, public_key_b64: str) -> str | None:
     """Why ``certificate`` does not verify against the base64 raw Ed25519 ``public_key_b64``
-    (None when it does): its ``certificate_sha256`` and its signature are both checked."""
+    (None when it does): its ``certificate_sha256`` and its signature are both checked.
+    A caller that must tell a malformed key from a certificate that does not verify checks
+    the key first (:func:`public_key_from_base64`)."""
     from .requests import certificate_hash
 
     signature = certificate.get("signature")
     if not isinstance(signature, dict) or signature.get("algorithm") != ALGORITHM:
         return f"the certificate carries no {ALGORITHM} signature"
     try:
-        public_key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64, validate=True))
+        public_key = public_key_from_base64(public_key_b64)
         value = base64.b64decode(str(signature.get("value")), validate=True)
     except ValueError as exc:
         return f"malformed key or signature: {exc}"

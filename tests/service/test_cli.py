@@ -265,6 +265,29 @@ def test_verify_certificate_refuses_what_is_not_strict_json(environment, tmp_pat
     assert code == 2 and says in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("key, says", [("QUJD", "it decodes to 3 byte(s), and a raw Ed25519 public key is 32"),
+                                       ("", "it is empty"), ("  ", "it is empty"),
+                                       ("not base64!", "it is not base64")])
+def test_verify_certificate_refuses_a_key_that_is_not_one_with_2_not_1(environment, tmp_path, capsys, key, says):
+    """Exit 1 says the certificate does not verify; a malformed key said so too ("NOT verified:
+    malformed key"), as if the certificate were forged."""
+    import json
+
+    from worker.signing import generate_key_file
+
+    signer = generate_key_file(tmp_path / "k.pem")
+    certificate = signer.sign({"request_id": "r", "certificate_sha256": "0" * 64})
+    (tmp_path / "c.json").write_text(json.dumps(certificate))
+    code, err = _run(environment, ["verify-certificate", str(tmp_path / "c.json"), "--public-key", key])
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"unlearnd: --public-key is not an Ed25519 public key: {says}")
+    assert "NOT verified" not in capsys.readouterr().out
+    # a well-formed key of another signer: the certificate does not verify against it (1)
+    other = generate_key_file(tmp_path / "other.pem").public_key_info()["public_key"]
+    code, _ = _run(environment, ["verify-certificate", str(tmp_path / "c.json"), "--public-key", other])
+    assert code == 1 and "NOT verified: signed with key" in capsys.readouterr().out
+
+
 def test_a_variable_that_names_no_setting_is_warned_about_at_start(celery_argv, monkeypatch, caplog, tmp_path):
     # the settings ignore unknown UNLEARND_ variables: UNLEARND_API_KEY (for _KEYS) served the
     # API without keys, and nothing said so
