@@ -22,6 +22,8 @@ target_metadata = Base.metadata
 
 # Any constant: the key of the advisory lock that serialises upgrades.
 MIGRATION_LOCK_KEY = 727_001
+# the first 16 bytes of every SQLite database file (an empty file is a new database)
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def database_url() -> str:
@@ -66,6 +68,7 @@ def _sqlite_file_lock(engine):
     if not path or path == ":memory:":
         yield
         return
+    _refuse_what_is_not_sqlite(path)
     import fcntl
 
     with open(f"{path}.migrate-lock", "a") as handle:
@@ -74,6 +77,23 @@ def _sqlite_file_lock(engine):
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _refuse_what_is_not_sqlite(path: str) -> None:
+    """Raise what SQLite says of a file that is not a database ("file is not a database"),
+    read from its header before the lock file is made: the migration failed on it only after
+    taking the lock, and left ``<file>.migrate-lock`` beside, say, a ``config.json``."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_HEADER))
+    except OSError:  # none yet (migrating creates it), or one SQLite itself reports it cannot open
+        return
+    if head and head != SQLITE_HEADER:
+        import sqlite3
+
+        from sqlalchemy.exc import DatabaseError
+
+        raise DatabaseError(None, None, sqlite3.DatabaseError("file is not a database"))
 
 
 def run_migrations_online() -> None:

@@ -224,6 +224,12 @@ def test_a_file_that_is_not_a_database_and_an_unknown_revision_are_one_line(envi
     code, err = _run(environment, ["migrate"], DATABASE_URL=f"sqlite:///{tmp_path}/notes.db")
     assert code == 2 and "file is not a database (UNLEARND_DATABASE_URL names a file that is not a SQLite" in err
     assert (tmp_path / "notes.db").read_text() == "not a database, but notes"
+    # refused before the migration's lock file is made (notes.db.migrate-lock was left behind)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["notes.db"]
+    (tmp_path / "short.db").write_bytes(b"SQLite format 3")  # one byte short of the header
+    code, err = _run(environment, ["migrate"], DATABASE_URL=f"sqlite:///{tmp_path}/short.db")
+    assert code == 2 and "file is not a database" in err and "Traceback" not in err
+    assert not (tmp_path / "short.db.migrate-lock").exists()
     url = f"sqlite:///{tmp_path}/newer.db"
     assert _run(environment, ["migrate"], DATABASE_URL=url)[0] == 0
     with sqlite3.connect(tmp_path / "newer.db") as conn:  # as a newer release would leave it
