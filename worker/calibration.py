@@ -88,7 +88,7 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         return stored
     from model_store import PurgedVersion
     from unlearning.methods import UnlearnData
-    from unlearning.methods.interference_aware import DEFAULTS, _shadow_plan, shadow_scores
+    from unlearning.methods.interference_aware import DEFAULTS, shadow_plan, shadow_scores
 
     try:
         model, manifest = store.load(model_name, ROOT_VERSION, device=device or "cpu")
@@ -112,7 +112,7 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
                        device=next(model.parameters()).device)
     started = time.monotonic()
     # the folds shadow_scores runs: fewer than configured where there are fewer instances
-    _, trained, _ = _shadow_plan(len(train), cfg["shadow_folds"], cfg["shadow_trained_folds"],
+    _, trained, _ = shadow_plan(len(train), cfg["shadow_folds"], cfg["shadow_trained_folds"],
                                  cfg["shadow_extrapolate"])
     log.info("calibrating %s: %d shadow models on v%d's recipe (once per model)", model_name,
              (1 + len(train.tasks)) * trained, ROOT_VERSION)

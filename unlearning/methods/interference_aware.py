@@ -373,13 +373,13 @@ def prepare_share(model, data: UnlearnData, config: dict | None = None) -> float
 
 def _shadow_key(cfg: dict, data: UnlearnData, modes: tuple[str, ...] = ("full", "partial")) -> tuple:
     """The cache key of :func:`shadow_scores` for the method configuration ``cfg``."""
-    k, n, extrapolate = _shadow_plan(len(data.train), cfg["shadow_folds"], cfg["shadow_trained_folds"],
+    k, n, extrapolate = shadow_plan(len(data.train), cfg["shadow_folds"], cfg["shadow_trained_folds"],
                                      cfg["shadow_extrapolate"])
     return _scores_key(cfg["shadow_recipe"], k, cfg["shadow_seed"], modes, n, extrapolate, _heldout_id(data),
                        data.train.cells_key())
 
 
-def _shadow_plan(n_train: int, folds: int, trained_folds: int | None, extrapolate: str) -> tuple[int, int, str]:
+def shadow_plan(n_train: int, folds: int, trained_folds: int | None, extrapolate: str) -> tuple[int, int, str]:
     """``(folds, trained folds, extrapolation)`` as :func:`shadow_scores` runs them; ValueError
     for a number of trained folds or an extrapolation it cannot run."""
     k = max(1, min(int(folds), n_train))
@@ -442,7 +442,7 @@ def shadow_scores(model, data: UnlearnData, recipe: dict, folds: int, seed: int,
     from ..metrics import member_scores
     from ..train import TrainConfig, train_model
 
-    k, n, extrapolate = _shadow_plan(len(data.train), folds, trained_folds, extrapolate)
+    k, n, extrapolate = shadow_plan(len(data.train), folds, trained_folds, extrapolate)
     key = _scores_key(recipe, k, seed, modes, n, extrapolate, _heldout_id(data), data.train.cells_key())
     if key in data.cache:
         return data.cache[key]
