@@ -252,12 +252,16 @@ def rollback(
     """Point the serving alias of ``model_name`` at ``version``, in the caller's transaction.
 
     - a job of the model queued or running: :class:`Conflict` (it would move the alias: also
-      when the target serves already);
+      when the target serves already), unless it is a ``reapply`` job based on ``version`` and
+      ``reapply_erasures`` is asked: a repeat of the rollback under way, answered with that
+      job (``reapply``, nothing written);
     - already serving: no-op, unless ``reapply_erasures`` and it misses erasures recorded
       since (another model's on the dataset, whose propagation has not run or is backing
       off): then a reapply job on it, as below; ``reapply_erasures`` to a target whose
       reapply job has published the serving version, with no erasure recorded since, is a
-      no-op too (a repeat: another job would publish its duplicate);
+      no-op too (a repeat: another job would publish its duplicate), also once a purge has
+      deleted the target's weights;
+    - the target was purged: :class:`Conflict`;
     - the target contains every erasure recorded since: move the alias, write
       AliasHistory (reason ``rollback``) and a ``model.rollback`` audit event;
     - erasures are missing: :class:`Conflict` naming them, unless
@@ -280,19 +284,33 @@ def rollback(
     # A job under way would publish on top of its own base and move the alias off the target;
     # checked before the no-op too, which would promise a version that a queued reapply (the
     # one way back from an earlier rollback) or a deletion job is about to replace.
-    active = session.execute(
-        select(Job.id).where(Job.model_name == model_name, Job.status.in_(ACTIVE_JOB_STATUSES))
-    ).scalars().first()
+    active = list(session.execute(
+        select(Job).where(Job.model_name == model_name, Job.status.in_(ACTIVE_JOB_STATUSES)).order_by(Job.created_at)
+    ).scalars())
+    under_way = next((j for j in active if j.kind == "reapply" and j.base_version == version), None)
+    if under_way is not None and reapply_erasures:
+        # a repeat of the rollback whose reapply is under way (a client retrying after a
+        # timeout): that job, which erases every erasure recorded since (publish rebases it on
+        # its own base otherwise), rather than a refusal that reads as if it had not been taken
+        return RollbackOutcome("reapply", model_name, current, version, under_way)
     if active:
         raise Conflict(
-            f"job {active} of {model_name!r} is under way; roll back once it has finished",
+            f"job {active[0].id} of {model_name!r} is under way; roll back once it has finished",
             model=model_name,
-            job_id=active,
+            job_id=active[0].id,
         )
     if current == version and not (reapply_erasures and missing_erasures(session, model, target)):
         # (with reapply_erasures, a serving version that misses erasures, another model's whose
         # propagation has not run or is backing off, gets them now: a reapply job on it)
         return RollbackOutcome("noop", model_name, current, version)
+
+    if reapply_erasures and current is not None and _reapplied_onto(session, model, current, version):
+        # a repeat (a client retrying after a timeout): the serving version is this request
+        # done, the target with every erasure since reapplied; another job would publish
+        # its duplicate. Before the purged check: a purge since may have deleted the target's
+        # weights, and the request is still done
+        return RollbackOutcome("noop", model_name, current, current)
+
     if target.purged_at is not None:
         purged_at = as_utc(target.purged_at).isoformat()
         raise Conflict(
@@ -300,12 +318,6 @@ def rollback(
             "data erased since and were deleted, so it can be neither served nor erased again",
             model=model_name, version=version, purged_at=purged_at,
         )
-
-    if reapply_erasures and current is not None and _reapplied_onto(session, model, current, version):
-        # a repeat (a client retrying after a timeout): the serving version is this request
-        # done, the target with every erasure since reapplied; another job would publish
-        # its duplicate
-        return RollbackOutcome("noop", model_name, current, current)
 
     missing = missing_erasures(session, model, target)
     if missing and not reapply_erasures:

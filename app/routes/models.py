@@ -87,7 +87,8 @@ def post_rollback(
 ) -> JSONResponse:
     """Serve an earlier version. 200 when the alias moved (or already pointed there);
     409 naming the erasures the target still contains, unless ``reapply_erasures``:
-    then 202 with the queued reapply job."""
+    then 202 with the queued reapply job (the same job when that request is sent again while
+    it is under way)."""
     with session.begin():
         outcome = rollback(session, settings, name, body.version, body.reapply_erasures, actor=caller)
         out = RollbackOut(

@@ -92,9 +92,16 @@ def test_rollback_with_reapply_queues_a_job(client, settings, model):
 
     assert client.get(f"/jobs/{job['id']}").json()["status"] == "queued"
     assert_problem(client.get("/jobs/nope"), 404)
-    # any rollback while that job is under way is refused
+    # the same request again (a client retrying after a timeout) answers with that job, writing nothing
+    before = counts(settings)
+    repeat = client.post(f"/models/{model.name}/rollback", json={"version": 1, "reapply_erasures": True})
+    assert repeat.status_code == 202, repeat.text
+    assert (repeat.json()["action"], repeat.json()["job"]["id"]) == ("reapply", job["id"])
+    assert repeat.headers["location"] == f"/jobs/{job['id']}" and counts(settings) == before
+    # any other rollback while that job is under way is refused
     again = client.post(f"/models/{model.name}/rollback", json={"version": 2, "reapply_erasures": True})
     assert assert_problem(again, 409)["job_id"] == job["id"]
+    assert assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 1}), 409)["job_id"] == job["id"]
     # also back to the serving version: the queued reapply would still move the alias off it
     before = counts(settings)
     back = client.post(f"/models/{model.name}/rollback", json={"version": 3})

@@ -553,3 +553,25 @@ def test_an_unpublished_artifact_whose_manifest_time_has_no_zone_is_purged_by_ag
     (listed,) = [v for v in dry.json()["versions"] if v["version"] == 4]
     assert listed["published"] is False and not listed["damaged"] and listed["created_at"].startswith("2020-01-02T03:04:05")
     assert (folder / "v4").is_dir()
+
+
+def test_a_reapply_rollback_sent_again_after_its_target_was_purged_is_still_a_noop(tiny):
+    """A retry of a rollback with reapply_erasures whose job had published, after a purge deleted
+    the target's weights, was refused as a rollback to a purged version: the request is done."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    jobs.drain_model(s, store, TINY)  # v2 erases ids[0]
+    with TestClient(create_app(s)) as client:
+        body = {"version": 1, "reapply_erasures": True}
+        assert client.post(f"/models/{TINY}/rollback", json=body).status_code == 202
+        assert [o.version for o in jobs.drain_model(s, store, TINY)] == [3]  # v1 with the erasure reapplied
+        purged = client.post(f"/models/{TINY}/purge", json={}).json()["versions"]
+        assert [(v["version"], v["purged"]) for v in purged] == [(1, True)]  # v2 holds no erased data
+        before = counts(s)
+        again = client.post(f"/models/{TINY}/rollback", json=body)
+        assert again.status_code == 200, again.text
+        assert (again.json()["action"], again.json()["serving_version"], again.json()["job"]) == ("noop", 3, None)
+        assert counts(s) == before
+        # not a repeat (no reapply asked): the purged target is refused
+        assert "was purged" in assert_problem(client.post(f"/models/{TINY}/rollback", json={"version": 1}),
+                                              409)["detail"]
