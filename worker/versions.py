@@ -30,6 +30,11 @@ from .tables import (Alias, AliasHistory, AuditEvent, Job, Model, ModelVersion, 
 log = logging.getLogger(__name__)
 
 SERVING = "serving"
+# A rollback refused for erasures the target misses names the first few in its detail and
+# lists at most ERASURES_LISTED (with their total): after a long history, all of them made
+# the problem document megabytes long
+ERASURES_NAMED = 5
+ERASURES_LISTED = 100
 ACTIVE_JOB_STATUSES = ("queued", "running")
 
 
@@ -264,7 +269,8 @@ def rollback(
     - the target was purged: :class:`Conflict`;
     - the target contains every erasure recorded since: move the alias, write
       AliasHistory (reason ``rollback``) and a ``model.rollback`` audit event;
-    - erasures are missing: :class:`Conflict` naming them, unless
+    - erasures are missing: :class:`Conflict` naming them (``erasures``: the first
+      ``ERASURES_LISTED`` in the order recorded, ``erasures_total``: how many), unless
       ``reapply_erasures``: then a ``reapply`` job (status ``queued``, based on the
       target, ``params = {"cells": [[instance, task], ...], "request_ids": [...]}``),
       a ``model.rollback_requested`` audit event and a ``process_model`` outbox row.
@@ -321,13 +327,18 @@ def rollback(
 
     missing = missing_erasures(session, model, target)
     if missing and not reapply_erasures:
-        named = "; ".join(f"{m['instance_id']} {m['tasks']} (request {m['request_id']})" for m in missing)
+        named = "; ".join(f"{m['instance_id']} {m['tasks']} (request {m['request_id']})"
+                          for m in missing[:ERASURES_NAMED])
+        more = f"; and {len(missing) - ERASURES_NAMED} more" if len(missing) > ERASURES_NAMED else ""
+        listed = "" if len(missing) <= ERASURES_LISTED else f" (erasures lists the first {ERASURES_LISTED})"
         raise Conflict(
-            f"version {version} of {model_name!r} still contains data erased since: {named}. "
+            f"version {version} of {model_name!r} still contains data erased since, "
+            f"{len(missing)} erasure{'s' if len(missing) != 1 else ''}{listed}: {named}{more}. "
             "Pass reapply_erasures=true to erase it again on top of that version.",
             model=model_name,
             version=version,
-            erasures=missing,
+            erasures=missing[:ERASURES_LISTED],
+            erasures_total=len(missing),
         )
     if missing:
         cells = erasure_cells(missing)

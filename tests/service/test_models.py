@@ -64,11 +64,31 @@ def test_rollback_refused_while_the_target_holds_erased_data(client, settings, m
         {"request_id": "r-a", "instance_id": a, "tasks": ["depth"]},
         {"request_id": "r-b", "instance_id": b, "tasks": ["depth", "normal"]},
     ]
-    assert "r-a" in body["detail"] and b in body["detail"]
+    assert "r-a" in body["detail"] and b in body["detail"] and "2 erasures" in body["detail"]
+    assert body["erasures_total"] == 2
     assert counts(settings) == before and _serving(settings, model.name) == 3
 
     body = assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 2}), 409)
     assert body["erasures"] == [{"request_id": "r-b", "instance_id": b, "tasks": ["depth", "normal"]}]
+
+
+def test_a_rollback_refused_after_a_long_history_names_a_few_erasures_and_counts_them(client, settings, model):
+    """The 409 named every erasure the target missed in its detail and listed them all again:
+    megabytes of problem document after a long history."""
+    _history(settings, model, ["r-a", "r-b"])
+    with transaction(settings.database_url) as s:
+        s.add_all(Tombstone(dataset_key=dataset_key(model.spec), instance_id=f"gone-{i:03d}", task="depth",
+                            request_id=f"r-{i:03d}") for i in range(250))
+    body = assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 1}), 409)
+    assert body["erasures_total"] == 252 and len(body["erasures"]) == 100
+    assert body["erasures"][:2] == [{"request_id": "r-a", "instance_id": model.train_ids[0], "tasks": ["depth"]},
+                                    {"request_id": "r-b", "instance_id": model.train_ids[1],
+                                     "tasks": ["depth", "normal"]}]
+    assert body["erasures"][-1] == {"request_id": "r-097", "instance_id": "gone-097", "tasks": ["depth"]}
+    detail = body["detail"]
+    assert "252 erasures (erasures lists the first 100)" in detail and "gone-002" in detail
+    assert "gone-003" not in detail and "and 247 more" in detail and len(detail) < 1000
+    assert _serving(settings, model.name) == 3
 
 
 def test_rollback_with_reapply_queues_a_job(client, settings, model):
