@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, defer
 
 from unlearning.data import dataset_key
 
-from model_store import DamagedManifest, StoreError
+from model_store import DamagedManifest, ModelStore, PurgedVersion, StoreError, store_for
 
 from .audit import append_event, commit_ordered_now
 from .datasets import erased_cells
@@ -253,6 +253,7 @@ def rollback(
     version: int,
     reapply_erasures: bool = False,
     actor: str | None = None,
+    store: ModelStore | None = None,
 ) -> RollbackOutcome:
     """Point the serving alias of ``model_name`` at ``version``, in the caller's transaction.
 
@@ -267,6 +268,9 @@ def rollback(
       no-op too (a repeat: another job would publish its duplicate), also once a purge has
       deleted the target's weights;
     - the target was purged: :class:`Conflict`;
+    - the store (``store``; the settings' when not given) does not hold the target as
+      recorded, its manifest with the record's sha256 and weights that match it
+      (:func:`_check_target_stored`): :class:`Conflict`, nothing moved or queued;
     - the target contains every erasure recorded since: move the alias, write
       AliasHistory (reason ``rollback``) and a ``model.rollback`` audit event;
     - erasures are missing: :class:`Conflict` naming them (``erasures``: the first
@@ -326,6 +330,8 @@ def rollback(
         )
 
     missing = missing_erasures(session, model, target)
+    if not missing or reapply_erasures:  # the alias moves onto it, or a job starts from it
+        _check_target_stored(store or store_for(settings.store_dir), target)
     if missing and not reapply_erasures:
         named = "; ".join(f"{m['instance_id']} {m['tasks']} (request {m['request_id']})"
                           for m in missing[:ERASURES_NAMED])
@@ -391,6 +397,35 @@ def rollback(
     )
     session.flush()
     return RollbackOutcome("moved", model_name, current, version)
+
+
+def _check_target_stored(store: ModelStore, row: ModelVersion) -> None:
+    """:class:`Conflict` unless ``store`` holds version ``row`` as the record has it: its
+    manifest, with the recorded sha256, and weights that match it (hashed: a rollback is rare,
+    and weights damaged or removed outside the service became serving, then failed every
+    deletion job and ``serve``). The detail names the version and what is wrong, never a path
+    (the store's own errors name its files): ``store_state`` says which in a word."""
+    name, version = row.model_name, row.version
+    try:
+        manifest = store.manifest(name, version)
+        if manifest.sha256 != row.sha256:
+            state, why = "other_version", (f"the store holds another version {version} (sha256 "
+                                           f"{manifest.sha256[:12]}…, the record's is {row.sha256[:12]}…)")
+        elif not store.verify(name, version):
+            state, why = "damaged_weights", "its weights in the store do not match the sha256 the record has"
+        else:
+            return
+    except DamagedManifest:
+        state, why = "damaged_manifest", "its manifest in the store cannot be read"
+    except PurgedVersion:  # weights gone while the record does not have them purged (checked before)
+        state, why = "missing_weights", "its weights are missing from the store (the record does not have them purged)"
+    except StoreError:
+        state, why = "missing", "the store does not hold it"
+    raise Conflict(
+        f"version {version} of {name!r} cannot be served: {why}. Restore it from a backup (the record has its "
+        "sha256) or roll back to another version; nothing was moved or queued",
+        model=name, version=version, store_state=state,
+    )
 
 
 @dataclass

@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
 
+from model_store import store_for
 from unlearning.data import dataset_key
 from worker.versions import (ancestors, get_version, list_models, list_versions, purge_versions, redact_calibration,
                              rollback, serving_version)
@@ -80,7 +81,7 @@ def read_version(
     response_model=RollbackOut,
     responses={202: {"model": RollbackOut, "description": "a reapply job was queued; it publishes a new version"},
                409: {"description": "the version holds data erased since (without reapply_erasures), was purged, "
-                                    "or a job of the model is under way"}},
+                                    "is not in the model store as recorded, or a job of the model is under way"}},
 )
 def post_rollback(
     name: ModelName, body: RollbackIn, session: SessionDep, settings: SettingsDep, caller: AdminCaller
@@ -88,9 +89,11 @@ def post_rollback(
     """Serve an earlier version. 200 when the alias moved (or already pointed there);
     409 naming the erasures the target still contains, unless ``reapply_erasures``:
     then 202 with the queued reapply job (the same job when that request is sent again while
-    it is under way)."""
+    it is under way). 409, nothing moved or queued, when the model store does not hold the
+    target as recorded (its manifest with the recorded sha256, weights that match it)."""
     with session.begin():
-        outcome = rollback(session, settings, name, body.version, body.reapply_erasures, actor=caller)
+        outcome = rollback(session, settings, name, body.version, body.reapply_erasures, actor=caller,
+                           store=store_for(settings.store_dir))
         out = RollbackOut(
             action=outcome.action,
             model=outcome.model_name,
@@ -120,7 +123,6 @@ def post_purge(name: ModelName, session: SessionDep, settings: SettingsDep, call
     body = body or PurgeIn()
     from datetime import timedelta
 
-    from model_store import store_for
     from worker.tables import utcnow
 
     before = None if body.older_than_days is None else utcnow() - timedelta(days=body.older_than_days)

@@ -165,6 +165,35 @@ def model(settings) -> Registered:
     return register_model(settings)
 
 
+@pytest.fixture
+def stored(settings):
+    """``stored(name, *versions)``: weights for recorded versions of ``name`` (a small untrained
+    net each) written into the settings' store, their rows given its sha256 and place, as a
+    rollback checks; the model's folder in the store (shared by the session) goes after the test."""
+    import shutil
+
+    from model_store import store_for
+    from unlearning.model import ModelConfig, MultiTaskNet
+
+    store, names = store_for(settings.store_dir), set()
+
+    def put(name: str, *versions: int) -> None:
+        names.add(name)
+        with transaction(settings.database_url) as session:
+            for number in versions:
+                row = session.execute(select(ModelVersion).where(ModelVersion.model_name == name,
+                                                                 ModelVersion.version == number)).scalar_one()
+                net = MultiTaskNet(ModelConfig(tasks={"depth": 1, "normal": 3}, width=4, depth=1, head_width=4))
+                manifest = store.put_version(net, model_name=name, version=number, parent=row.parent_version,
+                                             dataset=session.get(Model, name).dataset, job_id=f"fake-{number}",
+                                             erased_cells=row.erased_cells or [])
+                row.sha256, row.artifact_uri = manifest.sha256, store.uri(name, number)
+
+    yield put
+    for name in names:
+        shutil.rmtree(settings.store_dir / name, ignore_errors=True)
+
+
 def count(settings: Settings, table) -> int:
     with transaction(settings.database_url) as session:
         return session.execute(select(func.count()).select_from(table)).scalar_one()

@@ -440,6 +440,26 @@ def test_a_reapply_rollback_sent_again_after_its_job_published_is_a_noop(tiny):
         assert versions.rollback(session, s, TINY, 1, reapply_erasures=True).action == "reapply"
 
 
+def test_a_rollback_to_weights_damaged_outside_the_service_is_refused_and_deletions_go_on(tiny):
+    """A safe target whose weights had been damaged on disk became serving (200), then the next
+    deletion job failed on an IntegrityError and `serve` could not start."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    jobs.drain_model(s, store, TINY)  # v2 erases ids[0]
+    with transaction(s.database_url) as session:
+        assert versions.rollback(session, s, TINY, 1, reapply_erasures=True).action == "reapply"
+    assert [o.version for o in jobs.drain_model(s, store, TINY)] == [3]  # v2 holds no erased data: a safe target
+    with open(store._dir(TINY, 2) / "model.safetensors", "r+b") as weights:
+        weights.seek(200)
+        weights.write(b"\0" * 64)
+    with TestClient(create_app(s)) as client:
+        r = client.post(f"/models/{TINY}/rollback", json={"version": 2})
+    assert r.status_code == 409 and r.json()["store_state"] == "damaged_weights", r.text
+    assert str(s.store_dir) not in r.text and _serving(s).version == 3
+    _submit(s, ids[1])
+    assert [(o.status, o.version) for o in jobs.drain_model(s, store, TINY)] == [("completed", 4)]
+
+
 def test_a_reapply_missing_an_erasure_is_rebased_on_its_own_base(tiny):
     """A reapply whose artifact misses an erasure published while it ran is not served: it
     runs again on the rollback's target with that erasure added, and only then moves the alias."""

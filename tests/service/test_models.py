@@ -1,13 +1,16 @@
 """Models, versions, lineage, rollback rules and jobs."""
 from __future__ import annotations
 
+import json
+import shutil
+
 from sqlalchemy import select
 
 from unlearning.data import dataset_key
 from worker.db import transaction
 from worker.tables import Alias, AliasHistory, AuditEvent, Job, ModelVersion, OutboxMessage, Tombstone
 
-from .conftest import assert_problem, counts
+from .conftest import assert_problem, count, counts
 
 
 def _history(settings, model, erased_by):
@@ -91,8 +94,9 @@ def test_a_rollback_refused_after_a_long_history_names_a_few_erasures_and_counts
     assert _serving(settings, model.name) == 3
 
 
-def test_rollback_with_reapply_queues_a_job(client, settings, model):
+def test_rollback_with_reapply_queues_a_job(client, settings, model, stored):
     a, b = _history(settings, model, ["r-a", "r-b"])
+    stored(model.name, 1)  # the reapply's base: the rollback checks the store holds it
     r = client.post(f"/models/{model.name}/rollback", json={"version": 1, "reapply_erasures": True})
     assert r.status_code == 202, r.text
     out = r.json()
@@ -129,14 +133,20 @@ def test_rollback_with_reapply_queues_a_job(client, settings, model):
     assert _serving(settings, model.name) == 3
 
 
-def test_safe_rollback_moves_the_alias_and_records_it(client, settings, model):
-    _history(settings, model, ["r-a", "r-b"])
-    with transaction(settings.database_url) as s:  # v4: a bad publish on top of v3, same erasures
+def _bad_publish_on_top(settings, model):
+    """v4: a bad publish on top of v3 (same erasures), serving: v3 is a safe rollback target."""
+    with transaction(settings.database_url) as s:
         s.add(ModelVersion(model_name=model.name, version=4, parent_version=3, sha256="4" * 64,
                            artifact_uri="file:///fake/v4", deletions=[],
                            erased_cells=s.execute(select(ModelVersion.erased_cells).where(
                                ModelVersion.version == 3)).scalar_one()))
         s.get(Alias, (model.name, "serving")).version = 4
+
+
+def test_safe_rollback_moves_the_alias_and_records_it(client, settings, model, stored):
+    _history(settings, model, ["r-a", "r-b"])
+    _bad_publish_on_top(settings, model)
+    stored(model.name, 3)
     with transaction(settings.database_url) as s:  # a deletion job under way on v4 would re-point the alias
         s.add(Job(id="j-busy", model_name=model.name, kind="deletion", status="running", method="m", base_version=4))
     before = counts(settings)
@@ -208,3 +218,46 @@ def test_jobs_are_listed_newest_first_filtered_and_paged(client, settings, model
         if loc is not None:
             assert problem["errors"][0]["loc"] == ["query", loc], params
     assert counts(settings) == before
+
+
+def test_a_rollback_to_a_version_the_store_does_not_hold_as_recorded_moves_nothing(client, settings, model, stored):
+    """The alias moved on the record alone: a target whose weights were damaged or removed outside
+    the service became serving with a 200, then every deletion job and `serve` failed."""
+    _history(settings, model, ["r-a", "r-b"])
+    _bad_publish_on_top(settings, model)
+    folder = settings.store_dir / model.name / "v3"
+
+    def refused(state: str, body=None) -> None:
+        before = counts(settings)
+        problem = assert_problem(client.post(f"/models/{model.name}/rollback", json=body or {"version": 3}), 409)
+        assert (problem["store_state"], problem["version"]) == (state, (body or {"version": 3})["version"])
+        assert "cannot be served" in problem["detail"] and "nothing was moved" in problem["detail"]
+        assert "/" not in problem["detail"] and str(settings.store_dir) not in json.dumps(problem)  # no path
+        assert counts(settings) == before and _serving(settings, model.name) == 4
+
+    stored(model.name, 3)
+    weights = folder / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:-8] + b"\0" * 8)  # damaged: another sha256 than the manifest's
+    refused("damaged_weights")
+    weights.unlink()  # removed by hand: not purged, as far as the record knows
+    refused("missing_weights")
+    weights.write_bytes(intact)
+    manifest = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text("{not json")
+    refused("damaged_manifest")
+    (folder / "manifest.json").write_text(manifest)
+    with transaction(settings.database_url) as s:  # the record names other weights than the store holds
+        s.execute(select(ModelVersion).where(ModelVersion.version == 3)).scalar_one().sha256 = "e" * 64
+    refused("other_version")
+    shutil.rmtree(folder)
+    refused("missing")
+    # a reapply starts from the target's weights: refused alike, no job queued
+    stored(model.name, 1)
+    (settings.store_dir / model.name / "v1" / "model.safetensors").unlink()
+    refused("missing_weights", {"version": 1, "reapply_erasures": True})
+    assert count(settings, Job) == 0
+
+    stored(model.name, 3)  # restored: the rollback goes through
+    r = client.post(f"/models/{model.name}/rollback", json={"version": 3})
+    assert (r.status_code, r.json()["action"], _serving(settings, model.name)) == (200, "moved", 3)
