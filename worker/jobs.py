@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -256,7 +258,7 @@ def _claim(settings: Settings, model_name: str) -> Claim:
                 # a poison job (its worker dies, or it keeps being put back): not again
                 fail_job(session, candidate, f"gave up after {counted_attempts(candidate)} attempts; the last one "
                                              "did not finish (worker killed, out of memory, time limit, database "
-                                             "errors?)")
+                                             "errors?)", store_dir=settings.store_dir)
                 continue
             queued_job = candidate
             break
@@ -1157,12 +1159,15 @@ def mark_failed(settings: Settings, job_id: str, error: str, attempt: int | None
             log.warning("job %s: attempt %d no longer owns it (%s, attempt %d); not failing it",
                         job_id, attempt, job.status, job.attempts)
             return False
-        fail_job(session, job, error)
+        fail_job(session, job, error, store_dir=settings.store_dir)
         return True
 
 
-def fail_job(session: Session, job: Job, error: str) -> None:
-    """Fail ``job`` and its unfinished requests in the caller's transaction, with audit events."""
+def fail_job(session: Session, job: Job, error: str, store_dir: str | Path | None = None) -> None:
+    """Fail ``job`` and its unfinished requests in the caller's transaction, with audit events.
+    The requests record the error without filesystem paths (:func:`path_free`; ``store_dir``,
+    the settings' store, is named as "the model store"): a key with the ``deletions`` scope
+    reads them. The job and the audit events keep it whole, for keys that read."""
     now = utcnow()
     job.status = "failed"
     job.error = error
@@ -1174,7 +1179,7 @@ def fail_job(session: Session, job: Job, error: str) -> None:
     append_event(session, "job.failed", model_name=job.model_name,
                  payload={"job_id": job.id, "kind": job.kind, "error": error, "attempts": job.attempts,
                           "request_ids": [r.id for r in requests]})
-    shown = request_error(session, job, error)
+    shown = request_error(session, job, path_free(error, store_dir))
     for req in requests:
         req.status = "failed"
         req.error = shown
@@ -1199,6 +1204,30 @@ def request_error(session: Session, job: Job, error: str) -> str:
     kind = error.split(":", 1)[0] if ":" in error and " " not in error.split(":", 1)[0] else "error"
     return (f"job {job.id} failed ({kind}). It batched other submitters' requests too, so its error "
             f"is on the job (GET /jobs/{job.id}) and in the audit log, for keys that read.")
+
+
+# A path as errors name them: absolute (not the "/" of "a/b" or "1/2"), up to a space or
+# quote, without trailing punctuation; and file: URIs (the record's artifact_uri)
+_FILE_URI = re.compile(r"file:[^\s'\"]*[^\s'\".,;:)\]]")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:-])/[^\s'\"]*[^\s'\".,;:)\]]")
+
+
+def path_free(error: str, store_dir: str | Path | None = None) -> str:
+    """``error`` with every filesystem path taken out: the store's folder (``store_dir``, as
+    configured, absolute or resolved: a relative one too) is "the model store", a path in it
+    "a file in the model store", any other absolute path or ``file:`` URI "a path on the worker".
+    What a deletion request records of a job's failure (:func:`fail_job`): the store's errors
+    name its folder and files, and the ``deletions`` scope learns nothing of the worker's disk."""
+    if store_dir is not None:
+        given = Path(store_dir)
+        roots = {str(given.absolute()), str(given.resolve())} | ({str(store_dir)} if "/" in str(store_dir) else set())
+        for root in sorted({r.rstrip("/") for r in roots if r.rstrip("/")}, key=len, reverse=True):
+            forms = [re.escape(root)] + ([re.escape(Path(root).as_uri())] if Path(root).is_absolute() else [])
+            # the root, alone or with a path under it, as a whole word: not "var/models" in "avar/models2"
+            pattern = rf"""(?<![\w.~/:-])(?:{'|'.join(forms)})(/[^\s'"]*[^\s'".,;:)\]])?(?![\w.~-])"""
+            error = re.sub(pattern, lambda m: "a file in the model store" if m.group(1) else "the model store", error)
+    error = _FILE_URI.sub("a path on the worker", error)
+    return _ABSOLUTE_PATH.sub("a path on the worker", error)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -460,6 +460,39 @@ def test_a_rollback_to_weights_damaged_outside_the_service_is_refused_and_deleti
     assert [(o.status, o.version) for o in jobs.drain_model(s, store, TINY)] == [("completed", 4)]
 
 
+def test_a_request_records_a_failed_jobs_error_without_paths(tiny):
+    """A job that failed on a store error recorded "StoreError: no version 2 of model ... in
+    /abs/store" on its requests, which a key with the deletions scope reads."""
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    jobs.drain_model(s, store, TINY)  # v2 erases ids[0], serving
+    shutil.rmtree(store._dir(TINY, 2))  # the serving version's folder, removed outside the service
+    rid = _submit(s, ids[1])
+    (outcome,) = jobs.drain_model(s, store, TINY)
+    assert outcome.status == "failed" and str(s.store_dir) in outcome.error  # the job's error, for keys that read
+    with transaction(s.database_url) as session:
+        req, job = session.get(DeletionRequest, rid), session.get(Job, outcome.job_id)
+        assert req.status == "failed" and str(s.store_dir) in job.error
+        assert req.error == "StoreError: no version 2 of model 'tiny-mtl' in the model store", req.error
+        failed = session.execute(select(AuditEvent).where(AuditEvent.kind == "deletion.failed")).scalar_one()
+        assert str(s.store_dir) in failed.payload["error"]  # the audit log keeps it whole
+
+
+@pytest.mark.parametrize("error, store_dir, shown", [
+    ("DamagedManifest: /srv/un learnd/models/m/v2/manifest.json is not JSON", "/srv/un learnd/models",
+     "DamagedManifest: a file in the model store is not JSON"),
+    ("StoreError: no version 2 of model 'm' in var/models", "var/models",
+     "StoreError: no version 2 of model 'm' in the model store"),
+    ("JobFailed: v3 (file:///srv/m/m/v3) cannot be read: [Errno 2] No such file or directory: '/data/nyu/1.png'",
+     "/srv/m", "JobFailed: v3 (a file in the model store) cannot be read: [Errno 2] No such file or directory: "
+               "'a path on the worker'"),
+    ("OSError: cannot open /srv/models2/m, 1/2 of depth/normal", "/srv/models",
+     "OSError: cannot open a path on the worker, 1/2 of depth/normal"),
+])
+def test_path_free_takes_every_path_out_of_an_error(error, store_dir, shown):
+    assert jobs.path_free(error, store_dir) == shown
+
+
 def test_a_reapply_missing_an_erasure_is_rebased_on_its_own_base(tiny):
     """A reapply whose artifact misses an erasure published while it ran is not served: it
     runs again on the rollback's target with that erasure added, and only then moves the alias."""
