@@ -380,6 +380,52 @@ def test_a_delivery_for_a_model_busy_with_a_running_job_ends_without_a_retry(
     assert [m.group(0) for m in ended()] == [end.group(0)]  # ended once: nothing scheduled again
 
 
+def test_a_delivery_that_finds_the_model_row_locked_is_retried_by_celery(
+        client, settings, celery_worker, paused_worker):
+    """worker.tasks: a delivery whose claim finds the model row locked by another transaction
+    (a claim, a rollback, a purge: reason 'locked') is retried through Celery with a
+    countdown (Redis, the worker's ETA schedule, the same task id again), not dropped: the
+    transaction holding the row may have read the queue before this request committed. Here
+    this process holds the row until the first retry is logged; the retry then runs the job."""
+    from worker.celery_app import PROCESS_MODEL_TASK, create_celery
+    from worker.db import engine_for
+    from worker.tables import DeletionRequest
+
+    name = settings.model_name
+    held = engine_for(settings.database_url).connect()
+    try:
+        # what a claim, a rollback or a purge holds; a submission's key-share lock passes it
+        held.execute(text("SELECT name FROM models WHERE name = :m FOR NO KEY UPDATE"), {"m": name})
+        with _session(settings) as session:
+            req = DeletionRequest(model_name=name, instance_id=_instances(settings)[9], tasks=["depth"],
+                                  status="queued")
+            session.add(req)
+            session.flush()
+            request_id = req.id
+        task_id = create_celery(settings).send_task(PROCESS_MODEL_TASK, args=[name]).id
+        paused_worker()  # resume: the worker takes the delivery while the row is held
+
+        def ends():
+            return [m for m in _ends_of(PROCESS_MODEL_TASK, celery_worker.log.read_text()) if m.group(1) == task_id]
+
+        [first] = wait_for(ends, JOB_TIMEOUT, what=f"the worker to handle delivery {task_id}")
+        assert first.group(2) == "retry" and "Retry in 5s" in first.group(3), first.group(0)
+        line = f"model {name} is busy (locked by another claim, a rollback or a purge); retrying in 5s"
+        assert line in celery_worker.log.read_text()
+        assert client.get(f"/deletions/{request_id}").json()["status"] == "queued"
+    finally:
+        held.rollback()
+        held.close()
+
+    done = _wait_done(client, request_id)  # the retry, 5 s on, claims and runs it
+    with _session(settings) as session:
+        assert session.get(DeletionRequest, request_id).job_id == done["job_id"]
+    again = wait_for(lambda: [m for m in ends() if m.group(2) != "retry"] or None, JOB_TIMEOUT,
+                     what=f"delivery {task_id}'s retry to end")
+    assert [m.group(2) for m in again] == ["succeeded"], [m.group(0) for m in ends()]
+    assert "'status': 'completed'" in again[0].group(3) and done["job_id"] in again[0].group(3)
+
+
 def _second_worker(service_env: dict, log):
     """Another Celery worker process on the session's database and queue (solo pool, as the
     session's): with one worker, a delivery waits for the job under way to end."""
