@@ -71,6 +71,19 @@ def settings(database_url, tmp_path_factory) -> Settings:
 
 
 @pytest.fixture(autouse=True)
+def _serve_on_a_free_port(monkeypatch):
+    """``unlearnd serve`` refuses, before anything else, a port another process listens on:
+    a service left running on the default 8000 (the README's quick start) failed every
+    test of serve. Each test's UNLEARND_PORT is a port free when it starts (a test may set
+    its own)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("UNLEARND_PORT", str(probe.getsockname()[1]))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_engine_cache(monkeypatch):
     """Each test its own engine cache: it is per process and keyed (model, version), which
     every test's fresh record and store reuse (a job could pick up an earlier test's tau or

@@ -1,6 +1,8 @@
 """The ``unlearnd`` command's own arguments (no database): what it hands on to Celery."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from app.cli import main
@@ -610,12 +612,17 @@ def _serve(environment, monkeypatch, s, store_dir) -> tuple[int, str, list]:
     return code, err, served
 
 
+def s_port() -> int:
+    """The port serve was given (the conftest's free one)."""
+    return int(os.environ["UNLEARND_PORT"])
+
+
 def test_a_store_without_the_serving_version_is_refused_naming_it(registered, environment, monkeypatch, tmp_path):
     # the record's model was served from whatever UNLEARND_STORE_DIR named: /readyz said ready,
     # and every deletion failed with a StoreError
     s, store = registered
     code, err, served = _serve(environment, monkeypatch, s, s.store_dir)
-    assert (code, served) == (0, [served[0]]) and served[0]["port"] == 8000, err  # the service's store
+    assert (code, served) == (0, [served[0]]) and served[0]["port"] == s_port(), err  # the service's store
     empty = tmp_path / "empty"
     empty.mkdir()
     code, err, served = _serve(environment, monkeypatch, s, empty)
