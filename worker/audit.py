@@ -153,7 +153,8 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None, after_
             raise ValueError("after_anchor needs an anchor")
         kept = session.execute(select(AuditEvent.hash).where(AuditEvent.seq == anchor[0])).scalar_one_or_none()
         if kept is None:
-            return _broken(0, anchor[0], f"the log has no event {anchor[0]}, the anchored one: events were removed",
+            return _broken(0, anchor[0], f"the log has no event {anchor[0]}, the anchored one: events were removed, "
+                           "or the anchor is not of this log",
                            anchor[0])
         if kept != anchor[1]:
             return _broken(0, anchor[0], f"event {anchor[0]} does not have the anchored hash: the log was rewritten "
@@ -190,7 +191,7 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None, after_
         return broken(n, bad, f"the log ends at seq {expected_seq - 1} but its recorded head is seq {head_seq}")
     if anchor is not None and anchor[0] > expected_seq - 1:
         return broken(n, expected_seq, f"the log ends at seq {expected_seq - 1}, before the anchored event "
-                                       f"{anchor[0]}: events were removed")
+                                       f"{anchor[0]}: events were removed, or the anchor is not of this log")
     return {"ok": True, "events": n, "first_bad_seq": None, "reason": None,
             "head": {"seq": head_seq, "hash": head_hash} if expected_seq > 1 else None,
             "verified_from": verified_from}
