@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -176,7 +177,8 @@ _RENDER_OPTIONS = (("--n-train", "n_train", "n_train"), ("--n-test", "n_test", "
 
 def _dataset_spec(args: argparse.Namespace) -> dict:
     """The dataset spec of the command line, checked; only the keys given go into it, so the
-    loader's defaults stay the loader's."""
+    loader's defaults stay the loader's (the checkpoint records it with every default written
+    out: :func:`~unlearning.data.canonical_spec`). A ``--root`` is made absolute."""
     from .data import DATASETS
 
     name = args.dataset
@@ -197,7 +199,9 @@ def _dataset_spec(args: argparse.Namespace) -> dict:
         if not Path(args.root).is_dir():
             raise CliError(f"--root {args.root} is not a directory" if Path(args.root).exists()
                            else f"--root {args.root} does not exist")
-        spec["root"] = args.root
+        # absolute: the checkpoint records it, and `unlearning.unlearn --checkpoint` (no --root)
+        # read a relative root against its own working directory, i.e. other data
+        spec["root"] = os.path.abspath(args.root)
     for option, key, value in given:
         least = 0 if key == "seed" else 1  # (the renderer takes any non-negative seed)
         if value < least:
@@ -288,6 +292,7 @@ def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
     """:func:`main` after parsing: everything is checked before the data is loaded, the
     checkpoint is written to a temporary sibling of ``--out`` and renamed into place."""
     from . import data
+    from .data import canonical_spec
     from .evaluate import task_metrics
     from .model import WEIGHTS_FILE
 
@@ -319,9 +324,12 @@ def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
         model = train_model(train, cfg, device=device, progress=not args.no_progress)
     except ImageSizeError as exc:  # build_model's, before any step
         raise CliError(str(exc)) from None
+    # every default written out: the checkpoint names the same data should the loaders'
+    # defaults (SIZE_DEFAULTS, an npy dataset's num_classes) change; dataset_key is the same
+    recorded = canonical_spec(spec)
     try:
         write_dir_atomically(out, lambda staging: save_model(model, staging,
-                                                             extra={"dataset": spec, "train": asdict(cfg)}),
+                                                             extra={"dataset": recorded, "train": asdict(cfg)}),
                              replace=args.force, writes=writes)
     except OSError as exc:
         raise CliError(f"cannot write the checkpoint {out}: {exc}") from None

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from unlearning.data import canonical_spec, dataset_key, load_splits
 from unlearning.data.base import MultiTaskDataset
 from unlearning.evaluate import (EvalContext, evaluate_unlearning, forget_cell_losses, metrics_and_losses, retained_sample,
                                  task_metrics)
@@ -141,10 +142,48 @@ def test_cli_writes_a_checkpoint_with_dataset_and_recipe(tmp_path, monkeypatch, 
     assert main(args + ["--head-width", "8", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     assert specs == [{"name": "indoor", "n_train": 4}]
     config = json.loads((out / "config.json").read_text())
-    assert config["dataset"] == {"name": "indoor", "n_train": 4}
+    # recorded with every default written out: the checkpoint names the same data should the
+    # renderer's defaults change, under the same dataset key
+    assert config["dataset"] == {"name": "indoor", "n_train": 4, "n_test": 48, "height": 48, "width": 64, "seed": 0}
+    assert dataset_key(config["dataset"]) == dataset_key({"name": "indoor", "n_train": 4})
     assert config["train"]["epochs"] == 1 and config["train"]["width"] == 8
     assert load_model(out).tasks == TASKS
     assert set(json.loads(capsys.readouterr().out)["test"]) == set(TASKS)
+
+
+def write_npy_dataset(root, n_train: int = 4, n_val: int = 2, size: int = 16, depth_shift: float = 0.5) -> None:
+    """A tiny cityscapes-layout folder (segmentation and depth .npy files)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for folder in ("image", "label", "depth"):
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            np.save(root / split / "image" / f"{i}.npy", rng.random((size, size, 3)).astype(np.float32))
+            np.save(root / split / "label" / f"{i}.npy", rng.integers(-1, 7, (size, size)))
+            np.save(root / split / "depth" / f"{i}.npy", (depth_shift + rng.random((size, size))).astype(np.float32))
+
+
+def test_cli_records_an_absolute_root_so_the_checkpoint_names_its_data_from_anywhere(tmp_path, monkeypatch, capsys):
+    """A relative --root used to be recorded as typed: `unlearning.unlearn --checkpoint`, which
+    has no --root, read it against its own working directory, i.e. other data or none."""
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    write_npy_dataset(here / "data")
+    write_npy_dataset(elsewhere / "data", depth_shift=5.0)  # same layout, other data
+    monkeypatch.chdir(here)
+    args = ["--dataset", "cityscapes", "--root", "./data/", "--epochs", "1", "--model-width", "8", "--model-depth",
+            "2", "--head-width", "8", "--batch-size", "4", "--out", "ckpt", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    recorded = json.loads((here / "ckpt" / "config.json").read_text())["dataset"]
+    assert recorded == {"name": "cityscapes", "root": str(here / "data"), "num_classes": 7, "limit": None}
+    assert recorded == canonical_spec(recorded)
+    monkeypatch.chdir(elsewhere)
+    train, _ = load_splits(recorded)
+    assert torch.equal(train.targets["depth"], load_splits({"name": "cityscapes", "root": str(here / "data")})[0]
+                       .targets["depth"])
+    assert float(train.targets["depth"].max()) < 2.0  # here's data, not elsewhere's
 
 
 # --- evaluation ----------------------------------------------------------------------
