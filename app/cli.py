@@ -263,7 +263,7 @@ def cmd_serve(args) -> int:
 
     from model_store import store_for
     from unlearning.model import ImageSizeError
-    from worker.bootstrap import FirstModelTooLarge, SharedDataConflict, ensure_model
+    from worker.bootstrap import FirstModelDiverged, FirstModelTooLarge, SharedDataConflict, ensure_model
     from worker.migrate import upgrade_database
     from worker.settings import get_settings
 
@@ -311,8 +311,8 @@ def cmd_serve(args) -> int:
     except (StoreError, SharedDataConflict) as exc:  # a stored version 1 purged, damaged or altered, or another
         print(f"unlearnd: {exc}", file=sys.stderr)  # model's data split otherwise, a store without the serving
         return 2  # version: nothing registered
-    except FirstModelTooLarge as exc:  # the check above, should the store have changed meanwhile
-        print(f"unlearnd: {exc}", file=sys.stderr)
+    except (FirstModelTooLarge, FirstModelDiverged) as exc:  # the check above, should the store have changed
+        print(f"unlearnd: {exc}", file=sys.stderr)  # meanwhile; a training that left non-finite weights
         return 2
     except ImageSizeError as exc:  # the first model's settings: nothing trained
         print(f"unlearnd: UNLEARND_IMAGE_HEIGHT, UNLEARND_IMAGE_WIDTH, UNLEARND_MODEL_WIDTH: {exc}; nothing was "

@@ -13,7 +13,9 @@ The checkpoint directory is new (``--out`` must not exist or be empty; ``--force
 replaces a checkpoint there), written to a temporary sibling and renamed into place. A
 request that cannot run (an unknown dataset, a missing ``--root``, a setting that would
 not train, an output that cannot be made) is refused before any work: ``error: ...`` on
-stderr, exit status 2, nothing written.
+stderr, exit status 2, nothing written. So is a run that diverged (non-finite weights,
+e.g. with a huge ``--lr``), after training. The metrics printed are strict JSON (null
+for a value that is not finite).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ from .cli import (CliError, Writes, check_output_dir, check_seed, cli_device, re
 from .data import SYNTHETIC_DATASETS
 from .data.base import MultiTaskDataset
 from .losses import cell_losses, supervised_loss
-from .model import ImageSizeError, ModelConfig, MultiTaskNet, check_image_size, save_model
+from .jsonio import finite_json
+from .model import ImageSizeError, ModelConfig, MultiTaskNet, check_image_size, non_finite_tensors, save_model
 
 
 @dataclass
@@ -84,6 +87,38 @@ def build_model(dataset: MultiTaskDataset, cfg: TrainConfig) -> MultiTaskNet:
     check_image_size(config, *dataset.images.shape[-2:])
     torch.manual_seed(cfg.seed)
     return MultiTaskNet(config)
+
+
+class TrainingDiverged(RuntimeError):
+    """Training left weights that hold a NaN or an infinity (:func:`check_trained`): a model
+    that :func:`~unlearning.model.load_model` and the model store's readers refuse."""
+
+
+def check_trained(model: MultiTaskNet, probe: torch.Tensor | None = None) -> None:
+    """:class:`TrainingDiverged` naming the tensors of ``model`` that hold a NaN or an
+    infinity (a learning rate too large, say) or, with ``probe`` images (a few training
+    images), the tasks whose predictions on them are not finite (weights can stay finite,
+    huge, while the outputs overflow); nothing when all is finite. For a caller to run
+    before it writes a trained model anywhere."""
+    state = model.state_dict()
+    bad = non_finite_tensors(state)
+    if bad:
+        raise TrainingDiverged(f"training diverged: non-finite weights (NaN or infinity) in {len(bad)} of "
+                               f"{len(state)} tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    if probe is None or not len(probe):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            outputs = model(probe.to(device))
+    finally:
+        model.train(was_training)
+    tasks = [t for t, out in outputs.items() if not bool(torch.isfinite(out).all())]
+    if tasks:
+        raise TrainingDiverged(f"training diverged: the model's {', '.join(tasks)} predictions on {len(probe)} "
+                               "training images are not finite (its weights are)")
 
 
 def training_steps(n: int, cfg: TrainConfig) -> int:
@@ -324,6 +359,11 @@ def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
         model = train_model(train, cfg, device=device, progress=not args.no_progress)
     except ImageSizeError as exc:  # build_model's, before any step
         raise CliError(str(exc)) from None
+    try:
+        # such weights were written, and every later load refused them
+        check_trained(model, train.images[: cfg.batch_size])
+    except TrainingDiverged as exc:
+        raise CliError(f"{exc}; nothing was written: try a smaller --lr (got {cfg.lr:g})") from None
     # every default written out: the checkpoint names the same data should the loaders'
     # defaults (SIZE_DEFAULTS, an npy dataset's num_classes) change; dataset_key is the same
     recorded = canonical_spec(spec)
@@ -338,7 +378,8 @@ def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
         "train": task_metrics(model, train),
         "test": task_metrics(model, test),
     }
-    print(json.dumps(summary, indent=2))
+    # strict JSON: a metric that is not finite (finite weights, overflowing predictions) is null
+    print(json.dumps(finite_json(summary), indent=2, allow_nan=False))
     return 0
 
 

@@ -64,6 +64,11 @@ class FirstModelTooLarge(ValueError):
     (:func:`first_model_memory_problem`)."""
 
 
+class FirstModelDiverged(ValueError):
+    """Training the first version left non-finite weights (:func:`unlearning.train.check_trained`):
+    nothing is stored or registered."""
+
+
 def first_model_memory_problem(settings: Settings, device=None) -> str | None:
     """What is wrong when training the first version the settings describe cannot fit this
     machine's memory, naming the settings to change; ``None`` when it fits. The check
@@ -125,7 +130,8 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
     Trains a model on the dataset the settings describe (minus any cell already
     tombstoned for that dataset) when neither the record nor the store has one.
     :class:`SharedDataConflict` when another model holds that dataset's instances under
-    another spec (:func:`refuse_another_split_of`).
+    another spec (:func:`refuse_another_split_of`); :class:`FirstModelDiverged` when that
+    training leaves non-finite weights.
     """
     name = settings.model_name
     with transaction(settings.database_url) as session:
@@ -158,7 +164,7 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
         train, _ = get_splits(spec)
         log.info("registering the stored version 1 of %s", name)
     else:
-        from unlearning.train import TrainConfig, train_model
+        from unlearning.train import TrainConfig, TrainingDiverged, check_trained, train_model
 
         problem = first_model_memory_problem(settings)
         if problem:  # `serve` checks before migrating; this one is for any other caller
@@ -177,6 +183,13 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
         )
         log.info("training %s on %s (%d instances, %d epochs)", name, spec["name"], len(train), cfg.epochs)
         model = train_model(train, cfg, device=settings.device, progress=progress).cpu()
+        try:  # such a version would serve, and every job on it fail (its weights are refused on load)
+            check_trained(model, train.images[: cfg.batch_size])
+        except TrainingDiverged as exc:
+            raise FirstModelDiverged(
+                f"training the first version of {name!r} on {canonical_json(spec)}: {exc}; change the recipe "
+                "(UNLEARND_TRAIN_EPOCHS, UNLEARND_MODEL_WIDTH, UNLEARND_SEED); nothing was stored or registered"
+            ) from None
         manifest = store.put_version(
             model,
             model_name=name,

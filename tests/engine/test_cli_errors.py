@@ -371,6 +371,32 @@ def test_train_leaves_nothing_half_written(tmp_path, capsys, monkeypatch):
     assert listing(tmp_path) == []
 
 
+@pytest.mark.parametrize("epochs, says", [
+    ("2", "training diverged: non-finite weights (NaN or infinity) in "),  # the 2nd step's gradients are NaN
+    ("1", "training diverged: the model's segmentation, depth, normal predictions on 8 training images are "
+          "not finite (its weights are)"),  # one step: weights of ~1e30, finite, whose outputs overflow
+])
+def test_a_diverged_training_is_refused_and_writes_nothing(tmp_path, capsys, epochs, says):
+    """It wrote a checkpoint that load_model refuses (or one that predicts NaN), printed
+    ``"miou": NaN`` (not JSON) and exited 0."""
+    args = ["--dataset", "indoor", *TINY, "--device", "cpu", "--lr", "1e30", "--out", str(tmp_path / "out")]
+    args[args.index("--epochs") + 1] = epochs
+    err = refused(capsys, train(args), says)
+    assert "nothing was written: try a smaller --lr (got 1e+30)" in err
+    assert listing(tmp_path) == []
+
+
+def test_train_prints_strict_json_with_null_for_a_metric_that_is_not_finite(tmp_path, capsys, monkeypatch):
+    import unlearning.evaluate
+
+    monkeypatch.setattr(unlearning.evaluate, "task_metrics", lambda model, data: {"depth": {"abs_err": float("nan"),
+                                                                                            "delta1": 0.5}})
+    assert train(["--dataset", "indoor", *TINY, "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in the printed metrics"))
+    assert summary["train"] == summary["test"] == {"depth": {"abs_err": None, "delta1": 0.5}}
+
+
 def test_unlearnd_train_reports_the_error(tmp_path, capsys):
     refused(capsys, unlearnd(["train", "--dataset", "mnist", "--out", str(tmp_path / "out")]), "unknown dataset")
     assert listing(tmp_path) == []

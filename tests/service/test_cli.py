@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from app.cli import main
 from worker.settings import get_settings
@@ -509,6 +510,39 @@ def test_a_first_model_that_cannot_fit_in_memory_is_refused_before_migrating(env
     assert all(f"UNLEARND_{name}" in line for name in ("IMAGE_HEIGHT", "IMAGE_WIDTH", "N_TRAIN", "MODEL_WIDTH"))
     assert "--" not in line  # the settings, not `unlearnd train`'s options
     assert not (tmp_path / "x.db").exists() and not (tmp_path / "models").exists()
+
+
+def test_a_first_training_that_diverges_is_refused_and_nothing_is_stored_or_registered(environment, monkeypatch,
+                                                                                       tmp_path):
+    """A first version with non-finite weights was stored and registered as serving: every
+    job on it then failed, since its weights are refused on load."""
+    import uvicorn
+    from sqlalchemy import create_engine, text
+
+    import unlearning.train
+
+    def diverges(dataset, cfg, **kwargs):
+        model = unlearning.train.build_model(dataset, cfg)
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
+        return model.eval()
+
+    monkeypatch.setattr(unlearning.train, "train_model", diverges)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served a diverged first version"))
+    import socket
+
+    with socket.socket() as sock:  # a free port: the listen check comes before the training
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    code, err = _run(environment, ["serve", "--no-progress", "--port", port],
+                     DATABASE_URL=f"sqlite:///{tmp_path}/x.db", STORE_DIR=str(tmp_path / "models"), N_TRAIN="4", N_TEST="2", IMAGE_HEIGHT="16",
+                     IMAGE_WIDTH="16", MODEL_WIDTH="4")
+    line = _one_line(code, err, "unlearnd: training the first version of 'indoor-mtl' on ")
+    assert "training diverged: non-finite weights (NaN or infinity) in 1 of " in line
+    assert "nothing was stored or registered" in line
+    assert not (tmp_path / "models" / "indoor-mtl" / "v1").exists()
+    with create_engine(f"sqlite:///{tmp_path}/x.db").connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM models")).scalar() == 0
 
 
 def test_a_first_version_in_the_store_is_not_checked_against_the_memory(monkeypatch):
