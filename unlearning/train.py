@@ -150,9 +150,12 @@ def train_model(
 
     Only cells with ``available`` True contribute (an erased cell of a kept
     instance gives its task head no gradient). Deterministic for a seed on
-    CPU: the initialisation uses ``torch.manual_seed(cfg.seed)`` and the
-    shuffling its own generator. ``on_progress`` is called with the fraction
-    done in [0, 1] after every step.
+    CPU at a fixed number of threads: the initialisation uses
+    ``torch.manual_seed(cfg.seed)`` and the shuffling its own generator, but the CPU
+    kernels' reductions are split by ``torch.get_num_threads()`` (1 and 2 threads gave
+    other weights from one seed), so the train CLI records it beside the recipe
+    (``torch_threads``). ``on_progress`` is called with the fraction done in [0, 1]
+    after every step.
     """
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -365,11 +368,11 @@ def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
     except TrainingDiverged as exc:
         raise CliError(f"{exc}; nothing was written: try a smaller --lr (got {cfg.lr:g})") from None
     # every default written out: the checkpoint names the same data should the loaders'
-    # defaults (SIZE_DEFAULTS, an npy dataset's num_classes) change; dataset_key is the same
-    recorded = canonical_spec(spec)
+    # defaults (SIZE_DEFAULTS, an npy dataset's num_classes) change; dataset_key is the same.
+    # The thread count beside the recipe: one seed gives one model at one count only (train_model).
+    extra = {"dataset": canonical_spec(spec), "train": asdict(cfg), "torch_threads": torch.get_num_threads()}
     try:
-        write_dir_atomically(out, lambda staging: save_model(model, staging,
-                                                             extra={"dataset": recorded, "train": asdict(cfg)}),
+        write_dir_atomically(out, lambda staging: save_model(model, staging, extra=extra),
                              replace=args.force, writes=writes)
     except OSError as exc:
         raise CliError(f"cannot write the checkpoint {out}: {exc}") from None

@@ -147,6 +147,8 @@ def test_cli_writes_a_checkpoint_with_dataset_and_recipe(tmp_path, monkeypatch, 
     assert config["dataset"] == {"name": "indoor", "n_train": 4, "n_test": 48, "height": 48, "width": 64, "seed": 0}
     assert dataset_key(config["dataset"]) == dataset_key({"name": "indoor", "n_train": 4})
     assert config["train"]["epochs"] == 1 and config["train"]["width"] == 8
+    # one seed gives one model at one thread count only: recorded beside the recipe
+    assert config["torch_threads"] == torch.get_num_threads()
     assert load_model(out).tasks == TASKS
     assert set(json.loads(capsys.readouterr().out)["test"]) == set(TASKS)
 
