@@ -140,6 +140,28 @@ def test_partial_erasure_keeps_the_image_for_the_other_tasks(indoor):
     assert train.has_cell((iid, "depth"))  # the original is untouched
 
 
+def test_an_erasure_that_drops_no_instance_shares_the_tensors_and_one_that_drops_copies(indoor):
+    """``without`` copied every image and target even where every instance stayed (each job
+    applies the tombstones to the cached splits); the mask is its own either way."""
+    train = indoor[0]
+    iid = train.instance_ids[2]
+    for cells in ([], [(iid, "depth")], [(iid, "depth"), ("no-such-instance", "depth")]):
+        erased = train.without(cells)
+        assert erased.images is train.images
+        assert all(erased.targets[t] is train.targets[t] for t in train.tasks)
+        assert erased.instance_ids == train.instance_ids and erased.erased_instances == train.erased_instances
+        assert erased.available.data_ptr() != train.available.data_ptr()
+        assert erased.has_cell((iid, "depth")) == (not cells) and train.has_cell((iid, "depth"))
+    # again on the result: an erased cell stays erased, and the tensors are still the originals
+    twice = train.without([(iid, "depth")]).without([(iid, "normal")])
+    assert twice.images is train.images and twice.cells() == [c for c in train.cells()
+                                                              if c not in [(iid, "depth"), (iid, "normal")]]
+    dropped = twice.without([(iid, "segmentation")])  # its last cell: the instance goes, the rest is copied
+    assert iid not in dropped.instance_ids and iid in dropped.erased_instances
+    assert dropped.images.data_ptr() != train.images.data_ptr()
+    assert torch.equal(dropped.images, torch.cat([train.images[:2], train.images[3:]]))
+
+
 def test_a_dataset_moved_to_a_device_keeps_its_ids_cells_and_tensors(indoor):
     erased = indoor[0].without([(indoor[0].instance_ids[1], "normal")])
     assert erased.to("cpu") is erased  # already there

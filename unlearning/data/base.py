@@ -94,6 +94,11 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     (:func:`check_dtypes`), that ``available`` is (N,K), and, where data enters (no
     ``available`` given), that the segmentation labels are -1 or a class below
     ``num_classes``; ``ValueError`` otherwise.
+
+    The images and targets are read, never written: a dataset derived from another
+    (:meth:`without` where no instance is dropped, :meth:`to` its own device) holds the
+    same tensors, and the service's cached splits are shared by every job. Code that
+    needs other values builds new tensors (a :meth:`batch` is a copy).
     """
 
     def __init__(
@@ -250,7 +255,10 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         return [(iid, task) for iid, task in cells]
 
     def without(self, cells: Iterable[Cell], strict: bool = False) -> "MultiTaskDataset":
-        """A copy with ``cells`` erased; instances left with no supervised cell are dropped.
+        """This dataset with ``cells`` erased (a mask of its own); instances left with no
+        supervised cell are dropped. Where none is dropped (a partial erasure, cells already
+        erased, nothing to erase), the images and targets are this dataset's tensors, not
+        copies: a dataset's tensors are never modified in place (class docstring).
 
         With ``strict`` the cells are validated first (see :meth:`check_cells`);
         otherwise cells already erased or of unknown instances are ignored, which
@@ -261,7 +269,11 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         for iid, task in cells:
             if iid in self._position and task in self.tasks:
                 available[self._position[iid], self.tasks.index(task)] = False
-        keep = available.any(1).nonzero().flatten()
+        kept = available.any(1)
+        if bool(kept.all()):  # every instance stays: its tensors are shared, not copied
+            return MultiTaskDataset(self.name, self.tasks, self.images, self.targets, self.instance_ids,
+                                    self.num_classes, available, erased_instances=self.erased_instances)
+        keep = kept.nonzero().flatten()
         return MultiTaskDataset(
             self.name,
             self.tasks,
@@ -270,7 +282,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             [self.instance_ids[i] for i in keep.tolist()],
             self.num_classes,
             available[keep],
-            erased_instances=self.erased_instances | {iid for iid, row in zip(self.instance_ids, available.any(1).tolist())
+            erased_instances=self.erased_instances | {iid for iid, row in zip(self.instance_ids, kept.tolist())
                                                       if not row},
         )
 

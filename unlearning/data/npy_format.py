@@ -230,9 +230,17 @@ def _load_split(name: str, split_dir: Path, infix: str, num_classes: int, limit:
     if limit is not None:
         numbers = numbers[:limit]
 
-    images, targets = [], {t: [] for t in tasks}
+    # filled in place, each array allocated once the first sample gives its shape: stacking
+    # lists of per-file arrays held every sample twice at the end
+    arrays: dict[str, np.ndarray] = {}
+
+    def put(key: str, i: int, value: np.ndarray) -> None:
+        if key not in arrays:
+            arrays[key] = np.empty((len(numbers), *value.shape), value.dtype)
+        arrays[key][i] = value  # (shapes checked against the split's size; dtypes fixed by the readers)
+
     size = None
-    for n in numbers:
+    for i, n in enumerate(numbers):
         image = _read(files["image"][n])
         label = _label(files["label"][n], num_classes, [size] if size is not None else _image_sizes(image))
         if size is None:
@@ -240,16 +248,16 @@ def _load_split(name: str, split_dir: Path, infix: str, num_classes: int, limit:
         elif label.shape != size:
             raise ValueError(f"{files['label'][n]} has shape {label.shape} but the split's first label, "
                              f"{files['label'][first].name}, is {size}")
-        images.append(_image(image, files["image"][n], size))
-        targets["segmentation"].append(label)
-        targets["depth"].append(_depth(files["depth"][n], size))
+        put("image", i, _image(image, files["image"][n], size))
+        put("segmentation", i, label)
+        put("depth", i, _depth(files["depth"][n], size))
         if "normal" in tasks:
-            targets["normal"].append(_normal(files["normal"][n], size))
+            put("normal", i, _normal(files["normal"][n], size))
     return MultiTaskDataset(
         name,
         tasks,
-        torch.from_numpy(np.stack(images)),
-        {t: torch.from_numpy(np.stack(v)) for t, v in targets.items()},
+        torch.from_numpy(arrays["image"]),
+        {t: torch.from_numpy(arrays[t]) for t in tasks},
         [f"{name}-{infix}-{n}" for n in numbers],
         num_classes=num_classes,
     )
