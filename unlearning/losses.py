@@ -16,7 +16,9 @@ def cell_losses(model, batch: Batch, tasks=None) -> dict[str, torch.Tensor]:
 
 
 def supervised_loss(losses: dict[str, torch.Tensor], has: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over tasks of the mean loss over supervised cells (a task with none adds 0)."""
+    """Sum over tasks of the mean loss over the cells ``has`` marks (a task with none adds 0).
+    For a loss of the targets pass :func:`measured_cells`: a supervised cell without a
+    labelled pixel has a loss of 0 that, counted in the mean, shrank its task's loss."""
     total = None
     for t, loss in losses.items():
         mask = has[t].to(loss.dtype)
@@ -32,6 +34,12 @@ def measured(batch: Batch, task: str) -> torch.Tensor:
     pixel is invalid (depth 0, label -1) adds nothing to training; measured, its loss
     would be a fake 0 that the membership attack reads as the most member-like of all."""
     return batch.has[task] & get_task(task).labelled(batch.targets[task])
+
+
+def measured_cells(batch: Batch, tasks) -> dict[str, torch.Tensor]:
+    """:func:`measured` of every task in ``tasks``: the masks a loss of the targets is
+    averaged over (training, the retain losses of the methods)."""
+    return {t: measured(batch, t) for t in tasks}
 
 
 def supervised_or_nan(loss: torch.Tensor, has: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 The same recipe trains the deployed model and the gold standard (retrained
 from scratch on the retained cells), so it is one plain loop: seeded
 shuffling, AdamW, cosine learning rate, loss = sum over tasks of the mean loss
-over supervised cells. There is no augmentation and no early stopping by
+over supervised cells (those with a labelled pixel). There is no augmentation and no early stopping by
 default: the original model should fit (memorise) its training data, which is
 what makes membership inference, and hence forgetting, measurable.
 
@@ -35,7 +35,7 @@ from .cli import (CliError, Writes, check_output_dir, check_seed, cli_device, re
                   write_dir_atomically)
 from .data import SYNTHETIC_DATASETS
 from .data.base import MultiTaskDataset
-from .losses import cell_losses, supervised_loss
+from .losses import cell_losses, measured_cells, supervised_loss
 from .jsonio import finite_json
 from .model import ImageSizeError, ModelConfig, MultiTaskNet, check_image_size, non_finite_tensors, save_model
 
@@ -148,8 +148,9 @@ def train_model(
     """Train ``model`` in place (a fresh one from :func:`build_model` when None) on
     ``dataset``'s supervised cells and return it, in eval mode, on the training device.
 
-    Only cells with ``available`` True contribute (an erased cell of a kept
-    instance gives its task head no gradient). Deterministic for a seed on
+    Only cells with ``available`` True and a labelled pixel contribute (an erased
+    cell of a kept instance gives its task head no gradient; a cell without a valid
+    pixel, an npy depth map of zeros say, does not count in its task's mean). Deterministic for a seed on
     CPU at a fixed number of threads: the initialisation uses
     ``torch.manual_seed(cfg.seed)`` and the shuffling its own generator, but the CPU
     kernels' reductions are split by ``torch.get_num_threads()`` (1 and 2 threads gave
@@ -184,7 +185,8 @@ def train_model(
             running, seen = torch.zeros((), device=device), 0  # summed on the device: no sync per step
             for start in range(0, len(dataset), cfg.batch_size):
                 batch = source.batch(order[start : start + cfg.batch_size]).to(device)
-                loss = supervised_loss(cell_losses(model, batch, dataset.tasks), batch.has)
+                # over the cells with a labelled pixel (a supervised cell without one has no loss)
+                loss = supervised_loss(cell_losses(model, batch, dataset.tasks), measured_cells(batch, dataset.tasks))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:

@@ -10,7 +10,7 @@ from unlearning.data import canonical_spec, dataset_key, load_splits
 from unlearning.data.base import MultiTaskDataset
 from unlearning.evaluate import (EvalContext, evaluate_unlearning, forget_cell_losses, metrics_and_losses, retained_sample,
                                  task_metrics)
-from unlearning.losses import cell_losses, per_sample_losses, supervised_loss
+from unlearning.losses import cell_losses, measured_cells, per_sample_losses, supervised_loss
 from unlearning.metrics import mia_auc
 from unlearning.model import load_model
 from unlearning.train import TrainConfig, build_model, main, resolve_device, train_model
@@ -106,6 +106,34 @@ def test_supervised_loss_ignores_whatever_an_unsupervised_cell_holds():
     for bad in (float("inf"), float("nan")):
         losses = {"depth": torch.tensor([1.0, bad, 2.0]), "normal": torch.tensor([bad, 0.5, 0.5])}
         assert float(supervised_loss(losses, has)) == pytest.approx(1.5)  # (1 + 2) / 2, normal adds 0
+
+
+def test_a_supervised_cell_without_a_valid_pixel_trains_as_if_it_were_erased():
+    """As in an npy dataset whose depth map is all 0 (invalid): its loss is 0 and it counted
+    in the task's mean, shrinking the depth loss of every batch it fell in."""
+    data = random_dataset(8, 2)
+    data.targets["depth"][2].zero_()  # (random_dataset builds its own tensors)
+    batch = data.batch([1, 2])
+    losses = {"depth": cell_losses(build_model(data, TrainConfig(**TINY)), batch, ["depth"])["depth"].detach()}
+    assert float(losses["depth"][1]) == 0.0 and bool(batch.has["depth"].all())
+    assert float(supervised_loss(losses, measured_cells(batch, ["depth"]))) == float(losses["depth"][0])
+    assert float(supervised_loss(losses, batch.has)) == float(losses["depth"][0]) / 2  # what training averaged
+
+    cfg = TrainConfig(epochs=2, **TINY)
+    blank = train_model(data, cfg, progress=False, device="cpu").state_dict()
+    erased = train_model(data.without([("i2", "depth")]), cfg, progress=False, device="cpu").state_dict()
+    assert all(torch.equal(blank[k], erased[k]) for k in blank)
+
+
+def test_the_methods_retain_loss_skips_a_cell_without_a_valid_pixel():
+    from unlearning.methods.loops import retain_loss
+
+    data = random_dataset(3, 9)
+    data.targets["depth"][1].zero_()
+    model = build_model(data, TrainConfig(**TINY))
+    batch = data.batch([0, 1, 2])
+    without = data.without([("i1", "depth")]).batch([0, 1, 2])
+    assert float(retain_loss(model, batch).detach()) == float(retain_loss(model, without).detach())
 
 
 def test_train_model_leaves_the_head_of_a_fully_erased_task_untouched():

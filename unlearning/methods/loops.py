@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..data.base import Batch, MultiTaskDataset
-from ..losses import cell_losses, supervised_loss
+from ..losses import cell_losses, measured_cells, supervised_loss
 from ..tasks import get_task
 from .base import UnlearnData
 
@@ -159,8 +159,9 @@ def forget_loss(model, batch: Batch, tasks: Iterable[str]) -> torch.Tensor:
 
 
 def retain_loss(model, batch: Batch) -> torch.Tensor:
-    """Sum over tasks of the mean loss over the batch's supervised (retained) cells."""
-    return supervised_loss(cell_losses(model, batch), batch.has)
+    """Sum over tasks of the mean loss over the batch's supervised (retained) cells that
+    carry a labelled pixel (as training's: :func:`~unlearning.losses.measured_cells`)."""
+    return supervised_loss(cell_losses(model, batch), measured_cells(batch, model.tasks))
 
 
 def forget_task_parameters(model, tasks: Iterable[str]) -> list[torch.nn.Parameter]:

@@ -42,7 +42,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ..losses import supervised_loss
+from ..losses import measured_cells, supervised_loss
 from ..tasks import get_task
 from . import loops
 
@@ -124,7 +124,8 @@ def unlearn(model, data, config):
             return {"max": 1, "forget_divergence": d_f}
         batch = retain.next()
         div, task = distill_and_task_losses(student, teacher, batch, student.tasks, temperature)
-        d_r, l_r = supervised_loss(div, batch.has), supervised_loss(task, batch.has)
+        # the task loss over the cells with a labelled pixel (training's), the divergence over every kept cell
+        d_r, l_r = supervised_loss(div, batch.has), supervised_loss(task, measured_cells(batch, student.tasks))
         (cfg["distill_weight"] * d_r + cfg["task_weight"] * l_r).backward()
         return {"max": 0, "retain_divergence": d_r, "retain_loss": l_r}
 
