@@ -58,13 +58,21 @@ def _as_utc_in_range(at: datetime) -> datetime:
 
 def _not_a_number(value: Any) -> Any:
     # pydantic reads a number (or a string of digits) as Unix time: ?since=-1 would be 1969
+    if isinstance(value, str) and len(value) > MAX_DATETIME_LENGTH:
+        raise ValueError(f"must be an ISO 8601 date-time such as 2026-12-06T10:00:00Z: this is {len(value)} "
+                         f"characters long, more than {MAX_DATETIME_LENGTH}")
     if isinstance(value, (int, float)) and not isinstance(value, bool) or (
             isinstance(value, str) and _NUMBER.fullmatch(value)):
         raise ValueError("must be an ISO 8601 date-time such as 2026-12-06T10:00:00Z, not a number")
     return value
 
 
-_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
+# Each digit has one place in a match (no nested or adjacent quantifiers over digits): the
+# former (\d+\.?\d*|...) split a run of digits every way before failing, time quadratic in
+# its length, on the event loop: ?since=111...1x (16 k digits) held every request 15 s
+_NUMBER = re.compile(r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\s*")
+#: the longest date-time a query takes (2026-12-06T10:00:00.123456+05:30 is 32 characters)
+MAX_DATETIME_LENGTH = 64
 
 #: an aware UTC time (naive = UTC), in responses and queries; a 422 when UTC cannot represent it
 UTCDateTime = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(_as_utc_in_range)]

@@ -611,6 +611,21 @@ def test_a_time_filter_is_not_read_as_unix_time(backend, value):
         assert "ISO 8601" in problem["detail"]
 
 
+def test_a_long_run_of_digits_as_a_time_is_refused_at_once(backend):
+    """The check that a time is not a number split a run of digits every way before failing
+    (time quadratic in its length, on the event loop): ?since=111...1x of 16 k digits held
+    every other request 15 s. A value longer than any date-time is refused by its length,
+    and the check itself is linear (a 200 k-digit run: a hang, and pytest's timeout, before)."""
+    from app.schemas import _NUMBER
+
+    _, _, client = backend
+    for url in ("/deletions", "/jobs", "/audit/events"):
+        problem = assert_problem(client.get(url, params={"since": "1" * 16_000 + "x"}), 422, "validation-error")
+        assert "16001 characters long, more than 64" in problem["detail"]
+    assert _NUMBER.fullmatch("1" * 200_000 + "x") is None
+    assert _NUMBER.fullmatch("1" * 200_000) is not None
+
+
 def test_a_second_chain_verification_while_one_runs_is_429(backend, monkeypatch):
     """It reads the whole log; calls piling up would hold every worker thread."""
     import app.routes.audit as audit
