@@ -814,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic_settings import SettingsError
     from sqlalchemy.exc import DatabaseError
 
+    from worker.settings import InvalidSettings
+
     try:
         return args.func(args)
     except DatabaseError as exc:  # OperationalError, and SQLite's "file is not a database"
@@ -823,17 +825,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(_database_unreachable(exc, get_settings().database_url), file=sys.stderr)
         return 2
-    except ValidationError as exc:
-        if exc.title != "Settings":
+    except (ValidationError, InvalidSettings) as exc:
+        if isinstance(exc, ValidationError) and exc.title != "Settings":
             raise
         # an UNLEARND_* variable the settings refuse: name it, without a traceback (nor its value:
         # a database URL holds a password)
-        from worker.settings import said_in_words
+        from worker.settings import describe_invalid
 
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (UNLEARND_{str(e['loc'][0]).upper()}): "
-                             f"{said_in_words(e)}" for e in exc.errors(include_url=False, include_input=False))
-        print(f"unlearnd: invalid configuration (UNLEARND_* environment variables or .env): {problems}",
-              file=sys.stderr)
+        print(f"unlearnd: {exc if isinstance(exc, InvalidSettings) else describe_invalid(exc)}", file=sys.stderr)
         return 2
     except SettingsError as exc:  # a value that is not JSON where JSON is read (UNLEARND_METHOD_CONFIG)
         print(f"unlearnd: invalid configuration (UNLEARND_* environment variables or .env): {exc}"

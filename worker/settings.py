@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from unlearning.jsonio import no_repeated_names
@@ -324,6 +324,24 @@ def unknown_variables(environ=None, env_file: str | Path | None = ".env") -> lis
     return out
 
 
+class InvalidSettings(ValueError):
+    """UNLEARND_* settings (environment or .env) the service refuses, said without their
+    values: pydantic's own message shows each input (``input_value='postgresql://u:PASSWORD@...'``),
+    which the entry points that do not go through ``unlearnd`` (``celery -A
+    worker.celery_app``, ``uvicorn app.main:create_app --factory``) printed."""
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """What is wrong with the settings, one clause per field, naming its variable, never its value."""
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (UNLEARND_{str(e['loc'][0]).upper()}): "
+                         f"{said_in_words(e)}" for e in exc.errors(include_url=False, include_input=False))
+    return f"invalid configuration (UNLEARND_* environment variables or .env): {problems}"
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The process's settings, read once; :class:`InvalidSettings` (no values) when refused."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise InvalidSettings(describe_invalid(exc)) from None

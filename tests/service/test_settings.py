@@ -141,3 +141,25 @@ def test_the_method_config_is_json_without_a_name_given_twice(monkeypatch):
     monkeypatch.setenv("UNLEARND_METHOD_CONFIG", "[5]")
     with pytest.raises(ValidationError):
         Settings(_env_file=None)
+
+
+@pytest.mark.parametrize("entry", ["import worker.celery_app",  # `celery -A worker.celery_app ...`
+                                   "from app.main import create_app; create_app()"])  # uvicorn --factory
+def test_an_entry_point_outside_unlearnd_names_a_refused_setting_without_its_value(entry, tmp_path):
+    """pydantic's message shows every refused input: `celery -A worker.celery_app` (the compose
+    worker's health check, beat) and uvicorn's factory printed the database password."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARND_")}
+    env.update(UNLEARND_DATABASE_URL="mysql://unlearnd:S3cretPW@db:5432/unlearnd",
+               UNLEARND_BROKER_URL="redis://:An0therPW@h:port/0", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-c", entry], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode != 0
+    assert "S3cretPW" not in done.stderr and "An0therPW" not in done.stderr, done.stderr
+    assert "InvalidSettings: invalid configuration" in done.stderr
+    assert "(UNLEARND_DATABASE_URL): mysql+mysqldb is not a database the service runs on" in done.stderr
+    assert "(UNLEARND_BROKER_URL): not a broker URL" in done.stderr
