@@ -23,6 +23,11 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: how long stopping the background may take in all (the in-process worker's job included: one
+#: under way stops at its next progress report and goes back in the queue). The compose API's
+#: stop_grace_period leaves room for it before docker's SIGKILL
+STOP_BUDGET_S = 30.0
+
 
 class _FailureRun:
     """Logs a run of failures of ``what`` once, with its traceback, when it begins (then at
@@ -65,6 +70,7 @@ class InProcessWorker:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._failing: dict[str, _FailureRun] = {}  # models whose last run raised (the thread's own state)
+        self._retrying: set[str] = set()  # models with a retry timer set (one each; under _lock)
         self._thread = threading.Thread(target=self._run, name="unlearnd-inprocess-worker", daemon=True)
 
     def start(self) -> "InProcessWorker":
@@ -72,8 +78,13 @@ class InProcessWorker:
         return self
 
     def publish(self, topic: str, payload: dict) -> None:
+        """The relay's publish. Refused once stopping (the relay then keeps the outbox row for
+        the next start): an announcement into a worker that takes no more work was marked
+        published and lost."""
         if topic != "process_model":
             raise ValueError(f"unknown outbox topic {topic!r}")
+        if self._stopping.is_set():
+            raise RuntimeError("the in-process worker is stopping: the announcement stays in the outbox")
         self.announce(payload["model_name"])
 
     def announce(self, model_name: str) -> None:
@@ -88,9 +99,14 @@ class InProcessWorker:
         is put back in the queue (``job.requeued``), so the next start runs it at once; one
         that is storing or publishing finishes first. Were the thread still running after
         ``timeout`` (it is a daemon), the job it leaves 'running' is re-run by the sweeper."""
-        self._stopping.set()
-        self._queue.put(None)
+        self.begin_stop()
         self._thread.join(timeout)
+
+    def begin_stop(self) -> None:
+        """Take no more work; a job under way stops at its engine's next progress report."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self._queue.put(None)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -100,15 +116,19 @@ class InProcessWorker:
             with self._lock:
                 self._pending.discard(model_name)
             try:
-                drain = drain_until_idle(self.settings, self.store, model_name, stop=self._stopping)
-            except Exception:  # the database hiccuped: try again shortly
-                self._failing.setdefault(
-                    model_name, _FailureRun(f"in-process worker: processing {model_name}", self.retry_s)).failed()
-                self._retry_later(model_name)
-                continue
-            if model_name in self._failing:
-                self._failing.pop(model_name).succeeded()
-            self._after(model_name, drain)
+                try:
+                    drain = drain_until_idle(self.settings, self.store, model_name, stop=self._stopping)
+                except Exception:  # the database hiccuped: try again shortly
+                    self._failing.setdefault(
+                        model_name, _FailureRun(f"in-process worker: processing {model_name}", self.retry_s)).failed()
+                    self._retry_later(model_name)
+                    continue
+                if model_name in self._failing:
+                    self._failing.pop(model_name).succeeded()
+                self._after(model_name, drain)
+            except Exception:  # noqa: BLE001 - the thread must outlive anything (a Timer that cannot start)
+                log.exception("in-process worker: handling %s failed; the sweeper announces its work again",
+                              model_name)
 
     def _after(self, model_name: str, drain: Drain) -> None:
         """What a drain's end leaves to do. The drain claims again after each job until the
@@ -154,10 +174,31 @@ class InProcessWorker:
                         "will", model_name, exc_info=True)
 
     def _retry_later(self, model_name: str) -> None:
-        if not self._stopping.is_set():
-            timer = threading.Timer(self.retry_s, self.announce, args=[model_name])
-            timer.daemon = True
+        """Announce ``model_name`` again after ``retry_s``: one timer per model at a time. A
+        timer each call made, during an outage, a retry loop per announcement that never
+        merged (a failing drain takes milliseconds, so the next announcement found the model
+        no longer pending): with the relay re-announcing rows it could not mark published,
+        one more loop a tick, thousands of threads within the hour."""
+        if self._stopping.is_set():
+            return
+        with self._lock:
+            if model_name in self._retrying:
+                return
+            self._retrying.add(model_name)
+        timer = threading.Timer(self.retry_s, self._retry, args=[model_name])
+        timer.daemon = True
+        try:
             timer.start()
+        except BaseException:
+            with self._lock:
+                self._retrying.discard(model_name)
+            raise
+
+    def _retry(self, model_name: str) -> None:
+        with self._lock:
+            self._retrying.discard(model_name)
+        if not self._stopping.is_set():
+            self.announce(model_name)
 
 
 class _Every(threading.Thread):
@@ -235,10 +276,15 @@ def start_background(settings: Settings) -> Callable[[], None]:
              threads[1].interval, "publishing to Celery" if settings.broker_url else "in-process worker")
 
     def stop() -> None:
+        """Everything told first (a job under way stops at its next progress report while the
+        relay and the sweeper end), then joined against one deadline of :data:`STOP_BUDGET_S`."""
         stopping.set()
-        for t in threads:
-            t.join(timeout=10)
         if worker is not None:
-            worker.stop()
+            worker.begin_stop()
+        deadline = time.monotonic() + STOP_BUDGET_S
+        for t in threads:
+            t.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())))
+        if worker is not None:
+            worker.stop(timeout=max(1.0, deadline - time.monotonic()))
 
     return stop

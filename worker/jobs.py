@@ -796,6 +796,13 @@ def _check_base(settings: Settings, store: ModelStore, model_name: str, base_ver
                         "published")
 
 
+#: the engine's last progress report, once it has evaluated the unlearned model
+#: (unlearning.job.run_unlearning_job: the method covers 0-0.9, the evaluation the rest, which
+#: reports nothing on its way). A stop it finds no longer ends the job, which stores and
+#: publishes: a stop that came during the evaluation threw the finished work away there
+ENGINE_DONE = 1.0
+
+
 def _compute(settings, store, job_id, model_name, base_version, version, spec, cells, request_ids, method, kind,
              attempt=None, stop=None):
     from unlearning.job import run_unlearning_job
@@ -844,7 +851,7 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
             device=device,
             seed=settings.seed,
             cache=engine_cache(model_name, base_version),
-            progress=lambda f: progress(share + (1.0 - share) * f),
+            progress=lambda f: (beat.progress if f >= ENGINE_DONE else progress)(share + (1.0 - share) * f),
             # the held-out reference of UNLEARND_REFERENCE_SCENES, for the method that reads held-out data
             reference=get_reference(settings, spec) if method == "interference_aware" else None,
         )

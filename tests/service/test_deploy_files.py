@@ -214,3 +214,13 @@ def test_the_database_password_is_one_variable_for_postgres_and_the_service():
     for service in UNLEARND:
         url = re.search(r"^\s+UNLEARND_DATABASE_URL:[ \t]*(.*)$", SERVICES[service], re.M).group(1).strip()
         assert url.startswith("postgresql+psycopg://unlearnd:${POSTGRES_PASSWORD:-unlearnd}@postgres:"), service
+
+
+def test_docker_stop_leaves_the_api_its_stop_budget():
+    """`docker stop` sends SIGKILL after the service's stop_grace_period (10 s unless set); the
+    API's background (its in-process worker's job put back, the relay and the sweeper ended)
+    takes up to STOP_BUDGET_S."""
+    from worker.background import STOP_BUDGET_S
+
+    grace = re.search(r"^\s+stop_grace_period: (\d+)s$", SERVICES["api"], re.M)
+    assert grace and int(grace.group(1)) > STOP_BUDGET_S

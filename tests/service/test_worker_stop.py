@@ -210,3 +210,106 @@ def test_the_in_process_worker_logs_a_models_run_of_failures_once_and_its_end(se
     assert len(messages) == 2, messages
     assert "processing a failed; retried" in messages[0]
     assert "processing a succeeds again after 5 failure(s)" in messages[1]
+
+
+def test_a_stop_during_the_evaluation_lets_the_job_finish(tiny, monkeypatch):
+    """A stop during the evaluation (the method has returned, its work is done) used to end
+    the job at the engine's last progress report: the finished work was thrown away and the
+    job ran again from the start. Found at that report, the job stores and publishes."""
+    import unlearning.job as engine_job
+
+    s, store, ids = tiny
+    request_id = _submit(s, ids[0])
+    stop = threading.Event()
+    real = engine_job.evaluate_unlearning
+
+    def evaluate(*args, **kwargs):
+        out = real(*args, **kwargs)
+        stop.set()  # the API's shutdown arrives while the engine evaluates
+        return out
+
+    monkeypatch.setattr(engine_job, "evaluate_unlearning", evaluate)
+    outcomes = jobs.drain_model(s, store, TINY, stop=stop)
+    assert stop.is_set()
+    assert [(o.status, o.version) for o in outcomes] == [("completed", 2)]  # and no claim after it
+    after = _record(s, request_id)
+    assert after["job"] == ("completed", 1) and after["request"] == "completed" and after["requeued"] == []
+    assert after["versions"] == [1, 2] and store.versions(TINY) == [1, 2]
+
+
+class _HeldTimer:
+    """A threading.Timer that starts nothing: the test fires it."""
+
+    made: list["_HeldTimer"] = []
+
+    def __init__(self, interval, function, args=()):
+        self.function, self.args, self.daemon = function, args, False
+        _HeldTimer.made.append(self)
+
+    def start(self):
+        pass
+
+    def fire(self):
+        self.function(*self.args)
+
+
+def test_the_in_process_worker_keeps_one_retry_per_model_through_an_outage(settings, monkeypatch):
+    """Each failed drain set a timer of its own: every announcement during an outage started
+    a retry loop that never merged with the others (with the relay announcing again each
+    tick the rows it could not mark published: one more loop a tick, thousands of threads
+    within the hour). One retry per model is set at a time."""
+    from worker import background
+
+    drains = []
+    drained = threading.Condition()
+
+    def drain(settings_, store, name, stop=None):
+        with drained:
+            drains.append(name)
+            drained.notify_all()
+        raise ConnectionError("database unreachable")
+
+    def wait_drains(n):
+        with drained:
+            assert drained.wait_for(lambda: len(drains) >= n, 60), drains
+
+    monkeypatch.setattr(background, "drain_until_idle", drain)
+    monkeypatch.setattr(background.threading, "Timer", _HeldTimer)
+    _HeldTimer.made = []
+    worker = InProcessWorker(settings, store=None, retry_s=0.01).start()
+    try:
+        for n in range(1, 6):  # five announcements, each drained (and failing) before the next
+            worker.announce("a")
+            wait_drains(n)
+        worker.announce("b")
+        wait_drains(6)
+        deadline = time.monotonic() + 60
+        while len(_HeldTimer.made) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [tuple(t.args) for t in _HeldTimer.made] == [("a",), ("b",)]  # one each, not one per failure
+        _HeldTimer.made[0].fire()  # a's retry: drained (fails) and a new one is set
+        wait_drains(7)
+        while len(_HeldTimer.made) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [tuple(t.args) for t in _HeldTimer.made] == [("a",), ("b",), ("a",)]
+    finally:
+        worker.stop()
+    assert drains == ["a"] * 5 + ["b", "a"]
+
+
+def test_a_stopping_in_process_worker_refuses_the_relays_announcements(tiny):
+    """The relay could still run after the worker stopped taking work: its announcements were
+    marked published and lost. Refused, they stay in the outbox for the next start."""
+    import pytest
+
+    from worker.outbox import relay_once
+
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    worker = InProcessWorker(s, store=store)  # not started: nothing drains
+    worker.begin_stop()
+    with pytest.raises(RuntimeError, match="stopping"):
+        worker.publish("process_model", {"model_name": TINY})
+    assert relay_once(s, worker.publish) == 0
+    with transaction(s.database_url) as session:
+        assert session.execute(select(OutboxMessage).where(OutboxMessage.published_at.is_(None))).first()
