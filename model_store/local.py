@@ -378,7 +378,11 @@ class LocalModelStore(ModelStore):
                 except (TypeError, ValueError) as exc:
                     raise StoreError(f"the manifest of {model_name} v{version} is not strict JSON: {exc}") from None
                 (tmp / MANIFEST_FILE).write_text(text)
+                # the owner's only, as calibration.json: the weights hold what they learnt of
+                # people's data, the manifest names the instances erased (it stays after a purge)
+                os.chmod(tmp, 0o700)
                 for f in tmp.iterdir():
+                    os.chmod(f, 0o600)
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
                 _fsync_dir(tmp)

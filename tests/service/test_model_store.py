@@ -484,3 +484,16 @@ def test_a_lock_file_that_is_a_link_is_a_store_error_naming_it(tmp_path):
     with pytest.raises(StoreError, match=re.escape(f"cannot take the writers' lock {folder / '.lock'}")):
         store.put_calibration(MODEL, {"full": {}})
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_version_is_its_owners_only(stored):
+    """The weights hold what they learnt of people's data and the manifest names the erased
+    instances (it stays after a purge): 0600 in a 0700 folder, as calibration.json, whatever
+    the umask."""
+    import stat
+
+    store, folder = stored
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    files = sorted(folder.iterdir())
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files), files
+    assert store.verify(MODEL, 1)
