@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+log = logging.getLogger(__name__)
 
 ALGORITHM = "Ed25519"
 MAX_KEY_FILE_BYTES = 16 * 1024  # a PEM Ed25519 key is ~120 bytes
@@ -82,6 +85,11 @@ def load_signer(path: Path | str) -> CertificateSigner:
         raise SigningKeyError(f"{path} is not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyError(f"{path} holds a {type(key).__name__.lstrip('_')}, not an Ed25519 private key")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:  # a warning, not a refusal: a docker secret is mounted as its host file allows
+        log.warning("the certificate signing key %s is readable by others (mode %o): whoever reads it can sign "
+                    "certificates as this service; `chmod 600` it (or 400), owned by the service's user",
+                    path, mode)
     return CertificateSigner(key)
 
 

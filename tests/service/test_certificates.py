@@ -196,3 +196,21 @@ def test_a_key_whose_write_failed_leaves_nothing_and_an_empty_out_is_refused(tmp
     capsys.readouterr()
     assert cli_main(["certificate-key", "--out", ""]) == 2
     assert "--out is empty" in capsys.readouterr().err
+
+
+def test_a_signing_key_others_can_read_is_loaded_with_a_warning(tmp_path, caplog):
+    """Whoever reads the key signs certificates as the service: a key file readable beyond its
+    owner is named in a warning (not refused: a docker secret is mounted as its host file is)."""
+    import logging
+
+    from worker.signing import generate_key_file, load_signer
+
+    path = tmp_path / "key.pem"
+    generate_key_file(path)  # 0600
+    with caplog.at_level(logging.WARNING, logger="worker.signing"):
+        load_signer(path)
+        assert not caplog.records
+        path.chmod(0o644)
+        assert load_signer(path).public_key_info()["algorithm"] == "Ed25519"
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert f"{path} is readable by others (mode 644)" in warning and "chmod 600" in warning
