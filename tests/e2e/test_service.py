@@ -397,7 +397,7 @@ def test_a_delivery_that_finds_the_model_row_locked_is_retried_by_celery(
         # what a claim, a rollback or a purge holds; a submission's key-share lock passes it
         held.execute(text("SELECT name FROM models WHERE name = :m FOR NO KEY UPDATE"), {"m": name})
         with _session(settings) as session:
-            req = DeletionRequest(model_name=name, instance_id=_instances(settings)[9], tasks=["depth"],
+            req = DeletionRequest(model_name=name, instance_id=_instances(settings)[12], tasks=["depth"],
                                   status="queued")
             session.add(req)
             session.flush()
