@@ -1217,12 +1217,16 @@ def request_error(session: Session, job: Job, error: str) -> str:
 # quote, without trailing punctuation; and file: URIs (the record's artifact_uri)
 _FILE_URI = re.compile(r"file:[^\s'\"]*[^\s'\".,;:)\]]")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:-])/[^\s'\"]*[^\s'\".,;:)\]]")
+# a relative path to a file (an npy dataset's ``data/nyu/train/image/001.npy``): folders, then a
+# name with an extension; not "1/2" nor "depth/normal" (no extension)
+_RELATIVE_FILE = re.compile(r"(?<![\w.~/:-])(?:\.{1,2}/)*(?:[\w.-]+/)+[\w-][\w.-]*\.[A-Za-z][A-Za-z0-9]{0,7}(?![\w/.-])")
 
 
 def path_free(error: str, store_dir: str | Path | None = None) -> str:
     """``error`` with every filesystem path taken out: the store's folder (``store_dir``, as
     configured, absolute or resolved: a relative one too) is "the model store", a path in it
-    "a file in the model store", any other absolute path or ``file:`` URI "a path on the worker".
+    "a file in the model store", any other absolute path, relative path to a file (folders, then a
+    name with an extension) or ``file:`` URI "a path on the worker".
     What a deletion request records of a job's failure (:func:`fail_job`): the store's errors
     name its folder and files, and the ``deletions`` scope learns nothing of the worker's disk."""
     if store_dir is not None:
@@ -1234,7 +1238,8 @@ def path_free(error: str, store_dir: str | Path | None = None) -> str:
             pattern = rf"""(?<![\w.~/:-])(?:{'|'.join(forms)})(/[^\s'"]*[^\s'".,;:)\]])?(?![\w.~-])"""
             error = re.sub(pattern, lambda m: "a file in the model store" if m.group(1) else "the model store", error)
     error = _FILE_URI.sub("a path on the worker", error)
-    return _ABSOLUTE_PATH.sub("a path on the worker", error)
+    error = _ABSOLUTE_PATH.sub("a path on the worker", error)
+    return _RELATIVE_FILE.sub("a path on the worker", error)
 
 
 # --------------------------------------------------------------------------- entry point

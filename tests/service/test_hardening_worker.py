@@ -488,6 +488,8 @@ def test_a_request_records_a_failed_jobs_error_without_paths(tiny):
                "'a path on the worker'"),
     ("OSError: cannot open /srv/models2/m, 1/2 of depth/normal", "/srv/models",
      "OSError: cannot open a path on the worker, 1/2 of depth/normal"),
+    ("ValueError: cannot read data/nyu/train/image/001.npy (../x/depth.v2.npy; 0.5/1.5 m; depth/normal.)", "/srv/m",
+     "ValueError: cannot read a path on the worker (a path on the worker; 0.5/1.5 m; depth/normal.)"),
 ])
 def test_path_free_takes_every_path_out_of_an_error(error, store_dir, shown):
     assert jobs.path_free(error, store_dir) == shown
