@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         stop = _start_background(settings) if settings.background else None
+        app.state.background = stop  # /readyz reports a background thread that ended
         try:
             yield
         finally:

@@ -1,7 +1,7 @@
 """Background threads of the API process: the outbox relay, the sweeper and, without a
 broker, the in-process worker.
 
-``start_background(settings)`` starts them and returns ``stop()``; the API's
+``start_background(settings)`` starts them and returns their :class:`Background`, whose call stops them; the API's
 lifespan calls both. With ``settings.broker_url`` set the relay publishes to
 Celery (``worker.celery_app``); otherwise to :class:`InProcessWorker`, a
 thread that runs ``worker.jobs`` itself (the embedded default: one process,
@@ -248,8 +248,24 @@ def models_with_queued_work(settings: Settings) -> list[str]:
     return sorted(names)
 
 
-def start_background(settings: Settings) -> Callable[[], None]:
-    """Start the relay and the sweeper (and the in-process worker without a broker); returns ``stop()``.
+class Background:
+    """The background threads of a process: call it to stop them (:func:`start_background`);
+    :meth:`dead` names those that ended while they should run (``/readyz`` reports them)."""
+
+    def __init__(self, threads: list[threading.Thread], stop: Callable[[], None]):
+        self._threads, self._stop, self._stopped = threads, stop, False
+
+    def dead(self) -> list[str]:
+        return [] if self._stopped else [t.name for t in self._threads if not t.is_alive()]
+
+    def __call__(self) -> None:
+        self._stopped = True
+        self._stop()
+
+
+def start_background(settings: Settings) -> Background:
+    """Start the relay and the sweeper (and the in-process worker without a broker); returns the
+    :class:`Background`, which stops them when called.
 
     The in-process worker's queue is memory: announcements it held when the process stopped
     were relayed (their outbox rows marked published) and are gone, so it starts with every
@@ -287,4 +303,4 @@ def start_background(settings: Settings) -> Callable[[], None]:
         if worker is not None:
             worker.stop(timeout=max(1.0, deadline - time.monotonic()))
 
-    return stop
+    return Background(threads + ([worker._thread] if worker is not None else []), stop)

@@ -23,9 +23,11 @@ async def healthz() -> Health:  # on the event loop: answers while the threadpoo
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"description": "database unreachable or not migrated"}})
+@router.get("/readyz", response_model=Health, responses={503: {"description": "database unreachable or not migrated, or background work ended"}})
 def readyz(request: Request):
-    """Ready when the database answers and is at the head migration; 503 problem otherwise."""
+    """Ready when the database answers and is at the head migration, and the process's
+    background threads (the outbox relay, the sweeper, the in-process worker) still run;
+    503 problem otherwise."""
     engine = read_only(request.app.state.engine)  # on SQLite: no wait for the write lock
     head = head_revision()
     try:
@@ -47,6 +49,12 @@ def readyz(request: Request):
             revision=revision,
             head=head,
         )
+    background = getattr(request.app.state, "background", None)
+    dead = background.dead() if background is not None else []
+    if dead:  # nothing restarts them: the outbox would not be relayed, or no deletion run here
+        log.error("readyz: background thread(s) %s ended; restart the process", ", ".join(dead))
+        return problem(request, 503, "Not ready", f"background work of this process ended: {', '.join(dead)}; "
+                       "restart it (its log says why)", "not-ready", reason="background", threads=dead)
     return Health(status="ready", revision=revision)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from sqlalchemy import select
 
 from worker import jobs
@@ -300,8 +301,6 @@ def test_the_in_process_worker_keeps_one_retry_per_model_through_an_outage(setti
 def test_a_stopping_in_process_worker_refuses_the_relays_announcements(tiny):
     """The relay could still run after the worker stopped taking work: its announcements were
     marked published and lost. Refused, they stay in the outbox for the next start."""
-    import pytest
-
     from worker.outbox import relay_once
 
     s, store, ids = tiny
@@ -313,3 +312,36 @@ def test_a_stopping_in_process_worker_refuses_the_relays_announcements(tiny):
     assert relay_once(s, worker.publish) == 0
     with transaction(s.database_url) as session:
         assert session.execute(select(OutboxMessage).where(OutboxMessage.published_at.is_(None))).first()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's end, on purpose
+def test_readyz_reports_a_background_thread_that_ended(settings, tmp_path, monkeypatch):
+    """Nothing restarts the relay, the sweeper or the in-process worker: one that ended (an
+    error no handler takes) left /readyz 200 while announcements went nowhere."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from worker import background
+
+    from .conftest import on_sqlite
+
+    s = on_sqlite(settings, tmp_path).model_copy(update={"store_dir": tmp_path / "models", "background": True,
+                                                          "relay_interval_s": 0.05})
+    ended = threading.Event()
+
+    def relay_gone(*args, **kwargs):
+        ended.set()
+        raise SystemExit  # what no `except Exception` takes: the thread ends
+
+    with TestClient(create_app(s)) as client:
+        assert client.get("/readyz").status_code == 200
+        monkeypatch.setattr(background, "relay_once", relay_gone)
+        assert ended.wait(60)
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.headers["content-type"].startswith("application/problem+json")
+        body = r.json()
+        assert body["reason"] == "background" and body["threads"] == ["unlearnd-outbox-relay"]
+        assert "restart it" in body["detail"]
