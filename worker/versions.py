@@ -254,8 +254,13 @@ def rollback(
     reapply_erasures: bool = False,
     actor: str | None = None,
     store: ModelStore | None = None,
+    weights: "WeightsCheck | None" = None,
 ) -> RollbackOutcome:
     """Point the serving alias of ``model_name`` at ``version``, in the caller's transaction.
+
+    ``weights``: the target's weights hashed before that transaction (:func:`check_weights_first`),
+    so the store's check below does not read and hash them under its locks; without it (or
+    for another sha256) they are hashed here.
 
     - a job of the model queued or running: :class:`Conflict` (it would move the alias: also
       when the target serves already), unless it is a ``reapply`` job based on ``version`` and
@@ -331,7 +336,7 @@ def rollback(
 
     missing = missing_erasures(session, model, target)
     if not missing or reapply_erasures:  # the alias moves onto it, or a job starts from it
-        _check_target_stored(store or store_for(settings.store_dir), target)
+        _check_target_stored(store or store_for(settings.store_dir), target, weights)
     if missing and not reapply_erasures:
         named = "; ".join(f"{m['instance_id']} {m['tasks']} (request {m['request_id']})"
                           for m in missing[:ERASURES_NAMED])
@@ -399,19 +404,54 @@ def rollback(
     return RollbackOutcome("moved", model_name, current, version)
 
 
-def _check_target_stored(store: ModelStore, row: ModelVersion) -> None:
+@dataclass(frozen=True)
+class WeightsCheck:
+    """A rollback target's weights, hashed before the rollback's transaction: whether the
+    store's weights of ``version`` match the record's ``sha256``."""
+
+    version: int
+    sha256: str
+    ok: bool
+
+
+def check_weights_first(settings: Settings, store: ModelStore, model_name: str, version: int) -> WeightsCheck | None:
+    """Read and hash the weights of the rollback target ``version`` with no lock held (a
+    read-only look at the record, then the store): the rollback's transaction (the model
+    row and the serving alias locked; on SQLite the write lock) then compares sha256s only.
+    None where the record has no such stored version or the store no matching manifest:
+    the rollback's own checks say what is wrong then."""
+    from .db import read_only_transaction
+
+    with read_only_transaction(settings.database_url) as session:
+        row = session.execute(select(ModelVersion.sha256, ModelVersion.purged_at).where(
+            ModelVersion.model_name == model_name, ModelVersion.version == version)).first()
+    if row is None or row.purged_at is not None:
+        return None
+    try:
+        if store.manifest(model_name, version).sha256 != row.sha256:
+            return None
+        return WeightsCheck(version, row.sha256, store.verify(model_name, version))
+    except StoreError:
+        return None
+
+
+def _check_target_stored(store: ModelStore, row: ModelVersion, weights: WeightsCheck | None = None) -> None:
     """:class:`Conflict` unless ``store`` holds version ``row`` as the record has it: its
     manifest, with the recorded sha256, and weights that match it (hashed: a rollback is rare,
     and weights damaged or removed outside the service became serving, then failed every
-    deletion job and ``serve``). The detail names the version and what is wrong, never a path
+    deletion job and ``serve``; ``weights``, hashed before, for the record's sha256, is taken
+    as it is). The detail names the version and what is wrong, never a path
     (the store's own errors name its files): ``store_state`` says which in a word."""
     name, version = row.model_name, row.version
     try:
         manifest = store.manifest(name, version)
+        checked = weights is not None and (weights.version, weights.sha256) == (version, row.sha256)
         if manifest.sha256 != row.sha256:
             state, why = "other_version", (f"the store holds another version {version} (sha256 "
                                            f"{manifest.sha256[:12]}…, the record's is {row.sha256[:12]}…)")
-        elif not store.verify(name, version):
+        elif checked and weights.ok:
+            return
+        elif checked or not store.verify(name, version):
             state, why = "damaged_weights", "its weights in the store do not match the sha256 the record has"
         else:
             return

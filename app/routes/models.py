@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from model_store import store_for
 from unlearning.data import dataset_key
 from worker.versions import (ancestors, get_version, list_models, list_versions, purge_versions, redact_calibration,
-                             rollback, serving_version)
+                             check_weights_first, rollback, serving_version)
 
 from ..auth import AdminCaller, require_read
 from ..deps import ReadSessionDep, SessionDep, SettingsDep
@@ -91,9 +91,11 @@ def post_rollback(
     then 202 with the queued reapply job (the same job when that request is sent again while
     it is under way). 409, nothing moved or queued, when the model store does not hold the
     target as recorded (its manifest with the recorded sha256, weights that match it)."""
+    store = store_for(settings.store_dir)
+    weights = check_weights_first(settings, store, name, body.version)  # hashed before any lock is taken
     with session.begin():
         outcome = rollback(session, settings, name, body.version, body.reapply_erasures, actor=caller,
-                           store=store_for(settings.store_dir))
+                           store=store, weights=weights)
         out = RollbackOut(
             action=outcome.action,
             model=outcome.model_name,

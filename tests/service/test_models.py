@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from sqlalchemy import select
 
 from unlearning.data import dataset_key
@@ -261,3 +262,40 @@ def test_a_rollback_to_a_version_the_store_does_not_hold_as_recorded_moves_nothi
     stored(model.name, 3)  # restored: the rollback goes through
     r = client.post(f"/models/{model.name}/rollback", json={"version": 3})
     assert (r.status_code, r.json()["action"], _serving(settings, model.name)) == (200, "moved", 3)
+
+
+def test_a_rollback_hashes_its_targets_weights_once_before_taking_any_lock(client, settings, model, stored,
+                                                                          monkeypatch):
+    """The store's check read and hashed the whole weights file inside the rollback's
+    transaction: the model row and the serving alias locked (on SQLite the write lock, every
+    writer waiting) for as long as the read took. They are hashed once, before it."""
+    from model_store.local import LocalModelStore
+    from worker import versions
+
+    _history(settings, model, ["r-a", "r-b"])
+    _bad_publish_on_top(settings, model)
+    stored(model.name, 3)
+    hashed, real = [], LocalModelStore.verify
+
+    def verify(self, name, version):
+        hashed.append(version)
+        return real(self, name, version)
+
+    monkeypatch.setattr(LocalModelStore, "verify", verify)
+    r = client.post(f"/models/{model.name}/rollback", json={"version": 3})
+    assert r.status_code == 200 and r.json()["serving_version"] == 3
+    assert hashed == [3]  # in check_weights_first, not again under the locks
+    # what check_weights_first found is what the transaction goes by
+    with transaction(settings.database_url) as s:
+        row = s.execute(select(ModelVersion).where(ModelVersion.version == 3)).scalar_one()
+        damaged = versions.WeightsCheck(3, row.sha256, ok=False)
+        store = LocalModelStore(settings.store_dir)
+        with pytest.raises(versions.Conflict, match="do not match") as refused:
+            versions._check_target_stored(store, row, damaged)
+        assert refused.value.extras["store_state"] == "damaged_weights"
+        versions._check_target_stored(store, row, versions.WeightsCheck(3, row.sha256, ok=True))
+        assert hashed == [3]
+        versions._check_target_stored(store, row, versions.WeightsCheck(3, "f" * 64, ok=True))  # another sha: hashed
+        assert hashed == [3, 3]
+    assert versions.check_weights_first(settings, store, model.name, 99) is None  # no such version
+
