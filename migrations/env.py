@@ -96,10 +96,24 @@ def _refuse_what_is_not_sqlite(path: str) -> None:
         raise DatabaseError(None, None, sqlite3.DatabaseError("file is not a database"))
 
 
+def _check_downgrade(connection) -> None:
+    """A downgrade past a guarded revision refuses before any step runs (migrations/guard.py).
+    Alembic's ``downgrade`` command only: a ``stamp`` to an older revision runs no step."""
+    from migrations.guard import check_downgrade
+
+    # the step function alembic.command's downgrade hands the context (stamp's is do_stamp)
+    if getattr(context.get_context().opts.get("fn"), "__name__", None) != "downgrade":
+        return
+    target = context.get_revision_argument()  # None: base
+    check_downgrade(connection, context.script, context.get_context().get_current_revision(),
+                    "base" if target is None else target)
+
+
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:  # a caller handed us its connection (tests, compare_metadata)
         _configure(connection)
+        _check_downgrade(connection)
         with context.begin_transaction():
             context.run_migrations()
         return
@@ -115,6 +129,7 @@ def run_migrations_online() -> None:
                 # what this upgrade starts from, read under the lock (upgrade_database logs it:
                 # read before, a process that waited logged the other's migration as its own)
                 config.attributes["revision_before"] = context.get_context().get_current_revision()
+                _check_downgrade(connection)
                 with context.begin_transaction():
                     context.run_migrations()
                 connection.commit()

@@ -158,8 +158,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    refuse_losing("0001", "every table of the record",
-                  ("audit_events", "deletion_requests", "tombstones", "model_versions", "jobs"))
+    refuse_losing("0001")
     op.drop_index(op.f("ix_model_versions_model_name"), table_name="model_versions")
     op.drop_table("model_versions")
     op.drop_index(op.f("ix_deletion_requests_status"), table_name="deletion_requests")

@@ -35,5 +35,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # upgraded again, the head is anchored at whatever event is last then: a cut goes unnoticed
-    refuse_losing("0002", "the audit chain's head (what notices events cut from the end)", ("audit_events",))
+    refuse_losing("0002")
     op.drop_table("audit_chain_head")

@@ -72,7 +72,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    refuse_losing("0007", "the triggers that keep the audit log append-only", ("audit_events",))
+    refuse_losing("0007")
     if op.get_context().dialect.name == "postgresql":
         for name, table, _, _ in PG_TRIGGERS:
             op.execute(f"DROP TRIGGER {name} ON {table}")

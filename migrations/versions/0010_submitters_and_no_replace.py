@@ -135,7 +135,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     # the restored submitters stay
     if op.get_context().dialect.name == "sqlite":
-        refuse_losing("0010", "the SQLite triggers that keep the audit log append-only against REPLACE",
-                      ("audit_events",))
+        refuse_losing("0010")
         for name, _, _, _ in SQLITE_TRIGGERS:
             op.execute(f"DROP TRIGGER {name}")
