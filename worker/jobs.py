@@ -1218,15 +1218,17 @@ def request_error(session: Session, job: Job, error: str) -> str:
 _FILE_URI = re.compile(r"file:[^\s'\"]*[^\s'\".,;:)\]]")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:-])/[^\s'\"]*[^\s'\".,;:)\]]")
 # a relative path to a file (an npy dataset's ``data/nyu/train/image/001.npy``): folders, then a
-# name with an extension; not "1/2" nor "depth/normal" (no extension)
-_RELATIVE_FILE = re.compile(r"(?<![\w.~/:-])(?:\.{1,2}/)*(?:[\w.-]+/)+[\w-][\w.-]*\.[A-Za-z][A-Za-z0-9]{0,7}(?![\w/.-])")
+# name with an extension of the files the service reads or writes; not "1/2", "depth/normal"
+# nor "seg/depth.mean" (each character has one place in a match: linear time)
+_FILE_EXTENSIONS = "npy|npz|json|safetensors|png|jpe?g|tiff?|pt|pth|bin|h5|csv|txt|lock|log|pem|db|sqlite3?"
+_RELATIVE_FILE = re.compile(rf"(?<![\w.~/:-])(?:[\w.-]+/)+[\w.-]*\.(?:{_FILE_EXTENSIONS})(?![\w/.-])")
 
 
 def path_free(error: str, store_dir: str | Path | None = None) -> str:
     """``error`` with every filesystem path taken out: the store's folder (``store_dir``, as
     configured, absolute or resolved: a relative one too) is "the model store", a path in it
     "a file in the model store", any other absolute path, relative path to a file (folders, then a
-    name with an extension) or ``file:`` URI "a path on the worker".
+    name with a file extension the service reads or writes) or ``file:`` URI "a path on the worker".
     What a deletion request records of a job's failure (:func:`fail_job`): the store's errors
     name its folder and files, and the ``deletions`` scope learns nothing of the worker's disk."""
     if store_dir is not None:

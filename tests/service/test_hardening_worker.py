@@ -490,9 +490,19 @@ def test_a_request_records_a_failed_jobs_error_without_paths(tiny):
      "OSError: cannot open a path on the worker, 1/2 of depth/normal"),
     ("ValueError: cannot read data/nyu/train/image/001.npy (../x/depth.v2.npy; 0.5/1.5 m; depth/normal.)", "/srv/m",
      "ValueError: cannot read a path on the worker (a path on the worker; 0.5/1.5 m; depth/normal.)"),
+    ("ValueError: task seg/depth.mean is nan; units m/s.Ok; ratio a/b.c", "/srv/m",  # not files: kept
+     "ValueError: task seg/depth.mean is nan; units m/s.Ok; ratio a/b.c"),
 ])
 def test_path_free_takes_every_path_out_of_an_error(error, store_dir, shown):
     assert jobs.path_free(error, store_dir) == shown
+
+
+def test_path_free_is_linear_in_what_it_reads():
+    """`(?:\\.{1,2}/)*(?:[\\w.-]+/)+` could split a run of ../ every way: 24 KB took 1.7 s, in
+    fail_job's transaction (SQLite's write lock held). A 200 KB run: a hang, and the
+    suite's timeout, before."""
+    for text in (" " + "../" * 70_000 + "x", " " + "a/" * 100_000 + "x.npyy", "/" * 200_000):
+        assert "a path on the worker" in jobs.path_free(text + " /srv/x.npy", None)
 
 
 def test_a_reapply_missing_an_erasure_is_rebased_on_its_own_base(tiny):
