@@ -203,11 +203,30 @@ def excluded_cells(settings: Settings, store: ModelStore, model_name: str, spec:
     """The cells of ``spec``'s dataset no shadow may train on: every cell tombstoned in the
     record (:func:`tombstoned_cells`) and every cell a stored version of ``model_name`` names
     as erased in its manifest (purged versions' too: the manifest stays), should the record
-    lack one. A manifest that cannot be read is an error (:class:`model_store.StoreError`),
-    never a version without erasures."""
+    lack one. A recorded version's manifest that cannot be read is an error
+    (:class:`model_store.StoreError`), never a version without erasures; one the record does
+    not have (an artifact a job stored and never published, one discarded meanwhile) is
+    skipped with a warning: it held up every job of the model waiting for its calibration."""
+    from model_store import StoreError
+    from sqlalchemy import select
+
+    from .db import read_only_transaction
+    from .tables import ModelVersion
+
     cells = tombstoned_cells(settings, spec)
+    with read_only_transaction(settings.database_url) as session:
+        recorded = set(session.execute(select(ModelVersion.version).where(
+            ModelVersion.model_name == model_name)).scalars())
     for version in store.versions(model_name, clean=False):
-        cells |= {tuple(c) for c in store.manifest(model_name, version).erased_cells}
+        try:
+            manifest = store.manifest(model_name, version)
+        except StoreError as exc:
+            if version in recorded:
+                raise
+            log.warning("calibration of %s: skipping v%d, an artifact the record does not have, whose manifest "
+                        "cannot be read: %s", model_name, version, exc)
+            continue
+        cells |= {tuple(c) for c in manifest.erased_cells}
     return cells
 
 

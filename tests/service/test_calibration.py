@@ -431,3 +431,20 @@ def test_a_stored_calibration_recording_no_readable_reference_is_refused_naming_
     with pytest.raises(ValueError, match=r"against a reference it does not record readably \(None\), but jobs now "
                                          r"read the test split"):
         lineage_calibration(on, store, "cal-mtl")
+
+
+def test_an_unreadable_manifest_of_an_unrecorded_artifact_does_not_hold_up_the_calibration(tiny, caplog):
+    """Every stored version's manifest is read for its erasures: a damaged one of an artifact
+    the record does not have (a job's, never published) failed the calibration, and with it
+    every job of the model waiting for it. It is skipped with a warning; a recorded one is
+    an error still."""
+    import logging
+
+    settings, store, model, train, _ = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    store.put_version(model, model_name="cal-mtl", version=2, parent=1, dataset=store.manifest("cal-mtl", 1).dataset)
+    (settings.store_dir / "cal-mtl" / "v2" / "manifest.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="worker.calibration"):
+        stored = lineage_calibration(on, store, "cal-mtl")
+    assert stored["excluded_erased_cells"] == 0
+    assert any("skipping v2, an artifact the record does not have" in r.getMessage() for r in caplog.records)
