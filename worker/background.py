@@ -18,7 +18,7 @@ from typing import Callable
 from model_store import ModelStore, store_for
 
 from .jobs import Drain, announce_by_outbox, drain_until_idle
-from .outbox import Publish, relay_once, sweep_once
+from .outbox import NotNow, Publish, relay_once, sweep_once
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class InProcessWorker:
         if topic != "process_model":
             raise ValueError(f"unknown outbox topic {topic!r}")
         if self._stopping.is_set():
-            raise RuntimeError("the in-process worker is stopping: the announcement stays in the outbox")
+            raise NotNow("the in-process worker is stopping: the announcement stays in the outbox")
         self.announce(payload["model_name"])
 
     def announce(self, model_name: str) -> None:

@@ -66,6 +66,11 @@ def relay_once(settings: Settings, publish: Publish, batch: int = 100) -> int:
     return _relayed(settings.database_url, len(published), bool(rows))
 
 
+class NotNow(Exception):
+    """Raised by a publisher that takes nothing now (the in-process worker, stopping): the
+    relay leaves the rows for the next pass, as in an outage, and logs none."""
+
+
 def _relay_unlocked(settings: Settings, publish: Publish, batch: int) -> int:
     """:func:`relay_once` on SQLite: no transaction is open while the broker is called."""
     with read_only_transaction(settings.database_url) as session:
@@ -92,6 +97,8 @@ def _publish_rows(record: str, rows: list, publish: Publish) -> tuple[set, set]:
         if key not in sent:
             try:
                 publish(row.topic, dict(row.payload))
+            except NotNow:  # a stopping in-process worker: the rows wait for the next start, no outage
+                break
             except Exception:  # the broker is down: leave the rows for the next pass
                 _broker_failed(record, row)
                 break
