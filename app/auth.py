@@ -103,7 +103,7 @@ def require(scope: Scope):
         held = keys[name].scopes
         if scope not in held and "admin" not in held:
             log.warning("API key %r (scopes %s) refused on %s %s: needs %r",
-                        name, held, request.method, request.url.path, scope)
+                        name, held, request.method, request.scope.get("path"), scope)
             refusal = Forbidden(f"API key {name!r} may not do this: it needs the scope {scope!r} "
                                 f"({SCOPES[scope]}); it has {', '.join(held)}",
                                 key=name, required_scope=scope, scopes=list(held))

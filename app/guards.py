@@ -4,6 +4,7 @@ as GET without the body."""
 from __future__ import annotations
 
 import json
+import sys
 import types
 import typing
 
@@ -134,8 +135,8 @@ class StrictJSONRequest(Request):
             except ValueError as exc:
                 if isinstance(exc, json.JSONDecodeError) or "digits" not in str(exc):
                     raise
-                raise json.JSONDecodeError(f"a number of more digits than this API reads is not JSON it takes "
-                                           f"({exc})", text, 0) from None
+                raise json.JSONDecodeError(f"a number of more than {sys.get_int_max_str_digits()} digits is not "
+                                           "JSON this API takes", text, 0) from None
         return self._json
 
 

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 
 from worker.errors import ServiceError
@@ -39,6 +40,13 @@ class ProblemResponse(JSONResponse):
             return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+def _path(request: Request) -> str:
+    """The request's path as the server decoded it. ``request.url`` builds the whole URL,
+    query string included, as UTF-8: a raw byte that is not (``?x=\\xff``, which some
+    servers pass on) raised inside the error handler itself, and no answer went out."""
+    return request.scope.get("path") or "/"
+
+
 def problem(
     request: Request, status: int, title: str, detail: str, slug: str, headers: dict | None = None, **extras
 ) -> JSONResponse:
@@ -47,7 +55,7 @@ def problem(
         "title": title,
         "status": status,
         "detail": detail,
-        "instance": request.url.path,
+        "instance": _path(request),
         **jsonable_encoder(extras),
     }
     return ProblemResponse(body, status_code=status, headers=headers)
@@ -105,13 +113,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     title, slug = _HTTP_SLUGS.get(exc.status_code, ("HTTP error", f"http-{exc.status_code}"))
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and detail == "Not Found":
-        detail = f"no route matches {request.method} {request.url.path}"
+        detail = f"no route matches {request.method} {_path(request)}"
     headers = getattr(exc, "headers", None)
     if exc.status_code == 405:
         allow = _allowed_methods(request, (headers or {}).get("Allow"))
         if allow:
             headers = {**(headers or {}), "Allow": allow}
-            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allow}"
+            detail = f"{request.method} is not allowed on {_path(request)}; allowed: {allow}"
     return problem(request, exc.status_code, title, detail, slug, headers=headers)
 
 
@@ -121,7 +129,7 @@ def _allowed_methods(request: Request, fallback: str | None = None) -> str | Non
     only the first route that matched the path (``/deletions``: POST, not GET)."""
     methods: set[str] = set()
     for template, operations in request.app.openapi().get("paths", {}).items():
-        if compile_path(template)[0].match(request.url.path):
+        if compile_path(template)[0].match(_path(request)):
             methods |= {m.upper() for m in operations}
     if not methods and fallback:
         methods = {m.strip().upper() for m in fallback.split(",") if m.strip()}
@@ -133,7 +141,7 @@ def _allowed_methods(request: Request, fallback: str | None = None) -> str | Non
 async def _data_error(request: Request, exc: DataError) -> JSONResponse:
     # The database refused a value that validation let through (a NUL character, a number
     # out of range): the client's input, so a 422; the statement stays in the log only.
-    log.warning("database refused a value on %s %s: %s", request.method, request.url.path, exc.orig)
+    log.warning("database refused a value on %s %s: %s", request.method, _path(request), exc.orig)
     return problem(
         request, 422, "Invalid request", "a value in this request cannot be stored or compared", "invalid-request"
     )
@@ -142,7 +150,7 @@ async def _data_error(request: Request, exc: DataError) -> JSONResponse:
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     # the connection failed or was lost, or the database gave up (a lock timeout): nothing
     # was stored, and the same request may succeed shortly
-    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    log.warning("database unavailable on %s %s: %s", request.method, _path(request), exc)
     return problem(request, 503, "Service unavailable", "the record (database) is unavailable; try again shortly",
                    "database-unavailable", headers={"Retry-After": "5"})
 
@@ -155,15 +163,23 @@ UNDEFINED_SCHEMA = {"42P01", "42703"}
 async def _programming_error(request: Request, exc: ProgrammingError) -> JSONResponse:
     if getattr(exc.orig, "sqlstate", None) in UNDEFINED_SCHEMA:
         log.warning("the record's schema is missing or older than this code on %s %s: %s", request.method,
-                    request.url.path, exc.orig)
+                    _path(request), exc.orig)
         return problem(request, 503, "Service unavailable", "the record (database) is not migrated to this "
                        "version's schema yet (`unlearnd migrate`, /readyz); try again shortly",
                        "database-unavailable", headers={"Retry-After": "5"})
     return await _unexpected(request, exc)
 
 
+async def _client_disconnect(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    # the client hung up before its body ended: nobody reads the answer; not a server error
+    log.info("%s %s: the client closed the connection before its body ended; nothing was stored",
+             request.method, _path(request))
+    return problem(request, 400, "Bad request", "the connection closed before the request body ended; nothing "
+                   "was stored", "client-disconnected")
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.exception("unhandled error on %s %s", request.method, _path(request))
     # (answered by Starlette's outermost error middleware, outside app.guards.NoStoreMiddleware)
     return problem(request, 500, "Internal error", "the server failed to handle this request", "internal-error",
                    headers={"Cache-Control": "no-store"})
@@ -249,4 +265,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InterfaceError, _database_unavailable)
     # every connection of the pool stayed busy for its timeout (30 s): too many requests at once
     app.add_exception_handler(PoolTimeout, _database_unavailable)
+    app.add_exception_handler(ClientDisconnect, _client_disconnect)
     app.add_exception_handler(Exception, _unexpected)

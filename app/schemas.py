@@ -11,6 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from worker.requests import request_metrics
 from worker.settings import ModelName  # noqa: F401 - re-exported: the routes' path names (a 422, not a 404)
+from worker.settings import said_in_words
 from worker.tables import as_utc, unstorable
 
 
@@ -37,7 +38,7 @@ def _task_names(value: Any, handler):
         return handler(value)
     except ValidationError as exc:
         if isinstance(value, list):
-            why = "; ".join(f"item {e['loc'][1]}: {e['msg']}" for e in exc.errors()
+            why = "; ".join(f"item {e['loc'][1]}: {said_in_words(e)}" for e in exc.errors()
                             if len(e["loc"]) >= 2 and isinstance(e["loc"][1], int))
         elif isinstance(value, str):
             why = f"got the string {value[:50]!r}; a single task is a list of one: [{value[:50]!r}]"
