@@ -49,12 +49,16 @@ def create_deletion(
     pending in another request: 409 naming them (a key that sees its own requests
     only is not told the ids of other submitters'). Same ``Idempotency-Key`` and
     body: the first answer again; same key, other body: 422; two such headers: 422
-    (a proxy or a log keeping the other would see another key). A JSON name given twice
+    (a proxy or a log keeping the other would see another key), as is a key that is not
+    printable ASCII. A JSON name given twice
     in the body is a 400.
     """
     sent = len(request.headers.getlist("idempotency-key"))
     if sent > 1:
         raise Invalid(f"send one Idempotency-Key header; this request has {sent}", header="Idempotency-Key")
+    if idempotency_key is not None and not (idempotency_key.isascii() and idempotency_key.isprintable()):
+        # header bytes are read as Latin-1: a UTF-8 key was stored as other characters than sent
+        raise Invalid("the Idempotency-Key must be printable ASCII (a UUID, say)", header="Idempotency-Key")
     with session.begin():
         submission = submit_deletion(
             session, settings, **body.model_dump(), idempotency_key=idempotency_key, actor=caller, visible_to=owner

@@ -924,3 +924,19 @@ def test_two_idempotency_keys_are_refused_and_nothing_is_stored(backend):
     problem = assert_problem(r, 422, "invalid-request")
     assert problem["detail"] == "send one Idempotency-Key header; this request has 2"
     assert counts(settings) == before
+
+
+def test_an_idempotency_key_that_is_not_printable_ascii_is_refused(backend):
+    """Header bytes are read as Latin-1: a UTF-8 key ("clé") was stored as "clÃ©", which a
+    client reading its requests back, or another system keyed alike, did not find."""
+    settings, model, client = backend
+    before = counts(settings)
+    for key in ("clé".encode(), b"a\tb"):
+        r = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["depth"]},
+                        headers=[(b"Idempotency-Key", key)])
+        problem = assert_problem(r, 422, "invalid-request")
+        assert problem["detail"] == "the Idempotency-Key must be printable ASCII (a UUID, say)"
+    assert counts(settings) == before
+    ok = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["depth"]},
+                     headers={"Idempotency-Key": "ticket-7 (retry)"})
+    assert ok.status_code == 202, ok.text
