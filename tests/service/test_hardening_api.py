@@ -580,6 +580,16 @@ def test_an_unknown_query_parameter_is_named_not_ignored(backend, url, typo):
         assert "instance_id" in problem["detail"]  # the parameters the route takes
 
 
+def test_many_unknown_query_parameters_are_named_ten_and_counted(backend):
+    """Each was an error of its own, route list included: 2,000 names made a 540 KB answer."""
+    _, _, client = backend
+    r = client.get("/deletions", params={f"p{i}": "1" for i in range(2000)})
+    problem = assert_problem(r, 422, "validation-error")
+    assert [e["loc"] for e in problem["errors"][:10]] == [["query", f"p{i}"] for i in range(10)]
+    assert problem["errors"][10]["msg"] == "and 1990 more unknown query parameters"
+    assert len(problem["errors"]) == 11 and len(r.content) < 10_000
+
+
 @pytest.mark.parametrize("version", ["1.0", "+1", "01", "1_0", "1e0"])
 def test_a_version_in_a_path_is_plain_digits(backend, version):
     _, model, client = backend
