@@ -552,44 +552,65 @@ def two_models(tiny):
     return s, s_b, store, ids
 
 
-def test_paging_deletions_never_passes_a_request_that_commits_late(two_models, monkeypatch):
-    """Requests of two models meet only at the audit log's lock. created_at was read before it:
-    a request paused there (a descheduled thread) was older than one of the other model that
-    committed first, and a client paging /deletions meanwhile passed its place and never saw it."""
-    from worker import audit, queries
+def _paged_while_one_waits_at_the_append_lock(monkeypatch, s, late_work, other_commits, listing):
+    """Run ``late_work`` in a thread paused at the audit log's lock (its transaction open, its
+    row written), let ``other_commits`` commit meanwhile, read ``listing``'s first page (2 a
+    page), let the late one go, and page on to the end: the ids seen."""
+    from worker import audit
 
-    s, s_b, store, ids = two_models
-    for instance in ids[:2]:
-        _submit(s, instance)
-    inserted, go = threading.Event(), threading.Event()
+    reached, go = threading.Event(), threading.Event()
     real = audit.lock_appends
 
     def paused(session):
         if not go.is_set() and threading.current_thread().name == "late":
-            inserted.set()  # its row is written; its transaction is open
+            reached.set()
             assert go.wait(30)
         return real(session)
 
     monkeypatch.setattr(audit, "lock_appends", paused)
-    late = threading.Thread(target=lambda: _submit(s, ids[2]), name="late")
+    late = threading.Thread(target=late_work, name="late")
     late.start()
-    assert inserted.wait(30)
-    with transaction(s_b.database_url) as session:  # the other model's request commits first
-        submit_deletion(session, s_b, instance_id=ids[3], tasks=["depth"])
+    assert reached.wait(30)
+    other_commits()
     with transaction(s.database_url) as session:
-        first = queries.list_requests(session, limit=2)
+        first = listing(session, limit=2)
     go.set()
     late.join(30)
     seen, cursor = [r.id for r in first.items], first.next_cursor
     while cursor:
         with transaction(s.database_url) as session:
-            page = queries.list_requests(session, limit=2, cursor=cursor)
+            page = listing(session, limit=2, cursor=cursor)
         seen, cursor = seen + [r.id for r in page.items], page.next_cursor
+    return seen
+
+
+def _assert_nothing_passed(s: Settings, table, seen: list[str]) -> list:
+    """Every row at or before the first page's newest was there to be read: each was paged.
+    Returns the rows."""
     with transaction(s.database_url) as session:
-        stored = session.execute(select(DeletionRequest)).scalars().all()
+        stored = session.execute(select(table)).scalars().all()
     newest_seen = max(r.created_at for r in stored if r.id == seen[0])
-    # every request at or before the first page's newest was there to be read: each is paged
     assert {r.id for r in stored if r.created_at <= newest_seen} <= set(seen)
+    return stored
+
+
+def test_paging_deletions_never_passes_a_request_that_commits_late(two_models, monkeypatch):
+    """Requests of two models meet only at the audit log's lock. created_at was read before it:
+    a request paused there (a descheduled thread) was older than one of the other model that
+    committed first, and a client paging /deletions meanwhile passed its place and never saw it."""
+    from worker import queries
+
+    s, s_b, store, ids = two_models
+    for instance in ids[:2]:
+        _submit(s, instance)
+
+    def other_commits():  # the other model's request commits first
+        with transaction(s_b.database_url) as session:
+            submit_deletion(session, s_b, instance_id=ids[3], tasks=["depth"])
+
+    seen = _paged_while_one_waits_at_the_append_lock(monkeypatch, s, lambda: _submit(s, ids[2]), other_commits,
+                                                     queries.list_requests)
+    stored = _assert_nothing_passed(s, DeletionRequest, seen)
     assert len(stored) == 4 and len(seen) >= 3
 
 
@@ -597,42 +618,22 @@ def test_paging_jobs_never_passes_a_job_that_commits_late(two_models, monkeypatc
     """As requests: a job's created_at was read when its claim began, before the audit log's
     lock; a claim paused there made a job older than another model's, committed first, and
     a client paging /jobs meanwhile passed its place and never saw it."""
-    from worker import audit, queries
+    from worker import queries
 
     s, s_b, store, ids = two_models
     _submit(s, ids[0])
     assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]  # an older job
     _submit(s, ids[1])
     _submit(s_b, ids[2])
-    reached, go = threading.Event(), threading.Event()
-    real = audit.lock_appends
-
-    def paused(session):
-        if not go.is_set() and threading.current_thread().name == "late":
-            reached.set()  # the claim has begun; its transaction is open
-            assert go.wait(30)
-        return real(session)
-
-    monkeypatch.setattr(audit, "lock_appends", paused)
     claims = []
-    late = threading.Thread(target=lambda: claims.append(jobs.claim_next(s, TINY)), name="late")
-    late.start()
-    assert reached.wait(30)
-    assert jobs.claim_next(s_b, TINY_B).status == "claimed"  # the other model's job commits first
-    with transaction(s.database_url) as session:
-        first = queries.list_jobs(session, limit=2)
-    go.set()
-    late.join(30)
+
+    def other_commits():  # the other model's job commits first
+        assert jobs.claim_next(s_b, TINY_B).status == "claimed"
+
+    seen = _paged_while_one_waits_at_the_append_lock(
+        monkeypatch, s, lambda: claims.append(jobs.claim_next(s, TINY)), other_commits, queries.list_jobs)
     assert [c.status for c in claims] == ["claimed"]
-    seen, cursor = [j.id for j in first.items], first.next_cursor
-    while cursor:
-        with transaction(s.database_url) as session:
-            page = queries.list_jobs(session, limit=2, cursor=cursor)
-        seen, cursor = seen + [j.id for j in page.items], page.next_cursor
-    with transaction(s.database_url) as session:
-        stored = session.execute(select(Job)).scalars().all()
-    newest_seen = max(j.created_at for j in stored if j.id == seen[0])
-    assert {j.id for j in stored if j.created_at <= newest_seen} <= set(seen)
+    stored = _assert_nothing_passed(s, Job, seen)
     assert len(stored) == 3 and claims[0].job_id not in seen  # it came after the pages, as new
 
 
