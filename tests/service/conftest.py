@@ -252,3 +252,16 @@ def downgrade_record(url: str, revision: str) -> None:
     cfg = alembic_config(url)
     cfg.attributes[FLAG] = True
     command.downgrade(cfg, revision)
+
+
+@contextmanager
+def both_records(tmp_path, label: str):
+    """The URLs of two empty records, a PostgreSQL database of the test's own (dropped after)
+    and a SQLite file: what a migration test runs on each."""
+    import uuid
+
+    name = f"unlearnd_test_{label}_{uuid.uuid4().hex[:8]}"
+    try:
+        yield [create_database(name), f"sqlite:///{tmp_path / 'record.db'}"]
+    finally:
+        drop_database(name)

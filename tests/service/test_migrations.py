@@ -11,7 +11,7 @@ from worker.db import engine_for
 from worker.migrate import head_revision, is_up_to_date, upgrade_database
 from worker.tables import Base
 
-from .conftest import downgrade_record, offline_script
+from .conftest import both_records, downgrade_record, offline_script
 
 
 def test_migrated_schema_matches_the_orm(database_url):
@@ -53,18 +53,12 @@ def test_offline_sql_builds_the_same_schema():
 def test_the_erased_cell_count_is_filled_for_existing_versions(tmp_path):
     """Migration 0004 on a record that has versions: each gets the length of its erased_cells,
     on PostgreSQL and on SQLite (a batch table rebuild there)."""
-    import uuid
-
     from alembic import command
     from sqlalchemy import text
 
     from worker.migrate import alembic_config
 
-    from .conftest import create_database, drop_database
-
-    name = f"unlearnd_test_0004_{uuid.uuid4().hex[:8]}"
-    urls = [create_database(name), f"sqlite:///{tmp_path / 'record.db'}"]
-    try:
+    with both_records(tmp_path, "0004") as urls:
         for url in urls:
             command.upgrade(alembic_config(url), "0003")
             with engine_for(url).begin() as conn:
@@ -78,8 +72,6 @@ def test_the_erased_cell_count_is_filled_for_existing_versions(tmp_path):
             with engine_for(url).connect() as conn:
                 counts = conn.execute(text("SELECT version, erased_cell_count FROM model_versions ORDER BY version"))
                 assert [tuple(r) for r in counts] == [(1, 0), (2, 2)], url
-    finally:
-        drop_database(name)
 
 
 def test_idempotency_keys_survive_the_per_submitter_constraint(tmp_path):
@@ -266,7 +258,6 @@ def test_offline_sql_downgrades_a_sqlite_record(tmp_path):
 def test_purged_at_comes_back_from_the_audit_log_after_a_downgrade_past_0008(tmp_path):
     """Downgrading past 0008 drops purged_at; upgrading again left every purged version as
     stored (NULL). The upgrade fills it from the model.version_purged events."""
-    import uuid
     from datetime import datetime, timezone
 
     from alembic import command
@@ -277,11 +268,7 @@ def test_purged_at_comes_back_from_the_audit_log_after_a_downgrade_past_0008(tmp
     from worker.tables import AuditEvent, Model, ModelVersion
     from worker.versions import PURGED_EVENT
 
-    from .conftest import create_database, drop_database
-
-    name = f"unlearnd_test_0008_{uuid.uuid4().hex[:8]}"
-    urls = [create_database(name), f"sqlite:///{tmp_path / 'record.db'}"]
-    try:
+    with both_records(tmp_path, "0008") as urls:
         for url in urls:
             upgrade_database(url)
             with transaction(url) as session:
@@ -311,8 +298,6 @@ def test_purged_at_comes_back_from_the_audit_log_after_a_downgrade_past_0008(tmp
             assert purged[1] is not None and purged[3] is not None, url
             assert purged[1].replace(tzinfo=None) == (at if isinstance(at, datetime) else
                                                       datetime.fromisoformat(str(at))).replace(tzinfo=None), url
-    finally:
-        drop_database(name)
 
 
 def test_a_downgrade_that_drops_the_audit_logs_protection_refuses_while_it_holds_events(tmp_path):
@@ -321,7 +306,6 @@ def test_a_downgrade_that_drops_the_audit_logs_protection_refuses_while_it_holds
     past 0001 every table goes: with events in the record each refuses, changing nothing,
     unless the operator passes ``-x allow_record_loss=1``. An empty record goes down freely."""
     import argparse
-    import uuid
 
     import pytest
     from alembic import command
@@ -332,11 +316,7 @@ def test_a_downgrade_that_drops_the_audit_logs_protection_refuses_while_it_holds
     from worker.db import transaction
     from worker.migrate import alembic_config, current_revision
 
-    from .conftest import create_database, drop_database
-
-    name = f"unlearnd_test_guard_{uuid.uuid4().hex[:8]}"
-    urls = [create_database(name), f"sqlite:///{tmp_path / 'record.db'}"]
-    try:
+    with both_records(tmp_path, "guard") as urls:
         for url in urls:
             upgrade_database(url)
             with transaction(url) as session:
@@ -378,5 +358,3 @@ def test_a_downgrade_that_drops_the_audit_logs_protection_refuses_while_it_holds
             command.downgrade(alembic_config(empty), "base")  # nothing to lose: no flag needed
             with engine_for(empty).connect() as conn:
                 assert current_revision(conn) is None
-    finally:
-        drop_database(name)
