@@ -431,7 +431,7 @@ def check_weights_first(settings: Settings, store: ModelStore, model_name: str, 
         if store.manifest(model_name, version).sha256 != row.sha256:
             return None
         return WeightsCheck(version, row.sha256, store.verify(model_name, version))
-    except StoreError:
+    except (StoreError, OSError):  # the transaction's own check names it
         return None
 
 
@@ -461,6 +461,9 @@ def _check_target_stored(store: ModelStore, row: ModelVersion, weights: WeightsC
         state, why = "missing_weights", "its weights are missing from the store (the record does not have them purged)"
     except StoreError:
         state, why = "missing", "the store does not hold it"
+    except OSError as exc:  # not the store's own error: permissions, the disk (it was a 500)
+        log.warning("rollback of %s v%d: the store cannot read it: %s", name, version, exc)
+        state, why = "unreadable", f"the store cannot read it ({exc.strerror or type(exc).__name__})"
     raise Conflict(
         f"version {version} of {name!r} cannot be served: {why}. Restore it from a backup (the record has its "
         "sha256) or roll back to another version; nothing was moved or queued",

@@ -299,3 +299,21 @@ def test_a_rollback_hashes_its_targets_weights_once_before_taking_any_lock(clien
         assert hashed == [3, 3]
     assert versions.check_weights_first(settings, store, model.name, 99) is None  # no such version
 
+
+def test_a_rollback_target_the_store_cannot_read_is_a_409_not_a_500(client, settings, model, stored, monkeypatch):
+    """A permission or I/O error reading the target (not the store's own error) was a 500."""
+    from model_store.local import LocalModelStore
+
+    _history(settings, model, ["r-a", "r-b"])
+    _bad_publish_on_top(settings, model)
+    stored(model.name, 3)
+
+    def unreadable(self, name, version):
+        raise PermissionError(13, "Permission denied", "/srv/models/m/v3/model.safetensors")
+
+    monkeypatch.setattr(LocalModelStore, "verify", unreadable)
+    before = counts(settings)
+    problem = assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 3}), 409)
+    assert problem["store_state"] == "unreadable" and "cannot read it (Permission denied)" in problem["detail"]
+    assert "/srv" not in problem["detail"] and counts(settings) == before and _serving(settings, model.name) == 4
+
