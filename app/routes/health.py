@@ -50,7 +50,10 @@ def readyz(request: Request):
             head=head,
         )
     background = getattr(request.app.state, "background", None)
-    dead = background.dead() if background is not None else []
+    if background is None and request.app.state.settings.background and hasattr(request.app.state, "background"):
+        dead = ["all (they did not start)"]  # background work is on, and worker.background did not import
+    else:
+        dead = background.dead() if background is not None else []
     if dead:  # nothing restarts them: the outbox would not be relayed, or no deletion run here
         log.error("readyz: background thread(s) %s ended; restart the process", ", ".join(dead))
         return problem(request, 503, "Not ready", f"background work of this process ended: {', '.join(dead)}; "

@@ -349,3 +349,24 @@ def test_readyz_reports_a_background_thread_that_ended(settings, tmp_path, monke
         body = r.json()
         assert body["reason"] == "background" and body["threads"] == ["unlearnd-outbox-relay"]
         assert "restart it" in body["detail"]
+
+
+def test_readyz_reports_background_work_that_did_not_start(settings, tmp_path, monkeypatch):
+    """Background work on, and worker.background not importable: the API logged an error and
+    answered ready, with no relay and no worker behind it."""
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    from .conftest import on_sqlite
+
+    s = on_sqlite(settings, tmp_path).model_copy(update={"store_dir": tmp_path / "models", "background": True})
+    monkeypatch.setitem(sys.modules, "worker.background", None)  # `import` raises ImportError
+    with TestClient(create_app(s)) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["reason"] == "background"
+        assert r.json()["threads"] == ["all (they did not start)"]
+    with TestClient(create_app(s.model_copy(update={"background": False}))) as client:
+        assert client.get("/readyz").status_code == 200  # background work off: nothing to miss
