@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from worker.errors import Invalid
+from worker.errors import Invalid, NotFound
 from worker.queries import list_requests
 from worker.requests import deletion_certificate, get_request, submit_deletion
 
@@ -45,7 +45,8 @@ def create_deletion(
 ) -> DeletionAccepted:
     """Accept a deletion request (202, ``Location`` = the request's URL).
 
-    Unknown model: 404. Unknown task or instance: 422. Cells already erased or
+    Unknown model: 404 (naming the known models to a key that may list them). Unknown task or
+    instance: 422. Cells already erased or
     pending in another request: 409 naming them (a key that sees its own requests
     only is not told the ids of other submitters'). Same ``Idempotency-Key`` and
     body: the first answer again; same key, other body: 422; two such headers: 422
@@ -59,10 +60,15 @@ def create_deletion(
     if idempotency_key is not None and not (idempotency_key.isascii() and idempotency_key.isprintable()):
         # header bytes are read as Latin-1: a UTF-8 key was stored as other characters than sent
         raise Invalid("the Idempotency-Key must be printable ASCII (a UUID, say)", header="Idempotency-Key")
-    with session.begin():
-        submission = submit_deletion(
-            session, settings, **body.model_dump(), idempotency_key=idempotency_key, actor=caller, visible_to=owner
-        )
+    try:
+        with session.begin():
+            submission = submit_deletion(
+                session, settings, **body.model_dump(), idempotency_key=idempotency_key, actor=caller, visible_to=owner
+            )
+    except NotFound as exc:
+        if owner is not None:  # a key that may not list the models (GET /models) is not told them here either
+            exc.extras.pop("known_models", None)
+        raise
     response.headers["Location"] = f"/deletions/{submission.request.id}"
     if submission.replayed:
         response.headers["Idempotent-Replayed"] = "true"

@@ -429,3 +429,16 @@ def test_a_conflict_names_only_the_callers_own_requests(keyed, settings, model):
                                          headers=_bearer(name)), 409)
         assert seen["cells"][0]["request_id"] == shop.json()["id"]
     assert counts(settings) == before
+
+
+def test_an_unknown_model_is_named_with_the_known_ones_only_to_a_key_that_may_list_them(keyed, settings, model):
+    """A portal's key (deletions only) gets a 403 on GET /models; a deletion for an unknown
+    model told it every model's name all the same."""
+    body = {"instance_id": model.train_ids[0], "tasks": ["depth"], "model": "no-such-model"}
+    before = counts(settings)
+    portal = assert_problem(keyed.post("/deletions", json=body, headers=_bearer("portal")), 404)
+    assert portal["detail"] == "no model named 'no-such-model'" and "known_models" not in portal
+    for may_list in ("dpo", "ops"):
+        named = assert_problem(keyed.post("/deletions", json=body, headers=_bearer(may_list)), 404)
+        assert named["known_models"] == [model.name]
+    assert counts(settings) == before
