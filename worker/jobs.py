@@ -83,6 +83,8 @@ REQUEUE_PAUSES_S = (0, 1, 2, 4, 8, 15)
 #: so without a bound a job whose every run meets another model's publish would never end.
 MAX_JOB_REBASES = 5
 _pause = time.sleep
+#: the clock of a job's time limit in its own process (:func:`_compute`; tests move it on)
+_clock = time.monotonic
 
 _process_locks: dict[str, threading.Lock] = {}
 _process_locks_guard = threading.Lock()
@@ -818,9 +820,15 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
         with transaction(settings.database_url) as session:
             attempt = session.get(Job, job_id).attempts
 
+    started = _clock()
+
     def check_stop() -> None:
         if stop is not None and stop.is_set():
             raise JobStopped("the worker stopped before the job finished")
+        # the time limit where nothing else enforces it (the in-process worker, Celery's solo
+        # pool), at the engine's next report: recorded as the prefork pool's soft limit is
+        if _clock() - started > settings.job_time_limit_s:
+            raise SoftTimeLimitExceeded()
 
     def progress(fraction: float) -> None:  # the engine reports progress often: a stop ends the job there
         check_stop()

@@ -370,3 +370,26 @@ def test_readyz_reports_background_work_that_did_not_start(settings, tmp_path, m
         assert r.json()["threads"] == ["all (they did not start)"]
     with TestClient(create_app(s.model_copy(update={"background": False}))) as client:
         assert client.get("/readyz").status_code == 200  # background work off: nothing to miss
+
+
+def test_a_job_past_its_time_limit_fails_where_no_pool_enforces_it(tiny, monkeypatch):
+    """UNLEARND_JOB_TIME_LIMIT_S was the prefork pool's alone: the in-process worker (and
+    Celery's solo pool) ran a job for ever. Past it, the engine's next progress report ends
+    the job, recorded as the pool's soft limit is: failed, nothing published."""
+    s, store, ids = tiny
+    s = s.model_copy(update={"job_time_limit_s": 60})
+    request_id = _submit(s, ids[0])
+    now = [0.0]
+    monkeypatch.setattr(jobs, "_clock", lambda: now[0])
+    real = jobs._Heartbeat.progress
+
+    def progress(self, fraction):
+        now[0] += 61  # the first report comes a minute and a second on
+        return real(self, fraction)
+
+    monkeypatch.setattr(jobs._Heartbeat, "progress", progress)
+    [outcome] = jobs.drain_model(s, store, TINY)
+    assert outcome.status == "failed"
+    assert "ran past its time limit (UNLEARND_JOB_TIME_LIMIT_S=60 s)" in outcome.error
+    after = _record(s, request_id)
+    assert after["job"] == ("failed", 1) and after["request"] == "failed" and after["versions"] == [1]
