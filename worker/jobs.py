@@ -563,6 +563,9 @@ class _Heartbeat:
         self.fraction = 0.0
         self._written = -1.0
         self._stop = threading.Event()
+        # set when the record shows the job is no longer this attempt's (the sweeper put it back
+        # after a suspend or a clock step longer than stale_after_s, another worker runs it)
+        self.superseded = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True)
 
     def __enter__(self):
@@ -590,6 +593,7 @@ class _Heartbeat:
             # read and the write would get this attempt's heartbeat and progress
             job = session.execute(select(Job).where(Job.id == self.job_id).with_for_update()).scalar_one_or_none()
             if job is None or job.status != "running" or job.attempts != self.attempt:
+                self.superseded.set()  # the job ends at its next progress report (_compute)
                 return  # not this attempt's job any more: a live rerun's heartbeat is its own
             job.heartbeat_at = utcnow()
             if fraction != self._written:
@@ -825,6 +829,8 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
     def check_stop() -> None:
         if stop is not None and stop.is_set():
             raise JobStopped("the worker stopped before the job finished")
+        if beat.superseded.is_set():  # computing on would only hold the device: what it stored is refused
+            raise StaleAttempt(f"attempt {attempt} no longer owns job {job_id}; its computation stopped")
         # the time limit where nothing else enforces it (the in-process worker, Celery's solo
         # pool), at the engine's next report: recorded as the prefork pool's soft limit is
         if _clock() - started > settings.job_time_limit_s:

@@ -393,3 +393,31 @@ def test_a_job_past_its_time_limit_fails_where_no_pool_enforces_it(tiny, monkeyp
     assert "ran past its time limit (UNLEARND_JOB_TIME_LIMIT_S=60 s)" in outcome.error
     after = _record(s, request_id)
     assert after["job"] == ("failed", 1) and after["request"] == "failed" and after["versions"] == [1]
+
+
+def test_an_attempt_the_record_no_longer_names_stops_computing(tiny, monkeypatch):
+    """A suspend (or a clock step) longer than stale_after_s: the sweeper put the job back and
+    another worker claimed it, while this run went on computing to the end (its artifact was
+    then refused), holding the device all along. Its heartbeat sees the record name another
+    attempt, and the run stops at its next progress report, recording nothing."""
+    from sqlalchemy import update
+
+    s, store, ids = tiny
+    request_id = _submit(s, ids[0])
+    real = jobs._Heartbeat.progress
+    taken = []
+
+    def progress(self, fraction):
+        if not taken:  # meanwhile: requeued by the sweeper and claimed again elsewhere
+            with transaction(s.database_url) as session:
+                session.execute(update(Job).where(Job.id == self.job_id).values(attempts=Job.attempts + 1))
+            taken.append(self.job_id)
+            self.write()  # its next heartbeat
+        return real(self, fraction)
+
+    monkeypatch.setattr(jobs._Heartbeat, "progress", progress)
+    [outcome] = jobs.drain_model(s, store, TINY)
+    assert outcome.status == "superseded" and "its computation stopped" in outcome.error
+    after = _record(s, request_id)
+    assert after["job"] == ("running", 2)  # the other attempt's, untouched
+    assert after["versions"] == [1] and store.versions(TINY) == [1]
