@@ -238,10 +238,10 @@ def models_with_queued_work(settings: Settings) -> list[str]:
     """The models with a queued deletion request or a queued job in the record."""
     from sqlalchemy import select
 
-    from .db import transaction
+    from .db import read_only_transaction
     from .tables import DeletionRequest, Job
 
-    with transaction(settings.database_url) as session:
+    with read_only_transaction(settings.database_url) as session:  # a read: no write lock on SQLite
         names = set(session.execute(select(DeletionRequest.model_name).where(
             DeletionRequest.status == "queued").distinct()).scalars())
         names |= set(session.execute(select(Job.model_name).where(Job.status == "queued").distinct()).scalars())

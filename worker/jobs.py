@@ -54,7 +54,7 @@ from unlearning.data import dataset_key
 from .audit import append_event, commit_ordered_now
 from .calibration import calibration_share, lineage_calibration, method_config
 from .datasets import erased_cells, get_reference, get_splits
-from .db import advisory_lock, transaction
+from .db import advisory_lock, read_only_transaction, transaction
 from .requests import (COMPLETED_EVENT, PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, _lock_model_submissions,
                        finite_json, request_metrics)
 from .settings import Settings
@@ -181,7 +181,7 @@ def forget_purged_versions(settings: Settings) -> list[tuple[str, int]]:
         names = sorted({name for name, _ in ENGINE_CACHE})
     if not names:
         return []
-    with transaction(settings.database_url) as session:
+    with read_only_transaction(settings.database_url) as session:
         purged = {(name, version) for name, version in session.execute(
             select(ModelVersion.model_name, ModelVersion.version).where(
                 ModelVersion.purged_at.is_not(None), ModelVersion.model_name.in_(names)))}
@@ -543,7 +543,7 @@ def job_data(settings: Settings, spec: dict, base_manifest: Manifest, cells: lis
     cell and every cell erased in the base version's lineage, except the cells
     this job forgets (a reapply forgets cells that are tombstoned already)."""
     train_full, test = get_splits(spec)
-    with transaction(settings.database_url) as session:
+    with read_only_transaction(settings.database_url) as session:
         tombstoned = set(erased_cells(session, spec))
     lineage = {tuple(c) for c in base_manifest.erased_cells}
     forget = list(dict.fromkeys(cells))
@@ -783,7 +783,7 @@ def _check_base(settings: Settings, store: ModelStore, model_name: str, base_ver
     become the base of a new version."""
     base_manifest = base_manifest or store.manifest(model_name, base_version)  # read once: sha256 and lineage
     sha = base_manifest.sha256
-    with transaction(settings.database_url) as session:
+    with read_only_transaction(settings.database_url) as session:
         recorded = session.execute(
             select(ModelVersion.sha256, ModelVersion.erased_cells).where(ModelVersion.model_name == model_name,
                                                                          ModelVersion.version == base_version)
@@ -821,7 +821,7 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
         torch.set_num_threads(settings.torch_threads)
     interval = max(0.5, min(10.0, settings.stale_after_s / 4))
     if attempt is None:
-        with transaction(settings.database_url) as session:
+        with read_only_transaction(settings.database_url) as session:
             attempt = session.get(Job, job_id).attempts
 
     started = _clock()
