@@ -98,15 +98,17 @@ def _refuse_what_is_not_sqlite(path: str) -> None:
 
 def _check_downgrade(connection) -> None:
     """A downgrade past a guarded revision refuses before any step runs (migrations/guard.py).
-    Alembic's ``downgrade`` command only: a ``stamp`` to an older revision runs no step."""
+    Alembic's ``downgrade`` command only (a ``stamp`` to an older revision runs no step): its
+    step function, asked here as alembic asks it, names the steps (relative targets such as
+    ``-3`` included)."""
     from migrations.guard import check_downgrade
 
-    # the step function alembic.command's downgrade hands the context (stamp's is do_stamp)
-    if getattr(context.get_context().opts.get("fn"), "__name__", None) != "downgrade":
+    migration = context.get_context()
+    steps_of = migration.opts.get("fn")  # alembic.command.downgrade's own (stamp's is do_stamp)
+    if getattr(steps_of, "__name__", None) != "downgrade":
         return
-    target = context.get_revision_argument()  # None: base
-    check_downgrade(connection, context.script, context.get_context().get_current_revision(),
-                    "base" if target is None else target)
+    steps = steps_of(migration.get_current_heads(), migration)
+    check_downgrade(connection, [step.revision.revision for step in steps])
 
 
 def run_migrations_online() -> None:
