@@ -854,6 +854,9 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
             share = calibration_share(settings, store, model_name, len(data.train), len(data.train.tasks))
             calibration = lineage_calibration(settings, store, model_name, device,
                                               progress=lambda f: progress(share * f))
+            # the time limit counts the job's own work: a first job's calibration past it was
+            # never stored, and every later job trained it again and failed alike
+            started = _clock()
         check_stop()
         result = run_unlearning_job(
             model,
@@ -1235,7 +1238,8 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.~/:-])/[^\s'\"]*[^\s'\".,;:)\]]")
 # name with an extension of the files the service reads or writes; not "1/2", "depth/normal"
 # nor "seg/depth.mean" (each character has one place in a match: linear time)
 _FILE_EXTENSIONS = "npy|npz|json|safetensors|png|jpe?g|tiff?|pt|pth|bin|h5|csv|txt|lock|log|pem|db|sqlite3?"
-_RELATIVE_FILE = re.compile(rf"(?<![\w.~/:-])(?:[\w.-]+/)+[\w.-]*\.(?:{_FILE_EXTENSIONS})(?![\w/.-])")
+_RELATIVE_FILE = re.compile(rf"(?<![\w.~/:-])(?:[\w.-]+/)+[\w.-]*\.(?:{_FILE_EXTENSIONS})(?![\w/.-])",
+                            re.IGNORECASE)  # IMG_01.PNG too
 
 
 def path_free(error: str, store_dir: str | Path | None = None) -> str:

@@ -421,3 +421,25 @@ def test_an_attempt_the_record_no_longer_names_stops_computing(tiny, monkeypatch
     after = _record(s, request_id)
     assert after["job"] == ("running", 2)  # the other attempt's, untouched
     assert after["versions"] == [1] and store.versions(TINY) == [1]
+
+
+def test_a_first_jobs_calibration_does_not_count_against_its_time_limit(tiny, monkeypatch):
+    """Where the job itself keeps its time limit, the clock starts after the shadow
+    calibration: one past the limit was never stored, and every later job trained it again
+    and failed alike."""
+    from worker import calibration
+
+    s, store, ids = tiny
+    s = s.model_copy(update={"job_time_limit_s": 60})
+    _submit(s, ids[0])
+    now = [0.0]
+    monkeypatch.setattr(jobs, "_clock", lambda: now[0])
+    real = jobs.lineage_calibration
+
+    def slow_calibration(*args, **kwargs):
+        now[0] += 3600  # an hour of shadow training
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "lineage_calibration", slow_calibration)
+    [outcome] = jobs.drain_model(s, store, TINY)
+    assert outcome.status == "completed", outcome.error
