@@ -490,6 +490,7 @@ def test_a_request_records_a_failed_jobs_error_without_paths(tiny):
      "OSError: cannot open a path on the worker, 1/2 of depth/normal"),
     ("ValueError: cannot read data/nyu/train/image/001.npy (../x/depth.v2.npy; 0.5/1.5 m; depth/normal.)", "/srv/m",
      "ValueError: cannot read a path on the worker (a path on the worker; 0.5/1.5 m; depth/normal.)"),
+    ("OSError: cannot read data/IMG_01.PNG", "/srv/m", "OSError: cannot read a path on the worker"),
     ("ValueError: task seg/depth.mean is nan; units m/s.Ok; ratio a/b.c", "/srv/m",  # not files: kept
      "ValueError: task seg/depth.mean is nan; units m/s.Ok; ratio a/b.c"),
 ])
