@@ -443,3 +443,35 @@ def test_a_first_jobs_calibration_does_not_count_against_its_time_limit(tiny, mo
     monkeypatch.setattr(jobs, "lineage_calibration", slow_calibration)
     [outcome] = jobs.drain_model(s, store, TINY)
     assert outcome.status == "completed", outcome.error
+
+
+def test_a_publish_hashes_the_artifacts_weights_before_taking_any_lock(tiny, monkeypatch):
+    """The publish read and hashed the stored weights with the job row locked (on SQLite the
+    write lock: every writer of the API waited for as long as the read took)."""
+    from contextlib import contextmanager
+
+    from model_store.local import LocalModelStore
+
+    s, store, ids = tiny
+    _submit(s, ids[0])
+    inside, calls = [False], []
+    real_transaction, real_verify = jobs.transaction, LocalModelStore.verify
+
+    @contextmanager
+    def transaction(url):
+        with real_transaction(url) as session:
+            inside[0] = True
+            try:
+                yield session
+            finally:
+                inside[0] = False
+
+    def verify(self, name, version):
+        calls.append((version, inside[0]))
+        return real_verify(self, name, version)
+
+    monkeypatch.setattr(jobs, "transaction", transaction)
+    monkeypatch.setattr(LocalModelStore, "verify", verify)
+    [outcome] = jobs.drain_model(s, store, TINY)
+    assert outcome.status == "completed" and outcome.version == 2
+    assert calls == [(2, False)]  # once, outside every transaction of the worker
