@@ -58,8 +58,9 @@ from .db import advisory_lock, read_only_transaction, transaction
 from .requests import (COMPLETED_EVENT, PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, _lock_model_submissions,
                        finite_json, request_metrics)
 from .settings import Settings
-from .versions import (behind_with_nothing_under_way, erasure_cells, erasures_behind, failed_propagation,
-                       models_sharing_dataset, propagation_retry_at, stalled_propagation)
+from .versions import (WeightsCheck, behind_with_nothing_under_way, erasure_cells, erasures_behind,
+                       failed_propagation, hash_stored_weights, models_sharing_dataset, propagation_retry_at,
+                       stalled_propagation)
 from .tables import (Alias, AliasHistory, AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage,
                      Tombstone, utcnow)
 
@@ -700,26 +701,13 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
         return JobOutcome("failed", model_name, job_id, error=error)
 
 
-def _weights_checked(store: ModelStore, manifest: Manifest) -> tuple[str, bool] | None:
-    """The artifact's weights hashed before the publish's transaction (its locks; on SQLite
-    the write lock every writer waits for): ``(the manifest's sha256 then, whether they
-    matched it)``, or None when the store cannot say (:func:`_as_stored` then hashes them)."""
-    from model_store import StoreError
-
-    try:
-        sha = store.manifest(manifest.model, manifest.version).sha256
-        return sha, store.verify(manifest.model, manifest.version)
-    except (StoreError, OSError):
-        return None
-
-
-def _as_stored(store: ModelStore, job_id: str, manifest: Manifest,
-               checked: tuple[str, bool] | None = None) -> Manifest:
+def _as_stored(store: ModelStore, job_id: str, manifest: Manifest, checked: WeightsCheck | None = None) -> Manifest:
     """The manifest the record is about to copy, as the store holds it now, with weights that
     match it: the record's sha256 must be the store's. Another attempt of the job may have
     replaced a damaged copy with its own since this one stored (same job, other bytes):
     that copy is published. :class:`JobFailed` when the store holds no good copy of the job's.
-    ``checked`` (:func:`_weights_checked`), for the manifest's sha256 now, is taken as it is."""
+    ``checked`` (:func:`~worker.versions.hash_stored_weights`, before the publish's locks), for
+    the manifest's sha256 now, is taken as it is."""
     from model_store import StoreError
 
     try:
@@ -728,7 +716,7 @@ def _as_stored(store: ModelStore, job_id: str, manifest: Manifest,
         raise JobFailed(f"artifact v{manifest.version} cannot be read from the store: {exc}") from None
     if held.job_id != job_id:
         raise JobFailed(f"the store's v{manifest.version} is job {held.job_id}'s, not {job_id}'s")
-    ok = checked[1] if checked is not None and checked[0] == held.sha256 else \
+    ok = checked.ok if checked is not None and checked.sha256 == held.sha256 else \
         store.verify(manifest.model, manifest.version)
     if not ok:
         raise JobFailed(f"the store's v{manifest.version} no longer matches its manifest (sha256 {held.sha256})")
@@ -933,7 +921,8 @@ def publish_version(settings: Settings, store: ModelStore, job_id: str, manifest
 
     New tombstones are announced (``process_model``) to every other model whose
     dataset is this one: the data is erased, so each must follow (``propagate``)."""
-    checked = _weights_checked(store, manifest)  # read and hashed before any lock is taken
+    # read and hashed before any lock is taken (on SQLite the write lock every API writer waits for)
+    checked = hash_stored_weights(store, manifest.model, manifest.version)
     with transaction(settings.database_url) as session:
         job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one()
         existing = session.execute(select(ModelVersion).where(ModelVersion.job_id == job_id)).scalar_one_or_none()

@@ -406,8 +406,8 @@ def rollback(
 
 @dataclass(frozen=True)
 class WeightsCheck:
-    """A rollback target's weights, hashed before the rollback's transaction: whether the
-    store's weights of ``version`` match the record's ``sha256``."""
+    """A stored version's weights, hashed before a transaction takes its locks (a rollback's
+    target, a job's artifact before its publish): whether they match ``sha256``."""
 
     version: int
     sha256: str
@@ -427,11 +427,18 @@ def check_weights_first(settings: Settings, store: ModelStore, model_name: str, 
             ModelVersion.model_name == model_name, ModelVersion.version == version)).first()
     if row is None or row.purged_at is not None:
         return None
+    hashed = hash_stored_weights(store, model_name, version)
+    return hashed if hashed is not None and hashed.sha256 == row.sha256 else None
+
+
+def hash_stored_weights(store: ModelStore, model_name: str, version: int) -> WeightsCheck | None:
+    """Read and hash the stored weights of ``version`` (to do before a transaction takes its
+    locks): its manifest's sha256 and whether they match it; None when the store cannot say
+    (the check under the locks names what is wrong then)."""
     try:
-        if store.manifest(model_name, version).sha256 != row.sha256:
-            return None
-        return WeightsCheck(version, row.sha256, store.verify(model_name, version))
-    except (StoreError, OSError):  # the transaction's own check names it
+        sha = store.manifest(model_name, version).sha256
+        return WeightsCheck(version, sha, store.verify(model_name, version))
+    except (StoreError, OSError):
         return None
 
 
