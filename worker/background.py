@@ -235,16 +235,21 @@ def publisher_for(settings: Settings, store: ModelStore) -> tuple[Publish, InPro
 
 
 def models_with_queued_work(settings: Settings) -> list[str]:
-    """The models with a queued deletion request or a queued job in the record."""
+    """The models with a queued deletion request or a queued job in the record, or a job
+    running in a process that is gone (``worker.runner``: this process was killed before,
+    mid-job): its claim puts that job back in the queue and runs it."""
     from sqlalchemy import select
 
     from .db import read_only_transaction
+    from .runner import is_gone
     from .tables import DeletionRequest, Job
 
     with read_only_transaction(settings.database_url) as session:  # a read: no write lock on SQLite
         names = set(session.execute(select(DeletionRequest.model_name).where(
             DeletionRequest.status == "queued").distinct()).scalars())
         names |= set(session.execute(select(Job.model_name).where(Job.status == "queued").distinct()).scalars())
+        names |= {name for name, runner in session.execute(select(Job.model_name, Job.runner).where(
+            Job.status == "running")) if is_gone(runner)}
     return sorted(names)
 
 

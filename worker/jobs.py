@@ -57,6 +57,8 @@ from .datasets import erased_cells, get_reference, get_splits
 from .db import advisory_lock, read_only_transaction, transaction
 from .requests import (COMPLETED_EVENT, PROCESS_MODEL_TOPIC, PROPAGATED_EVENT, _lock_model_submissions,
                        finite_json, request_metrics)
+from .runner import GONE_REASON, this_process
+from .runner import is_gone as runner_gone
 from .settings import Settings
 from .versions import (WeightsCheck, behind_with_nothing_under_way, erasure_cells, erasures_behind,
                        failed_propagation, hash_stored_weights, models_sharing_dataset, propagation_retry_at,
@@ -243,11 +245,22 @@ def _claim(settings: Settings, model_name: str) -> Claim:
 
         # One active job per model. A running job whose heartbeat went stale (its worker
         # died) still counts: the sweeper resets it to queued, and then it is claimed here.
+        # One whose runner this process can see is gone (killed: the OOM killer, SIGKILL) is
+        # put back in the queue now, and claimed below (an attempt that counts).
         running = session.execute(
-            select(Job.id).where(Job.model_name == model_name, Job.status == "running").limit(1)
+            select(Job).where(Job.model_name == model_name, Job.status == "running").limit(1)
         ).scalar_one_or_none()
+        if running is not None and runner_gone(running.runner):
+            # the job row locked only now: a live runner's publish locks it before the model row
+            running = session.execute(select(Job).where(Job.id == running.id).with_for_update()
+                                      .execution_options(populate_existing=True)).scalar_one()
+            if running.status == "running" and runner_gone(running.runner):
+                log.warning("job %s: the process that ran attempt %d (pid %s) is gone (killed?); back in the "
+                            "queue", running.id, running.attempts, running.runner.get("pid"))
+                _put_back(session, running, "job.requeued", reason=GONE_REASON)
+                running = None
         if running is not None:
-            return Claim("busy", job_id=running, reason="running")
+            return Claim("busy", job_id=running.id, reason="running")
         # Submissions of the model wait until this claim commits (the lock they take, before any
         # audit event as here): a request accepted while this claim decided whether one is waiting
         # (_waiting_requests) was left out of that decision
@@ -519,6 +532,7 @@ def _propagation(session: Session, settings: Settings, model_name: str, behind: 
 
 def _start(job: Job, now: datetime) -> None:
     job.status = "running"
+    job.runner = this_process()
     job.attempts = (job.attempts or 0) + 1
     job.started_at = now
     job.heartbeat_at = now

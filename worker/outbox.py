@@ -22,6 +22,8 @@ from sqlalchemy import delete, or_, select
 from .audit import append_event
 from .db import read_only_transaction, transaction
 from .jobs import propagation_due
+from .runner import GONE_REASON
+from .runner import is_gone as runner_gone
 from .settings import Settings
 from .tables import DeletionRequest, Job, Model, OutboxMessage, utcnow
 
@@ -166,7 +168,8 @@ def sweep_once(settings: Settings, publish: Publish) -> dict:
 
     - requests ``queued`` (and not part of a job) untouched for ``stale_after_s``;
     - jobs ``running`` whose heartbeat is older than ``stale_after_s`` (their worker
-      died): reset to ``queued`` with their requests, so the next claim runs them again
+      died), or whose runner this process sees is gone (``worker.runner``: killed on this
+      machine): reset to ``queued`` with their requests, so the next claim runs them again
       (a rerun that finds its stored artifact just publishes it);
     - jobs ``queued`` untouched for ``stale_after_s`` (their message was lost);
     - models whose serving version still holds cells erased through another model on
@@ -216,6 +219,15 @@ def sweep_once(settings: Settings, publish: Publish) -> dict:
                 .with_for_update(skip_locked=True)
             ).scalars()
         )
+        # running jobs whose runner this process can see is gone (killed), heartbeat fresh or not
+        stale_ids = {job.id for job in stale_jobs}
+        gone_ids = sorted(job_id for job_id, runner in session.execute(
+            select(Job.id, Job.runner).where(Job.status == "running")) if job_id not in stale_ids and runner_gone(runner))
+        gone_jobs = [job for job in session.execute(  # locked only now, as the stale ones: not a live runner's
+            select(Job).where(Job.id.in_(gone_ids), Job.status == "running").with_for_update(skip_locked=True)
+            .execution_options(populate_existing=True)).scalars() if runner_gone(job.runner)] if gone_ids else []
+        gone = {job.id for job in gone_jobs}
+        stale_jobs += gone_jobs
         for job in stale_jobs:
             if job.status == "running":
                 requests = list(
@@ -232,7 +244,8 @@ def sweep_once(settings: Settings, publish: Publish) -> dict:
                     "job.requeued",
                     model_name=job.model_name,
                     payload={"job_id": job.id, "last_heartbeat": job.heartbeat_at, "attempts": job.attempts,
-                             "request_ids": [r.id for r in requests]},
+                             "request_ids": [r.id for r in requests],
+                             **({"reason": GONE_REASON} if job.id in gone else {})},
                 )
                 job.status = "queued"
                 job.progress = 0.0

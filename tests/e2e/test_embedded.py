@@ -127,3 +127,45 @@ def test_ctrl_c_mid_job_puts_the_job_back_and_the_next_start_runs_it(tmp_path):
         assert (done["status"], done["produced_version"]) == ("completed", 2), done
         assert http.get(f"/jobs/{done['job_id']}").json()["attempts"] == 2
         assert http.get("/audit/verify").json()["ok"] is True
+
+
+def test_a_killed_serve_s_job_runs_at_the_next_start(tmp_path):
+    """SIGKILL to `unlearnd serve` mid-job (the OOM killer): nothing puts the job back, it
+    stays 'running'. The next start sees that the process that ran it is gone
+    (``worker.runner``) and runs it at once, where it waited for the sweeper to find its
+    heartbeat STALE_AFTER_S (10 minutes) old."""
+    from unlearning.data import load_splits
+    from worker.runner import GONE_REASON
+
+    target = load_splits(_spec())[0].instance_ids[2]
+    endless = {"UNLEARND_METHOD": "retrain", "UNLEARND_CALIBRATE_SHADOWS": "false",
+               "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 100000}}),
+               "UNLEARND_STALE_AFTER_S": "600"}
+    with _serve(tmp_path, **endless) as (proc, base), httpx.Client(base_url=base, timeout=10) as http:
+        r = http.post("/deletions", json={"instance_id": target, "tasks": ["depth"]})
+        assert r.status_code == 202, r.text
+        request_id = r.json()["id"]
+        wait_for(lambda: http.get(f"/deletions/{request_id}").json()["progress"] > 0, 120, 0.5,
+                 what="the job to be computing")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+
+    db = sqlite3.connect(tmp_path / "unlearnd.db")
+    try:
+        assert db.execute("SELECT status, attempts FROM jobs").fetchall() == [("running", 1)]
+        assert json.loads(db.execute("SELECT runner FROM jobs").fetchone()[0])["pid"] == proc.pid
+    finally:
+        db.close()
+
+    short = {**endless, "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 2}})}
+    with _serve(tmp_path, **short) as (proc, base), httpx.Client(base_url=base, timeout=10) as http:
+        def finished():
+            body = http.get(f"/deletions/{request_id}").json()
+            return body if body["status"] in ("completed", "failed", "rejected") else None
+
+        done = wait_for(finished, 120, 0.5, what="the job to run again")
+        assert (done["status"], done["produced_version"]) == ("completed", 2), done
+        assert http.get(f"/jobs/{done['job_id']}").json()["attempts"] == 2
+        requeued = http.get("/audit/events", params={"kind": "job.requeued"}).json()["items"]
+        assert [e["payload"]["reason"] for e in requeued] == [GONE_REASON]
+        assert http.get("/audit/verify").json()["ok"] is True

@@ -167,3 +167,41 @@ def test_a_warm_shutdown_puts_a_long_job_back_after_the_grace_period(own_service
     text = log.read_text()
     assert (job.status, request.status, len(requeued)) == ("queued", "queued", 1), text[-3000:]
     assert "warm shutdown: a job is still running after 2 s" in text
+
+
+def test_a_pool_process_killed_mid_job_is_taken_over_at_once(own_service, tmp_path):
+    """SIGKILL to the pool process that runs the job (the OOM killer): Celery redelivers the
+    task (``task_reject_on_worker_lost``), and its claim finds the job's runner gone
+    (``worker.runner``) and runs the job again at once. It used to find the job 'running',
+    end, and leave it to the sweeper once the heartbeat was ``stale_after_s`` old."""
+    from worker.celery_app import PROCESS_MODEL_TASK, create_celery
+    from worker.runner import GONE_REASON
+
+    endless = {**own_service, "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 100000}}),
+               "UNLEARND_STALE_AFTER_S": "600"}  # the heartbeat rule would take 10 minutes
+    settings, request_id, record = _endless_job(endless, 2)
+    log = tmp_path / "worker.log"
+    proc = _worker(endless, log)
+    try:
+        create_celery(settings).send_task(PROCESS_MODEL_TASK, args=[settings.model_name], queue=QUEUE)
+        wait_for(lambda: record()[0] is not None and record()[0].progress > 0, 120, 0.5,
+                 what="the job to be computing")
+        killed = record()[0].runner["pid"]
+        assert killed != proc.pid  # a pool process, not the worker's main process
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: record()[0].attempts == 2, 60, 0.5, what="the job to be claimed again")
+        job, request, requeued = record()
+        assert (job.status, request.status) == ("running", "running"), log.read_text()[-3000:]
+        assert job.runner["pid"] not in (killed, proc.pid)
+        assert [p["reason"] for p in requeued] == [GONE_REASON]
+        assert proc.poll() is None  # the worker lives on
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    job, request, requeued = record()  # the stop put it back, as ever
+    assert (job.status, job.attempts, request.status, len(requeued)) == ("queued", 2, "queued", 2)

@@ -22,7 +22,7 @@ def test_migrated_schema_matches_the_orm(database_url):
 
 
 def test_upgrade_is_idempotent(database_url):
-    assert upgrade_database(database_url) == head_revision() == "0010"
+    assert upgrade_database(database_url) == head_revision() == "0011"
 
 
 def test_offline_sql_builds_the_same_schema():
@@ -116,7 +116,7 @@ def test_idempotency_keys_survive_the_per_submitter_constraint(tmp_path):
             command.downgrade(alembic_config(url), "0005")
             with pytest.raises(IntegrityError), engine_for(url).begin() as conn:
                 conn.execute(text(str(insert).format(extra="", values="")), {"id": "r4", "key": "ticket-1"})
-            assert upgrade_database(url) == "0010"
+            assert upgrade_database(url) == head_revision()
     finally:
         drop_database(name)
 
@@ -327,7 +327,7 @@ def test_a_downgrade_that_drops_the_audit_logs_protection_refuses_while_it_holds
                 with pytest.raises(CommandError, match=r"append-only.*2 row\(s\) in audit_events.*allow_record_loss=1"):
                     command.downgrade(alembic_config(url), down_to)
             with engine_for(url).connect() as conn:
-                assert current_revision(conn) == "0010", url  # no step ran (on SQLite each commits alone)
+                assert current_revision(conn) == head_revision(), url  # no step ran (on SQLite each commits alone)
             with pytest.raises(DBAPIError, match="append-only"), engine_for(url).begin() as conn:
                 conn.execute(text("DELETE FROM audit_events"))  # still protected
             if sqlite:  # 0009 and 0008 (not guarded) would have run before 0007 refused: none runs
