@@ -111,6 +111,37 @@ def test_the_headline_pools_every_method_over_the_same_forget_sets():
                                                          "results": whole})
 
 
+def test_a_baseline_with_zero_uis_that_forgets_as_well_is_not_beaten():
+    """Nothing is lower than a UIS of 0: the reduction is −∞ (shown so), not blank ("–%"
+    read as "not applicable"); 0 when ours is 0 too."""
+    results = [_run("interference_aware", uis=2.0, mia=0.55), _run("finetune", uis=0.0, mia=0.52)]
+    (row,) = bench.headline(results)
+    assert (row["strongest"], row["reduction"]) == ("finetune", -math.inf)
+    text = bench.markdown({"suite": "t", "device": "cpu", "config": {"seeds": [0]}, "results": results})
+    assert "| finetune | 0.00 | −∞% |" in text
+    (row,) = bench.headline([_run("interference_aware", uis=0.0, mia=0.55), _run("finetune", uis=0.0, mia=0.52)])
+    assert row["reduction"] == 0.0
+
+
+def test_the_mia_target_is_read_of_means_per_set_and_per_task():
+    """Errors of opposite sign cancel in the difference of the means, not in the others."""
+    results = [{**_run("interference_aware", uis=1.0, mia=mia, mia_retrain=retrain), "setting": "partial",
+                "forget_tasks": [task], "seed": seed}
+               for task, seed, mia, retrain in [("depth", 0, 0.60, 0.50), ("depth", 1, 0.56, 0.50),
+                                                ("segmentation", 0, 0.40, 0.50), ("segmentation", 1, 0.44, 0.50)]]
+    results.append({**_run("interference_aware", uis=1.0, mia=0.9, mia_retrain=0.1, n=1), "setting": "partial",
+                    "forget_tasks": ["depth"]})  # one instance: only a rank, not read
+    (row,) = bench.mia_readings(results)
+    assert (row["benchmark"], row["setting"], row["sets"]) == ("b", "partial", 4)
+    assert row["of_means"] == pytest.approx(0.0, abs=1e-12)
+    assert row["per_set"] == pytest.approx(0.08)
+    assert row["per_task"] == {"depth": pytest.approx(0.08), "segmentation": pytest.approx(0.08)}
+    text = bench.markdown({"suite": "t", "device": "cpu", "config": {"seeds": [0, 1]}, "results": results})
+    assert "| b | partial | 4 | 0.000 | 0.080 | depth 0.080, segmentation 0.080 |" in text
+    (full,) = bench.mia_readings([_run("interference_aware", uis=1.0, mia=0.6)])
+    assert full["per_task"] == {"all": pytest.approx(0.1)}
+
+
 def test_a_diverged_run_is_never_averaged_away():
     """UIS is NaN for a diverged model; a method with such a run gets NaN means (shown as
     "–") and is never the strongest or the lowest-UIS baseline on its good runs alone."""
