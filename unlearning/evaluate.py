@@ -14,6 +14,7 @@ is cached in an :class:`EvalContext` that a worker can keep between jobs.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -24,6 +25,8 @@ from .losses import measured, per_sample_losses, supervised_or_nan
 from .metrics import GroupKey, group_degradations, mia_auc, uis
 from .metrics import forget_gap as forget_gap_metric
 from .tasks import get_task
+
+log = logging.getLogger(__name__)
 
 
 def task_metrics(
@@ -262,7 +265,9 @@ def evaluate_unlearning(
     ``n_forget_cells``, ``n_forget_instances``, ``forget_loss`` (mean loss on
     the forgotten cells per task and model) and ``groups``: one entry per UIS
     group with its level, task, set, size, each model's metrics and d_g.
-    An AUC that cannot be computed (no held-out cell of a forgotten task) is None.
+    ``mia_tasks``: the forgotten tasks the attack compared; a forgotten task with no
+    labelled forgotten cell or no labelled held-out cell has no AUC and is left out of the
+    ``mia_auc`` values (logged). An AUC with no task to compare is None.
     """
     if context is None:
         context = EvalContext(original, train, test, retained_sample_size, seed, device, batch_size)
@@ -337,6 +342,15 @@ def evaluate_unlearning(
     # Forgetting: members are the forgotten cells, non-members the same task's test losses.
     member = {name: forget_cell_losses(m, train, forget_cells, device, batch_size) for name, m in models.items()}
     auc = {name: _nan_to_none(mia_auc(member[name], heldout[name])) for name in models}
+    # the forgotten tasks the attack could compare (a labelled forgotten cell and a labelled
+    # held-out cell: the data's, the same for every model); the others are not in the AUC
+    def labelled(losses) -> bool:
+        return losses is not None and bool((~torch.isnan(losses)).any())
+
+    attacked = sorted(t for t, v in member["unlearned"].items() if labelled(v) and labelled(heldout["unlearned"].get(t)))
+    if set(attacked) != set(member["unlearned"]):
+        log.warning("membership attack: forgotten task(s) %s have no labelled %s cell; mia_auc compares %s only",
+                    sorted(set(member["unlearned"]) - set(attacked)), "forgotten or held-out", attacked or "nothing")
     gold = member["retrained"] if retrained is not None else retrained_forget_losses
     # from the per-cell losses: a head whose loss went infinite makes the gap infinite (None),
     # where means already made JSON-safe would drop that task
@@ -355,6 +369,7 @@ def evaluate_unlearning(
         "mia_auc": auc["unlearned"],
         "mia_auc_original": auc["original"],
         "mia_auc_retrain": auc.get("retrained"),
+        "mia_tasks": attacked,
         "forget_gap": gap,
         "uis_retrain": uis_retrain,
         "mode": "partial" if bool(keep.any()) else "full",

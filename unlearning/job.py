@@ -422,6 +422,7 @@ def run_unlearning_job(
         "uis_inst": evaluation["uis_inst"],
         "mia_auc": evaluation["mia_auc"],
         "mia_auc_original": evaluation["mia_auc_original"],
+        "mia_tasks": evaluation["mia_tasks"],  # the forgotten tasks the attack compared
         "per_task": _per_task(evaluation),
         "mode": evaluation["mode"],
         "forget_tasks": evaluation["forget_tasks"],

@@ -40,7 +40,7 @@ def test_job_returns_the_metric_keys(setup):
         assert math.isfinite(result.metrics[key]) and result.metrics[key] >= 0, key
     for key in ("mia_auc", "mia_auc_original"):
         assert 0.0 <= result.metrics[key] <= 1.0, key
-    assert result.metrics["mode"] == "partial"
+    assert result.metrics["mode"] == "partial" and result.metrics["mia_tasks"] == ["depth"]
     assert result.seconds > 0 and result.log["method"] == "interference_aware"
     assert seen and seen[-1] == 1.0 and all(0 <= f <= 1 for f in seen)
     assert result.model is not model

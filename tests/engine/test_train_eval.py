@@ -433,3 +433,21 @@ def test_a_head_whose_predictions_are_not_finite_is_not_scored_as_an_unlabelled_
     # the attack counts both cells, as for the original model: the broken cell ties every non-member
     assert report["mia_auc"] == pytest.approx((0.5 + mia_auc({"depth": per_sample_losses(broken, train.select(["i1"]))["depth"]},
                                                              {"depth": per_sample_losses(broken, test)["depth"]})) / 2)
+
+
+def test_a_forgotten_task_the_attack_cannot_compare_is_named(trained, caplog):
+    """No labelled held-out depth: the attack compares segmentation alone, and the report
+    says so (``mia_tasks``), where its AUC silently stood for both forgotten tasks."""
+    train, test, _, model = trained
+    blank = copy.deepcopy(test)
+    blank.targets["depth"].zero_()  # depth is labelled where it is > 0
+    cells = [("i2", "segmentation"), ("i2", "depth")]
+    with caplog.at_level("WARNING", logger="unlearning.evaluate"):
+        report = evaluate_unlearning(model, model, train, cells, blank, retained_sample_size=4)
+    assert report["mia_tasks"] == ["segmentation"]
+    segmentation = mia_auc(forget_cell_losses(model, train, cells[:1])["segmentation"],
+                           per_sample_losses(model, blank)["segmentation"])
+    assert report["mia_auc"] == pytest.approx(segmentation)
+    assert "forgotten task(s) ['depth'] have no labelled forgotten or held-out cell" in caplog.text
+    full = evaluate_unlearning(model, model, train, cells, test, retained_sample_size=4)
+    assert full["mia_tasks"] == ["depth", "segmentation"]
