@@ -47,6 +47,17 @@ def _path(request: Request) -> str:
     return request.scope.get("path") or "/"
 
 
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable (NUL, another control character, a
+    lone surrogate, a bidi override) written as ``repr`` writes it (``\\x00``, ``\\n``,
+    ``\\u202e``), as the details that quote a value with ``!r`` already show it: a detail echoes
+    the request (a path, a parameter's or a field's name, a Content-Type), and a client or log
+    that prints it was handed the raw character (a NUL ending a C string, a terminal escape)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def problem(
     request: Request, status: int, title: str, detail: str, slug: str, headers: dict | None = None, **extras
 ) -> JSONResponse:
@@ -54,7 +65,7 @@ def problem(
         "type": TYPE_BASE + slug,
         "title": title,
         "status": status,
-        "detail": detail,
+        "detail": printable(detail),
         "instance": _path(request),
         **jsonable_encoder(extras),
     }

@@ -310,6 +310,40 @@ def test_a_nul_character_in_a_query_parameter_is_a_validation_error(backend, url
     assert problem["errors"][0]["loc"] == ["query", param]
 
 
+@pytest.mark.parametrize("send,status,detail", [
+    (lambda c: c.get("/no%00such/route"), 404, "no route matches GET /no\\x00such/route"),
+    (lambda c: c.put("/deletions/a%00b"), 405, "PUT is not allowed on /deletions/a\\x00b; allowed: GET, HEAD"),
+    (lambda c: c.get("/deletions", params={"a\x1b[2Jb": "1"}), 422,
+     "query.a\\x1b[2Jb: unknown query parameter; this route takes: "
+     "cursor, instance_id, limit, model, since, status, until"),
+    (lambda c: c.post("/deletions", json={"instance_id": "x", "a\x00b": 1}), 422,
+     "body.a\\x00b: Extra inputs are not permitted"),
+    # the TestClient re-encodes a header's bytes as UTF-8 (0x9b: c2 9b), which the service reads as
+    # Latin-1 ("\xc2\x9b"; the media type lower-cased), the C1 control escaped still
+    (lambda c: c.post("/deletions", content=b"{}", headers={"content-type": b"text/\x9b2Jplain"}), 415,
+     "the request body must be application/json, got text/\xe2\\x9b2jplain"),
+    (lambda c: c.post("/deletions", content=b"{}", headers={"content-type": b"application/json; charset=x\x85y"}),
+     400, "the request body is not valid JSON for this API: a body declared charset=x\xe2\\x85y is not JSON this "
+          "API reads: send UTF-8 (charset=utf-8, or no charset)"),
+])
+def test_a_problem_detail_echoes_control_characters_escaped(backend, send, status, detail):
+    """A detail that echoes the request (a path, a name, a header) writes a NUL, a terminal escape
+    or a C1 control as ``repr`` does, as the details quoting a value with ``!r`` already did: a
+    client or log printing the detail got the raw character."""
+    _, _, client = backend
+    problem = assert_problem(send(client), status)
+    assert problem["detail"] == detail
+    assert problem["detail"].isprintable()
+
+
+def test_a_detail_quoting_a_value_is_not_escaped_twice(backend):
+    _, model, client = backend
+    r = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["x\x1by"]})
+    problem = assert_problem(r, 422, "invalid-request")
+    assert problem["detail"].startswith("unknown task(s) ['x\\x1by'] for model ")
+    assert problem["unknown_tasks"] == ["x\x1by"]  # the extras name the value as sent
+
+
 def test_a_value_the_database_refuses_is_a_422_without_the_statement(backend, monkeypatch):
     _, _, client = backend
     import app.routes.jobs
