@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import MAX_VERSION, DamagedManifest, IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError
+from .base import (MAX_VERSION, DamagedManifest, IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError,
+                   WrongArchitecture)
 from .local import LocalModelStore
 
 
@@ -18,4 +19,4 @@ def store_for(location: str | Path) -> ModelStore:
 
 
 __all__ = ["Manifest", "ModelStore", "LocalModelStore", "StoreError", "IntegrityError", "PurgedVersion",
-           "DamagedManifest", "MAX_VERSION", "store_for"]
+           "DamagedManifest", "WrongArchitecture", "MAX_VERSION", "store_for"]

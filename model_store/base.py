@@ -34,6 +34,13 @@ class IntegrityError(StoreError):
     regular file (a link, a directory, a FIFO), or do not fit the manifest's architecture."""
 
 
+class WrongArchitecture(IntegrityError):
+    """Weights that match the manifest's sha256 but do not load as the model its
+    ``model_config`` describes (other tensor names or shapes, an architecture too large to
+    build): they are the bytes the manifest was written for, so what changed is its
+    ``model_config``."""
+
+
 class DamagedManifest(StoreError):
     """A version's manifest cannot be read: not a regular file, not UTF-8 JSON, not an
     object, a required field missing or of the wrong type, an invalid ``model_config``, or a
@@ -171,13 +178,25 @@ class ModelStore(ABC):
     def exists(self, model_name: str, version: int) -> bool:
         """Whether a complete version (weights and manifest) is stored."""
 
-    @abstractmethod
     def verify(self, model_name: str, version: int) -> bool:
         """Recompute the weights' sha256 and compare it with the manifest: False when they
         differ, when they do not fit the manifest's architecture (what :meth:`load` would
         refuse), when the weights are not a regular file, or when the manifest is damaged
         (:class:`DamagedManifest`); :class:`PurgedVersion` for a purged version,
-        :class:`StoreError` for one that is not stored."""
+        :class:`StoreError` for one that is not stored. :meth:`check_weights` says which."""
+        try:
+            self.check_weights(model_name, version)
+        except (IntegrityError, DamagedManifest):
+            return False
+        return True
+
+    @abstractmethod
+    def check_weights(self, model_name: str, version: int) -> None:
+        """:meth:`verify`, raising what it answers False for: :class:`IntegrityError` for weights
+        that are not a regular file or do not match the manifest's sha256,
+        :class:`WrongArchitecture` (one) for weights that match it but do not fit its
+        ``model_config``, :class:`DamagedManifest` for a manifest that cannot be read or whose
+        ``model_config`` is not an architecture."""
 
     @abstractmethod
     def discard(self, model_name: str, version: int) -> None:

@@ -52,7 +52,7 @@ from unlearning.model import (WEIGHTS_FILE, ModelConfig, MultiTaskNet, fitting_s
                               model_from_safetensors, save_model)
 
 from .base import (MAX_VERSION, DamagedManifest, IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError,
-                   _is_cells, valid_version)
+                   WrongArchitecture, _is_cells, valid_version)
 
 MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration.json"
@@ -498,16 +498,12 @@ class LocalModelStore(ModelStore):
             )
         return data, manifest, config
 
-    def verify(self, model_name: str, version: int) -> bool:
-        try:
-            data, _, config = self._read_verified(model_name, version)
-        except (IntegrityError, DamagedManifest):
-            return False
+    def check_weights(self, model_name: str, version: int) -> None:
+        data, _, config = self._read_verified(model_name, version)
         try:  # and they are weights of the manifest's architecture, which load will build
             fitting_state(config, data, self._dir(model_name, version) / WEIGHTS_FILE)
-        except ValueError:
-            return False
-        return True
+        except ValueError as exc:
+            raise WrongArchitecture(str(exc)) from None
 
     def discard(self, model_name: str, version: int) -> None:
         final = self._dir(model_name, version)
@@ -571,7 +567,7 @@ class LocalModelStore(ModelStore):
         try:
             model = model_from_safetensors(config, data, path, device)
         except ValueError as exc:  # not safetensors, or weights that do not fit the manifest's architecture
-            raise IntegrityError(str(exc)) from None
+            raise WrongArchitecture(str(exc)) from None
         return model.eval(), manifest
 
 

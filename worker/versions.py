@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session, defer
 
 from unlearning.data import dataset_key
 
-from model_store import DamagedManifest, ModelStore, PurgedVersion, StoreError, store_for
+from model_store import (DamagedManifest, IntegrityError, ModelStore, PurgedVersion, StoreError,
+                         WrongArchitecture, store_for)
 
 from .audit import append_event, commit_ordered_now
 from .datasets import erased_cells
@@ -407,11 +408,16 @@ def rollback(
 @dataclass(frozen=True)
 class WeightsCheck:
     """A stored version's weights, hashed before a transaction takes its locks (a rollback's
-    target, a job's artifact before its publish): whether they match ``sha256``."""
+    target, a job's artifact before its publish): ``damage``, the store's refusal when they do
+    not match ``sha256`` or do not fit the manifest's architecture (:meth:`ModelStore.check_weights`)."""
 
     version: int
     sha256: str
-    ok: bool
+    damage: StoreError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.damage is None
 
 
 def check_weights_first(settings: Settings, store: ModelStore, model_name: str, version: int) -> WeightsCheck | None:
@@ -433,22 +439,31 @@ def check_weights_first(settings: Settings, store: ModelStore, model_name: str, 
 
 def hash_stored_weights(store: ModelStore, model_name: str, version: int) -> WeightsCheck | None:
     """Read and hash the stored weights of ``version`` (to do before a transaction takes its
-    locks): its manifest's sha256 and whether they match it; None when the store cannot say
-    (the check under the locks names what is wrong then)."""
+    locks): its manifest's sha256 and what is wrong with them, if anything; None when the store
+    cannot say (the check under the locks names what is wrong then)."""
     try:
         sha = store.manifest(model_name, version).sha256
-        return WeightsCheck(version, sha, store.verify(model_name, version))
+        return WeightsCheck(version, sha, _weights_damage(store, model_name, version))
     except (StoreError, OSError):
         return None
 
 
+def _weights_damage(store: ModelStore, model_name: str, version: int) -> StoreError | None:
+    """:meth:`ModelStore.check_weights`' refusal of the stored ``version``, or None when it passes."""
+    try:
+        store.check_weights(model_name, version)
+    except (IntegrityError, DamagedManifest) as exc:
+        return exc
+    return None
+
+
 def _check_target_stored(store: ModelStore, row: ModelVersion, weights: WeightsCheck | None = None) -> None:
     """:class:`Conflict` unless ``store`` holds version ``row`` as the record has it: its
-    manifest, with the recorded sha256, and weights that match it (hashed: a rollback is rare,
-    and weights damaged or removed outside the service became serving, then failed every
-    deletion job and ``serve``; ``weights``, hashed before, for the record's sha256, is taken
-    as it is). The detail names the version and what is wrong, never a path
-    (the store's own errors name its files): ``store_state`` says which in a word."""
+    manifest, with the recorded sha256, and weights that match it and fit its architecture
+    (hashed: a rollback is rare, and weights damaged or removed outside the service became
+    serving, then failed every deletion job and ``serve``; ``weights``, hashed before, for the
+    record's sha256, is taken as it is). The detail names the version and what is wrong, never a
+    path (the store's own errors name its files): ``store_state`` says which in a word."""
     name, version = row.model_name, row.version
     try:
         manifest = store.manifest(name, version)
@@ -456,12 +471,11 @@ def _check_target_stored(store: ModelStore, row: ModelVersion, weights: WeightsC
         if manifest.sha256 != row.sha256:
             state, why = "other_version", (f"the store holds another version {version} (sha256 "
                                            f"{manifest.sha256[:12]}…, the record's is {row.sha256[:12]}…)")
-        elif checked and weights.ok:
-            return
-        elif checked or not store.verify(name, version):
-            state, why = "damaged_weights", "its weights in the store do not match the sha256 the record has"
         else:
-            return
+            damage = weights.damage if checked else _weights_damage(store, name, version)
+            if damage is None:
+                return
+            state, why = _damage_said(damage)
     except DamagedManifest:
         state, why = "damaged_manifest", "its manifest in the store cannot be read"
     except PurgedVersion:  # weights gone while the record does not have them purged (checked before)
@@ -476,6 +490,18 @@ def _check_target_stored(store: ModelStore, row: ModelVersion, weights: WeightsC
         "sha256) or roll back to another version; nothing was moved or queued",
         model=name, version=version, store_state=state,
     )
+
+
+def _damage_said(damage: StoreError) -> tuple[str, str]:
+    """The ``store_state`` and the words of a stored version's :meth:`ModelStore.check_weights` refusal.
+    Weights of another architecture than the manifest's, with the record's sha256, are the
+    weights published: its manifest's ``model_config`` is what changed, and what to restore."""
+    if isinstance(damage, WrongArchitecture):
+        return "damaged_manifest", ("its weights match the sha256 the record has, but not the architecture its "
+                                    "manifest's model_config describes")
+    if isinstance(damage, DamagedManifest):
+        return "damaged_manifest", "its manifest in the store does not describe a model architecture"
+    return "damaged_weights", "its weights in the store do not match the sha256 the record has"
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_store import DamagedManifest, IntegrityError, LocalModelStore, PurgedVersion, StoreError
+from model_store import DamagedManifest, IntegrityError, LocalModelStore, PurgedVersion, StoreError, WrongArchitecture
 from unlearning.model import ModelConfig, MultiTaskNet
 
 MODEL = "m"
@@ -311,7 +311,21 @@ def test_weights_that_do_not_fit_the_manifests_architecture_are_an_integrity_err
     # and verify says so: it passed them (sha256 only), so a first start registered a version
     # every job failed to load, and discard_if_damaged kept it
     assert store.verify(MODEL, 1) is False
+    # check_weights says which: the weights match the manifest's sha256, its model_config is what changed
+    with pytest.raises(WrongArchitecture, match="does not match the model configuration"):
+        store.check_weights(MODEL, 1)
+    with pytest.raises(WrongArchitecture):
+        store.load(MODEL, 1)
     assert store.discard_if_damaged(MODEL, 1) is True and store.versions(MODEL) == []
+
+
+def test_weights_of_another_sha256_are_an_integrity_error_not_another_architecture(stored):
+    store, folder = stored
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(IntegrityError, match="does not match the manifest's") as damaged:
+        store.check_weights(MODEL, 1)
+    assert not isinstance(damaged.value, WrongArchitecture) and store.verify(MODEL, 1) is False
 
 
 # --------------------------------------------------------------------------- 6: version numbers

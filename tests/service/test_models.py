@@ -224,6 +224,9 @@ def test_jobs_are_listed_newest_first_filtered_and_paged(client, settings, model
 def test_a_rollback_to_a_version_the_store_does_not_hold_as_recorded_moves_nothing(client, settings, model, stored):
     """The alias moved on the record alone: a target whose weights were damaged or removed outside
     the service became serving with a 200, then every deletion job and `serve` failed."""
+    from model_store.local import LocalModelStore
+    from worker.versions import Conflict, _check_target_stored
+
     _history(settings, model, ["r-a", "r-b"])
     _bad_publish_on_top(settings, model)
     folder = settings.store_dir / model.name / "v3"
@@ -235,18 +238,33 @@ def test_a_rollback_to_a_version_the_store_does_not_hold_as_recorded_moves_nothi
         assert "cannot be served" in problem["detail"] and "nothing was moved" in problem["detail"]
         assert "/" not in problem["detail"] and str(settings.store_dir) not in json.dumps(problem)  # no path
         assert counts(settings) == before and _serving(settings, model.name) == 4
+        return problem["detail"]
 
     stored(model.name, 3)
     weights = folder / "model.safetensors"
     intact = weights.read_bytes()
     weights.write_bytes(intact[:-8] + b"\0" * 8)  # damaged: another sha256 than the manifest's
-    refused("damaged_weights")
+    assert "weights in the store do not match the sha256" in refused("damaged_weights")
     weights.unlink()  # removed by hand: not purged, as far as the record knows
     refused("missing_weights")
     weights.write_bytes(intact)
     manifest = (folder / "manifest.json").read_text()
     (folder / "manifest.json").write_text("{not json")
-    refused("damaged_manifest")
+    assert "its manifest in the store cannot be read" in refused("damaged_manifest")
+    # weights of another architecture than the manifest's model_config: they are the record's (its
+    # sha256), the manifest is what changed; it was said to be the weights, which did match the sha256
+    for config, why in (({"width": 8}, "its weights match the sha256 the record has, but not the architecture its "
+                                       "manifest's model_config describes"),
+                        ({"tasks": {}}, "its manifest in the store does not describe a model architecture")):
+        edited = json.loads(manifest)
+        edited["model_config"].update(config)
+        (folder / "manifest.json").write_text(json.dumps(edited))
+        assert why in refused("damaged_manifest")
+        with transaction(settings.database_url) as s:  # and so says the check under the locks, not given the hash
+            row = s.execute(select(ModelVersion).where(ModelVersion.version == 3)).scalar_one()
+            with pytest.raises(Conflict, match=why) as under_locks:
+                _check_target_stored(LocalModelStore(settings.store_dir), row)
+            assert under_locks.value.extras["store_state"] == "damaged_manifest"
     (folder / "manifest.json").write_text(manifest)
     with transaction(settings.database_url) as s:  # the record names other weights than the store holds
         s.execute(select(ModelVersion).where(ModelVersion.version == 3)).scalar_one().sha256 = "e" * 64
@@ -269,33 +287,34 @@ def test_a_rollback_hashes_its_targets_weights_once_before_taking_any_lock(clien
     """The store's check read and hashed the whole weights file inside the rollback's
     transaction: the model row and the serving alias locked (on SQLite the write lock, every
     writer waiting) for as long as the read took. They are hashed once, before it."""
+    from model_store import IntegrityError
     from model_store.local import LocalModelStore
     from worker import versions
 
     _history(settings, model, ["r-a", "r-b"])
     _bad_publish_on_top(settings, model)
     stored(model.name, 3)
-    hashed, real = [], LocalModelStore.verify
+    hashed, real = [], LocalModelStore.check_weights
 
-    def verify(self, name, version):
+    def check_weights(self, name, version):
         hashed.append(version)
         return real(self, name, version)
 
-    monkeypatch.setattr(LocalModelStore, "verify", verify)
+    monkeypatch.setattr(LocalModelStore, "check_weights", check_weights)
     r = client.post(f"/models/{model.name}/rollback", json={"version": 3})
     assert r.status_code == 200 and r.json()["serving_version"] == 3
     assert hashed == [3]  # in check_weights_first, not again under the locks
     # what check_weights_first found is what the transaction goes by
     with transaction(settings.database_url) as s:
         row = s.execute(select(ModelVersion).where(ModelVersion.version == 3)).scalar_one()
-        damaged = versions.WeightsCheck(3, row.sha256, ok=False)
+        damaged = versions.WeightsCheck(3, row.sha256, IntegrityError("weights sha256 ... does not match"))
         store = LocalModelStore(settings.store_dir)
         with pytest.raises(versions.Conflict, match="do not match") as refused:
             versions._check_target_stored(store, row, damaged)
         assert refused.value.extras["store_state"] == "damaged_weights"
-        versions._check_target_stored(store, row, versions.WeightsCheck(3, row.sha256, ok=True))
+        versions._check_target_stored(store, row, versions.WeightsCheck(3, row.sha256))
         assert hashed == [3]
-        versions._check_target_stored(store, row, versions.WeightsCheck(3, "f" * 64, ok=True))  # another sha: hashed
+        versions._check_target_stored(store, row, versions.WeightsCheck(3, "f" * 64))  # another sha: hashed
         assert hashed == [3, 3]
     assert versions.check_weights_first(settings, store, model.name, 99) is None  # no such version
 
@@ -311,7 +330,7 @@ def test_a_rollback_target_the_store_cannot_read_is_a_409_not_a_500(client, sett
     def unreadable(self, name, version):
         raise PermissionError(13, "Permission denied", "/srv/models/m/v3/model.safetensors")
 
-    monkeypatch.setattr(LocalModelStore, "verify", unreadable)
+    monkeypatch.setattr(LocalModelStore, "check_weights", unreadable)
     before = counts(settings)
     problem = assert_problem(client.post(f"/models/{model.name}/rollback", json={"version": 3}), 409)
     assert problem["store_state"] == "unreadable" and "cannot read it (Permission denied)" in problem["detail"]

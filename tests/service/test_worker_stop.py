@@ -455,7 +455,7 @@ def test_a_publish_hashes_the_artifacts_weights_before_taking_any_lock(tiny, mon
     s, store, ids = tiny
     _submit(s, ids[0])
     inside, calls = [False], []
-    real_transaction, real_verify = jobs.transaction, LocalModelStore.verify
+    real_transaction, real_check = jobs.transaction, LocalModelStore.check_weights
 
     @contextmanager
     def transaction(url):
@@ -466,12 +466,12 @@ def test_a_publish_hashes_the_artifacts_weights_before_taking_any_lock(tiny, mon
             finally:
                 inside[0] = False
 
-    def verify(self, name, version):
+    def check_weights(self, name, version):
         calls.append((version, inside[0]))
-        return real_verify(self, name, version)
+        return real_check(self, name, version)
 
     monkeypatch.setattr(jobs, "transaction", transaction)
-    monkeypatch.setattr(LocalModelStore, "verify", verify)
+    monkeypatch.setattr(LocalModelStore, "check_weights", check_weights)
     [outcome] = jobs.drain_model(s, store, TINY)
     assert outcome.status == "completed" and outcome.version == 2
     assert calls == [(2, False)]  # once, outside every transaction of the worker
