@@ -90,8 +90,14 @@ def make_engine(url: str) -> Engine:
 
         return engine
     # libpq: give up connecting after 10 s, and notice a peer that vanished mid-query
-    # (keepalives) instead of waiting on a dead connection for as long as TCP does
-    return create_engine(url, pool_pre_ping=True, connect_args=dict(PG_CONNECT_ARGS))
+    # (keepalives) instead of waiting on a dead connection for as long as TCP does.
+    # READ COMMITTED whatever the server's default_transaction_isolation: the writers order
+    # themselves with row and advisory locks and then read what committed before them (the
+    # audit chain's head, a request's pending cells); under REPEATABLE READ, a hardening
+    # setting some servers carry, most concurrent writers failed with serialisation errors.
+    # Readers that need one snapshot ask for REPEATABLE READ themselves (:func:`read_only`).
+    return create_engine(url, pool_pre_ping=True, isolation_level="READ COMMITTED",
+                         connect_args=dict(PG_CONNECT_ARGS))
 
 
 #: libpq connection parameters of every PostgreSQL engine (psycopg and psycopg2 take them)

@@ -140,7 +140,8 @@ def test_a_malformed_anchor_is_a_422(client, model, params):
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
 def test_the_database_refuses_to_change_or_remove_audit_history(settings, model, tmp_path, backend):
     """Migration 0007: the record itself refuses UPDATE, DELETE (and TRUNCATE on PostgreSQL) of
-    events, removing the chain head and moving it back; appending goes on as before."""
+    events, removing the chain head and moving it back; 0010 (SQLite) and 0012 (PostgreSQL)
+    a head moved to another id. Appending goes on as before."""
     from sqlalchemy.exc import DBAPIError
 
     from worker.audit import append_event, verify_chain
@@ -157,6 +158,8 @@ def test_the_database_refuses_to_change_or_remove_audit_history(settings, model,
         "DELETE FROM audit_events WHERE seq = 3": "append-only: DELETE on audit_events",
         "DELETE FROM audit_chain_head": "append-only: DELETE on audit_chain_head",
         "UPDATE audit_chain_head SET seq = 2": "only moves forward",
+        # the head moved to another id (and forward): no head left at its id, no append after it
+        "UPDATE audit_chain_head SET id = 2, seq = seq + 1": "append-only: the id of a chain head does not change",
     }
     if backend == "postgresql":
         refused["TRUNCATE audit_events CASCADE"] = "append-only: TRUNCATE on audit_events"
@@ -242,3 +245,50 @@ def test_a_time_in_an_events_payload_is_written_as_the_api_writes_times(settings
     assert event.payload == {"naive": "2026-12-06T22:12:18.634836Z", "elsewhere": "2026-12-06T22:12:18Z", "n": 2}
     with transaction(url) as session:
         assert verify_chain(session)["ok"]
+
+
+def test_writers_read_committed_whatever_the_server_default(settings):
+    """A server whose default_transaction_isolation is REPEATABLE READ (a hardening setting):
+    the appends, ordered by the advisory lock, read the chain head their snapshot held, and
+    most concurrent writers failed with serialisation errors. The engine pins READ COMMITTED."""
+    import os
+    import threading
+
+    from worker.audit import append_event, verify_chain
+    from worker.db import engine_for, read_only_transaction, transaction
+    from worker.migrate import upgrade_database
+
+    from .conftest import _admin, create_database, drop_database
+
+    name = f"unlearnd_test_{os.getpid()}_rr"
+    url = create_database(name)
+    try:
+        upgrade_database(url)
+        with _admin() as admin:
+            admin.execute(f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'")
+        engine_for(url).dispose()
+        with transaction(url) as session:
+            assert session.execute(text("SHOW transaction_isolation")).scalar() == "read committed"
+        errors = []
+
+        def write(i):
+            for j in range(10):
+                try:
+                    with transaction(url) as session:
+                        session.execute(text("SELECT 1"))  # a statement before the append: the snapshot taken
+                        append_event(session, "t", payload={"writer": i, "n": j})
+                except Exception as e:  # noqa: BLE001 - counted
+                    errors.append(repr(e))
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        with read_only_transaction(url) as session:
+            assert session.execute(text("SHOW transaction_isolation")).scalar() == "repeatable read"  # one snapshot
+            report = verify_chain(session)
+        assert (report["ok"], report["events"]) == (True, 40)
+    finally:
+        drop_database(name)

@@ -62,7 +62,7 @@ def record(request, settings, tmp_path):
 
 def _migrate(url: str, down_to: str) -> None:
     downgrade_record(url, down_to)
-    assert upgrade_database(url) == head_revision() == "0011"
+    assert upgrade_database(url) == head_revision() == "0012"
 
 
 def _submitters(url: str) -> dict[str, str]:

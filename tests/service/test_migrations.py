@@ -22,7 +22,7 @@ def test_migrated_schema_matches_the_orm(database_url):
 
 
 def test_upgrade_is_idempotent(database_url):
-    assert upgrade_database(database_url) == head_revision() == "0011"
+    assert upgrade_database(database_url) == head_revision() == "0012"
 
 
 def test_offline_sql_builds_the_same_schema():
