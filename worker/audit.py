@@ -15,7 +15,7 @@ import hashlib
 import json
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, text
+from sqlalchemy import Text, select, text, type_coerce
 from sqlalchemy.orm import Session
 
 from .tables import AuditChainHead, AuditEvent, as_utc, iso_utc, utcnow
@@ -119,6 +119,28 @@ def append_event(
     return event
 
 
+def _stored_form(session: Session):
+    """On SQLite, ``check(at, payload, stored_at, stored_payload)``: whether an event's time
+    and payload are stored as the service writes them (the text its column types make of the
+    values read back). Its hash covers the values as read back, and some texts read back
+    alike: a time with another UTC offset (the same instant), a payload naming a key twice
+    (the last one wins). Rewritten so (the triggers dropped), an event still verified
+    against an anchor kept outside, while SQL read the other text: the time-window filter
+    compares the stored text, ``json_extract`` the first key. None elsewhere: PostgreSQL
+    stores an instant, and reads a JSON key's last value, as Python does."""
+    dialect = session.get_bind().dialect
+    if dialect.name != "sqlite":
+        return None
+    table = AuditEvent.__table__
+    write_at = table.c.at.type.dialect_impl(dialect).bind_processor(dialect)
+    write_payload = table.c.payload.type.dialect_impl(dialect).bind_processor(dialect)
+
+    def check(at, payload, stored_at, stored_payload) -> bool:
+        return write_at(at) == stored_at and write_payload(payload) == stored_payload
+
+    return check
+
+
 def _broken(events: int, first_bad_seq: int, reason: str, verified_from: int = 1) -> dict:
     """:func:`verify_chain`'s report of a chain that does not verify."""
     return {"ok": False, "events": events, "first_bad_seq": first_bad_seq, "reason": reason, "head": None,
@@ -147,6 +169,10 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None, after_
     # gigabytes at a few hundred thousand events
     columns = (AuditEvent.seq, AuditEvent.prev_hash, AuditEvent.hash, AuditEvent.at, AuditEvent.kind,
                AuditEvent.model_name, AuditEvent.request_id, AuditEvent.instance_id, AuditEvent.payload)
+    stored_as_written = _stored_form(session)
+    if stored_as_written is not None:  # SQLite: also the text as stored
+        columns += (type_coerce(AuditEvent.at, Text).label("stored_at"),
+                    type_coerce(AuditEvent.payload, Text).label("stored_payload"))
     query = select(*columns).order_by(AuditEvent.seq)
     if after_anchor:
         if anchor is None:
@@ -168,7 +194,7 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None, after_
 
     rows = session.execute(query.execution_options(yield_per=2000))
     try:  # an early return closes the server-side cursor too
-        for seq, prev_hash, hash_, at, kind, model_name, request_id, instance_id, payload in rows:
+        for seq, prev_hash, hash_, at, kind, model_name, request_id, instance_id, payload, *stored in rows:
             n += 1
             if seq != expected_seq:
                 return broken(n, seq, f"gap before seq {seq}")
@@ -176,6 +202,9 @@ def verify_chain(session: Session, anchor: tuple[int, str] | None = None, after_
                 return broken(n, seq, "prev_hash does not match")
             if event_hash(prev, seq, at, kind, model_name, request_id, instance_id, payload) != hash_:
                 return broken(n, seq, "hash does not match contents")
+            if stored and not stored_as_written(at, payload, *stored):
+                return broken(n, seq, f"event {seq} is not stored as the service writes it: its time or payload was "
+                                      "rewritten in another form that reads back as the same values")
             if anchor is not None and seq == anchor[0] and hash_ != anchor[1]:
                 return broken(n, seq, f"event {seq} does not have the anchored hash: the log was rewritten up to it")
             prev = hash_

@@ -292,3 +292,44 @@ def test_writers_read_committed_whatever_the_server_default(settings):
         assert (report["ok"], report["events"]) == (True, 40)
     finally:
         drop_database(name)
+
+
+@pytest.mark.parametrize("rewrite", ["another-offset", "key-twice"])
+def test_sqlite_an_event_rewritten_in_a_form_that_reads_back_alike_does_not_verify(settings, tmp_path, rewrite):
+    """The hash covers the values as read back. Rewritten (the triggers dropped: whoever can
+    write the file) as a time with another UTC offset or a payload naming a key twice, an event
+    read back alike and verified against an anchor kept outside, while SQL read the other text
+    (the time-window filter, json_extract)."""
+    import sqlite3
+    from datetime import datetime, timedelta, timezone
+
+    from worker.audit import append_event, verify_chain
+    from worker.db import read_only_transaction, transaction
+
+    from .conftest import on_sqlite
+
+    url = on_sqlite(settings, tmp_path).database_url
+    with transaction(url) as session:
+        append_event(session, "deletion.received", request_id="r1", instance_id="i1",
+                     payload={"actor": "portal", "tasks": ["depth"], "note": "Zoë"})
+        append_event(session, "job.started", payload={"job_id": "j"})
+    with read_only_transaction(url) as session:
+        anchor = verify_chain(session)["head"]
+        at = session.execute(text("SELECT at FROM audit_events WHERE seq = 1")).scalar_one()
+    assert anchor["seq"] == 2
+    db = sqlite3.connect(tmp_path / "unlearnd.db")
+    try:
+        if rewrite == "another-offset":
+            instant = datetime.fromisoformat(at).replace(tzinfo=timezone.utc)
+            values = {"at": instant.astimezone(timezone(timedelta(hours=5))).isoformat(sep=" ")}
+        else:
+            values = {"payload": '{"actor": "mallory", "actor": "portal", "tasks": ["depth"], "note": "Zo\\u00eb"}'}
+        db.executescript("DROP TRIGGER audit_events_no_update")
+        db.execute(f"UPDATE audit_events SET {', '.join(f'{k} = ?' for k in values)} WHERE seq = 1", tuple(values.values()))
+        db.commit()
+    finally:
+        db.close()
+    with read_only_transaction(url) as session:
+        report = verify_chain(session, anchor=(anchor["seq"], anchor["hash"]))
+    assert (report["ok"], report["first_bad_seq"]) == (False, 1)
+    assert "not stored as the service writes it" in report["reason"]
