@@ -88,6 +88,18 @@ def _spec() -> dict:
             "height": int(TINY["UNLEARND_IMAGE_HEIGHT"]), "width": int(TINY["UNLEARND_IMAGE_WIDTH"]), "seed": 0}
 
 
+def _run_again_as_attempt_2(http: httpx.Client, request_id: str) -> None:
+    """The job put back (or left running) by the last start completes at this one, on its
+    second attempt, as version 2."""
+    def finished():
+        body = http.get(f"/deletions/{request_id}").json()
+        return body if body["status"] in ("completed", "failed", "rejected") else None
+
+    done = wait_for(finished, 120, 0.5, what="the job to run again")
+    assert (done["status"], done["produced_version"]) == ("completed", 2), done
+    assert http.get(f"/jobs/{done['job_id']}").json()["attempts"] == 2
+
+
 def test_ctrl_c_mid_job_puts_the_job_back_and_the_next_start_runs_it(tmp_path):
     """Ctrl-C while the in-process worker runs a job: the process exits cleanly (it aborted,
     'terminate called without an active exception', with the job's thread still in torch)
@@ -119,13 +131,7 @@ def test_ctrl_c_mid_job_puts_the_job_back_and_the_next_start_runs_it(tmp_path):
     # the next start (the sweeper's default 10 minutes away) runs it again, shorter this time
     short = {**endless, "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 2}}), "UNLEARND_STALE_AFTER_S": "600"}
     with _serve(tmp_path, **short) as (proc, base), httpx.Client(base_url=base, timeout=10) as http:
-        def finished():
-            body = http.get(f"/deletions/{request_id}").json()
-            return body if body["status"] in ("completed", "failed", "rejected") else None
-
-        done = wait_for(finished, 120, 0.5, what="the job to run again")
-        assert (done["status"], done["produced_version"]) == ("completed", 2), done
-        assert http.get(f"/jobs/{done['job_id']}").json()["attempts"] == 2
+        _run_again_as_attempt_2(http, request_id)
         assert http.get("/audit/verify").json()["ok"] is True
 
 
@@ -159,13 +165,7 @@ def test_a_killed_serve_s_job_runs_at_the_next_start(tmp_path):
 
     short = {**endless, "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 2}})}
     with _serve(tmp_path, **short) as (proc, base), httpx.Client(base_url=base, timeout=10) as http:
-        def finished():
-            body = http.get(f"/deletions/{request_id}").json()
-            return body if body["status"] in ("completed", "failed", "rejected") else None
-
-        done = wait_for(finished, 120, 0.5, what="the job to run again")
-        assert (done["status"], done["produced_version"]) == ("completed", 2), done
-        assert http.get(f"/jobs/{done['job_id']}").json()["attempts"] == 2
+        _run_again_as_attempt_2(http, request_id)
         requeued = http.get("/audit/events", params={"kind": "job.requeued"}).json()["items"]
         assert [e["payload"]["reason"] for e in requeued] == [GONE_REASON]
         assert http.get("/audit/verify").json()["ok"] is True
