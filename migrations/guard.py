@@ -1,8 +1,8 @@
 """Downgrades that would drop compliance data, or the protection of the audit log, refuse
 while the record holds something they would lose, unless the operator says so.
 
-A downgrade past 0007 (or 0010 on SQLite) drops the triggers that keep the audit log
-append-only; one past 0002 drops the chain head, and the next upgrade anchors the head at
+A downgrade past 0007 (or 0010 on SQLite, 0012 on PostgreSQL) drops the triggers (or
+part of them) that keep the audit log append-only; one past 0002 drops the chain head, and the next upgrade anchors the head at
 whatever event is then last, so events cut from the end in between are never noticed;
 one past 0001 drops every table. With events (or requests, tombstones, versions) in the
 record, such a downgrade refuses with a :class:`~alembic.util.CommandError` naming what
@@ -31,6 +31,8 @@ FLAG = "allow_record_loss"
 #: revision -> (what its downgrade drops, the tables whose rows it loses or leaves
 #: unprotected, the dialects it drops it on: None for every one)
 GUARDED: dict[str, tuple[str, tuple[str, ...], frozenset[str] | None]] = {
+    "0012": ("the check of the append-only triggers that keeps the audit chain head's id", ("audit_events",),
+             frozenset({"postgresql"})),
     "0010": ("the SQLite triggers that keep the audit log append-only against REPLACE", ("audit_events",),
              frozenset({"sqlite"})),
     "0007": ("the triggers that keep the audit log append-only", ("audit_events",), None),

@@ -251,13 +251,16 @@ def _claim(settings: Settings, model_name: str) -> Claim:
             select(Job).where(Job.model_name == model_name, Job.status == "running").limit(1)
         ).scalar_one_or_none()
         if running is not None and runner_gone(running.runner):
-            # the job row locked only now: a live runner's publish locks it before the model row
+            # Submissions first, as below: the lock they take before their audit event, and the
+            # requeue appends one. Then the job row, only now: a live runner's publish locks it.
+            _lock_model_submissions(session, model_name)
             running = session.execute(select(Job).where(Job.id == running.id).with_for_update()
                                       .execution_options(populate_existing=True)).scalar_one()
             if running.status == "running" and runner_gone(running.runner):
                 log.warning("job %s: the process that ran attempt %d (pid %s) is gone (killed?); back in the "
                             "queue", running.id, running.attempts, running.runner.get("pid"))
                 _put_back(session, running, "job.requeued", reason=GONE_REASON)
+            if running.status != "running":  # put back now, or by the sweeper (or ended) while this waited
                 running = None
         if running is not None:
             return Claim("busy", job_id=running.id, reason="running")

@@ -279,7 +279,7 @@ def _by_idempotency_key(session: Session, key: str, fingerprint: str, actor: str
 def request_metrics(metrics: dict | None, cells: list) -> dict | None:
     """A request's share of its job's metrics, which may batch the requests of several
     submitters: what names the job's cells or tasks is narrowed to the request's own
-    ``cells``: ``forget_cells``, ``forget_tasks`` and ``forget_loss`` keep its tasks;
+    ``cells``: ``forget_cells``, ``forget_tasks``, ``mia_tasks`` and ``forget_loss`` keep its tasks;
     ``per_task.forgotten`` (the forgotten instances' kept cells, task-level interference)
     keeps the other tasks, those its instance may keep; and ``mode`` is the request's
     (full when it names every task of the model). The numbers themselves (UIS, MIA AUC,
@@ -290,8 +290,9 @@ def request_metrics(metrics: dict | None, cells: list) -> dict | None:
     own = {tuple(c) for c in cells}
     tasks = {t for _, t in own}
     out = {**metrics, "forget_cells": [c for c in metrics["forget_cells"] if tuple(c) in own]}
-    if isinstance(out.get("forget_tasks"), list):
-        out["forget_tasks"] = [t for t in out["forget_tasks"] if t in tasks]
+    for key in ("forget_tasks", "mia_tasks"):  # mia_tasks: the forgotten tasks the attack compared
+        if isinstance(out.get(key), list):
+            out[key] = [t for t in out[key] if t in tasks]
     per_task = out.get("per_task")
     if isinstance(per_task, dict) and isinstance(per_task.get("forgotten"), dict):
         out["per_task"] = {**per_task, "forgotten": {t: m for t, m in per_task["forgotten"].items()

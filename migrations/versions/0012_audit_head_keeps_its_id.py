@@ -5,7 +5,8 @@ a duplicate event key, so the service could write nothing more. SQLite refuses t
 0010 (``audit_chain_head_keep_id``). The trigger function is replaced; the triggers that
 call it stay.
 
-Downgrade restores 0007's function.
+Downgrade restores 0007's function; on a record that holds events it refuses (as past 0007
+and 0010) unless given ``-x allow_record_loss=1`` (``migrations/guard.py``).
 
 Revision ID: 0012
 Revises: 0011
@@ -16,6 +17,8 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 from alembic import op
+
+from migrations.guard import refuse_losing
 
 revision: str = "0012"
 down_revision: Union[str, Sequence[str], None] = "0011"
@@ -53,4 +56,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_context().dialect.name == "postgresql":
+        refuse_losing("0012")
         op.execute(FUNCTION.format(keep_id=""))

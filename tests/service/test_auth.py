@@ -345,9 +345,11 @@ def test_a_request_batched_with_other_tasks_sees_only_its_own_tasks(tiny):
         job = c.get(f"/jobs/{job_id}", headers=_bearer("ops")).json()["metrics"]
         every = sorted(job["per_task"]["test"])
         assert len(every) > 1 and sorted(job["forget_tasks"]) == every and job["mode"] == "partial"
+        assert sorted(job["mia_tasks"]) == every
         for name, r, tasks, mode in (("portal", mine, ["depth"], "partial"), ("shop", theirs, every, "full")):
             got = c.get(f"/deletions/{r.json()['id']}", headers=_bearer(name)).json()["metrics"]
             assert sorted(got["forget_tasks"]) == tasks and got["mode"] == mode
+            assert sorted(got["mia_tasks"]) == tasks  # the attack's tasks: the forgotten ones
             kept = sorted(got["per_task"].get("forgotten", {}))  # the forgotten instances' kept cells
             assert kept == sorted(set(every) - set(tasks))
             assert all(sorted(losses) == tasks for losses in got["forget_loss"].values())
