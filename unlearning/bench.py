@@ -603,7 +603,7 @@ def headline(results: list[dict], ours: str = DEFAULT_METHOD) -> list[dict]:
                    if baselines else None)
 
         def reduction(m):
-            if m is None or _missing(baselines[m]["uis"]):
+            if m is None or _missing(baselines[m]["uis"]) or _missing(me["uis"]):
                 return None
             if baselines[m]["uis"] == 0:  # nothing is lower than 0: no reduction, or ours is infinitely higher
                 return 0.0 if me["uis"] == 0 else -math.inf
@@ -635,7 +635,8 @@ def _f(x, nd=2):
 
 def mia_readings(results: list[dict], ours: str = DEFAULT_METHOD, n: int = 8) -> list[dict]:
     """The MIA target ("within 0.03 of the retrained model on forget sets of ``n``,
-    averaged over seeds") read three ways, per benchmark and setting, for ``ours``:
+    averaged over seeds") read three ways, per benchmark and setting, for ``ours``, over
+    the forget sets the headline pools (:func:`common_runs`):
 
     - ``of_means``: |mean MIA − mean MIA of the gold standard| over every forget set of
       ``n`` (seeds, and in partial erasure the forgotten tasks, pooled): the headline's
@@ -644,22 +645,29 @@ def mia_readings(results: list[dict], ours: str = DEFAULT_METHOD, n: int = 8) ->
       (no cancelling);
     - ``per_task``: ``{task: |mean − mean|}`` over seeds, one forgotten task at a time
       (partial erasure; full erasure forgets every task at once: one entry, ``"all"``).
+
+    A run without an AUC makes its figures NaN, as the headline's (never averaged away).
     """
-    out: dict = {}
+    pooled: dict = {}
     for r in results:
-        if r["method"] == ours and r["n_forget"] == n and not (_missing(r["mia_auc"]) or _missing(r["mia_auc_retrain"])):
-            out.setdefault((r["benchmark"], r["setting"]), []).append(r)
+        pooled.setdefault((r["benchmark"], r["setting"]), []).append(r)
     rows = []
-    for (bench, setting), runs in sorted(out.items()):
+    for (bench, setting), runs in sorted(pooled.items()):
+        runs = [r for r in common_runs(runs)[0] if r["method"] == ours and r["n_forget"] == n]
+        if not runs:
+            continue
         by_task: dict = {}
         for r in runs:
             by_task.setdefault("all" if setting == "full" else "+".join(r["forget_tasks"]), []).append(r)
+
+        def of_means(rs):
+            return abs(_mean([r["mia_auc"] for r in rs]) - _mean([r["mia_auc_retrain"] for r in rs]))
+
         rows.append({
-            "benchmark": bench, "setting": setting, "sets": len(runs),
-            "of_means": abs(_mean([r["mia_auc"] for r in runs]) - _mean([r["mia_auc_retrain"] for r in runs])),
-            "per_set": _mean([abs(r["mia_auc"] - r["mia_auc_retrain"]) for r in runs]),
-            "per_task": {t: abs(_mean([r["mia_auc"] for r in rs]) - _mean([r["mia_auc_retrain"] for r in rs]))
-                         for t, rs in sorted(by_task.items())},
+            "benchmark": bench, "setting": setting, "sets": len(runs), "of_means": of_means(runs),
+            "per_set": _mean([None if _missing(r["mia_auc"]) or _missing(r["mia_auc_retrain"])
+                              else abs(r["mia_auc"] - r["mia_auc_retrain"]) for r in runs]),
+            "per_task": {t: of_means(rs) for t, rs in sorted(by_task.items())},
         })
     return rows
 

@@ -142,6 +142,21 @@ def test_the_mia_target_is_read_of_means_per_set_and_per_task():
     assert full["per_task"] == {"all": pytest.approx(0.1)}
 
 
+def test_the_mia_readings_pool_what_the_headline_pools_and_never_average_a_missing_auc_away():
+    runs = [{**_run(method, uis=1.0, mia=mia), "seed": seed} for method, mia, seed in [
+        ("interference_aware", 0.6, 0), ("interference_aware", 0.4, 1), ("finetune", 0.5, 0)]]
+    (row,) = bench.mia_readings(runs)  # seed 1 has no finetune run: left out, as in the headline
+    assert (row["sets"], row["of_means"]) == (1, pytest.approx(0.1))
+    assert bench.headline(runs)[0]["left_out"] == 1
+    (row,) = bench.mia_readings([_run("interference_aware", uis=1.0, mia=float("nan")),
+                                 {**_run("interference_aware", uis=1.0, mia=0.6), "seed": 1}])
+    assert math.isnan(row["of_means"]) and math.isnan(row["per_set"]) and math.isnan(row["per_task"]["all"])
+    # a diverged run of ours (UIS NaN) has no reduction, against a baseline of UIS 0 too
+    (head,) = bench.headline([_run("interference_aware", uis=float("nan"), mia=0.55),
+                              _run("finetune", uis=0.0, mia=0.52)])
+    assert head["reduction"] is None
+
+
 def test_a_diverged_run_is_never_averaged_away():
     """UIS is NaN for a diverged model; a method with such a run gets NaN means (shown as
     "–") and is never the strongest or the lowest-UIS baseline on its good runs alone."""
