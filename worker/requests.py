@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -24,6 +25,8 @@ from .settings import Settings
 from .tables import (AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone, iso_utc,
                      new_id, utcnow)
 
+log = logging.getLogger(__name__)
+
 #: statuses of a request the worker has yet to finish; its cells are "pending"
 PENDING_STATUSES = ("queued", "running")
 #: the outbox topic that asks a worker to process a model's queued work
@@ -31,7 +34,10 @@ PROCESS_MODEL_TOPIC = "process_model"
 #: the audit event a worker writes when an erasure made through another model on the same
 #: dataset reaches a model (the certificate lists them)
 PROPAGATED_EVENT = "deletion.propagated"
-#: the audit event a worker writes when a request completes (the certificate points at it)
+#: the audit event written when a request is accepted (the certificate's request facts agree with it)
+RECEIVED_EVENT = "deletion.received"
+#: the audit event a worker writes when a request completes (the certificate points at it, and
+#: its erasure facts agree with it)
 COMPLETED_EVENT = "deletion.completed"
 
 
@@ -249,7 +255,7 @@ def submit_deletion(
     # The audit log is append-only and cannot be erased: the free-text reason stays out of it.
     append_event(
         session,
-        "deletion.received",
+        RECEIVED_EVENT,
         model_name=model_name,
         request_id=request.id,
         instance_id=instance_id,
@@ -323,7 +329,11 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
     erasure has reached (``also_erased_from``) and those it has yet to
     (``propagation_pending``). Includes ``certificate_sha256``: the sha256 of the
     canonical JSON (sorted keys, no spaces) of every other field. 409 before completion;
-    ``submitted_by``: as :func:`get_request`. ``held_by_stored_versions``: the stored
+    ``submitted_by``: as :func:`get_request`. What it states of the request and its erasure
+    comes from the request's ``deletion.received`` and ``deletion.completed`` events, its times
+    too (:func:`_audited_facts`): 409 as well, nothing issued, where either event is missing or
+    a row disagrees with them (changed outside the service: the signing key is not the
+    database's, and its rows alone must not be able to have a false erasure signed). ``held_by_stored_versions``: the stored
     weights, per model on the dataset, that still hold what was erased
     (:func:`stored_versions_holding`; ``store`` adds the artifacts no version points at)."""
     request = get_request(session, request_id, submitted_by)
@@ -333,6 +343,7 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
             request_id=request_id,
             request_status=request.status,
         )
+    received, completion = _request_events(session, request)
     job = session.get(Job, request.job_id) if request.job_id else None
     version = None
     if request.produced_version is not None:
@@ -342,11 +353,8 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
             )
         ).scalar_one_or_none()
     metrics = request.metrics or (job.metrics if job else None) or (version.metrics if version else None) or {}
+    facts = _audited_facts(request, job, version, metrics, received, completion)
 
-    events = select(AuditEvent).where(AuditEvent.request_id == request.id)
-    completion = session.execute(
-        events.where(AuditEvent.kind == COMPLETED_EVENT).order_by(AuditEvent.seq.desc()).limit(1)
-    ).scalar_one_or_none() or session.execute(events.order_by(AuditEvent.seq.desc()).limit(1)).scalar_one_or_none()
     head = session.execute(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1)).scalar_one_or_none()
     model = session.get(Model, request.model_name)
     cells = {(request.instance_id, t) for t in request.tasks}
@@ -395,30 +403,24 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
 
     body = {
         "request_id": request.id,
-        "subject_ref": request.subject_ref,
-        "model": request.model_name,
+        "subject_ref": facts["subject_ref"],
+        "model": facts["model"],
         "dataset_key": dataset_key(model.dataset) if model else None,
         "removed": {
-            "instance_id": request.instance_id,
-            "tasks": list(request.tasks),
-            "cells": [[request.instance_id, t] for t in request.tasks],
+            "instance_id": facts["instance_id"],
+            "tasks": facts["tasks"],
+            "cells": facts["cells"],
         },
-        "method": job.method if job else metrics.get("method"),
-        "job_id": request.job_id,
-        "version_before": request.base_version if request.base_version is not None else (job.base_version if job else None),
-        "version_after": request.produced_version,
-        "version_after_sha256": version.sha256 if version else None,
-        "uis": finite_json(metrics.get("uis")),
-        "uis_task": finite_json(metrics.get("uis_task")),
-        "uis_inst": finite_json(metrics.get("uis_inst")),
-        "mia_auc": finite_json(metrics.get("mia_auc")),
-        "mia_auc_original": finite_json(metrics.get("mia_auc_original")),
-        "received_at": iso_utc(request.created_at),
-        "completed_at": iso_utc(request.completed_at),
+        "method": facts["method"],
+        "job_id": facts["job_id"],
+        "version_before": facts["version_before"],
+        "version_after": facts["version_after"],
+        "version_after_sha256": facts["version_after_sha256"],
+        **{name: finite_json(facts["metrics"].get(name)) for name in CERTIFIED_METRICS},
+        "received_at": iso_utc(received.at),
+        "completed_at": iso_utc(completion.at),
         "audit": {
-            "completion_event": {"seq": completion.seq, "kind": completion.kind, "hash": completion.hash}
-            if completion
-            else None,
+            "completion_event": {"seq": completion.seq, "kind": completion.kind, "hash": completion.hash},
             "chain_head": {"seq": head.seq, "hash": head.hash} if head else None,
         },
         "also_erased_from": propagated,
@@ -428,6 +430,105 @@ def deletion_certificate(session: Session, request_id: str, submitted_by: str | 
     }
     body["certificate_sha256"] = certificate_hash(body)
     return body
+
+
+def _request_events(session: Session, request: DeletionRequest) -> tuple[AuditEvent, AuditEvent]:
+    """The ``deletion.received`` and ``deletion.completed`` events of ``request`` (the first of
+    each: the service writes one of each). :class:`Conflict` when either is missing: its row
+    says completed, but the record cannot prove that it was asked or that it completed (a row
+    written or changed outside the service; a certificate is not issued on a row's word)."""
+    first = {}
+    for event in session.execute(select(AuditEvent).where(
+            AuditEvent.request_id == request.id, AuditEvent.kind.in_((RECEIVED_EVENT, COMPLETED_EVENT)))
+            .order_by(AuditEvent.seq)).scalars():
+        first.setdefault(event.kind, event)
+    missing = [kind for kind in (RECEIVED_EVENT, COMPLETED_EVENT) if kind not in first]
+    if missing:
+        log.warning("request %s is completed in its row, but its audit log has no %s event: no certificate",
+                    request.id, " or ".join(missing))
+        raise Conflict(
+            f"request {request.id!r} is completed in its row, but its audit log records no "
+            f"{' or '.join(missing)} event: the record cannot show that it completed, and no certificate is "
+            "issued (its row was written or changed outside the service)",
+            request_id=request.id, request_status=request.status, audit_state="not_recorded",
+            missing_events=missing,
+        )
+    return first[RECEIVED_EVENT], first[COMPLETED_EVENT]
+
+
+#: the metrics a certificate states (each request's share of its job's: request_metrics keeps them)
+CERTIFIED_METRICS = ("uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original")
+_ROW_LACKS = object()  # no row holds the fact (the job or the version is not recorded)
+
+
+def _audited_facts(request: DeletionRequest, job: Job | None, version: ModelVersion | None, metrics: dict,
+                   received: AuditEvent, completion: AuditEvent) -> dict:
+    """What a certificate states of ``request``, taken from its audit events (hash-chained,
+    append-only) where they hold it, else from its rows (``job``, ``version``; ``metrics``,
+    the rows' metrics): ``model``, ``subject_ref``, ``instance_id``, ``tasks``, ``cells``,
+    ``job_id``, ``method``, ``version_before``, ``version_after``, ``version_after_sha256``
+    and ``metrics``. Where a row holds a fact an event holds too, the two must agree, else
+    :class:`Conflict` naming the facts: a row changed outside the service (a status, an
+    instance, a version's sha256) would otherwise be certified, and signed, while the chain
+    still verifies. Events written by every version of the service hold these facts; one
+    that lacks a field (a record written by hand) leaves the row's value standing."""
+    cells = [[request.instance_id, t] for t in request.tasks]
+    wrong: dict[str, AuditEvent] = {}
+
+    def fact(name: str, row, event: AuditEvent, key: str | None = None, column: str | None = None):
+        """The event's value (its ``column``, or ``key`` of its payload) where it holds one, else the row's."""
+        payload = event.payload if isinstance(event.payload, dict) else {}
+        if column is None and key not in payload:
+            return None if row is _ROW_LACKS else row
+        value = getattr(event, column) if column else payload[key]
+        if row is not _ROW_LACKS and row != value:
+            wrong.setdefault(name, event)
+        return value
+
+    done = completion.payload if isinstance(completion.payload, dict) else {}
+    facts = {
+        "model": fact("model", request.model_name, received, column="model_name"),
+        "subject_ref": fact("subject_ref", request.subject_ref, received, "subject_ref"),
+        "instance_id": fact("instance_id", request.instance_id, received, column="instance_id"),
+        "tasks": fact("tasks", list(request.tasks), received, "tasks"),
+        "cells": fact("cells", cells, completion, "cells"),
+        "job_id": fact("job_id", request.job_id, completion, "job_id"),
+        "method": fact("method", job.method if job else _ROW_LACKS, completion, "method"),
+        "version_before": fact("version_before", request.base_version if request.base_version is not None
+                               else (job.base_version if job else None), completion, "base_version"),
+        "version_after": fact("version_after", request.produced_version, completion, "version"),
+        "version_after_sha256": fact("version_after_sha256", version.sha256 if version else _ROW_LACKS,
+                                     completion, "sha256"),
+    }
+    # the completion event names the model and the instance again (one of them changed since the request
+    # was received would show here only)
+    fact("model", request.model_name, completion, column="model_name")
+    fact("instance_id", request.instance_id, completion, column="instance_id")
+    if facts["method"] is None:
+        facts["method"] = metrics.get("method")
+    # the event holds the job's metrics, the request's row its share (request_metrics): the
+    # certified numbers are the same in both; NaN (SQLite only) is compared as the null it is served as
+    if isinstance(done.get("metrics"), dict):
+        facts["metrics"] = done["metrics"]
+        for name in CERTIFIED_METRICS:
+            if finite_json(metrics.get(name)) != finite_json(done["metrics"].get(name)):
+                wrong.setdefault(name, completion)
+    else:
+        facts["metrics"] = metrics
+    if wrong:
+        events = sorted({e.seq: e for e in wrong.values()}.values(), key=lambda e: e.seq)
+        log.warning("request %s: its rows disagree with its audit log on %s (events %s): no certificate",
+                    request.id, ", ".join(wrong), ", ".join(str(e.seq) for e in events))
+        raise Conflict(
+            f"the record's rows of request {request.id!r} disagree with its audit log on "
+            f"{', '.join(wrong)} (audit event{'s' if len(events) > 1 else ''} "
+            f"{', '.join(str(e.seq) for e in events)}): they were changed outside the service, and no "
+            "certificate is issued. GET /audit/events?request_id= shows what the log records",
+            request_id=request.id, request_status=request.status, audit_state="rows_disagree",
+            disagreeing=list(wrong),
+            audit_events=[{"seq": e.seq, "kind": e.kind, "hash": e.hash} for e in events],
+        )
+    return facts
 
 
 def stored_versions_holding(session: Session, model: Model, request: DeletionRequest, store=None) -> dict:

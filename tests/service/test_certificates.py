@@ -10,10 +10,13 @@ import stat
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select, text
 
 from app.cli import main as cli_main
 from app.main import create_app
+from worker.db import transaction
 from worker.signing import SigningKeyError, generate_key_file, load_signer, verify_certificate
+from worker.tables import AuditEvent
 
 from .conftest import assert_problem
 from .test_hardening_worker import TINY, TINY_B, _submit, tiny, tiny_v1, two_models  # noqa: F401 - fixtures
@@ -67,6 +70,91 @@ def test_a_signed_certificate_verifies_with_the_public_key_and_nothing_else(sign
     assert "not with this key" in verify_certificate(cert, other)
     unsigned = {k: v for k, v in cert.items() if k != "signature"}
     assert "no Ed25519 signature" in verify_certificate(unsigned, key["public_key"])
+
+
+def _edit(settings, sql: str, **params) -> None:
+    """A row changed behind the service's back, as anyone who can write the database can (the
+    audit log refuses changes; the other tables do not)."""
+    with transaction(settings.database_url) as s:
+        s.execute(text(sql), params)
+
+
+def _refused(client, rid: str, audit_state: str) -> dict:
+    """The 409 of a certificate the record cannot back: nothing signed, the chain still intact."""
+    body = assert_problem(client.get(f"/deletions/{rid}/certificate"), 409, "conflict")
+    assert body["audit_state"] == audit_state and body["request_id"] == rid
+    assert "signature" not in body and "certificate_sha256" not in body
+    assert client.get("/audit/verify").json()["ok"] is True  # what verify cannot see: the rows
+    return body
+
+
+def test_a_request_completed_only_in_its_row_gets_no_certificate(signing, settings, model):
+    """A queued request's status set to completed by an UPDATE was certified and signed, its
+    completion_event the request's latest event: its deletion.received."""
+    rid = signing.post("/deletions", json={"instance_id": model.train_ids[4], "tasks": ["depth"]}).json()["id"]
+    assert_problem(signing.get(f"/deletions/{rid}/certificate"), 409)
+    _edit(settings, "UPDATE deletion_requests SET status = 'completed', progress = 1, produced_version = 1, "
+                    "completed_at = now() WHERE id = :id", id=rid)
+    assert signing.get(f"/deletions/{rid}").json()["status"] == "completed"  # the row says so
+    body = _refused(signing, rid, "not_recorded")
+    assert body["missing_events"] == ["deletion.completed"] and body["request_status"] == "completed"
+    assert "records no deletion.completed event" in body["detail"]
+
+
+#: edits of a completed request's rows: the facts each makes disagree with its audit events, and those events
+ROW_EDITS = {
+    "instance": ("UPDATE deletion_requests SET instance_id = :other WHERE id = :id", ["instance_id", "cells"],
+                 {"deletion.received", "deletion.completed"}),
+    "tasks": ("""UPDATE deletion_requests SET tasks = '["depth", "normal"]' WHERE id = :id""", ["tasks", "cells"],
+              {"deletion.received", "deletion.completed"}),
+    "subject": ("UPDATE deletion_requests SET subject_ref = 'someone-else' WHERE id = :id", ["subject_ref"],
+                {"deletion.received"}),
+    "version sha256": ("UPDATE model_versions SET sha256 = :sha WHERE version = 2", ["version_after_sha256"],
+                       {"deletion.completed"}),
+    # pointed at the model's first version, whose sha256 is another
+    "version": ("UPDATE deletion_requests SET produced_version = 1 WHERE id = :id",
+                ["version_after", "version_after_sha256"], {"deletion.completed"}),
+    "base": ("UPDATE deletion_requests SET base_version = 2 WHERE id = :id", ["version_before"],
+             {"deletion.completed"}),
+    "method": ("UPDATE jobs SET method = 'retrain'", ["method"], {"deletion.completed"}),
+    "metrics": ("""UPDATE deletion_requests SET metrics = '{"uis": 9.5, "uis_task": 2.0, "uis_inst": 1.25, """
+                """"mia_auc": 0.5, "mia_auc_original": 0.81}' WHERE id = :id""", ["uis", "mia_auc"],
+                {"deletion.completed"}),
+}
+
+
+@pytest.mark.parametrize("edit", ROW_EDITS)
+def test_a_row_that_disagrees_with_the_audit_log_is_not_certified(signing, settings, model, edit):
+    """An edited instance, task list, version or sha256 was certified and signed as the service's
+    word while /audit/verify said ok: the certificate's facts are the request's events'."""
+    cert = _completed_certificate(signing, settings, model)  # the same record, before the edit: certified
+    public = signing.get("/certificates/public-key").json()["public_key"]
+    assert verify_certificate(cert, public) is None
+    sql, disagreeing, kinds = ROW_EDITS[edit]
+    _edit(settings, sql, id=cert["request_id"], other=model.train_ids[5], sha="b" * 64)
+    body = _refused(signing, cert["request_id"], "rows_disagree")
+    assert body["disagreeing"] == disagreeing
+    assert "disagree with its audit log on " + ", ".join(disagreeing) in body["detail"]
+    with transaction(settings.database_url) as s:
+        events = {e.kind: e for e in s.execute(select(AuditEvent).where(
+            AuditEvent.request_id == cert["request_id"])).scalars()}
+    assert {e["kind"] for e in body["audit_events"]} == kinds
+    assert all(e["hash"] == events[e["kind"]].hash for e in body["audit_events"])
+    assert cert["audit"]["completion_event"]["hash"] == events["deletion.completed"].hash
+
+
+def test_a_completion_event_that_holds_fewer_facts_vouches_for_those_it_holds(signing, settings, model):
+    """An event that lacks a field (written by hand, or by an older writer) leaves the rows'
+    value standing for it; what it holds is still compared."""
+    rid = signing.post("/deletions", json={"instance_id": model.train_ids[4], "tasks": ["depth"]}).json()["id"]
+    _complete(settings, rid, METRICS, payload={"version": 2})
+    cert = signing.get(f"/deletions/{rid}/certificate").json()
+    assert (cert["version_after"], cert["version_after_sha256"], cert["method"], cert["uis"]) == (
+        2, "a" * 64, "interference_aware", 1.5)
+    _edit(settings, "UPDATE model_versions SET sha256 = :sha WHERE version = 2", sha="b" * 64)
+    assert signing.get(f"/deletions/{rid}/certificate").json()["version_after_sha256"] == "b" * 64  # not compared
+    _edit(settings, "UPDATE deletion_requests SET produced_version = 1 WHERE id = :id", id=rid)
+    assert _refused(signing, rid, "rows_disagree")["disagreeing"] == ["version_after"]
 
 
 def test_without_a_key_certificates_are_unsigned_and_there_is_no_public_key(client, settings, model):

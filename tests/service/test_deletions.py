@@ -8,7 +8,7 @@ from sqlalchemy import select, update
 
 from worker.audit import append_event
 from worker.db import transaction
-from worker.tables import AuditEvent, DeletionRequest, Job, ModelVersion, OutboxMessage, Tombstone, utcnow
+from worker.tables import AuditEvent, DeletionRequest, Job, ModelVersion, OutboxMessage, Tombstone, iso_utc, utcnow
 from worker.requests import certificate_hash
 from unlearning.data import dataset_key
 
@@ -190,8 +190,9 @@ def test_list_filters_and_cursor_pagination(client, settings, model):
     assert_problem(client.get("/deletions", params={"limit": 0}), 422, "validation-error")
 
 
-def _complete(settings, request_id: str, metrics: dict) -> None:
-    """What a worker does when a request completes (enough of it for a certificate)."""
+def _complete(settings, request_id: str, metrics: dict, payload: dict | None = None) -> None:
+    """What a worker does when a request completes (enough of it for a certificate), its
+    ``deletion.completed`` event as worker.jobs writes it (``payload``: instead, an older record's)."""
     with transaction(settings.database_url) as s:
         req = s.get(DeletionRequest, request_id)
         job = Job(model_name=req.model_name, kind="deletion", status="completed", method="interference_aware",
@@ -204,8 +205,11 @@ def _complete(settings, request_id: str, metrics: dict) -> None:
                            erased_cells=[[req.instance_id, t] for t in req.tasks], metrics=metrics))
         req.status, req.job_id, req.base_version, req.produced_version = "completed", job.id, 1, 2
         req.metrics, req.progress, req.completed_at = metrics, 1.0, utcnow()
+        cells = [[req.instance_id, t] for t in req.tasks]
         append_event(s, "deletion.completed", model_name=req.model_name, request_id=req.id,
-                     instance_id=req.instance_id, payload={"version": 2})
+                     instance_id=req.instance_id, payload=payload if payload is not None else {
+                         "job_id": job.id, "version": 2, "base_version": 1, "cells": cells,
+                         "method": "interference_aware", "sha256": "a" * 64, "metrics": metrics})
         append_event(s, "job.completed", model_name=req.model_name, payload={"job_id": job.id})
 
 
@@ -228,8 +232,12 @@ def test_certificate_only_once_completed(client, settings, model):
     assert (cert["uis"], cert["uis_task"], cert["uis_inst"], cert["mia_auc"], cert["mia_auc_original"]) == (
         1.5, 2.0, 1.25, 0.52, 0.81)
     with transaction(settings.database_url) as s:
+        received = s.execute(select(AuditEvent).where(AuditEvent.kind == "deletion.received")).scalar_one()
         done = s.execute(select(AuditEvent).where(AuditEvent.kind == "deletion.completed")).scalar_one()
         head = s.execute(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1)).scalar_one()
+    assert cert["version_after_sha256"] == "a" * 64 and cert["job_id"] == done.payload["job_id"]
+    # the times the audit chain records, not the rows' (which a database writer could move)
+    assert (cert["received_at"], cert["completed_at"]) == (iso_utc(received.at), iso_utc(done.at))
     assert cert["audit"]["completion_event"] == {"seq": done.seq, "kind": "deletion.completed", "hash": done.hash}
     assert cert["audit"]["chain_head"] == {"seq": head.seq, "hash": head.hash}
     assert head.seq == done.seq + 1

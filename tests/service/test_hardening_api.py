@@ -16,6 +16,7 @@ from sqlalchemy.exc import DataError
 
 import worker.requests
 from app.main import create_app
+from worker.audit import append_event
 from worker.db import transaction
 from worker.tables import DeletionRequest, Job, utcnow
 
@@ -371,6 +372,8 @@ def test_non_finite_metrics_are_served_as_null(settings, tmp_path):
             request.status, request.produced_version, request.completed_at = "completed", 1, utcnow()
             request.metrics = {"uis": float("inf"), "mia_auc": float("nan"), "mia_auc_original": 0.61,
                                "uis_task": {"depth": float("-inf")}}
+            append_event(session, "deletion.completed", model_name=request.model_name, request_id=rid,
+                         instance_id=request.instance_id, payload={"version": 1, "metrics": request.metrics})
         assert client.get(f"/deletions/{rid}").json()["metrics"] == {
             "uis": None, "mia_auc": None, "mia_auc_original": 0.61, "uis_task": {"depth": None}}
         r = client.get(f"/deletions/{rid}/certificate")
