@@ -127,10 +127,13 @@ def read_deletion(request_id: Text, session: ReadSessionDep, owner: RequestOwner
             responses={200: {"description": "the certificate: what was removed, the method, the metrics, the "
                                              "versions, the audit events, certificate_sha256 (and signature)",
                              "content": {"application/json": {"schema": {"type": "object"}}}},
-                       409: {"description": "the request is not completed yet (request_status says where it is)"}})
+                       409: {"description": "the request is not completed yet (request_status says where it is), "
+                                            "or its record cannot back a certificate: no deletion.completed event, "
+                                            "or rows that disagree with its audit events (audit_state says which)"}})
 def read_certificate(request_id: Text, session: ReadSessionDep, request: Request, owner: RequestOwner,
                      settings: SettingsDep) -> JSONResponse:
-    """The deletion certificate of a completed request (409 before that).
+    """The deletion certificate of a completed request (409 before that, and where its rows
+    disagree with its audit events: :func:`worker.requests.deletion_certificate`).
 
     ``certificate_sha256`` is the sha256 of the canonical JSON (sorted keys,
     separators ``,`` and ``:``) of every other field of the body. With a signing
