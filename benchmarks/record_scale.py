@@ -67,6 +67,12 @@ def _ms(t: datetime) -> datetime:
     return t.replace(microsecond=(t.microsecond // 1000) * 1000)
 
 
+def _version_sha256(version: int) -> str:
+    """Version ``version``'s weights' sha256, one value wherever the record names it (its row, the
+    events that published it): a certificate is refused where its version's row and events disagree."""
+    return hashlib.sha256(str(version).encode()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- the record
 
 
@@ -119,7 +125,7 @@ def build_record(n_requests: int, n_versions: int, n_events: int, seed: int) -> 
                 "mia_auc_original": rnd.uniform(.8, .95), "seconds": rnd.uniform(30, 300)}
 
     events = [(T0 - timedelta(days=1), "model.registered", MODEL, None, None,
-               {"version": 1, "sha256": "0" * 64, "dataset": SPEC, "tasks": TASKS})]
+               {"version": 1, "sha256": _version_sha256(1), "dataset": SPEC, "tasks": TASKS})]
     for r in reqs:
         events.append((r["created_at"], "deletion.received", MODEL, r["id"], r["instance_id"],
                        {"tasks": r["tasks"], "requested_tasks": "all" if len(r["tasks"]) == 3 else r["tasks"],
@@ -155,14 +161,14 @@ def build_record(n_requests: int, n_versions: int, n_events: int, seed: int) -> 
                         "method": "interference_aware"}))
         events.append((end, "job.completed", MODEL, None, None,
                        {"job_id": jid, "kind": "deletion", "method": "interference_aware", "base_version": v - 1,
-                        "version": v, "sha256": hashlib.sha256(jid.encode()).hexdigest(),
+                        "version": v, "sha256": _version_sha256(v),
                         "request_ids": [r["id"] for r in ok], "cells": cells, "metrics": m, "seconds": 100.0}))
         for r in batch:
             if r["status"] == "completed":
                 events.append((end, "deletion.completed", MODEL, r["id"], r["instance_id"],
                                {"job_id": jid, "version": v, "base_version": v - 1,
                                 "cells": [[r["instance_id"], t] for t in r["tasks"]], "method": "interference_aware",
-                                "sha256": "ab" * 32, "metrics": m}))
+                                "sha256": _version_sha256(v), "metrics": m}))
             else:
                 events.append((end, "deletion.failed", MODEL, r["id"], r["instance_id"], {"job_id": jid, "error": r["error"]}))
     tombstones = [(r["instance_id"], t, r["id"], r["completed_at"]) for r in reqs if r.get("status") == "completed"
@@ -216,7 +222,7 @@ def build_record(n_requests: int, n_versions: int, n_events: int, seed: int) -> 
         events.append((rend, "deletion.reapplied", MODEL, r["id"], r["instance_id"],
                        {"job_id": rj, "version": n_versions, "base_version": rollback_to,
                         "cells": [[r["instance_id"], t] for t in r["tasks"]], "method": "interference_aware",
-                        "sha256": "cd" * 32, "metrics": m}))
+                        "sha256": _version_sha256(n_versions), "metrics": m}))
     events.sort(key=lambda e: e[0])  # stable: events of one moment keep their order
 
     # the hash chain, built as worker.audit does one event at a time
@@ -247,7 +253,7 @@ def record_rows(rec: dict):
              j["finished"]) for j in rec["jobs"]])
     yield ("model_versions", ["model_name", "version", "parent_version", "job_id", "sha256", "artifact_uri", "deletions",
                               "erased_cells", "metrics", "note", "created_at"],
-           ((MODEL, v["version"], v["parent"], v["job_id"], hashlib.sha256(str(v["version"]).encode()).hexdigest(),
+           ((MODEL, v["version"], v["parent"], v["job_id"], _version_sha256(v["version"]),
              f"file:///var/models/{MODEL}/v{v['version']}", json.dumps(v["deletions"]), ver_cells(v),
              json.dumps(v["metrics"]) if v["metrics"] else None, None, v["created_at"]) for v in rec["versions"]))
     yield "aliases", ["model_name", "alias", "version", "updated_at"], [(MODEL, "serving", n_versions, rec["rend"])]
