@@ -602,7 +602,8 @@ def _artifact_erased(store, model_name: str, version: int) -> set:
 
 
 def canonical_json(fields: dict) -> bytes:
-    """The canonical JSON of certificate fields (sorted keys, separators ``,`` and ``:``, ASCII).
+    """The canonical JSON of certificate fields (sorted keys, separators ``,`` and ``:``, ASCII:
+    every non-ASCII character escaped; numbers as Python's ``repr``, ``2.0``, ``1e-05``).
     Strict JSON (no NaN): what is hashed or signed is what a client receives and can check again."""
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str, allow_nan=False).encode()
 

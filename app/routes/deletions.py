@@ -136,7 +136,8 @@ def read_certificate(request_id: Text, session: ReadSessionDep, request: Request
     disagree with its audit events: :func:`worker.requests.deletion_certificate`).
 
     ``certificate_sha256`` is the sha256 of the canonical JSON (sorted keys,
-    separators ``,`` and ``:``) of every other field of the body. With a signing
+    separators ``,`` and ``:``, non-ASCII escaped as ``\\uXXXX``, numbers as Python writes
+    them: README, "Signed certificates") of every other field of the body. With a signing
     key configured, ``signature`` is the service's Ed25519 signature over the
     canonical JSON of every other field (``GET /certificates/public-key``).
     404 as for the request itself.
