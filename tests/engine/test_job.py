@@ -528,3 +528,20 @@ def test_a_bad_reference_is_a_job_input_error_naming_it(setup):
     for reference, says in cases:
         with pytest.raises(JobInputError, match=says):
             run_unlearning_job(model, train, test, cells, config={"steps": 1}, reference=reference)
+
+
+def test_interference_aware_leaves_the_model_as_it_was_when_every_cell_is_at_its_level_already(setup):
+    """Every forget cell's loss already in its band [τ, τ(1 + band)] at the start: nothing to
+    forget, so no step runs (the settling steps used to move every weight, UIS > 0 for nothing
+    erased). Just above the band, the cell is something to do."""
+    from unlearning.evaluate import forget_cell_losses
+
+    model, train, test = setup
+    cells = [("i0", "depth")]
+    loss = float(forget_cell_losses(model, train, cells)["depth"][0])
+    at_level = run_unlearning_job(model, train, test, cells, config={"steps": 5, "tau": {"depth": loss / 1.05}})
+    assert at_level.log["nothing_to_forget"] is True and at_level.log["all_cells_reached_tau"] is True
+    assert at_level.log["steps"] == 0 and at_level.metrics["uis"] == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in at_level.model.state_dict().items())
+    below = run_unlearning_job(model, train, test, cells, config={"steps": 5, "tau": {"depth": loss * 1.5}})
+    assert below.log["nothing_to_forget"] is False and below.log["steps"] > 0

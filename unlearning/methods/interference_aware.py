@@ -1140,11 +1140,12 @@ def unlearn(model, data: UnlearnData, config: dict | None):
             w, n = forget_weights(losses[t].detach(), tau[t], forget.has[t], band, ramp, two_sided)
             n_active += n
             active_terms.append((losses[t] * w).sum())
-        if n_active == 0 and step == 0 and not any(bool((forget.has[t] & torch.isfinite(losses[t])).any())
-                                                   for t in forget_tasks):
-            # No forget cell has a labelled pixel: the model never learned anything from them,
-            # and retain-only steps would only move it (UIS > 0 for nothing erased).
+        if n_active == 0 and step == 0:
+            # No forget cell has a labelled pixel (the model never learned anything from them),
+            # or every one is at its level already (as a model that never saw it would have it):
+            # retain-only steps would only move the model (UIS > 0 for nothing erased).
             nothing_to_forget = True
+            reached = any(bool((forget.has[t] & torch.isfinite(losses[t])).any()) for t in forget_tasks)
             break
         if n_active == 0:
             # Every cell reached tau: retain-only (settling) steps; a cell that drops
@@ -1244,7 +1245,9 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         "nearest_retained": nearest,  # the instances of the "nearest" reference
         "steps": steps_done,
         "all_cells_reached_tau": reached,
-        "nothing_to_forget": nothing_to_forget,  # no forget cell has a labelled pixel: the model is returned as it was
+        # no forget cell has a labelled pixel, or all were at their level at the start (then
+        # all_cells_reached_tau too): the model is returned as it was
+        "nothing_to_forget": nothing_to_forget,
         "conflicts_removed": int(conflicts_removed),
         "orthogonalize_impl": ("batched" if batched else "per_tensor") if cfg["orthogonalize"] else None,
         "final_forget_losses": final_losses,
