@@ -9,7 +9,7 @@
 A version is written into a temporary folder beside its final place and
 renamed into it, so a reader never sees half a version. A writer killed before
 the rename leaves its ``.tmp-*`` folder behind; :meth:`LocalModelStore.versions`
-removes those older than ``STALE_TMP_S``.
+removes those older than ``STALE_TMP_S`` (one it cannot remove is logged and left).
 
 Writers of a model (:meth:`~LocalModelStore.put_version`, :meth:`~LocalModelStore.discard`,
 :meth:`~LocalModelStore.discard_if_damaged`, :meth:`~LocalModelStore.purge` and the
@@ -32,6 +32,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import numbers
 import os
@@ -53,6 +54,8 @@ from unlearning.model import (WEIGHTS_FILE, ModelConfig, MultiTaskNet, fitting_s
 
 from .base import (MAX_VERSION, DamagedManifest, IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError,
                    WrongArchitecture, _is_cells, valid_version)
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 CALIBRATION_FILE = "calibration.json"
@@ -259,7 +262,9 @@ class LocalModelStore(ModelStore):
 
     def remove_stale_tmp(self, model_name: str, older_than_s: float = STALE_TMP_S) -> list[str]:
         """Remove the temporary files and folders of writes that died (older than
-        ``older_than_s``); returns their names."""
+        ``older_than_s``); returns their names. One that cannot be removed (no permission, a
+        busy file on NFS) is logged and left: a listing (:meth:`versions`, and through it every
+        job's version number) must not fail on what a dead writer left behind."""
         d = self._model_dir(model_name)
         cutoff = time.time() - older_than_s
         removed = []
@@ -272,6 +277,10 @@ class LocalModelStore(ModelStore):
                 else:
                     child.unlink()
             except FileNotFoundError:  # another process removed it first
+                continue
+            except OSError as exc:
+                log.warning("cannot remove %s, left in the model store by a write that died: %s; remove it by hand",
+                            child.relative_to(self.root), exc.strerror or type(exc).__name__)
                 continue
             removed.append(child.name)
         return removed

@@ -195,6 +195,46 @@ def test_the_lock_file_is_no_version_and_survives_the_stale_cleanup(stored):
     assert lock.is_file()
 
 
+def _stale_tmp(model_dir, name: str = ".tmp-v7-dead"):
+    """A temporary folder as a writer killed two hours ago left it."""
+    import time
+
+    tmp = model_dir / name
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"half")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(tmp, (hours_ago, hours_ago))
+    return tmp
+
+
+def test_a_stale_temporary_folder_that_cannot_be_removed_is_logged_and_the_listing_goes_on(stored, monkeypatch,
+                                                                                           caplog):
+    """An OSError removing a dead writer's folder (here EACCES; a folder of another user, EBUSY on
+    NFS) came out of versions(clean=True), so latest_version and every deletion job of the model
+    failed, and the API's purge answered 500."""
+    import errno
+    import logging
+
+    import model_store.local as local
+
+    store, folder = stored
+    tmp = _stale_tmp(folder.parent)
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path / "model.safetensors"))
+
+    monkeypatch.setattr(local.shutil, "rmtree", refused)
+    with caplog.at_level(logging.WARNING, logger="model_store.local"):
+        assert store.versions(MODEL) == [1] and store.latest_version(MODEL) == 1
+        assert store.remove_stale_tmp(MODEL) == []
+    assert tmp.is_dir()
+    said = [r.getMessage() for r in caplog.records if r.name == "model_store.local"]
+    assert said and all(f"cannot remove {MODEL}/.tmp-v7-dead" in m and "Permission denied" in m for m in said), said
+    assert not any(str(store.root) in m for m in said)  # named relative to the store
+    monkeypatch.undo()
+    assert store.versions(MODEL) == [1] and not tmp.exists()  # removable again: removed
+
+
 def test_discard_if_damaged_discards_only_a_damaged_version(tmp_path):
     store = LocalModelStore(tmp_path / "store")
     for v in (1, 2, 3, 4):
