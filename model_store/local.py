@@ -17,9 +17,11 @@ calibration's writers) hold an
 exclusive ``fcntl.flock`` on ``{root}/{model}/.lock`` (``LOCK_FILE``) while they check and
 change a version, so threads and processes sharing the store never interleave there: a
 damaged copy checked by one attempt of a job cannot be replaced by another attempt's good
-copy before the first discards it. Readers take no lock. The lock file is not a version
-(``versions`` counts only ``v<number>`` folders) and not a temporary file (the stale-tmp
-cleanup removes only ``.tmp-*``); it is never deleted, since deleting a lock file that
+copy before the first discards it. Readers take no lock. A writer holds the lock for the
+whole life of its temporary folder, so the stale-tmp cleanup, which takes it without waiting
+(and cleans nothing while a writer holds it), never removes a live writer's. The lock file is
+not a version (``versions`` counts only ``v<number>`` folders) and not a temporary file (the
+stale-tmp cleanup removes only ``.tmp-*``); it is never deleted, since deleting a lock file that
 another process holds or is about to open would let two writers in at once.
 
 The store writes only regular files and folders: weights or a manifest that is a link,
@@ -216,13 +218,18 @@ class LocalModelStore(ModelStore):
     def _dir(self, model_name: str, version: int) -> Path:
         return self._model_dir(model_name) / f"v{valid_version(version)}"
 
+    @staticmethod
+    def _open_lock(directory: Path) -> int:
+        """A descriptor of the writers' lock file of the model folder ``directory`` (created if need be)."""
+        return os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
     @contextmanager
     def _locked(self, model_name: str):
         """Hold the model's writers' lock (``LOCK_FILE``, see the module doc)."""
         directory = self._model_dir(model_name)
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = self._open_lock(directory)
         except OSError as exc:  # a link (ELOOP: never followed), a folder, no permission
             raise StoreError(f"cannot take the writers' lock {directory / LOCK_FILE}: "
                              f"{exc.strerror or exc}; it must be a regular file the service may write") from None
@@ -262,27 +269,55 @@ class LocalModelStore(ModelStore):
 
     def remove_stale_tmp(self, model_name: str, older_than_s: float = STALE_TMP_S) -> list[str]:
         """Remove the temporary files and folders of writes that died (older than
-        ``older_than_s``); returns their names. One that cannot be removed (no permission, a
-        busy file on NFS) is logged and left: a listing (:meth:`versions`, and through it every
-        job's version number) must not fail on what a dead writer left behind."""
+        ``older_than_s``); returns their names. Under the model's lock, taken without waiting:
+        every writer holds it for the whole life of its temporary folder, so while it is free
+        what looks stale is a dead writer's; while a writer holds it, nothing is removed (one
+        stalled past ``older_than_s`` had its folder emptied under it, and its rename then left
+        an empty version folder that no write could take again). One that cannot be removed (no
+        permission, a busy file on NFS) is logged and left: a listing (:meth:`versions`, and
+        through it every job's version number) must not fail on what a dead writer left behind."""
         d = self._model_dir(model_name)
         cutoff = time.time() - older_than_s
-        removed = []
+        stale = []
         for child in d.iterdir() if d.is_dir() else ():
             try:
-                if not child.name.startswith(TMP_PREFIX) or child.lstat().st_mtime >= cutoff:
-                    continue
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-            except FileNotFoundError:  # another process removed it first
+                if child.name.startswith(TMP_PREFIX) and child.lstat().st_mtime < cutoff:
+                    stale.append(child)
+            except OSError:  # removed meanwhile, or cannot be looked at: not removed either
                 continue
+        if not stale:
+            return []  # no lock taken, no lock file made, for a listing with nothing to clean
+        try:
+            fd = self._open_lock(d)
+        except OSError as exc:
+            log.warning("cannot take the writers' lock %s to remove what writes that died left (%s); left as it is",
+                        (d / LOCK_FILE).relative_to(self.root), exc.strerror or type(exc).__name__)
+            return []
+        removed = []
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return []  # a writer is at work (maybe the stalled owner of one of them): a later listing cleans up
             except OSError as exc:
-                log.warning("cannot remove %s, left in the model store by a write that died: %s; remove it by hand",
-                            child.relative_to(self.root), exc.strerror or type(exc).__name__)
-                continue
-            removed.append(child.name)
+                log.warning("cannot take the writers' lock %s to remove what writes that died left (%s); left as "
+                            "it is", (d / LOCK_FILE).relative_to(self.root), exc.strerror or type(exc).__name__)
+                return []
+            for child in stale:
+                try:
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+                except FileNotFoundError:  # another process removed it first
+                    continue
+                except OSError as exc:
+                    log.warning("cannot remove %s, left in the model store by a write that died: %s; remove it by "
+                                "hand", child.relative_to(self.root), exc.strerror or type(exc).__name__)
+                    continue
+                removed.append(child.name)
+        finally:
+            os.close(fd)  # releases the lock
         return removed
 
     def manifest(self, model_name: str, version: int) -> Manifest:

@@ -1367,7 +1367,8 @@ def test_stale_temporary_folders_are_removed(tmp_path):
         os.utime(p, (hours_ago, hours_ago))
 
     assert store.versions("m") == [1]
-    assert sorted(p.name for p in model_dir.iterdir()) == [".tmp-v2-writing", "v1"]
+    # .lock: the writers' lock, which the cleanup takes (never removed)
+    assert sorted(p.name for p in model_dir.iterdir()) == [".lock", ".tmp-v2-writing", "v1"]
 
 
 def test_metrics_are_recorded_as_strict_json():

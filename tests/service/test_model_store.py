@@ -235,6 +235,43 @@ def test_a_stale_temporary_folder_that_cannot_be_removed_is_logged_and_the_listi
     assert store.versions(MODEL) == [1] and not tmp.exists()  # removable again: removed
 
 
+def test_the_stale_cleanup_leaves_a_live_writers_folder_however_old_it_looks(tmp_path, monkeypatch):
+    """A writer stalled past STALE_TMP_S (or a clock step) while another process listed the
+    versions: the cleanup emptied its folder under it, and its rename left an empty v1 that no
+    write could take again. Every writer holds the model's lock while its folder lives; the
+    cleanup takes it without waiting, and cleans nothing while it is held."""
+    import time
+
+    import model_store.local as local
+    from model_store.local import LOCK_FILE
+
+    store = LocalModelStore(tmp_path / "store")
+    seen = {}
+    real_save = local.save_model
+
+    def stalled(model, directory, *args, **kwargs):
+        weights = real_save(model, directory, *args, **kwargs)
+        hours_ago = time.time() - 2 * 3600
+        os.utime(directory, (hours_ago, hours_ago))
+        lister = threading.Thread(target=lambda: seen.update(listed=LocalModelStore(tmp_path / "store").versions(MODEL)))
+        lister.start()
+        lister.join(30)
+        seen["left"] = sorted(p.name for p in directory.iterdir())
+        return weights
+
+    monkeypatch.setattr(local, "save_model", stalled)
+    _put(store, _tiny(), job_id="j")
+    monkeypatch.undo()
+    assert seen == {"listed": [], "left": ["config.json", "model.safetensors"]}
+    assert store.verify(MODEL, 1)
+
+    tmp = _stale_tmp(tmp_path / "store" / MODEL)
+    with open(tmp_path / "store" / MODEL / LOCK_FILE, "a") as held:  # another process's writer at work
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert store.versions(MODEL) == [1] and store.remove_stale_tmp(MODEL) == [] and tmp.is_dir()
+    assert store.remove_stale_tmp(MODEL) == [".tmp-v7-dead"] and not tmp.exists()  # no writer: a dead one's
+
+
 def test_discard_if_damaged_discards_only_a_damaged_version(tmp_path):
     store = LocalModelStore(tmp_path / "store")
     for v in (1, 2, 3, 4):
