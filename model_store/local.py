@@ -172,15 +172,28 @@ def _json_value(value, where: str, depth: int = 0):
                      "null, list or object): convert it before storing it in the manifest")
 
 
+# What opening or fsyncing a directory answers where directories cannot be synced (as PostgreSQL's
+# fsync_fname reads them): a system that opens no directory (EISDIR, EACCES), one or a file system
+# that syncs none (EINVAL: Linux on CIFS; EBADF: NetBSD on a read-only descriptor; EISDIR: HP-UX;
+# ENOTSUP). Anything else (EIO, ENOSPC) is a write that may not last, and is raised.
+_DIR_OPEN_UNSUPPORTED = {errno.EISDIR, errno.EACCES}
+_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, errno.EISDIR, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
 def _fsync_dir(path: Path) -> None:
+    """Make the entries of the folder ``path`` (a rename, a file created or deleted) durable;
+    nothing where directories cannot be synced, the OSError (naming ``path``) otherwise."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in _DIR_OPEN_UNSUPPORTED:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise OSError(exc.errno, f"{exc.strerror} (syncing the folder)", str(path)) from None
     finally:
         os.close(fd)
 

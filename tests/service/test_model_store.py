@@ -5,6 +5,7 @@ that must be strict JSON, and purging a link. No database, no training: a tiny u
 MultiTaskNet in ``tmp_path``."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import re
@@ -588,3 +589,39 @@ def test_a_version_is_its_owners_only(stored):
     files = sorted(folder.iterdir())
     assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files), files
     assert store.verify(MODEL, 1)
+
+
+@pytest.mark.parametrize("code, lasts", [(errno.EIO, False), (errno.ENOSPC, False),
+                                         (errno.EINVAL, True), (errno.EBADF, True), (errno.ENOTSUP, True)])
+def test_a_folder_that_cannot_be_synced_fails_the_write_unless_folders_cannot_be_synced_there(tmp_path, monkeypatch,
+                                                                                             code, lasts):
+    """Every OSError of a folder's fsync was swallowed: an EIO there (the rename or the deletion
+    may not last) and put_version and purge said they were done. Only what a system or file
+    system answers where folders cannot be synced at all (EINVAL on CIFS, EBADF on NetBSD) is."""
+    import stat
+
+    store = LocalModelStore(tmp_path / "store")
+    _put(store, _tiny(), version=1)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if lasts:
+        _put(store, _tiny(2), version=2)
+        assert store.purge(MODEL, 1)
+        monkeypatch.undo()
+        assert store.verify(MODEL, 2) and store.purged(MODEL, 1)
+        return
+    with pytest.raises(OSError, match=re.escape(f"{os.strerror(code)} (syncing the folder)")) as raised:
+        _put(store, _tiny(2), version=2)
+    assert raised.value.errno == code and ".tmp-v2-" in raised.value.filename
+    with pytest.raises(OSError) as raised:
+        store.purge(MODEL, 1)
+    assert raised.value.errno == code and raised.value.filename == str(tmp_path / "store" / MODEL / "v1")
+    monkeypatch.undo()
+    assert store.versions(MODEL) == [1] and not store.exists(MODEL, 2)  # nothing stored, no folder left
+    assert [p.name for p in (tmp_path / "store" / MODEL).iterdir() if p.name.startswith(".tmp-")] == []
