@@ -411,6 +411,10 @@ class LocalModelStore(ModelStore):
                 self._refuse_occupied(model_name, version, final)
             tmp = final.parent / f"{TMP_PREFIX}v{version}-{uuid.uuid4().hex}"
             try:
+                # the owner's only from the start, as calibration.json: the weights hold what they
+                # learnt of people's data, the manifest names the instances erased (it stays after a
+                # purge), and a writer killed before the chmods below left them readable to all
+                os.mkdir(tmp, 0o700)
                 weights = save_model(model, tmp)
                 data = weights.read_bytes()
                 manifest = Manifest(
@@ -434,10 +438,10 @@ class LocalModelStore(ModelStore):
                     text = json.dumps(manifest.to_dict(), indent=2, allow_nan=False)
                 except (TypeError, ValueError) as exc:
                     raise StoreError(f"the manifest of {model_name} v{version} is not strict JSON: {exc}") from None
-                (tmp / MANIFEST_FILE).write_text(text)
-                # the owner's only, as calibration.json: the weights hold what they learnt of
-                # people's data, the manifest names the instances erased (it stays after a purge)
-                os.chmod(tmp, 0o700)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                with os.fdopen(os.open(tmp / MANIFEST_FILE, flags, 0o600), "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                os.chmod(tmp, 0o700)  # whatever the umask took away
                 for f in tmp.iterdir():
                     os.chmod(f, 0o600)
                     with open(f, "rb") as fh:

@@ -625,3 +625,31 @@ def test_a_folder_that_cannot_be_synced_fails_the_write_unless_folders_cannot_be
     monkeypatch.undo()
     assert store.versions(MODEL) == [1] and not store.exists(MODEL, 2)  # nothing stored, no folder left
     assert [p.name for p in (tmp_path / "store" / MODEL).iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_a_version_is_its_owners_only_while_it_is_written(tmp_path, monkeypatch):
+    """The temporary folder was made with the umask's mode (0755) and the manifest, which names
+    the erased instances, written 0644, then both chmodded: readable to every local user while
+    written, and for good where the writer was killed before the chmods."""
+    import stat
+
+    store = LocalModelStore(tmp_path / "store")
+    seen = {}
+    real_chmod = os.chmod
+
+    def chmod(path, mode, *args, **kwargs):
+        if ".tmp-v1-" in str(path) and not seen:  # the first chmod: what was there before any
+            folder = next((tmp_path / "store" / MODEL).glob(".tmp-v1-*"))
+            seen.update({p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()},
+                        folder=stat.S_IMODE(folder.stat().st_mode))
+        return real_chmod(path, mode, *args, **kwargs)
+
+    old_umask = os.umask(0o022)
+    try:
+        monkeypatch.setattr(os, "chmod", chmod)
+        _put(store, _tiny())
+    finally:
+        os.umask(old_umask)
+    assert seen["folder"] == 0o700 and seen["manifest.json"] == 0o600, seen
+    monkeypatch.undo()
+    assert store.verify(MODEL, 1) and json.loads((tmp_path / "store" / MODEL / "v1" / "manifest.json").read_text())
