@@ -231,10 +231,20 @@ class LocalModelStore(ModelStore):
     def _dir(self, model_name: str, version: int) -> Path:
         return self._model_dir(model_name) / f"v{valid_version(version)}"
 
-    @staticmethod
-    def _open_lock(directory: Path) -> int:
-        """A descriptor of the writers' lock file of the model folder ``directory`` (created if need be)."""
-        return os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    def _open_lock(self, directory: Path) -> int:
+        """A descriptor of the writers' lock file of the model folder ``directory`` (created if need
+        be). The owner's only: flock takes a read-only descriptor, so any local user who could
+        open it could hold the lock and keep every writer waiting; one an older store made 0644
+        is tightened when it is ours."""
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError as exc:  # a file system without modes: the lock still works
+            log.warning("cannot make the writers' lock %s the owner's only: %s",
+                        (directory / LOCK_FILE).relative_to(self.root), exc.strerror or type(exc).__name__)
+        return fd
 
     @contextmanager
     def _locked(self, model_name: str):

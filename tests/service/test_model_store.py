@@ -653,3 +653,24 @@ def test_a_version_is_its_owners_only_while_it_is_written(tmp_path, monkeypatch)
     assert seen["folder"] == 0o700 and seen["manifest.json"] == 0o600, seen
     monkeypatch.undo()
     assert store.verify(MODEL, 1) and json.loads((tmp_path / "store" / MODEL / "v1" / "manifest.json").read_text())
+
+
+def test_the_lock_file_is_its_owners_only(tmp_path):
+    """flock takes a read-only descriptor: with .lock made 0644, any local user could open it,
+    hold the lock and keep every writer of the model waiting. It is made 0600, and one an older
+    store made 0644 is tightened by the next writer."""
+    import stat
+
+    from model_store.local import LOCK_FILE
+
+    old_umask = os.umask(0o022)
+    try:
+        store = LocalModelStore(tmp_path / "store")
+        _put(store, _tiny())
+        lock = tmp_path / "store" / MODEL / LOCK_FILE
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+        os.chmod(lock, 0o644)
+        assert store.purge(MODEL, 1)
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    finally:
+        os.umask(old_umask)
