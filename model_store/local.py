@@ -612,7 +612,7 @@ class LocalModelStore(ModelStore):
 
     def purge(self, model_name: str, version: int) -> bool:
         """Delete the version's weights (see :meth:`ModelStore.purge`). Weights that are not a
-        regular file are refused (:class:`StoreError` naming them): a link is not followed,
+        regular file are refused (:class:`IntegrityError` naming them): a link is not followed,
         since its target, which would keep the erased data, lies outside the version."""
         self.manifest(model_name, version)  # StoreError for a version that is not stored
         weights = self._dir(model_name, version) / WEIGHTS_FILE
@@ -623,7 +623,7 @@ class LocalModelStore(ModelStore):
                 return False
             if not stat.S_ISREG(mode):
                 link = "; the link is not followed, its target is left as it is" if stat.S_ISLNK(mode) else ""
-                raise StoreError(f"cannot purge {model_name} v{version}: {weights} is {_what(weights, mode)}, not a "
+                raise IntegrityError(f"cannot purge {model_name} v{version}: {weights} is {_what(weights, mode)}, not a "
                                  f"regular file (the store never writes one){link}: check and remove it by hand")
             try:
                 weights.unlink()  # atomic: readers see the weights or none

@@ -8,6 +8,7 @@ and publishes a new version."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -502,6 +503,37 @@ def _damage_said(damage: StoreError) -> tuple[str, str]:
     if isinstance(damage, DamagedManifest):
         return "damaged_manifest", "its manifest in the store does not describe a model architecture"
     return "damaged_weights", "its weights in the store do not match the sha256 the record has"
+
+
+def purge_refused(model_name: str, exc: Exception, store_dir=None) -> Conflict:
+    """The :class:`Conflict` (409) for a purge of ``model_name`` the model store refused part way:
+    ``exc``, a :class:`StoreError` or ``OSError`` out of :func:`purge_versions` or
+    :func:`redact_calibration` (weights that are a link, a file it may not delete, a disk error).
+    ``store_state`` as a rollback's: ``damaged_weights``, ``damaged_manifest``, or ``unreadable``
+    (a permission or disk error, the writers' lock included). The detail names no path
+    (:func:`~worker.jobs.path_free`; the log has the whole error, and ``unlearnd purge`` prints it).
+    The caller's transaction rolls back: weights deleted before the refusal stay deleted, and the
+    next purge records them."""
+    from .jobs import path_free  # jobs imports this module
+
+    log.warning("purge of %s: the model store refused it: %s", model_name, exc)
+    if isinstance(exc, DamagedManifest):
+        state = "damaged_manifest"
+    elif isinstance(exc, IntegrityError):
+        state = "damaged_weights"
+    else:
+        state = "unreadable"
+    if isinstance(exc, OSError):
+        found = re.search(rf"/{re.escape(model_name)}/v([1-9][0-9]*)(?:/|$)", str(exc.filename or ""))
+        why = (f"{'v' + found.group(1) + ': ' if found else ''}a permission or disk error "
+               f"({exc.strerror or type(exc).__name__})")
+    else:
+        why = path_free(str(exc), store_dir)
+    return Conflict(
+        f"the model store refused the purge of {model_name!r}: {why}. Nothing was recorded: weights deleted "
+        "before it stay deleted, and the next purge records them; `unlearnd purge` names the file",
+        model=model_name, store_state=state,
+    )
 
 
 @dataclass

@@ -6,10 +6,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
 
-from model_store import store_for
+from model_store import StoreError, store_for
 from unlearning.data import dataset_key
-from worker.versions import (ancestors, get_version, list_models, list_versions, purge_versions, redact_calibration,
-                             check_weights_first, rollback, serving_version)
+from worker.versions import (ancestors, get_version, list_models, list_versions, purge_refused, purge_versions,
+                             redact_calibration, check_weights_first, rollback, serving_version)
 
 from ..auth import AdminCaller, require_read
 from ..deps import ReadSessionDep, SessionDep, SettingsDep
@@ -110,7 +110,8 @@ def post_rollback(
 
 
 @router.post("/{name}/purge", response_model=PurgeOut,
-             responses={409: {"description": "the model store does not hold the versions the record names"}})
+             responses={409: {"description": "the model store does not hold the versions the record names, or "
+                                             "refused to delete one (store_state)"}})
 def post_purge(name: ModelName, session: SessionDep, settings: SettingsDep, caller: AdminCaller,
                body: PurgeIn | None = None) -> PurgeOut:
     """Delete from the model store the weights that still hold erased data: every
@@ -120,21 +121,25 @@ def post_purge(name: ModelName, session: SessionDep, settings: SettingsDep, call
     ``purged_at`` and a ``model.version_purged`` audit event; a purged version cannot be
     rolled back to. The stored shadow calibration loses its erased cells' scores
     (``calibration_scores``, a ``model.calibration_redacted`` event). 409, nothing deleted,
-    when the store does not hold the versions the record names. The body may be left out.
-    Admin scope."""
+    when the store does not hold the versions the record names; 409 with ``store_state``,
+    nothing recorded, when the store refuses to delete one part way (:func:`purge_refused`).
+    The body may be left out. Admin scope."""
     body = body or PurgeIn()
     from datetime import timedelta
 
     from worker.tables import utcnow
 
     before = None if body.older_than_days is None else utcnow() - timedelta(days=body.older_than_days)
-    with session.begin():
-        store = store_for(settings.store_dir)
-        found = purge_versions(session, store, name, created_before=before, dry_run=body.dry_run, actor=caller)
-        scores = redact_calibration(session, store, name, dry_run=body.dry_run, actor=caller)
-        out = PurgeOut(model=name, dry_run=body.dry_run, calibration_scores=scores, versions=[
-            PurgedVersionOut(version=c.version, sha256=c.sha256, created_at=c.created_at, published=c.published,
-                             purged=c.purged, held_erasures=c.erasures, damaged=c.damaged) for c in found])
+    try:
+        with session.begin():
+            store = store_for(settings.store_dir)
+            found = purge_versions(session, store, name, created_before=before, dry_run=body.dry_run, actor=caller)
+            scores = redact_calibration(session, store, name, dry_run=body.dry_run, actor=caller)
+            out = PurgeOut(model=name, dry_run=body.dry_run, calibration_scores=scores, versions=[
+                PurgedVersionOut(version=c.version, sha256=c.sha256, created_at=c.created_at, published=c.published,
+                                 purged=c.purged, held_erasures=c.erasures, damaged=c.damaged) for c in found])
+    except (StoreError, OSError) as exc:  # was a 500 saying nothing; the CLI prints the reason
+        raise purge_refused(name, exc, settings.store_dir) from exc
     if any(c.purged for c in found):  # the embedded worker's caches live in this process
         from worker.jobs import forget_purged_versions
 

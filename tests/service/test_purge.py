@@ -325,6 +325,42 @@ def test_a_damaged_manifest_is_named_as_such_and_purges_nothing(erased_twice):
     assert counts(s) == before and all(store.exists(TINY, v) for v in (2, 3))
 
 
+def test_a_purge_the_store_refuses_part_way_is_a_409_naming_why_without_a_path(erased_twice, tmp_path,
+                                                                             monkeypatch):
+    """StoreError or OSError out of the store (v2's weights a link, restored from a backup so;
+    a file the service may not delete) made the API's purge a 500 saying nothing, where the
+    CLI prints the reason. A 409 with a rollback's store_state; nothing recorded, and the
+    weights deleted before the refusal (v1's) are recorded by the next purge."""
+    from model_store.local import LocalModelStore
+
+    s, store, _, client = erased_twice
+    weights = store.root / TINY / "v2" / "model.safetensors"
+    backup = tmp_path / "backup.safetensors"
+    os.replace(weights, backup)
+    weights.symlink_to(backup)
+    problem = assert_problem(client.post(f"/models/{TINY}/purge", json={}), 409, "conflict")
+    assert problem["store_state"] == "damaged_weights" and problem["model"] == TINY
+    assert f"refused the purge of {TINY!r}: cannot purge {TINY} v2: a file in the model store is a symbolic link" \
+        in problem["detail"] and "next purge records them" in problem["detail"]
+    assert str(tmp_path) not in problem["detail"] and str(store.root) not in problem["detail"]
+    assert backup.is_file() and not store.exists(TINY, 1)  # v1 went first; the record does not say so yet
+    assert all(v["purged_at"] is None for v in _versions(client).values())
+
+    def refused(self, name, version):
+        raise PermissionError(13, "Permission denied", str(self.root / name / f"v{version}" / "model.safetensors"))
+
+    os.replace(backup, weights)  # weights.unlink() would leave the link's target: replaced by the file itself
+    monkeypatch.setattr(LocalModelStore, "purge", refused)
+    problem = assert_problem(client.post(f"/models/{TINY}/purge", json={}), 409, "conflict")
+    assert problem["store_state"] == "unreadable"
+    assert f"refused the purge of {TINY!r}: v1: a permission or disk error (Permission denied)" in problem["detail"]
+    assert str(store.root) not in problem["detail"]
+    monkeypatch.undo()
+    r = client.post(f"/models/{TINY}/purge", json={})
+    assert [(v["version"], v["purged"]) for v in r.json()["versions"]] == [(1, True), (2, True)]
+    assert all(_versions(client)[v]["purged_at"] for v in (1, 2)) and not store.exists(TINY, 2)
+
+
 def test_an_empty_body_purges_with_the_defaults(erased_twice):
     s, store, _, client = erased_twice
     r = client.post(f"/models/{TINY}/purge")
