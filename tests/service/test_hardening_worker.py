@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select, text, update
 
 from app.main import create_app
-from model_store import LocalModelStore
+from model_store import LocalModelStore, PurgedVersion
 from unlearning.train import TrainConfig, train_model
 from worker import jobs, versions
 from worker.audit import append_event, verify_chain
@@ -1869,3 +1869,23 @@ def test_a_request_for_a_cell_another_model_erased_first_completes_with_the_eras
         (TINY, 2, "deletion.completed")]
     assert (ids[0], "depth") in {tuple(c) for c in _serving_of(s_b, TINY_B).erased_cells}
     assert _erased_cells_served(s) == {TINY: 0, TINY_B: 0}
+
+
+def test_a_base_whose_weights_went_missing_is_not_called_purged(tiny):
+    """The store has no mark of a purge: a manifest without weights reads as purged. A job
+    on a base the record never purged says its weights are missing (restore them), where the
+    job, its request and its submitter were told "its weights were purged (they held erased
+    data)"; a base the record purged still says purged."""
+    s, store, ids = tiny
+    (store.root / TINY / "v1" / "model.safetensors").unlink()  # deleted by hand, never purged
+    request_id = _submit(s, ids[0])
+    [outcome] = jobs.drain_model(s, store, TINY)
+    assert outcome.status == "failed"
+    assert "its weights are missing from the model store" in outcome.error and "purged (" not in outcome.error
+    with transaction(s.database_url) as session:
+        request = session.get(DeletionRequest, request_id)
+        assert "weights are missing" in request.error and "held erased data" not in request.error
+        session.execute(update(ModelVersion).where(ModelVersion.model_name == TINY, ModelVersion.version == 1)
+                        .values(purged_at=utcnow()))
+    with pytest.raises(PurgedVersion, match="purged"):
+        jobs._load_base(s, store, TINY, 1, "cpu")
