@@ -937,18 +937,22 @@ def test_repairing_the_protected_heads_leaves_frozen_shared_layers_frozen(memori
 
 
 def test_progress_ends_at_one_when_settling_ends_early(memorised):
-    """A cell inside its band from the start: settling ends after settle_steps, far below
-    the step budget, and the method's progress used to stop there (0.025)."""
+    """A cell just below its level: it gets there in a few steps, settling ends after
+    settle_steps, far below the step budget, and the method's progress used to stop there
+    (0.025). A cell inside its band from the start: nothing to do, progress 1 too."""
     from unlearning.losses import per_sample_losses
 
     model, train, test = memorised
-    seen = []
     loss = float(per_sample_losses(model, train, [0])["depth"][0])
-    data = _data(train, test, [("i0", "depth")], progress=seen.append)
-    _, log = get_method("interference_aware")(model, data, {"steps": 200, "settle_steps": 2, "repair_steps": 3,
-                                                            "tau": {"depth": loss / 1.05}})
-    assert log["steps"] < 200 and seen[-2] < 0.5  # ended early
-    assert seen[-1] == 1.0 and seen == sorted(seen)
+    for level, nothing in ((loss * 1.02, False), (loss / 1.05, True)):
+        seen = []
+        data = _data(train, test, [("i0", "depth")], progress=seen.append)
+        _, log = get_method("interference_aware")(model, data, {"steps": 200, "settle_steps": 2, "repair_steps": 3,
+                                                                "tau": {"depth": level}})
+        assert log["nothing_to_forget"] is nothing and log["steps"] < 200
+        assert seen[-1] == 1.0 and seen == sorted(seen)
+        if not nothing:
+            assert 0 < log["steps"] and seen[-2] < 0.5  # ended early
 
 
 def test_what_is_cached_from_the_training_data_is_keyed_by_its_cells(memorised):
