@@ -322,7 +322,7 @@ def test_a_job_whose_update_overflows_raises_instead_of_skipping_the_rest(setup)
 
     model, train, test = setup
     with pytest.raises(UnlearningDiverged, match="interference_aware: the update is not finite"):
-        run_unlearning_job(model, train, test, [("i0", "depth")],
+        run_unlearning_job(model, train, test, [("i1", "depth")],  # below its level (i0's is at it: no step)
                            config={"optimizer": "sgd", "lr": 1e6, "max_norm": 1e9, "steps": 30})
 
 
