@@ -1023,3 +1023,29 @@ def test_shadow_scores_of_one_training_instance_train_the_shadows_that_can(memor
     scores = shadow_scores(model, UnlearnData(one, [], one, heldout=test), recipe, 4, 0)
     assert scores["full"] == {} and scores["shadows"] == 1 + len(TASKS)
     assert set(scores["partial"]) == set(one.instance_ids) and set(scores["partial"]["i0"]) == set(TASKS)
+
+
+def test_a_retain_reference_averages_its_task_loss_over_measured_cells(memorised):
+    """A supervised cell whose target is all invalid (depth 0 everywhere) has no loss: it
+    added a fake 0 to its task's mean, where training and the baselines' retain loss leave
+    it out."""
+    from unlearning.methods.interference_aware import RetainReference
+    from unlearning.methods.loops import retain_loss
+
+    model, train, _ = memorised
+    targets = {t: v.clone() for t, v in train.targets.items()}
+    targets["depth"][[0, 1, 2, 3]] = 0.0
+    blank = MultiTaskDataset(train.name, train.tasks, train.images, targets, train.instance_ids, train.num_classes)
+    batch = blank.batch(list(range(8)))
+    reference = RetainReference("random", batch, None, list(train.tasks))
+    assert torch.allclose(reference.loss(model, 0.0), retain_loss(model, batch))
+    assert reference.measured["depth"].tolist() == [False] * 4 + [True] * 4
+
+
+def test_a_retain_gradient_that_is_not_finite_is_a_divergence_named_so():
+    from unlearning.methods.base import UnlearningDiverged
+    from unlearning.methods.interference_aware import _orthogonalize
+
+    g = torch.tensor([1.0, 0.0, 0.0])
+    with pytest.raises(UnlearningDiverged, match="retain reference's gradient is not finite"):
+        _orthogonalize(g, [torch.tensor([-float("inf"), 1.0, 0.0]), torch.tensor([-1.0, 1.0, 0.0])])
