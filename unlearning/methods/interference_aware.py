@@ -87,7 +87,10 @@ Each step combines:
    Once every cell is inside its band the loop keeps taking
    retain-only *settling* steps (at most ``settle_steps`` such steps); a cell
    that leaves the band gets its forget weight back. Then ``repair_steps``
-   plain retain-only steps (default 0), ``θ ← θ - η λ P g_r``.
+   plain retain-only steps (default 0), ``θ ← θ - η λ P g_r``. A job none of
+   whose cells is active at the first step (each inside its band already, or
+   without a labelled pixel) takes no step at all: the model is returned as it
+   was (``nothing_to_forget``).
 
 Changes from the design's formulation, measured on the smoke suite (see
 benchmarks/README.md for the numbers and the tuning records): ``L_f`` is the
