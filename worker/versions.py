@@ -531,7 +531,8 @@ def purge_refused(model_name: str, exc: Exception, store_dir=None) -> Conflict:
         why = path_free(str(exc), store_dir)
     return Conflict(
         f"the model store refused the purge of {model_name!r}: {why}. Nothing was recorded: weights deleted "
-        "before it stay deleted, and the next purge records them; `unlearnd purge` names the file",
+        "before it stay deleted, and the next purge records them (damaged unpublished artifacts go last, so "
+        "none was deleted); `unlearnd purge` names the file",
         model=model_name, store_state=state,
     )
 
@@ -691,8 +692,12 @@ def purge_versions(
         out.sort(key=lambda c: c.version)
     if dry_run:
         return out
-    for c in out:
+    # damaged artifacts last: one is deleted whole, so nothing of it is left for a next run to
+    # find and record should a later deletion (a store that refuses) or the commit fail
+    for c in sorted(out, key=lambda c: (c.damaged is not None, c.version)):
         if c.damaged:
+            log.warning("purge: %s v%d is an unpublished artifact with a damaged manifest (%s): deleted whole; "
+                        "its model.version_purged event records it", model_name, c.version, c.damaged)
             store.discard(model_name, c.version)
         else:
             store.purge(model_name, c.version)  # False: deleted by an earlier run that failed before recording it

@@ -611,3 +611,38 @@ def test_a_reapply_rollback_sent_again_after_its_target_was_purged_is_still_a_no
         # not a repeat (no reapply asked): the purged target is refused
         assert "was purged" in assert_problem(client.post(f"/models/{TINY}/rollback", json={"version": 1}),
                                               409)["detail"]
+
+
+def test_a_damaged_artifact_is_deleted_last_so_a_refused_purge_leaves_it_to_be_recorded(tiny, tmp_path):
+    """A damaged unpublished artifact is deleted whole: nothing of it is left for a next run to
+    find. Deleted before another artifact the store refused (its weights a link), it was never
+    recorded, though the 409 says the next purge records what was deleted. It goes last now."""
+    import shutil
+
+    from model_store.local import MANIFEST_FILE
+
+    s, store, ids = tiny
+    for instance in ids[:2]:
+        _submit(s, instance)
+        assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]
+    folder = store.root / TINY
+    shutil.copytree(folder / "v3", folder / "v4")  # an unpublished artifact, its manifest cut short
+    (folder / "v4" / MANIFEST_FILE).write_text('{"model": "tiny')
+    shutil.copytree(folder / "v1", folder / "v5")  # an unpublished artifact holding erased data
+    manifest = json.loads((folder / "v5" / MANIFEST_FILE).read_text())
+    (folder / "v5" / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": 5}))
+    weights, backup = folder / "v5" / "model.safetensors", tmp_path / "backup.safetensors"
+    os.replace(weights, backup)
+    weights.symlink_to(backup)  # the store refuses to delete through a link
+    with TestClient(create_app(s)) as client:
+        refused = client.post(f"/models/{TINY}/purge", json={})
+        assert refused.status_code == 409 and refused.json()["store_state"] == "damaged_weights"
+        assert (folder / "v4").exists()  # not deleted: it goes last
+        os.unlink(weights)
+        os.replace(backup, weights)
+        done = client.post(f"/models/{TINY}/purge", json={}).json()["versions"]
+    assert {v["version"] for v in done if v["purged"]} >= {4, 5} and not (folder / "v4").exists()
+    with transaction(s.database_url) as session:
+        recorded = [e.payload["version"] for e in session.execute(
+            select(AuditEvent).where(AuditEvent.kind == "model.version_purged")).scalars()]
+    assert 4 in recorded and 5 in recorded
