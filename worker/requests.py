@@ -523,7 +523,8 @@ def _audited_facts(request: DeletionRequest, job: Job | None, version: ModelVers
             f"the record's rows of request {request.id!r} disagree with its audit log on "
             f"{', '.join(wrong)} (audit event{'s' if len(events) > 1 else ''} "
             f"{', '.join(str(e.seq) for e in events)}): they were changed outside the service, and no "
-            "certificate is issued. GET /audit/events?request_id= shows what the log records",
+            "certificate is issued; the service's operators are told (its log), and a key with the read scope "
+            "sees what the audit log records (GET /audit/events?request_id=)",
             request_id=request.id, request_status=request.status, audit_state="rows_disagree",
             disagreeing=list(wrong),
             audit_events=[{"seq": e.seq, "kind": e.kind, "hash": e.hash} for e in events],
