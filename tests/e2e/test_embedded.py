@@ -88,6 +88,25 @@ def _spec() -> dict:
             "height": int(TINY["UNLEARND_IMAGE_HEIGHT"]), "width": int(TINY["UNLEARND_IMAGE_WIDTH"]), "seed": 0}
 
 
+@contextmanager
+def _computing(tmp_path, instance_index: int, stale_after_s: int):
+    """`unlearnd serve` with a recipe that never ends (retrain, 100000 epochs), a depth erasure
+    of training instance ``instance_index`` submitted and computing: yields ``(process,
+    request id, the settings)``."""
+    from unlearning.data import load_splits
+
+    target = load_splits(_spec())[0].instance_ids[instance_index]
+    endless = {"UNLEARND_METHOD": "retrain", "UNLEARND_CALIBRATE_SHADOWS": "false",
+               "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 100000}}),
+               "UNLEARND_STALE_AFTER_S": str(stale_after_s)}
+    with _serve(tmp_path, **endless) as (proc, base), httpx.Client(base_url=base, timeout=10) as http:
+        r = http.post("/deletions", json={"instance_id": target, "tasks": ["depth"]})
+        assert r.status_code == 202, r.text
+        request_id = r.json()["id"]
+        wait_for(lambda: http.get(f"/deletions/{request_id}").json()["progress"] > 0, 120, 0.5,
+                 what="the job to be computing")
+        yield proc, request_id, endless
+
 def _run_again_as_attempt_2(http: httpx.Client, request_id: str) -> None:
     """The job put back (or left running) by the last start completes at this one, on its
     second attempt, as version 2."""
@@ -105,18 +124,7 @@ def test_ctrl_c_mid_job_puts_the_job_back_and_the_next_start_runs_it(tmp_path):
     'terminate called without an active exception', with the job's thread still in torch)
     and the job is back in the queue, so the next start runs it at once; it stayed
     'running' until the sweeper found its heartbeat STALE_AFTER_S (10 minutes) old."""
-    from unlearning.data import load_splits
-
-    target = load_splits(_spec())[0].instance_ids[1]
-    endless = {"UNLEARND_METHOD": "retrain", "UNLEARND_CALIBRATE_SHADOWS": "false",
-               "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 100000}}),
-               "UNLEARND_STALE_AFTER_S": "20"}  # a heartbeat (with progress) every 5 s
-    with _serve(tmp_path, **endless) as (proc, base), httpx.Client(base_url=base, timeout=10) as http:
-        r = http.post("/deletions", json={"instance_id": target, "tasks": ["depth"]})
-        assert r.status_code == 202, r.text
-        request_id = r.json()["id"]
-        wait_for(lambda: http.get(f"/deletions/{request_id}").json()["progress"] > 0, 120, 0.5,
-                 what="the job to be computing")
+    with _computing(tmp_path, 1, stale_after_s=20) as (proc, request_id, endless):  # a heartbeat every 5 s
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
@@ -140,19 +148,9 @@ def test_a_killed_serve_s_job_runs_at_the_next_start(tmp_path):
     stays 'running'. The next start sees that the process that ran it is gone
     (``worker.runner``) and runs it at once, where it waited for the sweeper to find its
     heartbeat STALE_AFTER_S (10 minutes) old."""
-    from unlearning.data import load_splits
     from worker.runner import GONE_REASON
 
-    target = load_splits(_spec())[0].instance_ids[2]
-    endless = {"UNLEARND_METHOD": "retrain", "UNLEARND_CALIBRATE_SHADOWS": "false",
-               "UNLEARND_METHOD_CONFIG": json.dumps({"train": {"epochs": 100000}}),
-               "UNLEARND_STALE_AFTER_S": "600"}
-    with _serve(tmp_path, **endless) as (proc, base), httpx.Client(base_url=base, timeout=10) as http:
-        r = http.post("/deletions", json={"instance_id": target, "tasks": ["depth"]})
-        assert r.status_code == 202, r.text
-        request_id = r.json()["id"]
-        wait_for(lambda: http.get(f"/deletions/{request_id}").json()["progress"] > 0, 120, 0.5,
-                 what="the job to be computing")
+    with _computing(tmp_path, 2, stale_after_s=600) as (proc, request_id, endless):
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
 
