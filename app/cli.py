@@ -508,9 +508,10 @@ def cmd_purge(args) -> int:
     for model_name in names:
         try:
             with transaction(settings.database_url) as session:  # one model a transaction
+                # the calibration first, as the API's purge (app/routes/models.py)
+                scores = redact_calibration(session, store, model_name, dry_run=args.dry_run, actor=actor)
                 found = purge_versions(session, store, model_name, created_before=before, dry_run=args.dry_run,
                                        actor=actor)
-                scores = redact_calibration(session, store, model_name, dry_run=args.dry_run, actor=actor)
         except (ServiceError, StoreError, OSError) as exc:  # an unknown model, a store that is not the
             # service's or cannot delete a file
             print(f"unlearnd: {exc}" if isinstance(exc, ServiceError) else f"unlearnd: {model_name}: {exc}",

@@ -531,8 +531,9 @@ def purge_refused(model_name: str, exc: Exception, store_dir=None) -> Conflict:
         why = path_free(str(exc), store_dir)
     return Conflict(
         f"the model store refused the purge of {model_name!r}: {why}. Nothing was recorded: weights deleted "
-        "before it stay deleted, and the next purge records them (damaged unpublished artifacts go last, so "
-        "none was deleted); `unlearnd purge` names the file",
+        "before it stay deleted, and the next purge records them (but an unpublished artifact with a damaged "
+        "manifest, deleted whole after every other version: one deleted before this refusal is named in the "
+        "service's log); `unlearnd purge` names the file",
         model=model_name, store_state=state,
     )
 
@@ -697,7 +698,9 @@ def purge_versions(
     for c in sorted(out, key=lambda c: (c.damaged is not None, c.version)):
         if c.damaged:
             log.warning("purge: %s v%d is an unpublished artifact with a damaged manifest (%s): deleted whole; "
-                        "its model.version_purged event records it", model_name, c.version, c.damaged)
+                        "its model.version_purged event records it once this purge commits (should it not, "
+                        "nothing of it is left for the next purge: this line is its record)",
+                        model_name, c.version, c.damaged)
             store.discard(model_name, c.version)
         else:
             store.purge(model_name, c.version)  # False: deleted by an earlier run that failed before recording it

@@ -133,8 +133,10 @@ def post_purge(name: ModelName, session: SessionDep, settings: SettingsDep, call
     try:
         with session.begin():
             store = store_for(settings.store_dir)
-            found = purge_versions(session, store, name, created_before=before, dry_run=body.dry_run, actor=caller)
+            # the calibration first: its file records what was taken out (a failure later is made up
+            # by the next purge), while a damaged artifact purge_versions deletes leaves nothing
             scores = redact_calibration(session, store, name, dry_run=body.dry_run, actor=caller)
+            found = purge_versions(session, store, name, created_before=before, dry_run=body.dry_run, actor=caller)
             out = PurgeOut(model=name, dry_run=body.dry_run, calibration_scores=scores, versions=[
                 PurgedVersionOut(version=c.version, sha256=c.sha256, created_at=c.created_at, published=c.published,
                                  purged=c.purged, held_erasures=c.erasures, damaged=c.damaged) for c in found])

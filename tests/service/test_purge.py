@@ -646,3 +646,37 @@ def test_a_damaged_artifact_is_deleted_last_so_a_refused_purge_leaves_it_to_be_r
         recorded = [e.payload["version"] for e in session.execute(
             select(AuditEvent).where(AuditEvent.kind == "model.version_purged")).scalars()]
     assert 4 in recorded and 5 in recorded
+
+
+def test_a_calibration_that_cannot_be_rewritten_refuses_the_purge_before_any_version_is_deleted(
+        erased_twice, monkeypatch):
+    """The calibration is redacted first: its rewrite failing (a full disk) after a damaged
+    artifact was deleted whole left that artifact gone and never recorded, under a 409."""
+    import errno
+    import shutil
+
+    from model_store import LocalModelStore
+    from model_store.local import MANIFEST_FILE
+
+    s, store, ids, client = erased_twice
+    tasks = list(store.manifest(TINY, 1).model_config["tasks"])
+    table = {i: {t: 0.25 for t in tasks} for i in ids[:3]}
+    store.put_calibration(TINY, {"sha256": store.manifest(TINY, 1).sha256, "full": table, "partial": table})
+    folder = store.root / TINY
+    shutil.copytree(folder / "v3", folder / "v4")  # an unpublished artifact, its manifest cut short
+    (folder / "v4" / MANIFEST_FILE).write_text('{"model": "tiny')
+
+    def disk_full(self, name, payload):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.root / name / "calibration.json"))
+
+    monkeypatch.setattr(LocalModelStore, "replace_calibration", disk_full)
+    refused = client.post(f"/models/{TINY}/purge", json={})
+    assert refused.status_code == 409 and "No space left on device" in refused.json()["detail"]
+    assert (folder / "v4").exists() and store.exists(TINY, 1)  # nothing deleted
+    monkeypatch.undo()
+    done = client.post(f"/models/{TINY}/purge", json={}).json()
+    assert done["calibration_scores"] > 0 and 4 in {v["version"] for v in done["versions"] if v["purged"]}
+    with transaction(s.database_url) as session:
+        recorded = [e.payload["version"] for e in session.execute(
+            select(AuditEvent).where(AuditEvent.kind == "model.version_purged")).scalars()]
+    assert 4 in recorded
