@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from urllib.parse import quote_from_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -47,6 +48,24 @@ def _path(request: Request) -> str:
     return request.scope.get("path") or "/"
 
 
+def _instance(request: Request) -> str:
+    """A problem's ``instance``: the path, each character that is not printable percent-encoded
+    again (``/no%00such``): it is a URI reference, and a client printing it was handed the raw
+    NUL or terminal escape the ``detail`` escapes (:func:`printable`)."""
+    path = _path(request)
+    return path if path.isprintable() else "".join(c if c.isprintable() else _percent(c) for c in path)
+
+
+def _percent(c: str) -> str:
+    """``c`` percent-encoded as the bytes it was decoded from (a byte that was not UTF-8 is a
+    lone surrogate from ``surrogateescape``)."""
+    try:
+        raw = c.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = c.encode("utf-8", "surrogatepass")
+    return quote_from_bytes(raw, safe="")
+
+
 def printable(text: str) -> str:
     """``text`` with each character that is not printable (NUL, another control character, a
     lone surrogate, a bidi override) written as ``repr`` writes it (``\\x00``, ``\\n``,
@@ -66,7 +85,7 @@ def problem(
         "title": title,
         "status": status,
         "detail": printable(detail),
-        "instance": _path(request),
+        "instance": _instance(request),
         **jsonable_encoder(extras),
     }
     return ProblemResponse(body, status_code=status, headers=headers)

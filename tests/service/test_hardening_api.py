@@ -334,7 +334,18 @@ def test_a_problem_detail_echoes_control_characters_escaped(backend, send, statu
     _, _, client = backend
     problem = assert_problem(send(client), status)
     assert problem["detail"] == detail
-    assert problem["detail"].isprintable()
+    assert problem["detail"].isprintable() and problem["instance"].isprintable()
+
+
+@pytest.mark.parametrize("path,instance", [
+    ("/no%00such/route", "/no%00such/route"), ("/a%1B%5B2Jb", "/a%1B[2Jb"),
+    ("/evil%E2%80%AEtxt.exe", "/evil%E2%80%AEtxt.exe"), ("/caf%C3%A9", "/café"),
+])
+def test_a_problem_instance_percent_encodes_what_is_not_printable(backend, path, instance):
+    """The instance is a URI reference: the path's non-printable characters (a NUL, a terminal
+    escape, a right-to-left override) percent-encoded again, printable ones as decoded."""
+    _, _, client = backend
+    assert assert_problem(client.get(path), 404)["instance"] == instance
 
 
 def test_a_detail_quoting_a_value_is_not_escaped_twice(backend):
