@@ -577,9 +577,16 @@ class LocalModelStore(ModelStore):
             raise WrongArchitecture(str(exc)) from None
 
     def discard(self, model_name: str, version: int) -> None:
+        """See :meth:`ModelStore.discard`. A version folder that is a link is refused
+        (:class:`IntegrityError` naming it), as :meth:`purge` refuses weights that are one: the
+        link would go and its target, which may hold erased data, would stay, recorded as gone."""
         final = self._dir(model_name, version)
         if not os.path.lexists(final):
             return
+        if final.is_symlink():
+            raise IntegrityError(f"cannot discard {model_name} v{version}: {final} is a symbolic link to "
+                                 f"{os.readlink(final)}, not a folder the store wrote; the link is not followed, "
+                                 "its target is left as it is: check and remove it by hand")
         with self._locked(model_name):
             self._discard(final, version)
 

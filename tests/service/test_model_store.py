@@ -526,6 +526,20 @@ def test_purge_refuses_weights_that_are_a_link_and_leaves_its_target(stored, tmp
     assert not store.purged(MODEL, 1)
 
 
+def test_discard_refuses_a_version_folder_that_is_a_link_and_leaves_its_target(stored, tmp_path):
+    """A purge discards a damaged unpublished artifact whole: through a linked folder it removed
+    the link only, and the target (which may hold erased data) stayed, recorded as purged."""
+    store, folder = stored
+    target = tmp_path / "other-disk" / "v1"
+    target.parent.mkdir()
+    os.replace(folder, target)
+    folder.symlink_to(target)
+    with pytest.raises(IntegrityError, match="symbolic link") as caught:
+        store.discard(MODEL, 1)
+    assert str(folder) in str(caught.value) and str(target) in str(caught.value)
+    assert folder.is_symlink() and (target / "model.safetensors").is_file()  # nothing removed
+
+
 def test_cells_that_are_not_instance_task_pairs_are_refused_on_writing_and_reading(tmp_path):
     # a leftover artifact with erased_cells [["indoor-00000"]] made every purge of its model
     # fail unpacking it, before anything was deleted
