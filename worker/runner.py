@@ -106,7 +106,7 @@ def is_gone(runner: Any) -> bool:
     is a live process)."""
     if not isinstance(runner, dict) or not all(k in runner for k in _KEYS):
         return False
-    here = _machine()
+    here = this_process()  # this process's machine and namespaces, read once per process
     if here is None or any(runner[k] != here[k] for k in _SAME):
         return False
     pid, start = runner["pid"], runner["start"]
