@@ -183,12 +183,17 @@ class ModelStore(ABC):
         differ, when they do not fit the manifest's architecture (what :meth:`load` would
         refuse), when the weights are not a regular file, or when the manifest is damaged
         (:class:`DamagedManifest`); :class:`PurgedVersion` for a purged version,
-        :class:`StoreError` for one that is not stored. :meth:`check_weights` says which."""
+        :class:`StoreError` for one that is not stored. :meth:`weights_damage` says which."""
+        return self.weights_damage(model_name, version) is None
+
+    def weights_damage(self, model_name: str, version: int) -> StoreError | None:
+        """What :meth:`verify` answers False for, as :meth:`check_weights` raises it; None when
+        the version passes."""
         try:
             self.check_weights(model_name, version)
-        except (IntegrityError, DamagedManifest):
-            return False
-        return True
+        except (IntegrityError, DamagedManifest) as exc:
+            return exc
+        return None
 
     @abstractmethod
     def check_weights(self, model_name: str, version: int) -> None:

@@ -444,18 +444,9 @@ def hash_stored_weights(store: ModelStore, model_name: str, version: int) -> Wei
     cannot say (the check under the locks names what is wrong then)."""
     try:
         sha = store.manifest(model_name, version).sha256
-        return WeightsCheck(version, sha, _weights_damage(store, model_name, version))
+        return WeightsCheck(version, sha, store.weights_damage(model_name, version))
     except (StoreError, OSError):
         return None
-
-
-def _weights_damage(store: ModelStore, model_name: str, version: int) -> StoreError | None:
-    """:meth:`ModelStore.check_weights`' refusal of the stored ``version``, or None when it passes."""
-    try:
-        store.check_weights(model_name, version)
-    except (IntegrityError, DamagedManifest) as exc:
-        return exc
-    return None
 
 
 def _check_target_stored(store: ModelStore, row: ModelVersion, weights: WeightsCheck | None = None) -> None:
@@ -473,7 +464,7 @@ def _check_target_stored(store: ModelStore, row: ModelVersion, weights: WeightsC
             state, why = "other_version", (f"the store holds another version {version} (sha256 "
                                            f"{manifest.sha256[:12]}…, the record's is {row.sha256[:12]}…)")
         else:
-            damage = weights.damage if checked else _weights_damage(store, name, version)
+            damage = weights.damage if checked else store.weights_damage(name, version)
             if damage is None:
                 return
             state, why = _damage_said(damage)
@@ -517,12 +508,7 @@ def purge_refused(model_name: str, exc: Exception, store_dir=None) -> Conflict:
     from .jobs import path_free  # jobs imports this module
 
     log.warning("purge of %s: the model store refused it: %s", model_name, exc)
-    if isinstance(exc, DamagedManifest):
-        state = "damaged_manifest"
-    elif isinstance(exc, IntegrityError):
-        state = "damaged_weights"
-    else:
-        state = "unreadable"
+    state = _damage_said(exc)[0] if isinstance(exc, (IntegrityError, DamagedManifest)) else "unreadable"
     if isinstance(exc, OSError):
         found = re.search(rf"/{re.escape(model_name)}/v([1-9][0-9]*)(?:/|$)", str(exc.filename or ""))
         why = (f"{'v' + found.group(1) + ': ' if found else ''}a permission or disk error "
