@@ -532,6 +532,11 @@ def _rank(x) -> float:
     return math.inf if _missing(x) else x
 
 
+def _mia_err(r: dict) -> float | None:
+    """A run's |mia_auc − mia_auc_retrain|; None (missing: the means become NaN) without either."""
+    return None if _missing(r["mia_auc"]) or _missing(r["mia_auc_retrain"]) else abs(r["mia_auc"] - r["mia_auc_retrain"])
+
+
 def aggregate(results: list[dict]) -> dict:
     """``{(benchmark, setting, n_forget): {method: means}}``: means over seeds (and, in
     partial mode, over the forgotten task). ``mia_err`` is the mean over runs of
@@ -548,8 +553,7 @@ def aggregate(results: list[dict]) -> dict:
                 **{f: _mean([r[f] for r in rows]) for f in
                    ("uis", "uis_task", "uis_inst", "mia_auc", "mia_auc_original", "mia_auc_retrain", "forget_gap",
                     "seconds", "retrain_seconds")},
-                "mia_err": _mean([None if _missing(r["mia_auc"]) or _missing(r["mia_auc_retrain"])
-                                  else abs(r["mia_auc"] - r["mia_auc_retrain"]) for r in rows]),
+                "mia_err": _mean([_mia_err(r) for r in rows]),
                 "speedup": _mean([None if _missing(r["retrain_seconds"]) else r["retrain_seconds"] / r["seconds"]
                                   for r in rows if r["seconds"] and not _missing(r["seconds"])]),
             }
@@ -665,8 +669,7 @@ def mia_readings(results: list[dict], ours: str = DEFAULT_METHOD, n: int = 8) ->
 
         rows.append({
             "benchmark": bench, "setting": setting, "sets": len(runs), "of_means": of_means(runs),
-            "per_set": _mean([None if _missing(r["mia_auc"]) or _missing(r["mia_auc_retrain"])
-                              else abs(r["mia_auc"] - r["mia_auc_retrain"]) for r in runs]),
+            "per_set": _mean([_mia_err(r) for r in runs]),
             "per_task": {t: of_means(rs) for t, rs in sorted(by_task.items())},
         })
     return rows
