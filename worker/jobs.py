@@ -121,6 +121,11 @@ class StaleAttempt(RuntimeError):
     """This run's attempt no longer owns the job (requeued and claimed again, or finished)."""
 
 
+class CalibrationTimeLimit(SoftTimeLimitExceeded):
+    """The job's time limit came while it trained the model's shadow calibration (Celery's
+    prefork limit covers the whole delivery): recorded with what to do about it."""
+
+
 class JobStopped(RuntimeError):
     """The worker is stopping (the run's ``stop`` event is set): the job goes back to the
     queue now rather than stay 'running' until the sweeper finds its heartbeat stale."""
@@ -709,7 +714,12 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
         return _requeue_after_database_error(settings, job_id, attempt, model_name, exc)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, then reported
         error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, SoftTimeLimitExceeded):
+        if isinstance(exc, CalibrationTimeLimit):
+            error = (f"the job reached its time limit (UNLEARND_JOB_TIME_LIMIT_S={settings.job_time_limit_s} s) "
+                     f"while training {model_name}'s shadow calibration (once per model) and was stopped; "
+                     "nothing was published and no calibration stored: run `unlearnd calibrate` (no time "
+                     "limit) or raise the limit, then submit again")
+        elif isinstance(exc, SoftTimeLimitExceeded):
             error = (f"the job ran past its time limit (UNLEARND_JOB_TIME_LIMIT_S={settings.job_time_limit_s} s) "
                      "and was stopped; nothing was published")
         log.error("job %s failed: %s\n%s", job_id, error, traceback.format_exc())
@@ -867,18 +877,18 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
 
     started = _clock()
 
-    def check_stop() -> None:
+    def check_stop(timed: bool = True) -> None:
         if stop is not None and stop.is_set():
             raise JobStopped("the worker stopped before the job finished")
         if beat.superseded.is_set():  # computing on would only hold the device: what it stored is refused
             raise StaleAttempt(f"attempt {attempt} no longer owns job {job_id}; its computation stopped")
         # the time limit where nothing else enforces it (the in-process worker, Celery's solo
         # pool), at the engine's next report: recorded as the prefork pool's soft limit is
-        if _clock() - started > settings.job_time_limit_s:
+        if timed and _clock() - started > settings.job_time_limit_s:
             raise SoftTimeLimitExceeded()
 
-    def progress(fraction: float) -> None:  # the engine reports progress often: a stop ends the job there
-        check_stop()
+    def progress(fraction: float, timed: bool = True) -> None:  # the engine reports often: a stop ends the job there
+        check_stop(timed)
         beat.progress(fraction)
 
     # The heartbeat covers loading too: rendering or reading a large dataset the first
@@ -893,10 +903,14 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
         calibration = None
         if method == settings.method:
             share = calibration_share(settings, store, model_name, len(data.train), len(data.train.tasks))
-            calibration = lineage_calibration(settings, store, model_name, device,
-                                              progress=lambda f: progress(share * f))
-            # the time limit counts the job's own work: a first job's calibration past it was
-            # never stored, and every later job trained it again and failed alike
+            # the time limit counts the job's own work, not the shadows' (untimed reports): a
+            # first job's calibration past it was never stored, and every later job trained it
+            # again and failed alike. Celery's prefork limit covers the whole delivery, though.
+            try:
+                calibration = lineage_calibration(settings, store, model_name, device,
+                                                  progress=lambda f: progress(share * f, timed=False))
+            except SoftTimeLimitExceeded as exc:
+                raise CalibrationTimeLimit() from exc
             started = _clock()
         check_stop()
         result = run_unlearning_job(

@@ -424,25 +424,58 @@ def test_an_attempt_the_record_no_longer_names_stops_computing(tiny, monkeypatch
 
 
 def test_a_first_jobs_calibration_does_not_count_against_its_time_limit(tiny, monkeypatch):
-    """Where the job itself keeps its time limit, the clock starts after the shadow
-    calibration: one past the limit was never stored, and every later job trained it again
-    and failed alike."""
-    from worker import calibration
-
+    """Where the job itself keeps its time limit, the shadow calibration's training steps are
+    not timed and the clock starts after it: one past the limit was never stored, and every
+    later job trained it again and failed alike. (The calibration's progress reports used to
+    check the job's clock: a calibration that took longer than the limit failed every job.)"""
     s, store, ids = tiny
-    s = s.model_copy(update={"job_time_limit_s": 60})
-    _submit(s, ids[0])
+    s = s.model_copy(update={"job_time_limit_s": 60, "calibrate_shadows": True,
+                             "method_config": {"steps": 2, "shadow_folds": 2}})
+    request_id = _submit(s, ids[0])
     now = [0.0]
     monkeypatch.setattr(jobs, "_clock", lambda: now[0])
-    real = jobs.lineage_calibration
+    import unlearning.methods.interference_aware as ia
 
-    def slow_calibration(*args, **kwargs):
-        now[0] += 3600  # an hour of shadow training
-        return real(*args, **kwargs)
+    real, steps = ia.shadow_scores, []
 
-    monkeypatch.setattr(jobs, "lineage_calibration", slow_calibration)
+    def slow_shadows(*args, progress=None, **kwargs):
+        def each_step(fraction):
+            now[0] += 30  # every shadow training step takes half the job's limit
+            steps.append(fraction)
+            progress(fraction)
+        return real(*args, progress=each_step, **kwargs)
+
+    monkeypatch.setattr(ia, "shadow_scores", slow_shadows)
     [outcome] = jobs.drain_model(s, store, TINY)
     assert outcome.status == "completed", outcome.error
+    assert len(steps) > 2  # the shadows trained, far past the limit
+    assert store.calibration(TINY) is not None
+    assert _record(s, request_id)["request"] == "completed"
+
+
+def test_a_time_limit_during_the_calibration_says_so_and_how_to_avoid_it(tiny, monkeypatch):
+    """Celery's prefork pool limits the whole delivery, the calibration included: its soft
+    limit raised inside the shadows' training is recorded as such, naming `unlearnd calibrate`."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    s, store, ids = tiny
+    s = s.model_copy(update={"job_time_limit_s": 60, "calibrate_shadows": True,
+                             "method_config": {"steps": 2, "shadow_folds": 2}})
+    request_id = _submit(s, ids[0])
+    import unlearning.methods.interference_aware as ia
+
+    def limited(*args, progress=None, **kwargs):
+        progress(0.1)
+        raise SoftTimeLimitExceeded()  # as the pool's signal handler raises it
+
+    monkeypatch.setattr(ia, "shadow_scores", limited)
+    [outcome] = jobs.drain_model(s, store, TINY)
+    assert outcome.status == "failed"
+    assert "while training tiny-mtl's shadow calibration" in outcome.error.replace(TINY, "tiny-mtl")
+    assert "`unlearnd calibrate`" in outcome.error and "UNLEARND_JOB_TIME_LIMIT_S=60 s" in outcome.error
+    assert store.calibration(TINY) is None
+    after = _record(s, request_id)
+    assert after["request"] == "failed" and after["versions"] == [1]
 
 
 def test_a_publish_hashes_the_artifacts_weights_before_taking_any_lock(tiny, monkeypatch):
