@@ -45,13 +45,15 @@ from typing import Callable
 from model_store import ModelStore
 
 from .datasets import erased_cells, get_reference, get_splits, reference_scenes
-from .db import transaction
+from .db import read_only_transaction
 from .settings import Settings
 from .tables import Tombstone
 
 log = logging.getLogger(__name__)
 
 ROOT_VERSION = 1
+# the fields of a stored calibration that jobs read, and their JSON kinds
+CALIBRATION_FIELDS = (("sha256", str), ("recipe", dict), ("full", dict), ("partial", dict))
 
 
 def calibration_share(settings: Settings, store: ModelStore, model_name: str, n_train: int, n_tasks: int) -> float:
@@ -90,8 +92,10 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
     from unlearning.methods import UnlearnData
     from unlearning.methods.interference_aware import DEFAULTS, shadow_plan, shadow_scores
 
-    try:
-        model, manifest = store.load(model_name, ROOT_VERSION, device=device or "cpu")
+    from .versions import load_version
+
+    try:  # weights missing but never purged in the record: an error, not "purged" (the fixed quantile for good)
+        model, manifest = load_version(settings, store, model_name, ROOT_VERSION, device or "cpu")
     except PurgedVersion:
         log.warning("%s: no calibration is stored and v%d's weights, which it is computed from, were purged; "
                     "jobs take the fixed quantile", model_name, ROOT_VERSION)
@@ -146,7 +150,15 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
         payload.pop("redacted_cells", None)  # never stored, so not redacted (what a purge counts)
         payload["excluded_erased_cells"] += len(late)
         log.info("calibrating %s: %d cell(s) erased while the shadows trained get no score", model_name, len(late))
-    return store.put_calibration(model_name, payload)
+    kept = store.put_calibration(model_name, payload)
+    if kept.get("calibration_id") != payload["calibration_id"]:
+        # another process (a job of another worker, `unlearnd calibrate`) stored one first, and
+        # the first stands: used only if these settings could have computed it
+        problem = stored_calibration_problem(settings, store, model_name, kept)
+        if problem:
+            raise ValueError(problem)
+        log.info("calibrating %s: another process stored its calibration first; using that one", model_name)
+    return kept
 
 
 def stored_calibration_problem(settings: Settings, store: ModelStore, model_name: str,
@@ -159,6 +171,12 @@ def stored_calibration_problem(settings: Settings, store: ModelStore, model_name
     stored = store.calibration(model_name) if stored is None else stored
     if stored is None:
         return None
+    # what a job reads of it (method_config): a damaged or hand-edited file was a bare KeyError
+    lacking = [key for key, kind in CALIBRATION_FIELDS if not isinstance(stored.get(key), kind)]
+    if lacking:
+        return (f"{model_name}'s stored calibration lacks {', '.join(lacking)} (or holds another kind of value "
+                f"there): a damaged or hand-edited file; remove {model_name}/calibration.json from the store to "
+                "calibrate again")
     root_manifest = store.manifest(model_name, ROOT_VERSION)
     root = root_manifest.sha256
     if stored.get("sha256") != root:
@@ -210,7 +228,6 @@ def excluded_cells(settings: Settings, store: ModelStore, model_name: str, spec:
     from model_store import StoreError
     from sqlalchemy import select
 
-    from .db import read_only_transaction
     from .tables import ModelVersion
 
     cells = tombstoned_cells(settings, spec)
@@ -238,7 +255,7 @@ def tombstoned_cells(settings: Settings, spec: dict) -> set[tuple[str, str]]:
     from sqlalchemy import inspect
     from sqlalchemy.engine import make_url
 
-    with transaction(settings.database_url) as session:
+    with read_only_transaction(settings.database_url) as session:  # SQLite's write lock is not needed
         if not inspect(session.connection()).has_table(Tombstone.__tablename__):
             shown = make_url(settings.database_url).render_as_string(hide_password=True)
             raise RuntimeError(f"the database {shown} (UNLEARND_DATABASE_URL) has no {Tombstone.__tablename__} "

@@ -48,7 +48,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from model_store import Manifest, ModelStore, PurgedVersion, StoreError
+from model_store import Manifest, ModelStore
 from unlearning.data import dataset_key
 
 from .audit import append_event, commit_ordered_now
@@ -61,8 +61,8 @@ from .runner import GONE_REASON, this_process
 from .runner import is_gone as runner_gone
 from .settings import Settings
 from .versions import (WeightsCheck, behind_with_nothing_under_way, erasure_cells, erasures_behind,
-                       failed_propagation, hash_stored_weights, models_sharing_dataset, propagation_retry_at,
-                       stalled_propagation)
+                       failed_propagation, hash_stored_weights, load_version, models_sharing_dataset,
+                       propagation_retry_at, stalled_propagation)
 from .tables import (Alias, AliasHistory, AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage,
                      Tombstone, utcnow)
 
@@ -808,25 +808,6 @@ def _job_config(settings: Settings, method: str, calibration: dict | None, base_
     return config
 
 
-def _load_base(settings: Settings, store: ModelStore, model_name: str, base_version: int, device):
-    """The base version's model and manifest (its weights checked against the manifest). The
-    store says :class:`PurgedVersion` for any version whose manifest it has without weights;
-    one the record never purged lost its weights otherwise (deleted by hand, a restore that
-    missed them): said so, where "its weights were purged (they held erased data)" reached the
-    job, its requests and their submitters."""
-    try:
-        return store.load(model_name, base_version, device=device)
-    except PurgedVersion:
-        with read_only_transaction(settings.database_url) as session:
-            purged_at = session.execute(select(ModelVersion.purged_at).where(
-                ModelVersion.model_name == model_name, ModelVersion.version == base_version)).scalar_one_or_none()
-        if purged_at is not None:
-            raise
-        raise StoreError(f"{model_name} v{base_version}: its weights are missing from the model store, which holds "
-                         "its manifest only; the record has them stored (never purged): restore them "
-                         "(the record has their sha256)") from None
-
-
 def _check_base(settings: Settings, store: ModelStore, model_name: str, base_version: int,
                 base_manifest: Manifest | None = None) -> None:
     """The base version in the store is the one the record holds (same weights' sha256):
@@ -896,7 +877,7 @@ def _compute(settings, store, job_id, model_name, base_version, version, spec, c
     forget_purged_versions(settings)
     with _Heartbeat(settings, job_id, attempt, interval) as beat:
         check_stop()
-        model, base_manifest = _load_base(settings, store, model_name, base_version, device)
+        model, base_manifest = load_version(settings, store, model_name, base_version, device)
         _check_base(settings, store, model_name, base_version, base_manifest)
         data = job_data(settings, spec, base_manifest, cells)
         share = 0.0  # of the bar: shadow models to train first (once per model), in proportion to their steps

@@ -761,3 +761,25 @@ def get_job(session: Session, job_id: str) -> Job:
     if job is None:
         raise NotFound(f"no job {job_id!r}", job_id=job_id)
     return job
+
+
+def load_version(settings: Settings, store: ModelStore, model_name: str, version: int, device):
+    """The stored version's model and manifest (its weights checked against the manifest). The
+    store says :class:`PurgedVersion` for any version whose manifest it has without weights;
+    one the record never purged lost its weights otherwise (deleted by hand, a restore that
+    missed them): said so, where "its weights were purged (they held erased data)" reached the
+    job, its requests and their submitters (and a calibration took the fixed quantile for good).
+    A version the record does not have is left to the store's word."""
+    from .db import read_only_transaction
+
+    try:
+        return store.load(model_name, version, device=device)
+    except PurgedVersion:
+        with read_only_transaction(settings.database_url) as session:
+            row = session.execute(select(ModelVersion.purged_at).where(
+                ModelVersion.model_name == model_name, ModelVersion.version == version)).one_or_none()
+        if row is None or row.purged_at is not None:  # purged, or a version the record does not have
+            raise
+        raise StoreError(f"{model_name} v{version}: its weights are missing from the model store, which holds "
+                         "its manifest only; the record has them stored (never purged): restore them "
+                         "(the record has their sha256)") from None

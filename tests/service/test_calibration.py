@@ -448,3 +448,61 @@ def test_an_unreadable_manifest_of_an_unrecorded_artifact_does_not_hold_up_the_c
         stored = lineage_calibration(on, store, "cal-mtl")
     assert stored["excluded_erased_cells"] == 0
     assert any("skipping v2, an artifact the record does not have" in r.getMessage() for r in caplog.records)
+
+
+def test_a_first_version_whose_weights_went_missing_is_an_error_not_taken_as_purged(tiny):
+    """The store reads a manifest without weights as purged: a calibration then logged "were
+    purged" and every job went on with the fixed quantile for good. The record says whether
+    they were: weights it never purged are missing, said so."""
+    from model_store import StoreError
+    from worker.bootstrap import ensure_model
+
+    settings, store, *_ = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    ensure_model(on, store, progress=False)  # the record has the stored version 1
+    (store.root / "cal-mtl" / "v1" / "model.safetensors").unlink()  # deleted by hand, never purged
+    with pytest.raises(StoreError, match="its weights are missing from the model store"):
+        lineage_calibration(on, store, "cal-mtl")
+    assert store.calibration("cal-mtl") is None
+
+
+@pytest.mark.parametrize("lacking", ["recipe", "full", "partial"])
+def test_a_stored_calibration_lacking_what_jobs_read_is_refused_naming_it(tiny, lacking):
+    """A damaged or hand-edited calibration.json failed every job with a bare KeyError."""
+    from worker.calibration import calibration_settings_problems
+
+    settings, store, *_ = tiny
+    root = store.manifest("cal-mtl", 1).sha256
+    fields = {"sha256": root, "recipe": {"epochs": 2}, "full": {}, "partial": {}}
+    stored = store.put_calibration("cal-mtl", {k: v for k, v in fields.items() if k != lacking})
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    with pytest.raises(ValueError, match=rf"cal-mtl's stored calibration lacks {lacking} .*calibration.json"):
+        lineage_calibration(on, store, "cal-mtl")
+    [problem] = calibration_settings_problems(on.model_copy(update={"model_name": "cal-mtl"}), store)
+    assert f"lacks {lacking}" in problem
+    assert store.calibration("cal-mtl") == stored  # nothing stored is lost
+
+
+def test_a_calibration_another_process_stored_first_is_used_only_if_these_settings_could_use_it(tiny, monkeypatch):
+    """The first calibration stored stands: one a concurrent `unlearnd calibrate` stored
+    against another held-out reference was used by the job that computed its own meanwhile
+    (and refused by every later one)."""
+    settings, store, *_ = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True})
+    real = store.put_calibration
+    root = store.manifest("cal-mtl", 1).sha256
+    other = {"calibration_id": "other", "sha256": root, "recipe": {"epochs": 2}, "full": {}, "partial": {},
+             "reference_scenes": 40}
+
+    def raced(name, payload):
+        real(name, other)  # stored by another process while these shadows trained
+        return real(name, payload)
+
+    monkeypatch.setattr(store, "put_calibration", raced)
+    with pytest.raises(ValueError, match="against 40 held-out scenes of its own, but jobs now read the test split"):
+        lineage_calibration(on, store, "cal-mtl")
+    assert store.calibration("cal-mtl") == other  # the first stands, untouched
+
+    (store.root / "cal-mtl" / "calibration.json").unlink()
+    other["reference_scenes"] = 0  # one these settings could have computed: used
+    assert lineage_calibration(on, store, "cal-mtl") == other

@@ -1890,4 +1890,4 @@ def test_a_base_whose_weights_went_missing_is_not_called_purged(tiny):
         session.execute(update(ModelVersion).where(ModelVersion.model_name == TINY, ModelVersion.version == 1)
                         .values(purged_at=utcnow()))
     with pytest.raises(PurgedVersion, match="purged"):
-        jobs._load_base(s, store, TINY, 1, "cpu")
+        versions.load_version(s, store, TINY, 1, "cpu")
