@@ -438,6 +438,9 @@ def cmd_calibrate(args) -> int:
     if settings.method != "interference_aware":
         print(f"method {settings.method!r} takes no calibration", file=sys.stderr)
         return 2
+    if (settings.method_config or {}).get("tau"):
+        print("UNLEARND_METHOD_CONFIG sets a fixed level per task ('tau'): jobs read no calibration", file=sys.stderr)
+        return 2
     # the record names the erased cells the shadows must not train on: a mistyped URL would
     # create an empty SQLite file, which names none
     if not _record_migrated(settings, "it records which cells were erased, and the shadows must not train on them"):

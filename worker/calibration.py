@@ -56,11 +56,19 @@ ROOT_VERSION = 1
 CALIBRATION_FIELDS = (("sha256", str), ("recipe", dict), ("full", dict), ("partial", dict))
 
 
+def calibrates(settings: Settings) -> bool:
+    """Whether jobs under these settings read a shadow calibration: it is on, the method is
+    interference_aware, and no fixed level per task (``tau`` in its configuration) overrides
+    the levels the scores would set (the shadows were trained, and their scores never read)."""
+    return (settings.calibrate_shadows and settings.method == "interference_aware"
+            and not (settings.method_config or {}).get("tau"))
+
+
 def calibration_share(settings: Settings, store: ModelStore, model_name: str, n_train: int, n_tasks: int) -> float:
     """The share of a job's optimiser steps that :func:`lineage_calibration` will take before
     it: 0 when calibration is off or stored, else the shadows' steps against the method's.
     The worker gives the calibration that part of the job's progress."""
-    if (not settings.calibrate_shadows or settings.method != "interference_aware" or store.calibration(model_name)
+    if (not calibrates(settings) or store.calibration(model_name)
             or not store.exists(model_name, ROOT_VERSION)):  # purged: nothing to calibrate (lineage_calibration)
         return 0.0
     from unlearning.methods.interference_aware import DEFAULTS, shadow_training_steps
@@ -80,7 +88,7 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
     version's weights were purged (``unlearnd purge``: calibrate before purging). ``progress`` receives the fraction
     of the shadows' training done, after every step (the worker's stop check runs there,
     so a stopping worker does not train every shadow first)."""
-    if not settings.calibrate_shadows or settings.method != "interference_aware":
+    if not calibrates(settings):
         return None
     stored = store.calibration(model_name)
     if stored is not None:
@@ -198,7 +206,7 @@ def calibration_settings_problems(settings: Settings, store: ModelStore) -> list
     """What is wrong with the served model's stored calibration under these settings (empty
     when nothing is, when calibration is off or the method takes none): checked when the
     service or a worker starts, since every deletion job of the model would fail on it."""
-    if not settings.calibrate_shadows or settings.method != "interference_aware":
+    if not calibrates(settings):
         return []
     from model_store import StoreError
 

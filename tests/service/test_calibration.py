@@ -506,3 +506,29 @@ def test_a_calibration_another_process_stored_first_is_used_only_if_these_settin
     (store.root / "cal-mtl" / "calibration.json").unlink()
     other["reference_scenes"] = 0  # one these settings could have computed: used
     assert lineage_calibration(on, store, "cal-mtl") == other
+
+
+def test_fixed_levels_take_no_calibration(tiny, monkeypatch, capsys):
+    """With ``tau`` in the method configuration the levels are fixed and the scores never read:
+    a first job still trained (1 + T) x folds shadows (its time limit counting them under
+    Celery), and `unlearnd calibrate` stored scores no job reads."""
+    from app.cli import main
+    from worker.calibration import calibration_share
+    from worker.settings import get_settings
+
+    settings, store, _, train, _ = tiny
+    fixed = settings.model_copy(update={"calibrate_shadows": True, "method_config": {
+        "steps": 3, "shadow_folds": 2, "tau": {t: 0.1 for t in train.tasks}}})
+    assert calibration_share(fixed, store, "cal-mtl", len(train), len(train.tasks)) == 0.0
+    assert lineage_calibration(fixed, store, "cal-mtl") is None and store.calibration("cal-mtl") is None
+    for key, value in {"STORE_DIR": str(settings.store_dir), "MODEL_NAME": "cal-mtl", "DEVICE": "cpu",
+                       "DATABASE_URL": settings.database_url,
+                       "METHOD_CONFIG": '{"tau": {"depth": 0.1, "normal": 0.1, "segmentation": 0.1}}'}.items():
+        monkeypatch.setenv(f"UNLEARND_{key}", value)
+    get_settings.cache_clear()
+    try:
+        assert main(["calibrate", "--no-progress"]) == 2
+        assert "fixed level per task ('tau'): jobs read no calibration" in capsys.readouterr().err
+        assert store.calibration("cal-mtl") is None
+    finally:
+        get_settings.cache_clear()
