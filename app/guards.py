@@ -1,6 +1,7 @@
 """Limits on what a request may carry, checked before a route runs: the body's size, a
-JSON body's names given once, the query parameters a route knows; and HEAD, answered
-as GET without the body."""
+JSON body's names given once, its media type and encoding, the query parameters a route
+knows, a web browser's state-changing request from elsewhere (:func:`browser_refusal`);
+and HEAD, answered as GET without the body."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unlearning.jsonio import RepeatedName, no_repeated_names
+from worker.errors import ServiceError
 
 #: the largest request body read (the largest valid one, a deletion with every field at
 #: its limit, is under 3 KiB); a larger one is a 413 before it is read in full
@@ -178,6 +180,111 @@ async def _unreadable_json(request: StrictJSONRequest) -> bool:
     return False
 
 
+#: the methods that change state (the API's are POSTs)
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _authority(host: str, scheme: str | None = None) -> tuple[str, int | None]:
+    """``host[:port]`` as (lower-cased host, port); a URL scheme's default port is made explicit."""
+    name, port = host.strip().lower(), None
+    if name.startswith("["):  # [::1]:8000
+        end = name.find("]")
+        name, rest = name[1:end], name[end + 1:]
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    elif name.count(":") == 1:
+        name, _, digits = name.partition(":")
+        port = int(digits) if digits.isdigit() else None
+    if port is None and scheme in ("http", "https"):
+        port = 80 if scheme == "http" else 443
+    return name.rstrip("."), port
+
+
+def is_loopback(name: str) -> bool:
+    """Whether a Host header's name is this machine: localhost, a 127.x.y.z address or ::1."""
+    import ipaddress
+
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def browser_refusal(request: Request):
+    """Why a state-changing request a web browser sent is refused (None when it is not).
+
+    The API's callers are programs (a privacy portal's backend, ``curl``), which send no
+    ``Origin`` or ``Sec-Fetch-Site``; a browser sends them with every POST. Without API keys
+    (the embedded default, on the loopback) any page the operator had open could otherwise
+    act on the service: a form posted to ``/models/{name}/purge`` (an empty body needs no
+    preflight) deleted stored weights for good, and a page whose name was re-pointed at
+    127.0.0.1 (DNS rebinding) is same-origin to the browser and could submit, roll back or
+    purge. So, for POST, PUT, PATCH and DELETE:
+
+    - ``Sec-Fetch-Site: cross-site`` or ``same-site`` (another port of the host included) is refused;
+    - an ``Origin`` that is not the request's own (its ``Host``) is refused;
+    - without API keys, a browser's request (it sent an ``Origin``) to a ``Host`` that is not
+      a loopback name is refused: set API keys to serve browsers under other names
+      (a browser cannot send a key a page does not hold).
+    """
+    if request.method not in UNSAFE_METHODS:
+        return None
+    from .auth import Forbidden
+
+    site = request.headers.get("sec-fetch-site", "").strip().lower()
+    if site in ("cross-site", "same-site"):
+        return Forbidden(f"a web browser sent this request from another site (Sec-Fetch-Site: {site}); the API "
+                         "takes requests that change state from programs, not from web pages",
+                         refused="cross-site-request")
+    origin = request.headers.get("origin")
+    if origin is None:
+        return None
+    from urllib.parse import urlsplit
+
+    host = request.headers.get("host", "")
+    try:
+        sent = urlsplit(origin.strip())
+        own = _authority(sent.netloc, sent.scheme) == _authority(host, sent.scheme) and bool(sent.netloc)
+    except ValueError:
+        own = False
+    if not own:
+        return Forbidden(f"a web browser sent this request from the origin {origin!r}, not from this service's "
+                         f"({host!r}); the API takes requests that change state from programs, not from web pages",
+                         refused="cross-origin-request")
+    if not request.app.state.settings.api_keys and not is_loopback(_authority(host)[0]):
+        return Forbidden(f"without API keys (UNLEARND_API_KEYS) a web browser's request is taken on a loopback "
+                         f"name alone (localhost, 127.0.0.1, [::1]), not {host!r}: a page re-pointed at this "
+                         "machine (DNS rebinding) could act on the service; set API keys",
+                         refused="browser-without-keys")
+    return None
+
+
+class UnsupportedMedia(ServiceError):
+    status = 415
+    title = "Unsupported media type"
+    slug = "unsupported-media-type"
+
+
+def body_refusal(request: Request, takes_body: bool):
+    """Why a request's body is refused before it is read (None when it is not): a
+    ``Content-Encoding`` (a gzip body was answered "not valid JSON", one labelled ``br`` but
+    sent plain was taken), or, on a route that takes a JSON body, a Content-Type that is not
+    JSON on a body that may be empty: an empty ``text/plain`` or form POST to
+    ``/models/{name}/purge`` (whose body is optional) ran a purge."""
+    from .problems import is_json_media
+
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity"):
+        return UnsupportedMedia(f"the request body must not be encoded (Content-Encoding: {coding}); send it as "
+                                "it is", content_encoding=coding)
+    declared = request.headers.get("content-type")
+    media = (declared or "").split(";")[0].strip().lower()
+    if takes_body and declared is not None and not is_json_media(media):
+        return UnsupportedMedia(f"the request body must be application/json, got {media or 'an empty Content-Type'}")
+    return None
+
+
 class StrictJSONRoute(APIRoute):
     """The route class of every router: its handler reads the body as :class:`StrictJSONRequest`.
 
@@ -189,13 +296,21 @@ class StrictJSONRoute(APIRoute):
     def get_route_handler(self):
         handler = super().get_route_handler()
         check = _key_check(self.dependant)
+        takes_body = bool(self.dependant.body_params)
 
         async def strict(request: Request):
             request = StrictJSONRequest(request.scope, request.receive)
-            if check is not None and request.app.state.settings.api_keys and await _unreadable_json(request):
+            refusal = browser_refusal(request)  # before the key: a browser holds none to check
+            if refusal is not None:
+                raise refusal
+            refusal = body_refusal(request, takes_body)
+            if check is not None and request.app.state.settings.api_keys and (
+                    refusal is not None or await _unreadable_json(request)):
                 from .auth import check_key
 
-                await check_key(check, request)  # a 401 or 403; the caller may: the handler's 400
+                await check_key(check, request)  # a 401 or 403; the caller may: the 415, the handler's 400
+            if refusal is not None:
+                raise refusal
             return await handler(request)
 
         return strict

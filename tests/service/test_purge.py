@@ -680,3 +680,33 @@ def test_a_calibration_that_cannot_be_rewritten_refuses_the_purge_before_any_ver
         recorded = [e.payload["version"] for e in session.execute(
             select(AuditEvent).where(AuditEvent.kind == "model.version_purged")).scalars()]
     assert 4 in recorded
+
+
+def test_a_web_page_cannot_purge_through_the_operators_browser(erased_twice):
+    """Without API keys (the default) a page the operator had open posted an empty form to
+    /models/{name}/purge (no preflight: a form, or fetch in no-cors mode) and the stored weights
+    were deleted for good. Browser requests from another site or origin are refused, and so is
+    an empty body declared as anything but JSON; the same request from a program goes through."""
+    s, store, _, client = erased_twice
+    before = counts(s)
+    url = f"/models/{TINY}/purge"
+    for headers in ({"Origin": "https://evil.example", "Content-Type": "application/x-www-form-urlencoded"},
+                    {"Origin": "null", "Content-Type": "text/plain"},  # a sandboxed frame, a file:// page
+                    {"Sec-Fetch-Site": "cross-site"},
+                    {"Sec-Fetch-Site": "same-site", "Origin": "http://localhost:3000"},  # another port
+                    {"Origin": "http://testserver.evil.example"}):
+        body = assert_problem(client.post(url, headers=headers), 403, "forbidden")
+        assert body["refused"] in ("cross-site-request", "cross-origin-request"), body
+        assert "from programs, not from web pages" in body["detail"]
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+        body = assert_problem(client.post(url, headers={"Content-Type": content_type}), 415, "unsupported-media-type")
+        assert content_type.split(";")[0] in body["detail"]
+    assert counts(s) == before and all(store.exists(TINY, v) for v in (1, 2, 3))
+    # a program's request (no Origin), or the API docs' page on this very origin, and on a loopback name
+    r = client.post(url, json={"dry_run": True}, headers={"Origin": "http://testserver", "Host": "testserver"})
+    assert r.status_code == 403 and r.json()["refused"] == "browser-without-keys"  # testserver is no loopback name
+    r = client.post(url, json={"dry_run": True}, headers={"Origin": "http://127.0.0.1:8000", "Host": "127.0.0.1:8000",
+                                                          "Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 200, r.text
+    assert client.post(url).status_code == 200  # no body, no Content-Type: the defaults, as before
+    assert not store.exists(TINY, 1)
