@@ -8,6 +8,7 @@ default: the original model should fit (memorise) its training data, which is
 what makes membership inference, and hence forgetting, measurable.
 
     python -m unlearning.train --dataset indoor --n-train 160 --epochs 30 --out runs/indoor
+    python -m unlearning.train --dataset cityscapes --root data/cityscapes --num-classes 19 --out runs/cs
 
 The checkpoint directory is new (``--out`` must not exist or be empty; ``--force``
 replaces a checkpoint there), written to a temporary sibling and renamed into place. A
@@ -213,6 +214,8 @@ RENDERED_DATASETS = SYNTHETIC_DATASETS  # the others are read from --root (see u
 _RENDER_OPTIONS = (("--n-train", "n_train", "n_train"), ("--n-test", "n_test", "n_test"),
                    ("--height", "height", "height"), ("--width", "width", "width"),
                    ("--data-seed", "seed", "data_seed"))
+# the same, for the datasets read from files (unlearning.data.npy_format's spec keys)
+_FILE_OPTIONS = (("--num-classes", "num_classes", "num_classes"), ("--limit", "limit", "limit"))
 
 
 def _dataset_spec(args: argparse.Namespace) -> dict:
@@ -225,14 +228,20 @@ def _dataset_spec(args: argparse.Namespace) -> dict:
     if name not in DATASETS:
         raise CliError(f"unknown dataset {name!r}; datasets: {', '.join(DATASETS)}")
     spec = {"name": name}
-    given = [(option, key, getattr(args, dest)) for option, key, dest in _RENDER_OPTIONS
-             if getattr(args, dest) is not None]
+    rendering = [(option, key, getattr(args, dest)) for option, key, dest in _RENDER_OPTIONS
+                 if getattr(args, dest) is not None]
+    reading = [(option, key, getattr(args, dest)) for option, key, dest in _FILE_OPTIONS
+               if getattr(args, dest) is not None]
     if name in RENDERED_DATASETS:
         if args.root is not None:
             raise CliError(f"--root is for the datasets read from files (nyuv2, cityscapes); {name!r} is rendered")
+        if reading:
+            raise CliError(f"{', '.join(o for o, _, _ in reading)}: only for the datasets read from files "
+                           f"(nyuv2, cityscapes); {name!r} is rendered")
+        given = rendering
     else:
-        if given:
-            raise CliError(f"{', '.join(o for o, _, _ in given)}: only for the rendered datasets "
+        if rendering:
+            raise CliError(f"{', '.join(o for o, _, _ in rendering)}: only for the rendered datasets "
                            f"({', '.join(RENDERED_DATASETS)}); {name!r} is read from --root")
         if not args.root:
             raise CliError(f"--dataset {name} needs --root, the folder of its .npy files")
@@ -242,6 +251,7 @@ def _dataset_spec(args: argparse.Namespace) -> dict:
         # absolute: the checkpoint records it, and `unlearning.unlearn --checkpoint` (no --root)
         # read a relative root against its own working directory, i.e. other data
         spec["root"] = os.path.abspath(args.root)
+        given = reading
     for option, key, value in given:
         least = 0 if key == "seed" else 1  # (the renderer takes any non-negative seed)
         if value < least:
@@ -305,6 +315,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.train"
     p.add_argument("--height", type=int, help="image height (synthetic datasets)")
     p.add_argument("--width", type=int, help="image width (synthetic datasets)")
     p.add_argument("--data-seed", type=int, help="seed of the synthetic renderer")
+    p.add_argument("--num-classes", type=int, help="segmentation classes (nyuv2, cityscapes; default 13 and 7: "
+                   "19 for the standard Cityscapes labels)")
+    p.add_argument("--limit", type=int, help="read only the first N samples of each split (nyuv2, cityscapes)")
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)

@@ -216,6 +216,33 @@ def test_cli_records_an_absolute_root_so_the_checkpoint_names_its_data_from_anyw
     assert float(train.targets["depth"].max()) < 2.0  # here's data, not elsewhere's
 
 
+def test_cli_num_classes_and_limit_reach_the_spec_of_a_file_dataset(tmp_path, capsys):
+    """Standard Cityscapes has 19 classes, the loader's default 7: the CLI had no way to say
+    so (the loader's error told to set num_classes in a spec the CLI builds itself)."""
+    import numpy as np
+
+    root = tmp_path / "cs"
+    write_npy_dataset(root, n_train=4)
+    label = np.load(root / "train" / "label" / "1.npy")
+    label[2, 3] = 18
+    np.save(root / "train" / "label" / "1.npy", label)
+    args = ["--dataset", "cityscapes", "--root", str(root), "--epochs", "1", "--model-width", "8", "--model-depth",
+            "2", "--head-width", "8", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+
+    assert main(args + ["--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "label 18 but the dataset has 7 classes" in err and "--num-classes" in err
+    assert not (tmp_path / "refused").exists()
+
+    assert main(args + ["--num-classes", "19", "--limit", "3", "--out", str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    recorded = json.loads((tmp_path / "ckpt" / "config.json").read_text())["dataset"]
+    assert recorded == {"name": "cityscapes", "root": str(root), "num_classes": 19, "limit": 3}
+    model = load_model(tmp_path / "ckpt")
+    assert model.config.tasks["segmentation"] == 19
+    assert len(load_splits(recorded)[0]) == 3
+
+
 # --- evaluation ----------------------------------------------------------------------
 
 

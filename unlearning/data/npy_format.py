@@ -145,7 +145,8 @@ def _label(path: Path, num_classes: int, sizes: list[tuple[int, int]] = ()) -> n
         shown = str(int(high)) if isinstance(high, int) or high < 2**53 else f"{high:.6g}"
         raise ValueError(
             f"{path} has label {shown} but the dataset has "
-            f"{num_classes} classes (ignore must be stored as -1; set num_classes in the spec if it differs)"
+            f"{num_classes} classes (ignore must be stored as -1; if the dataset has more classes, set num_classes "
+            "in the dataset spec, or --num-classes of `unlearnd train`)"
         )
     # Every kept label is now a whole number in [0, num_classes): the int64 cast is exact.
     return np.where(ignore, -1, np.where(ignore, 0, array).astype(np.int64))
