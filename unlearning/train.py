@@ -271,6 +271,12 @@ def _check_recipe(cfg: TrainConfig) -> None:
         raise CliError(f"--lr must be a positive number, got {cfg.lr}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise CliError(f"--weight-decay must be 0 or a positive number, got {cfg.weight_decay}")
+    # AdamW scales every weight by 1 - lr * weight_decay each step (the cosine schedule only
+    # lowers lr): at 1 the weights are zeroed, above it flipped, and the run trains nothing
+    if cfg.lr * cfg.weight_decay >= 1:
+        raise CliError(f"--lr {cfg.lr:g} times --weight-decay {cfg.weight_decay:g} is {cfg.lr * cfg.weight_decay:g}; "
+                       "AdamW multiplies the weights by 1 - lr * weight_decay every step, so the product must be "
+                       "below 1 (it zeroes or flips them)")
     check_seed(cfg.seed, "--seed")  # torch.manual_seed's range
 
 
@@ -381,7 +387,8 @@ def _train_cli(args: argparse.Namespace, writes: Writes | None = None) -> int:
         # such weights were written, and every later load refused them
         check_trained(model, train.images[: cfg.batch_size])
     except TrainingDiverged as exc:
-        raise CliError(f"{exc}; nothing was written: try a smaller --lr (got {cfg.lr:g})") from None
+        decay = f" or --weight-decay (got {cfg.weight_decay:g})" if cfg.weight_decay else ""
+        raise CliError(f"{exc}; nothing was written: try a smaller --lr (got {cfg.lr:g}){decay}") from None
     # every default written out: the checkpoint names the same data should the loaders'
     # defaults (SIZE_DEFAULTS, an npy dataset's num_classes) change; dataset_key is the same.
     # The thread count beside the recipe: one seed gives one model at one count only (train_model).

@@ -76,6 +76,10 @@ def raise_interrupt(*args, **kwargs):
     (["--dataset", "indoor", *TINY, "--lr", "-1"], "--lr must be a positive number, got -1.0"),
     (["--dataset", "indoor", *TINY, "--lr", "nan"], "--lr must be a positive number, got nan"),
     (["--dataset", "indoor", *TINY, "--weight-decay", "-0.1"], "--weight-decay must be 0 or a positive number"),
+    # AdamW's decoupled decay: every step the weights times 1 - lr * weight_decay (here 0, then -1)
+    (["--dataset", "indoor", *TINY, "--lr", "0.002", "--weight-decay", "500"],
+     "--lr 0.002 times --weight-decay 500 is 1; AdamW multiplies the weights by 1 - lr * weight_decay"),
+    (["--dataset", "indoor", *TINY, "--lr", "0.5", "--weight-decay", "4"], "--lr 0.5 times --weight-decay 4 is 2;"),
     (["--dataset", "indoor", *TINY, "--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["--dataset", "indoor", *TINY, "--epochs", "-1"], "--epochs must be at least 1, got -1"),
     (["--dataset", "indoor", *TINY, "--n-train", "0"], "--n-train must be at least 1, got 0"),
@@ -386,7 +390,15 @@ def test_a_diverged_training_is_refused_and_writes_nothing(tmp_path, capsys, epo
     args = ["--dataset", "indoor", *TINY, "--device", "cpu", "--lr", "1e30", "--out", str(tmp_path / "out")]
     args[args.index("--epochs") + 1] = epochs
     err = refused(capsys, train(args), says)
-    assert "nothing was written: try a smaller --lr (got 1e+30)" in err
+    assert err.rstrip().endswith("nothing was written: try a smaller --lr (got 1e+30)")  # no decay to blame
+    assert listing(tmp_path) == []
+
+
+def test_a_diverged_training_with_weight_decay_names_it_too(tmp_path, capsys):
+    args = ["--dataset", "indoor", *TINY, "--device", "cpu", "--lr", "1e30", "--weight-decay", "1e-31",
+            "--out", str(tmp_path / "out")]
+    refused(capsys, train(args), "nothing was written: try a smaller --lr (got 1e+30) or --weight-decay "
+                                 "(got 1e-31)")
     assert listing(tmp_path) == []
 
 
