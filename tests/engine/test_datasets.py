@@ -417,6 +417,57 @@ def test_loader_errors_name_the_path(tmp_path):
         load_npy_splits({"name": "cityscapes"})
 
 
+def unit_normals(h, w, seed=0):
+    vec = np.random.default_rng(seed).standard_normal((h, w, 3)).astype(np.float32)
+    return vec / np.linalg.norm(vec, axis=-1, keepdims=True)
+
+
+def test_normals_are_checked_per_pixel_not_by_their_median_length(tmp_path):
+    """A minority of vectors of another scale (2 rows in 6 of length 5 here) passed the median
+    check and were silently renormalised; more than 1% of the non-zero vectors off unit
+    length is refused, naming the file and the share."""
+    write_pair(tmp_path)
+    path = tmp_path / "train" / "normal" / "1.npy"
+    vec = unit_normals(H, W)
+    vec[:2] *= 5
+    np.save(path, vec)
+    with pytest.raises(ValueError, match=r"normal.1\.npy does not hold unit normals: 16 of its 48 non-zero vectors "
+                                         r"\(33\.3%; at most 1% may be\) have a length off 1 by more than 0\.1 "
+                                         r"\(median length 1\.000\)"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    vec = unit_normals(H, W)
+    vec[0, 0] *= 1.2  # one in 48: over 1%
+    np.save(path, vec)
+    with pytest.raises(ValueError, match=r"1 of its 48 non-zero vectors \(2\.1%"):
+        load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    # zero and NaN vectors are missing normals, not short ones: half the map may be missing
+    vec = unit_normals(H, W)
+    vec[:2] = 0.0
+    vec[2, :] = np.nan
+    vec[3, :3] *= 1.05  # storage rounding or resizing, within 0.1: renormalised
+    np.save(path, vec)
+    normal = load_npy_splits({"name": "nyuv2", "root": tmp_path})[0].targets["normal"][1].permute(1, 2, 0).numpy()
+    assert (normal[:3] == 0).all()
+    assert np.allclose(np.linalg.norm(normal[3:], axis=-1), 1.0, atol=1e-6)
+    assert np.allclose(normal[3:], unit_normals(H, W)[3:], atol=1e-6)
+
+
+def test_a_few_normals_off_unit_length_are_renormalised(tmp_path):
+    """Up to 1% of the non-zero vectors may be off unit length (edges of a resized map)."""
+    from unlearning.data.npy_format import _normal
+
+    path = tmp_path / "normal.npy"
+    vec = unit_normals(20, 20)
+    vec.reshape(-1, 3)[:4] *= 0.5  # 4 of 400: 1%
+    np.save(path, vec)
+    normal = _normal(path, (20, 20))
+    assert np.allclose(np.linalg.norm(normal, axis=0), 1.0, atol=1e-6)
+    vec.reshape(-1, 3)[4] *= 0.5  # 5 of 400
+    np.save(path, vec)
+    with pytest.raises(ValueError, match=r"5 of its 400 non-zero vectors"):
+        _normal(path, (20, 20))
+
+
 def write_pair(tmp_path, *, normal=True):
     """A valid train (3 samples) and val (2 samples) folder."""
     write_split(tmp_path, "train", range(3), normal=normal)
