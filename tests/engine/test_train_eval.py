@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -160,7 +161,7 @@ def test_cli_writes_a_checkpoint_with_dataset_and_recipe(tmp_path, monkeypatch, 
 
     specs = []
 
-    def fake_load_splits(spec):
+    def fake_load_splits(spec, render_workers=1):
         specs.append(spec)
         return random_dataset(4, 8), random_dataset(3, 9, prefix="t")
 
@@ -214,6 +215,27 @@ def test_cli_records_an_absolute_root_so_the_checkpoint_names_its_data_from_anyw
     assert torch.equal(train.targets["depth"], load_splits({"name": "cityscapes", "root": str(here / "data")})[0]
                        .targets["depth"])
     assert float(train.targets["depth"].max()) < 2.0  # here's data, not elsewhere's
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_cli_says_what_it_loads_and_renders_with_auto_workers(tmp_path, monkeypatch, capsys, progress):
+    """Rendering the scenes took minutes with no output, in one process whatever their size."""
+    import unlearning.data
+
+    calls, load = [], unlearning.data.load_splits
+    monkeypatch.setattr(unlearning.data, "load_splits", lambda spec, **kw: calls.append(kw) or load(spec, **kw))
+    args = ["--dataset", "indoor", "--n-train", "4", "--n-test", "2", "--height", "16", "--width", "24", "--epochs",
+            "1", "--model-width", "8", "--model-depth", "2", "--head-width", "8", "--device", "cpu",
+            "--out", str(tmp_path / "out")]
+    assert main(args + ([] if progress else ["--no-progress"])) == 0
+    assert calls == [{"render_workers": "auto"}]  # the same tensors for any number of workers
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "scenes" in line or "instances" in line]
+    if not progress:
+        assert said == []
+        return
+    assert said[0] == "rendering 4 training and 2 test indoor scenes of 16x24 pixels ..."
+    assert re.fullmatch(r"loaded 4 training and 2 test instances in [0-9]+\.[0-9] s", said[1])
 
 
 def test_cli_num_classes_and_limit_reach_the_spec_of_a_file_dataset(tmp_path, capsys):
