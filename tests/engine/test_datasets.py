@@ -432,11 +432,11 @@ def test_normals_are_checked_per_pixel_not_by_their_median_length(tmp_path):
     vec[:2] *= 5
     np.save(path, vec)
     with pytest.raises(ValueError, match=r"normal.1\.npy does not hold unit normals: 16 of its 48 non-zero vectors "
-                                         r"\(33\.3%; at most 1% may be\) have a length off 1 by more than 0\.1 "
+                                         r"\(33\.3%; at most 1% may be\) have a length off 1 by more than 0\.5 "
                                          r"\(median length 1\.000\)"):
         load_npy_splits({"name": "nyuv2", "root": tmp_path})
     vec = unit_normals(H, W)
-    vec[0, 0] *= 1.2  # one in 48: over 1%
+    vec[0, 0] *= 1.6  # one in 48: over 1%
     np.save(path, vec)
     with pytest.raises(ValueError, match=r"1 of its 48 non-zero vectors \(2\.1%"):
         load_npy_splits({"name": "nyuv2", "root": tmp_path})
@@ -444,7 +444,7 @@ def test_normals_are_checked_per_pixel_not_by_their_median_length(tmp_path):
     vec = unit_normals(H, W)
     vec[:2] = 0.0
     vec[2, :] = np.nan
-    vec[3, :3] *= 1.05  # storage rounding or resizing, within 0.1: renormalised
+    vec[3, :3] *= 0.71  # resizing: two unit vectors at 90 degrees averaged, renormalised
     np.save(path, vec)
     normal = load_npy_splits({"name": "nyuv2", "root": tmp_path})[0].targets["normal"][1].permute(1, 2, 0).numpy()
     assert (normal[:3] == 0).all()
@@ -453,16 +453,18 @@ def test_normals_are_checked_per_pixel_not_by_their_median_length(tmp_path):
 
 
 def test_a_few_normals_off_unit_length_are_renormalised(tmp_path):
-    """Up to 1% of the non-zero vectors may be off unit length (edges of a resized map)."""
+    """Up to 1% of the non-zero vectors may be off unit length by more than 0.5, any number by
+    less (the edges of a bilinearly resized map)."""
     from unlearning.data.npy_format import _normal
 
     path = tmp_path / "normal.npy"
     vec = unit_normals(20, 20)
-    vec.reshape(-1, 3)[:4] *= 0.5  # 4 of 400: 1%
+    vec.reshape(-1, 3)[:4] *= 0.4  # 4 of 400: 1%
+    vec.reshape(-1, 3)[4:40] *= 0.7  # 9%, within 0.5 of unit length: an edge of a resized map
     np.save(path, vec)
     normal = _normal(path, (20, 20))
     assert np.allclose(np.linalg.norm(normal, axis=0), 1.0, atol=1e-6)
-    vec.reshape(-1, 3)[4] *= 0.5  # 5 of 400
+    vec.reshape(-1, 3)[40] *= 0.4  # 5 of 400
     np.save(path, vec)
     with pytest.raises(ValueError, match=r"5 of its 400 non-zero vectors"):
         _normal(path, (20, 20))
