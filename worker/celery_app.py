@@ -2,7 +2,7 @@
 
 Long jobs the Celery way: late acknowledgement (a task whose worker dies is
 delivered again), prefetch of one (a worker holds one job, not a queue of
-them), rejected-on-worker-lost, explicit soft and hard time limits. Tasks are
+them; a retry waiting for its countdown counts, :func:`_eta_tasks_take_no_extra_slot`), rejected-on-worker-lost, explicit soft and hard time limits. Tasks are
 idempotent (``worker.jobs``), so a second delivery does the work once.
 
 Relay and sweeper: the API process runs them in threads (``worker.background``).
@@ -29,6 +29,7 @@ One delivery runs one job (``worker.tasks``), so the limit is a job's.
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import celeryd_after_setup
 
 from .settings import Settings, get_settings
 
@@ -71,6 +72,19 @@ def create_celery(settings: Settings) -> Celery:
     )
     app.conf.include = ["worker.tasks"]
     return app
+
+
+@celeryd_after_setup.connect
+def _eta_tasks_take_no_extra_slot(sender, instance, conf, **kwargs) -> None:
+    """A countdown retry (``locked``, :mod:`worker.tasks`) is held by the worker until it is due,
+    and Celery raises the worker's prefetch by one for each such message: a ``-c 1`` worker
+    holding a 5 s retry fetched and started another job, and the retry waited behind that
+    whole job (up to the time limit) while another worker sat idle. Capped at the pool's size,
+    a held retry takes one of the worker's slots instead. Set here, where the worker's
+    concurrency is known (``--concurrency``, or Celery's own flags after ``--``); a value
+    configured otherwise is kept."""
+    if conf.worker_eta_task_limit is None:
+        conf.worker_eta_task_limit = instance.concurrency
 
 
 def publisher(app: Celery):

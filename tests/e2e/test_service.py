@@ -392,6 +392,12 @@ def test_a_delivery_that_finds_the_model_row_locked_is_retried_by_celery(
     from worker.tables import DeletionRequest
 
     name = settings.model_name
+    # the retry held for its countdown takes the worker's one slot (worker.celery_app): it no
+    # longer raised the prefetch and let another job start ahead of it
+    node = celery_worker.nodename
+    confs = wait_for(lambda: create_celery(settings).control.inspect(destination=[node], timeout=2).conf(), 60,
+                     what="the worker's configuration")
+    assert confs[node]["worker_eta_task_limit"] == 1, confs[node].get("worker_eta_task_limit")
     held = engine_for(settings.database_url).connect()
     try:
         # what a claim, a rollback or a purge holds; a submission's key-share lock passes it

@@ -48,6 +48,23 @@ def test_long_jobs_are_not_redelivered_while_they_run():
     assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
 
 
+def test_a_retry_held_for_its_countdown_takes_a_slot_of_the_worker():
+    """Celery raises a worker's prefetch by one per message held until its ETA: a ``-c 1``
+    worker holding a countdown retry fetched and ran another job first. Capped at the pool's
+    size once the worker knows it; a limit configured otherwise is kept."""
+    from types import SimpleNamespace
+
+    from celery.signals import celeryd_after_setup
+
+    conf = create_celery(Settings(_env_file=None)).conf
+    assert conf.worker_eta_task_limit is None
+    celeryd_after_setup.send(sender="w@host", instance=SimpleNamespace(concurrency=3), conf=conf)
+    assert conf.worker_eta_task_limit == 3
+    conf.worker_eta_task_limit = 7
+    celeryd_after_setup.send(sender="w@host", instance=SimpleNamespace(concurrency=1), conf=conf)
+    assert conf.worker_eta_task_limit == 7
+
+
 def test_a_sweep_deletes_outbox_rows_published_a_week_ago(tmp_path):
     """Published rows were never deleted: the table grew with every announcement for good."""
     from datetime import timedelta
