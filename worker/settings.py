@@ -249,7 +249,10 @@ class Settings(BaseSettings):
             return None
         use = "use redis://HOST:PORT/DB (rediss:// for TLS)"
         parts = _url_parts(value, "broker URL", use)
-        if parts.scheme in ("memory", "redis+socket"):  # kombu's in-memory transport (tests); a Unix socket
+        if parts.scheme == "memory":  # kombu's in-process transport: the relay published into it, unread
+            raise ValueError("memory:// is a broker only this process reads: no worker would ever receive a job; "
+                             "leave UNLEARND_BROKER_URL blank for the in-process worker, or " + use)
+        if parts.scheme == "redis+socket":  # a Unix socket
             return value
         if parts.scheme not in ("redis", "rediss"):
             raise ValueError(f"{parts.scheme or 'a URL without a scheme'} is not a broker the service runs on; {use}")

@@ -80,6 +80,14 @@ def test_result_backends_celery_knows_are_taken(value, kept):
     assert Settings(_env_file=None, result_backend=value).result_backend == kept
 
 
+def test_an_in_process_broker_is_refused():
+    """kombu's memory:// transport is read by this process alone: the relay marked every
+    announcement published into it, no worker ever received one, and no request ran."""
+    with pytest.raises(ValidationError, match="memory:// is a broker only this process reads"):
+        Settings(_env_file=None, broker_url="memory://")
+    assert Settings(_env_file=None, broker_url="redis+socket:///run/redis.sock").broker_url  # a Unix socket
+
+
 @pytest.mark.parametrize("blank", ["", "  "])
 def test_a_blank_certificate_key_file_is_no_key(blank):
     # compose passes ${UNLEARND_CERTIFICATE_KEY_FILE:-}: blank was Path("."), a key file that
