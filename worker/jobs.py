@@ -723,7 +723,10 @@ def run_job(settings: Settings, store: ModelStore, job_id: str, attempt: int | N
             error = (f"the job ran past its time limit (UNLEARND_JOB_TIME_LIMIT_S={settings.job_time_limit_s} s) "
                      "and was stopped; nothing was published")
         log.error("job %s failed: %s\n%s", job_id, error, traceback.format_exc())
-        if not mark_failed(settings, job_id, error, attempt=attempt):
+        recorded = _record_failure(settings, job_id, error, attempt)
+        if recorded is None:
+            return JobOutcome("failed", model_name, job_id, error=f"{error} (not recorded: the database is unreachable)")
+        if not recorded:
             return JobOutcome("superseded", model_name, job_id, error=error)
         return JobOutcome("failed", model_name, job_id, error=error)
 
@@ -751,6 +754,23 @@ def _as_stored(store: ModelStore, job_id: str, manifest: Manifest, checked: Weig
         log.warning("job %s: v%d was stored again by another attempt (sha256 %s, not %s); publishing the store's",
                     job_id, manifest.version, held.sha256[:12], manifest.sha256[:12])
     return held
+
+
+def _record_failure(settings: Settings, job_id: str, error: str, attempt: int | None) -> bool | None:
+    """:func:`mark_failed`, tried again for about half a minute while the database is away (as
+    a requeue is); None when it never answered. The error raised on, a Celery retry of the
+    delivery found the job "running" under this live process, ended "busy", and the job
+    stayed so until the sweeper found its heartbeat stale (10 minutes); it still does when
+    the database stays away longer."""
+    for pause in REQUEUE_PAUSES_S:
+        _pause(pause)
+        try:
+            return mark_failed(settings, job_id, error, attempt=attempt)
+        except TRANSIENT_DB_ERRORS:
+            log.debug("job %s: recording its failure failed", job_id, exc_info=True)
+    log.warning("job %s: its failure could not be recorded (the database is unreachable); the sweeper puts it "
+                "back once its heartbeat is stale", job_id)
+    return None
 
 
 def _requeue_after_database_error(settings: Settings, job_id: str, attempt: int | None, model_name: str | None,

@@ -8,12 +8,11 @@ import threading
 from contextlib import contextmanager
 
 from celery.signals import worker_process_init, worker_shutting_down
-from sqlalchemy.exc import OperationalError
 
 from model_store import store_for
 
 from .celery_app import PROCESS_MODEL_TASK, RELAY_TASK, SWEEP_TASK, app, publisher
-from .jobs import process_model
+from .jobs import TRANSIENT_DB_ERRORS, process_model
 from .outbox import relay_once, sweep_once
 from .settings import get_settings
 
@@ -105,7 +104,7 @@ def _sigterm_stops_the_job():
 @app.task(
     name=PROCESS_MODEL_TASK,
     bind=True,
-    autoretry_for=(OperationalError,),  # the database went away: try again later
+    autoretry_for=TRANSIENT_DB_ERRORS,  # the database went away: try again later (as worker.jobs takes it)
     retry_backoff=True,
     retry_backoff_max=300,
     retry_jitter=True,

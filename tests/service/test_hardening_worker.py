@@ -1891,3 +1891,38 @@ def test_a_base_whose_weights_went_missing_is_not_called_purged(tiny):
                         .values(purged_at=utcnow()))
     with pytest.raises(PurgedVersion, match="purged"):
         versions.load_version(s, store, TINY, 1, "cpu")
+
+
+def test_a_failure_recorded_while_the_database_is_away_is_tried_again(tiny, monkeypatch):
+    """A job that failed, whose failure met a database blip: the error went up to Celery,
+    whose retry found the job "running" under this live process and ended "busy"; the job
+    stayed so until the sweeper (10 minutes). The record is tried again with back-off."""
+    from sqlalchemy.exc import OperationalError
+
+    s, store, ids = tiny
+    request_id = _submit(s, ids[0])
+    lost = OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+    monkeypatch.setattr(jobs, "publish_version", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad weights")))
+    real_mark, tries, pauses = jobs.mark_failed, [], []
+    monkeypatch.setattr(jobs, "_pause", pauses.append)
+
+    def mark_after_two_failures(*args, **kwargs):
+        tries.append(1)
+        if len(tries) < 3:
+            raise lost
+        return real_mark(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "mark_failed", mark_after_two_failures)
+    outcome = jobs.process_model(s, store, TINY)
+    assert outcome.status == "failed" and outcome.error == "ValueError: bad weights" and pauses == [0, 1, 2]
+    with transaction(s.database_url) as session:
+        assert session.get(Job, outcome.job_id).status == "failed"
+        assert session.get(DeletionRequest, request_id).status == "failed"
+    # the database stays away: the outcome says the failure is not recorded, nothing is raised
+    tries.clear()
+    monkeypatch.setattr(jobs, "mark_failed", lambda *a, **k: (_ for _ in ()).throw(lost))
+    request_id = _submit(s, ids[1])
+    outcome = jobs.process_model(s, store, TINY)
+    assert outcome.status == "failed" and "(not recorded: the database is unreachable)" in outcome.error
+    with transaction(s.database_url) as session:
+        assert session.get(Job, outcome.job_id).status == "running"  # the sweeper's, once its heartbeat is stale
