@@ -356,6 +356,19 @@ def test_a_detail_quoting_a_value_is_not_escaped_twice(backend):
     assert problem["unknown_tasks"] == ["x\x1by"]  # the extras name the value as sent
 
 
+def test_a_tasks_list_longer_than_any_model_needs_is_refused_by_its_length(backend):
+    """1,250 unknown names of 48 characters (a 65 KB body) came back twice in a 129 KB 422."""
+    from app.schemas import MAX_TASK_ITEMS
+
+    _, model, client = backend
+    r = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["t" * 48] * 1250})
+    problem = assert_problem(r, 422, "validation-error")
+    assert f"got 1250 items, more than {MAX_TASK_ITEMS}" in problem["detail"] and len(r.content) < 2000
+    r = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["depth"] * MAX_TASK_ITEMS})
+    assert r.status_code == 202, r.text  # a name given twice counts once
+    assert r.json()["tasks"] == ["depth"]
+
+
 def test_a_value_the_database_refuses_is_a_422_without_the_statement(backend, monkeypatch):
     _, _, client = backend
     import app.routes.jobs
