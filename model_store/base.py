@@ -247,6 +247,13 @@ class ModelStore(ABC):
         """Replace the stored calibration atomically (readers see the old one or the new one):
         only to take out what may no longer be kept (the scores of erased cells)."""
 
+    def check_free(self, model_name: str, version: int) -> None:
+        """Raise what :meth:`put_version` of a version that is not stored would raise for its
+        place before writing anything (:class:`PurgedVersion`, or :class:`StoreError` naming
+        what occupies it), so a caller can ask before an hour of training. Nothing when the
+        place is free or the version is stored (a put then compares). A backend whose places
+        cannot be occupied otherwise has nothing to check."""
+
     def open_version(self, model_name: str, version: int, device: str | torch.device = "cpu") -> MultiTaskNet:
         """The model of a version (see :meth:`load`)."""
         return self.load(model_name, version, device)[0]

@@ -470,6 +470,11 @@ class LocalModelStore(ModelStore):
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
 
+    def check_free(self, model_name: str, version: int) -> None:
+        """See :meth:`ModelStore.check_free`."""
+        if not self.exists(model_name, version):
+            self._refuse_occupied(model_name, version, self._dir(model_name, version))
+
     def _refuse_occupied(self, model_name: str, version: int, final: Path) -> None:
         """For a version that is not stored (:meth:`exists` False): :class:`PurgedVersion`
         when it was purged, :class:`StoreError` naming the folder when something else is

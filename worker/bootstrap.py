@@ -169,6 +169,7 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
         problem = first_model_memory_problem(settings)
         if problem:  # `serve` checks before migrating; this one is for any other caller
             raise FirstModelTooLarge(f"{problem}; nothing was trained")
+        store.check_free(name, 1)  # a folder in v1's place was found only when the trained model was stored
         # trained without any cell already tombstoned for the dataset (a stored version 1 that
         # holds such cells is registered as it is, and its first claim runs a propagate job)
         with transaction(settings.database_url) as session:

@@ -156,7 +156,7 @@ def lineage_calibration(settings: Settings, store: ModelStore, model_name: str, 
     if late:  # erased while the shadows trained: no score is stored for them either
         payload, _ = without_cells(payload, late)
         payload.pop("redacted_cells", None)  # never stored, so not redacted (what a purge counts)
-        payload["excluded_erased_cells"] += len(late)
+        payload["erased_during_calibration"] = len(late)  # the shadows trained on them; no score is kept
         log.info("calibrating %s: %d cell(s) erased while the shadows trained get no score", model_name, len(late))
     kept = store.put_calibration(model_name, payload)
     if kept.get("calibration_id") != payload["calibration_id"]:
@@ -212,8 +212,9 @@ def calibration_settings_problems(settings: Settings, store: ModelStore) -> list
 
     try:
         problem = stored_calibration_problem(settings, store, settings.model_name)
-    except StoreError as exc:  # a calibration file that is a link or damaged, or a damaged first version
-        problem = f"{settings.model_name}'s stored calibration cannot be used: {exc}"
+    except StoreError as exc:  # a calibration file that is a link or damaged, or a first version damaged or gone
+        problem = (f"{settings.model_name}'s stored calibration cannot be used: {exc}; remove "
+                   f"{settings.model_name}/calibration.json from the store to calibrate again")
     return [problem] if problem else []
 
 

@@ -532,3 +532,19 @@ def test_fixed_levels_take_no_calibration(tiny, monkeypatch, capsys):
         assert store.calibration("cal-mtl") is None
     finally:
         get_settings.cache_clear()
+
+
+def test_a_calibration_left_without_its_first_version_is_named_with_what_to_do(tiny):
+    """v1 removed to re-create the model, calibration.json left behind: serve refused to start
+    saying only "no version 1 of model ... in ...", not how to go on."""
+    import shutil
+
+    from worker.calibration import calibration_settings_problems
+
+    settings, store, *_ = tiny
+    on = settings.model_copy(update={"calibrate_shadows": True, "model_name": "cal-mtl"})
+    store.put_calibration("cal-mtl", {"sha256": "0" * 64, "recipe": {}, "full": {}, "partial": {}})
+    shutil.rmtree(store.root / "cal-mtl" / "v1")
+    [problem] = calibration_settings_problems(on, store)
+    assert problem.startswith("cal-mtl's stored calibration cannot be used: ")
+    assert problem.endswith("remove cal-mtl/calibration.json from the store to calibrate again")

@@ -1817,7 +1817,9 @@ def test_a_calibration_computed_after_an_erasure_never_trains_on_or_scores_erase
         scored = {(i, t) for i, by in stored[mode].items() for t in by}
         assert (ids[0], "depth") not in scored and (ids[1], "depth") not in scored
         assert (ids[0], "normal") in scored
-    assert stored["excluded_erased_cells"] == 2 and "redacted_cells" not in stored
+    # the second erasure's cell was trained on by the shadows (erased while they trained): not "excluded"
+    assert (stored["excluded_erased_cells"], stored["erased_during_calibration"]) == (1, 1)
+    assert "redacted_cells" not in stored
     metrics = outcomes[-1].metrics
     depth = [by["depth"] for by in stored["partial"].values() if "depth" in by]
     assert metrics["calibration"] == "shadow_scores"
@@ -1926,3 +1928,24 @@ def test_a_failure_recorded_while_the_database_is_away_is_tried_again(tiny, monk
     assert outcome.status == "failed" and "(not recorded: the database is unreachable)" in outcome.error
     with transaction(s.database_url) as session:
         assert session.get(Job, outcome.job_id).status == "running"  # the sweeper's, once its heartbeat is stale
+
+
+def test_a_folder_in_the_first_versions_place_is_refused_before_training(settings, tmp_path, monkeypatch):
+    """ensure_model trained the whole first model, then put_version refused the folder that
+    held v1's place (a copy that lost its manifest, say): hours of training for nothing."""
+    import unlearning.train
+    from model_store import StoreError
+
+    s = _tiny_settings(settings, tmp_path / "models")
+    store = LocalModelStore(s.store_dir)
+    occupied = s.store_dir / TINY / "v1"
+    occupied.mkdir(parents=True)
+    (occupied / "model.safetensors").write_bytes(b"weights without their manifest")
+    monkeypatch.setattr(unlearning.train, "train_model", lambda *a, **k: pytest.fail("it trained first"))
+    with pytest.raises(StoreError, match="v1 exists but holds no complete version of 'tiny-mtl'"):
+        ensure_model(s, store, progress=False)
+    assert (occupied / "model.safetensors").read_bytes() == b"weights without their manifest"  # nothing lost
+    from worker.tables import Model
+
+    with transaction(s.database_url) as session:
+        assert session.get(Model, TINY) is None
