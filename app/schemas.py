@@ -44,7 +44,8 @@ def _task_names(value: Any, handler):
             why = "; ".join(f"item {e['loc'][1]}: {said_in_words(e)}" for e in exc.errors()
                             if len(e["loc"]) >= 2 and isinstance(e["loc"][1], int))
         elif isinstance(value, str):
-            why = f"got the string {value[:50]!r}; a single task is a list of one: [{value[:50]!r}]"
+            why = (f'got the string {value!r}; every task is "all", in lower case' if value.lower() == "all" else
+                   f"got the string {value[:50]!r}; a single task is a list of one: [{value[:50]!r}]")
         else:
             why = f"got {type(value).__name__ if value is not None else 'null'}"
         raise PydanticCustomError("tasks", 'must be "all" or a list of task names ({why})', {"why": why}) from None

@@ -110,8 +110,10 @@ def resolve_cells(
     if tasks != "all":
         unknown = [t for t in tasks if t not in model_tasks]
         if unknown:
+            every = any(t.lower() == "all" for t in unknown)  # ["all"]: the word is not a task
             raise Invalid(
-                f"unknown task(s) {unknown} for model {model.name!r}; its tasks are {model_tasks}",
+                f"unknown task(s) {unknown} for model {model.name!r}; its tasks are {model_tasks}"
+                + ('; for every task send "all" as a string, not in a list' if every else ""),
                 unknown_tasks=unknown,
                 tasks=model_tasks,
             )
@@ -152,10 +154,11 @@ def resolve_cells(
         cells = wanted
         if not any(c in erased or c in pending for c in wanted):
             return cells
-    clash = [
-        {"instance_id": iid, "task": t, "state": "erased", "request_id": erased[(iid, t)]}
-        if (iid, t) in erased
-        else {"instance_id": iid, "task": t, "state": "pending", "request_id": pending[(iid, t)]}
+    clash = [  # pending first: a cell erased elsewhere that a request of this model is erasing here
+        # (its propagation stalled, above) is that request's, not a propagate job's
+        {"instance_id": iid, "task": t, "state": "pending", "request_id": pending[(iid, t)]}
+        if (iid, t) in pending
+        else {"instance_id": iid, "task": t, "state": "erased", "request_id": erased[(iid, t)]}
         for iid, t in wanted
         if (iid, t) in erased or (iid, t) in pending
     ]

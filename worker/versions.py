@@ -27,7 +27,7 @@ from .errors import Conflict, NotFound
 from .requests import PROCESS_MODEL_TOPIC, get_model
 from .settings import PROPAGATION_RETRY_CAP_S, Settings
 from .tables import (Alias, AliasHistory, AuditEvent, Job, Model, ModelVersion, OutboxMessage, Tombstone, as_utc,
-                     new_id, utcnow)
+                     iso_utc, new_id, utcnow)
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def rollback(
         return RollbackOutcome("noop", model_name, current, current)
 
     if target.purged_at is not None:
-        purged_at = as_utc(target.purged_at).isoformat()
+        purged_at = iso_utc(target.purged_at)  # ...Z, as every time the API writes
         raise Conflict(
             f"version {version} of {model_name!r} was purged at {purged_at}: its weights held "
             "data erased since and were deleted, so it can be neither served nor erased again",

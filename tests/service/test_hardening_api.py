@@ -356,6 +356,16 @@ def test_a_detail_quoting_a_value_is_not_escaped_twice(backend):
     assert problem["unknown_tasks"] == ["x\x1by"]  # the extras name the value as sent
 
 
+def test_the_word_all_in_a_list_or_in_capitals_is_answered_with_how_to_say_it(backend):
+    _, model, client = backend
+    r = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["all"]})
+    assert assert_problem(r, 422, "invalid-request")["detail"].endswith(
+        '; for every task send "all" as a string, not in a list')
+    r = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": "All"})
+    detail = assert_problem(r, 422, "validation-error")["detail"]
+    assert "got the string 'All'; every task is \"all\", in lower case" in detail and "list of one" not in detail
+
+
 def test_a_tasks_list_longer_than_any_model_needs_is_refused_by_its_length(backend):
     """1,250 unknown names of 48 characters (a 65 KB body) came back twice in a 129 KB 422."""
     from app.schemas import MAX_TASK_ITEMS

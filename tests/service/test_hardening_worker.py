@@ -852,6 +852,29 @@ def test_reapply_to_the_serving_version_erases_what_it_misses(two_models, monkey
         assert (again.action, again.job) == ("noop", None)
 
 
+def test_a_second_request_for_a_cell_a_stalled_propagations_request_erases_names_that_request(
+        two_models, monkeypatch):
+    """B's propagation of c failed, so rB for c was accepted as its next try. A second request
+    for c while rB's job ran got a 409 saying c was erased (by A's request) and held "until its
+    propagate job has run": there is none, rB's job erases it, and rB went unnamed."""
+    from worker.errors import Conflict
+    from worker.requests import submit_deletion
+
+    s, s_b, store, ids = two_models
+    a = _submit(s, ids[0])
+    assert [o.status for o in jobs.drain_model(s, store, TINY)] == ["completed"]  # A erases c
+    monkeypatch.setattr(jobs, "_compute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("fails once")))
+    assert [o.status for o in jobs.drain_model(s_b, store, TINY_B)] == ["failed"]  # B's propagation
+    rb = _submit(s_b, ids[0])
+    assert jobs.claim_next(s_b, TINY_B) is not None  # rB's job under way: the propagation no longer stalled
+    with transaction(s.database_url) as session, pytest.raises(Conflict) as refused:
+        submit_deletion(session, s_b, instance_id=ids[0], tasks=["depth"])
+    assert refused.value.extras["cells"] == [{"instance_id": ids[0], "task": "depth", "state": "pending",
+                                              "request_id": rb}]
+    assert f"depth (pending by request {rb})" in str(refused.value) and a not in str(refused.value)
+    assert "propagate job" not in str(refused.value)
+
+
 def _waiting_behind_a_reapply(two_models, monkeypatch) -> str:
     """B's propagation of cell c (erased through A) failed, so rB for c is accepted on B as its
     next try; then B is rolled back to v1 with reapply_erasures, whose job (queued, claimed

@@ -89,7 +89,8 @@ def test_purging_deletes_the_weights_keeps_the_record_and_refuses_rollbacks_to_t
     before = counts(s)
     for body in ({"version": 1}, {"version": 2, "reapply_erasures": True}):
         problem = assert_problem(client.post(f"/models/{TINY}/rollback", json=body), 409)
-        assert "was purged" in problem["detail"] and problem["purged_at"]
+        assert "was purged" in problem["detail"] and problem["purged_at"] == listed[body["version"]]["purged_at"]
+        assert problem["purged_at"].endswith("Z") and f"purged at {problem['purged_at']}:" in problem["detail"]
     assert counts(s) == before
     # a second purge finds nothing left to do
     assert client.post(f"/models/{TINY}/purge", json={}).json()["versions"] == []
