@@ -90,16 +90,31 @@ def reference_bytes(spec: dict, reference_scenes: int) -> int:
 
 def data_needs(spec: dict, reference_scenes: int = 0) -> dict[str, int]:
     """What the rendered splits of the synthetic dataset ``spec`` hold (and ``reference_scenes``
-    more scenes of it); nothing for datasets read from files, nor for a spec the loader
-    will refuse (it names what is wrong)."""
+    more scenes of it), or what the splits of an npy dataset will hold once loaded (from
+    its files' count and first image's header: :func:`~unlearning.data.npy_format.npy_split_sizes`;
+    full-size NYUv2, ~16 GB, got the process killed part-way through loading on a smaller
+    host); nothing for a spec the loader will refuse (it names what is wrong)."""
     rendered = _rendered(spec)
     if rendered is None:
-        return {}
+        return _npy_needs(spec)
     n, h, w, per_scene = rendered
     needs = {f"the {n} rendered scenes of {h}x{w} pixels": n * per_scene}
     if reference_scenes:
         needs[f"{reference_scenes} reference scenes"] = reference_bytes(spec, reference_scenes)
     return needs
+
+
+def _npy_needs(spec: dict) -> dict[str, int]:
+    from .data.npy_format import TASKS, npy_split_sizes
+
+    if not isinstance(spec, dict) or spec.get("name") not in TASKS:
+        return {}
+    sizes = npy_split_sizes(spec)
+    if sizes is None:
+        return {}
+    tasks = TASKS[spec["name"]]
+    return {f"the {n} {folder} samples of {pixels} pixels": n * scene_bytes(tasks, pixels, 1)
+            for folder, n, pixels in sizes}
 
 
 def model_lower_bound(spec: dict, width: int, depth: int, head_width: int):

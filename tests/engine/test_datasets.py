@@ -865,3 +865,28 @@ def test_sample_numbers_are_ascii_digits_and_nothing_after_them(tmp_path):
     (tmp_path / "train" / "depth" / "1.npy\n").write_bytes((tmp_path / "train" / "depth" / "1.npy").read_bytes())
     train, _ = load_npy_splits({"name": "nyuv2", "root": tmp_path})
     assert len(train) == 3
+
+
+@pytest.mark.parametrize("channel_last", [True, False])
+def test_the_memory_an_npy_dataset_will_hold_is_known_before_loading(tmp_path, channel_last):
+    """data_needs counted nothing for datasets read from files: full-size NYUv2 (~16 GB) got
+    the process killed part-way through loading on a smaller host. It is read from the folder
+    listing and the first image's header; a dataset of millions of samples is refused unloaded."""
+    from unlearning.resources import data_needs, memory_shortfall
+
+    write_split(tmp_path, "train", range(3), channel_last=channel_last)
+    write_split(tmp_path, "val", range(2), channel_last=channel_last, seed=1)
+    spec = {"name": "nyuv2", "root": tmp_path}
+    train, val = load_npy_splits(spec)
+    held = sum(d.images.nbytes + sum(t.nbytes for t in d.targets.values()) for d in (train, val))
+    needs = data_needs(spec)
+    assert sum(needs.values()) == held and set(needs) == {"the 3 train samples of 48 pixels",
+                                                         "the 2 val samples of 48 pixels"}
+    assert sum(data_needs({**spec, "limit": 2}).values()) == held * 4 // 5
+    header_only = tmp_path / "train" / "image" / "0.npy"  # a header claiming 480x640 x 10^6, no data
+    with open(header_only, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                 "shape": (10**6 * 480, 640, 3)})
+    assert "needs at least" in memory_shortfall(data_needs(spec))
+    for broken in ({"name": "nyuv2", "root": tmp_path / "nowhere"}, {"name": "nyuv2"}, {"name": "nyuv2", "root": 3}):
+        assert data_needs(broken) == {}  # the loader names what is wrong

@@ -299,6 +299,32 @@ def _positive_int(spec: dict, key: str, name: str) -> int | None:
     return int(value)
 
 
+def npy_split_sizes(spec: dict) -> list[tuple[str, int, int]] | None:
+    """``[(split folder, samples, pixels a sample)]`` of the npy dataset ``spec``, from the
+    folder listing and the header of each split's first image alone (nothing is loaded), for
+    the memory check before loading (:func:`unlearning.resources.data_needs`); None when
+    they cannot be told so (the loader names what is wrong). An image of shape ``(H, W, 3)``
+    or ``(3, H, W)`` counts ``H * W`` pixels, one of ``(H, W)`` all of them."""
+    try:
+        root, limit = Path(spec["root"]), _positive_int(spec, "limit", spec["name"])
+        sizes = []
+        for folder, _ in SPLITS:
+            files = _numbered_files(root / folder / "image")
+            if not files:
+                return None
+            with open(files[min(files)], "rb") as f:
+                fmt = np.lib.format
+                read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+                shape = read(f)[0]  # (shape, fortran order, dtype)
+            pixels = int(np.prod(shape, dtype=object))
+            if len(shape) == 3 and 3 in (shape[0], shape[-1]):
+                pixels //= 3
+            sizes.append((folder, min(len(files), limit) if limit else len(files), pixels))
+        return sizes
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+
+
 def load_npy_splits(spec: dict) -> tuple[MultiTaskDataset, MultiTaskDataset]:
     """(train, val) datasets of a preprocessed NYUv2 or Cityscapes folder; see the module docstring."""
     name = spec.get("name")
