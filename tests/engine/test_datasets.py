@@ -890,3 +890,14 @@ def test_the_memory_an_npy_dataset_will_hold_is_known_before_loading(tmp_path, c
     assert "needs at least" in memory_shortfall(data_needs(spec))
     for broken in ({"name": "nyuv2", "root": tmp_path / "nowhere"}, {"name": "nyuv2"}, {"name": "nyuv2", "root": 3}):
         assert data_needs(broken) == {}  # the loader names what is wrong
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_integer_depth_is_refused_as_raw_units(tmp_path, dtype):
+    """A uint16 depth of 3000 (raw millimetres) loaded as 3000 m: the depth loss and its
+    absolute error off by 1000, silently."""
+    refused(tmp_path, "train/depth/1.npy", np.full((H, W), 3000, dtype),
+            rf" holds {np.dtype(dtype).name} depth; depth is read as floating-point metres")
+    write_pair(tmp_path)
+    np.save(tmp_path / "train" / "depth" / "1.npy", np.full((H, W), 3.0, np.float64))  # metres, as floats: taken
+    assert float(load_npy_splits({"name": "nyuv2", "root": tmp_path})[0].targets["depth"][1].max()) == 3.0

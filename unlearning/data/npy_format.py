@@ -15,7 +15,8 @@ image size. Instance ids (what an erasure names) are ``<name>-train-<n>`` and
 Values: labels are integer or float class ids; a negative or NaN label means
 "ignore" (stored as -1), any other label must be a whole number below
 ``num_classes`` (2.5, +inf or 1e30 are refused, not rounded or wrapped). Depth
-that is 0, negative, NaN or infinite marks an invalid pixel, as does a normal
+is in metres, as floating-point numbers (integer depth, raw sensor units, is
+refused); depth that is 0, negative, NaN or infinite marks an invalid pixel, as does a normal
 with a NaN, infinite or all-zero vector; the other normals must be unit
 vectors: a map whose median length is off 1 by over 0.1, or where more than 1%
 of them have a length off 1 by over 0.5, is refused, and the others are
@@ -198,7 +199,14 @@ def _first_size(image: np.ndarray, image_path: Path, label: np.ndarray, label_pa
 
 
 def _depth(path: Path, size: tuple[int, int]) -> np.ndarray:
-    depth = _channels_first(_float32(_read(path), path, "depth"), 1, size, path)
+    """Depth in metres, as floats: integer depth is refused, since raw sensor millimetres
+    (uint16 3000 for 3 m) or disparity x 256 read as metres silently scale the depth loss
+    and its absolute error by 1000."""
+    array = _read(path)
+    if array.dtype.kind in "iu":  # by kind, as _check_numeric: timedelta64 is one of numpy's integers
+        raise ValueError(f"{path} holds {array.dtype} depth; depth is read as floating-point metres (integers are "
+                         "raw units: millimetres, disparity x 256): convert it, e.g. millimetres / 1000 as float32")
+    depth = _channels_first(_float32(array, path, "depth"), 1, size, path)
     return np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(0.0))
 
 
