@@ -79,12 +79,15 @@ def _eta_tasks_take_no_extra_slot(sender, instance, conf, **kwargs) -> None:
     """A countdown retry (``locked``, :mod:`worker.tasks`) is held by the worker until it is due,
     and Celery raises the worker's prefetch by one for each such message: a ``-c 1`` worker
     holding a 5 s retry fetched and started another job, and the retry waited behind that
-    whole job (up to the time limit) while another worker sat idle. Capped at the pool's size,
-    a held retry takes one of the worker's slots instead. Set here, where the worker's
-    concurrency is known (``--concurrency``, or Celery's own flags after ``--``); a value
-    configured otherwise is kept."""
-    if conf.worker_eta_task_limit is None:
-        conf.worker_eta_task_limit = instance.concurrency
+    whole job (up to the time limit) while another worker sat idle. Capped at 1 for a pool of
+    one (``unlearnd worker``'s default: one GPU, one job), a held retry takes the worker's slot
+    instead. Not for larger pools: Celery lowers the prefetch again when the retry is due even
+    where the cap kept it from rising, so each capped retry cost a ``-c 2`` worker one slot for
+    good; there a retry may still wait behind a job. Set here, where the worker's concurrency is
+    known (``--concurrency``, or Celery's own flags after ``--``); a value configured otherwise
+    is kept."""
+    if conf.worker_eta_task_limit is None and instance.concurrency == 1:
+        conf.worker_eta_task_limit = 1
 
 
 def publisher(app: Celery):

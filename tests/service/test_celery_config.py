@@ -50,19 +50,30 @@ def test_long_jobs_are_not_redelivered_while_they_run():
 
 def test_a_retry_held_for_its_countdown_takes_a_slot_of_the_worker():
     """Celery raises a worker's prefetch by one per message held until its ETA: a ``-c 1``
-    worker holding a countdown retry fetched and ran another job first. Capped at the pool's
-    size once the worker knows it; a limit configured otherwise is kept."""
+    worker holding a countdown retry fetched and ran another job first. Capped at 1 for a pool
+    of one once the worker knows its size; larger pools are left alone (the cap would cost them
+    a slot per capped retry: Celery lowers the prefetch when the retry is due all the same,
+    as kombu's QoS below shows); a limit configured otherwise is kept."""
     from types import SimpleNamespace
 
     from celery.signals import celeryd_after_setup
+    from kombu.common import QoS
 
     conf = create_celery(Settings(_env_file=None)).conf
     assert conf.worker_eta_task_limit is None
     celeryd_after_setup.send(sender="w@host", instance=SimpleNamespace(concurrency=3), conf=conf)
-    assert conf.worker_eta_task_limit == 3
+    assert conf.worker_eta_task_limit is None
+    celeryd_after_setup.send(sender="w@host", instance=SimpleNamespace(concurrency=1), conf=conf)
+    assert conf.worker_eta_task_limit == 1
     conf.worker_eta_task_limit = 7
     celeryd_after_setup.send(sender="w@host", instance=SimpleNamespace(concurrency=1), conf=conf)
     assert conf.worker_eta_task_limit == 7
+    # why not for larger pools: a retry held at the cap, then due, leaves the pool a slot short
+    for size, after in ((1, 1), (2, 1)):
+        qos = QoS(lambda prefetch_count: None, size, max_prefetch=size)
+        qos.increment_eventually()  # the retry arrives: kept at the cap
+        qos.decrement_eventually()  # it is due: lowered all the same
+        assert qos.value == after
 
 
 def test_a_sweep_deletes_outbox_rows_published_a_week_ago(tmp_path):
