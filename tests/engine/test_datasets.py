@@ -852,6 +852,15 @@ def test_a_sample_file_that_is_not_a_regular_file_is_refused_naming_it(tmp_path)
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match=re.escape(f"cannot read {fifo}: it is not a regular file")):
         load_npy_splits({"name": "nyuv2", "root": tmp_path})
+    image = tmp_path / "train" / "image" / "0.npy"  # the one the memory check reads a header of
+    kept = image.read_bytes()
+    image.unlink()
+    os.mkfifo(image)
+    from unlearning.resources import data_needs
+
+    assert data_needs({"name": "nyuv2", "root": tmp_path}) == {}  # not blocked: the loader names it
+    image.unlink()
+    image.write_bytes(kept)
     fifo.unlink()
     fifo.symlink_to(tmp_path / "nowhere.npy")
     with pytest.raises(ValueError, match=re.escape(f"cannot read {fifo}: ")):

@@ -320,7 +320,10 @@ def npy_split_sizes(spec: dict) -> list[tuple[str, int, int]] | None:
             files = _numbered_files(root / folder / "image")
             if not files:
                 return None
-            with open(files[min(files)], "rb") as f:
+            first = files[min(files)]
+            if not stat.S_ISREG(os.stat(first).st_mode):  # a FIFO would block the open for ever (_read refuses it)
+                return None
+            with open(first, "rb") as f:
                 fmt = np.lib.format
                 read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
                 shape = read(f)[0]  # (shape, fortran order, dtype)
