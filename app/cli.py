@@ -452,12 +452,20 @@ def cmd_calibrate(args) -> int:
         return 2
     # a stored calibration stays in use after v1's weights were purged: only computing one needs them
     if stored is None and not store.exists(settings.model_name, 1):
-        if store.purged(settings.model_name, 1):
-            print(f"version 1 of {settings.model_name!r} was purged (its weights held erased data): the "
-                  "calibration is computed from them; jobs take the fixed quantile", file=sys.stderr)
-        else:
+        if not store.purged(settings.model_name, 1):
             print(f"no version 1 of {settings.model_name!r} in {settings.store_dir}: "
                   "`unlearnd serve` trains it on first start", file=sys.stderr)
+            return 2
+        from model_store import PurgedVersion, StoreError
+        from worker.versions import load_version
+
+        try:  # a manifest without weights: purged, or (the record says) lost otherwise
+            load_version(settings, store, settings.model_name, 1, "cpu")
+        except PurgedVersion:
+            print(f"version 1 of {settings.model_name!r} was purged (its weights held erased data): the "
+                  "calibration is computed from them; jobs take the fixed quantile", file=sys.stderr)
+        except StoreError as exc:
+            print(f"unlearnd: {exc}", file=sys.stderr)
         return 2
     from tqdm.auto import tqdm
 

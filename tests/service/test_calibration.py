@@ -162,7 +162,7 @@ def test_cli_calibrates_the_served_model(tiny, monkeypatch, capsys):
         assert main(["calibrate"]) == 0
         assert "already stored" in capsys.readouterr().out
         (settings.store_dir / "cal-mtl" / "calibration.json").unlink()
-        assert main(["calibrate"]) == 2
+        assert main(["calibrate"]) == 2  # v1 is in no record here: the store's word
         assert "was purged" in capsys.readouterr().err
         monkeypatch.setenv("UNLEARND_MODEL_NAME", "no-such-model")
         get_settings.cache_clear()
@@ -548,3 +548,32 @@ def test_a_calibration_left_without_its_first_version_is_named_with_what_to_do(t
     [problem] = calibration_settings_problems(on, store)
     assert problem.startswith("cal-mtl's stored calibration cannot be used: ")
     assert problem.endswith("remove cal-mtl/calibration.json from the store to calibrate again")
+
+
+def test_cli_calibrate_tells_weights_purged_from_weights_gone_missing(tiny, monkeypatch, capsys):
+    """The store reads a manifest without weights as purged; the record tells: weights it never
+    purged are missing (restore them), where calibrate said "purged ... jobs take the fixed
+    quantile" while every job failed on them."""
+    from app.cli import main
+    from worker.bootstrap import ensure_model
+    from worker.db import transaction
+    from worker.settings import get_settings
+    from worker.tables import ModelVersion, utcnow
+
+    settings, store, *_ = tiny
+    ensure_model(settings.model_copy(update={"model_name": "cal-mtl"}), store, progress=False)
+    (settings.store_dir / "cal-mtl" / "v1" / "model.safetensors").unlink()  # deleted by hand
+    for key, value in {"STORE_DIR": str(settings.store_dir), "MODEL_NAME": "cal-mtl", "DEVICE": "cpu",
+                       "DATABASE_URL": settings.database_url}.items():
+        monkeypatch.setenv(f"UNLEARND_{key}", value)
+    get_settings.cache_clear()
+    try:
+        assert main(["calibrate", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "its weights are missing from the model store" in err and "was purged" not in err
+        with transaction(settings.database_url) as session:
+            session.query(ModelVersion).filter_by(model_name="cal-mtl", version=1).one().purged_at = utcnow()
+        assert main(["calibrate", "--no-progress"]) == 2
+        assert "version 1 of 'cal-mtl' was purged" in capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
