@@ -227,13 +227,18 @@ def browser_refusal(request: Request):
     - without API keys, a browser's request (it sent an ``Origin``) to a ``Host`` that is not
       a loopback name is refused: set API keys to serve browsers under other names
       (a browser cannot send a key a page does not hold).
+
+    An ``Origin`` the operator lists in ``UNLEARND_ALLOWED_ORIGINS`` passes all three: a
+    reverse proxy that rewrites ``Host`` (nginx's default, ``$proxy_host``) made every
+    browser request through it look cross-origin, the API docs' page included.
     """
     if request.method not in UNSAFE_METHODS:
         return None
     from .auth import Forbidden
 
     site = request.headers.get("sec-fetch-site", "").strip().lower()
-    if site in ("cross-site", "same-site"):
+    allowed = request.app.state.settings.allowed_origins
+    if site in ("cross-site", "same-site") and (request.headers.get("origin") or "").strip().lower() not in allowed:
         return Forbidden(f"a web browser sent this request from another site (Sec-Fetch-Site: {site}); the API "
                          "takes requests that change state from programs, not from web pages",
                          refused="cross-site-request")
@@ -241,6 +246,9 @@ def browser_refusal(request: Request):
     if origin is None:
         return None
     from urllib.parse import urlsplit
+
+    if origin.strip().lower().rstrip("/") in request.app.state.settings.allowed_origins:
+        return None  # the operator's own (UNLEARND_ALLOWED_ORIGINS): behind a proxy that rewrites Host
 
     host = request.headers.get("host", "")
     try:

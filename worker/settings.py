@@ -168,9 +168,40 @@ class Settings(BaseSettings):
     # API keys, JSON in UNLEARND_API_KEYS: {"name": {"token_sha256": "<hex>", "scopes": [...]}}
     # (`unlearnd api-key NAME --scope ...` makes one). Empty: no authentication, the embedded default.
     api_keys: Annotated[dict[KeyName, ApiKey], NoDecode] = {}
+    # web origins whose browser pages may send state-changing requests though the request's Host
+    # names another (app.guards.browser_refusal): a reverse proxy that rewrites Host (nginx's
+    # default), /docs opened through it. Comma-separated scheme://host[:port]; empty: none
+    allowed_origins: Annotated[tuple[str, ...], NoDecode] = ()
     # a PEM Ed25519 private key (`unlearnd certificate-key` writes one): certificates are signed with
     # it (worker.signing); unset: certificates carry their sha256 only
     certificate_key_file: Path | None = None
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, value):
+        """``https://unlearnd.example, http://localhost:8080``: each a web origin as a browser
+        sends it (a scheme, http or https, and a host, with a port or none; no path), kept in
+        that form; blank is none."""
+        from urllib.parse import urlsplit
+
+        items = value.split(",") if isinstance(value, str) else list(value or ())
+        origins = []
+        for item in (str(i).strip() for i in items):
+            if not item:
+                continue
+            try:
+                parts = urlsplit(item)
+                parts.port  # noqa: B018 - a port that is not a number raises here
+            except ValueError:
+                parts = None
+            if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                    or parts.path not in ("", "/") or parts.query or parts.fragment or parts.username):
+                raise ValueError(f"{item!r} is not a web origin: scheme://host[:port], http or https, no path")
+            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # lower-cased by urlsplit
+            default = {"http": 80, "https": 443}[parts.scheme]
+            port = f":{parts.port}" if parts.port not in (None, default) else ""  # as a browser writes it
+            origins.append(f"{parts.scheme}://{host}{port}")
+        return tuple(origins)
 
     @field_validator("certificate_key_file", mode="before")
     @classmethod

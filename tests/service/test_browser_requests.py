@@ -103,3 +103,40 @@ def test_authority(host, expected):
 ])
 def test_is_loopback(name, loopback):
     assert is_loopback(name) is loopback
+
+
+def test_the_operators_origins_pass_behind_a_proxy_that_rewrites_the_host(settings, model):
+    """nginx's default Host is the upstream's ($proxy_host): every browser request through it,
+    /docs included, looked cross-origin. UNLEARND_ALLOWED_ORIGINS names the public origins."""
+    allowed = settings.model_copy(update={"allowed_origins": ("https://unlearnd.example",)})
+    with TestClient(create_app(allowed)) as c:
+        proxied = {"Origin": "https://unlearnd.example", "Host": "127.0.0.1:8000"}
+        r = c.post("/deletions", json=_deletion(model), headers=proxied)
+        assert r.status_code == 202, r.text
+        r = c.post("/deletions", json={**_deletion(model), "instance_id": model.train_ids[1]},
+                   headers={**proxied, "Sec-Fetch-Site": "cross-site"})  # a portal's page on that origin
+        assert r.status_code == 202, r.text
+        for headers in ({"Origin": "https://evil.example", "Host": "127.0.0.1:8000"},
+                        {"Origin": "https://unlearnd.example.evil", "Host": "127.0.0.1:8000"},
+                        {"Sec-Fetch-Site": "cross-site"}):
+            assert_problem(c.post("/deletions", json=_deletion(model), headers=headers), 403, "forbidden")
+
+
+@pytest.mark.parametrize("value, origins", [
+    ("https://Unlearnd.Example:443, http://localhost:8080/", ("https://unlearnd.example", "http://localhost:8080")),
+    ("http://[::1]:8000", ("http://[::1]:8000",)), ("", ()), (" , ", ()),
+])
+def test_allowed_origins_are_kept_as_a_browser_writes_them(value, origins):
+    from worker.settings import Settings
+
+    assert Settings(_env_file=None, allowed_origins=value).allowed_origins == origins
+
+
+@pytest.mark.parametrize("value", ["unlearnd.example", "ftp://x", "https://x/api", "https://x:port", "https://u@x"])
+def test_what_is_not_a_web_origin_is_refused(value):
+    from pydantic import ValidationError
+
+    from worker.settings import Settings
+
+    with pytest.raises(ValidationError, match="is not a web origin"):
+        Settings(_env_file=None, allowed_origins=value)
