@@ -13,8 +13,9 @@ from . import loops
 PROTECTS_HEADS = False
 
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
+# benchmarks/sweep_extension (2026-12-07): the grid extended past the first sweep's edges
 DEFAULTS = {
-    "steps": 120,
+    "steps": 200,
     "lr": 5e-3,
     "optimizer": "adam",
     "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it

@@ -20,10 +20,11 @@ from . import loops
 PROTECTS_HEADS = False
 
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
+# benchmarks/sweep_extension (2026-12-07): the grid extended past the first sweep's edges
 DEFAULTS = {
     "steps": 20,
     "lr": 1e-4,
-    "forget_weight": 2.0,  # w
+    "forget_weight": 1.0,  # w
     "optimizer": "adam",
     "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it
     "batch_size": 16,

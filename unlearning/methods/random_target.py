@@ -16,10 +16,11 @@ from . import loops
 PROTECTS_HEADS = False
 
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
+# benchmarks/sweep_extension (2026-12-07): the grid extended past the first sweep's edges
 DEFAULTS = {
-    "steps": 40,
-    "lr": 3e-4,
-    "retain_weight": 1.0,  # lambda
+    "steps": 80,
+    "lr": 1e-3,
+    "retain_weight": 10.0,  # lambda
     "optimizer": "adam",
     "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it
     "batch_size": 16,

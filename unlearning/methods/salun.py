@@ -24,11 +24,12 @@ from . import loops
 PROTECTS_HEADS = True
 
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
+# benchmarks/sweep_extension (2026-12-07): the grid extended past the first sweep's edges
 DEFAULTS = {
     "steps": 40,
     "lr": 1e-3,
-    "gamma": 0.2,  # fraction of weights declared salient
-    "retain_weight": 1.0,  # lambda
+    "gamma": 0.3,  # fraction of weights declared salient
+    "retain_weight": 3.0,  # lambda
     "optimizer": "adam",
     "momentum": 0.9,  # sgd's (loops.make_optimizer); adam has none and ignores it
     "batch_size": 16,

@@ -49,8 +49,9 @@ from . import loops
 PROTECTS_HEADS = False
 
 # Chosen by benchmarks/sweep_baselines.py (docs/baselines.md).
+# benchmarks/sweep_extension (2026-12-07): the grid extended past the first sweep's edges
 DEFAULTS = {
-    "rounds": 15,
+    "rounds": 30,
     "max_rounds": 5,
     "min_steps": None,  # min-steps per round; None: one pass over the retain data (reference code)
     "lr": 3e-3,
