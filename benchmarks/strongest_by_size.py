@@ -47,8 +47,17 @@ def strongest(rows: list[dict], sizes: set[int] | None, uis_sizes: set[int] | No
         "strongest": best,
         "its_uis": None if best is None else round(uis[best], 4),
         "its_mia_error": None if best is None else round(err[best], 4),
-        "uis_reduction_pct": None if best is None else round(100 * (1 - uis[OURS] / uis[best]), 1),
+        "uis_reduction_pct": None if best is None else _reduction(uis[OURS], uis[best]),
     }
+
+
+def _reduction(ours: float, theirs: float) -> float | str:
+    """How much lower our UIS is, in percent; a baseline of UIS 0 (the model unchanged on
+    these runs: a single instance inside its band) leaves "-inf" when ours is above 0 and
+    0 when ours is 0 too (a division by zero stopped the script)."""
+    if theirs == 0:
+        return 0.0 if ours == 0 else "-inf"
+    return round(100 * (1 - ours / theirs), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
