@@ -758,10 +758,10 @@ def _as_stored(store: ModelStore, job_id: str, manifest: Manifest, checked: Weig
 
 def _record_failure(settings: Settings, job_id: str, error: str, attempt: int | None) -> bool | None:
     """:func:`mark_failed`, tried again for about half a minute while the database is away (as
-    a requeue is); None when it never answered. The error raised on, a Celery retry of the
-    delivery found the job "running" under this live process, ended "busy", and the job
-    stayed so until the sweeper found its heartbeat stale (10 minutes); it still does when
-    the database stays away longer."""
+    a requeue is); None when it never answered. Before, the error went up to Celery, whose
+    retry of the delivery found the job "running" under this live process and ended "busy":
+    the job stayed so until the sweeper found its heartbeat stale (10 minutes), as it still
+    does when the database stays away longer."""
     for pause in REQUEUE_PAUSES_S:
         _pause(pause)
         try:
