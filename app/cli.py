@@ -456,16 +456,14 @@ def cmd_calibrate(args) -> int:
             print(f"no version 1 of {settings.model_name!r} in {settings.store_dir}: "
                   "`unlearnd serve` trains it on first start", file=sys.stderr)
             return 2
-        from model_store import PurgedVersion, StoreError
-        from worker.versions import load_version
+        from worker.versions import weights_gone_missing
 
-        try:  # a manifest without weights: purged, or (the record says) lost otherwise
-            load_version(settings, store, settings.model_name, 1, "cpu")
-        except PurgedVersion:
+        missing = weights_gone_missing(settings, settings.model_name, 1)  # purged, or (the record says) lost
+        if missing is not None:
+            print(f"unlearnd: {missing}", file=sys.stderr)
+        else:
             print(f"version 1 of {settings.model_name!r} was purged (its weights held erased data): the "
                   "calibration is computed from them; jobs take the fixed quantile", file=sys.stderr)
-        except StoreError as exc:
-            print(f"unlearnd: {exc}", file=sys.stderr)
         return 2
     from tqdm.auto import tqdm
 

@@ -766,20 +766,29 @@ def get_job(session: Session, job_id: str) -> Job:
 def load_version(settings: Settings, store: ModelStore, model_name: str, version: int, device):
     """The stored version's model and manifest (its weights checked against the manifest). The
     store says :class:`PurgedVersion` for any version whose manifest it has without weights;
-    one the record never purged lost its weights otherwise (deleted by hand, a restore that
-    missed them): said so, where "its weights were purged (they held erased data)" reached the
-    job, its requests and their submitters (and a calibration took the fixed quantile for good).
-    A version the record does not have is left to the store's word."""
-    from .db import read_only_transaction
-
+    one the record never purged lost its weights otherwise (:func:`weights_gone_missing`)."""
     try:
         return store.load(model_name, version, device=device)
     except PurgedVersion:
-        with read_only_transaction(settings.database_url) as session:
-            row = session.execute(select(ModelVersion.purged_at).where(
-                ModelVersion.model_name == model_name, ModelVersion.version == version)).one_or_none()
-        if row is None or row.purged_at is not None:  # purged, or a version the record does not have
+        missing = weights_gone_missing(settings, model_name, version)
+        if missing is None:
             raise
-        raise StoreError(f"{model_name} v{version}: its weights are missing from the model store, which holds "
-                         "its manifest only; the record has them stored (never purged): restore them "
-                         "(the record has their sha256)") from None
+        raise missing from None
+
+
+def weights_gone_missing(settings: Settings, model_name: str, version: int) -> StoreError | None:
+    """For a version the store holds without weights (read as purged): the error to raise when
+    the record has them stored, never purged (deleted by hand, a restore that missed them),
+    where "its weights were purged (they held erased data)" reached the job, its requests and
+    their submitters (and a calibration took the fixed quantile for good); None when the
+    record purged them, or does not have the version (the store's word stands)."""
+    from .db import read_only_transaction
+
+    with read_only_transaction(settings.database_url) as session:
+        row = session.execute(select(ModelVersion.purged_at).where(
+            ModelVersion.model_name == model_name, ModelVersion.version == version)).one_or_none()
+    if row is None or row.purged_at is not None:
+        return None
+    return StoreError(f"{model_name} v{version}: its weights are missing from the model store, which holds "
+                      "its manifest only; the record has them stored (never purged): restore them "
+                      "(the record has their sha256)")

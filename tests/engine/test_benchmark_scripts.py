@@ -257,12 +257,12 @@ def test_strongest_by_size_reproduces_the_committed_table_and_the_summarys_poole
 def test_same_rows_reproduces_the_committed_check_and_finds_a_changed_figure(tmp_path):
     out = tmp_path / "same.json"
     done = run_script("same_rows.py", "benchmarks/no_step_check/smoke_interference_aware.json",
-                      "benchmarks/smoke.json", "--out", str(out))
+                      "benchmarks/smoke_before_retune/smoke.json", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text()) == json.loads((BENCH / "no_step_check" / "same_rows.json").read_text())
     doc = json.loads((BENCH / "no_step_check" / "smoke_interference_aware.json").read_text())
     doc["results"][3]["uis"] += 1e-12
     changed = tmp_path / "changed.json"
     changed.write_text(json.dumps(doc))
-    done = run_script("same_rows.py", str(changed), "benchmarks/smoke.json")
+    done = run_script("same_rows.py", str(changed), "benchmarks/smoke_before_retune/smoke.json")
     assert done.returncode == 1 and "17 of 18 rows the same; 1 differ" in done.stdout
