@@ -270,6 +270,10 @@ def document_problems(schema: dict) -> dict:
                 if tags & set(operation.get("tags", ())):
                     for status, description in problems.items():
                         responses.setdefault(status, {"description": description})
+            if responses.get("503", {}).get("description") == _TAG_PROBLEMS["record"][1]["503"]:
+                # the record's 503 (problems._database_unavailable) says when to try again
+                responses["503"].setdefault("headers", {})["Retry-After"] = {
+                    "description": "seconds to wait before trying again", "schema": {"type": "integer"}}
             for parameter in operation.get("parameters", ()):
                 _json_schema_bounds(parameter.get("schema"))
             if "{" in path:
@@ -279,6 +283,7 @@ def document_problems(schema: dict) -> dict:
             for status, response in responses.items():
                 if status[:1] in ("4", "5") or status == "default":
                     response["content"] = dict(content)
+
     for unused in ("HTTPValidationError", "ValidationError"):
         if f'"#/components/schemas/{unused}"' not in json.dumps(schema):
             components.pop(unused, None)

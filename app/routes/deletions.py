@@ -31,7 +31,12 @@ router = APIRouter(prefix="/deletions", tags=["deletions"], route_class=StrictJS
 
 
 @router.post("", status_code=202, response_model=DeletionAccepted,
-             responses={404: {"description": "no model of that name (the body's model, or the service's default)"},
+             responses={202: {"headers": {
+                            "Location": {"description": "the request's URL", "schema": {"type": "string"}},
+                            "Idempotent-Replayed": {"description": "true when this answers an Idempotency-Key seen "
+                                                                   "before (the first answer, again)",
+                                                    "schema": {"type": "string", "enum": ["true"]}}}},
+                        404: {"description": "no model of that name (the body's model, or the service's default)"},
                         409: {"description": "a cell is already erased or pending (the problem's cells name each)"}})
 def create_deletion(
     body: DeletionCreate,

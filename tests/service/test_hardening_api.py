@@ -851,6 +851,23 @@ def test_the_openapi_document_describes_errors_as_problem_documents(backend):
     assert ("/certificates/public-key", "get", "404") in errors  # no signing key
 
 
+def test_the_openapi_document_names_the_headers_clients_act_on(backend):
+    """Location and Idempotent-Replayed of an accepted deletion, Retry-After of the record's
+    503: sent, and undocumented, so generated clients did not expose them."""
+    settings, model, client = backend
+    schema = client.get("/openapi.json").json()
+    accepted = schema["paths"]["/deletions"]["post"]["responses"]["202"]
+    assert set(accepted["headers"]) == {"Location", "Idempotent-Replayed"}
+    body = {"instance_id": model.train_ids[0], "tasks": ["depth"]}
+    sent = [client.post("/deletions", json=body, headers={"Idempotency-Key": "k-1"}) for _ in range(2)]
+    assert sent[0].headers["Location"] == f"/deletions/{sent[0].json()['id']}"
+    assert "Idempotent-Replayed" not in sent[0].headers and sent[1].headers["Idempotent-Replayed"] == "true"
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if "503" in operation["responses"] and not path.startswith("/readyz"):
+                assert "Retry-After" in operation["responses"]["503"]["headers"], (path, method)
+
+
 def test_a_json_name_given_twice_is_refused_and_nothing_is_stored(backend):
     # json.loads keeps the last value: the service would erase indoor-00002 while a gateway or
     # a log that keeps the first records indoor-00001
