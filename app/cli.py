@@ -428,7 +428,7 @@ def cmd_calibrate(args) -> int:
     no shadow trains on a cell erased there or in any stored version's manifest."""
     from model_store import store_for
     from unlearning.train import resolve_device
-    from worker.calibration import lineage_calibration
+    from worker.calibration import calibrates, lineage_calibration
     from worker.settings import get_settings
 
     settings = get_settings().model_copy(update={"calibrate_shadows": True})
@@ -438,7 +438,7 @@ def cmd_calibrate(args) -> int:
     if settings.method != "interference_aware":
         print(f"method {settings.method!r} takes no calibration", file=sys.stderr)
         return 2
-    if (settings.method_config or {}).get("tau"):
+    if not calibrates(settings):  # interference_aware, calibration on: fixed levels are what is left
         print("UNLEARND_METHOD_CONFIG sets a fixed level per task ('tau'): jobs read no calibration", file=sys.stderr)
         return 2
     # the record names the erased cells the shadows must not train on: a mistyped URL would

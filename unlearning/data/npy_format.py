@@ -61,14 +61,20 @@ def _numbered_files(folder: Path) -> dict[int, Path]:
     return files
 
 
-def _read(path: Path) -> np.ndarray:
+def _regular_file(path: Path) -> None:
+    """Refuse (ValueError naming it) what is not a regular file, links followed: what an open
+    would read. A FIFO (or a link to one) blocked np.load forever; a device or a socket is no
+    array either."""
     try:
-        kind = path.stat().st_mode  # links followed: what np.load would open
+        kind = path.stat().st_mode
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc}") from None
     if not stat.S_ISREG(kind):
-        # a FIFO (or a link to one) blocked np.load forever; a device or a socket is no array either
         raise ValueError(f"cannot read {path}: it is not a regular file")
+
+
+def _read(path: Path) -> np.ndarray:
+    _regular_file(path)
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as exc:  # a corrupt file or a pickled object array: say which file
@@ -321,8 +327,7 @@ def npy_split_sizes(spec: dict) -> list[tuple[str, int, int]] | None:
             if not files:
                 return None
             first = files[min(files)]
-            if not stat.S_ISREG(os.stat(first).st_mode):  # a FIFO would block the open for ever (_read refuses it)
-                return None
+            _regular_file(first)  # a FIFO would block the open for ever
             with open(first, "rb") as f:
                 fmt = np.lib.format
                 read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
