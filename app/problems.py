@@ -77,6 +77,24 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+#: the most characters of one echoed string (an extra) and of a detail: a problem echoes the
+#: request (an id in the path, a cursor), and a 60 KB cursor came back whole, twice
+MAX_ECHO = 256
+MAX_DETAIL = 2000
+
+
+def bounded(value, limit: int = MAX_ECHO):
+    """``value`` with each string in it (in lists and dicts too) longer than ``limit`` cut to
+    ``limit`` characters and marked with how many were left out."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else f"{value[:limit]}… ({len(value) - limit} more characters)"
+    if isinstance(value, list):
+        return [bounded(v, limit) for v in value]
+    if isinstance(value, dict):
+        return {k: bounded(v, limit) for k, v in value.items()}
+    return value
+
+
 def problem(
     request: Request, status: int, title: str, detail: str, slug: str, headers: dict | None = None, **extras
 ) -> JSONResponse:
@@ -84,9 +102,9 @@ def problem(
         "type": TYPE_BASE + slug,
         "title": title,
         "status": status,
-        "detail": printable(detail),
-        "instance": _instance(request),
-        **jsonable_encoder(extras),
+        "detail": bounded(printable(detail), MAX_DETAIL),
+        "instance": bounded(_instance(request), MAX_DETAIL),
+        **bounded(jsonable_encoder(extras)),
     }
     return ProblemResponse(body, status_code=status, headers=headers)
 

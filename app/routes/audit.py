@@ -59,7 +59,9 @@ _verifying = threading.Lock()
 
 
 @router.get("/verify", response_model=ChainReport,
-            responses={429: {"description": "a verification is already running in this process"}})
+            responses={429: {"description": "a verification is already running in this process",
+                             "headers": {"Retry-After": {"description": "seconds to wait before asking again",
+                                                         "schema": {"type": "integer"}}}}})
 def verify(
     session: ReadSessionDep,
     seq: Annotated[QueryNumber | None, Query(ge=1, le=2**62, description="an anchor kept outside: an event's seq ...")] = None,

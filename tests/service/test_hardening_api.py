@@ -146,6 +146,22 @@ def test_a_cursor_nested_past_the_parser_is_malformed_not_a_500(backend, route):
     assert body["detail"].startswith("malformed cursor")
 
 
+def test_a_long_cursor_or_id_comes_back_cut_short_in_the_problem(backend):
+    # a problem echoes the cursor (an extra) and the id (detail, instance): a 60 KB cursor came
+    # back whole, twice; now each echo is cut to problems.MAX_ECHO / MAX_DETAIL characters
+    from app.problems import MAX_DETAIL, MAX_ECHO
+
+    _, _, client = backend
+    cursor = base64.urlsafe_b64encode(b"[" * 6000).decode().rstrip("=")
+    body = assert_problem(client.get("/deletions", params={"cursor": cursor}), 422, "invalid-request")
+    assert body["cursor"] == f"{cursor[:MAX_ECHO]}… ({len(cursor) - MAX_ECHO} more characters)"
+    long_id = "x" * 5000
+    body = assert_problem(client.get(f"/deletions/{long_id}"), 404, "not-found")
+    assert body["request_id"] == "x" * MAX_ECHO + f"… ({5000 - MAX_ECHO} more characters)"
+    for field in ("detail", "instance"):
+        assert body[field].endswith(" more characters)") and len(body[field]) <= MAX_DETAIL + 30
+
+
 def test_cursors_written_by_the_service_still_page(backend):
     _, model, client = backend
     for i in range(3):
@@ -853,7 +869,7 @@ def test_the_openapi_document_describes_errors_as_problem_documents(backend):
 
 def test_the_openapi_document_names_the_headers_clients_act_on(backend):
     """Location and Idempotent-Replayed of an accepted deletion, Retry-After of the record's
-    503: sent, and undocumented, so generated clients did not expose them."""
+    503 and of a second audit verification's 429: sent, and undocumented, so generated clients did not expose them."""
     settings, model, client = backend
     schema = client.get("/openapi.json").json()
     accepted = schema["paths"]["/deletions"]["post"]["responses"]["202"]
@@ -866,6 +882,7 @@ def test_the_openapi_document_names_the_headers_clients_act_on(backend):
         for method, operation in operations.items():
             if "503" in operation["responses"] and not path.startswith("/readyz"):
                 assert "Retry-After" in operation["responses"]["503"]["headers"], (path, method)
+    assert "Retry-After" in schema["paths"]["/audit/verify"]["get"]["responses"]["429"]["headers"]
 
 
 def test_a_json_name_given_twice_is_refused_and_nothing_is_stored(backend):
