@@ -109,6 +109,8 @@ VersionNumber = Annotated[int, BeforeValidator(_digits("a version number"))]
 QueryNumber = Annotated[int, BeforeValidator(_digits("a whole number"))]
 #: version numbers are stored in 32-bit integer columns; a larger number names no version
 MAX_VERSION = 2**31 - 1
+#: the most versions one page of GET /models/{name}/versions lists
+MAX_VERSIONS_PAGE = 500
 RequestStatus = Literal["queued", "running", "completed", "failed", "rejected"]
 
 

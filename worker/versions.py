@@ -115,10 +115,19 @@ def version_summaries(session: Session, model_name: str, versions: list[int] | N
     return list(session.execute(query).scalars())
 
 
-def list_versions(session: Session, model_name: str) -> list[ModelVersion]:
-    """:func:`version_summaries` of every version of ``model_name`` (NotFound for an unknown model)."""
+def list_versions(session: Session, model_name: str, after: int = 0,
+                  limit: int | None = None) -> tuple[list[ModelVersion], bool]:
+    """:func:`version_summaries` of the versions of ``model_name`` numbered above ``after``, at
+    most ``limit`` of them (None: all), and whether more follow (NotFound for an unknown model)."""
     get_model(session, model_name)
-    return version_summaries(session, model_name)
+    query = (select(ModelVersion).options(defer(ModelVersion.erased_cells, raiseload=True))
+             .where(ModelVersion.model_name == model_name, ModelVersion.version > after)
+             .order_by(ModelVersion.version))
+    if limit is not None:
+        query = query.limit(limit + 1)
+    rows = list(session.execute(query).scalars())
+    more = limit is not None and len(rows) > limit
+    return rows[:limit] if more else rows, more
 
 
 def get_version(session: Session, model_name: str, version: int) -> ModelVersion:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from model_store import StoreError, store_for
@@ -16,11 +16,13 @@ from ..deps import ReadSessionDep, SessionDep, SettingsDep
 from ..guards import StrictJSONRoute
 from ..schemas import (
     MAX_VERSION,
+    MAX_VERSIONS_PAGE,
     ModelName,
     ModelOut,
     PurgedVersionOut,
     PurgeIn,
     PurgeOut,
+    QueryNumber,
     RollbackIn,
     RollbackOut,
     VersionNumber,
@@ -52,11 +54,26 @@ def read_models(session: ReadSessionDep) -> list[ModelOut]:
         ]
 
 
-@router.get("/{name}/versions", response_model=list[VersionOut], dependencies=READ)
-def read_versions(name: ModelName, session: ReadSessionDep) -> list[VersionOut]:
+@router.get("/{name}/versions", response_model=list[VersionOut], dependencies=READ,
+            responses={200: {"headers": {"Link": {
+                "description": 'when more versions follow: <the next page\'s URL>; rel="next" (RFC 8288)',
+                "schema": {"type": "string"}}}}})
+def read_versions(
+    name: ModelName,
+    session: ReadSessionDep,
+    request: Request,
+    response: Response,
+    after: Annotated[VersionNumber, Query(ge=0, le=MAX_VERSION, description="list the versions numbered above this")] = 0,
+    limit: Annotated[QueryNumber, Query(ge=1, le=MAX_VERSIONS_PAGE)] = MAX_VERSIONS_PAGE,
+) -> list[VersionOut]:
+    """The versions of a model in version order, at most ``limit`` (500) a page; when more
+    follow, the ``Link`` header names the next page (``?after=<the last version listed>``)."""
     with session.begin():
-        rows = list_versions(session, name)
+        rows, more = list_versions(session, name, after=after, limit=limit)
         serving = serving_version(session, name)
+        if more:
+            following = request.url.include_query_params(after=rows[-1].version, limit=limit)
+            response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
         return [version_out(v, serving) for v in rows]
 
 
