@@ -29,6 +29,16 @@ class Invalid(ServiceError):
     slug = "invalid-request"
 
 
+class DatasetUnavailable(ServiceError):
+    """The model's dataset cannot be loaded on this host (a folder moved, a file unreadable): the
+    request was not checked against it, so nothing was stored. A server-side fault, not the
+    client's: waiting does not mend it (no Retry-After); the log names the cause."""
+
+    status = 503
+    title = "Service unavailable"
+    slug = "dataset-unavailable"
+
+
 class Conflict(ServiceError):
     """The request clashes with the current state (erased or pending cells, unsafe rollback, not yet completed)."""
 

@@ -20,7 +20,7 @@ from unlearning.jsonio import finite_json
 from .audit import append_event, commit_ordered_now
 from .db import advisory_lock
 from .datasets import erased_cells, get_splits
-from .errors import Conflict, Invalid, NotFound
+from .errors import Conflict, DatasetUnavailable, Invalid, NotFound
 from .settings import Settings
 from .tables import (AuditEvent, DeletionRequest, Job, Model, ModelVersion, OutboxMessage, Tombstone, iso_utc,
                      new_id, utcnow)
@@ -105,7 +105,13 @@ def resolve_cells(
     ``visible_to`` (an API key that sees its own requests only) the 409 names
     the requests of other submitters as such, without their ids.
     """
-    train, _ = get_splits(model.dataset)
+    try:
+        train, _ = get_splits(model.dataset)
+    except (OSError, ValueError) as exc:  # what unlearning.data raises for a missing or unreadable dataset
+        # the cause names server paths: it goes to the log, the client learns which model
+        log.error("the dataset of model %r cannot be loaded: %s", model.name, exc)
+        raise DatasetUnavailable(f"the dataset of model {model.name!r} cannot be loaded on this host (the server "
+                                 "log says why); nothing was stored", model=model.name) from exc
     model_tasks = [t for t in model.tasks if t in train.tasks]
     if tasks != "all":
         unknown = [t for t in tasks if t not in model_tasks]

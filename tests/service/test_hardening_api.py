@@ -1055,3 +1055,21 @@ def test_an_idempotency_key_that_is_not_printable_ascii_is_refused(backend):
     ok = client.post("/deletions", json={"instance_id": model.train_ids[0], "tasks": ["depth"]},
                      headers={"Idempotency-Key": "ticket-7 (retry)"})
     assert ok.status_code == 202, ok.text
+
+
+def test_a_model_whose_dataset_cannot_be_loaded_is_a_503_naming_it_and_nothing_is_stored(backend, tmp_path, caplog):
+    # resolve_cells loads the model's dataset on the API host: a folder moved away was a 500
+    settings, _, client = backend
+    gone = tmp_path / "moved-away"
+    from worker.tables import Model
+
+    with transaction(settings.database_url) as session:
+        session.add(Model(name="nyu-gone", dataset={"name": "nyuv2", "root": str(gone)},
+                          tasks=["segmentation", "depth", "normal"], created_at=utcnow()))
+    before = counts(settings)
+    body = assert_problem(client.post("/deletions", json={"instance_id": "nyuv2-train-00000", "model": "nyu-gone"}),
+                          503, "dataset-unavailable")
+    assert body["model"] == "nyu-gone" and "nyu-gone" in body["detail"]
+    assert str(gone) not in json.dumps(body)  # the server's paths stay in its log
+    assert str(gone) in caplog.text
+    assert counts(settings) == before
