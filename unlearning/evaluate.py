@@ -259,7 +259,9 @@ def evaluate_unlearning(
     standard's losses on ``forget_cells`` per task, as :func:`membership_auc`
     returns them, give ``forget_gap`` without evaluating that model again.
 
-    Returns plain JSON-able values: ``uis``, ``uis_task``, ``uis_inst``,
+    Returns plain Python values (floats: ``uis``, ``uis_task``, ``uis_inst`` and a group's
+    ``degradation`` can be NaN or infinite, as :func:`~unlearning.metrics.relative_degradation`
+    says; strict JSON writers map them, ``bench`` and the worker to null): ``uis``, ``uis_task``, ``uis_inst``,
     ``mia_auc`` (unlearned), ``mia_auc_original``, ``mia_auc_retrain``,
     ``forget_gap``, ``uis_retrain``, ``mode`` (full/partial), ``forget_tasks``,
     ``n_forget_cells``, ``n_forget_instances``, ``forget_loss`` (mean loss on

@@ -31,11 +31,13 @@ def relative_degradation(before: Mapping[str, float], after: Mapping[str, float]
     is 0 too, else infinity (an error of exactly 0 was perfect, and any error is
     a total loss of it; as :func:`forget_gap` counts ``L_r == 0``). A NaN ``mu`` (a diverged model)
     makes the result NaN rather than silently 0, and an infinite one makes it
-    infinite.
+    infinite. An infinite ``m0`` (an original model that had already diverged) gives no
+    ratio to read: NaN, not the 0 that ``max(0, inf / inf)`` made of it.
     """
     if not directions:
         raise ValueError("no metrics to compare")
-    if any(math.isnan(float(before[m])) or math.isnan(float(after[m])) for m in directions):
+    if any(math.isnan(float(before[m])) or math.isnan(float(after[m])) or math.isinf(float(before[m]))
+           for m in directions):
         return float("nan")  # whatever another metric's change (an infinite one included)
     total = 0.0
     for m, sign in directions.items():

@@ -57,6 +57,12 @@ def test_a_perfect_lower_is_better_metric_lost_is_infinite():
     assert math.isnan(relative_degradation(before, {"abs_err": 0.01, "rel_err": math.nan, "delta1": 1.0}, DEPTH))
 
 
+def test_an_infinite_original_value_gives_nan_not_zero():
+    # max(0, -(inf - 1) / inf) is max(0, nan), which Python answers 0: a diverged original read as "no change"
+    assert math.isnan(relative_degradation({"abs_err": math.inf}, {"abs_err": 1.0}, {"abs_err": -1}))
+    assert math.isnan(relative_degradation({"miou": math.inf}, {"miou": 0.5}, {"miou": +1}))
+
+
 def test_nan_after_is_not_hidden_as_zero():
     assert math.isnan(relative_degradation({"miou": 0.5}, {"miou": float("nan")}, {"miou": +1}))
 

@@ -49,9 +49,18 @@ def test_segmentation_loss_ignores_the_ignore_pixel():
     assert float(loss[0]) == pytest.approx(math.log(3.0), rel=1e-5)  # uniform logits on valid pixels
 
 
-def test_segmentation_empty_set_gives_zeros_not_a_crash():
-    task = get_task("segmentation")
-    assert task.finalize_metrics(task.metric_state()) == {"miou": 0.0, "pixel_acc": 0.0}
+@pytest.mark.parametrize("name", ["segmentation", "depth", "normal"])
+def test_a_set_with_nothing_measured_has_no_value_not_a_perfect_or_useless_score(name):
+    # 0 was returned: a perfect error (abs_err 0, 0°), which any later model "lost" infinitely
+    task = get_task(name)
+    empty = task.finalize_metrics(task.metric_state())
+    assert set(empty) == set(task.metrics) and all(math.isnan(v) for v in empty.values())
+    unlabelled = {"segmentation": torch.full((1, 2, 2), -1), "depth": torch.zeros(1, 1, 2, 2),
+                  "normal": torch.zeros(1, 3, 2, 2)}[name]
+    pred = torch.ones(1, 3 if name != "depth" else 1, 2, 2)
+    state = task.metric_state()
+    task.update_metrics(state, pred, unlabelled)
+    assert all(math.isnan(v) for v in task.finalize_metrics(state).values())
 
 
 # --- depth ---------------------------------------------------------------------------

@@ -38,5 +38,7 @@ class Depth(Task):
         state["n"] += float(valid.sum())
 
     def finalize_metrics(self, state):
-        n = max(state["n"], 1.0)
+        n = state["n"]
+        if n == 0:  # no valid pixel measured: no value (0 would read as a perfect prediction)
+            return {k: float("nan") for k in self.metrics}
         return {"abs_err": state["abs"] / n, "rel_err": state["rel"] / n, "delta1": state["delta"] / n}

@@ -35,8 +35,8 @@ class Normal(Task):
 
     def finalize_metrics(self, state):
         angles = torch.cat(state["angles"]) if state["angles"] else torch.zeros(0)
-        if angles.numel() == 0:
-            return {k: 0.0 for k in self.metrics}
+        if angles.numel() == 0:  # no valid pixel measured: no value (0° would read as perfect)
+            return {k: float("nan") for k in self.metrics}
         # torch.median returns the lower middle for even counts; use the true median.
         median = float(angles.double().quantile(0.5)) if angles.numel() < 2**24 else float(angles.median())
         out = {"mean_angle": float(angles.double().mean()), "median_angle": median}

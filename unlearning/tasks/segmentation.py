@@ -52,8 +52,10 @@ class Segmentation(Task):
         state["confusion"] += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
 
     def finalize_metrics(self, state):
-        if state["confusion"] is None:  # no batch seen: zeros, as depth and normals do
-            return {"miou": 0.0, "pixel_acc": 0.0}
+        if state["confusion"] is None or int(state["confusion"].sum()) == 0:
+            # nothing measured (no batch, or no labelled pixel): no value, as depth and normals;
+            # 0 would read as a useless model (and an error of 0 as a perfect one)
+            return {"miou": float("nan"), "pixel_acc": float("nan")}
         if state.get("nonfinite"):  # as depth's and normals' metrics of such predictions are
             return {"miou": float("nan"), "pixel_acc": float("nan")}
         conf = state["confusion"].double()
@@ -63,6 +65,6 @@ class Segmentation(Task):
         present = conf.sum(1) > 0  # classes that occur in the ground truth of the set
         iou = tp[present] / union[present]
         return {
-            "miou": float(iou.mean()) if present.any() else 0.0,
-            "pixel_acc": float(tp.sum() / total) if total > 0 else 0.0,
+            "miou": float(iou.mean()),
+            "pixel_acc": float(tp.sum() / total),
         }
