@@ -1049,3 +1049,21 @@ def test_a_retain_gradient_that_is_not_finite_is_a_divergence_named_so():
     g = torch.tensor([1.0, 0.0, 0.0])
     with pytest.raises(UnlearningDiverged, match="retain reference's gradient is not finite"):
         _orthogonalize(g, [torch.tensor([-float("inf"), 1.0, 0.0]), torch.tensor([-1.0, 1.0, 0.0])])
+
+
+def test_a_retain_reference_with_nothing_measured_is_left_out_without_distillation(memorised):
+    """The forgotten instance's retained cells, all unlabelled, gave a retain reference no loss
+    (distill_weight 0): the job died on None.detach() instead of running."""
+    model, train, test = memorised
+    targets = {t: v.clone() for t, v in train.targets.items()}
+    targets["segmentation"][0] = -1  # i0: no labelled pixel in its retained tasks
+    targets["normal"][0] = 0.0
+    unlabelled = MultiTaskDataset("tiny", train.tasks, train.images, targets, list(train.instance_ids),
+                                  num_classes=train.num_classes)
+    cells = [("i0", "depth")]
+    cfg = {"steps": 3, "distill_weight": 0.0, "tau": {"depth": 10.0}, "n_nearest": 0, "random_batch": 0}
+    unlearned, _ = get_method("interference_aware")(model, _data(unlabelled, test, cells), cfg)
+    before, after = model.state_dict(), unlearned.state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("heads.depth."))  # it stepped
+    assert all(torch.equal(before[n], after[n]) for n in before if n.startswith(("heads.segmentation.",
+                                                                                 "heads.normal.")))

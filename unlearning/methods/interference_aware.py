@@ -72,7 +72,13 @@ Each step combines:
    correlated (1.5-6% of the projections of smoke jobs); ``orthogonalize:
    "iterate"`` adds such references to the span and projects again until none
    conflicts (measured no better, so off: benchmarks/README.md, sixth round). For projected layers the references are
-   projected by ``Q Qᵀ`` first, so the result stays in ``range(Q)``.
+   projected by ``Q Qᵀ`` first, so the result stays in ``range(Q)``. A
+   reference is a *batch* (2: the forgotten instances' retained cells, their
+   nearest retained instances, a random batch), and its gradient is the
+   batch's mean: at most three directions per step, not one per retained
+   instance as the design's wording allows. A conflict of one instance that
+   its batch's other instances outweigh is not removed; per-instance
+   gradients would cost one backward pass per instance per step.
 5. **Update** ``θ ← θ - η (P g_f' + λ P g_r)`` (:class:`Stepper`): Adam's
    diagonal preconditioner ``P`` and momentum, with ``P`` applied to the forget
    gradient *before* 3 and 4, so the projection and the orthogonalization hold
@@ -763,7 +769,8 @@ class RetainReference:
         with torch.no_grad():
             self.teacher = teacher(batch.images, tasks) if teacher is not None else None
 
-    def loss(self, student, distill_weight: float) -> torch.Tensor:
+    def loss(self, student, distill_weight: float) -> torch.Tensor | None:
+        """The retain loss on this batch; None when it has no measured cell and no distillation."""
         from ..tasks import get_task
 
         preds = student(self.batch.images, self.tasks)
@@ -1124,6 +1131,8 @@ def unlearn(model, data: UnlearnData, config: dict | None):
         out = []
         for ref in ref_list:
             loss = ref.loss(student, dw)
+            if loss is None:  # no measured cell and no distillation: nothing to hold (RetainReference.loss)
+                continue
             out.append((loss.detach(), _grads(loss, grad_params)))  # the loss is read when logged, not every step
         return out
 
