@@ -23,6 +23,7 @@ import torch
 
 from .data.base import MultiTaskDataset
 from .losses import cell_losses
+from .model import weights_fingerprint
 
 
 def shared_convs(model) -> dict[str, torch.nn.Conv2d]:
@@ -155,8 +156,9 @@ def cached_subspaces(model, dataset: MultiTaskDataset, cache: dict, energy: floa
     """:func:`task_subspaces` over all of ``dataset``'s tasks, memoised in ``cache`` (the
     caller's per-model-version dict) under a key naming the settings and the cells they are
     computed from (by the dataset's size alone, a dataset with a cell erased since read the
-    subspaces that cell's gradients had shaped)."""
-    key = ("task_subspaces", float(energy), int(n_samples), int(seed), dataset.cells_key())
+    subspaces that cell's gradients had shaped), and by the weights (another model handed
+    the same cache read the first one's)."""
+    key = ("task_subspaces", float(energy), int(n_samples), int(seed), dataset.cells_key(), weights_fingerprint(model))
     if key not in cache:
         cache[key] = task_subspaces(model, dataset, energy=energy, n_samples=n_samples, seed=seed, device=device)
     return cache[key]

@@ -424,6 +424,28 @@ def test_prepare_fills_the_cache_once(memorised):
     assert set(data.cache) == keys and all(data.cache[k] is before[k] for k in keys)  # not computed again
 
 
+def test_a_cache_handed_to_another_model_is_not_read_as_its_own(memorised):
+    """The levels, features and subspaces cached per model version were keyed by the data
+    alone: a second model given the first one's cache read the first one's held-out losses."""
+    from unlearning.methods.interference_aware import heldout_losses, representation
+    from unlearning.projection import cached_subspaces
+
+    model, train, test = memorised
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.1)
+    data = _data(train, test, [(train.instance_ids[0], "depth")])
+    prepare(model, data, {**DEFAULTS, "project": True})
+    mine = heldout_losses(model, data)
+    theirs = heldout_losses(other, data)
+    assert not torch.equal(mine["depth"], theirs["depth"])
+    assert heldout_losses(model, data) is mine  # each model's own entry is still reused
+    assert representation(other, data) is not representation(model, data)
+    assert cached_subspaces(other, train, data.cache, DEFAULTS["energy"], DEFAULTS["subspace_samples"]) is not \
+        cached_subspaces(model, train, data.cache, DEFAULTS["energy"], DEFAULTS["subspace_samples"])
+
+
 def test_preconditioned_forget_step_stays_in_the_projected_subspace(memorised):
     """The surgery acts on the step actually taken: Adam's preconditioner is applied
     before the projection, so a shared conv moves only within range(Q)."""

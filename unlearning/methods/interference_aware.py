@@ -162,6 +162,7 @@ import torch.nn.functional as F
 
 from ..data.base import Batch
 from ..losses import cell_losses, measured_cells, per_sample_losses
+from ..model import weights_fingerprint
 from ..projection import cached_subspaces, forget_projector, project_rows, shared_convs, shared_norms
 from .base import UnlearnData, UnlearningDiverged
 from .loops import OPTIMIZERS
@@ -225,6 +226,7 @@ def _known(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- cached per model version
+# (keyed by the weights too, weights_fingerprint: a cache given to two models keeps each one's)
 
 
 def _heldout_id(data: UnlearnData) -> tuple[str, ...]:
@@ -236,7 +238,7 @@ def _heldout_id(data: UnlearnData) -> tuple[str, ...]:
 
 def heldout_losses(model, data: UnlearnData) -> dict[str, torch.Tensor]:
     """The original model's per-sample held-out losses per task, NaNs dropped (cached)."""
-    key = ("heldout_losses", _heldout_id(data))
+    key = ("heldout_losses", _heldout_id(data), weights_fingerprint(model))
     if key not in data.cache:
         if data.heldout is None or len(data.heldout) == 0:
             raise ValueError("interference_aware needs held-out data for the reference levels tau (or config['tau'])")
@@ -259,7 +261,7 @@ def refresh_subset(model, data: UnlearnData, size: int | None) -> tuple[list[int
     n = len(data.heldout) if data.heldout is not None else 0
     if size is None or n <= int(size):
         return None
-    key = ("refresh_subset", _heldout_id(data), int(size))
+    key = ("refresh_subset", _heldout_id(data), int(size), weights_fingerprint(model))
     if key not in data.cache:
         idx = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(20_011))[: int(size)].tolist())
         data.cache[key] = (idx, per_sample_losses(model, data.heldout, indices=idx, device=data.device))
@@ -521,7 +523,7 @@ def representation(model, data: UnlearnData, batch_size: int = 64) -> dict[str, 
     """Pooled, L2-normalised encoder features of every training instance under the original model (cached)."""
     # keyed by the instances (by their count, another training set of the same size, one
     # instance erased in place of another, found the first's table and no entry for its own)
-    key = ("features", tuple(data.train.instance_ids))
+    key = ("features", tuple(data.train.instance_ids), weights_fingerprint(model))
     if key not in data.cache:
         was = model.training
         model.eval()
