@@ -52,6 +52,11 @@ def test_bench_cli_writes_the_result_contract(tiny_suite, tmp_path, torch_single
         assert r["setting"] in ("full", "partial")
         if r["setting"] == "partial":
             assert len(r["forget_tasks"]) == 1 and r["n_forget"] == 2
+            # uis is the mean over both levels' groups: between the two levels' means
+            assert min(r["uis_task"], r["uis_inst"]) - 1e-9 <= r["uis"] <= max(r["uis_task"], r["uis_inst"]) + 1e-9
+        else:  # full erasure has no task-level group: uis_task 0, uis the instance level's
+            assert r["uis_task"] == 0 and r["uis"] == pytest.approx(r["uis_inst"])
+            assert set(r["forget_tasks"]) == {"segmentation", "depth", "normal"}
     gold = [r for r in doc["results"] if r["method"] == "retrain"]
     assert all(r["mia_auc"] == r["mia_auc_retrain"] for r in gold)
     independent = [r for r in doc["results"] if r["method"] == bench.INDEPENDENT_RETRAIN]
