@@ -204,9 +204,10 @@ class ModelStore(ABC):
         ``model_config`` is not an architecture."""
 
     @abstractmethod
-    def discard(self, model_name: str, version: int) -> None:
+    def discard(self, model_name: str, version: int, strict: bool = False) -> None:
         """Remove a version that failed :meth:`verify` (so it can be written again). Only
-        for an artifact no version row points at: a published version never changes."""
+        for an artifact no version row points at: a published version never changes.
+        ``strict`` (a purge): :class:`StoreError` when anything of it could not be deleted."""
 
     @abstractmethod
     def discard_if_damaged(self, model_name: str, version: int) -> bool:
@@ -222,6 +223,13 @@ class ModelStore(ABC):
         """Delete a version's weights for good (they hold data erased since), keeping its
         manifest: what the version was stays on record. Returns whether weights were
         deleted (False: already purged). :meth:`load` then raises :class:`PurgedVersion`."""
+
+    def remove_leftovers(self, model_name: str) -> list[str]:
+        """Remove what writes that died left in the model's part of the store, whatever its
+        age (a purge runs it: a dead writer's temporary copy holds weights or scores that may
+        hold erased data); returns their names. :class:`StoreError` for one that stays. A
+        store whose writes leave nothing behind has nothing to remove."""
+        return []
 
     @abstractmethod
     def versions(self, model_name: str, clean: bool = True) -> list[int]:

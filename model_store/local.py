@@ -299,8 +299,17 @@ class LocalModelStore(ModelStore):
         an empty version folder that no write could take again). One that cannot be removed (no
         permission, a busy file on NFS) is logged and left: a listing (:meth:`versions`, and
         through it every job's version number) must not fail on what a dead writer left behind."""
+        return self._remove_tmp(model_name, time.time() - older_than_s, wait=False)
+
+    def remove_leftovers(self, model_name: str) -> list[str]:
+        """Remove every temporary file and folder in the model's folder, whatever its age (see
+        :meth:`ModelStore.remove_leftovers`): the lock is waited for, and once held no writer is
+        in flight, so each one is a dead writer's (a version's weights, a calibration's scores).
+        :class:`StoreError` naming the first that cannot be removed."""
+        return self._remove_tmp(model_name, math.inf, wait=True)
+
+    def _remove_tmp(self, model_name: str, cutoff: float, wait: bool) -> list[str]:
         d = self._model_dir(model_name)
-        cutoff = time.time() - older_than_s
         stale = []
         for child in d.iterdir() if d.is_dir() else ():
             try:
@@ -310,13 +319,15 @@ class LocalModelStore(ModelStore):
                 continue
         if not stale:
             return []  # no lock taken, no lock file made, for a listing with nothing to clean
+        if wait:
+            with self._locked(model_name):
+                return self._remove_each(d, cutoff, strict=True)
         try:
             fd = self._open_lock(d)
         except OSError as exc:
             log.warning("cannot take the writers' lock %s to remove what writes that died left (%s); left as it is",
                         (d / LOCK_FILE).relative_to(self.root), exc.strerror or type(exc).__name__)
             return []
-        removed = []
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -326,21 +337,33 @@ class LocalModelStore(ModelStore):
                 log.warning("cannot take the writers' lock %s to remove what writes that died left (%s); left as "
                             "it is", (d / LOCK_FILE).relative_to(self.root), exc.strerror or type(exc).__name__)
                 return []
-            for child in stale:
-                try:
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink()
-                except FileNotFoundError:  # another process removed it first
-                    continue
-                except OSError as exc:
-                    log.warning("cannot remove %s, left in the model store by a write that died: %s; remove it by "
-                                "hand", child.relative_to(self.root), exc.strerror or type(exc).__name__)
-                    continue
-                removed.append(child.name)
+            return self._remove_each(d, cutoff, strict=False)
         finally:
             os.close(fd)  # releases the lock
+
+    def _remove_each(self, d: Path, cutoff: float, strict: bool) -> list[str]:
+        """Remove the temporary entries of ``d`` older than ``cutoff`` (the caller holds the
+        lock, and lists them again under it: one may have gone meanwhile)."""
+        removed = []
+        for child in sorted(d.iterdir()):
+            try:
+                if not (child.name.startswith(TMP_PREFIX) and child.lstat().st_mtime < cutoff):
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            except FileNotFoundError:  # another process removed it first
+                continue
+            except OSError as exc:
+                where = child.relative_to(self.root)
+                if strict:
+                    raise StoreError(f"cannot remove {where}, left in the model store by a write that died: "
+                                     f"{exc.strerror or type(exc).__name__}; remove it by hand") from None
+                log.warning("cannot remove %s, left in the model store by a write that died: %s; remove it by "
+                            "hand", where, exc.strerror or type(exc).__name__)
+                continue
+            removed.append(child.name)
         return removed
 
     def manifest(self, model_name: str, version: int) -> Manifest:
@@ -581,7 +604,7 @@ class LocalModelStore(ModelStore):
         except ValueError as exc:
             raise WrongArchitecture(str(exc)) from None
 
-    def discard(self, model_name: str, version: int) -> None:
+    def discard(self, model_name: str, version: int, strict: bool = False) -> None:
         """See :meth:`ModelStore.discard`. A version folder that is a link is refused
         (:class:`IntegrityError` naming it), as :meth:`purge` refuses weights that are one: the
         link would go and its target, which may hold erased data, would stay, recorded as gone."""
@@ -593,19 +616,29 @@ class LocalModelStore(ModelStore):
                                  f"{os.readlink(final)}, not a folder the store wrote; the link is not followed, "
                                  "its target is left as it is: check and remove it by hand")
         with self._locked(model_name):
-            self._discard(final, version)
+            self._discard(final, version, strict=strict)
 
-    def _discard(self, final: Path, version: int) -> None:
-        """Remove the version folder ``final`` (the caller holds the model's lock)."""
+    def _discard(self, final: Path, version: int, strict: bool = False) -> None:
+        """Remove the version folder ``final`` (the caller holds the model's lock). What cannot
+        be deleted stays under a temporary name (a later listing removes it once stale); with
+        ``strict`` (a purge: it must not record as deleted what is still on disk) it is a
+        :class:`StoreError` naming it."""
         if not os.path.lexists(final):
             return
         doomed = final.parent / f"{TMP_PREFIX}discarded-v{version}-{uuid.uuid4().hex}"
         os.rename(final, doomed)  # atomic: readers see the version or nothing
         _fsync_dir(final.parent)
-        if doomed.is_dir() and not doomed.is_symlink():
-            shutil.rmtree(doomed, ignore_errors=True)
-        else:
-            doomed.unlink(missing_ok=True)  # a link is removed, never followed
+        try:
+            if doomed.is_dir() and not doomed.is_symlink():
+                shutil.rmtree(doomed)
+            else:
+                doomed.unlink(missing_ok=True)  # a link is removed, never followed
+        except OSError as exc:
+            if strict:
+                raise StoreError(f"cannot delete {doomed.relative_to(self.root)} (version {version} of "
+                                 f"{final.parent.name}): {exc.strerror or type(exc).__name__}; remove it by hand") from None
+            log.warning("cannot delete %s: %s; a later listing removes it", doomed.relative_to(self.root),
+                        exc.strerror or type(exc).__name__)
 
     def discard_if_damaged(self, model_name: str, version: int) -> bool:
         final = self._dir(model_name, version)
@@ -655,8 +688,9 @@ class LocalModelStore(ModelStore):
 
 
 def _state_sha(model: MultiTaskNet) -> str:
-    """The sha256 :func:`save_model` would produce for ``model`` (for the no-job idempotency check)."""
-    import tempfile
+    """The sha256 of the weights file :func:`save_model` would write for ``model`` (for the
+    no-job idempotency check), serialised in memory: a copy written to the system's temporary
+    folder stayed there, outside the store and every purge, when the process was killed."""
+    from safetensors.torch import save
 
-    with tempfile.TemporaryDirectory() as d:
-        return sha256_bytes(save_model(model, d).read_bytes())
+    return sha256_bytes(save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}))

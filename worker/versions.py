@@ -688,6 +688,12 @@ def purge_versions(
         out.sort(key=lambda c: c.version)
     if dry_run:
         return out
+    # what writes that died left (a temporary copy of a version's weights or of the calibration's
+    # scores) is not a version, and holds what the versions held: deleted first, whatever its age
+    leftovers = store.remove_leftovers(model_name)
+    if leftovers:
+        log.warning("purge: removed %d temporary file(s) or folder(s) of writes that died in %s's part of the "
+                    "store: %s", len(leftovers), model_name, ", ".join(leftovers))
     # damaged artifacts last: one is deleted whole, so nothing of it is left for a next run to
     # find and record should a later deletion (a store that refuses) or the commit fail
     for c in sorted(out, key=lambda c: (c.damaged is not None, c.version)):
@@ -696,7 +702,7 @@ def purge_versions(
                         "its model.version_purged event records it once this purge commits (should it not, "
                         "nothing of it is left for the next purge: this line is its record)",
                         model_name, c.version, c.damaged)
-            store.discard(model_name, c.version)
+            store.discard(model_name, c.version, strict=True)
         else:
             store.purge(model_name, c.version)  # False: deleted by an earlier run that failed before recording it
         c.purged = True

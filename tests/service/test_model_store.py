@@ -688,3 +688,12 @@ def test_the_lock_file_is_its_owners_only(tmp_path):
         assert stat.S_IMODE(lock.stat().st_mode) == 0o600
     finally:
         os.umask(old_umask)
+
+
+def test_the_in_memory_weights_digest_is_the_written_files(tmp_path):
+    # _state_sha serialises in memory (a copy in the system's temporary folder outlived a killed process)
+    from model_store.local import _state_sha, sha256_bytes
+    from unlearning.model import ModelConfig, MultiTaskNet, save_model
+
+    model = MultiTaskNet(ModelConfig(tasks={"depth": 1, "segmentation": 3}, width=4, depth=1, head_width=4))
+    assert _state_sha(model) == sha256_bytes(save_model(model, tmp_path).read_bytes())

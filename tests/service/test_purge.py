@@ -439,6 +439,54 @@ def test_an_unpublished_artifact_whose_manifest_is_damaged_goes_whole(erased_twi
     assert client.post(f"/models/{TINY}/purge", json={}).json()["versions"] == []
 
 
+def test_a_purge_removes_a_dead_writers_fresh_temporary_copy(erased_twice):
+    """A writer killed before its rename left a complete copy of the weights under .tmp-v<N>-*:
+    listings remove such folders only once an hour old, and a purge answered with the copy
+    still on disk. Every writer holds the lock while its folder lives, so under it none is live."""
+    import shutil
+
+    s, store, _, client = erased_twice
+    folder = store._model_dir(TINY)
+    dead = folder / ".tmp-v4-killed-writer"
+    shutil.copytree(folder / "v2", dead)  # a fresh one: a listing leaves it
+    assert store.versions(TINY) == [1, 2, 3] and dead.is_dir()
+    assert client.post(f"/models/{TINY}/purge", json={"dry_run": True}).status_code == 200 and dead.is_dir()
+    done = client.post(f"/models/{TINY}/purge", json={})
+    assert done.status_code == 200, done.text
+    assert not dead.exists() and [v["version"] for v in done.json()["versions"]] == [1, 2]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_damaged_artifact_that_cannot_be_deleted_whole_is_a_409_not_recorded_as_purged(erased_twice, monkeypatch):
+    """Discarding it renamed it and deleted it ignoring errors: a folder left on disk was
+    recorded purged (the audit event said so)."""
+    import shutil
+
+    from model_store import local
+    from model_store.local import MANIFEST_FILE
+
+    s, store, _, client = erased_twice
+    folder = store._model_dir(TINY)
+    shutil.copytree(folder / "v3", folder / "v4")
+    (folder / "v4" / MANIFEST_FILE).write_text('{"model": "tiny')  # damaged: deleted whole
+
+    def refused(path, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(local.shutil, "rmtree", refused)
+    problem = assert_problem(client.post(f"/models/{TINY}/purge", json={}), 409, "conflict")
+    assert "cannot delete" in problem["detail"] and "version 4" in problem["detail"]
+    with transaction(s.database_url) as session:
+        recorded = [e.payload["version"] for e in session.execute(
+            select(AuditEvent).where(AuditEvent.kind == "model.version_purged")).scalars()]
+    assert 4 not in recorded
+    assert any(p.name.startswith(".tmp-discarded-v4-") for p in folder.iterdir())  # still on disk, not hidden
+    monkeypatch.undo()
+    done = client.post(f"/models/{TINY}/purge", json={})  # the leftover goes, v1 and v2 are recorded
+    assert done.status_code == 200, done.text
+    assert not [p for p in folder.iterdir() if p.name.startswith(".tmp-")]
+
+
 def test_a_store_whose_first_version_was_purged_is_not_trained_over(erased_twice, tmp_path, environment, capsys):
     """A database restored without the model (or another model name) over a store whose v1 was
     purged: `serve` says so and trains nothing (it trained, then failed to store v1)."""
