@@ -738,7 +738,7 @@ def _as_stored(store: ModelStore, job_id: str, manifest: Manifest, checked: Weig
     that copy is published. :class:`JobFailed` when the store holds no good copy of the job's.
     ``checked`` (:func:`~worker.versions.hash_stored_weights`, before the publish's locks), for
     the manifest's sha256 now, is taken as it is."""
-    from model_store import StoreError
+    from model_store import PurgedVersion, StoreError
 
     try:
         held = store.manifest(manifest.model, manifest.version)
@@ -746,8 +746,12 @@ def _as_stored(store: ModelStore, job_id: str, manifest: Manifest, checked: Weig
         raise JobFailed(f"artifact v{manifest.version} cannot be read from the store: {exc}") from None
     if held.job_id != job_id:
         raise JobFailed(f"the store's v{manifest.version} is job {held.job_id}'s, not {job_id}'s")
-    ok = checked.ok if checked is not None and checked.sha256 == held.sha256 else \
-        store.verify(manifest.model, manifest.version)
+    try:
+        ok = checked.ok if checked is not None and checked.sha256 == held.sha256 else \
+            store.verify(manifest.model, manifest.version)
+    except PurgedVersion:  # a purge keeps a running job's artifact: they went some other way
+        raise JobFailed(f"the store's v{manifest.version} lost its weights file after this job stored it (a purge "
+                        "keeps a running job's artifact: removed outside the service?)") from None
     if not ok:
         raise JobFailed(f"the store's v{manifest.version} no longer matches its manifest (sha256 {held.sha256})")
     if held.sha256 != manifest.sha256:

@@ -607,7 +607,7 @@ def _artifact_erased(store, model_name: str, version: int) -> set:
 
     try:
         return {as_cell(c) for c in store.manifest(model_name, version).erased_cells}
-    except StoreError:
+    except (StoreError, OSError):  # OSError: a manifest the service may not read (permissions) was a 500
         return set()
 
 

@@ -1679,6 +1679,10 @@ def test_publish_records_the_sha256_the_store_holds(tiny):
     with pytest.raises(jobs.JobFailed, match=f"the store's v{version} no longer matches its manifest"):
         jobs.publish_version(s, store, claim.job_id, mine, attempt=claim.attempt)
     assert _serving(s).version == 1
+    weights.unlink()  # removed outside the service: it said the weights "were purged (they held erased data)"
+    with pytest.raises(jobs.JobFailed, match=f"the store's v{version} lost its weights file after this job stored it"):
+        jobs.publish_version(s, store, claim.job_id, mine, attempt=claim.attempt)
+    assert _serving(s).version == 1
     weights.write_bytes(good)
     outcome = jobs.publish_version(s, store, claim.job_id, mine, attempt=claim.attempt)
     assert outcome.status == "completed" and _serving(s).version == version
