@@ -86,6 +86,12 @@ def _check_redis_database(parts, what: str, use: str) -> None:
 
 #: the longest wait before a failed propagation is tried again (worker.versions.propagation_retry_at)
 PROPAGATION_RETRY_CAP_S = 86400.0
+#: the longest a job may run and a piece of work may sit untouched before the sweeper acts (a
+#: week): 1e11 s overflowed ``now - timedelta(...)`` in the sweeper, which then died
+MAX_JOB_SECONDS = 7 * 86400
+#: the longest pause of a background loop and of a worker's warm shutdown: 1e10 s overflowed
+#: the thread's wait (OverflowError), the relay died, and /readyz answered 503 naming no setting
+MAX_PAUSE_S = 3600.0
 
 
 def _json_setting(value, refusal: str):
@@ -144,15 +150,15 @@ class Settings(BaseSettings):
     device: Annotated[str, StringConstraints(pattern=DEVICE_PATTERN)] = "auto"
     # CPU threads torch may use in a job; None = torch's default. On a small shared CPU
     # (API, relay and worker in one process) oversubscribed threads slow jobs down many times.
-    torch_threads: int | None = Field(None, gt=0)
+    torch_threads: int | None = Field(None, gt=0, le=4096)
     # Durations, counts and intervals are positive: at 0 or less the relay looped without a pause,
     # the sweeper reset every running job at each pass, or a claim failed every queued job
     # (a rollback's reapply, a job put back) before it ran.
-    job_time_limit_s: int = Field(3600, gt=0)
-    stale_after_s: int = Field(600, gt=0)  # the sweeper re-enqueues work untouched for this long
+    job_time_limit_s: int = Field(3600, gt=0, le=MAX_JOB_SECONDS)
+    stale_after_s: int = Field(600, gt=0, le=MAX_JOB_SECONDS)  # the sweeper re-enqueues work untouched for this long
     # a warm shutdown of `unlearnd worker` (docker stop: SIGTERM to its main process) lets a running
     # job go on this long, then puts it back in the queue (docker kills after 10 s)
-    worker_stop_grace_s: float = Field(5.0, ge=0, allow_inf_nan=False)
+    worker_stop_grace_s: float = Field(5.0, ge=0, le=MAX_PAUSE_S, allow_inf_nan=False)
     max_job_attempts: int = Field(3, gt=0)  # claims of one job before it is failed (its worker keeps dying: a poison job)
     # a failed propagate job (a model catching up on erasures made through another model on its
     # dataset) is tried again after this long, twice as long after each further failure of the
@@ -160,7 +166,7 @@ class Settings(BaseSettings):
     # deletion request is a try too. Before, nothing tried it again: the model served the cells
     # until a request came. At most a day too: a year's worth overflowed the retry's date
     propagation_retry_s: float = Field(3600.0, gt=0, le=PROPAGATION_RETRY_CAP_S, allow_inf_nan=False)
-    relay_interval_s: float = Field(1.0, gt=0, allow_inf_nan=False)
+    relay_interval_s: float = Field(1.0, gt=0, le=MAX_PAUSE_S, allow_inf_nan=False)
 
     background: bool = True  # the API process runs the outbox relay (and, without a broker, the in-process worker)
     host: str = "127.0.0.1"
@@ -202,6 +208,13 @@ class Settings(BaseSettings):
             port = f":{parts.port}" if parts.port not in (None, default) else ""  # as a browser writes it
             origins.append(f"{parts.scheme}://{host}{port}")
         return tuple(origins)
+
+    @field_validator("torch_threads", mode="before")
+    @classmethod
+    def _blank_is_torchs_default(cls, value):
+        """Blank (compose's ``${UNLEARND_TORCH_THREADS:-}``) is unset, torch's default, as for the
+        other optional settings; it was refused as "not a valid integer"."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("certificate_key_file", mode="before")
     @classmethod

@@ -23,6 +23,10 @@ from worker.settings import Settings, get_settings
     ("propagation_retry_s", 86401),  # past the day the backoff stops at (1e12 overflowed the retry's date)
     ("job_time_limit_s", 0),
     ("job_time_limit_s", -5),
+    ("job_time_limit_s", 7 * 86400 + 1),  # past a week: 1e11 s overflowed the sweeper's date arithmetic
+    ("stale_after_s", 7 * 86400 + 1),
+    ("relay_interval_s", 3601),  # 1e10 s overflowed the background thread's wait: it died
+    ("worker_stop_grace_s", 3601),
     ("torch_threads", 0),
     ("n_train", 0),
     ("n_test", -1),
@@ -50,6 +54,16 @@ def test_the_defaults_and_the_smallest_valid_values_are_accepted():
                  port=1, seed=0)
     assert (s.relay_interval_s, s.stale_after_s, s.max_job_attempts, s.seed) == (0.01, 1, 1, 0)
     assert Settings(_env_file=None, port=65535, torch_threads=None).torch_threads is None
+    s = Settings(_env_file=None, job_time_limit_s=7 * 86400, stale_after_s=7 * 86400, relay_interval_s=3600,
+                 worker_stop_grace_s=3600)
+    assert (s.job_time_limit_s, s.relay_interval_s) == (7 * 86400, 3600)
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_torch_threads_is_torchs_default(blank):
+    # compose's ${UNLEARND_TORCH_THREADS:-}: refused as "not a valid integer", where the other
+    # optional settings read blank as unset
+    assert Settings(_env_file=None, torch_threads=blank).torch_threads is None
 
 
 def test_the_command_names_the_variable_and_keeps_the_database_password_out(monkeypatch, capsys):
