@@ -71,7 +71,8 @@ from .data import dataset_tasks, load_reference, load_splits
 from .evaluate import EvalContext, evaluate_unlearning, membership_auc
 from .methods import METHOD_NAMES, UnlearnData, get_method, prepare_method
 from .model import load_model, save_model
-from .cli import METHOD_SEEDS, CliError, check_creatable, check_seed, cli_device, json_type, read_json, report_cli_error
+from .cli import (INTERRUPTED, METHOD_SEEDS, CliError, check_creatable, check_seed, cli_device, json_type, read_json,
+                  report_cli_error)
 from .train import TrainConfig, resident, resolve_device, train_model
 
 DEFAULT_METHOD = "interference_aware"
@@ -969,7 +970,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.bench"
                    help="run nothing: pool the results of these pieces of one suite "
                         "(see --benchmarks, --seeds, --settings, --methods)")
     args = p.parse_args(argv)
-    command = "python -m unlearning.bench " + " ".join(shlex.quote(a) for a in argv)
+    command = f"{prog} " + " ".join(shlex.quote(a) for a in argv)  # as it was run (unlearnd bench ...)
     # A refused request: `error: <what is wrong>` on stderr and exit status 2 (a SystemExit, as
     # argparse's own errors), before anything is written.
     try:
@@ -977,10 +978,25 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.bench"
         doc = _merge_pieces(args) if args.merge else _run(args, command)
     except CliError as exc:
         raise SystemExit(report_cli_error(exc)) from None
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept, not a traceback
+        out = Path(args.out)
+        kept = _is_incomplete(out) and not args.merge
+        print(f"interrupted: {out} keeps the settings that finished, marked \"incomplete\": true (pool it with "
+              "the rest through --merge once they have run)" if kept else "interrupted: nothing was written",
+              file=sys.stderr)
+        return INTERRUPTED
     doc["command"] = command
     write_results(doc, Path(args.out))
     print(markdown(doc))
     return 0
+
+
+def _is_incomplete(out: Path) -> bool:
+    """Whether ``out`` holds a cut-off run's checkpoint (``"incomplete": true``)."""
+    try:
+        return json.loads(out.read_text()).get("incomplete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_options(args) -> None:

@@ -630,9 +630,8 @@ def test_the_cli_checkpoint_is_marked_whole_and_alone(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bench, "run_suite", cut_off)
-    with pytest.raises(KeyboardInterrupt):
-        bench.main(["--suite", "smoke", "--methods", "gradient_ascent", "--cache-dir", str(tmp_path / "c"),
-                    "--out", str(out)])
+    assert bench.main(["--suite", "smoke", "--methods", "gradient_ascent", "--cache-dir", str(tmp_path / "c"),
+                       "--out", str(out)]) == 130  # one line on stderr (test_ctrl_c_is_one_line_saying_what_is_kept)
     doc = json.loads(out.read_text())
     assert doc["incomplete"] is True and doc["results"] == [{"method": "m"}]
     assert doc["command"] == f"python -m unlearning.bench --suite smoke --methods gradient_ascent --cache-dir {tmp_path / 'c'} --out {out}"
@@ -755,3 +754,20 @@ def test_the_summary_says_what_its_runs_pool_and_puts_a_diverged_methods_missing
     uis = [float(line.split("|")[2]) for line in table.splitlines()
            if line.startswith("| ") and "method" not in line and "salun" not in line]
     assert methods[-1] == "salun" and uis == sorted(uis)
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_ctrl_c_is_one_line_saying_what_is_kept(tmp_path, monkeypatch, capsys, checkpointed):
+    # `python -m unlearning.bench` printed a traceback (train and unlearn said one line)
+    out = tmp_path / "r.json"
+    if checkpointed:  # what run_suite's checkpoint leaves after a finished setting
+        out.write_text(json.dumps({"suite": "smoke", "results": [], "incomplete": True}))
+
+    def cut_off(args, command):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "_run", cut_off)
+    assert bench.main(["--suite", "smoke", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert (f"{out} keeps the settings that finished" in err) if checkpointed else err == "interrupted: nothing was written"
