@@ -586,7 +586,10 @@ def _model_name(text: str) -> str:
 
 
 def _days(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:  # argparse said "invalid _days value", naming this function
+        raise argparse.ArgumentTypeError(f"days is a number, got {text!r}") from None
     if not 0 <= value <= 36500:
         raise argparse.ArgumentTypeError(f"days must be between 0 and 36500, got {text}")
     return value

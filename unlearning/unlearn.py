@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -110,6 +111,8 @@ def read_checkpoint(directory: Path) -> tuple[dict, bytes, str]:
     ``sha256``, which must be there (as the store's own load requires).
     The service's tombstones (cells erased outside this version's lineage, e.g. before
     a rollback) live in its database and are not seen here."""
+    if not os.path.lexists(directory):
+        raise UnlearnCliError(f"checkpoint {directory} does not exist")
     if not (directory / WEIGHTS_FILE).is_file() or not (directory / CONFIG_FILE).is_file():
         raise UnlearnCliError(f"{directory} is not a checkpoint: it needs {WEIGHTS_FILE} and {CONFIG_FILE}")
     manifest = _json(directory / CONFIG_FILE)

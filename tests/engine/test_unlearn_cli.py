@@ -175,6 +175,8 @@ def test_the_output_is_never_the_source_or_a_directory_with_files(checkpoint, tm
     assert (taken / "notes.txt").read_text() == "keep me" and sha(checkpoint / "model.safetensors") == source_sha
     rc, _, err = run(["--checkpoint", str(tmp_path / "missing"), "--instance", "indoor-00001",
                       "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2 and f"checkpoint {tmp_path / 'missing'} does not exist" in err
+    rc, _, err = run(["--checkpoint", str(taken), "--instance", "indoor-00001", "--out", str(tmp_path / "out")], capsys)
     assert rc == 2 and "is not a checkpoint" in err
 
 

@@ -268,6 +268,9 @@ def test_the_purge_command(erased_twice, environment, capsys):
     assert store.exists(TINY, 1)
     assert cli_main(["purge", "--older-than-days", "1"]) == 0
     assert "0 version(s) purged" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["purge", "--older-than-days", "abc"])
+    assert refused.value.code == 2 and "days is a number, got 'abc'" in capsys.readouterr().err
     assert cli_main(["purge"]) == 0
     assert "2 version(s) purged" in capsys.readouterr().out and not store.exists(TINY, 1)
     assert cli_main(["purge", "--model", "nope"]) == 2
