@@ -30,7 +30,7 @@ are therefore ``min(max_rounds, rounds) - 1`` (the default 5 max-rounds: 4), and
 ``max_rounds`` 1 (or ``rounds`` 1) forgets nothing at all: it gives the weights of
 ``max_rounds`` 0, plain retain training, which :mod:`.params` refuses. Progress and
 the log's ``steps`` count every scheduled step, the first max-step included (the
-default on 64 retained scenes: 65); of these the log's ``max_steps`` and
+default on 64 retained scenes: 30 rounds × 4 min-steps + 5 = 125); of these the log's ``max_steps`` and
 ``min_steps`` count the updates of each kind and ``skipped_max_steps`` the first
 max-step (1 when the schedule starts with one), so ``steps = max_steps +
 min_steps + skipped_max_steps``.
