@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -72,8 +73,8 @@ def read_versions(
         rows, more = list_versions(session, name, after=after, limit=limit)
         serving = serving_version(session, name)
         if more:
-            following = request.url.include_query_params(after=rows[-1].version, limit=limit)
-            response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+            # from the decoded path, not request.url, which re-reads the raw query string
+            response.headers["Link"] = f'<{quote(request.scope["path"])}?after={rows[-1].version}&limit={limit}>; rel="next"'
         return [version_out(v, serving) for v in rows]
 
 
