@@ -253,7 +253,9 @@ def _dataset_spec(args: argparse.Namespace) -> dict:
         spec["root"] = os.path.abspath(args.root)
         given = reading
     for option, key, value in given:
-        least = 0 if key == "seed" else 1  # (the renderer takes any non-negative seed)
+        # (the renderer takes any non-negative seed; a scene has at least 2 rows and columns: a
+        # --height 1 was refused only after "rendering ... scenes of 1x64 pixels" was printed)
+        least = 0 if key == "seed" else 2 if key in ("height", "width") else 1
         if value < least:
             raise CliError(f"{option} must be at least {least}, got {value}"
                            + (" (interference_aware unlearns with held-out data)" if key == "n_test" else ""))

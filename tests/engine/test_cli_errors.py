@@ -84,7 +84,8 @@ def raise_interrupt(*args, **kwargs):
     (["--dataset", "indoor", *TINY, "--epochs", "-1"], "--epochs must be at least 1, got -1"),
     (["--dataset", "indoor", *TINY, "--n-train", "0"], "--n-train must be at least 1, got 0"),
     (["--dataset", "indoor", *TINY, "--n-test", "0"], "--n-test must be at least 1, got 0 (interference_aware"),
-    (["--dataset", "indoor", *TINY, "--height", "0"], "--height must be at least 1, got 0"),
+    (["--dataset", "indoor", *TINY, "--height", "0"], "--height must be at least 2, got 0"),
+    (["--dataset", "indoor", *TINY, "--width", "1"], "--width must be at least 2, got 1"),  # refused after rendering
     (["--dataset", "indoor", *TINY, "--device", "tpu"], "--device 'tpu' is not a device"),
     # torch.manual_seed takes -2**63 .. 2**64 - 1; other seeds overflowed after the data was loaded
     (["--dataset", "indoor", *TINY, "--seed", str(2**70)], f"--seed {2**70} is out of range: a seed is an integer "
