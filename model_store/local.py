@@ -663,9 +663,17 @@ class LocalModelStore(ModelStore):
         weights = self._dir(model_name, version) / WEIGHTS_FILE
         with self._locked(model_name):
             try:
-                mode = os.lstat(weights).st_mode
+                st = os.lstat(weights)
             except FileNotFoundError:
                 return False
+            mode = st.st_mode
+            if stat.S_ISREG(mode) and st.st_nlink > 1:
+                # unlinking one name leaves the bytes under the other (a backup made with cp -al):
+                # recorded as purged while the erased data stayed on disk
+                raise IntegrityError(f"cannot purge {model_name} v{version}: its weights file has {st.st_nlink} "
+                                     "names (hard links; the store never makes one): deleting this one would "
+                                     "leave the data under the others; find them (find -samefile) and remove "
+                                     "them, then purge again")
             if not stat.S_ISREG(mode):
                 link = "; the link is not followed, its target is left as it is" if stat.S_ISLNK(mode) else ""
                 raise IntegrityError(f"cannot purge {model_name} v{version}: {weights} is {_what(weights, mode)}, not a "

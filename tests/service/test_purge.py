@@ -365,6 +365,22 @@ def test_a_purge_the_store_refuses_part_way_is_a_409_naming_why_without_a_path(e
     assert all(_versions(client)[v]["purged_at"] for v in (1, 2)) and not store.exists(TINY, 2)
 
 
+def test_weights_with_a_second_name_are_refused_not_recorded_purged(erased_twice, tmp_path):
+    """Purge unlinked one name of the weights file: a hard link made outside the service (a
+    backup with cp -al) kept the bytes while the record said purged."""
+    s, store, _, client = erased_twice
+    weights = store.root / TINY / "v1" / "model.safetensors"
+    backup = store.root / f".{TINY}-v1-backup.safetensors"  # a hard link must be on the same file system
+    os.link(weights, backup)
+    problem = assert_problem(client.post(f"/models/{TINY}/purge", json={}), 409, "conflict")
+    assert problem["store_state"] == "damaged_weights"
+    assert "its weights file has 2 names (hard links" in problem["detail"] and str(store.root) not in problem["detail"]
+    assert weights.is_file() and all(v["purged_at"] is None for v in _versions(client).values())
+    backup.unlink()
+    done = client.post(f"/models/{TINY}/purge", json={})
+    assert [(v["version"], v["purged"]) for v in done.json()["versions"]] == [(1, True), (2, True)]
+
+
 def test_an_empty_body_purges_with_the_defaults(erased_twice):
     s, store, _, client = erased_twice
     r = client.post(f"/models/{TINY}/purge")
