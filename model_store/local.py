@@ -52,7 +52,7 @@ import torch
 
 from unlearning.jsonio import loads_strict
 from unlearning.model import (WEIGHTS_FILE, ModelConfig, MultiTaskNet, fitting_state, model_config_from,
-                              model_from_safetensors, save_model)
+                              model_from_safetensors, save_model, saved_state)
 
 from .base import (MAX_VERSION, DamagedManifest, IntegrityError, Manifest, ModelStore, PurgedVersion, StoreError,
                    WrongArchitecture, _is_cells, valid_version)
@@ -701,4 +701,4 @@ def _state_sha(model: MultiTaskNet) -> str:
     folder stayed there, outside the store and every purge, when the process was killed."""
     from safetensors.torch import save
 
-    return sha256_bytes(save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}))
+    return sha256_bytes(save(saved_state(model)))

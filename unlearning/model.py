@@ -164,13 +164,17 @@ class MultiTaskNet(nn.Module):
         return list(self.heads[task].parameters())
 
 
+def saved_state(model: MultiTaskNet) -> dict[str, torch.Tensor]:
+    """The tensors :func:`save_model` writes: the state, detached, contiguous, on the host."""
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
 def save_model(model: MultiTaskNet, directory: str | Path, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` into ``directory``; returns the weights path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_FILE
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(weights))
+    save_file(saved_state(model), str(weights))
     (directory / CONFIG_FILE).write_text(json.dumps({"model": asdict(model.config), **(extra or {})}, indent=2))
     return weights
 
@@ -311,6 +315,7 @@ def load_state(model: MultiTaskNet, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state)
 
 
+@torch.no_grad()
 def weights_fingerprint(model) -> str:
     """A digest of the model's state (every tensor's name, dtype, shape and bytes, in order):
     equal for a model and its working copy on another device, different for any other

@@ -62,7 +62,6 @@ def fisher_diagonal(model, batches, tasks_of, progress=None) -> dict[str, torch.
     return {n: v / max(used, 1) for n, v in importance.items()}
 
 
-@torch.no_grad()
 def _importance_key(model, data, n_samples: int) -> tuple:
     # by the training set's cells: by their counts, a training set with another instance
     # erased read the importances of the data that still held it; by the weights: a cache
