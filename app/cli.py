@@ -436,10 +436,10 @@ def cmd_calibrate(args) -> int:
         return 2
     store = store_for(settings.store_dir)
     if settings.method != "interference_aware":
-        print(f"method {settings.method!r} takes no calibration", file=sys.stderr)
+        print(f"unlearnd: method {settings.method!r} takes no calibration", file=sys.stderr)
         return 2
     if not calibrates(settings):  # interference_aware, calibration on: fixed levels are what is left
-        print("UNLEARND_METHOD_CONFIG sets a fixed level per task ('tau'): jobs read no calibration", file=sys.stderr)
+        print("unlearnd: UNLEARND_METHOD_CONFIG sets a fixed level per task ('tau'): jobs read no calibration", file=sys.stderr)
         return 2
     # the record names the erased cells the shadows must not train on: a mistyped URL would
     # create an empty SQLite file, which names none
@@ -453,7 +453,7 @@ def cmd_calibrate(args) -> int:
     # a stored calibration stays in use after v1's weights were purged: only computing one needs them
     if stored is None and not store.exists(settings.model_name, 1):
         if not store.purged(settings.model_name, 1):
-            print(f"no version 1 of {settings.model_name!r} in {settings.store_dir}: "
+            print(f"unlearnd: no version 1 of {settings.model_name!r} in {settings.store_dir}: "
                   "`unlearnd serve` trains it on first start", file=sys.stderr)
             return 2
         from worker.versions import weights_gone_missing
@@ -462,7 +462,7 @@ def cmd_calibrate(args) -> int:
         if missing is not None:
             print(f"unlearnd: {missing}", file=sys.stderr)
         else:
-            print(f"version 1 of {settings.model_name!r} was purged (its weights held erased data): the "
+            print(f"unlearnd: version 1 of {settings.model_name!r} was purged (its weights held erased data): the "
                   "calibration is computed from them; jobs take the fixed quantile", file=sys.stderr)
         return 2
     from tqdm.auto import tqdm
@@ -655,7 +655,8 @@ def cmd_verify_certificate(args) -> int:
     """Check a deletion certificate (a JSON file, or - for standard input) against the
     service's public key: its certificate_sha256 and its Ed25519 signature. Exit 0 when
     it verifies, 1 when it does not (saying why), 2 for input that is not a certificate
-    (unreadable, not JSON, an error answer of the API saved in its place) or a
+    (unreadable, not JSON, an object with neither certificate_sha256 nor signature, an
+    error answer of the API saved in its place) or a
     --public-key that is not an Ed25519 public key."""
     import json
 
@@ -693,6 +694,12 @@ def cmd_verify_certificate(args) -> int:
               f"{certificate.get('status')} {certificate.get('title')}: {certificate.get('detail', '')}",
               file=sys.stderr)
         return 2
+    if not {"certificate_sha256", "signature"} & set(certificate):
+        # neither field a certificate is checked by: another JSON object (`{}`, a job's answer), input
+        # that is not a certificate (2), not one that fails to verify (1)
+        print(f"unlearnd: {args.certificate} is not a certificate: it has no certificate_sha256 nor "
+              "signature (GET /deletions/{id}/certificate answers one)", file=sys.stderr)
+        return 2
     try:  # a malformed key is bad input (2), not a certificate that does not verify (1)
         public_key_from_base64(args.public_key)
     except ValueError as exc:
@@ -725,7 +732,7 @@ def cmd_bench(args) -> int:
     try:
         from unlearning.bench import main as bench_main
     except ImportError as exc:
-        print(f"the benchmark is not available: {exc}", file=sys.stderr)
+        print(f"unlearnd: the benchmark is not available: {exc}", file=sys.stderr)
         return 2
     return bench_main(list(args.rest), prog="unlearnd bench") or 0
 
@@ -818,9 +825,9 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(func=delegates[argv[0]], rest=argv[1:])
     else:
         args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "func", None):  # no command: usage on stderr, exit 2 as argparse's other usage errors
+        parser.print_help(sys.stderr)
+        return 2
     _logging()
     from alembic.util.exc import CommandError
     from pydantic import ValidationError

@@ -228,6 +228,17 @@ def test_the_commands_make_a_key_and_check_certificates(environment, signing, se
     assert cli_main(["verify-certificate", str(answer), "--public-key", public]) == 2
     err = capsys.readouterr().err
     assert "not a certificate but an error answer of the API: 404 Not found: no deletion request" in err
+    # another JSON object (`{}`, the deletion's own answer) is not a certificate either: 2, not "NOT verified"
+    for other in ({}, signing.get(f"/deletions/{cert['request_id']}").json()):
+        answer.write_text(json.dumps(other))
+        assert cli_main(["verify-certificate", str(answer), "--public-key", public]) == 2
+        captured = capsys.readouterr()
+        assert "is not a certificate: it has no certificate_sha256 nor signature" in captured.err
+        assert "NOT verified" not in captured.out
+    # a certificate that lost its signature is damaged, not something else: it does not verify (1)
+    answer.write_text(json.dumps({k: v for k, v in cert.items() if k != "signature"}))
+    assert cli_main(["verify-certificate", str(answer), "--public-key", public]) == 1
+    assert capsys.readouterr().out.startswith("NOT verified:")
 
     # serve refuses to start on a key file it cannot use (before migrating or training anything)
     environment.setenv("UNLEARND_CERTIFICATE_KEY_FILE", str(tmp_path / "missing.pem"))

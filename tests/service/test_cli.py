@@ -82,6 +82,15 @@ def test_delegated_commands_name_themselves_as_called(command, capsys):
     assert capsys.readouterr().out.startswith(f"usage: python -m unlearning.{command} ")
 
 
+def test_no_command_is_a_usage_error(capsys):
+    """`unlearnd` alone prints its usage on stderr and exits 2 (it exited 0: a script that ran
+    `unlearnd $COMMAND` with an empty variable carried on as if something had run)."""
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("usage: unlearnd ") and "serve" in captured.err
+    assert captured.out == ""
+
+
 def _run(environment, argv, **env) -> tuple[int, str]:
     """``main(argv)`` with ``env`` (UNLEARND_* names without the prefix): its exit status
     (argparse's too) and what it wrote to stderr."""
