@@ -945,13 +945,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.bench"
     p.add_argument("--suite", choices=sorted(SUITES), default=None, help="default: smoke")
     p.add_argument("--out", required=True, help="results JSON path (.md and .png are written next to it)")
     p.add_argument("--methods", nargs="+", default=None, help=f"default: all ({', '.join(METHOD_NAMES)})")
-    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="training and method seeds (default: the suite's: "
+                   + "; ".join(f"{n} {' '.join(map(str, s['seeds']))}" for n, s in SUITES.items()) + ")")
     p.add_argument("--benchmarks", nargs="+", default=None, help="default: all of the suite's")
     p.add_argument("--cache-dir", default=None,
                    help=f"trained originals and gold standards, keyed by config (default: {DEFAULT_CACHE_DIR})")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: the suite's)")
-    p.add_argument("--method-config", default=None, help="JSON file {method: {hyper-parameter: value}}")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--method-config", default=None, help="JSON file {method: {hyper-parameter: value}} "
+                   "(default: each method's own defaults)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-independent-retrain", action="store_true",
                    help=f"skip the {INDEPENDENT_RETRAIN} reference (a second gold standard with another seed)")
     p.add_argument("--no-shadow", action="store_true",

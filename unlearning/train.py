@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .cli import (CliError, Writes, check_output_dir, check_seed, cli_device, report_cli_error, report_interrupted,
                   write_dir_atomically)
 from .data import SYNTHETIC_DATASETS
+from .data.synthetic import SIZE_DEFAULTS
 from .data.base import MultiTaskDataset
 from .losses import cell_losses, measured_cells, supervised_loss
 from .jsonio import finite_json
@@ -318,27 +319,34 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.train"
                                 "train, an existing --out) exit with status 2 and write nothing.")
     p.add_argument("--dataset", required=True, help="indoor | street | nyuv2 | cityscapes")
     p.add_argument("--root", help="data root (nyuv2, cityscapes)")
-    p.add_argument("--n-train", type=int)
-    p.add_argument("--n-test", type=int)
-    p.add_argument("--height", type=int, help="image height (synthetic datasets)")
-    p.add_argument("--width", type=int, help="image width (synthetic datasets)")
-    p.add_argument("--data-seed", type=int, help="seed of the synthetic renderer")
+    sizes = SIZE_DEFAULTS  # the renderer's defaults, shown (the spec records only what was given)
+    p.add_argument("--n-train", type=int, help=f"training scenes (synthetic datasets; default {sizes['n_train']})")
+    p.add_argument("--n-test", type=int, help=f"test scenes (synthetic datasets; default {sizes['n_test']})")
+    p.add_argument("--height", type=int, help=f"image height (synthetic datasets; default {sizes['height']})")
+    p.add_argument("--width", type=int, help=f"image width (synthetic datasets; default {sizes['width']})")
+    p.add_argument("--data-seed", type=int, help=f"seed of the synthetic renderer (default {sizes['seed']})")
     p.add_argument("--num-classes", type=int, help="segmentation classes (nyuv2, cityscapes; default 13 and 7: "
                    "19 for the standard Cityscapes labels)")
     p.add_argument("--limit", type=int, help="read only the first N samples of each split (nyuv2, cityscapes)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--model-width", type=int, default=defaults.width)
-    p.add_argument("--model-depth", type=int, default=defaults.depth)
-    p.add_argument("--head-width", type=int, default=defaults.head_width)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:n]")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the data (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="images per optimizer step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW's learning rate, cosine-annealed to 0 "
+                   "(default %(default)g)")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, 
+                   help="AdamW's decoupled weight decay (default %(default)g)")
+    p.add_argument("--seed", type=int, default=defaults.seed, 
+                   help="initialisation and batch order (default %(default)s)")
+    p.add_argument("--model-width", type=int, default=defaults.width, help="channels of the encoder's first stage, "
+                   "doubled at each further one (default %(default)s)")
+    p.add_argument("--model-depth", type=int, default=defaults.depth, help="encoder stages (default %(default)s)")
+    p.add_argument("--head-width", type=int, default=defaults.head_width, help="channels of each task head "
+                   "(default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:n] (default auto)")
     p.add_argument("--out", required=True, help="checkpoint directory (must not exist or be empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace the checkpoint at --out (a directory holding "
                    "only model.safetensors and config.json)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     writes = Writes()
     try:

@@ -299,20 +299,21 @@ def main(argv: list[str] | None = None, prog: str = "python -m unlearning.unlear
                         "unless --tasks")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="partial-task erasure: only these tasks of each --instance")
     p.add_argument("--cell", action="append", default=[], metavar="ID:TASK", help="one (instance, task) cell (repeatable)")
-    p.add_argument("--method", default="interference_aware", help=f"one of {', '.join(METHOD_NAMES)}")
-    p.add_argument("--config", help="the method's hyper-parameters: a JSON object or a file holding one")
+    p.add_argument("--method", default="interference_aware", help=f"one of {', '.join(METHOD_NAMES)} (default %(default)s)")
+    p.add_argument("--config", help="the method's hyper-parameters: a JSON object or a file holding one "
+                   "(default: the method's own defaults)")
     p.add_argument("--calibrate", action="store_true",
                    help="interference_aware: calibrate the target levels with shadow models trained with the "
                         "checkpoint's recipe (slow: (1 + tasks) x 4 trainings)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seeds the method's sampling (the evaluation's retained sample is the model version's: "
+                   help="seeds the method's sampling (default %(default)s; the evaluation's retained sample is the model version's: "
                         "drawn with seed 0 for every job, so the original model's numbers on it are computed once)")
     p.add_argument("--reference-scenes", type=int, default=0, metavar="N",
                    help="interference_aware reads N rendered held-out scenes beyond the test split (synthetic "
                         "datasets) instead of the test split, which stays the audit's non-members (default 0: "
                         "the test split for both)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:n]")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:n] (default auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
     from .job import JobInputError, UnlearningDiverged

@@ -114,6 +114,28 @@ def test_train_refuses_images_a_model_cannot_take_one_at_a_time_before_training(
     assert listing(tmp_path) == []
 
 
+def test_train_help_shows_every_default(capsys):
+    """`train --help` names the recipe's and the renderer's defaults (it showed none): the values
+    a run without the option gets."""
+    from unlearning.data.synthetic import SIZE_DEFAULTS
+    from unlearning.train import TrainConfig
+
+    with pytest.raises(SystemExit) as done:
+        train_main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    cfg = TrainConfig()
+    for option, value in [("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--lr", f"{cfg.lr:g}"),
+                          ("--weight-decay", f"{cfg.weight_decay:g}"), ("--seed", cfg.seed),
+                          ("--model-width", cfg.width), ("--model-depth", cfg.depth),
+                          ("--head-width", cfg.head_width), ("--n-train", SIZE_DEFAULTS["n_train"]),
+                          ("--n-test", SIZE_DEFAULTS["n_test"]), ("--height", SIZE_DEFAULTS["height"]),
+                          ("--width", SIZE_DEFAULTS["width"]), ("--data-seed", SIZE_DEFAULTS["seed"])]:
+        described = text.split(f" {option} ", 1)[1]
+        described = described[:described.index(" --")]
+        assert f"default {value})" in described, (option, described)
+
+
 def test_check_image_size_agrees_with_torch():
     from unlearning.model import ModelConfig, MultiTaskNet, check_image_size
 
