@@ -246,7 +246,10 @@ class VersionOut(BaseModel):
 
 class VersionDetail(VersionOut):
     erased_cells: list[Any] = Field(description="every cell erased in this version's lineage")
-    ancestors: list[VersionOut] = Field(description="parent first, back to the first version")
+    ancestors: list[VersionOut] = Field(description="parent first, back toward the first version: at most "
+                                        "?ancestors= (default and most 500) of them")
+    older_ancestors: bool = Field(description="true: older ancestors were left out; the last one listed "
+                                  "has them as its own ancestors (GET its detail)")
 
 
 class RollbackIn(BaseModel):

@@ -140,17 +140,26 @@ def get_version(session: Session, model_name: str, version: int) -> ModelVersion
     return row
 
 
-def ancestors(session: Session, row: ModelVersion) -> list[ModelVersion]:
-    """The parents of ``row``, nearest first, up to the first version, as
-    :func:`version_summaries` (the walk reads only version numbers)."""
+def ancestors(session: Session, row: ModelVersion, limit: int | None = None) -> tuple[list[ModelVersion], bool]:
+    """The parents of ``row``, nearest first, toward the first version, as
+    :func:`version_summaries` (the walk reads only version numbers): at most ``limit`` of
+    them, and whether older ones were left out (the last one listed has them as its own
+    ancestors). Every deletion publishes a version, so a lineage grows with the erasures."""
     parent_of = dict(session.execute(select(ModelVersion.version, ModelVersion.parent_version)
                                      .where(ModelVersion.model_name == row.model_name)).all())
     chain, seen, parent = [], {row.version}, row.parent_version
     while parent is not None and parent in parent_of and parent not in seen:  # guard against a cycle
+        if limit is not None and len(chain) == limit:
+            return _summaries_of(session, row.model_name, chain), True
         seen.add(parent)
         chain.append(parent)
         parent = parent_of[parent]
-    summaries = {v.version: v for v in version_summaries(session, row.model_name, chain)} if chain else {}
+    return _summaries_of(session, row.model_name, chain), False
+
+
+def _summaries_of(session: Session, model_name: str, chain: list[int]) -> list[ModelVersion]:
+    """:func:`version_summaries` of ``chain``'s versions, in ``chain``'s order."""
+    summaries = {v.version: v for v in version_summaries(session, model_name, chain)} if chain else {}
     return [summaries[v] for v in chain]
 
 

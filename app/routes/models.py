@@ -80,17 +80,24 @@ def read_versions(
 
 @router.get("/{name}/versions/{version}", response_model=VersionDetail, dependencies=READ)
 def read_version(
-    name: ModelName, version: Annotated[VersionNumber, Path(ge=1, le=MAX_VERSION)], session: ReadSessionDep
+    name: ModelName,
+    version: Annotated[VersionNumber, Path(ge=1, le=MAX_VERSION)],
+    session: ReadSessionDep,
+    ancestors_limit: Annotated[QueryNumber, Query(alias="ancestors", ge=0, le=MAX_VERSIONS_PAGE)] = MAX_VERSIONS_PAGE,
 ) -> VersionDetail:
     """One version with its lineage: parent, deletions applied, erased cells, metrics, artifact,
-    ancestors (without their cells: each ancestor's are a subset of this version's)."""
+    ancestors (without their cells: each ancestor's are a subset of this version's), the nearest
+    ``ancestors`` (500) of them; ``older_ancestors`` says more precede the last one listed, whose
+    own detail lists them."""
     with session.begin():
         row = get_version(session, name, version)
         serving = serving_version(session, name)
+        parents, older = ancestors(session, row, limit=ancestors_limit)
         return VersionDetail(
             **version_out(row, serving).model_dump(),
             erased_cells=row.erased_cells or [],
-            ancestors=[version_out(a, serving) for a in ancestors(session, row)],
+            ancestors=[version_out(a, serving) for a in parents],
+            older_ancestors=older,
         )
 
 

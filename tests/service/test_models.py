@@ -55,6 +55,18 @@ def test_models_versions_and_lineage(client, settings, model):
     assert v3["deletions"] == ["r-b"] and v3["erased_cells"] == [[a, "depth"], [b, "depth"], [b, "normal"]]
     assert v3["sha256"] == "3" * 64 and v3["artifact_uri"] == "file:///fake/v3" and v3["metrics"]["uis"] == 2.5
     assert [(v["version"], v["erased_cell_count"]) for v in v3["ancestors"]] == [(2, 1), (1, 0)]
+    assert v3["older_ancestors"] is False
+    # every deletion publishes a version: the ancestors are bounded (?ancestors=, at most 500), the
+    # older ones are the last listed one's own ancestors
+    near = client.get(f"/models/{model.name}/versions/3?ancestors=1").json()
+    assert [v["version"] for v in near["ancestors"]] == [2] and near["older_ancestors"] is True
+    rest = client.get(f"/models/{model.name}/versions/{near['ancestors'][-1]['version']}?ancestors=1").json()
+    assert [v["version"] for v in rest["ancestors"]] == [1] and rest["older_ancestors"] is False
+    none = client.get(f"/models/{model.name}/versions/3?ancestors=0").json()
+    assert none["ancestors"] == [] and none["older_ancestors"] is True and none["erased_cells"] == v3["erased_cells"]
+    assert client.get(f"/models/{model.name}/versions/3?ancestors=2").json()["older_ancestors"] is False
+    for bad in ("-1", "501", "x", "1_0"):
+        assert_problem(client.get(f"/models/{model.name}/versions/3?ancestors={bad}"), 422)
     assert v3["erased_cell_count"] == 3
     assert_problem(client.get(f"/models/{model.name}/versions/9"), 404)
     assert_problem(client.get("/models/nope/versions"), 404)
