@@ -64,14 +64,17 @@ def energy_basis(gram: torch.Tensor, energy: float) -> torch.Tensor:
 
 
 def orth(matrix: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
-    """Orthonormal basis of the column space of ``matrix`` (SVD, relative tolerance ``rtol``)."""
+    """Orthonormal basis of the column space of ``matrix`` (SVD): the singular directions above
+    ``rtol`` times the largest singular value, or above ``rtol`` itself when that is below 1."""
     if matrix.numel() == 0 or matrix.shape[1] == 0:
         return torch.zeros(matrix.shape[0], 0, dtype=torch.float64)
     u, s, _ = torch.linalg.svd(matrix.double(), full_matrices=False)
     if s.numel() == 0 or float(s[0]) == 0.0:
         return torch.zeros(matrix.shape[0], 0, dtype=torch.float64)
-    # Scale-free tolerance: columns of an orthonormal U have norm 1, so anything
-    # below rtol is numerical noise of a direction lying inside the protected span.
+    # Relative to the largest singular value but floored at 1, so an absolute floor: the
+    # callers' columns have norm at most 1 (orthonormal bases, or one with a protected span
+    # projected out), and what projection leaves below rtol of a direction inside that span
+    # is numerical noise, even when nothing larger remains to scale it against.
     keep = s > rtol * max(1.0, float(s[0]))
     return u[:, keep].contiguous()
 
