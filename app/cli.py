@@ -307,7 +307,7 @@ def cmd_serve(args) -> int:
         return 2
     upgrade_database(settings.database_url)
     try:
-        version = ensure_model(settings, store, progress=not args.no_progress)
+        version = ensure_model(settings, store, progress=_bars(args))
     except (StoreError, SharedDataConflict) as exc:  # a stored version 1 purged, damaged or altered, or another
         print(f"unlearnd: {exc}", file=sys.stderr)  # model's data split otherwise, a store without the serving
         return 2  # version: nothing registered
@@ -469,7 +469,7 @@ def cmd_calibrate(args) -> int:
 
     try:
         device = resolve_device(settings.device)
-        with tqdm(total=100, desc="shadow models", unit="%", leave=False, disable=args.no_progress) as bar:
+        with tqdm(total=100, desc="shadow models", unit="%", leave=False, disable=not _bars(args)) as bar:
             calibration = lineage_calibration(settings, store, settings.model_name, device,
                                               progress=lambda f: bar.update(max(0, round(100 * f) - bar.n)))
     except (RuntimeError, ValueError) as exc:  # no CUDA; a stored calibration of other weights, or damaged
@@ -540,6 +540,12 @@ def cmd_purge(args) -> int:
             print(f"{model_name}: calibration: {scores} score(s) of erased cells {verb.replace('purge', 'remove')}")
         print(f"{model_name}: {len(found)} version(s) {verb}")
     return 2 if refused else 0
+
+
+def _bars(args) -> bool:
+    """Whether to draw progress bars: not with --no-progress, nor when stderr is not a terminal
+    (a container's log kept every redraw of the bar on one ever-longer line)."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _cli_actor() -> str:
@@ -751,7 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=cmd_serve.__doc__)
     p.add_argument("--host", type=_host, help="bind address (default: UNLEARND_HOST or 127.0.0.1)")
     p.add_argument("--port", type=_port, help="port, 1-65535 (default: UNLEARND_PORT or 8000)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar while training the first model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while training the first model "
+                   "(one is drawn only when stderr is a terminal; the log says when training starts and ends)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker (needs UNLEARND_BROKER_URL)",
@@ -767,7 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="compute and store the model's shadow calibration now",
                        description=cmd_calibrate.__doc__)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar while the shadow models train")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while the shadow models train "
+                   "(one is drawn only when stderr is a terminal)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("api-key", help="make an API key (a token and its UNLEARND_API_KEYS entry)",

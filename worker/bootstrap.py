@@ -7,6 +7,7 @@ registering it) is registered rather than trained again.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 
 from sqlalchemy import select
@@ -183,7 +184,9 @@ def ensure_model(settings: Settings, store: ModelStore, progress: bool = True) -
             head_width=settings.model_width,
         )
         log.info("training %s on %s (%d instances, %d epochs)", name, spec["name"], len(train), cfg.epochs)
+        started = time.monotonic()
         model = train_model(train, cfg, device=settings.device, progress=progress).cpu()
+        log.info("trained %s in %.0f s", name, time.monotonic() - started)
         try:  # such a version would serve, and every job on it fail (its weights are refused on load)
             check_trained(model, train.images[: cfg.batch_size])
         except TrainingDiverged as exc:

@@ -91,6 +91,25 @@ def test_no_command_is_a_usage_error(capsys):
     assert captured.out == ""
 
 
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    """serve and calibrate draw their bars only when stderr is a terminal: in a container's log
+    every redraw of a bar stayed on one ever-longer line."""
+    import argparse
+    import io
+    import sys
+
+    from app.cli import _bars
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stderr, no_progress, drawn in [(Terminal(), False, True), (Terminal(), True, False),
+                                       (io.StringIO(), False, False), (io.StringIO(), True, False)]:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert _bars(argparse.Namespace(no_progress=no_progress)) is drawn
+
+
 def _run(environment, argv, **env) -> tuple[int, str]:
     """``main(argv)`` with ``env`` (UNLEARND_* names without the prefix): its exit status
     (argparse's too) and what it wrote to stderr."""
