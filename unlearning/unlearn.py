@@ -55,6 +55,29 @@ def parse_cell(text: str) -> tuple[str, str]:
     return iid, task
 
 
+def check_request(instances, only_tasks, cells) -> list | None:
+    """``cells`` as a list (a generator is read once, here); :class:`UnlearnCliError` unless
+    ``instances`` and ``only_tasks`` (None or lists of strings) and ``cells`` (None or a list
+    of ``(instance_id, task)`` pairs) have the shape :func:`unlearn_checkpoint` takes.
+    Iterated, a string was its characters ("unknown instance 'i'"), one cell its two ids, a
+    dict its keys, and a cell of three items was cut to two and erased."""
+    for name, value, what in (("instances", instances, "instance ids"), ("only_tasks", only_tasks, "task names")):
+        if isinstance(value, str):
+            raise UnlearnCliError(f"{name} is a list of {what}, got the string {value!r}: pass [{value!r}]")
+    if cells is None:
+        return None
+    if isinstance(cells, tuple) and len(cells) == 2 and all(isinstance(x, str) for x in cells):
+        raise UnlearnCliError(f"cells is a list of (instance_id, task) pairs, got one cell {cells!r}: pass [{cells!r}]")
+    if isinstance(cells, (str, dict)):
+        raise UnlearnCliError(f"cells is a list of (instance_id, task) pairs, got "
+                              f"{'the string ' + repr(cells) if isinstance(cells, str) else 'a dict'}")
+    cells = list(cells)
+    for cell in cells:
+        if not isinstance(cell, (tuple, list)) or len(cell) != 2:
+            raise UnlearnCliError(f"a cell is an (instance_id, task) pair, got {cell!r}")
+    return cells
+
+
 def forget_cells(tasks: list[str], instances: list[str], only_tasks: list[str] | None,
                  cells: list[tuple[str, str]], erased=()) -> list[tuple[str, str]]:
     """Every instance of ``instances`` with each of ``only_tasks`` (when None: each of
@@ -195,6 +218,7 @@ def unlearn_checkpoint(source: str | Path, out: str | Path, cells: list[tuple[st
     from .cli import cli_device
 
     source, out = Path(source), Path(out)
+    cells = check_request(instances, only_tasks, cells)  # before the checkpoint is read or the data rendered
     manifest, weights, parent_sha256 = read_checkpoint(source)  # loaded below; its hash is kept in the lineage
     if method not in METHOD_NAMES:
         raise UnlearnCliError(f"unknown method {method!r}; methods: {', '.join(METHOD_NAMES)}")

@@ -314,3 +314,23 @@ def test_non_finite_metrics_are_written_as_null(checkpoint, tmp_path, capsys, mo
     text = (out / "config.json").read_text()
     assert "Infinity" not in text and "NaN" not in text
     assert json.loads(text)["lineage"][0]["metrics"]["uis"] is None
+
+
+@pytest.mark.parametrize("request_kwargs, message", [
+    # iterated, a string was its characters ("unknown instance 'i'"), one cell its two ids
+    # ("unknown task 'n'"), and a string of cells an IndexError
+    ({"instances": "indoor-00001"}, "instances is a list of instance ids, got the string 'indoor-00001'"),
+    ({"instances": ["indoor-00001"], "only_tasks": "depth"}, "only_tasks is a list of task names, got the string"),
+    ({"cells": ("indoor-00001", "depth")}, "got one cell ('indoor-00001', 'depth'): pass [('indoor-00001', 'depth')]"),
+    ({"cells": "indoor-00001:depth"}, "cells is a list of (instance_id, task) pairs, got the string"),
+    ({"cells": {"indoor-00001": "depth"}}, "cells is a list of (instance_id, task) pairs, got a dict"),
+    ({"cells": [("indoor-00001", "depth", "normal")]}, "a cell is an (instance_id, task) pair, got"),
+])
+def test_the_python_api_names_a_request_that_is_no_list(checkpoint, tmp_path, request_kwargs, message):
+    from unlearning.unlearn import UnlearnCliError, unlearn_checkpoint
+
+    with pytest.raises(UnlearnCliError) as err:
+        unlearn_checkpoint(checkpoint, tmp_path / "out", config={"steps": 2, "tau_refresh": 0}, device="cpu",
+                           progress=False, **request_kwargs)
+    assert message in str(err.value)
+    assert not (tmp_path / "out").exists()
