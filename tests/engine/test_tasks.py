@@ -207,3 +207,45 @@ def test_finalized_metrics_match_the_declared_directions(name):
     else:
         pred, target = normal_case()
     assert set(task.compute_metrics(pred, target)) == set(task.metrics)
+
+
+# --- a non-finite target -------------------------------------------------------------
+
+
+def test_an_infinite_target_is_an_unlabelled_pixel_as_nan_is():
+    # NaN, 0 and negative depth were invalid but +inf was "valid": a dataset built in Python
+    # with inf for "no return" (sky, out of range) got an infinite loss and abs_err, and an
+    # inf in a normal a NaN loss; the npy loader already reads both as invalid pixels
+    depth = get_task("depth")
+    target = DEPTH_TARGET.clone()
+    target[0, 0, 0, 2] = float("inf")  # was 0: the same pixel, now inf
+    assert not bool(depth.valid(target)[0, 0, 2])
+    assert float(depth.sample_loss(DEPTH_PRED, target)[0]) == pytest.approx(0.3)
+    assert depth.compute_metrics(DEPTH_PRED, target) == depth.compute_metrics(DEPTH_PRED, DEPTH_TARGET)
+    assert not bool(depth.labelled(torch.full((1, 1, 2, 2), float("inf")))[0])
+
+    normal = get_task("normal")
+    pred, target = normal_case()
+    pred = normal.activate(pred)
+    clean_loss, clean = normal.sample_loss(pred, target), normal.compute_metrics(pred, target)
+    target[0, :, 0, 4] = torch.tensor([float("inf"), 0.0, 0.0])  # was the zero vector: invalid
+    assert not bool(normal.valid(target)[0, 0, 4])
+    assert float(normal.sample_loss(pred, target)[0]) == pytest.approx(float(clean_loss[0]), abs=1e-6)
+    assert normal.compute_metrics(pred, target) == clean
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("name", ["depth", "normal"])
+def test_a_non_finite_target_pixel_reaches_neither_the_loss_nor_its_gradient(name, bad):
+    # a NaN normal target was masked out of the loss but not out of its gradient
+    # (d(pred . target)/d(pred) = target: NaN * 0 = NaN), so one such pixel made training diverge
+    task = get_task(name)
+    channels = 1 if name == "depth" else 3
+    raw = torch.randn(1, channels, 2, 2, requires_grad=True)
+    target = torch.nn.functional.normalize(torch.ones(1, channels, 2, 2), dim=1)
+    target[0, 0, 0, 0] = bad
+    loss = task.sample_loss(task.activate(raw), target)
+    loss.sum().backward()
+    assert not bool(task.valid(target)[0, 0, 0]) and int(task.valid(target).sum()) == 3
+    assert math.isfinite(float(loss[0])) and bool(torch.isfinite(raw.grad).all())
+    assert float(raw.grad[0, :, 0, 0].abs().sum()) == 0.0  # the unlabelled pixel trains nothing

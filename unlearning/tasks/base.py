@@ -17,7 +17,8 @@ class Task:
     higher is better, -1 otherwise) and implement the loss and metric hooks.
     Targets follow the common preprocessed formats: segmentation labels are
     long with -1 = ignore; depth is (1,H,W) with 0 = invalid; normals are
-    (3,H,W) unit vectors with an all-zero vector = invalid.
+    (3,H,W) unit vectors with an all-zero vector = invalid. A depth or normal
+    that is not finite (NaN, inf) is invalid too.
     """
 
     name: str = ""

@@ -19,7 +19,10 @@ class Depth(Task):
         return F.softplus(raw)
 
     def valid(self, target):
-        return target[:, 0] > 0
+        # finite too: +inf (a "no return" some datasets store) would give an infinite loss, and
+        # the npy loader reads it as invalid, as it does NaN, 0 and negative depth
+        depth = target[:, 0]
+        return (depth > 0) & torch.isfinite(depth)
 
     def pixel_loss(self, pred, target):
         return (pred[:, 0] - target[:, 0]).abs(), self.valid(target)

@@ -20,10 +20,16 @@ class Normal(Task):
         return F.normalize(raw, dim=1, eps=1e-6)
 
     def valid(self, target):
-        return target.abs().sum(1) > 0
+        # finite too: a NaN component made the sum NaN (not > 0) but an infinite one passed,
+        # and inf * 0 in the cosine gave a NaN loss; the npy loader reads both as invalid
+        return (target.abs().sum(1) > 0) & torch.isfinite(target).all(1)
 
     def pixel_loss(self, pred, target):
-        return 1.0 - (pred * target).sum(1), self.valid(target)
+        valid = self.valid(target)
+        # zeroed where invalid: masking the loss alone left d(pred . target)/d(pred) = target,
+        # so a NaN target gave the prediction a NaN gradient (0 * NaN); unchanged elsewhere
+        target = torch.where(valid.unsqueeze(1), target, torch.zeros_like(target))
+        return 1.0 - (pred * target).sum(1), valid
 
     def metric_state(self):
         return {"angles": []}
