@@ -48,7 +48,12 @@ class Segmentation(Task):
         if not bool(torch.isfinite(pred).all(1)[valid].all()):
             state["nonfinite"] = True
         label = pred.argmax(1)
-        idx = target[valid].long().cpu() * num_classes + label[valid].long().cpu()
+        truth = target[valid].long().cpu()
+        if truth.numel() and (int(truth.min()) < 0 or int(truth.max()) >= num_classes):
+            # named here: it failed inside the confusion matrix's view (a checkpoint of another dataset)
+            raise ValueError(f"segmentation labels span [{int(truth.min())}, {int(truth.max())}] but the prediction "
+                             f"has {num_classes} classes: labels are -1 (ignore) or a class of the prediction")
+        idx = truth * num_classes + label[valid].long().cpu()
         state["confusion"] += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
 
     def finalize_metrics(self, state):
