@@ -107,7 +107,10 @@ def read_version(
 @router.post(
     "/{name}/rollback",
     response_model=RollbackOut,
-    responses={202: {"model": RollbackOut, "description": "a reapply job was queued; it publishes a new version"},
+    responses={202: {"model": RollbackOut, "description": "a reapply job was queued; it publishes a new version",
+                     # sent with every 202 (post_rollback): undocumented, generated clients did not expose it
+                     "headers": {"Location": {"description": "the reapply job's URL (/jobs/{id})",
+                                              "schema": {"type": "string"}}}},
                409: {"description": "the version holds data erased since (without reapply_erasures), was purged, "
                                     "is not in the model store as recorded, or a job of the model is under way"}},
 )

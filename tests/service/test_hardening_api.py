@@ -885,6 +885,15 @@ def test_the_openapi_document_names_the_headers_clients_act_on(backend):
     assert "Retry-After" in schema["paths"]["/audit/verify"]["get"]["responses"]["429"]["headers"]
 
 
+def test_the_openapi_document_names_the_location_of_a_rollbacks_reapply_job(backend):
+    """A rollback's 202 sends Location (the reapply job) as an accepted deletion's does; only the
+    deletion's was documented, so a generated client had no way to read the job's URL."""
+    _, _, client = backend
+    accepted = client.get("/openapi.json").json()["paths"]["/models/{name}/rollback"]["post"]["responses"]["202"]
+    assert set(accepted["headers"]) == {"Location"}
+    assert accepted["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/RollbackOut"}
+
+
 def test_a_json_name_given_twice_is_refused_and_nothing_is_stored(backend):
     # json.loads keeps the last value: the service would erase indoor-00002 while a gateway or
     # a log that keeps the first records indoor-00001
