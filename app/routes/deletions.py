@@ -37,7 +37,16 @@ router = APIRouter(prefix="/deletions", tags=["deletions"], route_class=StrictJS
                                                                    "before (the first answer, again)",
                                                     "schema": {"type": "string", "enum": ["true"]}}}},
                         404: {"description": "no model of that name (the body's model, or the service's default)"},
-                        409: {"description": "a cell is already erased or pending (the problem's cells name each)"}})
+                        409: {"description": "a cell is already erased or pending (the problem's cells name each)"},
+                        # two 503s: the record's says when to try again; the dataset's does not (waiting does
+                        # not mend it, worker.errors.DatasetUnavailable), which the shared description hid
+                        503: {"description": "the record (database) is unavailable: nothing was stored; try again "
+                                             "after Retry-After seconds. Or the model's dataset cannot be loaded on "
+                                             "this host (dataset-unavailable, no Retry-After): nothing was stored, "
+                                             "and the server log says why",
+                              "headers": {"Retry-After": {"description": "seconds to wait before trying again (the "
+                                                                         "record's 503 only)",
+                                                          "schema": {"type": "integer"}}}}})
 def create_deletion(
     body: DeletionCreate,
     request: Request,

@@ -894,6 +894,17 @@ def test_the_openapi_document_names_the_location_of_a_rollbacks_reapply_job(back
     assert accepted["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/RollbackOut"}
 
 
+def test_the_openapi_document_says_a_submissions_dataset_503_has_no_retry_after(backend):
+    """POST /deletions has two 503s: the record's (Retry-After) and a dataset that cannot be loaded
+    (none: waiting does not mend it). The document described the record's alone, so a client
+    retried a dataset-unavailable 503 on a Retry-After that never came."""
+    _, _, client = backend
+    unavailable = client.get("/openapi.json").json()["paths"]["/deletions"]["post"]["responses"]["503"]
+    assert "dataset-unavailable" in unavailable["description"]
+    assert "Retry-After" in unavailable["headers"]
+    assert unavailable["content"] == {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
 def test_a_json_name_given_twice_is_refused_and_nothing_is_stored(backend):
     # json.loads keeps the last value: the service would erase indoor-00002 while a gateway or
     # a log that keeps the first records indoor-00001
